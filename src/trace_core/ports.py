@@ -1,0 +1,188 @@
+"""Ports: the three seams between the kernel and the outside world.
+
+Each port is a ``typing.Protocol`` shaped around Trace's domain, not around a technology.
+Every adapter (memory in ``trace_core.testing``, Lite in ``trace_lite``, AWS in ``trace_aws``)
+runs the same conformance suite in ``trace_core.testing.conformance``.
+
+All methods are ``async``. Adapters raise only ``trace_core.errors`` classes; every method
+documents which.
+
+Invariants every Queue adapter keeps:
+
+* a message body is opaque bytes of at most ``max_message_bytes`` (256 KiB); Trace sends
+  ``{"task_id": ...}`` only;
+* a received message is invisible to other receivers until its visibility timeout passes;
+* every receive increments ``receive_count`` and yields a fresh ``receipt``; only the latest
+  receipt can delete or extend the message (a stale receipt is a no-op / ``NotFound``);
+* a message received ``max_receives`` times and not deleted moves to the dead-letter queue
+  instead of being delivered again.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol, runtime_checkable
+
+import attrs
+
+#: Queue message size limit, the same in both backends (SQS's limit).
+MAX_MESSAGE_BYTES = 256 * 1024
+
+
+@attrs.frozen
+class ReceivedMessage:
+    """A message handed to one receiver until its visibility timeout passes."""
+
+    #: Adapter-assigned message id, stable across receives.
+    message_id: str
+    #: The message body as sent.
+    body: bytes
+    #: Opaque handle for this receive; needed to delete or extend the message.
+    receipt: str
+    #: How many times the message has been received, this receive included (1 on the first).
+    receive_count: int
+
+
+@runtime_checkable
+class Queue(Protocol):
+    """A work queue that only wakes workers: durable state lives elsewhere."""
+
+    @property
+    def name(self) -> str:
+        """The queue's name."""
+        ...
+
+    async def send(self, bodies: Sequence[bytes], *, delay_seconds: int = 0) -> list[str]:
+        """Send messages; returns their message ids in order.
+
+        Raises ``PayloadTooLarge`` if any body exceeds ``MAX_MESSAGE_BYTES`` (nothing is sent),
+        ``Unavailable`` on a transient backend failure.
+        """
+        ...
+
+    async def receive(
+        self,
+        *,
+        max_messages: int = 10,
+        visibility_timeout: float = 30.0,
+        wait_seconds: float = 0.0,
+    ) -> list[ReceivedMessage]:
+        """Receive up to ``max_messages`` visible messages, hiding them for ``visibility_timeout``.
+
+        Waits up to ``wait_seconds`` for at least one message (long poll). Messages whose
+        receive count would exceed the dead-letter threshold move to the DLQ instead.
+        Raises ``Unavailable``.
+        """
+        ...
+
+    async def extend_visibility(self, receipt: str, visibility_timeout: float) -> None:
+        """Hide the message for ``visibility_timeout`` more seconds from now.
+
+        Raises ``NotFound`` if the receipt is stale (message deleted or received again).
+        """
+        ...
+
+    async def delete(self, receipts: Sequence[str]) -> None:
+        """Delete received messages. Stale receipts are ignored. Raises ``Unavailable``."""
+        ...
+
+    async def dead_letters(self, *, max_messages: int = 10) -> list[ReceivedMessage]:
+        """Receive from this queue's dead-letter queue (for inspection and replay)."""
+        ...
+
+    async def redrive(self, *, max_messages: int = 100) -> int:
+        """Move up to ``max_messages`` dead letters back to the queue; returns how many moved."""
+        ...
+
+
+@attrs.frozen
+class ObjectInfo:
+    """Metadata of a stored object."""
+
+    key: str
+    size: int
+    #: Hex SHA-256 of the content.
+    sha256: str
+
+
+@runtime_checkable
+class ObjectStore(Protocol):
+    """Blob storage for dataset partitions, buffer batches, bundles and exports.
+
+    Keys are relative POSIX-style paths (``org/{org_id}/dataset/...``). Every method that takes
+    a key raises ``UnsafeKey`` for an absolute key, a ``..`` or ``.`` segment, an empty segment,
+    a backslash, a NUL or other control character, or a percent-encoded form of any of these.
+    """
+
+    async def put(self, key: str, data: bytes) -> ObjectInfo:
+        """Store ``data`` under ``key`` (overwrites). Raises ``UnsafeKey``, ``Unavailable``."""
+        ...
+
+    async def get(self, key: str) -> bytes:
+        """Return the object's content. Raises ``NotFound``, ``UnsafeKey``, ``Unavailable``."""
+        ...
+
+    async def head(self, key: str) -> ObjectInfo:
+        """Return the object's metadata. Raises ``NotFound``, ``UnsafeKey``, ``Unavailable``."""
+        ...
+
+    async def list(self, prefix: str) -> list[ObjectInfo]:
+        """List objects whose key starts with ``prefix``, sorted by key. Raises ``UnsafeKey``."""
+        ...
+
+    async def delete(self, key: str) -> None:
+        """Delete the object; deleting a missing key is not an error. Raises ``UnsafeKey``."""
+        ...
+
+    async def signed_url(self, key: str, *, method: str, expires_in: int) -> str:
+        """A URL that allows ``method`` (``GET`` or ``PUT``) on ``key`` for ``expires_in`` seconds.
+
+        Raises ``UnsafeKey``, ``ValidationFailed`` for another method or a non-positive expiry.
+        """
+        ...
+
+
+@attrs.frozen
+class PublicKey:
+    """A verification key the Signer publishes."""
+
+    #: Key id, carried in the JWT ``kid`` header.
+    kid: str
+    #: The JWS algorithm pinned to this key (``EdDSA`` or ``ES256``); never read from a token.
+    algorithm: str
+    #: The public key in PEM (SubjectPublicKeyInfo).
+    public_pem: bytes
+
+
+@runtime_checkable
+class Signer(Protocol):
+    """Signs capability tokens with the current key; publishes current and next public keys."""
+
+    async def sign(self, signing_input: bytes) -> tuple[str, str, bytes]:
+        """Sign with the current key; returns ``(kid, algorithm, signature)``.
+
+        The signature is in JWS form (raw ``r||s`` for ECDSA). Raises ``SignerError``.
+        """
+        ...
+
+    async def public_keys(self) -> list[PublicKey]:
+        """Current and next verification keys (and retired ones still inside their grace)."""
+        ...
+
+    async def verify(self, kid: str, signing_input: bytes, signature: bytes) -> bool:
+        """Whether ``signature`` over ``signing_input`` verifies with key ``kid``.
+
+        Returns False for an unknown kid or a bad signature; never raises for bad input.
+        """
+        ...
+
+
+__all__ = [
+    "MAX_MESSAGE_BYTES",
+    "ObjectInfo",
+    "ObjectStore",
+    "PublicKey",
+    "Queue",
+    "ReceivedMessage",
+    "Signer",
+]
