@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# Idempotent project bootstrap: PostgreSQL server binaries, .venv, editable install.
+# Safe to run repeatedly from any directory; quiet unless something fails.
+set -euo pipefail
+
+REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$REPO_ROOT"
+
+log() { printf 'bootstrap: %s\n' "$*" >&2; }
+
+run_quiet() {
+  # Run a command, showing its output only when it fails.
+  local out
+  if ! out="$("$@" 2>&1)"; then
+    printf '%s\n' "$out" >&2
+    log "command failed: $*"
+    return 1
+  fi
+}
+
+# 1. PostgreSQL server binaries (initdb/pg_ctl) -------------------------------------------
+if ! compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null; then
+  if [ "$(id -u)" -ne 0 ]; then
+    log "PostgreSQL server binaries missing and not root: install the 'postgresql' package"
+    exit 1
+  fi
+  log "installing PostgreSQL server (apt-get)"
+  export DEBIAN_FRONTEND=noninteractive
+  run_quiet apt-get update
+  run_quiet apt-get install -y --no-install-recommends postgresql
+fi
+if [ "$(id -u)" -eq 0 ] && ! id -u postgres >/dev/null 2>&1; then
+  log "creating unprivileged OS user 'postgres'"
+  run_quiet useradd --system --no-create-home --shell /usr/sbin/nologin postgres
+fi
+
+# 2. Virtualenv ------------------------------------------------------------------------------
+if [ ! -x .venv/bin/python ]; then
+  PY="$(command -v python3.11 || command -v python3)"
+  log "creating .venv with $PY"
+  run_quiet "$PY" -m venv .venv
+fi
+
+# 3. Editable install, only when pyproject.toml changed since the last one ---------------------
+STAMP=.venv/.trace-install-stamp
+HASH="$(sha256sum pyproject.toml | cut -d' ' -f1)"
+if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$HASH" ] || [ ! -x .venv/bin/trace ]; then
+  log "installing .[dev] into .venv"
+  run_quiet .venv/bin/python -m pip install --disable-pip-version-check -q --upgrade pip
+  run_quiet .venv/bin/python -m pip install --disable-pip-version-check -q -e '.[dev]'
+  printf '%s\n' "$HASH" >"$STAMP"
+fi
