@@ -1,0 +1,428 @@
+"""The task/attempt lifecycle and lease state machine.
+
+Theory of operation
+-------------------
+A *task* is one unit of work; each time a worker leases it, a new *attempt* starts with a fresh
+random *lease token*. The triple ``(task_id, attempt, lease_token)`` is the *fence*: every
+mutation an attempt makes (heartbeat, events, buffer batches, completion) must present it, and
+the store applies the mutation as a compare-and-swap on it.
+
+States (the values the database stores)::
+
+    pending ──due──▶ queued ──claim──▶ running ──succeeded──▶ completed
+       ▲                                 │  │
+       └──── failed / lease expired ─────┘  └── failed (no attempts left, or fatal) ──▶ failed
+                 (attempts left: backoff)
+    any non-terminal ──cancel──▶ canceled
+
+Invariants this module keeps (and the hypothesis tests in ``tests/unit`` check):
+
+1. The attempt number only grows, and only on ``claim``; a claim always mints a new lease token.
+2. A mutation is accepted only for the task's *current* attempt with its lease token. A stale
+   attempt (a newer attempt started) never writes.
+3. A late completion of the current attempt (its lease expired, possibly already reaped) is
+   accepted if no newer attempt started and the task is neither ``completed`` nor
+   ``canceled``: the work is done, so throwing it away would only waste it.
+4. ``completed`` and ``canceled`` are final. ``failed`` is final for the scheduler, but a late
+   success of its last attempt may still complete it (rule 3).
+5. Completing the same attempt twice with the same body is idempotent; with a different body
+   it is an ``IdempotencyMismatch``.
+
+Nothing here performs I/O or reads the clock: callers pass ``now`` (the database's ``now()``)
+and a random number for jitter, and apply the returned decision.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from datetime import datetime, timedelta
+from typing import Final, assert_never
+
+import attrs
+
+from trace_core import errors
+
+
+class TaskState(enum.StrEnum):
+    """A task's state, stored as ``tasks.state``."""
+
+    PENDING = "pending"
+    QUEUED = "queued"
+    RUNNING = "running"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELED = "canceled"
+
+
+class AttemptOutcome(enum.StrEnum):
+    """An attempt's outcome, stored as ``task_attempts.outcome``."""
+
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    TIMED_OUT = "timed_out"
+    CANCELED = "canceled"
+
+
+class TaskEvent(enum.StrEnum):
+    """What can happen to a task: the inputs of the state machine."""
+
+    DUE = "due"  # the backoff of a pending task elapsed (reaper)
+    CLAIM = "claim"  # a worker leases the task (starts an attempt)
+    SUCCEED = "succeed"  # the current attempt completes successfully
+    FAIL = "fail"  # the current attempt reports a retryable failure
+    FAIL_FATAL = "fail_fatal"  # the current attempt reports a non-retryable failure
+    EXPIRE = "expire"  # the current attempt's lease expired (reaper)
+    CANCEL = "cancel"  # an operator or rollback cancels the task
+
+
+FINAL_STATES: Final = frozenset({TaskState.COMPLETED, TaskState.CANCELED})
+TERMINAL_STATES: Final = frozenset({TaskState.COMPLETED, TaskState.FAILED, TaskState.CANCELED})
+
+# Where a retryable failure goes depends on whether attempts are left; the table names both
+# targets and the guard picks one.
+_RETRY_OR_FAIL: Final = (TaskState.PENDING, TaskState.FAILED)
+
+#: The transition table: ``(state, event) -> target`` or ``(target if attempts left, else)``.
+#: Pairs not in the table are illegal. ``docs/architecture/task_lifecycle.md`` is drawn from it.
+TRANSITIONS: Final[Mapping[tuple[TaskState, TaskEvent], TaskState | tuple[TaskState, TaskState]]] = {
+    (TaskState.PENDING, TaskEvent.DUE): TaskState.QUEUED,
+    (TaskState.PENDING, TaskEvent.CANCEL): TaskState.CANCELED,
+    (TaskState.QUEUED, TaskEvent.CLAIM): TaskState.RUNNING,
+    (TaskState.QUEUED, TaskEvent.CANCEL): TaskState.CANCELED,
+    (TaskState.RUNNING, TaskEvent.SUCCEED): TaskState.COMPLETED,
+    (TaskState.RUNNING, TaskEvent.FAIL): _RETRY_OR_FAIL,
+    (TaskState.RUNNING, TaskEvent.FAIL_FATAL): TaskState.FAILED,
+    (TaskState.RUNNING, TaskEvent.EXPIRE): _RETRY_OR_FAIL,
+    (TaskState.RUNNING, TaskEvent.CANCEL): TaskState.CANCELED,
+    # Late completion of the current attempt after the reaper expired it (invariant 3).
+    (TaskState.PENDING, TaskEvent.SUCCEED): TaskState.COMPLETED,
+    (TaskState.QUEUED, TaskEvent.SUCCEED): TaskState.COMPLETED,
+    (TaskState.FAILED, TaskEvent.SUCCEED): TaskState.COMPLETED,
+    (TaskState.PENDING, TaskEvent.FAIL): TaskState.PENDING,
+    (TaskState.QUEUED, TaskEvent.FAIL): TaskState.QUEUED,
+    (TaskState.FAILED, TaskEvent.FAIL): TaskState.FAILED,
+    (TaskState.PENDING, TaskEvent.FAIL_FATAL): TaskState.FAILED,
+    (TaskState.QUEUED, TaskEvent.FAIL_FATAL): TaskState.FAILED,
+    (TaskState.FAILED, TaskEvent.FAIL_FATAL): TaskState.FAILED,
+}
+
+
+def target_state(state: TaskState, event: TaskEvent, *, attempts_left: bool) -> TaskState:
+    """The state ``event`` moves a task in ``state`` to.
+
+    Raises ``Conflict`` (``TaskCanceled`` for a canceled task) if the pair is not in the table.
+    """
+    target = TRANSITIONS.get((state, event))
+    if target is None:
+        if state is TaskState.CANCELED:
+            raise errors.TaskCanceled(f"task is canceled; {event.value} is not allowed")
+        raise errors.Conflict(f"{event.value} is not allowed in state {state.value}")
+    if isinstance(target, tuple):
+        return target[0] if attempts_left else target[1]
+    return target
+
+
+@attrs.frozen
+class RetryPolicy:
+    """Retry backoff: ``base * 2**(attempt-1)`` capped, with full jitter (BRIEF §4)."""
+
+    max_attempts: int = 5
+    base_s: float = 1.0
+    cap_s: float = 100.0
+
+    def delay(self, attempt: int, rand: float) -> timedelta:
+        """Backoff before the attempt after ``attempt``; ``rand`` is uniform in [0, 1)."""
+        ceiling = min(self.cap_s, self.base_s * (2 ** max(0, attempt - 1)))
+        return timedelta(seconds=ceiling * rand)
+
+
+@attrs.frozen
+class LeasePolicy:
+    """Lease duration and heartbeat cadence (BRIEF §4: 60 s / 15 s)."""
+
+    lease_s: float = 60.0
+    heartbeat_s: float = 15.0
+
+    def expires(self, now: datetime) -> datetime:
+        return now + timedelta(seconds=self.lease_s)
+
+
+@attrs.frozen
+class TaskView:
+    """What the state machine needs to know about a task (a row of ``tasks`` + its attempt)."""
+
+    task_id: str
+    state: TaskState
+    #: The current attempt number; 0 before the first claim.
+    attempt: int
+    #: The current attempt's lease token (``None`` before the first claim).
+    lease_token: str | None
+    lease_expires_at: datetime | None
+    available_at: datetime
+    max_attempts: int
+    #: The current attempt's outcome (``None`` before the first claim).
+    attempt_outcome: AttemptOutcome | None = None
+    #: Digest of the current attempt's accepted completion body, if it completed.
+    completion_digest: str | None = None
+
+
+@attrs.frozen
+class Fence:
+    """The fence every attempt-scoped mutation presents."""
+
+    task_id: str
+    attempt: int
+    lease_token: str
+
+
+class Op(enum.StrEnum):
+    """Attempt-scoped mutations, for fence checks."""
+
+    HEARTBEAT = "heartbeat"
+    EVENTS = "events"
+    BUFFER_PUBLISH = "buffer_publish"
+    COMPLETE = "complete"
+
+
+# ---------------------------------------------------------------------------------------------
+# Decisions. Each returns what the store must write; the store applies it as a CAS on the fence.
+
+
+@attrs.frozen
+class ClaimDecision:
+    task_id: str
+    attempt: int
+    lease_token: str
+    lease_expires_at: datetime
+
+
+def decide_claim(
+    task: TaskView, *, now: datetime, lease: LeasePolicy, new_lease_token: str
+) -> ClaimDecision:
+    """Lease a queued, due task to a new attempt.
+
+    Raises ``TaskCanceled`` for a canceled task, ``TaskNotClaimable`` if it is not queued or not
+    yet due (running under another lease, pending backoff, or finished).
+    """
+    if task.state is TaskState.CANCELED:
+        raise errors.TaskCanceled()
+    if task.state is not TaskState.QUEUED or task.available_at > now:
+        raise errors.TaskNotClaimable(
+            f"task is {task.state.value}, not claimable", details={"state": task.state.value}
+        )
+    target_state(task.state, TaskEvent.CLAIM, attempts_left=True)
+    return ClaimDecision(
+        task_id=task.task_id,
+        attempt=task.attempt + 1,
+        lease_token=new_lease_token,
+        lease_expires_at=lease.expires(now),
+    )
+
+
+def check_fence(task: TaskView, fence: Fence, op: Op) -> None:
+    """Check that ``fence`` names the task's current attempt and that ``op`` is still allowed.
+
+    Raises ``LeaseLost`` for a stale attempt or a wrong lease token, ``TaskCanceled`` for a
+    canceled task, ``Conflict`` when the attempt already finished (except an identical
+    completion, which ``decide_complete`` treats as idempotent).
+    """
+    if fence.attempt != task.attempt or task.lease_token is None:
+        raise errors.LeaseLost(
+            "a newer attempt started" if fence.attempt < task.attempt else "no such attempt",
+            details={"current_attempt": task.attempt},
+        )
+    if fence.lease_token != task.lease_token:
+        raise errors.LeaseLost("lease token does not match the current attempt")
+    if task.state is TaskState.CANCELED:
+        raise errors.TaskCanceled()
+    if op is Op.HEARTBEAT:
+        if task.state is not TaskState.RUNNING:
+            raise errors.LeaseLost(
+                f"the lease was lost (task is {task.state.value})",
+                details={"state": task.state.value},
+            )
+        return
+    if op is not Op.COMPLETE and task.attempt_outcome not in (
+        AttemptOutcome.RUNNING,
+        AttemptOutcome.TIMED_OUT,
+    ):
+        raise errors.Conflict("the attempt already finished")
+
+
+@attrs.frozen
+class HeartbeatDecision:
+    lease_expires_at: datetime
+
+
+def decide_heartbeat(
+    task: TaskView, fence: Fence, *, now: datetime, lease: LeasePolicy
+) -> HeartbeatDecision:
+    """Extend the current attempt's lease. Raises as ``check_fence``."""
+    check_fence(task, fence, Op.HEARTBEAT)
+    return HeartbeatDecision(lease_expires_at=lease.expires(now))
+
+
+class Outcome(enum.StrEnum):
+    """What a completion reports."""
+
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELED = "canceled"
+
+
+@attrs.frozen
+class CompleteDecision:
+    #: ``True`` when this repeats an accepted completion with the same body: write nothing.
+    replay: bool
+    state: TaskState
+    attempt_outcome: AttemptOutcome
+    #: When the task becomes due again (only for a retry).
+    available_at: datetime | None = None
+
+
+def decide_complete(
+    task: TaskView,
+    fence: Fence,
+    *,
+    outcome: Outcome,
+    retryable: bool,
+    digest: str,
+    now: datetime,
+    retry: RetryPolicy,
+    rand: float,
+) -> CompleteDecision:
+    """Finish the current attempt.
+
+    ``digest`` identifies the completion body (for idempotent replays). ``outcome=canceled`` is
+    how a worker acknowledges a canceled task it did not run. Raises ``LeaseLost`` (stale
+    attempt, wrong lease token), ``TaskCanceled``, ``IdempotencyMismatch`` (completed before
+    with another body), ``Conflict``.
+    """
+    if task.completion_digest is not None and fence.attempt == task.attempt:
+        if fence.lease_token != task.lease_token:
+            raise errors.LeaseLost("lease token does not match the current attempt")
+        if task.completion_digest == digest:
+            return CompleteDecision(
+                replay=True,
+                state=task.state,
+                attempt_outcome=task.attempt_outcome or AttemptOutcome.SUCCEEDED,
+            )
+        raise errors.IdempotencyMismatch("this attempt already completed with a different body")
+    if outcome is Outcome.CANCELED:
+        if task.state is not TaskState.CANCELED:
+            raise errors.Conflict("only a canceled task can be completed as canceled")
+        if fence.attempt != task.attempt or fence.lease_token != task.lease_token:
+            raise errors.LeaseLost()
+        return CompleteDecision(
+            replay=False, state=TaskState.CANCELED, attempt_outcome=AttemptOutcome.CANCELED
+        )
+    check_fence(task, fence, Op.COMPLETE)
+    if task.state is TaskState.COMPLETED:
+        raise errors.Conflict("task already completed")
+    match outcome:
+        case Outcome.SUCCEEDED:
+            state = target_state(task.state, TaskEvent.SUCCEED, attempts_left=True)
+            return CompleteDecision(
+                replay=False, state=state, attempt_outcome=AttemptOutcome.SUCCEEDED
+            )
+        case Outcome.FAILED:
+            if task.state is not TaskState.RUNNING:
+                # Late failure report of an attempt the reaper already handled: record the
+                # outcome, keep the scheduling decision the reaper made.
+                return CompleteDecision(
+                    replay=False, state=task.state, attempt_outcome=AttemptOutcome.FAILED
+                )
+            attempts_left = retryable and task.attempt < task.max_attempts
+            event = TaskEvent.FAIL if retryable else TaskEvent.FAIL_FATAL
+            state = target_state(task.state, event, attempts_left=attempts_left)
+            return CompleteDecision(
+                replay=False,
+                state=state,
+                attempt_outcome=AttemptOutcome.FAILED,
+                available_at=(
+                    now + retry.delay(task.attempt, rand) if state is TaskState.PENDING else None
+                ),
+            )
+        case _:
+            assert_never(outcome)
+
+
+@attrs.frozen
+class ExpireDecision:
+    state: TaskState
+    available_at: datetime | None
+
+
+def decide_expire(
+    task: TaskView, *, now: datetime, retry: RetryPolicy, rand: float
+) -> ExpireDecision | None:
+    """The reaper's decision for a running task; ``None`` if its lease has not expired."""
+    if task.state is not TaskState.RUNNING or task.lease_expires_at is None:
+        return None
+    if task.lease_expires_at > now:
+        return None
+    attempts_left = task.attempt < task.max_attempts
+    state = target_state(task.state, TaskEvent.EXPIRE, attempts_left=attempts_left)
+    return ExpireDecision(
+        state=state,
+        available_at=now + retry.delay(task.attempt, rand) if state is TaskState.PENDING else None,
+    )
+
+
+def decide_due(task: TaskView, *, now: datetime) -> bool:
+    """Whether a pending task's backoff elapsed, so it moves to queued (and is woken)."""
+    return task.state is TaskState.PENDING and task.available_at <= now
+
+
+def decide_cancel(task: TaskView) -> TaskState | None:
+    """The state a cancel moves the task to; ``None`` when already canceled (idempotent).
+
+    Raises ``Conflict`` for a completed or failed task.
+    """
+    if task.state is TaskState.CANCELED:
+        return None
+    return target_state(task.state, TaskEvent.CANCEL, attempts_left=True)
+
+
+def mermaid_diagram() -> str:
+    """The state diagram in Mermaid syntax, drawn from ``TRANSITIONS``."""
+    lines = ["stateDiagram-v2", "    [*] --> queued", "    [*] --> pending"]
+    for (state, event), target in TRANSITIONS.items():
+        if isinstance(target, tuple):
+            lines.append(f"    {state.value} --> {target[0].value}: {event.value} (attempts left)")
+            lines.append(f"    {state.value} --> {target[1].value}: {event.value} (none left)")
+        else:
+            lines.append(f"    {state.value} --> {target.value}: {event.value}")
+    lines += ["    completed --> [*]", "    canceled --> [*]", "    failed --> [*]"]
+    return "\n".join(lines)
+
+
+__all__ = [
+    "FINAL_STATES",
+    "TERMINAL_STATES",
+    "TRANSITIONS",
+    "AttemptOutcome",
+    "ClaimDecision",
+    "CompleteDecision",
+    "ExpireDecision",
+    "Fence",
+    "HeartbeatDecision",
+    "LeasePolicy",
+    "Op",
+    "Outcome",
+    "RetryPolicy",
+    "TaskEvent",
+    "TaskState",
+    "TaskView",
+    "check_fence",
+    "decide_cancel",
+    "decide_claim",
+    "decide_complete",
+    "decide_due",
+    "decide_expire",
+    "decide_heartbeat",
+    "mermaid_diagram",
+    "target_state",
+]

@@ -1,0 +1,369 @@
+"""Wire records of the task surfaces and the one converter that (de)serializes them.
+
+Request records are strict: unknown fields, wrong JSON types (no ``"1"`` for an int, no
+``true`` for an int) and out-of-range values are refused with a ``ValidationFailed`` naming the
+field path (``events[0].key``). State machines never see JSON; servers and clients use
+``structure`` / ``unstructure`` here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import uuid
+from collections.abc import Mapping
+from typing import Any, Literal, TypeVar
+
+import attrs
+import cattrs
+import cattrs.v
+from cattrs.cols import list_structure_factory
+from cattrs.gen import make_dict_structure_fn
+
+from trace_core import errors
+
+T = TypeVar("T")
+
+_KEY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:\-/]{0,199}$")
+_NAME_RE = re.compile(r"^[a-z][a-z0-9_.\-]{0,127}$")
+
+
+class FieldError(ValueError):
+    """A validator failure that knows its field."""
+
+    def __init__(self, field: str, message: str) -> None:
+        self.field = field
+        super().__init__(message)
+
+
+def _uuid_str(_inst: object, attribute: attrs.Attribute[Any], value: str) -> None:
+    try:
+        uuid.UUID(value)
+    except (ValueError, AttributeError, TypeError):
+        raise FieldError(attribute.name, f"{attribute.name} must be a UUID") from None
+
+
+def _event_key(_inst: object, attribute: attrs.Attribute[Any], value: str) -> None:
+    if not _KEY_RE.match(value):
+        raise FieldError(attribute.name, f"{attribute.name} must match {_KEY_RE.pattern}")
+
+
+def _name(_inst: object, attribute: attrs.Attribute[Any], value: str) -> None:
+    if not _NAME_RE.match(value):
+        raise FieldError(attribute.name, f"{attribute.name} must match {_NAME_RE.pattern}")
+
+
+def _hex64(_inst: object, attribute: attrs.Attribute[Any], value: str) -> None:
+    if not re.fullmatch(r"[0-9a-f]{64}", value):
+        raise FieldError(attribute.name, f"{attribute.name} must be 64 lowercase hex digits")
+
+
+def _positive(_inst: object, attribute: attrs.Attribute[Any], value: int) -> None:
+    if value < 1:
+        raise FieldError(attribute.name, f"{attribute.name} must be >= 1")
+
+
+def _between(lo: float, hi: float) -> Any:
+    def check(_inst: object, attribute: attrs.Attribute[Any], value: float) -> None:
+        if not lo <= value <= hi:
+            raise FieldError(attribute.name, f"{attribute.name} must be between {lo} and {hi}")
+
+    return check
+
+
+def _length(lo: int, hi: int) -> Any:
+    def check(_inst: object, attribute: attrs.Attribute[Any], value: Any) -> None:
+        if not lo <= len(value) <= hi:
+            raise FieldError(
+                attribute.name, f"{attribute.name} must have {lo} to {hi} items (has {len(value)})"
+            )
+
+    return check
+
+
+def _non_negative(_inst: object, attribute: attrs.Attribute[Any], value: int) -> None:
+    if value < 0:
+        raise FieldError(attribute.name, f"{attribute.name} must be >= 0")
+
+
+# --- /internal ------------------------------------------------------------------------------
+
+
+@attrs.frozen
+class ClaimRequest:
+    task_id: str = attrs.field(validator=_uuid_str)
+    #: Who claims: shows in the attempt history and logs.
+    worker_id: str = attrs.field(default="worker", validator=_length(1, 200))
+
+
+@attrs.frozen
+class ClaimResponse:
+    task_id: str
+    attempt: int
+    lease_token: str
+    lease_expires_at: str
+    capability_token: str
+    heartbeat_interval_s: float
+
+
+@attrs.frozen
+class TaskPayload:
+    """What ``/internal/task-fetch`` returns (and, later, what Lambda is invoked with)."""
+
+    task_id: str
+    org_id: str
+    job_id: str | None
+    operator: str
+    payload: dict[str, Any]
+    status: str
+    attempt: int
+    max_attempts: int
+    timeout_s: int
+    #: Where this attempt may stage its outputs in the ObjectStore.
+    staging_prefix: str
+
+
+# --- /v1/task --------------------------------------------------------------------------------
+
+
+@attrs.frozen
+class FenceFields:
+    task_id: str = attrs.field(validator=_uuid_str)
+    attempt: int = attrs.field(validator=_positive)
+    lease_token: str = attrs.field(validator=_uuid_str)
+
+
+@attrs.frozen
+class EventIn:
+    #: Producer-chosen idempotency key, unique per task: re-emitting a key is a no-op.
+    key: str = attrs.field(validator=_event_key)
+    type: str = attrs.field(validator=_name)
+    payload: dict[str, Any] = attrs.field(factory=dict)
+
+
+@attrs.frozen
+class HeartbeatRequest(FenceFields):
+    pass
+
+
+@attrs.frozen
+class HeartbeatResponse:
+    lease_expires_at: str
+    capability_token: str
+
+
+@attrs.frozen
+class EventsRequest(FenceFields):
+    events: list[EventIn] = attrs.field(
+        factory=list, validator=_length(0, 1000)
+    )
+
+
+@attrs.frozen
+class EventsResponse:
+    accepted: int
+    duplicates: int
+
+
+@attrs.frozen
+class BufferBatchIn:
+    key: str = attrs.field(validator=_event_key)
+    dataset: str = attrs.field(validator=_name)
+    object_key: str = attrs.field(validator=_length(1, 1024))
+    row_count: int = attrs.field(validator=_non_negative)
+    byte_size: int = attrs.field(validator=_non_negative)
+    sha256: str = attrs.field(validator=_hex64)
+
+
+@attrs.frozen
+class BufferPublishRequest(FenceFields):
+    batch: BufferBatchIn
+
+
+@attrs.frozen
+class BufferPublishResponse:
+    accepted: bool
+    duplicate: bool
+
+
+@attrs.frozen
+class CompleteRequest(FenceFields):
+    outcome: Literal["succeeded", "failed", "canceled"] = "succeeded"
+    retryable: bool = True
+    result: dict[str, Any] | None = None
+    error: dict[str, Any] | None = None
+    final_events: list[EventIn] = attrs.field(
+        factory=list, validator=_length(0, 1000)
+    )
+
+
+@attrs.frozen
+class CompleteResponse:
+    task_id: str
+    attempt: int
+    state: str
+    replay: bool
+
+
+# --- admin -----------------------------------------------------------------------------------
+
+
+@attrs.frozen
+class CreateTaskRequest:
+    operator: str = attrs.field(validator=_name)
+    org: str = attrs.field(default="default", validator=_name)
+    payload: dict[str, Any] = attrs.field(factory=dict)
+    max_attempts: int = attrs.field(default=5, validator=_between(1, 100))
+    timeout_s: int = attrs.field(default=60, validator=_between(1, 900))
+    delay_s: float = attrs.field(default=0.0, validator=_between(0.0, 86_400.0))
+    idempotency_key: str | None = attrs.field(
+        default=None, validator=attrs.validators.optional(_event_key)
+    )
+
+
+@attrs.frozen
+class CreateTasksRequest:
+    tasks: list[CreateTaskRequest] = attrs.field(
+        validator=_length(1, 10_000)
+    )
+
+
+@attrs.frozen
+class TaskInfo:
+    task_id: str
+    org_id: str
+    operator: str
+    state: str
+    attempt: int
+    max_attempts: int
+    created: bool = True
+
+
+# --- the converter ---------------------------------------------------------------------------
+
+
+def _strict(tp: type[Any]) -> Any:
+    def hook(value: Any, _t: Any) -> Any:
+        if tp is float and isinstance(value, int) and not isinstance(value, bool):
+            return float(value)
+        if type(value) is not tp:
+            raise TypeError(f"expected {tp.__name__}, got {type(value).__name__}")
+        return value
+
+    return hook
+
+
+def _strict_dict(value: Any, _t: Any) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise TypeError(f"expected object, got {type(value).__name__}")
+    return value
+
+
+def _strict_list_factory(t: Any, conv: cattrs.Converter) -> Any:
+    inner = list_structure_factory(t, conv)
+
+    def hook(value: Any, tp: Any) -> Any:
+        if not isinstance(value, list):
+            raise TypeError(f"expected array, got {type(value).__name__}")
+        return inner(value, tp)
+
+    return hook
+
+
+converter = cattrs.Converter(forbid_extra_keys=True, detailed_validation=True)
+for _tp in (int, str, bool, float):
+    converter.register_structure_hook(_tp, _strict(_tp))
+converter.register_structure_hook_func(
+    lambda t: t is dict or getattr(t, "__origin__", None) is dict, _strict_dict
+)
+converter.register_structure_hook_factory(
+    lambda t: getattr(t, "__origin__", None) is list, _strict_list_factory
+)
+converter.register_structure_hook_factory(
+    attrs.has,
+    lambda cl: make_dict_structure_fn(cl, converter, _cattrs_forbid_extra_keys=True),
+)
+
+
+_FIELD_MARK = "\x00field="
+
+
+def _format(exc: BaseException, tp: type | None) -> str:
+    if isinstance(exc, FieldError):
+        return f"{exc}{_FIELD_MARK}{exc.field}"
+    if isinstance(exc, ValueError) and attrs_name_re.match(str(exc)):
+        # attrs' own validators start with "'name' must ..."
+        name = attrs_name_re.match(str(exc)).group(1)  # type: ignore[union-attr]
+        return f"{exc}{_FIELD_MARK}{name}"
+    return cattrs.v.format_exception(exc, tp)
+
+
+attrs_name_re = re.compile(r"^'([a-z_]+)'")
+
+
+def _split(message: str) -> tuple[str, str]:
+    text, _, where = message.rpartition(" @ ")
+    path = where.removeprefix("$").removeprefix(".")
+    if _FIELD_MARK in text:
+        text, _, name = text.partition(_FIELD_MARK)
+        path = f"{path}.{name}" if path else name
+    return text, path or "$"
+
+
+def structure(data: Any, cls: type[T]) -> T:
+    """Build ``cls`` from decoded JSON, strictly.
+
+    Raises ``MalformedBody`` when ``data`` is not a JSON object, ``ValidationFailed`` with the
+    field path of the first problem otherwise (``events[0].key``).
+    """
+    if not isinstance(data, Mapping):
+        raise errors.MalformedBody("the body must be a JSON object", field="$")
+    try:
+        return converter.structure(data, cls)
+    except cattrs.BaseValidationError as exc:
+        problems = [_split(m) for m in cattrs.transform_error(exc, format_exception=_format)]
+        text, path = problems[0] if problems else (str(exc), "$")
+        raise errors.ValidationFailed(
+            text,
+            field=path,
+            details={"problems": [{"field": p, "message": t} for t, p in problems[:20]]},
+        ) from None
+    except (ValueError, TypeError) as exc:  # validators outside detailed validation
+        raise errors.ValidationFailed(str(exc)) from None
+
+
+def unstructure(obj: Any) -> Any:
+    """The JSON-ready form of a wire record."""
+    return converter.unstructure(obj)
+
+
+def canonical_digest(obj: Any) -> str:
+    """Hex SHA-256 of the canonical JSON of ``obj`` (sorted keys, no spaces)."""
+    raw = json.dumps(unstructure(obj), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(raw.encode()).hexdigest()
+
+
+__all__ = [
+    "BufferBatchIn",
+    "BufferPublishRequest",
+    "BufferPublishResponse",
+    "ClaimRequest",
+    "ClaimResponse",
+    "CompleteRequest",
+    "CompleteResponse",
+    "CreateTaskRequest",
+    "CreateTasksRequest",
+    "EventIn",
+    "EventsRequest",
+    "EventsResponse",
+    "FenceFields",
+    "HeartbeatRequest",
+    "HeartbeatResponse",
+    "TaskInfo",
+    "TaskPayload",
+    "canonical_digest",
+    "converter",
+    "structure",
+    "unstructure",
+]
