@@ -177,9 +177,7 @@ class EmbeddedPostgres:
         env.pop("PGDATA", None)
         env["LC_ALL"] = "C"
         if self._run_as is not None:
-            kwargs.update(
-                user=self._run_as.pw_uid, group=self._run_as.pw_gid, extra_groups=[]
-            )
+            kwargs.update(user=self._run_as.pw_uid, group=self._run_as.pw_gid, extra_groups=[])
             env["HOME"] = self._run_as.pw_dir
             env["USER"] = env["LOGNAME"] = SERVER_USER
         proc = subprocess.run(
@@ -232,8 +230,9 @@ class EmbeddedPostgres:
         for d in (self.data_dir, self.log_file.parent, self.socket_dir):
             self._chown(d)
         if self._run_as is not None:
-            probe = self._run(["test", "-w", self.data_dir, "-a", "-w", self.socket_dir],
-                              check=False)
+            probe = self._run(
+                ["test", "-w", self.data_dir, "-a", "-w", self.socket_dir], check=False
+            )
             if probe.returncode != 0:
                 raise EmbeddedPostgresError(
                     f"OS user {SERVER_USER!r} cannot reach {self.data_dir} or "
@@ -250,10 +249,13 @@ class EmbeddedPostgres:
             self._run(
                 [
                     self.bindir / "initdb",
-                    "-D", self.data_dir,
+                    "-D",
+                    self.data_dir,
                     "--auth=trust",
-                    "-U", SUPERUSER,
-                    "-E", "UTF8",
+                    "-U",
+                    SUPERUSER,
+                    "-E",
+                    "UTF8",
                     "--locale=C",
                     "--no-instructions",
                 ],
@@ -316,10 +318,15 @@ class EmbeddedPostgres:
             while True:
                 proc = self._run(
                     [
-                        self.bindir / "pg_ctl", "start",
-                        "-D", self.data_dir,
-                        "-l", self.log_file,
-                        "-w", "-t", str(int(self.start_timeout)),
+                        self.bindir / "pg_ctl",
+                        "start",
+                        "-D",
+                        self.data_dir,
+                        "-l",
+                        self.log_file,
+                        "-w",
+                        "-t",
+                        str(int(self.start_timeout)),
                         "-s",
                     ],
                     check=False,
@@ -358,8 +365,18 @@ class EmbeddedPostgres:
             if self.postmaster_pid() is None:
                 return
             self._run(
-                [self.bindir / "pg_ctl", "stop", "-D", self.data_dir, "-m", mode, "-w",
-                 "-t", "60", "-s"],
+                [
+                    self.bindir / "pg_ctl",
+                    "stop",
+                    "-D",
+                    self.data_dir,
+                    "-m",
+                    mode,
+                    "-w",
+                    "-t",
+                    "60",
+                    "-s",
+                ],
                 timeout=120,
             )
 
@@ -477,18 +494,21 @@ def _drop_database(admin_url: str, name: str) -> None:
         )
 
 
-def default_database_urls() -> tuple[str, str]:
+def default_database_urls(
+    base_dir: Path | None = None, *, port: int = DEFAULT_PORT
+) -> tuple[str, str]:
     """``(state_url, data_url)`` for Lite.
 
     From ``TRACE_DATABASE_URL`` / ``TRACE_DATA_DATABASE_URL`` when set (the data URL defaults
     to the state URL); otherwise start (or reuse) the embedded cluster under
-    ``<project>/.trace/pg`` and make sure databases ``trace`` and ``trace_data`` exist.
+    ``base_dir`` (default ``<project>/.trace/pg``) and make sure databases ``trace`` and
+    ``trace_data`` exist.
     """
     state = os.environ.get("TRACE_DATABASE_URL")
     data = os.environ.get("TRACE_DATA_DATABASE_URL")
     if state:
         return state, data or state
-    cluster = EmbeddedPostgres(default_base_dir()).start()
+    cluster = EmbeddedPostgres(base_dir or default_base_dir(), port=port).start()
     cluster.create_database(STATE_DBNAME)
     cluster.create_database(DATA_DBNAME)
     return cluster.url(STATE_DBNAME), data or cluster.url(DATA_DBNAME)
