@@ -115,6 +115,21 @@ def find_bindir() -> Path:
     )
 
 
+def _alive(pid: int) -> bool:
+    """True if ``pid`` exists and is not a zombie (an unreaped zombie is dead for us)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # exists, owned by another user
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True
+    return stat.rsplit(")", 1)[-1].split()[0] not in {"Z", "X"}
+
+
 def _short_hash(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
@@ -290,12 +305,8 @@ class EmbeddedPostgres:
             pid = int(first.strip())
         except (OSError, IndexError, ValueError):
             return None
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
+        if not _alive(pid):
             return None
-        except PermissionError:
-            pass  # alive, owned by someone else
         try:
             cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
         except OSError:
@@ -392,11 +403,9 @@ class EmbeddedPostgres:
         os.kill(pid, signal.SIGKILL)
         deadline = time.monotonic() + wait
         while time.monotonic() < deadline:
-            try:
-                os.kill(pid, 0)
-            except ProcessLookupError:
+            if not _alive(pid):
                 return
-            # The postmaster may be our grandchild's child; reap it if it is ours.
+            # Reap it in case it is our own child (not the usual case: pg_ctl forks it).
             with contextlib.suppress(ChildProcessError):
                 os.waitpid(pid, os.WNOHANG)
             time.sleep(0.05)
