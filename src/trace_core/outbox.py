@@ -9,7 +9,7 @@ of order), sends them, and records the result:
 
     pending ──sent──▶ published
        │ ▲
-       └─┘ send failed, tries left: due again after backoff (1 s × 2^n, cap 100 s, full jitter)
+       └─┘ send failed, tries left: due again after backoff (1 s * 2^n, cap 100 s, full jitter)
        └──── send failed, no tries left (10) ──▶ dead
 
 Publishing is at-least-once: a publisher that dies after sending and before recording resends.
@@ -55,7 +55,9 @@ class OutboxPolicy:
     batch_size: int = 100
     poll_s: float = 1.0
     max_tries: int = 10
-    backoff: RetryPolicy = RetryPolicy(max_attempts=10, base_s=1.0, cap_s=100.0)
+    backoff: RetryPolicy = attrs.field(
+        factory=lambda: RetryPolicy(max_attempts=10, base_s=1.0, cap_s=100.0)
+    )
 
 
 @attrs.frozen

@@ -1,0 +1,432 @@
+"""``trace`` -- the command line: run Lite, migrate, run servers and workers, inspect tasks.
+
+    trace migrate                 apply state and data migrations (safe to run twice)
+    trace dispatcher              run the Dispatcher (HTTP + reaper + outbox publisher)
+    trace worker                  run a worker wrapper with the built-in operators
+    trace up                      run Lite: embedded Postgres, a Dispatcher and N workers
+    trace demo                    run Lite and a demo workload through the full lifecycle
+    trace task create|get|cancel  admin calls against a running Dispatcher
+    trace keys init|rotate        manage the Ed25519 signing keys (current + next)
+    trace pg start|stop|url       manage the embedded Postgres cluster
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from trace_lite.config import LiteSettings
+
+log = logging.getLogger("trace.cli")
+
+
+def _urls(settings: LiteSettings) -> tuple[str, str]:
+    if settings.database_url:
+        return settings.database_url, settings.data_database_url or settings.database_url
+    from trace_lite.embedded_pg import default_database_urls
+
+    return default_database_urls(settings.home / "pg")
+
+
+# --- migrate ---------------------------------------------------------------------------------
+
+
+def cmd_migrate(settings: LiteSettings, _args: argparse.Namespace) -> int:
+    from trace_lite.migrate import migrate
+
+    state_url, data_url = _urls(settings)
+    applied = migrate(state_url, data_url)
+    print(json.dumps({"applied": applied}))
+    return 0
+
+
+# --- dispatcher ------------------------------------------------------------------------------
+
+
+async def _run_dispatcher(settings: LiteSettings, state_url: str) -> None:
+    from aiohttp import web
+    from trace_lite.local_signer import FileSigner
+
+    from trace_lite.dispatcher import Dispatcher, open_pool
+    from trace_lite.local_store import LocalObjectStore, object_routes
+    from trace_lite.pg_queue import PgQueue
+    from trace_servers.dispatcher import make_app
+
+    pool = await open_pool(state_url, min_size=4, max_size=16)
+    signer = FileSigner.init(settings.key_dir)
+    store = LocalObjectStore(settings.object_root, settings.dispatcher_url,
+                             settings.object_secret)
+    queue = PgQueue(pool, settings.queue_name)
+    dispatcher = Dispatcher(pool, signer=signer, queue=queue, object_store=store,
+                            lease=settings.lease, retry=settings.retry)
+    app = make_app(dispatcher, platform_token=settings.platform_token,
+                   extra_routes=object_routes(store))
+    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    await runner.setup()
+    site = web.TCPSite(runner, settings.dispatcher_host, settings.dispatcher_port,
+                       reuse_address=True)
+    await site.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    log.info("dispatcher listening", extra={"url": settings.dispatcher_url})
+    try:
+        await dispatcher.run_background(stop)
+    finally:
+        await runner.cleanup()
+        await queue.close()
+        await pool.close()
+        log.info("dispatcher stopped")
+
+
+def cmd_dispatcher(settings: LiteSettings, _args: argparse.Namespace) -> int:
+    from trace_servers import logs
+
+    logs.setup("dispatcher")
+    state_url, _ = _urls(settings)
+    asyncio.run(_run_dispatcher(settings, state_url))
+    return 0
+
+
+# --- worker ----------------------------------------------------------------------------------
+
+
+async def _run_worker(settings: LiteSettings, state_url: str, concurrency: int) -> None:
+    from trace_lite.local_store import LocalObjectStore
+    from trace_lite.pg_queue import PgQueue
+    from trace_servers.client import DispatcherClient
+    from trace_servers.operators import BUILTIN
+    from trace_servers.worker import Worker
+
+    queue = PgQueue(state_url, settings.queue_name)
+    store = LocalObjectStore(settings.object_root, settings.dispatcher_url,
+                             settings.object_secret)
+    client = DispatcherClient(settings.dispatcher_url, platform_token=settings.platform_token)
+    worker = Worker(client=client, queue=queue, operators=dict(BUILTIN), store=store,
+                    concurrency=concurrency, grace_s=min(30.0, settings.lease_s))
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    log.info("worker started", extra={"worker_id": worker.worker_id})
+    try:
+        await worker.run(stop)
+    finally:
+        await client.close()
+        await queue.close()
+        log.info("worker stopped", extra={"stats": worker.stats})
+
+
+def cmd_worker(settings: LiteSettings, args: argparse.Namespace) -> int:
+    from trace_servers import logs
+
+    logs.setup("worker")
+    state_url, _ = _urls(settings)
+    asyncio.run(_run_worker(settings, state_url, args.concurrency))
+    return 0
+
+
+# --- up / demo -------------------------------------------------------------------------------
+
+
+class LiteProcesses:
+    """A Dispatcher and workers as child processes, stopped by PID."""
+
+    def __init__(self, settings: LiteSettings, state_url: str, data_url: str,
+                 workers: int, concurrency: int, log_dir: Path) -> None:
+        self.settings = settings
+        self.env = {**os.environ, **settings.env(), "TRACE_DATABASE_URL": state_url,
+                    "TRACE_DATA_DATABASE_URL": data_url}
+        self.workers = workers
+        self.concurrency = concurrency
+        self.log_dir = log_dir
+        self.procs: list[subprocess.Popen[bytes]] = []
+
+    def _spawn(self, name: str, *argv: str) -> subprocess.Popen[bytes]:
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        out = open(self.log_dir / f"{name}.log", "ab")
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "trace_servers.cli", *argv], env=self.env, stdout=out,
+            stderr=out, start_new_session=True,
+        )
+        self.procs.append(proc)
+        return proc
+
+    def start(self) -> None:
+        self._spawn("dispatcher", "dispatcher")
+        for i in range(self.workers):
+            self._spawn(f"worker-{i}", "worker", "--concurrency", str(self.concurrency))
+
+    def stop(self, timeout: float = 40.0) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        for p in self.procs:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                p.wait(max(0.1, deadline - time.monotonic()))
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+
+
+async def _wait_ready(url: str, limit_s: float = 30.0) -> None:
+    import aiohttp
+
+    deadline = time.monotonic() + limit_s
+    async with aiohttp.ClientSession() as session:
+        while True:
+            try:
+                async with session.get(url + "/readyz") as resp:
+                    if resp.status == 200:
+                        return
+            except aiohttp.ClientError:
+                pass
+            if time.monotonic() > deadline:
+                raise SystemExit(f"dispatcher at {url} did not become ready")
+            await asyncio.sleep(0.1)
+
+
+def cmd_up(settings: LiteSettings, args: argparse.Namespace) -> int:
+    from trace_lite.migrate import migrate
+
+    state_url, data_url = _urls(settings)
+    migrate(state_url, data_url)
+    procs = LiteProcesses(settings, state_url, data_url, args.workers, args.concurrency,
+                          settings.home / "logs")
+    procs.start()
+    print(f"Trace Lite running: dispatcher {settings.dispatcher_url}, {args.workers} workers; "
+          f"logs in {settings.home / 'logs'}. Ctrl-C to stop.")
+    stop = False
+
+    def _stop(*_: Any) -> None:
+        nonlocal stop
+        stop = True
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    try:
+        while not stop and all(p.poll() is None for p in procs.procs):
+            time.sleep(0.5)
+    finally:
+        procs.stop()
+    return 0
+
+
+async def _demo_workload(settings: LiteSettings, state_url: str, args: argparse.Namespace) -> int:
+    import psycopg
+
+    from trace_servers.client import DispatcherClient
+
+    await _wait_ready(settings.dispatcher_url)
+    async with DispatcherClient(settings.dispatcher_url,
+                                platform_token=settings.platform_token) as client:
+        started = time.monotonic()
+        run_tag = f"demo-{int(time.time())}"
+        tasks = [
+            {"operator": "demo", "org": "demo",
+             "payload": {"events": 2, "rows": 5,
+                         "fail_first": i % args.fail_every == 0, "run": run_tag}}
+            for i in range(args.tasks)
+        ]
+        ids: list[str] = []
+        for i in range(0, len(tasks), 1000):
+            ids += [t["task_id"] for t in await client.create_tasks(tasks[i:i + 1000])]
+        print(f"created {len(ids)} tasks ({sum(1 for t in tasks if t['payload']['fail_first'])} "
+              f"fail their first attempt on purpose)")
+        terminal = ("completed", "failed", "canceled")
+        async with await psycopg.AsyncConnection.connect(state_url, autocommit=True) as conn:
+            while True:
+                cur = await conn.execute(
+                    "SELECT state, count(*) FROM tasks WHERE payload->>'run' = %s GROUP BY state",
+                    (run_tag,))
+                counts = dict(await cur.fetchall())
+                done = sum(counts.get(s, 0) for s in terminal)
+                elapsed = time.monotonic() - started
+                line = " ".join(f"{k}={v}" for k, v in sorted(counts.items()))
+                print(f"\r[{elapsed:6.1f}s] {done}/{len(ids)} done  {line}    ", end="",
+                      flush=True)
+                if done >= len(ids):
+                    break
+                if elapsed > args.timeout:
+                    print("\ndemo timed out")
+                    return 1
+                await asyncio.sleep(0.5)
+            print()
+            cur = await conn.execute(
+                """
+                SELECT count(*) FILTER (WHERE state = 'completed'),
+                       count(*) FILTER (WHERE state = 'failed'),
+                       count(*) FILTER (WHERE attempt > 1),
+                       percentile_cont(0.5) WITHIN GROUP (ORDER BY extract(epoch FROM finished_at - created_at)),
+                       percentile_cont(0.95) WITHIN GROUP (ORDER BY extract(epoch FROM finished_at - created_at)),
+                       (SELECT count(*) FROM task_events e JOIN tasks t2 USING (task_id)
+                        WHERE t2.payload->>'run' = %(run)s),
+                       (SELECT count(*) FROM buffer_batches b JOIN tasks t3 USING (task_id)
+                        WHERE t3.payload->>'run' = %(run)s)
+                FROM tasks WHERE payload->>'run' = %(run)s
+                """, {"run": run_tag})
+            row = await cur.fetchone()
+            assert row is not None
+            completed, failed, retried, p50, p95, n_events, n_batches = row
+        wall = time.monotonic() - started
+        summary = {
+            "tasks": len(ids), "completed": completed, "failed": failed, "retried": retried,
+            "events": n_events, "buffer_batches": n_batches,
+            "lifecycle_latency_p50_ms": round(float(p50) * 1000, 1),
+            "lifecycle_latency_p95_ms": round(float(p95) * 1000, 1),
+            "wall_s": round(wall, 2), "tasks_per_s": round(len(ids) / wall, 1),
+        }
+        print("summary:")
+        for k, v in summary.items():
+            print(f"  {k:28s} {v}")
+        ok = completed == len(ids) and failed == 0 and retried >= 1
+        print("demo OK" if ok else "demo FAILED")
+        return 0 if ok else 1
+
+
+def cmd_demo(settings: LiteSettings, args: argparse.Namespace) -> int:
+    from trace_lite.migrate import migrate
+
+    print(f"Trace Lite demo: state in {settings.home}")
+    state_url, data_url = _urls(settings)
+    print(f"postgres: {state_url}")
+    migrate(state_url, data_url)
+    procs = LiteProcesses(settings, state_url, data_url, args.workers, args.concurrency,
+                          settings.home / "logs")
+    procs.start()
+    try:
+        code = asyncio.run(_demo_workload(settings, state_url, args))
+    finally:
+        print("stopping dispatcher and workers ...")
+        procs.stop()
+        if not settings.database_url and not args.keep_postgres:
+            from trace_lite.embedded_pg import EmbeddedPostgres
+
+            EmbeddedPostgres(settings.home / "pg").stop()
+            print("embedded postgres stopped")
+    return code
+
+
+# --- admin -----------------------------------------------------------------------------------
+
+
+async def _admin(settings: LiteSettings, args: argparse.Namespace) -> Any:
+    from trace_servers.client import DispatcherClient
+
+    async with DispatcherClient(settings.dispatcher_url,
+                                platform_token=settings.platform_token,
+                                deadline_s=10) as client:
+        if args.task_cmd == "create":
+            payload = json.loads(args.payload)
+            return await client.create_tasks(
+                [{"operator": args.operator, "org": args.org, "payload": payload}] * args.count
+            )
+        if args.task_cmd == "get":
+            return await client.get_task(args.task_id)
+        if args.task_cmd == "cancel":
+            return await client.cancel(args.task_id)
+        return await client.counts()
+
+
+def cmd_task(settings: LiteSettings, args: argparse.Namespace) -> int:
+    from trace_core import errors
+
+    try:
+        print(json.dumps(asyncio.run(_admin(settings, args)), indent=2, default=str))
+    except errors.TraceError as exc:
+        print(json.dumps(exc.to_dict()), file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_keys(settings: LiteSettings, args: argparse.Namespace) -> int:
+    from trace_lite.local_signer import FileSigner
+
+    signer = FileSigner.init(settings.key_dir)
+    if args.keys_cmd == "rotate":
+        signer.rotate(force=args.force)
+    keys = asyncio.run(signer.public_keys())
+    print(json.dumps([{"kid": k.kid, "alg": k.algorithm} for k in keys], indent=2))
+    return 0
+
+
+def cmd_pg(settings: LiteSettings, args: argparse.Namespace) -> int:
+    from trace_lite.embedded_pg import EmbeddedPostgres
+
+    pg = EmbeddedPostgres(settings.home / "pg")
+    if args.pg_cmd == "start":
+        pg.start()
+        print(pg.url())
+    elif args.pg_cmd == "stop":
+        pg.stop()
+    else:
+        print(pg.url())
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="trace", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    sub.add_parser("migrate", help="apply migrations")
+    sub.add_parser("dispatcher", help="run the Dispatcher")
+    w = sub.add_parser("worker", help="run a worker")
+    w.add_argument("--concurrency", type=int, default=8)
+    for name in ("up", "demo"):
+        s = sub.add_parser(name, help=f"{name} Trace Lite")
+        s.add_argument("--workers", type=int, default=2)
+        s.add_argument("--concurrency", type=int, default=16)
+        if name == "demo":
+            s.add_argument("--tasks", type=int, default=2000)
+            s.add_argument("--fail-every", type=int, default=10,
+                           help="every Nth task fails its first attempt")
+            s.add_argument("--timeout", type=float, default=600)
+            s.add_argument("--keep-postgres", action="store_true")
+    t = sub.add_parser("task", help="admin calls")
+    tsub = t.add_subparsers(dest="task_cmd", required=True)
+    c = tsub.add_parser("create")
+    c.add_argument("operator")
+    c.add_argument("--payload", default="{}")
+    c.add_argument("--org", default="default")
+    c.add_argument("--count", type=int, default=1)
+    for name in ("get", "cancel"):
+        tsub.add_parser(name).add_argument("task_id")
+    tsub.add_parser("counts")
+    k = sub.add_parser("keys", help="signing keys")
+    ksub = k.add_subparsers(dest="keys_cmd", required=True)
+    ksub.add_parser("init")
+    r = ksub.add_parser("rotate")
+    r.add_argument("--force", action="store_true")
+    g = sub.add_parser("pg", help="embedded Postgres")
+    g.add_argument("pg_cmd", choices=["start", "stop", "url"])
+    return p
+
+
+COMMANDS = {
+    "migrate": cmd_migrate, "dispatcher": cmd_dispatcher, "worker": cmd_worker, "up": cmd_up,
+    "demo": cmd_demo, "task": cmd_task, "keys": cmd_keys, "pg": cmd_pg,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.cmd not in ("dispatcher", "worker"):
+        logging.basicConfig(level=logging.WARNING)
+    settings = LiteSettings.from_env()
+    return COMMANDS[args.cmd](settings, args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

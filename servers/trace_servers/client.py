@@ -1,0 +1,184 @@
+"""HTTP client for the Dispatcher, used by the worker wrapper (and by tests and the CLI).
+
+Transient failures (connection refused or reset, timeouts, 503) are retried with capped,
+jittered backoff until ``deadline_s`` passes: every call the worker makes is idempotent
+(claims are fenced by state, mutations by ``(task_id, attempt, lease_token)`` and keys, and a
+repeated completion with the same body is a replay). A definitive answer (any 4xx) is raised as
+the matching ``trace_core.errors`` class.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from typing import Any, TypeVar
+
+import aiohttp
+
+from trace_core import errors, wire
+
+T = TypeVar("T")
+
+_BY_CODE: dict[str, type[errors.TraceError]] = {
+    cls.code: cls
+    for cls in (
+        errors.MalformedBody, errors.ValidationFailed, errors.PayloadTooLarge, errors.UnsafeKey,
+        errors.InvalidRequest, errors.Unauthenticated, errors.Forbidden, errors.NotFound,
+        errors.Conflict, errors.LeaseLost, errors.TaskNotClaimable, errors.TaskCanceled,
+        errors.IdempotencyMismatch, errors.Retryable, errors.Unavailable, errors.SignerError,
+    )
+}
+
+CAPABILITY_HEADER = "X-Trace-Task-Capability"
+
+
+def error_from_body(status: int, body: Any) -> errors.TraceError:
+    code = body.get("error") if isinstance(body, dict) else None
+    message = body.get("message") if isinstance(body, dict) else None
+    cls = _BY_CODE.get(code or "", errors.TraceError)
+    if cls is errors.TraceError:
+        cls = errors.Unavailable if status >= 500 else errors.InvalidRequest
+    exc = cls(message or f"HTTP {status}", field=body.get("field") if isinstance(body, dict)
+              else None)
+    return exc
+
+
+class DispatcherClient:
+    """Calls the Dispatcher's ``/internal`` (platform credential) and ``/v1/task`` routes."""
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        platform_token: str | None = None,
+        session: aiohttp.ClientSession | None = None,
+        deadline_s: float = 120.0,
+    ) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.platform_token = platform_token
+        self._session = session
+        self._owns_session = session is None
+        self.deadline_s = deadline_s
+
+    async def __aenter__(self) -> DispatcherClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            self._session = aiohttp.ClientSession(
+                timeout=aiohttp.ClientTimeout(total=30, connect=5),
+                connector=aiohttp.TCPConnector(limit=64),
+            )
+        return self._session
+
+    async def close(self) -> None:
+        if self._session is not None and self._owns_session:
+            await self._session.close()
+        self._session = None
+
+    async def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        json_body: Any = None,
+        params: dict[str, str] | None = None,
+        capability: str | None = None,
+        platform: bool = False,
+        deadline_s: float | None = None,
+    ) -> Any:
+        """One call, retried on transient failure until the deadline.
+
+        Returns the decoded JSON body. Raises the ``trace_core.errors`` class of a definitive
+        error, ``Unavailable`` when the deadline passes.
+        """
+        headers: dict[str, str] = {}
+        if platform and self.platform_token:
+            headers["Authorization"] = f"Bearer {self.platform_token}"
+        if capability:
+            headers[CAPABILITY_HEADER] = capability
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + (self.deadline_s if deadline_s is None else deadline_s)
+        tries = 0
+        while True:
+            try:
+                async with self.session.request(
+                    method, self.base_url + path, json=json_body, params=params, headers=headers
+                ) as resp:
+                    body = await resp.json(content_type=None)
+                    if resp.status < 400:
+                        return body
+                    exc = error_from_body(resp.status, body)
+                    if not isinstance(exc, errors.Retryable):
+                        raise exc
+                    last: Exception = exc
+            except (aiohttp.ClientError, TimeoutError, ValueError) as e:
+                last = e
+            tries += 1
+            if loop.time() >= deadline:
+                raise errors.Unavailable(f"dispatcher unreachable: {last}") from last
+            await asyncio.sleep(min(2.0, 0.05 * 2 ** min(tries, 6)) * (0.5 + random.random()))
+
+    # -- /internal --------------------------------------------------------------------------
+
+    async def claim(self, task_id: str, worker_id: str) -> wire.ClaimResponse:
+        body = await self.request("POST", "/internal/task-claim", platform=True,
+                                  json_body={"task_id": task_id, "worker_id": worker_id})
+        return wire.converter.structure(body, wire.ClaimResponse)
+
+    async def fetch(self, task_id: str) -> wire.TaskPayload:
+        body = await self.request("GET", "/internal/task-fetch", platform=True,
+                                  params={"task_id": task_id})
+        return wire.converter.structure(body, wire.TaskPayload)
+
+    async def create_tasks(self, tasks: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        body = await self.request("POST", "/internal/admin/tasks", platform=True,
+                                  json_body={"tasks": tasks})
+        result: list[dict[str, Any]] = body["tasks"]
+        return result
+
+    async def cancel(self, task_id: str) -> dict[str, Any]:
+        result: dict[str, Any] = await self.request(
+            "POST", f"/internal/admin/tasks/{task_id}/cancel", platform=True
+        )
+        return result
+
+    async def get_task(self, task_id: str) -> dict[str, Any]:
+        result: dict[str, Any] = await self.request(
+            "GET", f"/internal/admin/tasks/{task_id}", platform=True
+        )
+        return result
+
+    async def counts(self) -> dict[str, int]:
+        result: dict[str, int] = await self.request("GET", "/internal/admin/counts",
+                                                    platform=True)
+        return result
+
+    # -- /v1/task ---------------------------------------------------------------------------
+
+    async def heartbeat(self, token: str, fence: dict[str, Any]) -> wire.HeartbeatResponse:
+        body = await self.request("POST", "/v1/task/heartbeat", capability=token,
+                                  json_body=fence, deadline_s=10.0)
+        return wire.converter.structure(body, wire.HeartbeatResponse)
+
+    async def events(self, token: str, fence: dict[str, Any],
+                     events: list[dict[str, Any]]) -> wire.EventsResponse:
+        body = await self.request("POST", "/v1/task/events", capability=token,
+                                  json_body={**fence, "events": events})
+        return wire.converter.structure(body, wire.EventsResponse)
+
+    async def buffer_publish(self, token: str, fence: dict[str, Any],
+                             batch: dict[str, Any]) -> wire.BufferPublishResponse:
+        body = await self.request("POST", "/v1/task/buffer-publish", capability=token,
+                                  json_body={**fence, "batch": batch})
+        return wire.converter.structure(body, wire.BufferPublishResponse)
+
+    async def complete(self, token: str, fence: dict[str, Any],
+                       **fields: Any) -> wire.CompleteResponse:
+        body = await self.request("POST", "/v1/task/complete", capability=token,
+                                  json_body={**fence, **fields})
+        return wire.converter.structure(body, wire.CompleteResponse)

@@ -1,0 +1,277 @@
+"""The worker wrapper: the trust boundary around operator code.
+
+For each ``{"task_id"}`` wake-up it receives, the wrapper claims a lease from the Dispatcher,
+fetches the task (a ``canceled`` task is acknowledged without running operator code), runs the
+operator while heartbeating at ``lease/4`` and extending the message's visibility, publishes the
+operator's events and buffer batches under the attempt's capability token, completes, and only
+then deletes the message. Operator code receives a ``TaskContext``: never the platform
+credential, the database or the queue.
+
+Wake-ups are hints. A duplicate or late message finds the task not claimable and is deleted;
+a message whose worker died reappears after its visibility timeout and is deleted the same way,
+while the reaper re-queues the task itself once its lease expires.
+
+SIGTERM: stop receiving, let in-flight tasks finish for ``grace_s``, then cancel the rest and
+report them failed (retryable) so they are retried at once rather than after lease expiry.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import socket
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import attrs
+
+from trace_core import errors, wire
+from trace_core.ports import ObjectStore, Queue, ReceivedMessage
+from trace_servers.client import DispatcherClient
+
+log = logging.getLogger("trace.worker")
+
+
+class LeaseLostError(Exception):
+    """Raised inside the operator's task when the lease is lost or the task canceled."""
+
+
+@attrs.define
+class TaskContext:
+    """What an operator may use: its task, and calls scoped to its own attempt."""
+
+    task: wire.TaskPayload
+    attempt: int
+    _client: DispatcherClient
+    _store: ObjectStore | None
+    _fence: dict[str, Any]
+    _token: list[str]  # boxed: the heartbeat renews it
+    #: Events to bundle atomically with the completion.
+    final_events: list[dict[str, Any]] = attrs.field(factory=list)
+
+    @property
+    def payload(self) -> dict[str, Any]:
+        return self.task.payload
+
+    async def emit(self, events: list[dict[str, Any]]) -> wire.EventsResponse:
+        """Emit events now (``{"key", "type", "payload"}``; keys dedupe across attempts)."""
+        return await self._client.events(self._token[0], self._fence, events)
+
+    async def publish_buffer(
+        self, dataset: str, rows: list[dict[str, Any]], *, key: str
+    ) -> wire.BufferPublishResponse:
+        """Write ``rows`` as a JSON-lines object under the attempt's staging prefix and publish
+        a buffer batch pointer to it."""
+        if self._store is None:
+            raise errors.Unavailable("this worker has no object store")
+        data = b"".join(json.dumps(r, sort_keys=True).encode() + b"\n" for r in rows)
+        object_key = f"{self.task.staging_prefix}buffer/{dataset}/{key}.jsonl"
+        await self._store.put(object_key, data)
+        batch = {
+            "key": key,
+            "dataset": dataset,
+            "object_key": object_key,
+            "row_count": len(rows),
+            "byte_size": len(data),
+            "sha256": hashlib.sha256(data).hexdigest(),
+        }
+        return await self._client.buffer_publish(self._token[0], self._fence, batch)
+
+
+Operator = Callable[[TaskContext], Awaitable[dict[str, Any] | None]]
+
+
+class NonRetryableError(Exception):
+    """An operator raises this for a failure retrying cannot fix."""
+
+
+@attrs.define
+class Worker:
+    """Consumes wake-ups from ``queue`` and runs ``operators`` by name."""
+
+    client: DispatcherClient
+    queue: Queue
+    operators: dict[str, Operator]
+    store: ObjectStore | None = None
+    concurrency: int = 8
+    visibility_s: float = 30.0
+    wait_s: float = 20.0
+    grace_s: float = 30.0
+    worker_id: str = attrs.field(factory=lambda: f"{socket.gethostname()}:{os.getpid()}")
+    #: Counters for progress output and tests.
+    stats: dict[str, int] = attrs.field(factory=lambda: dict.fromkeys(
+        ("received", "claimed", "succeeded", "failed", "canceled", "skipped", "lease_lost"), 0))
+    _inflight: set[asyncio.Task[None]] = attrs.field(factory=set)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Work until ``stop`` is set, then drain in-flight tasks (see the module docstring)."""
+        while not stop.is_set():
+            free = self.concurrency - len(self._inflight)
+            if free <= 0:
+                await asyncio.wait(
+                    [*self._inflight, asyncio.ensure_future(stop.wait())],
+                    return_when=asyncio.FIRST_COMPLETED,
+                )
+                continue
+            try:
+                receive = asyncio.ensure_future(self.queue.receive(
+                    max_messages=free, visibility_timeout=self.visibility_s,
+                    wait_seconds=self.wait_s,
+                ))
+                stopper = asyncio.ensure_future(stop.wait())
+                done, _ = await asyncio.wait({receive, stopper},
+                                             return_when=asyncio.FIRST_COMPLETED)
+                stopper.cancel()
+                if receive not in done:
+                    receive.cancel()
+                    with contextlib.suppress(asyncio.CancelledError, errors.TraceError):
+                        await receive
+                    break
+                messages = receive.result()
+            except errors.TraceError as exc:
+                log.warning("receive failed", extra={"error": str(exc)})
+                await asyncio.sleep(0.5)
+                continue
+            for message in messages:
+                self.stats["received"] += 1
+                task = asyncio.create_task(self._handle(message))
+                self._inflight.add(task)
+                task.add_done_callback(self._inflight.discard)
+        await self._drain()
+
+    async def _drain(self) -> None:
+        if not self._inflight:
+            return
+        log.info("draining in-flight tasks", extra={"count": len(self._inflight)})
+        _, pending = await asyncio.wait(set(self._inflight), timeout=self.grace_s)
+        for task in pending:
+            task.cancel()
+        if pending:
+            await asyncio.wait(pending, timeout=30)
+
+    async def _handle(self, message: ReceivedMessage) -> None:
+        try:
+            task_id = str(json.loads(message.body)["task_id"])
+        except (ValueError, KeyError, TypeError):
+            log.warning("dropping malformed wake-up", extra={"message_id": message.message_id})
+            await self._delete(message)
+            return
+        try:
+            claim = await self.client.claim(task_id, self.worker_id)
+        except (errors.TaskNotClaimable, errors.TaskCanceled, errors.NotFound,
+                errors.InvalidRequest):
+            self.stats["skipped"] += 1
+            await self._delete(message)
+            return
+        except errors.TraceError as exc:
+            log.warning("claim failed; the wake-up will reappear",
+                        extra={"task_id": task_id, "error": str(exc)})
+            return
+        self.stats["claimed"] += 1
+        await self._run_attempt(claim, message)
+
+    async def _run_attempt(self, claim: wire.ClaimResponse, message: ReceivedMessage) -> None:
+        fence = {"task_id": claim.task_id, "attempt": claim.attempt,
+                 "lease_token": claim.lease_token}
+        extra = {"task_id": claim.task_id, "attempt": claim.attempt}
+        token = [claim.capability_token]
+        try:
+            task = await self.client.fetch(claim.task_id)
+        except errors.TraceError as exc:
+            log.warning("fetch failed; the lease will expire", extra={**extra, "error": str(exc)})
+            return
+        if task.status == "canceled":
+            with contextlib.suppress(errors.TraceError):
+                await self.client.complete(token[0], fence, outcome="canceled")
+            self.stats["canceled"] += 1
+            await self._delete(message)
+            return
+        operator = self.operators.get(task.operator)
+        ctx = TaskContext(task, claim.attempt, self.client, self.store, fence, token)
+        run = asyncio.create_task(self._call(operator, ctx))
+        beat = asyncio.create_task(
+            self._heartbeat(claim.heartbeat_interval_s, fence, token, message, run)
+        )
+        try:
+            done, _ = await asyncio.wait({run, beat}, timeout=task.timeout_s,
+                                         return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:
+            run.cancel()
+            beat.cancel()
+            # Shutdown: give the task back now rather than after its lease expires.
+            with contextlib.suppress(errors.TraceError):
+                await self.client.complete(
+                    token[0], fence, outcome="failed", retryable=True,
+                    error={"code": "worker_shutdown", "message": "worker stopped"},
+                )
+            raise
+        if run not in done:
+            run.cancel()
+            with contextlib.suppress(BaseException):
+                await run
+            if beat in done:  # lease lost or task canceled: someone else owns it now
+                self.stats["lease_lost"] += 1
+                await self._delete(message)
+                return
+            beat.cancel()
+            outcome: dict[str, Any] = {
+                "outcome": "failed", "retryable": True,
+                "error": {"code": "timeout", "message": f"exceeded {task.timeout_s}s"},
+            }
+        else:
+            beat.cancel()
+            exc = run.exception()
+            if exc is None:
+                outcome = {"outcome": "succeeded", "result": run.result(),
+                           "final_events": ctx.final_events}
+            elif isinstance(exc, NonRetryableError):
+                outcome = {"outcome": "failed", "retryable": False,
+                           "error": {"code": "operator_error", "message": str(exc)[:1000]}}
+            else:
+                outcome = {"outcome": "failed", "retryable": True,
+                           "error": {"code": "operator_error",
+                                     "message": f"{type(exc).__name__}: {exc}"[:1000]}}
+        try:
+            await self.client.complete(token[0], fence, **outcome)
+            self.stats["succeeded" if outcome["outcome"] == "succeeded" else "failed"] += 1
+        except (errors.LeaseLost, errors.TaskCanceled, errors.Conflict) as exc:
+            self.stats["lease_lost"] += 1
+            log.info("completion refused", extra={**extra, "error": exc.code})
+        except errors.TraceError as exc:
+            log.warning("completion failed; the lease will expire",
+                        extra={**extra, "error": str(exc)})
+            return
+        await self._delete(message)
+
+    async def _call(self, operator: Operator | None, ctx: TaskContext) -> dict[str, Any] | None:
+        if operator is None:
+            raise NonRetryableError(f"unknown operator {ctx.task.operator!r}")
+        return await operator(ctx)
+
+    async def _heartbeat(
+        self,
+        interval: float,
+        fence: dict[str, Any],
+        token: list[str],
+        message: ReceivedMessage,
+        run: asyncio.Task[Any],
+    ) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                renewed = await self.client.heartbeat(token[0], fence)
+                token[0] = renewed.capability_token
+            except (errors.LeaseLost, errors.TaskCanceled, errors.Forbidden, errors.NotFound):
+                raise LeaseLostError() from None
+            except errors.TraceError as exc:
+                log.warning("heartbeat failed", extra={**fence, "error": str(exc)})
+            with contextlib.suppress(errors.TraceError):
+                await self.queue.extend_visibility(message.receipt, self.visibility_s)
+
+    async def _delete(self, message: ReceivedMessage) -> None:
+        with contextlib.suppress(errors.TraceError):
+            await self.queue.delete([message.receipt])

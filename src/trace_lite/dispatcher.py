@@ -1,0 +1,814 @@
+"""The Dispatcher service: the kernel's lifecycle decisions applied to Postgres state.
+
+It is a library object first: the aiohttp server in ``trace_servers.dispatcher`` is a thin
+adapter over it, and trusted in-process workers (tests, benchmarks, embedders) call it directly.
+
+Every operation is one transaction that (1) locks the rows it needs and reads the database's
+``now()``, (2) asks ``trace_core.lifecycle`` for a decision, (3) applies the decision as a
+compare-and-swap on ``(task_id, attempt, lease_token)`` together with the outbox rows that
+announce it. Zero rows affected means someone else moved the state on: a domain ``Conflict``.
+
+Postgres is the state store in both profiles (RDS in AWS), so this module is shared by them;
+only the Queue, ObjectStore and Signer differ.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import random
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Sequence
+from datetime import datetime
+from typing import Any, Literal
+
+import attrs
+import psycopg
+from psycopg.rows import tuple_row
+from psycopg.types.json import Jsonb
+from psycopg_pool import AsyncConnectionPool, PoolTimeout
+
+from trace_core import errors, lifecycle, wire
+from trace_core import outbox as outbox_sm
+from trace_core.jws import TokenIssuer, TokenVerifier
+from trace_core.lifecycle import (
+    AttemptOutcome,
+    Fence,
+    LeasePolicy,
+    Op,
+    Outcome,
+    RetryPolicy,
+    TaskState,
+    TaskView,
+)
+from trace_core.object_keys import is_within, validate_key
+from trace_core.ports import ObjectStore, Queue, Signer
+from trace_core.token import CapabilityClaims, TokenPolicy, check_binding, issue_claims
+from trace_lite import sqlfile
+
+log = logging.getLogger("trace.dispatcher")
+
+Q = sqlfile.load("tasks.sql")
+
+#: The outbox topic of task wake-ups; the publisher sends them to the task queue.
+WAKE_TOPIC = "wake"
+
+WakeMode = Literal["queue", "notify"]
+
+
+def staging_prefix(org_id: str, task_id: str, attempt: int) -> str:
+    """Where an attempt may write objects (buffer batches, staged outputs)."""
+    return f"org/{org_id}/staging/task/{task_id}/attempt/{attempt}/"
+
+
+@attrs.frozen
+class ClaimGrant:
+    """A started attempt, as returned to an in-process claimer."""
+
+    task_id: str
+    attempt: int
+    lease_token: str
+    lease_expires_at: datetime
+    org_id: str
+    operator: str
+    payload: dict[str, Any]
+    timeout_s: int
+    capability_token: str | None = None
+
+    @property
+    def fence(self) -> Fence:
+        return Fence(self.task_id, self.attempt, self.lease_token)
+
+
+@attrs.frozen
+class ReapReport:
+    expired: int = 0
+    due: int = 0
+    canceled_closed: int = 0
+
+
+def _view(row: Sequence[Any]) -> TaskView:
+    (task_id, state, attempt, lease_token, lease_expires_at, available_at, max_attempts,
+     outcome, digest, _now) = row
+    return TaskView(
+        task_id=task_id,
+        state=TaskState(state),
+        attempt=attempt,
+        lease_token=lease_token,
+        lease_expires_at=lease_expires_at,
+        available_at=available_at,
+        max_attempts=max_attempts,
+        attempt_outcome=AttemptOutcome(outcome) if outcome else None,
+        completion_digest=digest,
+    )
+
+
+def _iso(ts: datetime) -> str:
+    return ts.isoformat()
+
+
+class Dispatcher:
+    """Creates, leases, fences and finishes tasks on Postgres state.
+
+    ``wake_mode="queue"`` wakes remote workers through the outbox and ``queue``;
+    ``"notify"`` only sends ``NOTIFY trace_tasks`` for in-process claimers (no outbox rows).
+    """
+
+    def __init__(
+        self,
+        pool: AsyncConnectionPool,
+        *,
+        signer: Signer,
+        queue: Queue | None = None,
+        object_store: ObjectStore | None = None,
+        lease: LeasePolicy = LeasePolicy(),
+        retry: RetryPolicy = RetryPolicy(),
+        token_policy: TokenPolicy = TokenPolicy(),
+        outbox_policy: outbox_sm.OutboxPolicy = outbox_sm.OutboxPolicy(),
+        wake_mode: WakeMode = "queue",
+        rand: Callable[[], float] = random.random,
+        clock_epoch: Callable[[], float] | None = None,
+    ) -> None:
+        self.pool = pool
+        self.signer = signer
+        self.queue = queue
+        self.object_store = object_store
+        self.lease = lease
+        self.retry = retry
+        self.token_policy = token_policy
+        self.outbox_policy = outbox_policy
+        self.wake_mode: WakeMode = wake_mode
+        self._rand = rand
+        self.verifier = TokenVerifier(signer, token_policy)
+        self.issuer = TokenIssuer(signer)
+        self._orgs: dict[str, str] = {}
+        self._clock_epoch = clock_epoch
+
+    # -- plumbing ---------------------------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def _tx(self) -> AsyncIterator[psycopg.AsyncCursor[Any]]:
+        try:
+            async with self.pool.connection() as conn, conn.transaction():
+                async with conn.cursor(row_factory=tuple_row) as cur:
+                    yield cur
+        except errors.TraceError:
+            raise
+        except (psycopg.OperationalError, psycopg.errors.QueryCanceled,
+                psycopg.errors.LockNotAvailable, psycopg.errors.SerializationFailure,
+                psycopg.errors.DeadlockDetected) as exc:
+            raise errors.Unavailable(f"database unavailable: {type(exc).__name__}") from exc
+        except psycopg.errors.UniqueViolation as exc:
+            raise errors.Conflict("conflicting concurrent write") from exc
+        except psycopg.errors.DataError as exc:
+            raise errors.ValidationFailed(f"invalid value: {exc.diag.message_primary}") from exc
+        except PoolTimeout as exc:
+            raise errors.Unavailable("database pool exhausted") from exc
+
+    async def _org_id(self, cur: psycopg.AsyncCursor[Any], name: str) -> str:
+        org_id = self._orgs.get(name)
+        if org_id is None:
+            await cur.execute(Q["ensure_org"], {"name": name})
+            row = await cur.fetchone()
+            assert row is not None
+            org_id = str(row[0])
+            self._orgs[name] = org_id
+        return org_id
+
+    async def _wake(self, cur: psycopg.AsyncCursor[Any], task_ids: list[str]) -> None:
+        if not task_ids:
+            return
+        if self.wake_mode == "queue":
+            await cur.execute(Q["insert_wakes"], {"topic": WAKE_TOPIC, "task_ids": task_ids})
+            await cur.execute(Q["notify_outbox"])
+        else:
+            await cur.execute(Q["notify_tasks"])
+
+    async def _mint(self, *, org_id: str, task_id: str, attempt: int, timeout_s: int) -> str:
+        now = int(self._clock_epoch() if self._clock_epoch else time.time())
+        claims = issue_claims(
+            self.token_policy,
+            org_id=org_id,
+            task_id=task_id,
+            attempt=attempt,
+            attempt_timeout_s=timeout_s,
+            now_epoch=now,
+            jti=uuid.uuid4().hex,
+        )
+        return await self.issuer.encode(claims)
+
+    # -- admin ------------------------------------------------------------------------------
+
+    async def create_tasks(self, requests: Sequence[wire.CreateTaskRequest]) -> list[wire.TaskInfo]:
+        """Create tasks (queued, or pending when delayed) and wake workers in one transaction.
+
+        A request whose ``idempotency_key`` already exists in its org returns the existing task
+        with ``created=False``. Raises ``Unavailable``.
+        """
+        async with self._tx() as cur:
+            org_ids = [await self._org_id(cur, r.org) for r in requests]
+            params = {
+                "task_ids": [str(uuid.uuid4()) for _ in requests],
+                "org_ids": org_ids,
+                "operators": [r.operator for r in requests],
+                "payloads": [Jsonb(r.payload) for r in requests],
+                "max_attempts": [r.max_attempts for r in requests],
+                "timeouts": [r.timeout_s for r in requests],
+                "delays": [r.delay_s for r in requests],
+                "idempotency_keys": [r.idempotency_key for r in requests],
+            }
+            await cur.execute(Q["insert_tasks"], params)
+            rows = await cur.fetchall()
+            created = {
+                str(t): wire.TaskInfo(str(t), str(o), op, st, att, mx)
+                for t, o, op, st, att, mx in rows
+            }
+            await self._wake(
+                cur, [t.task_id for t in created.values() if t.state == TaskState.QUEUED]
+            )
+            if len(created) == len(requests):
+                return [created[t] for t in params["task_ids"]]
+            # Some were idempotent repeats: answer with the existing tasks, in request order.
+            keyed = [(o, r.idempotency_key) for o, r in zip(org_ids, requests, strict=True)
+                     if r.idempotency_key is not None]
+            await cur.execute(
+                Q["tasks_by_idempotency_key"],
+                {"org_ids": [o for o, _ in keyed], "idempotency_keys": [k for _, k in keyed]},
+            )
+            existing = {(str(r[1]), r[6]): r for r in await cur.fetchall()}
+            out: list[wire.TaskInfo] = []
+            for tid, org_id, r in zip(params["task_ids"], org_ids, requests, strict=True):
+                if tid in created:
+                    out.append(created[tid])
+                    continue
+                row = existing[(org_id, r.idempotency_key)]
+                out.append(
+                    wire.TaskInfo(str(row[0]), org_id, row[2], row[3], row[4], row[5],
+                                  created=False)
+                )
+            return out
+
+    async def cancel(self, task_id: str) -> wire.TaskInfo:
+        """Cancel a task; canceling a canceled task is a no-op.
+
+        A running attempt learns it at its next heartbeat or completion (``TaskCanceled``).
+        Raises ``NotFound``, ``Conflict`` for a completed or failed task.
+        """
+        async with self._tx() as cur:
+            task = await self._lock_one(cur, task_id)
+            target = lifecycle.decide_cancel(task)
+            if target is not None:
+                await cur.execute(
+                    Q["apply_cancel"], {"task_id": task_id, "expected_state": task.state.value}
+                )
+                if cur.rowcount != 1:
+                    raise errors.Conflict("task changed while canceling")
+            return await self._info(cur, task_id)
+
+    async def _info(self, cur: psycopg.AsyncCursor[Any], task_id: str) -> wire.TaskInfo:
+        await cur.execute(Q["get_task"], {"task_id": task_id})
+        row = await cur.fetchone()
+        if row is None:
+            raise errors.NotFound("no such task", field="task_id")
+        return wire.TaskInfo(row[0], row[1], row[3], row[5], row[6], row[8])
+
+    async def get_task(self, task_id: str) -> dict[str, Any]:
+        """The task with its attempts and events, for inspection. Raises ``NotFound``."""
+        async with self._tx() as cur:
+            await cur.execute(Q["get_task"], {"task_id": task_id})
+            row = await cur.fetchone()
+            if row is None:
+                raise errors.NotFound("no such task", field="task_id")
+            names = [d.name for d in cur.description or []]
+            task = dict(zip(names, row, strict=True))
+            await cur.execute(Q["task_attempts"], {"task_id": task_id})
+            names = [d.name for d in cur.description or []]
+            task["attempts"] = [dict(zip(names, r, strict=True)) for r in await cur.fetchall()]
+            await cur.execute(Q["task_events"], {"task_id": task_id})
+            names = [d.name for d in cur.description or []]
+            task["events"] = [dict(zip(names, r, strict=True)) for r in await cur.fetchall()]
+        return _jsonable(task)
+
+    async def counts(self) -> dict[str, int]:
+        """Tasks per state."""
+        async with self._tx() as cur:
+            await cur.execute(Q["task_counts"])
+            return {state: n for state, n in await cur.fetchall()}
+
+    async def outbox_counts(self) -> dict[str, int]:
+        async with self._tx() as cur:
+            await cur.execute(Q["outbox_counts"])
+            return {state: n for state, n in await cur.fetchall()}
+
+    # -- claim / fetch ----------------------------------------------------------------------
+
+    async def _lock_one(self, cur: psycopg.AsyncCursor[Any], task_id: str) -> TaskView:
+        view, _ = await self._lock_one_at(cur, task_id)
+        return view
+
+    async def _lock_one_at(
+        self, cur: psycopg.AsyncCursor[Any], task_id: str
+    ) -> tuple[TaskView, datetime]:
+        await cur.execute(Q["lock_tasks"], {"task_ids": [task_id]})
+        row = await cur.fetchone()
+        if row is None:
+            raise errors.NotFound("no such task", field="task_id")
+        return _view(row), row[-1]
+
+    async def _start_attempts(
+        self, cur: psycopg.AsyncCursor[Any], views: list[TaskView], now: datetime, worker_id: str
+    ) -> list[ClaimGrant]:
+        decisions = [
+            lifecycle.decide_claim(v, now=now, lease=self.lease, new_lease_token=str(uuid.uuid4()))
+            for v in views
+        ]
+        await cur.execute(
+            Q["apply_claims"],
+            {
+                "task_ids": [d.task_id for d in decisions],
+                "prev_attempts": [v.attempt for v in views],
+                "attempts": [d.attempt for d in decisions],
+                "lease_tokens": [d.lease_token for d in decisions],
+                "expires": [d.lease_expires_at for d in decisions],
+                "worker_id": worker_id,
+            },
+        )
+        return [
+            ClaimGrant(
+                task_id=r[0], attempt=r[1], lease_token=r[2], lease_expires_at=r[3], org_id=r[4],
+                operator=r[5], payload=r[6], timeout_s=r[7],
+            )
+            for r in await cur.fetchall()
+        ]
+
+    async def claim(self, task_id: str, worker_id: str = "worker") -> wire.ClaimResponse:
+        """Lease a queued task to a new attempt and mint its capability token.
+
+        Raises ``NotFound``, ``TaskCanceled``, ``TaskNotClaimable`` (running under another
+        lease, waiting for backoff, finished, or being claimed concurrently).
+        """
+        async with self._tx() as cur:
+            await cur.execute(Q["lock_tasks_for_claim"], {"task_ids": [task_id]})
+            row = await cur.fetchone()
+            if row is None:
+                await cur.execute(Q["get_task"], {"task_id": task_id})
+                if await cur.fetchone() is None:
+                    raise errors.NotFound("no such task", field="task_id")
+                raise errors.TaskNotClaimable("task is being claimed by another worker")
+            (grant,) = await self._start_attempts(cur, [_view(row)], row[-1], worker_id)
+        token = await self._mint(
+            org_id=grant.org_id, task_id=grant.task_id, attempt=grant.attempt,
+            timeout_s=grant.timeout_s,
+        )
+        log.info("claimed", extra={"task_id": grant.task_id, "attempt": grant.attempt})
+        return wire.ClaimResponse(
+            task_id=grant.task_id,
+            attempt=grant.attempt,
+            lease_token=grant.lease_token,
+            lease_expires_at=_iso(grant.lease_expires_at),
+            capability_token=token,
+            heartbeat_interval_s=self.lease.heartbeat_s,
+        )
+
+    async def claim_next(
+        self, n: int, worker_id: str = "inproc", *, mint_tokens: bool = False
+    ) -> list[ClaimGrant]:
+        """Lease up to ``n`` queued, due tasks (for trusted in-process workers).
+
+        Returns the started attempts (capability tokens only when ``mint_tokens``).
+        """
+        async with self._tx() as cur:
+            await cur.execute(Q["lock_next_queued"], {"n": n})
+            rows = await cur.fetchall()
+            if not rows:
+                return []
+            grants = await self._start_attempts(cur, [_view(r) for r in rows], rows[0][-1],
+                                                worker_id)
+        if mint_tokens:
+            grants = [
+                attrs.evolve(
+                    g,
+                    capability_token=await self._mint(
+                        org_id=g.org_id, task_id=g.task_id, attempt=g.attempt,
+                        timeout_s=g.timeout_s,
+                    ),
+                )
+                for g in grants
+            ]
+        return grants
+
+    async def fetch(self, task_id: str) -> wire.TaskPayload:
+        """The full task payload for a worker. Raises ``NotFound``."""
+        async with self._tx() as cur:
+            await cur.execute(Q["get_task"], {"task_id": task_id})
+            row = await cur.fetchone()
+        if row is None:
+            raise errors.NotFound("no such task", field="task_id")
+        (tid, org_id, job_id, operator, payload, state, attempt, _lease_exp, max_attempts,
+         timeout_s, *_rest) = row
+        return wire.TaskPayload(
+            task_id=tid, org_id=org_id, job_id=job_id, operator=operator, payload=payload,
+            status=state, attempt=attempt, max_attempts=max_attempts, timeout_s=timeout_s,
+            staging_prefix=staging_prefix(org_id, tid, attempt),
+        )
+
+    # -- capability tokens ------------------------------------------------------------------
+
+    async def authorize(self, token: str | None, task_id: str, attempt: int) -> CapabilityClaims:
+        """Verify a capability token and bind it to ``(task_id, attempt)``.
+
+        Raises ``Unauthenticated`` (missing, malformed, bad signature, unknown key, expired),
+        ``Forbidden`` (another task or attempt).
+        """
+        if not token:
+            raise errors.Unauthenticated("missing X-Trace-Task-Capability")
+        now = int(self._clock_epoch() if self._clock_epoch else time.time())
+        claims = await self.verifier.verify(token, now_epoch=now, monotonic=time.monotonic())
+        check_binding(claims, task_id, attempt)
+        return claims
+
+    # -- attempt-scoped mutations -------------------------------------------------------------
+
+    async def heartbeat(self, req: wire.HeartbeatRequest) -> wire.HeartbeatResponse:
+        """Extend the lease and renew the capability token.
+
+        Raises ``NotFound``, ``LeaseLost``, ``TaskCanceled``.
+        """
+        fence = Fence(req.task_id, req.attempt, req.lease_token)
+        async with self._tx() as cur:
+            task, now = await self._lock_one_at(cur, req.task_id)
+            decision = lifecycle.decide_heartbeat(task, fence, now=now, lease=self.lease)
+            await cur.execute(
+                Q["apply_heartbeat"],
+                {"task_id": fence.task_id, "attempt": fence.attempt,
+                 "lease_token": fence.lease_token, "expires": decision.lease_expires_at},
+            )
+            if cur.rowcount != 1:
+                raise errors.LeaseLost()
+            await cur.execute(Q["task_for_token"], {"task_id": req.task_id})
+            org_id, timeout_s = await _one(cur)
+        token = await self._mint(
+            org_id=org_id, task_id=req.task_id, attempt=req.attempt, timeout_s=timeout_s
+        )
+        return wire.HeartbeatResponse(
+            lease_expires_at=_iso(decision.lease_expires_at), capability_token=token
+        )
+
+    async def emit_events(self, req: wire.EventsRequest) -> wire.EventsResponse:
+        """Record events of the current attempt; keys already emitted by the task are skipped.
+
+        Raises ``NotFound``, ``LeaseLost``, ``TaskCanceled``, ``Conflict``.
+        """
+        fence = Fence(req.task_id, req.attempt, req.lease_token)
+        async with self._tx() as cur:
+            task = await self._lock_one(cur, req.task_id)
+            lifecycle.check_fence(task, fence, Op.EVENTS)
+            inserted = await self._insert_events(cur, fence, req.events)
+        return wire.EventsResponse(accepted=inserted, duplicates=len(req.events) - inserted)
+
+    async def _insert_events(
+        self, cur: psycopg.AsyncCursor[Any], fence: Fence, events: Sequence[wire.EventIn]
+    ) -> int:
+        if not events:
+            return 0
+        keys = [e.key for e in events]
+        if len(set(keys)) != len(keys):
+            raise errors.ValidationFailed("event keys must be unique in one call", field="events")
+        await cur.execute(
+            Q["insert_events"],
+            {"task_id": fence.task_id, "attempt": fence.attempt, "keys": keys,
+             "types": [e.type for e in events], "payloads": [Jsonb(e.payload) for e in events]},
+        )
+        return len(await cur.fetchall())
+
+    async def publish_buffer(self, req: wire.BufferPublishRequest) -> wire.BufferPublishResponse:
+        """Record a buffer batch pointer of the current attempt and announce it to the sink.
+
+        The object must lie under the attempt's staging prefix and match its declared size and
+        checksum. A repeated key with the same pointer is a no-op. Raises ``UnsafeKey``,
+        ``ValidationFailed``, ``NotFound``, ``LeaseLost``, ``TaskCanceled``,
+        ``IdempotencyMismatch``.
+        """
+        fence = Fence(req.task_id, req.attempt, req.lease_token)
+        batch = req.batch
+        validate_key(batch.object_key)
+        async with self._tx() as cur:
+            task = await self._lock_one(cur, req.task_id)
+            lifecycle.check_fence(task, fence, Op.BUFFER_PUBLISH)
+            await cur.execute(Q["task_for_token"], {"task_id": req.task_id})
+            org_id, _ = await _one(cur)
+            prefix = staging_prefix(org_id, req.task_id, req.attempt)
+            if not is_within(batch.object_key, prefix):
+                raise errors.UnsafeKey(
+                    f"object_key must lie under the attempt's staging prefix {prefix}",
+                    field="batch.object_key",
+                )
+            await cur.execute(Q["buffer_batch"], {"task_id": req.task_id, "key": batch.key})
+            existing = await cur.fetchone()
+            if existing is not None:
+                same = tuple(existing) == (batch.dataset, batch.object_key, batch.row_count,
+                                           batch.byte_size, batch.sha256)
+                if not same:
+                    raise errors.IdempotencyMismatch("batch key reused with another pointer")
+                return wire.BufferPublishResponse(accepted=True, duplicate=True)
+            if self.object_store is not None:
+                info = await self.object_store.head(batch.object_key)
+                if info.size != batch.byte_size or info.sha256 != batch.sha256:
+                    raise errors.ValidationFailed(
+                        "the object does not match byte_size/sha256", field="batch.sha256"
+                    )
+            await cur.execute(
+                Q["insert_buffer_batch"],
+                {"task_id": req.task_id, "key": batch.key, "attempt": req.attempt,
+                 "dataset": batch.dataset, "object_key": batch.object_key,
+                 "row_count": batch.row_count, "byte_size": batch.byte_size,
+                 "sha256": batch.sha256},
+            )
+            await cur.execute(
+                Q["insert_outbox"],
+                {"topic": f"buffer:{batch.dataset}",
+                 "payload": Jsonb({"task_id": req.task_id, "batch_key": batch.key,
+                                   "object_key": batch.object_key})},
+            )
+        return wire.BufferPublishResponse(accepted=True, duplicate=False)
+
+    async def complete(self, req: wire.CompleteRequest) -> wire.CompleteResponse:
+        """Finish the current attempt, with its final events, atomically.
+
+        Same attempt, same body again → the same answer (``replay``); a different body →
+        ``IdempotencyMismatch``. Raises ``NotFound``, ``LeaseLost``, ``TaskCanceled``,
+        ``Conflict``.
+        """
+        (res,) = await self.complete_many([req])
+        if isinstance(res, errors.TraceError):
+            raise res
+        return res
+
+    async def complete_many(
+        self, reqs: Sequence[wire.CompleteRequest]
+    ) -> list[wire.CompleteResponse | errors.TraceError]:
+        """Complete many attempts in one transaction (group commit); per-request results.
+
+        A request that the kernel refuses gets its error in the result list; the others still
+        commit. Raises ``Unavailable`` when the transaction itself fails.
+        """
+        digests = [wire.canonical_digest(r) for r in reqs]
+        by_task: dict[str, int] = {}
+        for i, r in enumerate(reqs):
+            if r.task_id in by_task:
+                raise errors.ValidationFailed("one completion per task per batch", field="task_id")
+            by_task[r.task_id] = i
+        results: list[wire.CompleteResponse | errors.TraceError] = [
+            errors.NotFound("no such task", field="task_id") for _ in reqs
+        ]
+        async with self._tx() as cur:
+            await cur.execute(Q["lock_tasks"], {"task_ids": list(by_task)})
+            rows = await cur.fetchall()
+            apply: list[tuple[int, lifecycle.CompleteDecision]] = []
+            for row in rows:
+                view = _view(row)
+                now = row[-1]
+                i = by_task[view.task_id]
+                r = reqs[i]
+                try:
+                    decision = lifecycle.decide_complete(
+                        view,
+                        Fence(r.task_id, r.attempt, r.lease_token),
+                        outcome=Outcome(r.outcome),
+                        retryable=r.retryable,
+                        digest=digests[i],
+                        now=now,
+                        retry=self.retry,
+                        rand=self._rand(),
+                    )
+                except errors.TraceError as exc:
+                    results[i] = exc
+                    continue
+                if decision.replay:
+                    results[i] = wire.CompleteResponse(r.task_id, r.attempt, view.state.value, True)
+                else:
+                    apply.append((i, decision))
+            if apply:
+                for i, _ in apply:
+                    r = reqs[i]
+                    await self._insert_events(
+                        cur, Fence(r.task_id, r.attempt, r.lease_token), r.final_events
+                    )
+                await cur.execute(
+                    Q["apply_completions"],
+                    {
+                        "task_ids": [reqs[i].task_id for i, _ in apply],
+                        "attempts": [reqs[i].attempt for i, _ in apply],
+                        "lease_tokens": [reqs[i].lease_token for i, _ in apply],
+                        "states": [d.state.value for _, d in apply],
+                        "outcomes": [d.attempt_outcome.value for _, d in apply],
+                        "available_ats": [d.available_at for _, d in apply],
+                        "results": [
+                            Jsonb(reqs[i].result) if reqs[i].result is not None else None
+                            for i, _ in apply
+                        ],
+                        "errors": [
+                            Jsonb(reqs[i].error) if reqs[i].error is not None else None
+                            for i, _ in apply
+                        ],
+                        "digests": [digests[i] for i, _ in apply],
+                    },
+                )
+                done = {r[0] for r in await cur.fetchall()}
+                for i, d in apply:
+                    r = reqs[i]
+                    if r.task_id in done:
+                        results[i] = wire.CompleteResponse(r.task_id, r.attempt, d.state.value,
+                                                           False)
+                    else:  # pragma: no cover - the rows are locked, so the CAS cannot miss
+                        results[i] = errors.LeaseLost()
+        return results
+
+    # -- background work ----------------------------------------------------------------------
+
+    async def reap_once(self, batch: int = 500) -> ReapReport:
+        """Expire attempts whose lease ran out and wake pending tasks whose backoff elapsed."""
+        async with self._tx() as cur:
+            await cur.execute(Q["lock_expired"], {"n": batch})
+            rows = await cur.fetchall()
+            expired: list[tuple[TaskView, lifecycle.ExpireDecision]] = []
+            for row in rows:
+                view = _view(row)
+                d = lifecycle.decide_expire(view, now=row[-1], retry=self.retry, rand=self._rand())
+                if d is not None:
+                    expired.append((view, d))
+            if expired:
+                await cur.execute(
+                    Q["apply_expiries"],
+                    {
+                        "task_ids": [v.task_id for v, _ in expired],
+                        "attempts": [v.attempt for v, _ in expired],
+                        "lease_tokens": [v.lease_token for v, _ in expired],
+                        "states": [d.state.value for _, d in expired],
+                        "available_ats": [d.available_at for _, d in expired],
+                    },
+                )
+            await cur.execute(Q["expire_canceled_attempts"])
+            closed = cur.rowcount
+        async with self._tx() as cur:
+            await cur.execute(Q["lock_due"], {"n": batch})
+            rows = await cur.fetchall()
+            due = [_view(r).task_id for r in rows if lifecycle.decide_due(_view(r), now=r[-1])]
+            if due:
+                await cur.execute(Q["apply_due"], {"task_ids": due})
+                await self._wake(cur, due)
+        for v, d in expired:
+            log.info("attempt expired",
+                     extra={"task_id": v.task_id, "attempt": v.attempt, "state": d.state.value})
+        return ReapReport(expired=len(expired), due=len(due), canceled_closed=max(closed, 0))
+
+    async def publish_outbox_once(self) -> int:
+        """Publish one batch of due outbox rows; returns how many were published."""
+        if self.queue is None:
+            return 0
+        async with self._tx() as cur:
+            await cur.execute(Q["claim_outbox"], {"n": self.outbox_policy.batch_size})
+            rows = await cur.fetchall()
+            if not rows:
+                return 0
+            wakes = [r for r in rows if r[1] == WAKE_TOPIC]
+            other = [r for r in rows if r[1] != WAKE_TOPIC]
+            try:
+                if wakes:
+                    await self.queue.send(
+                        [json.dumps({"task_id": r[2]["task_id"]}).encode() for r in wakes]
+                    )
+            except errors.TraceError as exc:
+                now = rows[0][-1]
+                decisions = [
+                    outbox_sm.decide_send_failed(
+                        outbox_sm.OutboxState.PENDING, r[3], now=now,
+                        policy=self.outbox_policy, rand=self._rand(),
+                    )
+                    for r in wakes
+                ]
+                await cur.execute(
+                    Q["outbox_failed"],
+                    {"ids": [r[0] for r in wakes], "states": [d.state.value for d in decisions],
+                     "tries": [d.tries for d in decisions],
+                     "available_ats": [d.available_at for d in decisions],
+                     "error": f"{type(exc).__name__}: {exc}"},
+                )
+                log.warning("outbox send failed", extra={"error": str(exc), "rows": len(wakes)})
+                wakes = []
+            # Topics without a consumer yet (buffer:<dataset>, drained by the sink in a later
+            # milestone) are marked published: their rows stay in the buffer_batches table.
+            sent = wakes + other
+            for r in sent:
+                outbox_sm.decide_sent(outbox_sm.OutboxState.PENDING, r[3])
+            await cur.execute(Q["outbox_published"], {"ids": [r[0] for r in sent]})
+            return len(wakes)
+
+    async def run_background(
+        self, stop: asyncio.Event, *, reap_every_s: float = 0.5, outbox: bool = True
+    ) -> None:
+        """Run the reaper and (with a queue) the outbox publisher until ``stop`` is set.
+
+        The publisher wakes on ``NOTIFY trace_outbox`` and polls every ``outbox_policy.poll_s``.
+        Transient database failures are logged and retried with backoff.
+        """
+        tasks = [asyncio.create_task(self._reaper_loop(stop, reap_every_s))]
+        if outbox and self.queue is not None:
+            tasks.append(asyncio.create_task(self._outbox_loop(stop)))
+        try:
+            await stop.wait()
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _reaper_loop(self, stop: asyncio.Event, every_s: float) -> None:
+        failures = 0
+        while not stop.is_set():
+            try:
+                await self.reap_once()
+                failures = 0
+            except errors.TraceError as exc:
+                failures += 1
+                log.warning("reaper pass failed", extra={"error": str(exc)})
+            await _sleep_or_stop(stop, every_s if not failures else min(5.0, 0.2 * 2**failures))
+
+    async def _outbox_loop(self, stop: asyncio.Event) -> None:
+        failures = 0
+        while not stop.is_set():
+            try:
+                async with await psycopg.AsyncConnection.connect(
+                    self.pool.conninfo, autocommit=True, **(self.pool.kwargs or {})
+                ) as listen_conn:
+                    await listen_conn.execute("LISTEN trace_outbox")
+                    failures = 0
+                    while not stop.is_set():
+                        while await self.publish_outbox_once():
+                            pass
+                        gen = listen_conn.notifies(timeout=self.outbox_policy.poll_s, stop_after=1)
+                        async for _ in gen:
+                            pass
+            except (psycopg.OperationalError, errors.TraceError) as exc:
+                failures += 1
+                log.warning("outbox publisher reconnecting", extra={"error": str(exc)})
+                await _sleep_or_stop(stop, min(5.0, 0.2 * 2**failures))
+
+
+async def _sleep_or_stop(stop: asyncio.Event, seconds: float) -> None:
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(stop.wait(), seconds)
+
+
+async def _one(cur: psycopg.AsyncCursor[Any]) -> Any:
+    row = await cur.fetchone()
+    if row is None:
+        raise errors.NotFound("no such task", field="task_id")
+    return row
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, datetime):
+        return value.isoformat()
+    if isinstance(value, uuid.UUID):
+        return str(value)
+    return value
+
+
+def connection_kwargs(*, role: Literal["api", "claim"] = "api") -> dict[str, Any]:
+    """Session settings for the Dispatcher's pool (BRIEF §4)."""
+    statement_timeout = "5s" if role == "claim" else "30s"
+    return {
+        "options": (
+            f"-c statement_timeout={statement_timeout} -c lock_timeout=5s "
+            "-c idle_in_transaction_session_timeout=60s -c synchronous_commit=on"
+        ),
+        "autocommit": True,
+    }
+
+
+async def open_pool(url: str, *, min_size: int = 2, max_size: int = 10) -> AsyncConnectionPool:
+    """An open connection pool with the Dispatcher's session settings."""
+    pool = AsyncConnectionPool(
+        url, min_size=min_size, max_size=max_size, kwargs=connection_kwargs(), open=False,
+        timeout=10.0,
+    )
+    await pool.open(wait=True, timeout=30.0)
+    return pool
+
+
+__all__ = [
+    "WAKE_TOPIC",
+    "ClaimGrant",
+    "Dispatcher",
+    "ReapReport",
+    "connection_kwargs",
+    "open_pool",
+    "staging_prefix",
+]

@@ -1,0 +1,288 @@
+-- Task lifecycle queries. The kernel (trace_core.lifecycle) decides every transition; these
+-- statements read the rows it needs and apply its decisions as compare-and-swaps on the fence
+-- (task_id, attempt, lease_token). Batch forms take parallel arrays and unnest them.
+
+-- name: ensure_org
+-- Create the org if it does not exist; return its id.
+INSERT INTO orgs (org_id, name) VALUES (gen_random_uuid(), %(name)s)
+ON CONFLICT (name) DO UPDATE SET name = EXCLUDED.name
+RETURNING org_id;
+
+-- name: insert_tasks
+-- Insert new tasks, queued (or pending when delayed); idempotency-key duplicates are skipped.
+INSERT INTO tasks (task_id, org_id, operator, payload, state, max_attempts, timeout_s,
+                   available_at, idempotency_key)
+SELECT c.task_id, c.org_id, c.operator, c.payload,
+       CASE WHEN c.delay_s > 0 THEN 'pending' ELSE 'queued' END,
+       c.max_attempts, c.timeout_s,
+       now() + make_interval(secs => c.delay_s), c.idempotency_key
+FROM unnest(%(task_ids)s::uuid[], %(org_ids)s::uuid[], %(operators)s::text[],
+            %(payloads)s::jsonb[], %(max_attempts)s::int[], %(timeouts)s::int[],
+            %(delays)s::float8[], %(idempotency_keys)s::text[])
+     AS c(task_id, org_id, operator, payload, max_attempts, timeout_s, delay_s, idempotency_key)
+ON CONFLICT (org_id, idempotency_key) DO NOTHING
+RETURNING task_id, org_id, operator, state, attempt, max_attempts;
+
+-- name: tasks_by_idempotency_key
+-- Existing tasks for idempotency keys (to answer a repeated create).
+SELECT task_id, org_id, operator, state, attempt, max_attempts, idempotency_key
+FROM tasks
+WHERE (org_id, idempotency_key) IN (
+    SELECT * FROM unnest(%(org_ids)s::uuid[], %(idempotency_keys)s::text[]));
+
+-- name: insert_wakes
+-- Outbox rows that wake a worker for each task, written in the caller's transaction.
+INSERT INTO outbox (topic, payload, available_at)
+SELECT %(topic)s, jsonb_build_object('task_id', t::text), now()
+FROM unnest(%(task_ids)s::uuid[]) AS t;
+
+-- name: notify_outbox
+-- Tell outbox publishers that rows are due (delivered at commit).
+SELECT pg_notify('trace_outbox', '');
+
+-- name: notify_tasks
+-- Tell in-process claimers that tasks are queued (delivered at commit).
+SELECT pg_notify('trace_tasks', '');
+
+-- name: lock_tasks
+-- Lock tasks with their current attempt for a decision; waits for other writers.
+SELECT t.task_id::text, t.state, t.attempt, t.lease_token::text, t.lease_expires_at,
+       t.available_at, t.max_attempts, a.outcome, a.completion_digest, now() AS now
+FROM tasks t
+LEFT JOIN task_attempts a ON a.task_id = t.task_id AND a.attempt = t.attempt
+WHERE t.task_id = ANY(%(task_ids)s::uuid[])
+ORDER BY t.task_id
+FOR UPDATE OF t;
+
+-- name: lock_tasks_for_claim
+-- Lock tasks named by wake-ups; rows another claimer holds are skipped (not claimable now).
+SELECT t.task_id::text, t.state, t.attempt, t.lease_token::text, t.lease_expires_at,
+       t.available_at, t.max_attempts, NULL::text AS outcome, NULL::text AS completion_digest,
+       now() AS now
+FROM tasks t
+WHERE t.task_id = ANY(%(task_ids)s::uuid[])
+ORDER BY t.task_id
+FOR UPDATE OF t SKIP LOCKED;
+
+-- name: lock_next_queued
+-- Lock up to n queued, due tasks for in-process claimers (oldest first).
+SELECT t.task_id::text, t.state, t.attempt, t.lease_token::text, t.lease_expires_at,
+       t.available_at, t.max_attempts, NULL::text AS outcome, NULL::text AS completion_digest,
+       now() AS now
+FROM tasks t
+WHERE t.state = 'queued' AND t.available_at <= now()
+ORDER BY t.available_at
+LIMIT %(n)s
+FOR UPDATE SKIP LOCKED;
+
+-- name: apply_claims
+-- Start attempts: CAS each task from its previous attempt to the new one, record the attempt.
+WITH c AS (
+    SELECT * FROM unnest(%(task_ids)s::uuid[], %(prev_attempts)s::int[], %(attempts)s::int[],
+                         %(lease_tokens)s::uuid[], %(expires)s::timestamptz[])
+         AS c(task_id, prev_attempt, attempt, lease_token, expires)
+), claimed AS (
+    UPDATE tasks t
+    SET state = 'running', attempt = c.attempt, lease_token = c.lease_token,
+        lease_expires_at = c.expires, updated_at = now()
+    FROM c
+    WHERE t.task_id = c.task_id AND t.attempt = c.prev_attempt AND t.state = 'queued'
+    RETURNING t.task_id, t.attempt, t.lease_token, t.lease_expires_at, t.org_id, t.operator,
+              t.payload, t.timeout_s, t.max_attempts, t.job_id
+), hist AS (
+    INSERT INTO task_attempts (task_id, attempt, lease_token, worker_id, lease_expires_at)
+    SELECT task_id, attempt, lease_token, %(worker_id)s, lease_expires_at FROM claimed
+)
+SELECT task_id::text, attempt, lease_token::text, lease_expires_at, org_id::text, operator,
+       payload, timeout_s, max_attempts, job_id::text
+FROM claimed;
+
+-- name: apply_heartbeat
+-- Extend the current attempt's lease (CAS on the fence).
+WITH t AS (
+    UPDATE tasks SET lease_expires_at = %(expires)s, updated_at = now()
+    WHERE task_id = %(task_id)s AND attempt = %(attempt)s AND lease_token = %(lease_token)s
+      AND state = 'running'
+    RETURNING task_id, attempt
+)
+UPDATE task_attempts a SET heartbeat_at = now(), lease_expires_at = %(expires)s
+FROM t WHERE a.task_id = t.task_id AND a.attempt = t.attempt
+RETURNING a.task_id;
+
+-- name: task_for_token
+-- What a capability token is minted from.
+SELECT org_id::text, timeout_s FROM tasks WHERE task_id = %(task_id)s;
+
+-- name: insert_events
+-- Record events; a key the task already emitted is skipped (dedupe by producer task + key).
+INSERT INTO task_events (task_id, event_key, attempt, event_type, payload)
+SELECT %(task_id)s, e.key, %(attempt)s, e.type, e.payload
+FROM unnest(%(keys)s::text[], %(types)s::text[], %(payloads)s::jsonb[]) AS e(key, type, payload)
+ON CONFLICT (task_id, event_key) DO NOTHING
+RETURNING event_key;
+
+-- name: insert_buffer_batch
+-- Record a buffer batch pointer; a repeated key is skipped.
+INSERT INTO buffer_batches (task_id, batch_key, attempt, dataset, object_key, row_count,
+                            byte_size, sha256)
+VALUES (%(task_id)s, %(key)s, %(attempt)s, %(dataset)s, %(object_key)s, %(row_count)s,
+        %(byte_size)s, %(sha256)s)
+ON CONFLICT (task_id, batch_key) DO NOTHING
+RETURNING batch_key;
+
+-- name: buffer_batch
+-- An already recorded buffer batch (to tell a replay from a conflicting reuse of its key).
+SELECT dataset, object_key, row_count, byte_size, sha256
+FROM buffer_batches WHERE task_id = %(task_id)s AND batch_key = %(key)s;
+
+-- name: insert_outbox
+-- One outbox row, in the caller's transaction.
+INSERT INTO outbox (topic, payload) VALUES (%(topic)s, %(payload)s);
+
+-- name: apply_completions
+-- Finish attempts: CAS each task on its fence, set the decided state, record the outcome.
+WITH c AS (
+    SELECT * FROM unnest(%(task_ids)s::uuid[], %(attempts)s::int[], %(lease_tokens)s::uuid[],
+                         %(states)s::text[], %(outcomes)s::text[], %(available_ats)s::timestamptz[],
+                         %(results)s::jsonb[], %(errors)s::jsonb[], %(digests)s::text[])
+         AS c(task_id, attempt, lease_token, state, outcome, available_at, result, error, digest)
+), done AS (
+    UPDATE tasks t
+    SET state = c.state,
+        available_at = coalesce(c.available_at, t.available_at),
+        result = coalesce(c.result, t.result),
+        error = coalesce(c.error, t.error),
+        lease_expires_at = CASE WHEN c.state = 'running' THEN t.lease_expires_at END,
+        finished_at = CASE WHEN c.state IN ('completed', 'failed', 'canceled')
+                           THEN coalesce(t.finished_at, now()) END,
+        updated_at = now()
+    FROM c
+    WHERE t.task_id = c.task_id AND t.attempt = c.attempt AND t.lease_token = c.lease_token
+    RETURNING t.task_id, t.attempt
+), hist AS (
+    UPDATE task_attempts a
+    SET outcome = c.outcome, finished_at = now(), completion_digest = c.digest, error = c.error
+    FROM c JOIN done d ON d.task_id = c.task_id
+    WHERE a.task_id = c.task_id AND a.attempt = c.attempt
+)
+SELECT task_id::text FROM done;
+
+-- name: lock_expired
+-- Lock running tasks whose lease expired (the database's clock decides), for the reaper.
+SELECT t.task_id::text, t.state, t.attempt, t.lease_token::text, t.lease_expires_at,
+       t.available_at, t.max_attempts, a.outcome, a.completion_digest, now() AS now
+FROM tasks t
+LEFT JOIN task_attempts a ON a.task_id = t.task_id AND a.attempt = t.attempt
+WHERE t.state = 'running' AND t.lease_expires_at < now()
+ORDER BY t.lease_expires_at
+LIMIT %(n)s
+FOR UPDATE OF t SKIP LOCKED;
+
+-- name: apply_expiries
+-- Expire attempts: retry later (pending) or fail; CAS on the fence.
+WITH c AS (
+    SELECT * FROM unnest(%(task_ids)s::uuid[], %(attempts)s::int[], %(lease_tokens)s::uuid[],
+                         %(states)s::text[], %(available_ats)s::timestamptz[])
+         AS c(task_id, attempt, lease_token, state, available_at)
+), done AS (
+    UPDATE tasks t
+    SET state = c.state, available_at = coalesce(c.available_at, t.available_at),
+        lease_expires_at = NULL,
+        finished_at = CASE WHEN c.state = 'failed' THEN now() END,
+        error = CASE WHEN c.state = 'failed'
+                     THEN jsonb_build_object('code', 'timed_out', 'message',
+                                             'the last attempt''s lease expired')
+                     ELSE t.error END,
+        updated_at = now()
+    FROM c
+    WHERE t.task_id = c.task_id AND t.attempt = c.attempt AND t.lease_token = c.lease_token
+      AND t.state = 'running'
+    RETURNING t.task_id, t.attempt
+)
+UPDATE task_attempts a SET outcome = 'timed_out', finished_at = now()
+FROM done d WHERE a.task_id = d.task_id AND a.attempt = d.attempt
+RETURNING a.task_id::text;
+
+-- name: expire_canceled_attempts
+-- Close running attempts of canceled tasks whose lease ran out (the worker never reported).
+UPDATE task_attempts a SET outcome = 'canceled', finished_at = now()
+FROM tasks t
+WHERE a.task_id = t.task_id AND a.attempt = t.attempt AND t.state = 'canceled'
+  AND a.outcome = 'running' AND a.lease_expires_at < now()
+RETURNING a.task_id::text;
+
+-- name: lock_due
+-- Lock pending tasks whose backoff elapsed, for the reaper.
+SELECT t.task_id::text, t.state, t.attempt, t.lease_token::text, t.lease_expires_at,
+       t.available_at, t.max_attempts, NULL::text AS outcome, NULL::text AS completion_digest,
+       now() AS now
+FROM tasks t
+WHERE t.state = 'pending' AND t.available_at <= now()
+ORDER BY t.available_at
+LIMIT %(n)s
+FOR UPDATE SKIP LOCKED;
+
+-- name: apply_due
+-- Move due pending tasks to queued.
+UPDATE tasks SET state = 'queued', updated_at = now()
+WHERE task_id = ANY(%(task_ids)s::uuid[]) AND state = 'pending'
+RETURNING task_id::text;
+
+-- name: apply_cancel
+-- Cancel a task (the kernel decided it is not final yet).
+UPDATE tasks SET state = 'canceled', finished_at = now(), updated_at = now()
+WHERE task_id = %(task_id)s AND state = %(expected_state)s
+RETURNING task_id;
+
+-- name: get_task
+-- One task with its attempts, for fetch and inspection.
+SELECT t.task_id::text, t.org_id::text, t.job_id::text, t.operator, t.payload, t.state,
+       t.attempt, t.lease_expires_at, t.max_attempts, t.timeout_s, t.available_at, t.result,
+       t.error, t.created_at, t.updated_at, t.finished_at
+FROM tasks t WHERE t.task_id = %(task_id)s;
+
+-- name: task_attempts
+-- A task's attempt history.
+SELECT attempt, worker_id, started_at, heartbeat_at, lease_expires_at, finished_at, outcome,
+       error
+FROM task_attempts WHERE task_id = %(task_id)s ORDER BY attempt;
+
+-- name: task_events
+-- A task's recorded events in order.
+SELECT event_key, attempt, event_type, payload, created_at
+FROM task_events WHERE task_id = %(task_id)s ORDER BY seq;
+
+-- name: claim_outbox
+-- Claim due outbox rows for publishing; rows other publishers hold are skipped.
+SELECT id, topic, payload, tries, now() AS now
+FROM outbox
+WHERE state = 'pending' AND available_at <= now()
+ORDER BY available_at, id
+LIMIT %(n)s
+FOR UPDATE SKIP LOCKED;
+
+-- name: outbox_published
+-- Mark outbox rows published.
+UPDATE outbox SET state = 'published', tries = tries + 1, published_at = now()
+WHERE id = ANY(%(ids)s::bigint[]) AND state = 'pending';
+
+-- name: outbox_failed
+-- Record failed sends: back off or mark dead, as the kernel decided.
+UPDATE outbox o
+SET state = c.state, tries = c.tries, available_at = coalesce(c.available_at, o.available_at),
+    last_error = %(error)s
+FROM unnest(%(ids)s::bigint[], %(states)s::text[], %(tries)s::int[],
+            %(available_ats)s::timestamptz[]) AS c(id, state, tries, available_at)
+WHERE o.id = c.id AND o.state = 'pending';
+
+-- name: purge_published_outbox
+-- Delete published outbox rows older than the retention.
+DELETE FROM outbox WHERE state = 'published' AND published_at < now() - %(older_than)s::interval;
+
+-- name: task_counts
+-- How many tasks are in each state (for metrics and progress).
+SELECT state, count(*) FROM tasks GROUP BY state;
+
+-- name: outbox_counts
+-- Outbox rows by state (for metrics).
+SELECT state, count(*) FROM outbox GROUP BY state;

@@ -1,0 +1,297 @@
+"""The Dispatcher against real Postgres, driven in-process: lifecycle, fencing, idempotency."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import psycopg
+import pytest
+
+from trace_core import errors, wire
+from trace_core.lifecycle import RetryPolicy
+from trace_core.testing.memory_queue import MemoryQueue
+from trace_core.testing.memory_signer import MemorySigner
+from trace_core.testing.memory_store import MemoryObjectStore
+from trace_lite.dispatcher import Dispatcher, open_pool
+
+
+@pytest.fixture
+async def dispatcher(db_url: str) -> AsyncIterator[Dispatcher]:
+    pool = await open_pool(db_url, min_size=1, max_size=4)
+    d = Dispatcher(
+        pool, signer=MemorySigner(), queue=MemoryQueue("tasks"),
+        object_store=MemoryObjectStore(), retry=RetryPolicy(max_attempts=3, base_s=0.0),
+        rand=lambda: 0.5,
+    )
+    try:
+        yield d
+    finally:
+        await pool.close()
+
+
+def _sql(db_url: str, query: str, params: Any = None) -> list[tuple[Any, ...]]:
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        cur = conn.execute(query, params)
+        return cur.fetchall() if cur.description else []
+
+
+async def _create(d: Dispatcher, **kw: Any) -> str:
+    (info,) = await d.create_tasks([wire.CreateTaskRequest(operator="noop", **kw)])
+    return info.task_id
+
+
+def _fence(c: wire.ClaimResponse) -> dict[str, Any]:
+    return {"task_id": c.task_id, "attempt": c.attempt, "lease_token": c.lease_token}
+
+
+def _expire(db_url: str, task_id: str) -> None:
+    _sql(db_url, "UPDATE tasks SET lease_expires_at = now() - interval '1 second' "
+                 "WHERE task_id = %s", (task_id,))
+
+
+async def test_happy_path_writes_one_completion_with_events(dispatcher: Dispatcher,
+                                                            db_url: str) -> None:
+    task_id = await _create(dispatcher)
+    claim = await dispatcher.claim(task_id, "w1")
+    assert claim.attempt == 1
+    f = _fence(claim)
+    await dispatcher.heartbeat(wire.HeartbeatRequest(**f))
+    r = await dispatcher.emit_events(wire.EventsRequest(**f, events=[
+        wire.EventIn("a", "progress", {"i": 1}), wire.EventIn("b", "progress", {"i": 2})]))
+    assert (r.accepted, r.duplicates) == (2, 0)
+    done = await dispatcher.complete(wire.CompleteRequest(
+        **f, result={"ok": True}, final_events=[wire.EventIn("done", "done", {})]))
+    assert done.state == "completed" and not done.replay
+    task = await dispatcher.get_task(task_id)
+    assert task["state"] == "completed"
+    assert [e["event_key"] for e in task["events"]] == ["a", "b", "done"]
+    assert [a["outcome"] for a in task["attempts"]] == ["succeeded"]
+    # the wake-up went through the outbox
+    assert _sql(db_url, "SELECT count(*) FROM outbox WHERE topic = 'wake'")[0][0] == 1
+
+
+async def test_complete_twice_same_body_is_replay_different_body_is_409(
+        dispatcher: Dispatcher) -> None:
+    task_id = await _create(dispatcher)
+    f = _fence(await dispatcher.claim(task_id))
+    first = await dispatcher.complete(wire.CompleteRequest(**f, result={"n": 1}))
+    again = await dispatcher.complete(wire.CompleteRequest(**f, result={"n": 1}))
+    assert again.replay and again.state == first.state == "completed"
+    with pytest.raises(errors.IdempotencyMismatch):
+        await dispatcher.complete(wire.CompleteRequest(**f, result={"n": 2}))
+
+
+async def test_claim_is_exclusive_and_duplicate_wakes_do_not_double_claim(
+        dispatcher: Dispatcher) -> None:
+    task_id = await _create(dispatcher)
+    results = await asyncio.gather(*(dispatcher.claim(task_id, f"w{i}") for i in range(8)),
+                                   return_exceptions=True)
+    wins = [r for r in results if isinstance(r, wire.ClaimResponse)]
+    assert len(wins) == 1
+    assert all(isinstance(r, errors.TaskNotClaimable) for r in results if r not in wins)
+
+
+async def test_stale_attempt_is_fenced_out_everywhere(dispatcher: Dispatcher,
+                                                      db_url: str) -> None:
+    task_id = await _create(dispatcher)
+    old = _fence(await dispatcher.claim(task_id))
+    _expire(db_url, task_id)
+    report = await dispatcher.reap_once()
+    assert report.expired == 1 and report.due == 1  # base_s=0: due at once
+    new = await dispatcher.claim(task_id)
+    assert new.attempt == 2
+    batch = wire.BufferBatchIn("b", "rows", "org/x/y", 1, 1, "0" * 64)
+    for call in (
+        dispatcher.heartbeat(wire.HeartbeatRequest(**old)),
+        dispatcher.emit_events(wire.EventsRequest(**old, events=[wire.EventIn("k", "t")])),
+        dispatcher.publish_buffer(wire.BufferPublishRequest(**old, batch=batch)),
+        dispatcher.complete(wire.CompleteRequest(**old)),
+    ):
+        with pytest.raises(errors.LeaseLost):
+            await call
+    assert _sql(db_url, "SELECT count(*) FROM task_events")[0][0] == 0
+    assert _sql(db_url, "SELECT count(*) FROM buffer_batches")[0][0] == 0
+    task = await dispatcher.get_task(task_id)
+    assert task["state"] == "running" and task["attempt"] == 2
+    assert [a["outcome"] for a in task["attempts"]] == ["timed_out", "running"]
+
+
+async def test_wrong_lease_token_is_409(dispatcher: Dispatcher) -> None:
+    task_id = await _create(dispatcher)
+    f = _fence(await dispatcher.claim(task_id))
+    f["lease_token"] = "00000000-0000-4000-8000-000000000000"
+    with pytest.raises(errors.LeaseLost):
+        await dispatcher.complete(wire.CompleteRequest(**f))
+
+
+async def test_late_completion_accepted_when_no_newer_attempt(dispatcher: Dispatcher,
+                                                              db_url: str) -> None:
+    task_id = await _create(dispatcher)
+    f = _fence(await dispatcher.claim(task_id))
+    _expire(db_url, task_id)
+    await dispatcher.reap_once()  # → queued again, attempt 1 still current
+    done = await dispatcher.complete(wire.CompleteRequest(**f))
+    assert done.state == "completed"
+    with pytest.raises(errors.TaskNotClaimable):
+        await dispatcher.claim(task_id)
+
+
+async def test_retry_until_max_attempts_then_failed(dispatcher: Dispatcher) -> None:
+    task_id = await _create(dispatcher, max_attempts=2)
+    f = _fence(await dispatcher.claim(task_id))
+    r = await dispatcher.complete(wire.CompleteRequest(**f, outcome="failed", error={"m": "x"}))
+    assert r.state == "pending"
+    await dispatcher.reap_once()
+    f2 = _fence(await dispatcher.claim(task_id))
+    assert f2["attempt"] == 2
+    r2 = await dispatcher.complete(wire.CompleteRequest(**f2, outcome="failed"))
+    assert r2.state == "failed"
+
+
+async def test_non_retryable_failure_fails_at_once(dispatcher: Dispatcher) -> None:
+    task_id = await _create(dispatcher)
+    f = _fence(await dispatcher.claim(task_id))
+    r = await dispatcher.complete(wire.CompleteRequest(**f, outcome="failed", retryable=False))
+    assert r.state == "failed"
+
+
+async def test_cancel_queued_and_running(dispatcher: Dispatcher) -> None:
+    queued = await _create(dispatcher)
+    info = await dispatcher.cancel(queued)
+    assert info.state == "canceled"
+    assert (await dispatcher.cancel(queued)).state == "canceled"  # idempotent
+    with pytest.raises(errors.TaskCanceled):
+        await dispatcher.claim(queued)
+    running = await _create(dispatcher)
+    f = _fence(await dispatcher.claim(running))
+    await dispatcher.cancel(running)
+    with pytest.raises(errors.TaskCanceled):
+        await dispatcher.heartbeat(wire.HeartbeatRequest(**f))
+    with pytest.raises(errors.TaskCanceled):
+        await dispatcher.complete(wire.CompleteRequest(**f))
+    ack = await dispatcher.complete(wire.CompleteRequest(**f, outcome="canceled"))
+    assert ack.state == "canceled"
+    task = await dispatcher.get_task(running)
+    assert task["attempts"][0]["outcome"] == "canceled"
+    done = await _create(dispatcher)
+    await dispatcher.complete(wire.CompleteRequest(**_fence(await dispatcher.claim(done))))
+    with pytest.raises(errors.Conflict):
+        await dispatcher.cancel(done)
+
+
+async def test_events_are_deduplicated_by_key_across_attempts(dispatcher: Dispatcher,
+                                                              db_url: str) -> None:
+    task_id = await _create(dispatcher)
+    f1 = _fence(await dispatcher.claim(task_id))
+    await dispatcher.emit_events(wire.EventsRequest(**f1, events=[wire.EventIn("k1", "t")]))
+    await dispatcher.complete(wire.CompleteRequest(**f1, outcome="failed"))
+    await dispatcher.reap_once()
+    f2 = _fence(await dispatcher.claim(task_id))
+    r = await dispatcher.emit_events(wire.EventsRequest(
+        **f2, events=[wire.EventIn("k1", "t"), wire.EventIn("k2", "t")]))
+    assert (r.accepted, r.duplicates) == (1, 1)
+    assert _sql(db_url, "SELECT count(*) FROM task_events")[0][0] == 2
+
+
+async def test_buffer_publish_checks_prefix_and_object(dispatcher: Dispatcher) -> None:
+    task_id = await _create(dispatcher)
+    claim = await dispatcher.claim(task_id)
+    f = _fence(claim)
+    payload = await dispatcher.fetch(task_id)
+    store = dispatcher.object_store
+    assert store is not None
+    key = f"{payload.staging_prefix}buffer/rows/b1.jsonl"
+    info = await store.put(key, b'{"a":1}\n')
+    good = wire.BufferBatchIn("b1", "rows", key, 1, info.size, info.sha256)
+    r = await dispatcher.publish_buffer(wire.BufferPublishRequest(**f, batch=good))
+    assert r.accepted and not r.duplicate
+    again = await dispatcher.publish_buffer(wire.BufferPublishRequest(**f, batch=good))
+    assert again.duplicate
+    other = wire.BufferBatchIn("b1", "rows", key, 2, info.size, info.sha256)
+    with pytest.raises(errors.IdempotencyMismatch):
+        await dispatcher.publish_buffer(wire.BufferPublishRequest(**f, batch=other))
+    outside = f"org/{payload.org_id}/staging/task/{task_id}/attempt/2/x.jsonl"
+    for bad_key in (outside, "../etc/passwd", "/abs/key", f"{payload.staging_prefix}../../x"):
+        bad = wire.BufferBatchIn("b2", "rows", bad_key, 1, 1, info.sha256)
+        with pytest.raises(errors.UnsafeKey):
+            await dispatcher.publish_buffer(wire.BufferPublishRequest(**f, batch=bad))
+    wrong_sum = wire.BufferBatchIn("b3", "rows", key, 1, info.size, "0" * 64)
+    with pytest.raises(errors.ValidationFailed):
+        await dispatcher.publish_buffer(wire.BufferPublishRequest(**f, batch=wrong_sum))
+
+
+async def test_outbox_publishes_wakes_to_the_queue(dispatcher: Dispatcher, db_url: str) -> None:
+    ids = [i.task_id for i in await dispatcher.create_tasks(
+        [wire.CreateTaskRequest(operator="noop") for _ in range(150)])]
+    sent = 0
+    while n := await dispatcher.publish_outbox_once():
+        sent += n
+    assert sent == 150
+    assert dispatcher.queue is not None
+    got: list[str] = []
+    while msgs := await dispatcher.queue.receive(max_messages=10):
+        got += [json.loads(m.body)["task_id"] for m in msgs]
+    assert sorted(got) == sorted(ids)
+    assert _sql(db_url, "SELECT count(*) FROM outbox WHERE state = 'pending'")[0][0] == 0
+
+
+async def test_outbox_send_failure_backs_off(dispatcher: Dispatcher, db_url: str) -> None:
+    await _create(dispatcher)
+    queue = dispatcher.queue
+    assert isinstance(queue, MemoryQueue)
+    queue.fail_next("send", errors.Unavailable("queue down"))
+    assert await dispatcher.publish_outbox_once() == 0
+    ((state, tries, later),) = _sql(
+        db_url, "SELECT state, tries, available_at > now() FROM outbox")
+    assert (state, tries) == ("pending", 1) and later
+
+
+async def test_idempotency_key_returns_existing_task(dispatcher: Dispatcher) -> None:
+    a = await dispatcher.create_tasks([wire.CreateTaskRequest(operator="noop",
+                                                              idempotency_key="run-1")])
+    b = await dispatcher.create_tasks([wire.CreateTaskRequest(operator="noop",
+                                                              idempotency_key="run-1"),
+                                       wire.CreateTaskRequest(operator="noop")])
+    assert b[0].task_id == a[0].task_id and not b[0].created
+    assert b[1].created
+
+
+async def test_delayed_task_is_pending_until_due(dispatcher: Dispatcher, db_url: str) -> None:
+    task_id = await _create(dispatcher, delay_s=30)
+    with pytest.raises(errors.TaskNotClaimable):
+        await dispatcher.claim(task_id)
+    _sql(db_url, "UPDATE tasks SET available_at = now() WHERE task_id = %s", (task_id,))
+    assert (await dispatcher.reap_once()).due == 1
+    assert (await dispatcher.claim(task_id)).attempt == 1
+
+
+async def test_capability_token_binds_task_and_attempt(dispatcher: Dispatcher) -> None:
+    a = await dispatcher.claim(await _create(dispatcher))
+    b = await dispatcher.claim(await _create(dispatcher))
+    claims = await dispatcher.authorize(a.capability_token, a.task_id, a.attempt)
+    assert claims.task_id == a.task_id and claims.attempt == 1
+    with pytest.raises(errors.Forbidden):
+        await dispatcher.authorize(a.capability_token, b.task_id, 1)
+    with pytest.raises(errors.Forbidden):
+        await dispatcher.authorize(a.capability_token, a.task_id, 2)
+    with pytest.raises(errors.Unauthenticated):
+        await dispatcher.authorize(None, a.task_id, 1)
+    with pytest.raises(errors.Unauthenticated):
+        await dispatcher.authorize(a.capability_token[:-4] + "AAAA", a.task_id, 1)
+
+
+async def test_claim_next_and_complete_many(dispatcher: Dispatcher) -> None:
+    await dispatcher.create_tasks([wire.CreateTaskRequest(operator="noop") for _ in range(50)])
+    grants = await dispatcher.claim_next(100)
+    assert len(grants) == 50 and not await dispatcher.claim_next(10)
+    reqs = [wire.CompleteRequest(task_id=g.task_id, attempt=g.attempt,
+                                 lease_token=g.lease_token) for g in grants]
+    stale = wire.CompleteRequest(task_id=grants[0].task_id, attempt=grants[0].attempt,
+                                 lease_token="00000000-0000-4000-8000-000000000000")
+    results = await dispatcher.complete_many(reqs[1:] + [stale])
+    assert all(isinstance(r, wire.CompleteResponse) for r in results[:-1])
+    assert isinstance(results[-1], errors.LeaseLost)
+    assert (await dispatcher.counts()) == {"completed": 49, "running": 1}
