@@ -216,7 +216,20 @@ class FileSigner:
 
     # -- rotation ------------------------------------------------------------------------------
 
-    def _rotate_sync(self, force: bool) -> str:
+    def rotate(self, *, force: bool = False) -> str:
+        """Promote ``next.pem`` to current, retire the old current, write a new ``next.pem``.
+
+        Blocking (a few small file operations; call it through ``asyncio.to_thread`` from a
+        running event loop). Returns the new current kid. Raises ``Conflict`` if ``next.pem``
+        is younger than 10 minutes (unless ``force``) or missing, ``SignerError`` on I/O
+        failure.
+        """
+        try:
+            return self._rotate_locked(force)
+        except OSError as exc:
+            raise SignerError(f"key rotation failed: {exc.strerror or exc}") from exc
+
+    def _rotate_locked(self, force: bool) -> str:
         with _DirLock(self.key_dir):
             self._loaded = None
             loaded = self._load_sync()
@@ -239,17 +252,6 @@ class FileSigner:
                     path.unlink(missing_ok=True)
             self._loaded = None
             return ring.signing_kid(now)
-
-    async def rotate(self, *, force: bool = False) -> str:
-        """Promote ``next.pem`` to current, retire the old current, write a new ``next.pem``.
-
-        Returns the new current kid. Raises ``Conflict`` if ``next.pem`` is younger than
-        10 minutes (unless ``force``) or missing, ``SignerError`` on I/O failure.
-        """
-        try:
-            return await asyncio.to_thread(self._rotate_sync, force)
-        except OSError as exc:
-            raise SignerError(f"key rotation failed: {exc.strerror or exc}") from exc
 
     # -- Signer --------------------------------------------------------------------------------
 

@@ -42,7 +42,7 @@ async def signer(tmp_path: Path, clock: _Clock) -> FileSigner:
 def rotate_signer() -> RotateSigner:
     async def rotate(signer: Signer) -> None:
         assert isinstance(signer, FileSigner)
-        await signer.rotate(force=True)
+        signer.rotate(force=True)
 
     return rotate
 
@@ -90,7 +90,7 @@ async def test_rotation_moves_the_files(signer: FileSigner, clock: _Clock) -> No
     old_current = _kid_of(key_dir / "current.pem")
     old_next = _kid_of(key_dir / "next.pem")
     clock.t += 600
-    assert await signer.rotate() == old_next
+    assert signer.rotate() == old_next
     assert _kid_of(key_dir / "current.pem") == old_next
     assert (key_dir / "retired" / f"{old_current}.pem").exists()
     assert stat.S_IMODE((key_dir / "retired" / f"{old_current}.pem").stat().st_mode) == 0o600
@@ -105,10 +105,10 @@ async def test_rotation_refuses_a_young_next_key_unless_forced(
     current = _kid_of(signer.key_dir / "current.pem")
     clock.t += 599
     with pytest.raises(Conflict):
-        await signer.rotate()
+        signer.rotate()
     assert _kid_of(signer.key_dir / "current.pem") == current
     assert not list((signer.key_dir / "retired").glob("*.pem"))
-    await signer.rotate(force=True)
+    signer.rotate(force=True)
     assert _kid_of(signer.key_dir / "current.pem") != current
 
 
@@ -121,7 +121,7 @@ async def test_retired_key_is_dropped_after_grace(signer: FileSigner, clock: _Cl
     token = await encode_token(claims, signer)
     old = _kid_of(signer.key_dir / "current.pem")
     clock.t += 600
-    await signer.rotate()
+    signer.rotate()
     # Inside the grace (max TTL + leeway after retirement), the old key is still published
     # and the token verifies until it expires.
     clock.t += policy.max_ttl_s + policy.leeway_s
@@ -131,7 +131,7 @@ async def test_retired_key_is_dropped_after_grace(signer: FileSigner, clock: _Cl
     clock.t += 1
     assert old not in {k.kid for k in await signer.public_keys()}
     # The next rotation deletes the expired private key from disk.
-    await signer.rotate()
+    signer.rotate()
     assert not (signer.key_dir / "retired" / f"{old}.pem").exists()
 
 
@@ -141,7 +141,7 @@ async def test_rotation_by_another_process_is_picked_up(tmp_path: Path, clock: _
     b = FileSigner(key_dir, clock=clock)
     kid_before, _, _ = await a.sign(b"x")
     assert (await b.sign(b"x"))[0] == kid_before
-    await b.rotate(force=True)
+    b.rotate(force=True)
     kid_after, _, sig = await a.sign(b"y")
     assert kid_after != kid_before
     assert await b.verify(kid_after, b"y", sig)
@@ -161,7 +161,7 @@ async def test_missing_next_is_tolerated_and_repaired_by_init(
     (signer.key_dir / "next.pem").unlink()
     assert len(await signer.public_keys()) == 1
     with pytest.raises(Conflict):
-        await signer.rotate(force=True)
+        signer.rotate(force=True)
     FileSigner.init(signer.key_dir, clock=clock)
     assert len(await signer.public_keys()) == 2
 
@@ -186,6 +186,6 @@ async def test_missing_or_bad_current_key_is_a_signer_error(tmp_path: Path) -> N
 
 
 async def test_no_temp_files_left_behind(signer: FileSigner) -> None:
-    await signer.rotate(force=True)
+    signer.rotate(force=True)
     leftovers = [n for n in os.listdir(signer.key_dir) if n.endswith(".tmp")]
     assert leftovers == []
