@@ -740,8 +740,11 @@ class Dispatcher:
         failures = 0
         while not stop.is_set():
             try:
+                # The pool's kwargs already carry autocommit=True: passing it twice was a
+                # TypeError that silently killed the publisher task.
+                kwargs = {**(self.pool.kwargs or {}), "autocommit": True}
                 async with await psycopg.AsyncConnection.connect(
-                    self.pool.conninfo, autocommit=True, **(self.pool.kwargs or {})
+                    self.pool.conninfo, **kwargs
                 ) as listen_conn:
                     await listen_conn.execute("LISTEN trace_outbox")
                     failures = 0
