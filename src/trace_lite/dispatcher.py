@@ -509,8 +509,15 @@ class Dispatcher:
             await cur.execute(Q["buffer_batch"], {"task_id": req.task_id, "key": batch.key})
             existing = await cur.fetchone()
             if existing is not None:
-                same = tuple(existing) == (batch.dataset, batch.object_key, batch.row_count,
-                                           batch.byte_size, batch.sha256)
+                *pointer, first_attempt = existing
+                if first_attempt == req.attempt:
+                    same = tuple(pointer) == (batch.dataset, batch.object_key, batch.row_count,
+                                              batch.byte_size, batch.sha256)
+                else:
+                    # A retried attempt re-publishing the key stages its object under its own
+                    # prefix: the same content is a duplicate (the first pointer stands).
+                    same = (pointer[0], *pointer[2:]) == (batch.dataset, batch.row_count,
+                                                          batch.byte_size, batch.sha256)
                 if not same:
                     raise errors.IdempotencyMismatch("batch key reused with another pointer")
                 return wire.BufferPublishResponse(accepted=True, duplicate=True)

@@ -132,7 +132,7 @@ RETURNING batch_key;
 
 -- name: buffer_batch
 -- An already recorded buffer batch (to tell a replay from a conflicting reuse of its key).
-SELECT dataset, object_key, row_count, byte_size, sha256
+SELECT dataset, object_key, row_count, byte_size, sha256, attempt
 FROM buffer_batches WHERE task_id = %(task_id)s AND batch_key = %(key)s;
 
 -- name: insert_outbox
