@@ -30,9 +30,13 @@ def test_lifecycle_of_every_builtin_operator(trace_procs: TraceProcs) -> None:
     flaky = t.create_task("fail_first_attempt", max_attempts=3)
     # 2.5 lease periods: the lease expires unless heartbeats (every lease/4) extend it.
     sleeper = t.create_task("sleep", {"seconds": t.lease_s * 2.5}, timeout_s=60)
-    ids = [demo, emit, flaky, sleeper]
+    # demo failing its first attempt after publishing its batch: the retry re-publishes the
+    # same key from its own staging prefix, which must count as a duplicate
+    demo_retry = t.create_task("demo", {"events": 1, "rows": 2, "fail_first": True},
+                               max_attempts=3)
+    ids = [demo, emit, flaky, sleeper, demo_retry]
     states = t.wait_terminal(ids, timeout=60)
-    assert states == {"completed": 4}, states
+    assert states == {"completed": 5}, states
 
     # demo: completed exactly once, its events, one buffer batch whose object is intact
     assert t.sql("SELECT state, attempt FROM tasks WHERE task_id = %s", (demo,)) == [
@@ -75,6 +79,14 @@ def test_lifecycle_of_every_builtin_operator(trace_procs: TraceProcs) -> None:
     assert t.sql("SELECT attempt, outcome, heartbeat_at IS NOT NULL FROM task_attempts "
                  "WHERE task_id = %s", (sleeper,)) == [(1, "succeeded", True)]
     assert t.scalar("SELECT attempt FROM tasks WHERE task_id = %s", (sleeper,)) == 1
+
+    # demo retried: one batch (the first attempt's pointer), events once, 2 attempts
+    assert t.sql("SELECT attempt, outcome FROM task_attempts WHERE task_id = %s ORDER BY attempt",
+                 (demo_retry,)) == [(1, "failed"), (2, "succeeded")]
+    assert t.sql("SELECT batch_key, attempt FROM buffer_batches WHERE task_id = %s",
+                 (demo_retry,)) == [("rows", 1)]
+    assert t.sql("SELECT event_key FROM task_events WHERE task_id = %s ORDER BY seq",
+                 (demo_retry,)) == [("progress-0",), ("done",)]
 
     # the canceled task never ran
     assert t.sql("SELECT state, attempt FROM tasks WHERE task_id = %s", (canceled,)) == [
