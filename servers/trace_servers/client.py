@@ -14,6 +14,7 @@ import random
 from typing import Any, TypeVar
 
 import aiohttp
+import cattrs
 
 from trace_core import errors, wire
 
@@ -30,6 +31,9 @@ _BY_CODE: dict[str, type[errors.TraceError]] = {
 }
 
 CAPABILITY_HEADER = "X-Trace-Task-Capability"
+
+#: Responses are parsed leniently: a newer Dispatcher may add fields (requests stay strict).
+_lenient = cattrs.Converter()
 
 
 def error_from_body(status: int, body: Any) -> errors.TraceError:
@@ -128,12 +132,14 @@ class DispatcherClient:
     async def claim(self, task_id: str, worker_id: str) -> wire.ClaimResponse:
         body = await self.request("POST", "/internal/task-claim", platform=True,
                                   json_body={"task_id": task_id, "worker_id": worker_id})
-        return wire.converter.structure(body, wire.ClaimResponse)
+        return _lenient.structure(body, wire.ClaimResponse)
 
-    async def fetch(self, task_id: str) -> wire.TaskPayload:
-        body = await self.request("GET", "/internal/task-fetch", platform=True,
-                                  params={"task_id": task_id})
-        return wire.converter.structure(body, wire.TaskPayload)
+    async def fetch(self, task_id: str, attempt: int | None = None) -> wire.TaskPayload:
+        params = {"task_id": task_id}
+        if attempt is not None:
+            params["attempt"] = str(attempt)
+        body = await self.request("GET", "/internal/task-fetch", platform=True, params=params)
+        return _lenient.structure(body, wire.TaskPayload)
 
     async def create_tasks(self, tasks: list[dict[str, Any]]) -> list[dict[str, Any]]:
         body = await self.request("POST", "/internal/admin/tasks", platform=True,
@@ -163,22 +169,22 @@ class DispatcherClient:
     async def heartbeat(self, token: str, fence: dict[str, Any]) -> wire.HeartbeatResponse:
         body = await self.request("POST", "/v1/task/heartbeat", capability=token,
                                   json_body=fence, deadline_s=10.0)
-        return wire.converter.structure(body, wire.HeartbeatResponse)
+        return _lenient.structure(body, wire.HeartbeatResponse)
 
     async def events(self, token: str, fence: dict[str, Any],
                      events: list[dict[str, Any]]) -> wire.EventsResponse:
         body = await self.request("POST", "/v1/task/events", capability=token,
                                   json_body={**fence, "events": events})
-        return wire.converter.structure(body, wire.EventsResponse)
+        return _lenient.structure(body, wire.EventsResponse)
 
     async def buffer_publish(self, token: str, fence: dict[str, Any],
                              batch: dict[str, Any]) -> wire.BufferPublishResponse:
         body = await self.request("POST", "/v1/task/buffer-publish", capability=token,
                                   json_body={**fence, "batch": batch})
-        return wire.converter.structure(body, wire.BufferPublishResponse)
+        return _lenient.structure(body, wire.BufferPublishResponse)
 
     async def complete(self, token: str, fence: dict[str, Any],
                        **fields: Any) -> wire.CompleteResponse:
         body = await self.request("POST", "/v1/task/complete", capability=token,
                                   json_body={**fence, **fields})
-        return wire.converter.structure(body, wire.CompleteResponse)
+        return _lenient.structure(body, wire.CompleteResponse)

@@ -124,8 +124,14 @@ async def task_fetch(request: web.Request) -> web.Response:
     require_platform(request)
     task_id = request.query.get("task_id", "")
     wire.structure({"task_id": task_id}, wire.ClaimRequest)  # validates the UUID
-    logs.bind(task_id=task_id)
-    return ok(await request.app[DISPATCHER_KEY].fetch(task_id))
+    attempt: int | None = None
+    if "attempt" in request.query:
+        raw = request.query["attempt"]
+        if not raw.isdigit() or int(raw) < 1:
+            raise errors.ValidationFailed("attempt must be a positive integer", field="attempt")
+        attempt = int(raw)
+    logs.bind(task_id=task_id, attempt=attempt)
+    return ok(await request.app[DISPATCHER_KEY].fetch(task_id, attempt))
 
 
 async def create_tasks(request: web.Request) -> web.Response:

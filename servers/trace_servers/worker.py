@@ -37,7 +37,11 @@ log = logging.getLogger("trace.worker")
 
 
 class LeaseLostError(Exception):
-    """Raised inside the operator's task when the lease is lost or the task canceled."""
+    """Raised by the heartbeat when the lease is lost or the task canceled."""
+
+    def __init__(self, canceled: bool = False) -> None:
+        super().__init__("task canceled" if canceled else "lease lost")
+        self.canceled = canceled
 
 
 @attrs.define
@@ -119,7 +123,7 @@ class Worker:
                 continue
             try:
                 receive = asyncio.ensure_future(self.queue.receive(
-                    max_messages=free, visibility_timeout=self.visibility_s,
+                    max_messages=min(free, 10), visibility_timeout=self.visibility_s,
                     wait_seconds=self.wait_s,
                 ))
                 stopper = asyncio.ensure_future(stop.wait())
@@ -180,7 +184,7 @@ class Worker:
         extra = {"task_id": claim.task_id, "attempt": claim.attempt}
         token = [claim.capability_token]
         try:
-            task = await self.client.fetch(claim.task_id)
+            task = await self.client.fetch(claim.task_id, claim.attempt)
         except errors.TraceError as exc:
             log.warning("fetch failed; the lease will expire", extra={**extra, "error": str(exc)})
             return
@@ -214,7 +218,14 @@ class Worker:
             with contextlib.suppress(BaseException):
                 await run
             if beat in done:  # lease lost or task canceled: someone else owns it now
-                self.stats["lease_lost"] += 1
+                lost = beat.exception()
+                if isinstance(lost, LeaseLostError) and lost.canceled:
+                    # acknowledge the cancel so the attempt is closed now, not at lease expiry
+                    with contextlib.suppress(errors.TraceError):
+                        await self.client.complete(token[0], fence, outcome="canceled")
+                    self.stats["canceled"] += 1
+                else:
+                    self.stats["lease_lost"] += 1
                 await self._delete(message)
                 return
             beat.cancel()
@@ -265,7 +276,9 @@ class Worker:
             try:
                 renewed = await self.client.heartbeat(token[0], fence)
                 token[0] = renewed.capability_token
-            except (errors.LeaseLost, errors.TaskCanceled, errors.Forbidden, errors.NotFound):
+            except errors.TaskCanceled:
+                raise LeaseLostError(canceled=True) from None
+            except (errors.LeaseLost, errors.Forbidden, errors.NotFound):
                 raise LeaseLostError() from None
             except errors.TraceError as exc:
                 log.warning("heartbeat failed", extra={**fence, "error": str(exc)})

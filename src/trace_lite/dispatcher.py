@@ -88,6 +88,7 @@ class ReapReport:
     expired: int = 0
     due: int = 0
     canceled_closed: int = 0
+    rewoken: int = 0
 
 
 def _view(row: Sequence[Any]) -> TaskView:
@@ -131,6 +132,7 @@ class Dispatcher:
         wake_mode: WakeMode = "queue",
         rand: Callable[[], float] = random.random,
         clock_epoch: Callable[[], float] | None = None,
+        rewake_after_s: float = 120.0,
     ) -> None:
         self.pool = pool
         self.signer = signer
@@ -146,6 +148,9 @@ class Dispatcher:
         self.issuer = TokenIssuer(signer)
         self._orgs: dict[str, str] = {}
         self._clock_epoch = clock_epoch
+        #: A queued task unclaimed this long gets a fresh wake-up (its last one was lost).
+        self.rewake_after_s = rewake_after_s
+        self._reap_passes = 0
 
     # -- plumbing ---------------------------------------------------------------------------
 
@@ -357,7 +362,9 @@ class Dispatcher:
                 await cur.execute(Q["get_task"], {"task_id": task_id})
                 if await cur.fetchone() is None:
                     raise errors.NotFound("no such task", field="task_id")
-                raise errors.TaskNotClaimable("task is being claimed by another worker")
+                # Locked by another writer (a concurrent claim, cancel or late completion): the
+                # outcome is unknown, so the caller keeps its wake-up and retries later.
+                raise errors.Unavailable("task is locked by another writer; retry later")
             (grant,) = await self._start_attempts(cur, [_view(row)], row[-1], worker_id)
         token = await self._mint(
             org_id=grant.org_id, task_id=grant.task_id, attempt=grant.attempt,
@@ -400,19 +407,23 @@ class Dispatcher:
             ]
         return grants
 
-    async def fetch(self, task_id: str) -> wire.TaskPayload:
-        """The full task payload for a worker. Raises ``NotFound``."""
+    async def fetch(self, task_id: str, attempt: int | None = None) -> wire.TaskPayload:
+        """The full task payload for a worker; ``staging_prefix`` is ``attempt``'s (default: the
+        current attempt's). Raises ``NotFound``."""
         async with self._tx() as cur:
             await cur.execute(Q["get_task"], {"task_id": task_id})
             row = await cur.fetchone()
         if row is None:
             raise errors.NotFound("no such task", field="task_id")
-        (tid, org_id, job_id, operator, payload, state, attempt, _lease_exp, max_attempts,
+        (tid, org_id, job_id, operator, payload, state, current, _lease_exp, max_attempts,
          timeout_s, *_rest) = row
+        for_attempt = attempt
+        attempt = current
         return wire.TaskPayload(
             task_id=tid, org_id=org_id, job_id=job_id, operator=operator, payload=payload,
             status=state, attempt=attempt, max_attempts=max_attempts, timeout_s=timeout_s,
-            staging_prefix=staging_prefix(org_id, tid, attempt),
+            staging_prefix=staging_prefix(org_id, tid, attempt if for_attempt is None
+                                          else for_attempt),
         )
 
     # -- capability tokens ------------------------------------------------------------------
@@ -667,10 +678,25 @@ class Dispatcher:
             if due:
                 await cur.execute(Q["apply_due"], {"task_ids": due})
                 await self._wake(cur, due)
+        rewoken = 0
+        if self.wake_mode == "queue":
+            async with self._tx() as cur:
+                await cur.execute(Q["lock_stale_queued"],
+                                  {"older_than": f"{self.rewake_after_s} seconds", "n": batch})
+                stale = [r[0] for r in await cur.fetchall()]
+                if stale:
+                    await cur.execute(Q["touch_tasks"], {"task_ids": stale})
+                    await self._wake(cur, stale)
+                    rewoken = len(stale)
+        self._reap_passes += 1
+        if self._reap_passes % 120 == 0:
+            async with self._tx() as cur:
+                await cur.execute(Q["purge_published_outbox"], {"older_than": "1 hour"})
         for v, d in expired:
             log.info("attempt expired",
                      extra={"task_id": v.task_id, "attempt": v.attempt, "state": d.state.value})
-        return ReapReport(expired=len(expired), due=len(due), canceled_closed=max(closed, 0))
+        return ReapReport(expired=len(expired), due=len(due), canceled_closed=max(closed, 0),
+                          rewoken=rewoken)
 
     async def publish_outbox_once(self) -> int:
         """Publish one batch of due outbox rows; returns how many were published."""

@@ -91,7 +91,9 @@ async def test_claim_is_exclusive_and_duplicate_wakes_do_not_double_claim(
                                    return_exceptions=True)
     wins = [r for r in results if isinstance(r, wire.ClaimResponse)]
     assert len(wins) == 1
-    assert all(isinstance(r, errors.TaskNotClaimable) for r in results if r not in wins)
+    # losers see it running (not claimable) or locked mid-claim (retry later, keep the wake-up)
+    assert all(isinstance(r, errors.TaskNotClaimable | errors.Unavailable)
+               for r in results if r not in wins)
 
 
 async def test_stale_attempt_is_fenced_out_everywhere(dispatcher: Dispatcher,
@@ -295,3 +297,40 @@ async def test_claim_next_and_complete_many(dispatcher: Dispatcher) -> None:
     assert all(isinstance(r, wire.CompleteResponse) for r in results[:-1])
     assert isinstance(results[-1], errors.LeaseLost)
     assert (await dispatcher.counts()) == {"completed": 49, "running": 1}
+
+
+async def test_reaper_rewakes_a_queued_task_whose_wakeup_was_lost(dispatcher: Dispatcher,
+                                                                  db_url: str) -> None:
+    task_id = await _create(dispatcher)
+    await dispatcher.publish_outbox_once()
+    assert dispatcher.queue is not None
+    (msg,) = await dispatcher.queue.receive(max_messages=10)
+    await dispatcher.queue.delete([msg.receipt])  # the wake-up is gone, the task still queued
+    assert (await dispatcher.reap_once()).rewoken == 0  # not stale yet
+    _sql(db_url, "UPDATE tasks SET updated_at = now() - interval '1 hour' WHERE task_id = %s",
+         (task_id,))
+    assert (await dispatcher.reap_once()).rewoken == 1
+    await dispatcher.publish_outbox_once()
+    (again,) = await dispatcher.queue.receive(max_messages=10)
+    assert json.loads(again.body) == {"task_id": task_id}
+    assert (await dispatcher.reap_once()).rewoken == 0  # touched: not re-woken every pass
+
+
+async def test_late_success_clears_the_reapers_error(dispatcher: Dispatcher,
+                                                     db_url: str) -> None:
+    task_id = await _create(dispatcher, max_attempts=1)
+    f = _fence(await dispatcher.claim(task_id))
+    _expire(db_url, task_id)
+    await dispatcher.reap_once()
+    assert (await dispatcher.get_task(task_id))["state"] == "failed"
+    assert (await dispatcher.complete(wire.CompleteRequest(**f))).state == "completed"
+    task = await dispatcher.get_task(task_id)
+    assert task["state"] == "completed" and task["error"] is None
+
+
+async def test_fetch_names_the_callers_staging_prefix(dispatcher: Dispatcher) -> None:
+    task_id = await _create(dispatcher)
+    await dispatcher.claim(task_id)
+    p1 = await dispatcher.fetch(task_id, 1)
+    p3 = await dispatcher.fetch(task_id, 3)
+    assert p1.staging_prefix.endswith("/attempt/1/") and p3.staging_prefix.endswith("/attempt/3/")

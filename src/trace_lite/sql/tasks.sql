@@ -151,7 +151,8 @@ WITH c AS (
     SET state = c.state,
         available_at = coalesce(c.available_at, t.available_at),
         result = coalesce(c.result, t.result),
-        error = coalesce(c.error, t.error),
+        -- a (late) success clears the error the reaper recorded
+        error = CASE WHEN c.state = 'completed' THEN c.error ELSE coalesce(c.error, t.error) END,
         lease_expires_at = CASE WHEN c.state = 'running' THEN t.lease_expires_at END,
         finished_at = CASE WHEN c.state IN ('completed', 'failed', 'canceled')
                            THEN coalesce(t.finished_at, now()) END,
@@ -227,6 +228,19 @@ FOR UPDATE SKIP LOCKED;
 UPDATE tasks SET state = 'queued', updated_at = now()
 WHERE task_id = ANY(%(task_ids)s::uuid[]) AND state = 'pending'
 RETURNING task_id::text;
+
+-- name: lock_stale_queued
+-- Queued tasks nobody claimed for a while: their wake-up was lost (dead-lettered, deleted while
+-- the row was locked). The reaper wakes them again; wake-ups are hints, so extras are harmless.
+SELECT task_id::text FROM tasks
+WHERE state = 'queued' AND available_at <= now() AND updated_at < now() - %(older_than)s::interval
+ORDER BY updated_at
+LIMIT %(n)s
+FOR UPDATE SKIP LOCKED;
+
+-- name: touch_tasks
+-- Mark tasks as re-woken now.
+UPDATE tasks SET updated_at = now() WHERE task_id = ANY(%(task_ids)s::uuid[]);
 
 -- name: apply_cancel
 -- Cancel a task (the kernel decided it is not final yet).
