@@ -55,9 +55,9 @@ def cmd_migrate(settings: LiteSettings, _args: argparse.Namespace) -> int:
 
 async def _run_dispatcher(settings: LiteSettings, state_url: str) -> None:
     from aiohttp import web
-    from trace_lite.local_signer import FileSigner
 
     from trace_lite.dispatcher import Dispatcher, open_pool
+    from trace_lite.local_signer import FileSigner
     from trace_lite.local_store import LocalObjectStore, object_routes
     from trace_lite.pg_queue import PgQueue
     from trace_servers.dispatcher import make_app
@@ -246,6 +246,8 @@ async def _demo_workload(settings: LiteSettings, state_url: str, args: argparse.
         print(f"created {len(ids)} tasks ({sum(1 for t in tasks if t['payload']['fail_first'])} "
               f"fail their first attempt on purpose)")
         terminal = ("completed", "failed", "canceled")
+        tty = sys.stdout.isatty()
+        last_print = 0.0
         async with await psycopg.AsyncConnection.connect(state_url, autocommit=True) as conn:
             while True:
                 cur = await conn.execute(
@@ -255,15 +257,20 @@ async def _demo_workload(settings: LiteSettings, state_url: str, args: argparse.
                 done = sum(counts.get(s, 0) for s in terminal)
                 elapsed = time.monotonic() - started
                 line = " ".join(f"{k}={v}" for k, v in sorted(counts.items()))
-                print(f"\r[{elapsed:6.1f}s] {done}/{len(ids)} done  {line}    ", end="",
-                      flush=True)
+                text = f"[{elapsed:6.1f}s] {done}/{len(ids)} done  {line}"
+                if tty:
+                    print(f"\r{text}    ", end="", flush=True)
+                elif time.monotonic() - last_print >= 2.0 or done >= len(ids):
+                    print(text, flush=True)
+                    last_print = time.monotonic()
                 if done >= len(ids):
                     break
                 if elapsed > args.timeout:
                     print("\ndemo timed out")
                     return 1
                 await asyncio.sleep(0.5)
-            print()
+            if tty:
+                print()
             cur = await conn.execute(
                 """
                 SELECT count(*) FILTER (WHERE state = 'completed'),

@@ -293,7 +293,7 @@ async def test_claim_next_and_complete_many(dispatcher: Dispatcher) -> None:
                                  lease_token=g.lease_token) for g in grants]
     stale = wire.CompleteRequest(task_id=grants[0].task_id, attempt=grants[0].attempt,
                                  lease_token="00000000-0000-4000-8000-000000000000")
-    results = await dispatcher.complete_many(reqs[1:] + [stale])
+    results = await dispatcher.complete_many([*reqs[1:], stale])
     assert all(isinstance(r, wire.CompleteResponse) for r in results[:-1])
     assert isinstance(results[-1], errors.LeaseLost)
     assert (await dispatcher.counts()) == {"completed": 49, "running": 1}
