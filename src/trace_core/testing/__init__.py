@@ -1,0 +1,12 @@
+"""Test tools shipped with the kernel: memory adapters with fault hooks, a manual clock.
+
+The port conformance suites live in ``trace_core.testing.conformance`` (they import pytest, so
+they are not imported here).
+"""
+
+from trace_core.testing.clock import ManualClock
+from trace_core.testing.memory_queue import MemoryQueue
+from trace_core.testing.memory_signer import MemorySigner
+from trace_core.testing.memory_store import MemoryObjectStore
+
+__all__ = ["ManualClock", "MemoryObjectStore", "MemoryQueue", "MemorySigner"]
