@@ -1,0 +1,95 @@
+"""The Dispatcher's aiohttp app in-process on real Postgres: ops endpoints, logs, errors."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import AsyncIterator
+
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
+
+from trace_core.testing import MemoryObjectStore, MemoryQueue, MemorySigner
+from trace_lite.dispatcher import Dispatcher, open_pool
+from trace_servers import logs
+from trace_servers.dispatcher import make_app
+
+PLATFORM = "platform-token-for-tests-0123456789"
+AUTH = {"Authorization": f"Bearer {PLATFORM}"}
+
+
+@pytest.fixture
+async def client(db_url: str) -> AsyncIterator[TestClient]:
+    pool = await open_pool(db_url, min_size=1, max_size=4)
+    d = Dispatcher(pool, signer=MemorySigner(), queue=MemoryQueue("tasks"),
+                   object_store=MemoryObjectStore())
+    async with TestClient(TestServer(make_app(d, platform_token=PLATFORM))) as c:
+        yield c
+    await pool.close()
+
+
+async def test_health_ready_and_metrics(client: TestClient) -> None:
+    assert (await client.get("/healthz")).status == 200
+    assert (await (await client.get("/readyz")).json()) == {"status": "ready"}
+    r = await client.post("/internal/admin/tasks", json={"tasks": [{"operator": "noop"}] * 3},
+                          headers=AUTH)
+    assert r.status == 201
+    text = await (await client.get("/metrics")).text()
+    assert 'trace_tasks{state="queued"} 3.0' in text
+    assert 'trace_http_requests_total{route="/internal/admin/tasks",status="201"} 1.0' in text
+    assert "trace_http_request_seconds_bucket" in text
+
+
+async def test_full_lifecycle_over_http(client: TestClient) -> None:
+    r = await client.post("/internal/admin/tasks", json={"operator": "noop"}, headers=AUTH)
+    task_id = (await r.json())["task_id"]
+    claim = await (await client.post("/internal/task-claim", json={"task_id": task_id},
+                                     headers=AUTH)).json()
+    cap = {"X-Trace-Task-Capability": claim["capability_token"]}
+    fence = {k: claim[k] for k in ("task_id", "attempt", "lease_token")}
+    fetched = await (await client.get("/internal/task-fetch",
+                                      params={"task_id": task_id, "attempt": "1"},
+                                      headers=AUTH)).json()
+    assert fetched["status"] == "running" and fetched["staging_prefix"].endswith("/attempt/1/")
+    hb = await client.post("/v1/task/heartbeat", json=fence, headers=cap)
+    assert hb.status == 200 and (await hb.json())["capability_token"]
+    ev = await client.post("/v1/task/events", headers=cap, json={
+        **fence, "events": [{"key": "e1", "type": "progress", "payload": {}}]})
+    assert (await ev.json()) == {"accepted": 1, "duplicates": 0}
+    body = {**fence, "result": {"ok": True}, "final_events": [{"key": "done", "type": "done"}]}
+    done = await client.post("/v1/task/complete", json=body, headers=cap)
+    assert (await done.json()) == {"task_id": task_id, "attempt": 1, "state": "completed",
+                                   "replay": False}
+    again = await client.post("/v1/task/complete", json=body, headers=cap)
+    assert (await again.json())["replay"] is True
+    other = await client.post("/v1/task/complete", json={**body, "result": {"ok": False}},
+                              headers=cap)
+    assert other.status == 409 and (await other.json())["error"] == "idempotency_mismatch"
+    task = await (await client.get(f"/internal/admin/tasks/{task_id}", headers=AUTH)).json()
+    assert [e["event_key"] for e in task["events"]] == ["e1", "done"]
+
+
+async def test_not_found_and_bad_query(client: TestClient) -> None:
+    r = await client.get("/internal/task-fetch", params={"task_id": "nope"}, headers=AUTH)
+    assert r.status == 422 and (await r.json())["field"] == "task_id"
+    r = await client.get("/internal/task-fetch",
+                         params={"task_id": "00000000-0000-4000-8000-000000000000"},
+                         headers=AUTH)
+    assert r.status == 404 and (await r.json())["error"] == "not_found"
+    r = await client.get("/internal/task-fetch", params={
+        "task_id": "00000000-0000-4000-8000-000000000000", "attempt": "0"}, headers=AUTH)
+    assert r.status == 422 and (await r.json())["field"] == "attempt"
+
+
+def test_json_log_lines_carry_task_and_attempt() -> None:
+    formatter = logs.JsonFormatter("dispatcher")
+    logs.bind(task_id="t-1", attempt=2)
+    try:
+        record = logging.LogRecord("trace.x", logging.INFO, __file__, 1, "hello", (), None)
+        record.extra_field = "v"
+        line = json.loads(formatter.format(record))
+    finally:
+        logs.clear()
+    assert line["task_id"] == "t-1" and line["attempt"] == 2
+    assert line["component"] == "dispatcher" and line["msg"] == "hello"
+    assert line["extra_field"] == "v"
