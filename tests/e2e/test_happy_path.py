@@ -6,6 +6,7 @@ import hashlib
 import json
 from pathlib import Path
 
+import pytest
 from e2e_harness import TraceProcs
 
 
@@ -15,6 +16,7 @@ def _object_file(root: Path, object_key: str) -> Path:
     return matches[0]
 
 
+@pytest.mark.trace_lease(4)
 def test_lifecycle_of_every_builtin_operator(trace_procs: TraceProcs) -> None:
     t = trace_procs
     t.start_dispatcher()

@@ -7,6 +7,7 @@ import json
 import random
 import uuid
 
+import pytest
 from e2e_harness import TraceProcs
 
 from trace_lite.pg_queue import PgQueue
@@ -25,6 +26,9 @@ def _wake(task_id: str) -> bytes:
     return json.dumps({"task_id": task_id}).encode()
 
 
+# a long lease: a second attempt here can only come from a duplicate wake-up, not from a
+# heartbeat delayed on a loaded machine
+@pytest.mark.trace_lease(15)
 def test_duplicate_and_reordered_wakeups_run_each_task_once(trace_procs: TraceProcs) -> None:
     t = trace_procs
     rng = random.Random(7)
