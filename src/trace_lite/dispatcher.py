@@ -767,6 +767,9 @@ class Dispatcher:
             except errors.TraceError as exc:
                 failures += 1
                 log.warning("reaper pass failed", extra={"error": str(exc)})
+            except Exception:  # a bug must not silently stop the reaper: log it, keep going
+                failures += 1
+                log.exception("reaper pass crashed")
             await _sleep_or_stop(stop, every_s if not failures else min(5.0, 0.2 * 2**failures))
 
     async def _outbox_loop(self, stop: asyncio.Event) -> None:
@@ -790,6 +793,10 @@ class Dispatcher:
             except (psycopg.OperationalError, errors.TraceError) as exc:
                 failures += 1
                 log.warning("outbox publisher reconnecting", extra={"error": str(exc)})
+                await _sleep_or_stop(stop, min(5.0, 0.2 * 2**failures))
+            except Exception:  # a bug must not silently stop the publisher: log it, keep going
+                failures += 1
+                log.exception("outbox publisher crashed; restarting")
                 await _sleep_or_stop(stop, min(5.0, 0.2 * 2**failures))
 
 

@@ -334,3 +334,39 @@ async def test_fetch_names_the_callers_staging_prefix(dispatcher: Dispatcher) ->
     p1 = await dispatcher.fetch(task_id, 1)
     p3 = await dispatcher.fetch(task_id, 3)
     assert p1.staging_prefix.endswith("/attempt/1/") and p3.staging_prefix.endswith("/attempt/3/")
+
+
+async def test_background_loops_publish_wakes_and_reap_on_real_queue(db_url: str) -> None:
+    """The dispatcher's own loops (LISTEN-driven outbox publisher + reaper) over a PgQueue."""
+    from trace_lite.pg_queue import PgQueue
+
+    pool = await open_pool(db_url, min_size=1, max_size=4)
+    queue = PgQueue(pool, "tasks")
+    d = Dispatcher(pool, signer=MemorySigner(), queue=queue,
+                   retry=RetryPolicy(base_s=0.0), rand=lambda: 0.5)
+    stop = asyncio.Event()
+    loops = asyncio.create_task(d.run_background(stop, reap_every_s=0.05))
+    try:
+        ids = {i.task_id for i in await d.create_tasks(
+            [wire.CreateTaskRequest(operator="noop") for _ in range(20)])}
+        got: set[str] = set()
+        async with asyncio.timeout(10):
+            while got != ids:
+                for m in await queue.receive(max_messages=10, wait_seconds=1):
+                    got.add(json.loads(m.body)["task_id"])
+                    await queue.delete([m.receipt])
+        # a lease that expires is reaped and the task woken again by the loops alone
+        task_id = next(iter(ids))
+        await d.claim(task_id)
+        _expire(db_url, task_id)
+        async with asyncio.timeout(10):
+            while True:
+                msgs = await queue.receive(max_messages=10, wait_seconds=1)
+                if any(json.loads(m.body)["task_id"] == task_id for m in msgs):
+                    break
+        assert (await d.claim(task_id)).attempt == 2
+    finally:
+        stop.set()
+        await loops
+        await queue.close()
+        await pool.close()
