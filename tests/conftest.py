@@ -144,3 +144,23 @@ def db_url(db_url_factory: Callable[..., str]) -> str:
 def data_db_url(db_url_factory: Callable[..., str]) -> str:
     """A fresh, migrated data database (cloned from ``trace_template_data``)."""
     return db_url_factory("data")
+
+
+@pytest.fixture(scope="session")
+def moto_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
+    """A moto server process on loopback for the AWS adapters (boto3 speaks real HTTP to it);
+    sets moto's dummy AWS credentials in this process's environment for the session."""
+    from trace_aws.testing import MOTO_ENV, MotoServer
+
+    saved = {k: os.environ.get(k) for k in MOTO_ENV}
+    os.environ.update(MOTO_ENV)
+    server = MotoServer(tmp_path_factory.mktemp("moto") / "moto.log").start()
+    try:
+        yield server
+    finally:
+        server.stop()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
