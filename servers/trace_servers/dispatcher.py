@@ -5,7 +5,8 @@ Three surfaces (``docs/architecture/contracts.md``):
 * ``/internal/*`` -- platform components only, ``Authorization: Bearer <platform credential>``:
   ``task-claim``, ``task-fetch`` and the admin API (create tasks, cancel, inspect).
 * ``/v1/task/*`` -- the holder of an attempt's capability token in ``X-Trace-Task-Capability``:
-  ``heartbeat``, ``events``, ``buffer-publish``, ``complete``; all fenced on
+  ``heartbeat``, ``events``, ``buffer-publish``, ``complete``, ``credentials`` (AWS profile:
+  attempt-scoped STS credentials; ``not_found`` without a minter); all fenced on
   ``(task_id, attempt, lease_token)``.
 * ``/healthz``, ``/readyz``, ``/metrics`` -- unauthenticated operations endpoints.
 """
@@ -16,7 +17,7 @@ import hmac
 import json
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -38,6 +39,17 @@ CAPABILITY_HEADER = "X-Trace-Task-Capability"
 DISPATCHER_KEY = web.AppKey("dispatcher", Dispatcher)
 PLATFORM_TOKEN_KEY = web.AppKey("platform_token", str)
 METRICS_KEY = web.AppKey("metrics", dict)
+
+
+class CredentialMinter(Protocol):
+    """Mints storage credentials scoped to one attempt (``trace_aws.credentials``)."""
+
+    async def mint(self, *, org_id: str, task_id: str, attempt: int, timeout_s: int,
+                   payload: dict[str, Any],
+                   requested: list[str] | None = None) -> wire.CredentialsResponse: ...
+
+
+MINTER_KEY = web.AppKey("credential_minter", object)
 
 
 def _metrics() -> dict[str, Any]:
@@ -185,6 +197,22 @@ def _task_route(
     return handler
 
 
+async def task_credentials(request: web.Request) -> web.Response:
+    """Attempt-scoped storage credentials: capability token, fenced, AWS profile only."""
+    if not request.headers.get(CAPABILITY_HEADER):
+        raise errors.Unauthenticated("missing X-Trace-Task-Capability")
+    req = await read_body(request, wire.CredentialsRequest)
+    await authorize_task(request, req)
+    minter = request.app.get(MINTER_KEY)
+    if minter is None:
+        raise errors.NotFound("this Dispatcher mints no credentials (Lite profile: use the "
+                              "object routes and signed URLs)")
+    org_id, timeout_s, payload = await request.app[DISPATCHER_KEY].running_attempt(req)
+    return ok(await minter.mint(org_id=org_id, task_id=req.task_id,  # type: ignore[attr-defined]
+                                attempt=req.attempt, timeout_s=timeout_s, payload=payload,
+                                requested=req.read_prefixes))
+
+
 # --- operations ------------------------------------------------------------------------------
 
 
@@ -233,6 +261,7 @@ def make_app(
     *,
     platform_token: str,
     extra_routes: list[web.RouteDef] | None = None,
+    credential_minter: CredentialMinter | None = None,
 ) -> web.Application:
     """The Dispatcher's aiohttp application (no background work: see ``run``)."""
     if len(platform_token) < 16:
@@ -243,6 +272,8 @@ def make_app(
     app[DISPATCHER_KEY] = dispatcher
     app[PLATFORM_TOKEN_KEY] = platform_token
     app[METRICS_KEY] = _metrics()
+    if credential_minter is not None:
+        app[MINTER_KEY] = credential_minter
     app.add_routes(
         [
             web.post("/internal/task-claim", task_claim),
@@ -259,6 +290,7 @@ def make_app(
                      _task_route(wire.BufferPublishRequest, lambda d, r: d.publish_buffer(r))),
             web.post("/v1/task/complete",
                      _task_route(wire.CompleteRequest, lambda d, r: d.complete(r))),
+            web.post("/v1/task/credentials", task_credentials),
             web.get("/healthz", healthz),
             web.get("/readyz", readyz),
             web.get("/metrics", metrics),

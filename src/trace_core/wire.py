@@ -124,6 +124,21 @@ class TaskPayload:
     staging_prefix: str
 
 
+@attrs.frozen
+class LambdaInvokePayload(TaskPayload):
+    """What a ``runtime: lambda`` task's function is invoked with (``InvocationType=Event``):
+    the ``/internal/task-fetch`` payload plus what the runner needs to act as the attempt."""
+
+    #: The attempt's capability token, for ``/v1/task/*`` calls.
+    capability_token: str
+    #: The attempt's lease token (part of the fence of every ``/v1/task/*`` call).
+    lease_token: str
+    #: When the lease expires unless a heartbeat extends it (ISO 8601).
+    lease_expires_at: str
+    #: A presigned GET URL of the UDF bundle.
+    bundle_url: str
+
+
 # --- /v1/task --------------------------------------------------------------------------------
 
 
@@ -204,6 +219,29 @@ class CompleteResponse:
     attempt: int
     state: str
     replay: bool
+
+
+@attrs.frozen
+class CredentialsRequest(FenceFields):
+    #: Narrow the reads to these prefixes (each inside the attempt's grant); default: all.
+    read_prefixes: list[str] | None = None
+
+
+@attrs.frozen
+class CredentialsResponse:
+    """Temporary S3 credentials scoped to one attempt (AWS profile only)."""
+
+    access_key_id: str
+    secret_access_key: str
+    session_token: str
+    #: When the credentials expire (ISO 8601).
+    expiration: str
+    region: str
+    bucket: str
+    #: Key prefixes the credentials may read.
+    read_prefixes: list[str]
+    #: The one key prefix the credentials may write (the attempt's staging prefix).
+    write_prefix: str
 
 
 # --- admin -----------------------------------------------------------------------------------
@@ -354,12 +392,15 @@ __all__ = [
     "CompleteResponse",
     "CreateTaskRequest",
     "CreateTasksRequest",
+    "CredentialsRequest",
+    "CredentialsResponse",
     "EventIn",
     "EventsRequest",
     "EventsResponse",
     "FenceFields",
     "HeartbeatRequest",
     "HeartbeatResponse",
+    "LambdaInvokePayload",
     "TaskInfo",
     "TaskPayload",
     "canonical_digest",

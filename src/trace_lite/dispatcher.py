@@ -468,6 +468,18 @@ class Dispatcher:
             lease_expires_at=_iso(decision.lease_expires_at), capability_token=token
         )
 
+    async def running_attempt(self, req: wire.FenceFields) -> tuple[str, int, dict[str, Any]]:
+        """``(org_id, timeout_s, payload)`` of the running attempt ``req`` fences (the
+        heartbeat's fence rules: current attempt, its lease token, task running). Used to scope
+        credentials to the attempt. Raises ``NotFound``, ``LeaseLost``, ``TaskCanceled``."""
+        fence = Fence(req.task_id, req.attempt, req.lease_token)
+        async with self._tx() as cur:
+            task = await self._lock_one(cur, req.task_id)
+            lifecycle.check_fence(task, fence, Op.HEARTBEAT)
+            await cur.execute(Q["get_task"], {"task_id": req.task_id})
+            row = await _one(cur)
+        return str(row[1]), int(row[9]), dict(row[4] or {})
+
     async def emit_events(self, req: wire.EventsRequest) -> wire.EventsResponse:
         """Record events of the current attempt; keys already emitted by the task are skipped.
 

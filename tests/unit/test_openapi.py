@@ -25,6 +25,7 @@ REQUEST_SCHEMAS = {
     ("POST", "/v1/task/events"): {"EventsRequest"},
     ("POST", "/v1/task/buffer-publish"): {"BufferPublishRequest"},
     ("POST", "/v1/task/complete"): {"CompleteRequest"},
+    ("POST", "/v1/task/credentials"): {"CredentialsRequest"},
 }
 
 
