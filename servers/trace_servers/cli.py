@@ -57,20 +57,17 @@ async def _run_dispatcher(settings: LiteSettings, state_url: str) -> None:
     from aiohttp import web
 
     from trace_lite.dispatcher import Dispatcher, open_pool
-    from trace_lite.local_signer import FileSigner
-    from trace_lite.local_store import LocalObjectStore, object_routes
-    from trace_lite.pg_queue import PgQueue
+    from trace_servers import profiles
     from trace_servers.dispatcher import make_app
 
     pool = await open_pool(state_url, min_size=4, max_size=16)
-    signer = FileSigner.init(settings.key_dir)
-    store = LocalObjectStore(settings.object_root, settings.dispatcher_url,
-                             settings.object_secret)
-    queue = PgQueue(pool, settings.queue_name)
-    dispatcher = Dispatcher(pool, signer=signer, queue=queue, object_store=store,
+    parts = await profiles.dispatcher_parts(settings, pool)
+    queue = parts.queue
+    dispatcher = Dispatcher(pool, signer=parts.signer, queue=queue,
+                            object_store=parts.object_store,
                             lease=settings.lease, retry=settings.retry)
     app = make_app(dispatcher, platform_token=settings.platform_token,
-                   extra_routes=object_routes(store))
+                   extra_routes=parts.extra_routes, credential_minter=parts.credential_minter)
     runner = web.AppRunner(app, access_log=None, handle_signals=False)
     await runner.setup()
     site = web.TCPSite(runner, settings.dispatcher_host, settings.dispatcher_port,
@@ -85,7 +82,7 @@ async def _run_dispatcher(settings: LiteSettings, state_url: str) -> None:
         await dispatcher.run_background(stop)
     finally:
         await runner.cleanup()
-        await queue.close()
+        await parts.close()
         await pool.close()
         log.info("dispatcher stopped")
 
@@ -103,15 +100,13 @@ def cmd_dispatcher(settings: LiteSettings, _args: argparse.Namespace) -> int:
 
 
 async def _run_worker(settings: LiteSettings, state_url: str, concurrency: int) -> None:
-    from trace_lite.local_store import LocalObjectStore
-    from trace_lite.pg_queue import PgQueue
+    from trace_servers import profiles
     from trace_servers.client import DispatcherClient
     from trace_servers.operators import BUILTIN
     from trace_servers.worker import Worker
 
-    queue = PgQueue(state_url, settings.queue_name)
-    store = LocalObjectStore(settings.object_root, settings.dispatcher_url,
-                             settings.object_secret)
+    parts = await profiles.worker_parts(settings, state_url)
+    queue, store = parts.queue, parts.object_store
     client = DispatcherClient(settings.dispatcher_url, platform_token=settings.platform_token)
     worker = Worker(client=client, queue=queue, operators=dict(BUILTIN), store=store,
                     concurrency=concurrency, grace_s=min(30.0, settings.lease_s))
@@ -124,7 +119,7 @@ async def _run_worker(settings: LiteSettings, state_url: str, concurrency: int) 
         await worker.run(stop)
     finally:
         await client.close()
-        await queue.close()
+        await parts.close()
         log.info("worker stopped", extra={"stats": worker.stats})
 
 

@@ -1,0 +1,148 @@
+"""Profile selection: the one place that chooses Lite or AWS adapters for every process.
+
+``TRACE_PROFILE=lite`` (default) or ``aws``. Nothing else in Trace branches on the profile: the
+CLI asks this module for a Dispatcher's or a worker's adapters and gets objects that implement
+the ports. The AWS adapters (and boto3) are imported only when the AWS profile is selected, so a
+Lite install never imports boto3.
+
+AWS profile environment (Postgres stays ``TRACE_DATABASE_URL``):
+
+==================================  =========================================================
+``TRACE_AWS_ENDPOINT_URL``          one endpoint for every AWS service (moto, LocalStack)
+``TRACE_SQS_QUEUE_URL``             the task wake-up queue (its DLQ comes from its redrive)
+``TRACE_S3_BUCKET``                 the data bucket; ``TRACE_S3_ROOT`` an optional key prefix
+``TRACE_S3_PUBLIC_ENDPOINT_URL``    the S3 endpoint clients reach, if not the same (optional)
+``TRACE_KMS_CURRENT_KEY``           KMS key id/ARN/alias that signs capability tokens
+``TRACE_KMS_NEXT_KEY``              the published next key (optional)
+``TRACE_STS_ROLE_ARN``              role assumed for attempt-scoped credentials (optional;
+                                    without it ``/v1/task/credentials`` answers ``not_found``)
+==================================  =========================================================
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
+
+import attrs
+
+from trace_core import errors
+from trace_core.ports import ObjectStore, Queue, Signer
+from trace_lite.config import LiteSettings
+
+PROFILES = ("lite", "aws")
+
+Closer = Callable[[], Awaitable[None]]
+
+
+@attrs.define
+class DispatcherParts:
+    """What a Dispatcher process needs from its profile."""
+
+    signer: Signer
+    queue: Queue
+    object_store: ObjectStore
+    extra_routes: list[Any] = attrs.field(factory=list)
+    credential_minter: Any | None = None
+    closers: list[Closer] = attrs.field(factory=list)
+
+    async def close(self) -> None:
+        for close in reversed(self.closers):
+            await close()
+
+
+@attrs.define
+class WorkerParts:
+    """What a worker process needs from its profile."""
+
+    queue: Queue
+    object_store: ObjectStore
+    closers: list[Closer] = attrs.field(factory=list)
+
+    async def close(self) -> None:
+        for close in reversed(self.closers):
+            await close()
+
+
+def profile(env: Mapping[str, str] | None = None) -> str:
+    """The selected profile. Raises ``ValidationFailed`` for an unknown one."""
+    name = (os.environ if env is None else env).get("TRACE_PROFILE", "lite").strip() or "lite"
+    if name not in PROFILES:
+        raise errors.ValidationFailed(f"TRACE_PROFILE must be one of {PROFILES}",
+                                      field="TRACE_PROFILE")
+    return name
+
+
+def _require(env: Mapping[str, str], name: str) -> str:
+    value = env.get(name, "").strip()
+    if not value:
+        raise errors.ValidationFailed(f"{name} is required with TRACE_PROFILE=aws", field=name)
+    return value
+
+
+def _aws_store(env: Mapping[str, str]) -> Any:
+    from trace_aws.s3_store import S3ObjectStore
+
+    return S3ObjectStore(_require(env, "TRACE_S3_BUCKET"), root=env.get("TRACE_S3_ROOT", ""),
+                         public_endpoint_url=env.get("TRACE_S3_PUBLIC_ENDPOINT_URL") or None)
+
+
+def _aws_queue(env: Mapping[str, str]) -> Any:
+    from trace_aws.sqs_queue import SqsQueue
+
+    return SqsQueue(_require(env, "TRACE_SQS_QUEUE_URL"))
+
+
+async def dispatcher_parts(settings: LiteSettings, pool: Any,
+                           env: Mapping[str, str] | None = None) -> DispatcherParts:
+    """The Dispatcher's signer, queue, object store (and AWS credential minter)."""
+    e = os.environ if env is None else env
+    if profile(e) == "aws":
+        from trace_aws.kms_signer import KmsSigner
+
+        signer = KmsSigner(_require(e, "TRACE_KMS_CURRENT_KEY"),
+                           e.get("TRACE_KMS_NEXT_KEY") or None)
+        queue = _aws_queue(e)
+        store = _aws_store(e)
+        parts = DispatcherParts(signer, queue, store,
+                                closers=[signer.close, queue.close, store.close])
+        if e.get("TRACE_STS_ROLE_ARN"):
+            from trace_aws.credentials import StsCredentialMinter
+
+            minter = StsCredentialMinter(e["TRACE_STS_ROLE_ARN"], store.bucket, root=store.root)
+            parts.credential_minter = minter
+            parts.closers.append(minter.close)
+        return parts
+    from trace_lite.local_signer import FileSigner
+    from trace_lite.local_store import LocalObjectStore, object_routes
+    from trace_lite.pg_queue import PgQueue
+
+    lite_store = LocalObjectStore(settings.object_root, settings.dispatcher_url,
+                                  settings.object_secret)
+    lite_queue = PgQueue(pool, settings.queue_name)
+    return DispatcherParts(FileSigner.init(settings.key_dir), lite_queue, lite_store,
+                           extra_routes=list(object_routes(lite_store)),
+                           closers=[lite_queue.close])
+
+
+async def worker_parts(settings: LiteSettings, state_url: str,
+                       env: Mapping[str, str] | None = None) -> WorkerParts:
+    """A worker's queue and object store."""
+    e = os.environ if env is None else env
+    if profile(e) == "aws":
+        queue = _aws_queue(e)
+        store = _aws_store(e)
+        return WorkerParts(queue, store, closers=[queue.close, store.close])
+    from trace_lite.local_store import LocalObjectStore
+    from trace_lite.pg_queue import PgQueue
+
+    lite_queue = PgQueue(state_url, settings.queue_name)
+    return WorkerParts(lite_queue, LocalObjectStore(settings.object_root,
+                                                    settings.dispatcher_url,
+                                                    settings.object_secret),
+                       closers=[lite_queue.close])
+
+
+__all__ = ["PROFILES", "DispatcherParts", "WorkerParts", "dispatcher_parts", "profile",
+           "worker_parts"]
