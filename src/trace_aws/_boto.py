@@ -109,6 +109,7 @@ def client(
     read_timeout: float = 30.0,
     credentials: Mapping[str, str] | None = None,
     signature_version: str | None = None,
+    max_attempts: int = 3,
 ) -> Any:
     """A boto3 client with Trace's timeouts; ``endpoint_url`` for moto, MinIO, LocalStack.
 
@@ -119,7 +120,7 @@ def client(
         max_pool_connections=max_pool_connections,
         connect_timeout=connect_timeout,
         read_timeout=read_timeout,
-        retries={"max_attempts": 3, "mode": "standard"},
+        retries={"total_max_attempts": max_attempts, "mode": "standard"},
         signature_version=signature_version,
         s3={"addressing_style": "path"} if service == "s3" else None,
     )
