@@ -177,12 +177,47 @@ class Signer(Protocol):
         ...
 
 
+@runtime_checkable
+class SecretStore(Protocol):
+    """Named secret values in two namespaces (``trace_core.secret_names``): platform secrets
+    (``trace/platform/...``) and org secrets (``trace/org/{org_id}/...``).
+
+    Every method validates names first and raises ``ValidationFailed`` (``field="name"`` or
+    ``"prefix"``) for a name outside both namespaces.
+    """
+
+    async def put(self, name: str, value: bytes) -> None:
+        """Store ``value`` (at most 64 KiB) under ``name`` (overwrites).
+        Raises ``ValidationFailed``, ``PayloadTooLarge``, ``Unavailable``."""
+        ...
+
+    async def get(self, name: str) -> bytes:
+        """The current value. Raises ``NotFound``, ``ValidationFailed``, ``Unavailable``."""
+        ...
+
+    async def delete(self, name: str) -> None:
+        """Delete the secret (a missing one is fine). Raises ``ValidationFailed``,
+        ``Unavailable``."""
+        ...
+
+    async def list(self, prefix: str) -> list[str]:
+        """Names under ``prefix`` (ending in ``/``), sorted. Raises ``ValidationFailed``,
+        ``Unavailable``."""
+        ...
+
+
+#: Largest secret value (Secrets Manager's limit).
+MAX_SECRET_BYTES = 64 * 1024
+
+
 __all__ = [
     "MAX_MESSAGE_BYTES",
+    "MAX_SECRET_BYTES",
     "ObjectInfo",
     "ObjectStore",
     "PublicKey",
     "Queue",
     "ReceivedMessage",
+    "SecretStore",
     "Signer",
 ]
