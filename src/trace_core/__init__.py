@@ -4,7 +4,7 @@
 * ``trace_core.outbox``    -- transactional outbox state machine
 * ``trace_core.token``     -- capability-token claims and key rotation (pure)
 * ``trace_core.jws``       -- compact JWS encode/verify for capability tokens
-* ``trace_core.ports``     -- the Queue, ObjectStore and Signer protocols
+* ``trace_core.ports``     -- the Queue, ObjectStore, Signer and SecretStore protocols
 * ``trace_core.wire``      -- strict wire records and their converter
 * ``trace_core.errors``    -- the domain error hierarchy
 * ``trace_core.testing``   -- memory adapters with fault hooks, a manual clock, conformance suites
@@ -24,7 +24,15 @@ from trace_core.lifecycle import (
     TaskState,
     TaskView,
 )
-from trace_core.ports import ObjectInfo, ObjectStore, PublicKey, Queue, ReceivedMessage, Signer
+from trace_core.ports import (
+    ObjectInfo,
+    ObjectStore,
+    PublicKey,
+    Queue,
+    ReceivedMessage,
+    SecretStore,
+    Signer,
+)
 
 __all__ = [
     "AttemptOutcome",
@@ -37,6 +45,7 @@ __all__ = [
     "Queue",
     "ReceivedMessage",
     "RetryPolicy",
+    "SecretStore",
     "Signer",
     "TaskState",
     "TaskView",

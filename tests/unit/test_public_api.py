@@ -18,7 +18,8 @@ FORBIDDEN = {"asyncio", "psycopg", "psycopg_pool", "boto3", "botocore", "aiohttp
 def test_trace_core_public_names() -> None:
     assert sorted(trace_core.__all__) == [
         "AttemptOutcome", "Fence", "LeasePolicy", "ObjectInfo", "ObjectStore", "Outcome",
-        "PublicKey", "Queue", "ReceivedMessage", "RetryPolicy", "Signer", "TaskState",
+        "PublicKey", "Queue", "ReceivedMessage", "RetryPolicy", "SecretStore", "Signer",
+        "TaskState",
         "TaskView", "TraceError", "errors", "lifecycle", "outbox", "ports", "token", "wire",
     ]
     for name in trace_core.__all__:
@@ -27,7 +28,7 @@ def test_trace_core_public_names() -> None:
 
 def test_testing_public_names() -> None:
     assert sorted(trace_core.testing.__all__) == [
-        "ManualClock", "MemoryObjectStore", "MemoryQueue", "MemorySigner"]
+        "ManualClock", "MemoryObjectStore", "MemoryQueue", "MemorySecretStore", "MemorySigner"]
 
 
 def test_state_machines_import_no_io_and_read_no_clock() -> None:

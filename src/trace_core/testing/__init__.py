@@ -6,7 +6,14 @@ they are not imported here).
 
 from trace_core.testing.clock import ManualClock
 from trace_core.testing.memory_queue import MemoryQueue
+from trace_core.testing.memory_secrets import MemorySecretStore
 from trace_core.testing.memory_signer import MemorySigner
 from trace_core.testing.memory_store import MemoryObjectStore
 
-__all__ = ["ManualClock", "MemoryObjectStore", "MemoryQueue", "MemorySigner"]
+__all__ = [
+    "ManualClock",
+    "MemoryObjectStore",
+    "MemoryQueue",
+    "MemorySecretStore",
+    "MemorySigner",
+]
