@@ -22,7 +22,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from bench import peers, trace_http, trace_inproc
-from bench.common import BenchPostgres, Measurement, REPO_ROOT
+from bench.common import REPO_ROOT, BenchPostgres, Measurement
 
 
 def _profile(quick: bool) -> dict[str, Any]:
@@ -225,7 +225,7 @@ async def main_async(args: argparse.Namespace) -> int:
     elapsed = time.monotonic() - started
     print(f"\ntotal {elapsed:.0f} s")
     if args.json:
-        with open(args.json, "w") as f:
+        with open(args.json, "w") as f:  # noqa: ASYNC230
             json.dump({
                 "date": datetime.now(UTC).isoformat(timespec="seconds"),
                 "host": platform.node(), "python": sys.version.split()[0],

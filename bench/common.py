@@ -90,14 +90,14 @@ class Measurement:
         if not self.latencies_ms:
             return float("nan")
         xs = sorted(self.latencies_ms)
-        return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))]
+        return xs[min(len(xs) - 1, round(q * (len(xs) - 1)))]
 
 
 async def wait_until(
-    probe: Callable[[], Awaitable[bool]], *, timeout: float, every: float = 0.01
+    probe: Callable[[], Awaitable[bool]], *, limit_s: float, every: float = 0.01
 ) -> float:
     """Poll ``probe`` until true; returns the monotonic time it first was. Raises TimeoutError."""
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + limit_s
     while True:
         if await probe():
             return time.monotonic()
@@ -113,7 +113,7 @@ async def count(url: str, query: str) -> Callable[[], Awaitable[int]]:
     async def run() -> int:
         cur = await conn.execute(query)
         row = await cur.fetchone()
-        return int(row[0]) if row else 0
+        return row[0] if row else 0
 
     run.conn = conn  # type: ignore[attr-defined]
     return run

@@ -70,7 +70,7 @@ async def pgqueuer_throughput(url: str, n: int, *, processes: int = 2, batch: in
                     await psycopg.AsyncConnection.connect(url, autocommit=True) as conn):
             started = time.monotonic()
             await _pgq_enqueue(conn, n, enqueue_batch)
-            finished = await wait_until(lambda: _is_zero(left), timeout=300)
+            finished = await wait_until(lambda: _is_zero(left), limit_s=300)
         return n / (finished - started)
     finally:
         await left.conn.close()  # type: ignore[attr-defined]
@@ -91,7 +91,7 @@ async def pgqueuer_latency(url: str, m: int, *, gap_s: float = 0.005) -> list[fl
             (jid,) = await q.enqueue(["noop"], [None], [0])
             enqueued[int(jid)] = time.time()
             await asyncio.sleep(gap_s)
-        await wait_until(lambda: _true(len(started) >= m), timeout=30)
+        await wait_until(lambda: _true(len(started) >= m), limit_s=30)
         qm.shutdown.set()
         with contextlib.suppress(Exception):
             await asyncio.wait_for(run, 10)
@@ -148,7 +148,7 @@ async def procrastinate_throughput(url: str, n: int, *, processes: int = 2,
             started = time.monotonic()
             for size in batches(n, enqueue_batch):
                 await task.batch_defer_async(*([{}] * size))
-            finished = await wait_until(lambda: _is_zero(left), timeout=300)
+            finished = await wait_until(lambda: _is_zero(left), limit_s=300)
         return n / (finished - started)
     finally:
         await left.conn.close()  # type: ignore[attr-defined]
@@ -167,7 +167,7 @@ async def procrastinate_latency(url: str, m: int, *, gap_s: float = 0.005) -> li
             await task.defer_async(k=k)
             enqueued[k] = time.time()
             await asyncio.sleep(gap_s)
-        await wait_until(lambda: _true(len(started) >= m), timeout=60)
+        await wait_until(lambda: _true(len(started) >= m), limit_s=60)
         run.cancel()
         with contextlib.suppress(BaseException):
             await asyncio.wait_for(run, 10)
@@ -220,7 +220,7 @@ async def raw_throughput(url: str, n: int, *, processes: int = 1, loops: int = 1
             for size in batches(n, enqueue_batch):
                 await conn.execute("INSERT INTO raw_jobs (payload) "
                                    "SELECT '{}' FROM generate_series(1, %s)", [size])
-            finished = await wait_until(lambda: _is_zero(left), timeout=300)
+            finished = await wait_until(lambda: _is_zero(left), limit_s=300)
         return n / (finished - started)
     finally:
         await left.conn.close()  # type: ignore[attr-defined]

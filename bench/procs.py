@@ -48,6 +48,6 @@ class Children:
         return [p.pid for p in self.procs if p.pid is not None]
 
 
-async def wait_flag(flag: Any, every: float = 0.05) -> None:
-    while not flag.is_set():
+async def wait_flag(flag: Any, every: float = 0.05) -> None:  # a multiprocessing.Event
+    while not flag.is_set():  # noqa: ASYNC110
         await asyncio.sleep(every)

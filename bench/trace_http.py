@@ -61,7 +61,7 @@ class Lite:
         self.worker_procs: list[subprocess.Popen[bytes]] = []
 
     def _spawn(self, name: str, *argv: str) -> subprocess.Popen[bytes]:
-        log = open(self.home / f"{name}.log", "ab")  # noqa: SIM115 - closed with the process
+        log = open(self.home / f"{name}.log", "ab")
         return subprocess.Popen([sys.executable, "-m", "trace_servers.cli", *argv], env=self.env,
                                 stdout=log, stderr=log, start_new_session=True)
 
@@ -124,7 +124,7 @@ async def throughput(url: str, n: int, *, workers: int, concurrency: int = 10,
             started = time.monotonic()
             for size in batches(n, create_batch):
                 await client.create_tasks([NOOP] * size)
-            finished = await wait_until(lambda: _is_zero(left), timeout=120, every=0.05)
+            finished = await wait_until(lambda: _is_zero(left), limit_s=120, every=0.05)
             mem = lite.dispatcher_memory_kb()
         return {"rate": n / (finished - started), "rss_kb": mem.get("VmRSS", 0),
                 "hwm_kb": mem.get("VmHWM", 0)}
@@ -177,7 +177,7 @@ async def latency(url: str, m: int, *, workers: int = 1, concurrency: int = 8,
             await asyncio.sleep(gap_s)
         left = await count(url, UNFINISHED)
         try:
-            await wait_until(lambda: _is_zero(left), timeout=60, every=0.05)
+            await wait_until(lambda: _is_zero(left), limit_s=60, every=0.05)
         finally:
             await left.conn.close()  # type: ignore[attr-defined]
     async with await psycopg.AsyncConnection.connect(url) as conn:

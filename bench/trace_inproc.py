@@ -139,7 +139,7 @@ async def _create(d: Dispatcher, n: int, batch: int) -> None:
 
 async def throughput(
     url: str, n: int, *, processes: int = 2, claimers: int = 2, claim_batch: int = 500,
-    create_batch: int = 1000, prefill: bool = False, timeout: float = 300.0,
+    create_batch: int = 1000, prefill: bool = False, limit_s: float = 300.0,
 ) -> dict[str, float]:
     """Jobs/s from the first create to the last completion.
 
@@ -155,7 +155,7 @@ async def throughput(
             started = time.monotonic()
             if not prefill:
                 await _create(producer, n, create_batch)
-            finished = await wait_until(lambda: _zero(remaining), timeout=timeout)
+            finished = await wait_until(lambda: _zero(remaining), limit_s=limit_s)
             rss = max((proc_memory_kb(p).get("VmHWM", 0) for p in procs.pids), default=0)
         return {"rate": n / (finished - started), "claimer_rss_kb": rss}
     finally:
@@ -188,7 +188,7 @@ async def latency(url: str, m: int, *, gap_s: float = 0.005, claimers: int = 2) 
             (info,) = await d.create_tasks([NOOP])
             committed_at[info.task_id] = time.time()
             await asyncio.sleep(gap_s)
-        await wait_until(lambda: _true(done[0] >= m), timeout=30)
+        await wait_until(lambda: _true(done[0] >= m), limit_s=30)
     finally:
         stop.set()
         wake.set()
