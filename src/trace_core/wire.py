@@ -54,6 +54,14 @@ def _name(_inst: object, attribute: attrs.Attribute[Any], value: str) -> None:
         raise FieldError(attribute.name, f"{attribute.name} must match {_NAME_RE.pattern}")
 
 
+_DATASET_RE = re.compile(r"^[a-z][a-z0-9_]{0,127}$")
+
+
+def _dataset_name(_inst: object, attribute: attrs.Attribute[Any], value: str) -> None:
+    if not _DATASET_RE.match(value):
+        raise FieldError(attribute.name, f"{attribute.name} must match {_DATASET_RE.pattern}")
+
+
 def _hex64(_inst: object, attribute: attrs.Attribute[Any], value: str) -> None:
     if not re.fullmatch(r"[0-9a-f]{64}", value):
         raise FieldError(attribute.name, f"{attribute.name} must be 64 lowercase hex digits")
@@ -139,6 +147,44 @@ class LambdaInvokePayload(TaskPayload):
     bundle_url: str
 
 
+def _uuid_list(_inst: object, attribute: attrs.Attribute[Any], value: list[str]) -> None:
+    for i, item in enumerate(value):
+        try:
+            uuid.UUID(item)
+        except (ValueError, AttributeError, TypeError):
+            raise FieldError(f"{attribute.name}[{i}]", f"{attribute.name}[{i}] must be a UUID") from None
+
+
+@attrs.frozen
+class ClaimBatchRequest:
+    """Claim several woken tasks in one transaction (the worker wrapper's batch path)."""
+
+    task_ids: list[str] = attrs.field(validator=[_length(1, 100), _uuid_list])
+    worker_id: str = attrs.field(default="worker", validator=_length(1, 200))
+
+
+@attrs.frozen
+class ClaimGrantOut:
+    """One started attempt with its task payload (claim and fetch in one answer)."""
+
+    claim: ClaimResponse
+    task: TaskPayload
+
+
+@attrs.frozen
+class ClaimRefusal:
+    task_id: str
+    #: The error code a single claim would have returned (``task_not_claimable``, ...).
+    error: str
+    message: str
+
+
+@attrs.frozen
+class ClaimBatchResponse:
+    claims: list[ClaimGrantOut]
+    refused: list[ClaimRefusal]
+
+
 # --- /v1/task --------------------------------------------------------------------------------
 
 
@@ -203,6 +249,33 @@ class BufferPublishResponse:
 
 
 @attrs.frozen
+class PartitionIn:
+    """A block range ``[start, end)`` or a partition ``key`` (exactly one of the two)."""
+
+    start: int | None = attrs.field(
+        default=None, validator=attrs.validators.optional(_non_negative)
+    )
+    end: int | None = attrs.field(default=None, validator=attrs.validators.optional(_positive))
+    key: str | None = attrs.field(default=None, validator=attrs.validators.optional(_event_key))
+
+
+@attrs.frozen
+class OutputIn:
+    """One staged object of the output manifest (``trace_core.commit``)."""
+
+    dataset: str = attrs.field(validator=_dataset_name)
+    #: Where the attempt staged the object: inside its staging prefix.
+    object_key: str = attrs.field(validator=_length(1, 1024))
+    size: int = attrs.field(validator=_non_negative)
+    sha256: str = attrs.field(validator=_hex64)
+    partition: PartitionIn
+    #: Target dataset version (UUID); default: the dataset's active version.
+    version: str | None = attrs.field(
+        default=None, validator=attrs.validators.optional(_uuid_str)
+    )
+
+
+@attrs.frozen
 class CompleteRequest(FenceFields):
     outcome: Literal["succeeded", "failed", "canceled"] = "succeeded"
     retryable: bool = True
@@ -211,6 +284,8 @@ class CompleteRequest(FenceFields):
     final_events: list[EventIn] = attrs.field(
         factory=list, validator=_length(0, 1000)
     )
+    #: The output manifest, committed atomically with a successful completion.
+    outputs: list[OutputIn] = attrs.field(factory=list, validator=_length(0, 10_000))
 
 
 @attrs.frozen
@@ -386,6 +461,10 @@ __all__ = [
     "BufferBatchIn",
     "BufferPublishRequest",
     "BufferPublishResponse",
+    "ClaimBatchRequest",
+    "ClaimBatchResponse",
+    "ClaimGrantOut",
+    "ClaimRefusal",
     "ClaimRequest",
     "ClaimResponse",
     "CompleteRequest",
@@ -401,6 +480,8 @@ __all__ = [
     "HeartbeatRequest",
     "HeartbeatResponse",
     "LambdaInvokePayload",
+    "OutputIn",
+    "PartitionIn",
     "TaskInfo",
     "TaskPayload",
     "canonical_digest",

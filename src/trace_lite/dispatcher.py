@@ -77,6 +77,8 @@ class ClaimGrant:
     payload: dict[str, Any]
     timeout_s: int
     capability_token: str | None = None
+    max_attempts: int = 0
+    job_id: str | None = None
 
     @property
     def fence(self) -> Fence:
@@ -344,7 +346,7 @@ class Dispatcher:
         return [
             ClaimGrant(
                 task_id=r[0], attempt=r[1], lease_token=r[2], lease_expires_at=r[3], org_id=r[4],
-                operator=r[5], payload=r[6], timeout_s=r[7],
+                operator=r[5], payload=r[6], timeout_s=r[7], max_attempts=r[8], job_id=r[9],
             )
             for r in await cur.fetchall()
         ]
@@ -379,6 +381,59 @@ class Dispatcher:
             capability_token=token,
             heartbeat_interval_s=self.lease.heartbeat_s,
         )
+
+    async def claim_many(
+        self, task_ids: Sequence[str], worker_id: str = "worker"
+    ) -> wire.ClaimBatchResponse:
+        """Claim several woken tasks in one transaction; each claim carries its task payload.
+
+        Tasks that a single ``claim`` would refuse come back in ``refused`` with that error's
+        code (``task_not_claimable``, ``task_canceled``, ``not_found``, or ``unavailable`` for
+        a row another writer holds: keep its wake-up and retry). Raises ``Unavailable``.
+        """
+        ids = list(dict.fromkeys(task_ids))
+        refused: list[wire.ClaimRefusal] = []
+        async with self._tx() as cur:
+            await cur.execute(Q["lock_tasks_for_claim"], {"task_ids": ids})
+            rows = await cur.fetchall()
+            claimable: list[TaskView] = []
+            for row in rows:
+                view = _view(row)
+                try:
+                    lifecycle.decide_claim(view, now=row[-1], lease=self.lease,
+                                           new_lease_token="")
+                except errors.TraceError as exc:
+                    refused.append(wire.ClaimRefusal(view.task_id, exc.code, exc.message))
+                    continue
+                claimable.append(view)
+            grants = (await self._start_attempts(cur, claimable, rows[0][-1], worker_id)
+                      if claimable else [])
+            missing = set(ids) - {r[0] for r in rows}
+            if missing:
+                await cur.execute(Q["existing_tasks"], {"task_ids": list(missing)})
+                exists = {r[0] for r in await cur.fetchall()}
+                for task_id in sorted(missing):
+                    exc = (errors.Unavailable("task is locked by another writer; retry later")
+                           if task_id in exists else errors.NotFound("no such task"))
+                    refused.append(wire.ClaimRefusal(task_id, exc.code, exc.message))
+        claims: list[wire.ClaimGrantOut] = []
+        for g in grants:
+            token = await self._mint(org_id=g.org_id, task_id=g.task_id, attempt=g.attempt,
+                                     timeout_s=g.timeout_s)
+            claims.append(wire.ClaimGrantOut(
+                claim=wire.ClaimResponse(
+                    task_id=g.task_id, attempt=g.attempt, lease_token=g.lease_token,
+                    lease_expires_at=_iso(g.lease_expires_at), capability_token=token,
+                    heartbeat_interval_s=self.lease.heartbeat_s,
+                ),
+                task=wire.TaskPayload(
+                    task_id=g.task_id, org_id=g.org_id, job_id=g.job_id, operator=g.operator,
+                    payload=g.payload, status=TaskState.RUNNING.value, attempt=g.attempt,
+                    max_attempts=g.max_attempts, timeout_s=g.timeout_s,
+                    staging_prefix=staging_prefix(g.org_id, g.task_id, g.attempt),
+                ),
+            ))
+        return wire.ClaimBatchResponse(claims=claims, refused=refused)
 
     async def claim_next(
         self, n: int, worker_id: str = "inproc", *, mint_tokens: bool = False

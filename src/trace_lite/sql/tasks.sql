@@ -64,6 +64,10 @@ WHERE t.task_id = ANY(%(task_ids)s::uuid[])
 ORDER BY t.task_id
 FOR UPDATE OF t SKIP LOCKED;
 
+-- name: existing_tasks
+-- Which of these task ids exist (to tell a locked row from a missing one).
+SELECT task_id::text FROM tasks WHERE task_id = ANY(%(task_ids)s::uuid[]);
+
 -- name: lock_next_queued
 -- Lock up to n queued, due tasks for in-process claimers (oldest first).
 SELECT t.task_id::text, t.state, t.attempt, t.lease_token::text, t.lease_expires_at,
