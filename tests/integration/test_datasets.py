@@ -1,0 +1,308 @@
+"""Datasets on real Postgres and the real LocalObjectStore: the attempt-fenced commit protocol,
+replace/append, atomic pointer sets under concurrent readers, purge, staging cleanup."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import attrs
+import psycopg
+import pytest
+
+from trace_core import errors, wire
+from trace_core.lifecycle import RetryPolicy
+from trace_core.testing import MemoryQueue, MemorySigner
+from trace_lite.datasets import Datasets
+from trace_lite.dispatcher import Dispatcher, open_pool
+from trace_lite.local_store import LocalObjectStore
+
+ORG = "acme"
+DAG = "prices"
+
+
+@attrs.define
+class Env:
+    d: Dispatcher
+    ds: Datasets
+    store: LocalObjectStore
+    db_url: str
+    versions: dict[str, str]
+
+    def sql(self, query: str, params: Any = None) -> list[tuple[Any, ...]]:
+        with psycopg.connect(self.db_url, autocommit=True) as conn:
+            cur = conn.execute(query, params)
+            return cur.fetchall() if cur.description else []
+
+
+@pytest.fixture
+async def env(db_url: str, tmp_path: Path) -> AsyncIterator[Env]:
+    pool = await open_pool(db_url, min_size=2, max_size=12)
+    store = LocalObjectStore(tmp_path / "objects", "http://127.0.0.1:1", b"s" * 32)
+    d = Dispatcher(pool, signer=MemorySigner(), queue=MemoryQueue("tasks"), object_store=store,
+                   retry=RetryPolicy(max_attempts=3, base_s=0.0), rand=lambda: 0.5)
+    ds = Datasets(pool, object_store=store)
+    await ds.ensure_dag(ORG, DAG, deployers=["dave"])
+    versions = {}
+    for name, strategy in (("blocks", "replace"), ("logs", "append")):
+        await ds.register(ORG, name, dag=DAG, job="ingest", update_strategy=strategy)
+        versions[name] = await ds.open_version(None, ORG, name)
+    await ds.cutover(None, ORG, DAG, versions)
+    try:
+        yield Env(d, ds, store, db_url, versions)
+    finally:
+        await pool.close()
+
+
+async def _claim(env: Env, org: str = ORG) -> tuple[dict[str, Any], str]:
+    (info,) = await env.d.create_tasks([wire.CreateTaskRequest(operator="stage", org=org)])
+    c = await env.d.claim(info.task_id)
+    payload = await env.d.fetch(info.task_id, c.attempt)
+    fence = {"task_id": c.task_id, "attempt": c.attempt, "lease_token": c.lease_token}
+    return fence, payload.staging_prefix
+
+
+async def _stage(env: Env, object_key: str, body: Any, dataset: str = "blocks",
+                 **partition: Any) -> dict[str, Any]:
+    data = json.dumps(body).encode()
+    await env.store.put(object_key, data)
+    return {"dataset": dataset, "object_key": object_key, "size": len(data),
+            "sha256": hashlib.sha256(data).hexdigest(), "partition": partition}
+
+
+def _complete(fence: dict[str, Any], outputs: list[dict[str, Any]]) -> wire.CompleteRequest:
+    return wire.structure({**fence, "outputs": outputs}, wire.CompleteRequest)
+
+
+async def _live(env: Env, name: str = "blocks") -> list[tuple[Any, ...]]:
+    caller = await env.ds.user_caller(ORG, "dave")
+    res = await env.ds.resolve(caller, ORG, [name], pin_ttl_s=0)
+    return [(o.get("start"), o.get("end"), o.get("key"), o["object_key"])
+            for o in res.datasets[0].objects]
+
+
+async def test_commit_is_visible_only_after_the_fenced_completion(env: Env) -> None:
+    fence, prefix = await _claim(env)
+    out = await _stage(env, f"{prefix}blocks/0_100.json", {"rows": 1}, start=0, end=100)
+    assert await _live(env) == []  # staged, not committed: invisible
+    req = _complete(fence, [out])
+    done = await env.d.complete(req)
+    assert done.state == "completed" and not done.replay
+    live = await _live(env)
+    assert [(s, e) for s, e, _, _ in live] == [(0, 100)]
+    assert live[0][3] == out["object_key"]  # read from staging until promoted
+    # a replay of the same completion commits nothing twice
+    assert (await env.d.complete(req)).replay
+    assert env.sql("SELECT count(*) FROM dataset_partitions")[0][0] == 1
+    # promotion copies it under the version prefix (UUIDs only) and readers follow
+    assert await env.ds.promote_once() == 1
+    (row,) = await _live(env)
+    org_id = env.sql("SELECT org_id::text FROM orgs WHERE name = %s", (ORG,))[0][0]
+    uuid_ = env.sql("SELECT dataset_uuid::text FROM datasets WHERE name = 'blocks'")[0][0]
+    assert row[3].startswith(f"org/{org_id}/dataset/{uuid_}/version/{env.versions['blocks']}/")
+    assert "/0_100." in row[3] and "blocks" not in row[3].split("/version/")[1]
+    assert await env.store.get(row[3]) == json.dumps({"rows": 1}).encode()
+
+
+async def test_stale_attempt_manifest_is_refused_and_nothing_is_visible(env: Env) -> None:
+    old, old_prefix = await _claim(env)
+    out = await _stage(env, f"{old_prefix}blocks/0_100.json", {"old": True}, start=0, end=100)
+    env.sql("UPDATE tasks SET lease_expires_at = now() - interval '1s' WHERE task_id = %s",
+            (old["task_id"],))
+    await env.d.reap_once()
+    new = await env.d.claim(old["task_id"])
+    assert new.attempt == 2
+    with pytest.raises(errors.LeaseLost):
+        await env.d.complete(_complete(old, [out]))
+    assert await _live(env) == []
+    assert env.sql("SELECT count(*) FROM dataset_partitions")[0][0] == 0
+    assert env.sql("SELECT count(*) FROM outbox WHERE topic LIKE 'dataset%'")[0][0] == 0
+
+
+@pytest.mark.parametrize("where", [
+    "other_attempt", "other_task", "other_org", "version_prefix", "dotdot", "encoded",
+    "absolute", "backslash", "prefix_sibling",
+])
+async def test_manifest_outside_the_staging_prefix_is_refused(env: Env, where: str) -> None:
+    fence, prefix = await _claim(env)
+    org_id, task_id = prefix.split("/")[1], fence["task_id"]
+    other, other_prefix = await _claim(env)
+    keys = {
+        "other_attempt": f"org/{org_id}/staging/task/{task_id}/attempt/2/blocks/0_100.json",
+        "other_task": f"{other_prefix}blocks/0_100.json",
+        "other_org": prefix.replace(org_id, "00000000-0000-4000-8000-000000000000")
+        + "blocks/0_100.json",
+        "version_prefix": f"org/{org_id}/dataset/x/version/{env.versions['blocks']}/0_100.json",
+        "dotdot": f"{prefix}../../../{other['task_id']}/attempt/1/blocks/0_100.json",
+        "encoded": f"{prefix}%2e%2e/%2e%2e/blocks/0_100.json",
+        "absolute": f"/{prefix}blocks/0_100.json",
+        "backslash": f"{prefix}..\\..\\0_100.json",
+        "prefix_sibling": prefix.rstrip("/") + "0/blocks/0_100.json",
+    }
+    key = keys[where]
+    data = b"{}"
+    with_store = where in ("other_attempt", "other_task", "other_org", "version_prefix",
+                           "prefix_sibling")
+    if with_store:
+        await env.store.put(key, data)
+    out = {"dataset": "blocks", "object_key": key, "size": len(data),
+           "sha256": hashlib.sha256(data).hexdigest(), "partition": {"start": 0, "end": 100}}
+    with pytest.raises(errors.UnsafeKey) as info:
+        await env.d.complete(_complete(fence, [out]))
+    assert info.value.field == "outputs[0].object_key"
+    assert env.sql("SELECT count(*) FROM dataset_partitions")[0][0] == 0
+    task = await env.d.get_task(task_id)
+    assert task["state"] == "running"  # the completion was refused as a whole
+
+
+async def test_manifest_must_match_the_staged_object(env: Env) -> None:
+    fence, prefix = await _claim(env)
+    out = await _stage(env, f"{prefix}blocks/0_100.json", {"a": 1}, start=0, end=100)
+    cases = [
+        ({**out, "size": out["size"] + 1}, "outputs[0].size"),
+        ({**out, "sha256": "0" * 64}, "outputs[0].sha256"),
+        ({**out, "object_key": f"{prefix}blocks/missing.json"}, "outputs[0].object_key"),
+        ({**out, "dataset": "nope"}, "outputs[0].dataset"),
+        ({**out, "partition": {"start": 5, "end": 5}}, "outputs[0].partition"),
+    ]
+    for bad, field in cases:
+        with pytest.raises((errors.ValidationFailed, errors.NotFound)) as info:
+            await env.d.complete(_complete(fence, [bad]))
+        assert info.value.field == field, (bad, info.value)
+    assert env.sql("SELECT count(*) FROM dataset_partitions")[0][0] == 0
+    assert (await env.d.complete(_complete(fence, [out]))).state == "completed"
+
+
+async def test_replace_supersedes_exactly_the_rewritten_range_with_one_invalidation(
+        env: Env) -> None:
+    fence, prefix = await _claim(env)
+    outs = [await _stage(env, f"{prefix}blocks/{s}_{s + 100}.json", {"v": 1, "s": s},
+                         start=s, end=s + 100) for s in (0, 100, 200)]
+    await env.d.complete(_complete(fence, outs))
+    before = {(s, e): k for s, e, _, k in await _live(env)}
+    fence2, prefix2 = await _claim(env)
+    out = await _stage(env, f"{prefix2}blocks/100_200.json", {"v": 2}, start=100, end=200)
+    await env.d.complete(_complete(fence2, [out]))
+    after = {(s, e): k for s, e, _, k in await _live(env)}
+    assert sorted(after) == [(0, 100), (100, 200), (200, 300)]
+    assert after[(0, 100)] == before[(0, 100)] and after[(200, 300)] == before[(200, 300)]
+    assert after[(100, 200)] == out["object_key"]
+    assert env.sql("SELECT count(*) FROM dataset_partitions WHERE superseded_at IS NOT NULL"
+                   ) == [(1,)]
+    inval = env.sql("SELECT payload FROM outbox WHERE topic = 'dataset.invalidate'")
+    assert len(inval) == 1
+    p = inval[0][0]
+    assert (p["start"], p["end"], p["superseded"], p["dataset_version"]) == (
+        100, 200, 1, env.versions["blocks"])
+    # a replace that would cut a live partition in half is refused, nothing written
+    fence3, prefix3 = await _claim(env)
+    half = await _stage(env, f"{prefix3}blocks/150_250.json", {}, start=150, end=250)
+    with pytest.raises(errors.ValidationFailed):
+        await env.d.complete(_complete(fence3, [half]))
+    assert {(s, e) for s, e, _, _ in await _live(env)} == set(after)
+
+
+async def test_append_with_duplicate_keys_stores_each_key_once(env: Env) -> None:
+    fence, prefix = await _claim(env)
+    outs = [await _stage(env, f"{prefix}logs/{k}.json", {"k": k}, dataset="logs", key=k)
+            for k in ("a", "b")]
+    dup = await _stage(env, f"{prefix}logs/a2.json", {"k": "a"}, dataset="logs", key="a")
+    await env.d.complete(_complete(fence, [*outs, dup]))
+    fence2, prefix2 = await _claim(env)
+    again = [await _stage(env, f"{prefix2}logs/{k}.json", {"k": k}, dataset="logs", key=k)
+             for k in ("b", "c")]
+    await env.d.complete(_complete(fence2, again))
+    live = await _live(env, "logs")
+    assert sorted(k for _, _, k, _ in live) == ["a", "b", "c"]
+    assert env.sql("SELECT count(*) FROM dataset_partitions WHERE superseded_at IS NOT NULL"
+                   ) == [(0,)]
+    assert env.sql("SELECT count(*) FROM outbox WHERE topic = 'dataset.invalidate'") == [(0,)]
+
+
+async def test_concurrent_readers_see_whole_pointer_sets_during_cutover_and_rollback(
+        env: Env) -> None:
+    names = ["blocks", "logs"]
+    sets = [dict(env.versions)]
+    for _ in range(2):
+        sets.append({n: await env.ds.open_version(None, ORG, n) for n in names})
+    allowed = {tuple(s[n] for n in names) for s in sets}
+    caller = await env.ds.user_caller(ORG, "dave")
+    stop = asyncio.Event()
+    seen: list[tuple[str | None, ...]] = []
+
+    async def reader() -> None:
+        while not stop.is_set():
+            res = await env.ds.resolve(caller, ORG, names, pin_ttl_s=0)
+            seen.append(tuple(r.dataset_version for r in res.datasets))
+
+    async def writer() -> None:
+        for i in range(60):
+            await env.ds.cutover(None, ORG, DAG, sets[1 + i % 2])
+            await asyncio.sleep(0)
+            if i % 3 == 0:
+                await env.ds.rollback(None, ORG, DAG)
+        stop.set()
+
+    await asyncio.gather(writer(), *(reader() for _ in range(8)))
+    assert len(seen) > 100
+    mixed = [s for s in seen if s not in allowed]
+    assert mixed == []
+    assert len(set(seen)) >= 2
+
+
+async def test_purge_refuses_active_and_pinned_versions_and_frees_storage(env: Env) -> None:
+    old = env.versions["blocks"]
+    fence, prefix = await _claim(env)
+    out = await _stage(env, f"{prefix}blocks/0_100.json", {"x": "y" * 100}, start=0, end=100)
+    await env.d.complete(_complete(fence, [out]))
+    await env.ds.promote_once()
+    with pytest.raises(errors.Conflict, match="active"):
+        await env.ds.purge(None, ORG, "blocks", old)
+    caller = await env.ds.user_caller(ORG, "dave")
+    pinned = await env.ds.resolve(caller, ORG, ["blocks"], pin_ttl_s=60)
+    new = await env.ds.open_version(None, ORG, "blocks")
+    await env.ds.cutover(None, ORG, DAG, {"blocks": new})
+    with pytest.raises(errors.Conflict, match="pinned"):
+        await env.ds.purge(None, ORG, "blocks", old)
+    await env.ds.release_pin(pinned.pin_id)
+    keys = env.sql("SELECT object_key, staged_key FROM dataset_partitions")[0]
+    report = await env.ds.purge(None, ORG, "blocks", old)
+    assert report.deleted_objects == 2 and report.freed_bytes == 2 * out["size"]
+    for k in keys:
+        with pytest.raises(errors.NotFound):
+            await env.store.head(k)
+    assert env.sql("SELECT state FROM dataset_versions WHERE dataset_version = %s",
+                   (old,)) == [("purged",)]
+    assert env.sql("SELECT count(*) FROM dataset_partitions") == [(0,)]
+    # the previous pointer set names the purged version: rollback refuses
+    with pytest.raises(errors.Conflict, match="purged"):
+        await env.ds.rollback(None, ORG, DAG)
+
+
+async def test_clean_staging_deletes_only_uncommitted_attempts_after_the_grace(
+        env: Env) -> None:
+    failed, failed_prefix = await _claim(env)
+    await _stage(env, f"{failed_prefix}blocks/0_100.json", {}, start=0, end=100)
+    env.sql("UPDATE tasks SET lease_expires_at = now() - interval '1s' WHERE task_id = %s",
+            (failed["task_id"],))
+    await env.d.reap_once()
+    new = await env.d.claim(failed["task_id"])
+    payload = await env.d.fetch(new.task_id, new.attempt)
+    ok = await _stage(env, f"{payload.staging_prefix}blocks/0_100.json", {}, start=0, end=100)
+    fence = {"task_id": new.task_id, "attempt": new.attempt, "lease_token": new.lease_token}
+    await env.d.complete(_complete(fence, [ok]))
+    assert (await env.ds.clean_staging(grace_s=3600)).attempts == 0  # inside the grace
+    report = await env.ds.clean_staging(grace_s=0)
+    assert report.attempts == 1 and report.deleted_objects == 1 and report.skipped == 1
+    assert await env.store.list(failed_prefix) == []
+    assert len(await env.store.list(payload.staging_prefix)) == 1  # committed, not promoted
+    await env.ds.promote_once()
+    report = await env.ds.clean_staging(grace_s=0)
+    assert report.attempts == 1 and report.deleted_objects == 1
+    assert len(await _live(env)) == 1
+    (row,) = await _live(env)
+    assert await env.store.head(row[3])  # readers read the promoted copy
