@@ -649,6 +649,13 @@ class Dispatcher:
         results: list[wire.CompleteResponse | errors.TraceError] = [
             errors.NotFound("no such task", field="task_id") for _ in reqs
         ]
+        # Output manifests are checked against the ObjectStore before the transaction and
+        # recorded inside it, behind the fence (trace_lite.datasets, trace_core.commit).
+        outputs: dict[int, Any] = {}
+        if any(r.outputs for r in reqs):
+            from trace_lite import datasets
+
+            outputs = await datasets.prepare_outputs(self.pool, self.object_store, reqs)
         async with self._tx() as cur:
             await cur.execute(Q["lock_tasks"], {"task_ids": list(by_task)})
             rows = await cur.fetchall()
@@ -674,8 +681,16 @@ class Dispatcher:
                     continue
                 if decision.replay:
                     results[i] = wire.CompleteResponse(r.task_id, r.attempt, view.state.value, True)
-                else:
-                    apply.append((i, decision))
+                    continue
+                if i in outputs:
+                    try:
+                        if isinstance(outputs[i], errors.TraceError):
+                            raise outputs[i]
+                        await datasets.apply_outputs(cur, r, outputs[i])
+                    except errors.TraceError as exc:
+                        results[i] = exc
+                        continue
+                apply.append((i, decision))
             if apply:
                 for i, _ in apply:
                     r = reqs[i]
