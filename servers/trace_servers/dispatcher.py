@@ -262,8 +262,12 @@ def make_app(
     platform_token: str,
     extra_routes: list[web.RouteDef] | None = None,
     credential_minter: CredentialMinter | None = None,
+    user_auth: Any | None = None,
 ) -> web.Application:
-    """The Dispatcher's aiohttp application (no background work: see ``run``)."""
+    """The Dispatcher's aiohttp application (no background work: see ``run``).
+
+    ``user_auth`` (a ``trace_lite.users.UserAuthenticator``) enables the user API
+    ``/v1/orgs/...`` (``trace_servers.datasets_api``); without it those routes answer 401."""
     if len(platform_token) < 16:
         raise errors.ValidationFailed("the platform credential must be at least 16 characters")
     app = web.Application(
@@ -296,6 +300,9 @@ def make_app(
             web.get("/metrics", metrics),
         ]
     )
+    from trace_servers import datasets_api
+
+    datasets_api.setup(app, dispatcher, user_auth)
     if extra_routes:
         app.add_routes(extra_routes)
     return app
