@@ -134,6 +134,11 @@ class DispatcherClient:
                                   json_body={"task_id": task_id, "worker_id": worker_id})
         return _lenient.structure(body, wire.ClaimResponse)
 
+    async def claim_many(self, task_ids: list[str], worker_id: str) -> wire.ClaimBatchResponse:
+        body = await self.request("POST", "/internal/task-claim", platform=True,
+                                  json_body={"task_ids": task_ids, "worker_id": worker_id})
+        return _lenient.structure(body, wire.ClaimBatchResponse)
+
     async def fetch(self, task_id: str, attempt: int | None = None) -> wire.TaskPayload:
         params = {"task_id": task_id}
         if attempt is not None:

@@ -23,6 +23,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from trace_core import errors, wire
+from trace_lite.batching import CompletionBatcher
 from trace_lite.dispatcher import Dispatcher
 from trace_servers import logs
 from trace_servers.http_errors import error_middleware, status_for
@@ -39,6 +40,7 @@ CAPABILITY_HEADER = "X-Trace-Task-Capability"
 DISPATCHER_KEY = web.AppKey("dispatcher", Dispatcher)
 PLATFORM_TOKEN_KEY = web.AppKey("platform_token", str)
 METRICS_KEY = web.AppKey("metrics", dict)
+BATCHER_KEY = web.AppKey("completion_batcher", CompletionBatcher)
 
 
 class CredentialMinter(Protocol):
@@ -127,7 +129,11 @@ async def authorize_task(request: web.Request, fence: wire.FenceFields) -> None:
 
 async def task_claim(request: web.Request) -> web.Response:
     require_platform(request)
-    req = await read_body(request, wire.ClaimRequest)
+    body = await read_json(request)
+    if isinstance(body, dict) and "task_ids" in body:
+        batch = wire.structure(body, wire.ClaimBatchRequest)
+        return ok(await request.app[DISPATCHER_KEY].claim_many(batch.task_ids, batch.worker_id))
+    req = wire.structure(body, wire.ClaimRequest)
     logs.bind(task_id=req.task_id)
     return ok(await request.app[DISPATCHER_KEY].claim(req.task_id, req.worker_id))
 
@@ -184,7 +190,7 @@ async def task_counts(request: web.Request) -> web.Response:
 
 
 def _task_route(
-    cls: type[Any], call: Callable[[Dispatcher, Any], Awaitable[Any]]
+    cls: type[Any], call: Callable[[web.Request, Any], Awaitable[Any]]
 ) -> Callable[[web.Request], Awaitable[web.Response]]:
     async def handler(request: web.Request) -> web.Response:
         # Authenticate before parsing in full: an anonymous caller learns nothing about shapes.
@@ -192,7 +198,7 @@ def _task_route(
             raise errors.Unauthenticated("missing X-Trace-Task-Capability")
         req = await read_body(request, cls)
         await authorize_task(request, req)
-        return ok(await call(request.app[DISPATCHER_KEY], req))
+        return ok(await call(request, req))
 
     return handler
 
@@ -211,6 +217,15 @@ async def task_credentials(request: web.Request) -> web.Response:
     return ok(await minter.mint(org_id=org_id, task_id=req.task_id,  # type: ignore[attr-defined]
                                 attempt=req.attempt, timeout_s=timeout_s, payload=payload,
                                 requested=req.read_prefixes))
+
+
+async def _complete(request: web.Request, req: wire.CompleteRequest) -> wire.CompleteResponse:
+    # group commit: concurrent completions share one transaction (trace_lite.batching)
+    return await request.app[BATCHER_KEY].complete(req)
+
+
+async def _close_batcher(app: web.Application) -> None:
+    await app[BATCHER_KEY].close()
 
 
 # --- operations ------------------------------------------------------------------------------
@@ -276,6 +291,8 @@ def make_app(
     app[DISPATCHER_KEY] = dispatcher
     app[PLATFORM_TOKEN_KEY] = platform_token
     app[METRICS_KEY] = _metrics()
+    app[BATCHER_KEY] = CompletionBatcher(dispatcher)
+    app.on_cleanup.append(_close_batcher)
     if credential_minter is not None:
         app[MINTER_KEY] = credential_minter
     app.add_routes(
@@ -287,13 +304,16 @@ def make_app(
             web.post("/internal/admin/tasks/{task_id}/cancel", cancel_task),
             web.get("/internal/admin/counts", task_counts),
             web.post("/v1/task/heartbeat",
-                     _task_route(wire.HeartbeatRequest, lambda d, r: d.heartbeat(r))),
+                     _task_route(wire.HeartbeatRequest,
+                                 lambda q, r: q.app[DISPATCHER_KEY].heartbeat(r))),
             web.post("/v1/task/events",
-                     _task_route(wire.EventsRequest, lambda d, r: d.emit_events(r))),
+                     _task_route(wire.EventsRequest,
+                                 lambda q, r: q.app[DISPATCHER_KEY].emit_events(r))),
             web.post("/v1/task/buffer-publish",
-                     _task_route(wire.BufferPublishRequest, lambda d, r: d.publish_buffer(r))),
+                     _task_route(wire.BufferPublishRequest,
+                                 lambda q, r: q.app[DISPATCHER_KEY].publish_buffer(r))),
             web.post("/v1/task/complete",
-                     _task_route(wire.CompleteRequest, lambda d, r: d.complete(r))),
+                     _task_route(wire.CompleteRequest, _complete)),
             web.post("/v1/task/credentials", task_credentials),
             web.get("/healthz", healthz),
             web.get("/readyz", readyz),

@@ -88,6 +88,9 @@ class TaskContext:
 
 Operator = Callable[[TaskContext], Awaitable[dict[str, Any] | None]]
 
+#: Claim refusals after which a wake-up is useless (the task runs elsewhere, ended or is gone).
+_FINAL_REFUSALS = frozenset({"task_not_claimable", "task_canceled", "not_found"})
+
 
 class NonRetryableError(Exception):
     """An operator raises this for a failure retrying cannot fix."""
@@ -110,6 +113,8 @@ class Worker:
     stats: dict[str, int] = attrs.field(factory=lambda: dict.fromkeys(
         ("received", "claimed", "succeeded", "failed", "canceled", "skipped", "lease_lost"), 0))
     _inflight: set[asyncio.Task[None]] = attrs.field(factory=set)
+    _acks: list[str] = attrs.field(factory=list)
+    _ack_flusher: asyncio.Task[None] | None = None
 
     async def run(self, stop: asyncio.Event) -> None:
         """Work until ``stop`` is set, then drain in-flight tasks (see the module docstring)."""
@@ -140,12 +145,11 @@ class Worker:
                 log.warning("receive failed", extra={"error": str(exc)})
                 await asyncio.sleep(0.5)
                 continue
-            for message in messages:
-                self.stats["received"] += 1
-                task = asyncio.create_task(self._handle(message))
-                self._inflight.add(task)
-                task.add_done_callback(self._inflight.discard)
+            if messages:
+                self.stats["received"] += len(messages)
+                await self._claim_and_start(messages)
         await self._drain()
+        await self._flush_acks()
 
     async def _drain(self) -> None:
         if not self._inflight:
@@ -157,42 +161,73 @@ class Worker:
         if pending:
             await asyncio.wait(pending, timeout=30)
 
-    async def _handle(self, message: ReceivedMessage) -> None:
-        try:
-            task_id = str(json.loads(message.body)["task_id"])
-        except (ValueError, KeyError, TypeError):
-            log.warning("dropping malformed wake-up", extra={"message_id": message.message_id})
-            await self._delete(message)
+    async def _claim_and_start(self, messages: list[ReceivedMessage]) -> None:
+        """Claim every woken task of one receive in a single call, then start the attempts.
+
+        Malformed wake-ups and duplicates within the batch are acknowledged at once; a task the
+        Dispatcher refuses for good (running elsewhere, finished, canceled, unknown) has its
+        wake-up acknowledged; any other refusal leaves the wake-up to reappear.
+        """
+        by_task: dict[str, ReceivedMessage] = {}
+        for message in messages:
+            try:
+                task_id = str(json.loads(message.body)["task_id"])
+            except (ValueError, KeyError, TypeError):
+                log.warning("dropping malformed wake-up",
+                            extra={"message_id": message.message_id})
+                self._delete(message)
+                continue
+            if task_id in by_task:
+                self.stats["skipped"] += 1
+                self._delete(message)  # a duplicate wake-up in the same batch
+            else:
+                by_task[task_id] = message
+        if not by_task:
             return
         try:
-            claim = await self.client.claim(task_id, self.worker_id)
-        except (errors.TaskNotClaimable, errors.TaskCanceled, errors.NotFound,
-                errors.InvalidRequest):
-            self.stats["skipped"] += 1
-            await self._delete(message)
+            batch = await self.client.claim_many(list(by_task), self.worker_id)
+        except errors.InvalidRequest as exc:
+            log.warning("claim refused", extra={"error": str(exc)})
+            for message in by_task.values():
+                self._delete(message)
             return
         except errors.TraceError as exc:
-            log.warning("claim failed; the wake-up will reappear",
-                        extra={"task_id": task_id, "error": str(exc)})
+            log.warning("claim failed; the wake-ups will reappear", extra={"error": str(exc)})
             return
-        self.stats["claimed"] += 1
-        await self._run_attempt(claim, message)
+        for refusal in batch.refused:
+            if refusal.error in _FINAL_REFUSALS:
+                self.stats["skipped"] += 1
+                self._delete(by_task[refusal.task_id])
+        for grant in batch.claims:
+            self.stats["claimed"] += 1
+            task = asyncio.create_task(
+                self._run_attempt(grant.claim, by_task[grant.claim.task_id], grant.task)
+            )
+            self._inflight.add(task)
+            task.add_done_callback(self._inflight.discard)
 
-    async def _run_attempt(self, claim: wire.ClaimResponse, message: ReceivedMessage) -> None:
+    async def _run_attempt(
+        self,
+        claim: wire.ClaimResponse,
+        message: ReceivedMessage,
+        task: wire.TaskPayload | None = None,
+    ) -> None:
         fence = {"task_id": claim.task_id, "attempt": claim.attempt,
                  "lease_token": claim.lease_token}
         extra = {"task_id": claim.task_id, "attempt": claim.attempt}
         token = [claim.capability_token]
-        try:
-            task = await self.client.fetch(claim.task_id, claim.attempt)
-        except errors.TraceError as exc:
-            log.warning("fetch failed; the lease will expire", extra={**extra, "error": str(exc)})
-            return
+        if task is None:
+            try:
+                task = await self.client.fetch(claim.task_id, claim.attempt)
+            except errors.TraceError as exc:
+                log.warning("fetch failed; the lease will expire",
+                            extra={**extra, "error": str(exc)})
+                return
         if task.status == "canceled":
             with contextlib.suppress(errors.TraceError):
                 await self.client.complete(token[0], fence, outcome="canceled")
             self.stats["canceled"] += 1
-            await self._delete(message)
+            self._delete(message)
             return
         operator = self.operators.get(task.operator)
         ctx = TaskContext(task, claim.attempt, self.client, self.store, fence, token)
@@ -226,7 +261,7 @@ class Worker:
                     self.stats["canceled"] += 1
                 else:
                     self.stats["lease_lost"] += 1
-                await self._delete(message)
+                self._delete(message)
                 return
             beat.cancel()
             outcome: dict[str, Any] = {
@@ -256,7 +291,7 @@ class Worker:
             log.warning("completion failed; the lease will expire",
                         extra={**extra, "error": str(exc)})
             return
-        await self._delete(message)
+        self._delete(message)
 
     async def _call(self, operator: Operator | None, ctx: TaskContext) -> dict[str, Any] | None:
         if operator is None:
@@ -285,6 +320,20 @@ class Worker:
             with contextlib.suppress(errors.TraceError):
                 await self.queue.extend_visibility(message.receipt, self.visibility_s)
 
-    async def _delete(self, message: ReceivedMessage) -> None:
-        with contextlib.suppress(errors.TraceError):
-            await self.queue.delete([message.receipt])
+    def _delete(self, message: ReceivedMessage) -> None:
+        """Acknowledge a wake-up; acknowledgements are deleted in batches."""
+        self._acks.append(message.receipt)
+        if self._ack_flusher is None or self._ack_flusher.done():
+            self._ack_flusher = asyncio.create_task(self._ack_soon())
+
+    async def _ack_soon(self) -> None:
+        await asyncio.sleep(0.005)  # let acknowledgements of the same moment join
+        await self._flush_acks()
+
+    async def _flush_acks(self) -> None:
+        while self._acks:
+            receipts, self._acks = self._acks[:10], self._acks[10:]
+            try:
+                await self.queue.delete(receipts)
+            except errors.TraceError as exc:  # harmless: those wake-ups reappear and are skipped
+                log.warning("ack failed", extra={"error": str(exc), "count": len(receipts)})

@@ -19,7 +19,7 @@ METHODS = {"get", "post", "put", "patch", "delete"}
 
 #: Request body schema of each JSON route (a ``oneOf`` lists several).
 REQUEST_SCHEMAS = {
-    ("POST", "/internal/task-claim"): {"ClaimRequest"},
+    ("POST", "/internal/task-claim"): {"ClaimRequest", "ClaimBatchRequest"},
     ("POST", "/internal/admin/tasks"): {"CreateTaskRequest", "CreateTasksRequest"},
     ("POST", "/v1/task/heartbeat"): {"HeartbeatRequest"},
     ("POST", "/v1/task/events"): {"EventsRequest"},

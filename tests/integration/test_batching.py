@@ -1,0 +1,76 @@
+"""Batch claims and group-committed completions on real Postgres."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import pytest
+
+from trace_core import errors, wire
+from trace_core.testing import MemoryQueue, MemorySigner
+from trace_lite.batching import CompletionBatcher
+from trace_lite.dispatcher import Dispatcher, open_pool
+
+
+@pytest.fixture
+async def dispatcher(db_url: str) -> AsyncIterator[Dispatcher]:
+    pool = await open_pool(db_url, min_size=1, max_size=4)
+    try:
+        yield Dispatcher(pool, signer=MemorySigner(), queue=MemoryQueue("tasks"))
+    finally:
+        await pool.close()
+
+
+async def test_claim_many_claims_what_it_can_and_says_why_not(dispatcher: Dispatcher) -> None:
+    infos = await dispatcher.create_tasks([wire.CreateTaskRequest(operator="noop", payload={"i": i})
+                                           for i in range(5)])
+    ids = [i.task_id for i in infos]
+    await dispatcher.cancel(ids[0])
+    await dispatcher.claim(ids[1])
+    missing = "00000000-0000-4000-8000-000000000000"
+    batch = await dispatcher.claim_many([*ids, ids[2], missing], "w")
+    assert sorted(g.claim.task_id for g in batch.claims) == sorted(ids[2:])
+    assert {r.task_id: r.error for r in batch.refused} == {
+        ids[0]: "task_canceled", ids[1]: "task_not_claimable", missing: "not_found"}
+    for g in batch.claims:
+        assert g.task.status == "running" and g.task.attempt == g.claim.attempt == 1
+        assert g.task.payload["i"] in (2, 3, 4)
+        assert g.task.staging_prefix.endswith(f"/task/{g.claim.task_id}/attempt/1/")
+        claims = await dispatcher.authorize(g.claim.capability_token, g.claim.task_id, 1)
+        assert claims.task_id == g.claim.task_id
+
+
+async def test_group_commit_batches_concurrent_completions(dispatcher: Dispatcher) -> None:
+    await dispatcher.create_tasks([wire.CreateTaskRequest(operator="noop") for _ in range(60)])
+    grants = await dispatcher.claim_next(60)
+    batcher = CompletionBatcher(dispatcher)
+    reqs = [wire.CompleteRequest(task_id=g.task_id, attempt=g.attempt,
+                                 lease_token=g.lease_token) for g in grants]
+    stale = wire.CompleteRequest(task_id=grants[0].task_id, attempt=1,
+                                 lease_token="00000000-0000-4000-8000-000000000000")
+    twice = reqs[1]
+    results = await asyncio.gather(*(batcher.complete(r) for r in [*reqs, stale, twice]),
+                                   return_exceptions=True)
+    await batcher.close()
+    assert all(isinstance(r, wire.CompleteResponse) and r.state == "completed"
+               for r in results[:60])
+    assert isinstance(results[60], errors.LeaseLost)
+    assert isinstance(results[61], wire.CompleteResponse) and results[61].replay
+    assert len(batcher.batch_sizes) < 10  # 62 requests, a handful of transactions
+    assert sum(batcher.batch_sizes) == 62
+    assert await dispatcher.counts() == {"completed": 60}
+
+
+async def test_group_commit_reports_a_failed_transaction_to_every_caller() -> None:
+    class Down:
+        async def complete_many(self, reqs: list[wire.CompleteRequest]) -> list[object]:
+            raise errors.Unavailable("database down")
+
+    batcher = CompletionBatcher(Down())  # type: ignore[arg-type]
+    reqs = [wire.CompleteRequest(task_id=f"00000000-0000-4000-8000-00000000000{i}", attempt=1,
+                                 lease_token="00000000-0000-4000-8000-000000000000")
+            for i in range(3)]
+    results = await asyncio.gather(*(batcher.complete(r) for r in reqs), return_exceptions=True)
+    await batcher.close()
+    assert all(isinstance(r, errors.Unavailable) for r in results)
