@@ -35,16 +35,17 @@ USER_AUTH_KEY = web.AppKey("user_auth", object)
 def setup(app: web.Application, dispatcher: Any, user_auth: UserAuthenticator | None) -> None:
     """Mount the routes; the ``Datasets`` service is built lazily from the Dispatcher's pool."""
     app[USER_AUTH_KEY] = user_auth
-    app[DATASETS_KEY] = dispatcher
+    app[DATASETS_KEY] = {"dispatcher": dispatcher, "service": None}
     app.add_routes(routes())
 
 
 def _service(request: web.Request) -> Datasets:
-    held = request.app[DATASETS_KEY]
-    if not isinstance(held, Datasets):
-        held = Datasets(held.pool, object_store=held.object_store)
-        request.app[DATASETS_KEY] = held
-    return held
+    holder: dict[str, Any] = request.app[DATASETS_KEY]  # type: ignore[assignment]
+    if holder["service"] is None:
+        d = holder["dispatcher"]
+        holder["service"] = Datasets(d.pool, object_store=d.object_store)
+    service: Datasets = holder["service"]
+    return service
 
 
 async def _caller(request: web.Request) -> UserCaller:
