@@ -139,7 +139,7 @@ def _bearer(token: str) -> dict[str, str]:
 
 
 async def test_user_api_over_http(api: tuple[TestClient, LocalUserIssuer, Dispatcher]) -> None:
-    c, issuer, d = api
+    c, issuer, _ = api
     alice, bob, ann = (issuer.token(s) for s in ("alice", "bob", "ann"))
     r = await c.get(f"/v1/orgs/{ORG}/datasets", headers=_bearer(alice))
     assert r.status == 200
