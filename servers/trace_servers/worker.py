@@ -56,6 +56,8 @@ class TaskContext:
     _token: list[str]  # boxed: the heartbeat renews it
     #: Events to bundle atomically with the completion.
     final_events: list[dict[str, Any]] = attrs.field(factory=list)
+    #: The output manifest committed with a successful completion (``stage_output``).
+    outputs: list[dict[str, Any]] = attrs.field(factory=list)
 
     @property
     def payload(self) -> dict[str, Any]:
@@ -84,6 +86,19 @@ class TaskContext:
             "sha256": hashlib.sha256(data).hexdigest(),
         }
         return await self._client.buffer_publish(self._token[0], self._fence, batch)
+
+    async def stage_output(self, dataset: str, name: str, data: bytes,
+                           partition: dict[str, Any]) -> dict[str, Any]:
+        """Write ``data`` under the attempt's staging prefix and add it to the output manifest
+        committed with the completion (``partition``: ``{"start", "end"}`` or ``{"key"}``)."""
+        if self._store is None:
+            raise errors.Unavailable("this worker has no object store")
+        object_key = f"{self.task.staging_prefix}out/{dataset}/{name}"
+        info = await self._store.put(object_key, data)
+        entry = {"dataset": dataset, "object_key": object_key, "size": info.size,
+                 "sha256": info.sha256, "partition": partition}
+        self.outputs.append(entry)
+        return entry
 
 
 Operator = Callable[[TaskContext], Awaitable[dict[str, Any] | None]]
@@ -274,6 +289,8 @@ class Worker:
             if exc is None:
                 outcome = {"outcome": "succeeded", "result": run.result(),
                            "final_events": ctx.final_events}
+                if ctx.outputs:
+                    outcome["outputs"] = ctx.outputs
             elif isinstance(exc, NonRetryableError):
                 outcome = {"outcome": "failed", "retryable": False,
                            "error": {"code": "operator_error", "message": str(exc)[:1000]}}
