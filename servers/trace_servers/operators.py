@@ -6,6 +6,7 @@ Each is ``async def op(ctx: TaskContext) -> dict | None``; payload fields are do
 from __future__ import annotations
 
 import asyncio
+import json
 from typing import Any
 
 from trace_servers.worker import NonRetryableError, Operator, TaskContext
@@ -64,7 +65,22 @@ async def demo(ctx: TaskContext) -> dict[str, Any] | None:
     return {"rows": len(rows), "events": n + 1}
 
 
+async def stage_output(ctx: TaskContext) -> dict[str, Any] | None:
+    """Stages one JSON object for ``payload.dataset`` covering blocks ``[start, end)`` and
+    commits it with the completion. ``payload.hang_first_s`` makes attempt 1 sleep that long
+    after staging (so tests can kill the worker between staging and completing)."""
+    start, end = int(ctx.payload.get("start", 0)), int(ctx.payload.get("end", 100))
+    body = json.dumps({"task_id": ctx.task.task_id, "attempt": ctx.attempt,
+                       "blocks": [start, end]}, sort_keys=True).encode()
+    await ctx.stage_output(str(ctx.payload.get("dataset", "blocks")), f"{start}_{end}.json",
+                           body, {"start": start, "end": end})
+    if ctx.attempt == 1 and ctx.payload.get("hang_first_s"):
+        await asyncio.sleep(float(ctx.payload["hang_first_s"]))
+    return {"staged": 1}
+
+
 BUILTIN: dict[str, Operator] = {
+    "stage_output": stage_output,
     "noop": noop,
     "emit_events": emit_events,
     "fail_first_attempt": fail_first_attempt,
