@@ -66,8 +66,12 @@ async def _run_dispatcher(settings: LiteSettings, state_url: str) -> None:
     dispatcher = Dispatcher(pool, signer=parts.signer, queue=queue,
                             object_store=parts.object_store,
                             lease=settings.lease, retry=settings.retry)
+    from trace_lite.datasets import Datasets
+    from trace_lite.users import UserAuthenticator
+
     app = make_app(dispatcher, platform_token=settings.platform_token,
-                   extra_routes=parts.extra_routes, credential_minter=parts.credential_minter)
+                   extra_routes=parts.extra_routes, credential_minter=parts.credential_minter,
+                   user_auth=UserAuthenticator.from_env(settings.key_dir))
     runner = web.AppRunner(app, access_log=None, handle_signals=False)
     await runner.setup()
     site = web.TCPSite(runner, settings.dispatcher_host, settings.dispatcher_port,
@@ -78,9 +82,13 @@ async def _run_dispatcher(settings: LiteSettings, state_url: str) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     log.info("dispatcher listening", extra={"url": settings.dispatcher_url})
+    # dataset promotion + staging sweep (grace: TRACE_STAGING_GRACE_S, default 1 h)
+    sweep = asyncio.create_task(Datasets(pool, object_store=parts.object_store).run_background(
+        stop, grace_s=float(os.environ.get("TRACE_STAGING_GRACE_S", "3600"))))
     try:
         await dispatcher.run_background(stop)
     finally:
+        await sweep
         await runner.cleanup()
         await parts.close()
         await pool.close()
@@ -413,13 +421,27 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--force", action="store_true")
     g = sub.add_parser("pg", help="embedded Postgres")
     g.add_argument("pg_cmd", choices=["start", "stop", "url"])
+    from trace_servers import datasets_cli
+
+    datasets_cli.add_parsers(sub)
     return p
 
 
 COMMANDS = {
     "migrate": cmd_migrate, "dispatcher": cmd_dispatcher, "worker": cmd_worker, "up": cmd_up,
     "demo": cmd_demo, "task": cmd_task, "keys": cmd_keys, "pg": cmd_pg,
+    "users": lambda s, a: _datasets_cli("users", s, a),
+    "datasets": lambda s, a: _datasets_cli("datasets", s, a),
 }
+
+
+def _datasets_cli(which: str, settings: LiteSettings, args: argparse.Namespace) -> int:
+    from trace_servers import datasets_cli
+
+    state_url = _urls(settings)[0] if which == "datasets" or args.users_cmd != "token" else ""
+    if which == "users":
+        return datasets_cli.cmd_users(settings, args, state_url)
+    return datasets_cli.cmd_datasets(settings, args, state_url)
 
 
 def main(argv: list[str] | None = None) -> int:
