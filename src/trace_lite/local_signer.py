@@ -94,6 +94,10 @@ class _Loaded:
         self.fingerprint = fingerprint
 
 
+#: How often signing re-reads the key files for rotations made by other processes.
+RECHECK_S = 1.0
+
+
 class FileSigner:
     """A ``Signer`` over Ed25519 PEM files in ``key_dir``.
 
@@ -114,6 +118,9 @@ class FileSigner:
         self._min_publish_s = min_publish_s
         self._grace_s = grace_s
         self._loaded: _Loaded | None = None
+        self._checked_at = 0.0
+        #: Signing picks up another process's rotation within this many seconds.
+        self.recheck_s = RECHECK_S
 
     @classmethod
     def init(
@@ -206,9 +213,18 @@ class FileSigner:
 
     async def _load(self) -> _Loaded:
         try:
-            return await asyncio.to_thread(self._load_sync)
+            loaded = await asyncio.to_thread(self._load_sync)
         except OSError as exc:
             raise SignerError(f"cannot read signing keys: {exc.strerror or exc}") from exc
+        self._checked_at = time.monotonic()
+        return loaded
+
+    async def _load_for_signing(self) -> _Loaded:
+        # Signing sits on the claim path: re-read the key files (another process may have
+        # rotated) at most once per RECHECK_S instead of a thread hop and stats per token.
+        if self._loaded is not None and time.monotonic() - self._checked_at < self.recheck_s:
+            return self._loaded
+        return await self._load()
 
     async def ring(self) -> KeyRing:
         """The current rotation state, read from the files. Raises ``SignerError``."""
@@ -260,7 +276,7 @@ class FileSigner:
 
         Raises ``SignerError`` if the key is missing or unreadable.
         """
-        loaded = await self._load()
+        loaded = await self._load_for_signing()
         kid = loaded.ring.signing_kid(self._clock())
         return kid, ALGORITHM, sign_jws(loaded.private[kid], signing_input)
 

@@ -139,6 +139,7 @@ async def test_rotation_by_another_process_is_picked_up(tmp_path: Path, clock: _
     key_dir = tmp_path / "keys"
     a = FileSigner.init(key_dir, clock=clock)
     b = FileSigner(key_dir, clock=clock)
+    a.recheck_s = 0.0  # signing re-reads the files at most every recheck_s (default 1 s)
     kid_before, _, _ = await a.sign(b"x")
     assert (await b.sign(b"x"))[0] == kid_before
     b.rotate(force=True)
