@@ -191,7 +191,7 @@ async def main_async(args: argparse.Namespace) -> int:
         for w in (1, 2):
             await b.scenario(
                 f"trace dispatcher HTTP, {w} worker proc{'s' if w > 1 else ''}", "trace-http",
-                "cli dispatcher + cli worker --concurrency 10; EdDSA tokens",
+                "cli dispatcher + cli worker --concurrency 64; EdDSA tokens",
                 rate=lambda u, w=w: trace_http.throughput(u, p["n_http"], workers=w),
                 lat=(lambda u: trace_http.latency(u, p["lat"] // 3)) if w == 1 else None,
                 trace_schema=True)

@@ -113,7 +113,7 @@ async def _is_zero(probe: Any) -> bool:
     return await probe() == 0
 
 
-async def throughput(url: str, n: int, *, workers: int, concurrency: int = 10,
+async def throughput(url: str, n: int, *, workers: int, concurrency: int = 64,
                      create_batch: int = 1000) -> dict[str, float]:
     """Jobs/s from the first HTTP create to the last completion; Dispatcher RSS."""
     left = await count(url, UNFINISHED)
@@ -132,7 +132,7 @@ async def throughput(url: str, n: int, *, workers: int, concurrency: int = 10,
         await left.conn.close()  # type: ignore[attr-defined]
 
 
-async def backlog(url: str, queued: int, *, workers: int, concurrency: int = 10,
+async def backlog(url: str, queued: int, *, workers: int, concurrency: int = 64,
                   window_s: float = 10.0) -> dict[str, float]:
     """Throughput over a fixed window with ``queued`` tasks already waiting; Dispatcher RSS.
 
