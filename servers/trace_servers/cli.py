@@ -66,6 +66,8 @@ async def _run_dispatcher(settings: LiteSettings, state_url: str) -> None:
     dispatcher = Dispatcher(pool, signer=parts.signer, queue=queue,
                             object_store=parts.object_store,
                             lease=settings.lease, retry=settings.retry)
+    if parts.launcher_factory is not None:
+        dispatcher.launcher = parts.launcher_factory(dispatcher)
     from trace_lite.datasets import Datasets
     from trace_lite.users import UserAuthenticator
 

@@ -16,6 +16,8 @@ AWS profile environment (Postgres stays ``TRACE_DATABASE_URL``):
 ``TRACE_KMS_NEXT_KEY``              the published next key (optional)
 ``TRACE_STS_ROLE_ARN``              role assumed for attempt-scoped credentials (optional;
                                     without it ``/v1/task/credentials`` answers ``not_found``)
+``TRACE_LAMBDA_FUNCTION``           the platform-managed runner invoked for ``runtime: lambda``
+                                    tasks (optional; without it they wait in the outbox)
 ==================================  =========================================================
 """
 
@@ -45,6 +47,8 @@ class DispatcherParts:
     object_store: ObjectStore
     extra_routes: list[Any] = attrs.field(factory=list)
     credential_minter: Any | None = None
+    #: Builds the launcher of ``runtime: lambda`` tasks for the Dispatcher (AWS profile only).
+    launcher_factory: Callable[[Any], Any] | None = None
     closers: list[Closer] = attrs.field(factory=list)
 
     async def close(self) -> None:
@@ -113,6 +117,11 @@ async def dispatcher_parts(settings: LiteSettings, pool: Any,
             minter = StsCredentialMinter(e["TRACE_STS_ROLE_ARN"], store.bucket, root=store.root)
             parts.credential_minter = minter
             parts.closers.append(minter.close)
+        if e.get("TRACE_LAMBDA_FUNCTION"):
+            from trace_aws.lambda_invoker import LambdaInvoker, LambdaLauncher
+
+            invoker = LambdaInvoker(e["TRACE_LAMBDA_FUNCTION"])
+            parts.launcher_factory = lambda d: LambdaLauncher(d, invoker, store)
         return parts
     from trace_lite.local_signer import FileSigner
     from trace_lite.local_store import LocalObjectStore, object_routes

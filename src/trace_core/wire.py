@@ -333,6 +333,9 @@ class CreateTaskRequest:
     idempotency_key: str | None = attrs.field(
         default=None, validator=attrs.validators.optional(_event_key)
     )
+    #: Where the task runs: a platform worker (woken through the queue) or Lambda (invoked by
+    #: the Dispatcher with the full payload).
+    runtime: Literal["worker", "lambda"] = "worker"
 
 
 @attrs.frozen

@@ -23,7 +23,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
 from datetime import datetime
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import attrs
 import psycopg
@@ -55,6 +55,14 @@ Q = sqlfile.load("tasks.sql")
 
 #: The outbox topic of task wake-ups; the publisher sends them to the task queue.
 WAKE_TOPIC = "wake"
+#: The outbox topic of ``runtime: lambda`` tasks; the publisher claims and invokes them.
+INVOKE_TOPIC = "invoke"
+
+
+class Launcher(Protocol):
+    """Starts ``runtime: lambda`` tasks (``trace_aws.lambda_invoker.LambdaLauncher``)."""
+
+    async def launch(self, task_id: str) -> object: ...
 
 WakeMode = Literal["queue", "notify"]
 
@@ -145,6 +153,8 @@ class Dispatcher:
         self.token_policy = token_policy
         self.outbox_policy = outbox_policy
         self.wake_mode: WakeMode = wake_mode
+        #: Launches ``runtime: lambda`` tasks; set by the AWS profile (``None`` in Lite).
+        self.launcher: Launcher | None = None
         self._rand = rand
         self.verifier = TokenVerifier(signer, token_policy)
         self.issuer = TokenIssuer(signer)
@@ -226,6 +236,7 @@ class Dispatcher:
                 "timeouts": [r.timeout_s for r in requests],
                 "delays": [r.delay_s for r in requests],
                 "idempotency_keys": [r.idempotency_key for r in requests],
+                "runtimes": [r.runtime for r in requests],
             }
             await cur.execute(Q["insert_tasks"], params)
             rows = await cur.fetchall()
@@ -782,7 +793,7 @@ class Dispatcher:
 
     async def publish_outbox_once(self) -> int:
         """Publish one batch of due outbox rows; returns how many were published."""
-        if self.queue is None:
+        if self.queue is None and self.launcher is None:
             return 0
         async with self._tx() as cur:
             await cur.execute(Q["claim_outbox"], {"n": self.outbox_policy.batch_size})
@@ -790,37 +801,58 @@ class Dispatcher:
             if not rows:
                 return 0
             wakes = [r for r in rows if r[1] == WAKE_TOPIC]
-            other = [r for r in rows if r[1] != WAKE_TOPIC]
-            try:
-                if wakes:
+            invokes = [r for r in rows if r[1] == INVOKE_TOPIC]
+            other = [r for r in rows if r[1] not in (WAKE_TOPIC, INVOKE_TOPIC)]
+            failed: list[tuple[Any, str]] = []
+            if wakes:
+                try:
                     await self.queue.send(
                         [json.dumps({"task_id": r[2]["task_id"]}).encode() for r in wakes]
                     )
-            except errors.TraceError as exc:
+                except errors.TraceError as exc:
+                    failed += [(r, f"{type(exc).__name__}: {exc}") for r in wakes]
+                    wakes = []
+            launched: list[Any] = []
+            if invokes:
+                if self.launcher is None:
+                    failed += [(r, "no Lambda launcher configured") for r in invokes]
+                else:
+                    # runtime: lambda -- the Dispatcher claims and invokes with the full payload
+                    results = await asyncio.gather(
+                        *(self.launcher.launch(r[2]["task_id"]) for r in invokes),
+                        return_exceptions=True,
+                    )
+                    for r, res in zip(invokes, results, strict=True):
+                        if isinstance(res, BaseException):
+                            failed.append((r, f"{type(res).__name__}: {res}"))
+                        else:
+                            launched.append(r)
+            if failed:
                 now = rows[0][-1]
                 decisions = [
                     outbox_sm.decide_send_failed(
                         outbox_sm.OutboxState.PENDING, r[3], now=now,
                         policy=self.outbox_policy, rand=self._rand(),
                     )
-                    for r in wakes
+                    for r, _ in failed
                 ]
                 await cur.execute(
                     Q["outbox_failed"],
-                    {"ids": [r[0] for r in wakes], "states": [d.state.value for d in decisions],
+                    {"ids": [r[0] for r, _ in failed],
+                     "states": [d.state.value for d in decisions],
                      "tries": [d.tries for d in decisions],
                      "available_ats": [d.available_at for d in decisions],
-                     "error": f"{type(exc).__name__}: {exc}"},
+                     "error": failed[0][1]},
                 )
-                log.warning("outbox send failed", extra={"error": str(exc), "rows": len(wakes)})
-                wakes = []
+                log.warning("outbox send failed", extra={"error": failed[0][1],
+                                                         "rows": len(failed)})
             # Topics without a consumer yet (buffer:<dataset>, drained by the sink in a later
             # milestone) are marked published: their rows stay in the buffer_batches table.
-            sent = wakes + other
+            sent = wakes + launched + other
             for r in sent:
                 outbox_sm.decide_sent(outbox_sm.OutboxState.PENDING, r[3])
             await cur.execute(Q["outbox_published"], {"ids": [r[0] for r in sent]})
-            return len(wakes)
+            return len(wakes) + len(launched)
 
     async def run_background(
         self, stop: asyncio.Event, *, reap_every_s: float = 0.5, outbox: bool = True

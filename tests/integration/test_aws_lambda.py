@@ -148,3 +148,37 @@ async def test_failed_invoke_times_out_and_the_reaper_retries(db_url: str,
     finally:
         await invoker.close()
         await pool.close()
+
+
+async def test_runtime_lambda_tasks_are_invoked_by_the_outbox_publisher(
+        fake: FakeLambda, db_url: str) -> None:
+    """A ``runtime: lambda`` task is never put on the worker queue: the Dispatcher's outbox
+    publisher claims it and invokes the function with the full payload."""
+    d, pool = await _dispatcher(db_url)
+    try:
+        d.launcher = LambdaLauncher(d, _invoker(fake), MemoryObjectStore())
+        (lam,) = await d.create_tasks([wire.CreateTaskRequest(operator="udf", runtime="lambda",
+                                                              payload={"x": 1})])
+        (wrk,) = await d.create_tasks([wire.CreateTaskRequest(operator="noop")])
+        assert await d.publish_outbox_once() == 2
+        assert [i["body"]["task_id"] for i in fake.invocations] == [lam.task_id]
+        body = fake.invocations[0]["body"]
+        assert body["attempt"] == 1 and body["payload"] == {"x": 1} and body["capability_token"]
+        assert fake.invocations[0]["headers"]["X-Amz-Invocation-Type"] == "Event"
+        assert d.queue is not None
+        msgs = await d.queue.receive(max_messages=10)
+        assert [json.loads(m.body)["task_id"] for m in msgs] == [wrk.task_id]
+        assert (await d.get_task(lam.task_id))["state"] == "running"
+    finally:
+        await pool.close()
+
+
+async def test_lambda_tasks_wait_in_the_outbox_without_a_launcher(db_url: str) -> None:
+    d, pool = await _dispatcher(db_url)
+    try:
+        (lam,) = await d.create_tasks([wire.CreateTaskRequest(operator="udf", runtime="lambda")])
+        assert await d.publish_outbox_once() == 0
+        task = await d.get_task(lam.task_id)
+        assert task["state"] == "queued" and task["attempts"] == []
+    finally:
+        await pool.close()

@@ -11,15 +11,16 @@ RETURNING org_id;
 -- name: insert_tasks
 -- Insert new tasks, queued (or pending when delayed); idempotency-key duplicates are skipped.
 INSERT INTO tasks (task_id, org_id, operator, payload, state, max_attempts, timeout_s,
-                   available_at, idempotency_key)
+                   available_at, idempotency_key, runtime)
 SELECT c.task_id, c.org_id, c.operator, c.payload,
        CASE WHEN c.delay_s > 0 THEN 'pending' ELSE 'queued' END,
        c.max_attempts, c.timeout_s,
-       now() + make_interval(secs => c.delay_s), c.idempotency_key
+       now() + make_interval(secs => c.delay_s), c.idempotency_key, c.runtime
 FROM unnest(%(task_ids)s::uuid[], %(org_ids)s::uuid[], %(operators)s::text[],
             %(payloads)s::jsonb[], %(max_attempts)s::int[], %(timeouts)s::int[],
-            %(delays)s::float8[], %(idempotency_keys)s::text[])
-     AS c(task_id, org_id, operator, payload, max_attempts, timeout_s, delay_s, idempotency_key)
+            %(delays)s::float8[], %(idempotency_keys)s::text[], %(runtimes)s::text[])
+     AS c(task_id, org_id, operator, payload, max_attempts, timeout_s, delay_s, idempotency_key,
+          runtime)
 ON CONFLICT (org_id, idempotency_key) DO NOTHING
 RETURNING task_id, org_id, operator, state, attempt, max_attempts;
 
@@ -31,10 +32,13 @@ WHERE (org_id, idempotency_key) IN (
     SELECT * FROM unnest(%(org_ids)s::uuid[], %(idempotency_keys)s::text[]));
 
 -- name: insert_wakes
--- Outbox rows that wake a worker for each task, written in the caller's transaction.
+-- Outbox rows that start each task, written in the caller's transaction: a queue wake-up for
+-- worker tasks, an invoke for runtime: lambda tasks.
 INSERT INTO outbox (topic, payload, available_at)
-SELECT %(topic)s, jsonb_build_object('task_id', t::text), now()
-FROM unnest(%(task_ids)s::uuid[]) AS t;
+SELECT CASE WHEN t.runtime = 'lambda' THEN 'invoke' ELSE %(topic)s END,
+       jsonb_build_object('task_id', t.task_id::text), now()
+FROM tasks t
+WHERE t.task_id = ANY(%(task_ids)s::uuid[]);
 
 -- name: notify_outbox
 -- Tell outbox publishers that rows are due (delivered at commit).
