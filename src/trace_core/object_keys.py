@@ -31,6 +31,7 @@ key inside that directory-like prefix", which is what authorization checks need.
 
 from __future__ import annotations
 
+import functools
 import unicodedata
 
 from trace_core.errors import UnsafeKey
@@ -50,9 +51,13 @@ def _check_chars(value: str, field: str) -> None:
         raise _reject("backslash is not allowed", field)
     if "%" in value:
         raise _reject("'%' is not allowed (no percent-encoding in keys)", field)
-    for ch in value:
-        if unicodedata.category(ch) in _FORBIDDEN_CATEGORIES:
-            raise _reject(f"control or format character U+{ord(ch):04X} is not allowed", field)
+    # Fast path: printable ASCII (the common case) has no control or format characters.
+    if not (value.isascii() and value.isprintable()):
+        for ch in value:
+            if unicodedata.category(ch) in _FORBIDDEN_CATEGORIES:
+                raise _reject(
+                    f"control or format character U+{ord(ch):04X} is not allowed", field
+                )
     try:
         size = len(value.encode("utf-8"))
     except UnicodeEncodeError as exc:  # pragma: no cover - surrogates are caught above
@@ -77,6 +82,13 @@ def validate_key(key: object) -> str:
     """
     if not isinstance(key, str):
         raise _reject("must be a string", "key")
+    return _validate_str_key(key)
+
+
+@functools.lru_cache(maxsize=65536)
+def _validate_str_key(key: str) -> str:
+    # Pure, so safe keys are remembered (large manifests check each key several times);
+    # a refusal raises and is never cached.
     if key == "":
         raise _reject("must not be empty", "key")
     _check_chars(key, "key")

@@ -50,6 +50,8 @@ DEFAULT_PIN_TTL_S = 300.0
 #: Default grace before a finished attempt's staging prefix is cleaned.
 DEFAULT_STAGING_GRACE_S = 3600.0
 _HEAD_CONCURRENCY = 64
+#: Manifests longer than this are checked against one listing of the staging prefix.
+_LIST_OVER = 32
 
 
 def _staging_prefix(org_id: str, task_id: str, attempt: int) -> str:
@@ -191,7 +193,12 @@ async def prepare_outputs(
                     raise errors.UnsafeKey(
                         f"object_key must lie under this attempt's staging prefix {prefix}",
                         field=f"outputs[{n}].object_key")
-            heads = await asyncio.gather(*(head(e.object_key) for e in entries))
+            if len(entries) > _LIST_OVER:
+                # one listing of the attempt's staging prefix instead of a head per object
+                listed = {info.key: info for info in await store.list(prefix)}
+                heads = [listed.get(e.object_key) for e in entries]
+            else:
+                heads = await asyncio.gather(*(head(e.object_key) for e in entries))
             for n, (e, h) in enumerate(zip(entries, heads, strict=True)):
                 commit.check_entry(e, n, staging_prefix=prefix, head=h)
             out[i] = PreparedOutputs(org_id, tuple(entries))
