@@ -23,7 +23,7 @@ from typing import Any
 import attrs
 from aiohttp import web
 
-from trace_core import errors
+from trace_core import errors, wire
 from trace_core.access import UserCaller
 from trace_lite.datasets import Datasets
 from trace_lite.users import UserAuthenticator
@@ -102,6 +102,23 @@ async def resolve(request: web.Request) -> web.Response:
         raise errors.ValidationFailed("pin_ttl_s must be between 0 and 86400", field="pin_ttl_s")
     res = await _service(request).resolve(caller, request.match_info["org"], names,
                                           pin_ttl_s=float(ttl))
+    return web.json_response(attrs.asdict(res))
+
+
+async def task_resolve(request: web.Request) -> web.Response:
+    """``/v1/task/resolve``: a running attempt resolves the datasets its token grants."""
+    from trace_servers.dispatcher import CAPABILITY_HEADER, read_body
+
+    if not request.headers.get(CAPABILITY_HEADER):
+        raise errors.Unauthenticated("missing X-Trace-Task-Capability")
+    req = await read_body(request, wire.TaskResolveRequest)
+    holder: dict[str, Any] = request.app[DATASETS_KEY]  # type: ignore[assignment]
+    dispatcher = holder["dispatcher"]
+    claims = await dispatcher.authorize(request.headers.get(CAPABILITY_HEADER), req.task_id,
+                                        req.attempt)
+    await dispatcher.running_attempt(req)  # fenced: only the current, running attempt reads
+    res = await _service(request).resolve_for_task(claims, req.datasets,
+                                                   pin_ttl_s=req.pin_ttl_s)
     return web.json_response(attrs.asdict(res))
 
 
@@ -197,6 +214,7 @@ def routes() -> list[web.RouteDef]:
         web.get(f"{base}/members", list_members),
         web.put(f"{base}/members/{{subject}}", put_member),
         web.delete(f"{base}/members/{{subject}}", delete_member),
+        web.post("/v1/task/resolve", task_resolve),
     ]
 
 

@@ -62,6 +62,13 @@ def _dataset_name(_inst: object, attribute: attrs.Attribute[Any], value: str) ->
         raise FieldError(attribute.name, f"{attribute.name} must match {_DATASET_RE.pattern}")
 
 
+def _names(_inst: object, attribute: attrs.Attribute[Any], value: list[str]) -> None:
+    for i, item in enumerate(value):
+        if not _DATASET_RE.match(item):
+            raise FieldError(f"{attribute.name}[{i}]",
+                             f"{attribute.name}[{i}] must match {_DATASET_RE.pattern}")
+
+
 def _hex64(_inst: object, attribute: attrs.Attribute[Any], value: str) -> None:
     if not re.fullmatch(r"[0-9a-f]{64}", value):
         raise FieldError(attribute.name, f"{attribute.name} must be 64 lowercase hex digits")
@@ -289,6 +296,14 @@ class CompleteRequest(FenceFields):
 
 
 @attrs.frozen
+class TaskResolveRequest(FenceFields):
+    """Resolve datasets for the attempt: only those its capability token grants."""
+
+    datasets: list[str] = attrs.field(validator=[_length(1, 100), _names])
+    pin_ttl_s: float = attrs.field(default=300.0, validator=_between(0.0, 86_400.0))
+
+
+@attrs.frozen
 class CompleteResponse:
     task_id: str
     attempt: int
@@ -336,6 +351,8 @@ class CreateTaskRequest:
     #: Where the task runs: a platform worker (woken through the queue) or Lambda (invoked by
     #: the Dispatcher with the full payload).
     runtime: Literal["worker", "lambda"] = "worker"
+    #: Datasets (names in the task's org) the task may read: its capability token grants them.
+    read_datasets: list[str] = attrs.field(factory=list, validator=[_length(0, 100), _names])
 
 
 @attrs.frozen
@@ -487,6 +504,7 @@ __all__ = [
     "PartitionIn",
     "TaskInfo",
     "TaskPayload",
+    "TaskResolveRequest",
     "canonical_digest",
     "converter",
     "structure",

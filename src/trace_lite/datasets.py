@@ -304,6 +304,17 @@ class Datasets:
         self._orgs[name] = row[0]
         return str(row[0])
 
+    async def resolve_for_task(self, claims: CapabilityClaims, names: Sequence[str], *,
+                               pin_ttl_s: float = DEFAULT_PIN_TTL_S) -> Resolution:
+        """Resolve for a task: only the datasets its capability token grants, in its own org.
+        Raises as ``resolve``."""
+        async with transaction(self.pool) as cur:
+            await cur.execute(Q["org_name_by_id"], {"org_id": claims.org_id})
+            row = await cur.fetchone()
+        if row is None:
+            raise errors.NotFound("no such org", field="org")
+        return await self.resolve(self.task_caller(claims), row[0], names, pin_ttl_s=pin_ttl_s)
+
     async def user_caller(self, org: str, subject: str) -> UserCaller:
         """The user's membership in ``org``, read from Postgres (never from the token).
         Raises ``NotFound`` for an unknown org."""

@@ -87,6 +87,8 @@ class ClaimGrant:
     capability_token: str | None = None
     max_attempts: int = 0
     job_id: str | None = None
+    #: Datasets the attempt may read (its token's ``grants.datasets.read``).
+    read_datasets: tuple[str, ...] = ()
 
     @property
     def fence(self) -> Fence:
@@ -204,7 +206,8 @@ class Dispatcher:
         else:
             await cur.execute(Q["notify_tasks"])
 
-    async def _mint(self, *, org_id: str, task_id: str, attempt: int, timeout_s: int) -> str:
+    async def _mint(self, *, org_id: str, task_id: str, attempt: int, timeout_s: int,
+                    read_datasets: Sequence[str] = ()) -> str:
         now = int(self._clock_epoch() if self._clock_epoch else time.time())
         claims = issue_claims(
             self.token_policy,
@@ -214,6 +217,7 @@ class Dispatcher:
             attempt_timeout_s=timeout_s,
             now_epoch=now,
             jti=uuid.uuid4().hex,
+            grants={"datasets": {"read": list(read_datasets)}} if read_datasets else None,
         )
         return await self.issuer.encode(claims)
 
@@ -237,6 +241,7 @@ class Dispatcher:
                 "delays": [r.delay_s for r in requests],
                 "idempotency_keys": [r.idempotency_key for r in requests],
                 "runtimes": [r.runtime for r in requests],
+                "read_datasets": [Jsonb(r.read_datasets) for r in requests],
             }
             await cur.execute(Q["insert_tasks"], params)
             rows = await cur.fetchall()
@@ -358,6 +363,7 @@ class Dispatcher:
             ClaimGrant(
                 task_id=r[0], attempt=r[1], lease_token=r[2], lease_expires_at=r[3], org_id=r[4],
                 operator=r[5], payload=r[6], timeout_s=r[7], max_attempts=r[8], job_id=r[9],
+                read_datasets=tuple(r[10] or ()),
             )
             for r in await cur.fetchall()
         ]
@@ -381,7 +387,7 @@ class Dispatcher:
             (grant,) = await self._start_attempts(cur, [_view(row)], row[-1], worker_id)
         token = await self._mint(
             org_id=grant.org_id, task_id=grant.task_id, attempt=grant.attempt,
-            timeout_s=grant.timeout_s,
+            timeout_s=grant.timeout_s, read_datasets=grant.read_datasets,
         )
         log.info("claimed", extra={"task_id": grant.task_id, "attempt": grant.attempt})
         return wire.ClaimResponse(
@@ -430,7 +436,7 @@ class Dispatcher:
         claims: list[wire.ClaimGrantOut] = []
         for g in grants:
             token = await self._mint(org_id=g.org_id, task_id=g.task_id, attempt=g.attempt,
-                                     timeout_s=g.timeout_s)
+                                     timeout_s=g.timeout_s, read_datasets=g.read_datasets)
             claims.append(wire.ClaimGrantOut(
                 claim=wire.ClaimResponse(
                     task_id=g.task_id, attempt=g.attempt, lease_token=g.lease_token,
@@ -466,7 +472,7 @@ class Dispatcher:
                     g,
                     capability_token=await self._mint(
                         org_id=g.org_id, task_id=g.task_id, attempt=g.attempt,
-                        timeout_s=g.timeout_s,
+                        timeout_s=g.timeout_s, read_datasets=g.read_datasets,
                     ),
                 )
                 for g in grants
@@ -526,9 +532,10 @@ class Dispatcher:
             if cur.rowcount != 1:
                 raise errors.LeaseLost()
             await cur.execute(Q["task_for_token"], {"task_id": req.task_id})
-            org_id, timeout_s = await _one(cur)
+            org_id, timeout_s, read_datasets = await _one(cur)
         token = await self._mint(
-            org_id=org_id, task_id=req.task_id, attempt=req.attempt, timeout_s=timeout_s
+            org_id=org_id, task_id=req.task_id, attempt=req.attempt, timeout_s=timeout_s,
+            read_datasets=read_datasets or (),
         )
         return wire.HeartbeatResponse(
             lease_expires_at=_iso(decision.lease_expires_at), capability_token=token
@@ -588,7 +595,7 @@ class Dispatcher:
             task = await self._lock_one(cur, req.task_id)
             lifecycle.check_fence(task, fence, Op.BUFFER_PUBLISH)
             await cur.execute(Q["task_for_token"], {"task_id": req.task_id})
-            org_id, _ = await _one(cur)
+            org_id, _, _ = await _one(cur)
             prefix = staging_prefix(org_id, req.task_id, req.attempt)
             if not is_within(batch.object_key, prefix):
                 raise errors.UnsafeKey(

@@ -197,3 +197,46 @@ async def test_tokens_never_pass_for_each_other(
                      json={"task_id": str(uuid.uuid4()), "attempt": 1,
                            "lease_token": str(uuid.uuid4())})
     assert r.status == 401
+
+
+async def test_task_reads_exactly_what_its_token_grants_over_http(
+        api: tuple[TestClient, LocalUserIssuer, Dispatcher], db_url: str) -> None:
+    """Tasks created with ``read_datasets`` get them as token grants (kept on heartbeat
+    renewal); ``/v1/task/resolve`` resolves those and nothing else, for the current attempt."""
+    from trace_core import wire
+
+    client, _issuer, d = api
+    (granted,) = await d.create_tasks([wire.CreateTaskRequest(operator="x", org=ORG,
+                                                              read_datasets=["private"])])
+    (bare,) = await d.create_tasks([wire.CreateTaskRequest(operator="x", org=ORG)])
+
+    async def resolve(claim: wire.ClaimResponse, names: list[str], token: str | None = None):
+        fence = {"task_id": claim.task_id, "attempt": claim.attempt,
+                 "lease_token": claim.lease_token}
+        return await client.post("/v1/task/resolve", json={**fence, "datasets": names},
+                                 headers={"X-Trace-Task-Capability":
+                                          token or claim.capability_token})
+
+    c = await d.claim(granted.task_id)
+    claims = await d.authorize(c.capability_token, c.task_id, 1)
+    assert claims.grants == {"datasets": {"read": ["private"]}}
+    r = await resolve(c, ["private"])
+    assert r.status == 200, await r.text()
+    body = await r.json()
+    assert [x["dataset"] for x in body["datasets"]] == ["private"] and body["pin_id"]
+    assert (await resolve(c, ["shared"])).status == 403
+    assert (await resolve(c, ["nope"])).status == 404
+    renewed = await d.heartbeat(wire.HeartbeatRequest(task_id=c.task_id, attempt=1,
+                                                      lease_token=c.lease_token))
+    assert (await resolve(c, ["private"], renewed.capability_token)).status == 200
+
+    b = await d.claim(bare.task_id)
+    assert (await resolve(b, ["private"])).status == 403
+    assert (await resolve(b, ["private"], c.capability_token)).status == 403  # other task's token
+    await d.complete(wire.CompleteRequest(task_id=c.task_id, attempt=1,
+                                          lease_token=c.lease_token))
+    r = await resolve(c, ["private"])  # the attempt finished: it reads no more
+    assert r.status == 409
+    bad = await client.post("/v1/task/resolve", json={"datasets": ["private"]},
+                            headers={"X-Trace-Task-Capability": c.capability_token})
+    assert bad.status == 422

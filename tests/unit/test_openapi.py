@@ -26,6 +26,7 @@ REQUEST_SCHEMAS = {
     ("POST", "/v1/task/buffer-publish"): {"BufferPublishRequest"},
     ("POST", "/v1/task/complete"): {"CompleteRequest"},
     ("POST", "/v1/task/credentials"): {"CredentialsRequest"},
+    ("POST", "/v1/task/resolve"): {"TaskResolveRequest"},
     ("POST", "/v1/orgs/{org}/datasets/resolve"): {"ResolveRequest"},
     ("PUT", "/v1/orgs/{org}/datasets/{dataset}/read-roles"): {"ReadRolesRequest"},
     ("POST", "/v1/orgs/{org}/dags/{dag}/cutover"): {"CutoverRequest"},

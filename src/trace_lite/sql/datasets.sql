@@ -5,6 +5,10 @@
 -- An org's id by name.
 SELECT org_id::text FROM orgs WHERE name = %(name)s;
 
+-- name: org_name_by_id
+-- An org's name by id.
+SELECT name FROM orgs WHERE org_id = %(org_id)s;
+
 -- name: ensure_org
 -- Create the org if missing; return its id.
 INSERT INTO orgs (org_id, name) VALUES (gen_random_uuid(), %(name)s)

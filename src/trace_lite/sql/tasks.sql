@@ -11,16 +11,18 @@ RETURNING org_id;
 -- name: insert_tasks
 -- Insert new tasks, queued (or pending when delayed); idempotency-key duplicates are skipped.
 INSERT INTO tasks (task_id, org_id, operator, payload, state, max_attempts, timeout_s,
-                   available_at, idempotency_key, runtime)
+                   available_at, idempotency_key, runtime, read_datasets)
 SELECT c.task_id, c.org_id, c.operator, c.payload,
        CASE WHEN c.delay_s > 0 THEN 'pending' ELSE 'queued' END,
        c.max_attempts, c.timeout_s,
-       now() + make_interval(secs => c.delay_s), c.idempotency_key, c.runtime
+       now() + make_interval(secs => c.delay_s), c.idempotency_key, c.runtime,
+       ARRAY(SELECT jsonb_array_elements_text(c.read_datasets))
 FROM unnest(%(task_ids)s::uuid[], %(org_ids)s::uuid[], %(operators)s::text[],
             %(payloads)s::jsonb[], %(max_attempts)s::int[], %(timeouts)s::int[],
-            %(delays)s::float8[], %(idempotency_keys)s::text[], %(runtimes)s::text[])
+            %(delays)s::float8[], %(idempotency_keys)s::text[], %(runtimes)s::text[],
+            %(read_datasets)s::jsonb[])
      AS c(task_id, org_id, operator, payload, max_attempts, timeout_s, delay_s, idempotency_key,
-          runtime)
+          runtime, read_datasets)
 ON CONFLICT (org_id, idempotency_key) DO NOTHING
 RETURNING task_id, org_id, operator, state, attempt, max_attempts;
 
@@ -96,13 +98,13 @@ WITH c AS (
     FROM c
     WHERE t.task_id = c.task_id AND t.attempt = c.prev_attempt AND t.state = 'queued'
     RETURNING t.task_id, t.attempt, t.lease_token, t.lease_expires_at, t.org_id, t.operator,
-              t.payload, t.timeout_s, t.max_attempts, t.job_id
+              t.payload, t.timeout_s, t.max_attempts, t.job_id, t.read_datasets
 ), hist AS (
     INSERT INTO task_attempts (task_id, attempt, lease_token, worker_id, lease_expires_at)
     SELECT task_id, attempt, lease_token, %(worker_id)s, lease_expires_at FROM claimed
 )
 SELECT task_id::text, attempt, lease_token::text, lease_expires_at, org_id::text, operator,
-       payload, timeout_s, max_attempts, job_id::text
+       payload, timeout_s, max_attempts, job_id::text, read_datasets
 FROM claimed;
 
 -- name: apply_heartbeat
@@ -119,7 +121,7 @@ RETURNING a.task_id;
 
 -- name: task_for_token
 -- What a capability token is minted from.
-SELECT org_id::text, timeout_s FROM tasks WHERE task_id = %(task_id)s;
+SELECT org_id::text, timeout_s, read_datasets FROM tasks WHERE task_id = %(task_id)s;
 
 -- name: insert_events
 -- Record events; a key the task already emitted is skipped (dedupe by producer task + key).
