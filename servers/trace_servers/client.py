@@ -139,6 +139,12 @@ class DispatcherClient:
                                   json_body={"task_ids": task_ids, "worker_id": worker_id})
         return _lenient.structure(body, wire.ClaimBatchResponse)
 
+    async def complete_batch(self, items: list[dict[str, Any]]) -> wire.CompleteBatchResponse:
+        """``items``: ``{"capability_token": ..., "completion": {fence + outcome fields}}``."""
+        body = await self.request("POST", "/internal/task-complete-batch", platform=True,
+                                  json_body={"completions": items})
+        return _lenient.structure(body, wire.CompleteBatchResponse)
+
     async def fetch(self, task_id: str, attempt: int | None = None) -> wire.TaskPayload:
         params = {"task_id": task_id}
         if attempt is not None:

@@ -13,6 +13,7 @@ Three surfaces (``docs/architecture/contracts.md``):
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import time
@@ -219,6 +220,33 @@ async def task_credentials(request: web.Request) -> web.Response:
                                 requested=req.read_prefixes))
 
 
+async def task_complete_batch(request: web.Request) -> web.Response:
+    """Completions of several attempts in one call, for platform worker wrappers.
+
+    Needs the platform credential *and*, per item, the attempt's capability token: each item is
+    authorised and fenced exactly like ``/v1/task/complete`` and answered on its own; the
+    accepted ones share group commits. Transient failures come back per item as
+    ``unavailable`` (retry those items).
+    """
+    require_platform(request)
+    batch = await read_body(request, wire.CompleteBatchRequest, MAX_BATCH_BODY)
+    dispatcher = request.app[DISPATCHER_KEY]
+    batcher = request.app[BATCHER_KEY]
+
+    async def one(item: wire.TokenedCompletion) -> wire.CompleteBatchItem:
+        c = item.completion
+        try:
+            await dispatcher.authorize(item.capability_token, c.task_id, c.attempt)
+            done = await batcher.complete(c)
+        except errors.TraceError as exc:
+            return wire.CompleteBatchItem(c.task_id, c.attempt, None, False, exc.code,
+                                          exc.message)
+        return wire.CompleteBatchItem(c.task_id, c.attempt, done.state, done.replay, None, None)
+
+    results = await asyncio.gather(*(one(i) for i in batch.completions))
+    return ok(wire.CompleteBatchResponse(results=list(results)))
+
+
 async def _complete(request: web.Request, req: wire.CompleteRequest) -> wire.CompleteResponse:
     # group commit: concurrent completions share one transaction (trace_lite.batching)
     return await request.app[BATCHER_KEY].complete(req)
@@ -299,6 +327,7 @@ def make_app(
         [
             web.post("/internal/task-claim", task_claim),
             web.get("/internal/task-fetch", task_fetch),
+            web.post("/internal/task-complete-batch", task_complete_batch),
             web.post("/internal/admin/tasks", create_tasks),
             web.get("/internal/admin/tasks/{task_id}", get_task),
             web.post("/internal/admin/tasks/{task_id}/cancel", cancel_task),

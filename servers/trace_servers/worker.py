@@ -31,7 +31,7 @@ import attrs
 
 from trace_core import errors, wire
 from trace_core.ports import ObjectStore, Queue, ReceivedMessage
-from trace_servers.client import DispatcherClient
+from trace_servers.client import DispatcherClient, error_from_body
 
 log = logging.getLogger("trace.worker")
 
@@ -128,7 +128,11 @@ class Worker:
     stats: dict[str, int] = attrs.field(factory=lambda: dict.fromkeys(
         ("received", "claimed", "succeeded", "failed", "canceled", "skipped", "lease_lost"), 0))
     _inflight: set[asyncio.Task[None]] = attrs.field(factory=set)
+    #: Send completions in batches (``/internal/task-complete-batch``).
+    batch_completions: bool = True
     _acks: list[str] = attrs.field(factory=list)
+    _completions: list[tuple[dict[str, Any], asyncio.Future[None]]] = attrs.field(factory=list)
+    _completion_flusher: asyncio.Task[None] | None = None
     _ack_flusher: asyncio.Task[None] | None = None
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -299,7 +303,7 @@ class Worker:
                            "error": {"code": "operator_error",
                                      "message": f"{type(exc).__name__}: {exc}"[:1000]}}
         try:
-            await self.client.complete(token[0], fence, **outcome)
+            await self._complete(token[0], fence, outcome)
             self.stats["succeeded" if outcome["outcome"] == "succeeded" else "failed"] += 1
         except (errors.LeaseLost, errors.TaskCanceled, errors.Conflict) as exc:
             self.stats["lease_lost"] += 1
@@ -336,6 +340,47 @@ class Worker:
                 log.warning("heartbeat failed", extra={**fence, "error": str(exc)})
             with contextlib.suppress(errors.TraceError):
                 await self.queue.extend_visibility(message.receipt, self.visibility_s)
+
+    async def _complete(self, token: str, fence: dict[str, Any],
+                        outcome: dict[str, Any]) -> None:
+        """Complete an attempt: alone, or batched with the completions of the same moment
+        (``/internal/task-complete-batch``; each still carries its own capability token)."""
+        if not self.batch_completions:
+            await self.client.complete(token, fence, **outcome)
+            return
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        item = {"capability_token": token,
+                "completion": {**fence, **{k: v for k, v in outcome.items() if v is not None}}}
+        self._completions.append((item, fut))
+        if self._completion_flusher is None or self._completion_flusher.done():
+            self._completion_flusher = asyncio.create_task(self._flush_completions())
+        await fut
+
+    async def _flush_completions(self) -> None:
+        await asyncio.sleep(0.002)  # let completions of the same moment join
+        while self._completions:
+            batch, self._completions = self._completions[:200], self._completions[200:]
+            try:
+                answer = await self.client.complete_batch([item for item, _ in batch])
+            except errors.TraceError as exc:  # the whole call failed, after retries
+                for _, fut in batch:
+                    if not fut.done():
+                        fut.set_exception(exc)
+                continue
+            retry: list[tuple[dict[str, Any], asyncio.Future[None]]] = []
+            for (item, fut), res in zip(batch, answer.results, strict=True):
+                if fut.done():
+                    continue
+                if res.error is None:
+                    fut.set_result(None)
+                elif res.error in ("unavailable", "retryable"):
+                    retry.append((item, fut))
+                else:
+                    fut.set_exception(error_from_body(409, {"error": res.error,
+                                                            "message": res.message}))
+            if retry:
+                await asyncio.sleep(0.2)
+                self._completions.extend(retry)
 
     def _delete(self, message: ReceivedMessage) -> None:
         """Acknowledge a wake-up; acknowledgements are deleted in batches."""

@@ -296,6 +296,39 @@ class CompleteRequest(FenceFields):
 
 
 @attrs.frozen
+class TokenedCompletion:
+    """One completion in a batch, with the capability token of its attempt."""
+
+    capability_token: str = attrs.field(validator=_length(1, 8192))
+    completion: CompleteRequest
+
+
+@attrs.frozen
+class CompleteBatchRequest:
+    """Completions a platform worker wrapper sends together (``/internal/task-complete-batch``):
+    each is authorised by its own attempt's token and fenced like ``/v1/task/complete``."""
+
+    completions: list[TokenedCompletion] = attrs.field(validator=_length(1, 500))
+
+
+@attrs.frozen
+class CompleteBatchItem:
+    """The outcome of one completion of a batch: its new state, or the error it got."""
+
+    task_id: str
+    attempt: int
+    state: str | None
+    replay: bool
+    error: str | None
+    message: str | None
+
+
+@attrs.frozen
+class CompleteBatchResponse:
+    results: list[CompleteBatchItem]
+
+
+@attrs.frozen
 class TaskResolveRequest(FenceFields):
     """Resolve datasets for the attempt: only those its capability token grants."""
 
@@ -487,6 +520,9 @@ __all__ = [
     "ClaimRefusal",
     "ClaimRequest",
     "ClaimResponse",
+    "CompleteBatchItem",
+    "CompleteBatchRequest",
+    "CompleteBatchResponse",
     "CompleteRequest",
     "CompleteResponse",
     "CreateTaskRequest",
@@ -505,6 +541,7 @@ __all__ = [
     "TaskInfo",
     "TaskPayload",
     "TaskResolveRequest",
+    "TokenedCompletion",
     "canonical_digest",
     "converter",
     "structure",

@@ -93,3 +93,38 @@ def test_json_log_lines_carry_task_and_attempt() -> None:
     assert line["task_id"] == "t-1" and line["attempt"] == 2
     assert line["component"] == "dispatcher" and line["msg"] == "hello"
     assert line["extra_field"] == "v"
+
+
+async def test_complete_batch_authorises_and_fences_each_item(client: TestClient) -> None:
+    r = await client.post("/internal/admin/tasks", json={"tasks": [{"operator": "noop"}] * 3},
+                          headers=AUTH)
+    ids = [t["task_id"] for t in (await r.json())["tasks"]]
+    batch = await (await client.post("/internal/task-claim", json={"task_ids": ids},
+                                     headers=AUTH)).json()
+    grants = {g["claim"]["task_id"]: g["claim"] for g in batch["claims"]}
+    a, b, c = (grants[i] for i in ids)
+
+    def item(claim: dict, token: str | None = None, **extra: object) -> dict:
+        fence = {k: claim[k] for k in ("task_id", "attempt", "lease_token")}
+        return {"capability_token": token or claim["capability_token"],
+                "completion": {**fence, **extra}}
+
+    stale_b = item(b)
+    stale_b["completion"]["lease_token"] = "00000000-0000-4000-8000-000000000000"
+    body = {"completions": [item(a, result={"n": 1}), item(b, token=a["capability_token"]),
+                            stale_b, item(c, outcome="failed", error={"m": "x"})]}
+    assert (await client.post("/internal/task-complete-batch", json=body)).status == 401
+    r = await client.post("/internal/task-complete-batch", json=body, headers=AUTH)
+    assert r.status == 200
+    results = (await r.json())["results"]
+    assert [(x["task_id"], x["state"], x["error"]) for x in results] == [
+        (a["task_id"], "completed", None), (b["task_id"], None, "forbidden"),
+        (b["task_id"], None, "lease_lost"), (c["task_id"], "pending", None)]
+    again = await client.post("/internal/task-complete-batch", headers=AUTH,
+                              json={"completions": [item(a, result={"n": 1})]})
+    assert (await again.json())["results"][0]["replay"] is True
+    task = await (await client.get(f"/internal/admin/tasks/{b['task_id']}", headers=AUTH)).json()
+    assert task["state"] == "running"  # neither refused item wrote anything
+    bad = await client.post("/internal/task-complete-batch", headers=AUTH,
+                            json={"completions": [{"completion": {}}]})
+    assert bad.status == 422

@@ -20,6 +20,7 @@ METHODS = {"get", "post", "put", "patch", "delete"}
 #: Request body schema of each JSON route (a ``oneOf`` lists several).
 REQUEST_SCHEMAS = {
     ("POST", "/internal/task-claim"): {"ClaimRequest", "ClaimBatchRequest"},
+    ("POST", "/internal/task-complete-batch"): {"CompleteBatchRequest"},
     ("POST", "/internal/admin/tasks"): {"CreateTaskRequest", "CreateTasksRequest"},
     ("POST", "/v1/task/heartbeat"): {"HeartbeatRequest"},
     ("POST", "/v1/task/events"): {"EventsRequest"},
@@ -129,6 +130,7 @@ def test_schema_fields_match_the_wire_class(spec: dict[str, Any], cls: type) -> 
         wire.BufferBatchIn,
         wire.OutputIn,
         wire.PartitionIn,
+        wire.TokenedCompletion,
     )
     if is_request:
         # Requests are strict (unknown fields refused) and require exactly the fields without
