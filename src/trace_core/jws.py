@@ -28,6 +28,7 @@ import base64
 import binascii
 import hashlib
 import json
+from collections import OrderedDict
 from collections.abc import Mapping
 from functools import lru_cache
 from typing import Any, Final
@@ -308,6 +309,16 @@ class TokenVerifier:
         self._lock = asyncio.Lock()
         #: How many times the key set was fetched (for tests and metrics).
         self.refresh_count = 0
+        # Tokens this process minted itself, by exact text: their signature is known good, so
+        # verifying one is a lookup plus the time checks (bounded, oldest dropped first).
+        self._minted: OrderedDict[str, CapabilityClaims] = OrderedDict()
+        self.minted_capacity = 50_000
+
+    def remember(self, token: str, claims: CapabilityClaims) -> None:
+        """Record a token this process just signed, so verifying it skips the signature."""
+        self._minted[token] = claims
+        if len(self._minted) > self.minted_capacity:
+            self._minted.popitem(last=False)
 
     @property
     def keys(self) -> Mapping[str, PublicKey]:
@@ -331,6 +342,9 @@ class TokenVerifier:
         Returns the claims. Raises ``Unauthenticated`` (see ``verify_token``); a signer failure
         during refresh is also reported as ``Unauthenticated`` (the token could not be checked).
         """
+        minted = self._minted.get(token)
+        if minted is not None:  # byte-for-byte a token we signed: only the time checks remain
+            return check_claims(self.policy, minted.to_payload(), now_epoch)
         kid = unverified_kid(token)
         if kid not in self._keys:
             async with self._lock:

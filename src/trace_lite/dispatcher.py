@@ -219,7 +219,9 @@ class Dispatcher:
             jti=uuid.uuid4().hex,
             grants={"datasets": {"read": list(read_datasets)}} if read_datasets else None,
         )
-        return await self.issuer.encode(claims)
+        token = await self.issuer.encode(claims)
+        self.verifier.remember(token, claims)
+        return token
 
     # -- admin ------------------------------------------------------------------------------
 

@@ -370,3 +370,24 @@ async def test_verifier_reports_signer_failure_as_unauthenticated(signer: Memory
     token = await encode_token(_claims(), signer)
     with pytest.raises(Unauthenticated):
         await verifier.verify(token, now_epoch=NOW, monotonic=0.0)
+
+
+async def test_tokens_minted_here_verify_by_lookup_with_time_checks_intact(
+        signer: MemorySigner) -> None:
+    from trace_core.jws import TokenVerifier
+
+    verifier = TokenVerifier(signer, POLICY)
+    token = await encode_token(_claims(), signer)
+    verifier.remember(token, _claims())
+    # no key set was ever fetched: the exact text is known good
+    assert await verifier.verify(token, now_epoch=NOW, monotonic=0.0) == _claims()
+    assert verifier.refresh_count == 0
+    with pytest.raises(Unauthenticated):  # expiry still applies
+        await verifier.verify(token, now_epoch=NOW + 3600, monotonic=0.0)
+    tampered = token[:-3] + ("AAA" if not token.endswith("AAA") else "BBB")
+    with pytest.raises(Unauthenticated):  # any other text takes the signature path
+        await verifier.verify(tampered, now_epoch=NOW, monotonic=0.0)
+    verifier.minted_capacity = 1
+    other = await encode_token(_claims(jti="jti-2"), signer)
+    verifier.remember(other, _claims(jti="jti-2"))
+    assert token not in verifier._minted  # bounded: the oldest is dropped
