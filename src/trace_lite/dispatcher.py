@@ -19,6 +19,7 @@ import contextlib
 import json
 import logging
 import random
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -117,6 +118,28 @@ def _view(row: Sequence[Any]) -> TaskView:
         attempt_outcome=AttemptOutcome(outcome) if outcome else None,
         completion_digest=digest,
     )
+
+
+def pg_array(values: Sequence[str | int | datetime | None]) -> str:
+    """A Postgres array literal for values that never need quoting: UUIDs, ints, enum words,
+    hex digests, ISO timestamps (no spaces, commas, quotes, braces or backslashes).
+
+    Big batches bind one string instead of a list psycopg would dump element by element; the
+    SQL casts it (``%(ids)s::uuid[]``). Raises ``ValueError`` for a value that would need
+    quoting, so a wrong use fails loudly instead of changing meaning.
+    """
+    items = [
+        "NULL" if v is None else v.isoformat() if isinstance(v, datetime) else str(v)
+        for v in values
+    ]
+    body = ",".join(items)
+    # one scan of the whole literal: no element may hold quoting characters or a comma
+    if _NEEDS_QUOTING.search(body) or body.count(",") != max(len(items) - 1, 0) or "" in items:
+        raise ValueError("a value needs quoting in an array literal")
+    return "{" + body + "}"
+
+
+_NEEDS_QUOTING = re.compile(r'[\s"{}\\]')
 
 
 def _iso(ts: datetime) -> str:
@@ -353,11 +376,11 @@ class Dispatcher:
         await cur.execute(
             Q["apply_claims"],
             {
-                "task_ids": [d.task_id for d in decisions],
-                "prev_attempts": [v.attempt for v in views],
-                "attempts": [d.attempt for d in decisions],
-                "lease_tokens": [d.lease_token for d in decisions],
-                "expires": [d.lease_expires_at for d in decisions],
+                "task_ids": pg_array([d.task_id for d in decisions]),
+                "prev_attempts": pg_array([v.attempt for v in views]),
+                "attempts": pg_array([d.attempt for d in decisions]),
+                "lease_tokens": pg_array([d.lease_token for d in decisions]),
+                "expires": pg_array([d.lease_expires_at for d in decisions]),
                 "worker_id": worker_id,
             },
         )
@@ -677,7 +700,7 @@ class Dispatcher:
 
             outputs = await datasets.prepare_outputs(self.pool, self.object_store, reqs)
         async with self._tx() as cur:
-            await cur.execute(Q["lock_tasks"], {"task_ids": list(by_task)})
+            await cur.execute(Q["lock_tasks"], {"task_ids": pg_array(list(by_task))})
             rows = await cur.fetchall()
             apply: list[tuple[int, lifecycle.CompleteDecision]] = []
             for row in rows:
@@ -720,12 +743,12 @@ class Dispatcher:
                 await cur.execute(
                     Q["apply_completions"],
                     {
-                        "task_ids": [reqs[i].task_id for i, _ in apply],
-                        "attempts": [reqs[i].attempt for i, _ in apply],
-                        "lease_tokens": [reqs[i].lease_token for i, _ in apply],
-                        "states": [d.state.value for _, d in apply],
-                        "outcomes": [d.attempt_outcome.value for _, d in apply],
-                        "available_ats": [d.available_at for _, d in apply],
+                        "task_ids": pg_array([reqs[i].task_id for i, _ in apply]),
+                        "attempts": pg_array([reqs[i].attempt for i, _ in apply]),
+                        "lease_tokens": pg_array([reqs[i].lease_token for i, _ in apply]),
+                        "states": pg_array([d.state.value for _, d in apply]),
+                        "outcomes": pg_array([d.attempt_outcome.value for _, d in apply]),
+                        "available_ats": pg_array([d.available_at for _, d in apply]),
                         "results": [
                             Jsonb(reqs[i].result) if reqs[i].result is not None else None
                             for i, _ in apply
@@ -734,7 +757,7 @@ class Dispatcher:
                             Jsonb(reqs[i].error) if reqs[i].error is not None else None
                             for i, _ in apply
                         ],
-                        "digests": [digests[i] for i, _ in apply],
+                        "digests": pg_array([digests[i] for i, _ in apply]),
                     },
                 )
                 done = {r[0] for r in await cur.fetchall()}

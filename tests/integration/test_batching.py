@@ -74,3 +74,16 @@ async def test_group_commit_reports_a_failed_transaction_to_every_caller() -> No
     results = await asyncio.gather(*(batcher.complete(r) for r in reqs), return_exceptions=True)
     await batcher.close()
     assert all(isinstance(r, errors.Unavailable) for r in results)
+
+
+def test_pg_array_literals_refuse_values_that_need_quoting() -> None:
+    from datetime import UTC, datetime
+
+    from trace_lite.dispatcher import pg_array
+
+    ts = datetime(2026, 1, 1, tzinfo=UTC)
+    assert pg_array(["a", 1, None, ts]) == "{a,1,NULL,2026-01-01T00:00:00+00:00}"
+    assert pg_array([]) == "{}"
+    for bad in (["a,b"], ['a"'], ["a b"], ["{x}"], ["a\\b"], [""]):
+        with pytest.raises(ValueError):
+            pg_array(bad)
