@@ -61,11 +61,12 @@ async def _run_dispatcher(settings: LiteSettings, state_url: str) -> None:
     from trace_servers.dispatcher import make_app
 
     pool = await open_pool(state_url, min_size=4, max_size=16)
+    claim_pool = await open_pool(state_url, min_size=1, max_size=6, role="claim")
     parts = await profiles.dispatcher_parts(settings, pool)
     queue = parts.queue
     dispatcher = Dispatcher(pool, signer=parts.signer, queue=queue,
                             object_store=parts.object_store,
-                            lease=settings.lease, retry=settings.retry)
+                            lease=settings.lease, retry=settings.retry, claim_pool=claim_pool)
     if parts.launcher_factory is not None:
         dispatcher.launcher = parts.launcher_factory(dispatcher)
     from trace_lite.datasets import Datasets
@@ -93,6 +94,7 @@ async def _run_dispatcher(settings: LiteSettings, state_url: str) -> None:
         await sweep
         await runner.cleanup()
         await parts.close()
+        await claim_pool.close()
         await pool.close()
         log.info("dispatcher stopped")
 

@@ -17,7 +17,8 @@ AWS profile environment (Postgres stays ``TRACE_DATABASE_URL``):
 ``TRACE_STS_ROLE_ARN``              role assumed for attempt-scoped credentials (optional;
                                     without it ``/v1/task/credentials`` answers ``not_found``)
 ``TRACE_LAMBDA_FUNCTION``           the platform-managed runner invoked for ``runtime: lambda``
-                                    tasks (optional; without it they wait in the outbox)
+                                    tasks (optional; without it their invoke rows back off
+                                    and go dead after 10 tries)
 ==================================  =========================================================
 """
 

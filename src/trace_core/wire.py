@@ -124,7 +124,8 @@ class ClaimResponse:
 
 @attrs.frozen
 class TaskPayload:
-    """What ``/internal/task-fetch`` returns (and, later, what Lambda is invoked with)."""
+    """What ``/internal/task-fetch`` returns (and each claim of a batch claim carries);
+    ``LambdaInvokePayload`` extends it for Lambda invocations."""
 
     task_id: str
     org_id: str

@@ -168,8 +168,12 @@ class Dispatcher:
         rand: Callable[[], float] = random.random,
         clock_epoch: Callable[[], float] | None = None,
         rewake_after_s: float = 120.0,
+        claim_pool: AsyncConnectionPool | None = None,
     ) -> None:
         self.pool = pool
+        #: Claims run on this pool: its sessions carry the claim path's 5 s statement timeout
+        #: (``open_pool(role="claim")``); defaults to ``pool``.
+        self.claim_pool = claim_pool or pool
         self.signer = signer
         self.queue = queue
         self.object_store = object_store
@@ -192,9 +196,10 @@ class Dispatcher:
     # -- plumbing ---------------------------------------------------------------------------
 
     @contextlib.asynccontextmanager
-    async def _tx(self) -> AsyncIterator[psycopg.AsyncCursor[Any]]:
+    async def _tx(self, *, claim: bool = False) -> AsyncIterator[psycopg.AsyncCursor[Any]]:
+        pool = self.claim_pool if claim else self.pool
         try:
-            async with self.pool.connection() as conn, conn.transaction():
+            async with pool.connection() as conn, conn.transaction():
                 async with conn.cursor(row_factory=tuple_row) as cur:
                     yield cur
         except errors.TraceError:
@@ -399,7 +404,7 @@ class Dispatcher:
         Raises ``NotFound``, ``TaskCanceled``, ``TaskNotClaimable`` (running under another
         lease, waiting for backoff, finished, or being claimed concurrently).
         """
-        async with self._tx() as cur:
+        async with self._tx(claim=True) as cur:
             await cur.execute(Q["lock_tasks_for_claim"], {"task_ids": [task_id]})
             row = await cur.fetchone()
             if row is None:
@@ -435,7 +440,7 @@ class Dispatcher:
         """
         ids = list(dict.fromkeys(task_ids))
         refused: list[wire.ClaimRefusal] = []
-        async with self._tx() as cur:
+        async with self._tx(claim=True) as cur:
             await cur.execute(Q["lock_tasks_for_claim"], {"task_ids": ids})
             rows = await cur.fetchall()
             claimable: list[TaskView] = []
@@ -484,7 +489,7 @@ class Dispatcher:
 
         Returns the started attempts (capability tokens only when ``mint_tokens``).
         """
-        async with self._tx() as cur:
+        async with self._tx(claim=True) as cur:
             await cur.execute(Q["lock_next_queued"], {"n": n})
             rows = await cur.fetchall()
             if not rows:
@@ -982,11 +987,13 @@ def connection_kwargs(*, role: Literal["api", "claim"] = "api") -> dict[str, Any
     }
 
 
-async def open_pool(url: str, *, min_size: int = 2, max_size: int = 10) -> AsyncConnectionPool:
-    """An open connection pool with the Dispatcher's session settings."""
+async def open_pool(
+    url: str, *, min_size: int = 2, max_size: int = 10, role: Literal["api", "claim"] = "api"
+) -> AsyncConnectionPool:
+    """An open connection pool with the Dispatcher's session settings for ``role``."""
     pool = AsyncConnectionPool(
-        url, min_size=min_size, max_size=max_size, kwargs=connection_kwargs(), open=False,
-        timeout=10.0,
+        url, min_size=min_size, max_size=max_size, kwargs=connection_kwargs(role=role),
+        open=False, timeout=10.0,
     )
     await pool.open(wait=True, timeout=30.0)
     return pool

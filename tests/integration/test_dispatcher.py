@@ -370,3 +370,22 @@ async def test_background_loops_publish_wakes_and_reap_on_real_queue(db_url: str
         await loops
         await queue.close()
         await pool.close()
+
+
+async def test_claims_run_on_the_claim_pool_with_its_5s_statement_timeout(db_url: str) -> None:
+    pool = await open_pool(db_url, min_size=1, max_size=2)
+    claim_pool = await open_pool(db_url, min_size=1, max_size=2, role="claim")
+    try:
+        async with claim_pool.connection() as conn:
+            assert (await (await conn.execute("SHOW statement_timeout")).fetchone()) == ("5s",)
+        async with pool.connection() as conn:
+            assert (await (await conn.execute("SHOW statement_timeout")).fetchone()) == ("30s",)
+        d = Dispatcher(pool, signer=MemorySigner(), queue=MemoryQueue("t"),
+                       claim_pool=claim_pool)
+        await claim_pool.close()  # claims must go through the claim pool: now they cannot
+        (info,) = await d.create_tasks([wire.CreateTaskRequest(operator="noop")])
+        with pytest.raises(errors.Unavailable):  # the closed claim pool refuses
+            await d.claim(info.task_id)
+        assert (await d.get_task(info.task_id))["state"] == "queued"  # the main pool still works
+    finally:
+        await pool.close()
