@@ -172,3 +172,26 @@ def test_aws_worker_kill9_mid_run_completes_everything_once(aws_procs: AwsTraceP
     assert t.scalar("SELECT count(*) FROM task_events") == 16 * 3
     retried = t.scalar("SELECT count(*) FROM tasks WHERE attempt > 1")
     assert running_at_kill >= 1 and retried >= 1, (running_at_kill, retried)
+
+
+def test_aws_dispatcher_kill9_mid_run_recovers_exactly_once(aws_procs: AwsTraceProcs) -> None:
+    """kill -9 the Dispatcher (the outbox publisher to SQS, the KMS signer, the reaper) while
+    workers run, then restart it: nothing lost, nothing done twice."""
+    t = aws_procs
+    dispatcher = t.start_dispatcher()
+    t.start_worker(concurrency=8)
+    tasks = ([{"operator": "emit_events", "payload": {"n": 2}, "max_attempts": 10}] * 40
+             + [{"operator": "sleep", "payload": {"seconds": 1.0}, "max_attempts": 10}] * 8)
+    ids = t.create_tasks(tasks)
+    t.wait_until(lambda: t.scalar("SELECT count(*) FROM tasks WHERE state = 'completed'") >= 5,
+                 60, "some tasks to complete")
+    t.kill9(dispatcher)
+    time.sleep(1.0)  # workers keep running and retrying against a dead Dispatcher
+    t.start_dispatcher()
+    assert t.wait_terminal(ids, timeout=150) == {"completed": len(ids)}
+    assert t.scalar("SELECT count(*) FROM task_attempts WHERE task_id = ANY(%s::uuid[]) "
+                    "AND outcome = 'succeeded'", (ids,)) == len(ids)
+    assert t.sql("SELECT task_id, event_key FROM task_events GROUP BY 1, 2 "
+                 "HAVING count(*) > 1") == []
+    assert t.scalar("SELECT count(*) FROM task_events") == 40 * 3
+    assert t.scalar("SELECT count(*) FROM task_attempts WHERE outcome = 'running'") == 0
