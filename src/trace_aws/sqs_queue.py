@@ -41,7 +41,8 @@ from typing import Any
 
 from trace_aws._boto import AwsCalls, client
 from trace_core import errors
-from trace_core.ports import MAX_MESSAGE_BYTES, ReceivedMessage
+from trace_core.ports import ReceivedMessage
+from trace_core.queue_args import check_bodies
 
 #: SQS limits (also the port's argument limits).
 MAX_BATCH = 10
@@ -241,17 +242,11 @@ class SqsQueue:
         return await self._send(self.queue_url, bodies, delay_seconds)
 
     async def _send(self, url: str, bodies: Sequence[bytes], delay_seconds: float) -> list[str]:
-        if isinstance(bodies, bytes | bytearray | str) or not isinstance(bodies, Sequence):
-            raise errors.ValidationFailed("bodies must be a list of bytes", field="bodies")
+        checked = check_bodies(bodies)  # the same checks as every Queue adapter
         delay = _int_seconds(delay_seconds, "delay_seconds", MAX_DELAY_S)
         entries: list[tuple[str, dict[str, Any], int]] = []
-        for i, body in enumerate(bodies):
-            if not isinstance(body, bytes | bytearray):
-                raise errors.ValidationFailed("each body must be bytes", field=f"bodies[{i}]")
-            if len(body) > MAX_MESSAGE_BYTES:
-                raise errors.PayloadTooLarge(
-                    f"message body exceeds {MAX_MESSAGE_BYTES} bytes", field=f"bodies[{i}]")
-            text, attrs = encode_body(bytes(body))
+        for i, body in enumerate(checked):
+            text, attrs = encode_body(body)
             size = _entry_bytes(text, attrs)
             if size > SQS_REQUEST_BYTES:
                 raise errors.PayloadTooLarge(

@@ -21,15 +21,14 @@ import asyncio
 import contextlib
 import logging
 import uuid
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
 import attrs
 import psycopg
-from psycopg.rows import tuple_row
 from psycopg.types.json import Jsonb
-from psycopg_pool import AsyncConnectionPool, PoolTimeout
+from psycopg_pool import AsyncConnectionPool
 
 from trace_core import access, commit, errors, wire
 from trace_core.access import Action, Caller, DatasetAcl, TaskCaller, UserCaller
@@ -37,6 +36,7 @@ from trace_core.object_keys import is_within, validate_key
 from trace_core.ports import ObjectInfo, ObjectStore
 from trace_core.token import CapabilityClaims
 from trace_lite import sqlfile
+from trace_lite.pg import transaction
 
 log = logging.getLogger("trace.datasets")
 
@@ -63,27 +63,6 @@ def _staging_prefix(org_id: str, task_id: str, attempt: int) -> str:
 def table_name(dataset_version: str) -> str:
     """The Postgres data table of a version of a ``postgres`` dataset (UUID-named)."""
     return f"trace_data.dsv_{uuid.UUID(dataset_version).hex}"
-
-
-@contextlib.asynccontextmanager
-async def transaction(pool: AsyncConnectionPool) -> AsyncIterator[psycopg.AsyncCursor[Any]]:
-    """One transaction; driver errors become domain errors at this boundary."""
-    try:
-        async with pool.connection() as conn, conn.transaction():
-            async with conn.cursor(row_factory=tuple_row) as cur:
-                yield cur
-    except errors.TraceError:
-        raise
-    except (psycopg.OperationalError, psycopg.errors.QueryCanceled,
-            psycopg.errors.LockNotAvailable, psycopg.errors.SerializationFailure,
-            psycopg.errors.DeadlockDetected) as exc:
-        raise errors.Unavailable(f"database unavailable: {type(exc).__name__}") from exc
-    except psycopg.errors.UniqueViolation as exc:
-        raise errors.Conflict("conflicting concurrent write") from exc
-    except (psycopg.errors.DataError, psycopg.errors.CheckViolation) as exc:
-        raise errors.ValidationFailed(f"invalid value: {exc.diag.message_primary}") from exc
-    except PoolTimeout as exc:
-        raise errors.Unavailable("database pool exhausted") from exc
 
 
 # --- records ---------------------------------------------------------------------------------

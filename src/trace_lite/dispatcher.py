@@ -22,15 +22,14 @@ import random
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import Any, Literal, Protocol
 
 import attrs
 import psycopg
-from psycopg.rows import tuple_row
 from psycopg.types.json import Jsonb
-from psycopg_pool import AsyncConnectionPool, PoolTimeout
+from psycopg_pool import AsyncConnectionPool
 
 from trace_core import errors, lifecycle, wire
 from trace_core import outbox as outbox_sm
@@ -49,6 +48,7 @@ from trace_core.object_keys import is_within, validate_key
 from trace_core.ports import ObjectStore, Queue, Signer
 from trace_core.token import CapabilityClaims, TokenPolicy, check_binding, issue_claims
 from trace_lite import sqlfile
+from trace_lite.pg import transaction
 
 log = logging.getLogger("trace.dispatcher")
 
@@ -195,25 +195,10 @@ class Dispatcher:
 
     # -- plumbing ---------------------------------------------------------------------------
 
-    @contextlib.asynccontextmanager
-    async def _tx(self, *, claim: bool = False) -> AsyncIterator[psycopg.AsyncCursor[Any]]:
-        pool = self.claim_pool if claim else self.pool
-        try:
-            async with pool.connection() as conn, conn.transaction():
-                async with conn.cursor(row_factory=tuple_row) as cur:
-                    yield cur
-        except errors.TraceError:
-            raise
-        except (psycopg.OperationalError, psycopg.errors.QueryCanceled,
-                psycopg.errors.LockNotAvailable, psycopg.errors.SerializationFailure,
-                psycopg.errors.DeadlockDetected) as exc:
-            raise errors.Unavailable(f"database unavailable: {type(exc).__name__}") from exc
-        except psycopg.errors.UniqueViolation as exc:
-            raise errors.Conflict("conflicting concurrent write") from exc
-        except psycopg.errors.DataError as exc:
-            raise errors.ValidationFailed(f"invalid value: {exc.diag.message_primary}") from exc
-        except PoolTimeout as exc:
-            raise errors.Unavailable("database pool exhausted") from exc
+    def _tx(
+        self, *, claim: bool = False
+    ) -> contextlib.AbstractAsyncContextManager[psycopg.AsyncCursor[Any]]:
+        return transaction(self.claim_pool if claim else self.pool)
 
     async def _org_id(self, cur: psycopg.AsyncCursor[Any], name: str) -> str:
         org_id = self._orgs.get(name)

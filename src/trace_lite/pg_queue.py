@@ -41,8 +41,9 @@ from psycopg import sql
 from psycopg.rows import TupleRow
 from psycopg_pool import AsyncConnectionPool
 
-from trace_core.errors import NotFound, PayloadTooLarge, Unavailable, ValidationFailed
-from trace_core.ports import MAX_MESSAGE_BYTES, ReceivedMessage
+from trace_core.errors import NotFound, Unavailable, ValidationFailed
+from trace_core.ports import ReceivedMessage
+from trace_core.queue_args import check_bodies, check_range
 from trace_lite import sqlfile
 
 log = logging.getLogger(__name__)
@@ -127,8 +128,8 @@ class PgQueue:
         Raises ``PayloadTooLarge`` if any body exceeds ``MAX_MESSAGE_BYTES`` (nothing is sent),
         ``ValidationFailed`` for a bad argument, ``Unavailable``.
         """
-        checked = _check_bodies(bodies)
-        _check_range("delay_seconds", delay_seconds, 0, MAX_DELAY_SECONDS)
+        checked = check_bodies(bodies)
+        check_range("delay_seconds", delay_seconds, 0, MAX_DELAY_SECONDS)
         if not checked:
             return []
         rows = await self._fetch(
@@ -148,9 +149,9 @@ class PgQueue:
         Waits up to ``wait_seconds`` for at least one message, woken by ``NOTIFY``.
         Raises ``ValidationFailed`` for a bad argument, ``Unavailable``.
         """
-        _check_range("max_messages", max_messages, 1, MAX_BATCH_RECEIVE)
-        _check_range("visibility_timeout", visibility_timeout, 0, MAX_VISIBILITY_SECONDS)
-        _check_range("wait_seconds", wait_seconds, 0, MAX_WAIT_SECONDS)
+        check_range("max_messages", max_messages, 1, MAX_BATCH_RECEIVE)
+        check_range("visibility_timeout", visibility_timeout, 0, MAX_VISIBILITY_SECONDS)
+        check_range("wait_seconds", wait_seconds, 0, MAX_WAIT_SECONDS)
         params = {
             "queue": self._name,
             "limit": max_messages,
@@ -176,7 +177,7 @@ class PgQueue:
         Raises ``NotFound`` if the receipt is stale (message deleted, received again or dead),
         ``ValidationFailed`` for a bad timeout, ``Unavailable``.
         """
-        _check_range("visibility_timeout", visibility_timeout, 0, MAX_VISIBILITY_SECONDS)
+        check_range("visibility_timeout", visibility_timeout, 0, MAX_VISIBILITY_SECONDS)
         parsed = _parse_receipt(receipt)
         if parsed is None:
             raise NotFound("the receipt is stale: the message was deleted or received again")
@@ -202,7 +203,7 @@ class PgQueue:
         Dead letters stay in the dead-letter queue (they are not hidden); ``delete`` with the
         returned receipt discards one. Raises ``ValidationFailed``, ``Unavailable``.
         """
-        _check_range("max_messages", max_messages, 1, MAX_BATCH_RECEIVE)
+        check_range("max_messages", max_messages, 1, MAX_BATCH_RECEIVE)
         rows = await self._fetch("dead_letters", {"queue": self._name, "limit": max_messages})
         return [_message(row) for row in rows]
 
@@ -372,28 +373,6 @@ def _parse_receipt(receipt: str) -> uuid.UUID | None:
         return uuid.UUID(receipt)
     except (ValueError, TypeError, AttributeError):
         return None
-
-
-def _check_bodies(bodies: Sequence[bytes]) -> list[bytes]:
-    if isinstance(bodies, bytes | bytearray | memoryview | str):
-        raise ValidationFailed("bodies must be a sequence of bytes bodies", field="bodies")
-    out: list[bytes] = []
-    for i, body in enumerate(bodies):
-        if not isinstance(body, bytes | bytearray | memoryview):
-            raise ValidationFailed("a message body must be bytes", field=f"bodies[{i}]")
-        out.append(bytes(body))
-    for i, body in enumerate(out):
-        if len(body) > MAX_MESSAGE_BYTES:
-            raise PayloadTooLarge(
-                f"message body is {len(body)} bytes; the limit is {MAX_MESSAGE_BYTES}",
-                field=f"bodies[{i}]",
-            )
-    return out
-
-
-def _check_range(field: str, value: float, low: float, high: float) -> None:
-    if isinstance(value, bool) or not low <= value <= high:
-        raise ValidationFailed(f"{field} must be between {low} and {high}", field=field)
 
 
 __all__ = ["CHANNEL", "PgQueue"]

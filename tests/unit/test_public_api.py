@@ -9,8 +9,8 @@ import trace_core
 import trace_core.testing
 
 KERNEL = Path(trace_core.__file__).parent
-STATE_MACHINES = ["lifecycle.py", "outbox.py", "token.py", "errors.py", "ports.py",
-                  "object_keys.py"]
+STATE_MACHINES = ["lifecycle.py", "outbox.py", "token.py", "commit.py", "access.py", "errors.py",
+                  "ports.py", "queue_args.py", "object_keys.py", "secret_names.py"]
 FORBIDDEN = {"asyncio", "psycopg", "psycopg_pool", "boto3", "botocore", "aiohttp", "duckdb",
              "jwt", "time", "socket", "subprocess", "random"}
 

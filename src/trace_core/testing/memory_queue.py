@@ -38,8 +38,9 @@ from typing import Protocol
 
 import attrs
 
-from trace_core.errors import NotFound, PayloadTooLarge, ValidationFailed
-from trace_core.ports import MAX_MESSAGE_BYTES, ReceivedMessage
+from trace_core.errors import NotFound, ValidationFailed
+from trace_core.ports import ReceivedMessage
+from trace_core.queue_args import check_bodies, check_range
 
 #: Port methods ``fail_next`` can target.
 OPERATIONS = frozenset(
@@ -142,8 +143,8 @@ class MemoryQueue:
         ``ValidationFailed`` for a bad argument.
         """
         self._maybe_fail("send")
-        bodies = _check_bodies(bodies)
-        _check_range("delay_seconds", delay_seconds, 0, MAX_DELAY_SECONDS)
+        bodies = check_bodies(bodies)
+        check_range("delay_seconds", delay_seconds, 0, MAX_DELAY_SECONDS)
         visible_at = self._clock.monotonic() + delay_seconds
         ids: list[str] = []
         for body in bodies:
@@ -168,9 +169,9 @@ class MemoryQueue:
         Raises ``ValidationFailed`` for a bad argument.
         """
         self._maybe_fail("receive")
-        _check_range("max_messages", max_messages, 1, MAX_BATCH_RECEIVE)
-        _check_range("visibility_timeout", visibility_timeout, 0, MAX_VISIBILITY_SECONDS)
-        _check_range("wait_seconds", wait_seconds, 0, MAX_WAIT_SECONDS)
+        check_range("max_messages", max_messages, 1, MAX_BATCH_RECEIVE)
+        check_range("visibility_timeout", visibility_timeout, 0, MAX_VISIBILITY_SECONDS)
+        check_range("wait_seconds", wait_seconds, 0, MAX_WAIT_SECONDS)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait_seconds
         while True:
@@ -190,7 +191,7 @@ class MemoryQueue:
         Raises ``NotFound`` if the receipt is stale, ``ValidationFailed`` for a bad timeout.
         """
         self._maybe_fail("extend_visibility")
-        _check_range("visibility_timeout", visibility_timeout, 0, MAX_VISIBILITY_SECONDS)
+        check_range("visibility_timeout", visibility_timeout, 0, MAX_VISIBILITY_SECONDS)
         message = self._by_receipt.get(receipt)
         if message is None or message.dead:
             raise NotFound("the receipt is stale: the message was deleted or received again")
@@ -215,7 +216,7 @@ class MemoryQueue:
         returned receipt discards one. Raises ``ValidationFailed`` for a bad argument.
         """
         self._maybe_fail("dead_letters")
-        _check_range("max_messages", max_messages, 1, MAX_BATCH_RECEIVE)
+        check_range("max_messages", max_messages, 1, MAX_BATCH_RECEIVE)
         out: list[ReceivedMessage] = []
         for message in self._messages:
             if len(out) == max_messages:
@@ -300,28 +301,6 @@ class MemoryQueue:
         if message.receipt is not None:
             self._by_receipt.pop(message.receipt, None)
             message.receipt = None
-
-
-def _check_bodies(bodies: Sequence[bytes]) -> list[bytes]:
-    if isinstance(bodies, bytes | bytearray | memoryview | str):
-        raise ValidationFailed("bodies must be a sequence of bytes bodies", field="bodies")
-    out: list[bytes] = []
-    for i, body in enumerate(bodies):
-        if not isinstance(body, bytes | bytearray | memoryview):
-            raise ValidationFailed("a message body must be bytes", field=f"bodies[{i}]")
-        out.append(bytes(body))
-    for i, body in enumerate(out):
-        if len(body) > MAX_MESSAGE_BYTES:
-            raise PayloadTooLarge(
-                f"message body is {len(body)} bytes; the limit is {MAX_MESSAGE_BYTES}",
-                field=f"bodies[{i}]",
-            )
-    return out
-
-
-def _check_range(field: str, value: float, low: float, high: float) -> None:
-    if isinstance(value, bool) or not low <= value <= high:
-        raise ValidationFailed(f"{field} must be between {low} and {high}", field=field)
 
 
 __all__ = ["MemoryQueue", "MonotonicClock"]
