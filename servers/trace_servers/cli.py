@@ -401,7 +401,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name in ("up", "demo"):
         s = sub.add_parser(name, help=f"{name} Trace Lite")
         s.add_argument("--workers", type=int, default=2)
-        s.add_argument("--concurrency", type=int, default=16)
+        s.add_argument("--concurrency", type=int, default=64)
         if name == "demo":
             s.add_argument("--tasks", type=int, default=2000)
             s.add_argument("--fail-every", type=int, default=10,
