@@ -504,13 +504,10 @@ class Dispatcher:
             raise errors.NotFound("no such task", field="task_id")
         (tid, org_id, job_id, operator, payload, state, current, _lease_exp, max_attempts,
          timeout_s, *_rest) = row
-        for_attempt = attempt
-        attempt = current
         return wire.TaskPayload(
             task_id=tid, org_id=org_id, job_id=job_id, operator=operator, payload=payload,
-            status=state, attempt=attempt, max_attempts=max_attempts, timeout_s=timeout_s,
-            staging_prefix=staging_prefix(org_id, tid, attempt if for_attempt is None
-                                          else for_attempt),
+            status=state, attempt=current, max_attempts=max_attempts, timeout_s=timeout_s,
+            staging_prefix=staging_prefix(org_id, tid, current if attempt is None else attempt),
         )
 
     # -- capability tokens ------------------------------------------------------------------
