@@ -71,6 +71,22 @@ SERVER_SETTINGS: dict[str, str] = {
 }
 
 
+#: Where clusters of unreachable checkouts live (see ``EmbeddedPostgres``).
+FALLBACK_ROOT = Path("/var/tmp/trace-pg")
+
+
+def _searchable_by_others(path: Path) -> bool:
+    """Whether every existing ancestor of ``path`` lets other users enter it (``o+x``)."""
+    for parent in [path, *path.parents]:
+        try:
+            mode = parent.stat().st_mode
+        except FileNotFoundError:
+            continue
+        if not mode & 0o001:
+            return False
+    return True
+
+
 class EmbeddedPostgresError(RuntimeError):
     """The private cluster could not be initialised, started or stopped."""
 
@@ -151,6 +167,11 @@ class EmbeddedPostgres:
         start_timeout: float = 60.0,
     ) -> None:
         self.base_dir = Path(base_dir if base_dir is not None else default_base_dir()).absolute()
+        if os.geteuid() == 0 and not _searchable_by_others(self.base_dir):
+            # The server runs as the postgres OS user, which cannot enter a checkout under a
+            # private folder (e.g. /root, mode 700). Keep the cluster in a stable spot outside
+            # it instead, named after the original path so every run finds the same cluster.
+            self.base_dir = FALLBACK_ROOT / _short_hash(str(self.base_dir))
         self.port = port
         self.settings = {**SERVER_SETTINGS, **(settings or {})}
         self.start_timeout = start_timeout

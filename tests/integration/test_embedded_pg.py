@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -66,12 +68,18 @@ def test_operational_defaults(cluster: EmbeddedPostgres) -> None:
     assert _one(url, "SHOW lock_timeout") == "5s"
 
 
-def test_long_project_path_uses_short_socket_dir(tmp_path: Path) -> None:
-    deep = tmp_path / ("x" * 60) / ("y" * 60)
-    pg = EmbeddedPostgres(deep, port=5436)
-    assert pg.socket_dir.parent == Path("/tmp")
-    assert len(str(pg.socket_path)) < 107
-    assert pg.url("db").startswith("postgresql://postgres@/db?host=/tmp/trace-pg-")
+def test_long_project_path_uses_short_socket_dir() -> None:
+    open_dir = Path(tempfile.mkdtemp(prefix="trace-open-"))  # reachable by the server user
+    try:
+        open_dir.chmod(0o755)
+        deep = open_dir / ("x" * 60) / ("y" * 60)
+        pg = EmbeddedPostgres(deep, port=5436)
+        assert pg.base_dir == deep
+        assert pg.socket_dir.parent == Path("/tmp")
+        assert len(str(pg.socket_path)) < 107
+        assert pg.url("db").startswith("postgresql://postgres@/db?host=/tmp/trace-pg-")
+    finally:
+        shutil.rmtree(open_dir)
 
 
 def test_start_is_idempotent(cluster: EmbeddedPostgres) -> None:
@@ -258,3 +266,23 @@ def test_default_database_urls_starts_embedded(
     assert data_url == cluster.url("trace_data")
     assert _one(state_url, "SELECT current_database()") == "trace"
     assert _one(data_url, "SELECT current_database()") == "trace_data"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the fallback applies when running as root")
+def test_checkout_the_server_user_cannot_enter_gets_a_cluster_outside_it(tmp_path: Path) -> None:
+    from trace_lite.embedded_pg import FALLBACK_ROOT
+
+    private = tmp_path / "private"
+    private.mkdir(mode=0o700)
+    private.chmod(0o700)
+    cluster = EmbeddedPostgres(private / "project" / ".trace" / "pg")
+    assert cluster.base_dir.parent == FALLBACK_ROOT
+    # stable: the same checkout path always maps to the same cluster folder
+    assert EmbeddedPostgres(private / "project" / ".trace" / "pg").base_dir == cluster.base_dir
+    open_dir = Path(tempfile.mkdtemp(prefix="trace-open-"))
+    try:
+        open_dir.chmod(0o755)
+        reachable = EmbeddedPostgres(open_dir / "pg")
+        assert reachable.base_dir == (open_dir / "pg").absolute()
+    finally:
+        shutil.rmtree(open_dir)
