@@ -93,6 +93,10 @@ def allowed(caller: Caller, dataset: DatasetAcl, action: Action) -> bool:
         return False
     if isinstance(caller, TaskCaller):
         return action is Action.READ and dataset.name in caller.read
+    if not caller.member:
+        # Outside the org's member list only a DAG grant (itself an org-scoped row) counts,
+        # and only for that DAG's datasets: roles of a non-member are never honoured.
+        caller = attrs.evolve(caller, roles=frozenset())
     if caller.is_admin:
         return True
     producer = dataset.dag_id in caller.dags

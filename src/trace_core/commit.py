@@ -258,8 +258,8 @@ def plan_commit(
     holds the live partitions of those versions that any entry's scope touches.
 
     Returns the plan. Raises ``Conflict`` (a target version is purged), ``ValidationFailed``
-    (a replace partially overlaps a live partition; the same scope twice in one manifest for a
-    replace dataset).
+    (a replace partially overlaps a live partition; the same scope twice, or overlapping
+    ranges, in one manifest for a replace dataset).
     """
     by_version: dict[str, list[LivePartition]] = {}
     for p in live:
@@ -269,6 +269,8 @@ def plan_commit(
     invalidations: list[Invalidation] = []
     duplicates = 0
     seen: set[tuple[str, tuple[int, int] | str]] = set()
+    #: block ranges this manifest writes into each replace version (they must not overlap)
+    written: dict[str, list[tuple[int, int]]] = {}
     for i, (entry, target) in enumerate(zip(entries, targets, strict=True)):
         where = f"outputs[{i}]"
         if target.version_state is VersionState.PURGED:
@@ -281,6 +283,14 @@ def plan_commit(
             raise errors.ValidationFailed("the same partition twice in one manifest",
                                           field=f"{where}.partition")
         seen.add(scope)
+        if (target.update_strategy is UpdateStrategy.REPLACE and entry.start is not None
+                and entry.end is not None):
+            mine = written.setdefault(target.dataset_version, [])
+            if any(entry.start < e and s < entry.end for s, e in mine):
+                raise errors.ValidationFailed(
+                    "ranges of one replace manifest must not overlap", field=f"{where}.partition"
+                )
+            mine.append((entry.start, entry.end))
         version_live = by_version.get(target.dataset_version, [])
         if entry.key is not None:
             hit = [p for p in version_live if p.key == entry.key]

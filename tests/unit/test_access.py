@@ -154,3 +154,16 @@ def test_task_granted_by_token_reads_but_never_writes() -> None:
     assert allowed(task, acl(False), R)
     assert not allowed(task, acl(False), W)
     assert not allowed(task, acl(False), P)
+
+
+def test_roles_of_a_non_member_are_never_honoured() -> None:
+    from trace_core.access import Action, DatasetAcl, UserCaller, allowed
+
+    ds = DatasetAcl(org_id="o", name="d", dag_id="dag", read_roles=frozenset({"analyst"}))
+    ghost = UserCaller(subject="x", org_id="o", roles=frozenset({"admin", "analyst"}),
+                       member=False)
+    assert not any(allowed(ghost, ds, a) for a in Action)
+    deployer = UserCaller(subject="y", org_id="o", roles=frozenset({"admin"}),
+                          dags=frozenset({"dag"}), member=False)
+    assert allowed(deployer, ds, Action.READ) and allowed(deployer, ds, Action.OVERWRITE)
+    assert not allowed(deployer, ds, Action.PURGE)  # the admin role does not count outside

@@ -381,3 +381,16 @@ def test_append_stores_each_range_once(ranges: list[tuple[int, int]],
     assert [(i.start, i.end) for i in p.inserts] == fresh
     assert p.duplicates == len(ranges) - len(fresh)
     assert (p.supersede, p.invalidations) == ((), ())
+
+
+def test_overlapping_ranges_in_one_replace_manifest_are_refused() -> None:
+    """Two entries [0,20) and [0,10) of one replace manifest would leave overlapping live
+    partitions; the manifest is refused at the second entry."""
+    with pytest.raises(errors.ValidationFailed) as info:
+        plan([entry(0, 20), entry(0, 10, object_key=STAGING + "b.parquet")],
+             UpdateStrategy.REPLACE, [])
+    assert info.value.field == "outputs[1].partition"
+    # adjacent ranges are fine
+    ok = plan([entry(0, 10), entry(10, 20, object_key=STAGING + "b.parquet")],
+              UpdateStrategy.REPLACE, [])
+    assert len(ok.inserts) == 2
