@@ -106,6 +106,15 @@ class TraceProcs:
     def object_root(self) -> Path:
         return self.trace_dir / "objects"
 
+    def read_object(self, object_key: str) -> bytes:
+        """The bytes of ``object_key`` in the deployment's object store (the local store on
+        disk; ``AwsTraceProcs`` reads S3)."""
+        root = self.object_root
+        for candidate in (root / object_key, root / "objects" / object_key):
+            if candidate.is_file():
+                return candidate.read_bytes()
+        raise AssertionError(f"object {object_key} not found under {root}")
+
     def env(self) -> dict[str, str]:
         src = Path(__file__).resolve().parents[2]
         env = {k: v for k, v in os.environ.items() if not k.startswith("TRACE_")}
