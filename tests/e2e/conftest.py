@@ -15,9 +15,10 @@ from e2e_harness import TraceProcs
 @pytest.hookimpl(wrapper=True, tryfirst=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
     rep = yield
-    procs = getattr(item, "funcargs", {}).get("trace_procs")
-    if rep.when == "call" and rep.failed and isinstance(procs, TraceProcs):
-        rep.sections.append(("process logs", procs.log_tails(60)))
+    if rep.when == "call" and rep.failed:
+        for procs in getattr(item, "funcargs", {}).values():
+            if isinstance(procs, TraceProcs):  # trace_procs, aws_procs
+                rep.sections.append(("process logs", procs.log_tails(60)))
     return rep
 
 

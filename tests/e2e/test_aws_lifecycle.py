@@ -3,7 +3,9 @@ with ``TRACE_PROFILE=aws`` talking to a moto server over HTTP (SQS wake-ups, S3 
 ES256 capability tokens, STS credentials); Postgres stays Postgres.
 
 Reuses ``e2e_harness.TraceProcs`` unchanged: ``AwsTraceProcs`` only adds the AWS settings to
-the child processes' environment.
+the child processes' environment and reads objects back from S3. The crash-safety scenario of
+``test_crash_safety.py`` (``crash_scenario.run_crash_scenario``) runs here a second time,
+scaled down, with the same faults and assertions.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from crash_scenario import run_crash_scenario
 from e2e_harness import TraceProcs
 
 from trace_aws._boto import client
@@ -25,15 +28,25 @@ from trace_aws.s3_store import S3ObjectStore
 from trace_aws.sqs_queue import SqsQueue
 
 ROLE = "arn:aws:iam::123456789012:role/trace-task-data"
+AWS_WAVES = 6
+AWS_PER_WAVE = 60  # 360 tasks through the crash scenario
 
 
 class AwsTraceProcs(TraceProcs):
+    sqs: Any  # boto3 clients on the moto server, set by the fixture
+    s3: Any
+
     def __init__(self, home: Path, db_url: str, aws_env: dict[str, str], **kw: Any) -> None:
         super().__init__(home, db_url, **kw)
         self.aws_env = aws_env
 
     def env(self) -> dict[str, str]:
         return {**super().env(), **self.aws_env}
+
+    def read_object(self, object_key: str) -> bytes:
+        body = self.s3.get_object(Bucket=self.aws_env["TRACE_S3_BUCKET"], Key=object_key)["Body"]
+        data: bytes = body.read()
+        return data
 
 
 @pytest.fixture
@@ -55,8 +68,8 @@ def aws_procs(tmp_path: Path, db_url: str, moto_server: Any) -> Iterator[AwsTrac
     home = tmp_path / "home"
     home.mkdir()
     procs = AwsTraceProcs(home, db_url, env, lease_s=3.0)
-    procs.sqs = client("sqs", endpoint_url=moto_server.url)  # type: ignore[attr-defined]
-    procs.s3 = client("s3", endpoint_url=moto_server.url)  # type: ignore[attr-defined]
+    procs.sqs = client("sqs", endpoint_url=moto_server.url)
+    procs.s3 = client("s3", endpoint_url=moto_server.url)
     try:
         yield procs
     finally:
@@ -64,7 +77,7 @@ def aws_procs(tmp_path: Path, db_url: str, moto_server: Any) -> Iterator[AwsTrac
 
 
 def _queue_depth(t: AwsTraceProcs) -> int:
-    attrs = t.sqs.get_queue_attributes(  # type: ignore[attr-defined]
+    attrs = t.sqs.get_queue_attributes(
         QueueUrl=t.aws_env["TRACE_SQS_QUEUE_URL"],
         AttributeNames=["ApproximateNumberOfMessages", "ApproximateNumberOfMessagesNotVisible"],
     )["Attributes"]
@@ -90,8 +103,7 @@ def test_aws_lifecycle_happy_path(aws_procs: AwsTraceProcs) -> None:
     [(object_key, size, sha)] = t.sql("SELECT object_key, byte_size, sha256 FROM buffer_batches "
                                       "WHERE task_id = %s", (demo,))
     assert f"/staging/task/{demo}/attempt/1/" in object_key
-    data = t.s3.get_object(Bucket=t.aws_env["TRACE_S3_BUCKET"],  # type: ignore[attr-defined]
-                           Key=object_key)["Body"].read()
+    data = t.read_object(object_key)
     assert len(data) == size and hashlib.sha256(data).hexdigest() == sha
     assert [json.loads(x) for x in data.decode().splitlines()] == [
         {"row": i, "task_id": demo, "value": i * i} for i in range(5)]
@@ -195,3 +207,13 @@ def test_aws_dispatcher_kill9_mid_run_recovers_exactly_once(aws_procs: AwsTraceP
                  "HAVING count(*) > 1") == []
     assert t.scalar("SELECT count(*) FROM task_events") == 40 * 3
     assert t.scalar("SELECT count(*) FROM task_attempts WHERE outcome = 'running'") == 0
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_aws_kill9_and_postgres_restart_lose_and_duplicate_nothing(
+        aws_procs: AwsTraceProcs, pg_cluster: object) -> None:
+    """``test_crash_safety.py`` again under ``TRACE_PROFILE=aws``: the same body (kill -9 of
+    the Dispatcher and of workers, a Postgres restart, every exactly-once check, batch objects
+    read back from S3), fewer tasks."""
+    run_crash_scenario(aws_procs, pg_cluster, waves=AWS_WAVES, per_wave=AWS_PER_WAVE)
