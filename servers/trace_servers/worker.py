@@ -23,6 +23,7 @@ import hashlib
 import json
 import logging
 import os
+import random
 import socket
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -130,6 +131,8 @@ class Worker:
     _inflight: set[asyncio.Task[None]] = attrs.field(factory=set)
     #: Send completions in batches (``/internal/task-complete-batch``).
     batch_completions: bool = True
+    #: How soon a wake-up reappears after a transient claim failure (seconds, jittered).
+    retry_after_s: float = 1.0
     _acks: list[str] = attrs.field(factory=list)
     _completions: list[tuple[dict[str, Any], asyncio.Future[None]]] = attrs.field(factory=list)
     _completion_flusher: asyncio.Task[None] | None = None
@@ -212,11 +215,17 @@ class Worker:
             return
         except errors.TraceError as exc:
             log.warning("claim failed; the wake-ups will reappear", extra={"error": str(exc)})
+            await self._retry_soon(list(by_task.values()))
             return
+        retry: list[ReceivedMessage] = []
         for refusal in batch.refused:
             if refusal.error in _FINAL_REFUSALS:
                 self.stats["skipped"] += 1
                 self._delete(by_task[refusal.task_id])
+            else:
+                retry.append(by_task[refusal.task_id])
+        if retry:
+            await self._retry_soon(retry)
         for grant in batch.claims:
             self.stats["claimed"] += 1
             task = asyncio.create_task(
@@ -381,6 +390,15 @@ class Worker:
             if retry:
                 await asyncio.sleep(0.2)
                 self._completions.extend(retry)
+
+    async def _retry_soon(self, messages: list[ReceivedMessage]) -> None:
+        """Let wake-ups whose claim failed transiently reappear after a short backoff rather
+        than after the whole visibility timeout (the task is still queued: nobody else will
+        wake it before the reaper's re-wake)."""
+        for message in messages:
+            with contextlib.suppress(errors.TraceError):
+                await self.queue.extend_visibility(message.receipt,
+                                                   self.retry_after_s * (0.5 + random.random()))
 
     def _delete(self, message: ReceivedMessage) -> None:
         """Acknowledge a wake-up; acknowledgements are deleted in batches."""
