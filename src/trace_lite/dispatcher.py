@@ -676,9 +676,7 @@ class Dispatcher:
             if r.task_id in by_task:
                 raise errors.ValidationFailed("one completion per task per batch", field="task_id")
             by_task[r.task_id] = i
-        results: list[wire.CompleteResponse | errors.TraceError] = [
-            errors.NotFound("no such task", field="task_id") for _ in reqs
-        ]
+        results: list[wire.CompleteResponse | errors.TraceError | None] = [None] * len(reqs)
         # Output manifests are checked against the ObjectStore before the transaction and
         # recorded inside it, behind the fence (trace_lite.datasets, trace_core.commit).
         outputs: dict[int, Any] = {}
@@ -755,7 +753,8 @@ class Dispatcher:
                                                            False)
                     else:  # pragma: no cover - the rows are locked, so the CAS cannot miss
                         results[i] = errors.LeaseLost()
-        return results
+        return [errors.NotFound("no such task", field="task_id") if r is None else r
+                for r in results]
 
     # -- background work ----------------------------------------------------------------------
 

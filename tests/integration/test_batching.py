@@ -87,3 +87,10 @@ def test_pg_array_literals_refuse_values_that_need_quoting() -> None:
     for bad in (["a,b"], ['a"'], ["a b"], ["{x}"], ["a\\b"], [""]):
         with pytest.raises(ValueError):
             pg_array(bad)
+
+
+async def test_complete_many_answers_not_found_for_unknown_tasks(dispatcher: Dispatcher) -> None:
+    missing = wire.CompleteRequest(task_id="00000000-0000-4000-8000-00000000abcd", attempt=1,
+                                   lease_token="00000000-0000-4000-8000-000000000000")
+    (res,) = await dispatcher.complete_many([missing])
+    assert isinstance(res, errors.NotFound) and res.field == "task_id"
