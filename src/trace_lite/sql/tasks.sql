@@ -23,7 +23,7 @@ FROM unnest(%(task_ids)s::uuid[], %(org_ids)s::uuid[], %(operators)s::text[],
             %(read_datasets)s::jsonb[])
      AS c(task_id, org_id, operator, payload, max_attempts, timeout_s, delay_s, idempotency_key,
           runtime, read_datasets)
-ON CONFLICT (org_id, idempotency_key) DO NOTHING
+ON CONFLICT (org_id, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
 RETURNING task_id, org_id, operator, state, attempt, max_attempts;
 
 -- name: tasks_by_idempotency_key
