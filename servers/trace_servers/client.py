@@ -20,16 +20,6 @@ from trace_core import errors, wire
 
 T = TypeVar("T")
 
-_BY_CODE: dict[str, type[errors.TraceError]] = {
-    cls.code: cls
-    for cls in (
-        errors.MalformedBody, errors.ValidationFailed, errors.PayloadTooLarge, errors.UnsafeKey,
-        errors.InvalidRequest, errors.Unauthenticated, errors.Forbidden, errors.NotFound,
-        errors.Conflict, errors.LeaseLost, errors.TaskNotClaimable, errors.TaskCanceled,
-        errors.IdempotencyMismatch, errors.Retryable, errors.Unavailable, errors.SignerError,
-    )
-}
-
 CAPABILITY_HEADER = "X-Trace-Task-Capability"
 
 #: Responses are parsed leniently: a newer Dispatcher may add fields (requests stay strict).
@@ -39,8 +29,8 @@ _lenient = cattrs.Converter()
 def error_from_body(status: int, body: Any) -> errors.TraceError:
     code = body.get("error") if isinstance(body, dict) else None
     message = body.get("message") if isinstance(body, dict) else None
-    cls = _BY_CODE.get(code or "", errors.TraceError)
-    if cls is errors.TraceError:
+    cls = errors.class_for_code(code)
+    if cls is None or cls is errors.TraceError:
         cls = errors.Unavailable if status >= 500 else errors.InvalidRequest
     exc = cls(message or f"HTTP {status}", field=body.get("field") if isinstance(body, dict)
               else None)

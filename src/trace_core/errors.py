@@ -153,6 +153,21 @@ class SignerError(TraceError):
     code = "signer_error"
 
 
+def _all_classes(cls: type[TraceError]) -> list[type[TraceError]]:
+    out = [cls]
+    for sub in cls.__subclasses__():
+        out += _all_classes(sub)
+    return out
+
+
+_BY_CODE: dict[str, type[TraceError]] = {c.code: c for c in _all_classes(TraceError)}
+
+
+def class_for_code(code: str | None) -> type[TraceError] | None:
+    """The error class whose ``code`` is ``code`` (as sent in JSON error bodies), or None."""
+    return _BY_CODE.get(code or "")
+
+
 __all__ = [
     "Conflict",
     "Forbidden",
@@ -171,4 +186,5 @@ __all__ = [
     "Unavailable",
     "UnsafeKey",
     "ValidationFailed",
+    "class_for_code",
 ]

@@ -387,32 +387,17 @@ class Dispatcher:
         """Lease a queued task to a new attempt and mint its capability token.
 
         Raises ``NotFound``, ``TaskCanceled``, ``TaskNotClaimable`` (running under another
-        lease, waiting for backoff, finished, or being claimed concurrently).
+        lease, waiting for backoff, or finished), ``Unavailable`` (the row is locked by another
+        writer right now: retry later). One claim is a batch of one (``claim_many``).
         """
-        async with self._tx(claim=True) as cur:
-            await cur.execute(Q["lock_tasks_for_claim"], {"task_ids": [task_id]})
-            row = await cur.fetchone()
-            if row is None:
-                await cur.execute(Q["get_task"], {"task_id": task_id})
-                if await cur.fetchone() is None:
-                    raise errors.NotFound("no such task", field="task_id")
-                # Locked by another writer (a concurrent claim, cancel or late completion): the
-                # outcome is unknown, so the caller keeps its wake-up and retries later.
-                raise errors.Unavailable("task is locked by another writer; retry later")
-            (grant,) = await self._start_attempts(cur, [_view(row)], row[-1], worker_id)
-        token = await self._mint(
-            org_id=grant.org_id, task_id=grant.task_id, attempt=grant.attempt,
-            timeout_s=grant.timeout_s, read_datasets=grant.read_datasets,
-        )
-        log.info("claimed", extra={"task_id": grant.task_id, "attempt": grant.attempt})
-        return wire.ClaimResponse(
-            task_id=grant.task_id,
-            attempt=grant.attempt,
-            lease_token=grant.lease_token,
-            lease_expires_at=_iso(grant.lease_expires_at),
-            capability_token=token,
-            heartbeat_interval_s=self.lease.heartbeat_s,
-        )
+        batch = await self.claim_many([task_id], worker_id)
+        if batch.refused:
+            (refusal,) = batch.refused
+            cls = errors.class_for_code(refusal.error) or errors.Conflict
+            raise cls(refusal.message, field="task_id" if cls is errors.NotFound else None)
+        (grant,) = batch.claims
+        log.info("claimed", extra={"task_id": task_id, "attempt": grant.claim.attempt})
+        return grant.claim
 
     async def claim_many(
         self, task_ids: Sequence[str], worker_id: str = "worker"
