@@ -97,6 +97,17 @@ class ClaimGrant:
 
 
 @attrs.frozen
+class _Locked:
+    """A task row locked for a decision, with what tokens and staging prefixes need."""
+
+    view: TaskView
+    org_id: str
+    timeout_s: int
+    read_datasets: tuple[str, ...]
+    now: datetime
+
+
+@attrs.frozen
 class ReapReport:
     expired: int = 0
     due: int = 0
@@ -105,8 +116,9 @@ class ReapReport:
 
 
 def _view(row: Sequence[Any]) -> TaskView:
+    # the first nine columns of every lock_* query; the last one is the database's now()
     (task_id, state, attempt, lease_token, lease_expires_at, available_at, max_attempts,
-     outcome, digest, _now) = row
+     outcome, digest) = row[:9]
     return TaskView(
         task_id=task_id,
         state=TaskState(state),
@@ -344,17 +356,15 @@ class Dispatcher:
     # -- claim / fetch ----------------------------------------------------------------------
 
     async def _lock_one(self, cur: psycopg.AsyncCursor[Any], task_id: str) -> TaskView:
-        view, _ = await self._lock_one_at(cur, task_id)
-        return view
+        return (await self._lock_one_at(cur, task_id)).view
 
-    async def _lock_one_at(
-        self, cur: psycopg.AsyncCursor[Any], task_id: str
-    ) -> tuple[TaskView, datetime]:
+    async def _lock_one_at(self, cur: psycopg.AsyncCursor[Any], task_id: str) -> _Locked:
         await cur.execute(Q["lock_tasks"], {"task_ids": [task_id]})
         row = await cur.fetchone()
         if row is None:
             raise errors.NotFound("no such task", field="task_id")
-        return _view(row), row[-1]
+        return _Locked(_view(row), org_id=row[9], timeout_s=row[10],
+                       read_datasets=tuple(row[11] or ()), now=row[-1])
 
     async def _start_attempts(
         self, cur: psycopg.AsyncCursor[Any], views: list[TaskView], now: datetime, worker_id: str
@@ -519,8 +529,9 @@ class Dispatcher:
         """
         fence = Fence(req.task_id, req.attempt, req.lease_token)
         async with self._tx() as cur:
-            task, now = await self._lock_one_at(cur, req.task_id)
-            decision = lifecycle.decide_heartbeat(task, fence, now=now, lease=self.lease)
+            locked = await self._lock_one_at(cur, req.task_id)
+            decision = lifecycle.decide_heartbeat(locked.view, fence, now=locked.now,
+                                                  lease=self.lease)
             await cur.execute(
                 Q["apply_heartbeat"],
                 {"task_id": fence.task_id, "attempt": fence.attempt,
@@ -528,11 +539,9 @@ class Dispatcher:
             )
             if cur.rowcount != 1:
                 raise errors.LeaseLost()
-            await cur.execute(Q["task_for_token"], {"task_id": req.task_id})
-            org_id, timeout_s, read_datasets = await _one(cur)
         token = await self._mint(
-            org_id=org_id, task_id=req.task_id, attempt=req.attempt, timeout_s=timeout_s,
-            read_datasets=read_datasets or (),
+            org_id=locked.org_id, task_id=req.task_id, attempt=req.attempt,
+            timeout_s=locked.timeout_s, read_datasets=locked.read_datasets,
         )
         return wire.HeartbeatResponse(
             lease_expires_at=_iso(decision.lease_expires_at), capability_token=token
@@ -589,11 +598,9 @@ class Dispatcher:
         batch = req.batch
         validate_key(batch.object_key)
         async with self._tx() as cur:
-            task = await self._lock_one(cur, req.task_id)
-            lifecycle.check_fence(task, fence, Op.BUFFER_PUBLISH)
-            await cur.execute(Q["task_for_token"], {"task_id": req.task_id})
-            org_id, _, _ = await _one(cur)
-            prefix = staging_prefix(org_id, req.task_id, req.attempt)
+            locked = await self._lock_one_at(cur, req.task_id)
+            lifecycle.check_fence(locked.view, fence, Op.BUFFER_PUBLISH)
+            prefix = staging_prefix(locked.org_id, req.task_id, req.attempt)
             if not is_within(batch.object_key, prefix):
                 raise errors.UnsafeKey(
                     f"object_key must lie under the attempt's staging prefix {prefix}",
@@ -770,7 +777,8 @@ class Dispatcher:
         async with self._tx() as cur:
             await cur.execute(Q["lock_due"], {"n": batch})
             rows = await cur.fetchall()
-            due = [_view(r).task_id for r in rows if lifecycle.decide_due(_view(r), now=r[-1])]
+            due = [v.task_id for v, r in ((_view(r), r) for r in rows)
+                   if lifecycle.decide_due(v, now=r[-1])]
             if due:
                 await cur.execute(Q["apply_due"], {"task_ids": due})
                 await self._wake(cur, due)

@@ -51,9 +51,11 @@ SELECT pg_notify('trace_outbox', '');
 SELECT pg_notify('trace_tasks', '');
 
 -- name: lock_tasks
--- Lock tasks with their current attempt for a decision; waits for other writers.
+-- Lock tasks with their current attempt for a decision; waits for other writers. Also returns
+-- what a renewed token and the staging prefix need (org, timeout, read grants).
 SELECT t.task_id::text, t.state, t.attempt, t.lease_token::text, t.lease_expires_at,
-       t.available_at, t.max_attempts, a.outcome, a.completion_digest, now() AS now
+       t.available_at, t.max_attempts, a.outcome, a.completion_digest,
+       t.org_id::text, t.timeout_s, t.read_datasets, now() AS now
 FROM tasks t
 LEFT JOIN task_attempts a ON a.task_id = t.task_id AND a.attempt = t.attempt
 WHERE t.task_id = ANY(%(task_ids)s::uuid[])
@@ -118,10 +120,6 @@ WITH t AS (
 UPDATE task_attempts a SET heartbeat_at = now(), lease_expires_at = %(expires)s
 FROM t WHERE a.task_id = t.task_id AND a.attempt = t.attempt
 RETURNING a.task_id;
-
--- name: task_for_token
--- What a capability token is minted from.
-SELECT org_id::text, timeout_s, read_datasets FROM tasks WHERE task_id = %(task_id)s;
 
 -- name: insert_events
 -- Record events; a key the task already emitted is skipped (dedupe by producer task + key).
