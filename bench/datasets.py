@@ -52,12 +52,24 @@ async def _completion(url: str, root: Path, n: int) -> tuple[float, float]:
             data = f'{{"i":{i}}}'.encode()
             key = f"{prefix}{i * 10}_{i * 10 + 10}.json"
             await store.put(key, data)
-            outputs.append({"dataset": name, "object_key": key, "size": len(data),
-                            "sha256": hashlib.sha256(data).hexdigest(),
-                            "partition": {"start": i * 10, "end": i * 10 + 10}})
-        req = wire.structure({"task_id": c.task_id, "attempt": c.attempt,
-                              "lease_token": c.lease_token, "outputs": outputs},
-                             wire.CompleteRequest)
+            outputs.append(
+                {
+                    "dataset": name,
+                    "object_key": key,
+                    "size": len(data),
+                    "sha256": hashlib.sha256(data).hexdigest(),
+                    "partition": {"start": i * 10, "end": i * 10 + 10},
+                }
+            )
+        req = wire.structure(
+            {
+                "task_id": c.task_id,
+                "attempt": c.attempt,
+                "lease_token": c.lease_token,
+                "outputs": outputs,
+            },
+            wire.CompleteRequest,
+        )
         store._sha_cache.clear()  # the Dispatcher did not write them: it hashes every object
         t0 = time.perf_counter()
         await d.complete(req)
@@ -71,7 +83,8 @@ async def _completion(url: str, root: Path, n: int) -> tuple[float, float]:
                 "object_key, staged_key, size, sha256, task_id, attempt) "
                 "SELECT %s, s, s + 10, 'k' || s, 'k' || s, 1, 'x', %s, 1 "
                 "FROM unnest(%s::bigint[]) AS s",
-                (version, c.task_id, [i * 10 for i in range(n)]))
+                (version, c.task_id, [i * 10 for i in range(n)]),
+            )
         raw_s = time.perf_counter() - t0
         return trace_s, raw_s
     finally:
@@ -86,8 +99,7 @@ async def _resolve(url: str, iterations: int) -> dict[str, float]:
         names = [f"ds_{i:03d}" for i in range(100)]
         for n in names:
             await ds.register(ORG, n, dag=DAG, job="j")
-        await ds.cutover(None, ORG, DAG,
-                         {n: await ds.open_version(None, ORG, n) for n in names})
+        await ds.cutover(None, ORG, DAG, {n: await ds.open_version(None, ORG, n) for n in names})
         caller = await ds.user_caller(ORG, "reader")
         org_id = await ds.org_id(ORG)
         out: dict[str, float] = {}
@@ -103,12 +115,16 @@ async def _resolve(url: str, iterations: int) -> dict[str, float]:
             for _ in range(iterations):
                 t0 = time.perf_counter()
                 async with pool.connection() as conn:
-                    await (await conn.execute(
-                        "SELECT d.name, p.dataset_version FROM datasets d "
-                        "JOIN dags g ON g.dag_id = d.dag_id LEFT JOIN dag_pointers p "
-                        "ON p.dag_id = g.dag_id AND p.generation = g.active_generation "
-                        "AND p.dataset_uuid = d.dataset_uuid "
-                        "WHERE d.org_id = %s AND d.name = ANY(%s)", (org_id, batch))).fetchall()
+                    await (
+                        await conn.execute(
+                            "SELECT d.name, p.dataset_version FROM datasets d "
+                            "JOIN dags g ON g.dag_id = d.dag_id LEFT JOIN dag_pointers p "
+                            "ON p.dag_id = g.dag_id AND p.generation = g.active_generation "
+                            "AND p.dataset_uuid = d.dataset_uuid "
+                            "WHERE d.org_id = %s AND d.name = ANY(%s)",
+                            (org_id, batch),
+                        )
+                    ).fetchall()
                 raw.append(time.perf_counter() - t0)
             out[f"raw pointer read {label} p50"] = statistics.median(raw)
         return out

@@ -62,12 +62,15 @@ async def _pgq_enqueue(conn: psycopg.AsyncConnection[Any], n: int, batch: int) -
         await q.enqueue(["noop"] * size, [None] * size, [0] * size)
 
 
-async def pgqueuer_throughput(url: str, n: int, *, processes: int = 2, batch: int = 500,
-                              enqueue_batch: int = 1000) -> float:
+async def pgqueuer_throughput(
+    url: str, n: int, *, processes: int = 2, batch: int = 500, enqueue_batch: int = 1000
+) -> float:
     left = await count(url, "SELECT count(*) FROM pgqueuer")
     try:
-        async with (Children(processes, _pgq_worker, url, batch),
-                    await psycopg.AsyncConnection.connect(url, autocommit=True) as conn):
+        async with (
+            Children(processes, _pgq_worker, url, batch),
+            await psycopg.AsyncConnection.connect(url, autocommit=True) as conn,
+        ):
             started = time.monotonic()
             await _pgq_enqueue(conn, n, enqueue_batch)
             finished = await wait_until(lambda: _is_zero(left), limit_s=300)
@@ -80,8 +83,10 @@ async def pgqueuer_latency(url: str, m: int, *, gap_s: float = 0.005) -> list[fl
     from pgqueuer import PsycopgDriver, Queries
 
     started: dict[int, float] = {}
-    async with (await psycopg.AsyncConnection.connect(url, autocommit=True) as wconn,
-                await psycopg.AsyncConnection.connect(url, autocommit=True) as pconn):
+    async with (
+        await psycopg.AsyncConnection.connect(url, autocommit=True) as wconn,
+        await psycopg.AsyncConnection.connect(url, autocommit=True) as pconn,
+    ):
         qm = _pgq_manager(wconn, lambda job: started.__setitem__(int(job.id), time.time()))
         run = asyncio.create_task(qm.run(batch_size=10, dequeue_timeout=timedelta(seconds=1)))
         await asyncio.sleep(0.5)
@@ -126,9 +131,14 @@ async def _proc_worker(url: str, concurrency: int, ready: Any, stop: Any) -> Non
     logging.getLogger("procrastinate").setLevel(logging.ERROR)
     app = _proc_app(url)
     async with app.open_async():
-        run = asyncio.create_task(app.run_worker_async(
-            concurrency=concurrency, wait=True, install_signal_handlers=False,
-            fetch_job_polling_interval=1.0))
+        run = asyncio.create_task(
+            app.run_worker_async(
+                concurrency=concurrency,
+                wait=True,
+                install_signal_handlers=False,
+                fetch_job_polling_interval=1.0,
+            )
+        )
         await asyncio.sleep(0.5)
         ready.set()
         await wait_flag(stop)
@@ -137,10 +147,12 @@ async def _proc_worker(url: str, concurrency: int, ready: Any, stop: Any) -> Non
             await asyncio.wait_for(run, 10)
 
 
-async def procrastinate_throughput(url: str, n: int, *, processes: int = 2,
-                                   concurrency: int = 10, enqueue_batch: int = 1000) -> float:
-    left = await count(url, "SELECT count(*) FROM procrastinate_jobs "
-                            "WHERE status IN ('todo', 'doing')")
+async def procrastinate_throughput(
+    url: str, n: int, *, processes: int = 2, concurrency: int = 10, enqueue_batch: int = 1000
+) -> float:
+    left = await count(
+        url, "SELECT count(*) FROM procrastinate_jobs WHERE status IN ('todo', 'doing')"
+    )
     app = _proc_app(url)
     try:
         async with Children(processes, _proc_worker, url, concurrency), app.open_async():
@@ -159,8 +171,9 @@ async def procrastinate_latency(url: str, m: int, *, gap_s: float = 0.005) -> li
     app = _proc_app(url, lambda k: started.__setitem__(k, time.time()))
     enqueued: dict[int, float] = {}
     async with app.open_async():
-        run = asyncio.create_task(app.run_worker_async(
-            concurrency=4, wait=True, install_signal_handlers=False))
+        run = asyncio.create_task(
+            app.run_worker_async(concurrency=4, wait=True, install_signal_handlers=False)
+        )
         await asyncio.sleep(0.5)
         task = app.tasks["noop"]
         for k in range(m):
@@ -210,16 +223,20 @@ async def _raw_worker(url: str, loops: int, ready: Any, stop: Any) -> None:
     await asyncio.gather(*(_raw_loop(url, stop) for _ in range(loops)))
 
 
-async def raw_throughput(url: str, n: int, *, processes: int = 1, loops: int = 1,
-                         enqueue_batch: int = 1000) -> float:
+async def raw_throughput(
+    url: str, n: int, *, processes: int = 1, loops: int = 1, enqueue_batch: int = 1000
+) -> float:
     left = await count(url, "SELECT count(*) FROM raw_jobs WHERE state = 'queued'")
     try:
-        async with (Children(processes, _raw_worker, url, loops),
-                    await psycopg.AsyncConnection.connect(url, autocommit=True) as conn):
+        async with (
+            Children(processes, _raw_worker, url, loops),
+            await psycopg.AsyncConnection.connect(url, autocommit=True) as conn,
+        ):
             started = time.monotonic()
             for size in batches(n, enqueue_batch):
-                await conn.execute("INSERT INTO raw_jobs (payload) "
-                                   "SELECT '{}' FROM generate_series(1, %s)", [size])
+                await conn.execute(
+                    "INSERT INTO raw_jobs (payload) SELECT '{}' FROM generate_series(1, %s)", [size]
+                )
             finished = await wait_until(lambda: _is_zero(left), limit_s=300)
         return n / (finished - started)
     finally:

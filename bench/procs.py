@@ -22,8 +22,10 @@ class Children:
         ctx = mp.get_context("spawn")
         self.stop = ctx.Event()
         self.ready = [ctx.Event() for _ in range(n)]
-        self.procs = [ctx.Process(target=_entry, args=(fn, args, r, self.stop), daemon=True)
-                      for r in self.ready]
+        self.procs = [
+            ctx.Process(target=_entry, args=(fn, args, r, self.stop), daemon=True)
+            for r in self.ready
+        ]
 
     async def __aenter__(self) -> Children:
         for p in self.procs:

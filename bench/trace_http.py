@@ -55,20 +55,27 @@ class Lite:
             "TRACE_DISPATCHER_URL": self.base_url,
             "TRACE_PLATFORM_TOKEN": self.token,
             "PYTHONPATH": os.pathsep.join(
-                [str(REPO_ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]),
+                [str(REPO_ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]
+            ),
         }
         self.dispatcher: subprocess.Popen[bytes] | None = None
         self.worker_procs: list[subprocess.Popen[bytes]] = []
 
     def _spawn(self, name: str, *argv: str) -> subprocess.Popen[bytes]:
         log = open(self.home / f"{name}.log", "ab")
-        return subprocess.Popen([sys.executable, "-m", "trace_servers.cli", *argv], env=self.env,
-                                stdout=log, stderr=log, start_new_session=True)
+        return subprocess.Popen(
+            [sys.executable, "-m", "trace_servers.cli", *argv],
+            env=self.env,
+            stdout=log,
+            stderr=log,
+            start_new_session=True,
+        )
 
     async def start_dispatcher(self) -> None:
         self.dispatcher = self._spawn("dispatcher", "dispatcher")
-        async with DispatcherClient(self.base_url, platform_token=self.token,
-                                    deadline_s=30) as client:
+        async with DispatcherClient(
+            self.base_url, platform_token=self.token, deadline_s=30
+        ) as client:
             await client.request("GET", "/readyz")
 
     async def start_workers(self) -> None:
@@ -113,27 +120,33 @@ async def _is_zero(probe: Any) -> bool:
     return await probe() == 0
 
 
-async def throughput(url: str, n: int, *, workers: int, concurrency: int = 64,
-                     create_batch: int = 1000) -> dict[str, float]:
+async def throughput(
+    url: str, n: int, *, workers: int, concurrency: int = 64, create_batch: int = 1000
+) -> dict[str, float]:
     """Jobs/s from the first HTTP create to the last completion; Dispatcher RSS."""
     left = await count(url, UNFINISHED)
     try:
-        async with Lite(url, workers, concurrency) as lite, DispatcherClient(
-            lite.base_url, platform_token=lite.token
-        ) as client:
+        async with (
+            Lite(url, workers, concurrency) as lite,
+            DispatcherClient(lite.base_url, platform_token=lite.token) as client,
+        ):
             started = time.monotonic()
             for size in batches(n, create_batch):
                 await client.create_tasks([NOOP] * size)
             finished = await wait_until(lambda: _is_zero(left), limit_s=120, every=0.05)
             mem = lite.dispatcher_memory_kb()
-        return {"rate": n / (finished - started), "rss_kb": mem.get("VmRSS", 0),
-                "hwm_kb": mem.get("VmHWM", 0)}
+        return {
+            "rate": n / (finished - started),
+            "rss_kb": mem.get("VmRSS", 0),
+            "hwm_kb": mem.get("VmHWM", 0),
+        }
     finally:
         await left.conn.close()  # type: ignore[attr-defined]
 
 
-async def backlog(url: str, queued: int, *, workers: int, concurrency: int = 64,
-                  window_s: float = 10.0) -> dict[str, float]:
+async def backlog(
+    url: str, queued: int, *, workers: int, concurrency: int = 64, window_s: float = 10.0
+) -> dict[str, float]:
     """Throughput over a fixed window with ``queued`` tasks already waiting; Dispatcher RSS.
 
     The backlog is created in-process (the same ``create_tasks`` the admin route calls, with
@@ -154,22 +167,27 @@ async def backlog(url: str, queued: int, *, workers: int, concurrency: int = 64,
             await asyncio.sleep(window_s)
             t1, c1 = time.monotonic(), await done()
             mem = lite.dispatcher_memory_kb()
-        return {"rate": (c1 - c0) / (t1 - t0), "rss_kb": mem.get("VmRSS", 0),
-                "hwm_kb": mem.get("VmHWM", 0)}
+        return {
+            "rate": (c1 - c0) / (t1 - t0),
+            "rss_kb": mem.get("VmRSS", 0),
+            "hwm_kb": mem.get("VmHWM", 0),
+        }
     finally:
         await done.conn.close()  # type: ignore[attr-defined]
 
 
-async def latency(url: str, m: int, *, workers: int = 1, concurrency: int = 8,
-                  gap_s: float = 0.01) -> list[float]:
+async def latency(
+    url: str, m: int, *, workers: int = 1, concurrency: int = 8, gap_s: float = 0.01
+) -> list[float]:
     """Wake-to-claim (ms): from the create call returning to the claim transaction's ``now()``.
 
     Same host, same clock. Tasks are created one at a time into idle workers.
     """
     committed: dict[str, float] = {}
-    async with Lite(url, workers, concurrency) as lite, DispatcherClient(
-        lite.base_url, platform_token=lite.token
-    ) as client:
+    async with (
+        Lite(url, workers, concurrency) as lite,
+        DispatcherClient(lite.base_url, platform_token=lite.token) as client,
+    ):
         await asyncio.sleep(0.5)
         for _ in range(m):
             (info,) = await client.create_tasks([NOOP])
@@ -183,6 +201,7 @@ async def latency(url: str, m: int, *, workers: int = 1, concurrency: int = 8,
     async with await psycopg.AsyncConnection.connect(url) as conn:
         cur = await conn.execute(
             "SELECT task_id::text, extract(epoch FROM started_at) FROM task_attempts "
-            "WHERE attempt = 1")
+            "WHERE attempt = 1"
+        )
         started = {t: float(s) for t, s in await cur.fetchall()}
     return [(started[t] - committed[t]) * 1000 for t in committed if t in started]

@@ -42,8 +42,13 @@ async def _listen(url: str, wake: asyncio.Event, ready: asyncio.Event) -> None:
 
 
 async def _claimer(
-    d: Dispatcher, wake: asyncio.Event, stop: asyncio.Event, n: int, worker_id: str,
-    claimed_at: dict[str, float] | None, done: list[int],
+    d: Dispatcher,
+    wake: asyncio.Event,
+    stop: asyncio.Event,
+    n: int,
+    worker_id: str,
+    claimed_at: dict[str, float] | None,
+    done: list[int],
 ) -> None:
     while not stop.is_set():
         wake.clear()
@@ -57,8 +62,12 @@ async def _claimer(
             for g in grants:
                 claimed_at[g.task_id] = now
         results = await d.complete_many(
-            [wire.CompleteRequest(task_id=g.task_id, attempt=g.attempt, lease_token=g.lease_token)
-             for g in grants]
+            [
+                wire.CompleteRequest(
+                    task_id=g.task_id, attempt=g.attempt, lease_token=g.lease_token
+                )
+                for g in grants
+            ]
         )
         bad = [r for r in results if not isinstance(r, wire.CompleteResponse)]
         if bad:
@@ -67,7 +76,11 @@ async def _claimer(
 
 
 async def _claimers_main(
-    url: str, claimers: int, claim_batch: int, stop_flag: Any, ready_flag: Any,
+    url: str,
+    claimers: int,
+    claim_batch: int,
+    stop_flag: Any,
+    ready_flag: Any,
 ) -> None:
     d = await _dispatcher(url, claimers + 1)
     wake, listening, stop = asyncio.Event(), asyncio.Event(), asyncio.Event()
@@ -75,8 +88,9 @@ async def _claimers_main(
     await listening.wait()
     done = [0]
     tasks = [
-        asyncio.create_task(_claimer(d, wake, stop, claim_batch, f"bench-{os.getpid()}-{i}",
-                                     None, done))
+        asyncio.create_task(
+            _claimer(d, wake, stop, claim_batch, f"bench-{os.getpid()}-{i}", None, done)
+        )
         for i in range(claimers)
     ]
     ready_flag.set()
@@ -105,8 +119,9 @@ class ClaimerProcesses:
         self.stop_flag = ctx.Event()
         self.ready = [ctx.Event() for _ in range(processes)]
         self.procs = [
-            ctx.Process(target=_child, args=(url, claimers, claim_batch, self.stop_flag, r),
-                        daemon=True)
+            ctx.Process(
+                target=_child, args=(url, claimers, claim_batch, self.stop_flag, r), daemon=True
+            )
             for r in self.ready
         ]
 
@@ -138,8 +153,15 @@ async def _create(d: Dispatcher, n: int, batch: int) -> None:
 
 
 async def throughput(
-    url: str, n: int, *, processes: int = 2, claimers: int = 2, claim_batch: int = 500,
-    create_batch: int = 1000, prefill: bool = False, limit_s: float = 300.0,
+    url: str,
+    n: int,
+    *,
+    processes: int = 2,
+    claimers: int = 2,
+    claim_batch: int = 500,
+    create_batch: int = 1000,
+    prefill: bool = False,
+    limit_s: float = 300.0,
 ) -> dict[str, float]:
     """Jobs/s from the first create to the last completion.
 
@@ -180,8 +202,10 @@ async def latency(url: str, m: int, *, gap_s: float = 0.005, claimers: int = 2) 
     claimed_at: dict[str, float] = {}
     committed_at: dict[str, float] = {}
     done = [0]
-    tasks = [asyncio.create_task(_claimer(d, wake, stop, 10, f"lat-{i}", claimed_at, done))
-             for i in range(claimers)]
+    tasks = [
+        asyncio.create_task(_claimer(d, wake, stop, 10, f"lat-{i}", claimed_at, done))
+        for i in range(claimers)
+    ]
     try:
         await asyncio.sleep(0.6)  # let claimers go idle (their first poll times out)
         for _ in range(m):

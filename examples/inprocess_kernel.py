@@ -25,15 +25,23 @@ async def main() -> None:
     dispatcher = Dispatcher(pool, signer=MemorySigner(), wake_mode="notify")
     try:
         created = await dispatcher.create_tasks(
-            [wire.CreateTaskRequest(operator="noop", org="example", payload={"i": i})
-             for i in range(100)]
+            [
+                wire.CreateTaskRequest(operator="noop", org="example", payload={"i": i})
+                for i in range(100)
+            ]
         )
         done = 0
         while grants := await dispatcher.claim_next(50, worker_id="example"):
             results = await dispatcher.complete_many(
-                [wire.CompleteRequest(task_id=g.task_id, attempt=g.attempt,
-                                      lease_token=g.lease_token, result={"i": g.payload["i"]})
-                 for g in grants]
+                [
+                    wire.CompleteRequest(
+                        task_id=g.task_id,
+                        attempt=g.attempt,
+                        lease_token=g.lease_token,
+                        result={"i": g.payload["i"]},
+                    )
+                    for g in grants
+                ]
             )
             done += sum(isinstance(r, wire.CompleteResponse) for r in results)
         print(f"created {len(created)}, completed {done}; counts: {await dispatcher.counts()}")

@@ -100,8 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.check:
         bad = stale()
         for rel in bad:
-            print(f"stale generated docs: {rel} (run: python scripts/gen_docs.py)",
-                  file=sys.stderr)
+            print(f"stale generated docs: {rel} (run: python scripts/gen_docs.py)", file=sys.stderr)
         return 1 if bad else 0
     for rel in write():
         print(f"regenerated {rel}")

@@ -1,13 +1,13 @@
 """``trace`` -- the command line: run Lite, migrate, run servers and workers, inspect tasks.
 
-    trace migrate                 apply state and data migrations (safe to run twice)
-    trace dispatcher              run the Dispatcher (HTTP + reaper + outbox publisher)
-    trace worker                  run a worker wrapper with the built-in operators
-    trace up                      run Lite: embedded Postgres, a Dispatcher and N workers
-    trace demo                    run Lite and a demo workload through the full lifecycle
-    trace task create|get|cancel  admin calls against a running Dispatcher
-    trace keys init|rotate        manage the Ed25519 signing keys (current + next)
-    trace pg start|stop|url       manage the embedded Postgres cluster
+trace migrate                 apply state and data migrations (safe to run twice)
+trace dispatcher              run the Dispatcher (HTTP + reaper + outbox publisher)
+trace worker                  run a worker wrapper with the built-in operators
+trace up                      run Lite: embedded Postgres, a Dispatcher and N workers
+trace demo                    run Lite and a demo workload through the full lifecycle
+trace task create|get|cancel  admin calls against a running Dispatcher
+trace keys init|rotate        manage the Ed25519 signing keys (current + next)
+trace pg start|stop|url       manage the embedded Postgres cluster
 """
 
 from __future__ import annotations
@@ -64,21 +64,32 @@ async def _run_dispatcher(settings: LiteSettings, state_url: str) -> None:
     claim_pool = await open_pool(state_url, min_size=1, max_size=6, role="claim")
     parts = await profiles.dispatcher_parts(settings, pool)
     queue = parts.queue
-    dispatcher = Dispatcher(pool, signer=parts.signer, queue=queue,
-                            object_store=parts.object_store,
-                            lease=settings.lease, retry=settings.retry, claim_pool=claim_pool)
+    dispatcher = Dispatcher(
+        pool,
+        signer=parts.signer,
+        queue=queue,
+        object_store=parts.object_store,
+        lease=settings.lease,
+        retry=settings.retry,
+        claim_pool=claim_pool,
+    )
     if parts.launcher_factory is not None:
         dispatcher.launcher = parts.launcher_factory(dispatcher)
     from trace_lite.datasets import Datasets
     from trace_lite.users import UserAuthenticator
 
-    app = make_app(dispatcher, platform_token=settings.platform_token,
-                   extra_routes=parts.extra_routes, credential_minter=parts.credential_minter,
-                   user_auth=UserAuthenticator.from_env(settings.key_dir))
+    app = make_app(
+        dispatcher,
+        platform_token=settings.platform_token,
+        extra_routes=parts.extra_routes,
+        credential_minter=parts.credential_minter,
+        user_auth=UserAuthenticator.from_env(settings.key_dir),
+    )
     runner = web.AppRunner(app, access_log=None, handle_signals=False)
     await runner.setup()
-    site = web.TCPSite(runner, settings.dispatcher_host, settings.dispatcher_port,
-                       reuse_address=True)
+    site = web.TCPSite(
+        runner, settings.dispatcher_host, settings.dispatcher_port, reuse_address=True
+    )
     await site.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -86,8 +97,11 @@ async def _run_dispatcher(settings: LiteSettings, state_url: str) -> None:
         loop.add_signal_handler(sig, stop.set)
     log.info("dispatcher listening", extra={"url": settings.dispatcher_url})
     # dataset promotion + staging sweep (grace: TRACE_STAGING_GRACE_S, default 1 h)
-    sweep = asyncio.create_task(Datasets(pool, object_store=parts.object_store).run_background(
-        stop, grace_s=float(os.environ.get("TRACE_STAGING_GRACE_S", "3600"))))
+    sweep = asyncio.create_task(
+        Datasets(pool, object_store=parts.object_store).run_background(
+            stop, grace_s=float(os.environ.get("TRACE_STAGING_GRACE_S", "3600"))
+        )
+    )
     try:
         await dispatcher.run_background(stop)
     finally:
@@ -120,8 +134,14 @@ async def _run_worker(settings: LiteSettings, state_url: str, concurrency: int) 
     parts = await profiles.worker_parts(settings, state_url)
     queue, store = parts.queue, parts.object_store
     client = DispatcherClient(settings.dispatcher_url, platform_token=settings.platform_token)
-    worker = Worker(client=client, queue=queue, operators=dict(BUILTIN), store=store,
-                    concurrency=concurrency, grace_s=min(30.0, settings.lease_s))
+    worker = Worker(
+        client=client,
+        queue=queue,
+        operators=dict(BUILTIN),
+        store=store,
+        concurrency=concurrency,
+        grace_s=min(30.0, settings.lease_s),
+    )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -150,11 +170,22 @@ def cmd_worker(settings: LiteSettings, args: argparse.Namespace) -> int:
 class LiteProcesses:
     """A Dispatcher and workers as child processes, stopped by PID."""
 
-    def __init__(self, settings: LiteSettings, state_url: str, data_url: str,
-                 workers: int, concurrency: int, log_dir: Path) -> None:
+    def __init__(
+        self,
+        settings: LiteSettings,
+        state_url: str,
+        data_url: str,
+        workers: int,
+        concurrency: int,
+        log_dir: Path,
+    ) -> None:
         self.settings = settings
-        self.env = {**os.environ, **settings.env(), "TRACE_DATABASE_URL": state_url,
-                    "TRACE_DATA_DATABASE_URL": data_url}
+        self.env = {
+            **os.environ,
+            **settings.env(),
+            "TRACE_DATABASE_URL": state_url,
+            "TRACE_DATA_DATABASE_URL": data_url,
+        }
         self.workers = workers
         self.concurrency = concurrency
         self.log_dir = log_dir
@@ -164,8 +195,11 @@ class LiteProcesses:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         out = open(self.log_dir / f"{name}.log", "ab")
         proc = subprocess.Popen(
-            [sys.executable, "-m", "trace_servers.cli", *argv], env=self.env, stdout=out,
-            stderr=out, start_new_session=True,
+            [sys.executable, "-m", "trace_servers.cli", *argv],
+            env=self.env,
+            stdout=out,
+            stderr=out,
+            start_new_session=True,
         )
         self.procs.append(proc)
         return proc
@@ -210,11 +244,14 @@ def cmd_up(settings: LiteSettings, args: argparse.Namespace) -> int:
 
     state_url, data_url = _urls(settings)
     migrate(state_url, data_url)
-    procs = LiteProcesses(settings, state_url, data_url, args.workers, args.concurrency,
-                          settings.home / "logs")
+    procs = LiteProcesses(
+        settings, state_url, data_url, args.workers, args.concurrency, settings.home / "logs"
+    )
     procs.start()
-    print(f"Trace Lite running: dispatcher {settings.dispatcher_url}, {args.workers} workers; "
-          f"logs in {settings.home / 'logs'}. Ctrl-C to stop.")
+    print(
+        f"Trace Lite running: dispatcher {settings.dispatcher_url}, {args.workers} workers; "
+        f"logs in {settings.home / 'logs'}. Ctrl-C to stop."
+    )
     stop = False
 
     def _stop(*_: Any) -> None:
@@ -237,21 +274,31 @@ async def _demo_workload(settings: LiteSettings, state_url: str, args: argparse.
     from trace_servers.client import DispatcherClient
 
     await _wait_ready(settings.dispatcher_url)
-    async with DispatcherClient(settings.dispatcher_url,
-                                platform_token=settings.platform_token) as client:
+    async with DispatcherClient(
+        settings.dispatcher_url, platform_token=settings.platform_token
+    ) as client:
         started = time.monotonic()
         run_tag = f"demo-{int(time.time())}"
         tasks = [
-            {"operator": "demo", "org": "demo",
-             "payload": {"events": 2, "rows": 5,
-                         "fail_first": i % args.fail_every == 0, "run": run_tag}}
+            {
+                "operator": "demo",
+                "org": "demo",
+                "payload": {
+                    "events": 2,
+                    "rows": 5,
+                    "fail_first": i % args.fail_every == 0,
+                    "run": run_tag,
+                },
+            }
             for i in range(args.tasks)
         ]
         ids: list[str] = []
         for i in range(0, len(tasks), 1000):
-            ids += [t["task_id"] for t in await client.create_tasks(tasks[i:i + 1000])]
-        print(f"created {len(ids)} tasks ({sum(1 for t in tasks if t['payload']['fail_first'])} "
-              f"fail their first attempt on purpose)")
+            ids += [t["task_id"] for t in await client.create_tasks(tasks[i : i + 1000])]
+        print(
+            f"created {len(ids)} tasks ({sum(1 for t in tasks if t['payload']['fail_first'])} "
+            f"fail their first attempt on purpose)"
+        )
         terminal = ("completed", "failed", "canceled")
         tty = sys.stdout.isatty()
         last_print = 0.0
@@ -259,7 +306,8 @@ async def _demo_workload(settings: LiteSettings, state_url: str, args: argparse.
             while True:
                 cur = await conn.execute(
                     "SELECT state, count(*) FROM tasks WHERE payload->>'run' = %s GROUP BY state",
-                    (run_tag,))
+                    (run_tag,),
+                )
                 counts = dict(await cur.fetchall())
                 done = sum(counts.get(s, 0) for s in terminal)
                 elapsed = time.monotonic() - started
@@ -290,17 +338,24 @@ async def _demo_workload(settings: LiteSettings, state_url: str, args: argparse.
                        (SELECT count(*) FROM buffer_batches b JOIN tasks t3 USING (task_id)
                         WHERE t3.payload->>'run' = %(run)s)
                 FROM tasks WHERE payload->>'run' = %(run)s
-                """, {"run": run_tag})
+                """,
+                {"run": run_tag},
+            )
             row = await cur.fetchone()
             assert row is not None
             completed, failed, retried, p50, p95, n_events, n_batches = row
         wall = time.monotonic() - started
         summary = {
-            "tasks": len(ids), "completed": completed, "failed": failed, "retried": retried,
-            "events": n_events, "buffer_batches": n_batches,
+            "tasks": len(ids),
+            "completed": completed,
+            "failed": failed,
+            "retried": retried,
+            "events": n_events,
+            "buffer_batches": n_batches,
             "lifecycle_latency_p50_ms": round(float(p50) * 1000, 1),
             "lifecycle_latency_p95_ms": round(float(p95) * 1000, 1),
-            "wall_s": round(wall, 2), "tasks_per_s": round(len(ids) / wall, 1),
+            "wall_s": round(wall, 2),
+            "tasks_per_s": round(len(ids) / wall, 1),
         }
         print("summary:")
         for k, v in summary.items():
@@ -317,8 +372,9 @@ def cmd_demo(settings: LiteSettings, args: argparse.Namespace) -> int:
     state_url, data_url = _urls(settings)
     print(f"postgres: {state_url}")
     migrate(state_url, data_url)
-    procs = LiteProcesses(settings, state_url, data_url, args.workers, args.concurrency,
-                          settings.home / "logs")
+    procs = LiteProcesses(
+        settings, state_url, data_url, args.workers, args.concurrency, settings.home / "logs"
+    )
     procs.start()
     try:
         code = asyncio.run(_demo_workload(settings, state_url, args))
@@ -339,9 +395,9 @@ def cmd_demo(settings: LiteSettings, args: argparse.Namespace) -> int:
 async def _admin(settings: LiteSettings, args: argparse.Namespace) -> Any:
     from trace_servers.client import DispatcherClient
 
-    async with DispatcherClient(settings.dispatcher_url,
-                                platform_token=settings.platform_token,
-                                deadline_s=10) as client:
+    async with DispatcherClient(
+        settings.dispatcher_url, platform_token=settings.platform_token, deadline_s=10
+    ) as client:
         if args.task_cmd == "create":
             payload = json.loads(args.payload)
             return await client.create_tasks(
@@ -391,8 +447,9 @@ def cmd_pg(settings: LiteSettings, args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="trace", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="trace", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = p.add_subparsers(dest="cmd", required=True)
     sub.add_parser("migrate", help="apply migrations")
     sub.add_parser("dispatcher", help="run the Dispatcher")
@@ -404,8 +461,9 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--concurrency", type=int, default=64)
         if name == "demo":
             s.add_argument("--tasks", type=int, default=2000)
-            s.add_argument("--fail-every", type=int, default=10,
-                           help="every Nth task fails its first attempt")
+            s.add_argument(
+                "--fail-every", type=int, default=10, help="every Nth task fails its first attempt"
+            )
             s.add_argument("--timeout", type=float, default=600)
             s.add_argument("--keep-postgres", action="store_true")
     t = sub.add_parser("task", help="admin calls")
@@ -432,8 +490,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 COMMANDS = {
-    "migrate": cmd_migrate, "dispatcher": cmd_dispatcher, "worker": cmd_worker, "up": cmd_up,
-    "demo": cmd_demo, "task": cmd_task, "keys": cmd_keys, "pg": cmd_pg,
+    "migrate": cmd_migrate,
+    "dispatcher": cmd_dispatcher,
+    "worker": cmd_worker,
+    "up": cmd_up,
+    "demo": cmd_demo,
+    "task": cmd_task,
+    "keys": cmd_keys,
+    "pg": cmd_pg,
     "users": lambda s, a: _datasets_cli("users", s, a),
     "datasets": lambda s, a: _datasets_cli("datasets", s, a),
 }

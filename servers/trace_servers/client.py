@@ -32,8 +32,9 @@ def error_from_body(status: int, body: Any) -> errors.TraceError:
     cls = errors.class_for_code(code)
     if cls is None or cls is errors.TraceError:
         cls = errors.Unavailable if status >= 500 else errors.InvalidRequest
-    exc = cls(message or f"HTTP {status}", field=body.get("field") if isinstance(body, dict)
-              else None)
+    exc = cls(
+        message or f"HTTP {status}", field=body.get("field") if isinstance(body, dict) else None
+    )
     return exc
 
 
@@ -120,19 +121,28 @@ class DispatcherClient:
     # -- /internal --------------------------------------------------------------------------
 
     async def claim(self, task_id: str, worker_id: str) -> wire.ClaimResponse:
-        body = await self.request("POST", "/internal/task-claim", platform=True,
-                                  json_body={"task_id": task_id, "worker_id": worker_id})
+        body = await self.request(
+            "POST",
+            "/internal/task-claim",
+            platform=True,
+            json_body={"task_id": task_id, "worker_id": worker_id},
+        )
         return _lenient.structure(body, wire.ClaimResponse)
 
     async def claim_many(self, task_ids: list[str], worker_id: str) -> wire.ClaimBatchResponse:
-        body = await self.request("POST", "/internal/task-claim", platform=True,
-                                  json_body={"task_ids": task_ids, "worker_id": worker_id})
+        body = await self.request(
+            "POST",
+            "/internal/task-claim",
+            platform=True,
+            json_body={"task_ids": task_ids, "worker_id": worker_id},
+        )
         return _lenient.structure(body, wire.ClaimBatchResponse)
 
     async def complete_batch(self, items: list[dict[str, Any]]) -> wire.CompleteBatchResponse:
         """``items``: ``{"capability_token": ..., "completion": {fence + outcome fields}}``."""
-        body = await self.request("POST", "/internal/task-complete-batch", platform=True,
-                                  json_body={"completions": items})
+        body = await self.request(
+            "POST", "/internal/task-complete-batch", platform=True, json_body={"completions": items}
+        )
         return _lenient.structure(body, wire.CompleteBatchResponse)
 
     async def fetch(self, task_id: str, attempt: int | None = None) -> wire.TaskPayload:
@@ -143,8 +153,9 @@ class DispatcherClient:
         return _lenient.structure(body, wire.TaskPayload)
 
     async def create_tasks(self, tasks: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        body = await self.request("POST", "/internal/admin/tasks", platform=True,
-                                  json_body={"tasks": tasks})
+        body = await self.request(
+            "POST", "/internal/admin/tasks", platform=True, json_body={"tasks": tasks}
+        )
         result: list[dict[str, Any]] = body["tasks"]
         return result
 
@@ -161,31 +172,37 @@ class DispatcherClient:
         return result
 
     async def counts(self) -> dict[str, int]:
-        result: dict[str, int] = await self.request("GET", "/internal/admin/counts",
-                                                    platform=True)
+        result: dict[str, int] = await self.request("GET", "/internal/admin/counts", platform=True)
         return result
 
     # -- /v1/task ---------------------------------------------------------------------------
 
     async def heartbeat(self, token: str, fence: dict[str, Any]) -> wire.HeartbeatResponse:
-        body = await self.request("POST", "/v1/task/heartbeat", capability=token,
-                                  json_body=fence, deadline_s=10.0)
+        body = await self.request(
+            "POST", "/v1/task/heartbeat", capability=token, json_body=fence, deadline_s=10.0
+        )
         return _lenient.structure(body, wire.HeartbeatResponse)
 
-    async def events(self, token: str, fence: dict[str, Any],
-                     events: list[dict[str, Any]]) -> wire.EventsResponse:
-        body = await self.request("POST", "/v1/task/events", capability=token,
-                                  json_body={**fence, "events": events})
+    async def events(
+        self, token: str, fence: dict[str, Any], events: list[dict[str, Any]]
+    ) -> wire.EventsResponse:
+        body = await self.request(
+            "POST", "/v1/task/events", capability=token, json_body={**fence, "events": events}
+        )
         return _lenient.structure(body, wire.EventsResponse)
 
-    async def buffer_publish(self, token: str, fence: dict[str, Any],
-                             batch: dict[str, Any]) -> wire.BufferPublishResponse:
-        body = await self.request("POST", "/v1/task/buffer-publish", capability=token,
-                                  json_body={**fence, "batch": batch})
+    async def buffer_publish(
+        self, token: str, fence: dict[str, Any], batch: dict[str, Any]
+    ) -> wire.BufferPublishResponse:
+        body = await self.request(
+            "POST", "/v1/task/buffer-publish", capability=token, json_body={**fence, "batch": batch}
+        )
         return _lenient.structure(body, wire.BufferPublishResponse)
 
-    async def complete(self, token: str, fence: dict[str, Any],
-                       **fields: Any) -> wire.CompleteResponse:
-        body = await self.request("POST", "/v1/task/complete", capability=token,
-                                  json_body={**fence, **fields})
+    async def complete(
+        self, token: str, fence: dict[str, Any], **fields: Any
+    ) -> wire.CompleteResponse:
+        body = await self.request(
+            "POST", "/v1/task/complete", capability=token, json_body={**fence, **fields}
+        )
         return _lenient.structure(body, wire.CompleteResponse)

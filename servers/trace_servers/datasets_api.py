@@ -100,8 +100,9 @@ async def resolve(request: web.Request) -> web.Response:
     ttl = body.get("pin_ttl_s", 300)
     if isinstance(ttl, bool) or not isinstance(ttl, int | float) or not 0 <= ttl <= 86_400:
         raise errors.ValidationFailed("pin_ttl_s must be between 0 and 86400", field="pin_ttl_s")
-    res = await _service(request).resolve(caller, request.match_info["org"], names,
-                                          pin_ttl_s=float(ttl))
+    res = await _service(request).resolve(
+        caller, request.match_info["org"], names, pin_ttl_s=float(ttl)
+    )
     return web.json_response(attrs.asdict(res))
 
 
@@ -114,11 +115,11 @@ async def task_resolve(request: web.Request) -> web.Response:
     req = await read_body(request, wire.TaskResolveRequest)
     holder: dict[str, Any] = request.app[DATASETS_KEY]  # type: ignore[assignment]
     dispatcher = holder["dispatcher"]
-    claims = await dispatcher.authorize(request.headers.get(CAPABILITY_HEADER), req.task_id,
-                                        req.attempt)
+    claims = await dispatcher.authorize(
+        request.headers.get(CAPABILITY_HEADER), req.task_id, req.attempt
+    )
     await dispatcher.running_attempt(req)  # fenced: only the current, running attempt reads
-    res = await _service(request).resolve_for_task(claims, req.datasets,
-                                                   pin_ttl_s=req.pin_ttl_s)
+    res = await _service(request).resolve_for_task(claims, req.datasets, pin_ttl_s=req.pin_ttl_s)
     return web.json_response(attrs.asdict(res))
 
 
@@ -155,16 +156,21 @@ async def cutover(request: web.Request) -> web.Response:
     body = await _json(request)
     _only(body, "pointers")
     pointers = body.get("pointers")
-    if (not isinstance(pointers, dict) or not pointers
-            or not all(isinstance(v, str) for v in pointers.values())):
-        raise errors.ValidationFailed("pointers must map dataset names to versions",
-                                      field="pointers")
+    if (
+        not isinstance(pointers, dict)
+        or not pointers
+        or not all(isinstance(v, str) for v in pointers.values())
+    ):
+        raise errors.ValidationFailed(
+            "pointers must map dataset names to versions", field="pointers"
+        )
     for name, version in pointers.items():
         try:
             uuid.UUID(version)
         except ValueError:
-            raise errors.ValidationFailed("versions must be UUIDs",
-                                          field=f"pointers.{name}") from None
+            raise errors.ValidationFailed(
+                "versions must be UUIDs", field=f"pointers.{name}"
+            ) from None
     m = request.match_info
     gen = await _service(request).cutover(caller, m["org"], m["dag"], pointers)
     return web.json_response({"dag": m["dag"], "active_generation": gen})
@@ -190,7 +196,8 @@ async def put_member(request: web.Request) -> web.Response:
     roles = _str_list(body, "roles")
     m = request.match_info
     return web.json_response(
-        await _service(request).set_member(caller, m["org"], m["subject"], roles))
+        await _service(request).set_member(caller, m["org"], m["subject"], roles)
+    )
 
 
 async def delete_member(request: web.Request) -> web.Response:

@@ -1,9 +1,9 @@
 """``trace users ...`` and ``trace datasets ...`` commands (mounted by ``trace_servers.cli``).
 
-    trace users token --sub alice [--ttl 3600]     mint a development user JWT (Lite issuer)
-    trace users add-member ORG SUBJECT [--roles r]  bootstrap membership (operator, direct DB)
-    trace datasets list|show|resolve|purge ...      the user API, with TRACE_USER_TOKEN
-    trace datasets clean-staging [--grace-s S]      delete staged objects of finished attempts
+trace users token --sub alice [--ttl 3600]     mint a development user JWT (Lite issuer)
+trace users add-member ORG SUBJECT [--roles r]  bootstrap membership (operator, direct DB)
+trace datasets list|show|resolve|purge ...      the user API, with TRACE_USER_TOKEN
+trace datasets clean-staging [--grace-s S]      delete staged objects of finished attempts
 """
 
 from __future__ import annotations
@@ -65,8 +65,9 @@ async def _clean(settings: LiteSettings, state_url: str, grace_s: float) -> dict
 
     pool = await open_pool(state_url, min_size=1, max_size=2)
     try:
-        store = LocalObjectStore(settings.object_root, settings.dispatcher_url,
-                                 settings.object_secret)
+        store = LocalObjectStore(
+            settings.object_root, settings.dispatcher_url, settings.object_secret
+        )
         ds = Datasets(pool, object_store=store)
         promoted = 0
         while n := await ds.promote_once():
@@ -118,13 +119,22 @@ def cmd_datasets(settings: LiteSettings, args: argparse.Namespace, state_url: st
             case "show":
                 out = asyncio.run(_api(settings, "GET", f"{base}/datasets/{args.dataset}"))
             case "resolve":
-                out = asyncio.run(_api(settings, "POST", f"{base}/datasets/resolve",
-                                       {"datasets": args.datasets,
-                                        "pin_ttl_s": args.pin_ttl_s}))
+                out = asyncio.run(
+                    _api(
+                        settings,
+                        "POST",
+                        f"{base}/datasets/resolve",
+                        {"datasets": args.datasets, "pin_ttl_s": args.pin_ttl_s},
+                    )
+                )
             case "purge":
-                out = asyncio.run(_api(
-                    settings, "POST",
-                    f"{base}/datasets/{args.dataset}/versions/{args.version}/purge"))
+                out = asyncio.run(
+                    _api(
+                        settings,
+                        "POST",
+                        f"{base}/datasets/{args.dataset}/versions/{args.version}/purge",
+                    )
+                )
             case _:
                 raise SystemExit(f"unknown command {args.datasets_cmd}")
     except errors.TraceError as exc:

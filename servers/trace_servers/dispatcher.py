@@ -47,9 +47,16 @@ BATCHER_KEY = web.AppKey("completion_batcher", CompletionBatcher)
 class CredentialMinter(Protocol):
     """Mints storage credentials scoped to one attempt (``trace_aws.credentials``)."""
 
-    async def mint(self, *, org_id: str, task_id: str, attempt: int, timeout_s: int,
-                   payload: dict[str, Any],
-                   requested: list[str] | None = None) -> wire.CredentialsResponse: ...
+    async def mint(
+        self,
+        *,
+        org_id: str,
+        task_id: str,
+        attempt: int,
+        timeout_s: int,
+        payload: dict[str, Any],
+        requested: list[str] | None = None,
+    ) -> wire.CredentialsResponse: ...
 
 
 MINTER_KEY = web.AppKey("credential_minter", object)
@@ -59,14 +66,18 @@ def _metrics() -> dict[str, Any]:
     registry = CollectorRegistry()
     return {
         "registry": registry,
-        "requests": Counter("trace_http_requests", "HTTP requests", ["route", "status"],
-                            registry=registry),
-        "latency": Histogram("trace_http_request_seconds", "HTTP request latency", ["route"],
-                             registry=registry,
-                             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1, 5)),
+        "requests": Counter(
+            "trace_http_requests", "HTTP requests", ["route", "status"], registry=registry
+        ),
+        "latency": Histogram(
+            "trace_http_request_seconds",
+            "HTTP request latency",
+            ["route"],
+            registry=registry,
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1, 5),
+        ),
         "tasks": Gauge("trace_tasks", "Tasks by state", ["state"], registry=registry),
-        "outbox": Gauge("trace_outbox_rows", "Outbox rows by state", ["state"],
-                        registry=registry),
+        "outbox": Gauge("trace_outbox_rows", "Outbox rows by state", ["state"], registry=registry),
     }
 
 
@@ -121,8 +132,7 @@ def require_platform(request: web.Request) -> None:
 async def authorize_task(request: web.Request, fence: wire.FenceFields) -> None:
     dispatcher = request.app[DISPATCHER_KEY]
     logs.bind(task_id=fence.task_id, attempt=fence.attempt)
-    await dispatcher.authorize(request.headers.get(CAPABILITY_HEADER), fence.task_id,
-                               fence.attempt)
+    await dispatcher.authorize(request.headers.get(CAPABILITY_HEADER), fence.task_id, fence.attempt)
 
 
 # --- /internal -------------------------------------------------------------------------------
@@ -212,12 +222,21 @@ async def task_credentials(request: web.Request) -> web.Response:
     await authorize_task(request, req)
     minter = request.app.get(MINTER_KEY)
     if minter is None:
-        raise errors.NotFound("this Dispatcher mints no credentials (Lite profile: use the "
-                              "object routes and signed URLs)")
+        raise errors.NotFound(
+            "this Dispatcher mints no credentials (Lite profile: use the "
+            "object routes and signed URLs)"
+        )
     org_id, timeout_s, payload = await request.app[DISPATCHER_KEY].running_attempt(req)
-    return ok(await minter.mint(org_id=org_id, task_id=req.task_id,  # type: ignore[attr-defined]
-                                attempt=req.attempt, timeout_s=timeout_s, payload=payload,
-                                requested=req.read_prefixes))
+    return ok(
+        await minter.mint(
+            org_id=org_id,
+            task_id=req.task_id,  # type: ignore[attr-defined]
+            attempt=req.attempt,
+            timeout_s=timeout_s,
+            payload=payload,
+            requested=req.read_prefixes,
+        )
+    )
 
 
 async def task_complete_batch(request: web.Request) -> web.Response:
@@ -239,8 +258,7 @@ async def task_complete_batch(request: web.Request) -> web.Response:
             await dispatcher.authorize(item.capability_token, c.task_id, c.attempt)
             done = await batcher.complete(c)
         except errors.TraceError as exc:
-            return wire.CompleteBatchItem(c.task_id, c.attempt, None, False, exc.code,
-                                          exc.message)
+            return wire.CompleteBatchItem(c.task_id, c.attempt, None, False, exc.code, exc.message)
         return wire.CompleteBatchItem(c.task_id, c.attempt, done.state, done.replay, None, None)
 
     results = await asyncio.gather(*(one(i) for i in batch.completions))
@@ -281,8 +299,9 @@ async def metrics(request: web.Request) -> web.Response:
             m["outbox"].labels(state).set(n)
     except errors.TraceError:
         pass  # still serve the request metrics
-    return web.Response(body=generate_latest(m["registry"]),
-                        headers={"Content-Type": "text/plain; version=0.0.4"})
+    return web.Response(
+        body=generate_latest(m["registry"]), headers={"Content-Type": "text/plain; version=0.0.4"}
+    )
 
 
 @web.middleware
@@ -291,7 +310,9 @@ async def observe_middleware(
 ) -> web.StreamResponse:
     logs.clear()
     started = time.perf_counter()
-    route = request.match_info.route.resource.canonical if request.match_info.route.resource else "?"
+    route = (
+        request.match_info.route.resource.canonical if request.match_info.route.resource else "?"
+    )
     response = await handler(request)
     m = request.app[METRICS_KEY]
     m["requests"].labels(route, str(response.status)).inc()
@@ -332,17 +353,21 @@ def make_app(
             web.get("/internal/admin/tasks/{task_id}", get_task),
             web.post("/internal/admin/tasks/{task_id}/cancel", cancel_task),
             web.get("/internal/admin/counts", task_counts),
-            web.post("/v1/task/heartbeat",
-                     _task_route(wire.HeartbeatRequest,
-                                 lambda q, r: q.app[DISPATCHER_KEY].heartbeat(r))),
-            web.post("/v1/task/events",
-                     _task_route(wire.EventsRequest,
-                                 lambda q, r: q.app[DISPATCHER_KEY].emit_events(r))),
-            web.post("/v1/task/buffer-publish",
-                     _task_route(wire.BufferPublishRequest,
-                                 lambda q, r: q.app[DISPATCHER_KEY].publish_buffer(r))),
-            web.post("/v1/task/complete",
-                     _task_route(wire.CompleteRequest, _complete)),
+            web.post(
+                "/v1/task/heartbeat",
+                _task_route(wire.HeartbeatRequest, lambda q, r: q.app[DISPATCHER_KEY].heartbeat(r)),
+            ),
+            web.post(
+                "/v1/task/events",
+                _task_route(wire.EventsRequest, lambda q, r: q.app[DISPATCHER_KEY].emit_events(r)),
+            ),
+            web.post(
+                "/v1/task/buffer-publish",
+                _task_route(
+                    wire.BufferPublishRequest, lambda q, r: q.app[DISPATCHER_KEY].publish_buffer(r)
+                ),
+            ),
+            web.post("/v1/task/complete", _task_route(wire.CompleteRequest, _complete)),
             web.post("/v1/task/credentials", task_credentials),
             web.get("/healthz", healthz),
             web.get("/readyz", readyz),

@@ -52,8 +52,16 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     except errors.TraceError as exc:
         status = status_for(exc)
         level = logging.WARNING if status >= 500 else logging.INFO
-        log.log(level, "request refused", extra={"path": request.path, "status": status,
-                                                 "error": exc.code, "detail": exc.message})
+        log.log(
+            level,
+            "request refused",
+            extra={
+                "path": request.path,
+                "status": status,
+                "error": exc.code,
+                "detail": exc.message,
+            },
+        )
         return error_response(exc)
     except web.HTTPException as exc:
         if exc.status == 413:
@@ -64,6 +72,4 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         raise
     except Exception:
         log.exception("unhandled error", extra={"path": request.path})
-        return web.json_response(
-            {"error": "internal", "message": "internal error"}, status=500
-        )
+        return web.json_response({"error": "internal", "message": "internal error"}, status=500)

@@ -70,10 +70,16 @@ async def stage_output(ctx: TaskContext) -> dict[str, Any] | None:
     commits it with the completion. ``payload.hang_first_s`` makes attempt 1 sleep that long
     after staging (so tests can kill the worker between staging and completing)."""
     start, end = int(ctx.payload.get("start", 0)), int(ctx.payload.get("end", 100))
-    body = json.dumps({"task_id": ctx.task.task_id, "attempt": ctx.attempt,
-                       "blocks": [start, end]}, sort_keys=True).encode()
-    await ctx.stage_output(str(ctx.payload.get("dataset", "blocks")), f"{start}_{end}.json",
-                           body, {"start": start, "end": end})
+    body = json.dumps(
+        {"task_id": ctx.task.task_id, "attempt": ctx.attempt, "blocks": [start, end]},
+        sort_keys=True,
+    ).encode()
+    await ctx.stage_output(
+        str(ctx.payload.get("dataset", "blocks")),
+        f"{start}_{end}.json",
+        body,
+        {"start": start, "end": end},
+    )
     if ctx.attempt == 1 and ctx.payload.get("hang_first_s"):
         await asyncio.sleep(float(ctx.payload["hang_first_s"]))
     return {"staged": 1}

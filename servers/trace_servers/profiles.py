@@ -74,8 +74,9 @@ def profile(env: Mapping[str, str] | None = None) -> str:
     """The selected profile. Raises ``ValidationFailed`` for an unknown one."""
     name = (os.environ if env is None else env).get("TRACE_PROFILE", "lite").strip() or "lite"
     if name not in PROFILES:
-        raise errors.ValidationFailed(f"TRACE_PROFILE must be one of {PROFILES}",
-                                      field="TRACE_PROFILE")
+        raise errors.ValidationFailed(
+            f"TRACE_PROFILE must be one of {PROFILES}", field="TRACE_PROFILE"
+        )
     return name
 
 
@@ -89,8 +90,11 @@ def _require(env: Mapping[str, str], name: str) -> str:
 def _aws_store(env: Mapping[str, str]) -> Any:
     from trace_aws.s3_store import S3ObjectStore
 
-    return S3ObjectStore(_require(env, "TRACE_S3_BUCKET"), root=env.get("TRACE_S3_ROOT", ""),
-                         public_endpoint_url=env.get("TRACE_S3_PUBLIC_ENDPOINT_URL") or None)
+    return S3ObjectStore(
+        _require(env, "TRACE_S3_BUCKET"),
+        root=env.get("TRACE_S3_ROOT", ""),
+        public_endpoint_url=env.get("TRACE_S3_PUBLIC_ENDPOINT_URL") or None,
+    )
 
 
 def _aws_queue(env: Mapping[str, str]) -> Any:
@@ -99,19 +103,22 @@ def _aws_queue(env: Mapping[str, str]) -> Any:
     return SqsQueue(_require(env, "TRACE_SQS_QUEUE_URL"))
 
 
-async def dispatcher_parts(settings: LiteSettings, pool: Any,
-                           env: Mapping[str, str] | None = None) -> DispatcherParts:
+async def dispatcher_parts(
+    settings: LiteSettings, pool: Any, env: Mapping[str, str] | None = None
+) -> DispatcherParts:
     """The Dispatcher's signer, queue, object store (and AWS credential minter)."""
     e = os.environ if env is None else env
     if profile(e) == "aws":
         from trace_aws.kms_signer import KmsSigner
 
-        signer = KmsSigner(_require(e, "TRACE_KMS_CURRENT_KEY"),
-                           e.get("TRACE_KMS_NEXT_KEY") or None)
+        signer = KmsSigner(
+            _require(e, "TRACE_KMS_CURRENT_KEY"), e.get("TRACE_KMS_NEXT_KEY") or None
+        )
         queue = _aws_queue(e)
         store = _aws_store(e)
-        parts = DispatcherParts(signer, queue, store,
-                                closers=[signer.close, queue.close, store.close])
+        parts = DispatcherParts(
+            signer, queue, store, closers=[signer.close, queue.close, store.close]
+        )
         if e.get("TRACE_STS_ROLE_ARN"):
             from trace_aws.credentials import StsCredentialMinter
 
@@ -128,16 +135,22 @@ async def dispatcher_parts(settings: LiteSettings, pool: Any,
     from trace_lite.local_store import LocalObjectStore, object_routes
     from trace_lite.pg_queue import PgQueue
 
-    lite_store = LocalObjectStore(settings.object_root, settings.dispatcher_url,
-                                  settings.object_secret)
+    lite_store = LocalObjectStore(
+        settings.object_root, settings.dispatcher_url, settings.object_secret
+    )
     lite_queue = PgQueue(pool, settings.queue_name)
-    return DispatcherParts(FileSigner.init(settings.key_dir), lite_queue, lite_store,
-                           extra_routes=list(object_routes(lite_store)),
-                           closers=[lite_queue.close])
+    return DispatcherParts(
+        FileSigner.init(settings.key_dir),
+        lite_queue,
+        lite_store,
+        extra_routes=list(object_routes(lite_store)),
+        closers=[lite_queue.close],
+    )
 
 
-async def worker_parts(settings: LiteSettings, state_url: str,
-                       env: Mapping[str, str] | None = None) -> WorkerParts:
+async def worker_parts(
+    settings: LiteSettings, state_url: str, env: Mapping[str, str] | None = None
+) -> WorkerParts:
     """A worker's queue and object store."""
     e = os.environ if env is None else env
     if profile(e) == "aws":
@@ -148,11 +161,18 @@ async def worker_parts(settings: LiteSettings, state_url: str,
     from trace_lite.pg_queue import PgQueue
 
     lite_queue = PgQueue(state_url, settings.queue_name)
-    return WorkerParts(lite_queue, LocalObjectStore(settings.object_root,
-                                                    settings.dispatcher_url,
-                                                    settings.object_secret),
-                       closers=[lite_queue.close])
+    return WorkerParts(
+        lite_queue,
+        LocalObjectStore(settings.object_root, settings.dispatcher_url, settings.object_secret),
+        closers=[lite_queue.close],
+    )
 
 
-__all__ = ["PROFILES", "DispatcherParts", "WorkerParts", "dispatcher_parts", "profile",
-           "worker_parts"]
+__all__ = [
+    "PROFILES",
+    "DispatcherParts",
+    "WorkerParts",
+    "dispatcher_parts",
+    "profile",
+    "worker_parts",
+]

@@ -88,16 +88,22 @@ class TaskContext:
         }
         return await self._client.buffer_publish(self._token[0], self._fence, batch)
 
-    async def stage_output(self, dataset: str, name: str, data: bytes,
-                           partition: dict[str, Any]) -> dict[str, Any]:
+    async def stage_output(
+        self, dataset: str, name: str, data: bytes, partition: dict[str, Any]
+    ) -> dict[str, Any]:
         """Write ``data`` under the attempt's staging prefix and add it to the output manifest
         committed with the completion (``partition``: ``{"start", "end"}`` or ``{"key"}``)."""
         if self._store is None:
             raise errors.Unavailable("this worker has no object store")
         object_key = f"{self.task.staging_prefix}out/{dataset}/{name}"
         info = await self._store.put(object_key, data)
-        entry = {"dataset": dataset, "object_key": object_key, "size": info.size,
-                 "sha256": info.sha256, "partition": partition}
+        entry = {
+            "dataset": dataset,
+            "object_key": object_key,
+            "size": info.size,
+            "sha256": info.sha256,
+            "partition": partition,
+        }
         self.outputs.append(entry)
         return entry
 
@@ -126,8 +132,11 @@ class Worker:
     grace_s: float = 30.0
     worker_id: str = attrs.field(factory=lambda: f"{socket.gethostname()}:{os.getpid()}")
     #: Counters for progress output and tests.
-    stats: dict[str, int] = attrs.field(factory=lambda: dict.fromkeys(
-        ("received", "claimed", "succeeded", "failed", "canceled", "skipped", "lease_lost"), 0))
+    stats: dict[str, int] = attrs.field(
+        factory=lambda: dict.fromkeys(
+            ("received", "claimed", "succeeded", "failed", "canceled", "skipped", "lease_lost"), 0
+        )
+    )
     _inflight: set[asyncio.Task[None]] = attrs.field(factory=set)
     #: Send completions in batches (``/internal/task-complete-batch``).
     batch_completions: bool = True
@@ -149,13 +158,17 @@ class Worker:
                 )
                 continue
             try:
-                receive = asyncio.ensure_future(self.queue.receive(
-                    max_messages=min(free, 10), visibility_timeout=self.visibility_s,
-                    wait_seconds=self.wait_s,
-                ))
+                receive = asyncio.ensure_future(
+                    self.queue.receive(
+                        max_messages=min(free, 10),
+                        visibility_timeout=self.visibility_s,
+                        wait_seconds=self.wait_s,
+                    )
+                )
                 stopper = asyncio.ensure_future(stop.wait())
-                done, _ = await asyncio.wait({receive, stopper},
-                                             return_when=asyncio.FIRST_COMPLETED)
+                done, _ = await asyncio.wait(
+                    {receive, stopper}, return_when=asyncio.FIRST_COMPLETED
+                )
                 stopper.cancel()
                 if receive not in done:
                     receive.cancel()
@@ -195,8 +208,7 @@ class Worker:
             try:
                 task_id = str(json.loads(message.body)["task_id"])
             except (ValueError, KeyError, TypeError):
-                log.warning("dropping malformed wake-up",
-                            extra={"message_id": message.message_id})
+                log.warning("dropping malformed wake-up", extra={"message_id": message.message_id})
                 self._delete(message)
                 continue
             if task_id in by_task:
@@ -240,16 +252,20 @@ class Worker:
         message: ReceivedMessage,
         task: wire.TaskPayload | None = None,
     ) -> None:
-        fence = {"task_id": claim.task_id, "attempt": claim.attempt,
-                 "lease_token": claim.lease_token}
+        fence = {
+            "task_id": claim.task_id,
+            "attempt": claim.attempt,
+            "lease_token": claim.lease_token,
+        }
         extra = {"task_id": claim.task_id, "attempt": claim.attempt}
         token = [claim.capability_token]
         if task is None:
             try:
                 task = await self.client.fetch(claim.task_id, claim.attempt)
             except errors.TraceError as exc:
-                log.warning("fetch failed; the lease will expire",
-                            extra={**extra, "error": str(exc)})
+                log.warning(
+                    "fetch failed; the lease will expire", extra={**extra, "error": str(exc)}
+                )
                 return
         if task.status == "canceled":
             with contextlib.suppress(errors.TraceError):
@@ -264,15 +280,19 @@ class Worker:
             self._heartbeat(claim.heartbeat_interval_s, fence, token, message, run)
         )
         try:
-            done, _ = await asyncio.wait({run, beat}, timeout=task.timeout_s,
-                                         return_when=asyncio.FIRST_COMPLETED)
+            done, _ = await asyncio.wait(
+                {run, beat}, timeout=task.timeout_s, return_when=asyncio.FIRST_COMPLETED
+            )
         except asyncio.CancelledError:
             run.cancel()
             beat.cancel()
             # Shutdown: give the task back now rather than after its lease expires.
             with contextlib.suppress(errors.TraceError):
                 await self.client.complete(
-                    token[0], fence, outcome="failed", retryable=True,
+                    token[0],
+                    fence,
+                    outcome="failed",
+                    retryable=True,
                     error={"code": "worker_shutdown", "message": "worker stopped"},
                 )
             raise
@@ -293,24 +313,36 @@ class Worker:
                 return
             beat.cancel()
             outcome: dict[str, Any] = {
-                "outcome": "failed", "retryable": True,
+                "outcome": "failed",
+                "retryable": True,
                 "error": {"code": "timeout", "message": f"exceeded {task.timeout_s}s"},
             }
         else:
             beat.cancel()
             exc = run.exception()
             if exc is None:
-                outcome = {"outcome": "succeeded", "result": run.result(),
-                           "final_events": ctx.final_events}
+                outcome = {
+                    "outcome": "succeeded",
+                    "result": run.result(),
+                    "final_events": ctx.final_events,
+                }
                 if ctx.outputs:
                     outcome["outputs"] = ctx.outputs
             elif isinstance(exc, NonRetryableError):
-                outcome = {"outcome": "failed", "retryable": False,
-                           "error": {"code": "operator_error", "message": str(exc)[:1000]}}
+                outcome = {
+                    "outcome": "failed",
+                    "retryable": False,
+                    "error": {"code": "operator_error", "message": str(exc)[:1000]},
+                }
             else:
-                outcome = {"outcome": "failed", "retryable": True,
-                           "error": {"code": "operator_error",
-                                     "message": f"{type(exc).__name__}: {exc}"[:1000]}}
+                outcome = {
+                    "outcome": "failed",
+                    "retryable": True,
+                    "error": {
+                        "code": "operator_error",
+                        "message": f"{type(exc).__name__}: {exc}"[:1000],
+                    },
+                }
         try:
             await self._complete(token[0], fence, outcome)
             self.stats["succeeded" if outcome["outcome"] == "succeeded" else "failed"] += 1
@@ -318,8 +350,9 @@ class Worker:
             self.stats["lease_lost"] += 1
             log.info("completion refused", extra={**extra, "error": exc.code})
         except errors.TraceError as exc:
-            log.warning("completion failed; the lease will expire",
-                        extra={**extra, "error": str(exc)})
+            log.warning(
+                "completion failed; the lease will expire", extra={**extra, "error": str(exc)}
+            )
             return
         self._delete(message)
 
@@ -350,16 +383,17 @@ class Worker:
             with contextlib.suppress(errors.TraceError):
                 await self.queue.extend_visibility(message.receipt, self.visibility_s)
 
-    async def _complete(self, token: str, fence: dict[str, Any],
-                        outcome: dict[str, Any]) -> None:
+    async def _complete(self, token: str, fence: dict[str, Any], outcome: dict[str, Any]) -> None:
         """Complete an attempt: alone, or batched with the completions of the same moment
         (``/internal/task-complete-batch``; each still carries its own capability token)."""
         if not self.batch_completions:
             await self.client.complete(token, fence, **outcome)
             return
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        item = {"capability_token": token,
-                "completion": {**fence, **{k: v for k, v in outcome.items() if v is not None}}}
+        item = {
+            "capability_token": token,
+            "completion": {**fence, **{k: v for k, v in outcome.items() if v is not None}},
+        }
         self._completions.append((item, fut))
         if self._completion_flusher is None or self._completion_flusher.done():
             self._completion_flusher = asyncio.create_task(self._flush_completions())
@@ -385,8 +419,9 @@ class Worker:
                 elif res.error in ("unavailable", "retryable"):
                     retry.append((item, fut))
                 else:
-                    fut.set_exception(error_from_body(409, {"error": res.error,
-                                                            "message": res.message}))
+                    fut.set_exception(
+                        error_from_body(409, {"error": res.error, "message": res.message})
+                    )
             if retry:
                 await asyncio.sleep(0.2)
                 self._completions.extend(retry)
@@ -397,8 +432,9 @@ class Worker:
         wake it before the reaper's re-wake)."""
         for message in messages:
             with contextlib.suppress(errors.TraceError):
-                await self.queue.extend_visibility(message.receipt,
-                                                   self.retry_after_s * (0.5 + random.random()))
+                await self.queue.extend_visibility(
+                    message.receipt, self.retry_after_s * (0.5 + random.random())
+                )
 
     def _delete(self, message: ReceivedMessage) -> None:
         """Acknowledge a wake-up; acknowledgements are deleted in batches."""

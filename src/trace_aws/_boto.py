@@ -24,26 +24,54 @@ from trace_core import errors
 T = TypeVar("T")
 
 #: Error codes that mean "the thing is not there".
-_NOT_FOUND = frozenset({
-    "NoSuchKey", "NotFound", "404", "NoSuchBucket", "ResourceNotFoundException",
-    "AWS.SimpleQueueService.NonExistentQueue", "QueueDoesNotExist", "NotFoundException",
-    "ReceiptHandleIsInvalid", "MessageNotInflight",
-})
+_NOT_FOUND = frozenset(
+    {
+        "NoSuchKey",
+        "NotFound",
+        "404",
+        "NoSuchBucket",
+        "ResourceNotFoundException",
+        "AWS.SimpleQueueService.NonExistentQueue",
+        "QueueDoesNotExist",
+        "NotFoundException",
+        "ReceiptHandleIsInvalid",
+        "MessageNotInflight",
+    }
+)
 #: Error codes that mean "the credential may not do this".
-_FORBIDDEN = frozenset({
-    "AccessDenied", "AccessDeniedException", "403", "UnauthorizedOperation",
-    "KMSInvalidStateException", "DisabledException",
-})
+_FORBIDDEN = frozenset(
+    {
+        "AccessDenied",
+        "AccessDeniedException",
+        "403",
+        "UnauthorizedOperation",
+        "KMSInvalidStateException",
+        "DisabledException",
+    }
+)
 #: Error codes that mean "the credential did not verify".
-_UNAUTHENTICATED = frozenset({
-    "InvalidClientTokenId", "SignatureDoesNotMatch", "ExpiredToken", "InvalidAccessKeyId",
-    "UnrecognizedClientException", "IncompleteSignature",
-})
+_UNAUTHENTICATED = frozenset(
+    {
+        "InvalidClientTokenId",
+        "SignatureDoesNotMatch",
+        "ExpiredToken",
+        "InvalidAccessKeyId",
+        "UnrecognizedClientException",
+        "IncompleteSignature",
+    }
+)
 #: Error codes that mean "the request was wrong" (a bug in the caller or in Trace).
-_INVALID = frozenset({
-    "ValidationException", "ValidationError", "InvalidParameterValue", "InvalidParameterException",
-    "InvalidRequestException", "MalformedPolicyDocument", "InvalidInput",
-})
+_INVALID = frozenset(
+    {
+        "ValidationException",
+        "ValidationError",
+        "InvalidParameterValue",
+        "InvalidParameterException",
+        "InvalidRequestException",
+        "MalformedPolicyDocument",
+        "InvalidInput",
+    }
+)
 _TOO_LARGE = frozenset({"EntityTooLarge", "RequestEntityTooLarge", "PackedPolicyTooLarge"})
 
 
@@ -90,8 +118,7 @@ class AwsCalls:
             return await loop.run_in_executor(self._pool, functools.partial(fn, *args, **kwargs))
         except errors.TraceError:
             raise
-        except (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError,
-                OSError) as exc:
+        except (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError, OSError) as exc:
             raise translate(exc, what) from exc
 
     def close(self) -> None:
@@ -124,8 +151,12 @@ def client(
         signature_version=signature_version,
         s3={"addressing_style": "path"} if service == "s3" else None,
     )
-    region = (region_name or os.environ.get("AWS_REGION")
-              or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1")
+    region = (
+        region_name
+        or os.environ.get("AWS_REGION")
+        or os.environ.get("AWS_DEFAULT_REGION")
+        or "us-east-1"
+    )
     return boto3.session.Session().client(
         service,
         endpoint_url=endpoint_url or os.environ.get("TRACE_AWS_ENDPOINT_URL") or None,

@@ -38,32 +38,63 @@ class StsCredentialMinter:
         self.region = str(self._sts.meta.region_name)
         self._calls = AwsCalls(max_workers=8, name="trace-sts")
 
-    def grant(self, *, org_id: str, task_id: str, attempt: int, timeout_s: int,
-              payload: Mapping[str, Any], requested: Sequence[str] | None) -> CredentialGrant:
+    def grant(
+        self,
+        *,
+        org_id: str,
+        task_id: str,
+        attempt: int,
+        timeout_s: int,
+        payload: Mapping[str, Any],
+        requested: Sequence[str] | None,
+    ) -> CredentialGrant:
         """The attempt's grant: reads from the payload's ``input_prefixes``, writes to its
         staging prefix. Raises ``UnsafeKey``, ``Forbidden`` (no AWS call is made)."""
         inputs = payload.get("input_prefixes") or []
         if not isinstance(inputs, list):
             inputs = []
-        return grant_for_attempt(bucket=self.bucket, org_id=org_id, task_id=task_id,
-                                 attempt=attempt, timeout_s=timeout_s, read_prefixes=inputs,
-                                 requested=requested, root=self.root)
+        return grant_for_attempt(
+            bucket=self.bucket,
+            org_id=org_id,
+            task_id=task_id,
+            attempt=attempt,
+            timeout_s=timeout_s,
+            read_prefixes=inputs,
+            requested=requested,
+            root=self.root,
+        )
 
-    async def mint(self, *, org_id: str, task_id: str, attempt: int, timeout_s: int,
-                   payload: Mapping[str, Any],
-                   requested: Sequence[str] | None = None) -> wire.CredentialsResponse:
+    async def mint(
+        self,
+        *,
+        org_id: str,
+        task_id: str,
+        attempt: int,
+        timeout_s: int,
+        payload: Mapping[str, Any],
+        requested: Sequence[str] | None = None,
+    ) -> wire.CredentialsResponse:
         """Credentials for exactly the attempt's grant. Raises ``UnsafeKey``, ``Forbidden``
         (before any AWS call), ``Unavailable``, ``Forbidden`` (STS refused)."""
-        grant = self.grant(org_id=org_id, task_id=task_id, attempt=attempt,
-                           timeout_s=timeout_s, payload=payload, requested=requested)
+        grant = self.grant(
+            org_id=org_id,
+            task_id=task_id,
+            attempt=attempt,
+            timeout_s=timeout_s,
+            payload=payload,
+            requested=requested,
+        )
         resp = await self._calls.run(
-            "sts assume role", self._sts.assume_role,
+            "sts assume role",
+            self._sts.assume_role,
             RoleArn=self.role_arn,
             RoleSessionName=f"trace-{task_id[:40]}-{attempt}"[:64],
             Policy=json.dumps(session_policy(grant), separators=(",", ":")),
             DurationSeconds=grant.duration_s,
-            Tags=[{"Key": "trace:org_id", "Value": org_id},
-                  {"Key": "trace:task_id", "Value": task_id}],
+            Tags=[
+                {"Key": "trace:org_id", "Value": org_id},
+                {"Key": "trace:task_id", "Value": task_id},
+            ],
         )
         creds = resp["Credentials"]
         return wire.CredentialsResponse(

@@ -87,14 +87,17 @@ class KmsSigner:
         if cached is not None:
             return cached
         if resp.get("KeySpec", resp.get("CustomerMasterKeySpec")) != KEY_SPEC or (
-                SIGNING_ALGORITHM not in resp.get("SigningAlgorithms", [])):
+            SIGNING_ALGORITHM not in resp.get("SigningAlgorithms", [])
+        ):
             raise errors.SignerError(f"KMS key {ref} is not an {KEY_SPEC} signing key")
         public = serialization.load_der_public_key(resp["PublicKey"])
         if not isinstance(public, ec.EllipticCurvePublicKey) or not isinstance(
-                public.curve, ec.SECP256R1):
+            public.curve, ec.SECP256R1
+        ):
             raise errors.SignerError(f"KMS key {ref} did not return a P-256 public key")
-        pem = public.public_bytes(serialization.Encoding.PEM,
-                                  serialization.PublicFormat.SubjectPublicKeyInfo)
+        pem = public.public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
         key = _Key(arn, PublicKey(kid_for(public), JWS_ALGORITHM, pem), public)
         self._by_arn[arn] = key
         self._by_kid[key.public.kid] = key
@@ -122,10 +125,13 @@ class KmsSigner:
             if ring.next is not None and ring.next.kid == cur_kid:
                 ring = ring.rotate(now, next_kid, force=True)  # the aliases moved as planned
             else:  # an unplanned jump: retire the old current, adopt the new pair
-                kept = [e if e.state is not KeyState.CURRENT
-                        else attrs.evolve(e, state=KeyState.RETIRED, retired_at=now)
-                        for e in ring.entries
-                        if e.kid not in (cur_kid, next_kid) and e.state is not KeyState.NEXT]
+                kept = [
+                    e
+                    if e.state is not KeyState.CURRENT
+                    else attrs.evolve(e, state=KeyState.RETIRED, retired_at=now)
+                    for e in ring.entries
+                    if e.kid not in (cur_kid, next_kid) and e.state is not KeyState.NEXT
+                ]
                 kept.append(KeyEntry(cur_kid, KeyState.CURRENT, now, activated_at=now))
                 if next_kid is not None:
                     kept.append(KeyEntry(next_kid, KeyState.NEXT, now))
@@ -166,16 +172,23 @@ class KmsSigner:
             message, message_type = hashlib.sha256(signing_input).digest(), "DIGEST"
         try:
             resp = await self._calls.run(
-                "kms sign", self._kms.sign, KeyId=key.arn, Message=message,
-                MessageType=message_type, SigningAlgorithm=SIGNING_ALGORITHM,
+                "kms sign",
+                self._kms.sign,
+                KeyId=key.arn,
+                Message=message,
+                MessageType=message_type,
+                SigningAlgorithm=SIGNING_ALGORITHM,
             )
             r, s = decode_dss_signature(resp["Signature"])
         except errors.TraceError as exc:
             raise errors.SignerError(f"KMS sign failed: {exc.message}") from exc
         except (ValueError, KeyError) as exc:
             raise errors.SignerError("KMS returned an unreadable signature") from exc
-        return key.public.kid, JWS_ALGORITHM, (r.to_bytes(_P256_BYTES, "big")
-                                               + s.to_bytes(_P256_BYTES, "big"))
+        return (
+            key.public.kid,
+            JWS_ALGORITHM,
+            (r.to_bytes(_P256_BYTES, "big") + s.to_bytes(_P256_BYTES, "big")),
+        )
 
     async def public_keys(self) -> list[PublicKey]:
         """Current, next and retired-within-grace keys (cached; aliases re-resolved every
@@ -198,14 +211,22 @@ class KmsSigner:
         self._calls.close()
 
 
-def create_signing_key(*, kms: Any | None = None, endpoint_url: str | None = None,
-                       region_name: str | None = None, alias: str | None = None,
-                       description: str = "Trace capability-token signing key") -> str:
+def create_signing_key(
+    *,
+    kms: Any | None = None,
+    endpoint_url: str | None = None,
+    region_name: str | None = None,
+    alias: str | None = None,
+    description: str = "Trace capability-token signing key",
+) -> str:
     """Create an ECC_NIST_P256 SIGN_VERIFY key (blocking; setup scripts and tests).
     Returns its key id; points ``alias`` at it when given."""
     kms = kms or client("kms", endpoint_url=endpoint_url, region_name=region_name)
-    key_id = str(kms.create_key(KeySpec=KEY_SPEC, KeyUsage="SIGN_VERIFY",
-                                Description=description)["KeyMetadata"]["KeyId"])
+    key_id = str(
+        kms.create_key(KeySpec=KEY_SPEC, KeyUsage="SIGN_VERIFY", Description=description)[
+            "KeyMetadata"
+        ]["KeyId"]
+    )
     if alias:
         try:
             kms.create_alias(AliasName=alias, TargetKeyId=key_id)

@@ -32,20 +32,29 @@ MAX_EVENT_PAYLOAD = 256 * 1024
 class LambdaInvoker:
     """Invokes one function asynchronously with task payloads."""
 
-    def __init__(self, function_name: str, *, lambda_client: Any | None = None,
-                 endpoint_url: str | None = None, region_name: str | None = None) -> None:
+    def __init__(
+        self,
+        function_name: str,
+        *,
+        lambda_client: Any | None = None,
+        endpoint_url: str | None = None,
+        region_name: str | None = None,
+    ) -> None:
         self.function_name = function_name
         # no HTTP-level retries either: a retried Event invoke may run the function twice
-        self._lambda = lambda_client or client("lambda", endpoint_url=endpoint_url,
-                                               region_name=region_name, max_attempts=1)
+        self._lambda = lambda_client or client(
+            "lambda", endpoint_url=endpoint_url, region_name=region_name, max_attempts=1
+        )
         self._calls = AwsCalls(max_workers=8, name="trace-lambda")
         self._retries_off = False
 
     async def disable_retries(self) -> None:
         """``MaximumRetryAttempts=0`` on the function. Raises ``Unavailable``, ``NotFound``."""
         await self._calls.run(
-            "lambda event invoke config", self._lambda.put_function_event_invoke_config,
-            FunctionName=self.function_name, MaximumRetryAttempts=0,
+            "lambda event invoke config",
+            self._lambda.put_function_event_invoke_config,
+            FunctionName=self.function_name,
+            MaximumRetryAttempts=0,
         )
         self._retries_off = True
 
@@ -57,9 +66,13 @@ class LambdaInvoker:
         body = json.dumps(wire.unstructure(payload), separators=(",", ":")).encode()
         if len(body) > MAX_EVENT_PAYLOAD:
             raise errors.PayloadTooLarge("Lambda event payloads are limited to 256 KiB")
-        resp = await self._calls.run("lambda invoke", self._lambda.invoke,
-                                     FunctionName=self.function_name, InvocationType="Event",
-                                     Payload=body)
+        resp = await self._calls.run(
+            "lambda invoke",
+            self._lambda.invoke,
+            FunctionName=self.function_name,
+            InvocationType="Event",
+            Payload=body,
+        )
         if resp.get("StatusCode") != 202 or resp.get("FunctionError"):
             raise errors.Unavailable(f"lambda invoke answered {resp.get('StatusCode')}")
 
@@ -70,8 +83,14 @@ class LambdaInvoker:
 class LambdaLauncher:
     """Claims a task's attempt through the Dispatcher and hands it to Lambda."""
 
-    def __init__(self, dispatcher: Any, invoker: LambdaInvoker, store: ObjectStore, *,
-                 bundle_url_ttl_s: int = 900) -> None:
+    def __init__(
+        self,
+        dispatcher: Any,
+        invoker: LambdaInvoker,
+        store: ObjectStore,
+        *,
+        bundle_url_ttl_s: int = 900,
+    ) -> None:
         self.dispatcher = dispatcher
         self.invoker = invoker
         self.store = store
@@ -89,23 +108,35 @@ class LambdaLauncher:
             return None
         try:
             task = await self.dispatcher.fetch(task_id, claim.attempt)
-            bundle_key = str(task.payload.get("bundle_key")
-                             or f"org/{task.org_id}/bundles/{task.operator}/bundle.zip")
-            bundle_url = await self.store.signed_url(bundle_key, method="GET",
-                                                     expires_in=self.bundle_url_ttl_s)
+            bundle_key = str(
+                task.payload.get("bundle_key")
+                or f"org/{task.org_id}/bundles/{task.operator}/bundle.zip"
+            )
+            bundle_url = await self.store.signed_url(
+                bundle_key, method="GET", expires_in=self.bundle_url_ttl_s
+            )
             payload = wire.LambdaInvokePayload(
-                task_id=task.task_id, org_id=task.org_id, job_id=task.job_id,
-                operator=task.operator, payload=task.payload, status=task.status,
-                attempt=claim.attempt, max_attempts=task.max_attempts, timeout_s=task.timeout_s,
-                staging_prefix=task.staging_prefix, capability_token=claim.capability_token,
-                lease_token=claim.lease_token, lease_expires_at=claim.lease_expires_at,
+                task_id=task.task_id,
+                org_id=task.org_id,
+                job_id=task.job_id,
+                operator=task.operator,
+                payload=task.payload,
+                status=task.status,
+                attempt=claim.attempt,
+                max_attempts=task.max_attempts,
+                timeout_s=task.timeout_s,
+                staging_prefix=task.staging_prefix,
+                capability_token=claim.capability_token,
+                lease_token=claim.lease_token,
+                lease_expires_at=claim.lease_expires_at,
                 bundle_url=bundle_url,
             )
             await self.invoker.invoke(payload)
         except errors.TraceError as exc:
-            log.warning("lambda invoke failed; the attempt will time out and be retried",
-                        extra={"task_id": task_id, "attempt": claim.attempt,
-                               "error": str(exc)})
+            log.warning(
+                "lambda invoke failed; the attempt will time out and be retried",
+                extra={"task_id": task_id, "attempt": claim.attempt, "error": str(exc)},
+            )
         return claim
 
 

@@ -54,18 +54,29 @@ class S3ObjectStore:
                 raise errors.ValidationFailed("root must end with '/'", field="root")
         self.bucket = bucket
         self.root = root
-        self._s3 = s3 or client("s3", endpoint_url=endpoint_url, region_name=region_name,
-                                signature_version="s3v4")
+        self._s3 = s3 or client(
+            "s3", endpoint_url=endpoint_url, region_name=region_name, signature_version="s3v4"
+        )
         self._presigner = presigner or (
-            client("s3", endpoint_url=public_endpoint_url, region_name=region_name,
-                   signature_version="s3v4")
-            if public_endpoint_url else self._s3
+            client(
+                "s3",
+                endpoint_url=public_endpoint_url,
+                region_name=region_name,
+                signature_version="s3v4",
+            )
+            if public_endpoint_url
+            else self._s3
         )
         self._calls = AwsCalls(name="trace-s3")
 
     @staticmethod
-    def create_bucket(bucket: str, *, s3: Any | None = None, endpoint_url: str | None = None,
-                      region_name: str | None = None) -> None:
+    def create_bucket(
+        bucket: str,
+        *,
+        s3: Any | None = None,
+        endpoint_url: str | None = None,
+        region_name: str | None = None,
+    ) -> None:
         """Create ``bucket`` if it does not exist (blocking; for setup scripts and tests)."""
         s3 = s3 or client("s3", endpoint_url=endpoint_url, region_name=region_name)
         try:
@@ -86,8 +97,14 @@ class S3ObjectStore:
         """Store ``data`` under ``key``. Raises ``UnsafeKey``, ``Unavailable``."""
         s3_key = self._key(key)
         sha = hashlib.sha256(data).hexdigest()
-        await self._calls.run("put object", self._s3.put_object, Bucket=self.bucket, Key=s3_key,
-                              Body=bytes(data), Metadata={_SHA_META: sha})
+        await self._calls.run(
+            "put object",
+            self._s3.put_object,
+            Bucket=self.bucket,
+            Key=s3_key,
+            Body=bytes(data),
+            Metadata={_SHA_META: sha},
+        )
         return ObjectInfo(key, len(data), sha)
 
     async def get(self, key: str) -> bytes:
@@ -103,8 +120,9 @@ class S3ObjectStore:
     async def head(self, key: str) -> ObjectInfo:
         """The object's metadata. Raises ``NotFound``, ``UnsafeKey``, ``Unavailable``."""
         s3_key = self._key(key)
-        resp = await self._calls.run("head object", self._s3.head_object, Bucket=self.bucket,
-                                     Key=s3_key)
+        resp = await self._calls.run(
+            "head object", self._s3.head_object, Bucket=self.bucket, Key=s3_key
+        )
         return await self._info(key, resp)
 
     async def _info(self, key: str, resp: dict[str, Any]) -> ObjectInfo:
@@ -122,13 +140,14 @@ class S3ObjectStore:
         def keys() -> list[str]:
             out: list[str] = []
             for page in self._s3.get_paginator("list_objects_v2").paginate(
-                    Bucket=self.bucket, Prefix=s3_prefix):
+                Bucket=self.bucket, Prefix=s3_prefix
+            ):
                 out += [o["Key"] for o in page.get("Contents", [])]
             return out
 
         infos = []
         for s3_key in sorted(await self._calls.run("list objects", keys)):
-            key = s3_key[len(self.root):]
+            key = s3_key[len(self.root) :]
             try:
                 infos.append(await self.head(key))
             except errors.NotFound:
@@ -140,8 +159,9 @@ class S3ObjectStore:
     async def delete(self, key: str) -> None:
         """Delete the object (a missing key is fine). Raises ``UnsafeKey``, ``Unavailable``."""
         s3_key = self._key(key)
-        await self._calls.run("delete object", self._s3.delete_object, Bucket=self.bucket,
-                              Key=s3_key)
+        await self._calls.run(
+            "delete object", self._s3.delete_object, Bucket=self.bucket, Key=s3_key
+        )
 
     async def signed_url(self, key: str, *, method: str, expires_in: int) -> str:
         """A SigV4 presigned URL for ``GET`` or ``PUT`` on ``key`` for ``expires_in`` seconds.
@@ -149,14 +169,21 @@ class S3ObjectStore:
         s3_key = self._key(key)
         if method not in ("GET", "PUT"):
             raise errors.ValidationFailed("method must be GET or PUT", field="method")
-        if isinstance(expires_in, bool) or not isinstance(expires_in, int) or not (
-                0 < expires_in <= MAX_URL_EXPIRY_S):
+        if (
+            isinstance(expires_in, bool)
+            or not isinstance(expires_in, int)
+            or not (0 < expires_in <= MAX_URL_EXPIRY_S)
+        ):
             raise errors.ValidationFailed(
-                f"expires_in must be an integer in 1..{MAX_URL_EXPIRY_S}", field="expires_in")
+                f"expires_in must be an integer in 1..{MAX_URL_EXPIRY_S}", field="expires_in"
+            )
         operation = "get_object" if method == "GET" else "put_object"
         url = await self._calls.run(
-            "presign", self._presigner.generate_presigned_url, operation,
-            Params={"Bucket": self.bucket, "Key": s3_key}, ExpiresIn=expires_in,
+            "presign",
+            self._presigner.generate_presigned_url,
+            operation,
+            Params={"Bucket": self.bucket, "Key": s3_key},
+            ExpiresIn=expires_in,
             HttpMethod=method,
         )
         return str(url)

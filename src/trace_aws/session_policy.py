@@ -52,8 +52,7 @@ def _check_prefix(prefix: object, field: str) -> str:
     if not prefix.endswith("/"):
         raise errors.UnsafeKey("a granted prefix must end with '/'", field=field)
     if _WILDCARDS & set(prefix):
-        raise errors.UnsafeKey("'*', '?' and '$' are not allowed in a granted prefix",
-                               field=field)
+        raise errors.UnsafeKey("'*', '?' and '$' are not allowed in a granted prefix", field=field)
     return prefix
 
 
@@ -105,16 +104,18 @@ def grant_for_attempt(
     for i, prefix in enumerate(read_prefixes):
         _check_prefix(prefix, f"read_prefixes[{i}]")
         if prefix == dataset_area or not prefix.startswith(dataset_area):
-            raise errors.Forbidden(f"read prefix {prefix!r} is outside {dataset_area}",
-                                   field=f"read_prefixes[{i}]")
+            raise errors.Forbidden(
+                f"read prefix {prefix!r} is outside {dataset_area}", field=f"read_prefixes[{i}]"
+            )
         granted.append(prefix)
     if requested is not None:
         narrowed: list[str] = []
         for i, prefix in enumerate(requested):
             _check_prefix(prefix, f"read_prefixes[{i}]")
             if not any(prefix.startswith(g) for g in granted):
-                raise errors.Forbidden(f"prefix {prefix!r} is outside the attempt's grant",
-                                       field=f"read_prefixes[{i}]")
+                raise errors.Forbidden(
+                    f"prefix {prefix!r} is outside the attempt's grant", field=f"read_prefixes[{i}]"
+                )
             narrowed.append(prefix)
         granted = narrowed
     if root:
@@ -130,25 +131,31 @@ def session_policy(grant: CredentialGrant, *, partition: str = "aws") -> dict[st
     statements: list[dict[str, Any]] = []
     if grant.read_prefixes:
         reads = [grant.root + p for p in grant.read_prefixes]
-        statements.append({
-            "Sid": "ReadInputs",
+        statements.append(
+            {
+                "Sid": "ReadInputs",
+                "Effect": "Allow",
+                "Action": ["s3:GetObject"],
+                "Resource": [f"{bucket_arn}/{p}*" for p in reads],
+            }
+        )
+        statements.append(
+            {
+                "Sid": "ListInputs",
+                "Effect": "Allow",
+                "Action": ["s3:ListBucket"],
+                "Resource": [bucket_arn],
+                "Condition": {"StringLike": {"s3:prefix": [f"{p}*" for p in reads]}},
+            }
+        )
+    statements.append(
+        {
+            "Sid": "WriteStaging",
             "Effect": "Allow",
-            "Action": ["s3:GetObject"],
-            "Resource": [f"{bucket_arn}/{p}*" for p in reads],
-        })
-        statements.append({
-            "Sid": "ListInputs",
-            "Effect": "Allow",
-            "Action": ["s3:ListBucket"],
-            "Resource": [bucket_arn],
-            "Condition": {"StringLike": {"s3:prefix": [f"{p}*" for p in reads]}},
-        })
-    statements.append({
-        "Sid": "WriteStaging",
-        "Effect": "Allow",
-        "Action": ["s3:PutObject", "s3:AbortMultipartUpload"],
-        "Resource": [f"{bucket_arn}/{grant.root}{grant.write_prefix}*"],
-    })
+            "Action": ["s3:PutObject", "s3:AbortMultipartUpload"],
+            "Resource": [f"{bucket_arn}/{grant.root}{grant.write_prefix}*"],
+        }
+    )
     return {"Version": "2012-10-17", "Statement": statements}
 
 

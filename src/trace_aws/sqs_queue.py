@@ -92,8 +92,12 @@ _RECEIPTS = _LatestReceipts()
 def _xml_safe(text: str) -> bool:
     for ch in text:
         o = ord(ch)
-        if not (o in (0x9, 0xA, 0xD) or 0x20 <= o <= 0xD7FF or 0xE000 <= o <= 0xFFFD
-                or 0x10000 <= o <= 0x10FFFF):
+        if not (
+            o in (0x9, 0xA, 0xD)
+            or 0x20 <= o <= 0xD7FF
+            or 0xE000 <= o <= 0xFFFD
+            or 0x10000 <= o <= 0x10FFFF
+        ):
             return False
     return True
 
@@ -162,8 +166,9 @@ class SqsQueue:
         clock_ms: Any = None,
     ) -> None:
         self.queue_url = queue_url
-        self._sqs = sqs or client("sqs", endpoint_url=endpoint_url, region_name=region_name,
-                                  read_timeout=MAX_WAIT_S + 10)
+        self._sqs = sqs or client(
+            "sqs", endpoint_url=endpoint_url, region_name=region_name, read_timeout=MAX_WAIT_S + 10
+        )
         self._dlq_url = dlq_url
         self._calls = AwsCalls(name="trace-sqs")
         self._clock_ms = clock_ms or (lambda: int(time.time() * 1000))
@@ -195,15 +200,17 @@ class SqsQueue:
         ``max_receives``, DLQ retention 14 days. Raises a ``trace_core.errors`` class."""
         from trace_aws._boto import translate
 
-        sqs = sqs or client("sqs", endpoint_url=endpoint_url, region_name=region_name,
-                            read_timeout=MAX_WAIT_S + 10)
+        sqs = sqs or client(
+            "sqs", endpoint_url=endpoint_url, region_name=region_name, read_timeout=MAX_WAIT_S + 10
+        )
         try:
             dlq_url = sqs.create_queue(
                 QueueName=f"{name}-dlq",
                 Attributes={"MessageRetentionPeriod": str(DLQ_RETENTION_S)},
             )["QueueUrl"]
-            dlq_arn = sqs.get_queue_attributes(
-                QueueUrl=dlq_url, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
+            dlq_arn = sqs.get_queue_attributes(QueueUrl=dlq_url, AttributeNames=["QueueArn"])[
+                "Attributes"
+            ]["QueueArn"]
             url = sqs.create_queue(
                 QueueName=name,
                 Attributes={
@@ -222,16 +229,19 @@ class SqsQueue:
     async def _dlq(self) -> str:
         if self._dlq_url is None:
             attrs = await self._calls.run(
-                "get queue attributes", self._sqs.get_queue_attributes,
-                QueueUrl=self.queue_url, AttributeNames=["RedrivePolicy"],
+                "get queue attributes",
+                self._sqs.get_queue_attributes,
+                QueueUrl=self.queue_url,
+                AttributeNames=["RedrivePolicy"],
             )
             policy = attrs.get("Attributes", {}).get("RedrivePolicy")
             if not policy:
                 raise errors.NotFound(f"queue {self.name} has no dead-letter queue")
             arn = json.loads(policy)["deadLetterTargetArn"]
             dlq_name = arn.rsplit(":", 1)[-1]
-            self._dlq_url = (await self._calls.run(
-                "get dlq url", self._sqs.get_queue_url, QueueName=dlq_name))["QueueUrl"]
+            self._dlq_url = (
+                await self._calls.run("get dlq url", self._sqs.get_queue_url, QueueName=dlq_name)
+            )["QueueUrl"]
         return self._dlq_url
 
     # -- the port ---------------------------------------------------------------------------
@@ -251,13 +261,15 @@ class SqsQueue:
             if size > SQS_REQUEST_BYTES:
                 raise errors.PayloadTooLarge(
                     "encoded message exceeds SQS's 256 KiB limit (binary bodies are base64)",
-                    field=f"bodies[{i}]")
+                    field=f"bodies[{i}]",
+                )
             entries.append((text, attrs, size))
         ids: list[str] = []
         batch: list[tuple[str, dict[str, Any], int]] = []
         for entry in entries:
-            if batch and (len(batch) == MAX_BATCH
-                          or sum(e[2] for e in batch) + entry[2] > SQS_REQUEST_BYTES):
+            if batch and (
+                len(batch) == MAX_BATCH or sum(e[2] for e in batch) + entry[2] > SQS_REQUEST_BYTES
+            ):
                 ids += await self._send_batch(url, batch, delay)
                 batch = []
             batch.append(entry)
@@ -274,13 +286,15 @@ class SqsQueue:
             if attrs:
                 entry["MessageAttributes"] = attrs
             request.append(entry)
-        resp = await self._calls.run("send messages", self._sqs.send_message_batch,
-                                     QueueUrl=url, Entries=request)
+        resp = await self._calls.run(
+            "send messages", self._sqs.send_message_batch, QueueUrl=url, Entries=request
+        )
         failed = resp.get("Failed") or []
         if failed:
             codes = sorted({f.get("Code", "?") for f in failed})
-            raise errors.Unavailable(f"SQS refused {len(failed)} of {len(batch)} messages: "
-                                     f"{', '.join(codes)}")
+            raise errors.Unavailable(
+                f"SQS refused {len(failed)} of {len(batch)} messages: {', '.join(codes)}"
+            )
         by_id = {int(s["Id"]): s["MessageId"] for s in resp.get("Successful", [])}
         return [by_id[i] for i in range(len(batch))]
 
@@ -293,8 +307,11 @@ class SqsQueue:
     ) -> list[ReceivedMessage]:
         """Receive up to ``max_messages`` (long poll up to ``wait_seconds``, max 20).
         Raises ``ValidationFailed``, ``Unavailable``."""
-        if isinstance(max_messages, bool) or not isinstance(max_messages, int) or not (
-                1 <= max_messages <= MAX_BATCH):
+        if (
+            isinstance(max_messages, bool)
+            or not isinstance(max_messages, int)
+            or not (1 <= max_messages <= MAX_BATCH)
+        ):
             raise errors.ValidationFailed("max_messages must be 1..10", field="max_messages")
         visibility = _int_seconds(visibility_timeout, "visibility_timeout", MAX_VISIBILITY_S)
         wait = _int_seconds(wait_seconds, "wait_seconds", MAX_WAIT_S)
@@ -308,20 +325,26 @@ class SqsQueue:
         async with self._receiving:
             received_ms = self._clock_ms()
             resp = await self._calls.run(
-            "receive messages", self._sqs.receive_message,
-                QueueUrl=url, MaxNumberOfMessages=max_messages, VisibilityTimeout=visibility,
-                WaitTimeSeconds=wait, MessageAttributeNames=[_ENC_ATTR],
+                "receive messages",
+                self._sqs.receive_message,
+                QueueUrl=url,
+                MaxNumberOfMessages=max_messages,
+                VisibilityTimeout=visibility,
+                WaitTimeSeconds=wait,
+                MessageAttributeNames=[_ENC_ATTR],
                 MessageSystemAttributeNames=["ApproximateReceiveCount"],
             )
         out = []
         for m in resp.get("Messages", []):
             _RECEIPTS.record(url, m["MessageId"], m["ReceiptHandle"])
-            out.append(ReceivedMessage(
-                message_id=m["MessageId"],
-                body=decode_body(m),
-                receipt=f"{received_ms}:{m['MessageId']}:{m['ReceiptHandle']}",
-                receive_count=int(m.get("Attributes", {}).get("ApproximateReceiveCount", 1)),
-            ))
+            out.append(
+                ReceivedMessage(
+                    message_id=m["MessageId"],
+                    body=decode_body(m),
+                    receipt=f"{received_ms}:{m['MessageId']}:{m['ReceiptHandle']}",
+                    receive_count=int(m.get("Attributes", {}).get("ApproximateReceiveCount", 1)),
+                )
+            )
         return out
 
     async def extend_visibility(self, receipt: str, visibility_timeout: float) -> None:
@@ -334,15 +357,19 @@ class SqsQueue:
             raise errors.NotFound("unknown receipt", field="receipt")
         received_ms, message_id, handle = parsed
         if _RECEIPTS.is_stale(self.queue_url, message_id, handle):
-            raise errors.NotFound("stale receipt: the message was received again or deleted",
-                                  field="receipt")
+            raise errors.NotFound(
+                "stale receipt: the message was received again or deleted", field="receipt"
+            )
         left = MAX_VISIBILITY_S - (self._clock_ms() - received_ms) // 1000 - 1
         if left <= 0:
-            raise errors.NotFound("the message reached SQS's 12-hour visibility ceiling",
-                                  field="receipt")
+            raise errors.NotFound(
+                "the message reached SQS's 12-hour visibility ceiling", field="receipt"
+            )
         await self._calls.run(
-            "change message visibility", self._sqs.change_message_visibility,
-            QueueUrl=self.queue_url, ReceiptHandle=handle,
+            "change message visibility",
+            self._sqs.change_message_visibility,
+            QueueUrl=self.queue_url,
+            ReceiptHandle=handle,
             VisibilityTimeout=min(seconds, left),
         )
 
@@ -361,15 +388,19 @@ class SqsQueue:
             if not _RECEIPTS.is_stale(url, message_id, handle):
                 live.append((message_id, handle))
         for start in range(0, len(live), MAX_BATCH):
-            chunk = live[start:start + MAX_BATCH]
+            chunk = live[start : start + MAX_BATCH]
             resp = await self._calls.run(
-                "delete messages", self._sqs.delete_message_batch, QueueUrl=url,
+                "delete messages",
+                self._sqs.delete_message_batch,
+                QueueUrl=url,
                 Entries=[{"Id": str(i), "ReceiptHandle": h} for i, (_, h) in enumerate(chunk)],
             )
-            transient = [f for f in resp.get("Failed") or []
-                         if f.get("Code") not in ("ReceiptHandleIsInvalid",
-                                                  "InvalidParameterValue")
-                         and not f.get("SenderFault")]
+            transient = [
+                f
+                for f in resp.get("Failed") or []
+                if f.get("Code") not in ("ReceiptHandleIsInvalid", "InvalidParameterValue")
+                and not f.get("SenderFault")
+            ]
             if transient:
                 raise errors.Unavailable(f"SQS failed to delete {len(transient)} messages")
             for message_id, handle in chunk:
@@ -403,9 +434,14 @@ class SqsQueue:
     async def depth(self) -> int:
         """Approximate number of visible + in-flight messages (for tests and metrics)."""
         resp = await self._calls.run(
-            "get queue attributes", self._sqs.get_queue_attributes, QueueUrl=self.queue_url,
-            AttributeNames=["ApproximateNumberOfMessages", "ApproximateNumberOfMessagesNotVisible",
-                            "ApproximateNumberOfMessagesDelayed"],
+            "get queue attributes",
+            self._sqs.get_queue_attributes,
+            QueueUrl=self.queue_url,
+            AttributeNames=[
+                "ApproximateNumberOfMessages",
+                "ApproximateNumberOfMessagesNotVisible",
+                "ApproximateNumberOfMessagesDelayed",
+            ],
         )
         return sum(int(v) for v in resp.get("Attributes", {}).values())
 

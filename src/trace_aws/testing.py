@@ -56,8 +56,11 @@ class MotoServer:
         try:
             self._proc = subprocess.Popen(
                 [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
-                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                start_new_session=True, env={**os.environ, **MOTO_ENV},
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+                env={**os.environ, **MOTO_ENV},
             )
         finally:
             if self.log_path:
@@ -109,8 +112,9 @@ def _q(value: str) -> str:
     return quote(value, safe="-_.~")
 
 
-def check_presigned(method: str, raw_path: str, raw_query: str, host: str, secret_key: str,
-                    now: float) -> str | None:
+def check_presigned(
+    method: str, raw_path: str, raw_query: str, host: str, secret_key: str, now: float
+) -> str | None:
     """Why a presigned request must be refused, or None when its SigV4 signature and expiry
     hold. ``raw_path`` is the path as sent (already URI-encoded)."""
     pairs = parse_qsl(raw_query, keep_blank_values=True)
@@ -119,15 +123,24 @@ def check_presigned(method: str, raw_path: str, raw_query: str, host: str, secre
         if k in params:
             return f"repeated parameter {k}"
         params[k] = v
-    needed = ("X-Amz-Algorithm", "X-Amz-Credential", "X-Amz-Date", "X-Amz-Expires",
-              "X-Amz-SignedHeaders", "X-Amz-Signature")
+    needed = (
+        "X-Amz-Algorithm",
+        "X-Amz-Credential",
+        "X-Amz-Date",
+        "X-Amz-Expires",
+        "X-Amz-SignedHeaders",
+        "X-Amz-Signature",
+    )
     if any(not params.get(k) for k in needed):
         return "missing signature parameters"
     if params["X-Amz-Algorithm"] != "AWS4-HMAC-SHA256":
         return "unsupported algorithm"
     try:
-        signed_at = dt.datetime.strptime(params["X-Amz-Date"], "%Y%m%dT%H%M%SZ").replace(
-            tzinfo=dt.UTC).timestamp()
+        signed_at = (
+            dt.datetime.strptime(params["X-Amz-Date"], "%Y%m%dT%H%M%SZ")
+            .replace(tzinfo=dt.UTC)
+            .timestamp()
+        )
         expires = int(params["X-Amz-Expires"])
     except ValueError:
         return "malformed date or expiry"
@@ -136,16 +149,23 @@ def check_presigned(method: str, raw_path: str, raw_query: str, host: str, secre
     headers = params["X-Amz-SignedHeaders"].split(";")
     if headers != ["host"]:
         return "unexpected signed headers"
-    query = "&".join(f"{_q(k)}={_q(v)}" for k, v in sorted(
-        (k, v) for k, v in pairs if k != "X-Amz-Signature"))
-    canonical = "\n".join([method, raw_path, query, f"host:{host}", "", "host",
-                           "UNSIGNED-PAYLOAD"])
+    query = "&".join(
+        f"{_q(k)}={_q(v)}" for k, v in sorted((k, v) for k, v in pairs if k != "X-Amz-Signature")
+    )
+    canonical = "\n".join([method, raw_path, query, f"host:{host}", "", "host", "UNSIGNED-PAYLOAD"])
     scope = params["X-Amz-Credential"].split("/", 1)[1]
     date, region, service, _ = scope.split("/")
-    to_sign = "\n".join(["AWS4-HMAC-SHA256", params["X-Amz-Date"], scope,
-                         hashlib.sha256(canonical.encode()).hexdigest()])
-    key = _hmac(_hmac(_hmac(_hmac(f"AWS4{secret_key}".encode(), date), region), service),
-                "aws4_request")
+    to_sign = "\n".join(
+        [
+            "AWS4-HMAC-SHA256",
+            params["X-Amz-Date"],
+            scope,
+            hashlib.sha256(canonical.encode()).hexdigest(),
+        ]
+    )
+    key = _hmac(
+        _hmac(_hmac(_hmac(f"AWS4{secret_key}".encode(), date), region), service), "aws4_request"
+    )
     expected = hmac.new(key, to_sign.encode(), hashlib.sha256).hexdigest()
     if not hmac.compare_digest(expected, params["X-Amz-Signature"]):
         return "signature does not match"

@@ -68,8 +68,11 @@ class TaskCaller:
         """From a token's ``grants`` claim: ``{"datasets": {"read": ["name", ...]}}``."""
         datasets = grants.get("datasets")
         names = datasets.get("read") if isinstance(datasets, Mapping) else None
-        read = frozenset(n for n in names if isinstance(n, str)) if isinstance(names, list) \
+        read = (
+            frozenset(n for n in names if isinstance(n, str))
+            if isinstance(names, list)
             else frozenset()
+        )
         return cls(org_id=org_id, task_id=task_id, read=read)
 
 

@@ -232,14 +232,17 @@ def check_entry(
                 "partition range needs 0 <= start < end", field=f"{where}.partition"
             )
     if head is None:
-        raise errors.ValidationFailed("the staged object does not exist",
-                                      field=f"{where}.object_key")
+        raise errors.ValidationFailed(
+            "the staged object does not exist", field=f"{where}.object_key"
+        )
     if head.size != entry.size:
-        raise errors.ValidationFailed("size does not match the staged object",
-                                      field=f"{where}.size")
+        raise errors.ValidationFailed(
+            "size does not match the staged object", field=f"{where}.size"
+        )
     if head.sha256 != entry.sha256:
-        raise errors.ValidationFailed("sha256 does not match the staged object",
-                                      field=f"{where}.sha256")
+        raise errors.ValidationFailed(
+            "sha256 does not match the staged object", field=f"{where}.sha256"
+        )
 
 
 def _overlaps(p: LivePartition, start: int, end: int) -> bool:
@@ -280,11 +283,15 @@ def plan_commit(
             if target.update_strategy is UpdateStrategy.APPEND:
                 duplicates += 1
                 continue
-            raise errors.ValidationFailed("the same partition twice in one manifest",
-                                          field=f"{where}.partition")
+            raise errors.ValidationFailed(
+                "the same partition twice in one manifest", field=f"{where}.partition"
+            )
         seen.add(scope)
-        if (target.update_strategy is UpdateStrategy.REPLACE and entry.start is not None
-                and entry.end is not None):
+        if (
+            target.update_strategy is UpdateStrategy.REPLACE
+            and entry.start is not None
+            and entry.end is not None
+        ):
             mine = written.setdefault(target.dataset_version, [])
             if any(entry.start < e and s < entry.end for s, e in mine):
                 raise errors.ValidationFailed(
@@ -299,15 +306,20 @@ def plan_commit(
             hit = [p for p in version_live if _overlaps(p, entry.start, entry.end)]
         match target.update_strategy:
             case UpdateStrategy.APPEND:
-                if any(p.key == entry.key and p.start == entry.start and p.end == entry.end
-                       for p in hit):
+                if any(
+                    p.key == entry.key and p.start == entry.start and p.end == entry.end
+                    for p in hit
+                ):
                     duplicates += 1
                     continue
             case UpdateStrategy.REPLACE:
                 if entry.key is None:
                     assert entry.start is not None and entry.end is not None
-                    partial = [p for p in hit if not (entry.start <= (p.start or 0)
-                                                      and (p.end or 0) <= entry.end)]
+                    partial = [
+                        p
+                        for p in hit
+                        if not (entry.start <= (p.start or 0) and (p.end or 0) <= entry.end)
+                    ]
                     if partial:
                         raise errors.ValidationFailed(
                             "replace must cover whole live partitions "
@@ -318,11 +330,16 @@ def plan_commit(
                     partition_target(PartitionState.COMMITTED, PartitionEvent.SUPERSEDE)
                     supersede.append(p.partition_id)
                 if hit:
-                    invalidations.append(Invalidation(
-                        dataset_uuid=target.dataset_uuid,
-                        dataset_version=target.dataset_version,
-                        start=entry.start, end=entry.end, key=entry.key, superseded=len(hit),
-                    ))
+                    invalidations.append(
+                        Invalidation(
+                            dataset_uuid=target.dataset_uuid,
+                            dataset_version=target.dataset_version,
+                            start=entry.start,
+                            end=entry.end,
+                            key=entry.key,
+                            superseded=len(hit),
+                        )
+                    )
                 # a superseded partition no longer blocks later entries of this manifest
                 if hit:
                     gone = {p.partition_id for p in hit}
@@ -330,12 +347,19 @@ def plan_commit(
                         p for p in version_live if p.partition_id not in gone
                     ]
         partition_target(PartitionState.STAGED, PartitionEvent.COMMIT)
-        inserts.append(PlannedPartition(
-            entry_index=i, dataset_version=target.dataset_version, start=entry.start,
-            end=entry.end, key=entry.key,
-            object_key=canonical_key(target, entry, task_id, attempt),
-            staged_key=entry.object_key, size=entry.size, sha256=entry.sha256,
-        ))
+        inserts.append(
+            PlannedPartition(
+                entry_index=i,
+                dataset_version=target.dataset_version,
+                start=entry.start,
+                end=entry.end,
+                key=entry.key,
+                object_key=canonical_key(target, entry, task_id, attempt),
+                staged_key=entry.object_key,
+                size=entry.size,
+                sha256=entry.sha256,
+            )
+        )
     return CommitPlan(tuple(inserts), tuple(supersede), tuple(invalidations), duplicates)
 
 

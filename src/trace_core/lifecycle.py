@@ -86,7 +86,9 @@ _RETRY_OR_FAIL: Final = (TaskState.PENDING, TaskState.FAILED)
 
 #: The transition table: ``(state, event) -> target`` or ``(target if attempts left, else)``.
 #: Pairs not in the table are illegal. ``docs/architecture/task_lifecycle.md`` is drawn from it.
-TRANSITIONS: Final[Mapping[tuple[TaskState, TaskEvent], TaskState | tuple[TaskState, TaskState]]] = {
+TRANSITIONS: Final[
+    Mapping[tuple[TaskState, TaskEvent], TaskState | tuple[TaskState, TaskState]]
+] = {
     (TaskState.PENDING, TaskEvent.DUE): TaskState.QUEUED,
     (TaskState.PENDING, TaskEvent.CANCEL): TaskState.CANCELED,
     (TaskState.QUEUED, TaskEvent.CLAIM): TaskState.RUNNING,

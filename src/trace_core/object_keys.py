@@ -55,9 +55,7 @@ def _check_chars(value: str, field: str) -> None:
     if not (value.isascii() and value.isprintable()):
         for ch in value:
             if unicodedata.category(ch) in _FORBIDDEN_CATEGORIES:
-                raise _reject(
-                    f"control or format character U+{ord(ch):04X} is not allowed", field
-                )
+                raise _reject(f"control or format character U+{ord(ch):04X} is not allowed", field)
     try:
         size = len(value.encode("utf-8"))
     except UnicodeEncodeError as exc:  # pragma: no cover - surrogates are caught above

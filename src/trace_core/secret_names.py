@@ -32,15 +32,17 @@ def _check_segments(name: str, field: str) -> None:
 def validate_secret_name(name: object) -> str:
     """Check a full secret name. Returns it. Raises ``ValidationFailed`` (``field="name"``)."""
     if not isinstance(name, str) or not name or len(name) > MAX_NAME:
-        raise ValidationFailed("a secret name is a non-empty string of at most 512 characters",
-                               field="name")
+        raise ValidationFailed(
+            "a secret name is a non-empty string of at most 512 characters", field="name"
+        )
     _check_segments(name, "name")
     if name.startswith(PLATFORM_PREFIX) and len(name) > len(PLATFORM_PREFIX):
         return name
     if name.startswith(ORG_PREFIX) and name.count("/") >= 3:
         return name
-    raise ValidationFailed("a secret name lives under trace/platform/ or trace/org/{org_id}/",
-                           field="name")
+    raise ValidationFailed(
+        "a secret name lives under trace/platform/ or trace/org/{org_id}/", field="name"
+    )
 
 
 def validate_secret_prefix(prefix: object) -> str:
@@ -49,11 +51,13 @@ def validate_secret_prefix(prefix: object) -> str:
     if not isinstance(prefix, str) or not prefix.endswith("/"):
         raise ValidationFailed("a secret prefix must end with '/'", field="prefix")
     _check_segments(prefix[:-1], "prefix")
-    if prefix.startswith(PLATFORM_PREFIX) or (prefix.startswith(ORG_PREFIX)
-                                              and prefix.count("/") >= 3):
+    if prefix.startswith(PLATFORM_PREFIX) or (
+        prefix.startswith(ORG_PREFIX) and prefix.count("/") >= 3
+    ):
         return prefix
-    raise ValidationFailed("a secret prefix must lie inside trace/platform/ or "
-                           "trace/org/{org_id}/", field="prefix")
+    raise ValidationFailed(
+        "a secret prefix must lie inside trace/platform/ or trace/org/{org_id}/", field="prefix"
+    )
 
 
 def platform_secret(name: str) -> str:
@@ -78,5 +82,13 @@ def namespace_of(name: str) -> Literal["platform", "org"]:
     return "platform" if validate_secret_name(name).startswith(PLATFORM_PREFIX) else "org"
 
 
-__all__ = ["ORG_PREFIX", "PLATFORM_PREFIX", "namespace_of", "org_prefix", "org_secret",
-           "platform_secret", "validate_secret_name", "validate_secret_prefix"]
+__all__ = [
+    "ORG_PREFIX",
+    "PLATFORM_PREFIX",
+    "namespace_of",
+    "org_prefix",
+    "org_secret",
+    "platform_secret",
+    "validate_secret_name",
+    "validate_secret_prefix",
+]

@@ -65,8 +65,9 @@ def _dataset_name(_inst: object, attribute: attrs.Attribute[Any], value: str) ->
 def _names(_inst: object, attribute: attrs.Attribute[Any], value: list[str]) -> None:
     for i, item in enumerate(value):
         if not _DATASET_RE.match(item):
-            raise FieldError(f"{attribute.name}[{i}]",
-                             f"{attribute.name}[{i}] must match {_DATASET_RE.pattern}")
+            raise FieldError(
+                f"{attribute.name}[{i}]", f"{attribute.name}[{i}] must match {_DATASET_RE.pattern}"
+            )
 
 
 def _hex64(_inst: object, attribute: attrs.Attribute[Any], value: str) -> None:
@@ -160,7 +161,9 @@ def _uuid_list(_inst: object, attribute: attrs.Attribute[Any], value: list[str])
         try:
             uuid.UUID(item)
         except (ValueError, AttributeError, TypeError):
-            raise FieldError(f"{attribute.name}[{i}]", f"{attribute.name}[{i}] must be a UUID") from None
+            raise FieldError(
+                f"{attribute.name}[{i}]", f"{attribute.name}[{i}] must be a UUID"
+            ) from None
 
 
 @attrs.frozen
@@ -224,9 +227,7 @@ class HeartbeatResponse:
 
 @attrs.frozen
 class EventsRequest(FenceFields):
-    events: list[EventIn] = attrs.field(
-        factory=list, validator=_length(0, 1000)
-    )
+    events: list[EventIn] = attrs.field(factory=list, validator=_length(0, 1000))
 
 
 @attrs.frozen
@@ -278,9 +279,7 @@ class OutputIn:
     sha256: str = attrs.field(validator=_hex64)
     partition: PartitionIn
     #: Target dataset version (UUID); default: the dataset's active version.
-    version: str | None = attrs.field(
-        default=None, validator=attrs.validators.optional(_uuid_str)
-    )
+    version: str | None = attrs.field(default=None, validator=attrs.validators.optional(_uuid_str))
 
 
 @attrs.frozen
@@ -289,9 +288,7 @@ class CompleteRequest(FenceFields):
     retryable: bool = True
     result: dict[str, Any] | None = None
     error: dict[str, Any] | None = None
-    final_events: list[EventIn] = attrs.field(
-        factory=list, validator=_length(0, 1000)
-    )
+    final_events: list[EventIn] = attrs.field(factory=list, validator=_length(0, 1000))
     #: The output manifest, committed atomically with a successful completion.
     outputs: list[OutputIn] = attrs.field(factory=list, validator=_length(0, 10_000))
 
@@ -391,9 +388,7 @@ class CreateTaskRequest:
 
 @attrs.frozen
 class CreateTasksRequest:
-    tasks: list[CreateTaskRequest] = attrs.field(
-        validator=_length(1, 10_000)
-    )
+    tasks: list[CreateTaskRequest] = attrs.field(validator=_length(1, 10_000))
 
 
 @attrs.frozen

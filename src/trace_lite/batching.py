@@ -66,7 +66,9 @@ class CompletionBatcher:
                 fut.set_exception(errors.Unavailable("dispatcher shutting down"))
         self._pending.clear()
 
-    def _take_batch(self) -> list[tuple[wire.CompleteRequest, asyncio.Future[wire.CompleteResponse]]]:
+    def _take_batch(
+        self,
+    ) -> list[tuple[wire.CompleteRequest, asyncio.Future[wire.CompleteResponse]]]:
         batch, rest, seen = [], [], set()
         for item in self._pending:
             req, fut = item
@@ -93,8 +95,11 @@ class CompletionBatcher:
                 try:
                     results = await self._dispatcher.complete_many([r for r, _ in batch])
                 except Exception as exc:  # the transaction failed: every caller sees it
-                    err = exc if isinstance(exc, errors.TraceError) else errors.Unavailable(
-                        f"completion batch failed: {type(exc).__name__}")
+                    err = (
+                        exc
+                        if isinstance(exc, errors.TraceError)
+                        else errors.Unavailable(f"completion batch failed: {type(exc).__name__}")
+                    )
                     if not isinstance(exc, errors.TraceError):
                         log.exception("completion batch failed")
                     for _, fut in batch:

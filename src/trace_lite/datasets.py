@@ -118,8 +118,13 @@ class PreparedOutputs:
 def _entries(req: wire.CompleteRequest) -> list[commit.ManifestEntry]:
     return [
         commit.ManifestEntry(
-            dataset=o.dataset, object_key=o.object_key, size=o.size, sha256=o.sha256,
-            start=o.partition.start, end=o.partition.end, key=o.partition.key,
+            dataset=o.dataset,
+            object_key=o.object_key,
+            size=o.size,
+            sha256=o.sha256,
+            start=o.partition.start,
+            end=o.partition.end,
+            key=o.partition.key,
             version=o.version,
         )
         for o in req.outputs
@@ -156,8 +161,9 @@ async def prepare_outputs(
             continue  # complete_many answers NotFound
         try:
             if r.outcome != "succeeded":
-                raise errors.ValidationFailed("outputs are committed only with a succeeded "
-                                              "outcome", field="outputs")
+                raise errors.ValidationFailed(
+                    "outputs are committed only with a succeeded outcome", field="outputs"
+                )
             if store is None:
                 raise errors.Unavailable("this Dispatcher has no object store")
             prefix = _staging_prefix(org_id, r.task_id, r.attempt)
@@ -171,7 +177,8 @@ async def prepare_outputs(
                 if not inside:
                     raise errors.UnsafeKey(
                         f"object_key must lie under this attempt's staging prefix {prefix}",
-                        field=f"outputs[{n}].object_key")
+                        field=f"outputs[{n}].object_key",
+                    )
             if len(entries) > _LIST_OVER:
                 # one listing of the attempt's staging prefix instead of a head per object
                 listed = {info.key: info for info in await store.list(prefix)}
@@ -201,8 +208,10 @@ async def apply_outputs(
         async with cur.connection.transaction():
             names = [e.dataset for e in entries]
             versions = [e.version for e in entries]
-            await cur.execute(Q["commit_targets"], {"org_id": prepared.org_id, "names": names,
-                                                    "versions": versions})
+            await cur.execute(
+                Q["commit_targets"],
+                {"org_id": prepared.org_id, "names": names, "versions": versions},
+            )
             found = {(r[0], r[1]): r for r in await cur.fetchall()}
             targets: list[commit.Target] = []
             for n, e in enumerate(entries):
@@ -211,42 +220,70 @@ async def apply_outputs(
                     raise errors.NotFound(
                         f"dataset {e.dataset!r} does not exist in this org or has no "
                         + ("such version" if e.version else "active version"),
-                        field=f"outputs[{n}].dataset")
-                targets.append(commit.Target(
-                    org_id=prepared.org_id, dataset_uuid=row[2],
-                    update_strategy=commit.UpdateStrategy(row[3]), dataset_version=row[4],
-                    version_state=commit.VersionState(row[5])))
+                        field=f"outputs[{n}].dataset",
+                    )
+                targets.append(
+                    commit.Target(
+                        org_id=prepared.org_id,
+                        dataset_uuid=row[2],
+                        update_strategy=commit.UpdateStrategy(row[3]),
+                        dataset_version=row[4],
+                        version_state=commit.VersionState(row[5]),
+                    )
+                )
             ranges = [(e.start, e.end) for e in entries if e.start is not None]
             keys = [e.key for e in entries if e.key is not None]
-            await cur.execute(Q["live_partitions"], {
-                "versions": sorted({t.dataset_version for t in targets}),
-                "min_start": min((s for s, _ in ranges), default=0),
-                "max_end": max((x for _, x in ranges), default=0),
-                "keys": keys,
-            })
-            live = [commit.LivePartition(r[0], r[1], r[2], r[3], r[4])
-                    for r in await cur.fetchall()]
-            plan = commit.plan_commit(entries, targets, live, task_id=req.task_id,
-                                      attempt=req.attempt)
+            await cur.execute(
+                Q["live_partitions"],
+                {
+                    "versions": sorted({t.dataset_version for t in targets}),
+                    "min_start": min((s for s, _ in ranges), default=0),
+                    "max_end": max((x for _, x in ranges), default=0),
+                    "keys": keys,
+                },
+            )
+            live = [
+                commit.LivePartition(r[0], r[1], r[2], r[3], r[4]) for r in await cur.fetchall()
+            ]
+            plan = commit.plan_commit(
+                entries, targets, live, task_id=req.task_id, attempt=req.attempt
+            )
             if plan.supersede:
                 await cur.execute(Q["supersede_partitions"], {"ids": list(plan.supersede)})
             if plan.inserts:
                 ins = plan.inserts
-                await cur.execute(Q["insert_partitions"], {
-                    "task_id": req.task_id, "attempt": req.attempt,
-                    "versions": [p.dataset_version for p in ins],
-                    "starts": [p.start for p in ins], "ends": [p.end for p in ins],
-                    "keys": [p.key for p in ins], "object_keys": [p.object_key for p in ins],
-                    "staged_keys": [p.staged_key for p in ins],
-                    "sizes": [p.size for p in ins], "shas": [p.sha256 for p in ins],
-                })
+                await cur.execute(
+                    Q["insert_partitions"],
+                    {
+                        "task_id": req.task_id,
+                        "attempt": req.attempt,
+                        "versions": [p.dataset_version for p in ins],
+                        "starts": [p.start for p in ins],
+                        "ends": [p.end for p in ins],
+                        "keys": [p.key for p in ins],
+                        "object_keys": [p.object_key for p in ins],
+                        "staged_keys": [p.staged_key for p in ins],
+                        "sizes": [p.size for p in ins],
+                        "shas": [p.sha256 for p in ins],
+                    },
+                )
             if plan.invalidations:
-                await cur.execute(Q["insert_outbox_many"], {
-                    "topic": INVALIDATE_TOPIC,
-                    "payloads": [Jsonb({**attrs.asdict(inv), "task_id": req.task_id,
-                                        "attempt": req.attempt})
-                                 for inv in plan.invalidations],
-                })
+                await cur.execute(
+                    Q["insert_outbox_many"],
+                    {
+                        "topic": INVALIDATE_TOPIC,
+                        "payloads": [
+                            Jsonb(
+                                {
+                                    **attrs.asdict(inv),
+                                    "task_id": req.task_id,
+                                    "attempt": req.attempt,
+                                }
+                            )
+                            for inv in plan.invalidations
+                        ],
+                    },
+                )
             return plan
     except psycopg.errors.UniqueViolation as exc:
         raise errors.Conflict("a concurrent commit wrote the same partition") from exc
@@ -262,8 +299,9 @@ class Datasets:
     user or task call passes a ``trace_core.access`` caller and is checked.
     """
 
-    def __init__(self, pool: AsyncConnectionPool, *, object_store: ObjectStore | None = None
-                 ) -> None:
+    def __init__(
+        self, pool: AsyncConnectionPool, *, object_store: ObjectStore | None = None
+    ) -> None:
         self.pool = pool
         self.object_store = object_store
         self._orgs: dict[str, str] = {}
@@ -283,8 +321,13 @@ class Datasets:
         self._orgs[name] = row[0]
         return str(row[0])
 
-    async def resolve_for_task(self, claims: CapabilityClaims, names: Sequence[str], *,
-                               pin_ttl_s: float = DEFAULT_PIN_TTL_S) -> Resolution:
+    async def resolve_for_task(
+        self,
+        claims: CapabilityClaims,
+        names: Sequence[str],
+        *,
+        pin_ttl_s: float = DEFAULT_PIN_TTL_S,
+    ) -> Resolution:
         """Resolve for a task: only the datasets its capability token grants, in its own org.
         Raises as ``resolve``."""
         async with transaction(self.pool) as cur:
@@ -301,8 +344,13 @@ class Datasets:
         async with transaction(self.pool) as cur:
             await cur.execute(Q["member"], {"org_id": org_id, "subject": subject})
             roles, dags, member = await _one(cur)
-        return UserCaller(subject=subject, org_id=org_id, roles=frozenset(roles),
-                          dags=frozenset(dags), member=bool(member))
+        return UserCaller(
+            subject=subject,
+            org_id=org_id,
+            roles=frozenset(roles),
+            dags=frozenset(dags),
+            member=bool(member),
+        )
 
     @staticmethod
     def task_caller(claims: CapabilityClaims) -> TaskCaller:
@@ -317,14 +365,17 @@ class Datasets:
         if not caller.is_admin:
             raise errors.Forbidden("org admins only")
 
-    async def set_member(self, caller: UserCaller | None, org: str, subject: str,
-                         roles: Sequence[str]) -> dict[str, Any]:
+    async def set_member(
+        self, caller: UserCaller | None, org: str, subject: str, roles: Sequence[str]
+    ) -> dict[str, Any]:
         """Add or update a member's roles (org admins). Raises ``Forbidden``, ``NotFound``."""
         org_id = await self.org_id(org, create=caller is None)
         self._require_admin(caller, org_id)
         async with transaction(self.pool) as cur:
-            await cur.execute(Q["upsert_member"], {"org_id": org_id, "subject": subject,
-                                                   "roles": sorted(set(roles))})
+            await cur.execute(
+                Q["upsert_member"],
+                {"org_id": org_id, "subject": subject, "roles": sorted(set(roles))},
+            )
             subj, r = await _one(cur)
         return {"subject": subj, "roles": list(r)}
 
@@ -343,8 +394,9 @@ class Datasets:
             await cur.execute(Q["list_members"], {"org_id": org_id})
             return [{"subject": s, "roles": list(r)} for s, r in await cur.fetchall()]
 
-    async def ensure_dag(self, org: str, name: str, *, deployers: Sequence[str] = (),
-                         triggerers: Sequence[str] = ()) -> str:
+    async def ensure_dag(
+        self, org: str, name: str, *, deployers: Sequence[str] = (), triggerers: Sequence[str] = ()
+    ) -> str:
         """Create DAG ``name`` (platform call; YAML deploy comes later) and add members.
         Returns its id."""
         org_id = await self.org_id(org, create=True)
@@ -353,45 +405,68 @@ class Datasets:
             (dag_id,) = await _one(cur)
             for relation, subjects in (("deployer", deployers), ("triggerer", triggerers)):
                 for s in subjects:
-                    await cur.execute(Q["add_dag_member"],
-                                      {"dag_id": dag_id, "subject": s, "relation": relation})
+                    await cur.execute(
+                        Q["add_dag_member"], {"dag_id": dag_id, "subject": s, "relation": relation}
+                    )
         return str(dag_id)
 
     # -- registry -----------------------------------------------------------------------------
 
-    async def register(self, org: str, name: str, *, dag: str, job: str,
-                       output_index: int = 0, storage_kind: str = "parquet",
-                       schema: Mapping[str, Any] | None = None,
-                       update_strategy: str = "replace", unique_key: Sequence[str] = (),
-                       read_roles: Sequence[str] = ()) -> str:
+    async def register(
+        self,
+        org: str,
+        name: str,
+        *,
+        dag: str,
+        job: str,
+        output_index: int = 0,
+        storage_kind: str = "parquet",
+        schema: Mapping[str, Any] | None = None,
+        update_strategy: str = "replace",
+        unique_key: Sequence[str] = (),
+        read_roles: Sequence[str] = (),
+    ) -> str:
         """Register dataset ``name`` produced by ``dag``'s ``job`` output ``output_index``
         (platform call). Returns its ``dataset_uuid``. Raises ``ValidationFailed``,
         ``Conflict`` (name taken in the org), ``NotFound`` (no such DAG)."""
         if not wire._DATASET_RE.match(name):
-            raise errors.ValidationFailed("dataset name must match ^[a-z][a-z0-9_]{0,127}$",
-                                          field="name")
+            raise errors.ValidationFailed(
+                "dataset name must match ^[a-z][a-z0-9_]{0,127}$", field="name"
+            )
         if storage_kind not in STORAGE_KINDS:
-            raise errors.ValidationFailed(f"storage_kind must be one of {STORAGE_KINDS}",
-                                          field="storage_kind")
+            raise errors.ValidationFailed(
+                f"storage_kind must be one of {STORAGE_KINDS}", field="storage_kind"
+            )
         commit.UpdateStrategy(update_strategy)
         org_id = await self.org_id(org, create=True)
         async with transaction(self.pool) as cur:
-            await cur.execute("SELECT dag_id::text FROM dags WHERE org_id = %s AND name = %s",
-                              (org_id, dag))
+            await cur.execute(
+                "SELECT dag_id::text FROM dags WHERE org_id = %s AND name = %s", (org_id, dag)
+            )
             dag_row = await cur.fetchone()
             if dag_row is None:
                 raise errors.NotFound("no such DAG", field="dag")
-            await cur.execute(Q["insert_dataset"], {
-                "org_id": org_id, "name": name, "dag_id": dag_row[0], "job_name": job,
-                "output_index": output_index, "storage_kind": storage_kind,
-                "schema": Jsonb(dict(schema or {})), "update_strategy": update_strategy,
-                "unique_key": list(unique_key), "read_roles": sorted(set(read_roles)),
-            })
+            await cur.execute(
+                Q["insert_dataset"],
+                {
+                    "org_id": org_id,
+                    "name": name,
+                    "dag_id": dag_row[0],
+                    "job_name": job,
+                    "output_index": output_index,
+                    "storage_kind": storage_kind,
+                    "schema": Jsonb(dict(schema or {})),
+                    "update_strategy": update_strategy,
+                    "unique_key": list(unique_key),
+                    "read_roles": sorted(set(read_roles)),
+                },
+            )
             (dataset_uuid,) = await _one(cur)
         return str(dataset_uuid)
 
-    async def _dataset(self, cur: psycopg.AsyncCursor[Any], org_id: str,
-                       name: str) -> tuple[Any, ...]:
+    async def _dataset(
+        self, cur: psycopg.AsyncCursor[Any], org_id: str, name: str
+    ) -> tuple[Any, ...]:
         await cur.execute(Q["dataset_by_name"], {"org_id": org_id, "name": name})
         row = await cur.fetchone()
         if row is None:
@@ -400,8 +475,7 @@ class Datasets:
 
     @staticmethod
     def _acl(org_id: str, row: Sequence[Any]) -> DatasetAcl:
-        return DatasetAcl(org_id=org_id, name=row[1], dag_id=row[2],
-                          read_roles=frozenset(row[3]))
+        return DatasetAcl(org_id=org_id, name=row[1], dag_id=row[2], read_roles=frozenset(row[3]))
 
     async def list_datasets(self, caller: Caller, org: str) -> list[dict[str, Any]]:
         """The org's datasets the caller may read, with their active versions."""
@@ -412,9 +486,17 @@ class Datasets:
             await cur.execute(Q["list_datasets"], {"org_id": org_id})
             rows = await cur.fetchall()
         return [
-            {"dataset": r[1], "dataset_uuid": r[0], "dag": r[6], "storage_kind": r[4],
-             "update_strategy": r[5], "read_roles": list(r[3]), "active_version": r[7]}
-            for r in rows if access.allowed(caller, self._acl(org_id, r), Action.READ)
+            {
+                "dataset": r[1],
+                "dataset_uuid": r[0],
+                "dag": r[6],
+                "storage_kind": r[4],
+                "update_strategy": r[5],
+                "read_roles": list(r[3]),
+                "active_version": r[7],
+            }
+            for r in rows
+            if access.allowed(caller, self._acl(org_id, r), Action.READ)
         ]
 
     async def show(self, caller: Caller, org: str, name: str) -> dict[str, Any]:
@@ -426,30 +508,55 @@ class Datasets:
             access.check(caller, self._acl(org_id, row), Action.READ)
             await cur.execute(Q["dataset_versions"], {"dataset_uuid": row[0]})
             versions = [
-                {"dataset_version": v, "state": st, "created_at": _iso(c),
-                 "purged_at": _iso(p), "live_partitions": n, "active": act, "pins": pins}
+                {
+                    "dataset_version": v,
+                    "state": st,
+                    "created_at": _iso(c),
+                    "purged_at": _iso(p),
+                    "live_partitions": n,
+                    "active": act,
+                    "pins": pins,
+                }
                 for v, st, c, p, n, act, pins in await cur.fetchall()
             ]
             await cur.execute(Q["dag_pointer_history"], {"dag_id": row[2], "n": 20})
             sets = [
-                {"generation": g, "parent_generation": pg, "created_by": by,
-                 "created_at": _iso(at), "active": act, "pointers": ptrs}
+                {
+                    "generation": g,
+                    "parent_generation": pg,
+                    "created_by": by,
+                    "created_at": _iso(at),
+                    "active": act,
+                    "pointers": ptrs,
+                }
                 for g, pg, by, at, act, ptrs in await cur.fetchall()
             ]
-        return {"dataset": row[1], "dataset_uuid": row[0], "dag": row[10], "job": row[7],
-                "output_index": row[8], "storage_kind": row[4], "update_strategy": row[5],
-                "unique_key": list(row[6]), "schema": row[9], "read_roles": list(row[3]),
-                "versions": versions, "pointer_sets": sets}
+        return {
+            "dataset": row[1],
+            "dataset_uuid": row[0],
+            "dag": row[10],
+            "job": row[7],
+            "output_index": row[8],
+            "storage_kind": row[4],
+            "update_strategy": row[5],
+            "unique_key": list(row[6]),
+            "schema": row[9],
+            "read_roles": list(row[3]),
+            "versions": versions,
+            "pointer_sets": sets,
+        }
 
-    async def set_read_roles(self, caller: UserCaller | None, org: str, name: str,
-                             roles: Sequence[str]) -> list[str]:
+    async def set_read_roles(
+        self, caller: UserCaller | None, org: str, name: str, roles: Sequence[str]
+    ) -> list[str]:
         """Replace a dataset's ``read_roles`` (org admins). Raises ``Forbidden``, ``NotFound``."""
         org_id = await self.org_id(org)
         self._require_admin(caller, org_id)
         async with transaction(self.pool) as cur:
             row = await self._dataset(cur, org_id, name)
-            await cur.execute(Q["set_read_roles"], {"dataset_uuid": row[0],
-                                                    "read_roles": sorted(set(roles))})
+            await cur.execute(
+                Q["set_read_roles"], {"dataset_uuid": row[0], "read_roles": sorted(set(roles))}
+            )
             (r,) = await _one(cur)
         return list(r)
 
@@ -467,8 +574,9 @@ class Datasets:
             (version,) = await _one(cur)
         return str(version)
 
-    async def _lock_dag(self, cur: psycopg.AsyncCursor[Any], org_id: str,
-                        dag: str) -> tuple[str, int | None]:
+    async def _lock_dag(
+        self, cur: psycopg.AsyncCursor[Any], org_id: str, dag: str
+    ) -> tuple[str, int | None]:
         await cur.execute(Q["dag_by_name"], {"org_id": org_id, "name": dag})
         row = await cur.fetchone()
         if row is None:
@@ -478,11 +586,13 @@ class Datasets:
     @staticmethod
     def _check_dag(caller: Caller | None, org_id: str, dag_id: str) -> None:
         if caller is not None:
-            access.check(caller, DatasetAcl(org_id=org_id, name="*", dag_id=dag_id),
-                         Action.OVERWRITE)
+            access.check(
+                caller, DatasetAcl(org_id=org_id, name="*", dag_id=dag_id), Action.OVERWRITE
+            )
 
-    async def cutover(self, caller: Caller | None, org: str, dag: str,
-                      pointers: Mapping[str, str]) -> int:
+    async def cutover(
+        self, caller: Caller | None, org: str, dag: str, pointers: Mapping[str, str]
+    ) -> int:
         """Point ``dag``'s datasets at new versions (``{dataset_name: dataset_version}``) in
         one transaction; datasets not named keep their versions. Returns the new generation.
         Raises ``NotFound`` (DAG, dataset not produced by it, version not of that dataset),
@@ -493,8 +603,10 @@ class Datasets:
             dag_id, active = await self._lock_dag(cur, org_id, dag)
             self._check_dag(caller, org_id, dag_id)
             names = list(pointers)
-            await cur.execute(Q["dag_datasets_versions"], {
-                "dag_id": dag_id, "names": names, "versions": [pointers[n] for n in names]})
+            await cur.execute(
+                Q["dag_datasets_versions"],
+                {"dag_id": dag_id, "names": names, "versions": [pointers[n] for n in names]},
+            )
             rows = {r[0]: r for r in await cur.fetchall()}
             for n in names:
                 r = rows.get(n)
@@ -504,10 +616,16 @@ class Datasets:
                     raise errors.NotFound(f"no such version of {n!r}", field=n)
                 if r[3] == commit.VersionState.PURGED:
                     raise errors.Conflict(f"version {r[2]} of {n!r} is purged", field=n)
-            await cur.execute(Q["insert_pointer_set"], {
-                "dag_id": dag_id, "expected": active, "created_by": by,
-                "dataset_uuids": [rows[n][1] for n in names],
-                "versions": [pointers[n] for n in names]})
+            await cur.execute(
+                Q["insert_pointer_set"],
+                {
+                    "dag_id": dag_id,
+                    "expected": active,
+                    "created_by": by,
+                    "dataset_uuids": [rows[n][1] for n in names],
+                    "versions": [pointers[n] for n in names],
+                },
+            )
             row = await cur.fetchone()
             if row is None:
                 raise errors.Conflict("the pointer set changed concurrently")
@@ -529,17 +647,25 @@ class Datasets:
                 raise errors.Conflict("no previous pointer set to roll back to")
             if purged:
                 raise errors.Conflict("the previous pointer set names a purged version")
-            await cur.execute(Q["activate_generation"],
-                              {"dag_id": dag_id, "generation": parent, "expected": active})
+            await cur.execute(
+                Q["activate_generation"],
+                {"dag_id": dag_id, "generation": parent, "expected": active},
+            )
             if await cur.fetchone() is None:
                 raise errors.Conflict("the pointer set changed concurrently")
         return int(parent)
 
     # -- readers --------------------------------------------------------------------------------
 
-    async def resolve(self, caller: Caller, org: str, names: Sequence[str], *,
-                      pin_ttl_s: float = DEFAULT_PIN_TTL_S,
-                      include_objects: bool = True) -> Resolution:
+    async def resolve(
+        self,
+        caller: Caller,
+        org: str,
+        names: Sequence[str],
+        *,
+        pin_ttl_s: float = DEFAULT_PIN_TTL_S,
+        include_objects: bool = True,
+    ) -> Resolution:
         """Check read permission and pin each name to its active version, once.
 
         Every pointer is read in one statement (a whole pointer set, never a mix) and a pin
@@ -552,22 +678,31 @@ class Datasets:
         org_id = await self.org_id(org)
         if caller.org_id != org_id:
             raise errors.NotFound("no such dataset", field="names")
-        subject = (caller.subject if isinstance(caller, UserCaller)
-                   else f"task/{caller.task_id}")
+        subject = caller.subject if isinstance(caller, UserCaller) else f"task/{caller.task_id}"
         for _ in range(3):
             pin_id = str(uuid.uuid4())
             try:
                 async with transaction(self.pool) as cur:
-                    await cur.execute(Q["resolve"], {
-                        "org_id": org_id, "names": list(names), "pin_id": pin_id,
-                        "subject": subject, "ttl_s": pin_ttl_s})
+                    await cur.execute(
+                        Q["resolve"],
+                        {
+                            "org_id": org_id,
+                            "names": list(names),
+                            "pin_id": pin_id,
+                            "subject": subject,
+                            "ttl_s": pin_ttl_s,
+                        },
+                    )
                     rows = {r[0]: r for r in await cur.fetchall()}
                     for n, name in enumerate(names):
                         row = rows.get(name)
                         if row is None:
                             raise errors.NotFound(f"no such dataset {name!r}", field=f"names[{n}]")
-                        access.check(caller, DatasetAcl(org_id, row[0], row[2], frozenset(row[3])),
-                                     Action.READ)
+                        access.check(
+                            caller,
+                            DatasetAcl(org_id, row[0], row[2], frozenset(row[3])),
+                            Action.READ,
+                        )
                     if any(r[6] == commit.VersionState.PURGED for r in rows.values()):
                         raise _PurgedUnderUs()
                     objects: dict[str, list[dict[str, Any]]] = {}
@@ -587,10 +722,16 @@ class Datasets:
         for name in dict.fromkeys(names):
             r = rows[name]
             version = r[5]
-            out.append(ResolvedDataset(
-                dataset=name, dataset_uuid=r[1], dataset_version=version, storage_kind=r[4],
-                objects=objects.get(version, []) if version else [],
-                table=table_name(version) if version and r[4] != "parquet" else None))
+            out.append(
+                ResolvedDataset(
+                    dataset=name,
+                    dataset_uuid=r[1],
+                    dataset_version=version,
+                    storage_kind=r[4],
+                    objects=objects.get(version, []) if version else [],
+                    table=table_name(version) if version and r[4] != "parquet" else None,
+                )
+            )
         return Resolution(pin_id=pin_id, datasets=out)
 
     async def release_pin(self, pin_id: str) -> None:
@@ -599,8 +740,7 @@ class Datasets:
 
     # -- purge ------------------------------------------------------------------------------------
 
-    async def purge(self, caller: Caller | None, org: str, name: str,
-                    version: str) -> PurgeReport:
+    async def purge(self, caller: Caller | None, org: str, name: str, version: str) -> PurgeReport:
         """Purge a version (org admins): refuse an active or pinned one, mark it purged, then
         delete its objects and partitions. Re-running finishes an interrupted purge.
         Returns what was freed. Raises ``Conflict`` (active or pinned), ``NotFound``,
@@ -614,8 +754,9 @@ class Datasets:
             row = await self._dataset(cur, org_id, name)
             if caller is not None:
                 access.check(caller, self._acl(org_id, row), Action.PURGE)
-            await cur.execute(Q["lock_version_for_purge"],
-                              {"version": version, "dataset_uuid": row[0]})
+            await cur.execute(
+                Q["lock_version_for_purge"], {"version": version, "dataset_uuid": row[0]}
+            )
             v = await cur.fetchone()
             if v is None:
                 raise errors.NotFound("no such version", field="version")
@@ -643,8 +784,10 @@ class Datasets:
                     await self.object_store.delete(key)
             async with transaction(self.pool) as cur:
                 await cur.execute(Q["delete_partitions"], {"ids": [p[0] for p in parts]})
-        log.info("version purged", extra={"dataset": name, "dataset_version": version,
-                                           "deleted_objects": deleted})
+        log.info(
+            "version purged",
+            extra={"dataset": name, "dataset_version": version, "deleted_objects": deleted},
+        )
         return PurgeReport(version, deleted, freed)
 
     # -- background: promotion and staging cleanup ------------------------------------------------
@@ -662,8 +805,10 @@ class Datasets:
             try:
                 data = await self.object_store.get(staged_key)
             except errors.NotFound:
-                log.warning("staged object of a committed partition is missing",
-                            extra={"partition_id": pid, "key": staged_key})
+                log.warning(
+                    "staged object of a committed partition is missing",
+                    extra={"partition_id": pid, "key": staged_key},
+                )
                 continue
             info = await self.object_store.put(object_key, data)
             if (info.size, info.sha256) != (size, sha):  # pragma: no cover - store corruption
@@ -675,8 +820,9 @@ class Datasets:
                 await cur.execute(Q["mark_promoted"], {"ids": done})
         return len(done)
 
-    async def clean_staging(self, *, grace_s: float = DEFAULT_STAGING_GRACE_S,
-                            batch: int = 200) -> SweepReport:
+    async def clean_staging(
+        self, *, grace_s: float = DEFAULT_STAGING_GRACE_S, batch: int = 200
+    ) -> SweepReport:
         """Delete staged objects of attempts that finished more than ``grace_s`` ago.
 
         Objects of an attempt that never committed are never visible (no partition names
@@ -690,8 +836,9 @@ class Datasets:
             attempts = await cur.fetchall()
         for task_id, attempt, org_id in attempts:
             async with transaction(self.pool) as cur:
-                await cur.execute(Q["referenced_staged_keys"],
-                                  {"task_id": task_id, "attempt": attempt})
+                await cur.execute(
+                    Q["referenced_staged_keys"], {"task_id": task_id, "attempt": attempt}
+                )
                 if await cur.fetchone() is not None:
                     report = attrs.evolve(report, skipped=report.skipped + 1)
                     continue
@@ -700,14 +847,20 @@ class Datasets:
             for info in objects:
                 await self.object_store.delete(info.key)
             async with transaction(self.pool) as cur:
-                await cur.execute(Q["record_sweep"], {"task_id": task_id, "attempt": attempt,
-                                                      "deleted": len(objects)})
-            report = attrs.evolve(report, attempts=report.attempts + 1,
-                                  deleted_objects=report.deleted_objects + len(objects))
+                await cur.execute(
+                    Q["record_sweep"],
+                    {"task_id": task_id, "attempt": attempt, "deleted": len(objects)},
+                )
+            report = attrs.evolve(
+                report,
+                attempts=report.attempts + 1,
+                deleted_objects=report.deleted_objects + len(objects),
+            )
         return report
 
-    async def run_background(self, stop: asyncio.Event, *, every_s: float = 5.0,
-                             grace_s: float = DEFAULT_STAGING_GRACE_S) -> None:
+    async def run_background(
+        self, stop: asyncio.Event, *, every_s: float = 5.0, grace_s: float = DEFAULT_STAGING_GRACE_S
+    ) -> None:
         """Promote committed partitions and sweep staging until ``stop`` is set."""
         while not stop.is_set():
             try:

@@ -65,6 +65,7 @@ class Launcher(Protocol):
 
     async def launch(self, task_id: str) -> object: ...
 
+
 WakeMode = Literal["queue", "notify"]
 
 
@@ -117,8 +118,17 @@ class ReapReport:
 
 def _view(row: Sequence[Any]) -> TaskView:
     # the first nine columns of every lock_* query; the last one is the database's now()
-    (task_id, state, attempt, lease_token, lease_expires_at, available_at, max_attempts,
-     outcome, digest) = row[:9]
+    (
+        task_id,
+        state,
+        attempt,
+        lease_token,
+        lease_expires_at,
+        available_at,
+        max_attempts,
+        outcome,
+        digest,
+    ) = row[:9]
     return TaskView(
         task_id=task_id,
         state=TaskState(state),
@@ -231,8 +241,15 @@ class Dispatcher:
         else:
             await cur.execute(Q["notify_tasks"])
 
-    async def _mint(self, *, org_id: str, task_id: str, attempt: int, timeout_s: int,
-                    read_datasets: Sequence[str] = ()) -> str:
+    async def _mint(
+        self,
+        *,
+        org_id: str,
+        task_id: str,
+        attempt: int,
+        timeout_s: int,
+        read_datasets: Sequence[str] = (),
+    ) -> str:
         now = int(self._clock_epoch() if self._clock_epoch else time.time())
         claims = issue_claims(
             self.token_policy,
@@ -282,8 +299,11 @@ class Dispatcher:
             if len(created) == len(requests):
                 return [created[t] for t in params["task_ids"]]
             # Some were idempotent repeats: answer with the existing tasks, in request order.
-            keyed = [(o, r.idempotency_key) for o, r in zip(org_ids, requests, strict=True)
-                     if r.idempotency_key is not None]
+            keyed = [
+                (o, r.idempotency_key)
+                for o, r in zip(org_ids, requests, strict=True)
+                if r.idempotency_key is not None
+            ]
             await cur.execute(
                 Q["tasks_by_idempotency_key"],
                 {"org_ids": [o for o, _ in keyed], "idempotency_keys": [k for _, k in keyed]},
@@ -296,8 +316,9 @@ class Dispatcher:
                     continue
                 row = existing[(org_id, r.idempotency_key)]
                 out.append(
-                    wire.TaskInfo(str(row[0]), org_id, row[2], row[3], row[4], row[5],
-                                  created=False)
+                    wire.TaskInfo(
+                        str(row[0]), org_id, row[2], row[3], row[4], row[5], created=False
+                    )
                 )
             return out
 
@@ -363,8 +384,13 @@ class Dispatcher:
         row = await cur.fetchone()
         if row is None:
             raise errors.NotFound("no such task", field="task_id")
-        return _Locked(_view(row), org_id=row[9], timeout_s=row[10],
-                       read_datasets=tuple(row[11] or ()), now=row[-1])
+        return _Locked(
+            _view(row),
+            org_id=row[9],
+            timeout_s=row[10],
+            read_datasets=tuple(row[11] or ()),
+            now=row[-1],
+        )
 
     async def _start_attempts(
         self, cur: psycopg.AsyncCursor[Any], views: list[TaskView], now: datetime, worker_id: str
@@ -386,8 +412,16 @@ class Dispatcher:
         )
         return [
             ClaimGrant(
-                task_id=r[0], attempt=r[1], lease_token=r[2], lease_expires_at=r[3], org_id=r[4],
-                operator=r[5], payload=r[6], timeout_s=r[7], max_attempts=r[8], job_id=r[9],
+                task_id=r[0],
+                attempt=r[1],
+                lease_token=r[2],
+                lease_expires_at=r[3],
+                org_id=r[4],
+                operator=r[5],
+                payload=r[6],
+                timeout_s=r[7],
+                max_attempts=r[8],
+                job_id=r[9],
                 read_datasets=tuple(r[10] or ()),
             )
             for r in await cur.fetchall()
@@ -427,39 +461,60 @@ class Dispatcher:
             for row in rows:
                 view = _view(row)
                 try:
-                    lifecycle.decide_claim(view, now=row[-1], lease=self.lease,
-                                           new_lease_token="")
+                    lifecycle.decide_claim(view, now=row[-1], lease=self.lease, new_lease_token="")
                 except errors.TraceError as exc:
                     refused.append(wire.ClaimRefusal(view.task_id, exc.code, exc.message))
                     continue
                 claimable.append(view)
-            grants = (await self._start_attempts(cur, claimable, rows[0][-1], worker_id)
-                      if claimable else [])
+            grants = (
+                await self._start_attempts(cur, claimable, rows[0][-1], worker_id)
+                if claimable
+                else []
+            )
             missing = set(ids) - {r[0] for r in rows}
             if missing:
                 await cur.execute(Q["existing_tasks"], {"task_ids": list(missing)})
                 exists = {r[0] for r in await cur.fetchall()}
                 for task_id in sorted(missing):
-                    exc = (errors.Unavailable("task is locked by another writer; retry later")
-                           if task_id in exists else errors.NotFound("no such task"))
+                    exc = (
+                        errors.Unavailable("task is locked by another writer; retry later")
+                        if task_id in exists
+                        else errors.NotFound("no such task")
+                    )
                     refused.append(wire.ClaimRefusal(task_id, exc.code, exc.message))
         claims: list[wire.ClaimGrantOut] = []
         for g in grants:
-            token = await self._mint(org_id=g.org_id, task_id=g.task_id, attempt=g.attempt,
-                                     timeout_s=g.timeout_s, read_datasets=g.read_datasets)
-            claims.append(wire.ClaimGrantOut(
-                claim=wire.ClaimResponse(
-                    task_id=g.task_id, attempt=g.attempt, lease_token=g.lease_token,
-                    lease_expires_at=_iso(g.lease_expires_at), capability_token=token,
-                    heartbeat_interval_s=self.lease.heartbeat_s,
-                ),
-                task=wire.TaskPayload(
-                    task_id=g.task_id, org_id=g.org_id, job_id=g.job_id, operator=g.operator,
-                    payload=g.payload, status=TaskState.RUNNING.value, attempt=g.attempt,
-                    max_attempts=g.max_attempts, timeout_s=g.timeout_s,
-                    staging_prefix=staging_prefix(g.org_id, g.task_id, g.attempt),
-                ),
-            ))
+            token = await self._mint(
+                org_id=g.org_id,
+                task_id=g.task_id,
+                attempt=g.attempt,
+                timeout_s=g.timeout_s,
+                read_datasets=g.read_datasets,
+            )
+            claims.append(
+                wire.ClaimGrantOut(
+                    claim=wire.ClaimResponse(
+                        task_id=g.task_id,
+                        attempt=g.attempt,
+                        lease_token=g.lease_token,
+                        lease_expires_at=_iso(g.lease_expires_at),
+                        capability_token=token,
+                        heartbeat_interval_s=self.lease.heartbeat_s,
+                    ),
+                    task=wire.TaskPayload(
+                        task_id=g.task_id,
+                        org_id=g.org_id,
+                        job_id=g.job_id,
+                        operator=g.operator,
+                        payload=g.payload,
+                        status=TaskState.RUNNING.value,
+                        attempt=g.attempt,
+                        max_attempts=g.max_attempts,
+                        timeout_s=g.timeout_s,
+                        staging_prefix=staging_prefix(g.org_id, g.task_id, g.attempt),
+                    ),
+                )
+            )
         return wire.ClaimBatchResponse(claims=claims, refused=refused)
 
     async def claim_next(
@@ -474,15 +529,19 @@ class Dispatcher:
             rows = await cur.fetchall()
             if not rows:
                 return []
-            grants = await self._start_attempts(cur, [_view(r) for r in rows], rows[0][-1],
-                                                worker_id)
+            grants = await self._start_attempts(
+                cur, [_view(r) for r in rows], rows[0][-1], worker_id
+            )
         if mint_tokens:
             grants = [
                 attrs.evolve(
                     g,
                     capability_token=await self._mint(
-                        org_id=g.org_id, task_id=g.task_id, attempt=g.attempt,
-                        timeout_s=g.timeout_s, read_datasets=g.read_datasets,
+                        org_id=g.org_id,
+                        task_id=g.task_id,
+                        attempt=g.attempt,
+                        timeout_s=g.timeout_s,
+                        read_datasets=g.read_datasets,
                     ),
                 )
                 for g in grants
@@ -497,11 +556,29 @@ class Dispatcher:
             row = await cur.fetchone()
         if row is None:
             raise errors.NotFound("no such task", field="task_id")
-        (tid, org_id, job_id, operator, payload, state, current, _lease_exp, max_attempts,
-         timeout_s, *_rest) = row
+        (
+            tid,
+            org_id,
+            job_id,
+            operator,
+            payload,
+            state,
+            current,
+            _lease_exp,
+            max_attempts,
+            timeout_s,
+            *_rest,
+        ) = row
         return wire.TaskPayload(
-            task_id=tid, org_id=org_id, job_id=job_id, operator=operator, payload=payload,
-            status=state, attempt=current, max_attempts=max_attempts, timeout_s=timeout_s,
+            task_id=tid,
+            org_id=org_id,
+            job_id=job_id,
+            operator=operator,
+            payload=payload,
+            status=state,
+            attempt=current,
+            max_attempts=max_attempts,
+            timeout_s=timeout_s,
             staging_prefix=staging_prefix(org_id, tid, current if attempt is None else attempt),
         )
 
@@ -530,18 +607,26 @@ class Dispatcher:
         fence = Fence(req.task_id, req.attempt, req.lease_token)
         async with self._tx() as cur:
             locked = await self._lock_one_at(cur, req.task_id)
-            decision = lifecycle.decide_heartbeat(locked.view, fence, now=locked.now,
-                                                  lease=self.lease)
+            decision = lifecycle.decide_heartbeat(
+                locked.view, fence, now=locked.now, lease=self.lease
+            )
             await cur.execute(
                 Q["apply_heartbeat"],
-                {"task_id": fence.task_id, "attempt": fence.attempt,
-                 "lease_token": fence.lease_token, "expires": decision.lease_expires_at},
+                {
+                    "task_id": fence.task_id,
+                    "attempt": fence.attempt,
+                    "lease_token": fence.lease_token,
+                    "expires": decision.lease_expires_at,
+                },
             )
             if cur.rowcount != 1:
                 raise errors.LeaseLost()
         token = await self._mint(
-            org_id=locked.org_id, task_id=req.task_id, attempt=req.attempt,
-            timeout_s=locked.timeout_s, read_datasets=locked.read_datasets,
+            org_id=locked.org_id,
+            task_id=req.task_id,
+            attempt=req.attempt,
+            timeout_s=locked.timeout_s,
+            read_datasets=locked.read_datasets,
         )
         return wire.HeartbeatResponse(
             lease_expires_at=_iso(decision.lease_expires_at), capability_token=token
@@ -581,8 +666,13 @@ class Dispatcher:
             raise errors.ValidationFailed("event keys must be unique in one call", field="events")
         await cur.execute(
             Q["insert_events"],
-            {"task_id": fence.task_id, "attempt": fence.attempt, "keys": keys,
-             "types": [e.type for e in events], "payloads": [Jsonb(e.payload) for e in events]},
+            {
+                "task_id": fence.task_id,
+                "attempt": fence.attempt,
+                "keys": keys,
+                "types": [e.type for e in events],
+                "payloads": [Jsonb(e.payload) for e in events],
+            },
         )
         return len(await cur.fetchall())
 
@@ -611,13 +701,22 @@ class Dispatcher:
             if existing is not None:
                 *pointer, first_attempt = existing
                 if first_attempt == req.attempt:
-                    same = tuple(pointer) == (batch.dataset, batch.object_key, batch.row_count,
-                                              batch.byte_size, batch.sha256)
+                    same = tuple(pointer) == (
+                        batch.dataset,
+                        batch.object_key,
+                        batch.row_count,
+                        batch.byte_size,
+                        batch.sha256,
+                    )
                 else:
                     # A retried attempt re-publishing the key stages its object under its own
                     # prefix: the same content is a duplicate (the first pointer stands).
-                    same = (pointer[0], *pointer[2:]) == (batch.dataset, batch.row_count,
-                                                          batch.byte_size, batch.sha256)
+                    same = (pointer[0], *pointer[2:]) == (
+                        batch.dataset,
+                        batch.row_count,
+                        batch.byte_size,
+                        batch.sha256,
+                    )
                 if not same:
                     raise errors.IdempotencyMismatch("batch key reused with another pointer")
                 return wire.BufferPublishResponse(accepted=True, duplicate=True)
@@ -629,16 +728,29 @@ class Dispatcher:
                     )
             await cur.execute(
                 Q["insert_buffer_batch"],
-                {"task_id": req.task_id, "key": batch.key, "attempt": req.attempt,
-                 "dataset": batch.dataset, "object_key": batch.object_key,
-                 "row_count": batch.row_count, "byte_size": batch.byte_size,
-                 "sha256": batch.sha256},
+                {
+                    "task_id": req.task_id,
+                    "key": batch.key,
+                    "attempt": req.attempt,
+                    "dataset": batch.dataset,
+                    "object_key": batch.object_key,
+                    "row_count": batch.row_count,
+                    "byte_size": batch.byte_size,
+                    "sha256": batch.sha256,
+                },
             )
             await cur.execute(
                 Q["insert_outbox"],
-                {"topic": f"buffer:{batch.dataset}",
-                 "payload": Jsonb({"task_id": req.task_id, "batch_key": batch.key,
-                                   "object_key": batch.object_key})},
+                {
+                    "topic": f"buffer:{batch.dataset}",
+                    "payload": Jsonb(
+                        {
+                            "task_id": req.task_id,
+                            "batch_key": batch.key,
+                            "object_key": batch.object_key,
+                        }
+                    ),
+                },
             )
         return wire.BufferPublishResponse(accepted=True, duplicate=False)
 
@@ -741,12 +853,14 @@ class Dispatcher:
                 for i, d in apply:
                     r = reqs[i]
                     if r.task_id in done:
-                        results[i] = wire.CompleteResponse(r.task_id, r.attempt, d.state.value,
-                                                           False)
+                        results[i] = wire.CompleteResponse(
+                            r.task_id, r.attempt, d.state.value, False
+                        )
                     else:  # pragma: no cover - the rows are locked, so the CAS cannot miss
                         results[i] = errors.LeaseLost()
-        return [errors.NotFound("no such task", field="task_id") if r is None else r
-                for r in results]
+        return [
+            errors.NotFound("no such task", field="task_id") if r is None else r for r in results
+        ]
 
     # -- background work ----------------------------------------------------------------------
 
@@ -777,16 +891,21 @@ class Dispatcher:
         async with self._tx() as cur:
             await cur.execute(Q["lock_due"], {"n": batch})
             rows = await cur.fetchall()
-            due = [v.task_id for v, r in ((_view(r), r) for r in rows)
-                   if lifecycle.decide_due(v, now=r[-1])]
+            due = [
+                v.task_id
+                for v, r in ((_view(r), r) for r in rows)
+                if lifecycle.decide_due(v, now=r[-1])
+            ]
             if due:
                 await cur.execute(Q["apply_due"], {"task_ids": due})
                 await self._wake(cur, due)
         rewoken = 0
         if self.wake_mode == "queue":
             async with self._tx() as cur:
-                await cur.execute(Q["lock_stale_queued"],
-                                  {"older_than": f"{self.rewake_after_s} seconds", "n": batch})
+                await cur.execute(
+                    Q["lock_stale_queued"],
+                    {"older_than": f"{self.rewake_after_s} seconds", "n": batch},
+                )
                 stale = [r[0] for r in await cur.fetchall()]
                 if stale:
                     await cur.execute(Q["touch_tasks"], {"task_ids": stale})
@@ -797,10 +916,13 @@ class Dispatcher:
             async with self._tx() as cur:
                 await cur.execute(Q["purge_published_outbox"], {"older_than": "1 hour"})
         for v, d in expired:
-            log.info("attempt expired",
-                     extra={"task_id": v.task_id, "attempt": v.attempt, "state": d.state.value})
-        return ReapReport(expired=len(expired), due=len(due), canceled_closed=max(closed, 0),
-                          rewoken=rewoken)
+            log.info(
+                "attempt expired",
+                extra={"task_id": v.task_id, "attempt": v.attempt, "state": d.state.value},
+            )
+        return ReapReport(
+            expired=len(expired), due=len(due), canceled_closed=max(closed, 0), rewoken=rewoken
+        )
 
     async def publish_outbox_once(self) -> int:
         """Publish one batch of due outbox rows; returns how many were published."""
@@ -842,21 +964,27 @@ class Dispatcher:
                 now = rows[0][-1]
                 decisions = [
                     outbox_sm.decide_send_failed(
-                        outbox_sm.OutboxState.PENDING, r[3], now=now,
-                        policy=self.outbox_policy, rand=self._rand(),
+                        outbox_sm.OutboxState.PENDING,
+                        r[3],
+                        now=now,
+                        policy=self.outbox_policy,
+                        rand=self._rand(),
                     )
                     for r, _ in failed
                 ]
                 await cur.execute(
                     Q["outbox_failed"],
-                    {"ids": [r[0] for r, _ in failed],
-                     "states": [d.state.value for d in decisions],
-                     "tries": [d.tries for d in decisions],
-                     "available_ats": [d.available_at for d in decisions],
-                     "error": failed[0][1]},
+                    {
+                        "ids": [r[0] for r, _ in failed],
+                        "states": [d.state.value for d in decisions],
+                        "tries": [d.tries for d in decisions],
+                        "available_ats": [d.available_at for d in decisions],
+                        "error": failed[0][1],
+                    },
                 )
-                log.warning("outbox send failed", extra={"error": failed[0][1],
-                                                         "rows": len(failed)})
+                log.warning(
+                    "outbox send failed", extra={"error": failed[0][1], "rows": len(failed)}
+                )
             # Topics without a consumer yet (buffer:<dataset>, drained by the sink in a later
             # milestone) are marked published: their rows stay in the buffer_batches table.
             sent = wakes + launched + other
@@ -966,8 +1094,12 @@ async def open_pool(
 ) -> AsyncConnectionPool:
     """An open connection pool with the Dispatcher's session settings for ``role``."""
     pool = AsyncConnectionPool(
-        url, min_size=min_size, max_size=max_size, kwargs=connection_kwargs(role=role),
-        open=False, timeout=10.0,
+        url,
+        min_size=min_size,
+        max_size=max_size,
+        kwargs=connection_kwargs(role=role),
+        open=False,
+        timeout=10.0,
     )
     await pool.open(wait=True, timeout=30.0)
     return pool

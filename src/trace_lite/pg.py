@@ -28,9 +28,13 @@ async def transaction(pool: AsyncConnectionPool) -> AsyncIterator[psycopg.AsyncC
                 yield cur
     except errors.TraceError:
         raise
-    except (psycopg.OperationalError, psycopg.errors.QueryCanceled,
-            psycopg.errors.LockNotAvailable, psycopg.errors.SerializationFailure,
-            psycopg.errors.DeadlockDetected) as exc:
+    except (
+        psycopg.OperationalError,
+        psycopg.errors.QueryCanceled,
+        psycopg.errors.LockNotAvailable,
+        psycopg.errors.SerializationFailure,
+        psycopg.errors.DeadlockDetected,
+    ) as exc:
         raise errors.Unavailable(f"database unavailable: {type(exc).__name__}") from exc
     except psycopg.errors.UniqueViolation as exc:
         raise errors.Conflict("conflicting concurrent write") from exc

@@ -63,8 +63,9 @@ class UserIdentity:
     issuer: str
 
 
-def verify_user_token(token: str, keys: Mapping[str, UserKey], policy: UserTokenPolicy,
-                      now_epoch: int) -> UserIdentity:
+def verify_user_token(
+    token: str, keys: Mapping[str, UserKey], policy: UserTokenPolicy, now_epoch: int
+) -> UserIdentity:
     """Verify a user JWT. Returns the identity. Raises ``Unauthenticated`` for anything wrong
     (malformed, unknown kid, algorithm not the key's, bad signature, wrong typ/iss/aud,
     expired, lifetime over the max)."""
@@ -81,11 +82,19 @@ def verify_user_token(token: str, keys: Mapping[str, UserKey], policy: UserToken
         raise errors.Unauthenticated("user token: wrong type")
     try:
         claims = jwt.decode(
-            token, key=load_public_key(key.public_pem, key.algorithm),
-            algorithms=[key.algorithm], audience=policy.audience, issuer=policy.issuer,
+            token,
+            key=load_public_key(key.public_pem, key.algorithm),
+            algorithms=[key.algorithm],
+            audience=policy.audience,
+            issuer=policy.issuer,
             leeway=policy.leeway_s,
-            options={"require": _REQUIRED, "verify_signature": True, "verify_exp": False,
-                     "verify_iat": False, "verify_nbf": False},
+            options={
+                "require": _REQUIRED,
+                "verify_signature": True,
+                "verify_exp": False,
+                "verify_iat": False,
+                "verify_nbf": False,
+            },
         )
     except (jwt.PyJWTError, ValueError, TypeError) as exc:
         raise errors.Unauthenticated("user token: does not verify") from exc
@@ -109,8 +118,11 @@ def verify_user_token(token: str, keys: Mapping[str, UserKey], policy: UserToken
 class UserAuthenticator:
     """Verifies ``Authorization: Bearer <user JWT>`` with a fixed, configured key set."""
 
-    def __init__(self, keys: Mapping[str, UserKey], policy: UserTokenPolicy = UserTokenPolicy(),
-                 ) -> None:
+    def __init__(
+        self,
+        keys: Mapping[str, UserKey],
+        policy: UserTokenPolicy = UserTokenPolicy(),
+    ) -> None:
         self.keys = dict(keys)
         self.policy = policy
 
@@ -145,13 +157,15 @@ class UserAuthenticator:
 class LocalUserIssuer:
     """Lite's development issuer: an Ed25519 key under ``key_dir`` that signs user tokens."""
 
-    def __init__(self, private_key: ed25519.Ed25519PrivateKey,
-                 policy: UserTokenPolicy = UserTokenPolicy()) -> None:
+    def __init__(
+        self, private_key: ed25519.Ed25519PrivateKey, policy: UserTokenPolicy = UserTokenPolicy()
+    ) -> None:
         self._private = private_key
         self.policy = policy
         public = private_key.public_key()
-        pem = public.public_bytes(serialization.Encoding.PEM,
-                                  serialization.PublicFormat.SubjectPublicKeyInfo)
+        pem = public.public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
         self.key = UserKey(kid="user-" + kid_for(public), algorithm="EdDSA", public_pem=pem)
 
     @classmethod
@@ -161,8 +175,10 @@ class LocalUserIssuer:
         if not path.exists():
             path.parent.mkdir(parents=True, exist_ok=True)
             pem = ed25519.Ed25519PrivateKey.generate().private_bytes(
-                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                serialization.NoEncryption())
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            )
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             with os.fdopen(fd, "wb") as f:
                 f.write(pem)
@@ -171,16 +187,39 @@ class LocalUserIssuer:
             raise errors.SignerError("the local user issuer key must be Ed25519")
         return cls(key)
 
-    def token(self, subject: str, *, ttl_s: int = 3600, now_epoch: int | None = None,
-              extra: Mapping[str, Any] | None = None) -> str:
+    def token(
+        self,
+        subject: str,
+        *,
+        ttl_s: int = 3600,
+        now_epoch: int | None = None,
+        extra: Mapping[str, Any] | None = None,
+    ) -> str:
         """A user JWT for ``subject`` (no roles: those live in Postgres)."""
         now = int(time.time()) if now_epoch is None else now_epoch
-        claims = {"iss": self.policy.issuer, "aud": self.policy.audience, "sub": subject,
-                  "typ": self.policy.typ, "iat": now, "exp": now + ttl_s,
-                  "jti": uuid.uuid4().hex, **(extra or {})}
-        return jwt.encode(claims, self._private, algorithm="EdDSA",
-                          headers={"kid": self.key.kid, "typ": self.policy.typ})
+        claims = {
+            "iss": self.policy.issuer,
+            "aud": self.policy.audience,
+            "sub": subject,
+            "typ": self.policy.typ,
+            "iat": now,
+            "exp": now + ttl_s,
+            "jti": uuid.uuid4().hex,
+            **(extra or {}),
+        }
+        return jwt.encode(
+            claims,
+            self._private,
+            algorithm="EdDSA",
+            headers={"kid": self.key.kid, "typ": self.policy.typ},
+        )
 
 
-__all__ = ["LocalUserIssuer", "UserAuthenticator", "UserIdentity", "UserKey", "UserTokenPolicy",
-           "verify_user_token"]
+__all__ = [
+    "LocalUserIssuer",
+    "UserAuthenticator",
+    "UserIdentity",
+    "UserKey",
+    "UserTokenPolicy",
+    "verify_user_token",
+]

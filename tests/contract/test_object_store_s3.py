@@ -41,15 +41,24 @@ class PresignGate:
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         raw_path, _, raw_query = request.raw_path.partition("?")
-        reason = check_presigned(request.method, raw_path, raw_query, request.host,
-                                 self.secret_key, time.time() + self.offset)
+        reason = check_presigned(
+            request.method,
+            raw_path,
+            raw_query,
+            request.host,
+            self.secret_key,
+            time.time() + self.offset,
+        )
         if reason is not None:
             self.refusals.append(reason)
-            return web.Response(status=403, text=f"<Error><Code>AccessDenied</Code>"
-                                                 f"<Message>{reason}</Message></Error>")
+            return web.Response(
+                status=403,
+                text=f"<Error><Code>AccessDenied</Code><Message>{reason}</Message></Error>",
+            )
         body = await request.read()
         async with self.session.request(
-            request.method, yarl.URL(self.upstream + request.raw_path, encoded=True),
+            request.method,
+            yarl.URL(self.upstream + request.raw_path, encoded=True),
             data=body if request.method == "PUT" else None,
         ) as resp:
             return web.Response(status=resp.status, body=await resp.read())
@@ -121,8 +130,9 @@ class TestS3ObjectStore(ObjectStoreConformance):
 
 
 def _plain(url: str, method: str = "GET", data: bytes | None = None) -> tuple[int, bytes]:
-    req = urllib.request.Request(url, data=data, method=method,
-                                 headers={"Content-Type": "application/octet-stream"})
+    req = urllib.request.Request(
+        url, data=data, method=method, headers={"Content-Type": "application/octet-stream"}
+    )
     try:
         with urllib.request.urlopen(req, timeout=10) as resp:
             return resp.status, resp.read()
@@ -148,13 +158,15 @@ async def test_presigned_urls_work_directly_against_moto(moto_server: Any) -> No
 
 
 async def test_expired_and_tampered_urls_are_refused_over_plain_http(
-        object_store: S3ObjectStore, gate: PresignGate) -> None:
+    object_store: S3ObjectStore, gate: PresignGate
+) -> None:
     await object_store.put("org/1/x", b"data")
     url = await object_store.signed_url("org/1/x", method="GET", expires_in=30)
     assert await asyncio.to_thread(_plain, url) == (200, b"data")
     assert (await asyncio.to_thread(_plain, url.replace("org/1/x", "org/1/y")))[0] == 403
-    assert (await asyncio.to_thread(_plain, url.replace("X-Amz-Expires=30",
-                                                        "X-Amz-Expires=9999")))[0] == 403
+    assert (await asyncio.to_thread(_plain, url.replace("X-Amz-Expires=30", "X-Amz-Expires=9999")))[
+        0
+    ] == 403
     gate.offset += 31
     assert (await asyncio.to_thread(_plain, url))[0] == 403
     assert "expired" in gate.refusals

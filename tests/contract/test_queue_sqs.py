@@ -30,13 +30,16 @@ MARGIN_S = 0.15
 class ScaledSqsQueue(SqsQueue):
     """An SqsQueue whose port seconds are ``1/SCALE`` real seconds (visibility and delay)."""
 
-    async def receive(self, *, max_messages: int = 10, visibility_timeout: float = 30.0,
-                      wait_seconds: float = 0.0) -> list[ReceivedMessage]:
+    async def receive(
+        self, *, max_messages: int = 10, visibility_timeout: float = 30.0, wait_seconds: float = 0.0
+    ) -> list[ReceivedMessage]:
         if isinstance(visibility_timeout, int | float) and 0 < visibility_timeout <= 43_200:
             visibility_timeout = max(1, math.ceil(visibility_timeout / SCALE))
-        return await super().receive(max_messages=max_messages,
-                                     visibility_timeout=visibility_timeout,
-                                     wait_seconds=wait_seconds)
+        return await super().receive(
+            max_messages=max_messages,
+            visibility_timeout=visibility_timeout,
+            wait_seconds=wait_seconds,
+        )
 
     async def extend_visibility(self, receipt: str, visibility_timeout: float) -> None:
         await super().extend_visibility(receipt, max(1, math.ceil(visibility_timeout / SCALE)))
@@ -85,8 +88,9 @@ async def plain_queue(sqs: Any) -> AsyncIterator[SqsQueue]:
 
 
 async def test_create_sets_the_brief_settings(plain_queue: SqsQueue, sqs: Any) -> None:
-    attrs = sqs.get_queue_attributes(QueueUrl=plain_queue.queue_url,
-                                     AttributeNames=["All"])["Attributes"]
+    attrs = sqs.get_queue_attributes(QueueUrl=plain_queue.queue_url, AttributeNames=["All"])[
+        "Attributes"
+    ]
     assert attrs["ReceiveMessageWaitTimeSeconds"] == "20"
     assert attrs["VisibilityTimeout"] == "30"
     import json
@@ -94,13 +98,13 @@ async def test_create_sets_the_brief_settings(plain_queue: SqsQueue, sqs: Any) -
     redrive = json.loads(attrs["RedrivePolicy"])
     assert int(redrive["maxReceiveCount"]) == 5
     assert redrive["deadLetterTargetArn"].endswith(f"{plain_queue.name}-dlq")
-    dlq = sqs.get_queue_attributes(QueueUrl=await plain_queue._dlq(),
-                                   AttributeNames=["MessageRetentionPeriod"])["Attributes"]
+    dlq = sqs.get_queue_attributes(
+        QueueUrl=await plain_queue._dlq(), AttributeNames=["MessageRetentionPeriod"]
+    )["Attributes"]
     assert dlq["MessageRetentionPeriod"] == str(14 * 24 * 3600)
 
 
-async def test_dlq_is_discovered_from_the_redrive_policy(plain_queue: SqsQueue,
-                                                         sqs: Any) -> None:
+async def test_dlq_is_discovered_from_the_redrive_policy(plain_queue: SqsQueue, sqs: Any) -> None:
     fresh = SqsQueue(plain_queue.queue_url, sqs=sqs)
     assert await fresh._dlq() == plain_queue._dlq_url
     await fresh.close()
@@ -140,8 +144,10 @@ async def test_visibility_ceiling_clamps_then_refuses(sqs: Any) -> None:
     [msg] = await q.receive(visibility_timeout=30)
     now_ms[0] += (43_200 - 100) * 1000  # 11 h 58 m later: 99 s are left
     calls: list[dict[str, Any]] = []
-    sqs.meta.events.register("provide-client-params.sqs.ChangeMessageVisibility",
-                             lambda params, **_: calls.append(dict(params)))
+    sqs.meta.events.register(
+        "provide-client-params.sqs.ChangeMessageVisibility",
+        lambda params, **_: calls.append(dict(params)),
+    )
     await q.extend_visibility(msg.receipt, 600)
     assert calls[-1]["VisibilityTimeout"] == 99
     now_ms[0] += 100 * 1000
@@ -152,8 +158,7 @@ async def test_visibility_ceiling_clamps_then_refuses(sqs: Any) -> None:
 
 
 async def test_missing_queue_and_dead_endpoint_are_trace_errors(moto_server: Any) -> None:
-    q = SqsQueue(f"{moto_server.url}/123456789012/no-such-queue",
-                 endpoint_url=moto_server.url)
+    q = SqsQueue(f"{moto_server.url}/123456789012/no-such-queue", endpoint_url=moto_server.url)
     with pytest.raises(errors.TraceError):
         await q.send([b"x"])
     await q.close()

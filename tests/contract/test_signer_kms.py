@@ -54,14 +54,20 @@ class TestKmsSigner(SignerConformance):
 
 
 def _claims(now: int) -> Any:
-    return issue_claims(TokenPolicy(), org_id="o", task_id="t", attempt=1, attempt_timeout_s=60,
-                        now_epoch=now, jti=uuid.uuid4().hex)
+    return issue_claims(
+        TokenPolicy(),
+        org_id="o",
+        task_id="t",
+        attempt=1,
+        attempt_timeout_s=60,
+        now_epoch=now,
+        jti=uuid.uuid4().hex,
+    )
 
 
 async def test_issuer_and_verifier_with_kms(signer: KmsSigner, kms: Any) -> None:
     calls: list[str] = []
-    kms.meta.events.register("before-call.kms.*",
-                             lambda model, **_: calls.append(model.name))
+    kms.meta.events.register("before-call.kms.*", lambda model, **_: calls.append(model.name))
     issuer = TokenIssuer(signer)
     verifier = TokenVerifier(signer)
     now = 1_800_000_000

@@ -23,8 +23,9 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
 
 
 @pytest.fixture
-def trace_procs(request: pytest.FixtureRequest, tmp_path: Path,
-                db_url: str) -> Iterator[TraceProcs]:
+def trace_procs(
+    request: pytest.FixtureRequest, tmp_path: Path, db_url: str
+) -> Iterator[TraceProcs]:
     """Processes on a fresh database; lease 3 s unless the test is marked
     ``@pytest.mark.trace_lease(seconds)``."""
     marker = request.node.get_closest_marker("trace_lease")

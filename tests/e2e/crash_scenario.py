@@ -46,14 +46,23 @@ def _task(i: int) -> dict[str, object]:
 
 def _busy(t: TraceProcs, procs: list[Proc]) -> list[int]:
     """Indexes of the live workers holding running attempts (worker ids are ``host:pid``)."""
-    holders = {w.rsplit(":", 1)[-1] for (w,) in t.sql(
-        "SELECT DISTINCT worker_id FROM task_attempts WHERE outcome = 'running'")}
+    holders = {
+        w.rsplit(":", 1)[-1]
+        for (w,) in t.sql("SELECT DISTINCT worker_id FROM task_attempts WHERE outcome = 'running'")
+    }
     return [i for i, p in enumerate(procs) if p.alive() and str(p.pid) in holders]
 
 
-def run_crash_scenario(t: TraceProcs, pg_cluster: object, *, waves: int, per_wave: int,
-                       workers: int = 2, concurrency: int = 16,
-                       finish_timeout: float = 180.0) -> None:
+def run_crash_scenario(
+    t: TraceProcs,
+    pg_cluster: object,
+    *,
+    waves: int,
+    per_wave: int,
+    workers: int = 2,
+    concurrency: int = 16,
+    finish_timeout: float = 180.0,
+) -> None:
     """``waves`` waves of ``per_wave`` tasks; after each wave one fault (the middle wave
     restarts Postgres). Then wait for everything and check exactly-once."""
     assert waves >= 3, "need room for a Dispatcher kill, a worker kill and the Postgres restart"
@@ -107,9 +116,12 @@ def run_crash_scenario(t: TraceProcs, pg_cluster: object, *, waves: int, per_wav
     assert states == {"completed": len(ids)}, states
 
     # exactly one succeeded attempt per task; no attempt left running
-    succeeded = dict(t.sql(
-        "SELECT t.task_id::text, count(a.*) FILTER (WHERE a.outcome = 'succeeded') "
-        "FROM tasks t LEFT JOIN task_attempts a USING (task_id) GROUP BY t.task_id"))
+    succeeded = dict(
+        t.sql(
+            "SELECT t.task_id::text, count(a.*) FILTER (WHERE a.outcome = 'succeeded') "
+            "FROM tasks t LEFT JOIN task_attempts a USING (task_id) GROUP BY t.task_id"
+        )
+    )
     assert len(succeeded) == len(ids)
     wrong = {k: v for k, v in succeeded.items() if v != 1}
     assert not wrong, f"tasks without exactly one succeeded attempt: {list(wrong.items())[:10]}"
@@ -119,20 +131,30 @@ def run_crash_scenario(t: TraceProcs, pg_cluster: object, *, waves: int, per_wav
     bad_history = t.sql(
         "SELECT t.task_id, t.attempt, count(a.*), min(a.attempt), max(a.attempt) "
         "FROM tasks t JOIN task_attempts a USING (task_id) GROUP BY t.task_id, t.attempt "
-        "HAVING t.attempt <> count(a.*) OR min(a.attempt) <> 1 OR max(a.attempt) <> t.attempt")
+        "HAVING t.attempt <> count(a.*) OR min(a.attempt) <> 1 OR max(a.attempt) <> t.attempt"
+    )
     assert not bad_history, bad_history[:10]
     # the succeeded attempt is the task's last one
-    assert t.scalar(
-        "SELECT count(*) FROM tasks t JOIN task_attempts a USING (task_id) "
-        "WHERE a.outcome = 'succeeded' AND a.attempt <> t.attempt") == 0
+    assert (
+        t.scalar(
+            "SELECT count(*) FROM tasks t JOIN task_attempts a USING (task_id) "
+            "WHERE a.outcome = 'succeeded' AND a.attempt <> t.attempt"
+        )
+        == 0
+    )
 
     # exactly the expected events per task (the key is the PK, so also check the count)
     operators = dict(t.sql("SELECT task_id::text, operator FROM tasks"))
-    events = {k: v for k, v in t.sql(
-        "SELECT task_id::text, array_agg(event_key ORDER BY event_key) FROM task_events "
-        "GROUP BY task_id")}
+    events = {
+        k: v
+        for k, v in t.sql(
+            "SELECT task_id::text, array_agg(event_key ORDER BY event_key) FROM task_events "
+            "GROUP BY task_id"
+        )
+    }
     wrong_events = {
-        k: (op, events.get(k, [])) for k, op in operators.items()
+        k: (op, events.get(k, []))
+        for k, op in operators.items()
         if events.get(k, []) != EXPECTED_EVENTS[op]
     }
     assert not wrong_events, list(wrong_events.items())[:10]
@@ -144,13 +166,18 @@ def run_crash_scenario(t: TraceProcs, pg_cluster: object, *, waves: int, per_wav
     per_task = Counter(b[0] for b in batches)
     demo_ids = {k for k, op in operators.items() if op == "demo"}
     assert set(per_task) == demo_ids and set(per_task.values()) == {1}, (
-        len(per_task), len(demo_ids), per_task.most_common(3))
+        len(per_task),
+        len(demo_ids),
+        per_task.most_common(3),
+    )
     for task_id, object_key, size, sha in batches:
         data = t.read_object(object_key)
         assert len(data) == size and hashlib.sha256(data).hexdigest() == sha, task_id
 
     retried = t.scalar("SELECT count(*) FROM tasks WHERE attempt > 1")
-    print(f"chaos: {chaos}; {len(ids)} tasks, {retried} needed more than one attempt; "
-          f"chaos phase {chaos_s:.1f}s, total {total_s:.1f}s")
+    print(
+        f"chaos: {chaos}; {len(ids)} tasks, {retried} needed more than one attempt; "
+        f"chaos phase {chaos_s:.1f}s, total {total_s:.1f}s"
+    )
     # the faults hit work in flight (a kill -9 of a busy worker always strands some leases)
     assert retried > 0, chaos

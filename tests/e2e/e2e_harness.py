@@ -79,8 +79,9 @@ class Response:
 class TraceProcs:
     """A Trace Lite deployment made of child processes on one test database."""
 
-    def __init__(self, home: Path, db_url: str, *, lease_s: float = 3.0,
-                 retry_base_s: float = 0.05) -> None:
+    def __init__(
+        self, home: Path, db_url: str, *, lease_s: float = 3.0, retry_base_s: float = 0.05
+    ) -> None:
         self.home = home
         self.db_url = db_url
         self.port = free_port()
@@ -118,15 +119,17 @@ class TraceProcs:
     def env(self) -> dict[str, str]:
         src = Path(__file__).resolve().parents[2]
         env = {k: v for k, v in os.environ.items() if not k.startswith("TRACE_")}
-        env.update({
-            "TRACE_DATABASE_URL": self.db_url,
-            "TRACE_HOME": str(self.home),
-            "TRACE_DISPATCHER_URL": self.url,
-            "TRACE_PLATFORM_TOKEN": PLATFORM_TOKEN,
-            "TRACE_LEASE_S": str(self.lease_s),
-            "TRACE_RETRY_BASE_S": str(self.retry_base_s),
-            "PYTHONUNBUFFERED": "1",
-        })
+        env.update(
+            {
+                "TRACE_DATABASE_URL": self.db_url,
+                "TRACE_HOME": str(self.home),
+                "TRACE_DISPATCHER_URL": self.url,
+                "TRACE_PLATFORM_TOKEN": PLATFORM_TOKEN,
+                "TRACE_LEASE_S": str(self.lease_s),
+                "TRACE_RETRY_BASE_S": str(self.retry_base_s),
+                "PYTHONUNBUFFERED": "1",
+            }
+        )
         # the package is installed editable in the venv; keep the checkout first anyway
         env["PYTHONPATH"] = os.pathsep.join(
             p for p in (str(src / "src"), str(src / "servers"), env.get("PYTHONPATH")) if p
@@ -142,8 +145,12 @@ class TraceProcs:
         try:
             popen = subprocess.Popen(
                 [sys.executable, "-m", "trace_servers.cli", *argv],
-                env=self.env(), stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                start_new_session=True, cwd=self.home,
+                env=self.env(),
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+                cwd=self.home,
             )
         finally:
             out.close()
@@ -201,8 +208,9 @@ class TraceProcs:
 
     # -- waiting -----------------------------------------------------------------------------
 
-    def wait_until(self, predicate: Callable[[], Any], timeout: float, what: str,
-                   interval: float = 0.1) -> Any:
+    def wait_until(
+        self, predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.1
+    ) -> Any:
         """Poll ``predicate`` until it returns something truthy; fail with the logs after
         ``timeout`` seconds."""
         deadline = time.monotonic() + timeout
@@ -218,7 +226,8 @@ class TraceProcs:
                 raise AssertionError(
                     f"timed out after {timeout}s waiting for {what}"
                     + (f" (last error: {last_exc!r})" if last_exc else "")
-                    + "\n" + self.log_tails()
+                    + "\n"
+                    + self.log_tails()
                 )
             time.sleep(interval)
 
@@ -235,9 +244,18 @@ class TraceProcs:
 
     # -- HTTP --------------------------------------------------------------------------------
 
-    def request(self, method: str, path: str, *, body: Any = None, raw: bytes | None = None,
-                headers: dict[str, str] | None = None, platform: bool = False,
-                capability: str | None = None, timeout: float = 30.0) -> Response:
+    def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        body: Any = None,
+        raw: bytes | None = None,
+        headers: dict[str, str] | None = None,
+        platform: bool = False,
+        capability: str | None = None,
+        timeout: float = 30.0,
+    ) -> Response:
         hdrs = dict(headers or {})
         if platform:
             hdrs["Authorization"] = f"Bearer {PLATFORM_TOKEN}"
@@ -259,20 +277,24 @@ class TraceProcs:
     def create_tasks(self, tasks: list[dict[str, Any]], chunk: int = 500) -> list[str]:
         ids: list[str] = []
         for i in range(0, len(tasks), chunk):
-            r = self.request("POST", "/internal/admin/tasks", body={"tasks": tasks[i:i + chunk]},
-                             platform=True)
+            r = self.request(
+                "POST", "/internal/admin/tasks", body={"tasks": tasks[i : i + chunk]}, platform=True
+            )
             assert r.status == 201, r
             ids += [t["task_id"] for t in r.json["tasks"]]
         return ids
 
-    def create_task(self, operator: str, payload: dict[str, Any] | None = None,
-                    **kw: Any) -> str:
+    def create_task(self, operator: str, payload: dict[str, Any] | None = None, **kw: Any) -> str:
         (task_id,) = self.create_tasks([{"operator": operator, "payload": payload or {}, **kw}])
         return task_id
 
     def claim(self, task_id: str, worker_id: str = "e2e") -> dict[str, Any]:
-        r = self.request("POST", "/internal/task-claim",
-                         body={"task_id": task_id, "worker_id": worker_id}, platform=True)
+        r = self.request(
+            "POST",
+            "/internal/task-claim",
+            body={"task_id": task_id, "worker_id": worker_id},
+            platform=True,
+        )
         assert r.status == 200, r
         claim: dict[str, Any] = r.json
         return claim
@@ -296,16 +318,21 @@ class TraceProcs:
         if task_ids is None:
             rows = self.sql("SELECT state, count(*) FROM tasks GROUP BY state")
         else:
-            rows = self.sql("SELECT state, count(*) FROM tasks WHERE task_id = ANY(%s::uuid[]) "
-                            "GROUP BY state", (task_ids,))
+            rows = self.sql(
+                "SELECT state, count(*) FROM tasks WHERE task_id = ANY(%s::uuid[]) GROUP BY state",
+                (task_ids,),
+            )
         return dict(rows)  # type: ignore[arg-type]
 
     def wait_terminal(self, task_ids: list[str], timeout: float) -> dict[str, int]:
         def done() -> dict[str, int] | None:
             states = self.task_states(task_ids)
-            live = sum(n for s, n in states.items()
-                       if s not in ("completed", "failed", "canceled"))
+            live = sum(n for s, n in states.items() if s not in ("completed", "failed", "canceled"))
             return None if live else states
 
-        return self.wait_until(done, timeout, f"{len(task_ids)} tasks to finish "
-                                              f"(now {self.task_states(task_ids)})", 0.25)
+        return self.wait_until(
+            done,
+            timeout,
+            f"{len(task_ids)} tasks to finish (now {self.task_states(task_ids)})",
+            0.25,
+        )

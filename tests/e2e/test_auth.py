@@ -36,16 +36,23 @@ def _segment(obj: dict[str, Any]) -> str:
     return b64url_encode(json.dumps(obj, separators=(",", ":")).encode())
 
 
-def _claims(org_id: str, task_id: str, attempt: int, *, now: int | None = None,
-            timeout_s: int = 60) -> dict[str, Any]:
-    return issue_claims(POLICY, org_id=org_id, task_id=task_id, attempt=attempt,
-                        attempt_timeout_s=timeout_s,
-                        now_epoch=int(time.time()) if now is None else now,
-                        jti=uuid.uuid4().hex).to_payload()
+def _claims(
+    org_id: str, task_id: str, attempt: int, *, now: int | None = None, timeout_s: int = 60
+) -> dict[str, Any]:
+    return issue_claims(
+        POLICY,
+        org_id=org_id,
+        task_id=task_id,
+        attempt=attempt,
+        attempt_timeout_s=timeout_s,
+        now_epoch=int(time.time()) if now is None else now,
+        jti=uuid.uuid4().hex,
+    ).to_payload()
 
 
-def _sign(key: ed25519.Ed25519PrivateKey, payload: dict[str, Any],
-          header: dict[str, Any] | None = None) -> str:
+def _sign(
+    key: ed25519.Ed25519PrivateKey, payload: dict[str, Any], header: dict[str, Any] | None = None
+) -> str:
     hdr = {"alg": "EdDSA", "kid": public_key_for(key).kid, "typ": POLICY.typ, **(header or {})}
     signing_input = f"{_segment(hdr)}.{_segment(payload)}".encode()
     return f"{signing_input.decode()}.{b64url_encode(sign_jws(key, signing_input))}"
@@ -78,10 +85,17 @@ class Env:
         self.b_id = t.create_task("noop", max_attempts=5)
         self.org_id = str(t.scalar("SELECT org_id FROM tasks WHERE task_id = %s", (self.a_id,)))
         self.a1 = t.claim(self.a_id)
-        t.sql("UPDATE tasks SET lease_expires_at = now() - interval '1s' WHERE task_id = %s",
-              (self.a_id,))
-        t.wait_until(lambda: t.scalar("SELECT state FROM tasks WHERE task_id = %s",
-                                      (self.a_id,)) == "queued", 15, "task a re-queued")
+        t.sql(
+            "UPDATE tasks SET lease_expires_at = now() - interval '1s' WHERE task_id = %s",
+            (self.a_id,),
+        )
+        t.wait_until(
+            lambda: (
+                t.scalar("SELECT state FROM tasks WHERE task_id = %s", (self.a_id,)) == "queued"
+            ),
+            15,
+            "task a re-queued",
+        )
         self.a2 = t.claim(self.a_id)
         assert self.a2["attempt"] == 2
         self.b1 = t.claim(self.b_id)
@@ -108,8 +122,9 @@ def test_auth_matrix(env: Env) -> None:
 
     # missing token
     _assert_error(env.heartbeat(None, a2_fence), 401, "unauthenticated")
-    r = t.request("POST", "/v1/task/heartbeat", body=a2_fence,
-                  headers={"X-Trace-Task-Capability": ""})
+    r = t.request(
+        "POST", "/v1/task/heartbeat", body=a2_fence, headers={"X-Trace-Task-Capability": ""}
+    )
     _assert_error(r, 401, "unauthenticated")
     assert r.headers.get("WWW-Authenticate", "").startswith("Bearer")
     # a platform credential is not a capability token
@@ -123,8 +138,12 @@ def test_auth_matrix(env: Env) -> None:
     # token for another attempt, both directions
     _assert_error(env.heartbeat(env.a1["capability_token"], a2_fence), 403, "forbidden")
     _assert_error(env.heartbeat(env.a2["capability_token"], a1_fence), 403, "forbidden")
-    r = t.request("POST", "/v1/task/complete", capability=env.a1["capability_token"],
-                  body={**a2_fence, "result": {"x": 1}})
+    r = t.request(
+        "POST",
+        "/v1/task/complete",
+        capability=env.a1["capability_token"],
+        body={**a2_fence, "result": {"x": 1}},
+    )
     _assert_error(r, 403, "forbidden")
 
     # expired (signed with the Dispatcher's current key, exp an hour ago)
@@ -139,17 +158,25 @@ def test_auth_matrix(env: Env) -> None:
     next_signed = _sign(env.next, _claims(env.org_id, env.a_id, 2))
     r = env.heartbeat(next_signed, a2_fence)
     assert r.status == 200, r
-    r = t.request("POST", "/v1/task/events", capability=next_signed,
-                  body={**a2_fence, "events": [{"key": "via-next", "type": "progress"}]})
+    r = t.request(
+        "POST",
+        "/v1/task/events",
+        capability=next_signed,
+        body={**a2_fence, "events": [{"key": "via-next", "type": "progress"}]},
+    )
     assert r.status == 200 and r.json["accepted"] == 1, r
 
     # unknown kid (a key the Dispatcher never published)
     stranger = ed25519.Ed25519PrivateKey.generate()
-    _assert_error(env.heartbeat(_sign(stranger, _claims(env.org_id, env.a_id, 2)), a2_fence),
-                  401, "unauthenticated")
+    _assert_error(
+        env.heartbeat(_sign(stranger, _claims(env.org_id, env.a_id, 2)), a2_fence),
+        401,
+        "unauthenticated",
+    )
     # a stranger's signature under the current kid
-    forged = _sign(stranger, _claims(env.org_id, env.a_id, 2),
-                   {"kid": public_key_for(env.current).kid})
+    forged = _sign(
+        stranger, _claims(env.org_id, env.a_id, 2), {"kid": public_key_for(env.current).kid}
+    )
     _assert_error(env.heartbeat(forged, a2_fence), 401, "unauthenticated")
 
     # alg: none
@@ -160,8 +187,9 @@ def test_auth_matrix(env: Env) -> None:
 
     # HS256 with the public key PEM as the HMAC secret (algorithm confusion)
     pem = public_key_for(env.current).public_pem
-    signing_input = f"{_segment({'alg': 'HS256', 'kid': kid, 'typ': POLICY.typ})}." \
-                    f"{_segment(payload)}".encode()
+    signing_input = (
+        f"{_segment({'alg': 'HS256', 'kid': kid, 'typ': POLICY.typ})}.{_segment(payload)}".encode()
+    )
     mac = hmac.new(pem, signing_input, hashlib.sha256).digest()
     hs_token = f"{signing_input.decode()}.{b64url_encode(mac)}"
     _assert_error(env.heartbeat(hs_token, a2_fence), 401, "unauthenticated")
@@ -169,8 +197,9 @@ def test_auth_matrix(env: Env) -> None:
     # a user-style token (other audience/type) signed with the real key
     other_aud = {**payload, "aud": "trace-user"}
     _assert_error(env.heartbeat(_sign(env.current, other_aud), a2_fence), 401, "unauthenticated")
-    _assert_error(env.heartbeat(_sign(env.current, payload, {"typ": "JWT"}), a2_fence),
-                  401, "unauthenticated")
+    _assert_error(
+        env.heartbeat(_sign(env.current, payload, {"typ": "JWT"}), a2_fence), 401, "unauthenticated"
+    )
     # garbage
     _assert_error(env.heartbeat("not-a-jwt", a2_fence), 401, "unauthenticated")
 
@@ -187,13 +216,18 @@ def test_internal_routes_need_the_platform_credential(env: Env) -> None:
     claim_body = {"task_id": c_id, "worker_id": "intruder"}
 
     # a capability token on /internal/task-claim: as Bearer, and in the capability header
-    r = t.request("POST", "/internal/task-claim", body=claim_body,
-                  headers={"Authorization": f"Bearer {cap}"})
+    r = t.request(
+        "POST", "/internal/task-claim", body=claim_body, headers={"Authorization": f"Bearer {cap}"}
+    )
     _assert_error(r, 401, "unauthenticated")
     r = t.request("POST", "/internal/task-claim", body=claim_body, capability=cap)
     _assert_error(r, (401, 403))
-    r = t.request("POST", "/internal/task-claim", body=claim_body,
-                  headers={"Authorization": f"Bearer {cap}", "X-Trace-Task-Capability": cap})
+    r = t.request(
+        "POST",
+        "/internal/task-claim",
+        body=claim_body,
+        headers={"Authorization": f"Bearer {cap}", "X-Trace-Task-Capability": cap},
+    )
     _assert_error(r, (401, 403))
 
     internal = [

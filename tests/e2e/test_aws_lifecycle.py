@@ -95,26 +95,36 @@ def test_aws_lifecycle_happy_path(aws_procs: AwsTraceProcs) -> None:
     ids = [demo, emit, flaky, sleeper]
     assert t.wait_terminal(ids, timeout=90) == {"completed": 4}
 
-    assert t.sql("SELECT attempt, outcome FROM task_attempts WHERE task_id = %s",
-                 (demo,)) == [(1, "succeeded")]
-    assert [e for (e,) in t.sql("SELECT event_key FROM task_events WHERE task_id = %s "
-                                "ORDER BY seq", (demo,))] == ["progress-0", "progress-1", "done"]
+    assert t.sql("SELECT attempt, outcome FROM task_attempts WHERE task_id = %s", (demo,)) == [
+        (1, "succeeded")
+    ]
+    assert [
+        e
+        for (e,) in t.sql(
+            "SELECT event_key FROM task_events WHERE task_id = %s ORDER BY seq", (demo,)
+        )
+    ] == ["progress-0", "progress-1", "done"]
     # the buffer batch object is in S3, under the attempt's staging prefix, intact
-    [(object_key, size, sha)] = t.sql("SELECT object_key, byte_size, sha256 FROM buffer_batches "
-                                      "WHERE task_id = %s", (demo,))
+    [(object_key, size, sha)] = t.sql(
+        "SELECT object_key, byte_size, sha256 FROM buffer_batches WHERE task_id = %s", (demo,)
+    )
     assert f"/staging/task/{demo}/attempt/1/" in object_key
     data = t.read_object(object_key)
     assert len(data) == size and hashlib.sha256(data).hexdigest() == sha
     assert [json.loads(x) for x in data.decode().splitlines()] == [
-        {"row": i, "task_id": demo, "value": i * i} for i in range(5)]
-    assert t.sql("SELECT attempt, outcome FROM task_attempts WHERE task_id = %s ORDER BY attempt",
-                 (flaky,)) == [(1, "failed"), (2, "succeeded")]
-    assert t.sql("SELECT attempt, outcome FROM task_attempts WHERE task_id = %s",
-                 (sleeper,)) == [(1, "succeeded")]
+        {"row": i, "task_id": demo, "value": i * i} for i in range(5)
+    ]
+    assert t.sql(
+        "SELECT attempt, outcome FROM task_attempts WHERE task_id = %s ORDER BY attempt", (flaky,)
+    ) == [(1, "failed"), (2, "succeeded")]
+    assert t.sql("SELECT attempt, outcome FROM task_attempts WHERE task_id = %s", (sleeper,)) == [
+        (1, "succeeded")
+    ]
     assert len(t.sql("SELECT 1 FROM task_events WHERE task_id = %s", (emit,))) == 4
     # every wake-up went through the outbox to SQS and was consumed
-    assert t.scalar("SELECT count(*) FROM outbox WHERE topic = 'wake' AND state <> "
-                    "'published'") == 0
+    assert (
+        t.scalar("SELECT count(*) FROM outbox WHERE topic = 'wake' AND state <> 'published'") == 0
+    )
     t.wait_until(lambda: _queue_depth(t) == 0, 20, "the SQS queue to drain")
     # nothing went to the Lite queue table
     assert t.scalar("SELECT count(*) FROM queue_messages") == 0
@@ -129,18 +139,23 @@ def test_aws_fencing_stale_attempt_gets_409_and_kms_tokens(aws_procs: AwsTracePr
     t.start_dispatcher()
     task_id = t.create_task("noop", max_attempts=5)
     old = t.claim(task_id, "old-worker")
-    header = json.loads(__import__("base64").urlsafe_b64decode(
-        old["capability_token"].split(".")[0] + "=="))
+    header = json.loads(
+        __import__("base64").urlsafe_b64decode(old["capability_token"].split(".")[0] + "==")
+    )
     assert header["alg"] == "ES256"  # signed by KMS
     cap = old["capability_token"]
     r = t.request("POST", "/v1/task/credentials", capability=cap, body=_fence(old))
     assert r.status == 200, r
     assert r.json["write_prefix"].endswith(f"/staging/task/{task_id}/attempt/1/")
 
-    t.sql("UPDATE tasks SET lease_expires_at = now() - interval '1s' WHERE task_id = %s",
-          (task_id,))
-    t.wait_until(lambda: t.scalar("SELECT state FROM tasks WHERE task_id = %s",
-                                  (task_id,)) == "queued", 15, "the reaper to re-queue the task")
+    t.sql(
+        "UPDATE tasks SET lease_expires_at = now() - interval '1s' WHERE task_id = %s", (task_id,)
+    )
+    t.wait_until(
+        lambda: t.scalar("SELECT state FROM tasks WHERE task_id = %s", (task_id,)) == "queued",
+        15,
+        "the reaper to re-queue the task",
+    )
     new = t.claim(task_id, "new-worker")
     assert new["attempt"] == 2
     before = t.counts()
@@ -153,32 +168,45 @@ def test_aws_fencing_stale_attempt_gets_409_and_kms_tokens(aws_procs: AwsTracePr
         r = t.request("POST", path, capability=cap, body=body)
         assert r.status == 409 and r.json["error"] == "lease_lost", (path, r)
     assert t.counts() == before
-    r = t.request("POST", "/v1/task/complete", capability=new["capability_token"],
-                  body={**_fence(new), "result": {"by": "new"}})
+    r = t.request(
+        "POST",
+        "/v1/task/complete",
+        capability=new["capability_token"],
+        body={**_fence(new), "result": {"by": "new"}},
+    )
     assert r.status == 200 and r.json["state"] == "completed", r
-    assert t.sql("SELECT attempt, outcome FROM task_attempts WHERE task_id = %s ORDER BY attempt",
-                 (task_id,)) == [(1, "timed_out"), (2, "succeeded")]
+    assert t.sql(
+        "SELECT attempt, outcome FROM task_attempts WHERE task_id = %s ORDER BY attempt", (task_id,)
+    ) == [(1, "timed_out"), (2, "succeeded")]
 
 
 def test_aws_worker_kill9_mid_run_completes_everything_once(aws_procs: AwsTraceProcs) -> None:
     t = aws_procs
     t.start_dispatcher()
     victim = t.start_worker(concurrency=8)
-    tasks = ([{"operator": "sleep", "payload": {"seconds": 1.5}, "max_attempts": 10}] * 16
-             + [{"operator": "demo", "payload": {"events": 2, "rows": 3}, "max_attempts": 10}] * 16)
+    tasks = [{"operator": "sleep", "payload": {"seconds": 1.5}, "max_attempts": 10}] * 16 + [
+        {"operator": "demo", "payload": {"events": 2, "rows": 3}, "max_attempts": 10}
+    ] * 16
     ids = t.create_tasks(tasks)
-    t.wait_until(lambda: t.scalar("SELECT count(*) FROM tasks WHERE state = 'running'") >= 4,
-                 30, "the worker to be mid-run")
+    t.wait_until(
+        lambda: t.scalar("SELECT count(*) FROM tasks WHERE state = 'running'") >= 4,
+        30,
+        "the worker to be mid-run",
+    )
     t.kill9(victim)
     running_at_kill = t.scalar("SELECT count(*) FROM tasks WHERE state = 'running'")
     time.sleep(0.5)
     t.start_worker(concurrency=8)
     assert t.wait_terminal(ids, timeout=120) == {"completed": len(ids)}
     # exactly once: one succeeded attempt per task, events and batches once each
-    assert t.scalar("SELECT count(*) FROM task_attempts WHERE task_id = ANY(%s::uuid[]) "
-                    "AND outcome = 'succeeded'", (ids,)) == len(ids)
-    dup_events = t.sql("SELECT task_id, event_key FROM task_events GROUP BY 1, 2 "
-                       "HAVING count(*) > 1")
+    assert t.scalar(
+        "SELECT count(*) FROM task_attempts WHERE task_id = ANY(%s::uuid[]) "
+        "AND outcome = 'succeeded'",
+        (ids,),
+    ) == len(ids)
+    dup_events = t.sql(
+        "SELECT task_id, event_key FROM task_events GROUP BY 1, 2 HAVING count(*) > 1"
+    )
     assert dup_events == []
     assert t.scalar("SELECT count(*) FROM buffer_batches") == 16
     assert t.scalar("SELECT count(*) FROM task_events") == 16 * 3
@@ -192,19 +220,27 @@ def test_aws_dispatcher_kill9_mid_run_recovers_exactly_once(aws_procs: AwsTraceP
     t = aws_procs
     dispatcher = t.start_dispatcher()
     t.start_worker(concurrency=8)
-    tasks = ([{"operator": "emit_events", "payload": {"n": 2}, "max_attempts": 10}] * 40
-             + [{"operator": "sleep", "payload": {"seconds": 1.0}, "max_attempts": 10}] * 8)
+    tasks = [{"operator": "emit_events", "payload": {"n": 2}, "max_attempts": 10}] * 40 + [
+        {"operator": "sleep", "payload": {"seconds": 1.0}, "max_attempts": 10}
+    ] * 8
     ids = t.create_tasks(tasks)
-    t.wait_until(lambda: t.scalar("SELECT count(*) FROM tasks WHERE state = 'completed'") >= 5,
-                 60, "some tasks to complete")
+    t.wait_until(
+        lambda: t.scalar("SELECT count(*) FROM tasks WHERE state = 'completed'") >= 5,
+        60,
+        "some tasks to complete",
+    )
     t.kill9(dispatcher)
     time.sleep(1.0)  # workers keep running and retrying against a dead Dispatcher
     t.start_dispatcher()
     assert t.wait_terminal(ids, timeout=150) == {"completed": len(ids)}
-    assert t.scalar("SELECT count(*) FROM task_attempts WHERE task_id = ANY(%s::uuid[]) "
-                    "AND outcome = 'succeeded'", (ids,)) == len(ids)
-    assert t.sql("SELECT task_id, event_key FROM task_events GROUP BY 1, 2 "
-                 "HAVING count(*) > 1") == []
+    assert t.scalar(
+        "SELECT count(*) FROM task_attempts WHERE task_id = ANY(%s::uuid[]) "
+        "AND outcome = 'succeeded'",
+        (ids,),
+    ) == len(ids)
+    assert (
+        t.sql("SELECT task_id, event_key FROM task_events GROUP BY 1, 2 HAVING count(*) > 1") == []
+    )
     assert t.scalar("SELECT count(*) FROM task_events") == 40 * 3
     assert t.scalar("SELECT count(*) FROM task_attempts WHERE outcome = 'running'") == 0
 
@@ -212,7 +248,8 @@ def test_aws_dispatcher_kill9_mid_run_recovers_exactly_once(aws_procs: AwsTraceP
 @pytest.mark.slow
 @pytest.mark.timeout(240)
 def test_aws_kill9_and_postgres_restart_lose_and_duplicate_nothing(
-        aws_procs: AwsTraceProcs, pg_cluster: object) -> None:
+    aws_procs: AwsTraceProcs, pg_cluster: object
+) -> None:
     """``test_crash_safety.py`` again under ``TRACE_PROFILE=aws``: the same body (kill -9 of
     the Dispatcher and of workers, a Postgres restart, every exactly-once check, batch objects
     read back from S3), fewer tasks."""

@@ -23,30 +23,37 @@ class Env:
         t.start_dispatcher()
         self.task_id = t.create_task("noop")
         self.spare_id = t.create_task("noop")
-        self.org_id = str(t.scalar("SELECT org_id FROM tasks WHERE task_id = %s",
-                                   (self.task_id,)))
+        self.org_id = str(t.scalar("SELECT org_id FROM tasks WHERE task_id = %s", (self.task_id,)))
         self.claim = t.claim(self.task_id)
         self.fence = {k: self.claim[k] for k in ("task_id", "attempt", "lease_token")}
         data = b'{"x":1}\n'
         self.batch = {
-            "key": "b1", "dataset": "rows",
+            "key": "b1",
+            "dataset": "rows",
             "object_key": f"org/{self.org_id}/staging/task/{self.task_id}/attempt/1/b1.jsonl",
-            "row_count": 1, "byte_size": len(data), "sha256": hashlib.sha256(data).hexdigest(),
+            "row_count": 1,
+            "byte_size": len(data),
+            "sha256": hashlib.sha256(data).hexdigest(),
         }
 
     def snapshot(self) -> tuple[Any, ...]:
         return (
             self.t.counts(),
-            self.t.sql("SELECT task_id::text, state, attempt, lease_token::text, "
-                       "lease_expires_at, result, updated_at FROM tasks ORDER BY task_id"),
-            self.t.sql("SELECT task_id::text, attempt, outcome, lease_expires_at, heartbeat_at "
-                       "FROM task_attempts ORDER BY task_id, attempt"),
+            self.t.sql(
+                "SELECT task_id::text, state, attempt, lease_token::text, "
+                "lease_expires_at, result, updated_at FROM tasks ORDER BY task_id"
+            ),
+            self.t.sql(
+                "SELECT task_id::text, attempt, outcome, lease_expires_at, heartbeat_at "
+                "FROM task_attempts ORDER BY task_id, attempt"
+            ),
         )
 
     def post(self, path: str, *, body: Any = None, raw: bytes | None = None) -> Response:
         if path.startswith("/v1/"):
-            return self.t.request("POST", path, body=body, raw=raw,
-                                  capability=self.claim["capability_token"])
+            return self.t.request(
+                "POST", path, body=body, raw=raw, capability=self.claim["capability_token"]
+            )
         return self.t.request("POST", path, body=body, raw=raw, platform=True)
 
 
@@ -60,8 +67,14 @@ def env(trace_procs: TraceProcs) -> Iterator[Env]:
     assert e.snapshot() == before, "a refused request wrote something"
 
 
-ROUTES = ["/internal/task-claim", "/internal/admin/tasks", "/v1/task/heartbeat",
-          "/v1/task/events", "/v1/task/buffer-publish", "/v1/task/complete"]
+ROUTES = [
+    "/internal/task-claim",
+    "/internal/admin/tasks",
+    "/v1/task/heartbeat",
+    "/v1/task/events",
+    "/v1/task/buffer-publish",
+    "/v1/task/complete",
+]
 
 
 def _check(r: Response, status: int, code: str, field: str | None = None) -> dict[str, Any]:
@@ -87,8 +100,9 @@ def _valid(env: Env, path: str) -> dict[str, Any]:
     }[path]
 
 
-@pytest.mark.parametrize("raw", [b"{not json", b"", b"\xff\xfe", b'{"task_id": ', b"[1, 2]",
-                                 b'"a string"', b"null"])
+@pytest.mark.parametrize(
+    "raw", [b"{not json", b"", b"\xff\xfe", b'{"task_id": ', b"[1, 2]", b'"a string"', b"null"]
+)
 def test_malformed_json_is_400_on_every_route(env: Env, raw: bytes) -> None:
     for path in ROUTES:
         _check(env.post(path, raw=raw), 400, "malformed_body")
@@ -102,13 +116,21 @@ def test_wrong_types_are_422_with_the_field_path(env: Env) -> None:
         ("/internal/task-claim", {"task_id": env.spare_id, "worker_id": 7}, "worker_id"),
         ("/internal/task-claim", {}, "task_id"),
         ("/internal/admin/tasks", {"tasks": "noop"}, "tasks"),
-        ("/internal/admin/tasks", {"tasks": [{"operator": "noop", "max_attempts": "3"}]},
-         "tasks[0].max_attempts"),
-        ("/internal/admin/tasks",
-         {"tasks": [{"operator": "noop"}, {"operator": "noop", "payload": [1]}]},
-         "tasks[1].payload"),
-        ("/internal/admin/tasks", {"tasks": [{"operator": "noop", "max_attempts": 0}]},
-         "tasks[0].max_attempts"),
+        (
+            "/internal/admin/tasks",
+            {"tasks": [{"operator": "noop", "max_attempts": "3"}]},
+            "tasks[0].max_attempts",
+        ),
+        (
+            "/internal/admin/tasks",
+            {"tasks": [{"operator": "noop"}, {"operator": "noop", "payload": [1]}]},
+            "tasks[1].payload",
+        ),
+        (
+            "/internal/admin/tasks",
+            {"tasks": [{"operator": "noop", "max_attempts": 0}]},
+            "tasks[0].max_attempts",
+        ),
         ("/internal/admin/tasks", {"tasks": []}, "tasks"),
         ("/internal/admin/tasks", {"operator": "Bad Name!"}, "operator"),
         ("/v1/task/heartbeat", {**f, "attempt": "1"}, "attempt"),
@@ -118,20 +140,30 @@ def test_wrong_types_are_422_with_the_field_path(env: Env) -> None:
         ("/v1/task/heartbeat", {"task_id": f["task_id"], "attempt": 1}, "lease_token"),
         ("/v1/task/events", {**f, "events": {"key": "k"}}, "events"),
         ("/v1/task/events", {**f, "events": [{"key": 5, "type": "progress"}]}, "events[0].key"),
-        ("/v1/task/events", {**f, "events": [{"key": "ok", "type": "p"},
-                                             {"key": "bad key!", "type": "p"}]},
-         "events[1].key"),
-        ("/v1/task/events", {**f, "events": [{"key": "k", "type": "p", "payload": "x"}]},
-         "events[0].payload"),
-        ("/v1/task/buffer-publish", {**f, "batch": {**env.batch, "row_count": "1"}},
-         "batch.row_count"),
-        ("/v1/task/buffer-publish", {**f, "batch": {**env.batch, "sha256": "XYZ"}},
-         "batch.sha256"),
+        (
+            "/v1/task/events",
+            {**f, "events": [{"key": "ok", "type": "p"}, {"key": "bad key!", "type": "p"}]},
+            "events[1].key",
+        ),
+        (
+            "/v1/task/events",
+            {**f, "events": [{"key": "k", "type": "p", "payload": "x"}]},
+            "events[0].payload",
+        ),
+        (
+            "/v1/task/buffer-publish",
+            {**f, "batch": {**env.batch, "row_count": "1"}},
+            "batch.row_count",
+        ),
+        ("/v1/task/buffer-publish", {**f, "batch": {**env.batch, "sha256": "XYZ"}}, "batch.sha256"),
         ("/v1/task/buffer-publish", {**f, "batch": []}, "batch"),
         ("/v1/task/complete", {**f, "retryable": "yes"}, "retryable"),
         ("/v1/task/complete", {**f, "outcome": "great"}, "outcome"),
-        ("/v1/task/complete", {**f, "final_events": [{"key": 5, "type": "done"}]},
-         "final_events[0].key"),
+        (
+            "/v1/task/complete",
+            {**f, "final_events": [{"key": 5, "type": "done"}]},
+            "final_events[0].key",
+        ),
         ("/v1/task/complete", {**f, "result": [1, 2]}, "result"),
     ]
     for path, body, field in cases:
@@ -179,9 +211,16 @@ def test_oversized_chunked_body_without_content_length_is_413(env: Env) -> None:
 
     conn = http.client.HTTPConnection("127.0.0.1", env.t.port, timeout=30)
     try:
-        conn.request("POST", "/v1/task/heartbeat", body=chunks(), encode_chunked=True,
-                     headers={"Content-Type": "application/json",
-                              "X-Trace-Task-Capability": env.claim["capability_token"]})
+        conn.request(
+            "POST",
+            "/v1/task/heartbeat",
+            body=chunks(),
+            encode_chunked=True,
+            headers={
+                "Content-Type": "application/json",
+                "X-Trace-Task-Capability": env.claim["capability_token"],
+            },
+        )
         resp = conn.getresponse()
         r = Response(resp.status, resp.read(), dict(resp.getheaders()))
     except (BrokenPipeError, ConnectionResetError):

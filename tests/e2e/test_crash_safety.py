@@ -18,5 +18,6 @@ PER_WAVE = 100  # 1,200 tasks in all
 @pytest.mark.slow
 @pytest.mark.timeout(290)
 def test_kill9_and_postgres_restart_lose_and_duplicate_nothing(
-        trace_procs: TraceProcs, pg_cluster: object) -> None:
+    trace_procs: TraceProcs, pg_cluster: object
+) -> None:
     run_crash_scenario(trace_procs, pg_cluster, waves=WAVES, per_wave=PER_WAVE)

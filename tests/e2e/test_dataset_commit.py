@@ -41,8 +41,10 @@ def _setup_dataset(db_url: str) -> str:
 
 
 def _live(t: TraceProcs) -> list[tuple[Any, ...]]:
-    return t.sql("SELECT range_start, range_end, task_id::text, attempt FROM dataset_partitions "
-                 "WHERE superseded_at IS NULL ORDER BY partition_id")
+    return t.sql(
+        "SELECT range_start, range_end, task_id::text, attempt FROM dataset_partitions "
+        "WHERE superseded_at IS NULL ORDER BY partition_id"
+    )
 
 
 def test_killed_worker_after_staging_leaves_nothing_visible(trace_procs: TraceProcs) -> None:
@@ -50,11 +52,15 @@ def test_killed_worker_after_staging_leaves_nothing_visible(trace_procs: TracePr
     _setup_dataset(t.db_url)
     t.start_dispatcher()
     worker = t.start_worker(concurrency=2)
-    task_id = t.create_task("stage_output", {"start": 0, "end": 100, "hang_first_s": 60},
-                            max_attempts=5)
+    task_id = t.create_task(
+        "stage_output", {"start": 0, "end": 100, "hang_first_s": 60}, max_attempts=5
+    )
     staged_1 = t.object_root / "objects" / "org"
-    t.wait_until(lambda: list(staged_1.glob(f"*/staging/task/{task_id}/attempt/1/out/**/*.json")),
-                 30, "attempt 1 to stage its output")
+    t.wait_until(
+        lambda: list(staged_1.glob(f"*/staging/task/{task_id}/attempt/1/out/**/*.json")),
+        30,
+        "attempt 1 to stage its output",
+    )
     assert _live(t) == []
     t.kill9(worker)
     assert _live(t) == []  # staged, never committed: invisible
@@ -83,27 +89,39 @@ def test_completion_sent_but_reply_lost_commits_exactly_once(trace_procs: TraceP
     t.start_dispatcher()
     task_id = t.create_task("stage_output", {"start": 0, "end": 100}, max_attempts=5)
     claim = t.claim(task_id, "test-worker")
-    fetched = t.request("GET", f"/internal/task-fetch?task_id={task_id}&attempt=1",
-                        platform=True).json
+    fetched = t.request(
+        "GET", f"/internal/task-fetch?task_id={task_id}&attempt=1", platform=True
+    ).json
     store = LocalObjectStore(t.object_root, t.url, b"x" * 32)
     data = json.dumps({"attempt": 1}).encode()
     key = f"{fetched['staging_prefix']}out/blocks/0_100.json"
     asyncio.run(store.put(key, data))
     body = {k: claim[k] for k in ("task_id", "attempt", "lease_token")}
-    body["outputs"] = [{"dataset": "blocks", "object_key": key, "size": len(data),
-                        "sha256": hashlib.sha256(data).hexdigest(),
-                        "partition": {"start": 0, "end": 100}}]
+    body["outputs"] = [
+        {
+            "dataset": "blocks",
+            "object_key": key,
+            "size": len(data),
+            "sha256": hashlib.sha256(data).hexdigest(),
+            "partition": {"start": 0, "end": 100},
+        }
+    ]
     raw = json.dumps(body).encode()
-    _send_and_drop(t.port, "/v1/task/complete",
-                   {"X-Trace-Task-Capability": claim["capability_token"],
-                    "Content-Type": "application/json"}, raw)
+    _send_and_drop(
+        t.port,
+        "/v1/task/complete",
+        {"X-Trace-Task-Capability": claim["capability_token"], "Content-Type": "application/json"},
+        raw,
+    )
     # the Dispatcher finishes the request although the client is gone
-    t.wait_until(lambda: t.scalar("SELECT state FROM tasks WHERE task_id = %s",
-                                  (task_id,)) == "completed", 20, "the completion to commit")
+    t.wait_until(
+        lambda: t.scalar("SELECT state FROM tasks WHERE task_id = %s", (task_id,)) == "completed",
+        20,
+        "the completion to commit",
+    )
     assert _live(t) == [(0, 100, task_id, 1)]
     # the worker retries the same completion after reconnecting: a replay, nothing twice
-    r = t.request("POST", "/v1/task/complete", raw=raw,
-                  capability=claim["capability_token"])
+    r = t.request("POST", "/v1/task/complete", raw=raw, capability=claim["capability_token"])
     assert r.status == 200 and r.json["replay"] is True, r
     # and a worker that never heard back and restarts finds the task done (no attempt 2)
     t.start_worker(concurrency=2)
@@ -111,5 +129,3 @@ def test_completion_sent_but_reply_lost_commits_exactly_once(trace_procs: TraceP
     assert r.status == 409, r
     assert _live(t) == [(0, 100, task_id, 1)]
     assert t.scalar("SELECT count(*) FROM dataset_partitions") == 1
-
-

@@ -17,14 +17,23 @@ def test_sigterm_worker_drains_or_releases_its_tasks(trace_procs: TraceProcs) ->
     grace_s = t.lease_s  # the CLI's worker grace is min(30 s, lease)
     t.start_dispatcher()
     first = t.start_worker(concurrency=8)
-    short = t.create_tasks([{"operator": "sleep", "payload": {"seconds": 1.0}}
-                            for _ in range(3)])
-    long = t.create_tasks([{"operator": "sleep", "payload": {"seconds": grace_s + 5}}
-                           for _ in range(3)])
+    short = t.create_tasks([{"operator": "sleep", "payload": {"seconds": 1.0}} for _ in range(3)])
+    long = t.create_tasks(
+        [{"operator": "sleep", "payload": {"seconds": grace_s + 5}} for _ in range(3)]
+    )
     ids = short + long
-    t.wait_until(lambda: t.scalar("SELECT count(*) FROM task_attempts WHERE outcome = "
-                                  "'running' AND task_id = ANY(%s::uuid[])", (ids,)) == 6,
-                 20, "the first worker to start all six tasks")
+    t.wait_until(
+        lambda: (
+            t.scalar(
+                "SELECT count(*) FROM task_attempts WHERE outcome = "
+                "'running' AND task_id = ANY(%s::uuid[])",
+                (ids,),
+            )
+            == 6
+        ),
+        20,
+        "the first worker to start all six tasks",
+    )
     first_worker_id = t.scalar("SELECT DISTINCT worker_id FROM task_attempts")
     assert first_worker_id.endswith(f":{first.pid}")
 
@@ -38,8 +47,11 @@ def test_sigterm_worker_drains_or_releases_its_tasks(trace_procs: TraceProcs) ->
     rows = t.sql("SELECT state, attempt FROM tasks WHERE task_id = ANY(%s::uuid[])", (short,))
     assert rows == [("completed", 1)] * 3, rows
     # the long ones were handed back at once, not left to lease expiry
-    rows = t.sql("SELECT a.outcome, a.error->>'code', t.state FROM task_attempts a "
-                 "JOIN tasks t USING (task_id) WHERE task_id = ANY(%s::uuid[])", (long,))
+    rows = t.sql(
+        "SELECT a.outcome, a.error->>'code', t.state FROM task_attempts a "
+        "JOIN tasks t USING (task_id) WHERE task_id = ANY(%s::uuid[])",
+        (long,),
+    )
     assert len(rows) == 3, rows
     for outcome, code, state in rows:
         assert (outcome, code) == ("failed", "worker_shutdown"), rows
@@ -48,14 +60,19 @@ def test_sigterm_worker_drains_or_releases_its_tasks(trace_procs: TraceProcs) ->
     second = t.start_worker(concurrency=8)
     states = t.wait_terminal(ids, timeout=grace_s + 40)
     assert states == {"completed": 6}, states
-    attempts = t.sql("SELECT task_id::text, attempt, outcome, worker_id FROM task_attempts "
-                     "WHERE task_id = ANY(%s::uuid[]) ORDER BY task_id, attempt", (long,))
+    attempts = t.sql(
+        "SELECT task_id::text, attempt, outcome, worker_id FROM task_attempts "
+        "WHERE task_id = ANY(%s::uuid[]) ORDER BY task_id, attempt",
+        (long,),
+    )
     by_task: dict[str, list[tuple[int, str, str]]] = {}
     for task_id, attempt, outcome, worker_id in attempts:
         by_task.setdefault(task_id, []).append((attempt, outcome, worker_id))
     for task_id, history in by_task.items():
         assert [(a, o) for a, o, _ in history] == [(1, "failed"), (2, "succeeded")], (
-            task_id, history)
+            task_id,
+            history,
+        )
         assert history[1][2].endswith(f":{second.pid}"), history
     assert t.scalar("SELECT count(*) FROM task_attempts WHERE outcome = 'timed_out'") == 0
     assert t.scalar("SELECT count(*) FROM task_attempts WHERE outcome = 'succeeded'") == 6

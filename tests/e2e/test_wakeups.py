@@ -17,7 +17,7 @@ async def _send(db_url: str, bodies: list[bytes]) -> None:
     queue = PgQueue(db_url, "tasks")
     try:
         for i in range(0, len(bodies), 200):
-            await queue.send(bodies[i:i + 200])
+            await queue.send(bodies[i : i + 200])
     finally:
         await queue.close()
 
@@ -39,8 +39,15 @@ def test_duplicate_and_reordered_wakeups_run_each_task_once(trace_procs: TracePr
     ids = t.create_tasks([{"operator": "emit_events", "payload": {"n": 2}} for _ in range(200)])
     # While the workers run: 3 extra copies of every wake-up, shuffled, in several sends,
     # plus junk that must be consumed without harm.
-    junk = [_wake(str(uuid.uuid4())), _wake("not-a-uuid"), b"not json", b"{}", b"[1]",
-            json.dumps({"task_id": None}).encode(), b'{"task_id": 42}']
+    junk = [
+        _wake(str(uuid.uuid4())),
+        _wake("not-a-uuid"),
+        b"not json",
+        b"{}",
+        b"[1]",
+        json.dumps({"task_id": None}).encode(),
+        b'{"task_id": 42}',
+    ]
     bodies = [_wake(i) for i in ids for _ in range(3)] + junk
     rng.shuffle(bodies)
     asyncio.run(_send(t.db_url, bodies))
@@ -51,20 +58,31 @@ def test_duplicate_and_reordered_wakeups_run_each_task_once(trace_procs: TracePr
     late = [_wake(i) for i in rng.sample(ids, 50) for _ in range(2)]
     rng.shuffle(late)
     asyncio.run(_send(t.db_url, late))
-    t.wait_until(lambda: t.scalar("SELECT count(*) FROM queue_messages") == 0, 60,
-                 "every wake-up (duplicates and junk included) to be consumed")
+    t.wait_until(
+        lambda: t.scalar("SELECT count(*) FROM queue_messages") == 0,
+        60,
+        "every wake-up (duplicates and junk included) to be consumed",
+    )
 
-    assert t.sql("SELECT count(*) FROM task_attempts WHERE NOT (task_id = ANY(%s::uuid[]))",
-                 (ids,)) == [(0,)]
-    per_task = dict(t.sql(
-        "SELECT t.task_id::text, count(a.*) FROM tasks t LEFT JOIN task_attempts a USING "
-        "(task_id) GROUP BY t.task_id"))
+    assert t.sql(
+        "SELECT count(*) FROM task_attempts WHERE NOT (task_id = ANY(%s::uuid[]))", (ids,)
+    ) == [(0,)]
+    per_task = dict(
+        t.sql(
+            "SELECT t.task_id::text, count(a.*) FROM tasks t LEFT JOIN task_attempts a USING "
+            "(task_id) GROUP BY t.task_id"
+        )
+    )
     assert len(per_task) == 200
     multi = {k: v for k, v in per_task.items() if v != 1}
     assert not multi, f"tasks with more than one attempt: {multi}"
     assert t.scalar("SELECT count(*) FROM task_attempts WHERE outcome <> 'succeeded'") == 0
-    events = dict(t.sql("SELECT task_id::text, array_agg(event_key ORDER BY event_key) "
-                        "FROM task_events GROUP BY task_id"))
+    events = dict(
+        t.sql(
+            "SELECT task_id::text, array_agg(event_key ORDER BY event_key) "
+            "FROM task_events GROUP BY task_id"
+        )
+    )
     assert len(events) == 200
     bad = {k: v for k, v in events.items() if v != ["done", "progress-0", "progress-1"]}
     assert not bad, f"unexpected events: {list(bad.items())[:5]}"

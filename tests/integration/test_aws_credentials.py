@@ -28,28 +28,33 @@ INPUTS = ["org/ORG/dataset/blocks/version/3/"]
 async def minter(moto_server: Any) -> AsyncIterator[tuple[StsCredentialMinter, list[dict]]]:
     m = StsCredentialMinter(ROLE, "trace-data", endpoint_url=moto_server.url)
     calls: list[dict[str, Any]] = []
-    m._sts.meta.events.register("provide-client-params.sts.AssumeRole",
-                                lambda params, **_: calls.append(dict(params)))
+    m._sts.meta.events.register(
+        "provide-client-params.sts.AssumeRole", lambda params, **_: calls.append(dict(params))
+    )
     yield m, calls
     await m.close()
 
 
 async def _client(db_url: str, minter: Any) -> tuple[TestClient, Any]:
     pool = await open_pool(db_url, min_size=1, max_size=4)
-    d = Dispatcher(pool, signer=MemorySigner(), queue=MemoryQueue("tasks"),
-                   object_store=MemoryObjectStore())
-    client = TestClient(TestServer(make_app(d, platform_token=PLATFORM,
-                                            credential_minter=minter)))
+    d = Dispatcher(
+        pool, signer=MemorySigner(), queue=MemoryQueue("tasks"), object_store=MemoryObjectStore()
+    )
+    client = TestClient(TestServer(make_app(d, platform_token=PLATFORM, credential_minter=minter)))
     await client.start_server()
     return client, pool
 
 
 async def _claim(client: TestClient, payload: dict[str, Any]) -> dict[str, Any]:
-    r = await client.post("/internal/admin/tasks", headers=AUTH,
-                          json={"operator": "noop", "org": "acme", "payload": payload})
+    r = await client.post(
+        "/internal/admin/tasks",
+        headers=AUTH,
+        json={"operator": "noop", "org": "acme", "payload": payload},
+    )
     task = await r.json()
-    claim = await (await client.post("/internal/task-claim", headers=AUTH,
-                                     json={"task_id": task["task_id"]})).json()
+    claim = await (
+        await client.post("/internal/task-claim", headers=AUTH, json={"task_id": task["task_id"]})
+    ).json()
     claim["org_id"] = task["org_id"]
     return claim
 
@@ -79,31 +84,49 @@ async def test_minted_credentials_carry_exactly_the_grant(db_url: str, minter: A
         [call] = calls
         assert call["RoleArn"] == ROLE
         assert call["DurationSeconds"] == 900  # timeout 60 s + 60, raised to STS's minimum
-        expected = session_policy(grant_for_attempt(
-            bucket="trace-data", org_id=org, task_id=claim["task_id"], attempt=1,
-            timeout_s=60, read_prefixes=inputs))
+        expected = session_policy(
+            grant_for_attempt(
+                bucket="trace-data",
+                org_id=org,
+                task_id=claim["task_id"],
+                attempt=1,
+                timeout_s=60,
+                read_prefixes=inputs,
+            )
+        )
         assert json.loads(call["Policy"]) == expected
         resources = [r for st in expected["Statement"] for r in st["Resource"]]
-        assert resources == [f"arn:aws:s3:::trace-data/{inputs[0]}*", "arn:aws:s3:::trace-data",
-                             f"arn:aws:s3:::trace-data/{staging}*"]
+        assert resources == [
+            f"arn:aws:s3:::trace-data/{inputs[0]}*",
+            "arn:aws:s3:::trace-data",
+            f"arn:aws:s3:::trace-data/{staging}*",
+        ]
 
         # narrowing inside the grant is fine; anything outside is refused before STS is called
         narrowed = {**_fence(claim), "read_prefixes": [inputs[0] + "part-1/"]}
         r = await client.post("/v1/task/credentials", json=narrowed, headers=cap)
         assert r.status == 200 and (await r.json())["read_prefixes"] == narrowed["read_prefixes"]
         assert len(calls) == 2
-        for outside, status in ((f"org/{org}/dataset/blocks/version/4/", 403),
-                                (f"org/{org}/dataset/", 403),
-                                ("org/other/dataset/x/", 403),
-                                (f"org/{org}/dataset/*/", 422)):
-            r = await client.post("/v1/task/credentials", headers=cap,
-                                  json={**_fence(claim), "read_prefixes": [outside]})
+        for outside, status in (
+            (f"org/{org}/dataset/blocks/version/4/", 403),
+            (f"org/{org}/dataset/", 403),
+            ("org/other/dataset/x/", 403),
+            (f"org/{org}/dataset/*/", 422),
+        ):
+            r = await client.post(
+                "/v1/task/credentials",
+                headers=cap,
+                json={**_fence(claim), "read_prefixes": [outside]},
+            )
             assert r.status == status, (outside, await r.text())
         assert len(calls) == 2
         # a task whose own inputs point outside its org gets nothing either
         bad = await _claim(client, {"input_prefixes": ["org/someone-else/dataset/x/"]})
-        r = await client.post("/v1/task/credentials", json=_fence(bad),
-                              headers={"X-Trace-Task-Capability": bad["capability_token"]})
+        r = await client.post(
+            "/v1/task/credentials",
+            json=_fence(bad),
+            headers={"X-Trace-Task-Capability": bad["capability_token"]},
+        )
         assert r.status == 403 and (await r.json())["error"] == "forbidden"
         assert len(calls) == 2
     finally:
@@ -136,8 +159,11 @@ async def test_lite_dispatcher_has_no_minter(db_url: str) -> None:
     client, pool = await _client(db_url, None)
     try:
         claim = await _claim(client, {})
-        r = await client.post("/v1/task/credentials", json=_fence(claim),
-                              headers={"X-Trace-Task-Capability": claim["capability_token"]})
+        r = await client.post(
+            "/v1/task/credentials",
+            json=_fence(claim),
+            headers={"X-Trace-Task-Capability": claim["capability_token"]},
+        )
         assert r.status == 404 and (await r.json())["error"] == "not_found"
     finally:
         await client.close()

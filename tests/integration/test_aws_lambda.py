@@ -31,17 +31,25 @@ class FakeLambda:
 
     async def invoke(self, request: web.Request) -> web.Response:
         body = await request.read()
-        self.invocations.append({"function": request.match_info["name"],
-                                 "headers": dict(request.headers), "body": json.loads(body)})
+        self.invocations.append(
+            {
+                "function": request.match_info["name"],
+                "headers": dict(request.headers),
+                "body": json.loads(body),
+            }
+        )
         if self.fail_with:
-            return web.json_response({"Type": "Service", "message": "boom"},
-                                     status=self.fail_with,
-                                     headers={"x-amzn-ErrorType": "ServiceException"})
+            return web.json_response(
+                {"Type": "Service", "message": "boom"},
+                status=self.fail_with,
+                headers={"x-amzn-ErrorType": "ServiceException"},
+            )
         return web.Response(status=202)
 
     async def config(self, request: web.Request) -> web.Response:
-        self.configs.append({"function": request.match_info["name"],
-                             "body": json.loads(await request.read())})
+        self.configs.append(
+            {"function": request.match_info["name"], "body": json.loads(await request.read())}
+        )
         return web.json_response({"MaximumRetryAttempts": 0})
 
     async def __aenter__(self) -> FakeLambda:
@@ -72,10 +80,14 @@ def _invoker(fake: FakeLambda) -> LambdaInvoker:
 
 async def _dispatcher(db_url: str) -> tuple[Dispatcher, Any]:
     pool = await open_pool(db_url, min_size=1, max_size=4)
-    d = Dispatcher(pool, signer=MemorySigner(), queue=MemoryQueue("tasks"),
-                   object_store=MemoryObjectStore(),
-                   lease=LeasePolicy(lease_s=1.0, heartbeat_s=0.25),
-                   retry=RetryPolicy(base_s=0.01, cap_s=0.01))
+    d = Dispatcher(
+        pool,
+        signer=MemorySigner(),
+        queue=MemoryQueue("tasks"),
+        object_store=MemoryObjectStore(),
+        lease=LeasePolicy(lease_s=1.0, heartbeat_s=0.25),
+        retry=RetryPolicy(base_s=0.01, cap_s=0.01),
+    )
     return d, pool
 
 
@@ -83,21 +95,35 @@ async def test_launch_invokes_event_with_the_full_payload(db_url: str, fake: Fak
     d, pool = await _dispatcher(db_url)
     invoker = _invoker(fake)
     try:
-        [info] = await d.create_tasks([wire.CreateTaskRequest(
-            operator="udf_python", payload={"bundle_key": "org/x/bundles/f.zip", "n": 1})])
+        [info] = await d.create_tasks(
+            [
+                wire.CreateTaskRequest(
+                    operator="udf_python", payload={"bundle_key": "org/x/bundles/f.zip", "n": 1}
+                )
+            ]
+        )
         launcher = LambdaLauncher(d, invoker, MemoryObjectStore())
         claim = await launcher.launch(info.task_id)
         assert claim is not None and claim.attempt == 1
-        assert fake.configs == [{"function": "trace-udf-python",
-                                 "body": {"MaximumRetryAttempts": 0}}]
+        assert fake.configs == [
+            {"function": "trace-udf-python", "body": {"MaximumRetryAttempts": 0}}
+        ]
         [inv] = fake.invocations
         assert inv["function"] == "trace-udf-python"
         assert inv["headers"]["X-Amz-Invocation-Type"] == "Event"
         payload = wire.structure(inv["body"], wire.LambdaInvokePayload)
         fetched = await d.fetch(info.task_id, 1)
         # the same shape as task-fetch, plus the attempt's credentials and the bundle URL
-        for field in ("task_id", "org_id", "operator", "payload", "attempt", "timeout_s",
-                      "staging_prefix", "max_attempts"):
+        for field in (
+            "task_id",
+            "org_id",
+            "operator",
+            "payload",
+            "attempt",
+            "timeout_s",
+            "staging_prefix",
+            "max_attempts",
+        ):
             assert getattr(payload, field) == getattr(fetched, field), field
         assert payload.capability_token == claim.capability_token
         assert payload.lease_token == claim.lease_token
@@ -113,15 +139,17 @@ async def test_launch_invokes_event_with_the_full_payload(db_url: str, fake: Fak
         await pool.close()
 
 
-async def test_failed_invoke_times_out_and_the_reaper_retries(db_url: str,
-                                                              fake: FakeLambda) -> None:
+async def test_failed_invoke_times_out_and_the_reaper_retries(
+    db_url: str, fake: FakeLambda
+) -> None:
     import asyncio
 
     d, pool = await _dispatcher(db_url)
     invoker = _invoker(fake)
     try:
-        [info] = await d.create_tasks([wire.CreateTaskRequest(operator="udf_python",
-                                                              max_attempts=3)])
+        [info] = await d.create_tasks(
+            [wire.CreateTaskRequest(operator="udf_python", max_attempts=3)]
+        )
         launcher = LambdaLauncher(d, invoker, MemoryObjectStore())
         fake.fail_with = 500
         first = await launcher.launch(info.task_id)  # the failure is logged, not raised
@@ -141,8 +169,7 @@ async def test_failed_invoke_times_out_and_the_reaper_retries(db_url: str,
         fake.fail_with = None
         second = await launcher.launch(info.task_id)
         assert second is not None and second.attempt == 2
-        assert wire.structure(fake.invocations[-1]["body"],
-                              wire.LambdaInvokePayload).attempt == 2
+        assert wire.structure(fake.invocations[-1]["body"], wire.LambdaInvokePayload).attempt == 2
         with pytest.raises(Exception):  # noqa: B017 - the stale attempt's token is refused
             await d.authorize(first.capability_token, info.task_id, 2)
     finally:
@@ -151,14 +178,16 @@ async def test_failed_invoke_times_out_and_the_reaper_retries(db_url: str,
 
 
 async def test_runtime_lambda_tasks_are_invoked_by_the_outbox_publisher(
-        fake: FakeLambda, db_url: str) -> None:
+    fake: FakeLambda, db_url: str
+) -> None:
     """A ``runtime: lambda`` task is never put on the worker queue: the Dispatcher's outbox
     publisher claims it and invokes the function with the full payload."""
     d, pool = await _dispatcher(db_url)
     try:
         d.launcher = LambdaLauncher(d, _invoker(fake), MemoryObjectStore())
-        (lam,) = await d.create_tasks([wire.CreateTaskRequest(operator="udf", runtime="lambda",
-                                                              payload={"x": 1})])
+        (lam,) = await d.create_tasks(
+            [wire.CreateTaskRequest(operator="udf", runtime="lambda", payload={"x": 1})]
+        )
         (wrk,) = await d.create_tasks([wire.CreateTaskRequest(operator="noop")])
         assert await d.publish_outbox_once() == 2
         assert [i["body"]["task_id"] for i in fake.invocations] == [lam.task_id]

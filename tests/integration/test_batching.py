@@ -23,8 +23,9 @@ async def dispatcher(db_url: str) -> AsyncIterator[Dispatcher]:
 
 
 async def test_claim_many_claims_what_it_can_and_says_why_not(dispatcher: Dispatcher) -> None:
-    infos = await dispatcher.create_tasks([wire.CreateTaskRequest(operator="noop", payload={"i": i})
-                                           for i in range(5)])
+    infos = await dispatcher.create_tasks(
+        [wire.CreateTaskRequest(operator="noop", payload={"i": i}) for i in range(5)]
+    )
     ids = [i.task_id for i in infos]
     await dispatcher.cancel(ids[0])
     await dispatcher.claim(ids[1])
@@ -32,7 +33,10 @@ async def test_claim_many_claims_what_it_can_and_says_why_not(dispatcher: Dispat
     batch = await dispatcher.claim_many([*ids, ids[2], missing], "w")
     assert sorted(g.claim.task_id for g in batch.claims) == sorted(ids[2:])
     assert {r.task_id: r.error for r in batch.refused} == {
-        ids[0]: "task_canceled", ids[1]: "task_not_claimable", missing: "not_found"}
+        ids[0]: "task_canceled",
+        ids[1]: "task_not_claimable",
+        missing: "not_found",
+    }
     for g in batch.claims:
         assert g.task.status == "running" and g.task.attempt == g.claim.attempt == 1
         assert g.task.payload["i"] in (2, 3, 4)
@@ -45,16 +49,21 @@ async def test_group_commit_batches_concurrent_completions(dispatcher: Dispatche
     await dispatcher.create_tasks([wire.CreateTaskRequest(operator="noop") for _ in range(60)])
     grants = await dispatcher.claim_next(60)
     batcher = CompletionBatcher(dispatcher)
-    reqs = [wire.CompleteRequest(task_id=g.task_id, attempt=g.attempt,
-                                 lease_token=g.lease_token) for g in grants]
-    stale = wire.CompleteRequest(task_id=grants[0].task_id, attempt=1,
-                                 lease_token="00000000-0000-4000-8000-000000000000")
+    reqs = [
+        wire.CompleteRequest(task_id=g.task_id, attempt=g.attempt, lease_token=g.lease_token)
+        for g in grants
+    ]
+    stale = wire.CompleteRequest(
+        task_id=grants[0].task_id, attempt=1, lease_token="00000000-0000-4000-8000-000000000000"
+    )
     twice = reqs[1]
-    results = await asyncio.gather(*(batcher.complete(r) for r in [*reqs, stale, twice]),
-                                   return_exceptions=True)
+    results = await asyncio.gather(
+        *(batcher.complete(r) for r in [*reqs, stale, twice]), return_exceptions=True
+    )
     await batcher.close()
-    assert all(isinstance(r, wire.CompleteResponse) and r.state == "completed"
-               for r in results[:60])
+    assert all(
+        isinstance(r, wire.CompleteResponse) and r.state == "completed" for r in results[:60]
+    )
     assert isinstance(results[60], errors.LeaseLost)
     assert isinstance(results[61], wire.CompleteResponse) and results[61].replay
     assert len(batcher.batch_sizes) < 10  # 62 requests, a handful of transactions
@@ -68,9 +77,14 @@ async def test_group_commit_reports_a_failed_transaction_to_every_caller() -> No
             raise errors.Unavailable("database down")
 
     batcher = CompletionBatcher(Down())  # type: ignore[arg-type]
-    reqs = [wire.CompleteRequest(task_id=f"00000000-0000-4000-8000-00000000000{i}", attempt=1,
-                                 lease_token="00000000-0000-4000-8000-000000000000")
-            for i in range(3)]
+    reqs = [
+        wire.CompleteRequest(
+            task_id=f"00000000-0000-4000-8000-00000000000{i}",
+            attempt=1,
+            lease_token="00000000-0000-4000-8000-000000000000",
+        )
+        for i in range(3)
+    ]
     results = await asyncio.gather(*(batcher.complete(r) for r in reqs), return_exceptions=True)
     await batcher.close()
     assert all(isinstance(r, errors.Unavailable) for r in results)
@@ -90,7 +104,10 @@ def test_pg_array_literals_refuse_values_that_need_quoting() -> None:
 
 
 async def test_complete_many_answers_not_found_for_unknown_tasks(dispatcher: Dispatcher) -> None:
-    missing = wire.CompleteRequest(task_id="00000000-0000-4000-8000-00000000abcd", attempt=1,
-                                   lease_token="00000000-0000-4000-8000-000000000000")
+    missing = wire.CompleteRequest(
+        task_id="00000000-0000-4000-8000-00000000abcd",
+        attempt=1,
+        lease_token="00000000-0000-4000-8000-000000000000",
+    )
     (res,) = await dispatcher.complete_many([missing])
     assert isinstance(res, errors.NotFound) and res.field == "task_id"

@@ -43,8 +43,14 @@ class Env:
 async def env(db_url: str, tmp_path: Path) -> AsyncIterator[Env]:
     pool = await open_pool(db_url, min_size=2, max_size=12)
     store = LocalObjectStore(tmp_path / "objects", "http://127.0.0.1:1", b"s" * 32)
-    d = Dispatcher(pool, signer=MemorySigner(), queue=MemoryQueue("tasks"), object_store=store,
-                   retry=RetryPolicy(max_attempts=3, base_s=0.0), rand=lambda: 0.5)
+    d = Dispatcher(
+        pool,
+        signer=MemorySigner(),
+        queue=MemoryQueue("tasks"),
+        object_store=store,
+        retry=RetryPolicy(max_attempts=3, base_s=0.0),
+        rand=lambda: 0.5,
+    )
     ds = Datasets(pool, object_store=store)
     await ds.ensure_dag(ORG, DAG, deployers=["dave"])
     versions = {}
@@ -66,12 +72,18 @@ async def _claim(env: Env, org: str = ORG) -> tuple[dict[str, Any], str]:
     return fence, payload.staging_prefix
 
 
-async def _stage(env: Env, object_key: str, body: Any, dataset: str = "blocks",
-                 **partition: Any) -> dict[str, Any]:
+async def _stage(
+    env: Env, object_key: str, body: Any, dataset: str = "blocks", **partition: Any
+) -> dict[str, Any]:
     data = json.dumps(body).encode()
     await env.store.put(object_key, data)
-    return {"dataset": dataset, "object_key": object_key, "size": len(data),
-            "sha256": hashlib.sha256(data).hexdigest(), "partition": partition}
+    return {
+        "dataset": dataset,
+        "object_key": object_key,
+        "size": len(data),
+        "sha256": hashlib.sha256(data).hexdigest(),
+        "partition": partition,
+    }
 
 
 def _complete(fence: dict[str, Any], outputs: list[dict[str, Any]]) -> wire.CompleteRequest:
@@ -81,8 +93,10 @@ def _complete(fence: dict[str, Any], outputs: list[dict[str, Any]]) -> wire.Comp
 async def _live(env: Env, name: str = "blocks") -> list[tuple[Any, ...]]:
     caller = await env.ds.user_caller(ORG, "dave")
     res = await env.ds.resolve(caller, ORG, [name], pin_ttl_s=0)
-    return [(o.get("start"), o.get("end"), o.get("key"), o["object_key"])
-            for o in res.datasets[0].objects]
+    return [
+        (o.get("start"), o.get("end"), o.get("key"), o["object_key"])
+        for o in res.datasets[0].objects
+    ]
 
 
 async def test_commit_is_visible_only_after_the_fenced_completion(env: Env) -> None:
@@ -111,8 +125,10 @@ async def test_commit_is_visible_only_after_the_fenced_completion(env: Env) -> N
 async def test_stale_attempt_manifest_is_refused_and_nothing_is_visible(env: Env) -> None:
     old, old_prefix = await _claim(env)
     out = await _stage(env, f"{old_prefix}blocks/0_100.json", {"old": True}, start=0, end=100)
-    env.sql("UPDATE tasks SET lease_expires_at = now() - interval '1s' WHERE task_id = %s",
-            (old["task_id"],))
+    env.sql(
+        "UPDATE tasks SET lease_expires_at = now() - interval '1s' WHERE task_id = %s",
+        (old["task_id"],),
+    )
     await env.d.reap_once()
     new = await env.d.claim(old["task_id"])
     assert new.attempt == 2
@@ -123,10 +139,20 @@ async def test_stale_attempt_manifest_is_refused_and_nothing_is_visible(env: Env
     assert env.sql("SELECT count(*) FROM outbox WHERE topic LIKE 'dataset%'")[0][0] == 0
 
 
-@pytest.mark.parametrize("where", [
-    "other_attempt", "other_task", "other_org", "version_prefix", "dotdot", "encoded",
-    "absolute", "backslash", "prefix_sibling",
-])
+@pytest.mark.parametrize(
+    "where",
+    [
+        "other_attempt",
+        "other_task",
+        "other_org",
+        "version_prefix",
+        "dotdot",
+        "encoded",
+        "absolute",
+        "backslash",
+        "prefix_sibling",
+    ],
+)
 async def test_manifest_outside_the_staging_prefix_is_refused(env: Env, where: str) -> None:
     fence, prefix = await _claim(env)
     org_id, task_id = prefix.split("/")[1], fence["task_id"]
@@ -145,12 +171,22 @@ async def test_manifest_outside_the_staging_prefix_is_refused(env: Env, where: s
     }
     key = keys[where]
     data = b"{}"
-    with_store = where in ("other_attempt", "other_task", "other_org", "version_prefix",
-                           "prefix_sibling")
+    with_store = where in (
+        "other_attempt",
+        "other_task",
+        "other_org",
+        "version_prefix",
+        "prefix_sibling",
+    )
     if with_store:
         await env.store.put(key, data)
-    out = {"dataset": "blocks", "object_key": key, "size": len(data),
-           "sha256": hashlib.sha256(data).hexdigest(), "partition": {"start": 0, "end": 100}}
+    out = {
+        "dataset": "blocks",
+        "object_key": key,
+        "size": len(data),
+        "sha256": hashlib.sha256(data).hexdigest(),
+        "partition": {"start": 0, "end": 100},
+    }
     with pytest.raises(errors.UnsafeKey) as info:
         await env.d.complete(_complete(fence, [out]))
     assert info.value.field == "outputs[0].object_key"
@@ -178,10 +214,15 @@ async def test_manifest_must_match_the_staged_object(env: Env) -> None:
 
 
 async def test_replace_supersedes_exactly_the_rewritten_range_with_one_invalidation(
-        env: Env) -> None:
+    env: Env,
+) -> None:
     fence, prefix = await _claim(env)
-    outs = [await _stage(env, f"{prefix}blocks/{s}_{s + 100}.json", {"v": 1, "s": s},
-                         start=s, end=s + 100) for s in (0, 100, 200)]
+    outs = [
+        await _stage(
+            env, f"{prefix}blocks/{s}_{s + 100}.json", {"v": 1, "s": s}, start=s, end=s + 100
+        )
+        for s in (0, 100, 200)
+    ]
     await env.d.complete(_complete(fence, outs))
     before = {(s, e): k for s, e, _, k in await _live(env)}
     fence2, prefix2 = await _claim(env)
@@ -191,13 +232,18 @@ async def test_replace_supersedes_exactly_the_rewritten_range_with_one_invalidat
     assert sorted(after) == [(0, 100), (100, 200), (200, 300)]
     assert after[(0, 100)] == before[(0, 100)] and after[(200, 300)] == before[(200, 300)]
     assert after[(100, 200)] == out["object_key"]
-    assert env.sql("SELECT count(*) FROM dataset_partitions WHERE superseded_at IS NOT NULL"
-                   ) == [(1,)]
+    assert env.sql("SELECT count(*) FROM dataset_partitions WHERE superseded_at IS NOT NULL") == [
+        (1,)
+    ]
     inval = env.sql("SELECT payload FROM outbox WHERE topic = 'dataset.invalidate'")
     assert len(inval) == 1
     p = inval[0][0]
     assert (p["start"], p["end"], p["superseded"], p["dataset_version"]) == (
-        100, 200, 1, env.versions["blocks"])
+        100,
+        200,
+        1,
+        env.versions["blocks"],
+    )
     # a replace that would cut a live partition in half is refused, nothing written
     fence3, prefix3 = await _claim(env)
     half = await _stage(env, f"{prefix3}blocks/150_250.json", {}, start=150, end=250)
@@ -208,23 +254,29 @@ async def test_replace_supersedes_exactly_the_rewritten_range_with_one_invalidat
 
 async def test_append_with_duplicate_keys_stores_each_key_once(env: Env) -> None:
     fence, prefix = await _claim(env)
-    outs = [await _stage(env, f"{prefix}logs/{k}.json", {"k": k}, dataset="logs", key=k)
-            for k in ("a", "b")]
+    outs = [
+        await _stage(env, f"{prefix}logs/{k}.json", {"k": k}, dataset="logs", key=k)
+        for k in ("a", "b")
+    ]
     dup = await _stage(env, f"{prefix}logs/a2.json", {"k": "a"}, dataset="logs", key="a")
     await env.d.complete(_complete(fence, [*outs, dup]))
     fence2, prefix2 = await _claim(env)
-    again = [await _stage(env, f"{prefix2}logs/{k}.json", {"k": k}, dataset="logs", key=k)
-             for k in ("b", "c")]
+    again = [
+        await _stage(env, f"{prefix2}logs/{k}.json", {"k": k}, dataset="logs", key=k)
+        for k in ("b", "c")
+    ]
     await env.d.complete(_complete(fence2, again))
     live = await _live(env, "logs")
     assert sorted(k for _, _, k, _ in live) == ["a", "b", "c"]
-    assert env.sql("SELECT count(*) FROM dataset_partitions WHERE superseded_at IS NOT NULL"
-                   ) == [(0,)]
+    assert env.sql("SELECT count(*) FROM dataset_partitions WHERE superseded_at IS NOT NULL") == [
+        (0,)
+    ]
     assert env.sql("SELECT count(*) FROM outbox WHERE topic = 'dataset.invalidate'") == [(0,)]
 
 
 async def test_concurrent_readers_see_whole_pointer_sets_during_cutover_and_rollback(
-        env: Env) -> None:
+    env: Env,
+) -> None:
     names = ["blocks", "logs"]
     sets = [dict(env.versions)]
     for _ in range(2):
@@ -275,20 +327,22 @@ async def test_purge_refuses_active_and_pinned_versions_and_frees_storage(env: E
     for k in keys:
         with pytest.raises(errors.NotFound):
             await env.store.head(k)
-    assert env.sql("SELECT state FROM dataset_versions WHERE dataset_version = %s",
-                   (old,)) == [("purged",)]
+    assert env.sql("SELECT state FROM dataset_versions WHERE dataset_version = %s", (old,)) == [
+        ("purged",)
+    ]
     assert env.sql("SELECT count(*) FROM dataset_partitions") == [(0,)]
     # the previous pointer set names the purged version: rollback refuses
     with pytest.raises(errors.Conflict, match="purged"):
         await env.ds.rollback(None, ORG, DAG)
 
 
-async def test_clean_staging_deletes_only_uncommitted_attempts_after_the_grace(
-        env: Env) -> None:
+async def test_clean_staging_deletes_only_uncommitted_attempts_after_the_grace(env: Env) -> None:
     failed, failed_prefix = await _claim(env)
     await _stage(env, f"{failed_prefix}blocks/0_100.json", {}, start=0, end=100)
-    env.sql("UPDATE tasks SET lease_expires_at = now() - interval '1s' WHERE task_id = %s",
-            (failed["task_id"],))
+    env.sql(
+        "UPDATE tasks SET lease_expires_at = now() - interval '1s' WHERE task_id = %s",
+        (failed["task_id"],),
+    )
     await env.d.reap_once()
     new = await env.d.claim(failed["task_id"])
     payload = await env.d.fetch(new.task_id, new.attempt)

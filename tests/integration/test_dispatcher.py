@@ -22,8 +22,11 @@ from trace_lite.dispatcher import Dispatcher, open_pool
 async def dispatcher(db_url: str) -> AsyncIterator[Dispatcher]:
     pool = await open_pool(db_url, min_size=1, max_size=4)
     d = Dispatcher(
-        pool, signer=MemorySigner(), queue=MemoryQueue("tasks"),
-        object_store=MemoryObjectStore(), retry=RetryPolicy(max_attempts=3, base_s=0.0),
+        pool,
+        signer=MemorySigner(),
+        queue=MemoryQueue("tasks"),
+        object_store=MemoryObjectStore(),
+        retry=RetryPolicy(max_attempts=3, base_s=0.0),
         rand=lambda: 0.5,
     )
     try:
@@ -48,22 +51,36 @@ def _fence(c: wire.ClaimResponse) -> dict[str, Any]:
 
 
 def _expire(db_url: str, task_id: str) -> None:
-    _sql(db_url, "UPDATE tasks SET lease_expires_at = now() - interval '1 second' "
-                 "WHERE task_id = %s", (task_id,))
+    _sql(
+        db_url,
+        "UPDATE tasks SET lease_expires_at = now() - interval '1 second' WHERE task_id = %s",
+        (task_id,),
+    )
 
 
-async def test_happy_path_writes_one_completion_with_events(dispatcher: Dispatcher,
-                                                            db_url: str) -> None:
+async def test_happy_path_writes_one_completion_with_events(
+    dispatcher: Dispatcher, db_url: str
+) -> None:
     task_id = await _create(dispatcher)
     claim = await dispatcher.claim(task_id, "w1")
     assert claim.attempt == 1
     f = _fence(claim)
     await dispatcher.heartbeat(wire.HeartbeatRequest(**f))
-    r = await dispatcher.emit_events(wire.EventsRequest(**f, events=[
-        wire.EventIn("a", "progress", {"i": 1}), wire.EventIn("b", "progress", {"i": 2})]))
+    r = await dispatcher.emit_events(
+        wire.EventsRequest(
+            **f,
+            events=[
+                wire.EventIn("a", "progress", {"i": 1}),
+                wire.EventIn("b", "progress", {"i": 2}),
+            ],
+        )
+    )
     assert (r.accepted, r.duplicates) == (2, 0)
-    done = await dispatcher.complete(wire.CompleteRequest(
-        **f, result={"ok": True}, final_events=[wire.EventIn("done", "done", {})]))
+    done = await dispatcher.complete(
+        wire.CompleteRequest(
+            **f, result={"ok": True}, final_events=[wire.EventIn("done", "done", {})]
+        )
+    )
     assert done.state == "completed" and not done.replay
     task = await dispatcher.get_task(task_id)
     assert task["state"] == "completed"
@@ -74,7 +91,8 @@ async def test_happy_path_writes_one_completion_with_events(dispatcher: Dispatch
 
 
 async def test_complete_twice_same_body_is_replay_different_body_is_409(
-        dispatcher: Dispatcher) -> None:
+    dispatcher: Dispatcher,
+) -> None:
     task_id = await _create(dispatcher)
     f = _fence(await dispatcher.claim(task_id))
     first = await dispatcher.complete(wire.CompleteRequest(**f, result={"n": 1}))
@@ -85,19 +103,23 @@ async def test_complete_twice_same_body_is_replay_different_body_is_409(
 
 
 async def test_claim_is_exclusive_and_duplicate_wakes_do_not_double_claim(
-        dispatcher: Dispatcher) -> None:
+    dispatcher: Dispatcher,
+) -> None:
     task_id = await _create(dispatcher)
-    results = await asyncio.gather(*(dispatcher.claim(task_id, f"w{i}") for i in range(8)),
-                                   return_exceptions=True)
+    results = await asyncio.gather(
+        *(dispatcher.claim(task_id, f"w{i}") for i in range(8)), return_exceptions=True
+    )
     wins = [r for r in results if isinstance(r, wire.ClaimResponse)]
     assert len(wins) == 1
     # losers see it running (not claimable) or locked mid-claim (retry later, keep the wake-up)
-    assert all(isinstance(r, errors.TaskNotClaimable | errors.Unavailable)
-               for r in results if r not in wins)
+    assert all(
+        isinstance(r, errors.TaskNotClaimable | errors.Unavailable)
+        for r in results
+        if r not in wins
+    )
 
 
-async def test_stale_attempt_is_fenced_out_everywhere(dispatcher: Dispatcher,
-                                                      db_url: str) -> None:
+async def test_stale_attempt_is_fenced_out_everywhere(dispatcher: Dispatcher, db_url: str) -> None:
     task_id = await _create(dispatcher)
     old = _fence(await dispatcher.claim(task_id))
     _expire(db_url, task_id)
@@ -129,8 +151,9 @@ async def test_wrong_lease_token_is_409(dispatcher: Dispatcher) -> None:
         await dispatcher.complete(wire.CompleteRequest(**f))
 
 
-async def test_late_completion_accepted_when_no_newer_attempt(dispatcher: Dispatcher,
-                                                              db_url: str) -> None:
+async def test_late_completion_accepted_when_no_newer_attempt(
+    dispatcher: Dispatcher, db_url: str
+) -> None:
     task_id = await _create(dispatcher)
     f = _fence(await dispatcher.claim(task_id))
     _expire(db_url, task_id)
@@ -184,16 +207,18 @@ async def test_cancel_queued_and_running(dispatcher: Dispatcher) -> None:
         await dispatcher.cancel(done)
 
 
-async def test_events_are_deduplicated_by_key_across_attempts(dispatcher: Dispatcher,
-                                                              db_url: str) -> None:
+async def test_events_are_deduplicated_by_key_across_attempts(
+    dispatcher: Dispatcher, db_url: str
+) -> None:
     task_id = await _create(dispatcher)
     f1 = _fence(await dispatcher.claim(task_id))
     await dispatcher.emit_events(wire.EventsRequest(**f1, events=[wire.EventIn("k1", "t")]))
     await dispatcher.complete(wire.CompleteRequest(**f1, outcome="failed"))
     await dispatcher.reap_once()
     f2 = _fence(await dispatcher.claim(task_id))
-    r = await dispatcher.emit_events(wire.EventsRequest(
-        **f2, events=[wire.EventIn("k1", "t"), wire.EventIn("k2", "t")]))
+    r = await dispatcher.emit_events(
+        wire.EventsRequest(**f2, events=[wire.EventIn("k1", "t"), wire.EventIn("k2", "t")])
+    )
     assert (r.accepted, r.duplicates) == (1, 1)
     assert _sql(db_url, "SELECT count(*) FROM task_events")[0][0] == 2
 
@@ -226,8 +251,12 @@ async def test_buffer_publish_checks_prefix_and_object(dispatcher: Dispatcher) -
 
 
 async def test_outbox_publishes_wakes_to_the_queue(dispatcher: Dispatcher, db_url: str) -> None:
-    ids = [i.task_id for i in await dispatcher.create_tasks(
-        [wire.CreateTaskRequest(operator="noop") for _ in range(150)])]
+    ids = [
+        i.task_id
+        for i in await dispatcher.create_tasks(
+            [wire.CreateTaskRequest(operator="noop") for _ in range(150)]
+        )
+    ]
     sent = 0
     while n := await dispatcher.publish_outbox_once():
         sent += n
@@ -246,17 +275,20 @@ async def test_outbox_send_failure_backs_off(dispatcher: Dispatcher, db_url: str
     assert isinstance(queue, MemoryQueue)
     queue.fail_next("send", errors.Unavailable("queue down"))
     assert await dispatcher.publish_outbox_once() == 0
-    ((state, tries, later),) = _sql(
-        db_url, "SELECT state, tries, available_at > now() FROM outbox")
+    ((state, tries, later),) = _sql(db_url, "SELECT state, tries, available_at > now() FROM outbox")
     assert (state, tries) == ("pending", 1) and later
 
 
 async def test_idempotency_key_returns_existing_task(dispatcher: Dispatcher) -> None:
-    a = await dispatcher.create_tasks([wire.CreateTaskRequest(operator="noop",
-                                                              idempotency_key="run-1")])
-    b = await dispatcher.create_tasks([wire.CreateTaskRequest(operator="noop",
-                                                              idempotency_key="run-1"),
-                                       wire.CreateTaskRequest(operator="noop")])
+    a = await dispatcher.create_tasks(
+        [wire.CreateTaskRequest(operator="noop", idempotency_key="run-1")]
+    )
+    b = await dispatcher.create_tasks(
+        [
+            wire.CreateTaskRequest(operator="noop", idempotency_key="run-1"),
+            wire.CreateTaskRequest(operator="noop"),
+        ]
+    )
     assert b[0].task_id == a[0].task_id and not b[0].created
     assert b[1].created
 
@@ -289,26 +321,35 @@ async def test_claim_next_and_complete_many(dispatcher: Dispatcher) -> None:
     await dispatcher.create_tasks([wire.CreateTaskRequest(operator="noop") for _ in range(50)])
     grants = await dispatcher.claim_next(100)
     assert len(grants) == 50 and not await dispatcher.claim_next(10)
-    reqs = [wire.CompleteRequest(task_id=g.task_id, attempt=g.attempt,
-                                 lease_token=g.lease_token) for g in grants]
-    stale = wire.CompleteRequest(task_id=grants[0].task_id, attempt=grants[0].attempt,
-                                 lease_token="00000000-0000-4000-8000-000000000000")
+    reqs = [
+        wire.CompleteRequest(task_id=g.task_id, attempt=g.attempt, lease_token=g.lease_token)
+        for g in grants
+    ]
+    stale = wire.CompleteRequest(
+        task_id=grants[0].task_id,
+        attempt=grants[0].attempt,
+        lease_token="00000000-0000-4000-8000-000000000000",
+    )
     results = await dispatcher.complete_many([*reqs[1:], stale])
     assert all(isinstance(r, wire.CompleteResponse) for r in results[:-1])
     assert isinstance(results[-1], errors.LeaseLost)
     assert (await dispatcher.counts()) == {"completed": 49, "running": 1}
 
 
-async def test_reaper_rewakes_a_queued_task_whose_wakeup_was_lost(dispatcher: Dispatcher,
-                                                                  db_url: str) -> None:
+async def test_reaper_rewakes_a_queued_task_whose_wakeup_was_lost(
+    dispatcher: Dispatcher, db_url: str
+) -> None:
     task_id = await _create(dispatcher)
     await dispatcher.publish_outbox_once()
     assert dispatcher.queue is not None
     (msg,) = await dispatcher.queue.receive(max_messages=10)
     await dispatcher.queue.delete([msg.receipt])  # the wake-up is gone, the task still queued
     assert (await dispatcher.reap_once()).rewoken == 0  # not stale yet
-    _sql(db_url, "UPDATE tasks SET updated_at = now() - interval '1 hour' WHERE task_id = %s",
-         (task_id,))
+    _sql(
+        db_url,
+        "UPDATE tasks SET updated_at = now() - interval '1 hour' WHERE task_id = %s",
+        (task_id,),
+    )
     assert (await dispatcher.reap_once()).rewoken == 1
     await dispatcher.publish_outbox_once()
     (again,) = await dispatcher.queue.receive(max_messages=10)
@@ -316,8 +357,7 @@ async def test_reaper_rewakes_a_queued_task_whose_wakeup_was_lost(dispatcher: Di
     assert (await dispatcher.reap_once()).rewoken == 0  # touched: not re-woken every pass
 
 
-async def test_late_success_clears_the_reapers_error(dispatcher: Dispatcher,
-                                                     db_url: str) -> None:
+async def test_late_success_clears_the_reapers_error(dispatcher: Dispatcher, db_url: str) -> None:
     task_id = await _create(dispatcher, max_attempts=1)
     f = _fence(await dispatcher.claim(task_id))
     _expire(db_url, task_id)
@@ -342,13 +382,18 @@ async def test_background_loops_publish_wakes_and_reap_on_real_queue(db_url: str
 
     pool = await open_pool(db_url, min_size=1, max_size=4)
     queue = PgQueue(pool, "tasks")
-    d = Dispatcher(pool, signer=MemorySigner(), queue=queue,
-                   retry=RetryPolicy(base_s=0.0), rand=lambda: 0.5)
+    d = Dispatcher(
+        pool, signer=MemorySigner(), queue=queue, retry=RetryPolicy(base_s=0.0), rand=lambda: 0.5
+    )
     stop = asyncio.Event()
     loops = asyncio.create_task(d.run_background(stop, reap_every_s=0.05))
     try:
-        ids = {i.task_id for i in await d.create_tasks(
-            [wire.CreateTaskRequest(operator="noop") for _ in range(20)])}
+        ids = {
+            i.task_id
+            for i in await d.create_tasks(
+                [wire.CreateTaskRequest(operator="noop") for _ in range(20)]
+            )
+        }
         got: set[str] = set()
         async with asyncio.timeout(10):
             while got != ids:
@@ -380,8 +425,7 @@ async def test_claims_run_on_the_claim_pool_with_its_5s_statement_timeout(db_url
             assert (await (await conn.execute("SHOW statement_timeout")).fetchone()) == ("5s",)
         async with pool.connection() as conn:
             assert (await (await conn.execute("SHOW statement_timeout")).fetchone()) == ("30s",)
-        d = Dispatcher(pool, signer=MemorySigner(), queue=MemoryQueue("t"),
-                       claim_pool=claim_pool)
+        d = Dispatcher(pool, signer=MemorySigner(), queue=MemoryQueue("t"), claim_pool=claim_pool)
         await claim_pool.close()  # claims must go through the claim pool: now they cannot
         (info,) = await d.create_tasks([wire.CreateTaskRequest(operator="noop")])
         with pytest.raises(errors.Unavailable):  # the closed claim pool refuses

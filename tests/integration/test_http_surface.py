@@ -21,8 +21,9 @@ AUTH = {"Authorization": f"Bearer {PLATFORM}"}
 @pytest.fixture
 async def client(db_url: str) -> AsyncIterator[TestClient]:
     pool = await open_pool(db_url, min_size=1, max_size=4)
-    d = Dispatcher(pool, signer=MemorySigner(), queue=MemoryQueue("tasks"),
-                   object_store=MemoryObjectStore())
+    d = Dispatcher(
+        pool, signer=MemorySigner(), queue=MemoryQueue("tasks"), object_store=MemoryObjectStore()
+    )
     async with TestClient(TestServer(make_app(d, platform_token=PLATFORM))) as c:
         yield c
     await pool.close()
@@ -31,8 +32,9 @@ async def client(db_url: str) -> AsyncIterator[TestClient]:
 async def test_health_ready_and_metrics(client: TestClient) -> None:
     assert (await client.get("/healthz")).status == 200
     assert (await (await client.get("/readyz")).json()) == {"status": "ready"}
-    r = await client.post("/internal/admin/tasks", json={"tasks": [{"operator": "noop"}] * 3},
-                          headers=AUTH)
+    r = await client.post(
+        "/internal/admin/tasks", json={"tasks": [{"operator": "noop"}] * 3}, headers=AUTH
+    )
     assert r.status == 201
     text = await (await client.get("/metrics")).text()
     assert 'trace_tasks{state="queued"} 3.0' in text
@@ -43,27 +45,38 @@ async def test_health_ready_and_metrics(client: TestClient) -> None:
 async def test_full_lifecycle_over_http(client: TestClient) -> None:
     r = await client.post("/internal/admin/tasks", json={"operator": "noop"}, headers=AUTH)
     task_id = (await r.json())["task_id"]
-    claim = await (await client.post("/internal/task-claim", json={"task_id": task_id},
-                                     headers=AUTH)).json()
+    claim = await (
+        await client.post("/internal/task-claim", json={"task_id": task_id}, headers=AUTH)
+    ).json()
     cap = {"X-Trace-Task-Capability": claim["capability_token"]}
     fence = {k: claim[k] for k in ("task_id", "attempt", "lease_token")}
-    fetched = await (await client.get("/internal/task-fetch",
-                                      params={"task_id": task_id, "attempt": "1"},
-                                      headers=AUTH)).json()
+    fetched = await (
+        await client.get(
+            "/internal/task-fetch", params={"task_id": task_id, "attempt": "1"}, headers=AUTH
+        )
+    ).json()
     assert fetched["status"] == "running" and fetched["staging_prefix"].endswith("/attempt/1/")
     hb = await client.post("/v1/task/heartbeat", json=fence, headers=cap)
     assert hb.status == 200 and (await hb.json())["capability_token"]
-    ev = await client.post("/v1/task/events", headers=cap, json={
-        **fence, "events": [{"key": "e1", "type": "progress", "payload": {}}]})
+    ev = await client.post(
+        "/v1/task/events",
+        headers=cap,
+        json={**fence, "events": [{"key": "e1", "type": "progress", "payload": {}}]},
+    )
     assert (await ev.json()) == {"accepted": 1, "duplicates": 0}
     body = {**fence, "result": {"ok": True}, "final_events": [{"key": "done", "type": "done"}]}
     done = await client.post("/v1/task/complete", json=body, headers=cap)
-    assert (await done.json()) == {"task_id": task_id, "attempt": 1, "state": "completed",
-                                   "replay": False}
+    assert (await done.json()) == {
+        "task_id": task_id,
+        "attempt": 1,
+        "state": "completed",
+        "replay": False,
+    }
     again = await client.post("/v1/task/complete", json=body, headers=cap)
     assert (await again.json())["replay"] is True
-    other = await client.post("/v1/task/complete", json={**body, "result": {"ok": False}},
-                              headers=cap)
+    other = await client.post(
+        "/v1/task/complete", json={**body, "result": {"ok": False}}, headers=cap
+    )
     assert other.status == 409 and (await other.json())["error"] == "idempotency_mismatch"
     task = await (await client.get(f"/internal/admin/tasks/{task_id}", headers=AUTH)).json()
     assert [e["event_key"] for e in task["events"]] == ["e1", "done"]
@@ -72,12 +85,17 @@ async def test_full_lifecycle_over_http(client: TestClient) -> None:
 async def test_not_found_and_bad_query(client: TestClient) -> None:
     r = await client.get("/internal/task-fetch", params={"task_id": "nope"}, headers=AUTH)
     assert r.status == 422 and (await r.json())["field"] == "task_id"
-    r = await client.get("/internal/task-fetch",
-                         params={"task_id": "00000000-0000-4000-8000-000000000000"},
-                         headers=AUTH)
+    r = await client.get(
+        "/internal/task-fetch",
+        params={"task_id": "00000000-0000-4000-8000-000000000000"},
+        headers=AUTH,
+    )
     assert r.status == 404 and (await r.json())["error"] == "not_found"
-    r = await client.get("/internal/task-fetch", params={
-        "task_id": "00000000-0000-4000-8000-000000000000", "attempt": "0"}, headers=AUTH)
+    r = await client.get(
+        "/internal/task-fetch",
+        params={"task_id": "00000000-0000-4000-8000-000000000000", "attempt": "0"},
+        headers=AUTH,
+    )
     assert r.status == 422 and (await r.json())["field"] == "attempt"
 
 
@@ -96,35 +114,52 @@ def test_json_log_lines_carry_task_and_attempt() -> None:
 
 
 async def test_complete_batch_authorises_and_fences_each_item(client: TestClient) -> None:
-    r = await client.post("/internal/admin/tasks", json={"tasks": [{"operator": "noop"}] * 3},
-                          headers=AUTH)
+    r = await client.post(
+        "/internal/admin/tasks", json={"tasks": [{"operator": "noop"}] * 3}, headers=AUTH
+    )
     ids = [t["task_id"] for t in (await r.json())["tasks"]]
-    batch = await (await client.post("/internal/task-claim", json={"task_ids": ids},
-                                     headers=AUTH)).json()
+    batch = await (
+        await client.post("/internal/task-claim", json={"task_ids": ids}, headers=AUTH)
+    ).json()
     grants = {g["claim"]["task_id"]: g["claim"] for g in batch["claims"]}
     a, b, c = (grants[i] for i in ids)
 
     def item(claim: dict, token: str | None = None, **extra: object) -> dict:
         fence = {k: claim[k] for k in ("task_id", "attempt", "lease_token")}
-        return {"capability_token": token or claim["capability_token"],
-                "completion": {**fence, **extra}}
+        return {
+            "capability_token": token or claim["capability_token"],
+            "completion": {**fence, **extra},
+        }
 
     stale_b = item(b)
     stale_b["completion"]["lease_token"] = "00000000-0000-4000-8000-000000000000"
-    body = {"completions": [item(a, result={"n": 1}), item(b, token=a["capability_token"]),
-                            stale_b, item(c, outcome="failed", error={"m": "x"})]}
+    body = {
+        "completions": [
+            item(a, result={"n": 1}),
+            item(b, token=a["capability_token"]),
+            stale_b,
+            item(c, outcome="failed", error={"m": "x"}),
+        ]
+    }
     assert (await client.post("/internal/task-complete-batch", json=body)).status == 401
     r = await client.post("/internal/task-complete-batch", json=body, headers=AUTH)
     assert r.status == 200
     results = (await r.json())["results"]
     assert [(x["task_id"], x["state"], x["error"]) for x in results] == [
-        (a["task_id"], "completed", None), (b["task_id"], None, "forbidden"),
-        (b["task_id"], None, "lease_lost"), (c["task_id"], "pending", None)]
-    again = await client.post("/internal/task-complete-batch", headers=AUTH,
-                              json={"completions": [item(a, result={"n": 1})]})
+        (a["task_id"], "completed", None),
+        (b["task_id"], None, "forbidden"),
+        (b["task_id"], None, "lease_lost"),
+        (c["task_id"], "pending", None),
+    ]
+    again = await client.post(
+        "/internal/task-complete-batch",
+        headers=AUTH,
+        json={"completions": [item(a, result={"n": 1})]},
+    )
     assert (await again.json())["results"][0]["replay"] is True
     task = await (await client.get(f"/internal/admin/tasks/{b['task_id']}", headers=AUTH)).json()
     assert task["state"] == "running"  # neither refused item wrote anything
-    bad = await client.post("/internal/task-complete-batch", headers=AUTH,
-                            json={"completions": [{"completion": {}}]})
+    bad = await client.post(
+        "/internal/task-complete-batch", headers=AUTH, json={"completions": [{"completion": {}}]}
+    )
     assert bad.status == 422

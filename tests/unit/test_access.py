@@ -28,8 +28,9 @@ R, W, P = Action.READ, Action.OVERWRITE, Action.PURGE
 CALLERS: dict[str, UserCaller | TaskCaller] = {
     "admin": UserCaller("u", ORG, roles=frozenset({ADMIN_ROLE})),
     "producer": UserCaller("u", ORG, dags=frozenset({DAG})),
-    "producer_with_read_role": UserCaller("u", ORG, roles=frozenset({"analyst"}),
-                                          dags=frozenset({DAG})),
+    "producer_with_read_role": UserCaller(
+        "u", ORG, roles=frozenset({"analyst"}), dags=frozenset({DAG})
+    ),
     "reader_role": UserCaller("u", ORG, roles=frozenset({"analyst", "other"})),
     "other_role": UserCaller("u", ORG, roles=frozenset({"other"})),
     "other_dag": UserCaller("u", ORG, roles=frozenset({"other"}), dags=frozenset({"dag-2"})),
@@ -68,16 +69,21 @@ TABLE: dict[tuple[str, bool], set[Action]] = {
 
 
 def acl(read_roles: bool, org: str = ORG) -> DatasetAcl:
-    return DatasetAcl(org_id=org, name=NAME, dag_id=DAG,
-                      read_roles=frozenset({"analyst"}) if read_roles else frozenset())
+    return DatasetAcl(
+        org_id=org,
+        name=NAME,
+        dag_id=DAG,
+        read_roles=frozenset({"analyst"}) if read_roles else frozenset(),
+    )
 
 
 def test_table_covers_every_caller_kind() -> None:
     assert set(TABLE) == set(itertools.product(CALLERS, (False, True)))
 
 
-@pytest.mark.parametrize(("kind", "read_roles", "action"),
-                         list(itertools.product(CALLERS, (False, True), Action)))
+@pytest.mark.parametrize(
+    ("kind", "read_roles", "action"), list(itertools.product(CALLERS, (False, True), Action))
+)
 def test_rule_table(kind: str, read_roles: bool, action: Action) -> None:
     caller, dataset = CALLERS[kind], acl(read_roles)
     expected = action in TABLE[(kind, read_roles)]
@@ -94,8 +100,9 @@ def test_rule_table(kind: str, read_roles: bool, action: Action) -> None:
         assert action.value in exc.value.message
 
 
-@pytest.mark.parametrize(("kind", "read_roles", "action"),
-                         list(itertools.product(CALLERS, (False, True), Action)))
+@pytest.mark.parametrize(
+    ("kind", "read_roles", "action"), list(itertools.product(CALLERS, (False, True), Action))
+)
 def test_another_orgs_dataset_is_not_found(kind: str, read_roles: bool, action: Action) -> None:
     caller, dataset = CALLERS[kind], acl(read_roles, org="o2")
     assert allowed(caller, dataset, action) is False
@@ -114,17 +121,26 @@ def _cross_org(draw: st.DrawFn) -> tuple[UserCaller | TaskCaller, DatasetAcl]:
     dag = draw(_ids)
     dataset = DatasetAcl(org_id=org, name=name, dag_id=dag, read_roles=draw(_roles))
     # the caller holds, in its own org, every power that would grant access in the dataset's
-    user = UserCaller(subject=draw(_ids), org_id=other, roles=draw(_roles) | {ADMIN_ROLE},
-                      dags=draw(st.frozensets(_ids)) | {dag}, member=draw(st.booleans()))
-    task = TaskCaller(org_id=other, task_id=draw(_ids),
-                      read=draw(st.frozensets(st.text("abc_", max_size=8))) | {name})
+    user = UserCaller(
+        subject=draw(_ids),
+        org_id=other,
+        roles=draw(_roles) | {ADMIN_ROLE},
+        dags=draw(st.frozensets(_ids)) | {dag},
+        member=draw(st.booleans()),
+    )
+    task = TaskCaller(
+        org_id=other,
+        task_id=draw(_ids),
+        read=draw(st.frozensets(st.text("abc_", max_size=8))) | {name},
+    )
     caller = draw(st.sampled_from([user, task]))
     return caller, dataset
 
 
 @given(_cross_org(), st.sampled_from(Action))
 def test_a_caller_of_another_org_is_never_allowed_anything(
-    case: tuple[UserCaller | TaskCaller, DatasetAcl], action: Action,
+    case: tuple[UserCaller | TaskCaller, DatasetAcl],
+    action: Action,
 ) -> None:
     caller, dataset = case
     assert allowed(caller, dataset, action) is False
@@ -135,14 +151,17 @@ def test_a_caller_of_another_org_is_never_allowed_anything(
 # --- task grants ------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("grants", "read"), [
-    ({"datasets": {"read": ["a", "b"]}}, {"a", "b"}),
-    ({"datasets": {"read": ["a", 1, None, ["b"]]}}, {"a"}),
-    ({"datasets": {"read": "a"}}, set()),  # a string is not a list of names
-    ({"datasets": ["a"]}, set()),
-    ({"datasets": {}}, set()),
-    ({}, set()),
-])
+@pytest.mark.parametrize(
+    ("grants", "read"),
+    [
+        ({"datasets": {"read": ["a", "b"]}}, {"a", "b"}),
+        ({"datasets": {"read": ["a", 1, None, ["b"]]}}, {"a"}),
+        ({"datasets": {"read": "a"}}, set()),  # a string is not a list of names
+        ({"datasets": ["a"]}, set()),
+        ({"datasets": {}}, set()),
+        ({}, set()),
+    ],
+)
 def test_task_grants(grants: dict[str, object], read: set[str]) -> None:
     task = TaskCaller.from_grants(ORG, "t1", grants)
     assert task.read == frozenset(read)
@@ -160,10 +179,10 @@ def test_roles_of_a_non_member_are_never_honoured() -> None:
     from trace_core.access import Action, DatasetAcl, UserCaller, allowed
 
     ds = DatasetAcl(org_id="o", name="d", dag_id="dag", read_roles=frozenset({"analyst"}))
-    ghost = UserCaller(subject="x", org_id="o", roles=frozenset({"admin", "analyst"}),
-                       member=False)
+    ghost = UserCaller(subject="x", org_id="o", roles=frozenset({"admin", "analyst"}), member=False)
     assert not any(allowed(ghost, ds, a) for a in Action)
-    deployer = UserCaller(subject="y", org_id="o", roles=frozenset({"admin"}),
-                          dags=frozenset({"dag"}), member=False)
+    deployer = UserCaller(
+        subject="y", org_id="o", roles=frozenset({"admin"}), dags=frozenset({"dag"}), member=False
+    )
     assert allowed(deployer, ds, Action.READ) and allowed(deployer, ds, Action.OVERWRITE)
     assert not allowed(deployer, ds, Action.PURGE)  # the admin role does not count outside

@@ -45,27 +45,52 @@ EXPECTED: dict[tuple[PartitionState, PartitionEvent], PartitionState] = {
 }
 
 
-def entry(start: int | None = None, end: int | None = None, *, key: str | None = None,
-          object_key: str = STAGING + "out.parquet", size: int = 10, sha256: str = SHA,
-          dataset: str = "blocks") -> ManifestEntry:
-    return ManifestEntry(dataset=dataset, object_key=object_key, size=size, sha256=sha256,
-                         start=start, end=end, key=key)
+def entry(
+    start: int | None = None,
+    end: int | None = None,
+    *,
+    key: str | None = None,
+    object_key: str = STAGING + "out.parquet",
+    size: int = 10,
+    sha256: str = SHA,
+    dataset: str = "blocks",
+) -> ManifestEntry:
+    return ManifestEntry(
+        dataset=dataset,
+        object_key=object_key,
+        size=size,
+        sha256=sha256,
+        start=start,
+        end=end,
+        key=key,
+    )
 
 
-def target(strategy: UpdateStrategy, version: str = VERSION,
-           state: VersionState = VersionState.OPEN) -> Target:
-    return Target(org_id="o1", dataset_uuid="d-uuid", dataset_version=version,
-                  update_strategy=strategy, version_state=state)
+def target(
+    strategy: UpdateStrategy, version: str = VERSION, state: VersionState = VersionState.OPEN
+) -> Target:
+    return Target(
+        org_id="o1",
+        dataset_uuid="d-uuid",
+        dataset_version=version,
+        update_strategy=strategy,
+        version_state=state,
+    )
 
 
 def head(e: ManifestEntry) -> ObjectInfo:
     return ObjectInfo(key=e.object_key, size=e.size, sha256=e.sha256)
 
 
-def plan(entries: list[ManifestEntry], strategy: UpdateStrategy, live: list[LivePartition],
-         version: str = VERSION):
-    return plan_commit(entries, [target(strategy, version)] * len(entries), live,
-                       task_id="t1", attempt=2)
+def plan(
+    entries: list[ManifestEntry],
+    strategy: UpdateStrategy,
+    live: list[LivePartition],
+    version: str = VERSION,
+):
+    return plan_commit(
+        entries, [target(strategy, version)] * len(entries), live, task_id="t1", attempt=2
+    )
 
 
 # --- the table --------------------------------------------------------------------------------
@@ -104,15 +129,26 @@ def test_diagram_names_every_transition() -> None:
 
 
 def test_check_entry_accepts_a_good_range_and_a_good_key() -> None:
-    for e in (entry(0, 100), entry(key="2026-01-01"),
-              entry(0, 1, object_key=STAGING + "sub/dir/part.parquet")):
+    for e in (
+        entry(0, 100),
+        entry(key="2026-01-01"),
+        entry(0, 1, object_key=STAGING + "sub/dir/part.parquet"),
+    ):
         assert check_entry(e, 0, staging_prefix=STAGING, head=head(e)) is None
 
 
-@pytest.mark.parametrize("object_key", [
-    "../x", STAGING + "../3/out", STAGING + "a//b", STAGING + "a%2e", "/" + STAGING + "x",
-    STAGING + "a\\b", STAGING + "a\x00b",
-])
+@pytest.mark.parametrize(
+    "object_key",
+    [
+        "../x",
+        STAGING + "../3/out",
+        STAGING + "a//b",
+        STAGING + "a%2e",
+        "/" + STAGING + "x",
+        STAGING + "a\\b",
+        STAGING + "a\x00b",
+    ],
+)
 def test_check_entry_refuses_unsafe_keys(object_key: str) -> None:
     e = entry(0, 1, object_key=object_key)
     with pytest.raises(errors.UnsafeKey) as exc:
@@ -120,15 +156,18 @@ def test_check_entry_refuses_unsafe_keys(object_key: str) -> None:
     assert exc.value.field == "outputs[3].object_key"
 
 
-@pytest.mark.parametrize("object_key", [
-    "org/o1/staging/task/t1/attempt/1/out.parquet",  # another attempt
-    "org/o1/staging/task/t1/attempt/20/out.parquet",  # prefix of the attempt number
-    "org/o1/staging/task/t2/attempt/2/out.parquet",  # another task
-    "org/o2/staging/task/t1/attempt/2/out.parquet",  # another org
-    "org/o1/dataset/d-uuid/version/v-1/0_1.parquet",  # straight into a dataset
-    "org/o1/staging/task/t1/attempt/2",  # the prefix itself, not inside it
-    "out.parquet",
-])
+@pytest.mark.parametrize(
+    "object_key",
+    [
+        "org/o1/staging/task/t1/attempt/1/out.parquet",  # another attempt
+        "org/o1/staging/task/t1/attempt/20/out.parquet",  # prefix of the attempt number
+        "org/o1/staging/task/t2/attempt/2/out.parquet",  # another task
+        "org/o2/staging/task/t1/attempt/2/out.parquet",  # another org
+        "org/o1/dataset/d-uuid/version/v-1/0_1.parquet",  # straight into a dataset
+        "org/o1/staging/task/t1/attempt/2",  # the prefix itself, not inside it
+        "out.parquet",
+    ],
+)
 def test_check_entry_refuses_keys_outside_the_staging_prefix(object_key: str) -> None:
     e = entry(0, 1, object_key=object_key)
     with pytest.raises(errors.UnsafeKey) as exc:
@@ -142,17 +181,20 @@ def test_check_entry_refuses_unsafe_keys_before_looking_at_the_object() -> None:
         check_entry(entry(0, 1, object_key="org/o2/x"), 0, staging_prefix=STAGING, head=None)
 
 
-@pytest.mark.parametrize("e", [
-    entry(),  # neither range nor key
-    entry(0, 10, key="k"),  # both
-    entry(0, None, key="k"),
-    entry(0, None),  # half a range
-    entry(None, 10),
-    entry(5, 5),  # empty
-    entry(6, 5),  # reversed
-    entry(-1, 5),  # negative
-], ids=["neither", "both", "start+key", "start-only", "end-only", "empty", "reversed",
-        "negative"])
+@pytest.mark.parametrize(
+    "e",
+    [
+        entry(),  # neither range nor key
+        entry(0, 10, key="k"),  # both
+        entry(0, None, key="k"),
+        entry(0, None),  # half a range
+        entry(None, 10),
+        entry(5, 5),  # empty
+        entry(6, 5),  # reversed
+        entry(-1, 5),  # negative
+    ],
+    ids=["neither", "both", "start+key", "start-only", "end-only", "empty", "reversed", "negative"],
+)
 def test_check_entry_refuses_bad_partitions(e: ManifestEntry) -> None:
     with pytest.raises(errors.ValidationFailed) as exc:
         check_entry(e, 2, staging_prefix=STAGING, head=head(e))
@@ -170,16 +212,21 @@ def test_check_entry_refuses_a_missing_object() -> None:
 def test_check_entry_refuses_size_mismatch() -> None:
     e = entry(0, 1, size=10)
     with pytest.raises(errors.ValidationFailed) as exc:
-        check_entry(e, 0, staging_prefix=STAGING,
-                    head=ObjectInfo(key=e.object_key, size=11, sha256=SHA))
+        check_entry(
+            e, 0, staging_prefix=STAGING, head=ObjectInfo(key=e.object_key, size=11, sha256=SHA)
+        )
     assert exc.value.field == "outputs[0].size"
 
 
 def test_check_entry_refuses_sha_mismatch() -> None:
     e = entry(0, 1)
     with pytest.raises(errors.ValidationFailed) as exc:
-        check_entry(e, 0, staging_prefix=STAGING,
-                    head=ObjectInfo(key=e.object_key, size=e.size, sha256="b" * 64))
+        check_entry(
+            e,
+            0,
+            staging_prefix=STAGING,
+            head=ObjectInfo(key=e.object_key, size=e.size, sha256="b" * 64),
+        )
     assert exc.value.field == "outputs[0].sha256"
 
 
@@ -216,10 +263,14 @@ def test_planned_object_keys_keep_start_end() -> None:
 # --- plan_commit: replace ---------------------------------------------------------------------
 
 
-def live(pid: int, start: int | None = None, end: int | None = None, key: str | None = None,
-         version: str = VERSION) -> LivePartition:
-    return LivePartition(partition_id=pid, dataset_version=version, start=start, end=end,
-                         key=key)
+def live(
+    pid: int,
+    start: int | None = None,
+    end: int | None = None,
+    key: str | None = None,
+    version: str = VERSION,
+) -> LivePartition:
+    return LivePartition(partition_id=pid, dataset_version=version, start=start, end=end, key=key)
 
 
 def test_replace_first_write_is_not_a_rewrite() -> None:
@@ -235,8 +286,11 @@ def test_replace_of_the_same_range_supersedes_it_and_invalidates_once() -> None:
 
 
 def test_replace_covering_several_whole_partitions_supersedes_them_all() -> None:
-    p = plan([entry(0, 30)], UpdateStrategy.REPLACE,
-             [live(1, 0, 10), live(2, 10, 20), live(3, 20, 30), live(4, 30, 40)])
+    p = plan(
+        [entry(0, 30)],
+        UpdateStrategy.REPLACE,
+        [live(1, 0, 10), live(2, 10, 20), live(3, 20, 30), live(4, 30, 40)],
+    )
     assert sorted(p.supersede) == [1, 2, 3]
     assert p.invalidations == (Invalidation("d-uuid", VERSION, 0, 30, None, superseded=3),)
 
@@ -249,14 +303,20 @@ def test_replace_partially_overlapping_a_live_partition_is_refused(start: int, e
 
 
 def test_replace_ignores_other_versions() -> None:
-    p = plan([entry(0, 10)], UpdateStrategy.REPLACE, [live(1, 0, 10, version=OTHER_VERSION),
-                                                      live(2, 5, 15, version=OTHER_VERSION)])
+    p = plan(
+        [entry(0, 10)],
+        UpdateStrategy.REPLACE,
+        [live(1, 0, 10, version=OTHER_VERSION), live(2, 5, 15, version=OTHER_VERSION)],
+    )
     assert (p.supersede, p.invalidations) == ((), ())
 
 
 def test_replace_by_key_supersedes_the_same_key_only() -> None:
-    p = plan([entry(key="k1")], UpdateStrategy.REPLACE,
-             [live(1, key="k1"), live(2, key="k2"), live(3, 0, 10)])
+    p = plan(
+        [entry(key="k1")],
+        UpdateStrategy.REPLACE,
+        [live(1, key="k1"), live(2, key="k2"), live(3, 0, 10)],
+    )
     assert p.supersede == (1,)
     assert p.invalidations == (Invalidation("d-uuid", VERSION, None, None, "k1", superseded=1),)
 
@@ -269,10 +329,16 @@ def test_replace_same_scope_twice_in_one_manifest_is_refused() -> None:
 
 def test_purged_target_version_is_refused() -> None:
     with pytest.raises(errors.Conflict) as exc:
-        plan_commit([entry(0, 1), entry(1, 2)],
-                    [target(UpdateStrategy.APPEND),
-                     target(UpdateStrategy.APPEND, state=VersionState.PURGED)],
-                    [], task_id="t1", attempt=1)
+        plan_commit(
+            [entry(0, 1), entry(1, 2)],
+            [
+                target(UpdateStrategy.APPEND),
+                target(UpdateStrategy.APPEND, state=VersionState.PURGED),
+            ],
+            [],
+            task_id="t1",
+            attempt=1,
+        )
     assert type(exc.value) is errors.Conflict
     assert exc.value.field == "outputs[1]"
 
@@ -334,7 +400,8 @@ def test_replace_supersedes_exactly_the_covered_partitions(
     # one invalidation per rewritten scope that superseded something, none for first writes
     assert p.invalidations == tuple(
         Invalidation("d-uuid", VERSION, s, e, None, superseded=len(covered(s, e)))
-        for s, e in rewrites if covered(s, e)
+        for s, e in rewrites
+        if covered(s, e)
     )
     assert [(i.start, i.end) for i in p.inserts] == rewrites
     assert [i.entry_index for i in p.inserts] == list(range(len(rewrites)))
@@ -373,8 +440,9 @@ def test_append_stores_each_key_once(keys: list[str], already: set[str]) -> None
     ranges=st.lists(st.sampled_from([(0, 10), (10, 20), (20, 30), (0, 30)]), max_size=12),
     already=st.sets(st.sampled_from([(0, 10), (10, 20), (20, 30), (0, 30)])),
 )
-def test_append_stores_each_range_once(ranges: list[tuple[int, int]],
-                                       already: set[tuple[int, int]]) -> None:
+def test_append_stores_each_range_once(
+    ranges: list[tuple[int, int]], already: set[tuple[int, int]]
+) -> None:
     parts = [live(i, s, e) for i, (s, e) in enumerate(sorted(already))]
     p = plan([entry(s, e) for s, e in ranges], UpdateStrategy.APPEND, parts)
     fresh = list(dict.fromkeys(r for r in ranges if r not in already))
@@ -387,10 +455,14 @@ def test_overlapping_ranges_in_one_replace_manifest_are_refused() -> None:
     """Two entries [0,20) and [0,10) of one replace manifest would leave overlapping live
     partitions; the manifest is refused at the second entry."""
     with pytest.raises(errors.ValidationFailed) as info:
-        plan([entry(0, 20), entry(0, 10, object_key=STAGING + "b.parquet")],
-             UpdateStrategy.REPLACE, [])
+        plan(
+            [entry(0, 20), entry(0, 10, object_key=STAGING + "b.parquet")],
+            UpdateStrategy.REPLACE,
+            [],
+        )
     assert info.value.field == "outputs[1].partition"
     # adjacent ranges are fine
-    ok = plan([entry(0, 10), entry(10, 20, object_key=STAGING + "b.parquet")],
-              UpdateStrategy.REPLACE, [])
+    ok = plan(
+        [entry(0, 10), entry(10, 20, object_key=STAGING + "b.parquet")], UpdateStrategy.REPLACE, []
+    )
     assert len(ok.inserts) == 2

@@ -373,7 +373,8 @@ async def test_verifier_reports_signer_failure_as_unauthenticated(signer: Memory
 
 
 async def test_tokens_minted_here_verify_by_lookup_with_time_checks_intact(
-        signer: MemorySigner) -> None:
+    signer: MemorySigner,
+) -> None:
     from trace_core.jws import TokenVerifier
 
     verifier = TokenVerifier(signer, POLICY)

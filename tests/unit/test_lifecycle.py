@@ -43,8 +43,13 @@ TOKEN = "11111111-1111-4111-8111-111111111111"
 
 def view(state: TaskState, attempt: int = 1, **kw: object) -> TaskView:
     defaults: dict[str, object] = dict(
-        task_id="t", state=state, attempt=attempt, lease_token=TOKEN if attempt else None,
-        lease_expires_at=T0 + timedelta(seconds=60), available_at=T0, max_attempts=3,
+        task_id="t",
+        state=state,
+        attempt=attempt,
+        lease_token=TOKEN if attempt else None,
+        lease_expires_at=T0 + timedelta(seconds=60),
+        available_at=T0,
+        max_attempts=3,
         attempt_outcome=AttemptOutcome.RUNNING if attempt else None,
     )
     defaults.update(kw)
@@ -78,7 +83,7 @@ def test_final_states_have_no_way_out_except_late_success_of_failed() -> None:
 
 def test_diagram_names_every_transition() -> None:
     diagram = mermaid_diagram()
-    for (state, event) in TRANSITIONS:
+    for state, event in TRANSITIONS:
         assert f"{state.value} --> " in diagram and event.value in diagram
 
 
@@ -86,8 +91,7 @@ def test_diagram_names_every_transition() -> None:
 
 
 def test_claim_starts_next_attempt_with_new_token() -> None:
-    d = decide_claim(view(TaskState.QUEUED, attempt=2), now=T0, lease=LEASE,
-                     new_lease_token="new")
+    d = decide_claim(view(TaskState.QUEUED, attempt=2), now=T0, lease=LEASE, new_lease_token="new")
     assert (d.attempt, d.lease_token) == (3, "new")
     assert d.lease_expires_at == T0 + timedelta(seconds=60)
 
@@ -101,8 +105,12 @@ def test_claim_refused_unless_queued(state: TaskState) -> None:
 
 def test_claim_refused_before_available_at() -> None:
     with pytest.raises(errors.TaskNotClaimable):
-        decide_claim(view(TaskState.QUEUED, available_at=T0 + timedelta(seconds=1)), now=T0,
-                     lease=LEASE, new_lease_token="x")
+        decide_claim(
+            view(TaskState.QUEUED, available_at=T0 + timedelta(seconds=1)),
+            now=T0,
+            lease=LEASE,
+            new_lease_token="x",
+        )
 
 
 # --- fences -----------------------------------------------------------------------------------
@@ -122,8 +130,9 @@ def test_fence_refuses_stale_attempt_and_wrong_token() -> None:
 
 def test_heartbeat_only_while_running() -> None:
     f = Fence("t", 1, TOKEN)
-    assert decide_heartbeat(view(TaskState.RUNNING), f, now=T0, lease=LEASE).lease_expires_at \
-        == T0 + timedelta(seconds=60)
+    assert decide_heartbeat(
+        view(TaskState.RUNNING), f, now=T0, lease=LEASE
+    ).lease_expires_at == T0 + timedelta(seconds=60)
     for state in (TaskState.PENDING, TaskState.QUEUED, TaskState.FAILED, TaskState.COMPLETED):
         with pytest.raises(errors.LeaseLost):
             decide_heartbeat(view(state), f, now=T0, lease=LEASE)
@@ -141,17 +150,34 @@ def test_events_accepted_late_but_not_after_the_attempt_reported() -> None:
 # --- complete ---------------------------------------------------------------------------------
 
 
-def complete(task: TaskView, outcome: Outcome = Outcome.SUCCEEDED, *, retryable: bool = True,
-             digest: str = "d1", attempt: int | None = None, token: str = TOKEN):
-    return decide_complete(task, Fence("t", task.attempt if attempt is None else attempt, token),
-                           outcome=outcome, retryable=retryable, digest=digest, now=T0,
-                           retry=RETRY, rand=0.5)
+def complete(
+    task: TaskView,
+    outcome: Outcome = Outcome.SUCCEEDED,
+    *,
+    retryable: bool = True,
+    digest: str = "d1",
+    attempt: int | None = None,
+    token: str = TOKEN,
+):
+    return decide_complete(
+        task,
+        Fence("t", task.attempt if attempt is None else attempt, token),
+        outcome=outcome,
+        retryable=retryable,
+        digest=digest,
+        now=T0,
+        retry=RETRY,
+        rand=0.5,
+    )
 
 
 def test_success_completes() -> None:
     d = complete(view(TaskState.RUNNING))
-    assert (d.state, d.attempt_outcome, d.replay) == (TaskState.COMPLETED,
-                                                      AttemptOutcome.SUCCEEDED, False)
+    assert (d.state, d.attempt_outcome, d.replay) == (
+        TaskState.COMPLETED,
+        AttemptOutcome.SUCCEEDED,
+        False,
+    )
 
 
 def test_retryable_failure_backs_off_then_fails_when_attempts_run_out() -> None:
@@ -168,8 +194,9 @@ def test_fatal_failure_fails_at_once() -> None:
 
 
 def test_replay_and_mismatch() -> None:
-    done = view(TaskState.COMPLETED, attempt_outcome=AttemptOutcome.SUCCEEDED,
-                completion_digest="d1")
+    done = view(
+        TaskState.COMPLETED, attempt_outcome=AttemptOutcome.SUCCEEDED, completion_digest="d1"
+    )
     assert complete(done).replay
     with pytest.raises(errors.IdempotencyMismatch):
         complete(done, digest="d2")
@@ -248,8 +275,13 @@ class LifecycleMachine(RuleBasedStateMachine):
     @initialize()
     def setup(self) -> None:
         self.now = T0
-        self.task = view(TaskState.QUEUED, attempt=0, lease_token=None, lease_expires_at=None,
-                         attempt_outcome=None)
+        self.task = view(
+            TaskState.QUEUED,
+            attempt=0,
+            lease_token=None,
+            lease_expires_at=None,
+            attempt_outcome=None,
+        )
         self.attempts: dict[int, Attempt] = {}
         self.completions = 0
         self.stale_writes = 0
@@ -259,8 +291,11 @@ class LifecycleMachine(RuleBasedStateMachine):
 
     def _sync(self) -> None:
         cur = self._current()
-        self.task = attrs.evolve(self.task, attempt_outcome=cur.outcome if cur else None,
-                                 completion_digest=cur.digest if cur else None)
+        self.task = attrs.evolve(
+            self.task,
+            attempt_outcome=cur.outcome if cur else None,
+            completion_digest=cur.digest if cur else None,
+        )
 
     @rule(seconds=st.integers(0, 200))
     def time_passes(self, seconds: int) -> None:
@@ -269,14 +304,20 @@ class LifecycleMachine(RuleBasedStateMachine):
     @rule()
     def claim(self) -> None:
         try:
-            d = decide_claim(self.task, now=self.now, lease=LEASE,
-                             new_lease_token=str(uuid.uuid4()))
+            d = decide_claim(
+                self.task, now=self.now, lease=LEASE, new_lease_token=str(uuid.uuid4())
+            )
         except errors.Conflict:
             return
         assert d.attempt == self.task.attempt + 1
         self.attempts[d.attempt] = Attempt(d.attempt, d.lease_token)
-        self.task = attrs.evolve(self.task, state=TaskState.RUNNING, attempt=d.attempt,
-                                 lease_token=d.lease_token, lease_expires_at=d.lease_expires_at)
+        self.task = attrs.evolve(
+            self.task,
+            state=TaskState.RUNNING,
+            attempt=d.attempt,
+            lease_token=d.lease_token,
+            lease_expires_at=d.lease_expires_at,
+        )
         self._sync()
 
     @precondition(lambda self: self.attempts)
@@ -284,23 +325,35 @@ class LifecycleMachine(RuleBasedStateMachine):
     def heartbeat(self, data: st.DataObject) -> None:
         a = data.draw(st.sampled_from(sorted(self.attempts.values(), key=lambda x: x.number)))
         try:
-            d = decide_heartbeat(self.task, Fence("t", a.number, a.token), now=self.now,
-                                 lease=LEASE)
+            d = decide_heartbeat(
+                self.task, Fence("t", a.number, a.token), now=self.now, lease=LEASE
+            )
         except errors.Conflict:
             return
         assert a.number == self.task.attempt
         self.task = attrs.evolve(self.task, lease_expires_at=d.lease_expires_at)
 
     @precondition(lambda self: self.attempts)
-    @rule(data=st.data(), outcome=st.sampled_from([Outcome.SUCCEEDED, Outcome.FAILED]),
-          retryable=st.booleans(), body=st.sampled_from(["a", "b"]))
+    @rule(
+        data=st.data(),
+        outcome=st.sampled_from([Outcome.SUCCEEDED, Outcome.FAILED]),
+        retryable=st.booleans(),
+        body=st.sampled_from(["a", "b"]),
+    )
     def complete(self, data: st.DataObject, outcome: Outcome, retryable: bool, body: str) -> None:
         a = data.draw(st.sampled_from(sorted(self.attempts.values(), key=lambda x: x.number)))
         digest = f"{outcome}-{retryable}-{body}"
         try:
-            d = decide_complete(self.task, Fence("t", a.number, a.token), outcome=outcome,
-                                retryable=retryable, digest=digest, now=self.now, retry=RETRY,
-                                rand=0.5)
+            d = decide_complete(
+                self.task,
+                Fence("t", a.number, a.token),
+                outcome=outcome,
+                retryable=retryable,
+                digest=digest,
+                now=self.now,
+                retry=RETRY,
+                rand=0.5,
+            )
         except errors.Conflict:
             return
         if a.number != self.task.attempt:
@@ -313,7 +366,9 @@ class LifecycleMachine(RuleBasedStateMachine):
         if d.state is TaskState.COMPLETED:
             self.completions += 1
         self.task = attrs.evolve(
-            self.task, state=d.state, available_at=d.available_at or self.task.available_at,
+            self.task,
+            state=d.state,
+            available_at=d.available_at or self.task.available_at,
             lease_expires_at=self.task.lease_expires_at if d.state is TaskState.RUNNING else None,
         )
         self._sync()
@@ -336,8 +391,12 @@ class LifecycleMachine(RuleBasedStateMachine):
             cur = self._current()
             assert cur is not None
             cur.outcome = AttemptOutcome.TIMED_OUT
-            self.task = attrs.evolve(self.task, state=d.state, lease_expires_at=None,
-                                     available_at=d.available_at or self.task.available_at)
+            self.task = attrs.evolve(
+                self.task,
+                state=d.state,
+                lease_expires_at=None,
+                available_at=d.available_at or self.task.available_at,
+            )
             self._sync()
         if decide_due(self.task, now=self.now):
             self.task = attrs.evolve(self.task, state=TaskState.QUEUED)
@@ -378,5 +437,4 @@ class LifecycleMachine(RuleBasedStateMachine):
 
 
 TestLifecycleMachine = LifecycleMachine.TestCase
-TestLifecycleMachine.settings = settings(max_examples=400, stateful_step_count=30,
-                                         deadline=None)
+TestLifecycleMachine.settings = settings(max_examples=400, stateful_step_count=30, deadline=None)

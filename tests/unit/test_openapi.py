@@ -92,8 +92,14 @@ def _json_types(tp: Any) -> set[str]:
     if tp is type(None):
         return {"null"}
     base = origin or tp
-    simple = {str: "string", int: "integer", float: "number", bool: "boolean", dict: "object",
-              list: "array"}
+    simple = {
+        str: "string",
+        int: "integer",
+        float: "number",
+        bool: "boolean",
+        dict: "object",
+        list: "array",
+    }
     if base in simple:
         return {simple[base]}
     if attrs.has(base):
@@ -111,9 +117,7 @@ def _schema_types(node: dict[str, Any]) -> set[str]:
 
 
 WIRE_CLASSES = [
-    cls
-    for name in wire.__all__
-    if attrs.has(cls := getattr(wire, name)) and name != "FenceFields"
+    cls for name in wire.__all__ if attrs.has(cls := getattr(wire, name)) and name != "FenceFields"
 ]
 
 

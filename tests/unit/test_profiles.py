@@ -31,8 +31,9 @@ NO_BOTO = textwrap.dedent(
 
 
 def test_lite_imports_without_boto3() -> None:
-    out = subprocess.run([sys.executable, "-c", NO_BOTO], capture_output=True, text=True,
-                         timeout=60)
+    out = subprocess.run(
+        [sys.executable, "-c", NO_BOTO], capture_output=True, text=True, timeout=60
+    )
     assert out.returncode == 0, out.stderr
     assert int(out.stdout.strip()) >= 20  # every trace_core/trace_lite/trace_servers module
 
@@ -47,8 +48,9 @@ def test_profile_switch() -> None:
 async def test_aws_profile_names_missing_settings(tmp_path: object) -> None:
     from trace_lite.config import LiteSettings
 
-    settings = LiteSettings.from_env({"TRACE_HOME": str(tmp_path),
-                                      "TRACE_PLATFORM_TOKEN": "x" * 32})
+    settings = LiteSettings.from_env(
+        {"TRACE_HOME": str(tmp_path), "TRACE_PLATFORM_TOKEN": "x" * 32}
+    )
     with pytest.raises(errors.ValidationFailed) as info:
         await profiles.worker_parts(settings, "postgresql://unused", {"TRACE_PROFILE": "aws"})
     assert info.value.field == "TRACE_SQS_QUEUE_URL"

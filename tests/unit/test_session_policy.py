@@ -18,8 +18,9 @@ READS = ["org/o1/dataset/blocks/version/3/", "org/o1/dataset/logs/version/7/"]
 
 
 def _grant(**kw: object) -> CredentialGrant:
-    args: dict[str, object] = dict(bucket="trace-data", org_id="o1", task_id=TASK, attempt=2,
-                                   timeout_s=60, read_prefixes=READS)
+    args: dict[str, object] = dict(
+        bucket="trace-data", org_id="o1", task_id=TASK, attempt=2, timeout_s=60, read_prefixes=READS
+    )
     args.update(kw)
     return grant_for_attempt(**args)  # type: ignore[arg-type]
 
@@ -29,16 +30,35 @@ def test_policy_allows_exactly_the_grant() -> None:
     assert policy == {
         "Version": "2012-10-17",
         "Statement": [
-            {"Sid": "ReadInputs", "Effect": "Allow", "Action": ["s3:GetObject"],
-             "Resource": ["arn:aws:s3:::trace-data/org/o1/dataset/blocks/version/3/*",
-                          "arn:aws:s3:::trace-data/org/o1/dataset/logs/version/7/*"]},
-            {"Sid": "ListInputs", "Effect": "Allow", "Action": ["s3:ListBucket"],
-             "Resource": ["arn:aws:s3:::trace-data"],
-             "Condition": {"StringLike": {"s3:prefix": [
-                 "org/o1/dataset/blocks/version/3/*", "org/o1/dataset/logs/version/7/*"]}}},
-            {"Sid": "WriteStaging", "Effect": "Allow",
-             "Action": ["s3:PutObject", "s3:AbortMultipartUpload"],
-             "Resource": [f"arn:aws:s3:::trace-data/org/o1/staging/task/{TASK}/attempt/2/*"]},
+            {
+                "Sid": "ReadInputs",
+                "Effect": "Allow",
+                "Action": ["s3:GetObject"],
+                "Resource": [
+                    "arn:aws:s3:::trace-data/org/o1/dataset/blocks/version/3/*",
+                    "arn:aws:s3:::trace-data/org/o1/dataset/logs/version/7/*",
+                ],
+            },
+            {
+                "Sid": "ListInputs",
+                "Effect": "Allow",
+                "Action": ["s3:ListBucket"],
+                "Resource": ["arn:aws:s3:::trace-data"],
+                "Condition": {
+                    "StringLike": {
+                        "s3:prefix": [
+                            "org/o1/dataset/blocks/version/3/*",
+                            "org/o1/dataset/logs/version/7/*",
+                        ]
+                    }
+                },
+            },
+            {
+                "Sid": "WriteStaging",
+                "Effect": "Allow",
+                "Action": ["s3:PutObject", "s3:AbortMultipartUpload"],
+                "Resource": [f"arn:aws:s3:::trace-data/org/o1/staging/task/{TASK}/attempt/2/*"],
+            },
         ],
     }
 
@@ -53,8 +73,7 @@ def test_nothing_wider_than_the_prefixes() -> None:
             assert res == "arn:aws:s3:::trace-data" or res.endswith("/*")
             assert res.count("*") <= 1
     actions = {a for st in policy["Statement"] for a in st["Action"]}
-    assert actions == {"s3:GetObject", "s3:ListBucket", "s3:PutObject",
-                       "s3:AbortMultipartUpload"}
+    assert actions == {"s3:GetObject", "s3:ListBucket", "s3:PutObject", "s3:AbortMultipartUpload"}
 
 
 def test_no_reads_means_write_only() -> None:
@@ -65,7 +84,8 @@ def test_no_reads_means_write_only() -> None:
 def test_root_prefix_is_applied() -> None:
     policy = session_policy(_grant(root="trace/"))
     assert policy["Statement"][0]["Resource"][0] == (
-        "arn:aws:s3:::trace-data/trace/org/o1/dataset/blocks/version/3/*")
+        "arn:aws:s3:::trace-data/trace/org/o1/dataset/blocks/version/3/*"
+    )
     assert policy["Statement"][2]["Resource"][0].startswith("arn:aws:s3:::trace-data/trace/org/")
 
 
@@ -83,19 +103,22 @@ def test_duration_is_tied_to_the_attempt(duration: int, timeout: int) -> None:
     assert _grant(timeout_s=timeout).duration_s == duration
 
 
-@pytest.mark.parametrize("prefix, error", [
-    ("org/o2/dataset/x/", errors.Forbidden),          # another org
-    ("org/o1/staging/task/x/", errors.Forbidden),     # not a dataset
-    ("org/o1/", errors.Forbidden),                    # wider than the dataset area
-    ("org/o1/dataset/", errors.Forbidden),            # the whole dataset area
-    ("org/o1/dataset/*/", errors.UnsafeKey),          # IAM wildcard
-    ("org/o1/dataset/a?/", errors.UnsafeKey),
-    ("org/o1/dataset/${aws:username}/", errors.UnsafeKey),
-    ("org/o1/dataset/blocks", errors.UnsafeKey),      # no trailing slash: would match blocks2
-    ("org/o1/dataset/../../o2/", errors.UnsafeKey),
-    ("/org/o1/dataset/x/", errors.UnsafeKey),
-    ("", errors.UnsafeKey),
-])
+@pytest.mark.parametrize(
+    "prefix, error",
+    [
+        ("org/o2/dataset/x/", errors.Forbidden),  # another org
+        ("org/o1/staging/task/x/", errors.Forbidden),  # not a dataset
+        ("org/o1/", errors.Forbidden),  # wider than the dataset area
+        ("org/o1/dataset/", errors.Forbidden),  # the whole dataset area
+        ("org/o1/dataset/*/", errors.UnsafeKey),  # IAM wildcard
+        ("org/o1/dataset/a?/", errors.UnsafeKey),
+        ("org/o1/dataset/${aws:username}/", errors.UnsafeKey),
+        ("org/o1/dataset/blocks", errors.UnsafeKey),  # no trailing slash: would match blocks2
+        ("org/o1/dataset/../../o2/", errors.UnsafeKey),
+        ("/org/o1/dataset/x/", errors.UnsafeKey),
+        ("", errors.UnsafeKey),
+    ],
+)
 def test_bad_read_prefixes_are_refused(prefix: str, error: type[Exception]) -> None:
     with pytest.raises(error):
         _grant(read_prefixes=[prefix])

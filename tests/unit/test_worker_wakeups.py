@@ -22,7 +22,8 @@ class RefusingDispatcher:
 
     async def claim_many(self, task_ids: list[str], worker_id: str) -> wire.ClaimBatchResponse:
         return wire.ClaimBatchResponse(
-            claims=[], refused=[wire.ClaimRefusal(t, self.code, "no") for t in task_ids])
+            claims=[], refused=[wire.ClaimRefusal(t, self.code, "no") for t in task_ids]
+        )
 
 
 async def _received(queue: MemoryQueue) -> list[Any]:
@@ -43,15 +44,21 @@ async def test_transient_claim_failure_makes_the_wakeup_reappear_soon() -> None:
 async def test_locked_row_refusal_retries_soon_but_final_refusals_ack() -> None:
     clock = ManualClock()
     queue = MemoryQueue("tasks", clock=clock)
-    worker = Worker(client=RefusingDispatcher("unavailable"), queue=queue,  # type: ignore[arg-type]
-                    operators={})
+    worker = Worker(
+        client=RefusingDispatcher("unavailable"),
+        queue=queue,  # type: ignore[arg-type]
+        operators={},
+    )
     await worker._claim_and_start(await _received(queue))
     clock.advance(1.6)
     assert len(await queue.receive(max_messages=10)) == 1
 
     queue2 = MemoryQueue("tasks", clock=ManualClock())
-    worker2 = Worker(client=RefusingDispatcher("task_not_claimable"),  # type: ignore[arg-type]
-                     queue=queue2, operators={})
+    worker2 = Worker(
+        client=RefusingDispatcher("task_not_claimable"),  # type: ignore[arg-type]
+        queue=queue2,
+        operators={},
+    )
     await worker2._claim_and_start(await _received(queue2))
     await worker2._flush_acks()
     assert await queue2.depth() == 0  # acknowledged: a duplicate wake-up is dropped

@@ -15,9 +15,20 @@ from trace_core.errors import NotFound, PayloadTooLarge, ValidationFailed
 from trace_core.ports import MAX_SECRET_BYTES, SecretStore
 from trace_core.secret_names import org_prefix, org_secret, platform_secret
 
-BAD_NAMES = ["", "rpc_key", "trace/", "trace/platform/", "trace/org/o1", "other/platform/x",
-             "trace/platform/../org/o1/x", "trace/platform/a//b", "trace/platform/a b",
-             "trace/platform/a\x00", "/trace/platform/x", "trace/platform/" + "x" * 600]
+BAD_NAMES = [
+    "",
+    "rpc_key",
+    "trace/",
+    "trace/platform/",
+    "trace/org/o1",
+    "other/platform/x",
+    "trace/platform/../org/o1/x",
+    "trace/platform/a//b",
+    "trace/platform/a b",
+    "trace/platform/a\x00",
+    "/trace/platform/x",
+    "trace/platform/" + "x" * 600,
+]
 
 
 class SecretStoreConformance:
@@ -51,18 +62,27 @@ class SecretStoreConformance:
         await secret_store.put(org_secret(org, "a"), b"1")
         await secret_store.put(org_secret(org, "b/c"), b"2")
         await secret_store.put(org_secret(other, "a"), b"other org")
-        assert await secret_store.list(org_prefix(org)) == [org_secret(org, "a"),
-                                                           org_secret(org, "b/c")]
+        assert await secret_store.list(org_prefix(org)) == [
+            org_secret(org, "a"),
+            org_secret(org, "b/c"),
+        ]
         assert await secret_store.list(org_prefix(other)) == [org_secret(other, "a")]
         assert platform_secret(f"conf/{org}") in await secret_store.list("trace/platform/conf/")
-        for name in (org_secret(org, "a"), org_secret(org, "b/c"), org_secret(other, "a"),
-                     platform_secret(f"conf/{org}")):
+        for name in (
+            org_secret(org, "a"),
+            org_secret(org, "b/c"),
+            org_secret(other, "a"),
+            platform_secret(f"conf/{org}"),
+        ):
             await secret_store.delete(name)
 
     @pytest.mark.parametrize("name", BAD_NAMES)
     async def test_bad_names_are_refused(self, secret_store: SecretStore, name: str) -> None:
-        for call in (lambda: secret_store.put(name, b"x"), lambda: secret_store.get(name),
-                     lambda: secret_store.delete(name)):
+        for call in (
+            lambda: secret_store.put(name, b"x"),
+            lambda: secret_store.get(name),
+            lambda: secret_store.delete(name),
+        ):
             with pytest.raises(ValidationFailed):
                 await call()
 
