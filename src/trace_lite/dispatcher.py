@@ -22,6 +22,7 @@ import random
 import re
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import Any, Literal, Protocol
@@ -46,7 +47,13 @@ from trace_core.lifecycle import (
 )
 from trace_core.object_keys import is_within, validate_key
 from trace_core.ports import ObjectStore, Queue, Signer
-from trace_core.token import CapabilityClaims, TokenPolicy, check_binding, issue_claims
+from trace_core.token import (
+    CapabilityClaims,
+    TokenPolicy,
+    check_binding,
+    issue_claims,
+    subject_for,
+)
 from trace_lite import sqlfile
 from trace_lite.pg import transaction
 
@@ -58,6 +65,8 @@ Q = sqlfile.load("tasks.sql")
 WAKE_TOPIC = "wake"
 #: The outbox topic of ``runtime: lambda`` tasks; the publisher claims and invokes them.
 INVOKE_TOPIC = "invoke"
+#: How many ``task_id -> org_id`` pairs ``check_claims`` keeps (a task's org never changes).
+TASK_ORG_CACHE_SIZE = 65_536
 
 
 class Launcher(Protocol):
@@ -164,6 +173,13 @@ def pg_array(values: Sequence[str | int | datetime | None]) -> str:
 _NEEDS_QUOTING = re.compile(r'[\s"{}\\]')
 
 
+def _is_canonical_uuid(value: str) -> bool:
+    try:
+        return str(uuid.UUID(value)) == value
+    except ValueError:
+        return False
+
+
 def _iso(ts: datetime) -> str:
     return ts.isoformat()
 
@@ -210,6 +226,8 @@ class Dispatcher:
         self.verifier = TokenVerifier(signer, token_policy)
         self.issuer = TokenIssuer(signer)
         self._orgs: dict[str, str] = {}
+        #: ``task_id -> org_id`` for ``check_claims``, least recently used dropped first.
+        self._task_orgs: OrderedDict[str, str] = OrderedDict()
         self._clock_epoch = clock_epoch
         #: A queued task unclaimed this long gets a fresh wake-up (its last one was lost).
         self.rewake_after_s = rewake_after_s
@@ -263,7 +281,28 @@ class Dispatcher:
         )
         token = await self.issuer.encode(claims)
         self.verifier.remember(token, claims)
+        self._remember_task_org(task_id, org_id)
         return token
+
+    def _remember_task_org(self, task_id: str, org_id: str) -> None:
+        self._task_orgs[task_id] = org_id
+        self._task_orgs.move_to_end(task_id)
+        if len(self._task_orgs) > TASK_ORG_CACHE_SIZE:
+            self._task_orgs.popitem(last=False)
+
+    async def _task_org(self, task_id: str) -> str | None:
+        org_id = self._task_orgs.get(task_id)
+        if org_id is not None:
+            self._task_orgs.move_to_end(task_id)
+            return org_id
+        async with self._tx() as cur:
+            await cur.execute(Q["task_org"], {"task_id": task_id})
+            row = await cur.fetchone()
+        if row is None:
+            return None
+        org_id = str(row[0])
+        self._remember_task_org(task_id, org_id)
+        return org_id
 
     # -- admin ------------------------------------------------------------------------------
 
@@ -595,7 +634,25 @@ class Dispatcher:
         now = int(self._clock_epoch() if self._clock_epoch else time.time())
         claims = await self.verifier.verify(token, now_epoch=now, monotonic=time.monotonic())
         check_binding(claims, task_id, attempt)
+        await self.check_claims(claims)
         return claims
+
+    async def check_claims(self, claims: CapabilityClaims) -> None:
+        """Check a verified token's claims against its task row (defence in depth: only a key
+        holder can sign a token, but nothing it says is taken on trust).
+
+        ``sub`` must name the token's own task and attempt, and ``org_id`` must be the task's
+        org (cached per task: a task's org never changes). ``authorize`` calls it; a caller that
+        verifies tokens another way calls it after verifying. Returns None. Raises
+        ``Unauthenticated`` for any mismatch, a task id or org id that is not a canonical UUID,
+        or a task that does not exist; ``Unavailable``.
+        """
+        if claims.sub != subject_for(claims.task_id, claims.attempt):
+            raise errors.Unauthenticated("capability token: sub does not name its task and attempt")
+        if not (_is_canonical_uuid(claims.task_id) and _is_canonical_uuid(claims.org_id)):
+            raise errors.Unauthenticated("capability token: task_id and org_id must be UUIDs")
+        if await self._task_org(claims.task_id) != claims.org_id:
+            raise errors.Unauthenticated("capability token: org_id is not the task's org")
 
     # -- attempt-scoped mutations -------------------------------------------------------------
 

@@ -7,6 +7,7 @@ import json
 from collections.abc import AsyncIterator
 from typing import Any
 
+import attrs
 import psycopg
 import pytest
 
@@ -15,6 +16,7 @@ from trace_core.lifecycle import RetryPolicy
 from trace_core.testing.memory_queue import MemoryQueue
 from trace_core.testing.memory_signer import MemorySigner
 from trace_core.testing.memory_store import MemoryObjectStore
+from trace_core.token import subject_for
 from trace_lite.dispatcher import Dispatcher, open_pool
 
 
@@ -315,6 +317,36 @@ async def test_capability_token_binds_task_and_attempt(dispatcher: Dispatcher) -
         await dispatcher.authorize(None, a.task_id, 1)
     with pytest.raises(errors.Unauthenticated):
         await dispatcher.authorize(a.capability_token[:-4] + "AAAA", a.task_id, 1)
+
+
+async def test_a_validly_signed_token_with_a_wrong_sub_or_org_is_refused(
+    dispatcher: Dispatcher,
+) -> None:
+    """Every claim is checked against the task row, not only task_id and attempt (#8 item 10)."""
+    a = await dispatcher.claim(await _create(dispatcher, org="org-a"))
+    b = await dispatcher.claim(await _create(dispatcher, org="org-b"))
+    good = await dispatcher.authorize(a.capability_token, a.task_id, a.attempt)
+    other_org = (await dispatcher.authorize(b.capability_token, b.task_id, 1)).org_id
+    forged = {
+        "sub of another task": attrs.evolve(good, sub=subject_for(b.task_id, 1)),
+        "sub of another attempt": attrs.evolve(good, sub=subject_for(a.task_id, 2)),
+        "sub not a subject": attrs.evolve(good, sub=a.task_id),
+        "another org": attrs.evolve(good, org_id=other_org),
+        "org not a UUID": attrs.evolve(good, org_id="org-a"),
+        "org in upper case": attrs.evolve(good, org_id=good.org_id.upper()),
+    }
+    for name, claims in forged.items():
+        token = await dispatcher.issuer.encode(claims)  # signed with the Dispatcher's own key
+        with pytest.raises(errors.Unauthenticated):
+            await dispatcher.authorize(token, a.task_id, a.attempt)
+            pytest.fail(f"accepted a token with {name}")
+    # the same checks through a fresh Dispatcher, whose task->org cache starts empty
+    fresh = Dispatcher(dispatcher.pool, signer=dispatcher.signer)
+    token = await dispatcher.issuer.encode(forged["another org"])
+    with pytest.raises(errors.Unauthenticated):
+        await fresh.authorize(token, a.task_id, a.attempt)
+    await fresh.check_claims(good)
+    assert (await fresh.authorize(a.capability_token, a.task_id, 1)).org_id == good.org_id
 
 
 async def test_claim_next_and_complete_many(dispatcher: Dispatcher) -> None:

@@ -72,6 +72,10 @@ WHERE t.task_id = ANY(%(task_ids)s::uuid[])
 ORDER BY t.task_id
 FOR UPDATE OF t SKIP LOCKED;
 
+-- name: task_org
+-- The org that owns a task (it never changes), to check a capability token's org_id claim.
+SELECT org_id::text FROM tasks WHERE task_id = %(task_id)s;
+
 -- name: existing_tasks
 -- Which of these task ids exist (to tell a locked row from a missing one).
 SELECT task_id::text FROM tasks WHERE task_id = ANY(%(task_ids)s::uuid[]);
