@@ -32,6 +32,7 @@ import attrs
 
 from trace_core import errors, wire
 from trace_core.ports import ObjectStore, Queue, ReceivedMessage
+from trace_sdk.aio import Coalescer
 from trace_servers.client import DispatcherClient, error_from_body
 
 log = logging.getLogger("trace.worker")
@@ -114,6 +115,10 @@ Operator = Callable[[TaskContext], Awaitable[dict[str, Any] | None]]
 _FINAL_REFUSALS = frozenset({"task_not_claimable", "task_canceled", "not_found"})
 
 
+class _RetryCompletion(Exception):
+    """One completion of a batch failed transiently: submit it again."""
+
+
 class NonRetryableError(Exception):
     """An operator raises this for a failure retrying cannot fix."""
 
@@ -142,10 +147,13 @@ class Worker:
     batch_completions: bool = True
     #: How soon a wake-up reappears after a transient claim failure (seconds, jittered).
     retry_after_s: float = 1.0
-    _acks: list[str] = attrs.field(factory=list)
-    _completions: list[tuple[dict[str, Any], asyncio.Future[None]]] = attrs.field(factory=list)
-    _completion_flusher: asyncio.Task[None] | None = None
-    _ack_flusher: asyncio.Task[None] | None = None
+    _acks: Coalescer[str, None] = attrs.field(init=False)
+    _completions: Coalescer[dict[str, Any], None] = attrs.field(init=False)
+
+    def __attrs_post_init__(self) -> None:
+        # SQS deletes at most 10 receipts per call; completions go 200 to a request.
+        self._acks = Coalescer(self._flush_acks, max_batch=10, linger_s=0.005)
+        self._completions = Coalescer(self._flush_completions, max_batch=200, linger_s=0.002)
 
     async def run(self, stop: asyncio.Event) -> None:
         """Work until ``stop`` is set, then drain in-flight tasks (see the module docstring)."""
@@ -184,7 +192,8 @@ class Worker:
                 self.stats["received"] += len(messages)
                 await self._claim_and_start(messages)
         await self._drain()
-        await self._flush_acks()
+        await self._completions.close()
+        await self._acks.close()
 
     async def _drain(self) -> None:
         if not self._inflight:
@@ -389,42 +398,27 @@ class Worker:
         if not self.batch_completions:
             await self.client.complete(token, fence, **outcome)
             return
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         item = {
             "capability_token": token,
             "completion": {**fence, **{k: v for k, v in outcome.items() if v is not None}},
         }
-        self._completions.append((item, fut))
-        if self._completion_flusher is None or self._completion_flusher.done():
-            self._completion_flusher = asyncio.create_task(self._flush_completions())
-        await fut
-
-    async def _flush_completions(self) -> None:
-        await asyncio.sleep(0.002)  # let completions of the same moment join
-        while self._completions:
-            batch, self._completions = self._completions[:200], self._completions[200:]
+        while True:
             try:
-                answer = await self.client.complete_batch([item for item, _ in batch])
-            except errors.TraceError as exc:  # the whole call failed, after retries
-                for _, fut in batch:
-                    if not fut.done():
-                        fut.set_exception(exc)
-                continue
-            retry: list[tuple[dict[str, Any], asyncio.Future[None]]] = []
-            for (item, fut), res in zip(batch, answer.results, strict=True):
-                if fut.done():
-                    continue
-                if res.error is None:
-                    fut.set_result(None)
-                elif res.error in ("unavailable", "retryable"):
-                    retry.append((item, fut))
-                else:
-                    fut.set_exception(
-                        error_from_body(409, {"error": res.error, "message": res.message})
-                    )
-            if retry:
+                return await self._completions.submit(item)
+            except _RetryCompletion:
                 await asyncio.sleep(0.2)
-                self._completions.extend(retry)
+
+    async def _flush_completions(self, items: list[dict[str, Any]]) -> list[BaseException | None]:
+        answer = await self.client.complete_batch(items)  # raises if the whole call failed
+        results: list[BaseException | None] = []
+        for res in answer.results:
+            if res.error is None:
+                results.append(None)
+            elif res.error in ("unavailable", "retryable"):
+                results.append(_RetryCompletion())
+            else:
+                results.append(error_from_body(409, {"error": res.error, "message": res.message}))
+        return results
 
     async def _retry_soon(self, messages: list[ReceivedMessage]) -> None:
         """Let wake-ups whose claim failed transiently reappear after a short backoff rather
@@ -438,18 +432,11 @@ class Worker:
 
     def _delete(self, message: ReceivedMessage) -> None:
         """Acknowledge a wake-up; acknowledgements are deleted in batches."""
-        self._acks.append(message.receipt)
-        if self._ack_flusher is None or self._ack_flusher.done():
-            self._ack_flusher = asyncio.create_task(self._ack_soon())
+        self._acks.submit_nowait(message.receipt)
 
-    async def _ack_soon(self) -> None:
-        await asyncio.sleep(0.005)  # let acknowledgements of the same moment join
-        await self._flush_acks()
-
-    async def _flush_acks(self) -> None:
-        while self._acks:
-            receipts, self._acks = self._acks[:10], self._acks[10:]
-            try:
-                await self.queue.delete(receipts)
-            except errors.TraceError as exc:  # harmless: those wake-ups reappear and are skipped
-                log.warning("ack failed", extra={"error": str(exc), "count": len(receipts)})
+    async def _flush_acks(self, receipts: list[str]) -> list[None]:
+        try:
+            await self.queue.delete(receipts)
+        except errors.TraceError as exc:  # harmless: those wake-ups reappear and are skipped
+            log.warning("ack failed", extra={"error": str(exc), "count": len(receipts)})
+        return [None] * len(receipts)

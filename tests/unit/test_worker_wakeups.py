@@ -60,5 +60,5 @@ async def test_locked_row_refusal_retries_soon_but_final_refusals_ack() -> None:
         operators={},
     )
     await worker2._claim_and_start(await _received(queue2))
-    await worker2._flush_acks()
+    await worker2._acks.close()
     assert await queue2.depth() == 0  # acknowledged: a duplicate wake-up is dropped
