@@ -17,20 +17,27 @@ PYTHON = "3.11"
 ROOT = Path(__file__).parent
 
 
+def _install(session: nox.Session) -> None:
+    """The pinned set of ``requirements/dev.lock`` (as ``scripts/bootstrap.sh``), then the project."""
+    session.install("--require-hashes", "-r", str(ROOT / "requirements" / "dev.lock"))
+    session.install("--no-deps", "--no-build-isolation", "-e", str(ROOT))
+
+
 def _pytest(session: nox.Session, folder: str) -> None:
-    session.install("-e", ".[test,aws]")
+    _install(session)
     session.run("pytest", "-q", f"tests/{folder}", *session.posargs)
 
 
 @nox.session(python=PYTHON)
 def lint(session: nox.Session) -> None:
-    session.install("ruff>=0.6")
+    _install(session)
     session.run("ruff", "check", ".", *session.posargs)
+    session.run("ruff", "format", "--check", ".")
 
 
 @nox.session(python=PYTHON)
 def typecheck(session: nox.Session) -> None:
-    session.install("-e", ".[dev]")
+    _install(session)
     session.run("mypy", *session.posargs)
 
 
@@ -56,7 +63,5 @@ def e2e(session: nox.Session) -> None:
 
 @nox.session(python=PYTHON)
 def bench(session: nox.Session) -> None:
-    if not (ROOT / "bench" / "__main__.py").exists():
-        session.skip("bench/__main__.py does not exist yet")
-    session.install("-e", ".[bench]")
+    _install(session)
     session.run("python", "-m", "bench", *session.posargs)

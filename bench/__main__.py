@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.util
 import json
 import math
 import platform
@@ -23,6 +24,25 @@ from typing import Any
 
 from bench import peers, trace_http, trace_inproc
 from bench.common import REPO_ROOT, BenchPostgres, Measurement
+
+PGQUEUER = "pgqueuer (2 proc, batch 500)"
+PROCRASTINATE = "procrastinate (2 proc x 10)"
+# The peers' scenarios and the module each needs: the ``bench`` extra, which
+# ``requirements/dev.lock`` pins and ``scripts/bootstrap.sh`` installs.
+PEER_MODULES = {PGQUEUER: "pgqueuer", PROCRASTINATE: "procrastinate"}
+
+
+def wanted(name: str, only: set[str]) -> bool:
+    return not only or any(o in name for o in only)
+
+
+def missing_peers(only: set[str]) -> list[str]:
+    """The peer modules the selected scenarios need and this interpreter cannot import."""
+    return [
+        module
+        for name, module in PEER_MODULES.items()
+        if wanted(name, only) and importlib.util.find_spec(module) is None
+    ]
 
 
 def _profile(quick: bool) -> dict[str, Any]:
@@ -62,7 +82,7 @@ class Bench:
         self.backlog_rows: list[dict[str, Any]] = []
 
     def want(self, name: str) -> bool:
-        return not self.only or any(o in name for o in self.only)
+        return wanted(name, self.only)
 
     async def fresh(
         self, setup: Callable[[str], Awaitable[None]] | None, trace_schema: bool
@@ -148,8 +168,8 @@ def _fmt(x: float, digits: int = 0) -> str:
 def print_table(rows: list[Measurement], backlog_rows: list[dict[str, Any]]) -> str:
     by = {m.name: m for m in rows}
     refs = {
-        "pgqueuer": by.get("pgqueuer (2 proc, batch 500)"),
-        "procrastinate": by.get("procrastinate (2 proc x 10)"),
+        "pgqueuer": by.get(PGQUEUER),
+        "procrastinate": by.get(PROCRASTINATE),
         "raw": by.get("raw SKIP LOCKED loop (1 conn)"),
     }
     head = (
@@ -185,8 +205,8 @@ def targets(rows: list[Measurement]) -> list[str]:
     by = {m.name: m for m in rows}
     out = []
     a = by.get("trace in-process kernel (2 proc x 4 claimers)")
-    pgq = by.get("pgqueuer (2 proc, batch 500)")
-    pro = by.get("procrastinate (2 proc x 10)")
+    pgq = by.get(PGQUEUER)
+    pro = by.get(PROCRASTINATE)
     if a and pgq:
         out.append(
             f"(a) in-process >= pgqueuer: {a.rate:,.0f} vs {pgq.rate:,.0f} -> "
@@ -256,7 +276,7 @@ async def main_async(args: argparse.Namespace) -> int:
                 trace_schema=True,
             )
         await b.scenario(
-            "pgqueuer (2 proc, batch 500)",
+            PGQUEUER,
             "peer",
             "psycopg driver",
             rate=lambda u: peers.pgqueuer_throughput(u, p["n_peer"], processes=2, batch=500),
@@ -264,7 +284,7 @@ async def main_async(args: argparse.Namespace) -> int:
             setup=peers.pgqueuer_install,
         )
         await b.scenario(
-            "procrastinate (2 proc x 10)",
+            PROCRASTINATE,
             "peer",
             "psycopg connector",
             rate=lambda u: peers.procrastinate_throughput(
@@ -343,6 +363,17 @@ def main() -> int:
     ap.add_argument("--only", nargs="*", help="substrings of scenario names to run")
     ap.add_argument("--json", help="also write the results as JSON to this file")
     args = ap.parse_args()
+    missing = missing_peers(set(args.only or []))
+    if missing:
+        print(
+            f"bench: the peers {', '.join(missing)} are not installed in this interpreter "
+            f"({sys.executable}); install them first:\n"
+            f"    {sys.executable} -m pip install -e '.[bench]'\n"
+            "(`bash scripts/bootstrap.sh` installs the pinned versions into .venv; "
+            "or skip the peers with --only NAME ..., e.g. --only trace)",
+            file=sys.stderr,
+        )
+        return 2
     sys.path.insert(0, str(REPO_ROOT))
     return asyncio.run(main_async(args))
 
