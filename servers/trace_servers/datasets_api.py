@@ -124,13 +124,13 @@ async def task_resolve(request: web.Request) -> web.Response:
 
 
 async def release_pin(request: web.Request) -> web.Response:
-    await _caller(request)
+    caller = await _caller(request)
     pin_id = request.match_info["pin_id"]
     try:
         uuid.UUID(pin_id)
     except ValueError:
         raise errors.ValidationFailed("pin_id must be a UUID", field="pin_id") from None
-    await _service(request).release_pin(pin_id)
+    await _service(request).release_pin(caller, request.match_info["org"], pin_id)
     return web.json_response({"released": pin_id})
 
 

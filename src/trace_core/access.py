@@ -10,7 +10,9 @@ Rules (``docs/architecture/data_versioning.md``, "Permissions"):
   any of those roles may also read;
 * a task reads only the datasets its capability token grants (``grants.datasets.read``, a list
   of dataset names of the token's org); tasks never overwrite or purge through this path (they
-  write through the commit protocol, ``trace_core.commit``).
+  write through the commit protocol, ``trace_core.commit``);
+* a reader's pin (written by a resolve) is released only by its holder or an admin of the
+  pin's org, and only through that org (``check_release``).
 
 Roles and DAG membership come from Postgres, never from a user token; callers are built by the
 store and passed in.
@@ -114,12 +116,48 @@ def allowed(caller: Caller, dataset: DatasetAcl, action: Action) -> bool:
             assert_never(action)
 
 
+@attrs.frozen
+class PinAcl:
+    """What the rules need to know about a reader's pin."""
+
+    #: The org of the pinned versions.
+    org_id: str
+    #: Who holds it (``pin_holder`` of the caller that resolved).
+    holder: str
+
+
+def pin_holder(caller: Caller) -> str:
+    """The holder name a pin records for ``caller``: ``user/{subject}`` or ``task/{task_id}``
+    (distinct prefixes, so a user subject can never pass for a task)."""
+    if isinstance(caller, TaskCaller):
+        return f"task/{caller.task_id}"
+    return f"user/{caller.subject}"
+
+
+def _outsider(caller: Caller) -> bool:
+    return isinstance(caller, UserCaller) and not caller.member and not caller.dags
+
+
+def check_release(caller: Caller, pin: PinAcl) -> None:
+    """Whether ``caller`` may release ``pin``: its holder, or an admin of the pin's org.
+
+    Returns None. Raises ``NotFound`` for a caller of another org or a non-member (the pin's
+    existence does not leak), ``Forbidden`` for a member who neither holds it nor is an admin.
+    """
+    if caller.org_id != pin.org_id or _outsider(caller):
+        raise errors.NotFound("no such pin", field="pin_id")
+    if pin_holder(caller) == pin.holder:
+        return
+    if isinstance(caller, UserCaller) and caller.member and caller.is_admin:
+        return
+    raise errors.Forbidden("only the pin's holder or an org admin may release it")
+
+
 def check(caller: Caller, dataset: DatasetAcl, action: Action) -> None:
     """Raise ``NotFound`` for a caller of another org or a non-member (nothing leaks across
     orgs) and
     ``Forbidden`` when ``allowed`` says no; return None otherwise."""
-    outsider = isinstance(caller, UserCaller) and not caller.member and not caller.dags
-    if caller.org_id != dataset.org_id or outsider:
+    if caller.org_id != dataset.org_id or _outsider(caller):
         raise errors.NotFound("no such dataset", field="dataset")
     if not allowed(caller, dataset, action):
         raise errors.Forbidden(f"not allowed to {action.value} dataset {dataset.name!r}")
@@ -130,8 +168,11 @@ __all__ = [
     "Action",
     "Caller",
     "DatasetAcl",
+    "PinAcl",
     "TaskCaller",
     "UserCaller",
     "allowed",
     "check",
+    "check_release",
+    "pin_holder",
 ]

@@ -27,11 +27,12 @@ from typing import Any
 
 import attrs
 import psycopg
+from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 
 from trace_core import access, commit, errors, wire
-from trace_core.access import Action, Caller, DatasetAcl, TaskCaller, UserCaller
+from trace_core.access import Action, Caller, DatasetAcl, PinAcl, TaskCaller, UserCaller
 from trace_core.object_keys import is_within, validate_key
 from trace_core.ports import ObjectInfo, ObjectStore
 from trace_core.token import CapabilityClaims
@@ -231,7 +232,9 @@ async def apply_outputs(
                         version_state=commit.VersionState(row[5]),
                     )
                 )
-            ranges = [(e.start, e.end) for e in entries if e.start is not None]
+            ranges = [
+                (e.start, e.end) for e in entries if e.start is not None and e.end is not None
+            ]
             keys = [e.key for e in entries if e.key is not None]
             await cur.execute(
                 Q["live_partitions"],
@@ -678,7 +681,7 @@ class Datasets:
         org_id = await self.org_id(org)
         if caller.org_id != org_id:
             raise errors.NotFound("no such dataset", field="names")
-        subject = caller.subject if isinstance(caller, UserCaller) else f"task/{caller.task_id}"
+        subject = access.pin_holder(caller)
         for _ in range(3):
             pin_id = str(uuid.uuid4())
             try:
@@ -734,8 +737,22 @@ class Datasets:
             )
         return Resolution(pin_id=pin_id, datasets=out)
 
-    async def release_pin(self, pin_id: str) -> None:
+    async def release_pin(self, caller: Caller | None, org: str, pin_id: str) -> None:
+        """Release a reader's pin early: its holder or an admin of its org, through that org.
+
+        Returns None. Raises ``NotFound`` (no such pin in ``org``, or a caller outside it),
+        ``Forbidden`` (a member who neither holds the pin nor is an admin); nothing is
+        deleted on a refusal."""
+        org_id = await self.org_id(org)
         async with transaction(self.pool) as cur:
+            cur.row_factory = dict_row
+            await cur.execute(Q["lock_pin"], {"pin_id": pin_id})
+            rows = await cur.fetchall()
+            pins = {PinAcl(org_id=r["org_id"], holder=r["holder"]) for r in rows}
+            if len(pins) != 1 or next(iter(pins)).org_id != org_id:
+                raise errors.NotFound("no such pin", field="pin_id")
+            if caller is not None:
+                access.check_release(caller, next(iter(pins)))
             await cur.execute(Q["release_pin"], {"pin_id": pin_id})
 
     # -- purge ------------------------------------------------------------------------------------

@@ -60,11 +60,14 @@ async def world(db_url: str) -> AsyncIterator[tuple[Datasets, Dispatcher]]:
 
 
 async def _task_caller(ds: Datasets, d: Dispatcher, grants: dict[str, Any]) -> Caller:
+    from trace_core import wire
+
     org_id = await ds.org_id(ORG)
+    (task,) = await d.create_tasks([wire.CreateTaskRequest(operator="x", org=ORG)])
     claims = issue_claims(
         d.token_policy,
         org_id=org_id,
-        task_id=str(uuid.uuid4()),
+        task_id=task.task_id,
         attempt=1,
         attempt_timeout_s=60,
         now_epoch=int(time.time()),

@@ -320,7 +320,7 @@ async def test_purge_refuses_active_and_pinned_versions_and_frees_storage(env: E
     await env.ds.cutover(None, ORG, DAG, {"blocks": new})
     with pytest.raises(errors.Conflict, match="pinned"):
         await env.ds.purge(None, ORG, "blocks", old)
-    await env.ds.release_pin(pinned.pin_id)
+    await env.ds.release_pin(caller, ORG, pinned.pin_id)
     keys = env.sql("SELECT object_key, staged_key FROM dataset_partitions")[0]
     report = await env.ds.purge(None, ORG, "blocks", old)
     assert report.deleted_objects == 2 and report.freed_bytes == 2 * out["size"]

@@ -186,3 +186,41 @@ def test_roles_of_a_non_member_are_never_honoured() -> None:
     )
     assert allowed(deployer, ds, Action.READ) and allowed(deployer, ds, Action.OVERWRITE)
     assert not allowed(deployer, ds, Action.PURGE)  # the admin role does not count outside
+
+
+# --- pins ------------------------------------------------------------------------------------
+
+
+def test_pin_holders_of_users_and_tasks_never_collide() -> None:
+    from trace_core.access import pin_holder
+
+    task = TaskCaller(ORG, "t1")
+    assert pin_holder(task) == "task/t1"
+    assert pin_holder(UserCaller("task/t1", ORG)) != pin_holder(task)
+
+
+@pytest.mark.parametrize(
+    ("caller", "outcome"),
+    [
+        (UserCaller("ann", ORG), None),  # the holder
+        (UserCaller("root", ORG, roles=frozenset({ADMIN_ROLE})), None),  # an org admin
+        (UserCaller("bob", ORG), errors.Forbidden),  # a roleless member
+        (UserCaller("bob", ORG, dags=frozenset({DAG})), errors.Forbidden),  # a producer
+        (UserCaller("ann", ORG, member=False), errors.NotFound),  # left the org
+        (UserCaller("eve", "o2", roles=frozenset({ADMIN_ROLE})), errors.NotFound),  # other org
+        (UserCaller("ann", "o2"), errors.NotFound),  # the holder, through another org
+        (UserCaller("x", ORG, roles=frozenset({ADMIN_ROLE}), member=False), errors.NotFound),
+        (TaskCaller(ORG, "t1"), errors.Forbidden),  # a task is not the user holder
+    ],
+)
+def test_only_the_holder_or_an_org_admin_releases_a_pin(
+    caller: UserCaller | TaskCaller, outcome: type[errors.TraceError] | None
+) -> None:
+    from trace_core.access import PinAcl, check_release
+
+    pin = PinAcl(org_id=ORG, holder="user/ann")
+    if outcome is None:
+        assert check_release(caller, pin) is None
+    else:
+        with pytest.raises(outcome):
+            check_release(caller, pin)

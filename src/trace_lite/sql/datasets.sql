@@ -204,6 +204,15 @@ FROM dataset_partitions
 WHERE dataset_version = ANY(%(versions)s::uuid[]) AND superseded_at IS NULL
 ORDER BY dataset_version, range_start NULLS LAST, partition_key;
 
+-- name: lock_pin
+-- A pin's holder and org, one row per pinned version (one pin lies in one org), locked.
+SELECT n.subject AS holder, d.org_id::text AS org_id
+FROM dataset_pins n
+JOIN dataset_versions v ON v.dataset_version = n.dataset_version
+JOIN datasets d ON d.dataset_uuid = v.dataset_uuid
+WHERE n.pin_id = %(pin_id)s
+FOR UPDATE OF n;
+
 -- name: release_pin
 -- End a reader's pin lease early.
 DELETE FROM dataset_pins WHERE pin_id = %(pin_id)s;
