@@ -1,6 +1,6 @@
 """Compact JWS for capability tokens: encode with a ``Signer``, verify with pinned public keys.
 
-This is the only kernel module that imports PyJWT and ``cryptography``. The claim rules live in
+This is the only kernel module that imports ``cryptography``. The claim rules live in
 ``trace_core.token``; this module adds the envelope.
 
 Theory of operation
@@ -11,29 +11,30 @@ Theory of operation
   ``(kid, alg)`` it signed with only *after* signing, so the header is built from a hint (the
   last pair seen, or a probe signature); if the signer answers with another key (it rotated in
   between), the token is re-signed with the new header. ``TokenIssuer`` keeps the hint.
+* **Parsing** accepts only canonical unpadded base64url in every segment (no ``=``, no
+  non-zero trailing bits) and JSON objects without duplicate member names, so one token has
+  exactly one spelling: a verification result can be remembered by what was verified.
 * **Verification** trusts nothing in the token before the signature checks out, except the
-  ``kid`` used to pick a key: the algorithm is the one *pinned to the key* (never the header's),
-  PyJWT is called with exactly that one algorithm and a loaded key object (so ``alg: none`` and
-  HMAC-with-the-public-key confusion cannot work), the header may carry only ``alg``, ``kid``
-  and ``typ``, and ``typ`` must match the policy. Time rules are checked by
-  ``trace_core.token.check_claims`` with the caller's ``now`` (PyJWT's own time checks are off,
-  so nothing here reads the clock).
-* Every failure is ``Unauthenticated`` with a generic message; PyJWT's exceptions never escape.
+  ``kid`` used to pick a key: the algorithm is the one *pinned to the key* (never the header's,
+  so ``alg: none`` and HMAC-with-the-public-key confusion cannot work), the header may carry
+  only ``alg``, ``kid`` and ``typ``, and ``typ`` must match the policy. Time rules are checked
+  by ``trace_core.token.check_claims`` with the caller's ``now`` (nothing here reads the clock).
+* Every failure is ``Unauthenticated`` with a generic message.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
-import binascii
 import hashlib
 import json
+import re
 from collections import OrderedDict
 from collections.abc import Mapping
 from functools import lru_cache
 from typing import Any, Final
 
-import jwt
+import attrs
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
@@ -51,9 +52,9 @@ SUPPORTED_ALGORITHMS: Final = frozenset({"EdDSA", "ES256"})
 #: Header parameters a capability token may carry; anything else (``crit``, ``jku``, ``jwk``,
 #: ``x5u``, ``b64`` ...) is refused.
 _ALLOWED_HEADER: Final = frozenset({"alg", "kid", "typ"})
-#: Claims PyJWT must find before Trace's own checks run.
-_REQUIRED: Final = ["exp", "iat", "iss", "aud", "sub"]
 _P256_BYTES: Final = 32
+#: Canonical unpadded base64url text (the length rule is checked separately).
+_B64URL: Final = re.compile(r"[A-Za-z0-9_-]*")
 
 PrivateKey = ed25519.Ed25519PrivateKey | ec.EllipticCurvePrivateKey
 VerifyingKey = ed25519.Ed25519PublicKey | ec.EllipticCurvePublicKey
@@ -69,12 +70,19 @@ def b64url_encode(data: bytes) -> str:
 
 
 def b64url_decode(text: str) -> bytes:
-    """Decode unpadded base64url. Raises ``Unauthenticated`` for invalid input."""
-    try:
-        raw = text.encode("ascii")
-        return base64.urlsafe_b64decode(raw + b"=" * (-len(raw) % 4))
-    except (UnicodeEncodeError, binascii.Error, ValueError) as exc:
-        raise Unauthenticated("capability token: malformed") from exc
+    """Decode *canonical* unpadded base64url (RFC 7515 §2).
+
+    Only the form ``b64url_encode`` produces is accepted: no padding, no characters outside
+    ``A-Z a-z 0-9 - _``, and unused trailing bits zero. So each byte string has exactly one
+    accepted text and a token cannot be re-spelled (``sig==``, a flipped low bit) and still
+    verify. Raises ``Unauthenticated`` for anything else.
+    """
+    if not isinstance(text, str) or not _B64URL.fullmatch(text) or len(text) % 4 == 1:
+        raise Unauthenticated("capability token: malformed")
+    raw = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+    if b64url_encode(raw) != text:  # non-zero trailing bits: another spelling of ``raw``
+        raise Unauthenticated("capability token: malformed")
+    return raw
 
 
 def raw_public_bytes(public_key: VerifyingKey) -> bytes:
@@ -220,25 +228,99 @@ class TokenIssuer:
 # Verification
 
 
-def unverified_kid(token: str) -> str:
-    """The ``kid`` from a token's header, *unverified*. Raises ``Unauthenticated``."""
-    header = _unverified_header(token)
-    kid = header.get("kid")
-    if not isinstance(kid, str) or not kid:
-        raise Unauthenticated("capability token: no key id")
-    return kid
+@attrs.frozen
+class ParsedJws:
+    """A compact JWS split and decoded, its signature *not yet checked*."""
+
+    #: The decoded header object.
+    header: dict[str, Any]
+    #: The decoded payload object.
+    payload: dict[str, Any]
+    #: ``BASE64URL(header) || "." || BASE64URL(payload)``: the bytes the signature covers.
+    signing_input: bytes
+    #: The decoded signature.
+    signature: bytes
+
+    @property
+    def digest(self) -> bytes:
+        """SHA-256 over what the signature covers and the signature: the identity of what is
+        verified. Canonical decoding makes it one-to-one with the token text."""
+        h = hashlib.sha256(self.signing_input)
+        h.update(b".")
+        h.update(self.signature)
+        return h.digest()
+
+    @property
+    def kid(self) -> str:
+        """The header's ``kid``, unverified. Raises ``Unauthenticated`` if missing."""
+        kid = self.header.get("kid")
+        if not isinstance(kid, str) or not kid:
+            raise Unauthenticated("capability token: no key id")
+        return kid
 
 
-def _unverified_header(token: str) -> dict[str, Any]:
+def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        raise ValueError("duplicate member name")
+    return out
+
+
+def _json_object(segment: str) -> dict[str, Any]:
+    try:
+        value = json.loads(b64url_decode(segment), object_pairs_hook=_no_duplicate_keys)
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+        raise Unauthenticated("capability token: malformed") from exc
+    if not isinstance(value, dict):
+        raise Unauthenticated("capability token: malformed")
+    return value
+
+
+def parse(token: str) -> ParsedJws:
+    """Split a compact JWS and decode its three segments (canonical base64url only).
+
+    Returns the parsed token; nothing in it is trusted yet. Raises ``Unauthenticated`` for a
+    token that is not three canonical base64url segments with JSON objects for header and
+    payload (duplicate member names refused).
+    """
     if not isinstance(token, str) or token.count(".") != 2:
         raise Unauthenticated("capability token: malformed")
-    try:
-        header = json.loads(b64url_decode(token.split(".", 1)[0]))
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise Unauthenticated("capability token: malformed") from exc
-    if not isinstance(header, dict):
-        raise Unauthenticated("capability token: malformed")
-    return header
+    header_segment, payload_segment, signature_segment = token.split(".")
+    return ParsedJws(
+        header=_json_object(header_segment),
+        payload=_json_object(payload_segment),
+        signing_input=f"{header_segment}.{payload_segment}".encode("ascii"),
+        signature=b64url_decode(signature_segment),
+    )
+
+
+def unverified_kid(token: str) -> str:
+    """The ``kid`` from a token's header, *unverified*. Raises ``Unauthenticated``."""
+    return parse(token).kid
+
+
+def verify_signature(parsed: ParsedJws, keys: Mapping[str, PublicKey], typ: str) -> str:
+    """Check a parsed token's header and signature against pinned keys.
+
+    The key is the one ``kid`` names in ``keys``; the algorithm is the one pinned to that key
+    (the header's ``alg`` must equal it, so ``none`` and HMAC-with-the-public-key cannot
+    work); the header may carry only ``alg``, ``kid`` and ``typ``, and ``typ`` must equal
+    ``typ``. Returns the kid. Raises ``Unauthenticated`` for any failure.
+    """
+    public = keys.get(parsed.kid)
+    if public is None:
+        raise Unauthenticated("capability token: unknown key id")
+    header = parsed.header
+    if set(header) - _ALLOWED_HEADER:
+        raise Unauthenticated("capability token: unexpected header parameter")
+    if header.get("alg") != public.algorithm:
+        raise Unauthenticated("capability token: algorithm does not match the key")
+    if header.get("typ") != typ:
+        raise Unauthenticated("capability token: wrong type")
+    key = load_public_key(public.public_pem, public.algorithm)
+    if not verify_jws(key, parsed.signing_input, parsed.signature):
+        raise Unauthenticated("capability token: does not verify")
+    return public.kid
 
 
 def verify_token(
@@ -251,39 +333,12 @@ def verify_token(
 
     ``keys`` maps kid to the published ``PublicKey``; the key's pinned algorithm is the only
     one accepted. Returns the claims. Raises ``Unauthenticated`` for anything wrong: malformed
-    token, unknown kid, algorithm other than the pinned one, bad signature, unexpected header
-    parameter, wrong ``typ``, or any claim rule of ``check_claims``.
+    or non-canonical token, unknown kid, algorithm other than the pinned one, bad signature,
+    unexpected header parameter, wrong ``typ``, or any claim rule of ``check_claims``.
     """
-    header = _unverified_header(token)
-    kid = unverified_kid(token)
-    public = keys.get(kid)
-    if public is None:
-        raise Unauthenticated("capability token: unknown key id")
-    if set(header) - _ALLOWED_HEADER:
-        raise Unauthenticated("capability token: unexpected header parameter")
-    if header.get("alg") != public.algorithm:
-        raise Unauthenticated("capability token: algorithm does not match the key")
-    if header.get("typ") != policy.typ:
-        raise Unauthenticated("capability token: wrong type")
-    key = load_public_key(public.public_pem, public.algorithm)
-    try:
-        payload = jwt.decode(
-            token,
-            key=key,
-            algorithms=[public.algorithm],
-            audience=policy.audience,
-            issuer=policy.issuer,
-            options={
-                "require": _REQUIRED,
-                "verify_signature": True,
-                "verify_exp": False,
-                "verify_iat": False,
-                "verify_nbf": False,
-            },
-        )
-    except (jwt.PyJWTError, ValueError, TypeError) as exc:
-        raise Unauthenticated("capability token: does not verify") from exc
-    return check_claims(policy, payload, now_epoch)
+    parsed = parse(token)
+    verify_signature(parsed, keys, policy.typ)
+    return check_claims(policy, parsed.payload, now_epoch)
 
 
 class TokenVerifier:
@@ -292,6 +347,11 @@ class TokenVerifier:
     An unknown kid triggers a refresh of the key set, at most once per ``refresh_interval_s``
     of the caller's monotonic clock (a flood of tokens with made-up kids cannot hammer the
     signer, e.g. KMS).
+
+    Verified tokens (and tokens this process minted) are remembered by what was verified --
+    ``ParsedJws.digest``, over the decoded signing input and signature -- never by the token
+    text, so a re-spelled token cannot reuse another's result; a remembered token still goes
+    through the time checks on every call.
     """
 
     def __init__(
@@ -309,16 +369,19 @@ class TokenVerifier:
         self._lock = asyncio.Lock()
         #: How many times the key set was fetched (for tests and metrics).
         self.refresh_count = 0
-        # Tokens this process minted itself, by exact text: their signature is known good, so
-        # verifying one is a lookup plus the time checks (bounded, oldest dropped first).
-        self._minted: OrderedDict[str, CapabilityClaims] = OrderedDict()
-        self.minted_capacity = 50_000
+        # Signature-checked tokens by digest -> (kid, claims); bounded, oldest dropped first.
+        self._verified: OrderedDict[bytes, tuple[str, CapabilityClaims]] = OrderedDict()
+        self.verified_capacity = 50_000
+
+    def _store(self, digest: bytes, kid: str, claims: CapabilityClaims) -> None:
+        self._verified[digest] = (kid, claims)
+        if len(self._verified) > self.verified_capacity:
+            self._verified.popitem(last=False)
 
     def remember(self, token: str, claims: CapabilityClaims) -> None:
         """Record a token this process just signed, so verifying it skips the signature."""
-        self._minted[token] = claims
-        if len(self._minted) > self.minted_capacity:
-            self._minted.popitem(last=False)
+        parsed = parse(token)
+        self._store(parsed.digest, parsed.kid, claims)
 
     @property
     def keys(self) -> Mapping[str, PublicKey]:
@@ -342,10 +405,11 @@ class TokenVerifier:
         Returns the claims. Raises ``Unauthenticated`` (see ``verify_token``); a signer failure
         during refresh is also reported as ``Unauthenticated`` (the token could not be checked).
         """
-        minted = self._minted.get(token)
-        if minted is not None:  # byte-for-byte a token we signed: only the time checks remain
-            return check_claims(self.policy, minted.to_payload(), now_epoch)
-        kid = unverified_kid(token)
+        parsed = parse(token)
+        known = self._verified.get(parsed.digest)
+        if known is not None:  # these exact bytes were verified (or signed) here before
+            return check_claims(self.policy, known[1].to_payload(), now_epoch)
+        kid = parsed.kid
         if kid not in self._keys:
             async with self._lock:
                 due = (
@@ -357,11 +421,15 @@ class TokenVerifier:
                         await self._refresh_locked(monotonic)
                     except SignerError as exc:
                         raise Unauthenticated("capability token: keys unavailable") from exc
-        return verify_token(token, self._keys, self.policy, now_epoch)
+        verify_signature(parsed, self._keys, self.policy.typ)
+        claims = check_claims(self.policy, parsed.payload, now_epoch)
+        self._store(parsed.digest, kid, claims)
+        return claims
 
 
 __all__ = [
     "SUPPORTED_ALGORITHMS",
+    "ParsedJws",
     "TokenIssuer",
     "TokenVerifier",
     "algorithm_for",
@@ -370,10 +438,12 @@ __all__ = [
     "encode_token",
     "kid_for",
     "load_public_key",
+    "parse",
     "public_key_for",
     "raw_public_bytes",
     "sign_jws",
     "unverified_kid",
     "verify_jws",
+    "verify_signature",
     "verify_token",
 ]

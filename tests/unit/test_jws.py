@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import hmac
 import json
@@ -314,6 +315,80 @@ async def test_missing_required_claim_after_valid_signature(signer: MemorySigner
             verify_token(token, keys, POLICY, NOW)
 
 
+# -- malleability: one token, one spelling -------------------------------------------------------
+
+
+def _respell_trailing_bits(segment: str) -> str:
+    """The same bytes with a non-zero unused low bit in the last character."""
+    alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+    assert len(segment) % 4 in (2, 3)  # some bits of the last character are unused
+    return segment[:-1] + alphabet[alphabet.index(segment[-1]) | 1]
+
+
+async def _respellings(signer: MemorySigner) -> tuple[str, list[str]]:
+    token = await encode_token(_claims(), signer)
+    header, payload, sig = token.split(".")
+    lenient = base64.urlsafe_b64decode  # what a lax decoder sees: the very same bytes
+    assert lenient(_respell_trailing_bits(sig) + "==") == lenient(sig + "==")
+    others = [
+        f"{header}.{payload}.{sig}==",
+        f"{header}.{payload}.{sig}=",
+        f"{header}.{payload}.{_respell_trailing_bits(sig)}",
+        f"{header}==.{payload}.{sig}" if len(header) % 4 else f"{header}=.{payload}.{sig}",
+        f"{header}.{payload}=.{sig}",
+        f"{header}.{payload}.{sig.replace('-', '+').replace('_', '/')}",
+        f"{header}.{payload}.{sig} ",
+    ]
+    return token, [o for o in others if o != token]
+
+
+def test_b64url_decode_accepts_only_the_canonical_spelling() -> None:
+    for n in range(12):
+        data = bytes(range(200, 200 + n))
+        assert b64url_decode(b64url_encode(data)) == data
+    assert b64url_decode("QUI") == b"AB"
+    for bad in ("QQ==", "QQ=", "QR", "Q", "QUJD=", "Q+/A", "QQ\n", " QQ", "QUJ", "QUJ\u00e9"):
+        with pytest.raises(Unauthenticated):
+            b64url_decode(bad)
+
+
+async def test_a_respelled_signature_segment_is_refused(signer: MemorySigner) -> None:
+    token, others = await _respellings(signer)
+    keys = await _keys(signer)
+    assert verify_token(token, keys, POLICY, NOW) == _claims()
+    for other in others:
+        with pytest.raises(Unauthenticated):
+            verify_token(other, keys, POLICY, NOW)
+
+
+async def test_the_verifier_refuses_respellings_of_a_token_it_verified_or_minted(
+    signer: MemorySigner,
+) -> None:
+    verifier = TokenVerifier(signer, POLICY)
+    token, others = await _respellings(signer)
+    assert await verifier.verify(token, now_epoch=NOW, monotonic=0.0) == _claims()
+    for other in others:
+        with pytest.raises(Unauthenticated):
+            await verifier.verify(other, now_epoch=NOW, monotonic=0.0)
+    minted = TokenVerifier(signer, POLICY)
+    minted.remember(token, _claims())
+    for other in others:
+        with pytest.raises(Unauthenticated):
+            await minted.verify(other, now_epoch=NOW, monotonic=0.0)
+
+
+async def test_duplicate_member_names_are_refused(signer: MemorySigner) -> None:
+    payload = json.dumps(_claims().to_payload())
+    forged = payload[:-1] + ', "attempt": 7}'
+    header = _seg(_header(signer))
+    signing_input = f"{header}.{b64url_encode(forged.encode())}".encode()
+    _, _, sig = await signer.sign(signing_input)
+    with pytest.raises(Unauthenticated):
+        verify_token(
+            f"{signing_input.decode()}.{b64url_encode(sig)}", await _keys(signer), POLICY, NOW
+        )
+
+
 def test_kid_is_sha256_prefix_of_raw_public_key() -> None:
     private = generate_private_key("EdDSA")
     from cryptography.hazmat.primitives import serialization
@@ -388,7 +463,7 @@ async def test_tokens_minted_here_verify_by_lookup_with_time_checks_intact(
     tampered = token[:-3] + ("AAA" if not token.endswith("AAA") else "BBB")
     with pytest.raises(Unauthenticated):  # any other text takes the signature path
         await verifier.verify(tampered, now_epoch=NOW, monotonic=0.0)
-    verifier.minted_capacity = 1
+    verifier.verified_capacity = 1
     other = await encode_token(_claims(jti="jti-2"), signer)
     verifier.remember(other, _claims(jti="jti-2"))
-    assert token not in verifier._minted  # bounded: the oldest is dropped
+    assert len(verifier._verified) == 1  # bounded: the oldest is dropped
