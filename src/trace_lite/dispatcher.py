@@ -32,7 +32,7 @@ import psycopg
 from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 
-from trace_core import errors, lifecycle, wire
+from trace_core import errors, json_limits, lifecycle, wire
 from trace_core import outbox as outbox_sm
 from trace_core.jws import TokenIssuer, TokenVerifier
 from trace_core.lifecycle import (
@@ -171,6 +171,28 @@ def pg_array(values: Sequence[str | int | datetime | None]) -> str:
 
 
 _NEEDS_QUOTING = re.compile(r'[\s"{}\\]')
+
+
+def _check_completion(req: wire.CompleteRequest) -> None:
+    """Refuse a completion that could fail in SQL, before it shares a transaction with others.
+
+    Raises ``ValidationFailed`` naming the field: a value jsonb cannot store or over the JSON
+    limits (``trace_core.json_limits``), or an event key repeated in one call.
+    """
+    if req.result is not None:
+        json_limits.check(req.result, path="result")
+    if req.error is not None:
+        json_limits.check(req.error, path="error")
+    keys: set[str] = set()
+    for j, event in enumerate(req.final_events):
+        if event.key in keys:
+            raise errors.ValidationFailed(
+                "event keys must be unique in one call", field=f"final_events[{j}].key"
+            )
+        keys.add(event.key)
+        json_limits.check(event.payload, path=f"final_events[{j}].payload")
+    if req.outputs:
+        json_limits.check(wire.unstructure(req.outputs), path="outputs")
 
 
 def _is_canonical_uuid(value: str) -> bool:
@@ -828,15 +850,70 @@ class Dispatcher:
     ) -> list[wire.CompleteResponse | errors.TraceError]:
         """Complete many attempts in one transaction (group commit); per-request results.
 
-        A request that the kernel refuses gets its error in the result list; the others still
-        commit. Raises ``Unavailable`` when the transaction itself fails.
+        One request never changes another's outcome: each is checked before any SQL (values
+        jsonb cannot store, repeated event keys), a request the kernel refuses gets its error
+        while the others commit, and if the shared transaction still fails on a value, every
+        request is retried alone so only the bad one gets the error. Raises ``ValidationFailed``
+        for two requests of one task; a transient failure of the database is ``Unavailable`` in
+        every request's result.
         """
-        digests = [wire.canonical_digest(r) for r in reqs]
-        by_task: dict[str, int] = {}
-        for i, r in enumerate(reqs):
+        by_task: set[str] = set()
+        for r in reqs:
             if r.task_id in by_task:
                 raise errors.ValidationFailed("one completion per task per batch", field="task_id")
-            by_task[r.task_id] = i
+            by_task.add(r.task_id)
+        results: list[wire.CompleteResponse | errors.TraceError | None] = [None] * len(reqs)
+        todo: list[int] = []
+        for i, r in enumerate(reqs):
+            try:
+                _check_completion(r)
+            except errors.ValidationFailed as exc:
+                results[i] = exc
+            else:
+                todo.append(i)
+        batch = [reqs[i] for i in todo]
+        try:
+            answers = await self._complete_batch(batch)
+        except errors.Unavailable as exc:  # the database, not a value: every request retries
+            answers = [exc] * len(batch)
+        except Exception as exc:
+            if len(batch) == 1:
+                if not isinstance(exc, errors.TraceError):
+                    raise
+                answers = [exc]
+            else:
+                log.warning(
+                    "completion batch failed; completing its requests one by one",
+                    extra={"error": f"{type(exc).__name__}: {exc}", "rows": len(batch)},
+                )
+                answers = [await self._complete_alone(r) for r in batch]
+        for i, answer in zip(todo, answers, strict=True):
+            results[i] = answer
+        return [
+            errors.NotFound("no such task", field="task_id") if r is None else r for r in results
+        ]
+
+    async def _complete_alone(
+        self, req: wire.CompleteRequest
+    ) -> wire.CompleteResponse | errors.TraceError:
+        try:
+            (answer,) = await self._complete_batch([req])
+        except errors.TraceError as exc:
+            return exc
+        except Exception:  # a bug: this request alone fails, and the log says why
+            log.exception("completion failed", extra={"task_id": req.task_id})
+            return errors.Unavailable("completion failed")
+        return answer
+
+    async def _complete_batch(
+        self, reqs: Sequence[wire.CompleteRequest]
+    ) -> list[wire.CompleteResponse | errors.TraceError]:
+        """``complete_many``'s transaction over checked requests (one per task); raises what
+        the transaction raises."""
+        if not reqs:
+            return []
+        digests = [wire.canonical_digest(r) for r in reqs]
+        by_task = {r.task_id: i for i, r in enumerate(reqs)}
         results: list[wire.CompleteResponse | errors.TraceError | None] = [None] * len(reqs)
         # Output manifests are checked against the ObjectStore before the transaction and
         # recorded inside it, behind the fence (trace_lite.datasets, trace_core.commit).

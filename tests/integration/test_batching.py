@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from typing import Any
 
+import attrs
 import pytest
 
+import trace_lite.dispatcher
 from trace_core import errors, wire
 from trace_core.testing import MemoryQueue, MemorySigner
 from trace_lite.batching import CompletionBatcher
@@ -111,3 +114,92 @@ async def test_complete_many_answers_not_found_for_unknown_tasks(dispatcher: Dis
     )
     (res,) = await dispatcher.complete_many([missing])
     assert isinstance(res, errors.NotFound) and res.field == "task_id"
+
+
+def _deep(levels: int) -> dict[str, Any]:
+    value: dict[str, Any] = {}
+    for _ in range(levels):
+        value = {"a": value}
+    return value
+
+
+#: Results PostgreSQL's jsonb refuses, each of which used to fail its whole group commit.
+POISON_RESULTS: dict[str, dict[str, Any]] = {
+    "nul": {"s": "a\x00b"},
+    "nul in a key": {"k\x00": 1},
+    "lone surrogate": {"s": "\ud800"},
+    "nan": {"x": float("nan")},
+    "infinity": {"x": float("inf")},
+    "600 deep": _deep(600),
+}
+
+
+async def _running(d: Dispatcher, n: int, org: str) -> list[wire.CompleteRequest]:
+    infos = await d.create_tasks([wire.CreateTaskRequest(operator="noop", org=org)] * n)
+    grants = [await d.claim(i.task_id) for i in infos]
+    return [
+        wire.CompleteRequest(
+            task_id=g.task_id, attempt=g.attempt, lease_token=g.lease_token, result={"ok": 1}
+        )
+        for g in grants
+    ]
+
+
+async def _states(d: Dispatcher, reqs: list[wire.CompleteRequest]) -> list[str]:
+    return [(await d.get_task(r.task_id))["state"] for r in reqs]
+
+
+@pytest.mark.parametrize("poison", sorted(POISON_RESULTS))
+async def test_one_poisoned_completion_never_fails_its_neighbours(
+    dispatcher: Dispatcher, poison: str
+) -> None:
+    """N valid completions from two orgs and one poisoned one, in every position of the batch:
+    the N complete, the poisoned one alone is refused (#8 item 1), in-process and through the
+    group-commit batcher."""
+    n = 4
+    for position in range(n + 1):
+        for path in ("complete_many", "batcher"):
+            good = [
+                *await _running(dispatcher, n // 2, "org-a"),
+                *await _running(dispatcher, n - n // 2, "org-b"),
+            ]
+            (bad,) = await _running(dispatcher, 1, "org-a")
+            bad = attrs.evolve(bad, result=POISON_RESULTS[poison])
+            batch = [*good[:position], bad, *good[position:]]
+            if path == "complete_many":
+                results: list[Any] = await dispatcher.complete_many(batch)
+            else:
+                batcher = CompletionBatcher(dispatcher)
+                results = await asyncio.gather(
+                    *(batcher.complete(r) for r in batch), return_exceptions=True
+                )
+                await batcher.close()
+                assert batcher.batch_sizes == [n + 1]  # they really shared one group commit
+            refused = results.pop(position)
+            assert isinstance(refused, errors.ValidationFailed), (path, position, refused)
+            assert refused.field is not None and refused.field.startswith("result")
+            assert all(
+                isinstance(r, wire.CompleteResponse) and r.state == "completed" for r in results
+            ), (path, position, results)
+            assert await _states(dispatcher, good) == ["completed"] * n
+            assert await _states(dispatcher, [bad]) == ["running"]  # nothing written
+
+
+async def test_a_bad_value_that_reaches_sql_fails_only_its_own_completion(
+    dispatcher: Dispatcher, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """If a value the edge check misses fails the shared transaction, each completion is retried
+    alone: only the bad one is refused, and as a bad value (never ``unavailable``)."""
+    monkeypatch.setattr(trace_lite.dispatcher, "_check_completion", lambda req: None)
+    good = await _running(dispatcher, 3, "org-a")
+    (nul,) = await _running(dispatcher, 1, "org-b")
+    (nan,) = await _running(dispatcher, 1, "org-b")
+    nul = attrs.evolve(nul, result={"s": "a\x00b"})
+    nan = attrs.evolve(nan, result={"x": float("nan")})
+    results = await dispatcher.complete_many([good[0], nul, good[1], nan, good[2]])
+    assert isinstance(results[1], errors.ValidationFailed)
+    assert isinstance(results[3], errors.ValidationFailed)
+    assert "\\u0000" not in results[1].message and "jsonb" not in results[1].message
+    assert [type(r) for r in (results[0], results[2], results[4])] == [wire.CompleteResponse] * 3
+    assert await _states(dispatcher, good) == ["completed"] * 3
+    assert await _states(dispatcher, [nul, nan]) == ["running", "running"]
