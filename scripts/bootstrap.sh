@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Idempotent project bootstrap: PostgreSQL server binaries, .venv, editable install.
+# Idempotent project bootstrap: PostgreSQL server binaries, .venv, locked install.
 # Safe to run repeatedly from any directory; quiet unless something fails.
 set -euo pipefail
 
@@ -41,12 +41,18 @@ if [ ! -x .venv/bin/python ]; then
   run_quiet "$PY" -m venv .venv
 fi
 
-# 3. Editable install, only when pyproject.toml changed since the last one ---------------------
+# 3. Locked install, only when the lock or pyproject.toml changed since the last one ----------
+# requirements/dev.lock pins every package (with hashes) so two fresh machines get the same
+# versions; the project itself goes in editable, without dependencies or build isolation
+# (hatchling is in the lock). Regenerate the lock with `bash scripts/lock`.
+LOCK=requirements/dev.lock
 STAMP=.venv/.trace-install-stamp
-HASH="$(sha256sum pyproject.toml | cut -d' ' -f1)"
+HASH="$(cat "$LOCK" pyproject.toml | sha256sum | cut -d' ' -f1)"
 if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$HASH" ] || [ ! -x .venv/bin/trace ]; then
-  log "installing .[dev] into .venv"
-  run_quiet .venv/bin/python -m pip install --disable-pip-version-check -q --upgrade pip
-  run_quiet .venv/bin/python -m pip install --disable-pip-version-check -q -e '.[dev]'
+  log "installing $LOCK and the project (editable) into .venv"
+  run_quiet .venv/bin/python -m pip install --disable-pip-version-check -q \
+    --require-hashes -r "$LOCK"
+  run_quiet .venv/bin/python -m pip install --disable-pip-version-check -q \
+    --no-deps --no-build-isolation -e .
   printf '%s\n' "$HASH" >"$STAMP"
 fi
