@@ -1,37 +1,35 @@
-"""Compact JWS for capability tokens: encode with a ``Signer``, verify with pinned public keys.
+"""Compact JWS, sans-IO: build signing inputs, assemble tokens, verify with pinned keys.
 
-This is the only kernel module that imports ``cryptography``. The claim rules live in
-``trace_core.token``; this module adds the envelope.
+Used for capability tokens (claims in ``trace_core.token``) and for user JWTs
+(``trace_lite.users``): both go through ``parse`` and ``verify_signature``. Nothing here
+performs I/O, awaits, caches or reads the clock; the issuer and verifier that talk to a
+``Signer`` and remember results live in ``trace_lite.capabilities``. This is the only kernel
+module that imports ``cryptography`` (pure computation).
 
 Theory of operation
 -------------------
 
-* **Encoding** builds the header ``{"alg", "kid", "typ"}`` and the signing input with the
-  standard library, and asks the ``Signer`` for the signature. The Signer port reports the
-  ``(kid, alg)`` it signed with only *after* signing, so the header is built from a hint (the
-  last pair seen, or a probe signature); if the signer answers with another key (it rotated in
-  between), the token is re-signed with the new header. ``TokenIssuer`` keeps the hint.
+* **Encoding**: ``header_for`` + ``signing_input`` give the bytes to sign (compact JSON, sorted
+  keys, canonical base64url); a ``Signer`` signs them; ``assemble`` joins the three segments.
 * **Parsing** accepts only canonical unpadded base64url in every segment (no ``=``, no
-  non-zero trailing bits) and JSON objects without duplicate member names, so one token has
-  exactly one spelling: a verification result can be remembered by what was verified.
+  characters outside the url-safe alphabet, no non-zero trailing bits) and JSON objects
+  without duplicate member names, so one token has exactly one spelling and
+  ``ParsedJws.digest`` identifies what is verified.
 * **Verification** trusts nothing in the token before the signature checks out, except the
   ``kid`` used to pick a key: the algorithm is the one *pinned to the key* (never the header's,
   so ``alg: none`` and HMAC-with-the-public-key confusion cannot work), the header may carry
-  only ``alg``, ``kid`` and ``typ``, and ``typ`` must match the policy. Time rules are checked
-  by ``trace_core.token.check_claims`` with the caller's ``now`` (nothing here reads the clock).
+  only ``alg``, ``kid`` and ``typ``, and ``typ`` must be the expected one. Time rules are
+  checked with the caller's ``now`` (``trace_core.token.check_claims`` for capability tokens).
 * Every failure is ``Unauthenticated`` with a generic message.
 """
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import hashlib
 import json
 import re
-from collections import OrderedDict
 from collections.abc import Mapping
-from functools import lru_cache
 from typing import Any, Final
 
 import attrs
@@ -44,7 +42,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import (
 )
 
 from trace_core.errors import SignerError, Unauthenticated
-from trace_core.ports import PublicKey, Signer
+from trace_core.ports import PublicKey
 from trace_core.token import CapabilityClaims, TokenPolicy, check_claims
 
 #: Algorithms a Trace signing key may be pinned to.
@@ -78,10 +76,10 @@ def b64url_decode(text: str) -> bytes:
     verify. Raises ``Unauthenticated`` for anything else.
     """
     if not isinstance(text, str) or not _B64URL.fullmatch(text) or len(text) % 4 == 1:
-        raise Unauthenticated("capability token: malformed")
+        raise Unauthenticated("token: malformed base64url")
     raw = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
     if b64url_encode(raw) != text:  # non-zero trailing bits: another spelling of ``raw``
-        raise Unauthenticated("capability token: malformed")
+        raise Unauthenticated("token: malformed base64url")
     return raw
 
 
@@ -142,7 +140,6 @@ def verify_jws(public_key: VerifyingKey, signing_input: bytes, signature: bytes)
         return False
 
 
-@lru_cache(maxsize=256)
 def load_public_key(public_pem: bytes, algorithm: str) -> VerifyingKey:
     """Load a PEM public key and check it fits its pinned algorithm.
 
@@ -150,11 +147,11 @@ def load_public_key(public_pem: bytes, algorithm: str) -> VerifyingKey:
     that does not match the algorithm (an Ed25519 key pinned to ES256, a P-384 key...).
     """
     if algorithm not in SUPPORTED_ALGORITHMS:
-        raise Unauthenticated("capability token: unsupported key algorithm")
+        raise Unauthenticated("token: unsupported key algorithm")
     try:
         key = serialization.load_pem_public_key(public_pem)
     except (ValueError, TypeError) as exc:
-        raise Unauthenticated("capability token: unusable verification key") from exc
+        raise Unauthenticated("token: unusable verification key") from exc
     if algorithm == "EdDSA" and isinstance(key, ed25519.Ed25519PublicKey):
         return key
     if (
@@ -163,7 +160,7 @@ def load_public_key(public_pem: bytes, algorithm: str) -> VerifyingKey:
         and isinstance(key.curve, ec.SECP256R1)
     ):
         return key
-    raise Unauthenticated("capability token: key does not match its pinned algorithm")
+    raise Unauthenticated("token: key does not match its pinned algorithm")
 
 
 # --------------------------------------------------------------------------------------------
@@ -174,54 +171,19 @@ def _json_segment(value: Mapping[str, Any]) -> str:
     return b64url_encode(json.dumps(value, separators=(",", ":"), sort_keys=True).encode())
 
 
-async def encode_token(
-    claims: CapabilityClaims,
-    signer: Signer,
-    *,
-    key_hint: tuple[str, str] | None = None,
-) -> str:
-    """Encode and sign ``claims`` as a compact JWS.
-
-    ``key_hint`` is the ``(kid, alg)`` the signer is expected to sign with; without one, a
-    probe signature discovers it (one extra ``sign`` call — use ``TokenIssuer`` to avoid it).
-    Returns the token. Raises ``SignerError`` if the signer fails or keeps changing keys.
-    """
-    token, _ = await _encode(claims, signer, key_hint)
-    return token
+def header_for(kid: str, algorithm: str, typ: str) -> dict[str, str]:
+    """The JWS header Trace writes: exactly ``alg``, ``kid`` and ``typ``."""
+    return {"alg": algorithm, "kid": kid, "typ": typ}
 
 
-async def _encode(
-    claims: CapabilityClaims, signer: Signer, key_hint: tuple[str, str] | None
-) -> tuple[str, tuple[str, str]]:
-    if key_hint is None:
-        kid, alg, _ = await signer.sign(b"trace-jws-key-probe")
-        key_hint = (kid, alg)
-    payload_segment = _json_segment(claims.to_payload())
-    for _ in range(3):
-        kid, alg = key_hint
-        header = {"alg": alg, "kid": kid, "typ": claims.typ}
-        signing_input = f"{_json_segment(header)}.{payload_segment}".encode("ascii")
-        signed_kid, signed_alg, signature = await signer.sign(signing_input)
-        if (signed_kid, signed_alg) == key_hint:
-            return f"{signing_input.decode('ascii')}.{b64url_encode(signature)}", key_hint
-        key_hint = (signed_kid, signed_alg)  # the signer rotated: re-sign with its new key
-    raise SignerError("the signer changed keys on every attempt")
+def signing_input(header: Mapping[str, Any], payload: Mapping[str, Any]) -> bytes:
+    """``BASE64URL(header) || "." || BASE64URL(payload)`` of compact JSON: what is signed."""
+    return f"{_json_segment(header)}.{_json_segment(payload)}".encode("ascii")
 
 
-class TokenIssuer:
-    """Encodes tokens with a ``Signer``, remembering the key it signs with.
-
-    Not a state machine: a thin cache that saves the probe signature on every call.
-    """
-
-    def __init__(self, signer: Signer) -> None:
-        self._signer = signer
-        self._hint: tuple[str, str] | None = None
-
-    async def encode(self, claims: CapabilityClaims) -> str:
-        """Encode and sign ``claims``. Returns the token. Raises ``SignerError``."""
-        token, self._hint = await _encode(claims, self._signer, self._hint)
-        return token
+def assemble(signed: bytes, signature: bytes) -> str:
+    """The compact JWS from a signing input and its JWS-form signature."""
+    return f"{signed.decode('ascii')}.{b64url_encode(signature)}"
 
 
 # --------------------------------------------------------------------------------------------
@@ -240,6 +202,8 @@ class ParsedJws:
     signing_input: bytes
     #: The decoded signature.
     signature: bytes
+    #: What the token is, for error messages (``capability token``, ``user token``).
+    label: str = "capability token"
 
     @property
     def digest(self) -> bytes:
@@ -255,7 +219,7 @@ class ParsedJws:
         """The header's ``kid``, unverified. Raises ``Unauthenticated`` if missing."""
         kid = self.header.get("kid")
         if not isinstance(kid, str) or not kid:
-            raise Unauthenticated("capability token: no key id")
+            raise Unauthenticated(f"{self.label}: no key id")
         return kid
 
 
@@ -266,31 +230,36 @@ def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def _json_object(segment: str) -> dict[str, Any]:
+def _json_object(segment: str, label: str) -> dict[str, Any]:
     try:
         value = json.loads(b64url_decode(segment), object_pairs_hook=_no_duplicate_keys)
-    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
-        raise Unauthenticated("capability token: malformed") from exc
+    except (ValueError, UnicodeDecodeError, RecursionError, Unauthenticated) as exc:
+        raise Unauthenticated(f"{label}: malformed") from exc
     if not isinstance(value, dict):
-        raise Unauthenticated("capability token: malformed")
+        raise Unauthenticated(f"{label}: malformed")
     return value
 
 
-def parse(token: str) -> ParsedJws:
+def parse(token: str, *, label: str = "capability token") -> ParsedJws:
     """Split a compact JWS and decode its three segments (canonical base64url only).
 
     Returns the parsed token; nothing in it is trusted yet. Raises ``Unauthenticated`` for a
     token that is not three canonical base64url segments with JSON objects for header and
-    payload (duplicate member names refused).
+    payload (duplicate member names refused). ``label`` names the token in error messages.
     """
     if not isinstance(token, str) or token.count(".") != 2:
-        raise Unauthenticated("capability token: malformed")
+        raise Unauthenticated(f"{label}: malformed")
     header_segment, payload_segment, signature_segment = token.split(".")
+    try:
+        signature = b64url_decode(signature_segment)
+    except Unauthenticated as exc:
+        raise Unauthenticated(f"{label}: malformed") from exc
     return ParsedJws(
-        header=_json_object(header_segment),
-        payload=_json_object(payload_segment),
+        header=_json_object(header_segment, label),
+        payload=_json_object(payload_segment, label),
         signing_input=f"{header_segment}.{payload_segment}".encode("ascii"),
-        signature=b64url_decode(signature_segment),
+        signature=signature,
+        label=label,
     )
 
 
@@ -309,17 +278,17 @@ def verify_signature(parsed: ParsedJws, keys: Mapping[str, PublicKey], typ: str)
     """
     public = keys.get(parsed.kid)
     if public is None:
-        raise Unauthenticated("capability token: unknown key id")
+        raise Unauthenticated(f"{parsed.label}: unknown key id")
     header = parsed.header
     if set(header) - _ALLOWED_HEADER:
-        raise Unauthenticated("capability token: unexpected header parameter")
+        raise Unauthenticated(f"{parsed.label}: unexpected header parameter")
     if header.get("alg") != public.algorithm:
-        raise Unauthenticated("capability token: algorithm does not match the key")
+        raise Unauthenticated(f"{parsed.label}: algorithm does not match the key")
     if header.get("typ") != typ:
-        raise Unauthenticated("capability token: wrong type")
+        raise Unauthenticated(f"{parsed.label}: wrong type")
     key = load_public_key(public.public_pem, public.algorithm)
     if not verify_jws(key, parsed.signing_input, parsed.signature):
-        raise Unauthenticated("capability token: does not verify")
+        raise Unauthenticated(f"{parsed.label}: does not verify")
     return public.kid
 
 
@@ -341,107 +310,21 @@ def verify_token(
     return check_claims(policy, parsed.payload, now_epoch)
 
 
-class TokenVerifier:
-    """Verifies capability tokens with public keys fetched from a ``Signer`` and cached.
-
-    An unknown kid triggers a refresh of the key set, at most once per ``refresh_interval_s``
-    of the caller's monotonic clock (a flood of tokens with made-up kids cannot hammer the
-    signer, e.g. KMS).
-
-    Verified tokens (and tokens this process minted) are remembered by what was verified --
-    ``ParsedJws.digest``, over the decoded signing input and signature -- never by the token
-    text, so a re-spelled token cannot reuse another's result; a remembered token still goes
-    through the time checks on every call.
-    """
-
-    def __init__(
-        self,
-        signer: Signer,
-        policy: TokenPolicy | None = None,
-        *,
-        refresh_interval_s: float = 30.0,
-    ) -> None:
-        self._signer = signer
-        self.policy = policy or TokenPolicy()
-        self._refresh_interval_s = refresh_interval_s
-        self._keys: dict[str, PublicKey] = {}
-        self._last_refresh: float | None = None
-        self._lock = asyncio.Lock()
-        #: How many times the key set was fetched (for tests and metrics).
-        self.refresh_count = 0
-        # Signature-checked tokens by digest -> (kid, claims); bounded, oldest dropped first.
-        self._verified: OrderedDict[bytes, tuple[str, CapabilityClaims]] = OrderedDict()
-        self.verified_capacity = 50_000
-
-    def _store(self, digest: bytes, kid: str, claims: CapabilityClaims) -> None:
-        self._verified[digest] = (kid, claims)
-        if len(self._verified) > self.verified_capacity:
-            self._verified.popitem(last=False)
-
-    def remember(self, token: str, claims: CapabilityClaims) -> None:
-        """Record a token this process just signed, so verifying it skips the signature."""
-        parsed = parse(token)
-        self._store(parsed.digest, parsed.kid, claims)
-
-    @property
-    def keys(self) -> Mapping[str, PublicKey]:
-        """The cached key set, by kid."""
-        return dict(self._keys)
-
-    async def refresh(self, monotonic: float) -> None:
-        """Fetch the signer's public keys now. Raises ``SignerError`` if the signer fails."""
-        async with self._lock:
-            await self._refresh_locked(monotonic)
-
-    async def _refresh_locked(self, monotonic: float) -> None:
-        keys = await self._signer.public_keys()
-        self._keys = {k.kid: k for k in keys}
-        self._last_refresh = monotonic
-        self.refresh_count += 1
-
-    async def verify(self, token: str, *, now_epoch: int, monotonic: float) -> CapabilityClaims:
-        """Verify ``token`` at ``now_epoch``; refresh keys on an unknown kid if allowed.
-
-        Returns the claims. Raises ``Unauthenticated`` (see ``verify_token``); a signer failure
-        during refresh is also reported as ``Unauthenticated`` (the token could not be checked).
-        """
-        parsed = parse(token)
-        known = self._verified.get(parsed.digest)
-        if known is not None:  # these exact bytes were verified (or signed) here before
-            return check_claims(self.policy, known[1].to_payload(), now_epoch)
-        kid = parsed.kid
-        if kid not in self._keys:
-            async with self._lock:
-                due = (
-                    self._last_refresh is None
-                    or monotonic - self._last_refresh >= self._refresh_interval_s
-                )
-                if kid not in self._keys and due:
-                    try:
-                        await self._refresh_locked(monotonic)
-                    except SignerError as exc:
-                        raise Unauthenticated("capability token: keys unavailable") from exc
-        verify_signature(parsed, self._keys, self.policy.typ)
-        claims = check_claims(self.policy, parsed.payload, now_epoch)
-        self._store(parsed.digest, kid, claims)
-        return claims
-
-
 __all__ = [
     "SUPPORTED_ALGORITHMS",
     "ParsedJws",
-    "TokenIssuer",
-    "TokenVerifier",
     "algorithm_for",
+    "assemble",
     "b64url_decode",
     "b64url_encode",
-    "encode_token",
+    "header_for",
     "kid_for",
     "load_public_key",
     "parse",
     "public_key_for",
     "raw_public_bytes",
     "sign_jws",
+    "signing_input",
     "unverified_kid",
     "verify_jws",
     "verify_signature",

@@ -34,7 +34,6 @@ from psycopg_pool import AsyncConnectionPool
 
 from trace_core import errors, json_limits, lifecycle, wire
 from trace_core import outbox as outbox_sm
-from trace_core.jws import TokenIssuer, TokenVerifier
 from trace_core.lifecycle import (
     AttemptOutcome,
     Fence,
@@ -55,6 +54,7 @@ from trace_core.token import (
     subject_for,
 )
 from trace_lite import sqlfile
+from trace_lite.capabilities import TokenIssuer, TokenVerifier
 from trace_lite.pg import transaction
 
 log = logging.getLogger("trace.dispatcher")

@@ -12,10 +12,11 @@ import pytest
 from trace_aws._boto import client
 from trace_aws.kms_signer import KmsSigner, create_signing_key
 from trace_core import errors
-from trace_core.jws import TokenIssuer, TokenVerifier, unverified_kid
+from trace_core.jws import unverified_kid
 from trace_core.ports import Signer
 from trace_core.testing.conformance.signer import RotateSigner, SignerConformance
 from trace_core.token import TokenPolicy, issue_claims
+from trace_lite.capabilities import TokenIssuer, TokenVerifier
 
 
 @pytest.fixture(scope="module")

@@ -13,10 +13,11 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
 from trace_core.errors import Conflict, SignerError
-from trace_core.jws import encode_token, verify_token
+from trace_core.jws import verify_token
 from trace_core.ports import Signer
 from trace_core.testing.conformance.signer import RotateSigner, SignerConformance
 from trace_core.token import TokenPolicy, issue_claims
+from trace_lite.capabilities import encode_token
 from trace_lite.local_signer import FileSigner
 
 

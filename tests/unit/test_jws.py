@@ -16,11 +16,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from trace_core.errors import SignerError, Unauthenticated
 from trace_core.jws import (
-    TokenIssuer,
-    TokenVerifier,
     b64url_decode,
     b64url_encode,
-    encode_token,
     kid_for,
     load_public_key,
     unverified_kid,
@@ -29,6 +26,7 @@ from trace_core.jws import (
 from trace_core.ports import PublicKey
 from trace_core.testing.memory_signer import MemorySigner, generate_private_key
 from trace_core.token import CapabilityClaims, TokenPolicy, issue_claims
+from trace_lite.capabilities import TokenIssuer, TokenVerifier, encode_token
 
 POLICY = TokenPolicy()
 NOW = 1_800_000_000
@@ -450,8 +448,6 @@ async def test_verifier_reports_signer_failure_as_unauthenticated(signer: Memory
 async def test_tokens_minted_here_verify_by_lookup_with_time_checks_intact(
     signer: MemorySigner,
 ) -> None:
-    from trace_core.jws import TokenVerifier
-
     verifier = TokenVerifier(signer, POLICY)
     token = await encode_token(_claims(), signer)
     verifier.remember(token, _claims())

@@ -18,14 +18,16 @@ import pytest
 
 from trace_core.jws import (
     SUPPORTED_ALGORITHMS,
-    encode_token,
+    assemble,
+    header_for,
     load_public_key,
+    signing_input,
     unverified_kid,
     verify_jws,
     verify_token,
 )
 from trace_core.ports import PublicKey, Signer
-from trace_core.token import TokenPolicy, issue_claims
+from trace_core.token import CapabilityClaims, TokenPolicy, issue_claims
 
 RotateSigner = Callable[[Signer], Awaitable[None]]
 
@@ -34,6 +36,15 @@ _INPUT = b"eyJhbGciOiJFZERTQSJ9.eyJzdWIiOiJ0YXNrIn0"
 
 def _by_kid(keys: list[PublicKey]) -> dict[str, PublicKey]:
     return {k.kid: k for k in keys}
+
+
+async def encode_token(claims: CapabilityClaims, signer: Signer) -> str:
+    """Sign ``claims`` with ``signer`` using only the kernel's pure JWS functions."""
+    kid, alg, _ = await signer.sign(_INPUT)  # which key signs now
+    signed = signing_input(header_for(kid, alg, claims.typ), claims.to_payload())
+    signed_kid, _, signature = await signer.sign(signed)
+    assert signed_kid == kid, "the signer changed keys between two calls"
+    return assemble(signed, signature)
 
 
 class SignerConformance:
