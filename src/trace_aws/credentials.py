@@ -1,6 +1,6 @@
 """``StsCredentialMinter``: the Dispatcher's scoped S3 credentials for one attempt (STS).
 
-There is no separate credential broker (BRIEF §3.3): the Dispatcher's ``/v1/task/credentials``
+There is no separate credential broker: the Dispatcher's ``/v1/task/credentials``
 route authorizes the capability token, checks the fence, and asks this minter for credentials.
 The grant is built and checked by the pure ``trace_aws.session_policy`` first, so a prefix
 outside the attempt's grant is refused before any AWS call; then one ``AssumeRole`` with the

@@ -50,7 +50,8 @@ TRANSITIONS: Final[Mapping[tuple[OutboxState, OutboxEvent], tuple[OutboxState, .
 
 @attrs.frozen
 class OutboxPolicy:
-    """Outbox defaults (BRIEF §4): batch 100, poll 1 s (+ LISTEN/NOTIFY), dead after 10 tries."""
+    """Outbox defaults: batch 100, poll 1 s (+ LISTEN/NOTIFY), dead after 10 tries
+    (``docs/standards/operations.md``, row "outbox")."""
 
     batch_size: int = 100
     poll_s: float = 1.0

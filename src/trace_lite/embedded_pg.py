@@ -11,7 +11,8 @@ its own cluster with the installed ``initdb``/``pg_ctl`` under a project-local f
 * The server listens on a unix socket only (``listen_addresses = ''``).  Unix socket paths are
   limited to ~107 bytes, so when the project path is too long the socket lives in a short
   ``/tmp/trace-pg-<hash>`` directory instead.
-* Operational defaults (BRIEF section 4) are written to ``trace.conf`` in the data directory,
+* Operational defaults (``docs/standards/operations.md``, row "Postgres server") are written to
+  ``trace.conf`` in the data directory,
   which ``postgresql.conf`` includes: fsync and synchronous_commit on,
   ``idle_in_transaction_session_timeout = 60s``, ``lock_timeout = 5s``.  Callers set
   ``statement_timeout`` per session (5 s on claim paths, 30 s for the API).

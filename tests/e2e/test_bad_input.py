@@ -13,7 +13,8 @@ import pytest
 from e2e_harness import Response, TraceProcs
 
 MIB = 1024 * 1024
-#: /internal/admin/tasks mirrors Lambda's synchronous payload limit (BRIEF §4: 6 MB).
+#: /internal/admin/tasks mirrors Lambda's synchronous payload limit, 6 MB
+#: (docs/standards/operations.md, row "API body limit").
 ADMIN_LIMIT = 6 * 1000 * 1000
 
 
