@@ -1,15 +1,17 @@
 """End-user authentication: user JWTs from a configurable issuer, and Lite's local issuer.
 
 A user JWT names a person (``sub``); it never carries org membership or roles -- those live in
-Postgres (``org_members``, ``dag_members``). Verification rules (BRIEF §5):
+Postgres (``org_members``, ``dag_members``). Verification goes through the same pure code as
+capability tokens (``trace_core.jws.parse`` and ``verify_signature``):
 
-* keys are configured with their algorithm pinned (``EdDSA`` or ``ES256``); the
-  token's ``alg`` must equal the pinned one of the key its ``kid`` names, and PyJWT is called
-  with exactly that algorithm and a loaded key object;
+* only canonical base64url, and JSON objects without duplicate member names;
+* keys are configured with their algorithm pinned (``EdDSA`` or ``ES256``); the token's ``alg``
+  must equal the pinned one of the key its ``kid`` names; the header carries only ``alg``,
+  ``kid`` and ``typ``;
 * ``exp, iat, iss, aud, sub`` are required; ``iss`` and ``aud`` are compared exactly; the
   header and claim ``typ`` must be ``trace-user+jwt`` and ``aud`` differs from the capability
   token's (``trace-task``), so neither ever passes for the other;
-* leeway 30 s (external identity providers' clocks).
+* leeway 30 s (external identity providers' clocks); lifetime at most 24 h.
 
 Configuration (environment): ``TRACE_USER_JWT_ISSUER``, ``TRACE_USER_JWT_AUDIENCE`` and
 ``TRACE_USER_JWT_KEYS`` (a JSON file: ``[{"kid", "alg", "pem"}]``). Unset in Lite, the local
@@ -25,94 +27,95 @@ import time
 import uuid
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import attrs
-import jwt
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from trace_core import errors
-from trace_core.jws import kid_for, load_public_key
+from trace_core.jws import (
+    SUPPORTED_ALGORITHMS,
+    assemble,
+    header_for,
+    parse,
+    public_key_for,
+    sign_jws,
+    signing_input,
+    verify_signature,
+)
+from trace_core.ports import PublicKey
 
 #: Algorithms a user-token key may be pinned to.
-USER_ALGORITHMS = frozenset({"EdDSA", "ES256"})
-_REQUIRED = ["exp", "iat", "iss", "aud", "sub"]
+USER_ALGORITHMS: Final = SUPPORTED_ALGORITHMS
+#: A user-token verification key: kid, pinned algorithm, SPKI PEM (the Signer port's record).
+UserKey = PublicKey
+_LABEL: Final = "user token"
 
 
 @attrs.frozen
 class UserTokenPolicy:
+    """What a user JWT must say and how long it may live."""
+
+    #: Required ``iss``.
     issuer: str = "trace-lite"
+    #: Required ``aud``.
     audience: str = "trace-api"
+    #: Required ``typ``, in the JWS header and in the claims.
     typ: str = "trace-user+jwt"
+    #: Clock skew tolerated on ``exp`` and ``iat``.
     leeway_s: int = 30
     #: Longest lifetime accepted (``exp - iat``).
     max_ttl_s: int = 24 * 3600
 
 
 @attrs.frozen
-class UserKey:
-    kid: str
-    algorithm: str
-    public_pem: bytes
-
-
-@attrs.frozen
 class UserIdentity:
+    """Who a verified user token names."""
+
+    #: The ``sub`` claim.
     subject: str
+    #: The ``iss`` claim.
     issuer: str
 
 
+def _int_claim(claims: Mapping[str, Any], name: str) -> int:
+    value = claims.get(name)
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise errors.Unauthenticated(f"{_LABEL}: {name} must be an integer")
+    return value
+
+
 def verify_user_token(
-    token: str, keys: Mapping[str, UserKey], policy: UserTokenPolicy, now_epoch: int
+    token: str, keys: Mapping[str, PublicKey], policy: UserTokenPolicy, now_epoch: int
 ) -> UserIdentity:
-    """Verify a user JWT. Returns the identity. Raises ``Unauthenticated`` for anything wrong
-    (malformed, unknown kid, algorithm not the key's, bad signature, wrong typ/iss/aud,
-    expired, lifetime over the max)."""
-    try:
-        header = jwt.get_unverified_header(token)
-    except jwt.PyJWTError as exc:
-        raise errors.Unauthenticated("user token: malformed") from exc
-    key = keys.get(str(header.get("kid", "")))
-    if key is None:
-        raise errors.Unauthenticated("user token: unknown key id")
-    if header.get("alg") != key.algorithm:
-        raise errors.Unauthenticated("user token: algorithm does not match the key")
-    if header.get("typ") != policy.typ:
-        raise errors.Unauthenticated("user token: wrong type")
-    try:
-        claims = jwt.decode(
-            token,
-            key=load_public_key(key.public_pem, key.algorithm),
-            algorithms=[key.algorithm],
-            audience=policy.audience,
-            issuer=policy.issuer,
-            leeway=policy.leeway_s,
-            options={
-                "require": _REQUIRED,
-                "verify_signature": True,
-                "verify_exp": False,
-                "verify_iat": False,
-                "verify_nbf": False,
-            },
-        )
-    except (jwt.PyJWTError, ValueError, TypeError) as exc:
-        raise errors.Unauthenticated("user token: does not verify") from exc
-    exp, iat, sub = claims.get("exp"), claims.get("iat"), claims.get("sub")
-    if not all(isinstance(v, int) and not isinstance(v, bool) for v in (exp, iat)):
-        raise errors.Unauthenticated("user token: exp/iat must be integers")
-    assert isinstance(exp, int) and isinstance(iat, int)
+    """Verify a user JWT at ``now_epoch``. Returns the identity.
+
+    Raises ``Unauthenticated`` for anything wrong: malformed or non-canonical, unknown kid,
+    algorithm not the key's, unexpected header parameter, bad signature, wrong
+    ``typ``/``iss``/``aud``, missing ``sub``, expired, issued in the future, lifetime over the
+    max.
+    """
+    parsed = parse(token, label=_LABEL)
+    verify_signature(parsed, keys, policy.typ)
+    claims = parsed.payload
+    exp, iat = _int_claim(claims, "exp"), _int_claim(claims, "iat")
+    iss, sub = claims.get("iss"), claims.get("sub")
+    if iss != policy.issuer:
+        raise errors.Unauthenticated(f"{_LABEL}: wrong issuer")
     if claims.get("aud") != policy.audience or claims.get("typ") != policy.typ:
-        raise errors.Unauthenticated("user token: wrong audience or type")
+        raise errors.Unauthenticated(f"{_LABEL}: wrong audience or type")
     if not isinstance(sub, str) or not sub:
-        raise errors.Unauthenticated("user token: sub missing")
+        raise errors.Unauthenticated(f"{_LABEL}: sub missing")
     if not 0 < exp - iat <= policy.max_ttl_s:
-        raise errors.Unauthenticated("user token: lifetime out of range")
+        raise errors.Unauthenticated(f"{_LABEL}: lifetime out of range")
     if now_epoch >= exp + policy.leeway_s:
-        raise errors.Unauthenticated("user token: expired")
+        raise errors.Unauthenticated(f"{_LABEL}: expired")
     if iat > now_epoch + policy.leeway_s:
-        raise errors.Unauthenticated("user token: issued in the future")
-    return UserIdentity(subject=sub, issuer=str(claims["iss"]))
+        raise errors.Unauthenticated(f"{_LABEL}: issued in the future")
+    if "nbf" in claims and _int_claim(claims, "nbf") > now_epoch + policy.leeway_s:
+        raise errors.Unauthenticated(f"{_LABEL}: not valid yet")
+    return UserIdentity(subject=sub, issuer=iss)
 
 
 class UserAuthenticator:
@@ -120,7 +123,7 @@ class UserAuthenticator:
 
     def __init__(
         self,
-        keys: Mapping[str, UserKey],
+        keys: Mapping[str, PublicKey],
         policy: UserTokenPolicy = UserTokenPolicy(),
     ) -> None:
         self.keys = dict(keys)
@@ -162,11 +165,9 @@ class LocalUserIssuer:
     ) -> None:
         self._private = private_key
         self.policy = policy
-        public = private_key.public_key()
-        pem = public.public_bytes(
-            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-        )
-        self.key = UserKey(kid="user-" + kid_for(public), algorithm="EdDSA", public_pem=pem)
+        public = public_key_for(private_key)
+        #: The verification key for this issuer's tokens (its kid prefixed with ``user-``).
+        self.key = attrs.evolve(public, kid="user-" + public.kid)
 
     @classmethod
     def init(cls, key_dir: Path) -> LocalUserIssuer:
@@ -207,12 +208,10 @@ class LocalUserIssuer:
             "jti": uuid.uuid4().hex,
             **(extra or {}),
         }
-        return jwt.encode(
-            claims,
-            self._private,
-            algorithm="EdDSA",
-            headers={"kid": self.key.kid, "typ": self.policy.typ},
+        signed = signing_input(
+            header_for(self.key.kid, self.key.algorithm, self.policy.typ), claims
         )
+        return assemble(signed, sign_jws(self._private, signed))
 
 
 __all__ = [
