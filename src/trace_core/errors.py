@@ -9,6 +9,7 @@ classes to HTTP status codes in one table (``trace_servers.http_errors``).
     │   ├── MalformedBody           -- not JSON / wrong shape (400)
     │   ├── ValidationFailed        -- a field has the wrong type or value (422)
     │   ├── PayloadTooLarge         -- body or message over its limit (413)
+    │   ├── UnsupportedMediaType    -- the body is not sent as application/json (415)
     │   └── UnsafeKey               -- object key escapes its prefix (422)
     ├── Unauthenticated             -- no credential, or one that does not verify (401)
     ├── Forbidden                   -- verified, but not allowed to do this (403)
@@ -79,6 +80,12 @@ class PayloadTooLarge(InvalidRequest):
     """The payload exceeds its size limit."""
 
     code = "payload_too_large"
+
+
+class UnsupportedMediaType(InvalidRequest):
+    """The request body must be sent as application/json."""
+
+    code = "unsupported_media_type"
 
 
 class UnsafeKey(InvalidRequest):
@@ -185,6 +192,7 @@ __all__ = [
     "Unauthenticated",
     "Unavailable",
     "UnsafeKey",
+    "UnsupportedMediaType",
     "ValidationFailed",
     "class_for_code",
 ]

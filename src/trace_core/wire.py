@@ -25,6 +25,11 @@ from trace_core import errors
 
 T = TypeVar("T")
 
+#: Upper bounds of integer fields, from their column types: nothing valid reaches SQL as
+#: "integer out of range".
+INT32_MAX = 2**31 - 1
+INT64_MAX = 2**63 - 1
+
 _KEY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:\-/]{0,199}$")
 _NAME_RE = re.compile(r"^[a-z][a-z0-9_.\-]{0,127}$")
 
@@ -75,11 +80,6 @@ def _hex64(_inst: object, attribute: attrs.Attribute[Any], value: str) -> None:
         raise FieldError(attribute.name, f"{attribute.name} must be 64 lowercase hex digits")
 
 
-def _positive(_inst: object, attribute: attrs.Attribute[Any], value: int) -> None:
-    if value < 1:
-        raise FieldError(attribute.name, f"{attribute.name} must be >= 1")
-
-
 def _between(lo: float, hi: float) -> Any:
     def check(_inst: object, attribute: attrs.Attribute[Any], value: float) -> None:
         if not lo <= value <= hi:
@@ -96,11 +96,6 @@ def _length(lo: int, hi: int) -> Any:
             )
 
     return check
-
-
-def _non_negative(_inst: object, attribute: attrs.Attribute[Any], value: int) -> None:
-    if value < 0:
-        raise FieldError(attribute.name, f"{attribute.name} must be >= 0")
 
 
 # --- /internal ------------------------------------------------------------------------------
@@ -202,7 +197,7 @@ class ClaimBatchResponse:
 @attrs.frozen
 class FenceFields:
     task_id: str = attrs.field(validator=_uuid_str)
-    attempt: int = attrs.field(validator=_positive)
+    attempt: int = attrs.field(validator=_between(1, INT32_MAX))
     lease_token: str = attrs.field(validator=_uuid_str)
 
 
@@ -241,8 +236,8 @@ class BufferBatchIn:
     key: str = attrs.field(validator=_event_key)
     dataset: str = attrs.field(validator=_name)
     object_key: str = attrs.field(validator=_length(1, 1024))
-    row_count: int = attrs.field(validator=_non_negative)
-    byte_size: int = attrs.field(validator=_non_negative)
+    row_count: int = attrs.field(validator=_between(0, INT32_MAX))
+    byte_size: int = attrs.field(validator=_between(0, INT64_MAX))
     sha256: str = attrs.field(validator=_hex64)
 
 
@@ -262,9 +257,11 @@ class PartitionIn:
     """A block range ``[start, end)`` or a partition ``key`` (exactly one of the two)."""
 
     start: int | None = attrs.field(
-        default=None, validator=attrs.validators.optional(_non_negative)
+        default=None, validator=attrs.validators.optional(_between(0, INT64_MAX))
     )
-    end: int | None = attrs.field(default=None, validator=attrs.validators.optional(_positive))
+    end: int | None = attrs.field(
+        default=None, validator=attrs.validators.optional(_between(1, INT64_MAX))
+    )
     key: str | None = attrs.field(default=None, validator=attrs.validators.optional(_event_key))
 
 
@@ -275,7 +272,7 @@ class OutputIn:
     dataset: str = attrs.field(validator=_dataset_name)
     #: Where the attempt staged the object: inside its staging prefix.
     object_key: str = attrs.field(validator=_length(1, 1024))
-    size: int = attrs.field(validator=_non_negative)
+    size: int = attrs.field(validator=_between(0, INT64_MAX))
     sha256: str = attrs.field(validator=_hex64)
     partition: PartitionIn
     #: Target dataset version (UUID); default: the dataset's active version.
@@ -402,6 +399,58 @@ class TaskInfo:
     created: bool = True
 
 
+# --- user API (/v1/orgs/{org}/...) ----------------------------------------------------------
+
+
+def _non_empty_strings(_inst: object, attribute: attrs.Attribute[Any], value: list[str]) -> None:
+    for i, item in enumerate(value):
+        if not 1 <= len(item) <= 200:
+            raise FieldError(
+                f"{attribute.name}[{i}]", f"{attribute.name}[{i}] must have 1 to 200 characters"
+            )
+
+
+def _version_pointers(
+    _inst: object, attribute: attrs.Attribute[Any], value: dict[str, str]
+) -> None:
+    for name, version in value.items():
+        if not _DATASET_RE.match(name):
+            raise FieldError(attribute.name, f"dataset names must match {_DATASET_RE.pattern}")
+        try:
+            uuid.UUID(version)
+        except (ValueError, AttributeError, TypeError):
+            raise FieldError(f"{attribute.name}.{name}", "versions must be UUIDs") from None
+
+
+@attrs.frozen
+class ResolveRequest:
+    """Pin dataset names of the org to their active versions."""
+
+    datasets: list[str] = attrs.field(validator=[_length(1, 1000), _non_empty_strings])
+    pin_ttl_s: float = attrs.field(default=300.0, validator=_between(0.0, 86_400.0))
+
+
+@attrs.frozen
+class ReadRolesRequest:
+    """The org roles that may read a dataset (replaces the list)."""
+
+    read_roles: list[str] = attrs.field(validator=[_length(0, 1000), _non_empty_strings])
+
+
+@attrs.frozen
+class CutoverRequest:
+    """Point a DAG's datasets at new versions in one generation."""
+
+    pointers: dict[str, str] = attrs.field(validator=[_length(1, 1000), _version_pointers])
+
+
+@attrs.frozen
+class MemberRequest:
+    """A member's roles in the org (replaces the list)."""
+
+    roles: list[str] = attrs.field(validator=[_length(0, 1000), _non_empty_strings])
+
+
 # --- the converter ---------------------------------------------------------------------------
 
 
@@ -458,7 +507,12 @@ def _format(exc: BaseException, tp: type | None) -> str:
         # attrs' own validators start with "'name' must ..."
         name = attrs_name_re.match(str(exc)).group(1)  # type: ignore[union-attr]
         return f"{exc}{_FIELD_MARK}{name}"
-    return cattrs.v.format_exception(exc, tp)
+    if isinstance(exc, cattrs.ForbiddenExtraKeysError):
+        name = sorted(exc.extra_fields)[0][:64]
+        return f"unknown field {name!r}{_FIELD_MARK}{name}"
+    if isinstance(exc, KeyError | ValueError | TypeError):
+        return cattrs.v.format_exception(exc, tp)
+    return "invalid value"  # never echo an unexpected exception's text
 
 
 attrs_name_re = re.compile(r"^'([a-z_]+)'")
@@ -491,8 +545,10 @@ def structure(data: Any, cls: type[T]) -> T:
             field=path,
             details={"problems": [{"field": p, "message": t} for t, p in problems[:20]]},
         ) from None
-    except (ValueError, TypeError) as exc:  # validators outside detailed validation
-        raise errors.ValidationFailed(str(exc)) from None
+    except FieldError as exc:  # validators outside detailed validation
+        raise errors.ValidationFailed(str(exc), field=exc.field) from None
+    except (ValueError, TypeError):
+        raise errors.ValidationFailed("the body does not match the expected shape") from None
 
 
 def unstructure(obj: Any) -> Any:
@@ -525,6 +581,7 @@ __all__ = [
     "CreateTasksRequest",
     "CredentialsRequest",
     "CredentialsResponse",
+    "CutoverRequest",
     "EventIn",
     "EventsRequest",
     "EventsResponse",
@@ -532,8 +589,11 @@ __all__ = [
     "HeartbeatRequest",
     "HeartbeatResponse",
     "LambdaInvokePayload",
+    "MemberRequest",
     "OutputIn",
     "PartitionIn",
+    "ReadRolesRequest",
+    "ResolveRequest",
     "TaskInfo",
     "TaskPayload",
     "TaskResolveRequest",

@@ -12,7 +12,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from trace_core.testing import MemoryObjectStore, MemoryQueue, MemorySigner
 from trace_lite.dispatcher import Dispatcher, open_pool
 from trace_servers import logs
-from trace_servers.dispatcher import make_app
+from trace_servers.app import make_app
 
 PLATFORM = "platform-token-for-tests-0123456789"
 AUTH = {"Authorization": f"Bearer {PLATFORM}"}

@@ -12,7 +12,7 @@ import attrs
 import pytest
 
 from trace_core import wire
-from trace_servers.dispatcher import make_app
+from trace_servers.app import make_app
 
 SPEC_PATH = Path(__file__).resolve().parents[2] / "docs" / "api" / "openapi.json"
 METHODS = {"get", "post", "put", "patch", "delete"}
@@ -47,7 +47,8 @@ def _schema_ref(node: dict[str, Any]) -> set[str]:
 
 
 def _app_routes() -> set[tuple[str, str]]:
-    app = make_app(types.SimpleNamespace(), platform_token="x" * 32)  # type: ignore[arg-type]
+    dispatcher = types.SimpleNamespace(pool=None, object_store=None)
+    app = make_app(dispatcher, platform_token="x" * 32)  # type: ignore[arg-type]
     return {
         (route.method, route.resource.canonical)
         for route in app.router.routes()
