@@ -134,6 +134,7 @@ async def dispatcher_parts(
     from trace_lite.local_signer import FileSigner
     from trace_lite.local_store import LocalObjectStore, object_routes
     from trace_lite.pg_queue import PgQueue
+    from trace_lite.write_guard import StagingWriteGuard
 
     lite_store = LocalObjectStore(
         settings.object_root, settings.dispatcher_url, settings.object_secret
@@ -143,7 +144,7 @@ async def dispatcher_parts(
         FileSigner.init(settings.key_dir),
         lite_queue,
         lite_store,
-        extra_routes=list(object_routes(lite_store)),
+        extra_routes=list(object_routes(lite_store, write_guard=StagingWriteGuard(pool))),
         closers=[lite_queue.close],
     )
 

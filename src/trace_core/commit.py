@@ -21,11 +21,19 @@ dataset versions **in the same transaction** as the completion, fenced on
 4. ``append`` never supersedes: an entry whose range/key is already live is a duplicate and is
    stored once (dedupe by the partition's unique key).
 
-A partition's life, as a table (``TRANSITIONS``)::
+A committed partition's object, as a table (``TRANSITIONS``, stored as
+``dataset_partitions.state``)::
 
-    staged ──commit──▶ committed ──supersede──▶ superseded
-       │                   │                        │
-       └──abandon──▶ abandoned (staging sweep)      └────purge──▶ purged ◀──purge── committed
+    committed ──verified──▶ promoted        (readers read the canonical copy)
+        │
+        └─────mismatched──▶ corrupt         (an alarm: the staged bytes changed or vanished)
+
+A partition row is written ``committed`` by the completion; promotion reads the staged bytes,
+checks them against the size and sha256 the manifest committed (``promotion_event``) and either
+copies them to the canonical key (``promoted``) or marks the partition ``corrupt``; both are
+final. Readers are handed ``promoted`` partitions only, so bytes changed after the commit never
+reach a reader. Whether a partition is live (``superseded_at``), and the staged objects no
+partition names (swept after a grace), are not states of this table.
 
 Nothing here performs I/O or reads the clock: the store passes object metadata (from
 ``ObjectStore.head``) and the live partitions it read, and applies the returned ``CommitPlan``.
@@ -46,29 +54,27 @@ from trace_core.ports import ObjectInfo
 
 
 class PartitionState(enum.StrEnum):
-    """Where a staged output is in its life."""
+    """Where a committed partition's object is, stored as ``dataset_partitions.state``."""
 
-    STAGED = "staged"
+    #: Recorded by the completion; the bytes are still at the staged key. Not readable yet.
     COMMITTED = "committed"
-    SUPERSEDED = "superseded"
-    ABANDONED = "abandoned"
-    PURGED = "purged"
+    #: Verified and copied to the canonical key; readers read it there.
+    PROMOTED = "promoted"
+    #: The staged bytes no longer match what was committed (or are gone): never readable.
+    CORRUPT = "corrupt"
 
 
 class PartitionEvent(enum.StrEnum):
-    COMMIT = "commit"  # the attempt's completion was accepted with this entry
-    SUPERSEDE = "supersede"  # a later replace rewrote this partition's scope
-    ABANDON = "abandon"  # the attempt finished without committing; the sweep deletes it
-    PURGE = "purge"  # an admin purged the version
+    #: Promotion read the staged bytes and they match the committed size and sha256.
+    VERIFIED = "verified"
+    #: They do not match, or the staged object is gone.
+    MISMATCHED = "mismatched"
 
 
 #: The partition transition table; pairs not in it are illegal.
 TRANSITIONS: Final[Mapping[tuple[PartitionState, PartitionEvent], PartitionState]] = {
-    (PartitionState.STAGED, PartitionEvent.COMMIT): PartitionState.COMMITTED,
-    (PartitionState.STAGED, PartitionEvent.ABANDON): PartitionState.ABANDONED,
-    (PartitionState.COMMITTED, PartitionEvent.SUPERSEDE): PartitionState.SUPERSEDED,
-    (PartitionState.COMMITTED, PartitionEvent.PURGE): PartitionState.PURGED,
-    (PartitionState.SUPERSEDED, PartitionEvent.PURGE): PartitionState.PURGED,
+    (PartitionState.COMMITTED, PartitionEvent.VERIFIED): PartitionState.PROMOTED,
+    (PartitionState.COMMITTED, PartitionEvent.MISMATCHED): PartitionState.CORRUPT,
 }
 
 
@@ -78,6 +84,15 @@ def partition_target(state: PartitionState, event: PartitionEvent) -> PartitionS
     if target is None:
         raise errors.Conflict(f"{event.value} is not allowed for a {state.value} partition")
     return target
+
+
+def promotion_event(size: int, sha256: str, staged: ObjectInfo | None) -> PartitionEvent:
+    """What promotion found: ``staged`` describes the bytes it read at the staged key
+    (``None``: the object is gone), ``size``/``sha256`` are what the completion committed.
+    Returns ``VERIFIED`` only for an exact match. Never raises."""
+    if staged is not None and staged.size == size and staged.sha256 == sha256:
+        return PartitionEvent.VERIFIED
+    return PartitionEvent.MISMATCHED
 
 
 class UpdateStrategy(enum.StrEnum):
@@ -326,9 +341,7 @@ def plan_commit(
                             f"(overlaps [{partial[0].start}, {partial[0].end}))",
                             field=f"{where}.partition",
                         )
-                for p in hit:
-                    partition_target(PartitionState.COMMITTED, PartitionEvent.SUPERSEDE)
-                    supersede.append(p.partition_id)
+                supersede.extend(p.partition_id for p in hit)
                 if hit:
                     invalidations.append(
                         Invalidation(
@@ -346,7 +359,6 @@ def plan_commit(
                     by_version[target.dataset_version] = [
                         p for p in version_live if p.partition_id not in gone
                     ]
-        partition_target(PartitionState.STAGED, PartitionEvent.COMMIT)
         inserts.append(
             PlannedPartition(
                 entry_index=i,
@@ -365,10 +377,10 @@ def plan_commit(
 
 def mermaid_diagram() -> str:
     """The partition state diagram in Mermaid syntax, drawn from ``TRANSITIONS``."""
-    lines = ["stateDiagram-v2", "    [*] --> staged"]
+    lines = ["stateDiagram-v2", "    [*] --> committed: commit"]
     for (state, event), target in TRANSITIONS.items():
         lines.append(f"    {state.value} --> {target.value}: {event.value}")
-    lines += ["    abandoned --> [*]", "    purged --> [*]"]
+    lines += ["    promoted --> [*]", "    corrupt --> [*]"]
     return "\n".join(lines)
 
 
@@ -389,5 +401,6 @@ __all__ = [
     "mermaid_diagram",
     "partition_target",
     "plan_commit",
+    "promotion_event",
     "version_prefix",
 ]

@@ -32,7 +32,10 @@ key inside that directory-like prefix", which is what authorization checks need.
 from __future__ import annotations
 
 import functools
+import re
 import unicodedata
+
+import attrs
 
 from trace_core.errors import UnsafeKey
 
@@ -130,4 +133,44 @@ def is_within(key: str, prefix: str) -> bool:
     return key.startswith(directory)
 
 
-__all__ = ["MAX_KEY_BYTES", "is_within", "validate_key", "validate_prefix"]
+# --- the staging layout -------------------------------------------------------------------
+
+
+def staging_prefix(org_id: str, task_id: str, attempt: int) -> str:
+    """Where an attempt may write objects (buffer batches, staged outputs):
+    ``org/{org_id}/staging/task/{task_id}/attempt/{attempt}/``. The one definition of it."""
+    return f"org/{org_id}/staging/task/{task_id}/attempt/{attempt}/"
+
+
+@attrs.frozen
+class StagingKey:
+    """A key inside an attempt's staging prefix, taken apart."""
+
+    org_id: str
+    task_id: str
+    attempt: int
+
+
+_STAGING_RE = re.compile(r"org/([^/]+)/staging/task/([^/]+)/attempt/([1-9][0-9]{0,8})/.+")
+
+
+def parse_staging_key(key: str) -> StagingKey | None:
+    """The attempt whose staging prefix holds ``key`` (``None`` for any other key).
+
+    Returns a ``StagingKey``. Raises ``UnsafeKey`` if ``key`` is not safe."""
+    validate_key(key)
+    m = _STAGING_RE.fullmatch(key)
+    if m is None:
+        return None
+    return StagingKey(org_id=m[1], task_id=m[2], attempt=int(m[3]))
+
+
+__all__ = [
+    "MAX_KEY_BYTES",
+    "StagingKey",
+    "is_within",
+    "parse_staging_key",
+    "staging_prefix",
+    "validate_key",
+    "validate_prefix",
+]

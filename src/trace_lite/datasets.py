@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import uuid
 from collections.abc import Mapping, Sequence
@@ -27,13 +28,12 @@ from typing import Any
 
 import attrs
 import psycopg
-from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 
 from trace_core import access, commit, errors, wire
 from trace_core.access import Action, Caller, DatasetAcl, PinAcl, TaskCaller, UserCaller
-from trace_core.object_keys import is_within, validate_key
+from trace_core.object_keys import is_within, staging_prefix, validate_key
 from trace_core.ports import ObjectInfo, ObjectStore
 from trace_core.token import CapabilityClaims
 from trace_lite import sqlfile
@@ -55,12 +55,6 @@ _HEAD_CONCURRENCY = 64
 _LIST_OVER = 32
 
 
-def _staging_prefix(org_id: str, task_id: str, attempt: int) -> str:
-    from trace_lite.dispatcher import staging_prefix  # circular at import time
-
-    return staging_prefix(org_id, task_id, attempt)
-
-
 def table_name(dataset_version: str) -> str:
     """The Postgres data table of a version of a ``postgres`` dataset (UUID-named)."""
     return f"trace_data.dsv_{uuid.UUID(dataset_version).hex}"
@@ -78,10 +72,16 @@ class ResolvedDataset:
     #: ``None`` when the producing DAG has no active version of it yet.
     dataset_version: str | None
     storage_kind: str
-    #: Object keys of the live partitions (``parquet``), with their scope.
+    #: Canonical keys of the live, promoted partitions (``parquet``), with their scope: bytes
+    #: verified against the commit, which the producer can no longer change.
     objects: list[dict[str, Any]] = attrs.field(factory=list)
     #: The Postgres table (``postgres`` / ``buffered_postgres``).
     table: str | None = None
+    #: Live partitions committed but not promoted yet (not in ``objects``; a later resolve
+    #: sees them once promotion has verified them).
+    pending: int = 0
+    #: Live partitions whose staged bytes did not match their commit (never readable).
+    corrupt: int = 0
 
 
 @attrs.frozen
@@ -167,7 +167,7 @@ async def prepare_outputs(
                 )
             if store is None:
                 raise errors.Unavailable("this Dispatcher has no object store")
-            prefix = _staging_prefix(org_id, r.task_id, r.attempt)
+            prefix = staging_prefix(org_id, r.task_id, r.attempt)
             entries = _entries(r)
             for n, e in enumerate(entries):  # refuse unsafe keys before touching storage
                 try:
@@ -709,12 +709,23 @@ class Datasets:
                     if any(r[6] == commit.VersionState.PURGED for r in rows.values()):
                         raise _PurgedUnderUs()
                     objects: dict[str, list[dict[str, Any]]] = {}
+                    unread: dict[tuple[str, str], int] = {}
                     parquet = [r[5] for r in rows.values() if r[5] and r[4] == "parquet"]
                     if include_objects and parquet:
                         await cur.execute(Q["version_objects"], {"versions": parquet})
-                        for v, key, s, e, k, size in await cur.fetchall():
-                            item: dict[str, Any] = {"object_key": key, "size": size}
-                            item.update({"start": s, "end": e} if k is None else {"key": k})
+                        for p in await _dicts(cur):
+                            v = p["dataset_version"]
+                            if p["state"] != commit.PartitionState.PROMOTED:
+                                unread[v, p["state"]] = unread.get((v, p["state"]), 0) + 1
+                                continue
+                            item: dict[str, Any] = {
+                                "object_key": p["object_key"],
+                                "size": p["size"],
+                            }
+                            if p["partition_key"] is None:
+                                item.update(start=p["range_start"], end=p["range_end"])
+                            else:
+                                item.update(key=p["partition_key"])
                             objects.setdefault(v, []).append(item)
             except _PurgedUnderUs:
                 continue
@@ -733,6 +744,8 @@ class Datasets:
                     storage_kind=r[4],
                     objects=objects.get(version, []) if version else [],
                     table=table_name(version) if version and r[4] != "parquet" else None,
+                    pending=unread.get((version or "", commit.PartitionState.COMMITTED), 0),
+                    corrupt=unread.get((version or "", commit.PartitionState.CORRUPT), 0),
                 )
             )
         return Resolution(pin_id=pin_id, datasets=out)
@@ -745,9 +758,8 @@ class Datasets:
         deleted on a refusal."""
         org_id = await self.org_id(org)
         async with transaction(self.pool) as cur:
-            cur.row_factory = dict_row
             await cur.execute(Q["lock_pin"], {"pin_id": pin_id})
-            rows = await cur.fetchall()
+            rows = await _dicts(cur)
             pins = {PinAcl(org_id=r["org_id"], holder=r["holder"]) for r in rows}
             if len(pins) != 1 or next(iter(pins)).org_id != org_id:
                 raise errors.NotFound("no such pin", field="pin_id")
@@ -810,32 +822,72 @@ class Datasets:
     # -- background: promotion and staging cleanup ------------------------------------------------
 
     async def promote_once(self, batch: int = 200) -> int:
-        """Copy committed partitions from the staging prefix to their canonical key under the
-        version prefix, then point readers there. Returns how many were promoted."""
+        """Verify committed partitions and copy them from the staging prefix to their canonical
+        key under the version prefix; only then do readers see them.
+
+        The staged bytes are read once and checked against the size and sha256 the completion
+        committed (``trace_core.commit.promotion_event``); a mismatch or a missing object marks
+        the partition ``corrupt`` and is logged once at error level (never retried). Returns
+        how many were promoted. Raises ``Unavailable``."""
         if self.object_store is None:
             return 0
+        store = self.object_store
         async with transaction(self.pool) as cur:
             await cur.execute(Q["unpromoted"], {"n": batch})
-            rows = await cur.fetchall()
-        done: list[int] = []
-        for pid, object_key, staged_key, size, sha in rows:
+            rows = await _dicts(cur)
+        promoted: list[int] = []
+        corrupt: dict[int, dict[str, Any]] = {}
+        for p in rows:
             try:
-                data = await self.object_store.get(staged_key)
+                data: bytes | None = await store.get(p["staged_key"])
             except errors.NotFound:
-                log.warning(
-                    "staged object of a committed partition is missing",
-                    extra={"partition_id": pid, "key": staged_key},
-                )
-                continue
-            info = await self.object_store.put(object_key, data)
-            if (info.size, info.sha256) != (size, sha):  # pragma: no cover - store corruption
-                log.error("promoted object does not match", extra={"partition_id": pid})
-                continue
-            done.append(pid)
-        if done:
-            async with transaction(self.pool) as cur:
-                await cur.execute(Q["mark_promoted"], {"ids": done})
-        return len(done)
+                data = None
+            staged = (
+                None
+                if data is None
+                else ObjectInfo(p["staged_key"], len(data), hashlib.sha256(data).hexdigest())
+            )
+            event = commit.promotion_event(p["size"], p["sha256"], staged)
+            match commit.partition_target(commit.PartitionState.COMMITTED, event):
+                case commit.PartitionState.PROMOTED:
+                    assert data is not None
+                    await store.put(p["object_key"], data)
+                    promoted.append(p["partition_id"])
+                case _:
+                    corrupt[p["partition_id"]] = {**p, "found": staged}
+        marked: list[int] = []
+        async with transaction(self.pool) as cur:
+            if promoted:
+                await cur.execute(Q["mark_promoted"], {"ids": promoted})
+            if corrupt:
+                await cur.execute(Q["mark_corrupt"], {"ids": list(corrupt)})
+                marked = [r["partition_id"] for r in await _dicts(cur)]
+        for pid in marked:
+            p = corrupt[pid]
+            found = p["found"]
+            log.error(
+                "committed partition is corrupt: its staged bytes do not match the commit",
+                extra={
+                    "partition_id": pid,
+                    "dataset_version": p["dataset_version"],
+                    "task_id": p["task_id"],
+                    "attempt": p["attempt"],
+                    "staged_key": p["staged_key"],
+                    "expected_size": p["size"],
+                    "expected_sha256": p["sha256"],
+                    "found_size": None if found is None else found.size,
+                    "found_sha256": None if found is None else found.sha256,
+                },
+            )
+        return len(promoted)
+
+    async def partition_counts(self) -> dict[str, int]:
+        """Partitions by ``PartitionState`` (``corrupt`` > 0 is an alarm). Raises
+        ``Unavailable``."""
+        async with transaction(self.pool) as cur:
+            await cur.execute(Q["partition_counts"])
+            found = {r["state"]: int(r["n"]) for r in await _dicts(cur)}
+        return {s.value: found.get(s.value, 0) for s in commit.PartitionState}
 
     async def clean_staging(
         self, *, grace_s: float = DEFAULT_STAGING_GRACE_S, batch: int = 200
@@ -859,7 +911,7 @@ class Datasets:
                 if await cur.fetchone() is not None:
                     report = attrs.evolve(report, skipped=report.skipped + 1)
                     continue
-            prefix = _staging_prefix(org_id, task_id, attempt)
+            prefix = staging_prefix(org_id, task_id, attempt)
             objects = await self.object_store.list(prefix)
             for info in objects:
                 await self.object_store.delete(info.key)
@@ -895,6 +947,13 @@ class Datasets:
 
 class _PurgedUnderUs(errors.Retryable):
     """A version was purged between the pointer read and the pin; resolve again."""
+
+
+async def _dicts(cur: psycopg.AsyncCursor[Any]) -> list[dict[str, Any]]:
+    """The rows of the last statement, by column name."""
+    assert cur.description is not None
+    names = [c.name for c in cur.description]
+    return [dict(zip(names, row, strict=True)) for row in await cur.fetchall()]
 
 
 async def _one(cur: psycopg.AsyncCursor[Any]) -> Any:

@@ -16,7 +16,10 @@ Invariants:
 
 Signed URLs are ``{base_url}/o/{key}?m=GET&exp=<epoch>&sig=<hex>``, ``sig`` being the
 HMAC-SHA256 of ``method\\nkey\\nexp`` under the store's secret. ``object_routes`` serves them
-(GET and PUT) with constant-time comparison; refusals answer 403 with a JSON error body.
+(GET and PUT) with constant-time comparison; refusals answer 403 with a JSON error body. A
+``write_guard`` given to ``object_routes`` is asked before every signed PUT (the Dispatcher
+passes ``trace_lite.write_guard.StagingWriteGuard``: a PUT URL dies with its attempt's commit,
+and committed objects are immutable to their producer).
 
 Limitation of a filesystem: ``a`` and ``a/b`` cannot both exist (one would have to be a file
 and a directory). ``put`` refuses the second with ``Conflict``; Trace's key layouts never do
@@ -32,7 +35,7 @@ import os
 import secrets
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TypeVar
 from urllib.parse import quote
@@ -56,6 +59,9 @@ from trace_core.ports import ObjectInfo
 DEFAULT_MAX_UPLOAD_BYTES = 256 * 1024 * 1024
 _CHUNK = 1024 * 1024
 _T = TypeVar("_T")
+
+#: Asked before a signed PUT writes ``key``: returns None to allow, raises ``Forbidden``.
+WriteGuard = Callable[[str], Awaitable[None]]
 
 
 class LocalObjectStore:
@@ -288,11 +294,16 @@ def _signed_params(request: web.Request) -> tuple[str, str, str]:
 
 
 def object_routes(
-    store: LocalObjectStore, *, max_upload_bytes: int | None = None
+    store: LocalObjectStore,
+    *,
+    max_upload_bytes: int | None = None,
+    write_guard: WriteGuard | None = None,
 ) -> list[web.RouteDef]:
     """aiohttp routes serving ``store``'s signed URLs: ``GET``/``HEAD`` and ``PUT /o/{key}``.
 
-    ``max_upload_bytes`` defaults to the store's (256 MiB); larger uploads get 413. Refused
+    ``max_upload_bytes`` defaults to the store's (256 MiB); larger uploads get 413.
+    ``write_guard`` (if given) is asked before reading a PUT's body and again just before
+    writing it; its ``Forbidden`` answers 403 and nothing is written. Refused
     URLs get 403, missing objects 404, unsafe keys 422, all with a JSON ``{"error", "message"}``
     body. Returns the route definitions (``app.add_routes(object_routes(store))``).
     """
@@ -318,6 +329,8 @@ def object_routes(
     async def put_object(request: web.Request) -> web.Response:
         try:
             key = authorize(request, "PUT")
+            if write_guard is not None:
+                await write_guard(key)
             if request.content_length is not None and request.content_length > limit:
                 raise PayloadTooLarge(f"object larger than {limit} bytes")
             body = bytearray()
@@ -325,6 +338,8 @@ def object_routes(
                 body += chunk
                 if len(body) > limit:
                     raise PayloadTooLarge(f"object larger than {limit} bytes")
+            if write_guard is not None:
+                await write_guard(key)  # the attempt may have committed during the upload
             info = await store.put(key, bytes(body))
         except TraceError as exc:
             return _error(exc, _status_for(exc))
@@ -338,4 +353,10 @@ def new_secret() -> bytes:
     return secrets.token_bytes(32)
 
 
-__all__ = ["DEFAULT_MAX_UPLOAD_BYTES", "LocalObjectStore", "new_secret", "object_routes"]
+__all__ = [
+    "DEFAULT_MAX_UPLOAD_BYTES",
+    "LocalObjectStore",
+    "WriteGuard",
+    "new_secret",
+    "object_routes",
+]

@@ -129,3 +129,110 @@ def test_completion_sent_but_reply_lost_commits_exactly_once(trace_procs: TraceP
     assert r.status == 409, r
     assert _live(t) == [(0, 100, task_id, 1)]
     assert t.scalar("SELECT count(*) FROM dataset_partitions") == 1
+
+
+def _put(url: str, data: bytes) -> int:
+    """PUT ``data`` to a signed URL of the Dispatcher's object routes; returns the status."""
+    import urllib.error
+    import urllib.request
+
+    req = urllib.request.Request(url, data=data, method="PUT")
+    try:
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            return int(resp.status)
+    except urllib.error.HTTPError as exc:
+        return int(exc.code)
+
+
+def test_committed_bytes_are_immutable_to_their_producer(
+    trace_procs: TraceProcs, monkeypatch: Any
+) -> None:
+    """A signed PUT URL dies with its attempt's commit (and a buffer batch's key with its
+    publish); readers are handed the verified, promoted copy, never the staged key."""
+    from trace_lite.users import LocalUserIssuer
+
+    t = trace_procs
+    _setup_dataset(t.db_url)
+    base_env = t.env
+    policy = {"TRACE_USER_JWT_ISSUER": "trace-lite", "TRACE_USER_JWT_AUDIENCE": "trace-api"}
+    monkeypatch.setattr(t, "env", lambda: {**base_env(), **policy})
+    t.start_dispatcher()
+    secret = (t.trace_dir / "secrets" / "object_url_key").read_text().strip().encode()
+    signer = LocalObjectStore(t.object_root, t.url, secret)
+    task_id = t.create_task("stage_output", {"start": 0, "end": 100}, max_attempts=1)
+    claim = t.claim(task_id, "test-worker")
+    fence = {k: claim[k] for k in ("task_id", "attempt", "lease_token")}
+    cap = claim["capability_token"]
+    prefix = t.request(
+        "GET", f"/internal/task-fetch?task_id={task_id}&attempt=1", platform=True
+    ).json["staging_prefix"]
+
+    def signed_put(key: str) -> str:
+        return asyncio.run(signer.signed_url(key, method="PUT", expires_in=600))
+
+    # a buffer batch: writable until published, immutable after
+    buffer_key = f"{prefix}buffer/rows/b1.jsonl"
+    rows = b'{"n": 1}\n'
+    assert _put(signed_put(buffer_key), rows) == 200
+    batch = {
+        "key": "b1",
+        "dataset": "rows",
+        "object_key": buffer_key,
+        "row_count": 1,
+        "byte_size": len(rows),
+        "sha256": hashlib.sha256(rows).hexdigest(),
+    }
+    r = t.request("POST", "/v1/task/buffer-publish", body={**fence, "batch": batch}, capability=cap)
+    assert r.status == 200, r
+    assert _put(signed_put(buffer_key), b'{"n": 666}\n') == 403
+    assert t.read_object(buffer_key) == rows
+    # an output: staged through its URL, committed with the completion
+    key = f"{prefix}out/blocks/0_100.json"
+    url = signed_put(key)
+    data = json.dumps({"attempt": 1}).encode()
+    assert _put(url, data) == 200
+    output = {
+        "dataset": "blocks",
+        "object_key": key,
+        "size": len(data),
+        "sha256": hashlib.sha256(data).hexdigest(),
+        "partition": {"start": 0, "end": 100},
+    }
+    r = t.request("POST", "/v1/task/complete", body={**fence, "outputs": [output]}, capability=cap)
+    assert r.status == 200, r
+    assert _put(url, b"tampered") == 403  # the same URL, still unexpired
+    assert _put(signed_put(key), b"tampered") == 403  # a fresh one for the same key
+    assert _put(signed_put(f"{prefix}out/blocks/new.json"), b"x") == 403  # the attempt ended
+    assert t.read_object(key) == data
+    # a reader gets promoted, verified bytes only: never the staging key
+    admin_token = LocalUserIssuer.init(t.key_dir).token("admin")
+    t.sql(
+        "INSERT INTO org_members (org_id, subject, roles) "
+        "SELECT org_id, 'admin', '{admin}' FROM orgs WHERE name = %s",
+        (ORG,),
+    )
+
+    def resolve() -> dict[str, Any]:
+        r = t.request(
+            "POST",
+            f"/v1/orgs/{ORG}/datasets/resolve",
+            body={"datasets": ["blocks"], "pin_ttl_s": 0},
+            headers={"Authorization": f"Bearer {admin_token}"},
+        )
+        assert r.status == 200, r
+        (resolved,) = r.json["datasets"]
+        for o in resolved["objects"]:
+            assert "/staging/" not in o["object_key"], o
+        return dict(resolved)
+
+    first = resolve()
+    assert (first["objects"] == [] and first["pending"] == 1) or len(first["objects"]) == 1
+    t.wait_until(
+        lambda: t.scalar("SELECT state FROM dataset_partitions") == "promoted",
+        30,
+        "promotion",
+    )
+    (obj,) = resolve()["objects"]
+    assert obj["object_key"] == t.scalar("SELECT object_key FROM dataset_partitions")
+    assert obj["object_key"].startswith("org/") and "/dataset/" in obj["object_key"]
+    assert t.read_object(obj["object_key"]) == data

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -90,7 +91,10 @@ def _complete(fence: dict[str, Any], outputs: list[dict[str, Any]]) -> wire.Comp
     return wire.structure({**fence, "outputs": outputs}, wire.CompleteRequest)
 
 
-async def _live(env: Env, name: str = "blocks") -> list[tuple[Any, ...]]:
+async def _live(env: Env, name: str = "blocks", *, promote: bool = True) -> list[tuple[Any, ...]]:
+    """What a reader is handed, after promotion has run (unless ``promote`` is false)."""
+    while promote and await env.ds.promote_once():
+        pass
     caller = await env.ds.user_caller(ORG, "dave")
     res = await env.ds.resolve(caller, ORG, [name], pin_ttl_s=0)
     return [
@@ -106,14 +110,18 @@ async def test_commit_is_visible_only_after_the_fenced_completion(env: Env) -> N
     req = _complete(fence, [out])
     done = await env.d.complete(req)
     assert done.state == "completed" and not done.replay
-    live = await _live(env)
-    assert [(s, e) for s, e, _, _ in live] == [(0, 100)]
-    assert live[0][3] == out["object_key"]  # read from staging until promoted
+    # committed, not yet verified and promoted: a reader is told it is pending, never handed
+    # the staged key (its producer could still hold a way to write there)
+    assert await _live(env, promote=False) == []
+    caller = await env.ds.user_caller(ORG, "dave")
+    (resolved,) = (await env.ds.resolve(caller, ORG, ["blocks"], pin_ttl_s=0)).datasets
+    assert (resolved.pending, resolved.corrupt) == (1, 0)
     # a replay of the same completion commits nothing twice
     assert (await env.d.complete(req)).replay
     assert env.sql("SELECT count(*) FROM dataset_partitions")[0][0] == 1
     # promotion copies it under the version prefix (UUIDs only) and readers follow
     assert await env.ds.promote_once() == 1
+    assert env.sql("SELECT state FROM dataset_partitions") == [("promoted",)]
     (row,) = await _live(env)
     org_id = env.sql("SELECT org_id::text FROM orgs WHERE name = %s", (ORG,))[0][0]
     uuid_ = env.sql("SELECT dataset_uuid::text FROM datasets WHERE name = 'blocks'")[0][0]
@@ -231,7 +239,7 @@ async def test_replace_supersedes_exactly_the_rewritten_range_with_one_invalidat
     after = {(s, e): k for s, e, _, k in await _live(env)}
     assert sorted(after) == [(0, 100), (100, 200), (200, 300)]
     assert after[(0, 100)] == before[(0, 100)] and after[(200, 300)] == before[(200, 300)]
-    assert after[(100, 200)] == out["object_key"]
+    assert f"/100_200.{fence2['task_id']}.a1." in after[(100, 200)]  # the promoted rewrite
     assert env.sql("SELECT count(*) FROM dataset_partitions WHERE superseded_at IS NOT NULL") == [
         (1,)
     ]
@@ -354,9 +362,39 @@ async def test_clean_staging_deletes_only_uncommitted_attempts_after_the_grace(e
     assert report.attempts == 1 and report.deleted_objects == 1 and report.skipped == 1
     assert await env.store.list(failed_prefix) == []
     assert len(await env.store.list(payload.staging_prefix)) == 1  # committed, not promoted
-    await env.ds.promote_once()
+    assert await env.ds.promote_once() == 1
     report = await env.ds.clean_staging(grace_s=0)
     assert report.attempts == 1 and report.deleted_objects == 1
     assert len(await _live(env)) == 1
     (row,) = await _live(env)
     assert await env.store.head(row[3])  # readers read the promoted copy
+
+
+async def test_bytes_changed_after_the_commit_are_an_alarm_never_a_read(
+    env: Env, caplog: pytest.LogCaptureFixture
+) -> None:
+    fence, prefix = await _claim(env)
+    out = await _stage(env, f"{prefix}blocks/0_100.json", {"rows": 1}, start=0, end=100)
+    gone = await _stage(env, f"{prefix}blocks/100_200.json", {"rows": 2}, start=100, end=200)
+    await env.d.complete(_complete(fence, [out, gone]))
+    await env.store.put(out["object_key"], b"tampered after the commit")
+    await env.store.delete(gone["object_key"])
+    with caplog.at_level(logging.ERROR, logger="trace.datasets"):
+        assert await env.ds.promote_once() == 0
+        assert await env.ds.promote_once() == 0  # marked once, not retried
+    alarms = [r for r in caplog.records if "corrupt" in r.getMessage()]
+    assert len(alarms) == 2 and all(r.levelno == logging.ERROR for r in alarms)
+    assert {getattr(r, "staged_key", None) for r in alarms} == {
+        out["object_key"],
+        gone["object_key"],
+    }
+    assert env.sql("SELECT state FROM dataset_partitions") == [("corrupt",), ("corrupt",)]
+    assert (await env.ds.partition_counts())["corrupt"] == 2
+    caller = await env.ds.user_caller(ORG, "dave")
+    (resolved,) = (await env.ds.resolve(caller, ORG, ["blocks"], pin_ttl_s=0)).datasets
+    assert resolved.objects == [] and resolved.corrupt == 2 and resolved.pending == 0
+    # nothing was copied to a canonical key
+    keys = [k for (k,) in env.sql("SELECT object_key FROM dataset_partitions")]
+    for k in keys:
+        with pytest.raises(errors.NotFound):
+            await env.store.head(k)

@@ -37,11 +37,8 @@ OTHER_VERSION = "v-2"
 
 #: The table as docs/architecture/data_versioning.md draws it (independent of ``TRANSITIONS``).
 EXPECTED: dict[tuple[PartitionState, PartitionEvent], PartitionState] = {
-    (S.STAGED, E.COMMIT): S.COMMITTED,
-    (S.STAGED, E.ABANDON): S.ABANDONED,
-    (S.COMMITTED, E.SUPERSEDE): S.SUPERSEDED,
-    (S.COMMITTED, E.PURGE): S.PURGED,
-    (S.SUPERSEDED, E.PURGE): S.PURGED,
+    (S.COMMITTED, E.VERIFIED): S.PROMOTED,
+    (S.COMMITTED, E.MISMATCHED): S.CORRUPT,
 }
 
 
@@ -112,8 +109,8 @@ def test_every_pair_is_legal_or_refused(state: PartitionState, event: PartitionE
         assert partition_target(state, event) is expected
 
 
-def test_abandoned_and_purged_are_final() -> None:
-    for state in (S.ABANDONED, S.PURGED):
+def test_promoted_and_corrupt_are_final() -> None:
+    for state in (S.PROMOTED, S.CORRUPT):
         for event in E:
             with pytest.raises(errors.Conflict):
                 partition_target(state, event)
@@ -123,6 +120,32 @@ def test_diagram_names_every_transition() -> None:
     diagram = mermaid_diagram()
     for (state, event), to in EXPECTED.items():
         assert f"    {state.value} --> {to.value}: {event.value}" in diagram
+
+
+def test_the_stored_states_are_the_ones_the_migration_allows() -> None:
+    from pathlib import Path
+
+    import trace_lite
+
+    folder = Path(trace_lite.__file__).parent / "sql" / "migrations"
+    (sql,) = [p.read_text() for p in folder.glob("*_partition_state.sql")]
+    allowed = "(" + ", ".join(f"'{s.value}'" for s in S) + ")"
+    assert f"CHECK (state IN {allowed})" in sql
+
+
+@pytest.mark.parametrize(
+    ("staged", "event"),
+    [
+        (ObjectInfo("k", 10, SHA), E.VERIFIED),
+        (ObjectInfo("k", 10, "b" * 64), E.MISMATCHED),  # same size, other bytes
+        (ObjectInfo("k", 11, SHA), E.MISMATCHED),
+        (None, E.MISMATCHED),  # the staged object is gone
+    ],
+)
+def test_promotion_verifies_what_was_committed(staged: ObjectInfo | None, event: object) -> None:
+    from trace_core.commit import promotion_event
+
+    assert promotion_event(10, SHA, staged) is event
 
 
 # --- check_entry ------------------------------------------------------------------------------

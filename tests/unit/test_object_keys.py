@@ -147,3 +147,24 @@ def test_accepted_keys_stay_inside_any_root(key: str) -> None:
     # And an accepted key is within its own parent "directory".
     parent = accepted.rsplit("/", 1)[0] if "/" in accepted else ""
     assert is_within(accepted, parent)
+
+
+# --- the staging layout ----------------------------------------------------------------------
+
+
+def test_staging_keys_name_their_attempt() -> None:
+    from trace_core.object_keys import StagingKey, parse_staging_key, staging_prefix
+
+    prefix = staging_prefix("o1", "t1", 3)
+    assert prefix == "org/o1/staging/task/t1/attempt/3/"
+    assert parse_staging_key(prefix + "out/blocks/0_100.json") == StagingKey("o1", "t1", 3)
+    for other in (
+        "org/o1/dataset/d/version/v/0_100.t1.a3.json",  # a canonical key
+        prefix.rstrip("/"),  # the prefix itself is no object of it
+        "org/o1/staging/task/t1/attempt/0/x",  # attempts count from 1
+        "org/o1/staging/task/t1/attempt/3x/y",
+        "x/org/o1/staging/task/t1/attempt/3/y",
+    ):
+        assert parse_staging_key(other) is None, other
+    with pytest.raises(UnsafeKey):
+        parse_staging_key(prefix + "../../4/x")

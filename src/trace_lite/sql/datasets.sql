@@ -197,9 +197,10 @@ SELECT r.name, r.dataset_uuid::text, r.dag_id::text, r.read_roles, r.storage_kin
 FROM r LEFT JOIN lock ON lock.dataset_version = r.dataset_version;
 
 -- name: version_objects
--- The live partitions of versions, where a reader reads them now.
-SELECT dataset_version::text, CASE WHEN promoted THEN object_key ELSE staged_key END,
-       range_start, range_end, partition_key, size
+-- The live partitions of versions with their state; readers are handed the promoted ones only
+-- (their canonical key: verified bytes the producer can no longer change).
+SELECT dataset_version::text AS dataset_version, state, object_key, range_start, range_end,
+       partition_key, size
 FROM dataset_partitions
 WHERE dataset_version = ANY(%(versions)s::uuid[]) AND superseded_at IS NULL
 ORDER BY dataset_version, range_start NULLS LAST, partition_key;
@@ -306,9 +307,9 @@ ORDER BY a.finished_at
 LIMIT %(n)s;
 
 -- name: referenced_staged_keys
--- Staged keys of an attempt that committed partitions still read (not yet promoted).
+-- Staged keys of an attempt's committed partitions that promotion has not copied yet.
 SELECT staged_key FROM dataset_partitions
-WHERE task_id = %(task_id)s AND attempt = %(attempt)s AND NOT promoted;
+WHERE task_id = %(task_id)s AND attempt = %(attempt)s AND state = 'committed';
 
 -- name: record_sweep
 -- Remember that an attempt's staging prefix was cleaned.
@@ -317,9 +318,36 @@ ON CONFLICT DO NOTHING;
 
 -- name: unpromoted
 -- Committed partitions whose object still lives in the staging prefix.
-SELECT partition_id, object_key, staged_key, size, sha256 FROM dataset_partitions
-WHERE NOT promoted ORDER BY partition_id LIMIT %(n)s;
+SELECT partition_id, dataset_version::text AS dataset_version, task_id::text AS task_id,
+       attempt, object_key, staged_key, size, sha256
+FROM dataset_partitions
+WHERE state = 'committed' ORDER BY partition_id LIMIT %(n)s;
 
 -- name: mark_promoted
--- Readers now read the canonical key.
-UPDATE dataset_partitions SET promoted = true WHERE partition_id = ANY(%(ids)s::bigint[]);
+-- Verified and copied: readers now read the canonical key (CAS on the committed state).
+UPDATE dataset_partitions SET state = 'promoted'
+WHERE partition_id = ANY(%(ids)s::bigint[]) AND state = 'committed';
+
+-- name: mark_corrupt
+-- The staged bytes no longer match what was committed: never readable, never retried.
+-- Returns the partitions this call marked (a concurrent promoter's are not returned twice).
+UPDATE dataset_partitions SET state = 'corrupt'
+WHERE partition_id = ANY(%(ids)s::bigint[]) AND state = 'committed'
+RETURNING partition_id;
+
+-- name: partition_counts
+-- Partitions by state (the /metrics gauge; `corrupt` is an alarm).
+SELECT state, count(*) AS n FROM dataset_partitions GROUP BY state;
+
+-- name: staged_key_writable
+-- Whether a signed PUT may still write a key of an attempt's staging prefix: the attempt is
+-- running in that org (its completion, which commits outputs, has not happened) and no buffer
+-- batch or partition records the key as committed.
+SELECT EXISTS (SELECT 1 FROM task_attempts a JOIN tasks t ON t.task_id = a.task_id
+               WHERE a.task_id = %(task_id)s AND a.attempt = %(attempt)s
+                 AND a.outcome = 'running' AND t.org_id = %(org_id)s)
+       AND NOT EXISTS (SELECT 1 FROM buffer_batches b
+                       WHERE b.task_id = %(task_id)s AND b.object_key = %(key)s)
+       AND NOT EXISTS (SELECT 1 FROM dataset_partitions p
+                       WHERE p.task_id = %(task_id)s AND p.attempt = %(attempt)s
+                         AND p.staged_key = %(key)s) AS writable;
