@@ -75,6 +75,8 @@ class TaskEvent(enum.StrEnum):
     FAIL_FATAL = "fail_fatal"  # the current attempt reports a non-retryable failure
     EXPIRE = "expire"  # the current attempt's lease expired (reaper)
     CANCEL = "cancel"  # an operator or rollback cancels the task
+    #: A claim found the task's stored payload cannot be served to any worker (claim).
+    UNSERVABLE = "unservable"
 
 
 FINAL_STATES: Final = frozenset({TaskState.COMPLETED, TaskState.CANCELED})
@@ -92,6 +94,7 @@ TRANSITIONS: Final[
     (TaskState.PENDING, TaskEvent.DUE): TaskState.QUEUED,
     (TaskState.PENDING, TaskEvent.CANCEL): TaskState.CANCELED,
     (TaskState.QUEUED, TaskEvent.CLAIM): TaskState.RUNNING,
+    (TaskState.QUEUED, TaskEvent.UNSERVABLE): TaskState.FAILED,
     (TaskState.QUEUED, TaskEvent.CANCEL): TaskState.CANCELED,
     (TaskState.RUNNING, TaskEvent.SUCCEED): TaskState.COMPLETED,
     (TaskState.RUNNING, TaskEvent.FAIL): _RETRY_OR_FAIL,
@@ -128,7 +131,8 @@ def target_state(state: TaskState, event: TaskEvent, *, attempts_left: bool) -> 
 
 @attrs.frozen
 class RetryPolicy:
-    """Retry backoff: ``base * 2**(attempt-1)`` capped, with full jitter (BRIEF §4)."""
+    """Retry backoff: ``base * 2**(attempt-1)`` capped, with full jitter
+    (``docs/standards/operations.md``, row "retry backoff")."""
 
     max_attempts: int = 5
     base_s: float = 1.0
@@ -142,7 +146,8 @@ class RetryPolicy:
 
 @attrs.frozen
 class LeasePolicy:
-    """Lease duration and heartbeat cadence (BRIEF §4: 60 s / 15 s)."""
+    """Lease duration and heartbeat cadence: 60 s / 15 s (``docs/standards/operations.md``, row
+    "lease duration")."""
 
     lease_s: float = 60.0
     heartbeat_s: float = 15.0
@@ -220,6 +225,31 @@ def decide_claim(
         attempt=task.attempt + 1,
         lease_token=new_lease_token,
         lease_expires_at=lease.expires(now),
+    )
+
+
+@attrs.frozen
+class UnservableDecision:
+    """A queued task whose payload no worker can be given: it fails instead of starting."""
+
+    task_id: str
+    state: TaskState
+    finished_at: datetime
+    #: The task's ``error`` column.
+    error: Mapping[str, str]
+
+
+def decide_unservable(task: TaskView, *, now: datetime, reason: str) -> UnservableDecision:
+    """A claim would hand out a payload that cannot be served (stored before today's limits,
+    or written around the API): the task fails at once with ``reason``; no attempt starts, so
+    nothing is leased that the claimer is not told about. Raises as ``target_state``.
+    """
+    state = target_state(task.state, TaskEvent.UNSERVABLE, attempts_left=False)
+    return UnservableDecision(
+        task_id=task.task_id,
+        state=state,
+        finished_at=now,
+        error={"code": "payload_unservable", "message": reason},
     )
 
 
@@ -418,6 +448,7 @@ __all__ = [
     "TaskEvent",
     "TaskState",
     "TaskView",
+    "UnservableDecision",
     "check_fence",
     "decide_cancel",
     "decide_claim",
@@ -425,6 +456,7 @@ __all__ = [
     "decide_due",
     "decide_expire",
     "decide_heartbeat",
+    "decide_unservable",
     "mermaid_diagram",
     "target_state",
 ]

@@ -55,7 +55,7 @@ from trace_core.token import (
 )
 from trace_lite import sqlfile
 from trace_lite.capabilities import TokenIssuer, TokenVerifier
-from trace_lite.pg import transaction
+from trace_lite.pg import fetch_as, transaction
 
 log = logging.getLogger("trace.dispatcher")
 
@@ -115,6 +115,65 @@ class _Locked:
     timeout_s: int
     read_datasets: tuple[str, ...]
     now: datetime
+
+
+@attrs.frozen
+class _ClaimRow:
+    """A task locked for a claim, with everything the claim answers (``lock_*_for_claim``)."""
+
+    task_id: str
+    state: str
+    attempt: int
+    lease_token: str | None
+    lease_expires_at: datetime | None
+    available_at: datetime
+    max_attempts: int
+    org_id: str
+    operator: str
+    job_id: str | None
+    timeout_s: int
+    read_datasets: list[str] | None
+    #: The stored payload as JSON text: parsed and checked before the claim commits.
+    payload: str
+    #: The database's ``now()``.
+    now: datetime
+
+    def view(self) -> TaskView:
+        return TaskView(
+            task_id=self.task_id,
+            state=TaskState(self.state),
+            attempt=self.attempt,
+            lease_token=self.lease_token,
+            lease_expires_at=self.lease_expires_at,
+            available_at=self.available_at,
+            max_attempts=self.max_attempts,
+        )
+
+
+def _grant_out(g: ClaimGrant, lease: LeasePolicy) -> wire.ClaimGrantOut:
+    assert g.capability_token is not None
+    return wire.ClaimGrantOut(
+        claim=wire.ClaimResponse(
+            task_id=g.task_id,
+            attempt=g.attempt,
+            lease_token=g.lease_token,
+            lease_expires_at=_iso(g.lease_expires_at),
+            capability_token=g.capability_token,
+            heartbeat_interval_s=lease.heartbeat_s,
+        ),
+        task=wire.TaskPayload(
+            task_id=g.task_id,
+            org_id=g.org_id,
+            job_id=g.job_id,
+            operator=g.operator,
+            payload=g.payload,
+            status=TaskState.RUNNING.value,
+            attempt=g.attempt,
+            max_attempts=g.max_attempts,
+            timeout_s=g.timeout_s,
+            staging_prefix=staging_prefix(g.org_id, g.task_id, g.attempt),
+        ),
+    )
 
 
 @attrs.frozen
@@ -193,6 +252,26 @@ def _check_completion(req: wire.CompleteRequest) -> None:
         json_limits.check(event.payload, path=f"final_events[{j}].payload")
     if req.outputs:
         json_limits.check(wire.unstructure(req.outputs), path="outputs")
+
+
+def _stored_json(text: str | None, field: str) -> Any:
+    """A JSON column read as text, parsed and held to the JSON limits. Raises ``Conflict`` when
+    the stored value cannot be served (nested too deep, NUL, ... written around the API)."""
+    if text is None:
+        return None
+    try:
+        return json_limits.loads(text)
+    except errors.InvalidRequest as exc:
+        raise errors.Conflict(
+            f"the task's stored {field} cannot be served: {exc.message}", field=field
+        ) from None
+
+
+def _inspectable(text: str | None) -> Any:
+    try:
+        return _stored_json(text, "value")
+    except errors.Conflict as exc:
+        return {"unservable": exc.message}
 
 
 def _is_canonical_uuid(value: str) -> bool:
@@ -332,8 +411,11 @@ class Dispatcher:
         """Create tasks (queued, or pending when delayed) and wake workers in one transaction.
 
         A request whose ``idempotency_key`` already exists in its org returns the existing task
-        with ``created=False``. Raises ``Unavailable``.
+        with ``created=False``. Raises ``ValidationFailed`` for a payload over the JSON limits
+        (``trace_core.json_limits``), ``Unavailable``.
         """
+        for i, r in enumerate(requests):
+            json_limits.check(r.payload, path=f"tasks[{i}].payload")
         async with self._tx() as cur:
             org_ids = [await self._org_id(cur, r.org) for r in requests]
             params = {
@@ -408,7 +490,8 @@ class Dispatcher:
         return wire.TaskInfo(row[0], row[1], row[3], row[5], row[6], row[8])
 
     async def get_task(self, task_id: str) -> dict[str, Any]:
-        """The task with its attempts and events, for inspection. Raises ``NotFound``."""
+        """The task with its attempts and events, for inspection; a stored JSON value that
+        cannot be served shows as ``{"unservable": <why>}``. Raises ``NotFound``."""
         async with self._tx() as cur:
             await cur.execute(Q["get_task"], {"task_id": task_id})
             row = await cur.fetchone()
@@ -422,6 +505,12 @@ class Dispatcher:
             await cur.execute(Q["task_events"], {"task_id": task_id})
             names = [d.name for d in cur.description or []]
             task["events"] = [dict(zip(names, r, strict=True)) for r in await cur.fetchall()]
+        for name in ("payload", "result", "error"):
+            task[name] = _inspectable(task[name])
+        for item in (*task["attempts"], *task["events"]):
+            for name in ("payload", "error"):
+                if name in item:
+                    item[name] = _inspectable(item[name])
         return _jsonable(task)
 
     async def counts(self) -> dict[str, int]:
@@ -454,46 +543,99 @@ class Dispatcher:
         )
 
     async def _start_attempts(
-        self, cur: psycopg.AsyncCursor[Any], views: list[TaskView], now: datetime, worker_id: str
-    ) -> list[ClaimGrant]:
-        decisions = [
-            lifecycle.decide_claim(v, now=now, lease=self.lease, new_lease_token=str(uuid.uuid4()))
-            for v in views
-        ]
+        self, cur: psycopg.AsyncCursor[Any], rows: Sequence[_ClaimRow], worker_id: str
+    ) -> tuple[list[ClaimGrant], list[wire.ClaimRefusal]]:
+        """Start an attempt for each claimable row, inside the claim's transaction, with the
+        whole answer built before anything commits: a payload that cannot be served fails its
+        task instead of starting an attempt nobody is told about (``decide_unservable``)."""
+        starts: list[tuple[_ClaimRow, lifecycle.ClaimDecision, dict[str, Any]]] = []
+        refused: list[wire.ClaimRefusal] = []
+        unservable: list[lifecycle.UnservableDecision] = []
+        for row in rows:
+            view = row.view()
+            try:
+                decision = lifecycle.decide_claim(
+                    view, now=row.now, lease=self.lease, new_lease_token=str(uuid.uuid4())
+                )
+            except errors.TraceError as exc:
+                refused.append(wire.ClaimRefusal(view.task_id, exc.code, exc.message))
+                continue
+            try:
+                payload = json_limits.loads(row.payload)
+                if not isinstance(payload, dict):
+                    raise errors.ValidationFailed("the payload is not an object", field="$")
+            except errors.InvalidRequest as exc:
+                reason = f"the task's payload cannot be served: {exc.message} at {exc.field}"
+                unservable.append(lifecycle.decide_unservable(view, now=row.now, reason=reason))
+                refusal = errors.TaskNotClaimable(f"{reason}; the task failed")
+                refused.append(wire.ClaimRefusal(view.task_id, refusal.code, refusal.message))
+                continue
+            starts.append((row, decision, payload))
+        if unservable:
+            await cur.execute(
+                Q["fail_unservable"],
+                {
+                    "task_ids": [d.task_id for d in unservable],
+                    "states": [d.state.value for d in unservable],
+                    "errors": [Jsonb(d.error) for d in unservable],
+                    "finished_ats": [d.finished_at for d in unservable],
+                },
+            )
+            for d in unservable:
+                log.warning(
+                    "task payload cannot be served; task failed",
+                    extra={"task_id": d.task_id, "reason": d.error["message"]},
+                )
+        if not starts:
+            return [], refused
         await cur.execute(
             Q["apply_claims"],
             {
-                "task_ids": pg_array([d.task_id for d in decisions]),
-                "prev_attempts": pg_array([v.attempt for v in views]),
-                "attempts": pg_array([d.attempt for d in decisions]),
-                "lease_tokens": pg_array([d.lease_token for d in decisions]),
-                "expires": pg_array([d.lease_expires_at for d in decisions]),
+                "task_ids": pg_array([d.task_id for _, d, _ in starts]),
+                "prev_attempts": pg_array([r.attempt for r, _, _ in starts]),
+                "attempts": pg_array([d.attempt for _, d, _ in starts]),
+                "lease_tokens": pg_array([d.lease_token for _, d, _ in starts]),
+                "expires": pg_array([d.lease_expires_at for _, d, _ in starts]),
                 "worker_id": worker_id,
             },
         )
-        return [
+        if len(await cur.fetchall()) != len(starts):  # pragma: no cover - the rows are locked
+            raise errors.Conflict("a task changed while being claimed")
+        grants = [
             ClaimGrant(
-                task_id=r[0],
-                attempt=r[1],
-                lease_token=r[2],
-                lease_expires_at=r[3],
-                org_id=r[4],
-                operator=r[5],
-                payload=r[6],
-                timeout_s=r[7],
-                max_attempts=r[8],
-                job_id=r[9],
-                read_datasets=tuple(r[10] or ()),
+                task_id=d.task_id,
+                attempt=d.attempt,
+                lease_token=d.lease_token,
+                lease_expires_at=d.lease_expires_at,
+                org_id=r.org_id,
+                operator=r.operator,
+                payload=payload,
+                timeout_s=r.timeout_s,
+                max_attempts=r.max_attempts,
+                job_id=r.job_id,
+                read_datasets=tuple(r.read_datasets or ()),
             )
-            for r in await cur.fetchall()
+            for r, d, payload in starts
         ]
+        return grants, refused
+
+    async def _with_token(self, grant: ClaimGrant) -> ClaimGrant:
+        token = await self._mint(
+            org_id=grant.org_id,
+            task_id=grant.task_id,
+            attempt=grant.attempt,
+            timeout_s=grant.timeout_s,
+            read_datasets=grant.read_datasets,
+        )
+        return attrs.evolve(grant, capability_token=token)
 
     async def claim(self, task_id: str, worker_id: str = "worker") -> wire.ClaimResponse:
         """Lease a queued task to a new attempt and mint its capability token.
 
         Raises ``NotFound``, ``TaskCanceled``, ``TaskNotClaimable`` (running under another
-        lease, waiting for backoff, or finished), ``Unavailable`` (the row is locked by another
-        writer right now: retry later). One claim is a batch of one (``claim_many``).
+        lease, waiting for backoff, finished, or its payload cannot be served -- then it
+        failed), ``Unavailable`` (the row is locked by another writer right now: retry later).
+        One claim is a batch of one (``claim_many``).
         """
         batch = await self.claim_many([task_id], worker_id)
         if batch.refused:
@@ -511,28 +653,15 @@ class Dispatcher:
 
         Tasks that a single ``claim`` would refuse come back in ``refused`` with that error's
         code (``task_not_claimable``, ``task_canceled``, ``not_found``, or ``unavailable`` for
-        a row another writer holds: keep its wake-up and retry). Raises ``Unavailable``.
+        a row another writer holds: keep its wake-up and retry). The answer, tokens included,
+        is built before the transaction commits, so every committed claim is in it and a
+        failure claims nothing. Raises ``Unavailable``.
         """
         ids = list(dict.fromkeys(task_ids))
-        refused: list[wire.ClaimRefusal] = []
         async with self._tx(claim=True) as cur:
-            await cur.execute(Q["lock_tasks_for_claim"], {"task_ids": ids})
-            rows = await cur.fetchall()
-            claimable: list[TaskView] = []
-            for row in rows:
-                view = _view(row)
-                try:
-                    lifecycle.decide_claim(view, now=row[-1], lease=self.lease, new_lease_token="")
-                except errors.TraceError as exc:
-                    refused.append(wire.ClaimRefusal(view.task_id, exc.code, exc.message))
-                    continue
-                claimable.append(view)
-            grants = (
-                await self._start_attempts(cur, claimable, rows[0][-1], worker_id)
-                if claimable
-                else []
-            )
-            missing = set(ids) - {r[0] for r in rows}
+            rows = await fetch_as(cur, _ClaimRow, Q["lock_tasks_for_claim"], {"task_ids": ids})
+            grants, refused = await self._start_attempts(cur, rows, worker_id)
+            missing = set(ids) - {r.task_id for r in rows}
             if missing:
                 await cur.execute(Q["existing_tasks"], {"task_ids": list(missing)})
                 exists = {r[0] for r in await cur.fetchall()}
@@ -543,39 +672,7 @@ class Dispatcher:
                         else errors.NotFound("no such task")
                     )
                     refused.append(wire.ClaimRefusal(task_id, exc.code, exc.message))
-        claims: list[wire.ClaimGrantOut] = []
-        for g in grants:
-            token = await self._mint(
-                org_id=g.org_id,
-                task_id=g.task_id,
-                attempt=g.attempt,
-                timeout_s=g.timeout_s,
-                read_datasets=g.read_datasets,
-            )
-            claims.append(
-                wire.ClaimGrantOut(
-                    claim=wire.ClaimResponse(
-                        task_id=g.task_id,
-                        attempt=g.attempt,
-                        lease_token=g.lease_token,
-                        lease_expires_at=_iso(g.lease_expires_at),
-                        capability_token=token,
-                        heartbeat_interval_s=self.lease.heartbeat_s,
-                    ),
-                    task=wire.TaskPayload(
-                        task_id=g.task_id,
-                        org_id=g.org_id,
-                        job_id=g.job_id,
-                        operator=g.operator,
-                        payload=g.payload,
-                        status=TaskState.RUNNING.value,
-                        attempt=g.attempt,
-                        max_attempts=g.max_attempts,
-                        timeout_s=g.timeout_s,
-                        staging_prefix=staging_prefix(g.org_id, g.task_id, g.attempt),
-                    ),
-                )
-            )
+            claims = [_grant_out(await self._with_token(g), self.lease) for g in grants]
         return wire.ClaimBatchResponse(claims=claims, refused=refused)
 
     async def claim_next(
@@ -583,35 +680,22 @@ class Dispatcher:
     ) -> list[ClaimGrant]:
         """Lease up to ``n`` queued, due tasks (for trusted in-process workers).
 
-        Returns the started attempts (capability tokens only when ``mint_tokens``).
+        Returns the started attempts (capability tokens only when ``mint_tokens``), built
+        before the transaction commits; a task whose payload cannot be served fails instead.
         """
         async with self._tx(claim=True) as cur:
-            await cur.execute(Q["lock_next_queued"], {"n": n})
-            rows = await cur.fetchall()
+            rows = await fetch_as(cur, _ClaimRow, Q["lock_next_queued"], {"n": n})
             if not rows:
                 return []
-            grants = await self._start_attempts(
-                cur, [_view(r) for r in rows], rows[0][-1], worker_id
-            )
-        if mint_tokens:
-            grants = [
-                attrs.evolve(
-                    g,
-                    capability_token=await self._mint(
-                        org_id=g.org_id,
-                        task_id=g.task_id,
-                        attempt=g.attempt,
-                        timeout_s=g.timeout_s,
-                        read_datasets=g.read_datasets,
-                    ),
-                )
-                for g in grants
-            ]
+            grants, _refused = await self._start_attempts(cur, rows, worker_id)
+            if mint_tokens:
+                grants = [await self._with_token(g) for g in grants]
         return grants
 
     async def fetch(self, task_id: str, attempt: int | None = None) -> wire.TaskPayload:
         """The full task payload for a worker; ``staging_prefix`` is ``attempt``'s (default: the
-        current attempt's). Raises ``NotFound``."""
+        current attempt's). Raises ``NotFound``, ``Conflict`` for a stored payload that cannot
+        be served."""
         async with self._tx() as cur:
             await cur.execute(Q["get_task"], {"task_id": task_id})
             row = await cur.fetchone()
@@ -635,7 +719,7 @@ class Dispatcher:
             org_id=org_id,
             job_id=job_id,
             operator=operator,
-            payload=payload,
+            payload=_stored_json(payload, "payload") or {},
             status=state,
             attempt=current,
             max_attempts=max_attempts,
@@ -721,7 +805,7 @@ class Dispatcher:
             lifecycle.check_fence(task, fence, Op.HEARTBEAT)
             await cur.execute(Q["get_task"], {"task_id": req.task_id})
             row = await _one(cur)
-        return str(row[1]), int(row[9]), dict(row[4] or {})
+        return str(row[1]), int(row[9]), dict(_stored_json(row[4], "payload") or {})
 
     async def emit_events(self, req: wire.EventsRequest) -> wire.EventsResponse:
         """Record events of the current attempt; keys already emitted by the task are skipped.
@@ -729,6 +813,8 @@ class Dispatcher:
         Raises ``NotFound``, ``LeaseLost``, ``TaskCanceled``, ``Conflict``.
         """
         fence = Fence(req.task_id, req.attempt, req.lease_token)
+        for j, event in enumerate(req.events):
+            json_limits.check(event.payload, path=f"events[{j}].payload")
         async with self._tx() as cur:
             task = await self._lock_one(cur, req.task_id)
             lifecycle.check_fence(task, fence, Op.EVENTS)
@@ -1212,7 +1298,8 @@ def _jsonable(value: Any) -> Any:
 
 
 def connection_kwargs(*, role: Literal["api", "claim"] = "api") -> dict[str, Any]:
-    """Session settings for the Dispatcher's pool (BRIEF §4)."""
+    """Session settings for the Dispatcher's pool (``docs/standards/operations.md``, row
+    "Postgres session")."""
     statement_timeout = "5s" if role == "claim" else "30s"
     return {
         "options": (

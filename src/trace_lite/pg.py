@@ -13,16 +13,18 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncIterator, Mapping
+from typing import Any, TypeVar
 
 import psycopg
-from psycopg.rows import tuple_row
+from psycopg.rows import class_row, tuple_row
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from trace_core import errors
 
 log = logging.getLogger("trace.pg")
+
+R = TypeVar("R")
 
 #: SQLSTATE class of "program limit exceeded": a statement or value too big or too deep.
 _LIMIT_CLASS = "54"
@@ -69,4 +71,14 @@ def _domain_error(exc: psycopg.Error) -> errors.TraceError | None:
     return None
 
 
-__all__ = ["transaction"]
+async def fetch_as(
+    cur: psycopg.AsyncCursor[Any], cls: type[R], query: str, params: Mapping[str, Any]
+) -> list[R]:
+    """Run ``query`` in ``cur``'s transaction and read its rows by name, as ``cls`` instances
+    (each column a keyword argument of ``cls``)."""
+    async with cur.connection.cursor(row_factory=class_row(cls)) as named:
+        await named.execute(query, params)
+        return await named.fetchall()
+
+
+__all__ = ["fetch_as", "transaction"]

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator
 from typing import Any
 
 import attrs
+import psycopg
 import pytest
 
 import trace_lite.dispatcher
@@ -203,3 +205,53 @@ async def test_a_bad_value_that_reaches_sql_fails_only_its_own_completion(
     assert [type(r) for r in (results[0], results[2], results[4])] == [wire.CompleteResponse] * 3
     assert await _states(dispatcher, good) == ["completed"] * 3
     assert await _states(dispatcher, [nul, nan]) == ["running", "running"]
+
+
+def _store_deep_payload(db_url: str, task_id: str, levels: int = 900) -> None:
+    """Write a payload no API accepts any more straight into the database."""
+    deep = '{"a":' * levels + "1" + "}" * levels
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        conn.execute("UPDATE tasks SET payload = %s::jsonb WHERE task_id = %s", (deep, task_id))
+
+
+async def test_a_claim_answers_every_task_it_commits_even_with_an_unservable_payload(
+    dispatcher: Dispatcher, db_url: str
+) -> None:
+    """A payload that cannot be served fails its task inside the claim's transaction: the
+    others are claimed and answered, nothing is left running that nobody was told about
+    (#8 item 4), and inspection and fetch report it instead of crashing."""
+    infos = await dispatcher.create_tasks([wire.CreateTaskRequest(operator="noop")] * 3)
+    ids = [i.task_id for i in infos]
+    _store_deep_payload(db_url, ids[1])
+    batch = await dispatcher.claim_many(ids, "w")
+    json.dumps(wire.unstructure(batch))  # the whole answer can be sent
+    assert sorted(g.claim.task_id for g in batch.claims) == sorted([ids[0], ids[2]])
+    (refusal,) = batch.refused
+    assert (refusal.task_id, refusal.error) == (ids[1], "task_not_claimable")
+    assert "payload cannot be served" in refusal.message
+    task = await dispatcher.get_task(ids[1])
+    assert task["state"] == "failed" and task["attempts"] == []
+    assert task["error"]["code"] == "payload_unservable"
+    assert "unservable" in task["payload"]
+    json.dumps(task)
+    with pytest.raises(errors.Conflict):
+        await dispatcher.fetch(ids[1])
+    assert await dispatcher.counts() == {"running": 2, "failed": 1}
+    # the in-process path the same way
+    (info,) = await dispatcher.create_tasks([wire.CreateTaskRequest(operator="noop")])
+    _store_deep_payload(db_url, info.task_id)
+    assert await dispatcher.claim_next(5) == []
+    assert (await dispatcher.get_task(info.task_id))["state"] == "failed"
+
+
+async def test_a_claim_whose_answer_cannot_be_built_claims_nothing(
+    dispatcher: Dispatcher,
+) -> None:
+    """Tokens are signed before the claim commits: a signer failure leaves every task queued."""
+    infos = await dispatcher.create_tasks([wire.CreateTaskRequest(operator="noop")] * 2)
+    assert isinstance(dispatcher.signer, MemorySigner)
+    dispatcher.signer.fail_next_sign(errors.SignerError("signer down"))
+    with pytest.raises(errors.SignerError):
+        await dispatcher.claim_many([i.task_id for i in infos], "w")
+    assert await dispatcher.counts() == {"queued": 2}
+    assert len((await dispatcher.claim_many([i.task_id for i in infos], "w")).claims) == 2

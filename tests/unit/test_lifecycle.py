@@ -31,6 +31,7 @@ from trace_core.lifecycle import (
     decide_due,
     decide_expire,
     decide_heartbeat,
+    decide_unservable,
     mermaid_diagram,
     target_state,
 )
@@ -230,6 +231,18 @@ def test_backoff_is_capped_full_jitter() -> None:
     assert policy.delay(1, 0.999) < timedelta(seconds=1)
     assert policy.delay(20, 0.999) <= timedelta(seconds=100)
     assert policy.delay(5, 0.0) == timedelta(0)
+
+
+def test_an_unservable_payload_fails_a_queued_task_and_nothing_else() -> None:
+    d = decide_unservable(view(TaskState.QUEUED, attempt=0), now=T0, reason="too deep")
+    assert (d.state, d.finished_at, d.error["code"]) == (
+        TaskState.FAILED,
+        T0,
+        "payload_unservable",
+    )
+    for state in set(TaskState) - {TaskState.QUEUED}:
+        with pytest.raises(errors.Conflict):
+            decide_unservable(view(state), now=T0, reason="too deep")
 
 
 # --- reaper / cancel ----------------------------------------------------------------------------

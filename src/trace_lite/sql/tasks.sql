@@ -63,10 +63,11 @@ ORDER BY t.task_id
 FOR UPDATE OF t;
 
 -- name: lock_tasks_for_claim
--- Lock tasks named by wake-ups; rows another claimer holds are skipped (not claimable now).
+-- Lock tasks named by wake-ups, with everything a claim answers; rows another claimer holds are
+-- skipped (not claimable now). The payload comes as text: it is checked before anything commits.
 SELECT t.task_id::text, t.state, t.attempt, t.lease_token::text, t.lease_expires_at,
-       t.available_at, t.max_attempts, NULL::text AS outcome, NULL::text AS completion_digest,
-       now() AS now
+       t.available_at, t.max_attempts, t.org_id::text, t.operator, t.job_id::text, t.timeout_s,
+       t.read_datasets, t.payload::text AS payload, now() AS now
 FROM tasks t
 WHERE t.task_id = ANY(%(task_ids)s::uuid[])
 ORDER BY t.task_id
@@ -81,10 +82,11 @@ SELECT org_id::text FROM tasks WHERE task_id = %(task_id)s;
 SELECT task_id::text FROM tasks WHERE task_id = ANY(%(task_ids)s::uuid[]);
 
 -- name: lock_next_queued
--- Lock up to n queued, due tasks for in-process claimers (oldest first).
+-- Lock up to n queued, due tasks for in-process claimers (oldest first), with everything a
+-- claim answers (as lock_tasks_for_claim).
 SELECT t.task_id::text, t.state, t.attempt, t.lease_token::text, t.lease_expires_at,
-       t.available_at, t.max_attempts, NULL::text AS outcome, NULL::text AS completion_digest,
-       now() AS now
+       t.available_at, t.max_attempts, t.org_id::text, t.operator, t.job_id::text, t.timeout_s,
+       t.read_datasets, t.payload::text AS payload, now() AS now
 FROM tasks t
 WHERE t.state = 'queued' AND t.available_at <= now()
 ORDER BY t.available_at
@@ -103,15 +105,21 @@ WITH c AS (
         lease_expires_at = c.expires, updated_at = now()
     FROM c
     WHERE t.task_id = c.task_id AND t.attempt = c.prev_attempt AND t.state = 'queued'
-    RETURNING t.task_id, t.attempt, t.lease_token, t.lease_expires_at, t.org_id, t.operator,
-              t.payload, t.timeout_s, t.max_attempts, t.job_id, t.read_datasets
+    RETURNING t.task_id, t.attempt, t.lease_token, t.lease_expires_at
 ), hist AS (
     INSERT INTO task_attempts (task_id, attempt, lease_token, worker_id, lease_expires_at)
     SELECT task_id, attempt, lease_token, %(worker_id)s, lease_expires_at FROM claimed
 )
-SELECT task_id::text, attempt, lease_token::text, lease_expires_at, org_id::text, operator,
-       payload, timeout_s, max_attempts, job_id::text, read_datasets
-FROM claimed;
+SELECT task_id::text FROM claimed;
+
+-- name: fail_unservable
+-- Fail queued tasks whose payload cannot be served, as the kernel decided (no attempt starts).
+UPDATE tasks t
+SET state = c.state, error = c.error, finished_at = c.finished_at, updated_at = now()
+FROM unnest(%(task_ids)s::uuid[], %(states)s::text[], %(errors)s::jsonb[],
+            %(finished_ats)s::timestamptz[]) AS c(task_id, state, error, finished_at)
+WHERE t.task_id = c.task_id AND t.state = 'queued'
+RETURNING t.task_id::text;
 
 -- name: apply_heartbeat
 -- Extend the current attempt's lease (CAS on the fence).
@@ -261,21 +269,23 @@ WHERE task_id = %(task_id)s AND state = %(expected_state)s
 RETURNING task_id;
 
 -- name: get_task
--- One task with its attempts, for fetch and inspection.
-SELECT t.task_id::text, t.org_id::text, t.job_id::text, t.operator, t.payload, t.state,
-       t.attempt, t.lease_expires_at, t.max_attempts, t.timeout_s, t.available_at, t.result,
-       t.error, t.created_at, t.updated_at, t.finished_at
+-- One task, for fetch and inspection. JSON columns come as text: a stored value that cannot be
+-- served (written around the API, or before today's limits) is reported, never a crash.
+SELECT t.task_id::text, t.org_id::text, t.job_id::text, t.operator, t.payload::text AS payload,
+       t.state, t.attempt, t.lease_expires_at, t.max_attempts, t.timeout_s, t.available_at,
+       t.result::text AS result, t.error::text AS error, t.created_at, t.updated_at,
+       t.finished_at
 FROM tasks t WHERE t.task_id = %(task_id)s;
 
 -- name: task_attempts
 -- A task's attempt history.
 SELECT attempt, worker_id, started_at, heartbeat_at, lease_expires_at, finished_at, outcome,
-       error
+       error::text AS error
 FROM task_attempts WHERE task_id = %(task_id)s ORDER BY attempt;
 
 -- name: task_events
--- A task's recorded events in order.
-SELECT event_key, attempt, event_type, payload, created_at
+-- A task's recorded events in order (payloads as text, as get_task).
+SELECT event_key, attempt, event_type, payload::text AS payload, created_at
 FROM task_events WHERE task_id = %(task_id)s ORDER BY seq;
 
 -- name: claim_outbox
