@@ -22,15 +22,14 @@ from pathlib import Path
 import attrs
 
 from trace_core.lifecycle import LeasePolicy, RetryPolicy
+from trace_lite.secret_files import read_or_create
 
 
 def _secret_file(path: Path, nbytes: int = 32) -> str:
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(secrets.token_urlsafe(nbytes))
-    return path.read_text().strip()
+    """The secret in ``path``, created atomically on first use (``trace_lite.secret_files``).
+    Raises ``ValidationFailed`` for an empty file."""
+    value = read_or_create(path, lambda: secrets.token_urlsafe(nbytes).encode())
+    return value.decode()
 
 
 @attrs.frozen
