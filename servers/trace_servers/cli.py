@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import logging
 import os
@@ -22,6 +21,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -168,7 +168,8 @@ def cmd_worker(settings: LiteSettings, args: argparse.Namespace) -> int:
 
 
 class LiteProcesses:
-    """A Dispatcher and workers as child processes, stopped by PID."""
+    """A Dispatcher and workers as supervised child processes (``trace_servers.supervisor``):
+    one that exits is restarted with backoff, not left dead."""
 
     def __init__(
         self,
@@ -179,6 +180,8 @@ class LiteProcesses:
         concurrency: int,
         log_dir: Path,
     ) -> None:
+        from trace_servers.supervisor import Supervisor
+
         self.settings = settings
         self.env = {
             **os.environ,
@@ -189,37 +192,34 @@ class LiteProcesses:
         self.workers = workers
         self.concurrency = concurrency
         self.log_dir = log_dir
-        self.procs: list[subprocess.Popen[bytes]] = []
+        self.supervisor = Supervisor(self._spawn)
 
-    def _spawn(self, name: str, *argv: str) -> subprocess.Popen[bytes]:
+    @property
+    def procs(self) -> list[subprocess.Popen[bytes]]:
+        return self.supervisor.procs
+
+    def _spawn(self, name: str, argv: Sequence[str]) -> subprocess.Popen[bytes]:
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        out = open(self.log_dir / f"{name}.log", "ab")
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "trace_servers.cli", *argv],
-            env=self.env,
-            stdout=out,
-            stderr=out,
-            start_new_session=True,
-        )
-        self.procs.append(proc)
-        return proc
+        with open(self.log_dir / f"{name}.log", "ab") as out:
+            return subprocess.Popen(
+                [sys.executable, "-m", "trace_servers.cli", *argv],
+                env=self.env,
+                stdout=out,
+                stderr=out,
+                start_new_session=True,
+            )
 
     def start(self) -> None:
-        self._spawn("dispatcher", "dispatcher")
+        self.supervisor.start("dispatcher", ["dispatcher"])
         for i in range(self.workers):
-            self._spawn(f"worker-{i}", "worker", "--concurrency", str(self.concurrency))
+            self.supervisor.start(f"worker-{i}", ["worker", "--concurrency", str(self.concurrency)])
+
+    def check(self) -> None:
+        """Restart children that exited (see ``Supervisor.check``)."""
+        self.supervisor.check()
 
     def stop(self, timeout: float = 40.0) -> None:
-        for p in self.procs:
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + timeout
-        for p in self.procs:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                p.wait(max(0.1, deadline - time.monotonic()))
-            if p.poll() is None:
-                p.kill()
-                p.wait()
+        self.supervisor.stop(timeout)
 
 
 async def _wait_ready(url: str, limit_s: float = 30.0) -> None:
@@ -261,8 +261,9 @@ def cmd_up(settings: LiteSettings, args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
     try:
-        while not stop and all(p.poll() is None for p in procs.procs):
-            time.sleep(0.5)
+        while not stop:
+            procs.check()  # a crashed worker or Dispatcher is restarted, not the end of Lite
+            time.sleep(0.2)
     finally:
         procs.stop()
     return 0

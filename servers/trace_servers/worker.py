@@ -25,6 +25,7 @@ import logging
 import os
 import random
 import socket
+import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -115,6 +116,26 @@ Operator = Callable[[TaskContext], Awaitable[dict[str, Any] | None]]
 _FINAL_REFUSALS = frozenset({"task_not_claimable", "task_canceled", "not_found"})
 
 
+def parse_wakeup(body: bytes) -> tuple[str | None, str]:
+    """The task id a wake-up names, in canonical form, or ``(None, why not)``.
+
+    A wake-up is ``{"task_id": "<uuid>"}``; any spelling ``uuid.UUID`` reads (upper case,
+    braces, no hyphens) is accepted and normalised to the lower-case hyphenated form."""
+    try:
+        doc = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        return None, "body is not JSON"
+    if not isinstance(doc, dict) or "task_id" not in doc:
+        return None, "body is not a JSON object with a task_id"
+    raw = doc["task_id"]
+    if not isinstance(raw, str):
+        return None, f"task_id is not a UUID string (got {type(raw).__name__})"
+    try:
+        return str(uuid.UUID(raw)), ""
+    except ValueError:
+        return None, f"task_id is not a UUID: {raw[:80]!r}"
+
+
 class _RetryCompletion(Exception):
     """One completion of a batch failed transiently: submit it again."""
 
@@ -139,7 +160,17 @@ class Worker:
     #: Counters for progress output and tests.
     stats: dict[str, int] = attrs.field(
         factory=lambda: dict.fromkeys(
-            ("received", "claimed", "succeeded", "failed", "canceled", "skipped", "lease_lost"), 0
+            (
+                "received",
+                "claimed",
+                "succeeded",
+                "failed",
+                "canceled",
+                "skipped",
+                "lease_lost",
+                "dead_lettered",
+            ),
+            0,
         )
     )
     _inflight: set[asyncio.Task[None]] = attrs.field(factory=set)
@@ -190,7 +221,10 @@ class Worker:
                 continue
             if messages:
                 self.stats["received"] += len(messages)
-                await self._claim_and_start(messages)
+                try:
+                    await self._claim_and_start(messages)
+                except Exception:  # no message may end the worker: they reappear later
+                    log.exception("handling a receive failed")
         await self._drain()
         await self._completions.close()
         await self._acks.close()
@@ -208,50 +242,78 @@ class Worker:
     async def _claim_and_start(self, messages: list[ReceivedMessage]) -> None:
         """Claim every woken task of one receive in a single call, then start the attempts.
 
-        Malformed wake-ups and duplicates within the batch are acknowledged at once; a task the
+        A poison wake-up (not JSON, no ``task_id``, a ``task_id`` that is not a UUID) goes to
+        the dead-letter queue at once with its reason; another spelling of a UUID is
+        normalised. Duplicates within the batch are acknowledged at once; a task the
         Dispatcher refuses for good (running elsewhere, finished, canceled, unknown) has its
         wake-up acknowledged; any other refusal leaves the wake-up to reappear.
         """
         by_task: dict[str, ReceivedMessage] = {}
+        poison: list[tuple[ReceivedMessage, str]] = []
         for message in messages:
-            try:
-                task_id = str(json.loads(message.body)["task_id"])
-            except (ValueError, KeyError, TypeError):
-                log.warning("dropping malformed wake-up", extra={"message_id": message.message_id})
-                self._delete(message)
-                continue
-            if task_id in by_task:
+            task_id, why = parse_wakeup(message.body)
+            if task_id is None:
+                poison.append((message, why))
+            elif task_id in by_task:
                 self.stats["skipped"] += 1
                 self._delete(message)  # a duplicate wake-up in the same batch
             else:
                 by_task[task_id] = message
+        if poison:
+            await self._dead_letter(poison)
         if not by_task:
             return
         try:
             batch = await self.client.claim_many(list(by_task), self.worker_id)
         except errors.InvalidRequest as exc:
+            if len(by_task) > 1:  # find the one the Dispatcher refuses: claim them one by one
+                for task_id, message in by_task.items():
+                    await self._claim_and_start_one(task_id, message)
+                return
             log.warning("claim refused", extra={"error": str(exc)})
-            for message in by_task.values():
-                self._delete(message)
+            await self._dead_letter([(m, f"claim refused: {exc}") for m in by_task.values()])
             return
         except errors.TraceError as exc:
             log.warning("claim failed; the wake-ups will reappear", extra={"error": str(exc)})
             await self._retry_soon(list(by_task.values()))
             return
+        await self._start_claimed(batch, by_task)
+
+    async def _claim_and_start_one(self, task_id: str, message: ReceivedMessage) -> None:
+        try:
+            batch = await self.client.claim_many([task_id], self.worker_id)
+        except errors.InvalidRequest as exc:
+            log.warning("claim refused", extra={"task_id": task_id, "error": str(exc)})
+            await self._dead_letter([(message, f"claim refused: {exc}")])
+            return
+        except errors.TraceError as exc:
+            log.warning("claim failed; the wake-up will reappear", extra={"error": str(exc)})
+            await self._retry_soon([message])
+            return
+        await self._start_claimed(batch, {task_id: message})
+
+    async def _start_claimed(
+        self, batch: wire.ClaimBatchResponse, by_task: dict[str, ReceivedMessage]
+    ) -> None:
         retry: list[ReceivedMessage] = []
         for refusal in batch.refused:
-            if refusal.error in _FINAL_REFUSALS:
+            message = by_task.get(refusal.task_id)
+            if message is None:
+                log.warning("refusal for a task not asked for", extra={"task_id": refusal.task_id})
+            elif refusal.error in _FINAL_REFUSALS:
                 self.stats["skipped"] += 1
-                self._delete(by_task[refusal.task_id])
+                self._delete(message)
             else:
-                retry.append(by_task[refusal.task_id])
+                retry.append(message)
         if retry:
             await self._retry_soon(retry)
         for grant in batch.claims:
+            message = by_task.get(grant.claim.task_id)
+            if message is None:  # cannot happen with canonical ids; never crash the worker
+                log.warning("claim of a task not asked for", extra={"task_id": grant.claim.task_id})
+                continue
             self.stats["claimed"] += 1
-            task = asyncio.create_task(
-                self._run_attempt(grant.claim, by_task[grant.claim.task_id], grant.task)
-            )
+            task = asyncio.create_task(self._run_attempt(grant.claim, message, grant.task))
             self._inflight.add(task)
             task.add_done_callback(self._inflight.discard)
 
@@ -419,6 +481,19 @@ class Worker:
             else:
                 results.append(error_from_body(409, {"error": res.error, "message": res.message}))
         return results
+
+    async def _dead_letter(self, letters: list[tuple[ReceivedMessage, str]]) -> None:
+        """Move poison wake-ups to the dead-letter queue now (not after ``max_receives``)."""
+        self.stats["dead_lettered"] += len(letters)
+        for message, why in letters:
+            log.warning(
+                "dead-lettering a poison wake-up",
+                extra={"message_id": message.message_id, "reason": why},
+            )
+        try:
+            await self.queue.dead_letter(letters)
+        except errors.TraceError as exc:  # they reappear and are dead-lettered then
+            log.warning("dead-letter failed", extra={"error": str(exc), "count": len(letters)})
 
     async def _retry_soon(self, messages: list[ReceivedMessage]) -> None:
         """Let wake-ups whose claim failed transiently reappear after a short backoff rather

@@ -19,9 +19,11 @@ Theory of operation
   holds. That is safe because wake-ups are hints (ADR 0006): the Dispatcher fences every
   attempt in Postgres and re-wakes queued tasks whose wake-up went missing.
 * **Dead letters.** The queue has a redrive policy to ``{name}-dlq`` with ``maxReceiveCount``;
-  SQS moves a message there on the receive after its last allowed one. ``dead_letters`` peeks
-  (visibility 0); ``redrive`` copies dead letters back as new messages (new id, receive count
-  1) and deletes them from the DLQ.
+  SQS moves a message there on the receive after its last allowed one. ``dead_letter`` moves a
+  received message there at once: it sends a copy to the DLQ with the message attribute
+  ``trace-dead-reason``, then deletes the original. ``dead_letters`` peeks (visibility 0);
+  ``redrive`` copies dead letters back as new messages (new id, receive count 1, no reason) and
+  deletes them from the DLQ.
 * **Timing.** SQS takes whole seconds: visibility timeouts, delays and long-poll waits are
   rounded up. Long polls use up to 20 s (``WaitTimeSeconds``).
 * Every botocore error becomes a ``trace_core.errors`` class at this boundary.
@@ -42,7 +44,7 @@ from typing import Any
 from trace_aws._boto import AwsCalls, client
 from trace_core import errors
 from trace_core.ports import ReceivedMessage
-from trace_core.queue_args import check_bodies
+from trace_core.queue_args import check_bodies, dead_letter_reason
 
 #: SQS limits (also the port's argument limits).
 MAX_BATCH = 10
@@ -51,12 +53,13 @@ MAX_WAIT_S = 20
 MAX_DELAY_S = 900
 #: SQS's limit on one message *and* on one SendMessageBatch request.
 SQS_REQUEST_BYTES = 256 * 1024
-#: Defaults from BRIEF §4.
+#: Defaults: the SQS row of docs/standards/operations.md.
 DEFAULT_VISIBILITY_S = 30
 DEFAULT_MAX_RECEIVES = 5
 DLQ_RETENTION_S = 14 * 24 * 3600
 
 _ENC_ATTR = "trace-body"
+_REASON_ATTR = "trace-dead-reason"
 _REGISTRY_SIZE = 100_000
 
 
@@ -138,7 +141,7 @@ def _int_seconds(value: float, name: str, hi: int) -> int:
     return min(hi, math.ceil(value))
 
 
-def _parse_receipt(receipt: str) -> tuple[int, str, str] | None:
+def _parse_receipt(receipt: object) -> tuple[int, str, str] | None:
     if not isinstance(receipt, str):
         return None
     received_ms, sep, rest = receipt.partition(":")
@@ -152,7 +155,8 @@ class SqsQueue:
     """The Queue port on one SQS queue and its dead-letter queue.
 
     ``queue_url`` names the queue; the DLQ URL is read from its redrive policy on first use
-    (or given). Use ``create`` to make both with Trace's settings (BRIEF §4).
+    (or given). Use ``create`` to make both with Trace's settings (the SQS row of
+    ``docs/standards/operations.md``).
     """
 
     def __init__(
@@ -331,7 +335,7 @@ class SqsQueue:
                 MaxNumberOfMessages=max_messages,
                 VisibilityTimeout=visibility,
                 WaitTimeSeconds=wait,
-                MessageAttributeNames=[_ENC_ATTR],
+                MessageAttributeNames=[_ENC_ATTR, _REASON_ATTR],
                 MessageSystemAttributeNames=["ApproximateReceiveCount"],
             )
         out = []
@@ -343,6 +347,9 @@ class SqsQueue:
                     body=decode_body(m),
                     receipt=f"{received_ms}:{m['MessageId']}:{m['ReceiptHandle']}",
                     receive_count=int(m.get("Attributes", {}).get("ApproximateReceiveCount", 1)),
+                    dead_letter_reason=(m.get("MessageAttributes") or {})
+                    .get(_REASON_ATTR, {})
+                    .get("StringValue"),
                 )
             )
         return out
@@ -405,6 +412,29 @@ class SqsQueue:
                 raise errors.Unavailable(f"SQS failed to delete {len(transient)} messages")
             for message_id, handle in chunk:
                 _RECEIPTS.forget(url, message_id, handle)
+
+    async def dead_letter(self, letters: Sequence[tuple[ReceivedMessage, str]]) -> None:
+        """Move received messages to the DLQ now: send each body there with its reason (message
+        attribute ``trace-dead-reason``), then delete the originals. Stale receipts are ignored.
+        Raises ``Unavailable`` (a message may then be in both queues: wake-ups are hints)."""
+        live = []
+        for message, reason in letters:
+            parsed = _parse_receipt(message.receipt)
+            if parsed is None or _RECEIPTS.is_stale(self.queue_url, parsed[1], parsed[2]):
+                continue
+            text, attrs = encode_body(message.body)
+            attrs = {
+                **attrs,
+                _REASON_ATTR: {"DataType": "String", "StringValue": dead_letter_reason(reason)},
+            }
+            live.append((message.receipt, (text, attrs, _entry_bytes(text, attrs))))
+        if not live:
+            return
+        dlq = await self._dlq()
+        for start in range(0, len(live), MAX_BATCH):
+            chunk = live[start : start + MAX_BATCH]
+            await self._send_batch(dlq, [entry for _, entry in chunk], 0)
+            await self._delete(self.queue_url, [receipt for receipt, _ in chunk])
 
     async def dead_letters(self, *, max_messages: int = 10) -> list[ReceivedMessage]:
         """Peek at up to ``max_messages`` dead letters (they stay visible). Raises

@@ -15,7 +15,9 @@ Invariants every Queue adapter keeps:
 * every receive increments ``receive_count`` and yields a fresh ``receipt``; only the latest
   receipt can delete or extend the message (a stale receipt is a no-op / ``NotFound``);
 * a message received ``max_receives`` times and not deleted moves to the dead-letter queue
-  instead of being delivered again.
+  instead of being delivered again;
+* a received message the receiver cannot use (a poison message) can be moved to the
+  dead-letter queue at once with ``dead_letter``, its reason kept with it.
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ import attrs
 
 #: Queue message size limit, the same in both backends (SQS's limit).
 MAX_MESSAGE_BYTES = 256 * 1024
+#: Longest dead-letter reason kept (``Queue.dead_letter`` truncates longer ones).
+MAX_DEAD_LETTER_REASON = 1000
 
 
 @attrs.frozen
@@ -41,6 +45,9 @@ class ReceivedMessage:
     receipt: str
     #: How many times the message has been received, this receive included (1 on the first).
     receive_count: int
+    #: For a dead letter moved by ``Queue.dead_letter``: the reason given; otherwise None
+    #: (also for a message dead-lettered after ``max_receives``).
+    dead_letter_reason: str | None = None
 
 
 @runtime_checkable
@@ -86,8 +93,16 @@ class Queue(Protocol):
         """Delete received messages. Stale receipts are ignored. Raises ``Unavailable``."""
         ...
 
+    async def dead_letter(self, letters: Sequence[tuple[ReceivedMessage, str]]) -> None:
+        """Move received messages to the dead-letter queue now, each with its reason
+        (``(message, reason)``; the reason is truncated to ``MAX_DEAD_LETTER_REASON``
+        characters). A stale receipt is ignored. Raises ``Unavailable``.
+        """
+        ...
+
     async def dead_letters(self, *, max_messages: int = 10) -> list[ReceivedMessage]:
-        """Receive from this queue's dead-letter queue (for inspection and replay)."""
+        """Receive from this queue's dead-letter queue (for inspection and replay); each
+        carries the ``dead_letter_reason`` it was moved with."""
         ...
 
     async def redrive(self, *, max_messages: int = 100) -> int:
@@ -211,6 +226,7 @@ MAX_SECRET_BYTES = 64 * 1024
 
 
 __all__ = [
+    "MAX_DEAD_LETTER_REASON",
     "MAX_MESSAGE_BYTES",
     "MAX_SECRET_BYTES",
     "ObjectInfo",

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from trace_core.errors import PayloadTooLarge, ValidationFailed
-from trace_core.ports import MAX_MESSAGE_BYTES
+from trace_core.ports import MAX_DEAD_LETTER_REASON, MAX_MESSAGE_BYTES
 
 
 def check_bodies(bodies: Sequence[bytes]) -> list[bytes]:
@@ -38,4 +38,11 @@ def check_range(field: str, value: float, low: float, high: float) -> None:
         raise ValidationFailed(f"{field} must be between {low} and {high}", field=field)
 
 
-__all__ = ["check_bodies", "check_range"]
+def dead_letter_reason(reason: str) -> str:
+    """``reason`` as every adapter stores it: printable text (other characters become ``?``),
+    at most ``MAX_DEAD_LETTER_REASON`` characters, never empty."""
+    text = "".join(ch if ch.isprintable() else "?" for ch in str(reason))
+    return text[:MAX_DEAD_LETTER_REASON] or "unspecified"
+
+
+__all__ = ["check_bodies", "check_range", "dead_letter_reason"]

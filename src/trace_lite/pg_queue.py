@@ -23,7 +23,7 @@ can, in the rare case where the server committed but the reply was lost, deliver
 Use an autocommit pool (``kwargs={"autocommit": True}``) so each operation is one round trip;
 a non-autocommit pool works too, with an extra ``COMMIT`` per operation.
 
-Requires migration ``0002_queue.sql``.
+Requires migrations ``0002_queue.sql`` and ``0007_queue_dead_reason.sql``.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from trace_core.errors import NotFound, Unavailable, ValidationFailed
 from trace_core.ports import ReceivedMessage
-from trace_core.queue_args import check_bodies, check_range
+from trace_core.queue_args import check_bodies, check_range, dead_letter_reason
 from trace_lite import sqlfile
 
 log = logging.getLogger(__name__)
@@ -196,6 +196,24 @@ class PgQueue:
         parsed = [p for r in receipts if (p := _parse_receipt(r)) is not None]
         if parsed:
             await self._execute("delete", {"queue": self._name, "receipts": parsed})
+
+    async def dead_letter(self, letters: Sequence[tuple[ReceivedMessage, str]]) -> None:
+        """Move received messages to the dead-letter queue now, each with its reason, in one
+        statement; stale receipts are ignored. Raises ``Unavailable``."""
+        parsed = [
+            (p, dead_letter_reason(reason))
+            for message, reason in letters
+            if (p := _parse_receipt(message.receipt)) is not None
+        ]
+        if parsed:
+            await self._execute(
+                "dead_letter",
+                {
+                    "queue": self._name,
+                    "receipts": [r for r, _ in parsed],
+                    "reasons": [why for _, why in parsed],
+                },
+            )
 
     async def dead_letters(self, *, max_messages: int = 10) -> list[ReceivedMessage]:
         """Return up to ``max_messages`` dead letters, oldest first, each with a fresh receipt.
@@ -359,12 +377,13 @@ class PgQueue:
 
 
 def _message(row: TupleRow) -> ReceivedMessage:
-    message_id, body, receipt, receive_count = row
+    message_id, body, receipt, receive_count, *dead = row  # dead_letters adds dead_reason
     return ReceivedMessage(
         message_id=str(message_id),
         body=bytes(body),
         receipt=str(receipt),
         receive_count=int(receive_count),
+        dead_letter_reason=dead[0] if dead else None,
     )
 
 

@@ -1,4 +1,6 @@
-"""Duplicate, reordered and junk wake-up messages never cause a second execution."""
+"""Duplicate, reordered and junk wake-up messages never cause a second execution; a poison
+wake-up goes to the dead-letter queue at once and never stops the rest of its receive or the
+worker."""
 
 from __future__ import annotations
 
@@ -59,7 +61,7 @@ def test_duplicate_and_reordered_wakeups_run_each_task_once(trace_procs: TracePr
     rng.shuffle(late)
     asyncio.run(_send(t.db_url, late))
     t.wait_until(
-        lambda: t.scalar("SELECT count(*) FROM queue_messages") == 0,
+        lambda: t.scalar("SELECT count(*) FROM queue_messages WHERE NOT dead") == 0,
         60,
         "every wake-up (duplicates and junk included) to be consumed",
     )
@@ -87,6 +89,61 @@ def test_duplicate_and_reordered_wakeups_run_each_task_once(trace_procs: TracePr
     bad = {k: v for k, v in events.items() if v != ["done", "progress-0", "progress-1"]}
     assert not bad, f"unexpected events: {list(bad.items())[:5]}"
     assert t.scalar("SELECT count(*) FROM task_events WHERE attempt <> 1") == 0
-    # nothing was dead-lettered, and the workers are still up
-    assert t.scalar("SELECT count(*) FROM queue_messages WHERE dead") == 0
+    # the poison wake-ups were dead-lettered (a well-formed one for an unknown task is merely
+    # acknowledged), and the workers are still up
+    dead = sorted(bytes(b) for (b,) in t.sql("SELECT body FROM queue_messages WHERE dead"))
+    assert dead == sorted(j for j in junk if j != junk[0])
     assert len(t.live("worker")) == 2 and len(t.live("dispatcher")) == 1, t.log_tails()
+
+
+def test_poison_wakeups_are_dead_lettered_and_the_rest_of_the_receive_runs(
+    trace_procs: TraceProcs,
+) -> None:
+    t = trace_procs
+    t.start_dispatcher()
+    ids = t.create_tasks([{"operator": "noop"} for _ in range(6)])
+    t.wait_until(
+        lambda: t.scalar("SELECT count(*) FROM queue_messages") == 6,
+        30,
+        "the creation wake-ups to be published",
+    )
+    t.sql("DELETE FROM queue_messages")  # from here on, the only wake-ups are the ones below
+    poison = {
+        b"not json": "body is not JSON",
+        _wake("not-a-uuid"): "task_id is not a UUID: 'not-a-uuid'",
+        json.dumps({"task_id": None}).encode(): "task_id is not a UUID string (got NoneType)",
+        b'{"task_id": 123}': "task_id is not a UUID string (got int)",
+    }
+    spellings = [
+        ids[0].upper(),
+        "{" + ids[1] + "}",
+        ids[2].replace("-", ""),
+        "{" + ids[3].upper().replace("-", "") + "}",
+        ids[4],
+        ids[5],
+    ]
+    # ten messages in one send: the worker's first receive (up to 10) gets all of them
+    asyncio.run(_send(t.db_url, [*poison, *(_wake(s) for s in spellings)]))
+    t.start_worker(concurrency=16)
+
+    assert t.wait_terminal(ids, timeout=60) == {"completed": 6}
+    # each task completed from the wake-ups above: none needed the reaper's re-wake, which
+    # would have written a second wake-up to the outbox
+    rewakes = t.sql(
+        "SELECT payload->>'task_id', count(*) FROM outbox WHERE topic = 'wake' "
+        "GROUP BY 1 HAVING count(*) > 1"
+    )
+    assert rewakes == []
+    t.wait_until(
+        lambda: t.scalar("SELECT count(*) FROM queue_messages WHERE NOT dead") == 0,
+        30,
+        "the valid wake-ups to be acknowledged",
+    )
+    dead = {
+        bytes(body): reason
+        for body, reason in t.sql("SELECT body, dead_reason FROM queue_messages WHERE dead")
+    }
+    assert dead == poison
+    assert t.scalar("SELECT max(receive_count) FROM queue_messages WHERE dead") == 1
+    [worker] = t.live("worker")
+    assert worker.alive(), worker.tail()

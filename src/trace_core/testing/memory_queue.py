@@ -40,11 +40,11 @@ import attrs
 
 from trace_core.errors import NotFound, ValidationFailed
 from trace_core.ports import ReceivedMessage
-from trace_core.queue_args import check_bodies, check_range
+from trace_core.queue_args import check_bodies, check_range, dead_letter_reason
 
 #: Port methods ``fail_next`` can target.
 OPERATIONS = frozenset(
-    {"send", "receive", "extend_visibility", "delete", "dead_letters", "redrive"}
+    {"send", "receive", "extend_visibility", "delete", "dead_letter", "dead_letters", "redrive"}
 )
 
 #: Argument limits, the same in every adapter (SQS's limits).
@@ -73,6 +73,7 @@ class _Message:
     receive_count: int = 0
     receipt: str | None = None
     dead: bool = False
+    dead_reason: str | None = None
 
 
 class MemoryQueue:
@@ -209,6 +210,18 @@ class MemoryQueue:
         if doomed:
             self._messages = [m for m in self._messages if id(m) not in doomed]
 
+    async def dead_letter(self, letters: Sequence[tuple[ReceivedMessage, str]]) -> None:
+        """Move received messages to the dead-letter queue now, each with its reason; stale
+        receipts are ignored."""
+        self._maybe_fail("dead_letter")
+        for received, reason in letters:
+            message = self._by_receipt.get(received.receipt)
+            if message is None or message.dead:
+                continue
+            self._forget_receipt(message)
+            message.dead = True
+            message.dead_reason = dead_letter_reason(reason)
+
     async def dead_letters(self, *, max_messages: int = 10) -> list[ReceivedMessage]:
         """Return up to ``max_messages`` dead letters, oldest first, each with a fresh receipt.
 
@@ -241,6 +254,7 @@ class MemoryQueue:
             if message.dead:
                 self._forget_receipt(message)
                 message.dead = False
+                message.dead_reason = None
                 message.receive_count = 0
                 message.visible_at = now
                 moved += 1
@@ -295,6 +309,7 @@ class MemoryQueue:
             body=message.body,
             receipt=message.receipt,
             receive_count=message.receive_count,
+            dead_letter_reason=message.dead_reason if message.dead else None,
         )
 
     def _forget_receipt(self, message: _Message) -> None:

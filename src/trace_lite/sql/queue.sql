@@ -62,6 +62,14 @@ RETURNING id;
 DELETE FROM queue_messages
 WHERE queue = %(queue)s AND receipt = ANY (%(receipts)s::uuid[]);
 
+-- name: dead_letter
+-- Move received messages to the dead-letter queue now, each with its reason; stale receipts
+-- match nothing.
+UPDATE queue_messages AS m
+SET dead = true, dead_at = now(), receipt = NULL, dead_reason = r.reason
+FROM unnest(%(receipts)s::uuid[], %(reasons)s::text[]) AS r (receipt, reason)
+WHERE m.queue = %(queue)s AND m.receipt = r.receipt AND NOT m.dead;
+
 -- name: dead_letters
 -- Issue fresh receipts to up to n dead letters, oldest first, leaving them dead.
 WITH picked AS MATERIALIZED (
@@ -75,9 +83,9 @@ WITH picked AS MATERIALIZED (
     UPDATE queue_messages
     SET receipt = gen_random_uuid()
     WHERE id IN (SELECT id FROM picked)
-    RETURNING id, body, receipt, receive_count
+    RETURNING id, body, receipt, receive_count, dead_reason
 )
-SELECT id, body, receipt, receive_count FROM issued ORDER BY id;
+SELECT id, body, receipt, receive_count, dead_reason FROM issued ORDER BY id;
 
 -- name: redrive
 -- Move up to n dead letters back to the queue as fresh messages and notify; returns how many.
@@ -90,7 +98,7 @@ WITH picked AS MATERIALIZED (
     FOR UPDATE SKIP LOCKED
 ), moved AS (
     UPDATE queue_messages
-    SET dead = false, dead_at = NULL, receipt = NULL, receive_count = 0,
+    SET dead = false, dead_at = NULL, dead_reason = NULL, receipt = NULL, receive_count = 0,
         visible_at = now(), sent_at = now()
     WHERE id IN (SELECT id FROM picked)
     RETURNING id

@@ -39,7 +39,7 @@ from typing import Any
 import pytest
 
 from trace_core.errors import NotFound, PayloadTooLarge, ValidationFailed
-from trace_core.ports import MAX_MESSAGE_BYTES, Queue, ReceivedMessage
+from trace_core.ports import MAX_DEAD_LETTER_REASON, MAX_MESSAGE_BYTES, Queue, ReceivedMessage
 
 #: The ``advance`` fixture's type.
 Advance = Callable[[float], Awaitable[None]]
@@ -193,6 +193,41 @@ class QueueConformance:
         assert dead.body == b"poison"
         assert dead.receive_count >= MAX_RECEIVES
 
+    async def test_dead_letter_moves_a_received_message_at_once_with_its_reason(
+        self, queue: Any, advance: Advance
+    ) -> None:
+        await queue.send([b"junk", b"fine", b"also junk"])
+        got = {m.body: m for m in await _drain(queue, visibility_timeout=10)}
+        await queue.dead_letter(
+            [(got[b"junk"], "body is not JSON"), (got[b"also junk"], "task_id is not a UUID")]
+        )
+        await queue.dead_letter([])  # nothing to move is fine
+        with pytest.raises(NotFound):
+            await queue.extend_visibility(got[b"junk"].receipt, 30)
+        dead = await queue.dead_letters()
+        assert sorted((m.body, m.dead_letter_reason) for m in dead) == [
+            (b"also junk", "task_id is not a UUID"),
+            (b"junk", "body is not JSON"),
+        ]
+        await advance(11)
+        [again] = await queue.receive()  # the rest of the receive is untouched
+        assert (again.body, again.receive_count) == (b"fine", 2)
+        assert again.dead_letter_reason is None
+
+    async def test_dead_letter_ignores_a_stale_receipt(self, queue: Any, advance: Advance) -> None:
+        await queue.send([b"x"])
+        [first] = await queue.receive(visibility_timeout=10)
+        await advance(11)
+        [second] = await queue.receive(visibility_timeout=10)
+        await queue.dead_letter([(first, "stale")])
+        assert await queue.dead_letters() == []
+        await queue.dead_letter([(second, "bad\nreason " + "x" * 5000)])
+        [dead] = await queue.dead_letters()
+        assert dead.body == b"x"
+        reason = dead.dead_letter_reason
+        assert reason is not None and reason.startswith("bad?reason x")
+        assert len(reason) <= MAX_DEAD_LETTER_REASON
+
     async def test_redrive_moves_dead_letters_back(self, queue: Any, advance: Advance) -> None:
         await queue.send([b"p1", b"p2"])
         for _ in range(MAX_RECEIVES):
@@ -205,6 +240,7 @@ class QueueConformance:
         got = await _drain(queue)
         assert sorted(m.body for m in got) == [b"p1", b"p2"]
         assert all(m.receive_count == 1 for m in got)
+        assert all(m.dead_letter_reason is None for m in got)
         assert await queue.dead_letters() == []
 
     async def test_oversized_body_sends_nothing(self, queue: Any) -> None:
