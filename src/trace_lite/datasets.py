@@ -331,22 +331,31 @@ class Datasets:
         *,
         pin_ttl_s: float = DEFAULT_PIN_TTL_S,
     ) -> Resolution:
-        """Resolve for a task: only the datasets its capability token grants, in its own org.
-        Raises as ``resolve``."""
+        """Resolve for a task: only the datasets its capability token grants, in the org of the
+        task's row (never the token's ``org_id`` claim alone: a token whose claim names another
+        org is refused). Raises as ``resolve``, and ``Unauthenticated`` for that mismatch."""
         async with transaction(self.pool) as cur:
-            await cur.execute(Q["org_name_by_id"], {"org_id": claims.org_id})
-            row = await cur.fetchone()
-        if row is None:
-            raise errors.NotFound("no such org", field="org")
-        return await self.resolve(self.task_caller(claims), row[0], names, pin_ttl_s=pin_ttl_s)
+            await cur.execute(Q["task_org"], {"task_id": claims.task_id})
+            rows = await _dicts(cur)
+        if not rows:
+            raise errors.NotFound("no such task", field="task_id")
+        task = rows[0]
+        if task["org_id"] != claims.org_id:
+            raise errors.Unauthenticated("capability token: org_id is not the task's org")
+        caller = TaskCaller.from_grants(task["org_id"], claims.task_id, claims.grants)
+        return await self.resolve(caller, task["org_name"], names, pin_ttl_s=pin_ttl_s)
 
     async def user_caller(self, org: str, subject: str) -> UserCaller:
         """The user's membership in ``org``, read from Postgres (never from the token).
-        Raises ``NotFound`` for an unknown org."""
+
+        Raises ``NotFound`` ("no such org") for an unknown org *and* for an org the subject
+        neither belongs to nor holds a DAG grant in: a non-member cannot tell the two apart."""
         org_id = await self.org_id(org)
         async with transaction(self.pool) as cur:
             await cur.execute(Q["member"], {"org_id": org_id, "subject": subject})
             roles, dags, member = await _one(cur)
+        if not member and not dags:
+            raise errors.NotFound("no such org", field="org")
         return UserCaller(
             subject=subject,
             org_id=org_id,

@@ -93,3 +93,29 @@ def test_only_the_holder_or_an_org_admin_releases_a_pin(users: Users) -> None:
     # a released (or never written) pin is not found
     r = users.call("alice", "DELETE", f"/v1/orgs/{ORG}/pins/{pin_id}")
     assert r.status == 404, r
+
+
+def test_a_non_member_cannot_tell_whether_an_org_exists(users: Users) -> None:
+    pin = "00000000-0000-4000-8000-000000000000"
+    version = "00000000-0000-4000-8000-000000000001"
+    routes: list[tuple[str, str, Any]] = [
+        ("GET", "/datasets", None),
+        ("GET", "/datasets/blocks", None),
+        ("POST", "/datasets/resolve", {"datasets": ["blocks"]}),
+        ("DELETE", f"/pins/{pin}", None),
+        ("POST", f"/datasets/blocks/versions/{version}/purge", None),
+        ("PUT", "/datasets/blocks/read-roles", {"read_roles": []}),
+        ("POST", "/dags/chain/cutover", {"pointers": {"blocks": version}}),
+        ("POST", "/dags/chain/rollback", None),
+        ("GET", "/members", None),
+        ("PUT", "/members/zed", {"roles": []}),
+        ("DELETE", "/members/zed", None),
+    ]
+    for subject in ("nobody", "eve"):  # a member of no org; another org's admin
+        for method, path, body in routes:
+            real = users.call(subject, method, f"/v1/orgs/{ORG}{path}", body)
+            ghost = users.call(subject, method, f"/v1/orgs/no_such_org{path}", body)
+            assert (real.status, real.json) == (ghost.status, ghost.json), (subject, path)
+            assert real.status == 404, (subject, path, real)
+    # members still see their org
+    assert users.call("bob", "GET", f"/v1/orgs/{ORG}/datasets").status == 200

@@ -13,7 +13,7 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
 from trace_core import errors
-from trace_core.access import Caller
+from trace_core.access import Caller, UserCaller
 from trace_core.testing import MemoryObjectStore, MemoryQueue, MemorySigner
 from trace_core.token import issue_claims
 from trace_lite.datasets import Datasets
@@ -87,6 +87,12 @@ async def _caller(ds: Datasets, d: Dispatcher, principal: str) -> Caller:
         "member_without_role": "bob",
         "other_org_admin": "eve",
     }
+    if principal == "other_org_admin":
+        # the API refuses her at the door (``user_caller``: "no such org"); the rules must hold
+        # for such a caller anyway
+        with pytest.raises(errors.NotFound, match="no such org"):
+            await ds.user_caller(ORG, "eve")
+        return UserCaller("eve", await ds.org_id(ORG), roles=frozenset({"admin"}), member=False)
     if principal in users:
         return await ds.user_caller(ORG, users[principal])
     grants = {"datasets": {"read": ["private", "shared"]}} if principal == "task_with_grant" else {}
@@ -294,3 +300,36 @@ async def test_task_reads_exactly_what_its_token_grants_over_http(
         headers={"X-Trace-Task-Capability": c.capability_token},
     )
     assert bad.status == 422
+
+
+async def test_a_task_resolves_in_its_own_org_whatever_its_token_claims(
+    world: tuple[Datasets, Dispatcher],
+) -> None:
+    from trace_core import wire
+
+    ds, d = world
+    await ds.register(OTHER, "private", dag="other", job="j")
+    await ds.cutover(
+        None, OTHER, "other", {"private": await ds.open_version(None, OTHER, "private")}
+    )
+    (task,) = await d.create_tasks([wire.CreateTaskRequest(operator="x", org=ORG)])
+
+    def claims(org_id: str) -> Any:
+        return issue_claims(
+            d.token_policy,
+            org_id=org_id,
+            task_id=task.task_id,
+            attempt=1,
+            attempt_timeout_s=60,
+            now_epoch=int(time.time()),
+            jti="j",
+            grants={"datasets": {"read": ["private"]}},
+        )
+
+    mine = await ds.resolve_for_task(claims(await ds.org_id(ORG)), ["private"], pin_ttl_s=0)
+    (resolved,) = mine.datasets
+    alice = await ds.user_caller(ORG, "alice")
+    assert resolved.dataset_uuid == (await ds.show(alice, ORG, "private"))["dataset_uuid"]
+    # a token whose org_id claim names another org never resolves that org's datasets
+    with pytest.raises(errors.Unauthenticated):
+        await ds.resolve_for_task(claims(await ds.org_id(OTHER)), ["private"], pin_ttl_s=0)

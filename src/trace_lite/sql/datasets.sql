@@ -5,9 +5,11 @@
 -- An org's id by name.
 SELECT org_id::text FROM orgs WHERE name = %(name)s;
 
--- name: org_name_by_id
--- An org's name by id.
-SELECT name FROM orgs WHERE org_id = %(org_id)s;
+-- name: task_org
+-- The org of a task, from its row (a task resolves in that org, whatever its token says).
+SELECT t.org_id::text AS org_id, o.name AS org_name
+FROM tasks t JOIN orgs o ON o.org_id = t.org_id
+WHERE t.task_id = %(task_id)s;
 
 -- name: ensure_org
 -- Create the org if missing; return its id.
