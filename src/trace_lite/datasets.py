@@ -55,9 +55,14 @@ _HEAD_CONCURRENCY = 64
 _LIST_OVER = 32
 
 
+#: The schema of dataset tables in the data database (created by data migration 0001).
+DATA_SCHEMA = "data"
+
+
 def table_name(dataset_version: str) -> str:
-    """The Postgres data table of a version of a ``postgres`` dataset (UUID-named)."""
-    return f"trace_data.dsv_{uuid.UUID(dataset_version).hex}"
+    """The Postgres data table of a version of a ``postgres`` dataset (UUID-named), qualified
+    with ``DATA_SCHEMA``: ``data.dsv_{hex}``."""
+    return f"{DATA_SCHEMA}.dsv_{uuid.UUID(dataset_version).hex}"
 
 
 # --- records ---------------------------------------------------------------------------------
@@ -977,6 +982,7 @@ def _iso(ts: datetime | None) -> str | None:
 
 
 __all__ = [
+    "DATA_SCHEMA",
     "INVALIDATE_TOPIC",
     "Datasets",
     "PreparedOutputs",

@@ -398,3 +398,14 @@ async def test_bytes_changed_after_the_commit_are_an_alarm_never_a_read(
     for k in keys:
         with pytest.raises(errors.NotFound):
             await env.store.head(k)
+
+
+def test_dataset_tables_live_in_the_schema_the_data_migrations_create(data_db_url: str) -> None:
+    from trace_lite.datasets import DATA_SCHEMA, table_name
+
+    name = table_name("185548cf-4273-4cbc-bcff-3baecca4f94f")
+    assert name.split(".")[0] == DATA_SCHEMA
+    with psycopg.connect(data_db_url, autocommit=True) as conn:
+        conn.execute(f"CREATE TABLE {name} (block bigint)")  # fails if the schema is missing
+        (found,) = conn.execute("SELECT to_regclass(%s)::text", (name,)).fetchone() or (None,)
+    assert found == name
