@@ -74,6 +74,7 @@ class TaskEvent(enum.StrEnum):
     FAIL = "fail"  # the current attempt reports a retryable failure
     FAIL_FATAL = "fail_fatal"  # the current attempt reports a non-retryable failure
     EXPIRE = "expire"  # the current attempt's lease expired (reaper)
+    TIME_OUT = "time_out"  # the current attempt ran past the task's timeout_s (reaper)
     CANCEL = "cancel"  # an operator or rollback cancels the task
     #: A claim found the task's stored payload cannot be served to any worker (claim).
     UNSERVABLE = "unservable"
@@ -100,6 +101,7 @@ TRANSITIONS: Final[
     (TaskState.RUNNING, TaskEvent.FAIL): _RETRY_OR_FAIL,
     (TaskState.RUNNING, TaskEvent.FAIL_FATAL): TaskState.FAILED,
     (TaskState.RUNNING, TaskEvent.EXPIRE): _RETRY_OR_FAIL,
+    (TaskState.RUNNING, TaskEvent.TIME_OUT): _RETRY_OR_FAIL,
     (TaskState.RUNNING, TaskEvent.CANCEL): TaskState.CANCELED,
     # Late completion of the current attempt after the reaper expired it (invariant 3).
     (TaskState.PENDING, TaskEvent.SUCCEED): TaskState.COMPLETED,
@@ -173,6 +175,22 @@ class TaskView:
     attempt_outcome: AttemptOutcome | None = None
     #: Digest of the current attempt's accepted completion body, if it completed.
     completion_digest: str | None = None
+    #: The task's per-attempt time budget in seconds (``None``: no limit).
+    timeout_s: int | None = None
+    #: When the current attempt started (``None`` before the first claim).
+    started_at: datetime | None = None
+
+    @property
+    def timeout_at(self) -> datetime | None:
+        """When the current attempt's time budget runs out (``None``: never)."""
+        if self.timeout_s is None or self.started_at is None:
+            return None
+        return self.started_at + timedelta(seconds=self.timeout_s)
+
+    def past_timeout(self, now: datetime) -> bool:
+        """Whether the current attempt ran past its ``timeout_s`` at ``now``."""
+        timeout_at = self.timeout_at
+        return timeout_at is not None and timeout_at <= now
 
 
 @attrs.frozen
@@ -220,11 +238,14 @@ def decide_claim(
             f"task is {task.state.value}, not claimable", details={"state": task.state.value}
         )
     target_state(task.state, TaskEvent.CLAIM, attempts_left=True)
+    expires = lease.expires(now)
+    if task.timeout_s is not None:  # the lease never outlives the attempt's time budget
+        expires = min(expires, now + timedelta(seconds=task.timeout_s))
     return ClaimDecision(
         task_id=task.task_id,
         attempt=task.attempt + 1,
         lease_token=new_lease_token,
-        lease_expires_at=lease.expires(now),
+        lease_expires_at=expires,
     )
 
 
@@ -253,12 +274,15 @@ def decide_unservable(task: TaskView, *, now: datetime, reason: str) -> Unservab
     )
 
 
-def check_fence(task: TaskView, fence: Fence, op: Op) -> None:
-    """Check that ``fence`` names the task's current attempt and that ``op`` is still allowed.
+def check_fence(task: TaskView, fence: Fence, op: Op, *, now: datetime) -> None:
+    """Check that ``fence`` names the task's current attempt and that ``op`` is still allowed
+    at ``now``.
 
-    Raises ``LeaseLost`` for a stale attempt or a wrong lease token, ``TaskCanceled`` for a
-    canceled task, ``Conflict`` when the attempt already finished (except an identical
-    completion, which ``decide_complete`` treats as idempotent).
+    Raises ``LeaseLost`` for a stale attempt, a wrong lease token, or an attempt that ran past
+    the task's ``timeout_s`` (its time budget is a hard limit: unlike a lapsed lease, no late
+    write is accepted), ``TaskCanceled`` for a canceled task, ``Conflict`` when the attempt
+    already finished (except an identical completion, which ``decide_complete`` treats as
+    idempotent).
     """
     if fence.attempt != task.attempt or task.lease_token is None:
         raise errors.LeaseLost(
@@ -269,6 +293,11 @@ def check_fence(task: TaskView, fence: Fence, op: Op) -> None:
         raise errors.LeaseLost("lease token does not match the current attempt")
     if task.state is TaskState.CANCELED:
         raise errors.TaskCanceled()
+    if task.past_timeout(now):
+        raise errors.LeaseLost(
+            f"the attempt ran past the task's timeout_s ({task.timeout_s} s)",
+            details={"timeout_s": task.timeout_s},
+        )
     if op is Op.HEARTBEAT:
         if task.state is not TaskState.RUNNING:
             raise errors.LeaseLost(
@@ -291,9 +320,14 @@ class HeartbeatDecision:
 def decide_heartbeat(
     task: TaskView, fence: Fence, *, now: datetime, lease: LeasePolicy
 ) -> HeartbeatDecision:
-    """Extend the current attempt's lease. Raises as ``check_fence``."""
-    check_fence(task, fence, Op.HEARTBEAT)
-    return HeartbeatDecision(lease_expires_at=lease.expires(now))
+    """Extend the current attempt's lease, never past its time budget. Raises as
+    ``check_fence``."""
+    check_fence(task, fence, Op.HEARTBEAT, now=now)
+    expires = lease.expires(now)
+    timeout_at = task.timeout_at
+    if timeout_at is not None:
+        expires = min(expires, timeout_at)
+    return HeartbeatDecision(lease_expires_at=expires)
 
 
 class Outcome(enum.StrEnum):
@@ -350,7 +384,7 @@ def decide_complete(
         return CompleteDecision(
             replay=False, state=TaskState.CANCELED, attempt_outcome=AttemptOutcome.CANCELED
         )
-    check_fence(task, fence, Op.COMPLETE)
+    check_fence(task, fence, Op.COMPLETE, now=now)
     if task.state is TaskState.COMPLETED:
         raise errors.Conflict("task already completed")
     match outcome:
@@ -383,23 +417,53 @@ def decide_complete(
 
 @attrs.frozen
 class ExpireDecision:
+    """The reaper ends the current attempt: the whole next row it writes."""
+
+    #: ``EXPIRE`` (the lease lapsed) or ``TIME_OUT`` (the attempt ran past ``timeout_s``).
+    event: TaskEvent
     state: TaskState
-    available_at: datetime | None
+    available_at: datetime
+    lease_expires_at: None
+    #: ``now`` when the task failed, else ``None``.
+    finished_at: datetime | None
+    #: The task's ``error`` column: why the last attempt ended.
+    error: Mapping[str, str]
+    attempt_outcome: AttemptOutcome = AttemptOutcome.TIMED_OUT
 
 
 def decide_expire(
     task: TaskView, *, now: datetime, retry: RetryPolicy, rand: float
 ) -> ExpireDecision | None:
-    """The reaper's decision for a running task; ``None`` if its lease has not expired."""
+    """The reaper's decision for a running task; ``None`` while its lease holds.
+
+    The lease never outlives the attempt's ``timeout_s`` (``decide_claim``,
+    ``decide_heartbeat``), so an attempt that keeps heartbeating past its budget is found here
+    too: it times out (``TIME_OUT``) and is retried like a lapsed lease while attempts are left.
+    """
     if task.state is not TaskState.RUNNING or task.lease_expires_at is None:
         return None
-    if task.lease_expires_at > now:
+    if task.lease_expires_at > now and not task.past_timeout(now):
         return None
+    timed_out = task.past_timeout(now)
+    event = TaskEvent.TIME_OUT if timed_out else TaskEvent.EXPIRE
     attempts_left = task.attempt < task.max_attempts
-    state = target_state(task.state, TaskEvent.EXPIRE, attempts_left=attempts_left)
+    state = target_state(task.state, event, attempts_left=attempts_left)
+    message = (
+        f"attempt {task.attempt} ran past the task's timeout_s ({task.timeout_s} s)"
+        if timed_out
+        else f"attempt {task.attempt}'s lease expired"
+    )
     return ExpireDecision(
+        event=event,
         state=state,
-        available_at=now + retry.delay(task.attempt, rand) if state is TaskState.PENDING else None,
+        available_at=(
+            now + retry.delay(task.attempt, rand)
+            if state is TaskState.PENDING
+            else task.available_at
+        ),
+        lease_expires_at=None,
+        finished_at=now if state is TaskState.FAILED else None,
+        error={"code": "timed_out", "message": message},
     )
 
 

@@ -41,6 +41,7 @@ from trace_core.lifecycle import (
     Op,
     Outcome,
     RetryPolicy,
+    TaskEvent,
     TaskState,
     TaskView,
 )
@@ -107,14 +108,41 @@ class ClaimGrant:
 
 
 @attrs.frozen
-class _Locked:
-    """A task row locked for a decision, with what tokens and staging prefixes need."""
+class _LockedRow:
+    """A task row locked for a decision, with its current attempt (``lock_tasks``,
+    ``lock_expired``, ``lock_due``) and what tokens and staging prefixes need."""
 
-    view: TaskView
+    task_id: str
+    state: str
+    attempt: int
+    lease_token: str | None
+    lease_expires_at: datetime | None
+    available_at: datetime
+    max_attempts: int
+    outcome: str | None
+    completion_digest: str | None
     org_id: str
     timeout_s: int
-    read_datasets: tuple[str, ...]
+    read_datasets: list[str] | None
+    started_at: datetime | None
+    #: The database's ``now()``.
     now: datetime
+
+    @property
+    def view(self) -> TaskView:
+        return TaskView(
+            task_id=self.task_id,
+            state=TaskState(self.state),
+            attempt=self.attempt,
+            lease_token=self.lease_token,
+            lease_expires_at=self.lease_expires_at,
+            available_at=self.available_at,
+            max_attempts=self.max_attempts,
+            attempt_outcome=AttemptOutcome(self.outcome) if self.outcome else None,
+            completion_digest=self.completion_digest,
+            timeout_s=self.timeout_s,
+            started_at=self.started_at,
+        )
 
 
 @attrs.frozen
@@ -147,6 +175,7 @@ class _ClaimRow:
             lease_expires_at=self.lease_expires_at,
             available_at=self.available_at,
             max_attempts=self.max_attempts,
+            timeout_s=self.timeout_s,
         )
 
 
@@ -182,32 +211,6 @@ class ReapReport:
     due: int = 0
     canceled_closed: int = 0
     rewoken: int = 0
-
-
-def _view(row: Sequence[Any]) -> TaskView:
-    # the first nine columns of every lock_* query; the last one is the database's now()
-    (
-        task_id,
-        state,
-        attempt,
-        lease_token,
-        lease_expires_at,
-        available_at,
-        max_attempts,
-        outcome,
-        digest,
-    ) = row[:9]
-    return TaskView(
-        task_id=task_id,
-        state=TaskState(state),
-        attempt=attempt,
-        lease_token=lease_token,
-        lease_expires_at=lease_expires_at,
-        available_at=available_at,
-        max_attempts=max_attempts,
-        attempt_outcome=AttemptOutcome(outcome) if outcome else None,
-        completion_digest=digest,
-    )
 
 
 def pg_array(values: Sequence[str | int | datetime | None]) -> str:
@@ -472,7 +475,7 @@ class Dispatcher:
         Raises ``NotFound``, ``Conflict`` for a completed or failed task.
         """
         async with self._tx() as cur:
-            task = await self._lock_one(cur, task_id)
+            task = (await self._lock_one(cur, task_id)).view
             target = lifecycle.decide_cancel(task)
             if target is not None:
                 await cur.execute(
@@ -526,21 +529,11 @@ class Dispatcher:
 
     # -- claim / fetch ----------------------------------------------------------------------
 
-    async def _lock_one(self, cur: psycopg.AsyncCursor[Any], task_id: str) -> TaskView:
-        return (await self._lock_one_at(cur, task_id)).view
-
-    async def _lock_one_at(self, cur: psycopg.AsyncCursor[Any], task_id: str) -> _Locked:
-        await cur.execute(Q["lock_tasks"], {"task_ids": [task_id]})
-        row = await cur.fetchone()
-        if row is None:
+    async def _lock_one(self, cur: psycopg.AsyncCursor[Any], task_id: str) -> _LockedRow:
+        rows = await fetch_as(cur, _LockedRow, Q["lock_tasks"], {"task_ids": [task_id]})
+        if not rows:
             raise errors.NotFound("no such task", field="task_id")
-        return _Locked(
-            _view(row),
-            org_id=row[9],
-            timeout_s=row[10],
-            read_datasets=tuple(row[11] or ()),
-            now=row[-1],
-        )
+        return rows[0]
 
     async def _start_attempts(
         self, cur: psycopg.AsyncCursor[Any], rows: Sequence[_ClaimRow], worker_id: str
@@ -769,7 +762,7 @@ class Dispatcher:
         """
         fence = Fence(req.task_id, req.attempt, req.lease_token)
         async with self._tx() as cur:
-            locked = await self._lock_one_at(cur, req.task_id)
+            locked = await self._lock_one(cur, req.task_id)
             decision = lifecycle.decide_heartbeat(
                 locked.view, fence, now=locked.now, lease=self.lease
             )
@@ -789,7 +782,7 @@ class Dispatcher:
             task_id=req.task_id,
             attempt=req.attempt,
             timeout_s=locked.timeout_s,
-            read_datasets=locked.read_datasets,
+            read_datasets=tuple(locked.read_datasets or ()),
         )
         return wire.HeartbeatResponse(
             lease_expires_at=_iso(decision.lease_expires_at), capability_token=token
@@ -801,8 +794,8 @@ class Dispatcher:
         credentials to the attempt. Raises ``NotFound``, ``LeaseLost``, ``TaskCanceled``."""
         fence = Fence(req.task_id, req.attempt, req.lease_token)
         async with self._tx() as cur:
-            task = await self._lock_one(cur, req.task_id)
-            lifecycle.check_fence(task, fence, Op.HEARTBEAT)
+            locked = await self._lock_one(cur, req.task_id)
+            lifecycle.check_fence(locked.view, fence, Op.HEARTBEAT, now=locked.now)
             await cur.execute(Q["get_task"], {"task_id": req.task_id})
             row = await _one(cur)
         return str(row[1]), int(row[9]), dict(_stored_json(row[4], "payload") or {})
@@ -816,8 +809,8 @@ class Dispatcher:
         for j, event in enumerate(req.events):
             json_limits.check(event.payload, path=f"events[{j}].payload")
         async with self._tx() as cur:
-            task = await self._lock_one(cur, req.task_id)
-            lifecycle.check_fence(task, fence, Op.EVENTS)
+            locked = await self._lock_one(cur, req.task_id)
+            lifecycle.check_fence(locked.view, fence, Op.EVENTS, now=locked.now)
             inserted = await self._insert_events(cur, fence, req.events)
         return wire.EventsResponse(accepted=inserted, duplicates=len(req.events) - inserted)
 
@@ -853,8 +846,8 @@ class Dispatcher:
         batch = req.batch
         validate_key(batch.object_key)
         async with self._tx() as cur:
-            locked = await self._lock_one_at(cur, req.task_id)
-            lifecycle.check_fence(locked.view, fence, Op.BUFFER_PUBLISH)
+            locked = await self._lock_one(cur, req.task_id)
+            lifecycle.check_fence(locked.view, fence, Op.BUFFER_PUBLISH, now=locked.now)
             prefix = staging_prefix(locked.org_id, req.task_id, req.attempt)
             if not is_within(batch.object_key, prefix):
                 raise errors.UnsafeKey(
@@ -1009,12 +1002,13 @@ class Dispatcher:
 
             outputs = await datasets.prepare_outputs(self.pool, self.object_store, reqs)
         async with self._tx() as cur:
-            await cur.execute(Q["lock_tasks"], {"task_ids": pg_array(list(by_task))})
-            rows = await cur.fetchall()
+            rows = await fetch_as(
+                cur, _LockedRow, Q["lock_tasks"], {"task_ids": pg_array(list(by_task))}
+            )
             apply: list[tuple[int, lifecycle.CompleteDecision]] = []
             for row in rows:
-                view = _view(row)
-                now = row[-1]
+                view = row.view
+                now = row.now
                 i = by_task[view.task_id]
                 r = reqs[i]
                 try:
@@ -1085,14 +1079,14 @@ class Dispatcher:
     # -- background work ----------------------------------------------------------------------
 
     async def reap_once(self, batch: int = 500) -> ReapReport:
-        """Expire attempts whose lease ran out and wake pending tasks whose backoff elapsed."""
+        """End attempts whose lease ran out or that ran past their ``timeout_s`` (retried per
+        policy), wake pending tasks whose backoff elapsed, re-wake stale queued tasks."""
         async with self._tx() as cur:
-            await cur.execute(Q["lock_expired"], {"n": batch})
-            rows = await cur.fetchall()
+            rows = await fetch_as(cur, _LockedRow, Q["lock_expired"], {"n": batch})
             expired: list[tuple[TaskView, lifecycle.ExpireDecision]] = []
             for row in rows:
-                view = _view(row)
-                d = lifecycle.decide_expire(view, now=row[-1], retry=self.retry, rand=self._rand())
+                view = row.view
+                d = lifecycle.decide_expire(view, now=row.now, retry=self.retry, rand=self._rand())
                 if d is not None:
                     expired.append((view, d))
             if expired:
@@ -1104,18 +1098,16 @@ class Dispatcher:
                         "lease_tokens": [v.lease_token for v, _ in expired],
                         "states": [d.state.value for _, d in expired],
                         "available_ats": [d.available_at for _, d in expired],
+                        "finished_ats": [d.finished_at for _, d in expired],
+                        "errors": [Jsonb(d.error) for _, d in expired],
+                        "outcomes": [d.attempt_outcome.value for _, d in expired],
                     },
                 )
             await cur.execute(Q["expire_canceled_attempts"])
             closed = cur.rowcount
         async with self._tx() as cur:
-            await cur.execute(Q["lock_due"], {"n": batch})
-            rows = await cur.fetchall()
-            due = [
-                v.task_id
-                for v, r in ((_view(r), r) for r in rows)
-                if lifecycle.decide_due(v, now=r[-1])
-            ]
+            due_rows = await fetch_as(cur, _LockedRow, Q["lock_due"], {"n": batch})
+            due = [r.task_id for r in due_rows if lifecycle.decide_due(r.view, now=r.now)]
             if due:
                 await cur.execute(Q["apply_due"], {"task_ids": due})
                 await self._wake(cur, due)
@@ -1137,7 +1129,7 @@ class Dispatcher:
                 await cur.execute(Q["purge_published_outbox"], {"older_than": "1 hour"})
         for v, d in expired:
             log.info(
-                "attempt expired",
+                "attempt timed out" if d.event is TaskEvent.TIME_OUT else "attempt expired",
                 extra={"task_id": v.task_id, "attempt": v.attempt, "state": d.state.value},
             )
         return ReapReport(

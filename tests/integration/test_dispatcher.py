@@ -389,6 +389,58 @@ async def test_reaper_rewakes_a_queued_task_whose_wakeup_was_lost(
     assert (await dispatcher.reap_once()).rewoken == 0  # touched: not re-woken every pass
 
 
+def _age_attempt(db_url: str, task_id: str, seconds: int) -> None:
+    """As if ``seconds`` passed since the current attempt started and last heartbeat."""
+    _sql(
+        db_url,
+        "UPDATE task_attempts a SET started_at = a.started_at - make_interval(secs => %s) "
+        "FROM tasks t WHERE a.task_id = t.task_id AND a.attempt = t.attempt AND t.task_id = %s",
+        (seconds, task_id),
+    )
+    _sql(
+        db_url,
+        "UPDATE tasks SET lease_expires_at = lease_expires_at - make_interval(secs => %s) "
+        "WHERE task_id = %s",
+        (seconds, task_id),
+    )
+
+
+async def test_an_attempt_heartbeating_past_its_timeout_is_timed_out_and_retried(
+    dispatcher: Dispatcher, db_url: str
+) -> None:
+    """The Dispatcher enforces ``timeout_s`` itself (#7 item 5): the lease never outlives the
+    attempt's budget, the reaper ends it ``timed_out`` and retries it, and every late write
+    from it gets 409."""
+    task_id = await _create(dispatcher, timeout_s=30, max_attempts=2)
+    claim = await dispatcher.claim(task_id)
+    f = _fence(claim)
+    beat = await dispatcher.heartbeat(wire.HeartbeatRequest(**f))  # the worker is alive
+    assert beat.lease_expires_at == claim.lease_expires_at  # capped at started_at + 30 s
+    _age_attempt(db_url, task_id, 25)  # 25 s in: still within budget, heartbeats go on
+    await dispatcher.heartbeat(wire.HeartbeatRequest(**f))
+    assert (await dispatcher.reap_once()).expired == 0
+    _age_attempt(db_url, task_id, 10)  # 35 s in: past timeout_s, lease capped at it
+    assert (await dispatcher.reap_once()).expired == 1
+    task = await dispatcher.get_task(task_id)
+    # retried per policy (the fixture's backoff is 0 s, so the same pass made it due again)
+    assert task["state"] == "queued" and task["error"]["code"] == "timed_out"
+    assert [a["outcome"] for a in task["attempts"]] == ["timed_out"]
+    for late in (
+        dispatcher.heartbeat(wire.HeartbeatRequest(**f)),
+        dispatcher.emit_events(wire.EventsRequest(**f, events=[wire.EventIn("k", "t", {})])),
+        dispatcher.complete(wire.CompleteRequest(**f, result={"late": True})),
+    ):
+        with pytest.raises(errors.LeaseLost):
+            await late
+    second = await dispatcher.claim(task_id)
+    assert second.attempt == 2
+    _age_attempt(db_url, task_id, 31)
+    assert (await dispatcher.reap_once()).expired == 1
+    task = await dispatcher.get_task(task_id)
+    assert task["state"] == "failed" and task["error"]["code"] == "timed_out"  # none left
+    assert task["finished_at"] is not None
+
+
 async def test_late_success_clears_the_reapers_error(dispatcher: Dispatcher, db_url: str) -> None:
     task_id = await _create(dispatcher, max_attempts=1)
     f = _fence(await dispatcher.claim(task_id))

@@ -121,12 +121,12 @@ def test_fence_refuses_stale_attempt_and_wrong_token() -> None:
     task = view(TaskState.RUNNING, attempt=2)
     for op in Op:
         with pytest.raises(errors.LeaseLost):
-            check_fence(task, Fence("t", 1, TOKEN), op)
+            check_fence(task, Fence("t", 1, TOKEN), op, now=T0)
         with pytest.raises(errors.LeaseLost):
-            check_fence(task, Fence("t", 3, TOKEN), op)
+            check_fence(task, Fence("t", 3, TOKEN), op, now=T0)
         with pytest.raises(errors.LeaseLost):
-            check_fence(task, Fence("t", 2, "other"), op)
-        check_fence(task, Fence("t", 2, TOKEN), op)
+            check_fence(task, Fence("t", 2, "other"), op, now=T0)
+        check_fence(task, Fence("t", 2, TOKEN), op, now=T0)
 
 
 def test_heartbeat_only_while_running() -> None:
@@ -143,9 +143,13 @@ def test_heartbeat_only_while_running() -> None:
 
 def test_events_accepted_late_but_not_after_the_attempt_reported() -> None:
     f = Fence("t", 1, TOKEN)
-    check_fence(view(TaskState.PENDING, attempt_outcome=AttemptOutcome.TIMED_OUT), f, Op.EVENTS)
+    check_fence(
+        view(TaskState.PENDING, attempt_outcome=AttemptOutcome.TIMED_OUT), f, Op.EVENTS, now=T0
+    )
     with pytest.raises(errors.Conflict):
-        check_fence(view(TaskState.PENDING, attempt_outcome=AttemptOutcome.FAILED), f, Op.EVENTS)
+        check_fence(
+            view(TaskState.PENDING, attempt_outcome=AttemptOutcome.FAILED), f, Op.EVENTS, now=T0
+        )
 
 
 # --- complete ---------------------------------------------------------------------------------
@@ -259,6 +263,57 @@ def test_expire_only_after_the_lease() -> None:
     assert decide_expire(view(TaskState.QUEUED), now=later, retry=RETRY, rand=0.5) is None
 
 
+def test_an_attempt_past_its_timeout_is_timed_out_even_while_its_lease_holds() -> None:
+    """``timeout_s`` is a hard budget per attempt: leases are capped at it, the reaper ends the
+    attempt ``timed_out`` and retries it per policy, and nothing late from it is accepted."""
+    queued = view(TaskState.QUEUED, attempt=0, timeout_s=30)
+    claim = decide_claim(queued, now=T0, lease=LEASE, new_lease_token=TOKEN)
+    assert claim.lease_expires_at == T0 + timedelta(seconds=30)  # not the 60 s lease
+    running = view(
+        TaskState.RUNNING,
+        timeout_s=90,
+        started_at=T0,
+        lease_expires_at=T0 + timedelta(seconds=60),
+    )
+    f = Fence("t", 1, TOKEN)
+    beat = decide_heartbeat(running, f, now=T0 + timedelta(seconds=50), lease=LEASE)
+    assert beat.lease_expires_at == T0 + timedelta(seconds=90)  # capped at the budget
+    late = T0 + timedelta(seconds=90)
+    running = attrs.evolve(running, lease_expires_at=T0 + timedelta(seconds=200))  # pre-cap row
+    d = decide_expire(running, now=late, retry=RETRY, rand=0.5)
+    assert d is not None and (d.event, d.state) == (TaskEvent.TIME_OUT, TaskState.PENDING)
+    assert d.attempt_outcome is AttemptOutcome.TIMED_OUT and d.finished_at is None
+    assert d.error["code"] == "timed_out" and "timeout_s" in d.error["message"]
+    last = attrs.evolve(running, attempt=3)
+    d = decide_expire(last, now=late, retry=RETRY, rand=0.5)
+    assert d is not None and (d.state, d.finished_at) == (TaskState.FAILED, late)
+    for op in Op:
+        with pytest.raises(errors.LeaseLost):
+            check_fence(running, f, op, now=late)
+    with pytest.raises(errors.LeaseLost):
+        decide_heartbeat(running, f, now=late, lease=LEASE)
+    timed_out = attrs.evolve(
+        running, state=TaskState.PENDING, attempt_outcome=AttemptOutcome.TIMED_OUT
+    )
+    with pytest.raises(errors.LeaseLost):
+        decide_complete(
+            timed_out,
+            f,
+            outcome=Outcome.SUCCEEDED,
+            retryable=True,
+            digest="d",
+            now=late,
+            retry=RETRY,
+            rand=0.5,
+        )
+    # a lapsed lease alone keeps the late-completion window (invariant 3)
+    lapsed = view(TaskState.RUNNING, timeout_s=900, started_at=T0)
+    d = decide_expire(lapsed, now=T0 + timedelta(seconds=61), retry=RETRY, rand=0.5)
+    assert d is not None and d.event is TaskEvent.EXPIRE
+    reaped = attrs.evolve(lapsed, state=TaskState.PENDING)
+    check_fence(reaped, f, Op.COMPLETE, now=T0 + timedelta(seconds=61))
+
+
 def test_due_and_cancel() -> None:
     assert decide_due(view(TaskState.PENDING), now=T0)
     assert not decide_due(view(TaskState.PENDING, available_at=T0 + timedelta(1)), now=T0)
@@ -294,6 +349,7 @@ class LifecycleMachine(RuleBasedStateMachine):
             lease_token=None,
             lease_expires_at=None,
             attempt_outcome=None,
+            timeout_s=90,  # longer than the lease: attempts may time out while heartbeating
         )
         self.attempts: dict[int, Attempt] = {}
         self.completions = 0
@@ -330,6 +386,7 @@ class LifecycleMachine(RuleBasedStateMachine):
             attempt=d.attempt,
             lease_token=d.lease_token,
             lease_expires_at=d.lease_expires_at,
+            started_at=self.now,
         )
         self._sync()
 
@@ -391,7 +448,7 @@ class LifecycleMachine(RuleBasedStateMachine):
     def emit_events(self, data: st.DataObject) -> None:
         a = data.draw(st.sampled_from(sorted(self.attempts.values(), key=lambda x: x.number)))
         try:
-            check_fence(self.task, Fence("t", a.number, a.token), Op.EVENTS)
+            check_fence(self.task, Fence("t", a.number, a.token), Op.EVENTS, now=self.now)
         except errors.Conflict:
             return
         if a.number != self.task.attempt:

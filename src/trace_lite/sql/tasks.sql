@@ -51,11 +51,12 @@ SELECT pg_notify('trace_outbox', '');
 SELECT pg_notify('trace_tasks', '');
 
 -- name: lock_tasks
--- Lock tasks with their current attempt for a decision; waits for other writers. Also returns
--- what a renewed token and the staging prefix need (org, timeout, read grants).
+-- Lock tasks with their current attempt for a decision; waits for other writers. Every lock_*
+-- query but the claim's returns these columns (trace_lite.dispatcher._LockedRow): what the
+-- kernel decides on, and what a renewed token and the staging prefix need.
 SELECT t.task_id::text, t.state, t.attempt, t.lease_token::text, t.lease_expires_at,
-       t.available_at, t.max_attempts, a.outcome, a.completion_digest,
-       t.org_id::text, t.timeout_s, t.read_datasets, now() AS now
+       t.available_at, t.max_attempts, a.outcome, a.completion_digest, t.org_id::text,
+       t.timeout_s, t.read_datasets, a.started_at, now() AS now
 FROM tasks t
 LEFT JOIN task_attempts a ON a.task_id = t.task_id AND a.attempt = t.attempt
 WHERE t.task_id = ANY(%(task_ids)s::uuid[])
@@ -189,9 +190,11 @@ WITH c AS (
 SELECT task_id::text FROM done;
 
 -- name: lock_expired
--- Lock running tasks whose lease expired (the database's clock decides), for the reaper.
+-- Lock running tasks whose lease expired (the database's clock decides), for the reaper. The
+-- kernel caps every lease at the attempt's timeout_s, so attempts past it are found here too.
 SELECT t.task_id::text, t.state, t.attempt, t.lease_token::text, t.lease_expires_at,
-       t.available_at, t.max_attempts, a.outcome, a.completion_digest, now() AS now
+       t.available_at, t.max_attempts, a.outcome, a.completion_digest, t.org_id::text,
+       t.timeout_s, t.read_datasets, a.started_at, now() AS now
 FROM tasks t
 LEFT JOIN task_attempts a ON a.task_id = t.task_id AND a.attempt = t.attempt
 WHERE t.state = 'running' AND t.lease_expires_at < now()
@@ -200,28 +203,25 @@ LIMIT %(n)s
 FOR UPDATE OF t SKIP LOCKED;
 
 -- name: apply_expiries
--- Expire attempts: retry later (pending) or fail; CAS on the fence.
+-- End attempts as the kernel decided (retry later or fail): the whole next row, CAS on the fence.
 WITH c AS (
     SELECT * FROM unnest(%(task_ids)s::uuid[], %(attempts)s::int[], %(lease_tokens)s::uuid[],
-                         %(states)s::text[], %(available_ats)s::timestamptz[])
-         AS c(task_id, attempt, lease_token, state, available_at)
+                         %(states)s::text[], %(available_ats)s::timestamptz[],
+                         %(finished_ats)s::timestamptz[], %(errors)s::jsonb[],
+                         %(outcomes)s::text[])
+         AS c(task_id, attempt, lease_token, state, available_at, finished_at, error, outcome)
 ), done AS (
     UPDATE tasks t
-    SET state = c.state, available_at = coalesce(c.available_at, t.available_at),
-        lease_expires_at = NULL,
-        finished_at = CASE WHEN c.state = 'failed' THEN now() END,
-        error = CASE WHEN c.state = 'failed'
-                     THEN jsonb_build_object('code', 'timed_out', 'message',
-                                             'the last attempt''s lease expired')
-                     ELSE t.error END,
-        updated_at = now()
+    SET state = c.state, available_at = c.available_at, lease_expires_at = NULL,
+        finished_at = c.finished_at, error = c.error, updated_at = now()
     FROM c
     WHERE t.task_id = c.task_id AND t.attempt = c.attempt AND t.lease_token = c.lease_token
       AND t.state = 'running'
     RETURNING t.task_id, t.attempt
 )
-UPDATE task_attempts a SET outcome = 'timed_out', finished_at = now()
-FROM done d WHERE a.task_id = d.task_id AND a.attempt = d.attempt
+UPDATE task_attempts a SET outcome = c.outcome, finished_at = now()
+FROM done d JOIN c ON c.task_id = d.task_id
+WHERE a.task_id = d.task_id AND a.attempt = d.attempt
 RETURNING a.task_id::text;
 
 -- name: expire_canceled_attempts
@@ -235,13 +235,14 @@ RETURNING a.task_id::text;
 -- name: lock_due
 -- Lock pending tasks whose backoff elapsed, for the reaper.
 SELECT t.task_id::text, t.state, t.attempt, t.lease_token::text, t.lease_expires_at,
-       t.available_at, t.max_attempts, NULL::text AS outcome, NULL::text AS completion_digest,
-       now() AS now
+       t.available_at, t.max_attempts, a.outcome, a.completion_digest, t.org_id::text,
+       t.timeout_s, t.read_datasets, a.started_at, now() AS now
 FROM tasks t
+LEFT JOIN task_attempts a ON a.task_id = t.task_id AND a.attempt = t.attempt
 WHERE t.state = 'pending' AND t.available_at <= now()
 ORDER BY t.available_at
 LIMIT %(n)s
-FOR UPDATE SKIP LOCKED;
+FOR UPDATE OF t SKIP LOCKED;
 
 -- name: apply_due
 -- Move due pending tasks to queued.
