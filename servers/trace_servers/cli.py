@@ -6,7 +6,7 @@ trace worker                  run a worker wrapper with the built-in operators
 trace up                      run Lite: embedded Postgres, a Dispatcher and N workers
 trace demo                    run Lite and a demo workload through the full lifecycle
 trace task create|get|cancel  admin calls against a running Dispatcher
-trace keys init|rotate        manage the Ed25519 signing keys (current + next)
+trace keys init|rotate|revoke manage the Ed25519 signing keys (current + next; revoke KID)
 trace pg start|stop|url       manage the embedded Postgres cluster
 """
 
@@ -423,11 +423,18 @@ def cmd_task(settings: LiteSettings, args: argparse.Namespace) -> int:
 
 
 def cmd_keys(settings: LiteSettings, args: argparse.Namespace) -> int:
+    from trace_core import errors
     from trace_lite.local_signer import FileSigner
 
     signer = FileSigner.init(settings.key_dir)
-    if args.keys_cmd == "rotate":
-        signer.rotate(force=args.force)
+    try:
+        if args.keys_cmd == "rotate":
+            signer.rotate(force=args.force)
+        elif args.keys_cmd == "revoke":
+            signer.revoke(args.kid)
+    except errors.TraceError as exc:
+        print(json.dumps(exc.to_dict()), file=sys.stderr)
+        return 1
     keys = asyncio.run(signer.public_keys())
     print(json.dumps([{"kid": k.kid, "alg": k.algorithm} for k in keys], indent=2))
     return 0
@@ -482,6 +489,10 @@ def build_parser() -> argparse.ArgumentParser:
     ksub.add_parser("init")
     r = ksub.add_parser("rotate")
     r.add_argument("--force", action="store_true")
+    rv = ksub.add_parser(
+        "revoke", help="stop trusting a key in every process within seconds (a leaked key)"
+    )
+    rv.add_argument("kid")
     g = sub.add_parser("pg", help="embedded Postgres")
     g.add_argument("pg_cmd", choices=["start", "stop", "url"])
     from trace_servers import datasets_cli

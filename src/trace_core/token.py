@@ -43,7 +43,14 @@ from typing import Any, Final
 
 import attrs
 
-from trace_core.errors import Conflict, Forbidden, SignerError, Unauthenticated, ValidationFailed
+from trace_core.errors import (
+    Conflict,
+    Forbidden,
+    NotFound,
+    SignerError,
+    Unauthenticated,
+    ValidationFailed,
+)
 
 #: Extra time a token lives beyond its attempt's timeout.
 TTL_MARGIN_S: Final = 60
@@ -294,6 +301,10 @@ def _to_entries(value: Iterable[KeyEntry]) -> tuple[KeyEntry, ...]:
     return tuple(value)
 
 
+def _to_kids(value: Iterable[str]) -> frozenset[str]:
+    return frozenset(value)
+
+
 def _check_entries(_inst: object, _attr: object, entries: tuple[KeyEntry, ...]) -> None:
     kids = [e.kid for e in entries]
     if len(set(kids)) != len(kids):
@@ -318,6 +329,8 @@ class KeyRing:
     min_publish_s: float = MIN_PUBLISH_S
     #: How long a retired key keeps verifying (max TTL + leeway).
     grace_s: float = TokenPolicy().key_grace_s
+    #: Kids that never verify again, whatever their entry says (``revoke``).
+    revoked: frozenset[str] = attrs.field(default=frozenset(), converter=_to_kids)
 
     @classmethod
     def bootstrap(
@@ -355,12 +368,21 @@ class KeyRing:
         return self._one(KeyState.NEXT)
 
     def signing_kid(self, now: float) -> str:
-        """The kid that signs at ``now`` (the current key). Raises nothing."""
+        """The kid that signs at ``now`` (the current key).
+
+        Raises ``SignerError`` if the current key is revoked (a revocation interrupted before
+        its rotation: never sign with a key nobody may trust).
+        """
         del now  # signing never depends on time: promotion happens only in ``rotate``
-        return self.current.kid
+        kid = self.current.kid
+        if kid in self.revoked:
+            raise SignerError("the current signing key is revoked; rotate")
+        return kid
 
     def in_grace(self, entry: KeyEntry, now: float) -> bool:
-        """Whether ``entry`` still verifies at ``now``: always, unless retired beyond grace."""
+        """Whether ``entry`` still verifies at ``now``: unless revoked, or retired beyond grace."""
+        if entry.kid in self.revoked:
+            return False
         if entry.state is not KeyState.RETIRED:
             return True
         assert entry.retired_at is not None
@@ -413,6 +435,27 @@ class KeyRing:
         if new_kid is not None:
             entries.append(KeyEntry(new_kid, KeyState.NEXT, now))
         return attrs.evolve(self, entries=tuple(entries))
+
+    def revoke(self, now: float, kid: str, new_kid: str | None) -> KeyRing:
+        """Stop trusting ``kid`` at once (a leaked key), whatever its state.
+
+        A current key is first rotated out with ``force`` (the published next key signs from
+        ``now``, ``new_kid`` becomes the next); a next key is replaced by ``new_kid``; a retired
+        key is dropped. The kid is recorded in ``revoked`` so no copy of it verifies again.
+        Returns the new ring. Raises ``NotFound`` if ``kid`` is not in the ring, ``Conflict``
+        when revoking the current key with no next key to promote, ``ValidationFailed`` if
+        ``new_kid`` is already in the ring.
+        """
+        entry = next((e for e in self.entries if e.kid == kid), None)
+        if entry is None:
+            raise NotFound(f"key {kid!r} is not in the key ring")
+        if new_kid is not None and any(e.kid == new_kid for e in self.entries):
+            raise ValidationFailed("key revocation: new kid is already in the ring", field="kid")
+        ring = self.rotate(now, new_kid, force=True) if entry.state is KeyState.CURRENT else self
+        kept = [e for e in ring.entries if e.kid != kid]
+        if entry.state is KeyState.NEXT and new_kid is not None:
+            kept.append(KeyEntry(new_kid, KeyState.NEXT, now))
+        return attrs.evolve(ring, entries=tuple(kept), revoked=ring.revoked | {kid})
 
     def publish_next(self, now: float, new_kid: str) -> KeyRing:
         """Publish ``new_kid`` as next when none is published.

@@ -12,11 +12,17 @@ Theory of operation
   so the header is built from a hint (the last pair seen, or a probe signature); if the signer
   answers with another key (it rotated in between), the token is re-signed with the new
   header. ``TokenIssuer`` keeps the hint.
-* **Verifying.** ``TokenVerifier`` holds the signer's published keys. An unknown kid triggers a
-  refresh at most once per ``refresh_interval_s`` of the caller's monotonic clock (a flood of
-  made-up kids cannot hammer the signer, e.g. KMS). Verified tokens, and tokens this process
-  minted, are remembered by ``ParsedJws.digest`` -- what was verified, never the token text --
-  and a remembered token still goes through the time checks on every call.
+* **Verifying.** ``TokenVerifier`` holds the signer's published keys and re-reads them when
+  they are older than ``refresh_interval_s`` (1 s) of the caller's monotonic clock, checked on
+  every ``verify``: a key retired past its grace, or revoked (``trace keys revoke``), stops
+  verifying within about a second whatever the traffic was before -- there is no state that
+  outlives a refresh. A flood of tokens (made-up kids included) costs at most one refresh per
+  interval, so it cannot hammer the signer (KMS). If the signer cannot be read, the last key
+  set is used for at most ``max_stale_s`` (30 s); after that every token is refused.
+* **Remembering.** Verified tokens, and tokens this process minted, are remembered by
+  ``ParsedJws.digest`` -- what was verified, never the token text. A remembered token is
+  accepted only while its kid is still in the current key set, and still goes through the
+  time checks on every call.
 """
 
 from __future__ import annotations
@@ -32,6 +38,10 @@ from trace_core.token import CapabilityClaims, TokenPolicy, check_claims
 
 #: A signer that answers with another key this many times in a row is refused.
 _MAX_KEY_CHANGES = 3
+#: How old (monotonic seconds) the verifier's key set may get before ``verify`` re-reads it.
+KEY_REFRESH_S = 1.0
+#: How long the last key set stays usable while the signer cannot be read.
+KEY_MAX_STALE_S = 30.0
 
 
 async def encode_token(
@@ -84,20 +94,23 @@ class TokenIssuer:
 
 
 class TokenVerifier:
-    """Verifies capability tokens with public keys fetched from a ``Signer`` and cached."""
+    """Verifies capability tokens with public keys fetched from a ``Signer`` and kept fresh."""
 
     def __init__(
         self,
         signer: Signer,
         policy: TokenPolicy | None = None,
         *,
-        refresh_interval_s: float = 30.0,
+        refresh_interval_s: float = KEY_REFRESH_S,
+        max_stale_s: float = KEY_MAX_STALE_S,
     ) -> None:
         self._signer = signer
         self.policy = policy or TokenPolicy()
         self._refresh_interval_s = refresh_interval_s
+        self._max_stale_s = max_stale_s
         self._keys: dict[str, PublicKey] = {}
-        self._last_refresh: float | None = None
+        self._fetched_at: float | None = None  # last successful fetch
+        self._tried_at: float | None = None  # last attempt, successful or not
         self._lock = asyncio.Lock()
         #: How many times the key set was fetched (for tests and metrics).
         self.refresh_count = 0
@@ -127,38 +140,51 @@ class TokenVerifier:
             await self._refresh_locked(monotonic)
 
     async def _refresh_locked(self, monotonic: float) -> None:
+        self._tried_at = monotonic
         keys = await self._signer.public_keys()
         self._keys = {k.kid: k for k in keys}
-        self._last_refresh = monotonic
+        self._fetched_at = monotonic
         self.refresh_count += 1
 
-    async def verify(self, token: str, *, now_epoch: int, monotonic: float) -> CapabilityClaims:
-        """Verify ``token`` at ``now_epoch``; refresh keys on an unknown kid if allowed.
+    def _due(self, monotonic: float) -> bool:
+        return self._tried_at is None or monotonic - self._tried_at >= self._refresh_interval_s
 
-        Returns the claims. Raises ``Unauthenticated`` (see ``trace_core.jws.verify_token``); a
-        signer failure during refresh is also reported as ``Unauthenticated`` (the token could
-        not be checked).
+    async def _current_keys(self, monotonic: float) -> Mapping[str, PublicKey]:
+        """The key set, re-read first when older than the refresh interval.
+
+        Raises ``Unauthenticated`` when the signer has not been readable for ``max_stale_s``.
         """
-        parsed = parse(token)
-        known = self._verified.get(parsed.digest)
-        if known is not None:  # these exact bytes were verified (or signed) here before
-            return check_claims(self.policy, known[1].to_payload(), now_epoch)
-        kid = parsed.kid
-        if kid not in self._keys:
+        if self._due(monotonic):
             async with self._lock:
-                due = (
-                    self._last_refresh is None
-                    or monotonic - self._last_refresh >= self._refresh_interval_s
-                )
-                if kid not in self._keys and due:
+                if self._due(monotonic):
                     try:
                         await self._refresh_locked(monotonic)
-                    except SignerError as exc:
-                        raise Unauthenticated("capability token: keys unavailable") from exc
-        verify_signature(parsed, self._keys, self.policy.typ)
+                    except SignerError:
+                        pass  # judged below: the last key set may still be fresh enough
+        if self._fetched_at is None or monotonic - self._fetched_at > self._max_stale_s:
+            raise Unauthenticated("capability token: keys unavailable")
+        return self._keys
+
+    async def verify(self, token: str, *, now_epoch: int, monotonic: float) -> CapabilityClaims:
+        """Verify ``token`` at ``now_epoch`` against the current key set.
+
+        Returns the claims. Raises ``Unauthenticated`` (see ``trace_core.jws.verify_token``),
+        also when the token's key was retired past its grace or revoked since it was last
+        verified, or when the key set could not be read for ``max_stale_s``.
+        """
+        parsed = parse(token)
+        keys = await self._current_keys(monotonic)
+        known = self._verified.get(parsed.digest)
+        if known is not None:  # these exact bytes were verified (or signed) here before
+            kid, claims = known
+            if kid not in keys:
+                del self._verified[parsed.digest]
+                raise Unauthenticated("capability token: key no longer trusted")
+            return check_claims(self.policy, claims.to_payload(), now_epoch)
+        kid = verify_signature(parsed, keys, self.policy.typ)
         claims = check_claims(self.policy, parsed.payload, now_epoch)
         self._store(parsed.digest, kid, claims)
         return claims
 
 
-__all__ = ["TokenIssuer", "TokenVerifier", "encode_token"]
+__all__ = ["KEY_MAX_STALE_S", "KEY_REFRESH_S", "TokenIssuer", "TokenVerifier", "encode_token"]

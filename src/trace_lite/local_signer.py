@@ -5,6 +5,7 @@ Layout of ``key_dir`` (directory mode 0700, key files 0600)::
     current.pem          signs tokens
     next.pem             published to verifiers, signs after the next rotation
     retired/<kid>.pem    stopped signing at the file's mtime; verifies for max TTL + leeway
+    revoked              kids that never verify again, one per line (``trace keys revoke``)
 
 Every key is pinned to ``EdDSA``; its kid is the first 16 hex characters of SHA-256 of the raw
 public key. The file mtimes carry the schedule (``next.pem``'s mtime is when it was published,
@@ -16,6 +17,13 @@ Rotation is crash-safe: (1) copy ``current.pem`` to ``retired/``, (2) rename ``n
 duplicate; after (2) a ring without a next key, which ``FileSigner.init`` repairs. Another
 process's rotation is picked up automatically (the files are re-read when they change), and
 rotations are serialized by an exclusive ``flock`` on ``key_dir/.lock``.
+
+Revocation (``revoke``, for a leaked key) rotates first when the key is the current one (the
+published next key signs at once), writes a fresh ``next.pem`` when it is the next one, then
+adds the kid to ``revoked`` (atomic replace) and deletes its file. Every process re-reads the
+directory when it changes: ``public_keys`` drops the kid at once, and a verifier that refreshes
+its key set every second (``trace_lite.capabilities.TokenVerifier``) refuses its tokens within
+seconds, including tokens it had verified before.
 """
 
 from __future__ import annotations
@@ -153,7 +161,7 @@ class FileSigner:
     # -- loading -------------------------------------------------------------------------------
 
     def _fingerprint(self) -> _Fingerprint:
-        paths = [self.key_dir / "current.pem", self.key_dir / "next.pem"]
+        paths = [self.key_dir / "current.pem", self.key_dir / "next.pem", self._revoked_path]
         retired = self.key_dir / "retired"
         if retired.is_dir():
             paths += sorted(retired.glob("*.pem"))
@@ -207,9 +215,25 @@ class FileSigner:
                     continue  # a crash between copy and rename left a duplicate
                 retired_at = path.stat().st_mtime
                 entries.append(KeyEntry(kid, KeyState.RETIRED, retired_at, retired_at, retired_at))
-        ring = KeyRing(entries, min_publish_s=self._min_publish_s, grace_s=self._grace_s)
+        ring = KeyRing(
+            entries,
+            min_publish_s=self._min_publish_s,
+            grace_s=self._grace_s,
+            revoked=self._read_revoked(),
+        )
         self._loaded = _Loaded(ring, private, public, fingerprint)
         return self._loaded
+
+    @property
+    def _revoked_path(self) -> Path:
+        return self.key_dir / "revoked"
+
+    def _read_revoked(self) -> frozenset[str]:
+        try:
+            text = self._revoked_path.read_text(encoding="ascii")
+        except FileNotFoundError:
+            return frozenset()
+        return frozenset(line.strip() for line in text.splitlines() if line.strip())
 
     async def _load(self) -> _Loaded:
         try:
@@ -253,21 +277,68 @@ class FileSigner:
             new_key = ed25519.Ed25519PrivateKey.generate()
             new_kid = public_key_for(new_key).kid
             ring = loaded.ring.rotate(now, new_kid, force=force)  # Conflict if too early
-            old = loaded.ring.current
-            retired_dir = self.key_dir / "retired"
-            retired_dir.mkdir(mode=0o700, exist_ok=True)
-            _write_key(retired_dir / f"{old.kid}.pem", loaded.private[old.kid], now)
-            os.replace(self.key_dir / "next.pem", self.key_dir / "current.pem")
-            os.utime(self.key_dir / "current.pem", (now, now))
-            _fsync_dir(self.key_dir)
-            _write_key(self.key_dir / "next.pem", new_key, now)
-            # Private keys past their grace have no reason to stay on disk.
-            live = {e.kid for e in ring.entries}
-            for path in retired_dir.glob("*.pem"):
-                if path.stem not in live:
-                    path.unlink(missing_ok=True)
+            self._write_rotation(loaded, ring, new_key, now)
             self._loaded = None
             return ring.signing_kid(now)
+
+    def _write_rotation(
+        self, loaded: _Loaded, ring: KeyRing, new_key: ed25519.Ed25519PrivateKey, now: float
+    ) -> None:
+        """Apply ``loaded.ring.rotate`` to the files (crash-safe order, see the module doc)."""
+        old = loaded.ring.current
+        retired_dir = self.key_dir / "retired"
+        retired_dir.mkdir(mode=0o700, exist_ok=True)
+        _write_key(retired_dir / f"{old.kid}.pem", loaded.private[old.kid], now)
+        os.replace(self.key_dir / "next.pem", self.key_dir / "current.pem")
+        os.utime(self.key_dir / "current.pem", (now, now))
+        _fsync_dir(self.key_dir)
+        _write_key(self.key_dir / "next.pem", new_key, now)
+        # Private keys past their grace have no reason to stay on disk.
+        live = {e.kid for e in ring.entries}
+        for path in retired_dir.glob("*.pem"):
+            if path.stem not in live:
+                path.unlink(missing_ok=True)
+
+    def revoke(self, kid: str) -> str:
+        """Stop trusting key ``kid`` in every process within seconds (a leaked key).
+
+        A current key is rotated out first (the published next key signs from now on), a next
+        key is replaced by a fresh one, a retired key's file is deleted; the kid is added to
+        ``key_dir/revoked``. Blocking, like ``rotate``. Returns the current kid afterwards.
+        Raises ``NotFound`` for a kid not in the key directory, ``Conflict`` when revoking the
+        current key with no next key, ``SignerError`` on I/O failure.
+        """
+        try:
+            with _DirLock(self.key_dir):
+                self._loaded = None
+                loaded = self._load_sync()
+                now = self._clock()
+                new_key = ed25519.Ed25519PrivateKey.generate()
+                ring = loaded.ring.revoke(now, kid, public_key_for(new_key).kid)
+                if kid == loaded.ring.current.kid:
+                    self._write_rotation(loaded, ring, new_key, now)
+                elif loaded.ring.next is not None and kid == loaded.ring.next.kid:
+                    _write_key(self.key_dir / "next.pem", new_key, now)
+                self._write_revoked(ring.revoked)
+                (self.key_dir / "retired" / f"{kid}.pem").unlink(missing_ok=True)
+                _fsync_dir(self.key_dir)
+                self._loaded = None
+                return ring.current.kid
+        except OSError as exc:
+            raise SignerError(f"key revocation failed: {exc.strerror or exc}") from exc
+
+    def _write_revoked(self, kids: frozenset[str]) -> None:
+        path = self._revoked_path
+        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w", encoding="ascii") as f:
+                f.write("".join(f"{kid}\n" for kid in sorted(kids)))
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
 
     # -- Signer --------------------------------------------------------------------------------
 

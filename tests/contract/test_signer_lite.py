@@ -12,7 +12,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
-from trace_core.errors import Conflict, SignerError
+from trace_core.errors import Conflict, NotFound, SignerError
 from trace_core.jws import verify_token
 from trace_core.ports import Signer
 from trace_core.testing.conformance.signer import RotateSigner, SignerConformance
@@ -191,3 +191,42 @@ async def test_no_temp_files_left_behind(signer: FileSigner) -> None:
     signer.rotate(force=True)
     leftovers = [n for n in os.listdir(signer.key_dir) if n.endswith(".tmp")]
     assert leftovers == []
+
+
+async def test_revocation_reaches_another_process_through_the_files(
+    tmp_path: Path, clock: _Clock
+) -> None:
+    key_dir = tmp_path / "keys"
+    a = FileSigner.init(key_dir, clock=clock)
+    b = FileSigner(key_dir, clock=clock)  # another process on the same directory
+    b.recheck_s = 0.0
+    current = _kid_of(key_dir / "current.pem")
+    nxt = _kid_of(key_dir / "next.pem")
+    assert {k.kid for k in await b.public_keys()} == {current, nxt}
+    signed_kid, _, sig = await a.sign(b"x")
+    assert signed_kid == current and await b.verify(current, b"x", sig)
+    assert a.revoke(current) == nxt  # the published next key signs at once, no age check
+    assert current not in {k.kid for k in await b.public_keys()}
+    assert (await b.sign(b"x"))[0] == nxt
+    assert not await b.verify(current, b"x", sig)
+    assert (key_dir / "revoked").read_text().split() == [current]
+    assert not (key_dir / "retired" / f"{current}.pem").exists()
+    assert stat.S_IMODE((key_dir / "revoked").stat().st_mode) == 0o600
+    # a next key is replaced; a retired key (inside its grace) is dropped with its file
+    new_next = _kid_of(key_dir / "next.pem")
+    a.revoke(new_next)
+    assert _kid_of(key_dir / "next.pem") not in (new_next, nxt)
+    a.rotate(force=True)
+    assert (key_dir / "retired" / f"{nxt}.pem").exists()
+    a.revoke(nxt)
+    assert not (key_dir / "retired" / f"{nxt}.pem").exists()
+    kids = {k.kid for k in await b.public_keys()}
+    assert kids.isdisjoint({current, new_next, nxt}) and len(kids) == 2
+    assert sorted((key_dir / "revoked").read_text().split()) == sorted([current, new_next, nxt])
+
+
+async def test_revoking_an_unknown_kid_changes_nothing(signer: FileSigner) -> None:
+    before = sorted(os.listdir(signer.key_dir))
+    with pytest.raises(NotFound):
+        signer.revoke("0123456789abcdef")
+    assert sorted(os.listdir(signer.key_dir)) == before

@@ -10,6 +10,8 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import subprocess
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -119,6 +121,14 @@ def test_auth_matrix(env: Env) -> None:
     assert _ok.status == 200, _ok
     crafted = _sign(env.current, _claims(env.org_id, env.a_id, 2))
     assert env.heartbeat(crafted, a2_fence).status == 200
+
+    # the same token spelled another way (padding, non-zero trailing bits): refused, although
+    # its bytes were verified above and the Dispatcher minted it
+    own = env.a2["capability_token"]
+    alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+    trailing = own[:-1] + alphabet[alphabet.index(own[-1]) | 1]
+    for respelled in (own + "==", own + "=", trailing, crafted + "=="):
+        _assert_error(env.heartbeat(respelled, a2_fence), 401, "unauthenticated")
 
     # missing token
     _assert_error(env.heartbeat(None, a2_fence), 401, "unauthenticated")
@@ -257,3 +267,65 @@ def test_internal_routes_need_the_platform_credential(env: Env) -> None:
     # control: the right credential works
     r = t.request("GET", "/internal/admin/counts", platform=True)
     assert r.status == 200, r
+
+
+def _trace_cli(t: TraceProcs, *argv: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "trace_servers.cli", *argv],
+        env=t.env(),
+        cwd=t.home,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_trace_keys_revoke_reaches_the_running_dispatcher(trace_procs: TraceProcs) -> None:
+    t = trace_procs
+    t.start_dispatcher()
+    task_id = t.create_task("noop", max_attempts=5)
+    org_id = str(t.scalar("SELECT org_id FROM tasks WHERE task_id = %s", (task_id,)))
+    claim = t.claim(task_id)
+    fence = _fence(claim)
+    current = _load(t.key_dir / "current.pem")
+    revoked_kid = public_key_for(current).kid
+    # minted (and remembered) by the Dispatcher, and one it verifies and remembers once
+    minted = claim["capability_token"]
+    crafted = _sign(current, _claims(org_id, task_id, claim["attempt"]))
+
+    def heartbeat(token: str) -> Response:
+        return t.request("POST", "/v1/task/heartbeat", capability=token, body=fence)
+
+    for token in (minted, crafted):
+        assert heartbeat(token).status == 200
+
+    done = _trace_cli(t, "keys", "revoke", revoked_kid)
+    assert done.returncode == 0, done.stderr
+    assert revoked_kid not in {k["kid"] for k in json.loads(done.stdout)}
+
+    def refused(token: str) -> bool:
+        r = heartbeat(token)
+        assert r.status in (200, 401), r  # accepted until the Dispatcher re-reads its keys
+        return r.status == 401
+
+    for token in (minted, crafted):
+        t.wait_until(lambda token=token: refused(token), 30, "the revoked key refused")
+        _assert_error(heartbeat(token), 401, "unauthenticated")
+    # a freshly crafted token with the revoked key: refused at once now
+    _assert_error(heartbeat(_sign(current, _claims(org_id, task_id, 1))), 401, "unauthenticated")
+
+    # the promoted key signs new tokens, and they are accepted
+    new_current = _load(t.key_dir / "current.pem")
+    assert public_key_for(new_current).kid != revoked_kid
+    other = t.claim(t.create_task("noop", max_attempts=5))
+    r = t.request(
+        "POST", "/v1/task/heartbeat", capability=other["capability_token"], body=_fence(other)
+    )
+    assert r.status == 200, r
+    fresh = _sign(new_current, _claims(org_id, other["task_id"], other["attempt"]))
+    r = t.request("POST", "/v1/task/heartbeat", capability=fresh, body=_fence(other))
+    assert r.status == 200, r
+
+    # an unknown kid is refused by the command, and nothing changes
+    done = _trace_cli(t, "keys", "revoke", "0123456789abcdef")
+    assert done.returncode == 1 and json.loads(done.stderr)["error"] == "not_found"

@@ -14,12 +14,16 @@ import pytest
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from trace_core.errors import SignerError, Unauthenticated
+from trace_core.errors import NotFound, SignerError, Unauthenticated
 from trace_core.jws import (
+    assemble,
     b64url_decode,
     b64url_encode,
+    header_for,
     kid_for,
     load_public_key,
+    sign_jws,
+    signing_input,
     unverified_kid,
     verify_token,
 )
@@ -451,9 +455,8 @@ async def test_tokens_minted_here_verify_by_lookup_with_time_checks_intact(
     verifier = TokenVerifier(signer, POLICY)
     token = await encode_token(_claims(), signer)
     verifier.remember(token, _claims())
-    # no key set was ever fetched: the exact text is known good
     assert await verifier.verify(token, now_epoch=NOW, monotonic=0.0) == _claims()
-    assert verifier.refresh_count == 0
+    assert verifier.refresh_count == 1  # the key set is still read: its kid must be trusted
     with pytest.raises(Unauthenticated):  # expiry still applies
         await verifier.verify(token, now_epoch=NOW + 3600, monotonic=0.0)
     tampered = token[:-3] + ("AAA" if not token.endswith("AAA") else "BBB")
@@ -463,3 +466,108 @@ async def test_tokens_minted_here_verify_by_lookup_with_time_checks_intact(
     other = await encode_token(_claims(jti="jti-2"), signer)
     verifier.remember(other, _claims(jti="jti-2"))
     assert len(verifier._verified) == 1  # bounded: the oldest is dropped
+
+
+# -- key retirement and revocation are never lazy ----------------------------------------------
+
+
+class _Epoch:
+    """A settable epoch clock for the signer's rotation schedule."""
+
+    def __init__(self, t: float) -> None:
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t
+
+
+async def test_the_key_set_is_re_read_on_a_timer_not_only_on_unknown_kids() -> None:
+    signer = MemorySigner()
+    verifier = TokenVerifier(signer, POLICY, refresh_interval_s=1.0)
+    token = await encode_token(_claims(), signer)
+    for t in (0.0, 0.5, 0.99):
+        await verifier.verify(token, now_epoch=NOW, monotonic=t)
+    assert verifier.refresh_count == 1
+    for t in (1.0, 1.5, 2.0, 3.7):
+        await verifier.verify(token, now_epoch=NOW, monotonic=t)
+    assert verifier.refresh_count == 4  # at 1.0, 2.0 and 3.7
+
+
+@pytest.mark.parametrize("algorithm", ["EdDSA", "ES256"])
+async def test_a_retired_key_stops_verifying_at_grace_end_even_for_tokens_verified_before(
+    algorithm: str,
+) -> None:
+    clock = _Epoch(NOW)
+    signer = MemorySigner(algorithm, clock=clock)
+    verifier = TokenVerifier(signer, POLICY, refresh_interval_s=1.0)
+    # Signed with the key that is about to retire (as a process that has not seen the rotation
+    # yet would), verified and remembered before the rotation.
+    old = await encode_token(_claims(), signer)
+    assert await verifier.verify(old, now_epoch=NOW, monotonic=0.0) == _claims()
+    signer.rotate(force=True)
+    clock.t = NOW + signer.ring.grace_s  # the last second of the grace
+    assert await verifier.verify(old, now_epoch=NOW, monotonic=10.0) == _claims()
+    clock.t = NOW + signer.ring.grace_s + 1  # grace over; no traffic needed to drop the key
+    with pytest.raises(Unauthenticated):
+        await verifier.verify(old, now_epoch=NOW, monotonic=11.0)
+    fresh = await encode_token(_claims(jti="jti-2"), signer)
+    assert await verifier.verify(fresh, now_epoch=NOW, monotonic=11.0) == _claims(jti="jti-2")
+
+
+@pytest.mark.parametrize("which", ["current", "next", "retired"])
+async def test_a_revoked_key_stops_verifying_within_one_refresh(
+    signer: MemorySigner, which: str
+) -> None:
+    verifier = TokenVerifier(signer, POLICY, refresh_interval_s=1.0)
+    if which == "next":
+        # a token signed with the published next key (crafted: it does not sign yet)
+        kid = signer.next_kid
+        assert kid is not None
+        private = signer._private[kid]
+        signed = signing_input(
+            header_for(kid, signer.algorithm, POLICY.typ), _claims().to_payload()
+        )
+        token = assemble(signed, sign_jws(private, signed))
+    else:
+        token = await encode_token(_claims(), signer)
+        kid = signer.current_kid
+        if which == "retired":
+            signer.rotate(force=True)
+    minted = TokenVerifier(signer, POLICY, refresh_interval_s=1.0)
+    minted.remember(token, _claims())
+    for v in (verifier, minted):
+        assert await v.verify(token, now_epoch=NOW, monotonic=0.0) == _claims()
+    current = signer.revoke(kid)
+    assert current != kid and kid not in {k.kid for k in await signer.public_keys()}
+    for v in (verifier, minted):  # verified (or minted) before: re-checked against the keys
+        with pytest.raises(Unauthenticated):
+            await v.verify(token, now_epoch=NOW, monotonic=1.0)
+    fresh = await encode_token(_claims(jti="jti-2"), signer)
+    assert unverified_kid(fresh) == current
+    assert await verifier.verify(fresh, now_epoch=NOW, monotonic=1.0) == _claims(jti="jti-2")
+
+
+async def test_revoking_an_unknown_kid_is_not_found(signer: MemorySigner) -> None:
+    with pytest.raises(NotFound):
+        signer.revoke("no-such-kid")
+
+
+async def test_an_unreadable_signer_is_tolerated_only_for_max_stale(signer: MemorySigner) -> None:
+    class Flaky(MemorySigner):
+        down = False
+
+        async def public_keys(self) -> list[PublicKey]:
+            if self.down:
+                raise SignerError("kms down")
+            return await super().public_keys()
+
+    flaky = Flaky(signer.algorithm)
+    verifier = TokenVerifier(flaky, POLICY, refresh_interval_s=1.0, max_stale_s=30.0)
+    token = await encode_token(_claims(), flaky)
+    await verifier.verify(token, now_epoch=NOW, monotonic=0.0)
+    flaky.down = True
+    await verifier.verify(token, now_epoch=NOW, monotonic=30.0)
+    with pytest.raises(Unauthenticated, match="keys unavailable"):
+        await verifier.verify(token, now_epoch=NOW, monotonic=30.5)
+    flaky.down = False
+    await verifier.verify(token, now_epoch=NOW, monotonic=31.5)

@@ -7,7 +7,14 @@ from typing import Any
 import attrs
 import pytest
 
-from trace_core.errors import Conflict, Forbidden, Unauthenticated, ValidationFailed
+from trace_core.errors import (
+    Conflict,
+    Forbidden,
+    NotFound,
+    SignerError,
+    Unauthenticated,
+    ValidationFailed,
+)
 from trace_core.token import (
     ROTATION,
     CapabilityClaims,
@@ -393,3 +400,42 @@ def test_rotation_chain_never_rejects_a_live_token() -> None:
 def test_illegal_rings_are_refused(entries: list[KeyEntry]) -> None:
     with pytest.raises(ValidationFailed):
         KeyRing(entries)
+
+
+# -- revocation -----------------------------------------------------------------------------------
+
+
+def test_revoking_the_current_key_promotes_next_at_once_and_never_trusts_it_again() -> None:
+    ring = KeyRing.bootstrap(T0, "k1", "k2")
+    revoked = ring.revoke(T0 + 1, "k1", "k3")  # one second after publish: no age check
+    assert revoked.signing_kid(T0 + 1) == "k2"
+    assert revoked.next is not None and revoked.next.kid == "k3"
+    assert revoked.verifying_kids(T0 + 1) == ["k2", "k3"]
+    assert "k1" in revoked.revoked
+    # later rotations keep the revocation
+    assert "k1" not in revoked.rotate(T0 + 10_000, "k4").verifying_kids(T0 + 10_000)
+
+
+def test_revoking_next_replaces_it_and_revoking_retired_drops_it_before_grace_ends() -> None:
+    ring = KeyRing.bootstrap(T0, "k1", "k2")
+    assert ring.revoke(T0, "k2", "k3").verifying_kids(T0) == ["k1", "k3"]
+    rotated = ring.rotate(T0 + 600, "k3")
+    assert rotated.verifying_kids(T0 + 601) == ["k2", "k3", "k1"]
+    assert rotated.revoke(T0 + 601, "k1", None).verifying_kids(T0 + 601) == ["k2", "k3"]
+
+
+def test_revocation_refusals() -> None:
+    ring = KeyRing.bootstrap(T0, "k1", "k2")
+    with pytest.raises(NotFound):
+        ring.revoke(T0, "nope", "k3")
+    with pytest.raises(ValidationFailed):
+        ring.revoke(T0, "k1", "k2")
+    with pytest.raises(Conflict):  # nothing to promote
+        KeyRing.bootstrap(T0, "k1").revoke(T0, "k1", None)
+
+
+def test_a_revoked_current_key_never_signs() -> None:
+    ring = attrs.evolve(KeyRing.bootstrap(T0, "k1", "k2"), revoked={"k1"})
+    with pytest.raises(SignerError):
+        ring.signing_kid(T0)
+    assert ring.verifying_kids(T0) == ["k2"]

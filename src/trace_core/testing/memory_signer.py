@@ -17,7 +17,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from trace_core.errors import SignerError, ValidationFailed
 from trace_core.jws import PrivateKey, load_public_key, public_key_for, sign_jws, verify_jws
 from trace_core.ports import PublicKey
-from trace_core.token import MIN_PUBLISH_S, KeyRing, TokenPolicy
+from trace_core.token import MIN_PUBLISH_S, KeyRing, KeyState, TokenPolicy
 
 
 def generate_private_key(algorithm: str) -> PrivateKey:
@@ -104,6 +104,24 @@ class MemorySigner:
             if kid not in live:
                 del self._private[kid], self._public[kid]
         return self.ring.signing_kid(now)
+
+    def revoke(self, kid: str) -> str:
+        """Stop trusting ``kid`` at once (``KeyRing.revoke``); a fresh next key replaces a
+        revoked current or next one. Returns the current kid. Raises ``NotFound`` for a kid
+        not in the ring."""
+        now = self._clock()
+        entry = next((e for e in self.ring.entries if e.kid == kid), None)
+        replaces = entry is not None and entry.state is not KeyState.RETIRED
+        new_kid = self._new_key() if replaces else None
+        try:
+            self.ring = self.ring.revoke(now, kid, new_kid)
+        except Exception:
+            if new_kid is not None:
+                del self._private[new_kid], self._public[new_kid]
+            raise
+        self._private.pop(kid, None)
+        self._public.pop(kid, None)
+        return self.ring.current.kid
 
     # -- Signer -------------------------------------------------------------------------------
 
