@@ -11,7 +11,7 @@ from typing import Any
 import attrs
 import pytest
 
-from trace_core import wire
+from trace_core import errors, wire
 from trace_servers.app import make_app
 
 SPEC_PATH = Path(__file__).resolve().parents[2] / "docs" / "api" / "openapi.json"
@@ -146,3 +146,21 @@ def test_schema_fields_match_the_wire_class(spec: dict[str, Any], cls: type) -> 
     else:
         # Responses always carry every field.
         assert set(schema["required"]) == set(fields)
+
+
+def test_json_routes_document_the_input_refusals(spec: dict[str, Any]) -> None:
+    """Every route with a JSON body answers 400/413/415/422 (``trace_servers.http.read_json``)."""
+    for path, item in spec["paths"].items():
+        for method, op in item.items():
+            if method in METHODS and "requestBody" in op:
+                assert {"400", "413", "415", "422"} <= set(op["responses"]), (method, path)
+
+
+def test_error_codes_are_the_domain_codes(spec: dict[str, Any]) -> None:
+    documented = set(spec["components"]["schemas"]["Error"]["properties"]["error"]["enum"])
+    codes = {
+        cls.code
+        for name in errors.__all__
+        if isinstance(cls := getattr(errors, name), type) and issubclass(cls, errors.TraceError)
+    }
+    assert documented == (codes - {"trace_error"}) | {"http_error", "internal"}
