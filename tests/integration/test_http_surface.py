@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import json
 import logging
+import types
 from collections.abc import AsyncIterator
 
 import pytest
+from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
+from trace_core import errors
 from trace_core.testing import MemoryObjectStore, MemoryQueue, MemorySigner
 from trace_lite.dispatcher import Dispatcher, open_pool
-from trace_servers import logs
+from trace_servers import http, logs
 from trace_servers.app import make_app
 
 PLATFORM = "platform-token-for-tests-0123456789"
@@ -163,3 +166,51 @@ async def test_complete_batch_authorises_and_fences_each_item(client: TestClient
         "/internal/task-complete-batch", headers=AUTH, json={"completions": [{"completion": {}}]}
     )
     assert bad.status == 422
+
+
+async def _app_over(dispatcher: object, extra: list[web.RouteDef] | None = None) -> TestClient:
+    app = make_app(dispatcher, platform_token=PLATFORM, extra_routes=extra)  # type: ignore[arg-type]
+    return TestClient(TestServer(app))
+
+
+async def test_server_failures_answer_without_backend_text() -> None:
+    """A 5xx body holds the error class's fixed message: driver text and exception names are
+    logged, never sent."""
+    leaky = "database unavailable: OperationalError: connection to 10.0.0.7 failed: FATAL"
+
+    async def unavailable() -> dict[str, int]:
+        raise errors.Unavailable(leaky)
+
+    async def broken() -> dict[str, int]:
+        raise RuntimeError('psycopg.errors.NumericValueOutOfRange: bigint out of range "x"')
+
+    for counts, status, code in ((unavailable, 503, "unavailable"), (broken, 500, "internal")):
+        fake = types.SimpleNamespace(pool=None, object_store=None, counts=counts)
+        async with await _app_over(fake) as c:
+            r = await c.get("/internal/admin/counts", headers=AUTH)
+            body = await r.json()
+        assert r.status == status and body["error"] == code, body
+        text = json.dumps(body)
+        assert "Error" not in text and "psycopg" not in text and "10.0.0.7" not in text, body
+
+
+async def test_a_route_that_reads_before_it_authenticates_fails_closed() -> None:
+    """``read_json`` refuses a request nothing authenticated: such a route is a server bug and
+    answers 500 without parsing the body."""
+
+    async def careless(request: web.Request) -> web.Response:
+        return web.json_response(await http.read_json(request))
+
+    fake = types.SimpleNamespace(pool=None, object_store=None)
+    async with await _app_over(fake, [web.post("/careless", careless)]) as c:
+        r = await c.post("/careless", json={"a": 1})
+        assert r.status == 500 and (await r.json())["error"] == "internal"
+
+
+async def test_responses_name_no_server_version(client: TestClient) -> None:
+    for r in (
+        await client.get("/healthz"),
+        await client.get("/nope"),
+        await client.post("/internal/task-claim", json={}),
+    ):
+        assert r.headers["Server"] == "trace", r.headers
