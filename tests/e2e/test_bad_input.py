@@ -171,6 +171,57 @@ def test_wrong_types_are_422_with_the_field_path(env: Env) -> None:
         _check(env.post(path, body=body), 422, "validation_failed", field)
 
 
+def test_integers_beyond_their_columns_are_422_before_sql(env: Env) -> None:
+    """Every integer field is bounded by its column type: nothing reaches SQL to come back as
+    "integer out of range" (a 500, or a 422 carrying PostgreSQL's words)."""
+    f = env.fence
+    output = {
+        "dataset": "rows",
+        "object_key": env.batch["object_key"],
+        "size": 1,
+        "sha256": "0" * 64,
+        "partition": {"start": 0, "end": 10},
+    }
+    cases: list[tuple[str, dict[str, Any], str]] = [
+        ("/v1/task/heartbeat", {**f, "attempt": 2**31}, "attempt"),
+        ("/v1/task/heartbeat", {**f, "attempt": 2**80}, "attempt"),
+        (
+            "/v1/task/buffer-publish",
+            {**f, "batch": {**env.batch, "row_count": 2**31}},
+            "batch.row_count",
+        ),
+        (
+            "/v1/task/buffer-publish",
+            {**f, "batch": {**env.batch, "byte_size": 2**63}},
+            "batch.byte_size",
+        ),
+        ("/v1/task/complete", {**f, "outputs": [{**output, "size": 2**63}]}, "outputs[0].size"),
+        (
+            "/v1/task/complete",
+            {**f, "outputs": [{**output, "partition": {"start": 2**63, "end": 2**64}}]},
+            "outputs[0].partition.start",
+        ),
+        (
+            "/internal/admin/tasks",
+            {"tasks": [{"operator": "noop", "delay_s": 1e300}]},
+            "tasks[0].delay_s",
+        ),
+        (
+            "/internal/admin/tasks",
+            {"tasks": [{"operator": "noop", "max_attempts": 2**70}]},
+            "tasks[0].max_attempts",
+        ),
+    ]
+    for path, body, field in cases:
+        body_ = _check(env.post(path, body=body), 422, "validation_failed", field)
+        assert "range" not in body_["message"] and "Error" not in body_["message"], body_
+    for attempt in ("2147483648", "99999999999999999999", "-1", "%D9%A1"):
+        r = env.t.request(
+            "GET", f"/internal/task-fetch?task_id={env.task_id}&attempt={attempt}", platform=True
+        )
+        _check(r, 422, "validation_failed", "attempt")
+
+
 def test_unknown_fields_are_422(env: Env) -> None:
     for path in ROUTES:
         body = {**_valid(env, path), "surprise": 1}
