@@ -68,6 +68,18 @@ class UserTokenPolicy:
     #: Longest lifetime accepted (``exp - iat``).
     max_ttl_s: int = 24 * 3600
 
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> UserTokenPolicy:
+        """The policy with ``TRACE_USER_JWT_ISSUER`` / ``TRACE_USER_JWT_AUDIENCE`` over the
+        defaults (unset or empty: the default, Lite's local issuer ``trace-lite`` and the
+        audience ``trace-api``)."""
+        e = os.environ if env is None else env
+        default = cls()
+        return cls(
+            issuer=e.get("TRACE_USER_JWT_ISSUER") or default.issuer,
+            audience=e.get("TRACE_USER_JWT_AUDIENCE") or default.audience,
+        )
+
 
 @attrs.frozen
 class UserIdentity:
@@ -140,10 +152,7 @@ class UserAuthenticator:
     def from_env(cls, key_dir: Path, env: Mapping[str, str] | None = None) -> UserAuthenticator:
         """Configured keys (``TRACE_USER_JWT_*``), or the local issuer's key in Lite."""
         e = os.environ if env is None else env
-        policy = UserTokenPolicy(
-            issuer=e.get("TRACE_USER_JWT_ISSUER") or UserTokenPolicy.issuer,
-            audience=e.get("TRACE_USER_JWT_AUDIENCE") or UserTokenPolicy.audience,
-        )
+        policy = UserTokenPolicy.from_env(e)
         path = e.get("TRACE_USER_JWT_KEYS")
         if path:
             entries = json.loads(Path(path).read_text())
@@ -153,7 +162,7 @@ class UserAuthenticator:
                     raise errors.ValidationFailed(f"unsupported user-token algorithm {k['alg']}")
                 keys[k["kid"]] = UserKey(k["kid"], k["alg"], k["pem"].encode())
             return cls(keys, policy)
-        issuer = LocalUserIssuer.init(key_dir)
+        issuer = LocalUserIssuer.init(key_dir, policy=policy)
         return cls({issuer.key.kid: issuer.key}, policy)
 
 
@@ -170,8 +179,12 @@ class LocalUserIssuer:
         self.key = attrs.evolve(public, kid="user-" + public.kid)
 
     @classmethod
-    def init(cls, key_dir: Path) -> LocalUserIssuer:
-        """Load the key from ``key_dir/users/issuer.pem``, creating it (mode 0600) if missing."""
+    def init(cls, key_dir: Path, *, policy: UserTokenPolicy | None = None) -> LocalUserIssuer:
+        """Load the key from ``key_dir/users/issuer.pem``, creating it (mode 0600) if missing.
+
+        ``policy`` defaults to ``UserTokenPolicy.from_env()``: the one the Dispatcher's
+        ``UserAuthenticator.from_env`` verifies with, so minted tokens are accepted.
+        """
         path = Path(key_dir) / "users" / "issuer.pem"
         if not path.exists():
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -186,7 +199,7 @@ class LocalUserIssuer:
         key = serialization.load_pem_private_key(path.read_bytes(), password=None)
         if not isinstance(key, ed25519.Ed25519PrivateKey):
             raise errors.SignerError("the local user issuer key must be Ed25519")
-        return cls(key)
+        return cls(key, policy if policy is not None else UserTokenPolicy.from_env())
 
     def token(
         self,

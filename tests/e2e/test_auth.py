@@ -329,3 +329,34 @@ def test_trace_keys_revoke_reaches_the_running_dispatcher(trace_procs: TraceProc
     # an unknown kid is refused by the command, and nothing changes
     done = _trace_cli(t, "keys", "revoke", "0123456789abcdef")
     assert done.returncode == 1 and json.loads(done.stderr)["error"] == "not_found"
+
+
+def test_the_default_user_token_configuration_works_end_to_end(trace_procs: TraceProcs) -> None:
+    """TRACE_USER_JWT_* unset (the documented default: Lite's local issuer): a token from
+    ``trace users token`` is accepted by the running Dispatcher's user API."""
+    t = trace_procs
+    assert not any(k.startswith("TRACE_USER_JWT") for k in t.env())
+    t.start_dispatcher()
+    minted = _trace_cli(t, "users", "token", "--sub", "alice")
+    assert minted.returncode == 0, minted.stderr
+    token = minted.stdout.strip()
+    added = _trace_cli(t, "users", "add-member", "acme", "alice", "--roles", "admin")
+    assert added.returncode == 0, added.stderr
+
+    env = {**t.env(), "TRACE_USER_TOKEN": token}
+    listed = subprocess.run(
+        [sys.executable, "-m", "trace_servers.cli", "datasets", "list", "--org", "acme"],
+        env=env,
+        cwd=t.home,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert listed.returncode == 0, listed.stderr
+    assert json.loads(listed.stdout) == {"datasets": []}
+    r = t.request("GET", "/v1/orgs/acme/datasets", headers={"Authorization": f"Bearer {token}"})
+    assert r.status == 200 and r.json == {"datasets": []}, r
+    # and a token that is not the local issuer's is still refused
+    bad = token[:-2] + ("AA" if not token.endswith("AA") else "BB")
+    r = t.request("GET", "/v1/orgs/acme/datasets", headers={"Authorization": f"Bearer {bad}"})
+    _assert_error(r, 401, "unauthenticated")

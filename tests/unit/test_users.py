@@ -17,7 +17,12 @@ from trace_core.errors import Unauthenticated
 from trace_core.jws import b64url_encode, public_key_for, verify_token
 from trace_core.ports import PublicKey
 from trace_core.token import TokenPolicy
-from trace_lite.users import LocalUserIssuer, UserTokenPolicy, verify_user_token
+from trace_lite.users import (
+    LocalUserIssuer,
+    UserAuthenticator,
+    UserTokenPolicy,
+    verify_user_token,
+)
 
 NOW = 1_800_000_000
 POLICY = UserTokenPolicy()
@@ -111,3 +116,23 @@ def test_user_and_capability_tokens_never_pass_for_each_other(issuer: LocalUserI
     user = issuer.token("alice", now_epoch=NOW)
     with pytest.raises(Unauthenticated):
         verify_token(user, _keys(issuer), TokenPolicy(), NOW)
+
+
+def test_the_default_configuration_accepts_the_local_issuers_tokens(tmp_path: Path) -> None:
+    # TRACE_USER_JWT_* unset (the documented default): the authenticator trusts the local issuer
+    # and verifies with the same policy the issuer mints with.
+    auth = UserAuthenticator.from_env(tmp_path, env={})
+    assert auth.policy == UserTokenPolicy()
+    token = LocalUserIssuer.init(tmp_path, policy=UserTokenPolicy.from_env({})).token("alice")
+    assert auth.authenticate(f"Bearer {token}").subject == "alice"
+
+
+def test_a_configured_issuer_and_audience_apply_to_both_sides(tmp_path: Path) -> None:
+    env = {"TRACE_USER_JWT_ISSUER": "https://idp.example", "TRACE_USER_JWT_AUDIENCE": "trace"}
+    auth = UserAuthenticator.from_env(tmp_path, env=env)
+    assert (auth.policy.issuer, auth.policy.audience) == ("https://idp.example", "trace")
+    minted = LocalUserIssuer.init(tmp_path, policy=UserTokenPolicy.from_env(env)).token("bob")
+    assert auth.authenticate(f"Bearer {minted}").issuer == "https://idp.example"
+    default = LocalUserIssuer.init(tmp_path, policy=UserTokenPolicy()).token("bob")
+    with pytest.raises(Unauthenticated):
+        auth.authenticate(f"Bearer {default}")
