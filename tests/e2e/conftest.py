@@ -27,12 +27,15 @@ def trace_procs(
     request: pytest.FixtureRequest, tmp_path: Path, db_url: str
 ) -> Iterator[TraceProcs]:
     """Processes on a fresh database; lease 3 s unless the test is marked
-    ``@pytest.mark.trace_lease(seconds)``."""
+    ``@pytest.mark.trace_lease(seconds)``; one Dispatcher port unless it is marked
+    ``@pytest.mark.trace_dispatchers(n)``."""
     marker = request.node.get_closest_marker("trace_lease")
     lease_s = float(marker.args[0]) if marker else 3.0
+    marker = request.node.get_closest_marker("trace_dispatchers")
+    dispatchers = int(marker.args[0]) if marker else 1
     home = tmp_path / "home"
     home.mkdir()
-    procs = TraceProcs(home, db_url, lease_s=lease_s)
+    procs = TraceProcs(home, db_url, lease_s=lease_s, dispatchers=dispatchers)
     try:
         yield procs
     finally:
@@ -41,3 +44,6 @@ def trace_procs(
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "trace_lease(seconds): lease of the e2e processes")
+    config.addinivalue_line(
+        "markers", "trace_dispatchers(n): n Dispatcher processes on the one database"
+    )

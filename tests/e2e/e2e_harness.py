@@ -6,6 +6,12 @@ and ``... worker`` as subprocesses (own session, own log file under ``tmp_path/l
 for ``/readyz``, can SIGTERM or SIGKILL any of them by PID, and kills everything at teardown.
 Every wait is bounded; a failed wait (and any failed test) shows the tail of every process log.
 
+``TraceProcs(..., dispatchers=N)`` runs N Dispatcher processes on the one database, each on its
+own port (``start_dispatcher(index=i)``); ``start_worker(dispatcher=i)`` points a worker at one
+of them, and ``request(..., via=i)`` talks to one. With more than one, each Dispatcher's
+database sessions carry ``application_name`` ``trace-dispatcher-<i>`` so a test can tell from
+the database which of them did a piece of work.
+
 HTTP is spoken with ``http.client`` (no third-party client), so tests can send raw, malformed
 or oversized bodies; rows are asserted directly with psycopg.
 """
@@ -42,10 +48,19 @@ def free_port() -> int:
 class Proc:
     """One child process (dispatcher or worker) and its log file."""
 
-    def __init__(self, name: str, popen: subprocess.Popen[bytes], log_path: Path) -> None:
+    def __init__(
+        self,
+        name: str,
+        popen: subprocess.Popen[bytes],
+        log_path: Path,
+        index: int = 0,
+    ) -> None:
         self.name = name
         self.popen = popen
         self.log_path = log_path
+        #: for a Dispatcher, which one (its port is ``TraceProcs.ports[index]``); for a worker,
+        #: the Dispatcher it talks to
+        self.index = index
 
     @property
     def pid(self) -> int:
@@ -80,12 +95,20 @@ class TraceProcs:
     """A Trace Lite deployment made of child processes on one test database."""
 
     def __init__(
-        self, home: Path, db_url: str, *, lease_s: float = 3.0, retry_base_s: float = 0.05
+        self,
+        home: Path,
+        db_url: str,
+        *,
+        lease_s: float = 3.0,
+        retry_base_s: float = 0.05,
+        dispatchers: int = 1,
     ) -> None:
         self.home = home
         self.db_url = db_url
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        #: one port per Dispatcher process; ``port`` / ``url`` are the first one's
+        self.ports = [free_port() for _ in range(dispatchers)]
+        self.port = self.ports[0]
+        self.url = self.dispatcher_url(0)
         self.log_dir = home / "logs"
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.lease_s = lease_s
@@ -94,6 +117,14 @@ class TraceProcs:
         self._counter = 0
 
     # -- configuration ---------------------------------------------------------------------
+
+    def dispatcher_url(self, index: int = 0) -> str:
+        return f"http://127.0.0.1:{self.ports[index]}"
+
+    def app_name(self, index: int) -> str:
+        """The ``application_name`` of Dispatcher ``index``'s database sessions (when there
+        are several Dispatchers)."""
+        return f"trace-dispatcher-{index}"
 
     @property
     def trace_dir(self) -> Path:
@@ -138,14 +169,25 @@ class TraceProcs:
 
     # -- processes ---------------------------------------------------------------------------
 
-    def _spawn(self, name: str, *argv: str) -> Proc:
+    def _env_for(self, index: int, dispatcher: bool) -> dict[str, str]:
+        """``env()`` pointed at Dispatcher ``index`` (its listen address for a Dispatcher)."""
+        env = self.env()
+        if len(self.ports) > 1:
+            env["TRACE_DISPATCHER_URL"] = self.dispatcher_url(index)
+            if dispatcher:
+                sep = "&" if "?" in env["TRACE_DATABASE_URL"] else "?"
+                env["TRACE_DATABASE_URL"] += f"{sep}application_name={self.app_name(index)}"
+        return env
+
+    def _spawn(self, name: str, *argv: str, index: int = 0) -> Proc:
         self._counter += 1
-        log_path = self.log_dir / f"{self._counter:03d}-{name}.log"
+        suffix = f"-{index}" if len(self.ports) > 1 else ""
+        log_path = self.log_dir / f"{self._counter:03d}-{name}{suffix}.log"
         out = open(log_path, "ab")
         try:
             popen = subprocess.Popen(
                 [sys.executable, "-m", "trace_servers.cli", *argv],
-                env=self.env(),
+                env=self._env_for(index, dispatcher=name == "dispatcher"),
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
@@ -154,18 +196,18 @@ class TraceProcs:
             )
         finally:
             out.close()
-        proc = Proc(name, popen, log_path)
+        proc = Proc(name, popen, log_path, index)
         self.procs.append(proc)
         return proc
 
-    def start_dispatcher(self, *, wait: bool = True) -> Proc:
-        proc = self._spawn("dispatcher", "dispatcher")
+    def start_dispatcher(self, *, wait: bool = True, index: int = 0) -> Proc:
+        proc = self._spawn("dispatcher", "dispatcher", index=index)
         if wait:
             self.wait_ready(proc)
         return proc
 
-    def start_worker(self, concurrency: int = 8) -> Proc:
-        return self._spawn("worker", "worker", "--concurrency", str(concurrency))
+    def start_worker(self, concurrency: int = 8, *, dispatcher: int = 0) -> Proc:
+        return self._spawn("worker", "worker", "--concurrency", str(concurrency), index=dispatcher)
 
     def live(self, name: str) -> list[Proc]:
         return [p for p in self.procs if p.name == name and p.alive()]
@@ -232,15 +274,20 @@ class TraceProcs:
             time.sleep(interval)
 
     def wait_ready(self, proc: Proc | None = None, timeout: float = 30.0) -> None:
+        """Wait for ``/readyz`` of ``proc`` (a Dispatcher), or of every Dispatcher port."""
+        indexes = [proc.index] if proc is not None else list(range(len(self.ports)))
+
         def ready() -> bool:
             if proc is not None and not proc.alive():
                 raise AssertionError(f"{proc.name} exited early\n{self.log_tails()}")
             try:
-                return self.request("GET", "/readyz", timeout=2).status == 200
+                return all(
+                    self.request("GET", "/readyz", timeout=2, via=i).status == 200 for i in indexes
+                )
             except OSError:
                 return False
 
-        self.wait_until(ready, timeout, "dispatcher /readyz")
+        self.wait_until(ready, timeout, f"dispatcher /readyz ({indexes})")
 
     # -- HTTP --------------------------------------------------------------------------------
 
@@ -255,6 +302,7 @@ class TraceProcs:
         platform: bool = False,
         capability: str | None = None,
         timeout: float = 30.0,
+        via: int = 0,
     ) -> Response:
         hdrs = dict(headers or {})
         if platform:
@@ -266,7 +314,7 @@ class TraceProcs:
             data = json.dumps(body).encode()
         if data is not None:
             hdrs.setdefault("Content-Type", "application/json")
-        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
+        conn = http.client.HTTPConnection("127.0.0.1", self.ports[via], timeout=timeout)
         try:
             conn.request(method, path, body=data, headers=hdrs)
             resp = conn.getresponse()
@@ -274,11 +322,19 @@ class TraceProcs:
         finally:
             conn.close()
 
-    def create_tasks(self, tasks: list[dict[str, Any]], chunk: int = 500) -> list[str]:
+    def create_tasks(
+        self, tasks: list[dict[str, Any]], chunk: int = 500, *, spread: bool = False
+    ) -> list[str]:
+        """Create ``tasks`` in requests of ``chunk``; with ``spread``, the requests go to the
+        Dispatchers in turn (else all to the first)."""
         ids: list[str] = []
-        for i in range(0, len(tasks), chunk):
+        for n, i in enumerate(range(0, len(tasks), chunk)):
             r = self.request(
-                "POST", "/internal/admin/tasks", body={"tasks": tasks[i : i + chunk]}, platform=True
+                "POST",
+                "/internal/admin/tasks",
+                body={"tasks": tasks[i : i + chunk]},
+                platform=True,
+                via=n % len(self.ports) if spread else 0,
             )
             assert r.status == 201, r
             ids += [t["task_id"] for t in r.json["tasks"]]
