@@ -1,25 +1,24 @@
-"""Datasets on Postgres: registry, versions, DAG pointer sets, the output commit, readers' pins.
+"""Datasets on Postgres: registry, versions, DAG pointer sets, resolve with readers' pins, purge.
 
-The kernel decides: ``trace_core.commit`` plans what a manifest writes, ``trace_core.access``
-says who may read, overwrite and purge. This module reads the rows those decisions need and
-applies them, each operation in one transaction.
+The kernel decides: ``trace_core.access`` says who may read, overwrite, purge and release a pin.
+This module reads the rows those decisions need and applies them, each operation in one
+transaction. The output commit is ``trace_lite.outputs``; promotion and the staging sweep are
+``trace_lite.dataset_gc``; orgs and members are ``trace_lite.orgs`` (``Datasets`` composes both,
+so one object serves the user API).
 
 Invariants kept here (``docs/architecture/data_versioning.md``):
 
 * physical names use ``dataset_uuid`` / ``dataset_version`` only; ``current`` is a pointer;
 * a cutover or rollback is one transaction that moves ``dags.active_generation``; a resolve
   reads every active pointer it needs in one statement, so it sees a whole set, never a mix;
-* an attempt's outputs become partitions only inside its completion's transaction, fenced on
-  ``(task_id, attempt, lease_token)`` (``apply_outputs`` is called by ``Dispatcher.complete_many``
-  between the lifecycle decision and the fenced CAS);
-* a version that is active or pinned (an unexpired ``dataset_pins`` row) is never purged.
+* a reader is handed promoted partitions only (verified bytes at their canonical key);
+* a version that is active or pinned (an unexpired ``dataset_pins`` row) is never purged; a pin
+  is released only by its holder or an admin of its org, through that org.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import hashlib
 import logging
 import uuid
 from collections.abc import Mapping, Sequence
@@ -33,28 +32,22 @@ from psycopg_pool import AsyncConnectionPool
 
 from trace_core import access, commit, errors, wire
 from trace_core.access import Action, Caller, DatasetAcl, PinAcl, TaskCaller, UserCaller
-from trace_core.object_keys import is_within, staging_prefix, validate_key
-from trace_core.ports import ObjectInfo, ObjectStore
+from trace_core.commit import PartitionState, VersionState
+from trace_core.ports import ObjectStore
 from trace_core.token import CapabilityClaims
 from trace_lite import sqlfile
-from trace_lite.pg import transaction
+from trace_lite.dataset_gc import DEFAULT_STAGING_GRACE_S, DatasetGC, SweepReport
+from trace_lite.orgs import Orgs, first
+from trace_lite.outputs import INVALIDATE_TOPIC, PreparedOutputs, apply_outputs, prepare_outputs
+from trace_lite.pg import fetch_as, transaction
 
 log = logging.getLogger("trace.datasets")
 
 Q = sqlfile.load("datasets.sql")
 
-#: Outbox topic of invalidations emitted by replace rewrites.
-INVALIDATE_TOPIC = "dataset.invalidate"
 STORAGE_KINDS = ("parquet", "postgres", "buffered_postgres")
 #: Default pin lease of a resolve (a reader's query must finish, or renew, within it).
 DEFAULT_PIN_TTL_S = 300.0
-#: Default grace before a finished attempt's staging prefix is cleaned.
-DEFAULT_STAGING_GRACE_S = 3600.0
-_HEAD_CONCURRENCY = 64
-#: Manifests longer than this are checked against one listing of the staging prefix.
-_LIST_OVER = 32
-
-
 #: The schema of dataset tables in the data database (created by data migration 0001).
 DATA_SCHEMA = "data"
 
@@ -63,6 +56,10 @@ def table_name(dataset_version: str) -> str:
     """The Postgres data table of a version of a ``postgres`` dataset (UUID-named), qualified
     with ``DATA_SCHEMA``: ``data.dsv_{hex}``."""
     return f"{DATA_SCHEMA}.dsv_{uuid.UUID(dataset_version).hex}"
+
+
+def _iso(ts: datetime | None) -> str | None:
+    return ts.isoformat() if ts else None
 
 
 # --- records ---------------------------------------------------------------------------------
@@ -103,205 +100,179 @@ class PurgeReport:
     freed_bytes: int
 
 
-@attrs.frozen
-class SweepReport:
-    attempts: int = 0
-    deleted_objects: int = 0
-    skipped: int = 0
-
-
-# --- the commit hook (called by Dispatcher.complete_many) -------------------------------------
+# --- rows ------------------------------------------------------------------------------------
 
 
 @attrs.frozen
-class PreparedOutputs:
-    """A completion's manifest, checked against the ObjectStore before the transaction."""
+class DatasetRow:
+    """One dataset with its ACL fields and producer metadata (``dataset_by_name``)."""
 
+    dataset_uuid: str
+    name: str
+    dag_id: str
+    read_roles: list[str]
+    storage_kind: str
+    update_strategy: str
+    unique_key: list[str]
+    job_name: str
+    output_index: int
+    schema: Any
+    #: The producing DAG's name.
+    dag: str
+
+    def acl(self, org_id: str) -> DatasetAcl:
+        return DatasetAcl(org_id, self.name, self.dag_id, frozenset(self.read_roles))
+
+
+@attrs.frozen
+class ListedRow:
+    dataset_uuid: str
+    name: str
+    dag_id: str
+    read_roles: list[str]
+    storage_kind: str
+    update_strategy: str
+    dag: str
+    active_version: str | None
+
+    def acl(self, org_id: str) -> DatasetAcl:
+        return DatasetAcl(org_id, self.name, self.dag_id, frozenset(self.read_roles))
+
+
+@attrs.frozen
+class VersionRow:
+    dataset_version: str
+    state: str
+    created_at: datetime
+    purged_at: datetime | None
+    live_partitions: int
+    active: bool
+    pins: int
+
+
+@attrs.frozen
+class PointerSetRow:
+    generation: int
+    parent_generation: int | None
+    created_by: str
+    created_at: datetime
+    active: bool
+    pointers: dict[str, str]
+
+
+@attrs.frozen
+class DagLockRow:
+    dag_id: str
+    active_generation: int | None
+
+
+@attrs.frozen
+class DagIdRow:
+    dag_id: str
+
+
+@attrs.frozen
+class UuidRow:
+    dataset_uuid: str
+
+
+@attrs.frozen
+class NewVersionRow:
+    dataset_version: str
+
+
+@attrs.frozen
+class ReadRolesRow:
+    read_roles: list[str]
+
+
+@attrs.frozen
+class CutoverRow:
+    """A named dataset of a cutover, with the state of the version it names."""
+
+    name: str
+    dataset_uuid: str
+    #: ``None`` when the version is not one of this dataset's.
+    dataset_version: str | None
+    state: str | None
+
+
+@attrs.frozen
+class GenerationRow:
+    generation: int
+
+
+@attrs.frozen
+class ParentRow:
+    parent_generation: int | None
+    names_purged: bool
+
+
+@attrs.frozen
+class TaskOrgRow:
     org_id: str
-    entries: tuple[commit.ManifestEntry, ...]
+    org_name: str
 
 
-def _entries(req: wire.CompleteRequest) -> list[commit.ManifestEntry]:
-    return [
-        commit.ManifestEntry(
-            dataset=o.dataset,
-            object_key=o.object_key,
-            size=o.size,
-            sha256=o.sha256,
-            start=o.partition.start,
-            end=o.partition.end,
-            key=o.partition.key,
-            version=o.version,
+@attrs.frozen
+class ResolveRow:
+    name: str
+    dataset_uuid: str
+    dag_id: str
+    read_roles: list[str]
+    storage_kind: str
+    dataset_version: str | None
+    version_state: str | None
+
+    def acl(self, org_id: str) -> DatasetAcl:
+        return DatasetAcl(org_id, self.name, self.dag_id, frozenset(self.read_roles))
+
+
+@attrs.frozen
+class PartitionRow:
+    """A live partition of a version, as resolve sees it (``version_objects``)."""
+
+    dataset_version: str
+    state: str
+    object_key: str
+    start: int | None
+    end: int | None
+    key: str | None
+    size: int
+
+    def for_reader(self) -> dict[str, Any]:
+        scope: dict[str, Any] = (
+            {"key": self.key} if self.key is not None else {"start": self.start, "end": self.end}
         )
-        for o in req.outputs
-    ]
+        return {"object_key": self.object_key, "size": self.size, **scope}
 
 
-async def prepare_outputs(
-    pool: AsyncConnectionPool, store: ObjectStore | None, reqs: Sequence[wire.CompleteRequest]
-) -> dict[int, PreparedOutputs | errors.TraceError]:
-    """Check the manifests of ``reqs`` (those with ``outputs``) before the completion's
-    transaction: keys safe and inside the attempt's staging prefix (checked before any
-    ``head``), objects exist, sizes and checksums match. Returns, per request index, the
-    prepared manifest or the error to answer with. Raises ``Unavailable``."""
-    todo = {i: r for i, r in enumerate(reqs) if r.outputs}
-    out: dict[int, PreparedOutputs | errors.TraceError] = {}
-    if not todo:
-        return out
-    async with transaction(pool) as cur:
-        await cur.execute(Q["task_orgs"], {"task_ids": [r.task_id for r in todo.values()]})
-        orgs = dict(await cur.fetchall())
-    sem = asyncio.Semaphore(_HEAD_CONCURRENCY)
-
-    async def head(key: str) -> ObjectInfo | None:
-        assert store is not None
-        async with sem:
-            try:
-                return await store.head(key)
-            except errors.NotFound:
-                return None
-
-    for i, r in todo.items():
-        org_id = orgs.get(r.task_id)
-        if org_id is None:
-            continue  # complete_many answers NotFound
-        try:
-            if r.outcome != "succeeded":
-                raise errors.ValidationFailed(
-                    "outputs are committed only with a succeeded outcome", field="outputs"
-                )
-            if store is None:
-                raise errors.Unavailable("this Dispatcher has no object store")
-            prefix = staging_prefix(org_id, r.task_id, r.attempt)
-            entries = _entries(r)
-            for n, e in enumerate(entries):  # refuse unsafe keys before touching storage
-                try:
-                    validate_key(e.object_key)
-                    inside = is_within(e.object_key, prefix)
-                except errors.UnsafeKey as exc:
-                    raise errors.UnsafeKey(exc.message, field=f"outputs[{n}].object_key") from None
-                if not inside:
-                    raise errors.UnsafeKey(
-                        f"object_key must lie under this attempt's staging prefix {prefix}",
-                        field=f"outputs[{n}].object_key",
-                    )
-            if len(entries) > _LIST_OVER:
-                # one listing of the attempt's staging prefix instead of a head per object
-                listed = {info.key: info for info in await store.list(prefix)}
-                heads = [listed.get(e.object_key) for e in entries]
-            else:
-                heads = await asyncio.gather(*(head(e.object_key) for e in entries))
-            for n, (e, h) in enumerate(zip(entries, heads, strict=True)):
-                commit.check_entry(e, n, staging_prefix=prefix, head=h)
-            out[i] = PreparedOutputs(org_id, tuple(entries))
-        except errors.TraceError as exc:
-            out[i] = exc
-    return out
+@attrs.frozen
+class PinRow:
+    holder: str
+    org_id: str
 
 
-async def apply_outputs(
-    cur: psycopg.AsyncCursor[Any], req: wire.CompleteRequest, prepared: PreparedOutputs
-) -> commit.CommitPlan:
-    """Record a checked manifest into its dataset versions, inside the completion's
-    transaction (a savepoint: a refusal leaves the other completions of the batch intact).
+@attrs.frozen
+class PurgeLockRow:
+    state: str
+    active: bool
+    pinned: bool
 
-    Returns the plan applied. Raises ``NotFound`` (unknown dataset in the org, or no active
-    version and none named), ``Conflict`` (purged version, a concurrent commit of the same
-    partition), ``ValidationFailed`` (see ``trace_core.commit.plan_commit``).
-    """
-    entries = prepared.entries
-    try:
-        async with cur.connection.transaction():
-            names = [e.dataset for e in entries]
-            versions = [e.version for e in entries]
-            await cur.execute(
-                Q["commit_targets"],
-                {"org_id": prepared.org_id, "names": names, "versions": versions},
-            )
-            found = {(r[0], r[1]): r for r in await cur.fetchall()}
-            targets: list[commit.Target] = []
-            for n, e in enumerate(entries):
-                row = found.get((e.dataset, e.version))
-                if row is None:
-                    raise errors.NotFound(
-                        f"dataset {e.dataset!r} does not exist in this org or has no "
-                        + ("such version" if e.version else "active version"),
-                        field=f"outputs[{n}].dataset",
-                    )
-                targets.append(
-                    commit.Target(
-                        org_id=prepared.org_id,
-                        dataset_uuid=row[2],
-                        update_strategy=commit.UpdateStrategy(row[3]),
-                        dataset_version=row[4],
-                        version_state=commit.VersionState(row[5]),
-                    )
-                )
-            ranges = [
-                (e.start, e.end) for e in entries if e.start is not None and e.end is not None
-            ]
-            keys = [e.key for e in entries if e.key is not None]
-            await cur.execute(
-                Q["live_partitions"],
-                {
-                    "versions": sorted({t.dataset_version for t in targets}),
-                    "min_start": min((s for s, _ in ranges), default=0),
-                    "max_end": max((x for _, x in ranges), default=0),
-                    "keys": keys,
-                },
-            )
-            live = [
-                commit.LivePartition(r[0], r[1], r[2], r[3], r[4]) for r in await cur.fetchall()
-            ]
-            plan = commit.plan_commit(
-                entries, targets, live, task_id=req.task_id, attempt=req.attempt
-            )
-            if plan.supersede:
-                await cur.execute(Q["supersede_partitions"], {"ids": list(plan.supersede)})
-            if plan.inserts:
-                ins = plan.inserts
-                await cur.execute(
-                    Q["insert_partitions"],
-                    {
-                        "task_id": req.task_id,
-                        "attempt": req.attempt,
-                        "versions": [p.dataset_version for p in ins],
-                        "starts": [p.start for p in ins],
-                        "ends": [p.end for p in ins],
-                        "keys": [p.key for p in ins],
-                        "object_keys": [p.object_key for p in ins],
-                        "staged_keys": [p.staged_key for p in ins],
-                        "sizes": [p.size for p in ins],
-                        "shas": [p.sha256 for p in ins],
-                    },
-                )
-            if plan.invalidations:
-                await cur.execute(
-                    Q["insert_outbox_many"],
-                    {
-                        "topic": INVALIDATE_TOPIC,
-                        "payloads": [
-                            Jsonb(
-                                {
-                                    **attrs.asdict(inv),
-                                    "task_id": req.task_id,
-                                    "attempt": req.attempt,
-                                }
-                            )
-                            for inv in plan.invalidations
-                        ],
-                    },
-                )
-            return plan
-    except psycopg.errors.UniqueViolation as exc:
-        raise errors.Conflict("a concurrent commit wrote the same partition") from exc
+
+@attrs.frozen
+class PurgedPartitionRow:
+    partition_id: int
+    object_key: str
+    staged_key: str
 
 
 # --- the service -----------------------------------------------------------------------------
 
 
 class Datasets:
-    """Registry, versions, pointer sets, resolve/pin, purge and staging cleanup.
+    """Registry, versions, pointer sets, resolve/pin and purge; org membership (``orgs``) and
+    storage upkeep (``gc``) composed in.
 
     ``caller=None`` on a mutating call means the platform itself (DAG deploy, tests); every
     user or task call passes a ``trace_core.access`` caller and is checked.
@@ -312,120 +283,25 @@ class Datasets:
     ) -> None:
         self.pool = pool
         self.object_store = object_store
-        self._orgs: dict[str, str] = {}
-
-    # -- orgs, members, DAGs ------------------------------------------------------------------
-
-    async def org_id(self, name: str, *, create: bool = False) -> str:
-        """The id of org ``name``. Raises ``NotFound`` unless ``create``."""
-        cached = self._orgs.get(name)
-        if cached:
-            return cached
-        async with transaction(self.pool) as cur:
-            await cur.execute(Q["ensure_org" if create else "org_by_name"], {"name": name})
-            row = await cur.fetchone()
-        if row is None:
-            raise errors.NotFound("no such org", field="org")
-        self._orgs[name] = row[0]
-        return str(row[0])
-
-    async def resolve_for_task(
-        self,
-        claims: CapabilityClaims,
-        names: Sequence[str],
-        *,
-        pin_ttl_s: float = DEFAULT_PIN_TTL_S,
-    ) -> Resolution:
-        """Resolve for a task: only the datasets its capability token grants, in the org of the
-        task's row (never the token's ``org_id`` claim alone: a token whose claim names another
-        org is refused). Raises as ``resolve``, and ``Unauthenticated`` for that mismatch."""
-        async with transaction(self.pool) as cur:
-            await cur.execute(Q["task_org"], {"task_id": claims.task_id})
-            rows = await _dicts(cur)
-        if not rows:
-            raise errors.NotFound("no such task", field="task_id")
-        task = rows[0]
-        if task["org_id"] != claims.org_id:
-            raise errors.Unauthenticated("capability token: org_id is not the task's org")
-        caller = TaskCaller.from_grants(task["org_id"], claims.task_id, claims.grants)
-        return await self.resolve(caller, task["org_name"], names, pin_ttl_s=pin_ttl_s)
-
-    async def user_caller(self, org: str, subject: str) -> UserCaller:
-        """The user's membership in ``org``, read from Postgres (never from the token).
-
-        Raises ``NotFound`` ("no such org") for an unknown org *and* for an org the subject
-        neither belongs to nor holds a DAG grant in: a non-member cannot tell the two apart."""
-        org_id = await self.org_id(org)
-        async with transaction(self.pool) as cur:
-            await cur.execute(Q["member"], {"org_id": org_id, "subject": subject})
-            roles, dags, member = await _one(cur)
-        if not member and not dags:
-            raise errors.NotFound("no such org", field="org")
-        return UserCaller(
-            subject=subject,
-            org_id=org_id,
-            roles=frozenset(roles),
-            dags=frozenset(dags),
-            member=bool(member),
-        )
+        self.orgs = Orgs(pool)
+        self.gc = DatasetGC(pool, object_store)
+        # org membership, for the user API and the platform
+        self.org_id = self.orgs.org_id
+        self.user_caller = self.orgs.user_caller
+        self.set_member = self.orgs.set_member
+        self.remove_member = self.orgs.remove_member
+        self.list_members = self.orgs.list_members
+        self.ensure_dag = self.orgs.ensure_dag
+        # promotion and the staging sweep
+        self.promote_once = self.gc.promote_once
+        self.clean_staging = self.gc.clean_staging
+        self.partition_counts = self.gc.partition_counts
+        self.run_background = self.gc.run_background
 
     @staticmethod
     def task_caller(claims: CapabilityClaims) -> TaskCaller:
         """A task's reader identity from its verified capability token."""
         return TaskCaller.from_grants(claims.org_id, claims.task_id, claims.grants)
-
-    def _require_admin(self, caller: UserCaller | None, org_id: str) -> None:
-        if caller is None:
-            return
-        if caller.org_id != org_id or not (caller.member or caller.dags):
-            raise errors.NotFound("no such org", field="org")
-        if not caller.is_admin:
-            raise errors.Forbidden("org admins only")
-
-    async def set_member(
-        self, caller: UserCaller | None, org: str, subject: str, roles: Sequence[str]
-    ) -> dict[str, Any]:
-        """Add or update a member's roles (org admins). Raises ``Forbidden``, ``NotFound``."""
-        org_id = await self.org_id(org, create=caller is None)
-        self._require_admin(caller, org_id)
-        async with transaction(self.pool) as cur:
-            await cur.execute(
-                Q["upsert_member"],
-                {"org_id": org_id, "subject": subject, "roles": sorted(set(roles))},
-            )
-            subj, r = await _one(cur)
-        return {"subject": subj, "roles": list(r)}
-
-    async def remove_member(self, caller: UserCaller | None, org: str, subject: str) -> None:
-        org_id = await self.org_id(org)
-        self._require_admin(caller, org_id)
-        async with transaction(self.pool) as cur:
-            await cur.execute(Q["delete_member"], {"org_id": org_id, "subject": subject})
-            if await cur.fetchone() is None:
-                raise errors.NotFound("no such member", field="subject")
-
-    async def list_members(self, caller: UserCaller | None, org: str) -> list[dict[str, Any]]:
-        org_id = await self.org_id(org)
-        self._require_admin(caller, org_id)
-        async with transaction(self.pool) as cur:
-            await cur.execute(Q["list_members"], {"org_id": org_id})
-            return [{"subject": s, "roles": list(r)} for s, r in await cur.fetchall()]
-
-    async def ensure_dag(
-        self, org: str, name: str, *, deployers: Sequence[str] = (), triggerers: Sequence[str] = ()
-    ) -> str:
-        """Create DAG ``name`` (platform call; YAML deploy comes later) and add members.
-        Returns its id."""
-        org_id = await self.org_id(org, create=True)
-        async with transaction(self.pool) as cur:
-            await cur.execute(Q["ensure_dag"], {"org_id": org_id, "name": name})
-            (dag_id,) = await _one(cur)
-            for relation, subjects in (("deployer", deployers), ("triggerer", triggerers)):
-                for s in subjects:
-                    await cur.execute(
-                        Q["add_dag_member"], {"dag_id": dag_id, "subject": s, "relation": relation}
-                    )
-        return str(dag_id)
 
     # -- registry -----------------------------------------------------------------------------
 
@@ -457,18 +333,18 @@ class Datasets:
         commit.UpdateStrategy(update_strategy)
         org_id = await self.org_id(org, create=True)
         async with transaction(self.pool) as cur:
-            await cur.execute(
-                "SELECT dag_id::text FROM dags WHERE org_id = %s AND name = %s", (org_id, dag)
-            )
-            dag_row = await cur.fetchone()
+            params = {"org_id": org_id, "name": dag}
+            dag_row = first(await fetch_as(cur, DagIdRow, Q["dag_id_by_name"], params))
             if dag_row is None:
                 raise errors.NotFound("no such DAG", field="dag")
-            await cur.execute(
+            (row,) = await fetch_as(
+                cur,
+                UuidRow,
                 Q["insert_dataset"],
                 {
                     "org_id": org_id,
                     "name": name,
-                    "dag_id": dag_row[0],
+                    "dag_id": dag_row.dag_id,
                     "job_name": job,
                     "output_index": output_index,
                     "storage_kind": storage_kind,
@@ -478,21 +354,14 @@ class Datasets:
                     "read_roles": sorted(set(read_roles)),
                 },
             )
-            (dataset_uuid,) = await _one(cur)
-        return str(dataset_uuid)
+        return row.dataset_uuid
 
-    async def _dataset(
-        self, cur: psycopg.AsyncCursor[Any], org_id: str, name: str
-    ) -> tuple[Any, ...]:
-        await cur.execute(Q["dataset_by_name"], {"org_id": org_id, "name": name})
-        row = await cur.fetchone()
+    async def _dataset(self, cur: psycopg.AsyncCursor[Any], org_id: str, name: str) -> DatasetRow:
+        params = {"org_id": org_id, "name": name}
+        row = first(await fetch_as(cur, DatasetRow, Q["dataset_by_name"], params))
         if row is None:
             raise errors.NotFound("no such dataset", field="dataset")
-        return tuple(row)
-
-    @staticmethod
-    def _acl(org_id: str, row: Sequence[Any]) -> DatasetAcl:
-        return DatasetAcl(org_id=org_id, name=row[1], dag_id=row[2], read_roles=frozenset(row[3]))
+        return row
 
     async def list_datasets(self, caller: Caller, org: str) -> list[dict[str, Any]]:
         """The org's datasets the caller may read, with their active versions."""
@@ -500,20 +369,19 @@ class Datasets:
         if caller.org_id != org_id:
             raise errors.NotFound("no such org", field="org")
         async with transaction(self.pool) as cur:
-            await cur.execute(Q["list_datasets"], {"org_id": org_id})
-            rows = await cur.fetchall()
+            rows = await fetch_as(cur, ListedRow, Q["list_datasets"], {"org_id": org_id})
         return [
             {
-                "dataset": r[1],
-                "dataset_uuid": r[0],
-                "dag": r[6],
-                "storage_kind": r[4],
-                "update_strategy": r[5],
-                "read_roles": list(r[3]),
-                "active_version": r[7],
+                "dataset": r.name,
+                "dataset_uuid": r.dataset_uuid,
+                "dag": r.dag,
+                "storage_kind": r.storage_kind,
+                "update_strategy": r.update_strategy,
+                "read_roles": list(r.read_roles),
+                "active_version": r.active_version,
             }
             for r in rows
-            if access.allowed(caller, self._acl(org_id, r), Action.READ)
+            if access.allowed(caller, r.acl(org_id), Action.READ)
         ]
 
     async def show(self, caller: Caller, org: str, name: str) -> dict[str, Any]:
@@ -522,45 +390,45 @@ class Datasets:
         org_id = await self.org_id(org)
         async with transaction(self.pool) as cur:
             row = await self._dataset(cur, org_id, name)
-            access.check(caller, self._acl(org_id, row), Action.READ)
-            await cur.execute(Q["dataset_versions"], {"dataset_uuid": row[0]})
-            versions = [
-                {
-                    "dataset_version": v,
-                    "state": st,
-                    "created_at": _iso(c),
-                    "purged_at": _iso(p),
-                    "live_partitions": n,
-                    "active": act,
-                    "pins": pins,
-                }
-                for v, st, c, p, n, act, pins in await cur.fetchall()
-            ]
-            await cur.execute(Q["dag_pointer_history"], {"dag_id": row[2], "n": 20})
-            sets = [
-                {
-                    "generation": g,
-                    "parent_generation": pg,
-                    "created_by": by,
-                    "created_at": _iso(at),
-                    "active": act,
-                    "pointers": ptrs,
-                }
-                for g, pg, by, at, act, ptrs in await cur.fetchall()
-            ]
+            access.check(caller, row.acl(org_id), Action.READ)
+            params = {"dataset_uuid": row.dataset_uuid}
+            versions = await fetch_as(cur, VersionRow, Q["dataset_versions"], params)
+            history = {"dag_id": row.dag_id, "n": 20}
+            sets = await fetch_as(cur, PointerSetRow, Q["dag_pointer_history"], history)
         return {
-            "dataset": row[1],
-            "dataset_uuid": row[0],
-            "dag": row[10],
-            "job": row[7],
-            "output_index": row[8],
-            "storage_kind": row[4],
-            "update_strategy": row[5],
-            "unique_key": list(row[6]),
-            "schema": row[9],
-            "read_roles": list(row[3]),
-            "versions": versions,
-            "pointer_sets": sets,
+            "dataset": row.name,
+            "dataset_uuid": row.dataset_uuid,
+            "dag": row.dag,
+            "job": row.job_name,
+            "output_index": row.output_index,
+            "storage_kind": row.storage_kind,
+            "update_strategy": row.update_strategy,
+            "unique_key": list(row.unique_key),
+            "schema": row.schema,
+            "read_roles": list(row.read_roles),
+            "versions": [
+                {
+                    "dataset_version": v.dataset_version,
+                    "state": v.state,
+                    "created_at": _iso(v.created_at),
+                    "purged_at": _iso(v.purged_at),
+                    "live_partitions": v.live_partitions,
+                    "active": v.active,
+                    "pins": v.pins,
+                }
+                for v in versions
+            ],
+            "pointer_sets": [
+                {
+                    "generation": s.generation,
+                    "parent_generation": s.parent_generation,
+                    "created_by": s.created_by,
+                    "created_at": _iso(s.created_at),
+                    "active": s.active,
+                    "pointers": s.pointers,
+                }
+                for s in sets
+            ],
         }
 
     async def set_read_roles(
@@ -568,14 +436,12 @@ class Datasets:
     ) -> list[str]:
         """Replace a dataset's ``read_roles`` (org admins). Raises ``Forbidden``, ``NotFound``."""
         org_id = await self.org_id(org)
-        self._require_admin(caller, org_id)
+        Orgs.require_admin(caller, org_id)
         async with transaction(self.pool) as cur:
             row = await self._dataset(cur, org_id, name)
-            await cur.execute(
-                Q["set_read_roles"], {"dataset_uuid": row[0], "read_roles": sorted(set(roles))}
-            )
-            (r,) = await _one(cur)
-        return list(r)
+            params = {"dataset_uuid": row.dataset_uuid, "read_roles": sorted(set(roles))}
+            (out,) = await fetch_as(cur, ReadRolesRow, Q["set_read_roles"], params)
+        return list(out.read_roles)
 
     # -- versions and pointer sets --------------------------------------------------------------
 
@@ -586,19 +452,17 @@ class Datasets:
         async with transaction(self.pool) as cur:
             row = await self._dataset(cur, org_id, name)
             if caller is not None:
-                access.check(caller, self._acl(org_id, row), Action.OVERWRITE)
-            await cur.execute(Q["insert_version"], {"dataset_uuid": row[0]})
-            (version,) = await _one(cur)
-        return str(version)
+                access.check(caller, row.acl(org_id), Action.OVERWRITE)
+            params = {"dataset_uuid": row.dataset_uuid}
+            (v,) = await fetch_as(cur, NewVersionRow, Q["insert_version"], params)
+        return v.dataset_version
 
-    async def _lock_dag(
-        self, cur: psycopg.AsyncCursor[Any], org_id: str, dag: str
-    ) -> tuple[str, int | None]:
-        await cur.execute(Q["dag_by_name"], {"org_id": org_id, "name": dag})
-        row = await cur.fetchone()
+    async def _lock_dag(self, cur: psycopg.AsyncCursor[Any], org_id: str, dag: str) -> DagLockRow:
+        params = {"org_id": org_id, "name": dag}
+        row = first(await fetch_as(cur, DagLockRow, Q["dag_by_name"], params))
         if row is None:
             raise errors.NotFound("no such DAG", field="dag")
-        return str(row[0]), row[1]
+        return row
 
     @staticmethod
     def _check_dag(caller: Caller | None, org_id: str, dag_id: str) -> None:
@@ -617,36 +481,39 @@ class Datasets:
         org_id = await self.org_id(org)
         by = getattr(caller, "subject", None) or "platform"
         async with transaction(self.pool) as cur:
-            dag_id, active = await self._lock_dag(cur, org_id, dag)
-            self._check_dag(caller, org_id, dag_id)
+            locked = await self._lock_dag(cur, org_id, dag)
+            self._check_dag(caller, org_id, locked.dag_id)
             names = list(pointers)
-            await cur.execute(
-                Q["dag_datasets_versions"],
-                {"dag_id": dag_id, "names": names, "versions": [pointers[n] for n in names]},
-            )
-            rows = {r[0]: r for r in await cur.fetchall()}
+            params = {
+                "dag_id": locked.dag_id,
+                "names": names,
+                "versions": [pointers[n] for n in names],
+            }
+            found = {
+                r.name: r
+                for r in await fetch_as(cur, CutoverRow, Q["dag_datasets_versions"], params)
+            }
             for n in names:
-                r = rows.get(n)
+                r = found.get(n)
                 if r is None:
                     raise errors.NotFound(f"DAG {dag!r} does not produce {n!r}", field=n)
-                if r[2] is None:
+                if r.dataset_version is None:
                     raise errors.NotFound(f"no such version of {n!r}", field=n)
-                if r[3] == commit.VersionState.PURGED:
-                    raise errors.Conflict(f"version {r[2]} of {n!r} is purged", field=n)
-            await cur.execute(
-                Q["insert_pointer_set"],
-                {
-                    "dag_id": dag_id,
-                    "expected": active,
-                    "created_by": by,
-                    "dataset_uuids": [rows[n][1] for n in names],
-                    "versions": [pointers[n] for n in names],
-                },
-            )
-            row = await cur.fetchone()
+                if r.state == VersionState.PURGED:
+                    raise errors.Conflict(
+                        f"version {r.dataset_version} of {n!r} is purged", field=n
+                    )
+            pointer_set = {
+                "dag_id": locked.dag_id,
+                "expected": locked.active_generation,
+                "created_by": by,
+                "dataset_uuids": [found[n].dataset_uuid for n in names],
+                "versions": [pointers[n] for n in names],
+            }
+            row = first(await fetch_as(cur, GenerationRow, Q["insert_pointer_set"], pointer_set))
             if row is None:
                 raise errors.Conflict("the pointer set changed concurrently")
-        return int(row[0])
+        return row.generation
 
     async def rollback(self, caller: Caller | None, org: str, dag: str) -> int:
         """Make the active pointer set's parent active again, in one transaction. Returns the
@@ -654,25 +521,46 @@ class Datasets:
         version), ``NotFound``, ``Forbidden``."""
         org_id = await self.org_id(org)
         async with transaction(self.pool) as cur:
-            dag_id, active = await self._lock_dag(cur, org_id, dag)
-            self._check_dag(caller, org_id, dag_id)
-            if active is None:
+            locked = await self._lock_dag(cur, org_id, dag)
+            self._check_dag(caller, org_id, locked.dag_id)
+            if locked.active_generation is None:
                 raise errors.Conflict("the DAG has no active pointer set")
-            await cur.execute(Q["pointer_set_parent"], {"dag_id": dag_id, "generation": active})
-            parent, purged = await _one(cur)
-            if parent is None:
+            params = {"dag_id": locked.dag_id, "generation": locked.active_generation}
+            (parent,) = await fetch_as(cur, ParentRow, Q["pointer_set_parent"], params)
+            if parent.parent_generation is None:
                 raise errors.Conflict("no previous pointer set to roll back to")
-            if purged:
+            if parent.names_purged:
                 raise errors.Conflict("the previous pointer set names a purged version")
-            await cur.execute(
-                Q["activate_generation"],
-                {"dag_id": dag_id, "generation": parent, "expected": active},
-            )
-            if await cur.fetchone() is None:
+            params = {
+                "dag_id": locked.dag_id,
+                "generation": parent.parent_generation,
+                "expected": locked.active_generation,
+            }
+            if not await fetch_as(cur, GenerationRow, Q["activate_generation"], params):
                 raise errors.Conflict("the pointer set changed concurrently")
-        return int(parent)
+        return parent.parent_generation
 
     # -- readers --------------------------------------------------------------------------------
+
+    async def resolve_for_task(
+        self,
+        claims: CapabilityClaims,
+        names: Sequence[str],
+        *,
+        pin_ttl_s: float = DEFAULT_PIN_TTL_S,
+    ) -> Resolution:
+        """Resolve for a task: only the datasets its capability token grants, in the org of the
+        task's row (never the token's ``org_id`` claim alone: a token whose claim names another
+        org is refused). Raises as ``resolve``, and ``Unauthenticated`` for that mismatch."""
+        async with transaction(self.pool) as cur:
+            params = {"task_id": claims.task_id}
+            task = first(await fetch_as(cur, TaskOrgRow, Q["task_org"], params))
+        if task is None:
+            raise errors.NotFound("no such task", field="task_id")
+        if task.org_id != claims.org_id:
+            raise errors.Unauthenticated("capability token: org_id is not the task's org")
+        caller = TaskCaller.from_grants(task.org_id, claims.task_id, claims.grants)
+        return await self.resolve(caller, task.org_name, names, pin_ttl_s=pin_ttl_s)
 
     async def resolve(
         self,
@@ -687,60 +575,21 @@ class Datasets:
 
         Every pointer is read in one statement (a whole pointer set, never a mix) and a pin
         lease row is written for each version (unless ``pin_ttl_s`` is 0) so it cannot be
-        purged while the reader reads. Returns the pins and what to read. Raises ``NotFound``
-        (unknown name or org, or a caller of another org), ``Forbidden``.
+        purged while the reader reads. Readers are handed promoted partitions only. Returns the
+        pins and what to read. Raises ``NotFound`` (unknown name or org, or a caller of another
+        org), ``Forbidden``.
         """
         if not names:
             raise errors.ValidationFailed("name at least one dataset", field="names")
         org_id = await self.org_id(org)
         if caller.org_id != org_id:
             raise errors.NotFound("no such dataset", field="names")
-        subject = access.pin_holder(caller)
         for _ in range(3):
             pin_id = str(uuid.uuid4())
             try:
-                async with transaction(self.pool) as cur:
-                    await cur.execute(
-                        Q["resolve"],
-                        {
-                            "org_id": org_id,
-                            "names": list(names),
-                            "pin_id": pin_id,
-                            "subject": subject,
-                            "ttl_s": pin_ttl_s,
-                        },
-                    )
-                    rows = {r[0]: r for r in await cur.fetchall()}
-                    for n, name in enumerate(names):
-                        row = rows.get(name)
-                        if row is None:
-                            raise errors.NotFound(f"no such dataset {name!r}", field=f"names[{n}]")
-                        access.check(
-                            caller,
-                            DatasetAcl(org_id, row[0], row[2], frozenset(row[3])),
-                            Action.READ,
-                        )
-                    if any(r[6] == commit.VersionState.PURGED for r in rows.values()):
-                        raise _PurgedUnderUs()
-                    objects: dict[str, list[dict[str, Any]]] = {}
-                    unread: dict[tuple[str, str], int] = {}
-                    parquet = [r[5] for r in rows.values() if r[5] and r[4] == "parquet"]
-                    if include_objects and parquet:
-                        await cur.execute(Q["version_objects"], {"versions": parquet})
-                        for p in await _dicts(cur):
-                            v = p["dataset_version"]
-                            if p["state"] != commit.PartitionState.PROMOTED:
-                                unread[v, p["state"]] = unread.get((v, p["state"]), 0) + 1
-                                continue
-                            item: dict[str, Any] = {
-                                "object_key": p["object_key"],
-                                "size": p["size"],
-                            }
-                            if p["partition_key"] is None:
-                                item.update(start=p["range_start"], end=p["range_end"])
-                            else:
-                                item.update(key=p["partition_key"])
-                            objects.setdefault(v, []).append(item)
+                rows, parts = await self._resolve_once(
+                    caller, org_id, names, pin_id, pin_ttl_s, include_objects
+                )
             except _PurgedUnderUs:
                 continue
             break
@@ -749,20 +598,57 @@ class Datasets:
         out = []
         for name in dict.fromkeys(names):
             r = rows[name]
-            version = r[5]
+            version = r.dataset_version
+            mine = [p for p in parts if version and p.dataset_version == version]
             out.append(
                 ResolvedDataset(
                     dataset=name,
-                    dataset_uuid=r[1],
+                    dataset_uuid=r.dataset_uuid,
                     dataset_version=version,
-                    storage_kind=r[4],
-                    objects=objects.get(version, []) if version else [],
-                    table=table_name(version) if version and r[4] != "parquet" else None,
-                    pending=unread.get((version or "", commit.PartitionState.COMMITTED), 0),
-                    corrupt=unread.get((version or "", commit.PartitionState.CORRUPT), 0),
+                    storage_kind=r.storage_kind,
+                    objects=[p.for_reader() for p in mine if p.state == PartitionState.PROMOTED],
+                    table=table_name(version) if version and r.storage_kind != "parquet" else None,
+                    pending=sum(p.state == PartitionState.COMMITTED for p in mine),
+                    corrupt=sum(p.state == PartitionState.CORRUPT for p in mine),
                 )
             )
         return Resolution(pin_id=pin_id, datasets=out)
+
+    async def _resolve_once(
+        self,
+        caller: Caller,
+        org_id: str,
+        names: Sequence[str],
+        pin_id: str,
+        pin_ttl_s: float,
+        include_objects: bool,
+    ) -> tuple[dict[str, ResolveRow], list[PartitionRow]]:
+        async with transaction(self.pool) as cur:
+            params = {
+                "org_id": org_id,
+                "names": list(names),
+                "pin_id": pin_id,
+                "subject": access.pin_holder(caller),
+                "ttl_s": pin_ttl_s,
+            }
+            rows = {r.name: r for r in await fetch_as(cur, ResolveRow, Q["resolve"], params)}
+            for n, name in enumerate(names):
+                row = rows.get(name)
+                if row is None:
+                    raise errors.NotFound(f"no such dataset {name!r}", field=f"names[{n}]")
+                access.check(caller, row.acl(org_id), Action.READ)
+            if any(r.version_state == VersionState.PURGED for r in rows.values()):
+                raise _PurgedUnderUs()
+            parquet = [
+                r.dataset_version
+                for r in rows.values()
+                if r.dataset_version and r.storage_kind == "parquet"
+            ]
+            parts: list[PartitionRow] = []
+            if include_objects and parquet:
+                params = {"versions": parquet}
+                parts = await fetch_as(cur, PartitionRow, Q["version_objects"], params)
+        return rows, parts
 
     async def release_pin(self, caller: Caller | None, org: str, pin_id: str) -> None:
         """Release a reader's pin early: its holder or an admin of its org, through that org.
@@ -772,13 +658,15 @@ class Datasets:
         deleted on a refusal."""
         org_id = await self.org_id(org)
         async with transaction(self.pool) as cur:
-            await cur.execute(Q["lock_pin"], {"pin_id": pin_id})
-            rows = await _dicts(cur)
-            pins = {PinAcl(org_id=r["org_id"], holder=r["holder"]) for r in rows}
-            if len(pins) != 1 or next(iter(pins)).org_id != org_id:
+            rows = await fetch_as(cur, PinRow, Q["lock_pin"], {"pin_id": pin_id})
+            pins = {PinAcl(org_id=r.org_id, holder=r.holder) for r in rows}
+            if len(pins) != 1:
+                raise errors.NotFound("no such pin", field="pin_id")
+            (pin,) = pins
+            if pin.org_id != org_id:
                 raise errors.NotFound("no such pin", field="pin_id")
             if caller is not None:
-                access.check_release(caller, next(iter(pins)))
+                access.check_release(caller, pin)
             await cur.execute(Q["release_pin"], {"pin_id": pin_id})
 
     # -- purge ------------------------------------------------------------------------------------
@@ -796,193 +684,50 @@ class Datasets:
         async with transaction(self.pool) as cur:
             row = await self._dataset(cur, org_id, name)
             if caller is not None:
-                access.check(caller, self._acl(org_id, row), Action.PURGE)
-            await cur.execute(
-                Q["lock_version_for_purge"], {"version": version, "dataset_uuid": row[0]}
-            )
-            v = await cur.fetchone()
+                access.check(caller, row.acl(org_id), Action.PURGE)
+            params = {"version": version, "dataset_uuid": row.dataset_uuid}
+            v = first(await fetch_as(cur, PurgeLockRow, Q["lock_version_for_purge"], params))
             if v is None:
                 raise errors.NotFound("no such version", field="version")
-            _state, active, pinned = v
-            if active:
+            if v.active:
                 raise errors.Conflict("the version is active in its DAG's pointer set")
-            if pinned:
+            if v.pinned:
                 raise errors.Conflict("the version is pinned by a reader")
             await cur.execute(Q["mark_purged"], {"version": version})
         deleted = freed = 0
         while True:
             async with transaction(self.pool) as cur:
-                await cur.execute(Q["purged_partitions"], {"version": version, "n": 500})
-                parts = await cur.fetchall()
+                batch = {"version": version, "n": 500}
+                parts = await fetch_as(cur, PurgedPartitionRow, Q["purged_partitions"], batch)
             if not parts:
                 break
             if self.object_store is None:
                 raise errors.Unavailable("no object store to free the version's objects")
-            for _pid, object_key, staged_key in parts:
-                for key in {object_key, staged_key}:
+            for p in parts:
+                for key in {p.object_key, p.staged_key}:
                     with contextlib.suppress(errors.NotFound):
                         info = await self.object_store.head(key)
                         freed += info.size
                         deleted += 1
                     await self.object_store.delete(key)
             async with transaction(self.pool) as cur:
-                await cur.execute(Q["delete_partitions"], {"ids": [p[0] for p in parts]})
+                ids = [p.partition_id for p in parts]
+                await cur.execute(Q["delete_partitions"], {"ids": ids})
         log.info(
             "version purged",
             extra={"dataset": name, "dataset_version": version, "deleted_objects": deleted},
         )
         return PurgeReport(version, deleted, freed)
 
-    # -- background: promotion and staging cleanup ------------------------------------------------
-
-    async def promote_once(self, batch: int = 200) -> int:
-        """Verify committed partitions and copy them from the staging prefix to their canonical
-        key under the version prefix; only then do readers see them.
-
-        The staged bytes are read once and checked against the size and sha256 the completion
-        committed (``trace_core.commit.promotion_event``); a mismatch or a missing object marks
-        the partition ``corrupt`` and is logged once at error level (never retried). Returns
-        how many were promoted. Raises ``Unavailable``."""
-        if self.object_store is None:
-            return 0
-        store = self.object_store
-        async with transaction(self.pool) as cur:
-            await cur.execute(Q["unpromoted"], {"n": batch})
-            rows = await _dicts(cur)
-        promoted: list[int] = []
-        corrupt: dict[int, dict[str, Any]] = {}
-        for p in rows:
-            try:
-                data: bytes | None = await store.get(p["staged_key"])
-            except errors.NotFound:
-                data = None
-            staged = (
-                None
-                if data is None
-                else ObjectInfo(p["staged_key"], len(data), hashlib.sha256(data).hexdigest())
-            )
-            event = commit.promotion_event(p["size"], p["sha256"], staged)
-            match commit.partition_target(commit.PartitionState.COMMITTED, event):
-                case commit.PartitionState.PROMOTED:
-                    assert data is not None
-                    await store.put(p["object_key"], data)
-                    promoted.append(p["partition_id"])
-                case _:
-                    corrupt[p["partition_id"]] = {**p, "found": staged}
-        marked: list[int] = []
-        async with transaction(self.pool) as cur:
-            if promoted:
-                await cur.execute(Q["mark_promoted"], {"ids": promoted})
-            if corrupt:
-                await cur.execute(Q["mark_corrupt"], {"ids": list(corrupt)})
-                marked = [r["partition_id"] for r in await _dicts(cur)]
-        for pid in marked:
-            p = corrupt[pid]
-            found = p["found"]
-            log.error(
-                "committed partition is corrupt: its staged bytes do not match the commit",
-                extra={
-                    "partition_id": pid,
-                    "dataset_version": p["dataset_version"],
-                    "task_id": p["task_id"],
-                    "attempt": p["attempt"],
-                    "staged_key": p["staged_key"],
-                    "expected_size": p["size"],
-                    "expected_sha256": p["sha256"],
-                    "found_size": None if found is None else found.size,
-                    "found_sha256": None if found is None else found.sha256,
-                },
-            )
-        return len(promoted)
-
-    async def partition_counts(self) -> dict[str, int]:
-        """Partitions by ``PartitionState`` (``corrupt`` > 0 is an alarm). Raises
-        ``Unavailable``."""
-        async with transaction(self.pool) as cur:
-            await cur.execute(Q["partition_counts"])
-            found = {r["state"]: int(r["n"]) for r in await _dicts(cur)}
-        return {s.value: found.get(s.value, 0) for s in commit.PartitionState}
-
-    async def clean_staging(
-        self, *, grace_s: float = DEFAULT_STAGING_GRACE_S, batch: int = 200
-    ) -> SweepReport:
-        """Delete staged objects of attempts that finished more than ``grace_s`` ago.
-
-        Objects of an attempt that never committed are never visible (no partition names
-        them); an attempt whose committed partitions are not promoted yet is skipped and
-        revisited later. Each attempt is cleaned once. Returns the counts."""
-        if self.object_store is None:
-            raise errors.Unavailable("no object store to clean")
-        report = SweepReport()
-        async with transaction(self.pool) as cur:
-            await cur.execute(Q["unswept_attempts"], {"grace_s": grace_s, "n": batch})
-            attempts = await cur.fetchall()
-        for task_id, attempt, org_id in attempts:
-            async with transaction(self.pool) as cur:
-                await cur.execute(
-                    Q["referenced_staged_keys"], {"task_id": task_id, "attempt": attempt}
-                )
-                if await cur.fetchone() is not None:
-                    report = attrs.evolve(report, skipped=report.skipped + 1)
-                    continue
-            prefix = staging_prefix(org_id, task_id, attempt)
-            objects = await self.object_store.list(prefix)
-            for info in objects:
-                await self.object_store.delete(info.key)
-            async with transaction(self.pool) as cur:
-                await cur.execute(
-                    Q["record_sweep"],
-                    {"task_id": task_id, "attempt": attempt, "deleted": len(objects)},
-                )
-            report = attrs.evolve(
-                report,
-                attempts=report.attempts + 1,
-                deleted_objects=report.deleted_objects + len(objects),
-            )
-        return report
-
-    async def run_background(
-        self, stop: asyncio.Event, *, every_s: float = 5.0, grace_s: float = DEFAULT_STAGING_GRACE_S
-    ) -> None:
-        """Promote committed partitions and sweep staging until ``stop`` is set."""
-        while not stop.is_set():
-            try:
-                while await self.promote_once():
-                    pass
-                if self.object_store is not None:
-                    await self.clean_staging(grace_s=grace_s)
-            except errors.TraceError as exc:
-                log.warning("dataset background pass failed", extra={"error": str(exc)})
-            except Exception:  # a bug must not stop the sweep: log it, keep going
-                log.exception("dataset background pass crashed")
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), every_s)
-
 
 class _PurgedUnderUs(errors.Retryable):
     """A version was purged between the pointer read and the pin; resolve again."""
 
 
-async def _dicts(cur: psycopg.AsyncCursor[Any]) -> list[dict[str, Any]]:
-    """The rows of the last statement, by column name."""
-    assert cur.description is not None
-    names = [c.name for c in cur.description]
-    return [dict(zip(names, row, strict=True)) for row in await cur.fetchall()]
-
-
-async def _one(cur: psycopg.AsyncCursor[Any]) -> Any:
-    row = await cur.fetchone()
-    if row is None:  # pragma: no cover - the statements always return a row
-        raise errors.NotFound("not found")
-    return row
-
-
-def _iso(ts: datetime | None) -> str | None:
-    return ts.isoformat() if ts else None
-
-
 __all__ = [
     "DATA_SCHEMA",
+    "DEFAULT_PIN_TTL_S",
+    "DEFAULT_STAGING_GRACE_S",
     "INVALIDATE_TOPIC",
     "Datasets",
     "PreparedOutputs",

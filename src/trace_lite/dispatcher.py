@@ -56,6 +56,7 @@ from trace_core.token import (
 )
 from trace_lite import sqlfile
 from trace_lite.capabilities import TokenIssuer, TokenVerifier
+from trace_lite.outputs import apply_outputs, prepare_outputs
 from trace_lite.pg import fetch_as, transaction
 
 log = logging.getLogger("trace.dispatcher")
@@ -995,12 +996,10 @@ class Dispatcher:
         by_task = {r.task_id: i for i, r in enumerate(reqs)}
         results: list[wire.CompleteResponse | errors.TraceError | None] = [None] * len(reqs)
         # Output manifests are checked against the ObjectStore before the transaction and
-        # recorded inside it, behind the fence (trace_lite.datasets, trace_core.commit).
+        # recorded inside it, behind the fence (trace_lite.outputs, trace_core.commit).
         outputs: dict[int, Any] = {}
         if any(r.outputs for r in reqs):
-            from trace_lite import datasets
-
-            outputs = await datasets.prepare_outputs(self.pool, self.object_store, reqs)
+            outputs = await prepare_outputs(self.pool, self.object_store, reqs)
         async with self._tx() as cur:
             rows = await fetch_as(
                 cur, _LockedRow, Q["lock_tasks"], {"task_ids": pg_array(list(by_task))}
@@ -1032,7 +1031,7 @@ class Dispatcher:
                     try:
                         if isinstance(outputs[i], errors.TraceError):
                             raise outputs[i]
-                        await datasets.apply_outputs(cur, r, outputs[i])
+                        await apply_outputs(cur, r, outputs[i])
                     except errors.TraceError as exc:
                         results[i] = exc
                         continue

@@ -20,14 +20,20 @@ from __future__ import annotations
 
 import uuid
 
+import attrs
 from psycopg_pool import AsyncConnectionPool
 
 from trace_core import errors
 from trace_core.object_keys import parse_staging_key
 from trace_lite import sqlfile
-from trace_lite.pg import transaction
+from trace_lite.pg import fetch_as, transaction
 
-Q = sqlfile.load("datasets.sql")
+Q = sqlfile.load("outputs.sql")
+
+
+@attrs.frozen
+class WritableRow:
+    writable: bool
 
 
 class StagingWriteGuard:
@@ -47,19 +53,15 @@ class StagingWriteGuard:
             uuid.UUID(where.task_id)
         except ValueError:
             raise errors.Forbidden("signed URL: no such attempt") from None
+        params = {
+            "org_id": where.org_id,
+            "task_id": where.task_id,
+            "attempt": where.attempt,
+            "key": key,
+        }
         async with transaction(self.pool) as cur:
-            await cur.execute(
-                Q["staged_key_writable"],
-                {
-                    "org_id": where.org_id,
-                    "task_id": where.task_id,
-                    "attempt": where.attempt,
-                    "key": key,
-                },
-            )
-            row = await cur.fetchone()
-        (writable,) = row if row is not None else (False,)
-        if not writable:
+            (row,) = await fetch_as(cur, WritableRow, Q["staged_key_writable"], params)
+        if not row.writable:
             raise errors.Forbidden(
                 "signed URL: the attempt has finished or the object is committed; "
                 "committed objects are immutable"
