@@ -45,6 +45,7 @@ from trace_core.jws import (
     verify_signature,
 )
 from trace_core.ports import PublicKey
+from trace_lite.secret_files import read_or_create
 
 #: Algorithms a user-token key may be pinned to.
 USER_ALGORITHMS: Final = SUPPORTED_ALGORITHMS
@@ -166,6 +167,14 @@ class UserAuthenticator:
         return cls({issuer.key.kid: issuer.key}, policy)
 
 
+def _new_private_pem() -> bytes:
+    return ed25519.Ed25519PrivateKey.generate().private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+
+
 class LocalUserIssuer:
     """Lite's development issuer: an Ed25519 key under ``key_dir`` that signs user tokens."""
 
@@ -180,23 +189,15 @@ class LocalUserIssuer:
 
     @classmethod
     def init(cls, key_dir: Path, *, policy: UserTokenPolicy | None = None) -> LocalUserIssuer:
-        """Load the key from ``key_dir/users/issuer.pem``, creating it (mode 0600) if missing.
+        """Load the key from ``key_dir/users/issuer.pem``, creating it (mode 0600, directory
+        0700) if missing; processes starting together on a fresh directory agree on one key.
 
         ``policy`` defaults to ``UserTokenPolicy.from_env()``: the one the Dispatcher's
         ``UserAuthenticator.from_env`` verifies with, so minted tokens are accepted.
         """
         path = Path(key_dir) / "users" / "issuer.pem"
-        if not path.exists():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            pem = ed25519.Ed25519PrivateKey.generate().private_bytes(
-                serialization.Encoding.PEM,
-                serialization.PrivateFormat.PKCS8,
-                serialization.NoEncryption(),
-            )
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "wb") as f:
-                f.write(pem)
-        key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+        pem = read_or_create(path, _new_private_pem)  # safe when processes start together
+        key = serialization.load_pem_private_key(pem, password=None)
         if not isinstance(key, ed25519.Ed25519PrivateKey):
             raise errors.SignerError("the local user issuer key must be Ed25519")
         return cls(key, policy if policy is not None else UserTokenPolicy.from_env())

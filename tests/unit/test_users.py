@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -136,3 +137,32 @@ def test_a_configured_issuer_and_audience_apply_to_both_sides(tmp_path: Path) ->
     default = LocalUserIssuer.init(tmp_path, policy=UserTokenPolicy()).token("bob")
     with pytest.raises(Unauthenticated):
         auth.authenticate(f"Bearer {default}")
+
+
+def _start_together(key_dir: Path, n: int) -> tuple[list[str], list[BaseException]]:
+    barrier = threading.Barrier(n)
+    kids: list[str] = []
+    failures: list[BaseException] = []
+
+    def start() -> None:
+        barrier.wait()
+        try:
+            kids.append(LocalUserIssuer.init(key_dir).key.kid)
+        except BaseException as exc:
+            failures.append(exc)
+
+    threads = [threading.Thread(target=start) for _ in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return kids, failures
+
+
+def test_processes_starting_together_agree_on_one_local_issuer_key(tmp_path: Path) -> None:
+    # Several Dispatchers on a fresh TRACE_HOME create the key at once: none fails, none reads
+    # a half-written file, all trust the same key.
+    for attempt in range(20):
+        kids, failures = _start_together(tmp_path / str(attempt), 8)
+        assert failures == []
+        assert len(kids) == 8 and len(set(kids)) == 1
