@@ -42,6 +42,7 @@ class Metrics:
     latency: Histogram
     tasks: Gauge
     outbox: Gauge
+    partitions: Gauge
 
     @classmethod
     def create(cls) -> Metrics:
@@ -60,6 +61,12 @@ class Metrics:
             ),
             tasks=Gauge("trace_tasks", "Tasks by state", ["state"], registry=registry),
             outbox=Gauge("trace_outbox_rows", "Outbox rows by state", ["state"], registry=registry),
+            partitions=Gauge(
+                "trace_dataset_partitions",
+                "Dataset partitions by state (corrupt > 0 is an alarm)",
+                ["state"],
+                registry=registry,
+            ),
         )
 
 
@@ -89,6 +96,8 @@ async def metrics(request: web.Request) -> web.Response:
             m.tasks.labels(state).set(n)
         for state, n in (await dispatcher.outbox_counts()).items():
             m.outbox.labels(state).set(n)
+        for state, n in (await request.app[DATASETS_KEY].partition_counts()).items():
+            m.partitions.labels(state).set(n)
     except errors.TraceError:
         pass  # still serve the request metrics
     return web.Response(

@@ -390,6 +390,14 @@ async def test_bytes_changed_after_the_commit_are_an_alarm_never_a_read(
     }
     assert env.sql("SELECT state FROM dataset_partitions") == [("corrupt",), ("corrupt",)]
     assert (await env.ds.partition_counts())["corrupt"] == 2
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from trace_servers.app import make_app
+
+    app = make_app(env.d, platform_token="p" * 16)
+    async with TestClient(TestServer(app)) as client:
+        metrics = await (await client.get("/metrics")).text()
+    assert 'trace_dataset_partitions{state="corrupt"} 2.0' in metrics
     caller = await env.ds.user_caller(ORG, "dave")
     (resolved,) = (await env.ds.resolve(caller, ORG, ["blocks"], pin_ttl_s=0)).datasets
     assert resolved.objects == [] and resolved.corrupt == 2 and resolved.pending == 0
