@@ -207,8 +207,7 @@ class ParsedJws:
 
     @property
     def digest(self) -> bytes:
-        """SHA-256 over what the signature covers and the signature: the identity of what is
-        verified. Canonical decoding makes it one-to-one with the token text."""
+        """``SplitJws.digest`` of this token: what is verified, not how it was spelled."""
         h = hashlib.sha256(self.signing_input)
         h.update(b".")
         h.update(self.signature)
@@ -230,35 +229,75 @@ def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def _json_object(segment: str, label: str) -> dict[str, Any]:
+def _json_object(raw: bytes, label: str) -> dict[str, Any]:
     try:
-        value = json.loads(b64url_decode(segment), object_pairs_hook=_no_duplicate_keys)
-    except (ValueError, UnicodeDecodeError, RecursionError, Unauthenticated) as exc:
+        value = json.loads(raw, object_pairs_hook=_no_duplicate_keys)
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
         raise Unauthenticated(f"{label}: malformed") from exc
     if not isinstance(value, dict):
         raise Unauthenticated(f"{label}: malformed")
     return value
 
 
-def parse(token: str, *, label: str = "capability token") -> ParsedJws:
+@attrs.frozen
+class SplitJws:
+    """A compact JWS split into its canonical-base64url-decoded parts; nothing checked yet."""
+
+    #: The decoded header bytes (JSON not parsed).
+    header: bytes
+    #: The decoded payload bytes (JSON not parsed).
+    payload: bytes
+    #: ``BASE64URL(header) || "." || BASE64URL(payload)``: the bytes the signature covers.
+    signing_input: bytes
+    #: The decoded signature.
+    signature: bytes
+
+    @property
+    def digest(self) -> bytes:
+        """SHA-256 over what the signature covers and the signature: the identity of what is
+        verified. Canonical decoding makes it one-to-one with the token text."""
+        h = hashlib.sha256(self.signing_input)
+        h.update(b".")
+        h.update(self.signature)
+        return h.digest()
+
+
+def split(token: str, *, label: str = "capability token") -> SplitJws:
     """Split a compact JWS and decode its three segments (canonical base64url only).
 
-    Returns the parsed token; nothing in it is trusted yet. Raises ``Unauthenticated`` for a
-    token that is not three canonical base64url segments with JSON objects for header and
-    payload (duplicate member names refused). ``label`` names the token in error messages.
+    Cheaper than ``parse`` (no JSON): enough to look a token up by ``digest``. Raises
+    ``Unauthenticated`` unless the token is three canonical base64url segments.
     """
     if not isinstance(token, str) or token.count(".") != 2:
         raise Unauthenticated(f"{label}: malformed")
     header_segment, payload_segment, signature_segment = token.split(".")
     try:
+        header = b64url_decode(header_segment)
+        payload = b64url_decode(payload_segment)
         signature = b64url_decode(signature_segment)
     except Unauthenticated as exc:
         raise Unauthenticated(f"{label}: malformed") from exc
-    return ParsedJws(
-        header=_json_object(header_segment, label),
-        payload=_json_object(payload_segment, label),
+    return SplitJws(
+        header=header,
+        payload=payload,
         signing_input=f"{header_segment}.{payload_segment}".encode("ascii"),
         signature=signature,
+    )
+
+
+def parse(token: str, *, label: str = "capability token") -> ParsedJws:
+    """Split a compact JWS and decode its segments: canonical base64url, JSON objects.
+
+    Returns the parsed token; nothing in it is trusted yet. Raises ``Unauthenticated`` for a
+    token that is not three canonical base64url segments with JSON objects for header and
+    payload (duplicate member names refused). ``label`` names the token in error messages.
+    """
+    parts = split(token, label=label)
+    return ParsedJws(
+        header=_json_object(parts.header, label),
+        payload=_json_object(parts.payload, label),
+        signing_input=parts.signing_input,
+        signature=parts.signature,
         label=label,
     )
 
@@ -313,6 +352,7 @@ def verify_token(
 __all__ = [
     "SUPPORTED_ALGORITHMS",
     "ParsedJws",
+    "SplitJws",
     "algorithm_for",
     "assemble",
     "b64url_decode",
@@ -325,6 +365,7 @@ __all__ = [
     "raw_public_bytes",
     "sign_jws",
     "signing_input",
+    "split",
     "unverified_kid",
     "verify_jws",
     "verify_signature",

@@ -32,7 +32,14 @@ from collections import OrderedDict
 from collections.abc import Mapping
 
 from trace_core.errors import SignerError, Unauthenticated
-from trace_core.jws import assemble, header_for, parse, signing_input, verify_signature
+from trace_core.jws import (
+    assemble,
+    header_for,
+    parse,
+    signing_input,
+    split,
+    verify_signature,
+)
 from trace_core.ports import PublicKey, Signer
 from trace_core.token import CapabilityClaims, TokenPolicy, check_claims
 
@@ -172,18 +179,19 @@ class TokenVerifier:
         also when the token's key was retired past its grace or revoked since it was last
         verified, or when the key set could not be read for ``max_stale_s``.
         """
-        parsed = parse(token)
+        digest = split(token).digest  # canonical spelling checked; JSON parsed only on a miss
         keys = await self._current_keys(monotonic)
-        known = self._verified.get(parsed.digest)
+        known = self._verified.get(digest)
         if known is not None:  # these exact bytes were verified (or signed) here before
             kid, claims = known
             if kid not in keys:
-                del self._verified[parsed.digest]
+                del self._verified[digest]
                 raise Unauthenticated("capability token: key no longer trusted")
             return check_claims(self.policy, claims.to_payload(), now_epoch)
+        parsed = parse(token)
         kid = verify_signature(parsed, keys, self.policy.typ)
         claims = check_claims(self.policy, parsed.payload, now_epoch)
-        self._store(parsed.digest, kid, claims)
+        self._store(digest, kid, claims)
         return claims
 
 
