@@ -417,3 +417,49 @@ def test_dataset_tables_live_in_the_schema_the_data_migrations_create(data_db_ur
         conn.execute(f"CREATE TABLE {name} (block bigint)")  # fails if the schema is missing
         (found,) = conn.execute("SELECT to_regclass(%s)::text", (name,)).fetchone() or (None,)
     assert found == name
+
+
+async def test_the_write_guard_allows_a_running_attempts_uncommitted_keys_only(env: Env) -> None:
+    from trace_lite.write_guard import StagingWriteGuard
+
+    guard = StagingWriteGuard(env.d.pool)
+    fence, prefix = await _claim(env)
+    await guard(f"{prefix}out/blocks/0_100.json")  # running, nothing committed: allowed
+    org_id = prefix.split("/")[1]
+    for key in (
+        f"org/{org_id}/dataset/d/version/v/0_100.json",  # a canonical key is never PUT by URL
+        "bundles/x.zip",
+        prefix.replace(f"/attempt/{fence['attempt']}/", "/attempt/9/") + "x",  # no such attempt
+        prefix.replace(fence["task_id"], "not-a-uuid") + "x",
+        prefix.replace(org_id, "00000000-0000-4000-8000-000000000000") + "x",  # another org
+    ):
+        with pytest.raises(errors.Forbidden):
+            await guard(key)
+    # a published buffer batch is committed mid-attempt: its key is closed, the rest stays open
+    rows = await _stage(env, f"{prefix}buffer/rows/b1.jsonl", {"n": 1})
+    batch = {k: rows[k] for k in ("object_key", "size", "sha256")}
+    await env.d.publish_buffer(
+        wire.structure(
+            {
+                **fence,
+                "batch": {
+                    "key": "b1",
+                    "dataset": "rows",
+                    "object_key": batch["object_key"],
+                    "row_count": 1,
+                    "byte_size": batch["size"],
+                    "sha256": batch["sha256"],
+                },
+            },
+            wire.BufferPublishRequest,
+        )
+    )
+    with pytest.raises(errors.Forbidden):
+        await guard(batch["object_key"])
+    await guard(f"{prefix}out/blocks/0_100.json")
+    # the completion ends the attempt: every key of its prefix is closed
+    out = await _stage(env, f"{prefix}out/blocks/0_100.json", {"rows": 1}, start=0, end=100)
+    await env.d.complete(_complete(fence, [out]))
+    for key in (out["object_key"], f"{prefix}out/other.json"):
+        with pytest.raises(errors.Forbidden):
+            await guard(key)
