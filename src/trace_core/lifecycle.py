@@ -37,7 +37,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Mapping
 from datetime import datetime, timedelta
-from typing import Final, assert_never
+from typing import Any, Final, assert_never
 
 import attrs
 
@@ -215,12 +215,22 @@ class Op(enum.StrEnum):
 # Decisions. Each returns what the store must write; the store applies it as a CAS on the fence.
 
 
+def decide_create(*, delay_s: float) -> TaskState:
+    """The state a new task starts in: ``pending`` until its delay elapses, else ``queued``."""
+    return TaskState.PENDING if delay_s > 0 else TaskState.QUEUED
+
+
 @attrs.frozen
 class ClaimDecision:
+    """A new attempt: the whole next row (the task is ``running`` under it)."""
+
     task_id: str
     attempt: int
     lease_token: str
     lease_expires_at: datetime
+    #: The database's ``now`` at the claim: the attempt's ``timeout_s`` counts from here.
+    started_at: datetime
+    state: TaskState = TaskState.RUNNING
 
 
 def decide_claim(
@@ -246,6 +256,7 @@ def decide_claim(
         attempt=task.attempt + 1,
         lease_token=new_lease_token,
         lease_expires_at=expires,
+        started_at=now,
     )
 
 
@@ -340,12 +351,42 @@ class Outcome(enum.StrEnum):
 
 @attrs.frozen
 class CompleteDecision:
+    """The end of an attempt: the whole next row (nothing to write for a ``replay``)."""
+
     #: ``True`` when this repeats an accepted completion with the same body: write nothing.
     replay: bool
     state: TaskState
     attempt_outcome: AttemptOutcome
-    #: When the task becomes due again (only for a retry).
-    available_at: datetime | None = None
+    #: When the task is (or becomes again, for a retry) due.
+    available_at: datetime
+    #: The lease after the completion: ``None`` unless the task is still running.
+    lease_expires_at: datetime | None = None
+    #: ``now`` when the task reaches a terminal state, else ``None``.
+    finished_at: datetime | None = None
+    #: The task's ``error`` column: what the attempt reported (``None`` for a success).
+    error: Mapping[str, Any] | None = None
+
+
+def _complete(
+    task: TaskView,
+    state: TaskState,
+    outcome: AttemptOutcome,
+    *,
+    now: datetime,
+    error: Mapping[str, Any] | None,
+    available_at: datetime | None = None,
+) -> CompleteDecision:
+    if outcome is AttemptOutcome.FAILED and error is None:
+        error = {"code": "failed", "message": f"attempt {task.attempt} failed"}
+    return CompleteDecision(
+        replay=False,
+        state=state,
+        attempt_outcome=outcome,
+        available_at=available_at or task.available_at,
+        lease_expires_at=task.lease_expires_at if state is TaskState.RUNNING else None,
+        finished_at=now if state in TERMINAL_STATES else None,
+        error=error,
+    )
 
 
 def decide_complete(
@@ -358,8 +399,9 @@ def decide_complete(
     now: datetime,
     retry: RetryPolicy,
     rand: float,
+    error: Mapping[str, Any] | None = None,
 ) -> CompleteDecision:
-    """Finish the current attempt.
+    """Finish the current attempt; ``error`` is what it reported.
 
     ``digest`` identifies the completion body (for idempotent replays). ``outcome=canceled`` is
     how a worker acknowledges a canceled task it did not run. Raises ``LeaseLost`` (stale
@@ -374,6 +416,8 @@ def decide_complete(
                 replay=True,
                 state=task.state,
                 attempt_outcome=task.attempt_outcome or AttemptOutcome.SUCCEEDED,
+                available_at=task.available_at,
+                lease_expires_at=task.lease_expires_at,
             )
         raise errors.IdempotencyMismatch("this attempt already completed with a different body")
     if outcome is Outcome.CANCELED:
@@ -381,32 +425,28 @@ def decide_complete(
             raise errors.Conflict("only a canceled task can be completed as canceled")
         if fence.attempt != task.attempt or fence.lease_token != task.lease_token:
             raise errors.LeaseLost()
-        return CompleteDecision(
-            replay=False, state=TaskState.CANCELED, attempt_outcome=AttemptOutcome.CANCELED
-        )
+        return _complete(task, TaskState.CANCELED, AttemptOutcome.CANCELED, now=now, error=error)
     check_fence(task, fence, Op.COMPLETE, now=now)
     if task.state is TaskState.COMPLETED:
         raise errors.Conflict("task already completed")
     match outcome:
         case Outcome.SUCCEEDED:
             state = target_state(task.state, TaskEvent.SUCCEED, attempts_left=True)
-            return CompleteDecision(
-                replay=False, state=state, attempt_outcome=AttemptOutcome.SUCCEEDED
-            )
+            return _complete(task, state, AttemptOutcome.SUCCEEDED, now=now, error=error)
         case Outcome.FAILED:
             if task.state is not TaskState.RUNNING:
                 # Late failure report of an attempt the reaper already handled: record the
                 # outcome, keep the scheduling decision the reaper made.
-                return CompleteDecision(
-                    replay=False, state=task.state, attempt_outcome=AttemptOutcome.FAILED
-                )
+                return _complete(task, task.state, AttemptOutcome.FAILED, now=now, error=error)
             attempts_left = retryable and task.attempt < task.max_attempts
             event = TaskEvent.FAIL if retryable else TaskEvent.FAIL_FATAL
             state = target_state(task.state, event, attempts_left=attempts_left)
-            return CompleteDecision(
-                replay=False,
-                state=state,
-                attempt_outcome=AttemptOutcome.FAILED,
+            return _complete(
+                task,
+                state,
+                AttemptOutcome.FAILED,
+                now=now,
+                error=error,
                 available_at=(
                     now + retry.delay(task.attempt, rand) if state is TaskState.PENDING else None
                 ),
@@ -482,6 +522,64 @@ def decide_cancel(task: TaskView) -> TaskState | None:
     return target_state(task.state, TaskEvent.CANCEL, attempts_left=True)
 
 
+#: What ``apply`` takes: a decision, or the bare target state of a move that changes only the
+#: state (``decide_due`` -> ``queued``, ``decide_cancel``).
+Decision = (
+    ClaimDecision
+    | HeartbeatDecision
+    | CompleteDecision
+    | ExpireDecision
+    | UnservableDecision
+    | TaskState
+)
+
+
+def apply(task: TaskView, decision: Decision) -> TaskView:
+    """The task as it is after ``decision``: exactly the columns the store writes for it.
+
+    The Postgres store writes these same fields (``trace_lite/sql/tasks.sql``, one CAS per
+    decision, no value of its own); the hypothesis model in ``tests/unit`` calls this.
+    """
+    match decision:
+        case ClaimDecision():
+            return attrs.evolve(
+                task,
+                state=decision.state,
+                attempt=decision.attempt,
+                lease_token=decision.lease_token,
+                lease_expires_at=decision.lease_expires_at,
+                started_at=decision.started_at,
+                attempt_outcome=AttemptOutcome.RUNNING,
+                completion_digest=None,
+            )
+        case HeartbeatDecision():
+            return attrs.evolve(task, lease_expires_at=decision.lease_expires_at)
+        case CompleteDecision():
+            if decision.replay:
+                return task
+            return attrs.evolve(
+                task,
+                state=decision.state,
+                available_at=decision.available_at,
+                lease_expires_at=decision.lease_expires_at,
+                attempt_outcome=decision.attempt_outcome,
+            )
+        case ExpireDecision():
+            return attrs.evolve(
+                task,
+                state=decision.state,
+                available_at=decision.available_at,
+                lease_expires_at=decision.lease_expires_at,
+                attempt_outcome=decision.attempt_outcome,
+            )
+        case UnservableDecision():
+            return attrs.evolve(task, state=decision.state)
+        case TaskState():
+            return attrs.evolve(task, state=decision)
+        case _:
+            assert_never(decision)
+
+
 def mermaid_diagram() -> str:
     """The state diagram in Mermaid syntax, drawn from ``TRANSITIONS``."""
     lines = ["stateDiagram-v2", "    [*] --> queued", "    [*] --> pending"]
@@ -502,6 +600,7 @@ __all__ = [
     "AttemptOutcome",
     "ClaimDecision",
     "CompleteDecision",
+    "Decision",
     "ExpireDecision",
     "Fence",
     "HeartbeatDecision",
@@ -513,10 +612,12 @@ __all__ = [
     "TaskState",
     "TaskView",
     "UnservableDecision",
+    "apply",
     "check_fence",
     "decide_cancel",
     "decide_claim",
     "decide_complete",
+    "decide_create",
     "decide_due",
     "decide_expire",
     "decide_heartbeat",

@@ -20,13 +20,12 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Mapping
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Final
 
 import attrs
 
 from trace_core import errors
-from trace_core.lifecycle import RetryPolicy
 
 
 class OutboxState(enum.StrEnum):
@@ -50,15 +49,20 @@ TRANSITIONS: Final[Mapping[tuple[OutboxState, OutboxEvent], tuple[OutboxState, .
 
 @attrs.frozen
 class OutboxPolicy:
-    """Outbox defaults: batch 100, poll 1 s (+ LISTEN/NOTIFY), dead after 10 tries
-    (``docs/standards/operations.md``, row "outbox")."""
+    """Outbox defaults: batch 100, poll 1 s (+ LISTEN/NOTIFY), dead after 10 tries, backoff
+    1 s * 2^n capped at 100 s with full jitter (``docs/standards/operations.md``, row "outbox").
+    ``max_tries`` is the one retry limit."""
 
     batch_size: int = 100
     poll_s: float = 1.0
     max_tries: int = 10
-    backoff: RetryPolicy = attrs.field(
-        factory=lambda: RetryPolicy(max_attempts=10, base_s=1.0, cap_s=100.0)
-    )
+    backoff_base_s: float = 1.0
+    backoff_cap_s: float = 100.0
+
+    def delay(self, tries: int, rand: float) -> timedelta:
+        """Backoff after the ``tries``-th failed send; ``rand`` is uniform in [0, 1)."""
+        ceiling = min(self.backoff_cap_s, self.backoff_base_s * (2 ** max(0, tries - 1)))
+        return timedelta(seconds=ceiling * rand)
 
 
 @attrs.frozen
@@ -69,7 +73,8 @@ class OutboxDecision:
 
 
 def decide_sent(state: OutboxState, tries: int) -> OutboxDecision:
-    """A row was sent. Raises ``Conflict`` unless it was pending."""
+    """A row was handed to its consumer: the whole next row (published, one more try). The
+    publisher writes exactly this. Raises ``Conflict`` unless it was pending."""
     if (state, OutboxEvent.SENT) not in TRANSITIONS:
         raise errors.Conflict(f"outbox row is {state.value}")
     return OutboxDecision(state=OutboxState.PUBLISHED, tries=tries + 1, available_at=None)
@@ -87,7 +92,7 @@ def decide_send_failed(
     return OutboxDecision(
         state=OutboxState.PENDING,
         tries=tries,
-        available_at=now + policy.backoff.delay(tries, rand),
+        available_at=now + policy.delay(tries, rand),
     )
 
 

@@ -207,6 +207,18 @@ def _grant_out(g: ClaimGrant, lease: LeasePolicy) -> wire.ClaimGrantOut:
 
 
 @attrs.frozen
+class _OutboxRow:
+    """A due outbox row claimed for publishing (``claim_outbox``)."""
+
+    id: int
+    topic: str
+    payload: dict[str, Any]
+    tries: int
+    #: The database's ``now()``.
+    now: datetime
+
+
+@attrs.frozen
 class ReapReport:
     expired: int = 0
     due: int = 0
@@ -427,6 +439,7 @@ class Dispatcher:
                 "org_ids": org_ids,
                 "operators": [r.operator for r in requests],
                 "payloads": [Jsonb(r.payload) for r in requests],
+                "states": [lifecycle.decide_create(delay_s=r.delay_s).value for r in requests],
                 "max_attempts": [r.max_attempts for r in requests],
                 "timeouts": [r.timeout_s for r in requests],
                 "delays": [r.delay_s for r in requests],
@@ -1020,6 +1033,7 @@ class Dispatcher:
                         now=now,
                         retry=self.retry,
                         rand=self._rand(),
+                        error=r.error,
                     )
                 except errors.TraceError as exc:
                     results[i] = exc
@@ -1051,13 +1065,14 @@ class Dispatcher:
                         "states": pg_array([d.state.value for _, d in apply]),
                         "outcomes": pg_array([d.attempt_outcome.value for _, d in apply]),
                         "available_ats": pg_array([d.available_at for _, d in apply]),
+                        "lease_expires_ats": pg_array([d.lease_expires_at for _, d in apply]),
+                        "finished_ats": pg_array([d.finished_at for _, d in apply]),
                         "results": [
                             Jsonb(reqs[i].result) if reqs[i].result is not None else None
                             for i, _ in apply
                         ],
                         "errors": [
-                            Jsonb(reqs[i].error) if reqs[i].error is not None else None
-                            for i, _ in apply
+                            Jsonb(dict(d.error)) if d.error is not None else None for _, d in apply
                         ],
                         "digests": pg_array([digests[i] for i, _ in apply]),
                     },
@@ -1135,48 +1150,40 @@ class Dispatcher:
             expired=len(expired), due=len(due), canceled_closed=max(closed, 0), rewoken=rewoken
         )
 
+    def consumed_topics(self) -> list[str]:
+        """The outbox topics this Dispatcher publishes: ``wake`` with a queue, ``invoke`` with a
+        Lambda launcher. Rows of other topics stay pending until a consumer of theirs exists
+        (``docs/architecture/task_lifecycle.md``, Outbox)."""
+        topics = []
+        if self.queue is not None:
+            topics.append(WAKE_TOPIC)
+        if self.launcher is not None:
+            topics.append(INVOKE_TOPIC)
+        return topics
+
     async def publish_outbox_once(self) -> int:
-        """Publish one batch of due outbox rows; returns how many were published."""
-        if self.queue is None and self.launcher is None:
+        """Publish one batch of due outbox rows of the topics this Dispatcher consumes
+        (``consumed_topics``); returns how many were published. A row is marked published only
+        once its consumer took it."""
+        topics = self.consumed_topics()
+        if not topics:
             return 0
         async with self._tx() as cur:
-            await cur.execute(Q["claim_outbox"], {"n": self.outbox_policy.batch_size})
-            rows = await cur.fetchall()
+            rows = await fetch_as(
+                cur,
+                _OutboxRow,
+                Q["claim_outbox"],
+                {"n": self.outbox_policy.batch_size, "topics": topics},
+            )
             if not rows:
                 return 0
-            wakes = [r for r in rows if r[1] == WAKE_TOPIC]
-            invokes = [r for r in rows if r[1] == INVOKE_TOPIC]
-            other = [r for r in rows if r[1] not in (WAKE_TOPIC, INVOKE_TOPIC)]
-            failed: list[tuple[Any, str]] = []
-            if wakes:
-                try:
-                    await self.queue.send(
-                        [json.dumps({"task_id": r[2]["task_id"]}).encode() for r in wakes]
-                    )
-                except errors.TraceError as exc:
-                    failed += [(r, f"{type(exc).__name__}: {exc}") for r in wakes]
-                    wakes = []
-            launched: list[Any] = []
-            if invokes:
-                if self.launcher is None:
-                    failed += [(r, "no Lambda launcher configured") for r in invokes]
-                else:
-                    # runtime: lambda -- the Dispatcher claims and invokes with the full payload
-                    results = await asyncio.gather(
-                        *(self.launcher.launch(r[2]["task_id"]) for r in invokes),
-                        return_exceptions=True,
-                    )
-                    for r, res in zip(invokes, results, strict=True):
-                        if isinstance(res, BaseException):
-                            failed.append((r, f"{type(res).__name__}: {res}"))
-                        else:
-                            launched.append(r)
+            sent, failed = await self._send(rows)
             if failed:
-                now = rows[0][-1]
+                now = rows[0].now
                 decisions = [
                     outbox_sm.decide_send_failed(
                         outbox_sm.OutboxState.PENDING,
-                        r[3],
+                        r.tries,
                         now=now,
                         policy=self.outbox_policy,
                         rand=self._rand(),
@@ -1186,7 +1193,7 @@ class Dispatcher:
                 await cur.execute(
                     Q["outbox_failed"],
                     {
-                        "ids": [r[0] for r, _ in failed],
+                        "ids": [r.id for r, _ in failed],
                         "states": [d.state.value for d in decisions],
                         "tries": [d.tries for d in decisions],
                         "available_ats": [d.available_at for d in decisions],
@@ -1196,13 +1203,49 @@ class Dispatcher:
                 log.warning(
                     "outbox send failed", extra={"error": failed[0][1], "rows": len(failed)}
                 )
-            # Topics without a consumer yet (buffer:<dataset>, drained by the sink in a later
-            # milestone) are marked published: their rows stay in the buffer_batches table.
-            sent = wakes + launched + other
-            for r in sent:
-                outbox_sm.decide_sent(outbox_sm.OutboxState.PENDING, r[3])
-            await cur.execute(Q["outbox_published"], {"ids": [r[0] for r in sent]})
-            return len(wakes) + len(launched)
+            if sent:
+                published = [
+                    outbox_sm.decide_sent(outbox_sm.OutboxState.PENDING, r.tries) for r in sent
+                ]
+                await cur.execute(
+                    Q["outbox_published"],
+                    {
+                        "ids": [r.id for r in sent],
+                        "states": [d.state.value for d in published],
+                        "tries": [d.tries for d in published],
+                    },
+                )
+            return len(sent)
+
+    async def _send(
+        self, rows: Sequence[_OutboxRow]
+    ) -> tuple[list[_OutboxRow], list[tuple[_OutboxRow, str]]]:
+        """Hand claimed rows to their consumers: ``(sent, [(failed row, why)])``."""
+        wakes = [r for r in rows if r.topic == WAKE_TOPIC]
+        invokes = [r for r in rows if r.topic == INVOKE_TOPIC]
+        sent: list[_OutboxRow] = []
+        failed: list[tuple[_OutboxRow, str]] = []
+        if wakes and self.queue is not None:
+            try:
+                await self.queue.send(
+                    [json.dumps({"task_id": r.payload["task_id"]}).encode() for r in wakes]
+                )
+                sent += wakes
+            except errors.TraceError as exc:
+                failed += [(r, f"{type(exc).__name__}: {exc}") for r in wakes]
+        if invokes and self.launcher is not None:
+            # runtime: lambda -- the Dispatcher claims and invokes with the full payload
+            launcher = self.launcher
+            results = await asyncio.gather(
+                *(launcher.launch(r.payload["task_id"]) for r in invokes),
+                return_exceptions=True,
+            )
+            for r, res in zip(invokes, results, strict=True):
+                if isinstance(res, BaseException):
+                    failed.append((r, f"{type(res).__name__}: {res}"))
+                else:
+                    sent.append(r)
+        return sent, failed
 
     async def run_background(
         self, stop: asyncio.Event, *, reap_every_s: float = 0.5, outbox: bool = True

@@ -281,6 +281,36 @@ async def test_outbox_send_failure_backs_off(dispatcher: Dispatcher, db_url: str
     assert (state, tries) == ("pending", 1) and later
 
 
+async def test_outbox_marks_published_only_what_a_consumer_took(
+    dispatcher: Dispatcher, db_url: str
+) -> None:
+    """Rows of topics nothing consumes yet (``buffer:*``, ``dataset.invalidate``, ``invoke``
+    without a Lambda launcher) stay pending, however often the publisher runs (#7 item 5)."""
+    task_id = await _create(dispatcher)
+    f = _fence(await dispatcher.claim(task_id))
+    store = dispatcher.object_store
+    assert store is not None
+    key = f"{(await dispatcher.fetch(task_id)).staging_prefix}b1.jsonl"
+    info = await store.put(key, b"{}\n")
+    batch = wire.BufferBatchIn("b1", "rows", key, 1, info.size, info.sha256)
+    await dispatcher.publish_buffer(wire.BufferPublishRequest(**f, batch=batch))
+    _sql(
+        db_url,
+        "INSERT INTO outbox (topic, payload) VALUES ('dataset.invalidate', '{}'), ('invoke', %s)",
+        (json.dumps({"task_id": task_id}),),
+    )
+    assert dispatcher.consumed_topics() == ["wake"]
+    assert await dispatcher.publish_outbox_once() == 1  # the wake-up only
+    assert await dispatcher.publish_outbox_once() == 0
+    rows = _sql(db_url, "SELECT topic, state, tries FROM outbox ORDER BY id")
+    assert rows == [
+        ("wake", "published", 1),
+        ("buffer:rows", "pending", 0),
+        ("dataset.invalidate", "pending", 0),
+        ("invoke", "pending", 0),
+    ]
+
+
 async def test_idempotency_key_returns_existing_task(dispatcher: Dispatcher) -> None:
     a = await dispatcher.create_tasks(
         [wire.CreateTaskRequest(operator="noop", idempotency_key="run-1")]

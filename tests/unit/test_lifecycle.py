@@ -24,10 +24,12 @@ from trace_core.lifecycle import (
     TaskEvent,
     TaskState,
     TaskView,
+    apply,
     check_fence,
     decide_cancel,
     decide_claim,
     decide_complete,
+    decide_create,
     decide_due,
     decide_expire,
     decide_heartbeat,
@@ -190,7 +192,9 @@ def test_retryable_failure_backs_off_then_fails_when_attempts_run_out() -> None:
     assert d.state is TaskState.PENDING
     assert d.available_at == T0 + timedelta(seconds=1.0)  # base 1 * 2^(2-1) * 0.5
     d = complete(view(TaskState.RUNNING, attempt=3), Outcome.FAILED)
-    assert d.state is TaskState.FAILED and d.available_at is None
+    assert d.state is TaskState.FAILED and d.available_at == T0  # unchanged: never due again
+    assert d.finished_at == T0 and d.lease_expires_at is None
+    assert d.error == {"code": "failed", "message": "attempt 3 failed"}  # none was reported
 
 
 def test_fatal_failure_fails_at_once() -> None:
@@ -235,6 +239,11 @@ def test_backoff_is_capped_full_jitter() -> None:
     assert policy.delay(1, 0.999) < timedelta(seconds=1)
     assert policy.delay(20, 0.999) <= timedelta(seconds=100)
     assert policy.delay(5, 0.0) == timedelta(0)
+
+
+def test_a_new_task_is_pending_only_while_delayed() -> None:
+    assert decide_create(delay_s=0) is TaskState.QUEUED
+    assert decide_create(delay_s=0.5) is TaskState.PENDING
 
 
 def test_an_unservable_payload_fails_a_queued_task_and_nothing_else() -> None:
@@ -380,14 +389,8 @@ class LifecycleMachine(RuleBasedStateMachine):
             return
         assert d.attempt == self.task.attempt + 1
         self.attempts[d.attempt] = Attempt(d.attempt, d.lease_token)
-        self.task = attrs.evolve(
-            self.task,
-            state=TaskState.RUNNING,
-            attempt=d.attempt,
-            lease_token=d.lease_token,
-            lease_expires_at=d.lease_expires_at,
-            started_at=self.now,
-        )
+        self.task = apply(self.task, d)
+        assert self.task.state is TaskState.RUNNING and self.task.started_at == self.now
         self._sync()
 
     @precondition(lambda self: self.attempts)
@@ -401,7 +404,7 @@ class LifecycleMachine(RuleBasedStateMachine):
         except errors.Conflict:
             return
         assert a.number == self.task.attempt
-        self.task = attrs.evolve(self.task, lease_expires_at=d.lease_expires_at)
+        self.task = apply(self.task, d)
 
     @precondition(lambda self: self.attempts)
     @rule(
@@ -435,12 +438,7 @@ class LifecycleMachine(RuleBasedStateMachine):
         a.writes += 1
         if d.state is TaskState.COMPLETED:
             self.completions += 1
-        self.task = attrs.evolve(
-            self.task,
-            state=d.state,
-            available_at=d.available_at or self.task.available_at,
-            lease_expires_at=self.task.lease_expires_at if d.state is TaskState.RUNNING else None,
-        )
+        self.task = apply(self.task, d)
         self._sync()
 
     @precondition(lambda self: self.attempts)
@@ -460,16 +458,11 @@ class LifecycleMachine(RuleBasedStateMachine):
         if d is not None:
             cur = self._current()
             assert cur is not None
-            cur.outcome = AttemptOutcome.TIMED_OUT
-            self.task = attrs.evolve(
-                self.task,
-                state=d.state,
-                lease_expires_at=None,
-                available_at=d.available_at or self.task.available_at,
-            )
+            cur.outcome = d.attempt_outcome
+            self.task = apply(self.task, d)
             self._sync()
         if decide_due(self.task, now=self.now):
-            self.task = attrs.evolve(self.task, state=TaskState.QUEUED)
+            self.task = apply(self.task, TaskState.QUEUED)
 
     @rule()
     def lease_expires_and_retry_is_due(self) -> None:
@@ -486,7 +479,7 @@ class LifecycleMachine(RuleBasedStateMachine):
         except errors.Conflict:
             return
         if target is not None:
-            self.task = attrs.evolve(self.task, state=target)
+            self.task = apply(self.task, target)
 
     @invariant()
     def completes_effectively_once(self) -> None:

@@ -9,20 +9,19 @@ ON CONFLICT (name) DO UPDATE SET name = EXCLUDED.name
 RETURNING org_id;
 
 -- name: insert_tasks
--- Insert new tasks, queued (or pending when delayed); idempotency-key duplicates are skipped.
+-- Insert new tasks in the state the kernel chose (decide_create); idempotency-key duplicates
+-- are skipped.
 INSERT INTO tasks (task_id, org_id, operator, payload, state, max_attempts, timeout_s,
                    available_at, idempotency_key, runtime, read_datasets)
-SELECT c.task_id, c.org_id, c.operator, c.payload,
-       CASE WHEN c.delay_s > 0 THEN 'pending' ELSE 'queued' END,
-       c.max_attempts, c.timeout_s,
+SELECT c.task_id, c.org_id, c.operator, c.payload, c.state, c.max_attempts, c.timeout_s,
        now() + make_interval(secs => c.delay_s), c.idempotency_key, c.runtime,
        ARRAY(SELECT jsonb_array_elements_text(c.read_datasets))
 FROM unnest(%(task_ids)s::uuid[], %(org_ids)s::uuid[], %(operators)s::text[],
-            %(payloads)s::jsonb[], %(max_attempts)s::int[], %(timeouts)s::int[],
-            %(delays)s::float8[], %(idempotency_keys)s::text[], %(runtimes)s::text[],
-            %(read_datasets)s::jsonb[])
-     AS c(task_id, org_id, operator, payload, max_attempts, timeout_s, delay_s, idempotency_key,
-          runtime, read_datasets)
+            %(payloads)s::jsonb[], %(states)s::text[], %(max_attempts)s::int[],
+            %(timeouts)s::int[], %(delays)s::float8[], %(idempotency_keys)s::text[],
+            %(runtimes)s::text[], %(read_datasets)s::jsonb[])
+     AS c(task_id, org_id, operator, payload, state, max_attempts, timeout_s, delay_s,
+          idempotency_key, runtime, read_datasets)
 ON CONFLICT (org_id, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
 RETURNING task_id, org_id, operator, state, attempt, max_attempts;
 
@@ -161,23 +160,18 @@ FROM buffer_batches WHERE task_id = %(task_id)s AND batch_key = %(key)s;
 INSERT INTO outbox (topic, payload) VALUES (%(topic)s, %(payload)s);
 
 -- name: apply_completions
--- Finish attempts: CAS each task on its fence, set the decided state, record the outcome.
+-- Finish attempts: CAS each task on its fence and write the whole next row the kernel decided.
 WITH c AS (
     SELECT * FROM unnest(%(task_ids)s::uuid[], %(attempts)s::int[], %(lease_tokens)s::uuid[],
                          %(states)s::text[], %(outcomes)s::text[], %(available_ats)s::timestamptz[],
+                         %(lease_expires_ats)s::timestamptz[], %(finished_ats)s::timestamptz[],
                          %(results)s::jsonb[], %(errors)s::jsonb[], %(digests)s::text[])
-         AS c(task_id, attempt, lease_token, state, outcome, available_at, result, error, digest)
+         AS c(task_id, attempt, lease_token, state, outcome, available_at, lease_expires_at,
+              finished_at, result, error, digest)
 ), done AS (
     UPDATE tasks t
-    SET state = c.state,
-        available_at = coalesce(c.available_at, t.available_at),
-        result = coalesce(c.result, t.result),
-        -- a (late) success clears the error the reaper recorded
-        error = CASE WHEN c.state = 'completed' THEN c.error ELSE coalesce(c.error, t.error) END,
-        lease_expires_at = CASE WHEN c.state = 'running' THEN t.lease_expires_at END,
-        finished_at = CASE WHEN c.state IN ('completed', 'failed', 'canceled')
-                           THEN coalesce(t.finished_at, now()) END,
-        updated_at = now()
+    SET state = c.state, available_at = c.available_at, lease_expires_at = c.lease_expires_at,
+        finished_at = c.finished_at, result = c.result, error = c.error, updated_at = now()
     FROM c
     WHERE t.task_id = c.task_id AND t.attempt = c.attempt AND t.lease_token = c.lease_token
     RETURNING t.task_id, t.attempt
@@ -290,18 +284,21 @@ SELECT event_key, attempt, event_type, payload::text AS payload, created_at
 FROM task_events WHERE task_id = %(task_id)s ORDER BY seq;
 
 -- name: claim_outbox
--- Claim due outbox rows for publishing; rows other publishers hold are skipped.
+-- Claim due outbox rows of the topics this publisher consumes (rows of other topics stay
+-- pending for their consumer); rows other publishers hold are skipped.
 SELECT id, topic, payload, tries, now() AS now
 FROM outbox
-WHERE state = 'pending' AND available_at <= now()
+WHERE state = 'pending' AND available_at <= now() AND topic = ANY(%(topics)s::text[])
 ORDER BY available_at, id
 LIMIT %(n)s
 FOR UPDATE SKIP LOCKED;
 
 -- name: outbox_published
--- Mark outbox rows published.
-UPDATE outbox SET state = 'published', tries = tries + 1, published_at = now()
-WHERE id = ANY(%(ids)s::bigint[]) AND state = 'pending';
+-- Record sent rows as the kernel decided (decide_sent: published, tries + 1).
+UPDATE outbox o
+SET state = c.state, tries = c.tries, published_at = now()
+FROM unnest(%(ids)s::bigint[], %(states)s::text[], %(tries)s::int[]) AS c(id, state, tries)
+WHERE o.id = c.id AND o.state = 'pending';
 
 -- name: outbox_failed
 -- Record failed sends: back off or mark dead, as the kernel decided.
