@@ -28,7 +28,7 @@ from bench.common import REPO_ROOT, batches, count, proc_memory_kb, wait_until
 from trace_core import wire
 from trace_core.testing.memory_signer import MemorySigner
 from trace_lite.dispatcher import Dispatcher, open_pool
-from trace_servers.client import DispatcherClient
+from trace_sdk import DispatcherClient
 
 
 def _free_port() -> int:

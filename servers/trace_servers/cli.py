@@ -126,18 +126,18 @@ def cmd_dispatcher(settings: LiteSettings, _args: argparse.Namespace) -> int:
 
 
 async def _run_worker(settings: LiteSettings, state_url: str, concurrency: int) -> None:
+    from trace_sdk import BUILTIN_OPERATORS, DispatcherClient, Worker, take_platform_token
     from trace_servers import profiles
-    from trace_servers.client import DispatcherClient
-    from trace_servers.operators import BUILTIN
-    from trace_servers.worker import Worker
 
+    # the credential leaves the environment before any operator code runs (trace_sdk._process)
+    platform_token = take_platform_token() or settings.platform_token
     parts = await profiles.worker_parts(settings, state_url)
     queue, store = parts.queue, parts.object_store
-    client = DispatcherClient(settings.dispatcher_url, platform_token=settings.platform_token)
+    client = DispatcherClient(settings.dispatcher_url, platform_token=platform_token)
     worker = Worker(
-        client=client,
+        surface=client,
         queue=queue,
-        operators=dict(BUILTIN),
+        operators=dict(BUILTIN_OPERATORS),
         store=store,
         concurrency=concurrency,
         grace_s=min(30.0, settings.lease_s),
@@ -272,7 +272,7 @@ def cmd_up(settings: LiteSettings, args: argparse.Namespace) -> int:
 async def _demo_workload(settings: LiteSettings, state_url: str, args: argparse.Namespace) -> int:
     import psycopg
 
-    from trace_servers.client import DispatcherClient
+    from trace_sdk import DispatcherClient
 
     await _wait_ready(settings.dispatcher_url)
     async with DispatcherClient(
@@ -394,7 +394,7 @@ def cmd_demo(settings: LiteSettings, args: argparse.Namespace) -> int:
 
 
 async def _admin(settings: LiteSettings, args: argparse.Namespace) -> Any:
-    from trace_servers.client import DispatcherClient
+    from trace_sdk import DispatcherClient
 
     async with DispatcherClient(
         settings.dispatcher_url, platform_token=settings.platform_token, deadline_s=10

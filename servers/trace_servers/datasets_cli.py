@@ -46,7 +46,7 @@ def add_parsers(sub: Any) -> None:
 
 
 async def _api(settings: LiteSettings, method: str, path: str, body: Any = None) -> Any:
-    from trace_servers.client import DispatcherClient
+    from trace_sdk import DispatcherClient
 
     token = os.environ.get("TRACE_USER_TOKEN")
     if not token:

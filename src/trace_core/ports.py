@@ -1,4 +1,4 @@
-"""Ports: the three seams between the kernel and the outside world.
+"""Ports: the seams between the kernel and the outside world.
 
 Each port is a ``typing.Protocol`` shaped around Trace's domain, not around a technology.
 Every adapter (memory in ``trace_core.testing``, Lite in ``trace_lite``, AWS in ``trace_aws``)
@@ -26,6 +26,8 @@ from collections.abc import Sequence
 from typing import Protocol, runtime_checkable
 
 import attrs
+
+from trace_core import errors, wire
 
 #: Queue message size limit, the same in both backends (SQS's limit).
 MAX_MESSAGE_BYTES = 256 * 1024
@@ -221,6 +223,64 @@ class SecretStore(Protocol):
         ...
 
 
+@runtime_checkable
+class TaskSurface(Protocol):
+    """What a worker calls on the Dispatcher: claim, fetch, heartbeat, events, buffer publish,
+    complete. Wire records in and out; errors are ``trace_core.errors`` classes.
+
+    Implemented by the in-process Dispatcher (``trace_lite.task_surface.InProcessTaskSurface``),
+    by the HTTP client (``trace_sdk.DispatcherClient``) and, for tests, by
+    ``trace_core.testing.FakeTaskSurface``. The calls that act for one attempt carry that
+    attempt's capability token and its fence (``task_id``, ``attempt``, ``lease_token``); every
+    one of them is idempotent (fenced by state and keys), so a caller may retry it.
+
+    Errors every method may raise: ``Unavailable`` (transient; retry), ``InvalidRequest``
+    subclasses (a bug in the caller). Attempt calls also raise ``Unauthenticated`` (bad token),
+    ``Forbidden`` (a token of another task or attempt), ``LeaseLost`` (the fence is stale),
+    ``TaskCanceled`` and ``NotFound``.
+    """
+
+    async def claim_many(self, task_ids: Sequence[str], worker_id: str) -> wire.ClaimBatchResponse:
+        """Claim each task that is waiting; the answer carries a grant (claim and payload) per
+        claimed task and a refusal (``error`` code, message) per other one. Raises
+        ``ValidationFailed`` when a task id is not a UUID (nothing is claimed)."""
+        ...
+
+    async def fetch(self, task_id: str, attempt: int | None = None) -> wire.TaskPayload:
+        """The task as seen by ``attempt`` (the current one when None). Raises ``NotFound``."""
+        ...
+
+    async def heartbeat(
+        self, capability_token: str, req: wire.HeartbeatRequest
+    ) -> wire.HeartbeatResponse:
+        """Extend the lease; the answer carries a renewed capability token."""
+        ...
+
+    async def events(self, capability_token: str, req: wire.EventsRequest) -> wire.EventsResponse:
+        """Record events now (keys dedupe across attempts)."""
+        ...
+
+    async def buffer_publish(
+        self, capability_token: str, req: wire.BufferPublishRequest
+    ) -> wire.BufferPublishResponse:
+        """Publish a buffer batch pointer (its object is already written)."""
+        ...
+
+    async def complete(
+        self, capability_token: str, req: wire.CompleteRequest
+    ) -> wire.CompleteResponse:
+        """End the attempt with its outcome (a repeated identical call is a replay)."""
+        ...
+
+    async def complete_batch(
+        self, items: Sequence[wire.TokenedCompletion]
+    ) -> list[wire.CompleteResponse | errors.TraceError]:
+        """Complete several attempts, each with its own token; one result per item, in order:
+        its response, or the error that item alone got. Raises only when the whole call
+        failed (``Unavailable``)."""
+        ...
+
+
 #: Largest secret value (Secrets Manager's limit).
 MAX_SECRET_BYTES = 64 * 1024
 
@@ -236,4 +296,5 @@ __all__ = [
     "ReceivedMessage",
     "SecretStore",
     "Signer",
+    "TaskSurface",
 ]

@@ -75,11 +75,14 @@ def test_trace_core_public_names() -> None:
 
 def test_testing_public_names() -> None:
     assert sorted(trace_core.testing.__all__) == [
+        "FakeTaskSurface",
+        "FetchRequest",
         "ManualClock",
         "MemoryObjectStore",
         "MemoryQueue",
         "MemorySecretStore",
         "MemorySigner",
+        "TaskCall",
     ]
 
 

@@ -1,40 +1,40 @@
-"""The worker wrapper's handling of wake-ups it could not claim (memory queue, manual clock)."""
+"""The worker's handling of wake-ups, against the fake task surface (memory queue, manual
+clock; no HTTP, no subprocess): claim failures, refusals, poison wake-ups."""
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from trace_core import errors, wire
-from trace_core.testing import ManualClock, MemoryQueue
-from trace_servers.worker import Worker
+from trace_core.testing import FakeTaskSurface, ManualClock, MemoryQueue, TaskCall
+from trace_sdk import Worker, parse_wakeup
 
 TASK = "6b0c6a2e-7f1e-4e55-9e8f-1a2b3c4d5e6f"
 
 
-class DownDispatcher:
-    async def claim_many(self, task_ids: list[str], worker_id: str) -> Any:
-        raise errors.Unavailable("dispatcher down")
+def down(call: TaskCall) -> Any:
+    raise errors.Unavailable("dispatcher down")
 
 
-class RefusingDispatcher:
-    def __init__(self, code: str) -> None:
-        self.code = code
-
-    async def claim_many(self, task_ids: list[str], worker_id: str) -> wire.ClaimBatchResponse:
+def refusing(code: str) -> Any:
+    def handler(call: TaskCall) -> wire.ClaimBatchResponse:
         return wire.ClaimBatchResponse(
-            claims=[], refused=[wire.ClaimRefusal(t, self.code, "no") for t in task_ids]
+            claims=[], refused=[wire.ClaimRefusal(t, code, "no") for t in call.request.task_ids]
         )
 
+    return handler
 
-async def _received(queue: MemoryQueue) -> list[Any]:
-    await queue.send([f'{{"task_id": "{TASK}"}}'.encode()])
+
+async def _received(queue: MemoryQueue, *bodies: bytes) -> list[Any]:
+    await queue.send(list(bodies) or [json.dumps({"task_id": TASK}).encode()])
     return await queue.receive(max_messages=10, visibility_timeout=30)
 
 
 async def test_transient_claim_failure_makes_the_wakeup_reappear_soon() -> None:
     clock = ManualClock()
     queue = MemoryQueue("tasks", clock=clock)
-    worker = Worker(client=DownDispatcher(), queue=queue, operators={})  # type: ignore[arg-type]
+    worker = Worker(surface=FakeTaskSurface(down), queue=queue, operators={})
     await worker._claim_and_start(await _received(queue))
     clock.advance(1.6)  # retry_after_s=1.0 with jitter in [0.5, 1.5): visible again
     again = await queue.receive(max_messages=10)
@@ -44,21 +44,59 @@ async def test_transient_claim_failure_makes_the_wakeup_reappear_soon() -> None:
 async def test_locked_row_refusal_retries_soon_but_final_refusals_ack() -> None:
     clock = ManualClock()
     queue = MemoryQueue("tasks", clock=clock)
-    worker = Worker(
-        client=RefusingDispatcher("unavailable"),
-        queue=queue,  # type: ignore[arg-type]
-        operators={},
-    )
+    worker = Worker(surface=FakeTaskSurface(refusing("unavailable")), queue=queue, operators={})
     await worker._claim_and_start(await _received(queue))
     clock.advance(1.6)
     assert len(await queue.receive(max_messages=10)) == 1
 
-    queue2 = MemoryQueue("tasks", clock=ManualClock())
-    worker2 = Worker(
-        client=RefusingDispatcher("task_not_claimable"),  # type: ignore[arg-type]
-        queue=queue2,
-        operators={},
-    )
-    await worker2._claim_and_start(await _received(queue2))
-    await worker2._acks.close()
-    assert await queue2.depth() == 0  # acknowledged: a duplicate wake-up is dropped
+    for code in ("task_not_claimable", "task_canceled", "not_found"):
+        queue2 = MemoryQueue("tasks", clock=ManualClock())
+        worker2 = Worker(surface=FakeTaskSurface(refusing(code)), queue=queue2, operators={})
+        await worker2._claim_and_start(await _received(queue2))
+        await worker2._acks.close()
+        assert await queue2.depth() == 0, code  # acknowledged: a useless wake-up is dropped
+
+
+async def test_poison_wakeups_are_dead_lettered_and_the_rest_is_claimed() -> None:
+    queue = MemoryQueue("tasks", clock=ManualClock())
+    surface = FakeTaskSurface(refusing("task_not_claimable"))
+    worker = Worker(surface=surface, queue=queue, operators={})
+    poison = [b"not json", b'{"task_id": "not-a-uuid"}', b'{"task_id": null}', b'{"task_id": 123}']
+    valid = json.dumps({"task_id": "{" + TASK.upper() + "}"}).encode()
+    await worker._claim_and_start(await _received(queue, *poison, valid))
+    [claim] = surface.calls
+    assert claim.request.task_ids == [TASK]  # only the valid one, in canonical form
+    dead = {m.body: m.dead_letter_reason for m in await queue.dead_letters()}
+    assert set(dead) == set(poison)
+    assert all(dead.values())
+    assert worker.stats["dead_lettered"] == 4
+
+
+async def test_a_claim_refused_as_invalid_is_retried_one_by_one() -> None:
+    other = "00000000-0000-4000-8000-000000000001"
+
+    def handler(call: TaskCall) -> wire.ClaimBatchResponse:
+        if TASK in call.request.task_ids:
+            raise errors.ValidationFailed("the Dispatcher refuses this one", field="task_ids[0]")
+        return wire.ClaimBatchResponse(
+            claims=[],
+            refused=[wire.ClaimRefusal(t, "not_found", "") for t in call.request.task_ids],
+        )
+
+    queue = MemoryQueue("tasks", clock=ManualClock())
+    worker = Worker(surface=FakeTaskSurface(handler), queue=queue, operators={})
+    bodies = [json.dumps({"task_id": t}).encode() for t in (TASK, other)]
+    await worker._claim_and_start(await _received(queue, *bodies))
+    await worker._acks.close()
+    [dead] = await queue.dead_letters()
+    assert dead.body == bodies[0] and "claim refused" in (dead.dead_letter_reason or "")
+    assert await queue.depth() == 0  # the other one was claimed alone and acknowledged
+
+
+def test_parse_wakeup_normalises_uuid_spellings_and_names_the_problem() -> None:
+    for spelling in (TASK, TASK.upper(), "{" + TASK + "}", TASK.replace("-", "")):
+        assert parse_wakeup(json.dumps({"task_id": spelling}).encode()) == (TASK, "")
+    assert parse_wakeup(b"\xff\xfe") == (None, "body is not JSON")
+    assert parse_wakeup(b"[1]")[0] is None
+    assert parse_wakeup(b"{}")[0] is None
+    assert parse_wakeup(b'{"task_id": "x"}') == (None, "task_id is not a UUID: 'x'")

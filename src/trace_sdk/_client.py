@@ -1,16 +1,19 @@
-"""HTTP client for the Dispatcher, used by the worker wrapper (and by tests and the CLI).
+"""HTTP client for the Dispatcher: the ``TaskSurface`` port over HTTP, plus the admin calls the
+CLI and tests use.
 
 Transient failures (connection refused or reset, timeouts, 503) are retried with capped,
 jittered backoff until ``deadline_s`` passes: every call the worker makes is idempotent
 (claims are fenced by state, mutations by ``(task_id, attempt, lease_token)`` and keys, and a
 repeated completion with the same body is a replay). A definitive answer (any 4xx) is raised as
-the matching ``trace_core.errors`` class.
+the ``trace_core.errors`` class its body's ``error`` code names (``errors.class_for_code``);
+per-item errors of a batch completion come back as instances of those classes.
 """
 
 from __future__ import annotations
 
 import asyncio
 import random
+from collections.abc import Sequence
 from typing import Any, TypeVar
 
 import aiohttp
@@ -27,19 +30,23 @@ _lenient = cattrs.Converter()
 
 
 def error_from_body(status: int, body: Any) -> errors.TraceError:
+    """The ``trace_core.errors`` instance an error body names (by its ``error`` code); an
+    unknown code is ``Unavailable`` for a 5xx status, ``InvalidRequest`` otherwise."""
     code = body.get("error") if isinstance(body, dict) else None
     message = body.get("message") if isinstance(body, dict) else None
-    cls = errors.class_for_code(code)
+    cls = errors.class_for_code(code) if isinstance(code, str) else None
     if cls is None or cls is errors.TraceError:
         cls = errors.Unavailable if status >= 500 else errors.InvalidRequest
-    exc = cls(
-        message or f"HTTP {status}", field=body.get("field") if isinstance(body, dict) else None
+    field = body.get("field") if isinstance(body, dict) else None
+    return cls(
+        message if isinstance(message, str) else f"HTTP {status}",
+        field=field if isinstance(field, str) else None,
     )
-    return exc
 
 
 class DispatcherClient:
-    """Calls the Dispatcher's ``/internal`` (platform credential) and ``/v1/task`` routes."""
+    """Calls the Dispatcher's ``/internal`` (platform credential) and ``/v1/task`` routes;
+    implements ``trace_core.ports.TaskSurface``."""
 
     def __init__(
         self,
@@ -118,32 +125,16 @@ class DispatcherClient:
                 raise errors.Unavailable(f"dispatcher unreachable: {last}") from last
             await asyncio.sleep(min(2.0, 0.05 * 2 ** min(tries, 6)) * (0.5 + random.random()))
 
-    # -- /internal --------------------------------------------------------------------------
+    # -- the TaskSurface port: /internal (platform credential) ------------------------------
 
-    async def claim(self, task_id: str, worker_id: str) -> wire.ClaimResponse:
+    async def claim_many(self, task_ids: Sequence[str], worker_id: str) -> wire.ClaimBatchResponse:
         body = await self.request(
             "POST",
             "/internal/task-claim",
             platform=True,
-            json_body={"task_id": task_id, "worker_id": worker_id},
-        )
-        return _lenient.structure(body, wire.ClaimResponse)
-
-    async def claim_many(self, task_ids: list[str], worker_id: str) -> wire.ClaimBatchResponse:
-        body = await self.request(
-            "POST",
-            "/internal/task-claim",
-            platform=True,
-            json_body={"task_ids": task_ids, "worker_id": worker_id},
+            json_body={"task_ids": list(task_ids), "worker_id": worker_id},
         )
         return _lenient.structure(body, wire.ClaimBatchResponse)
-
-    async def complete_batch(self, items: list[dict[str, Any]]) -> wire.CompleteBatchResponse:
-        """``items``: ``{"capability_token": ..., "completion": {fence + outcome fields}}``."""
-        body = await self.request(
-            "POST", "/internal/task-complete-batch", platform=True, json_body={"completions": items}
-        )
-        return _lenient.structure(body, wire.CompleteBatchResponse)
 
     async def fetch(self, task_id: str, attempt: int | None = None) -> wire.TaskPayload:
         params = {"task_id": task_id}
@@ -151,6 +142,80 @@ class DispatcherClient:
             params["attempt"] = str(attempt)
         body = await self.request("GET", "/internal/task-fetch", platform=True, params=params)
         return _lenient.structure(body, wire.TaskPayload)
+
+    async def complete_batch(
+        self, items: Sequence[wire.TokenedCompletion]
+    ) -> list[wire.CompleteResponse | errors.TraceError]:
+        body = await self.request(
+            "POST",
+            "/internal/task-complete-batch",
+            platform=True,
+            json_body={"completions": wire.unstructure(list(items))},
+        )
+        answer = _lenient.structure(body, wire.CompleteBatchResponse)
+        results: list[wire.CompleteResponse | errors.TraceError] = []
+        for res in answer.results:
+            if res.error is None and res.state is not None:
+                results.append(
+                    wire.CompleteResponse(res.task_id, res.attempt, res.state, res.replay)
+                )
+            else:
+                results.append(error_from_body(409, {"error": res.error, "message": res.message}))
+        return results
+
+    # -- the TaskSurface port: /v1/task (the attempt's capability token) --------------------
+
+    async def heartbeat(
+        self, capability_token: str, req: wire.HeartbeatRequest
+    ) -> wire.HeartbeatResponse:
+        body = await self.request(
+            "POST",
+            "/v1/task/heartbeat",
+            capability=capability_token,
+            json_body=wire.unstructure(req),
+            deadline_s=10.0,
+        )
+        return _lenient.structure(body, wire.HeartbeatResponse)
+
+    async def events(self, capability_token: str, req: wire.EventsRequest) -> wire.EventsResponse:
+        body = await self.request(
+            "POST", "/v1/task/events", capability=capability_token, json_body=wire.unstructure(req)
+        )
+        return _lenient.structure(body, wire.EventsResponse)
+
+    async def buffer_publish(
+        self, capability_token: str, req: wire.BufferPublishRequest
+    ) -> wire.BufferPublishResponse:
+        body = await self.request(
+            "POST",
+            "/v1/task/buffer-publish",
+            capability=capability_token,
+            json_body=wire.unstructure(req),
+        )
+        return _lenient.structure(body, wire.BufferPublishResponse)
+
+    async def complete(
+        self, capability_token: str, req: wire.CompleteRequest
+    ) -> wire.CompleteResponse:
+        body = await self.request(
+            "POST",
+            "/v1/task/complete",
+            capability=capability_token,
+            json_body=wire.unstructure(req),
+        )
+        return _lenient.structure(body, wire.CompleteResponse)
+
+    # -- admin (platform credential) --------------------------------------------------------
+
+    async def claim(self, task_id: str, worker_id: str) -> wire.ClaimResponse:
+        """Claim one task (``/internal/task-claim`` with ``task_id``). Raises the refusal."""
+        body = await self.request(
+            "POST",
+            "/internal/task-claim",
+            platform=True,
+            json_body={"task_id": task_id, "worker_id": worker_id},
+        )
+        return _lenient.structure(body, wire.ClaimResponse)
 
     async def create_tasks(self, tasks: list[dict[str, Any]]) -> list[dict[str, Any]]:
         body = await self.request(
@@ -175,34 +240,5 @@ class DispatcherClient:
         result: dict[str, int] = await self.request("GET", "/internal/admin/counts", platform=True)
         return result
 
-    # -- /v1/task ---------------------------------------------------------------------------
 
-    async def heartbeat(self, token: str, fence: dict[str, Any]) -> wire.HeartbeatResponse:
-        body = await self.request(
-            "POST", "/v1/task/heartbeat", capability=token, json_body=fence, deadline_s=10.0
-        )
-        return _lenient.structure(body, wire.HeartbeatResponse)
-
-    async def events(
-        self, token: str, fence: dict[str, Any], events: list[dict[str, Any]]
-    ) -> wire.EventsResponse:
-        body = await self.request(
-            "POST", "/v1/task/events", capability=token, json_body={**fence, "events": events}
-        )
-        return _lenient.structure(body, wire.EventsResponse)
-
-    async def buffer_publish(
-        self, token: str, fence: dict[str, Any], batch: dict[str, Any]
-    ) -> wire.BufferPublishResponse:
-        body = await self.request(
-            "POST", "/v1/task/buffer-publish", capability=token, json_body={**fence, "batch": batch}
-        )
-        return _lenient.structure(body, wire.BufferPublishResponse)
-
-    async def complete(
-        self, token: str, fence: dict[str, Any], **fields: Any
-    ) -> wire.CompleteResponse:
-        body = await self.request(
-            "POST", "/v1/task/complete", capability=token, json_body={**fence, **fields}
-        )
-        return _lenient.structure(body, wire.CompleteResponse)
+__all__ = ["CAPABILITY_HEADER", "DispatcherClient", "error_from_body"]

@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 from typing import Any
 
-from trace_servers.worker import NonRetryableError, Operator, TaskContext
+from trace_sdk._process import PLATFORM_TOKEN_ENV
+from trace_sdk._worker import NonRetryableError, Operator, TaskContext
 
 
 async def noop(ctx: TaskContext) -> dict[str, Any] | None:
@@ -85,7 +87,21 @@ async def stage_output(ctx: TaskContext) -> dict[str, Any] | None:
     return {"staged": 1}
 
 
+async def spawn_env(ctx: TaskContext) -> dict[str, Any] | None:
+    """Runs ``env`` through ``ctx.run_process`` (no payload input) and reports the names of the
+    variables the child saw, and whether the worker's own environment still holds the platform
+    credential: a check that neither leaks to operator code or its children."""
+    code, out = await ctx.run_process(["env"])
+    names = sorted({line.split("=", 1)[0] for line in out.decode().splitlines() if "=" in line})
+    return {
+        "exit_code": code,
+        "child_env": names,
+        "worker_has_platform_token": PLATFORM_TOKEN_ENV in os.environ,
+    }
+
+
 BUILTIN: dict[str, Operator] = {
+    "spawn_env": spawn_env,
     "stage_output": stage_output,
     "noop": noop,
     "emit_events": emit_events,

@@ -1,5 +1,11 @@
 """The worker wrapper: the trust boundary around operator code.
 
+The worker talks to the Dispatcher only through the ``trace_core.ports.TaskSurface`` port: over
+HTTP (``DispatcherClient``), in-process (``trace_lite.task_surface.InProcessTaskSurface``) or a
+test fake (``trace_core.testing.FakeTaskSurface``), all the same to it. Requests are wire
+records; the fence of an attempt is one ``wire.FenceFields``; refusals are matched by error
+class.
+
 For each ``{"task_id"}`` wake-up it receives, the wrapper claims a lease from the Dispatcher,
 fetches the task (a ``canceled`` task is acknowledged without running operator code), runs the
 operator while heartbeating at ``lease/4`` and extending the message's visibility, publishes the
@@ -9,7 +15,9 @@ credential, the database or the queue.
 
 Wake-ups are hints. A duplicate or late message finds the task not claimable and is deleted;
 a message whose worker died reappears after its visibility timeout and is deleted the same way,
-while the reaper re-queues the task itself once its lease expires.
+while the reaper re-queues the task itself once its lease expires. A poison wake-up (not JSON,
+no ``task_id``, a ``task_id`` that is not a UUID) goes to the dead-letter queue at once with
+its reason; nothing a message holds can end the worker.
 
 SIGTERM: stop receiving, let in-flight tasks finish for ``grace_s``, then cancel the rest and
 report them failed (retryable) so they are retried at once rather than after lease expiry.
@@ -26,15 +34,15 @@ import os
 import random
 import socket
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
 import attrs
 
 from trace_core import errors, wire
-from trace_core.ports import ObjectStore, Queue, ReceivedMessage
+from trace_core.ports import ObjectStore, Queue, ReceivedMessage, TaskSurface
+from trace_sdk._process import child_env
 from trace_sdk.aio import Coalescer
-from trace_servers.client import DispatcherClient, error_from_body
 
 log = logging.getLogger("trace.worker")
 
@@ -53,9 +61,9 @@ class TaskContext:
 
     task: wire.TaskPayload
     attempt: int
-    _client: DispatcherClient
+    _surface: TaskSurface
     _store: ObjectStore | None
-    _fence: dict[str, Any]
+    _fence: wire.FenceFields
     _token: list[str]  # boxed: the heartbeat renews it
     #: Events to bundle atomically with the completion.
     final_events: list[dict[str, Any]] = attrs.field(factory=list)
@@ -67,8 +75,10 @@ class TaskContext:
         return self.task.payload
 
     async def emit(self, events: list[dict[str, Any]]) -> wire.EventsResponse:
-        """Emit events now (``{"key", "type", "payload"}``; keys dedupe across attempts)."""
-        return await self._client.events(self._token[0], self._fence, events)
+        """Emit events now (``{"key", "type", "payload"}``; keys dedupe across attempts).
+        Raises ``ValidationFailed`` for a malformed event, before any call."""
+        req = wire.structure({**_fields(self._fence), "events": events}, wire.EventsRequest)
+        return await self._surface.events(self._token[0], req)
 
     async def publish_buffer(
         self, dataset: str, rows: list[dict[str, Any]], *, key: str
@@ -88,7 +98,30 @@ class TaskContext:
             "byte_size": len(data),
             "sha256": hashlib.sha256(data).hexdigest(),
         }
-        return await self._client.buffer_publish(self._token[0], self._fence, batch)
+        req = wire.structure({**_fields(self._fence), "batch": batch}, wire.BufferPublishRequest)
+        return await self._surface.buffer_publish(self._token[0], req)
+
+    async def run_process(
+        self, argv: Sequence[str], *, env: Mapping[str, str] | None = None, timeout_s: float = 60.0
+    ) -> tuple[int, bytes]:
+        """Run ``argv`` to completion with a minimal environment (``trace_sdk.child_env``: no
+        platform credential, no worker settings; ``env`` adds variables) and stdin closed.
+        Returns ``(exit code, stdout)``; raises ``TimeoutError`` (the process is killed)."""
+        proc = await asyncio.create_subprocess_exec(
+            *argv,
+            env=child_env(env),
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+        )
+        try:
+            out, _ = await asyncio.wait_for(proc.communicate(), timeout_s)
+        except BaseException:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            await proc.wait()
+            raise
+        assert proc.returncode is not None
+        return proc.returncode, out
 
     async def stage_output(
         self, dataset: str, name: str, data: bytes, partition: dict[str, Any]
@@ -113,7 +146,21 @@ class TaskContext:
 Operator = Callable[[TaskContext], Awaitable[dict[str, Any] | None]]
 
 #: Claim refusals after which a wake-up is useless (the task runs elsewhere, ended or is gone).
-_FINAL_REFUSALS = frozenset({"task_not_claimable", "task_canceled", "not_found"})
+_FINAL_REFUSALS: tuple[type[errors.TraceError], ...] = (
+    errors.TaskNotClaimable,
+    errors.TaskCanceled,
+    errors.NotFound,
+)
+
+
+def _fields(fence: wire.FenceFields) -> dict[str, Any]:
+    """The fence as request fields."""
+    return {"task_id": fence.task_id, "attempt": fence.attempt, "lease_token": fence.lease_token}
+
+
+def _is_final_refusal(code: str) -> bool:
+    cls = errors.class_for_code(code)
+    return cls is not None and issubclass(cls, _FINAL_REFUSALS)
 
 
 def parse_wakeup(body: bytes) -> tuple[str | None, str]:
@@ -136,6 +183,13 @@ def parse_wakeup(body: bytes) -> tuple[str | None, str]:
         return None, f"task_id is not a UUID: {raw[:80]!r}"
 
 
+def _completion(fence: wire.FenceFields, **outcome: Any) -> wire.CompleteRequest:
+    """The completion request of ``fence`` with ``outcome``'s fields (None ones left out).
+    Raises ``ValidationFailed`` for a field the wire format refuses."""
+    fields = {k: v for k, v in outcome.items() if v is not None}
+    return wire.structure({**_fields(fence), **fields}, wire.CompleteRequest)
+
+
 class _RetryCompletion(Exception):
     """One completion of a batch failed transiently: submit it again."""
 
@@ -148,7 +202,7 @@ class NonRetryableError(Exception):
 class Worker:
     """Consumes wake-ups from ``queue`` and runs ``operators`` by name."""
 
-    client: DispatcherClient
+    surface: TaskSurface
     queue: Queue
     operators: dict[str, Operator]
     store: ObjectStore | None = None
@@ -174,12 +228,12 @@ class Worker:
         )
     )
     _inflight: set[asyncio.Task[None]] = attrs.field(factory=set)
-    #: Send completions in batches (``/internal/task-complete-batch``).
+    #: Send completions in batches (``TaskSurface.complete_batch``).
     batch_completions: bool = True
     #: How soon a wake-up reappears after a transient claim failure (seconds, jittered).
     retry_after_s: float = 1.0
     _acks: Coalescer[str, None] = attrs.field(init=False)
-    _completions: Coalescer[dict[str, Any], None] = attrs.field(init=False)
+    _completions: Coalescer[wire.TokenedCompletion, None] = attrs.field(init=False)
 
     def __attrs_post_init__(self) -> None:
         # SQS deletes at most 10 receipts per call; completions go 200 to a request.
@@ -264,7 +318,7 @@ class Worker:
         if not by_task:
             return
         try:
-            batch = await self.client.claim_many(list(by_task), self.worker_id)
+            batch = await self.surface.claim_many(list(by_task), self.worker_id)
         except errors.InvalidRequest as exc:
             if len(by_task) > 1:  # find the one the Dispatcher refuses: claim them one by one
                 for task_id, message in by_task.items():
@@ -281,7 +335,7 @@ class Worker:
 
     async def _claim_and_start_one(self, task_id: str, message: ReceivedMessage) -> None:
         try:
-            batch = await self.client.claim_many([task_id], self.worker_id)
+            batch = await self.surface.claim_many([task_id], self.worker_id)
         except errors.InvalidRequest as exc:
             log.warning("claim refused", extra={"task_id": task_id, "error": str(exc)})
             await self._dead_letter([(message, f"claim refused: {exc}")])
@@ -300,7 +354,7 @@ class Worker:
             message = by_task.get(refusal.task_id)
             if message is None:
                 log.warning("refusal for a task not asked for", extra={"task_id": refusal.task_id})
-            elif refusal.error in _FINAL_REFUSALS:
+            elif _is_final_refusal(refusal.error):
                 self.stats["skipped"] += 1
                 self._delete(message)
             else:
@@ -323,16 +377,12 @@ class Worker:
         message: ReceivedMessage,
         task: wire.TaskPayload | None = None,
     ) -> None:
-        fence = {
-            "task_id": claim.task_id,
-            "attempt": claim.attempt,
-            "lease_token": claim.lease_token,
-        }
+        fence = wire.FenceFields(claim.task_id, claim.attempt, claim.lease_token)
         extra = {"task_id": claim.task_id, "attempt": claim.attempt}
         token = [claim.capability_token]
         if task is None:
             try:
-                task = await self.client.fetch(claim.task_id, claim.attempt)
+                task = await self.surface.fetch(claim.task_id, claim.attempt)
             except errors.TraceError as exc:
                 log.warning(
                     "fetch failed; the lease will expire", extra={**extra, "error": str(exc)}
@@ -340,12 +390,12 @@ class Worker:
                 return
         if task.status == "canceled":
             with contextlib.suppress(errors.TraceError):
-                await self.client.complete(token[0], fence, outcome="canceled")
+                await self.surface.complete(token[0], _completion(fence, outcome="canceled"))
             self.stats["canceled"] += 1
             self._delete(message)
             return
         operator = self.operators.get(task.operator)
-        ctx = TaskContext(task, claim.attempt, self.client, self.store, fence, token)
+        ctx = TaskContext(task, claim.attempt, self.surface, self.store, fence, token)
         run = asyncio.create_task(self._call(operator, ctx))
         beat = asyncio.create_task(
             self._heartbeat(claim.heartbeat_interval_s, fence, token, message, run)
@@ -359,12 +409,14 @@ class Worker:
             beat.cancel()
             # Shutdown: give the task back now rather than after its lease expires.
             with contextlib.suppress(errors.TraceError):
-                await self.client.complete(
+                await self.surface.complete(
                     token[0],
-                    fence,
-                    outcome="failed",
-                    retryable=True,
-                    error={"code": "worker_shutdown", "message": "worker stopped"},
+                    _completion(
+                        fence,
+                        outcome="failed",
+                        retryable=True,
+                        error={"code": "worker_shutdown", "message": "worker stopped"},
+                    ),
                 )
             raise
         if run not in done:
@@ -376,7 +428,9 @@ class Worker:
                 if isinstance(lost, LeaseLostError) and lost.canceled:
                     # acknowledge the cancel so the attempt is closed now, not at lease expiry
                     with contextlib.suppress(errors.TraceError):
-                        await self.client.complete(token[0], fence, outcome="canceled")
+                        await self.surface.complete(
+                            token[0], _completion(fence, outcome="canceled")
+                        )
                     self.stats["canceled"] += 1
                 else:
                     self.stats["lease_lost"] += 1
@@ -390,8 +444,8 @@ class Worker:
             }
         else:
             beat.cancel()
-            exc = run.exception()
-            if exc is None:
+            failure = run.exception()
+            if failure is None:
                 outcome = {
                     "outcome": "succeeded",
                     "result": run.result(),
@@ -399,11 +453,11 @@ class Worker:
                 }
                 if ctx.outputs:
                     outcome["outputs"] = ctx.outputs
-            elif isinstance(exc, NonRetryableError):
+            elif isinstance(failure, NonRetryableError):
                 outcome = {
                     "outcome": "failed",
                     "retryable": False,
-                    "error": {"code": "operator_error", "message": str(exc)[:1000]},
+                    "error": {"code": "operator_error", "message": str(failure)[:1000]},
                 }
             else:
                 outcome = {
@@ -411,13 +465,22 @@ class Worker:
                     "retryable": True,
                     "error": {
                         "code": "operator_error",
-                        "message": f"{type(exc).__name__}: {exc}"[:1000],
+                        "message": f"{type(failure).__name__}: {failure}"[:1000],
                     },
                 }
         try:
-            await self._complete(token[0], fence, outcome)
-            self.stats["succeeded" if outcome["outcome"] == "succeeded" else "failed"] += 1
-        except (errors.LeaseLost, errors.TaskCanceled, errors.Conflict) as exc:
+            req = _completion(fence, **outcome)
+        except errors.ValidationFailed as refused:  # e.g. a result that is not a JSON object
+            req = _completion(
+                fence,
+                outcome="failed",
+                retryable=False,
+                error={"code": "invalid_outcome", "message": f"{refused.field}: {refused}"[:1000]},
+            )
+        try:
+            await self._complete(token[0], req)
+            self.stats["succeeded" if req.outcome == "succeeded" else "failed"] += 1
+        except errors.Conflict as exc:
             self.stats["lease_lost"] += 1
             log.info("completion refused", extra={**extra, "error": exc.code})
         except errors.TraceError as exc:
@@ -435,52 +498,49 @@ class Worker:
     async def _heartbeat(
         self,
         interval: float,
-        fence: dict[str, Any],
+        fence: wire.FenceFields,
         token: list[str],
         message: ReceivedMessage,
         run: asyncio.Task[Any],
     ) -> None:
+        req = wire.HeartbeatRequest(**_fields(fence))
         while True:
             await asyncio.sleep(interval)
             try:
-                renewed = await self.client.heartbeat(token[0], fence)
+                renewed = await self.surface.heartbeat(token[0], req)
                 token[0] = renewed.capability_token
             except errors.TaskCanceled:
                 raise LeaseLostError(canceled=True) from None
             except (errors.LeaseLost, errors.Forbidden, errors.NotFound):
                 raise LeaseLostError() from None
             except errors.TraceError as exc:
-                log.warning("heartbeat failed", extra={**fence, "error": str(exc)})
+                log.warning("heartbeat failed", extra={**_fields(fence), "error": str(exc)})
             with contextlib.suppress(errors.TraceError):
                 await self.queue.extend_visibility(message.receipt, self.visibility_s)
 
-    async def _complete(self, token: str, fence: dict[str, Any], outcome: dict[str, Any]) -> None:
+    async def _complete(self, token: str, req: wire.CompleteRequest) -> None:
         """Complete an attempt: alone, or batched with the completions of the same moment
-        (``/internal/task-complete-batch``; each still carries its own capability token)."""
+        (``TaskSurface.complete_batch``; each still carries its own capability token)."""
         if not self.batch_completions:
-            await self.client.complete(token, fence, **outcome)
+            await self.surface.complete(token, req)
             return
-        item = {
-            "capability_token": token,
-            "completion": {**fence, **{k: v for k, v in outcome.items() if v is not None}},
-        }
+        item = wire.TokenedCompletion(capability_token=token, completion=req)
         while True:
             try:
                 return await self._completions.submit(item)
             except _RetryCompletion:
                 await asyncio.sleep(0.2)
 
-    async def _flush_completions(self, items: list[dict[str, Any]]) -> list[BaseException | None]:
-        answer = await self.client.complete_batch(items)  # raises if the whole call failed
-        results: list[BaseException | None] = []
-        for res in answer.results:
-            if res.error is None:
-                results.append(None)
-            elif res.error in ("unavailable", "retryable"):
-                results.append(_RetryCompletion())
-            else:
-                results.append(error_from_body(409, {"error": res.error, "message": res.message}))
-        return results
+    async def _flush_completions(
+        self, items: list[wire.TokenedCompletion]
+    ) -> list[BaseException | None]:
+        answers = await self.surface.complete_batch(items)  # raises if the whole call failed
+        return [
+            (_RetryCompletion() if isinstance(res, errors.Retryable) else res)
+            if isinstance(res, errors.TraceError)
+            else None
+            for res in answers
+        ]
 
     async def _dead_letter(self, letters: list[tuple[ReceivedMessage, str]]) -> None:
         """Move poison wake-ups to the dead-letter queue now (not after ``max_receives``)."""
