@@ -1,10 +1,13 @@
-"""A failed attempt's outputs are never visible, with real processes and kill -9.
+"""The output commit with real processes: failed attempts invisible, exactly once, immutable.
 
 1. The worker stages its output and is SIGKILLed before completing: the reaper retries, a new
    worker's attempt 2 commits, and exactly one partition is live (attempt 2's).
 2. The completion (with its manifest) is sent and the connection dropped before the reply is
    read; whatever the Dispatcher did, the task ends with exactly one committed output, and
    re-sending the same completion is a replay that commits nothing twice.
+3. Committed bytes are immutable to their producer: the attempt's signed PUT URLs die with the
+   commit (and a buffer batch's key with its publish), and a reader is handed the verified,
+   promoted copy only, never the staging key.
 """
 
 from __future__ import annotations
