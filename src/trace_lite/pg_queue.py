@@ -109,6 +109,8 @@ class PgQueue:
         self._listening = asyncio.Event()
         self._listener: asyncio.Task[None] | None = None
         self._listener_conn: psycopg.AsyncConnection[Any] | None = None
+        #: Notifications for this queue the listener has received (for tests and metrics).
+        self.notifications = 0
 
     @property
     def name(self) -> str:
@@ -345,6 +347,7 @@ class PgQueue:
                 while True:
                     async for note in conn.notifies(timeout=_LISTEN_PROBE_SECONDS):
                         if note.payload == self._name:
+                            self.notifications += 1
                             self._wake()
                     await conn.execute("SELECT 1")  # a quiet connection may be a dead one
             except psycopg.Error as exc:

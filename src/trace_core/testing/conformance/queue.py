@@ -16,8 +16,9 @@ Example::
         @pytest.fixture
         def advance(self, clock): ...
 
-The suite checks behaviour, not speed, except where the behaviour is a wake-up: a long poll
-must return soon after a message arrives, not at the end of its wait.
+The suite checks behaviour, not speed: nothing in it asserts elapsed time. That a long poll is
+woken by a send rather than by its own re-poll is each adapter's mechanism and is tested with
+the adapter (the Postgres queue counts the notifications its listener receives).
 
 What it pins down, beyond ``trace_core.ports``:
 
@@ -32,7 +33,6 @@ What it pins down, beyond ``trace_core.ports``:
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -294,19 +294,13 @@ class QueueConformance:
         assert len(ids) == len(set(ids)), "a message was delivered twice within its visibility"
         assert sorted(ids) == sorted(sent)
 
-    async def test_long_poll_returns_when_a_message_arrives(self, queue: Any) -> None:
-        async def send_later() -> float:
-            await asyncio.sleep(0.2)
-            await queue.send([b"late"])
-            return time.monotonic()
-
-        started = time.monotonic()
-        got, sent_at = await asyncio.gather(queue.receive(wait_seconds=10), send_later())
-        returned = time.monotonic()
-        assert [m.body for m in got] == [b"late"]
-        # a wake-up check, not a benchmark: the poll must not run to its 10 s end
-        assert returned - sent_at < 1.0, f"long poll woke {returned - sent_at:.3f}s after send"
-        assert returned - started < 5.0
+    async def test_long_poll_returns_a_message_sent_while_it_waits(self, queue: Any) -> None:
+        receiving = asyncio.ensure_future(queue.receive(wait_seconds=5))
+        await asyncio.sleep(0.2)
+        assert not receiving.done()  # it waits for a message instead of returning empty
+        [sent] = await queue.send([b"late"])
+        got = await receiving
+        assert [(m.message_id, m.body) for m in got] == [(sent, b"late")]
 
     async def test_long_poll_times_out_empty(self, queue: Any) -> None:
         assert await queue.receive(wait_seconds=0.3) == []
