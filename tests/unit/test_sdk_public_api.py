@@ -42,3 +42,13 @@ def test_trace_sdk_imports_neither_lite_nor_the_servers() -> None:
                 path.name,
                 roots,
             )
+
+
+def test_every_task_surface_implements_the_port() -> None:
+    from trace_core.ports import TaskSurface
+    from trace_core.testing import FakeTaskSurface
+    from trace_lite.task_surface import InProcessTaskSurface
+
+    assert isinstance(trace_sdk.DispatcherClient("http://127.0.0.1:1"), TaskSurface)
+    assert isinstance(FakeTaskSurface(lambda call: None), TaskSurface)
+    assert isinstance(InProcessTaskSurface(object()), TaskSurface)  # type: ignore[arg-type]
