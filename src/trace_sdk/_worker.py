@@ -567,7 +567,10 @@ class Worker:
 
     def _delete(self, message: ReceivedMessage) -> None:
         """Acknowledge a wake-up; acknowledgements are deleted in batches."""
-        self._acks.submit_nowait(message.receipt)
+        try:
+            self._acks.submit_nowait(message.receipt)
+        except errors.Unavailable:  # shut down already: the wake-up reappears and is skipped
+            log.info("ack after shutdown dropped", extra={"message_id": message.message_id})
 
     async def _flush_acks(self, receipts: list[str]) -> list[None]:
         try:

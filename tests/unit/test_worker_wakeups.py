@@ -100,3 +100,12 @@ def test_parse_wakeup_normalises_uuid_spellings_and_names_the_problem() -> None:
     assert parse_wakeup(b"[1]")[0] is None
     assert parse_wakeup(b"{}")[0] is None
     assert parse_wakeup(b'{"task_id": "x"}') == (None, "task_id is not a UUID: 'x'")
+
+
+async def test_an_ack_after_shutdown_is_dropped_not_raised() -> None:
+    queue = MemoryQueue("tasks", clock=ManualClock())
+    worker = Worker(surface=FakeTaskSurface(down), queue=queue, operators={})
+    [message] = await _received(queue)
+    await worker._acks.close()
+    worker._delete(message)  # an attempt that ends after the drain must not crash on its ack
+    assert await queue.depth() == 1  # the wake-up stays; it reappears and is skipped then
