@@ -3,14 +3,17 @@
 Every JSON route takes the same steps, in this order (``docs/architecture/contracts.md``,
 "Input limits"):
 
-1. **Authenticate from headers only** -- the platform bearer (``require_platform``), an attempt's
-   capability token (``authenticate_task``) or a user JWT (``trace_servers.user_api``). Each
-   marks the request authenticated; ``read_json`` refuses to read the body of a request nothing
-   marked, so no unauthenticated body is ever parsed.
-2. ``Content-Type`` must be ``application/json`` (415 ``unsupported_media_type``).
-3. At most the route's byte limit is read (413 ``payload_too_large``), counted while reading,
-   so a chunked body without ``Content-Length`` is cut off too.
-4. ``trace_core.json_limits.loads`` parses it: not JSON is 400 ``malformed_body``; values
+1. **A credential from the headers** -- the platform bearer (``require_platform``), an
+   attempt's capability token (``capability_token``, then ``authenticate_task``) or a user JWT
+   (``trace_servers.user_api``). A request without one is refused before its body is read.
+2. ``receive``: ``Content-Type`` must be ``application/json`` (415 ``unsupported_media_type``)
+   and at most the route's byte limit is read (413 ``payload_too_large``), counted while
+   reading, so a chunked body without ``Content-Length`` is cut off too. These are bytes only,
+   never looked into; a route whose check awaits (a token verification, a membership lookup)
+   receives them first, so a client that sends its request and hangs up is still served.
+3. The credential is verified; ``mark_authenticated`` records it. ``decode`` refuses to look at
+   the bytes of a request nothing marked, so no unauthenticated body is ever parsed.
+4. ``trace_core.json_limits.loads`` parses them: not JSON is 400 ``malformed_body``; values
    PostgreSQL cannot store or over a limit (NUL, lone surrogates, NaN/Infinity, overflowing
    numbers, integers over 2**256, nesting over 64) are 422 ``validation_failed`` with the path.
 5. ``trace_core.wire.structure`` builds the route's record, strictly (422 with the path).
@@ -77,16 +80,21 @@ def require_platform(request: web.Request) -> None:
     mark_authenticated(request, "platform")
 
 
-async def authenticate_task(request: web.Request) -> CapabilityClaims:
-    """Verify the capability token in ``X-Trace-Task-Capability`` -- signature, expiry, and its
-    claims against its task row (``Dispatcher.check_claims``) -- before the body is read.
+def capability_token(request: web.Request) -> str:
+    """The token in ``X-Trace-Task-Capability``, unverified. Raises ``Unauthenticated``."""
+    token = request.headers.get(CAPABILITY_HEADER)
+    if not token:
+        raise errors.Unauthenticated("missing X-Trace-Task-Capability")
+    return token
+
+
+async def authenticate_task(request: web.Request, token: str) -> CapabilityClaims:
+    """Verify a capability token -- signature, expiry, and its claims against its task row
+    (``Dispatcher.check_claims``) -- before the body is parsed.
 
     Returns the verified claims; ``bind_fence`` then ties them to the body's fence. Raises
     ``Unauthenticated``, ``Unavailable``.
     """
-    token = request.headers.get(CAPABILITY_HEADER)
-    if not token:
-        raise errors.Unauthenticated("missing X-Trace-Task-Capability")
     dispatcher = request.app[DISPATCHER_KEY]
     claims = await dispatcher.verifier.verify(
         token, now_epoch=int(time.time()), monotonic=time.monotonic()
@@ -105,16 +113,12 @@ def bind_fence(claims: CapabilityClaims, fence: wire.FenceFields) -> None:
 # --- bodies ----------------------------------------------------------------------------------
 
 
-async def read_json(request: web.Request, limit: int = MAX_BODY) -> Any:
-    """The decoded JSON body of an authenticated request.
+async def receive(request: web.Request, limit: int = MAX_BODY) -> bytes:
+    """The body's bytes, not looked into: call it once a credential is presented.
 
     Raises ``UnsupportedMediaType`` (not ``application/json``), ``PayloadTooLarge``,
-    ``MalformedBody`` (empty, not JSON), ``ValidationFailed`` (a value over
-    ``trace_core.json_limits``, with its field path).
+    ``MalformedBody`` (empty).
     """
-    if AUTHENTICATED_KEY not in request:
-        # A route that reads before it authenticates is a bug in this server, never the caller's.
-        raise RuntimeError(f"{request.path}: body read before authentication")
     if request.content_type != JSON_TYPE:
         raise errors.UnsupportedMediaType(f"Content-Type must be {JSON_TYPE}")
     if request.content_length is not None and request.content_length > limit:
@@ -129,11 +133,33 @@ async def read_json(request: web.Request, limit: int = MAX_BODY) -> Any:
     raw = b"".join(chunks)
     if not raw:
         raise errors.MalformedBody("a JSON body is required", field="$")
+    return raw
+
+
+def decode(request: web.Request, raw: bytes) -> Any:
+    """The JSON value of an authenticated request's body (``trace_core.json_limits.loads``).
+
+    Raises ``MalformedBody`` (not JSON), ``ValidationFailed`` (a value over the limits, with
+    its field path); ``RuntimeError`` when nothing authenticated the request -- a bug in this
+    server, answered 500 without looking at the body.
+    """
+    if AUTHENTICATED_KEY not in request:
+        raise RuntimeError(f"{request.path}: body decoded before authentication")
     return json_limits.loads(raw)
 
 
+def decode_as(request: web.Request, raw: bytes, cls: type[T]) -> T:
+    """``decode``, then the wire record ``cls`` (``ValidationFailed`` with the path)."""
+    return wire.structure(decode(request, raw), cls)
+
+
+async def read_json(request: web.Request, limit: int = MAX_BODY) -> Any:
+    """``receive`` and ``decode`` the body of a request already authenticated."""
+    return decode(request, await receive(request, limit))
+
+
 async def read_body(request: web.Request, cls: type[T], limit: int = MAX_BODY) -> T:
-    """``read_json``, then the wire record ``cls`` (``ValidationFailed`` with the path)."""
+    """``read_json``, then the wire record ``cls``."""
     return wire.structure(await read_json(request, limit), cls)
 
 
@@ -160,10 +186,14 @@ __all__ = [
     "PLATFORM_TOKEN_KEY",
     "authenticate_task",
     "bind_fence",
+    "capability_token",
+    "decode",
+    "decode_as",
     "hide_server_version",
     "mark_authenticated",
     "ok",
     "read_body",
     "read_json",
+    "receive",
     "require_platform",
 ]

@@ -25,6 +25,7 @@ import attrs
 from aiohttp import web
 
 from trace_core import errors, wire
+from trace_core.token import CapabilityClaims
 from trace_lite.batching import CompletionBatcher
 from trace_servers import logs
 from trace_servers.http import (
@@ -33,9 +34,12 @@ from trace_servers.http import (
     MAX_BATCH_BODY,
     authenticate_task,
     bind_fence,
+    capability_token,
+    decode_as,
     ok,
     read_body,
     read_json,
+    receive,
     require_platform,
 )
 from trace_servers.http_errors import public_message
@@ -164,15 +168,28 @@ async def task_counts(request: web.Request) -> web.Response:
 def _fenced(
     cls: type[F], call: Callable[[web.Request, F], Awaitable[Any]]
 ) -> Callable[[web.Request], Awaitable[web.Response]]:
-    """A ``/v1/task/*`` handler: verify the token, read ``cls``, bind its fence, ``call``."""
+    """A ``/v1/task/*`` handler: verify the token, decode ``cls``, bind its fence, ``call``."""
 
     async def handler(request: web.Request) -> web.Response:
-        claims = await authenticate_task(request)
-        req = await read_body(request, cls)
-        bind_fence(claims, req)
+        _claims, req = await _attempt_request(request, cls)
         return ok(await call(request, req))
 
     return handler
+
+
+async def _attempt_request(request: web.Request, cls: type[F]) -> tuple[CapabilityClaims, F]:
+    """The verified token claims and the body as ``cls`` of a ``/v1/task/*`` call.
+
+    The bytes are received before the token is verified (the client may hang up once it has
+    sent them) but decoded only after. Raises ``Unauthenticated``, ``Forbidden`` (the fence
+    names another task or attempt) and ``receive``/``decode`` errors.
+    """
+    token = capability_token(request)
+    raw = await receive(request)
+    claims = await authenticate_task(request, token)
+    req = decode_as(request, raw, cls)
+    bind_fence(claims, req)
+    return claims, req
 
 
 async def _heartbeat(request: web.Request, req: wire.HeartbeatRequest) -> Any:
@@ -194,9 +211,7 @@ async def _complete(request: web.Request, req: wire.CompleteRequest) -> Any:
 
 async def task_resolve(request: web.Request) -> web.Response:
     """``/v1/task/resolve``: a running attempt resolves the datasets its token grants."""
-    claims = await authenticate_task(request)
-    req = await read_body(request, wire.TaskResolveRequest)
-    bind_fence(claims, req)
+    claims, req = await _attempt_request(request, wire.TaskResolveRequest)
     await request.app[DISPATCHER_KEY].running_attempt(req)  # only the current, running attempt
     datasets = request.app[DATASETS_KEY]
     res = await datasets.resolve_for_task(claims, req.datasets, pin_ttl_s=req.pin_ttl_s)
@@ -205,9 +220,7 @@ async def task_resolve(request: web.Request) -> web.Response:
 
 async def task_credentials(request: web.Request) -> web.Response:
     """Attempt-scoped storage credentials: capability token, fenced, AWS profile only."""
-    claims = await authenticate_task(request)
-    req = await read_body(request, wire.CredentialsRequest)
-    bind_fence(claims, req)
+    _claims, req = await _attempt_request(request, wire.CredentialsRequest)
     minter = request.app.get(MINTER_KEY)
     if minter is None:
         raise errors.NotFound(

@@ -19,6 +19,7 @@ errors map to status codes in ``trace_servers.http_errors``.
 from __future__ import annotations
 
 import uuid
+from typing import TypeVar
 
 import attrs
 from aiohttp import web
@@ -26,8 +27,10 @@ from aiohttp import web
 from trace_core import errors, wire
 from trace_core.access import UserCaller
 from trace_lite.datasets import Datasets
-from trace_lite.users import UserAuthenticator
-from trace_servers.http import DATASETS_KEY, mark_authenticated, read_body
+from trace_lite.users import UserAuthenticator, UserIdentity
+from trace_servers.http import DATASETS_KEY, decode_as, mark_authenticated, receive
+
+T = TypeVar("T")
 
 #: Verifies user JWTs; None when the user API is not configured (every route answers 401).
 USER_AUTH_KEY: web.AppKey[UserAuthenticator | None] = web.AppKey("user_auth")
@@ -37,14 +40,29 @@ def _service(request: web.Request) -> Datasets:
     return request.app[DATASETS_KEY]
 
 
-async def _caller(request: web.Request) -> UserCaller:
-    """Authenticate the user JWT and read the caller's membership in ``{org}``."""
+def _identity(request: web.Request) -> UserIdentity:
+    """Verify the user JWT in ``Authorization``. Raises ``Unauthenticated``."""
     auth = request.app[USER_AUTH_KEY]
     if auth is None:
         raise errors.Unauthenticated("user authentication is not configured")
     identity = auth.authenticate(request.headers.get("Authorization"))
     mark_authenticated(request, "user")
+    return identity
+
+
+async def _caller(request: web.Request) -> UserCaller:
+    """Authenticate the user JWT and read the caller's membership in ``{org}``."""
+    identity = _identity(request)
     return await _service(request).user_caller(request.match_info["org"], identity.subject)
+
+
+async def _caller_and_body(request: web.Request, cls: type[T]) -> tuple[UserCaller, T]:
+    """``_caller`` and the body as ``cls``: the bytes are received once the token verified,
+    before the membership lookup, and decoded after it."""
+    identity = _identity(request)
+    raw = await receive(request)
+    caller = await _service(request).user_caller(request.match_info["org"], identity.subject)
+    return caller, decode_as(request, raw, cls)
 
 
 async def list_datasets(request: web.Request) -> web.Response:
@@ -60,8 +78,7 @@ async def show_dataset(request: web.Request) -> web.Response:
 
 
 async def resolve(request: web.Request) -> web.Response:
-    caller = await _caller(request)
-    req = await read_body(request, wire.ResolveRequest)
+    caller, req = await _caller_and_body(request, wire.ResolveRequest)
     res = await _service(request).resolve(
         caller, request.match_info["org"], req.datasets, pin_ttl_s=req.pin_ttl_s
     )
@@ -87,16 +104,14 @@ async def purge(request: web.Request) -> web.Response:
 
 
 async def set_read_roles(request: web.Request) -> web.Response:
-    caller = await _caller(request)
-    req = await read_body(request, wire.ReadRolesRequest)
+    caller, req = await _caller_and_body(request, wire.ReadRolesRequest)
     m = request.match_info
     out = await _service(request).set_read_roles(caller, m["org"], m["dataset"], req.read_roles)
     return web.json_response({"dataset": m["dataset"], "read_roles": out})
 
 
 async def cutover(request: web.Request) -> web.Response:
-    caller = await _caller(request)
-    req = await read_body(request, wire.CutoverRequest)
+    caller, req = await _caller_and_body(request, wire.CutoverRequest)
     m = request.match_info
     gen = await _service(request).cutover(caller, m["org"], m["dag"], req.pointers)
     return web.json_response({"dag": m["dag"], "active_generation": gen})
@@ -116,8 +131,7 @@ async def list_members(request: web.Request) -> web.Response:
 
 
 async def put_member(request: web.Request) -> web.Response:
-    caller = await _caller(request)
-    req = await read_body(request, wire.MemberRequest)
+    caller, req = await _caller_and_body(request, wire.MemberRequest)
     m = request.match_info
     return web.json_response(
         await _service(request).set_member(caller, m["org"], m["subject"], req.roles)
