@@ -342,7 +342,9 @@ class CompleteResponse:
 @attrs.frozen
 class CredentialsRequest(FenceFields):
     #: Narrow the reads to these prefixes (each inside the attempt's grant); default: all.
-    read_prefixes: list[str] | None = None
+    read_prefixes: list[str] | None = attrs.field(
+        default=None, validator=attrs.validators.optional(_length(0, 100))
+    )
 
 
 @attrs.frozen

@@ -166,6 +166,7 @@ def test_wrong_types_are_422_with_the_field_path(env: Env) -> None:
             "final_events[0].key",
         ),
         ("/v1/task/complete", {**f, "result": [1, 2]}, "result"),
+        ("/v1/task/credentials", {**f, "read_prefixes": ["org/"] * 101}, "read_prefixes"),
     ]
     for path, body, field in cases:
         _check(env.post(path, body=body), 422, "validation_failed", field)
