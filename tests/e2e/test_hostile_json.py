@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import socket
 from collections.abc import Iterator
 from typing import Any
 
@@ -408,3 +409,28 @@ def test_hostile_json_never_breaks_the_edge(surface: Surface) -> None:
         assert surface.snapshot() == state["before"], ("a refusal wrote", path, raw[:200], r)
 
     run()
+
+
+def test_malformed_http_is_refused_and_logged_as_the_clients_mistake(surface: Surface) -> None:
+    """aiohttp's parser refuses these before any handler: 400, and an info line without a
+    traceback in the Dispatcher's log (not an error-level traceback per bad client)."""
+    port = int(surface.t.url.rsplit(":", 1)[1])
+    for raw in (
+        b"GET /healthz HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n",
+        b"POST /v1/task/complete HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+    ):
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+            s.sendall(raw)
+            reply = s.recv(4096)
+        assert reply.startswith(b"HTTP/1.") and b" 400 " in reply.split(b"\r\n")[0], reply
+    log_path = surface.t.procs[0].log_path
+
+    def refused_lines() -> list[dict[str, Any]]:
+        lines = [json.loads(x) for x in log_path.read_text().splitlines() if x.startswith("{")]
+        return [x for x in lines if x.get("logger") == "aiohttp.server"]
+
+    lines = surface.t.wait_until(
+        lambda: len(refused_lines()) >= 2 and refused_lines(), 10, "the refusals in the log"
+    )
+    for line in lines:
+        assert line["level"] == "info" and "exc" not in line, line

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 import types
 from collections.abc import AsyncIterator
 
 import pytest
 from aiohttp import web
+from aiohttp.http_exceptions import BadHttpMessage
 from aiohttp.test_utils import TestClient, TestServer
 
 from trace_core import errors
@@ -214,3 +216,26 @@ async def test_responses_name_no_server_version(client: TestClient) -> None:
         await client.post("/internal/task-claim", json={}),
     ):
         assert r.headers["Server"] == "trace", r.headers
+
+
+def test_malformed_http_is_logged_as_the_clients_mistake() -> None:
+    """aiohttp's parser refusals (before any handler) are info lines without a traceback; other
+    exceptions keep their level and traceback."""
+
+    def record(exc: BaseException) -> logging.LogRecord:
+        try:
+            raise exc
+        except BaseException:
+            info = sys.exc_info()
+        return logging.LogRecord(
+            "aiohttp.server", logging.ERROR, __file__, 1, "Error handling request", (), info
+        )
+
+    bad = record(BadHttpMessage("Invalid character in Content-Length"))
+    assert logs.ClientHttpErrors().filter(bad)
+    line = json.loads(logs.JsonFormatter("dispatcher").format(bad))
+    assert line["level"] == "info" and "exc" not in line and line["status"] == 400, line
+    other = record(RuntimeError("boom"))
+    assert logs.ClientHttpErrors().filter(other)
+    line = json.loads(logs.JsonFormatter("dispatcher").format(other))
+    assert line["level"] == "error" and "RuntimeError" in line["exc"], line
