@@ -8,6 +8,7 @@ import sys
 import types
 from collections.abc import AsyncIterator
 
+import attrs
 import pytest
 from aiohttp import web
 from aiohttp.http_exceptions import BadHttpMessage
@@ -24,14 +25,19 @@ AUTH = {"Authorization": f"Bearer {PLATFORM}"}
 
 
 @pytest.fixture
-async def client(db_url: str) -> AsyncIterator[TestClient]:
+async def served(db_url: str) -> AsyncIterator[tuple[TestClient, Dispatcher]]:
     pool = await open_pool(db_url, min_size=1, max_size=4)
     d = Dispatcher(
         pool, signer=MemorySigner(), queue=MemoryQueue("tasks"), object_store=MemoryObjectStore()
     )
     async with TestClient(TestServer(make_app(d, platform_token=PLATFORM))) as c:
-        yield c
+        yield c, d
     await pool.close()
+
+
+@pytest.fixture
+def client(served: tuple[TestClient, Dispatcher]) -> TestClient:
+    return served[0]
 
 
 async def test_health_ready_and_metrics(client: TestClient) -> None:
@@ -239,3 +245,38 @@ def test_malformed_http_is_logged_as_the_clients_mistake() -> None:
     assert logs.ClientHttpErrors().filter(other)
     line = json.loads(logs.JsonFormatter("dispatcher").format(other))
     assert line["level"] == "error" and "RuntimeError" in line["exc"], line
+
+
+async def test_task_routes_check_every_token_claim_against_the_task(
+    served: tuple[TestClient, Dispatcher],
+) -> None:
+    """A validly signed token whose org_id or sub does not match its task is refused (401) on
+    every /v1/task/* route before anything runs (#8 item 10, the server side)."""
+    c, d = served
+    ids = []
+    for org in ("org-a", "org-b"):
+        r = await c.post(
+            "/internal/admin/tasks", json={"operator": "noop", "org": org}, headers=AUTH
+        )
+        ids.append((await r.json())["task_id"])
+    a, b = [
+        await (await c.post("/internal/task-claim", json={"task_id": i}, headers=AUTH)).json()
+        for i in ids
+    ]
+    good = await d.authorize(a["capability_token"], a["task_id"], 1)
+    other_org = (await d.authorize(b["capability_token"], b["task_id"], 1)).org_id
+    fence = {k: a[k] for k in ("task_id", "attempt", "lease_token")}
+    bodies = {
+        "/v1/task/heartbeat": fence,
+        "/v1/task/events": {**fence, "events": [{"key": "k", "type": "progress"}]},
+        "/v1/task/complete": {**fence, "result": {"ok": True}},
+        "/v1/task/resolve": {**fence, "datasets": ["blocks"]},
+        "/v1/task/credentials": fence,
+    }
+    for forged in (attrs.evolve(good, org_id=other_org), attrs.evolve(good, sub=b["task_id"])):
+        token = await d.issuer.encode(forged)
+        for path, body in bodies.items():
+            r = await c.post(path, json=body, headers={"X-Trace-Task-Capability": token})
+            assert r.status == 401, (path, await r.text())
+    task = await (await c.get(f"/internal/admin/tasks/{a['task_id']}", headers=AUTH)).json()
+    assert task["state"] == "running" and task["events"] == []
