@@ -27,7 +27,7 @@ import hmac
 import time
 from typing import Any, TypeVar
 
-from aiohttp import web
+from aiohttp import web, web_response
 
 from trace_core import errors, json_limits, wire
 from trace_core.token import CapabilityClaims, check_binding
@@ -174,6 +174,12 @@ def ok(obj: Any, status: int = 200) -> web.Response:
 async def hide_server_version(_request: web.Request, response: web.StreamResponse) -> None:
     """``on_response_prepare``: name no server or Python version."""
     response.headers["Server"] = SERVER_NAME
+
+
+# aiohttp answers malformed HTTP (bad request line, header, length) itself, before any app or
+# signal runs, with the default ``Server`` value: replace that default too. Tests check both
+# paths (tests/e2e/test_hostile_json.py).
+vars(web_response)["SERVER_SOFTWARE"] = SERVER_NAME  # a module global aiohttp does not export
 
 
 __all__ = [

@@ -423,6 +423,7 @@ def test_malformed_http_is_refused_and_logged_as_the_clients_mistake(surface: Su
             s.sendall(raw)
             reply = s.recv(4096)
         assert reply.startswith(b"HTTP/1.") and b" 400 " in reply.split(b"\r\n")[0], reply
+        assert b"\r\nServer: trace\r\n" in reply and b"Python" not in reply, reply
     log_path = surface.t.procs[0].log_path
 
     def refused_lines() -> list[dict[str, Any]]:
