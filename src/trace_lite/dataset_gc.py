@@ -6,6 +6,11 @@ either copies them to the canonical key under the version prefix (``promoted``: 
 handed only these) or marks the partition ``corrupt`` — an alarm, logged once at error level,
 counted by ``partition_counts``, never retried and never readable.
 
+A completion that commits outputs notifies ``trace_dataset_partitions`` (delivered at its
+commit); the background pass listens and promotes at once instead of waiting for its timer, so a
+reader sees a committed partition as ``pending`` only briefly. The notification is a hint: the
+timer still runs, and a lost listener connection is reopened.
+
 The staging sweep deletes what attempts left under their staging prefix once they finished
 more than a grace ago (objects no partition names were never visible); an attempt whose
 committed partitions still wait for promotion is skipped and revisited. Each attempt is swept
@@ -17,9 +22,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import inspect
 import logging
+from typing import Any
 
 import attrs
+import psycopg
+from psycopg import sql
 from psycopg_pool import AsyncConnectionPool
 
 from trace_core import commit, errors
@@ -35,6 +44,9 @@ Q = sqlfile.load("dataset_gc.sql")
 
 #: Default grace before a finished attempt's staging prefix is cleaned.
 DEFAULT_STAGING_GRACE_S = 3600.0
+#: The channel a completion that committed partitions notifies (``outputs.sql``).
+COMMITTED_CHANNEL = "trace_dataset_partitions"
+_RECONNECT_S = 1.0
 
 
 @attrs.frozen
@@ -87,6 +99,8 @@ class DatasetGC:
     def __init__(self, pool: AsyncConnectionPool, object_store: ObjectStore | None) -> None:
         self.pool = pool
         self.object_store = object_store
+        #: Set while ``run_background`` listens for committed partitions.
+        self.listening = asyncio.Event()
 
     async def promote_once(self, batch: int = 200) -> int:
         """Verify up to ``batch`` committed partitions and copy them to their canonical keys;
@@ -185,19 +199,66 @@ class DatasetGC:
     async def run_background(
         self, stop: asyncio.Event, *, every_s: float = 5.0, grace_s: float = DEFAULT_STAGING_GRACE_S
     ) -> None:
-        """Promote committed partitions and sweep staging until ``stop`` is set."""
-        while not stop.is_set():
+        """Promote committed partitions and sweep staging until ``stop`` is set: a pass every
+        ``every_s`` seconds, and one as soon as a completion commits partitions."""
+        wake = asyncio.Event()
+        listener = asyncio.create_task(self._listen(wake))
+        try:
+            while not stop.is_set():
+                wake.clear()
+                try:
+                    while await self.promote_once():
+                        pass
+                    if self.object_store is not None:
+                        await self.clean_staging(grace_s=grace_s)
+                except errors.TraceError as exc:
+                    log.warning("dataset background pass failed", extra={"error": str(exc)})
+                except Exception:  # a bug must not stop the sweep: log it, keep going
+                    log.exception("dataset background pass crashed")
+                waits = [asyncio.ensure_future(e.wait()) for e in (stop, wake)]
+                try:
+                    await asyncio.wait(waits, timeout=every_s, return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    for w in waits:
+                        w.cancel()
+        finally:
+            listener.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await listener
+
+    async def _listen(self, wake: asyncio.Event) -> None:
+        """Set ``wake`` on every ``COMMITTED_CHANNEL`` notification; reconnect on failure."""
+        while True:
             try:
-                while await self.promote_once():
-                    pass
-                if self.object_store is not None:
-                    await self.clean_staging(grace_s=grace_s)
-            except errors.TraceError as exc:
-                log.warning("dataset background pass failed", extra={"error": str(exc)})
-            except Exception:  # a bug must not stop the sweep: log it, keep going
-                log.exception("dataset background pass crashed")
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), every_s)
+                conninfo, kwargs = await self._connection_params()
+                async with await psycopg.AsyncConnection.connect(
+                    conninfo, **{**kwargs, "autocommit": True}
+                ) as conn:
+                    await conn.execute(
+                        sql.SQL("LISTEN {}").format(sql.Identifier(COMMITTED_CHANNEL))
+                    )
+                    self.listening.set()
+                    async for _ in conn.notifies():
+                        wake.set()
+            except (OSError, psycopg.Error) as exc:
+                log.info("dataset promotion listener reconnecting", extra={"error": str(exc)})
+            finally:
+                self.listening.clear()
+            await asyncio.sleep(_RECONNECT_S)
+
+    async def _connection_params(self) -> tuple[str, dict[str, Any]]:
+        """The pool's connection parameters (psycopg_pool accepts callables for both)."""
+        conninfo: Any = self.pool.conninfo
+        kwargs: Any = self.pool.kwargs
+        if callable(conninfo):
+            conninfo = conninfo()
+            if inspect.isawaitable(conninfo):
+                conninfo = await conninfo
+        if callable(kwargs):
+            kwargs = kwargs()
+            if inspect.isawaitable(kwargs):
+                kwargs = await kwargs
+        return str(conninfo), dict(kwargs or {})
 
 
-__all__ = ["DEFAULT_STAGING_GRACE_S", "DatasetGC", "SweepReport"]
+__all__ = ["COMMITTED_CHANNEL", "DEFAULT_STAGING_GRACE_S", "DatasetGC", "SweepReport"]

@@ -233,6 +233,7 @@ async def _apply(
                 "shas": [p.sha256 for p in ins],
             },
         )
+        await cur.execute(Q["notify_committed"])
     if plan.invalidations:
         payloads = [
             Jsonb({**attrs.asdict(inv), "task_id": req.task_id, "attempt": req.attempt})

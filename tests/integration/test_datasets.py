@@ -463,3 +463,24 @@ async def test_the_write_guard_allows_a_running_attempts_uncommitted_keys_only(e
     for key in (out["object_key"], f"{prefix}out/other.json"):
         with pytest.raises(errors.Forbidden):
             await guard(key)
+
+
+async def test_a_commit_wakes_promotion_without_waiting_for_its_timer(env: Env) -> None:
+    stop = asyncio.Event()
+    background = asyncio.create_task(env.ds.run_background(stop, every_s=3600, grace_s=3600))
+    try:
+        await asyncio.wait_for(env.ds.gc.listening.wait(), 10)
+        fence, prefix = await _claim(env)
+        out = await _stage(env, f"{prefix}blocks/0_100.json", {"rows": 1}, start=0, end=100)
+        await env.d.complete(_complete(fence, [out]))
+
+        # the timer is an hour: only the completion's notification can wake the pass (the
+        # bound below is a deadlock guard, not a performance claim)
+        for _ in range(400):
+            if env.sql("SELECT state FROM dataset_partitions") == [("promoted",)]:
+                break
+            await asyncio.sleep(0.05)
+        assert env.sql("SELECT state FROM dataset_partitions") == [("promoted",)]
+    finally:
+        stop.set()
+        await background

@@ -51,6 +51,10 @@ FROM unnest(%(versions)s::uuid[], %(starts)s::bigint[], %(ends)s::bigint[], %(ke
             %(object_keys)s::text[], %(staged_keys)s::text[], %(sizes)s::bigint[],
             %(shas)s::text[]) AS c(v, s, e, k, ok, sk, sz, sh);
 
+-- name: notify_committed
+-- Wake the promotion pass (delivered when the completion commits; see trace_lite.dataset_gc).
+SELECT pg_notify('trace_dataset_partitions', '');
+
 -- name: insert_outbox_many
 -- Outbox rows (invalidations), in the caller's transaction.
 INSERT INTO outbox (topic, payload)
