@@ -58,7 +58,7 @@ async def _run_dispatcher(settings: LiteSettings, state_url: str) -> None:
 
     from trace_lite.dispatcher import Dispatcher, open_pool
     from trace_servers import profiles
-    from trace_servers.dispatcher import make_app
+    from trace_servers.app import make_app
 
     pool = await open_pool(state_url, min_size=4, max_size=16)
     claim_pool = await open_pool(state_url, min_size=1, max_size=6, role="claim")

@@ -16,7 +16,7 @@ from trace_aws.credentials import StsCredentialMinter
 from trace_aws.session_policy import grant_for_attempt, session_policy
 from trace_core.testing import MemoryObjectStore, MemoryQueue, MemorySigner
 from trace_lite.dispatcher import Dispatcher, open_pool
-from trace_servers.dispatcher import make_app
+from trace_servers.app import make_app
 
 PLATFORM = "platform-token-for-tests-0123456789"
 AUTH = {"Authorization": f"Bearer {PLATFORM}"}

@@ -19,7 +19,7 @@ from trace_core.token import issue_claims
 from trace_lite.datasets import Datasets
 from trace_lite.dispatcher import Dispatcher, open_pool
 from trace_lite.users import LocalUserIssuer, UserAuthenticator
-from trace_servers.dispatcher import make_app
+from trace_servers.app import make_app
 
 ORG, OTHER, DAG = "acme", "globex", "prices"
 PLATFORM = "platform-token-for-tests-0123456789"
