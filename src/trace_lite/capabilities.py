@@ -147,8 +147,10 @@ class TokenVerifier:
             await self._refresh_locked(monotonic)
 
     async def _refresh_locked(self, monotonic: float) -> None:
-        self._tried_at = monotonic
-        keys = await self._signer.public_keys()
+        try:
+            keys = await self._signer.public_keys()
+        finally:
+            self._tried_at = monotonic  # only once the attempt is over: see _current_keys
         self._keys = {k.kid: k for k in keys}
         self._fetched_at = monotonic
         self.refresh_count += 1
@@ -156,19 +158,24 @@ class TokenVerifier:
     def _due(self, monotonic: float) -> bool:
         return self._tried_at is None or monotonic - self._tried_at >= self._refresh_interval_s
 
+    def _fresh_enough(self, monotonic: float) -> bool:
+        return self._fetched_at is not None and monotonic - self._fetched_at <= self._max_stale_s
+
     async def _current_keys(self, monotonic: float) -> Mapping[str, PublicKey]:
         """The key set, re-read first when older than the refresh interval.
 
-        Raises ``Unauthenticated`` when the signer has not been readable for ``max_stale_s``.
+        While one caller re-reads, the others wait for it -- unless they hold a key set that is
+        still fresh enough, which they use. Raises ``Unauthenticated`` when the signer has not
+        been readable for ``max_stale_s``.
         """
-        if self._due(monotonic):
+        if self._due(monotonic) and not (self._lock.locked() and self._fresh_enough(monotonic)):
             async with self._lock:
                 if self._due(monotonic):
                     try:
                         await self._refresh_locked(monotonic)
                     except SignerError:
                         pass  # judged below: the last key set may still be fresh enough
-        if self._fetched_at is None or monotonic - self._fetched_at > self._max_stale_s:
+        if not self._fresh_enough(monotonic):
             raise Unauthenticated("capability token: keys unavailable")
         return self._keys
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import hmac
@@ -571,3 +572,27 @@ async def test_an_unreadable_signer_is_tolerated_only_for_max_stale(signer: Memo
         await verifier.verify(token, now_epoch=NOW, monotonic=30.5)
     flaky.down = False
     await verifier.verify(token, now_epoch=NOW, monotonic=31.5)
+
+
+async def test_concurrent_first_verifications_wait_for_the_key_set() -> None:
+    # A fresh verifier under concurrent traffic: every caller waits for the one fetch in flight
+    # instead of seeing "no keys yet" (a Dispatcher's first second after start).
+    class Slow(MemorySigner):
+        async def public_keys(self) -> list[PublicKey]:
+            await asyncio.sleep(0.01)
+            return await super().public_keys()
+
+    signer = Slow()
+    verifier = TokenVerifier(signer, POLICY, refresh_interval_s=1.0)
+    token = await encode_token(_claims(), signer)
+    results = await asyncio.gather(
+        *(verifier.verify(token, now_epoch=NOW, monotonic=0.0) for _ in range(20))
+    )
+    assert results == [_claims()] * 20
+    assert verifier.refresh_count == 1
+    # a due refresh in flight does not hold up callers whose keys are still fresh enough
+    results = await asyncio.gather(
+        *(verifier.verify(token, now_epoch=NOW, monotonic=5.0) for _ in range(20))
+    )
+    assert results == [_claims()] * 20
+    assert verifier.refresh_count == 2
