@@ -409,6 +409,8 @@ class _Reader:
 
     def __init__(self) -> None:
         self.problems: list[Problem] = []
+        #: Jobs that exist in the file but did not parse: references to them are not errors.
+        self.broken_jobs: set[str] = set()
 
     def problem(self, path: str, message: str, hint: str = "") -> None:
         self.problems.append(Problem(path, message, hint))
@@ -519,6 +521,8 @@ class _Reader:
                     continue
                 if (job := self.job(job_name, body, path)) is not None:
                     jobs[job_name] = job
+                else:
+                    self.broken_jobs.add(job_name)
         publish: list[Publish] = []
         if (
             "publish" in top
@@ -1085,7 +1089,10 @@ def _graph_problems(
     dag: Dag,
     operators: Mapping[str, OperatorInfo] | None,
     datasets: Mapping[str, DatasetFacts] | None,
+    broken: set[str],
 ) -> Iterator[Problem]:
+    """The graph rules on what parsed; references to ``broken`` jobs (present in the file but
+    not parsed, already reported) are skipped."""
     published = {p.dataset for p in dag.publish}
     for job in dag.jobs.values():
         path = f"jobs.{job.name}"
@@ -1122,6 +1129,8 @@ def _graph_problems(
                 ref = inp.source
                 producer = dag.jobs.get(ref.job)
                 if producer is None:
+                    if ref.job in broken:
+                        continue
                     yield Problem(
                         f"{ipath}.from.job",
                         f"no job named {ref.job!r}",
@@ -1173,6 +1182,8 @@ def _graph_problems(
         ppath = f"publish[{i}]"
         pub_job = dag.jobs.get(p.job)
         if pub_job is None:
+            if p.job in broken:
+                continue
             yield Problem(f"{ppath}.job", f"no job named {p.job!r}", _close(p.job, dag.jobs))
             continue
         if p.output >= len(pub_job.outputs):
@@ -1269,7 +1280,7 @@ def validate(
     dag = reader.dag(doc)
     problems = list(reader.problems)
     if dag is not None:
-        problems.extend(_graph_problems(dag, operators, datasets))
+        problems.extend(_graph_problems(dag, operators, datasets, reader.broken_jobs))
     return problems
 
 
