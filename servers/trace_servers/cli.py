@@ -8,6 +8,7 @@ trace demo                    run Lite and a demo workload through the full life
 trace task create|get|cancel  admin calls against a running Dispatcher
 trace keys init|rotate|revoke manage the Ed25519 signing keys (current + next; revoke KID)
 trace pg start|stop|url       manage the embedded Postgres cluster
+trace dag validate|diff|schema  DAG files, offline (trace_servers.dag_cli)
 """
 
 from __future__ import annotations
@@ -495,9 +496,10 @@ def build_parser() -> argparse.ArgumentParser:
     rv.add_argument("kid")
     g = sub.add_parser("pg", help="embedded Postgres")
     g.add_argument("pg_cmd", choices=["start", "stop", "url"])
-    from trace_servers import datasets_cli
+    from trace_servers import dag_cli, datasets_cli
 
     datasets_cli.add_parsers(sub)
+    dag_cli.add_parsers(sub)
     return p
 
 
@@ -512,6 +514,7 @@ COMMANDS = {
     "pg": cmd_pg,
     "users": lambda s, a: _datasets_cli("users", s, a),
     "datasets": lambda s, a: _datasets_cli("datasets", s, a),
+    "dag": lambda _s, a: _dag_cli(a),
 }
 
 
@@ -522,6 +525,12 @@ def _datasets_cli(which: str, settings: LiteSettings, args: argparse.Namespace) 
     if which == "users":
         return datasets_cli.cmd_users(settings, args, state_url)
     return datasets_cli.cmd_datasets(settings, args, state_url)
+
+
+def _dag_cli(args: argparse.Namespace) -> int:
+    from trace_servers import dag_cli
+
+    return dag_cli.cmd_dag(args)
 
 
 def main(argv: list[str] | None = None) -> int:

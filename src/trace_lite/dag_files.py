@@ -70,6 +70,8 @@ def _walk(node: yaml.Node, path: str, lines: dict[str, int], dups: list[Problem]
                         line=key_node.start_mark.line + 1,
                     )
                 )
+                for stale in [p for p in lines if p.startswith((f"{child}.", f"{child}["))]:
+                    del lines[stale]
             seen.add(key)
             lines[child] = key_node.start_mark.line + 1
             _walk(value_node, child, lines, dups)
