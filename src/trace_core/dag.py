@@ -411,6 +411,8 @@ class _Reader:
         self.problems: list[Problem] = []
         #: Jobs that exist in the file but did not parse: references to them are not errors.
         self.broken_jobs: set[str] = set()
+        #: Likewise for worker pools.
+        self.broken_pools: set[str] = set()
 
     def problem(self, path: str, message: str, hint: str = "") -> None:
         self.problems.append(Problem(path, message, hint))
@@ -509,6 +511,8 @@ class _Reader:
                     and (parsed := self.slots(slots, path)) is not None
                 ):
                     pools[pool_name] = parsed
+                else:
+                    self.broken_pools.add(pool_name)
         jobs: dict[str, Job] = {}
         if "jobs" in top and (m := self.mapping(top["jobs"], "jobs", "jobs")) is not None:
             if not m:
@@ -531,10 +535,9 @@ class _Reader:
             for i, item in enumerate(items):
                 if (p := self.publish(item, f"publish[{i}]")) is not None:
                     publish.append(p)
-        if name is None:
-            return None
+        # A DAG without a valid name still gets the graph rules (its problems are reported).
         return Dag(
-            name=name,
+            name=name or "",
             jobs=jobs,
             publish=tuple(publish),
             worker_pools=pools,
@@ -1089,10 +1092,10 @@ def _graph_problems(
     dag: Dag,
     operators: Mapping[str, OperatorInfo] | None,
     datasets: Mapping[str, DatasetFacts] | None,
-    broken: set[str],
+    broken: _Reader,
 ) -> Iterator[Problem]:
-    """The graph rules on what parsed; references to ``broken`` jobs (present in the file but
-    not parsed, already reported) are skipped."""
+    """The graph rules on what parsed; references to jobs and pools present in the file but
+    not parsed (already reported, ``broken``) are skipped."""
     published = {p.dataset for p in dag.publish}
     for job in dag.jobs.values():
         path = f"jobs.{job.name}"
@@ -1103,7 +1106,11 @@ def _graph_problems(
                 _close(job.operator, operators)
                 or f"available: {', '.join(sorted(operators)) or 'none'}",
             )
-        if job.worker_pool is not None and job.worker_pool not in dag.worker_pools:
+        if (
+            job.worker_pool is not None
+            and job.worker_pool not in dag.worker_pools
+            and job.worker_pool not in broken.broken_pools
+        ):
             yield Problem(
                 f"{path}.worker_pool",
                 f"no worker pool named {job.worker_pool!r}",
@@ -1129,7 +1136,7 @@ def _graph_problems(
                 ref = inp.source
                 producer = dag.jobs.get(ref.job)
                 if producer is None:
-                    if ref.job in broken:
+                    if ref.job in broken.broken_jobs:
                         continue
                     yield Problem(
                         f"{ipath}.from.job",
@@ -1182,7 +1189,7 @@ def _graph_problems(
         ppath = f"publish[{i}]"
         pub_job = dag.jobs.get(p.job)
         if pub_job is None:
-            if p.job in broken:
+            if p.job in broken.broken_jobs:
                 continue
             yield Problem(f"{ppath}.job", f"no job named {p.job!r}", _close(p.job, dag.jobs))
             continue
@@ -1280,7 +1287,7 @@ def validate(
     dag = reader.dag(doc)
     problems = list(reader.problems)
     if dag is not None:
-        problems.extend(_graph_problems(dag, operators, datasets, reader.broken_jobs))
+        problems.extend(_graph_problems(dag, operators, datasets, reader))
     return problems
 
 

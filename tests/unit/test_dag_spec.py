@@ -1085,3 +1085,15 @@ def test_the_specs_complete_example_is_valid() -> None:
         dag_files.json_schema(),
         cls=jsonschema.Draft202012Validator,
     )
+
+
+def test_a_file_without_a_valid_name_still_gets_the_graph_rules() -> None:
+    text = "jobs:\n  a: {operator: nope, triggers: [{type: manual}]}\n"
+    problems = dag_files.check_text(text, operators=OPERATORS)
+    assert [p.path for p in problems] == ["name", "jobs.a.operator"]
+
+
+def test_a_malformed_pool_is_reported_once() -> None:
+    text = dag_text(INGEST, reader(", worker_pool: rpc"), extra="worker_pools: {rpc: []}\n")
+    problems = dag_files.check_text(text, operators=OPERATORS)
+    assert [p.path for p in problems] == ["worker_pools.rpc"]
