@@ -18,27 +18,35 @@ Theory of operation:
   reported once.
 * ``parse(doc)`` returns the ``Dag`` record, or raises ``ValidationFailed`` naming the first
   structural problem; it does not check operators or the registry.
+* ``to_doc(dag)`` writes a ``Dag`` back as a plain document with the defaults spelled out
+  (``parse(to_doc(d)) == d``); ``digest(dag)`` hashes that canonically, so two files that mean
+  the same DAG have the same digest.
 * ``diff(old, new)`` lists ``Change``s, each classified by ``CHANGE_KINDS`` (a table, also in
   the docs): materialization-affecting changes rebuild the job and its transitive downstream
   (``affected_jobs``); execution-only and metadata changes rebuild nothing.
 
 The module is pure: no I/O, no clock, no YAML. Dataset and DAG names follow the registry's
-rule (``trace_core.wire``); secret names follow ``trace_core.secret_names``.
+rule (``trace_core.wire``); secret names follow ``trace_core.secret_names``; cron syntax is
+``trace_core.cron``.
 """
 
 from __future__ import annotations
 
+import copy
 import difflib
 import enum
+import hashlib
+import json
 import math
 import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from typing import Any, Final
+from typing import Any, Final, assert_never
 
 import attrs
 import cattrs
 
 from trace_core import errors, secret_names, wire
+from trace_core.cron import cron_problem
 
 #: Dataset, DAG, job and pool names: the registry's dataset-name rule.
 NAME_RE: Final = wire._DATASET_RE
@@ -211,7 +219,7 @@ class Condition:
 @attrs.frozen
 class Input:
     source: JobRef | DatasetRef
-    #: Conditions, ANDed (empty: every event of the input).
+    #: Conditions, ANDed, sorted by (field, op) (empty: every event of the input).
     where: tuple[Condition, ...] = ()
 
 
@@ -293,70 +301,6 @@ class Dag:
 
 
 # --- small pure checks ---------------------------------------------------------------------------
-
-_CRON_FIELDS: Final[tuple[tuple[str, int, int, dict[str, int]], ...]] = (
-    ("minute", 0, 59, {}),
-    ("hour", 0, 23, {}),
-    ("day of month", 1, 31, {}),
-    (
-        "month",
-        1,
-        12,
-        {
-            m: i + 1
-            for i, m in enumerate(
-                ["jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec"]
-            )
-        },
-    ),
-    (
-        "day of week",
-        0,
-        7,
-        {d: i for i, d in enumerate(["sun", "mon", "tue", "wed", "thu", "fri", "sat"])},
-    ),
-)
-CRON_MACROS: Final = frozenset(
-    {"@yearly", "@annually", "@monthly", "@weekly", "@daily", "@midnight", "@hourly"}
-)
-_CRON_ITEM = re.compile(r"^(\*|[0-9a-z]+(?:-[0-9a-z]+)?)(?:/([0-9]+))?$")
-
-
-def cron_problem(expr: str) -> str | None:
-    """Why ``expr`` is not a standard 5-field cron expression (or macro), or None if it is.
-
-    Fields: ``* | N | N-M`` each with an optional ``/step``, comma lists, month and weekday
-    names (``jan``, ``mon``), day of week 0-7 (0 and 7 are Sunday). Computing fire times is the
-    trigger runtime's job (croniter); every expression accepted here croniter accepts too.
-    """
-    text = expr.strip().lower()
-    if text in CRON_MACROS:
-        return None
-    fields = text.split()
-    if len(fields) != 5:
-        return f"a cron expression has 5 fields (minute hour day month weekday), not {len(fields)}"
-    for raw, (label, low, high, names) in zip(fields, _CRON_FIELDS, strict=True):
-        for item in raw.split(","):
-            m = _CRON_ITEM.match(item)
-            if not m:
-                return f"{label} field {raw!r}: {item!r} is not *, N, N-M or one of those /step"
-            span, step = m.group(1), m.group(2)
-            if step is not None and int(step) == 0:
-                return f"{label} field {raw!r}: a step must be at least 1"
-            if span == "*":
-                continue
-            ends = []
-            for part in span.split("-"):
-                value = names.get(part) if not part.isdigit() else int(part)
-                if value is None or not low <= value <= high:
-                    return f"{label} field {raw!r}: {part!r} is outside {low}-{high}"
-                ends.append(value)
-            if len(ends) == 2 and ends[0] > ends[1]:
-                return f"{label} field {raw!r}: range {span!r} runs backwards"
-            if step is not None and len(ends) == 1:
-                return f"{label} field {raw!r}: a step needs * or a range before it"
-    return None
-
 
 _DURATION = re.compile(r"^([0-9]{1,7})(s|m|h)$")
 _UNIT = {"s": 1, "m": 60, "h": 3600}
@@ -802,7 +746,8 @@ class _Reader:
                     continue
                 if (cond := self.condition(field, op, operand, opath)) is not None:
                     out.append(cond)
-        return tuple(out)
+        # ANDed, so order means nothing: sorted, so reordering a map is no change.
+        return tuple(sorted(out, key=lambda c: (c.field, c.op)))
 
     def condition(self, field: str, op: str, operand: object, path: str) -> Condition | None:
         if op == "is_null":
@@ -883,12 +828,12 @@ class _Reader:
             if "multi_writer" in m
             else False
         )
-        if storage is Storage.POSTGRES_TABLE and not schema and "schema" not in m:
+        if storage is Storage.POSTGRES_TABLE and not m.get("schema"):
             self.problem(f"{path}.schema", "a postgres_table output needs a schema")
         if (
             storage is Storage.POSTGRES_TABLE
             and strategy is UpdateStrategy.APPEND
-            and "unique_key" not in m
+            and not m.get("unique_key")
         ):
             self.problem(
                 f"{path}.unique_key",
@@ -1310,6 +1255,110 @@ def parse(doc: object) -> Dag:
     return dag
 
 
+# --- back to a document --------------------------------------------------------------------------
+
+
+def to_doc(dag: Dag) -> dict[str, Any]:
+    """The plain document of ``dag`` in the file format, defaults written out.
+
+    ``parse(to_doc(d)) == d`` for every parsed ``d``: what a deploy stores and reads back.
+    """
+    doc: dict[str, Any] = {"name": dag.name}
+    if dag.description:
+        doc["description"] = dag.description
+    doc["jobs"] = {name: _job_doc(job) for name, job in dag.jobs.items()}
+    if dag.publish:
+        doc["publish"] = [
+            {"job": p.job, "output": p.output, "dataset": p.dataset} for p in dag.publish
+        ]
+    if dag.worker_pools:
+        doc["worker_pools"] = {
+            name: [_slot_doc(slot) for slot in slots] for name, slots in dag.worker_pools.items()
+        }
+    return doc
+
+
+def _slot_doc(slot: Slot) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if slot.env:
+        out["env"] = dict(slot.env)
+    if slot.secret_env:
+        out["secret_env"] = dict(slot.secret_env)
+    return out
+
+
+def _job_doc(job: Job) -> dict[str, Any]:
+    out: dict[str, Any] = {"operator": job.operator, "runtime": job.runtime.value}
+    if job.description:
+        out["description"] = job.description
+    if job.config:
+        out["config"] = copy.deepcopy(dict(job.config))
+    if job.inputs:
+        out["inputs"] = [_input_doc(i) for i in job.inputs]
+    if job.outputs:
+        out["outputs"] = [_output_doc(o) for o in job.outputs]
+    if job.worker_pool is not None:
+        out["worker_pool"] = job.worker_pool
+    if job.scaling.max_concurrency is not None:
+        out["scaling"] = {"max_concurrency": job.scaling.max_concurrency}
+    out["timeout"] = job.timeout_s
+    out["max_attempts"] = job.max_attempts
+    if job.triggers:
+        out["triggers"] = [_trigger_doc(t) for t in job.triggers]
+    return out
+
+
+def _input_doc(inp: Input) -> dict[str, Any]:
+    source = inp.source
+    out: dict[str, Any] = {
+        "from": {"job": source.job, "output": source.output}
+        if isinstance(source, JobRef)
+        else {"dataset": source.dataset}
+    }
+    if inp.where:
+        where: dict[str, dict[str, Any]] = {}
+        for c in inp.where:
+            value = list(c.value) if isinstance(c.value, tuple) else c.value
+            where.setdefault(c.field, {})[c.op] = value
+        out["where"] = where
+    return out
+
+
+def _output_doc(out: Output) -> dict[str, Any]:
+    doc: dict[str, Any] = {
+        "storage": out.storage.value,
+        "update_strategy": out.update_strategy.value,
+    }
+    if out.unique_key:
+        doc["unique_key"] = list(out.unique_key)
+    if out.schema:
+        doc["schema"] = dict(out.schema)
+    if out.buffered:
+        doc["buffered"] = True
+    if out.multi_writer:
+        doc["multi_writer"] = True
+    return doc
+
+
+def _trigger_doc(t: Trigger) -> dict[str, Any]:
+    match t.type:
+        case TriggerType.MANUAL:
+            return {"type": t.type.value}
+        case TriggerType.CRON:
+            return {"type": t.type.value, "schedule": t.schedule}
+        case TriggerType.INTERVAL:
+            return {"type": t.type.value, "every": t.every_s}
+        case _:
+            assert_never(t.type)
+
+
+def digest(dag: Dag) -> str:
+    """sha256 (hex) of ``to_doc(dag)`` as canonical JSON: equal for files that parse to the same
+    ``Dag`` (key order, comments, defaults spelled out or not)."""
+    text = json.dumps(to_doc(dag), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
 # --- diff ----------------------------------------------------------------------------------------
 
 
@@ -1507,9 +1556,11 @@ __all__ = [
     "cron_problem",
     "cycles",
     "diff",
+    "digest",
     "downstream",
     "duration_s",
     "parse",
+    "to_doc",
     "topological_order",
     "validate",
 ]
