@@ -34,6 +34,8 @@ _CRON_FIELDS: Final[tuple[tuple[str, int, int, dict[str, int]], ...]] = (
         {d: i for i, d in enumerate(["sun", "mon", "tue", "wed", "thu", "fri", "sat"])},
     ),
 )
+#: The longest expression checked (so a message never echoes a huge one).
+MAX_LENGTH: Final = 200
 CRON_MACROS: Final = frozenset(
     {"@yearly", "@annually", "@monthly", "@weekly", "@daily", "@midnight", "@hourly"}
 )
@@ -47,6 +49,8 @@ def cron_problem(expr: str) -> str | None:
     names (``jan``, ``mon``), day of week 0-7 (0 and 7 are Sunday). Computing fire times is the
     trigger runtime's job (croniter); every expression accepted here croniter accepts too.
     """
+    if len(expr) > MAX_LENGTH:
+        return f"a cron expression is at most {MAX_LENGTH} characters"
     text = expr.strip().lower()
     if text in CRON_MACROS:
         return None
@@ -76,4 +80,4 @@ def cron_problem(expr: str) -> str | None:
     return None
 
 
-__all__ = ["CRON_MACROS", "cron_problem"]
+__all__ = ["CRON_MACROS", "MAX_LENGTH", "cron_problem"]

@@ -65,6 +65,9 @@ MAX_CONCURRENCY_LIMIT: Final = 10_000
 MAX_SLOTS: Final = 1_000
 MAX_IN_VALUES: Final = 1_000
 MAX_JOBS: Final = 1_000
+#: At most this many problems are listed (the last one says how many more there were).
+MAX_PROBLEMS: Final = 500
+MAX_PATH: Final = 300
 
 
 class Runtime(enum.StrEnum):
@@ -317,7 +320,13 @@ def duration_s(value: object) -> int | None:
 
 def _close(word: str, options: Iterable[str]) -> str:
     found = difflib.get_close_matches(word, sorted(options), n=1, cutoff=0.6)
-    return f"did you mean {found[0]!r}?" if found else ""
+    return f"did you mean {_show(found[0])}?" if found else ""
+
+
+def _show(value: object) -> str:
+    """``repr(value)``, cut to 80 characters: a problem never echoes a huge value back."""
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def _join(path: str, key: str) -> str:
@@ -333,7 +342,7 @@ def _json_problem(value: object, path: str) -> tuple[str, str] | None:
     if isinstance(value, Mapping):
         for k, v in value.items():
             if not isinstance(k, str):
-                return (path, f"key {k!r} is not a string")
+                return (path, f"key {_show(k)} is not a string")
             if found := _json_problem(v, _join(path, k)):
                 return found
         return None
@@ -359,6 +368,8 @@ class _Reader:
         self.broken_pools: set[str] = set()
 
     def problem(self, path: str, message: str, hint: str = "") -> None:
+        if len(path) > MAX_PATH:  # a huge key stays in the path only as its beginning
+            path = path[: MAX_PATH - 3] + "..."
         self.problems.append(Problem(path, message, hint))
 
     def mapping(self, value: object, path: str, what: str) -> Mapping[str, Any] | None:
@@ -367,7 +378,7 @@ class _Reader:
             for k in bad:
                 self.problem(
                     _join(path, str(k)),
-                    f"key {k!r} is not a string",
+                    f"key {_show(k)} is not a string",
                     "quote it (YAML reads yes/no/on/off/numbers as other types)",
                 )
             return {k: v for k, v in value.items() if isinstance(k, str)}
@@ -384,10 +395,10 @@ class _Reader:
         for k in m:
             if k not in allowed:
                 hint = _close(k, allowed) or f"allowed keys: {', '.join(sorted(allowed))}"
-                self.problem(_join(path, k), f"unknown key {k!r}", hint)
+                self.problem(_join(path, k), f"unknown key {_show(k)}", hint)
         for k in required:
             if k not in m:
-                self.problem(_join(path, k), f"{k!r} is required")
+                self.problem(_join(path, k), f"{_show(k)} is required")
 
     def string(self, value: object, path: str) -> str | None:
         if isinstance(value, str) and value:
@@ -400,7 +411,7 @@ class _Reader:
         if text is not None and not NAME_RE.match(text):
             self.problem(
                 path,
-                f"{what} {text!r} must match {NAME_RE.pattern}",
+                f"{what} {_show(text)} must match {NAME_RE.pattern}",
                 "lower snake_case, starting with a letter, at most 128 characters",
             )
             return None
@@ -426,7 +437,7 @@ class _Reader:
         if isinstance(value, str) and value in options:
             return enum_type(value)
         hint = _close(str(value), options) if isinstance(value, str) else ""
-        self.problem(path, f"must be one of {', '.join(options)}, not {value!r}", hint)
+        self.problem(path, f"must be one of {', '.join(options)}, not {_show(value)}", hint)
         return None
 
     def array(self, value: object, path: str, what: str) -> list[Any] | None:
@@ -526,11 +537,12 @@ class _Reader:
         for k, v in (m or {}).items():
             vpath = f"{path}.{k}"
             if not ENV_RE.match(k):
-                self.problem(vpath, f"{k!r} is not an environment variable name")
+                self.problem(vpath, f"{_show(k)} is not an environment variable name")
                 continue
             if k.startswith(RESERVED_ENV_PREFIX):
                 self.problem(
-                    vpath, f"{k!r}: names starting with {RESERVED_ENV_PREFIX} are the platform's"
+                    vpath,
+                    f"{_show(k)}: names starting with {RESERVED_ENV_PREFIX} are the platform's",
                 )
                 continue
             if not isinstance(v, str):
@@ -540,14 +552,14 @@ class _Reader:
                 if v.startswith("trace/"):
                     self.problem(
                         vpath,
-                        f"secret {v!r} must be named relative to the org's namespace",
+                        f"secret {_show(v)} must be named relative to the org's namespace",
                         "write 'rpc/key-1' for trace/org/{org_id}/rpc/key-1",
                     )
                     continue
                 try:
                     secret_names.org_secret("org", v)
                 except errors.ValidationFailed as exc:
-                    self.problem(vpath, f"secret name {v!r}: {exc.message}")
+                    self.problem(vpath, f"secret name {_show(v)}: {exc.message}")
                     continue
             out[k] = v
         return out
@@ -574,7 +586,7 @@ class _Reader:
             elif value != "per_event":
                 self.problem(
                     f"{path}.execution_strategy",
-                    f"must be per_event (the only strategy), not {value!r}",
+                    f"must be per_event (the only strategy), not {_show(value)}",
                     "remove the key",
                 )
         config: dict[str, Any] = {}
@@ -637,7 +649,7 @@ class _Reader:
             if seconds is None:
                 self.problem(
                     f"{path}.timeout",
-                    f"{m['timeout']!r} is not a duration",
+                    f"{_show(m['timeout'])} is not a duration",
                     "seconds as an integer, or '90s', '15m'",
                 )
             elif not 1 <= seconds <= MAX_TIMEOUT_S:
@@ -727,7 +739,7 @@ class _Reader:
         for field, ops in (m or {}).items():
             fpath = f"{path}.{field}"
             if not COLUMN_RE.match(field):
-                self.problem(fpath, f"{field!r} is not a column name")
+                self.problem(fpath, f"{_show(field)} is not a column name")
                 continue
             om = self.mapping(ops, fpath, "a where condition ({op: value})")
             if om is None:
@@ -739,7 +751,7 @@ class _Reader:
                 if op not in WHERE_OPERATORS:
                     self.problem(
                         opath,
-                        f"unknown where operator {op!r}",
+                        f"unknown where operator {_show(op)}",
                         _close(op, WHERE_OPERATORS)
                         or f"allowed: {', '.join(sorted(WHERE_OPERATORS))}",
                     )
@@ -790,11 +802,11 @@ class _Reader:
             for col, typ in s.items():
                 cpath = f"{path}.schema.{col}"
                 if not COLUMN_RE.match(col):
-                    self.problem(cpath, f"{col!r} is not a column name", "lower snake_case")
+                    self.problem(cpath, f"{_show(col)} is not a column name", "lower snake_case")
                 elif typ not in COLUMN_TYPES:
                     self.problem(
                         cpath,
-                        f"unknown column type {typ!r}",
+                        f"unknown column type {_show(typ)}",
                         _close(str(typ), COLUMN_TYPES)
                         or f"types: {', '.join(sorted(COLUMN_TYPES))}",
                     )
@@ -813,9 +825,9 @@ class _Reader:
                     f"{path}.unique_key[{i}]" if not isinstance(raw, str) else f"{path}.unique_key"
                 )
                 if not isinstance(col, str) or not COLUMN_RE.match(col):
-                    self.problem(kpath, f"{col!r} is not a column name")
+                    self.problem(kpath, f"{_show(col)} is not a column name")
                 elif "schema" in m and col not in schema:
-                    self.problem(kpath, f"unique_key column {col!r} is not in the schema")
+                    self.problem(kpath, f"unique_key column {_show(col)} is not in the schema")
                 else:
                     unique_key.append(col)
             if unique_key and "schema" not in m:
@@ -890,7 +902,7 @@ class _Reader:
                 if seconds is None or seconds < 1:
                     self.problem(
                         f"{path}.every",
-                        f"{m['every']!r} is not a positive duration",
+                        f"{_show(m['every'])} is not a positive duration",
                         "seconds as an integer, or '30s', '5m', '1h'",
                     )
                     return None
@@ -1047,7 +1059,7 @@ def _graph_problems(
         if operators is not None and job.operator not in operators:
             yield Problem(
                 f"{path}.operator",
-                f"unknown operator {job.operator!r}",
+                f"unknown operator {_show(job.operator)}",
                 _close(job.operator, operators)
                 or f"available: {', '.join(sorted(operators)) or 'none'}",
             )
@@ -1058,7 +1070,7 @@ def _graph_problems(
         ):
             yield Problem(
                 f"{path}.worker_pool",
-                f"no worker pool named {job.worker_pool!r}",
+                f"no worker pool named {_show(job.worker_pool)}",
                 _close(job.worker_pool, dag.worker_pools) or "declare it under worker_pools",
             )
         if job.is_source and not job.triggers:
@@ -1085,14 +1097,14 @@ def _graph_problems(
                         continue
                     yield Problem(
                         f"{ipath}.from.job",
-                        f"no job named {ref.job!r}",
+                        f"no job named {_show(ref.job)}",
                         _close(ref.job, dag.jobs) or "name a job of this DAG",
                     )
                     continue
                 if ref.output >= len(producer.outputs):
                     yield Problem(
                         f"{ipath}.from.output",
-                        f"job {ref.job!r} has {len(producer.outputs)} output(s); "
+                        f"job {_show(ref.job)} has {len(producer.outputs)} output(s); "
                         f"index {ref.output} does not exist",
                         "outputs are numbered from 0",
                     )
@@ -1101,11 +1113,11 @@ def _graph_problems(
                 where_hint = f"declare jobs.{ref.job}.outputs[{ref.output}].schema"
             else:
                 name = inp.source.dataset
-                where_hint = f"dataset {name!r} declares no schema"
+                where_hint = f"dataset {_show(name)} declares no schema"
                 if name in published:
                     yield Problem(
                         f"{ipath}.from.dataset",
-                        f"dataset {name!r} is published by this DAG",
+                        f"dataset {_show(name)} is published by this DAG",
                         "wire it by index: from: {job, output}",
                     )
                     continue
@@ -1114,7 +1126,7 @@ def _graph_problems(
                     if facts is None:
                         yield Problem(
                             f"{ipath}.from.dataset",
-                            f"no dataset named {name!r} in this org",
+                            f"no dataset named {_show(name)} in this org",
                             _close(name, datasets) or "publish it from its DAG first",
                         )
                         continue
@@ -1136,12 +1148,12 @@ def _graph_problems(
         if pub_job is None:
             if p.job in broken.broken_jobs:
                 continue
-            yield Problem(f"{ppath}.job", f"no job named {p.job!r}", _close(p.job, dag.jobs))
+            yield Problem(f"{ppath}.job", f"no job named {_show(p.job)}", _close(p.job, dag.jobs))
             continue
         if p.output >= len(pub_job.outputs):
             yield Problem(
                 f"{ppath}.output",
-                f"job {p.job!r} has {len(pub_job.outputs)} output(s); index {p.output} does not exist",
+                f"job {_show(p.job)} has {len(pub_job.outputs)} output(s); index {p.output} does not exist",
                 "outputs are numbered from 0",
             )
             continue
@@ -1149,11 +1161,11 @@ def _graph_problems(
         if (first := seen.get(p.dataset)) is not None:
             first_out = dag.jobs[first.job].outputs[first.output]
             if (first.job, first.output) == (p.job, p.output):
-                yield Problem(f"{ppath}.dataset", f"{p.dataset!r} is published twice")
+                yield Problem(f"{ppath}.dataset", f"{_show(p.dataset)} is published twice")
             elif not (out.multi_writer and first_out.multi_writer):
                 yield Problem(
                     f"{ppath}.dataset",
-                    f"dataset {p.dataset!r} is already published by "
+                    f"dataset {_show(p.dataset)} is already published by "
                     f"{first.job}.outputs[{first.output}]",
                     "one output per dataset, unless every writer is a buffered multi_writer output",
                 )
@@ -1168,7 +1180,7 @@ def _graph_problems(
         ):
             yield Problem(
                 f"{ppath}.dataset",
-                f"dataset {p.dataset!r} is produced by DAG {facts.producer_dag!r}: "
+                f"dataset {_show(p.dataset)} is produced by DAG {_show(facts.producer_dag)}: "
                 "a dataset has one producing DAG",
                 "publish under another name, or read it with from: {dataset: ...}",
             )
@@ -1186,7 +1198,7 @@ def _where_problems(
         if typ is None:
             yield Problem(
                 f"{path}.{cond.field}",
-                f"the input has no column {cond.field!r}",
+                f"the input has no column {_show(cond.field)}",
                 _close(cond.field, columns) or f"columns: {', '.join(columns)}",
             )
             continue
@@ -1198,7 +1210,9 @@ def _where_problems(
             continue
         values = cond.value if isinstance(cond.value, tuple) else (cond.value,)
         if cond.op != "is_null" and not all(_fits(v, typ) for v in values):
-            yield Problem(cpath, f"column {cond.field!r} is {typ}: {cond.value!r} does not fit")
+            yield Problem(
+                cpath, f"column {_show(cond.field)} is {typ}: {_show(cond.value)} does not fit"
+            )
 
 
 def _fits(value: object, typ: str) -> bool:
@@ -1233,7 +1247,15 @@ def validate(
     problems = list(reader.problems)
     if dag is not None:
         problems.extend(_graph_problems(dag, operators, datasets, reader))
-    return problems
+    return cap_problems(problems)
+
+
+def cap_problems(problems: list[Problem]) -> list[Problem]:
+    """``problems`` cut to ``MAX_PROBLEMS``, the last one saying how many more there were."""
+    if len(problems) <= MAX_PROBLEMS:
+        return problems
+    more = len(problems) - (MAX_PROBLEMS - 1)
+    return [*problems[: MAX_PROBLEMS - 1], Problem("", f"{more} more problems not shown")]
 
 
 def parse(doc: object) -> Dag:
@@ -1250,7 +1272,7 @@ def parse(doc: object) -> Dag:
         raise errors.ValidationFailed(
             f"{first.path or '<top>'}: {first.message}",
             field=first.path,
-            details={"problems": [attrs.asdict(p) for p in reader.problems]},
+            details={"problems": [attrs.asdict(p) for p in cap_problems(reader.problems)]},
         )
     return dag
 
@@ -1552,6 +1574,7 @@ __all__ = [
     "TriggerType",
     "UpdateStrategy",
     "affected_jobs",
+    "cap_problems",
     "consumers",
     "cron_problem",
     "cycles",

@@ -23,7 +23,16 @@ import attrs
 import yaml
 
 from trace_core import errors
-from trace_core.dag import Dag, DatasetFacts, OperatorInfo, Problem, parse, validate
+from trace_core.dag import (
+    MAX_PATH,
+    Dag,
+    DatasetFacts,
+    OperatorInfo,
+    Problem,
+    cap_problems,
+    parse,
+    validate,
+)
 
 #: The biggest DAG file read.
 MAX_FILE_BYTES = 1024 * 1024
@@ -64,8 +73,8 @@ def _walk(node: yaml.Node, path: str, lines: dict[str, int], dups: list[Problem]
             if key in seen:
                 dups.append(
                     Problem(
-                        child,
-                        f"key {key!r} appears twice in this mapping",
+                        child if len(child) <= MAX_PATH else child[: MAX_PATH - 3] + "...",
+                        f"key {key[:60]!r} appears twice in this mapping",
                         "keep one: YAML would silently use the last",
                         line=key_node.start_mark.line + 1,
                     )
@@ -125,7 +134,9 @@ def check_text(
     if loaded.doc is None and loaded.problems:
         return list(loaded.problems)
     found = list(loaded.problems) + validate(loaded.doc, operators=operators, datasets=datasets)
-    return [p if p.line else attrs.evolve(p, line=loaded.line_of(p.path)) for p in found]
+    return cap_problems(
+        [p if p.line else attrs.evolve(p, line=loaded.line_of(p.path)) for p in found]
+    )
 
 
 def read_text(path: Path) -> str:

@@ -1173,3 +1173,15 @@ def test_digest_ignores_spelling_and_sees_meaning() -> None:
     changed = dag.parse(yaml.safe_load(dag_text(INGEST, reader(", timeout: 61"))))
     assert dag.digest(changed) != dag.digest(a)
     assert re.fullmatch(r"[0-9a-f]{64}", dag.digest(a))
+
+
+def test_problems_are_bounded_in_number_and_size() -> None:
+    huge = "k" * 100_000
+    doc: dict[str, Any] = {huge: 1, "name": "d", "jobs": {"a": {"operator": "noop"}}}
+    doc.update({f"x{i}": i for i in range(2000)})
+    problems = dag.validate(doc)
+    assert len(problems) == dag.MAX_PROBLEMS
+    # 2001 unknown keys + the job without a trigger
+    assert problems[-1].message == f"{2002 - (dag.MAX_PROBLEMS - 1)} more problems not shown"
+    assert len(problems[0].path) == dag.MAX_PATH and len(problems[0].message) < 120
+    assert dag.cron_problem("* " * 1000) == "a cron expression is at most 200 characters"
