@@ -36,6 +36,8 @@ from trace_core.dag import (
 
 #: The biggest DAG file read.
 MAX_FILE_BYTES = 1024 * 1024
+#: The most values (mappings, lists, scalars) a file may expand to, aliases counted per use.
+MAX_VALUES = 100_000
 _LAST_SEGMENT = re.compile(r"(\.[^.\[\]]*|\[[0-9]+\])$")
 
 
@@ -59,16 +61,32 @@ class Loaded:
             path = shorter
 
 
-def _walk(node: yaml.Node, path: str, lines: dict[str, int], dups: list[Problem]) -> None:
+class _TooLarge(Exception):
+    """The document expands to more than ``MAX_VALUES`` values (YAML aliases)."""
+
+
+def _key(node: yaml.Node) -> str:
+    return str(node.value) if isinstance(node, yaml.ScalarNode) else "?"
+
+
+def _walk(
+    node: yaml.Node, path: str, lines: dict[str, int], dups: list[Problem], budget: list[int]
+) -> None:
+    """Record the line of every path under ``node`` and every repeated key. A repeated key is
+    reported at each repetition; the lines under it come from its last value (the one YAML
+    keeps). Aliases are walked where they are used, each use counted against ``budget``."""
+    budget[0] -= 1
+    if budget[0] < 0:
+        raise _TooLarge
     lines.setdefault(path, node.start_mark.line + 1)
-    # A repeated key is reported, and its last value (the one YAML keeps) gives the lines.
     if isinstance(node, yaml.MappingNode):
+        last = {_key(k): i for i, (k, _) in enumerate(node.value)}
         seen: set[str] = set()
-        for key_node, value_node in node.value:
-            key = str(key_node.value) if isinstance(key_node, yaml.ScalarNode) else "?"
+        for i, (key_node, value_node) in enumerate(node.value):
+            key = _key(key_node)
             child = f"{path}.{key}" if path else key
             if key == "<<":  # a merge key: its mapping's keys land in this one
-                _walk(value_node, path, lines, dups)
+                _walk(value_node, path, lines, dups, budget)
                 continue
             if key in seen:
                 dups.append(
@@ -79,14 +97,13 @@ def _walk(node: yaml.Node, path: str, lines: dict[str, int], dups: list[Problem]
                         line=key_node.start_mark.line + 1,
                     )
                 )
-                for stale in [p for p in lines if p.startswith((f"{child}.", f"{child}["))]:
-                    del lines[stale]
             seen.add(key)
-            lines[child] = key_node.start_mark.line + 1
-            _walk(value_node, child, lines, dups)
+            if i == last[key]:
+                lines[child] = key_node.start_mark.line + 1
+                _walk(value_node, child, lines, dups, budget)
     elif isinstance(node, yaml.SequenceNode):
         for i, item in enumerate(node.value):
-            _walk(item, f"{path}[{i}]", lines, dups)
+            _walk(item, f"{path}[{i}]", lines, dups, budget)
 
 
 def load_text(text: str) -> Loaded:
@@ -100,8 +117,16 @@ def load_text(text: str) -> Loaded:
         lines: dict[str, int] = {}
         dups: list[Problem] = []
         if node is not None:
-            _walk(node, "", lines, dups)
+            _walk(node, "", lines, dups, [MAX_VALUES])
         doc = loader.construct_document(node) if node is not None else None
+    except _TooLarge:
+        return Loaded(
+            None,
+            (Problem("", f"the file expands to more than {MAX_VALUES} values (YAML aliases?)"),),
+            {},
+        )
+    except RecursionError:
+        return Loaded(None, (Problem("", "the file nests too deeply"),), {})
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         return Loaded(
@@ -187,6 +212,7 @@ def json_schema() -> dict[str, Any]:
 
 __all__ = [
     "MAX_FILE_BYTES",
+    "MAX_VALUES",
     "Loaded",
     "check_file",
     "check_text",

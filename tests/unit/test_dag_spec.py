@@ -1185,3 +1185,24 @@ def test_problems_are_bounded_in_number_and_size() -> None:
     assert problems[-1].message == f"{2002 - (dag.MAX_PROBLEMS - 1)} more problems not shown"
     assert len(problems[0].path) == dag.MAX_PATH and len(problems[0].message) < 120
     assert dag.cron_problem("* " * 1000) == "a cron expression is at most 200 characters"
+
+
+def test_alias_bombs_and_deep_nesting_are_refused_not_expanded() -> None:
+    levels = ["a0: &a0 [x, x, x, x, x, x, x, x, x, x]"] + [
+        f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 10) + "]" for i in range(1, 9)
+    ]
+    bomb = "name: d\njobs:\n  j:\n    operator: noop\n    config:\n" + "".join(
+        f"      {line}\n" for line in levels
+    )
+    problems = dag_files.check_text(bomb)
+    assert [p.message for p in problems] == [
+        f"the file expands to more than {dag_files.MAX_VALUES} values (YAML aliases?)"
+    ]
+    deep = "name: d\njobs: " + "[" * 5000 + "]" * 5000 + "\n"
+    assert [p.message for p in dag_files.check_text(deep)] == ["the file nests too deeply"]
+
+
+def test_many_repeated_keys_are_each_reported() -> None:
+    text = "name: d\njobs:\n  a: {operator: noop, triggers: [{type: manual}]}\n" + "name: d\n" * 3
+    problems = dag_files.check_text(text)
+    assert [(p.path, p.line) for p in problems] == [("name", 4), ("name", 5), ("name", 6)]
