@@ -1243,10 +1243,13 @@ def validate(
     checked at deploy, against the registry). Never raises.
     """
     reader = _Reader()
-    dag = reader.dag(doc)
-    problems = list(reader.problems)
-    if dag is not None:
-        problems.extend(_graph_problems(dag, operators, datasets, reader))
+    try:
+        dag = reader.dag(doc)
+        problems = list(reader.problems)
+        if dag is not None:
+            problems.extend(_graph_problems(dag, operators, datasets, reader))
+    except RecursionError:
+        return [Problem("", "the document nests too deeply")]
     return cap_problems(problems)
 
 
@@ -1266,7 +1269,10 @@ def parse(doc: object) -> Dag:
     checked: call ``validate`` for those.
     """
     reader = _Reader()
-    dag = reader.dag(doc)
+    try:
+        dag = reader.dag(doc)
+    except RecursionError:
+        raise errors.ValidationFailed("the document nests too deeply", field="") from None
     if reader.problems or dag is None:
         first = reader.problems[0] if reader.problems else Problem("", "not a DAG")
         raise errors.ValidationFailed(

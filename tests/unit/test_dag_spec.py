@@ -1206,3 +1206,13 @@ def test_many_repeated_keys_are_each_reported() -> None:
     text = "name: d\njobs:\n  a: {operator: noop, triggers: [{type: manual}]}\n" + "name: d\n" * 3
     problems = dag_files.check_text(text)
     assert [(p.path, p.line) for p in problems] == [("name", 4), ("name", 5), ("name", 6)]
+
+
+def test_validate_survives_deep_nesting() -> None:
+    deep: list[Any] = []
+    for _ in range(20_000):
+        deep = [deep]
+    doc = {"name": "d", "jobs": {"a": {"operator": "noop", "config": {"x": deep}}}}
+    assert [p.message for p in dag.validate(doc)] == ["the document nests too deeply"]
+    with pytest.raises(errors.ValidationFailed, match="nests too deeply"):
+        dag.parse(doc)
