@@ -779,7 +779,11 @@ class _Reader:
                 return None
             return Condition(field, op, tuple(operand))
         if not _scalar(operand):
-            self.problem(path, f"{op} takes a string, number or boolean, not {_kind(operand)}")
+            self.problem(
+                path,
+                f"{op} takes a string, number or boolean, not {_kind(operand)}",
+                "test for null with {is_null: true}" if operand is None else "",
+            )
             return None
         return Condition(field, op, operand)
 

@@ -283,6 +283,16 @@ INVALID: list[tuple[str, str, str, str, dict[str, Any]]] = [
         {},
     ),
     (
+        "where_eq_null",
+        dag_text(
+            INGEST,
+            "b: {operator: noop, inputs: [{from: {job: ingest}, where: {start: {eq: null}}}]}",
+        ),
+        "jobs.b.inputs[0].where.start.eq",
+        "eq takes a string, number or boolean, not null",
+        {},
+    ),
+    (
         "where_without_schema",
         dag_text(
             "a: {operator: noop, triggers: [{type: manual}], outputs: "
