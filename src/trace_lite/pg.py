@@ -1,5 +1,8 @@
 """Postgres plumbing shared by the Dispatcher and the dataset store.
 
+``open_pool`` opens a pool with the Dispatcher's session settings; ``fetch_as`` reads a query's
+rows by name into a row class; ``pg_array`` binds a big batch as one array literal.
+
 ``transaction(pool)`` is the one boundary where psycopg errors become domain errors: a
 transient failure (connection lost, statement or lock timeout, serialization failure, deadlock,
 pool exhausted) is ``Unavailable``; a unique violation is ``Conflict``; a data or check
@@ -13,11 +16,14 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Mapping
-from typing import Any, TypeVar
+import re
+from collections.abc import AsyncIterator, Mapping, Sequence
+from datetime import datetime
+from typing import Any, Literal, TypeVar
 
 import psycopg
 from psycopg.rows import class_row, tuple_row
+from psycopg.types.string import TextLoader
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from trace_core import errors
@@ -72,13 +78,74 @@ def _domain_error(exc: psycopg.Error) -> errors.TraceError | None:
 
 
 async def fetch_as(
-    cur: psycopg.AsyncCursor[Any], cls: type[R], query: str, params: Mapping[str, Any]
+    cur: psycopg.AsyncCursor[Any],
+    cls: type[R],
+    query: str,
+    params: Mapping[str, Any],
+    *,
+    uuid_as_text: bool = False,
 ) -> list[R]:
     """Run ``query`` in ``cur``'s transaction and read its rows by name, as ``cls`` instances
-    (each column a keyword argument of ``cls``)."""
+    (each column a keyword argument of ``cls``). With ``uuid_as_text``, ``uuid`` columns come
+    back as their canonical text instead of ``uuid.UUID`` (no parse, no ``str()`` per value)."""
     async with cur.connection.cursor(row_factory=class_row(cls)) as named:
+        if uuid_as_text:
+            named.adapters.register_loader("uuid", TextLoader)
         await named.execute(query, params)
         return await named.fetchall()
 
 
-__all__ = ["fetch_as", "transaction"]
+def pg_array(values: Sequence[str | int | datetime | None]) -> str:
+    """A Postgres array literal for values that never need quoting: UUIDs, ints, enum words,
+    hex digests, ISO timestamps (no spaces, commas, quotes, braces or backslashes).
+
+    Big batches bind one string instead of a list psycopg would dump element by element; the
+    SQL casts it (``%(ids)s::uuid[]``). Raises ``ValueError`` for a value that would need
+    quoting, so a wrong use fails loudly instead of changing meaning.
+    """
+    items = [
+        "NULL" if v is None else v.isoformat() if isinstance(v, datetime) else str(v)
+        for v in values
+    ]
+    body = ",".join(items)
+    # one scan of the whole literal: no element may hold quoting characters or a comma
+    if _NEEDS_QUOTING.search(body) or body.count(",") != max(len(items) - 1, 0) or "" in items:
+        raise ValueError("a value needs quoting in an array literal")
+    return "{" + body + "}"
+
+
+_NEEDS_QUOTING = re.compile(r'[\s"{}\\]')
+
+PoolRole = Literal["api", "claim"]
+
+
+def connection_kwargs(*, role: PoolRole = "api") -> dict[str, Any]:
+    """Session settings for the Dispatcher's pool (``docs/standards/operations.md``, row
+    "Postgres session"): the claim path's statements time out after 5 s, the others after 30 s."""
+    statement_timeout = "5s" if role == "claim" else "30s"
+    return {
+        "options": (
+            f"-c statement_timeout={statement_timeout} -c lock_timeout=5s "
+            "-c idle_in_transaction_session_timeout=60s -c synchronous_commit=on"
+        ),
+        "autocommit": True,
+    }
+
+
+async def open_pool(
+    url: str, *, min_size: int = 2, max_size: int = 10, role: PoolRole = "api"
+) -> AsyncConnectionPool:
+    """An open connection pool with the Dispatcher's session settings for ``role``."""
+    pool = AsyncConnectionPool(
+        url,
+        min_size=min_size,
+        max_size=max_size,
+        kwargs=connection_kwargs(role=role),
+        open=False,
+        timeout=10.0,
+    )
+    await pool.open(wait=True, timeout=30.0)
+    return pool
+
+
+__all__ = ["connection_kwargs", "fetch_as", "open_pool", "pg_array", "transaction"]

@@ -1,12 +1,14 @@
--- Task lifecycle queries. The kernel (trace_core.lifecycle) decides every transition; these
--- statements read the rows it needs and apply its decisions as compare-and-swaps on the fence
--- (task_id, attempt, lease_token). Batch forms take parallel arrays and unnest them.
+-- Task lifecycle queries (trace_lite.tasks, trace_lite.reaper, trace_lite.outbox_publisher;
+-- their rows are the classes of trace_lite.task_rows, read by name). The kernel
+-- (trace_core.lifecycle) decides every transition; these statements read the rows it needs and
+-- apply its decisions as compare-and-swaps on the fence (task_id, attempt, lease_token). Batch
+-- forms take parallel arrays and unnest them.
 
 -- name: ensure_org
 -- Create the org if it does not exist; return its id.
 INSERT INTO orgs (org_id, name) VALUES (gen_random_uuid(), %(name)s)
 ON CONFLICT (name) DO UPDATE SET name = EXCLUDED.name
-RETURNING org_id;
+RETURNING org_id::text;
 
 -- name: insert_tasks
 -- Insert new tasks in the state the kernel chose (decide_create); idempotency-key duplicates
@@ -23,11 +25,11 @@ FROM unnest(%(task_ids)s::uuid[], %(org_ids)s::uuid[], %(operators)s::text[],
      AS c(task_id, org_id, operator, payload, state, max_attempts, timeout_s, delay_s,
           idempotency_key, runtime, read_datasets)
 ON CONFLICT (org_id, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
-RETURNING task_id, org_id, operator, state, attempt, max_attempts;
+RETURNING task_id::text, org_id::text, operator, state, attempt, max_attempts;
 
 -- name: tasks_by_idempotency_key
 -- Existing tasks for idempotency keys (to answer a repeated create).
-SELECT task_id, org_id, operator, state, attempt, max_attempts, idempotency_key
+SELECT task_id::text, org_id::text, operator, state, attempt, max_attempts, idempotency_key
 FROM tasks
 WHERE (org_id, idempotency_key) IN (
     SELECT * FROM unnest(%(org_ids)s::uuid[], %(idempotency_keys)s::text[]));
@@ -41,6 +43,10 @@ SELECT CASE WHEN t.runtime = 'lambda' THEN 'invoke' ELSE %(topic)s END,
 FROM tasks t
 WHERE t.task_id = ANY(%(task_ids)s::uuid[]);
 
+-- name: listen_outbox
+-- Subscribe a publisher's connection to outbox notifications.
+LISTEN trace_outbox;
+
 -- name: notify_outbox
 -- Tell outbox publishers that rows are due (delivered at commit).
 SELECT pg_notify('trace_outbox', '');
@@ -50,28 +56,26 @@ SELECT pg_notify('trace_outbox', '');
 SELECT pg_notify('trace_tasks', '');
 
 -- name: lock_tasks
--- Lock tasks with their current attempt for a decision; waits for other writers. Every lock_*
--- query but the claim's returns these columns (trace_lite.dispatcher._LockedRow): what the
--- kernel decides on, and what a renewed token and the staging prefix need.
-SELECT t.task_id::text, t.state, t.attempt, t.lease_token::text, t.lease_expires_at,
-       t.available_at, t.max_attempts, a.outcome, a.completion_digest, t.org_id::text,
-       t.timeout_s, t.read_datasets, a.started_at, now() AS now
-FROM tasks t
-LEFT JOIN task_attempts a ON a.task_id = t.task_id AND a.attempt = t.attempt
-WHERE t.task_id = ANY(%(task_ids)s::uuid[])
-ORDER BY t.task_id
-FOR UPDATE OF t;
+-- Lock tasks with their current attempt for a decision; waits for other writers. lock_expired
+-- and lock_due return the same columns (the task_heads view, migration 0010, plus the current
+-- attempt and the database's now(): trace_lite.task_rows.LockedTask).
+SELECT h.*, a.outcome, a.completion_digest, a.started_at, now() AS now
+FROM task_heads h
+LEFT JOIN task_attempts a ON a.task_id = h.task_id AND a.attempt = h.attempt
+WHERE h.task_id = ANY(%(task_ids)s::uuid[])
+ORDER BY h.task_id
+FOR UPDATE OF h;
 
 -- name: lock_tasks_for_claim
--- Lock tasks named by wake-ups, with everything a claim answers; rows another claimer holds are
--- skipped (not claimable now). The payload comes as text: it is checked before anything commits.
-SELECT t.task_id::text, t.state, t.attempt, t.lease_token::text, t.lease_expires_at,
-       t.available_at, t.max_attempts, t.org_id::text, t.operator, t.job_id::text, t.timeout_s,
-       t.read_datasets, t.payload::text AS payload, now() AS now
-FROM tasks t
-WHERE t.task_id = ANY(%(task_ids)s::uuid[])
-ORDER BY t.task_id
-FOR UPDATE OF t SKIP LOCKED;
+-- Lock tasks named by wake-ups, with everything a claim answers (trace_lite.task_rows.ClaimRow);
+-- rows another claimer holds are skipped (not claimable now). The payload comes as text: it is
+-- checked before anything commits.
+SELECT h.*, p.payload::text AS payload, now() AS now
+FROM task_heads h
+JOIN tasks p ON p.task_id = h.task_id
+WHERE h.task_id = ANY(%(task_ids)s::uuid[])
+ORDER BY h.task_id
+FOR UPDATE OF h SKIP LOCKED;
 
 -- name: task_org
 -- The org that owns a task (it never changes), to check a capability token's org_id claim.
@@ -84,14 +88,13 @@ SELECT task_id::text FROM tasks WHERE task_id = ANY(%(task_ids)s::uuid[]);
 -- name: lock_next_queued
 -- Lock up to n queued, due tasks for in-process claimers (oldest first), with everything a
 -- claim answers (as lock_tasks_for_claim).
-SELECT t.task_id::text, t.state, t.attempt, t.lease_token::text, t.lease_expires_at,
-       t.available_at, t.max_attempts, t.org_id::text, t.operator, t.job_id::text, t.timeout_s,
-       t.read_datasets, t.payload::text AS payload, now() AS now
-FROM tasks t
-WHERE t.state = 'queued' AND t.available_at <= now()
-ORDER BY t.available_at
+SELECT h.*, p.payload::text AS payload, now() AS now
+FROM task_heads h
+JOIN tasks p ON p.task_id = h.task_id
+WHERE h.state = 'queued' AND h.available_at <= now()
+ORDER BY h.available_at
 LIMIT %(n)s
-FOR UPDATE SKIP LOCKED;
+FOR UPDATE OF h SKIP LOCKED;
 
 -- name: apply_claims
 -- Start attempts: CAS each task from its previous attempt to the new one, record the attempt.
@@ -186,15 +189,13 @@ SELECT task_id::text FROM done;
 -- name: lock_expired
 -- Lock running tasks whose lease expired (the database's clock decides), for the reaper. The
 -- kernel caps every lease at the attempt's timeout_s, so attempts past it are found here too.
-SELECT t.task_id::text, t.state, t.attempt, t.lease_token::text, t.lease_expires_at,
-       t.available_at, t.max_attempts, a.outcome, a.completion_digest, t.org_id::text,
-       t.timeout_s, t.read_datasets, a.started_at, now() AS now
-FROM tasks t
-LEFT JOIN task_attempts a ON a.task_id = t.task_id AND a.attempt = t.attempt
-WHERE t.state = 'running' AND t.lease_expires_at < now()
-ORDER BY t.lease_expires_at
+SELECT h.*, a.outcome, a.completion_digest, a.started_at, now() AS now
+FROM task_heads h
+LEFT JOIN task_attempts a ON a.task_id = h.task_id AND a.attempt = h.attempt
+WHERE h.state = 'running' AND h.lease_expires_at < now()
+ORDER BY h.lease_expires_at
 LIMIT %(n)s
-FOR UPDATE OF t SKIP LOCKED;
+FOR UPDATE OF h SKIP LOCKED;
 
 -- name: apply_expiries
 -- End attempts as the kernel decided (retry later or fail): the whole next row, CAS on the fence.
@@ -228,15 +229,13 @@ RETURNING a.task_id::text;
 
 -- name: lock_due
 -- Lock pending tasks whose backoff elapsed, for the reaper.
-SELECT t.task_id::text, t.state, t.attempt, t.lease_token::text, t.lease_expires_at,
-       t.available_at, t.max_attempts, a.outcome, a.completion_digest, t.org_id::text,
-       t.timeout_s, t.read_datasets, a.started_at, now() AS now
-FROM tasks t
-LEFT JOIN task_attempts a ON a.task_id = t.task_id AND a.attempt = t.attempt
-WHERE t.state = 'pending' AND t.available_at <= now()
-ORDER BY t.available_at
+SELECT h.*, a.outcome, a.completion_digest, a.started_at, now() AS now
+FROM task_heads h
+LEFT JOIN task_attempts a ON a.task_id = h.task_id AND a.attempt = h.attempt
+WHERE h.state = 'pending' AND h.available_at <= now()
+ORDER BY h.available_at
 LIMIT %(n)s
-FOR UPDATE OF t SKIP LOCKED;
+FOR UPDATE OF h SKIP LOCKED;
 
 -- name: apply_due
 -- Move due pending tasks to queued.
@@ -315,8 +314,8 @@ DELETE FROM outbox WHERE state = 'published' AND published_at < now() - %(older_
 
 -- name: task_counts
 -- How many tasks are in each state (for metrics and progress).
-SELECT state, count(*) FROM tasks GROUP BY state;
+SELECT state, count(*) AS n FROM tasks GROUP BY state;
 
 -- name: outbox_counts
 -- Outbox rows by state (for metrics).
-SELECT state, count(*) FROM outbox GROUP BY state;
+SELECT state, count(*) AS n FROM outbox GROUP BY state;
