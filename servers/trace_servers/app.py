@@ -18,10 +18,12 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from trace_core import errors
+from trace_lite.dags import Dags
 from trace_lite.datasets import Datasets
 from trace_lite.dispatcher import Dispatcher
 from trace_lite.users import UserAuthenticator
-from trace_servers import logs, task_api, user_api
+from trace_servers import dag_api, logs, task_api, user_api
+from trace_servers.dag_cli import builtin_operators
 from trace_servers.http import (
     DATASETS_KEY,
     DISPATCHER_KEY,
@@ -147,6 +149,7 @@ def make_app(
     app.on_response_prepare.append(hide_server_version)
     task_api.setup(app, credential_minter=credential_minter)
     user_api.setup(app, user_auth=user_auth)
+    dag_api.setup(app, dags=Dags(dispatcher.pool, operators=builtin_operators()))
     app.add_routes(
         [
             web.get("/healthz", healthz),

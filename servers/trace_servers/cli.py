@@ -514,7 +514,7 @@ COMMANDS = {
     "pg": cmd_pg,
     "users": lambda s, a: _datasets_cli("users", s, a),
     "datasets": lambda s, a: _datasets_cli("datasets", s, a),
-    "dag": lambda _s, a: _dag_cli(a),
+    "dag": lambda s, a: _dag_cli(s, a),
 }
 
 
@@ -527,10 +527,10 @@ def _datasets_cli(which: str, settings: LiteSettings, args: argparse.Namespace) 
     return datasets_cli.cmd_datasets(settings, args, state_url)
 
 
-def _dag_cli(args: argparse.Namespace) -> int:
+def _dag_cli(settings: LiteSettings, args: argparse.Namespace) -> int:
     from trace_servers import dag_cli
 
-    return dag_cli.cmd_dag(args)
+    return dag_cli.cmd_dag(args, settings.dispatcher_url)
 
 
 def main(argv: list[str] | None = None) -> int:

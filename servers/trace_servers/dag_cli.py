@@ -7,15 +7,26 @@ trace dag diff OLD NEW [--json]     what changed between two DAG files, each cha
                                     deploy would rebuild
 trace dag schema                    print the JSON Schema of DAG files (for editors)
 
-Operators are checked against the built-in ones (``trace_sdk.BUILTIN_OPERATORS``); dataset
-names read with ``from: {dataset}`` and the one-producer rule are checked at deploy, against
-the registry.
+Offline, operators are checked against the built-in ones (``trace_sdk.BUILTIN_OPERATORS``);
+dataset names read with ``from: {dataset}`` and the one-producer rule are checked at deploy,
+against the registry.
+
+Against a running Dispatcher (``TRACE_DISPATCHER_URL``), as the user of ``TRACE_USER_TOKEN``:
+
+trace dag deploy FILE --org ORG [--dry-run]   deploy a new version (nothing when unchanged);
+                                              exit 1 listing every problem the server found
+trace dag diff FILE --org ORG                 what deploying FILE would change and rebuild
+trace dag list --org ORG                      the org's DAGs and their active versions
+trace dag show NAME --org ORG                 the active version's spec and datasets
+trace dag versions NAME --org ORG             every version of a DAG
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -33,11 +44,25 @@ def add_parsers(sub: Any) -> None:
     v = dsub.add_parser("validate", help="check a DAG file; exit 1 listing every problem")
     v.add_argument("file", type=Path)
     v.add_argument("--json", action="store_true", help="print the problems as JSON")
-    f = dsub.add_parser("diff", help="classify the changes between two DAG files")
-    f.add_argument("old", type=Path)
-    f.add_argument("new", type=Path)
+    f = dsub.add_parser(
+        "diff",
+        help="classify the changes between two DAG files (OLD NEW), or between the active "
+        "version and FILE (FILE --org ORG)",
+    )
+    f.add_argument("files", type=Path, nargs="+", metavar="FILE")
+    f.add_argument("--org", help="diff FILE against the org's active version of its DAG")
     f.add_argument("--json", action="store_true", help="print the changes as JSON")
     dsub.add_parser("schema", help="print the JSON Schema of DAG files")
+    dp = dsub.add_parser("deploy", help="deploy a DAG file to an org (a new immutable version)")
+    dp.add_argument("file", type=Path)
+    dp.add_argument("--org", required=True)
+    dp.add_argument("--dry-run", action="store_true", help="show the diff, deploy nothing")
+    ls = dsub.add_parser("list", help="the org's DAGs")
+    ls.add_argument("--org", required=True)
+    for name in ("show", "versions"):
+        p = dsub.add_parser(name, help=f"{name} a deployed DAG")
+        p.add_argument("name")
+        p.add_argument("--org", required=True)
 
 
 def builtin_operators() -> dict[str, OperatorInfo]:
@@ -75,8 +100,96 @@ def _load(path: Path, as_json: bool) -> Dag | None:
     return dag_files.load_dag(path)
 
 
-def cmd_dag(args: argparse.Namespace) -> int:
+async def _call(url: str, method: str, path: str, body: Any = None) -> tuple[int, Any]:
+    """One user-API call with ``TRACE_USER_TOKEN``: ``(status, decoded JSON body)``."""
+    import aiohttp
+
+    token = os.environ.get("TRACE_USER_TOKEN")
+    if not token:
+        raise SystemExit("set TRACE_USER_TOKEN (e.g. $(trace users token --sub you))")
+    headers = {"Authorization": f"Bearer {token}"}
+    timeout = aiohttp.ClientTimeout(total=30)
+    async with (
+        aiohttp.ClientSession(timeout=timeout) as session,
+        session.request(method, url.rstrip("/") + path, json=body, headers=headers) as resp,
+    ):
+        return resp.status, await resp.json(content_type=None)
+
+
+def _remote(url: str, method: str, path: str, body: Any = None) -> tuple[int, Any]:
+    try:
+        return asyncio.run(_call(url, method, path, body))
+    except OSError as exc:
+        raise SystemExit(f"cannot reach the Dispatcher at {url}: {exc}") from exc
+
+
+def _deploy(args: argparse.Namespace, url: str, *, dry_run: bool) -> int:
+    """``deploy`` / ``diff FILE --org``: send the file's document; print what the server did,
+    or every problem it found, with the file's line numbers."""
+    try:
+        loaded = dag_files.load_text(dag_files.read_text(args.file))
+    except errors.ValidationFailed as exc:
+        _print_problems(args.file, [Problem("", exc.message)], args.json)
+        return 1
+    if loaded.problems:
+        _print_problems(args.file, list(loaded.problems), args.json)
+        return 1
+    query = "?dry_run=true" if dry_run else ""
+    status, body = _remote(url, "POST", f"/v1/orgs/{args.org}/dags{query}", {"spec": loaded.doc})
+    if status >= 400:
+        found = body.get("details", {}).get("problems") if isinstance(body, dict) else None
+        if isinstance(found, list) and found:
+            problems = [
+                Problem(p["path"], p["message"], p.get("hint", ""), loaded.line_of(p["path"]))
+                for p in found
+            ]
+            _print_problems(args.file, problems, args.json)
+        else:
+            print(json.dumps(body), file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(body, indent=2))
+        return 0
+    _print_changes(body["changes"], body["rebuild"])
+    if dry_run:
+        print(f"active version: {body['version']} (dry run: nothing deployed)")
+    elif body["created"]:
+        print(f"deployed {body['dag']} version {body['version']} ({body['digest'][:12]})")
+    else:
+        print(f"{body['dag']} unchanged: version {body['version']} stays active")
+    return 0
+
+
+def _print_changes(changes: list[dict[str, Any]], rebuild: list[str]) -> None:
+    if not changes:
+        print("no changes")
+    else:
+        width = max(len(c["path"]) for c in changes)
+        for c in changes:
+            print(
+                f"{c['kind']:<16} {c['path']:<{width}}  "
+                f"{json.dumps(c['old'], default=str)} -> {json.dumps(c['new'], default=str)}"
+            )
+    print(f"rebuild: {', '.join(rebuild) if rebuild else 'nothing'}")
+
+
+def _get(url: str, path: str) -> int:
+    status, body = _remote(url, "GET", path)
+    print(json.dumps(body, indent=2), file=sys.stdout if status < 400 else sys.stderr)
+    return 0 if status < 400 else 1
+
+
+def cmd_dag(args: argparse.Namespace, dispatcher_url: str = "") -> int:
+    """Run ``trace dag ...``; ``dispatcher_url`` serves the commands that talk to a server."""
     match args.dag_cmd:
+        case "deploy":
+            return _deploy(args, dispatcher_url, dry_run=args.dry_run)
+        case "list":
+            return _get(dispatcher_url, f"/v1/orgs/{args.org}/dags")
+        case "show":
+            return _get(dispatcher_url, f"/v1/orgs/{args.org}/dags/{args.name}")
+        case "versions":
+            return _get(dispatcher_url, f"/v1/orgs/{args.org}/dags/{args.name}/versions")
         case "schema":
             print(json.dumps(dag_files.json_schema(), indent=2))
             return 0
@@ -93,7 +206,14 @@ def cmd_dag(args: argparse.Namespace) -> int:
                 )
             return 0
         case "diff":
-            old, new = _load(args.old, args.json), _load(args.new, args.json)
+            if args.org is not None:
+                if len(args.files) != 1:
+                    raise SystemExit("trace dag diff FILE --org ORG takes one file")
+                args.file = args.files[0]
+                return _deploy(args, dispatcher_url, dry_run=True)
+            if len(args.files) != 2:
+                raise SystemExit("trace dag diff takes OLD NEW (or FILE --org ORG)")
+            old, new = _load(args.files[0], args.json), _load(args.files[1], args.json)
             if old is None or new is None:
                 return 1
             changes = diff(old, new)
@@ -108,12 +228,6 @@ def cmd_dag(args: argparse.Namespace) -> int:
             if not changes:
                 print("no changes")
                 return 0
-            width = max(len(c.path) for c in changes)
-            for c in changes:
-                print(
-                    f"{c.kind.value:<16} {c.path:<{width}}  "
-                    f"{json.dumps(c.old, default=str)} -> {json.dumps(c.new, default=str)}"
-                )
-            print(f"rebuild: {', '.join(rebuild) if rebuild else 'nothing'}")
+            _print_changes([{**attrs.asdict(c), "kind": c.kind.value} for c in changes], rebuild)
             return 0
     raise SystemExit(f"unknown dag command {args.dag_cmd!r}")  # pragma: no cover

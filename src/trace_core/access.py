@@ -30,6 +30,8 @@ from trace_core import errors
 
 #: The org role that makes a member an org admin.
 ADMIN_ROLE = "admin"
+#: The org role that may deploy DAGs: new ones, and new versions of any DAG of the org.
+DAG_DEPLOYER_ROLE = "dag_deployer"
 
 
 class Action(enum.StrEnum):
@@ -163,8 +165,42 @@ def check(caller: Caller, dataset: DatasetAcl, action: Action) -> None:
         raise errors.Forbidden(f"not allowed to {action.value} dataset {dataset.name!r}")
 
 
+def check_deploy(caller: UserCaller, org_id: str, deployers: frozenset[str]) -> None:
+    """Whether ``caller`` may deploy a version of a DAG of ``org_id`` whose deployers
+    (``dag_members`` relation ``deployer``) are ``deployers`` (empty for a new DAG): org admins,
+    members with the ``dag_deployer`` role, and the DAG's own deployers.
+
+    Returns None. Raises ``NotFound`` for a caller of another org or an outsider,
+    ``Forbidden`` otherwise.
+    """
+    if caller.org_id != org_id or _outsider(caller):
+        raise errors.NotFound("no such org", field="org")
+    if caller.member and (caller.is_admin or DAG_DEPLOYER_ROLE in caller.roles):
+        return
+    if caller.subject in deployers:
+        return
+    raise errors.Forbidden("only org admins, dag_deployer members and the DAG's deployers deploy")
+
+
+def check_trigger(caller: UserCaller, org_id: str, dag_id: str) -> None:
+    """Whether ``caller`` may run a job of DAG ``dag_id`` by hand: org admins, ``dag_deployer``
+    members, and the DAG's deployers and triggerers (``caller.dags``).
+
+    Returns None. Raises ``NotFound`` for a caller of another org or an outsider,
+    ``Forbidden`` otherwise.
+    """
+    if caller.org_id != org_id or _outsider(caller):
+        raise errors.NotFound("no such org", field="org")
+    if caller.member and (caller.is_admin or DAG_DEPLOYER_ROLE in caller.roles):
+        return
+    if dag_id in caller.dags:
+        return
+    raise errors.Forbidden("only the DAG's deployers and triggerers (or org admins) trigger it")
+
+
 __all__ = [
     "ADMIN_ROLE",
+    "DAG_DEPLOYER_ROLE",
     "Action",
     "Caller",
     "DatasetAcl",
@@ -173,6 +209,8 @@ __all__ = [
     "UserCaller",
     "allowed",
     "check",
+    "check_deploy",
     "check_release",
+    "check_trigger",
     "pin_holder",
 ]

@@ -447,6 +447,14 @@ class CutoverRequest:
 
 
 @attrs.frozen
+class DagDeployRequest:
+    """A DAG file's plain document (its YAML or JSON, parsed), checked by
+    ``trace_core.dag.validate`` at deploy."""
+
+    spec: dict[str, Any]
+
+
+@attrs.frozen
 class MemberRequest:
     """A member's roles in the org (replaces the list)."""
 
@@ -584,6 +592,7 @@ __all__ = [
     "CredentialsRequest",
     "CredentialsResponse",
     "CutoverRequest",
+    "DagDeployRequest",
     "EventIn",
     "EventsRequest",
     "EventsResponse",

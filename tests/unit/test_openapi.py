@@ -31,6 +31,7 @@ REQUEST_SCHEMAS = {
     ("POST", "/v1/orgs/{org}/datasets/resolve"): {"ResolveRequest"},
     ("PUT", "/v1/orgs/{org}/datasets/{dataset}/read-roles"): {"ReadRolesRequest"},
     ("POST", "/v1/orgs/{org}/dags/{dag}/cutover"): {"CutoverRequest"},
+    ("POST", "/v1/orgs/{org}/dags"): {"DagDeployRequest"},
     ("PUT", "/v1/orgs/{org}/members/{subject}"): {"MemberRequest"},
 }
 

@@ -1,0 +1,104 @@
+"""The user API for DAGs: ``/v1/orgs/{org}/dags/...``, user JWT bearer.
+
+A thin adapter over ``trace_lite.dags.Dags`` (deploy, list, show, versions) and
+``trace_lite.dag_runs.DagRuns`` (manual triggers). Like ``trace_servers.user_api``: verify the
+user token, receive the body, read the caller's membership in ``{org}``, decode the body into
+its wire record, call the service (which applies ``trace_core.access``).
+
+A deploy takes the DAG file's *parsed* document as JSON, ``{"spec": {...}}``: the CLI reads the
+YAML (``trace_lite.dag_files``, with line numbers) and the server never parses YAML. A refused
+document answers 422 with every problem in ``details.problems`` (``[{path, message, hint,
+line}]``).
+
+    POST /v1/orgs/{org}/dags[?dry_run=true]            deploy (201 new version, 200 unchanged)
+                                                       or preview the diff (dry run, 200)
+    GET  /v1/orgs/{org}/dags                           the org's DAGs and active versions
+    GET  /v1/orgs/{org}/dags/{dag}                     the active version's spec and datasets
+    GET  /v1/orgs/{org}/dags/{dag}/versions            every version, newest first
+"""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from trace_core import errors, wire
+from trace_core.access import UserCaller
+from trace_lite.dags import Dags
+from trace_servers.http import decode_as, mark_authenticated, receive
+from trace_servers.user_api import USER_AUTH_KEY
+
+DAGS_KEY = web.AppKey("dags", Dags)
+
+
+def _dags(request: web.Request) -> Dags:
+    return request.app[DAGS_KEY]
+
+
+def _subject(request: web.Request) -> str:
+    """Verify the user JWT in ``Authorization``. Raises ``Unauthenticated``."""
+    auth = request.app[USER_AUTH_KEY]
+    if auth is None:
+        raise errors.Unauthenticated("user authentication is not configured")
+    identity = auth.authenticate(request.headers.get("Authorization"))
+    mark_authenticated(request, "user")
+    return identity.subject
+
+
+async def _caller(request: web.Request) -> UserCaller:
+    subject = _subject(request)
+    return await _dags(request).user_caller(request.match_info["org"], subject)
+
+
+def _dry_run(request: web.Request) -> bool:
+    value = request.query.get("dry_run", "false")
+    if value not in ("true", "false"):
+        raise errors.ValidationFailed("dry_run must be true or false", field="dry_run")
+    return value == "true"
+
+
+async def deploy(request: web.Request) -> web.Response:
+    subject = _subject(request)
+    dry_run = _dry_run(request)
+    raw = await receive(request)
+    caller = await _dags(request).user_caller(request.match_info["org"], subject)
+    req = decode_as(request, raw, wire.DagDeployRequest)
+    out = await _dags(request).deploy(caller, request.match_info["org"], req.spec, dry_run=dry_run)
+    return web.json_response(out.to_dict(), status=201 if out.created else 200)
+
+
+async def list_dags(request: web.Request) -> web.Response:
+    caller = await _caller(request)
+    return web.json_response(
+        {"dags": await _dags(request).list_dags(caller, request.match_info["org"])}
+    )
+
+
+async def show_dag(request: web.Request) -> web.Response:
+    caller = await _caller(request)
+    m = request.match_info
+    return web.json_response(await _dags(request).show(caller, m["org"], m["dag"]))
+
+
+async def dag_versions(request: web.Request) -> web.Response:
+    caller = await _caller(request)
+    m = request.match_info
+    versions = await _dags(request).versions(caller, m["org"], m["dag"])
+    return web.json_response({"dag": m["dag"], "versions": versions})
+
+
+def setup(app: web.Application, *, dags: Dags) -> None:
+    """Mount the DAG routes on ``app`` (after ``user_api.setup``, which sets the user
+    authenticator)."""
+    app[DAGS_KEY] = dags
+    base = "/v1/orgs/{org}/dags"
+    app.add_routes(
+        [
+            web.post(base, deploy),
+            web.get(base, list_dags),
+            web.get(f"{base}/{{dag}}", show_dag),
+            web.get(f"{base}/{{dag}}/versions", dag_versions),
+        ]
+    )
+
+
+__all__ = ["DAGS_KEY", "setup"]
