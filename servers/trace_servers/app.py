@@ -18,6 +18,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from trace_core import errors
+from trace_lite.dag_runs import DagRuns
 from trace_lite.dags import Dags
 from trace_lite.datasets import Datasets
 from trace_lite.dispatcher import Dispatcher
@@ -149,7 +150,11 @@ def make_app(
     app.on_response_prepare.append(hide_server_version)
     task_api.setup(app, credential_minter=credential_minter)
     user_api.setup(app, user_auth=user_auth)
-    dag_api.setup(app, dags=Dags(dispatcher.pool, operators=builtin_operators()))
+    dag_api.setup(
+        app,
+        dags=Dags(dispatcher.pool, operators=builtin_operators()),
+        runs=DagRuns(dispatcher.pool, wake_mode=dispatcher.wake_mode),
+    )
     app.add_routes(
         [
             web.get("/healthz", healthz),

@@ -103,9 +103,14 @@ async def _run_dispatcher(settings: LiteSettings, state_url: str) -> None:
             stop, grace_s=float(os.environ.get("TRACE_STAGING_GRACE_S", "3600"))
         )
     )
+    # DAG schedules and event fan-out (trace_lite.dag_runs)
+    from trace_lite.dag_runs import DagRuns
+
+    dag_runs = asyncio.create_task(DagRuns(pool, wake_mode=dispatcher.wake_mode).run(stop))
     try:
         await dispatcher.run_background(stop)
     finally:
+        await dag_runs
         await sweep
         await runner.cleanup()
         await parts.close()

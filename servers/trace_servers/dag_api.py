@@ -15,6 +15,8 @@ line}]``).
     GET  /v1/orgs/{org}/dags                           the org's DAGs and active versions
     GET  /v1/orgs/{org}/dags/{dag}                     the active version's spec and datasets
     GET  /v1/orgs/{org}/dags/{dag}/versions            every version, newest first
+    POST /v1/orgs/{org}/dags/{dag}/jobs/{job}/trigger  run a source job (201 new run, 200 the
+                                                       run id's existing task)
 """
 
 from __future__ import annotations
@@ -23,11 +25,13 @@ from aiohttp import web
 
 from trace_core import errors, wire
 from trace_core.access import UserCaller
+from trace_lite.dag_runs import DagRuns
 from trace_lite.dags import Dags
 from trace_servers.http import decode_as, mark_authenticated, receive
 from trace_servers.user_api import USER_AUTH_KEY
 
 DAGS_KEY = web.AppKey("dags", Dags)
+DAG_RUNS_KEY = web.AppKey("dag_runs", DagRuns)
 
 
 def _dags(request: web.Request) -> Dags:
@@ -86,10 +90,23 @@ async def dag_versions(request: web.Request) -> web.Response:
     return web.json_response({"dag": m["dag"], "versions": versions})
 
 
-def setup(app: web.Application, *, dags: Dags) -> None:
+async def trigger(request: web.Request) -> web.Response:
+    subject = _subject(request)
+    raw = await receive(request)
+    m = request.match_info
+    caller = await _dags(request).user_caller(m["org"], subject)
+    req = decode_as(request, raw, wire.DagTriggerRequest)
+    out = await request.app[DAG_RUNS_KEY].trigger(
+        caller, m["org"], m["dag"], m["job"], payload=req.payload, run_id=req.run_id
+    )
+    return web.json_response(out, status=201 if out["created"] else 200)
+
+
+def setup(app: web.Application, *, dags: Dags, runs: DagRuns) -> None:
     """Mount the DAG routes on ``app`` (after ``user_api.setup``, which sets the user
     authenticator)."""
     app[DAGS_KEY] = dags
+    app[DAG_RUNS_KEY] = runs
     base = "/v1/orgs/{org}/dags"
     app.add_routes(
         [
@@ -97,8 +114,9 @@ def setup(app: web.Application, *, dags: Dags) -> None:
             web.get(base, list_dags),
             web.get(f"{base}/{{dag}}", show_dag),
             web.get(f"{base}/{{dag}}/versions", dag_versions),
+            web.post(f"{base}/{{dag}}/jobs/{{job}}/trigger", trigger),
         ]
     )
 
 
-__all__ = ["DAGS_KEY", "setup"]
+__all__ = ["DAGS_KEY", "DAG_RUNS_KEY", "setup"]

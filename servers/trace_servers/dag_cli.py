@@ -19,6 +19,8 @@ trace dag diff FILE --org ORG                 what deploying FILE would change a
 trace dag list --org ORG                      the org's DAGs and their active versions
 trace dag show NAME --org ORG                 the active version's spec and datasets
 trace dag versions NAME --org ORG             every version of a DAG
+trace dag trigger ORG DAG JOB [--payload JSON] [--run-id ID]
+                                              run a source job of the active version
 """
 
 from __future__ import annotations
@@ -59,6 +61,12 @@ def add_parsers(sub: Any) -> None:
     dp.add_argument("--dry-run", action="store_true", help="show the diff, deploy nothing")
     ls = dsub.add_parser("list", help="the org's DAGs")
     ls.add_argument("--org", required=True)
+    t = dsub.add_parser("trigger", help="run a source job of a DAG's active version")
+    t.add_argument("org")
+    t.add_argument("dag")
+    t.add_argument("job")
+    t.add_argument("--payload", default="{}", help="a JSON object merged over the job's config")
+    t.add_argument("--run-id", help="the run's durable id: the same id never runs twice")
     for name in ("show", "versions"):
         p = dsub.add_parser(name, help=f"{name} a deployed DAG")
         p.add_argument("name")
@@ -190,6 +198,16 @@ def cmd_dag(args: argparse.Namespace, dispatcher_url: str = "") -> int:
             return _get(dispatcher_url, f"/v1/orgs/{args.org}/dags/{args.name}")
         case "versions":
             return _get(dispatcher_url, f"/v1/orgs/{args.org}/dags/{args.name}/versions")
+        case "trigger":
+            try:
+                payload = json.loads(args.payload)
+            except ValueError as exc:
+                raise SystemExit(f"--payload is not JSON: {exc}") from exc
+            body = {"payload": payload, "run_id": args.run_id}
+            path = f"/v1/orgs/{args.org}/dags/{args.dag}/jobs/{args.job}/trigger"
+            status, out = _remote(dispatcher_url, "POST", path, body)
+            print(json.dumps(out, indent=2), file=sys.stdout if status < 400 else sys.stderr)
+            return 0 if status < 400 else 1
         case "schema":
             print(json.dumps(dag_files.json_schema(), indent=2))
             return 0

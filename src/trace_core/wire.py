@@ -455,6 +455,16 @@ class DagDeployRequest:
 
 
 @attrs.frozen
+class DagTriggerRequest:
+    """Run a source job of a DAG's active version by hand."""
+
+    #: Merged over the job's ``config`` into the task's payload.
+    payload: dict[str, Any] = attrs.field(factory=dict)
+    #: The run's durable id: triggering the same run again answers its existing task.
+    run_id: str | None = attrs.field(default=None, validator=attrs.validators.optional(_event_key))
+
+
+@attrs.frozen
 class MemberRequest:
     """A member's roles in the org (replaces the list)."""
 
@@ -593,6 +603,7 @@ __all__ = [
     "CredentialsResponse",
     "CutoverRequest",
     "DagDeployRequest",
+    "DagTriggerRequest",
     "EventIn",
     "EventsRequest",
     "EventsResponse",

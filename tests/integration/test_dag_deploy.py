@@ -221,6 +221,19 @@ async def test_dag_routes_over_http(db_url: str, tmp_path: Path) -> None:
             assert [v["version"] for v in (await r.json())["versions"]] == [1]
             r = await c.get(f"{base}/nope", headers=bob)
             assert r.status == 404
+            trigger = f"{base}/blocks_demo/jobs/ranges/trigger"
+            r = await c.post(trigger, json={"run_id": "r1", "payload": {"n": 1}}, headers=dora)
+            assert r.status == 201
+            task_id = (await r.json())["task_id"]
+            r = await c.post(trigger, json={"run_id": "r1"}, headers=dora)
+            assert r.status == 200 and (await r.json())["task_id"] == task_id
+            r = await c.post(trigger, json={}, headers=bob)
+            assert r.status == 403
+            r = await c.post(trigger, json={"payload": [1]}, headers=dora)
+            assert r.status == 422 and (await r.json())["field"] == "payload"
+            r = await c.post(f"{base}/blocks_demo/jobs/blocks/trigger", json={}, headers=dora)
+            assert r.status == 422 and (await r.json())["field"] == "job"
         assert sql(db_url, "SELECT count(*) FROM dag_versions") == [(1,)]
+        assert sql(db_url, "SELECT dag_job, payload FROM tasks") == [("ranges", {"n": 1})]
     finally:
         await pool.close()

@@ -32,6 +32,7 @@ REQUEST_SCHEMAS = {
     ("PUT", "/v1/orgs/{org}/datasets/{dataset}/read-roles"): {"ReadRolesRequest"},
     ("POST", "/v1/orgs/{org}/dags/{dag}/cutover"): {"CutoverRequest"},
     ("POST", "/v1/orgs/{org}/dags"): {"DagDeployRequest"},
+    ("POST", "/v1/orgs/{org}/dags/{dag}/jobs/{job}/trigger"): {"DagTriggerRequest"},
     ("PUT", "/v1/orgs/{org}/members/{subject}"): {"MemberRequest"},
 }
 
@@ -48,7 +49,7 @@ def _schema_ref(node: dict[str, Any]) -> set[str]:
 
 
 def _app_routes() -> set[tuple[str, str]]:
-    dispatcher = types.SimpleNamespace(pool=None, object_store=None)
+    dispatcher = types.SimpleNamespace(pool=None, object_store=None, wake_mode="queue")
     app = make_app(dispatcher, platform_token="x" * 32)  # type: ignore[arg-type]
     return {
         (route.method, route.resource.canonical)

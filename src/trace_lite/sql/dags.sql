@@ -100,3 +100,113 @@ FROM dag_versions WHERE dag_id = %(dag_id)s ORDER BY version DESC;
 -- The datasets a DAG produces (the registry's view of its publish list).
 SELECT name, job_name AS job, output_index AS output, dataset_uuid::text AS dataset_uuid
 FROM datasets WHERE dag_id = %(dag_id)s ORDER BY name;
+
+-- name: source_job
+-- A job of a DAG's active version, with whether it is a source (no inputs), for a trigger.
+SELECT g.dag_id::text AS dag_id, g.active_version AS version, j.operator, j.runtime,
+       j.config::text AS config, j.timeout_s, j.max_attempts, j.triggers::text AS triggers,
+       NOT EXISTS (SELECT 1 FROM dag_inputs i
+                   WHERE (i.dag_id, i.version, i.job) = (j.dag_id, j.version, j.job)) AS is_source
+FROM dags g JOIN dag_jobs j ON j.dag_id = g.dag_id AND j.version = g.active_version
+WHERE g.org_id = %(org_id)s AND g.name = %(dag)s AND j.job = %(job)s;
+
+-- name: insert_dag_tasks
+-- Create tasks of DAG jobs in the state the kernel chose (decide_create); a task whose
+-- idempotency key its org already has is skipped (a repeated trigger, schedule slot or event).
+INSERT INTO tasks (task_id, org_id, operator, payload, state, max_attempts, timeout_s,
+                   idempotency_key, runtime, dag_id, dag_version, dag_job)
+SELECT c.task_id, c.org_id, c.operator, c.payload, c.state, c.max_attempts, c.timeout_s,
+       c.idempotency_key, c.runtime, c.dag_id, c.dag_version, c.dag_job
+FROM unnest(%(task_ids)s::uuid[], %(org_ids)s::uuid[], %(operators)s::text[],
+            %(payloads)s::jsonb[], %(states)s::text[], %(max_attempts)s::int[],
+            %(timeouts)s::int[], %(idempotency_keys)s::text[], %(runtimes)s::text[],
+            %(dag_ids)s::uuid[], %(dag_versions)s::bigint[], %(dag_jobs)s::text[])
+     AS c(task_id, org_id, operator, payload, state, max_attempts, timeout_s, idempotency_key,
+          runtime, dag_id, dag_version, dag_job)
+ON CONFLICT (org_id, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
+RETURNING task_id::text AS task_id, state;
+
+-- name: task_by_key
+-- The task an idempotency key of an org already created.
+SELECT task_id::text AS task_id, state FROM tasks
+WHERE org_id = %(org_id)s AND idempotency_key = %(idempotency_key)s;
+
+-- name: insert_task_inputs
+-- Lineage of tasks created for events: the event and the dataset version the input reads.
+INSERT INTO task_inputs (task_id, input_index, producer_task_id, event_key, event_seq,
+                         dataset_uuid, dataset_version)
+SELECT * FROM unnest(%(task_ids)s::uuid[], %(indexes)s::int[], %(producers)s::uuid[],
+                     %(keys)s::text[], %(seqs)s::bigint[], %(dataset_uuids)s::uuid[],
+                     %(dataset_versions)s::uuid[])
+ON CONFLICT DO NOTHING;
+
+-- name: claim_dag_events
+-- Lock announced events of DAG tasks for one fan-out pass; concurrent passes skip each other's.
+SELECT id, tries FROM outbox
+WHERE topic = %(topic)s AND state = 'pending' AND available_at <= now()
+ORDER BY available_at, id
+LIMIT %(batch)s
+FOR UPDATE SKIP LOCKED;
+
+-- name: fan_out_plan
+-- For claimed announcements: each event with every consuming job of an active DAG version (the
+-- producer's own DAG reading it with from: {job, output}, and DAGs of the org reading the
+-- dataset that output publishes with from: {dataset}), the consumer's task settings, and the
+-- dataset version the input reads (the producing DAG's active pointer). An event belongs to
+-- output payload.output when that is an integer, else output 0.
+WITH ev AS (
+    SELECT o.id AS outbox_id, e.task_id, e.event_key, e.seq, e.event_type, e.payload, t.org_id,
+           t.dag_id, t.dag_job,
+           CASE WHEN jsonb_typeof(e.payload -> 'output') = 'number'
+                THEN (e.payload ->> 'output')::int ELSE 0 END AS output
+    FROM outbox o
+    JOIN task_events e ON e.task_id = (o.payload ->> 'task_id')::uuid
+                      AND e.event_key = o.payload ->> 'event_key'
+    JOIN tasks t ON t.task_id = e.task_id
+    WHERE o.id = ANY(%(ids)s::bigint[])
+), consumers AS (
+    SELECT ev.outbox_id, i.dag_id, i.version, i.job, i.input_index
+    FROM ev JOIN dags g ON g.dag_id = ev.dag_id
+    JOIN dag_inputs i ON i.dag_id = g.dag_id AND i.version = g.active_version
+                     AND i.from_job = ev.dag_job AND i.from_output = ev.output
+    UNION ALL
+    SELECT ev.outbox_id, i.dag_id, i.version, i.job, i.input_index
+    FROM ev JOIN datasets d ON d.dag_id = ev.dag_id AND d.job_name = ev.dag_job
+                           AND d.output_index = ev.output
+    JOIN dag_inputs i ON i.from_dataset = d.name
+    JOIN dags g ON g.dag_id = i.dag_id AND g.org_id = ev.org_id AND i.version = g.active_version
+)
+SELECT ev.task_id::text AS producer_task_id, ev.event_key, ev.seq AS event_seq, ev.event_type,
+       ev.payload::text AS event_payload, ev.output, ev.org_id::text AS org_id,
+       k.dag_id::text AS dag_id, k.version, k.job, k.input_index, j.operator, j.runtime,
+       j.config::text AS config, j.timeout_s, j.max_attempts,
+       pd.dataset_uuid::text AS dataset_uuid, ptr.dataset_version::text AS dataset_version
+FROM ev
+JOIN consumers k ON k.outbox_id = ev.outbox_id
+JOIN dag_jobs j ON (j.dag_id, j.version, j.job) = (k.dag_id, k.version, k.job)
+LEFT JOIN datasets pd ON pd.dag_id = ev.dag_id AND pd.job_name = ev.dag_job
+                     AND pd.output_index = ev.output
+LEFT JOIN dags pg ON pg.dag_id = ev.dag_id
+LEFT JOIN dag_pointers ptr ON ptr.dag_id = pg.dag_id AND ptr.generation = pg.active_generation
+                          AND ptr.dataset_uuid = pd.dataset_uuid
+ORDER BY ev.seq, k.dag_id, k.job, k.input_index;
+
+-- name: mark_events_consumed
+-- Record consumed announcements as the kernel decided (decide_sent: published, tries + 1), in
+-- the transaction that created their tasks.
+UPDATE outbox o
+SET state = c.state, tries = c.tries, published_at = now()
+FROM unnest(%(ids)s::bigint[], %(states)s::text[], %(tries)s::int[]) AS c(id, state, tries)
+WHERE o.id = c.id AND o.state = 'pending';
+
+-- name: scheduled_jobs
+-- Jobs of active versions with a cron or interval trigger, the time their version was deployed,
+-- and the database's now (schedules never read a worker's clock).
+SELECT g.org_id::text AS org_id, g.dag_id::text AS dag_id, g.name AS dag,
+       g.active_version AS version, j.job, j.operator, j.runtime, j.config::text AS config,
+       j.timeout_s, j.max_attempts, j.triggers::text AS triggers, v.created_at AS deployed_at,
+       now() AS now
+FROM dags g
+JOIN dag_versions v ON v.dag_id = g.dag_id AND v.version = g.active_version
+JOIN dag_jobs j ON j.dag_id = g.dag_id AND j.version = g.active_version
+WHERE j.triggers @> '[{"type": "cron"}]' OR j.triggers @> '[{"type": "interval"}]';

@@ -1,0 +1,428 @@
+"""Running deployed DAGs: manual triggers, cron/interval schedules, event -> task fan-out.
+
+Every task of a DAG job records the DAG, its version and the job (``tasks.dag_id``,
+``dag_version``, ``dag_job``) and is created idempotently through the task's
+``idempotency_key`` (unique per org), so running any of these twice creates each task once:
+
+* a manual trigger (``DagRuns.trigger``) runs a source job of the active version under a
+  durable run id: ``{dag}:{job}:{run_id}`` (a new id when none is given; triggering the same run
+  again answers its task -- a restarted source continues the same run);
+* a schedule pass (``DagRuns.schedule_once``) fires the latest due slot of every cron and
+  interval trigger of the active versions, as ``{dag}:{job}:{scheduled_time}``; a slot before the
+  version was deployed is not fired, and a slot missed while no Dispatcher ran is skipped (only
+  the latest slot fires). Times are the database's ``now()``, cron in UTC (croniter);
+* a fan-out pass (``DagRuns.fan_out_once``) consumes the events of DAG tasks: each event recorded
+  by a task of a DAG is announced in ``outbox`` (topic ``dag.event``, written by a trigger on
+  ``task_events`` in the event's own transaction, migration 0011). A pass locks announcements
+  (``FOR UPDATE SKIP LOCKED``), creates one task per consuming job of each event -- 1 event, 1
+  task per consumer, never coalesced -- with its lineage (``task_inputs``: the producing task,
+  the event, the dataset version read), wakes them, and marks the announcements published,
+  all in one transaction: an announcement is never marked consumed without its tasks. The key
+  ``event:{producer_task}:{output}:{event_key}:{dag_id}:{job}:{input}`` makes a repeated or
+  concurrent pass create nothing twice.
+
+A task's payload is its job's ``config`` with, per kind of run: the trigger's payload merged
+over it (manual), ``scheduled_time`` (schedules), or ``event``: ``{producer_task_id, key, type,
+payload, output, input}`` (fan-out). ``where`` filters are not applied to events (they filter
+rows an operator reads). Grants derived from declared inputs and worker-pool slots are not
+built: a DAG task's token grants no dataset reads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import uuid
+from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+import attrs
+import psycopg
+from croniter import croniter  # type: ignore[import-untyped]
+from psycopg.types.json import Jsonb
+from psycopg_pool import AsyncConnectionPool
+
+from trace_core import access, errors, json_limits, lifecycle
+from trace_core import outbox as outbox_sm
+from trace_core.access import UserCaller
+from trace_core.lifecycle import TaskState
+from trace_lite import sqlfile
+from trace_lite.orgs import Orgs, first
+from trace_lite.pg import fetch_as, transaction
+from trace_lite.task_rows import WakeMode, wake
+from trace_sdk.aio import run_every
+
+log = logging.getLogger("trace.dag_runs")
+
+Q = sqlfile.load("dags.sql")
+
+#: The outbox topic announcing events of DAG tasks to the fan-out.
+EVENT_TOPIC = "dag.event"
+
+
+@attrs.frozen
+class SourceJobRow:
+    dag_id: str
+    version: int
+    operator: str
+    runtime: str
+    config: str
+    timeout_s: int
+    max_attempts: int
+    triggers: str
+    is_source: bool
+
+
+@attrs.frozen
+class CreatedRow:
+    task_id: str
+    state: str
+
+
+@attrs.frozen
+class ClaimedRow:
+    id: int
+    tries: int
+
+
+@attrs.frozen
+class PlanRow:
+    """One (event, consuming job) pair of a fan-out pass."""
+
+    producer_task_id: str
+    event_key: str
+    event_seq: int
+    event_type: str
+    event_payload: str
+    output: int
+    org_id: str
+    dag_id: str
+    version: int
+    job: str
+    input_index: int
+    operator: str
+    runtime: str
+    config: str
+    timeout_s: int
+    max_attempts: int
+    dataset_uuid: str | None
+    dataset_version: str | None
+
+    @property
+    def idempotency_key(self) -> str:
+        return (
+            f"event:{self.producer_task_id}:{self.output}:{self.event_key}:"
+            f"{self.dag_id}:{self.job}:{self.input_index}"
+        )
+
+
+@attrs.frozen
+class ScheduledRow:
+    org_id: str
+    dag_id: str
+    dag: str
+    version: int
+    job: str
+    operator: str
+    runtime: str
+    config: str
+    timeout_s: int
+    max_attempts: int
+    triggers: str
+    deployed_at: datetime
+    now: datetime
+
+
+@attrs.frozen
+class NewTask:
+    """A task of a DAG job to create."""
+
+    org_id: str
+    dag_id: str
+    version: int
+    job: str
+    operator: str
+    runtime: str
+    timeout_s: int
+    max_attempts: int
+    payload: Mapping[str, Any]
+    idempotency_key: str
+    task_id: str = attrs.field(factory=lambda: str(uuid.uuid4()))
+
+
+@attrs.frozen
+class FanOutReport:
+    #: Announcements consumed (marked published).
+    events: int = 0
+    #: Tasks created (repeats of an existing idempotency key not counted).
+    created: int = 0
+
+
+def latest_slot(trigger: Mapping[str, Any], now: datetime) -> datetime | None:
+    """The latest time at or before ``now`` (UTC) a cron or interval trigger fires; None for
+    other triggers."""
+    now = now.astimezone(UTC)
+    match trigger.get("type"):
+        case "cron":
+            minute = now.replace(second=0, microsecond=0)
+            if croniter.match(trigger["schedule"], minute):
+                return minute
+            prev: datetime = croniter(trigger["schedule"], now).get_prev(datetime)
+            return prev.astimezone(UTC)
+        case "interval":
+            every = int(trigger["every"])
+            epoch = int(now.timestamp())
+            return datetime.fromtimestamp(epoch - epoch % every, UTC)
+    return None
+
+
+async def create_dag_tasks(
+    cur: psycopg.AsyncCursor[Any], tasks: Sequence[NewTask], wake_mode: WakeMode
+) -> dict[str, str]:
+    """Create ``tasks`` in the caller's transaction and wake the queued ones; a task whose
+    idempotency key its org already has is skipped. Returns ``{task_id: state}`` of those
+    created."""
+    if not tasks:
+        return {}
+    state = lifecycle.decide_create(delay_s=0).value
+    rows = await fetch_as(
+        cur,
+        CreatedRow,
+        Q["insert_dag_tasks"],
+        {
+            "task_ids": [t.task_id for t in tasks],
+            "org_ids": [t.org_id for t in tasks],
+            "operators": [t.operator for t in tasks],
+            "payloads": [Jsonb(dict(t.payload)) for t in tasks],
+            "states": [state] * len(tasks),
+            "max_attempts": [t.max_attempts for t in tasks],
+            "timeouts": [t.timeout_s for t in tasks],
+            "idempotency_keys": [t.idempotency_key for t in tasks],
+            "runtimes": [t.runtime for t in tasks],
+            "dag_ids": [t.dag_id for t in tasks],
+            "dag_versions": [t.version for t in tasks],
+            "dag_jobs": [t.job for t in tasks],
+        },
+    )
+    await wake(cur, [r.task_id for r in rows if r.state == TaskState.QUEUED.value], wake_mode)
+    return {r.task_id: r.state for r in rows}
+
+
+class DagRuns:
+    """Triggers, schedules and fan-out of the DAGs deployed in one Postgres state database."""
+
+    def __init__(
+        self,
+        pool: AsyncConnectionPool,
+        *,
+        wake_mode: WakeMode = "queue",
+        orgs: Orgs | None = None,
+    ) -> None:
+        self.pool = pool
+        self.wake_mode: WakeMode = wake_mode
+        self.orgs = orgs or Orgs(pool)
+
+    # -- manual triggers ------------------------------------------------------------------------
+
+    async def trigger(
+        self,
+        caller: UserCaller | None,
+        org: str,
+        dag: str,
+        job: str,
+        *,
+        payload: Mapping[str, Any] | None = None,
+        run_id: str | None = None,
+    ) -> dict[str, Any]:
+        """Run source job ``job`` of ``dag``'s active version as run ``run_id`` (a new one when
+        None). Returns ``{task_id, created, dag, job, version, run_id}``; a run already
+        triggered answers its task with ``created: False``.
+
+        ``caller=None`` is the platform. Raises ``NotFound`` (no such org, DAG, deployed
+        version or job), ``Forbidden`` (not a deployer or triggerer of the DAG),
+        ``ValidationFailed`` (not a source job, no manual trigger, payload over the JSON
+        limits), ``Unavailable``.
+        """
+        payload = dict(payload or {})
+        json_limits.check(payload, path="payload")
+        run_id = run_id or uuid.uuid4().hex
+        org_id = await self.orgs.org_id(org)
+        async with transaction(self.pool) as cur:
+            params = {"org_id": org_id, "dag": dag, "job": job}
+            row = first(await fetch_as(cur, SourceJobRow, Q["source_job"], params))
+            if caller is not None:
+                dag_row = first(
+                    await fetch_as(cur, _DagIdRow, Q["dag"], {"org_id": org_id, "name": dag})
+                )
+                if dag_row is None:
+                    raise errors.NotFound("no such DAG", field="dag")
+                access.check_trigger(caller, org_id, dag_row.dag_id)
+            if row is None:
+                raise errors.NotFound("no such job in the DAG's active version", field="job")
+            if not row.is_source:
+                raise errors.ValidationFailed(
+                    f"job {job!r} has inputs: its events run it, not a trigger", field="job"
+                )
+            if not any(t.get("type") == "manual" for t in json.loads(row.triggers)):
+                raise errors.ValidationFailed(
+                    f"job {job!r} has no manual trigger (add `- type: manual` to its triggers)",
+                    field="job",
+                )
+            key = f"{dag}:{job}:{run_id}"
+            task = NewTask(
+                org_id=org_id,
+                dag_id=row.dag_id,
+                version=row.version,
+                job=job,
+                operator=row.operator,
+                runtime=row.runtime,
+                timeout_s=row.timeout_s,
+                max_attempts=row.max_attempts,
+                payload={**json.loads(row.config), **payload},
+                idempotency_key=key,
+            )
+            created = await create_dag_tasks(cur, [task], self.wake_mode)
+            task_id = task.task_id
+            if not created:
+                params = {"org_id": org_id, "idempotency_key": key}
+                (existing,) = await fetch_as(cur, CreatedRow, Q["task_by_key"], params)
+                task_id = existing.task_id
+        return {
+            "task_id": task_id,
+            "created": bool(created),
+            "dag": dag,
+            "job": job,
+            "version": row.version,
+            "run_id": run_id,
+        }
+
+    # -- schedules ------------------------------------------------------------------------------
+
+    async def schedule_once(self) -> int:
+        """Fire the latest due slot of every cron and interval trigger of the active versions
+        (see the module docstring). Returns the number of tasks created."""
+        async with transaction(self.pool) as cur:
+            rows = await fetch_as(cur, ScheduledRow, Q["scheduled_jobs"], {})
+            tasks: list[NewTask] = []
+            for r in rows:
+                for trigger in json.loads(r.triggers):
+                    slot = latest_slot(trigger, r.now)
+                    if slot is None or slot < r.deployed_at:
+                        continue
+                    when = slot.isoformat()
+                    tasks.append(
+                        NewTask(
+                            org_id=r.org_id,
+                            dag_id=r.dag_id,
+                            version=r.version,
+                            job=r.job,
+                            operator=r.operator,
+                            runtime=r.runtime,
+                            timeout_s=r.timeout_s,
+                            max_attempts=r.max_attempts,
+                            payload={**json.loads(r.config), "scheduled_time": when},
+                            idempotency_key=f"{r.dag}:{r.job}:{when}",
+                        )
+                    )
+            created = await create_dag_tasks(cur, _unique(tasks), self.wake_mode)
+        return len(created)
+
+    # -- fan-out --------------------------------------------------------------------------------
+
+    async def fan_out_once(self, batch: int = 500) -> FanOutReport:
+        """Consume up to ``batch`` announced events of DAG tasks in one transaction (see the
+        module docstring). Returns what was consumed and created."""
+        async with transaction(self.pool) as cur:
+            claimed = await fetch_as(
+                cur, ClaimedRow, Q["claim_dag_events"], {"topic": EVENT_TOPIC, "batch": batch}
+            )
+            if not claimed:
+                return FanOutReport()
+            ids = [c.id for c in claimed]
+            plan = await fetch_as(cur, PlanRow, Q["fan_out_plan"], {"ids": ids})
+            tasks = [
+                NewTask(
+                    org_id=p.org_id,
+                    dag_id=p.dag_id,
+                    version=p.version,
+                    job=p.job,
+                    operator=p.operator,
+                    runtime=p.runtime,
+                    timeout_s=p.timeout_s,
+                    max_attempts=p.max_attempts,
+                    payload={
+                        **json.loads(p.config),
+                        "event": {
+                            "producer_task_id": p.producer_task_id,
+                            "key": p.event_key,
+                            "type": p.event_type,
+                            "payload": json.loads(p.event_payload),
+                            "output": p.output,
+                            "input": p.input_index,
+                        },
+                    },
+                    idempotency_key=p.idempotency_key,
+                )
+                for p in plan
+            ]
+            created = await create_dag_tasks(cur, tasks, self.wake_mode)
+            lineage = [(t, p) for t, p in zip(tasks, plan, strict=True) if t.task_id in created]
+            if lineage:
+                await cur.execute(
+                    Q["insert_task_inputs"],
+                    {
+                        "task_ids": [t.task_id for t, _ in lineage],
+                        "indexes": [p.input_index for _, p in lineage],
+                        "producers": [p.producer_task_id for _, p in lineage],
+                        "keys": [p.event_key for _, p in lineage],
+                        "seqs": [p.event_seq for _, p in lineage],
+                        "dataset_uuids": [p.dataset_uuid for _, p in lineage],
+                        "dataset_versions": [p.dataset_version for _, p in lineage],
+                    },
+                )
+            sent = [outbox_sm.decide_sent(outbox_sm.OutboxState.PENDING, c.tries) for c in claimed]
+            await cur.execute(
+                Q["mark_events_consumed"],
+                {
+                    "ids": ids,
+                    "states": [d.state.value for d in sent],
+                    "tries": [d.tries for d in sent],
+                },
+            )
+        return FanOutReport(events=len(claimed), created=len(created))
+
+    async def run(
+        self, stop: asyncio.Event, *, fan_out_every_s: float = 0.2, schedule_every_s: float = 1.0
+    ) -> None:
+        """The fan-out and schedule passes until ``stop`` is set (``run_every``: failures are
+        logged and retried with backoff)."""
+        await asyncio.gather(
+            run_every(stop, fan_out_every_s, self.fan_out_once, name="dag fan-out", logger=log),
+            run_every(stop, schedule_every_s, self.schedule_once, name="dag schedules", logger=log),
+        )
+
+
+@attrs.frozen
+class _DagIdRow:
+    dag_id: str
+    active_version: int | None
+
+
+def _unique(tasks: list[NewTask]) -> list[NewTask]:
+    """One task per (org, idempotency key): two triggers of a job firing the same slot."""
+    seen: dict[tuple[str, str], NewTask] = {}
+    for t in tasks:
+        seen.setdefault((t.org_id, t.idempotency_key), t)
+    return list(seen.values())
+
+
+__all__ = [
+    "EVENT_TOPIC",
+    "DagRuns",
+    "FanOutReport",
+    "NewTask",
+    "create_dag_tasks",
+    "latest_slot",
+]
