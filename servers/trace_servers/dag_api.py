@@ -27,8 +27,8 @@ from trace_core import errors, wire
 from trace_core.access import UserCaller
 from trace_lite.dag_runs import DagRuns
 from trace_lite.dags import Dags
-from trace_servers.http import decode_as, mark_authenticated, receive
-from trace_servers.user_api import USER_AUTH_KEY
+from trace_servers import user_api
+from trace_servers.http import decode_as, receive
 
 DAGS_KEY = web.AppKey("dags", Dags)
 DAG_RUNS_KEY = web.AppKey("dag_runs", DagRuns)
@@ -39,13 +39,10 @@ def _dags(request: web.Request) -> Dags:
 
 
 def _subject(request: web.Request) -> str:
-    """Verify the user JWT in ``Authorization``. Raises ``Unauthenticated``."""
-    auth = request.app[USER_AUTH_KEY]
-    if auth is None:
-        raise errors.Unauthenticated("user authentication is not configured")
-    identity = auth.authenticate(request.headers.get("Authorization"))
-    mark_authenticated(request, "user")
-    return identity.subject
+    """The user API's authentication (``user_api._identity``: the user JWT, then the path
+    parameters' limits), one rule for every ``/v1/orgs`` route. Raises ``Unauthenticated``,
+    ``ValidationFailed``."""
+    return user_api._identity(request).subject
 
 
 async def _caller(request: web.Request) -> UserCaller:
