@@ -24,13 +24,17 @@ from typing import TypeVar
 import attrs
 from aiohttp import web
 
-from trace_core import errors, wire
+from trace_core import errors, json_limits, wire
 from trace_core.access import UserCaller
 from trace_lite.datasets import Datasets
 from trace_lite.users import UserAuthenticator, UserIdentity
 from trace_servers.http import DATASETS_KEY, decode_as, mark_authenticated, receive
 
 T = TypeVar("T")
+
+#: Path parameters (org, dataset, version, dag, subject, pin id) are text like body strings,
+#: and short: no NUL or lone surrogate reaches SQL through a URL either.
+PATH_LIMITS = json_limits.JsonLimits(max_string_chars=256)
 
 #: Verifies user JWTs; None when the user API is not configured (every route answers 401).
 USER_AUTH_KEY: web.AppKey[UserAuthenticator | None] = web.AppKey("user_auth")
@@ -41,12 +45,15 @@ def _service(request: web.Request) -> Datasets:
 
 
 def _identity(request: web.Request) -> UserIdentity:
-    """Verify the user JWT in ``Authorization``. Raises ``Unauthenticated``."""
+    """Verify the user JWT in ``Authorization``, then check the path parameters against
+    ``PATH_LIMITS``. Raises ``Unauthenticated``, ``ValidationFailed`` (naming the parameter)."""
     auth = request.app[USER_AUTH_KEY]
     if auth is None:
         raise errors.Unauthenticated("user authentication is not configured")
     identity = auth.authenticate(request.headers.get("Authorization"))
     mark_authenticated(request, "user")
+    for name, value in request.match_info.items():
+        json_limits.check(value, path=name, limits=PATH_LIMITS)
     return identity
 
 

@@ -437,6 +437,15 @@ def test_malformed_http_is_refused_and_logged_as_the_clients_mistake(surface: Su
         assert line["level"] == "info" and "exc" not in line, line
 
 
+#: The path parameter that follows each path word of the user API.
+USER_PARAMS = {
+    "orgs": "org",
+    "datasets": "dataset",
+    "versions": "version",
+    "pins": "pin_id",
+    "dags": "dag",
+    "members": "subject",
+}
 HOSTILE_SEGMENTS = ["%00", "a%00b", "%ED%A0%80", "%FF", "x" * 5000, "..", "%2e%2e", "-1", "9" * 40]
 
 
@@ -476,6 +485,11 @@ def test_hostile_path_segments_never_break_the_edge(surface: Surface) -> None:
                 headers = {**headers, "Content-Type": "application/json"}
             r = surface.t.request(method, path, raw=raw, headers=headers)
             assert r.status < 500, (method, path[:100], r)
+            one_param = template.count("{x}") == 1
+            if auth == "user" and one_param and segment in ("%00", "a%00b", "x" * 5000):
+                field = template.split("{x}")[0].rsplit("/", 2)[-2]  # the segment's parameter
+                err = _check_error(r, {422})
+                assert err["field"] == USER_PARAMS[field], (path[:100], r)
             if r.status >= 400 and r.raw:
                 assert not LEAK.search(r.raw.decode(errors="replace")), (path[:100], r)
     assert surface.snapshot() == before
