@@ -1,9 +1,10 @@
 """The task queries (``sql/tasks.sql``) and the rows they return, read by name.
 
-Every row class here matches one query's columns exactly (``fetch`` builds it with
-``class_row``), so reordering a ``SELECT`` cannot shift a value into the wrong field. ``uuid``
-columns (the ``task_heads`` view, migration 0010, keeps ids as ``uuid`` so filters use the
-primary key) are read as their canonical text.
+Every row class here is a ``typing.NamedTuple`` whose fields are exactly one query's columns:
+``fetch`` (``pg.fetch_named``) matches them by name once per result and refuses a mismatch, so
+reordering or renaming a ``SELECT`` column cannot shift a value into the wrong field, and a row
+costs one tuple. ``uuid`` columns (the ``task_heads`` view, migration 0010, keeps ids as
+``uuid`` so filters use the primary key) are read as their canonical text.
 
 Also here: the two writes every task module shares (``wake`` and ``lock_task``) and how a JSON
 value stored in a task is read back (``stored_json``): parsed and held to the JSON limits, so a
@@ -15,18 +16,17 @@ from __future__ import annotations
 import uuid
 from collections.abc import Mapping
 from datetime import datetime
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, NamedTuple, TypeVar
 
-import attrs
 import psycopg
 
 from trace_core import errors, json_limits
 from trace_core.lifecycle import AttemptOutcome, TaskState, TaskView
 from trace_lite import sqlfile
-from trace_lite.pg import fetch_as
+from trace_lite.pg import fetch_named
 
 Q = sqlfile.load("tasks.sql")
-R = TypeVar("R")
+R = TypeVar("R", bound=tuple[Any, ...])
 
 #: The outbox topic of task wake-ups; the publisher sends them to the task queue.
 WAKE_TOPIC = "wake"
@@ -38,8 +38,7 @@ INVOKE_TOPIC = "invoke"
 WakeMode = Literal["queue", "notify"]
 
 
-@attrs.frozen
-class LockedTask:
+class LockedTask(NamedTuple):
     """A task locked for a decision with its current attempt (``lock_tasks``, ``lock_expired``,
     ``lock_due``): what the kernel decides on, and what tokens and staging prefixes need."""
 
@@ -83,8 +82,7 @@ class LockedTask:
         return tuple(self.read_datasets or ())
 
 
-@attrs.frozen
-class ClaimRow:
+class ClaimRow(NamedTuple):
     """A task locked for a claim, with everything the claim answers (``lock_tasks_for_claim``,
     ``lock_next_queued``)."""
 
@@ -119,8 +117,7 @@ class ClaimRow:
         )
 
 
-@attrs.frozen
-class TaskRow:
+class TaskRow(NamedTuple):
     """One task for fetch and inspection (``get_task``); JSON columns as text."""
 
     task_id: str
@@ -141,8 +138,7 @@ class TaskRow:
     finished_at: datetime | None
 
 
-@attrs.frozen
-class AttemptRow:
+class AttemptRow(NamedTuple):
     """One attempt of a task (``task_attempts``)."""
 
     attempt: int
@@ -155,8 +151,7 @@ class AttemptRow:
     error: str | None
 
 
-@attrs.frozen
-class EventRow:
+class EventRow(NamedTuple):
     """One recorded event of a task (``task_events``)."""
 
     event_key: str
@@ -166,8 +161,7 @@ class EventRow:
     created_at: datetime
 
 
-@attrs.frozen
-class CreatedRow:
+class CreatedRow(NamedTuple):
     """A task as created (``insert_tasks``) or found by its idempotency key
     (``tasks_by_idempotency_key``, which also returns the key)."""
 
@@ -177,25 +171,22 @@ class CreatedRow:
     state: str
     attempt: int
     max_attempts: int
-    idempotency_key: str | None = None
+    idempotency_key: str | None
 
 
-@attrs.frozen
-class TaskIdRow:
+class TaskIdRow(NamedTuple):
     """A task id (``existing_tasks``, ``lock_stale_queued``)."""
 
     task_id: str
 
 
-@attrs.frozen
-class OrgIdRow:
+class OrgIdRow(NamedTuple):
     """An org id (``ensure_org``, ``task_org``)."""
 
     org_id: str
 
 
-@attrs.frozen
-class BufferBatchRow:
+class BufferBatchRow(NamedTuple):
     """A recorded buffer batch pointer (``buffer_batch``)."""
 
     dataset: str
@@ -206,23 +197,20 @@ class BufferBatchRow:
     attempt: int
 
 
-@attrs.frozen
-class EventKeyRow:
+class EventKeyRow(NamedTuple):
     """A newly recorded event key (``insert_events``)."""
 
     event_key: str
 
 
-@attrs.frozen
-class CountRow:
+class CountRow(NamedTuple):
     """Rows per state (``task_counts``, ``outbox_counts``)."""
 
     state: str
     n: int
 
 
-@attrs.frozen
-class OutboxRow:
+class OutboxRow(NamedTuple):
     """A due outbox row claimed for publishing (``claim_outbox``)."""
 
     id: int
@@ -236,8 +224,8 @@ class OutboxRow:
 async def fetch(
     cur: psycopg.AsyncCursor[Any], cls: type[R], query: str, params: Mapping[str, Any]
 ) -> list[R]:
-    """``query``'s rows as ``cls`` instances, ``uuid`` columns as text (``pg.fetch_as``)."""
-    return await fetch_as(cur, cls, query, params, uuid_as_text=True)
+    """``query``'s rows as ``cls`` instances, read by name (``pg.fetch_named``)."""
+    return await fetch_named(cur, cls, query, params)
 
 
 async def lock_task(cur: psycopg.AsyncCursor[Any], task_id: str) -> LockedTask:

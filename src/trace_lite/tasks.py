@@ -367,11 +367,11 @@ class Dispatcher:
             row = await _task_row(cur, task_id)
             attempts = await fetch(cur, AttemptRow, Q["task_attempts"], {"task_id": task_id})
             events = await fetch(cur, EventRow, Q["task_events"], {"task_id": task_id})
-        task = attrs.asdict(row)
+        task: dict[str, Any] = row._asdict()
         for name in ("payload", "result", "error"):
             task[name] = inspectable(task[name])
-        task["attempts"] = [{**attrs.asdict(a), "error": inspectable(a.error)} for a in attempts]
-        task["events"] = [{**attrs.asdict(e), "payload": inspectable(e.payload)} for e in events]
+        task["attempts"] = [{**a._asdict(), "error": inspectable(a.error)} for a in attempts]
+        task["events"] = [{**e._asdict(), "payload": inspectable(e.payload)} for e in events]
         return dict(jsonable(task))
 
     async def counts(self) -> dict[str, int]:

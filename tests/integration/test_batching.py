@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, NamedTuple
 
 import attrs
 import psycopg
@@ -16,6 +16,7 @@ from trace_core import errors, wire
 from trace_core.testing import MemoryQueue, MemorySigner
 from trace_lite.batching import CompletionBatcher
 from trace_lite.dispatcher import Dispatcher, open_pool
+from trace_lite.pg import fetch_named, transaction
 
 
 @pytest.fixture
@@ -255,3 +256,18 @@ async def test_a_claim_whose_answer_cannot_be_built_claims_nothing(
         await dispatcher.claim_many([i.task_id for i in infos], "w")
     assert await dispatcher.counts() == {"queued": 2}
     assert len((await dispatcher.claim_many([i.task_id for i in infos], "w")).claims) == 2
+
+
+async def test_rows_are_matched_to_their_fields_by_name(dispatcher: Dispatcher) -> None:
+    """``fetch_named`` (every task query's reader) maps columns by name, in any order, and
+    refuses a query whose columns are not exactly the row's fields."""
+
+    class Pair(NamedTuple):
+        a: int
+        b: str
+
+    async with transaction(dispatcher.pool) as cur:
+        assert await fetch_named(cur, Pair, "SELECT 'x' AS b, 1 AS a", {}) == [Pair(1, "x")]
+        assert await fetch_named(cur, Pair, "SELECT 1 AS a, 'x' AS b", {}) == [Pair(1, "x")]
+        with pytest.raises(TypeError):
+            await fetch_named(cur, Pair, "SELECT 1 AS a, 'x' AS c", {})

@@ -241,6 +241,46 @@ def test_backoff_is_capped_full_jitter() -> None:
     assert policy.delay(5, 0.0) == timedelta(0)
 
 
+def test_apply_writes_what_each_decision_decided() -> None:
+    """``apply`` is the task after a decision: the columns the store writes, nothing else."""
+    queued = view(TaskState.QUEUED, attempt=0, lease_token=None, attempt_outcome=None)
+    failed = apply(queued, decide_unservable(queued, now=T0, reason="too deep"))
+    assert failed == attrs.evolve(queued, state=TaskState.FAILED)
+    claim = decide_claim(queued, now=T0, lease=LEASE, new_lease_token=TOKEN)
+    running = apply(queued, claim)
+    assert (running.state, running.attempt, running.lease_token, running.started_at) == (
+        TaskState.RUNNING,
+        1,
+        TOKEN,
+        T0,
+    )
+    assert running.attempt_outcome is AttemptOutcome.RUNNING
+    done = decide_complete(
+        running,
+        Fence("t", 1, TOKEN),
+        outcome=Outcome.SUCCEEDED,
+        retryable=True,
+        digest="d",
+        now=T0,
+        retry=RETRY,
+        rand=0.5,
+    )
+    completed = apply(running, done)
+    assert (completed.state, completed.lease_expires_at) == (TaskState.COMPLETED, None)
+    replay = attrs.evolve(completed, completion_digest="d")
+    again = decide_complete(
+        replay,
+        Fence("t", 1, TOKEN),
+        outcome=Outcome.SUCCEEDED,
+        retryable=True,
+        digest="d",
+        now=T0,
+        retry=RETRY,
+        rand=0.5,
+    )
+    assert again.replay and apply(replay, again) is replay
+
+
 def test_a_new_task_is_pending_only_while_delayed() -> None:
     assert decide_create(delay_s=0) is TaskState.QUEUED
     assert decide_create(delay_s=0.5) is TaskState.PENDING

@@ -25,7 +25,7 @@ FROM unnest(%(task_ids)s::uuid[], %(org_ids)s::uuid[], %(operators)s::text[],
      AS c(task_id, org_id, operator, payload, state, max_attempts, timeout_s, delay_s,
           idempotency_key, runtime, read_datasets)
 ON CONFLICT (org_id, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
-RETURNING task_id::text, org_id::text, operator, state, attempt, max_attempts;
+RETURNING task_id::text, org_id::text, operator, state, attempt, max_attempts, idempotency_key;
 
 -- name: tasks_by_idempotency_key
 -- Existing tasks for idempotency keys (to answer a repeated create).
