@@ -51,7 +51,7 @@ DISPATCHER_KEY = web.AppKey("dispatcher", Dispatcher)
 #: The dataset service of both APIs (``/v1/orgs/...`` and ``/v1/task/resolve``).
 DATASETS_KEY = web.AppKey("datasets", Datasets)
 PLATFORM_TOKEN_KEY = web.AppKey("platform_token", str)
-#: Set on a request once its credential checked out: ``read_json`` needs it.
+#: Set on a request once its credential checked out: ``decode`` needs it.
 AUTHENTICATED_KEY = web.RequestKey("authenticated", str)
 
 
