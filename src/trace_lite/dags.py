@@ -12,8 +12,9 @@ returns) and, in one transaction:
 3. diffs it against the active version (``trace_core.dag.diff`` / ``affected_jobs``);
 4. when its ``digest`` differs from the active version's: stores version N+1 (``dag_versions``,
    never updated), its jobs (``dag_jobs``) and input edges (``dag_inputs``), makes it active,
-   and registers each ``publish`` entry as a dataset produced by this DAG and job output. A
-   deploy of the same meaning (same digest) stores nothing.
+   registers each ``publish`` entry as a dataset produced by this DAG and job output, and gives
+   each dataset it registered an empty first version in a new pointer set of the DAG. A deploy
+   of the same meaning (same digest) stores nothing.
 
 ``dry_run=True`` answers the same diff and writes nothing. What a version changes is only
 recorded: rebuilding affected jobs, cutover and rollback of DAG versions are not built (see
@@ -53,6 +54,8 @@ from trace_lite.orgs import Orgs, first
 from trace_lite.pg import fetch_as, transaction
 
 Q = sqlfile.load("dags.sql")
+#: The registry's statements (versions, pointer sets), run inside a deploy's transaction.
+DQ = sqlfile.load("datasets.sql")
 
 #: The ``created_by`` of versions deployed by the platform itself (``caller=None``).
 PLATFORM = "platform"
@@ -94,6 +97,22 @@ class NextRow:
 @attrs.frozen
 class UuidRow:
     dataset_uuid: str
+
+
+@attrs.frozen
+class UnpointedRow:
+    dataset_uuid: str
+    active_generation: int | None
+
+
+@attrs.frozen
+class NewVersionRow:
+    dataset_version: str
+
+
+@attrs.frozen
+class GenerationRow:
+    generation: int
 
 
 @attrs.frozen
@@ -346,6 +365,32 @@ class Dags:
                 raise errors.Conflict(
                     f"dataset {pub.dataset!r} is produced by another DAG", field="publish"
                 )
+        await self._first_versions(cur, dag_id, created_by)
+
+    async def _first_versions(
+        self, cur: psycopg.AsyncCursor[Any], dag_id: str, created_by: str
+    ) -> None:
+        """Give each dataset this deploy registered an empty first version and cut the DAG's
+        pointer set over to them (the registry's statements, in the deploy's transaction), so
+        the DAG's tasks can commit to them at once. Datasets already pointed at keep their
+        versions: rebuilding is not built."""
+        rows = await fetch_as(cur, UnpointedRow, Q["datasets_without_version"], {"dag_id": dag_id})
+        if not rows:
+            return
+        versions = []
+        for r in rows:
+            params = {"dataset_uuid": r.dataset_uuid}
+            (v,) = await fetch_as(cur, NewVersionRow, DQ["insert_version"], params)
+            versions.append(v.dataset_version)
+        pointer_set = {
+            "dag_id": dag_id,
+            "expected": rows[0].active_generation,
+            "created_by": created_by,
+            "dataset_uuids": [r.dataset_uuid for r in rows],
+            "versions": versions,
+        }
+        if not await fetch_as(cur, GenerationRow, DQ["insert_pointer_set"], pointer_set):
+            raise errors.Conflict("the DAG's pointer set changed concurrently")
 
     # -- reading ------------------------------------------------------------------------------
 

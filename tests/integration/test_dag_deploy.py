@@ -74,6 +74,32 @@ async def test_deploy_stores_a_version_once_per_digest(dags: Dags, db_url: str) 
     )
     assert registered == ("blocks", "blocks_demo", "blocks", 0, "parquet", "replace")
     assert sql(db_url, "SELECT active_version FROM dags WHERE name = 'blocks_demo'") == [(1,)]
+    # the new dataset has an empty first version in the DAG's active pointer set
+    assert active_pointers(db_url) == [("blocks", 1)]
+
+
+def active_pointers(db_url: str) -> list[tuple[str, int]]:
+    """(dataset, generation) of every pointer in the active pointer sets."""
+    return sql(
+        db_url,
+        "SELECT d.name, p.generation FROM dag_pointers p JOIN dags g ON g.dag_id = p.dag_id "
+        "AND g.active_generation = p.generation JOIN datasets d USING (dataset_uuid) ORDER BY 1",
+    )
+
+
+async def test_a_newly_published_dataset_gets_a_first_version(dags: Dags, db_url: str) -> None:
+    await dags.deploy(None, ORG, example())
+    (before,) = sql(db_url, "SELECT dataset_version FROM dag_pointers")
+    more = example()
+    more["publish"].append({"job": "ranges", "output": 0, "dataset": "ranges"})
+    await dags.deploy(None, ORG, more)
+    assert active_pointers(db_url) == [("blocks", 2), ("ranges", 2)]
+    (kept,) = sql(
+        db_url,
+        "SELECT p.dataset_version FROM dag_pointers p JOIN datasets d USING (dataset_uuid) "
+        "WHERE d.name = 'blocks' AND p.generation = 2",
+    )
+    assert kept == before  # blocks keeps its version: nothing is rebuilt
 
 
 async def test_diff_against_the_active_version(dags: Dags, db_url: str) -> None:

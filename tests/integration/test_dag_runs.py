@@ -180,6 +180,13 @@ async def test_one_event_one_task_per_consumer_created_once(world: World) -> Non
         ("d", producer, "done", "raw"),
         ("d", producer, "r-0", "raw"),
     ]
+    # ... and the version of it the producing DAG's active pointer set names
+    (active,) = world.sql(
+        "SELECT p.dataset_version FROM dag_pointers p JOIN dags g ON g.dag_id = p.dag_id "
+        "AND g.active_generation = p.generation JOIN datasets d USING (dataset_uuid) "
+        "WHERE d.name = 'raw'"
+    )
+    assert world.sql("SELECT DISTINCT dataset_version FROM task_inputs") == [active]
     assert world.sql("SELECT state, count(*) FROM outbox WHERE topic = 'dag.event' GROUP BY 1") == [
         ("published", 2)
     ]

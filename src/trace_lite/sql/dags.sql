@@ -210,3 +210,14 @@ FROM dags g
 JOIN dag_versions v ON v.dag_id = g.dag_id AND v.version = g.active_version
 JOIN dag_jobs j ON j.dag_id = g.dag_id AND j.version = g.active_version
 WHERE j.triggers @> '[{"type": "cron"}]' OR j.triggers @> '[{"type": "interval"}]';
+
+-- name: datasets_without_version
+-- The datasets a DAG produces that its active pointer set does not point at yet (registered by
+-- this deploy), with the active generation the first versions are cut over from.
+SELECT d.dataset_uuid::text AS dataset_uuid, g.active_generation
+FROM datasets d JOIN dags g ON g.dag_id = d.dag_id
+WHERE d.dag_id = %(dag_id)s
+  AND NOT EXISTS (SELECT 1 FROM dag_pointers p
+                  WHERE p.dag_id = g.dag_id AND p.generation = g.active_generation
+                    AND p.dataset_uuid = d.dataset_uuid)
+ORDER BY d.name;
