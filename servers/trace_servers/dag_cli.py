@@ -59,6 +59,7 @@ def add_parsers(sub: Any) -> None:
     dp.add_argument("file", type=Path)
     dp.add_argument("--org", required=True)
     dp.add_argument("--dry-run", action="store_true", help="show the diff, deploy nothing")
+    dp.add_argument("--json", action="store_true", help="print the answer (or problems) as JSON")
     ls = dsub.add_parser("list", help="the org's DAGs")
     ls.add_argument("--org", required=True)
     t = dsub.add_parser("trigger", help="run a source job of a DAG's active version")

@@ -1,0 +1,128 @@
+"""The example DAG end to end with real processes: ``trace dag deploy`` of
+``examples/dags/blocks.yaml`` against a running Dispatcher, ``trace dag trigger``, a worker
+runs the source and the tasks its events fan out to, and ``trace datasets resolve`` finds the
+published dataset's committed object."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from e2e_harness import TraceProcs
+
+from trace_lite.datasets import Datasets
+from trace_lite.dispatcher import open_pool
+from trace_lite.users import LocalUserIssuer
+
+ORG = "acme"
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "dags" / "blocks.yaml"
+
+
+def _members(db_url: str) -> None:
+    async def go() -> None:
+        pool = await open_pool(db_url, min_size=1, max_size=2)
+        try:
+            ds = Datasets(pool)
+            await ds.set_member(None, ORG, "dora", ["dag_deployer"])
+            await ds.set_member(None, ORG, "bob", [])
+        finally:
+            await pool.close()
+
+    asyncio.run(go())
+
+
+@pytest.fixture
+def stack(trace_procs: TraceProcs, monkeypatch: pytest.MonkeyPatch) -> TraceProcs:
+    _members(trace_procs.db_url)
+    base_env = trace_procs.env
+    policy = {"TRACE_USER_JWT_ISSUER": "trace-lite", "TRACE_USER_JWT_AUDIENCE": "trace-api"}
+    monkeypatch.setattr(trace_procs, "env", lambda: {**base_env(), **policy})
+    trace_procs.start_dispatcher()
+    return trace_procs
+
+
+def trace(t: TraceProcs, subject: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """``trace ARGS`` as a user would run it, with ``subject``'s user token."""
+    env = {**t.env(), "TRACE_USER_TOKEN": LocalUserIssuer.init(t.key_dir).token(subject)}
+    return subprocess.run(
+        [sys.executable, "-m", "trace_servers.cli", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=t.home,
+    )
+
+
+def test_example_dag_deploys_runs_and_its_dataset_resolves(stack: TraceProcs) -> None:
+    t = stack
+    refused = trace(t, "bob", "dag", "deploy", str(EXAMPLE), "--org", ORG)
+    assert refused.returncode == 1 and "forbidden" in refused.stderr, refused
+    # the server's problems, printed with the file's line numbers; nothing deployed
+    bad = t.home / "bad.yaml"
+    bad.write_text(EXAMPLE.read_text().replace("operator: stage_output", "operator: stage_it"))
+    line = bad.read_text().splitlines().index("    operator: stage_it") + 1
+    refused = trace(t, "dora", "dag", "deploy", str(bad), "--org", ORG)
+    assert refused.returncode == 1
+    assert f"bad.yaml:{line}: jobs.blocks.operator: " in refused.stderr, refused.stderr
+    assert t.scalar("SELECT count(*) FROM dag_versions") == 0
+    preview = trace(t, "dora", "dag", "diff", str(EXAMPLE), "--org", ORG)
+    assert preview.returncode == 0, preview.stderr
+    assert "rebuild: blocks, ranges" in preview.stdout
+    done = trace(t, "dora", "dag", "deploy", str(EXAMPLE), "--org", ORG)
+    assert done.returncode == 0, done.stderr
+    assert "deployed blocks_demo version 1" in done.stdout
+    again = trace(t, "dora", "dag", "deploy", str(EXAMPLE), "--org", ORG)
+    assert "unchanged: version 1 stays active" in again.stdout, again
+    listed = json.loads(trace(t, "bob", "dag", "list", "--org", ORG).stdout)
+    assert [(d["name"], d["active_version"]) for d in listed["dags"]] == [("blocks_demo", 1)]
+
+    # one worker at a time: every task of `blocks` stages the same range of a replace dataset
+    t.start_worker(concurrency=1)
+    run = trace(t, "dora", "dag", "trigger", ORG, "blocks_demo", "ranges", "--run-id", "r1")
+    assert run.returncode == 0, run.stderr
+    source = json.loads(run.stdout)
+    assert source["created"] is True
+
+    # ranges emits 3 progress events and a final one: 4 tasks of `blocks`, each completed
+    def finished() -> list[tuple[Any, ...]] | None:
+        rows = t.sql(
+            "SELECT dag_job, state FROM tasks WHERE dag_job IS NOT NULL ORDER BY dag_job, state"
+        )
+        states = [r for r in rows if r[0] == "blocks"]
+        done = len(states) == 4 and all(s == "completed" for _, s in states)
+        return rows if done else None
+
+    rows = t.wait_until(finished, 60, "the DAG's tasks to complete")
+    assert rows.count(("ranges", "completed")) == 1
+    # a second trigger of the same run is the same task: nothing runs again
+    rerun = json.loads(
+        trace(t, "dora", "dag", "trigger", ORG, "blocks_demo", "ranges", "--run-id", "r1").stdout
+    )
+    assert (rerun["task_id"], rerun["created"]) == (source["task_id"], False)
+    assert t.scalar("SELECT count(*) FROM task_inputs") == 4
+
+    def resolved() -> dict[str, Any] | None:
+        out = trace(t, "dora", "datasets", "resolve", "blocks", "--org", ORG)
+        assert out.returncode == 0, out.stderr
+        body: dict[str, Any] = json.loads(out.stdout)
+        (ds,) = body["datasets"]
+        return ds if ds["objects"] else None
+
+    ds = t.wait_until(resolved, 30, "the published dataset to resolve to a promoted object")
+    assert ds["dataset"] == "blocks" and ds["dataset_version"]
+    (obj,) = ds["objects"]
+    committed = json.loads(t.read_object(obj["object_key"]))
+    assert committed["blocks"] == [0, 100]
+    assert (
+        t.scalar(
+            "SELECT count(*) FROM tasks WHERE dag_job = 'blocks' AND task_id::text = %s",
+            (committed["task_id"],),
+        )
+        == 1
+    )
