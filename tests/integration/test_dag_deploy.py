@@ -4,6 +4,7 @@ role; and the same over HTTP (``/v1/orgs/{org}/dags``) with user JWTs."""
 
 from __future__ import annotations
 
+import asyncio
 import copy
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -263,3 +264,22 @@ async def test_dag_routes_over_http(db_url: str, tmp_path: Path) -> None:
         assert sql(db_url, "SELECT dag_job, payload FROM tasks") == [("ranges", {"n": 1})]
     finally:
         await pool.close()
+
+
+async def test_concurrent_deploys_serialize(dags: Dags, db_url: str) -> None:
+    """Deploys of one DAG take its row's lock: each distinct document gets its own version
+    number, none is lost, and the first deploys of a new DAG race to one DAG row."""
+    docs = []
+    for i in range(6):
+        doc = example()
+        doc["description"] = f"edit {i}"
+        docs.append(doc)
+    results = await asyncio.gather(*(dags.deploy(None, ORG, d) for d in docs))
+    assert sorted(r.version for r in results if r.version is not None) == [1, 2, 3, 4, 5, 6]
+    assert all(r.created for r in results)
+    assert sql(db_url, "SELECT count(*) FROM dags") == [(1,)]
+    (active,) = sql(db_url, "SELECT active_version FROM dags")
+    assert active == (6,)
+    # each version's previous_version is the one active when its transaction took the lock
+    assert sorted(r.previous_version or 0 for r in results) == [0, 1, 2, 3, 4, 5]
+    assert active_pointers(db_url) == [("blocks", 1)]
