@@ -193,7 +193,7 @@ async def test_server_failures_answer_without_backend_text() -> None:
         raise RuntimeError('psycopg.errors.NumericValueOutOfRange: bigint out of range "x"')
 
     for counts, status, code in ((unavailable, 503, "unavailable"), (broken, 500, "internal")):
-        fake = types.SimpleNamespace(pool=None, object_store=None, counts=counts)
+        fake = types.SimpleNamespace(pool=None, object_store=None, counts=counts, wake_mode="queue")
         async with await _app_over(fake) as c:
             r = await c.get("/internal/admin/counts", headers=AUTH)
             body = await r.json()
@@ -209,7 +209,7 @@ async def test_a_route_that_reads_before_it_authenticates_fails_closed() -> None
     async def careless(request: web.Request) -> web.Response:
         return web.json_response(await http.read_json(request))
 
-    fake = types.SimpleNamespace(pool=None, object_store=None)
+    fake = types.SimpleNamespace(pool=None, object_store=None, wake_mode="queue")
     async with await _app_over(fake, [web.post("/careless", careless)]) as c:
         r = await c.post("/careless", json={"a": 1})
         assert r.status == 500 and (await r.json())["error"] == "internal"
