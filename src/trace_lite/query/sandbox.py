@@ -1,0 +1,167 @@
+"""The sandbox process: one query, in a fresh DuckDB, after the lock-down, under OS limits.
+
+Run by ``trace_lite.query.runner`` as ``python -I -m trace_lite.query.sandbox`` with an
+explicit minimal environment (no credentials), in a private empty working directory, in its
+own session (the parent kills the whole group at the deadline). It reads one JSON request on
+stdin and writes one JSON answer on stdout. The order of the layers:
+
+1. OS limits first, before DuckDB is imported (``resource.setrlimit``): address space, CPU
+   seconds, no file may grow past 0 bytes (``RLIMIT_FSIZE``: any write to a file kills the
+   process), few open files, no core dumps.
+2. A fresh in-memory DuckDB with extension autoload/autoinstall off, community and unsigned
+   extensions off, an empty extension directory, ``threads`` and ``memory_limit`` set and no
+   temp directory (nothing spills; memory is a hard limit).
+3. The gate (``trace_core.query_gate``) on DuckDB's own parse tree, with the exact granted names;
+   and DuckDB's statement splitter must see one SELECT.
+4. Trusted code loads the granted datasets' pinned files into in-memory tables named after the
+   datasets (the only files this process opens).
+5. Lock-down, in this order: ``enable_external_access=false`` (one-way),
+   ``disabled_filesystems='LocalFileSystem'``, ``lock_configuration=true``. From here no file,
+   URL, extension or setting is reachable from SQL even if the gate missed a construct.
+6. The user SQL runs; at most ``max_rows`` rows are fetched (``truncated`` says more existed)
+   and the answer must fit ``max_bytes``.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime
+import decimal
+import json
+import math
+import resource
+import sys
+import uuid
+from typing import Any
+
+AS_LIMIT_BYTES = 3 * 1024**3
+NOFILE_LIMIT = 256
+
+
+def _limit(which: int, value: int) -> None:
+    _soft, hard = resource.getrlimit(which)
+    if hard != resource.RLIM_INFINITY:
+        value = min(value, hard)
+    resource.setrlimit(which, (value, value))
+
+
+def apply_limits(cpu_s: int) -> None:
+    """OS limits for this process; they cannot be raised again (soft == hard)."""
+    _limit(resource.RLIMIT_AS, AS_LIMIT_BYTES)
+    _limit(resource.RLIMIT_CPU, cpu_s)
+    _limit(resource.RLIMIT_FSIZE, 0)
+    _limit(resource.RLIMIT_NOFILE, NOFILE_LIMIT)
+    _limit(resource.RLIMIT_CORE, 0)
+
+
+def _jsonable(value: Any) -> Any:
+    if value is None or isinstance(value, bool | int | str):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else str(value)
+    if isinstance(value, decimal.Decimal | uuid.UUID | datetime.timedelta):
+        return str(value)
+    if isinstance(value, datetime.date | datetime.time):
+        return value.isoformat()
+    if isinstance(value, bytes | bytearray | memoryview):
+        return base64.b64encode(bytes(value)).decode()
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    return str(value)
+
+
+class Refused(Exception):
+    """An answer that is not rows: ``code`` is a ``trace_core.errors`` code."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def run(request: dict[str, Any]) -> dict[str, Any]:
+    import duckdb
+
+    from trace_core import errors, query_gate
+
+    tables: dict[str, list[str]] = {t["name"]: list(t["parquet"]) for t in request["tables"]}
+    con = duckdb.connect(
+        ":memory:",
+        config={
+            "threads": int(request["threads"]),
+            "memory_limit": str(request["memory_limit"]),
+            "max_temp_directory_size": "0B",
+            "temp_directory": "",
+            "autoinstall_known_extensions": False,
+            "autoload_known_extensions": False,
+            "allow_community_extensions": False,
+            "allow_unsigned_extensions": False,
+            "extension_directory": str(request["extension_directory"]),
+            "secret_directory": str(request["extension_directory"]),
+            "allow_persistent_secrets": False,
+        },
+    )
+    sql = str(request["sql"])
+    parsed = json.loads(con.execute("SELECT json_serialize_sql(?::VARCHAR)", [sql]).fetchone()[0])  # type: ignore[index]
+    try:
+        used = query_gate.admit(parsed, tables)
+    except errors.TraceError as exc:
+        raise Refused(exc.code, exc.message) from None
+    statements = con.extract_statements(sql)
+    if len(statements) != 1 or statements[0].type.name != "SELECT":
+        raise Refused("validation_failed", "send exactly one SELECT statement")
+    for name in sorted(used):
+        files = tables[name]
+        ident = '"' + name.replace('"', '""') + '"'
+        if files:
+            con.execute(f"CREATE TABLE {ident} AS SELECT * FROM read_parquet(?)", [files])
+        else:
+            con.execute(f"CREATE TABLE {ident} (_empty BOOLEAN)")
+    con.execute("SET enable_external_access = false")
+    con.execute("SET disabled_filesystems = 'LocalFileSystem'")
+    con.execute("SET lock_configuration = true")
+    max_rows = int(request["max_rows"])
+    try:
+        cur = con.execute(sql)
+        columns = [d[0] for d in cur.description or []]
+        types = [str(d[1]) for d in cur.description or []]
+        fetched = cur.fetchmany(max_rows + 1)
+    except duckdb.Error as exc:
+        raise Refused("query_failed", _first_line(str(exc))) from None
+    rows = [[_jsonable(v) for v in row] for row in fetched[:max_rows]]
+    return {
+        "ok": True,
+        "columns": columns,
+        "types": types,
+        "rows": rows,
+        "truncated": len(fetched) > max_rows,
+    }
+
+
+def _first_line(message: str) -> str:
+    return message.splitlines()[0][:500] if message else "query failed"
+
+
+def main() -> int:
+    request = json.loads(sys.stdin.buffer.read())
+    apply_limits(int(request["cpu_s"]))
+    try:
+        answer = run(request)
+    except Refused as exc:
+        answer = {"ok": False, "error": exc.code, "message": exc.message}
+    except MemoryError:
+        answer = {"ok": False, "error": "query_failed", "message": "out of memory"}
+    data = json.dumps(answer, separators=(",", ":"), allow_nan=False).encode()
+    if len(data) > int(request["max_bytes"]):
+        data = json.dumps(
+            {"ok": False, "error": "payload_too_large", "message": "the result is too large"}
+        ).encode()
+    sys.stdout.buffer.write(data)
+    sys.stdout.buffer.flush()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
