@@ -1,0 +1,216 @@
+"""The buffer forwarder: hands buffer-batch announcements to their dataset's buffer queue.
+
+``/v1/task/buffer-publish`` records a batch pointer (``buffer_batches``) and, in the same
+transaction, an outbox row of topic ``buffer:<dataset name>``. The forwarder claims those rows
+(``FOR UPDATE SKIP LOCKED``: any number of forwarders split them), resolves the dataset in the
+producing task's org, and sends one message per batch to the dataset's queue
+(``queue_name(dataset_uuid)``, ``buffer.<dataset_uuid>``). A row is marked published only once
+its message is sent, as ``trace_core.outbox`` decides; a row naming no buffered dataset (never
+deployed, or not ``buffered``) backs off like a failed send and is ``dead`` after
+``OutboxPolicy.max_tries``. Each ``trace sink`` process runs a forwarder for the datasets it
+serves (``docs/architecture/sinks.md``).
+
+A message is the JSON of ``BufferMessage``. Forwarding is at least once: a crash between the send
+and the commit sends the batch again, which the sink's dedupe keys absorb.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+from collections.abc import Callable, Sequence
+from datetime import datetime
+
+import attrs
+from psycopg_pool import AsyncConnectionPool
+
+from trace_core import errors
+from trace_core import outbox as outbox_sm
+from trace_core.ports import Queue
+from trace_lite import sqlfile
+from trace_lite.pg import fetch_as, transaction
+from trace_lite.task_rows import Q as TQ
+
+log = logging.getLogger("trace.buffer_forwarder")
+
+Q = sqlfile.load("sink.sql")
+
+#: The outbox topic prefix of buffer-batch announcements (``buffer:<dataset name>``).
+TOPIC_PREFIX = "buffer:"
+#: The registry's storage kind of buffered Postgres datasets.
+BUFFERED = "buffered_postgres"
+
+
+def queue_name(dataset_uuid: str) -> str:
+    """The buffer queue of a dataset: ``buffer.<dataset_uuid>``."""
+    return f"buffer.{dataset_uuid}"
+
+
+def topic(dataset: str) -> str:
+    """The outbox topic announcing batches of the dataset named ``dataset``."""
+    return f"{TOPIC_PREFIX}{dataset}"
+
+
+@attrs.frozen
+class BufferMessage:
+    """What a dataset's buffer queue carries: one batch pointer of one attempt."""
+
+    task_id: str
+    attempt: int
+    batch_key: str
+    dataset_uuid: str
+    object_key: str
+    row_count: int
+    byte_size: int
+    sha256: str
+
+    def encode(self) -> bytes:
+        return json.dumps(attrs.asdict(self), sort_keys=True).encode()
+
+    @classmethod
+    def decode(cls, body: bytes) -> BufferMessage:
+        """Raises ``ValidationFailed`` for a body that is not a buffer message."""
+        try:
+            doc = json.loads(body)
+            fields = {f.name: doc[f.name] for f in attrs.fields(cls)}
+        except (ValueError, TypeError, KeyError) as exc:
+            raise errors.ValidationFailed(
+                f"not a buffer message ({type(exc).__name__})", field="body"
+            ) from None
+        types = {f.name: f.type for f in attrs.fields(cls)}
+        for name, value in fields.items():
+            want = int if types[name] in ("int", int) else str
+            if not isinstance(value, want) or isinstance(value, bool):
+                raise errors.ValidationFailed(f"{name} must be {want.__name__}", field=name)
+        return cls(**fields)
+
+
+@attrs.frozen
+class AnnouncementRow:
+    id: int
+    tries: int
+    now: datetime
+    task_id: str | None
+    batch_key: str | None
+    attempt: int | None
+    object_key: str | None
+    row_count: int | None
+    byte_size: int | None
+    sha256: str | None
+    dataset: str | None
+    dataset_uuid: str | None
+    storage_kind: str | None
+
+
+class BufferForwarder:
+    """Forwards announcements of ``topics`` to dataset queues made by ``queue_for``."""
+
+    def __init__(
+        self,
+        pool: AsyncConnectionPool,
+        queue_for: Callable[[str], Queue],
+        *,
+        topics: Sequence[str],
+        policy: outbox_sm.OutboxPolicy | None = None,
+        rand: Callable[[], float] = random.random,
+    ) -> None:
+        self.pool = pool
+        self.queue_for = queue_for
+        self.topics = list(topics)
+        self.policy = policy or outbox_sm.OutboxPolicy()
+        self._rand = rand
+
+    async def forward_once(self) -> int:
+        """Forward one batch of due announcements; returns how many were sent.
+        Raises ``Unavailable``."""
+        if not self.topics:
+            return 0
+        async with transaction(self.pool) as cur:
+            rows = await fetch_as(
+                cur,
+                AnnouncementRow,
+                Q["claim_buffer_outbox"],
+                {"topics": self.topics, "n": self.policy.batch_size},
+            )
+            if not rows:
+                return 0
+            sent, failed = await self._send(rows)
+            if failed:
+                decisions = [
+                    outbox_sm.decide_send_failed(
+                        outbox_sm.OutboxState.PENDING,
+                        r.tries,
+                        now=r.now,
+                        policy=self.policy,
+                        rand=self._rand(),
+                    )
+                    for r, _ in failed
+                ]
+                await cur.execute(
+                    TQ["outbox_failed"],
+                    {
+                        "ids": [r.id for r, _ in failed],
+                        "states": [d.state.value for d in decisions],
+                        "tries": [d.tries for d in decisions],
+                        "available_ats": [d.available_at for d in decisions],
+                        "error": failed[0][1],
+                    },
+                )
+                log.warning(
+                    "buffer announcements not forwarded",
+                    extra={"error": failed[0][1], "rows": len(failed)},
+                )
+            if sent:
+                done = [outbox_sm.decide_sent(outbox_sm.OutboxState.PENDING, r.tries) for r in sent]
+                await cur.execute(
+                    TQ["outbox_published"],
+                    {
+                        "ids": [r.id for r in sent],
+                        "states": [d.state.value for d in done],
+                        "tries": [d.tries for d in done],
+                    },
+                )
+            return len(sent)
+
+    async def _send(
+        self, rows: Sequence[AnnouncementRow]
+    ) -> tuple[list[AnnouncementRow], list[tuple[AnnouncementRow, str]]]:
+        by_queue: dict[str, list[tuple[AnnouncementRow, BufferMessage]]] = {}
+        failed: list[tuple[AnnouncementRow, str]] = []
+        for r in rows:
+            if r.task_id is None or r.attempt is None:
+                failed.append((r, "no buffer batch recorded for this announcement"))
+                continue
+            if r.dataset_uuid is None or r.storage_kind != BUFFERED:
+                failed.append((r, f"no buffered dataset {r.dataset!r} in the producer's org"))
+                continue
+            message = BufferMessage(
+                task_id=r.task_id,
+                attempt=r.attempt,
+                batch_key=str(r.batch_key),
+                dataset_uuid=r.dataset_uuid,
+                object_key=str(r.object_key),
+                row_count=int(r.row_count or 0),
+                byte_size=int(r.byte_size or 0),
+                sha256=str(r.sha256),
+            )
+            by_queue.setdefault(r.dataset_uuid, []).append((r, message))
+        sent: list[AnnouncementRow] = []
+        for dataset_uuid, items in by_queue.items():
+            try:
+                await self.queue_for(dataset_uuid).send([m.encode() for _, m in items])
+                sent += [r for r, _ in items]
+            except errors.TraceError as exc:
+                failed += [(r, f"{type(exc).__name__}: {exc}") for r, _ in items]
+        return sent, failed
+
+    async def drain(self) -> int:
+        """Forward until nothing is due; returns how many were sent."""
+        total = 0
+        while n := await self.forward_once():
+            total += n
+        return total
+
+
+__all__ = ["BUFFERED", "TOPIC_PREFIX", "BufferForwarder", "BufferMessage", "queue_name", "topic"]

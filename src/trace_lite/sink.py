@@ -1,0 +1,368 @@
+"""The sink of a buffered Postgres dataset: its buffer queue into its table, each row once.
+
+Theory of operation. One ``Sink`` consumes one dataset's buffer queue
+(``trace_lite.buffer_forwarder.queue_name``); several may run for one dataset, in one process or
+many. For each message (a ``BufferMessage``: one batch pointer of one attempt):
+
+1. read the batch object, check its size and sha256 against the pointer, and parse it strictly
+   against the dataset's declared schema (``trace_core.sink.parse_batch``). A pointer, object
+   or batch that cannot be used goes to the queue's dead-letter queue **at once**, with the
+   reason (row, field, what was wrong); other batches keep flowing;
+2. in one data-database transaction: create the version's table if needed (``data.dsv_<hex>``,
+   ``trace_lite.datasets.table_name``, unique on ``_dedupe_key``), COPY the rows with their
+   dedupe keys into a temporary table, ``INSERT … ON CONFLICT (_dedupe_key) DO NOTHING``;
+   **commit**;
+3. **then** emit the dataset's upstream event in the state database: an event of the producing
+   task (``rows_committed``, key ``sink/<dataset_uuid>/<batch_key>``), which the ``task_events``
+   trigger announces to the DAG fan-out through the outbox. The key makes it idempotent: a
+   redelivered batch inserts no row and emits nothing;
+4. **then** delete the message.
+
+A crash anywhere before 4 redelivers the message after its visibility timeout; replaying steps
+2-3 stores no row twice (the unique dedupe key) and emits no second event (the event key), so
+each dedupe key is stored once and each committed batch has one event. A batch the registry
+cannot place yet (no active version) stays on the queue and is retried.
+
+Faults can be injected between the steps (``Sink.fault``): tests stop the loop at
+``before_commit``, ``after_commit`` and ``after_event``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable, Mapping
+
+import attrs
+import psycopg
+from psycopg import sql
+from psycopg.types.json import Jsonb
+from psycopg_pool import AsyncConnectionPool
+
+from trace_core import errors
+from trace_core.ports import ObjectStore, Queue, ReceivedMessage
+from trace_core.sink import DatasetSchema, ParsedBatch, dedupe_keys, parse_batch
+from trace_lite import sqlfile
+from trace_lite.buffer_forwarder import BUFFERED, BufferMessage, queue_name
+from trace_lite.datasets import DATA_SCHEMA, table_name
+from trace_lite.pg import fetch_as, transaction
+
+log = logging.getLogger("trace.sink")
+
+Q = sqlfile.load("sink.sql")
+
+#: The event type of a committed batch (the dataset's upstream event).
+EVENT_TYPE = "rows_committed"
+#: The points ``Sink.fault`` is called at, in order.
+FAULT_POINTS = ("before_commit", "after_commit", "after_event")
+
+#: Postgres column types of the schema's column types.
+PG_TYPES: Mapping[str, str] = {
+    "string": "text",
+    "bytes": "bytea",
+    "bool": "boolean",
+    "int32": "integer",
+    "int64": "bigint",
+    "uint32": "bigint",
+    "uint64": "numeric(20,0)",
+    "uint256": "numeric(78,0)",
+    "float64": "double precision",
+    "decimal": "numeric",
+    "timestamp": "timestamptz",
+    "date": "date",
+    "json": "jsonb",
+}
+#: The types COPY dumps each column's values as (``Copy.set_types``).
+_COPY_TYPES: Mapping[str, str] = {**PG_TYPES, "uint64": "numeric", "uint256": "numeric"}
+
+
+@attrs.frozen
+class DatasetRow:
+    """A buffered dataset as the registry holds it (``buffered_dataset``)."""
+
+    dataset_uuid: str
+    org_id: str
+    org: str
+    name: str
+    storage_kind: str
+    schema: str
+    unique_key: list[str]
+    output_index: int
+    dataset_version: str | None
+
+
+@attrs.frozen
+class BatchResult:
+    """What one message came to."""
+
+    #: ``stored`` (committed, event emitted, deleted) or ``dead`` (dead-lettered).
+    outcome: str
+    rows: int = 0
+    #: Rows new to the table (the others' dedupe keys were stored already).
+    inserted: int = 0
+    #: Whether this delivery emitted the upstream event (a redelivery does not).
+    emitted: bool = False
+    reason: str | None = None
+
+
+@attrs.frozen
+class QueueStatus:
+    """A buffer queue's backlog, by the database's clock."""
+
+    queue: str
+    depth: int
+    in_flight: int
+    dead: int
+    #: Age in seconds of the oldest live message: how far the sink lags (0 when empty).
+    oldest_age_s: float
+
+
+@attrs.frozen
+class _StatusRow:
+    depth: int
+    in_flight: int
+    dead: int
+    oldest_age_s: float
+
+
+@attrs.frozen
+class _EventRow:
+    event_key: str
+
+
+class SinkCrash(Exception):
+    """Raised by an injected fault: the loop stops as a killed process would."""
+
+
+async def load_dataset(pool: AsyncConnectionPool, org: str, name: str) -> DatasetRow:
+    """The buffered dataset ``name`` of ``org``. Raises ``NotFound``, ``Conflict`` (not a
+    buffered dataset), ``Unavailable``."""
+    async with transaction(pool) as cur:
+        rows = await fetch_as(cur, DatasetRow, Q["buffered_dataset"], {"org": org, "name": name})
+    if not rows:
+        raise errors.NotFound(f"no dataset {name!r} in org {org!r}", field="dataset")
+    if rows[0].storage_kind != BUFFERED:
+        raise errors.Conflict(f"dataset {name!r} is not buffered", field="dataset")
+    return rows[0]
+
+
+async def queue_status(pool: AsyncConnectionPool, queue: str) -> QueueStatus:
+    """Depth, in-flight, dead and the oldest live message's age of ``queue`` (a Postgres
+    queue in the state database). Raises ``Unavailable``."""
+    async with transaction(pool) as cur:
+        (row,) = await fetch_as(cur, _StatusRow, Q["queue_status"], {"queue": queue})
+    return QueueStatus(queue, row.depth, row.in_flight, row.dead, row.oldest_age_s)
+
+
+class Sink:
+    """Consumes one buffered dataset's queue into its table (module docstring)."""
+
+    def __init__(
+        self,
+        *,
+        state_pool: AsyncConnectionPool,
+        data_pool: AsyncConnectionPool,
+        object_store: ObjectStore,
+        queue: Queue,
+        org: str,
+        dataset: str,
+        visibility_timeout_s: float = 60.0,
+        fault: Callable[[str], Awaitable[None]] | None = None,
+    ) -> None:
+        self.state_pool = state_pool
+        self.data_pool = data_pool
+        self.object_store = object_store
+        self.queue = queue
+        self.org = org
+        self.dataset = dataset
+        self.visibility_timeout_s = visibility_timeout_s
+        #: Called at each of ``FAULT_POINTS``; raising there stops the loop (tests).
+        self.fault = fault
+        self._tables: set[str] = set()
+        #: Counters since start (the process's metrics).
+        self.stats = {"batches": 0, "rows": 0, "inserted": 0, "dead": 0, "events": 0}
+        self.last_batch_at: float | None = None
+
+    async def process_once(self, *, max_messages: int = 10, wait_s: float = 0.0) -> int:
+        """Receive up to ``max_messages`` and handle each; returns how many were received.
+        Raises ``Unavailable`` (the messages not handled are redelivered later), and whatever
+        an injected fault raises."""
+        messages = await self.queue.receive(
+            max_messages=max_messages,
+            visibility_timeout=self.visibility_timeout_s,
+            wait_seconds=wait_s,
+        )
+        for m in messages:
+            await self.handle(m)
+        return len(messages)
+
+    async def handle(self, message: ReceivedMessage) -> BatchResult:
+        """Store one batch (module docstring, steps 1-4). Raises ``Unavailable``."""
+        try:
+            batch_msg = BufferMessage.decode(message.body)
+            dataset = await load_dataset(self.state_pool, self.org, self.dataset)
+            if batch_msg.dataset_uuid != dataset.dataset_uuid:
+                raise errors.ValidationFailed(
+                    f"the message is for dataset {batch_msg.dataset_uuid}, this sink serves "
+                    f"{dataset.dataset_uuid}",
+                    field="dataset_uuid",
+                )
+            schema = DatasetSchema.of(json.loads(dataset.schema), dataset.unique_key)
+            data = await self._read(batch_msg)
+            parsed = parse_batch(data, schema)
+            if len(parsed.rows) != batch_msg.row_count:
+                raise errors.ValidationFailed(
+                    f"the batch holds {len(parsed.rows)} rows, its pointer says "
+                    f"{batch_msg.row_count}",
+                    field="row_count",
+                )
+        except (errors.ValidationFailed, errors.NotFound, errors.Conflict) as exc:
+            return await self._dead_letter(message, exc)
+        if dataset.dataset_version is None:
+            raise errors.Unavailable(f"dataset {dataset.name!r} has no active version yet")
+        keys = dedupe_keys(
+            parsed,
+            schema,
+            producer_task_id=batch_msg.task_id,
+            dataset_uuid=dataset.dataset_uuid,
+            scope=None,
+        )
+        inserted = await self._write(dataset, schema, parsed, keys, batch_msg)
+        await self._fault("after_commit")
+        emitted = await self._emit(dataset, batch_msg)
+        await self._fault("after_event")
+        await self.queue.delete([message.receipt])
+        self.stats["batches"] += 1
+        self.stats["rows"] += len(parsed.rows)
+        self.stats["inserted"] += inserted
+        self.stats["events"] += int(emitted)
+        self.last_batch_at = time.time()
+        return BatchResult("stored", len(parsed.rows), inserted, emitted)
+
+    async def _read(self, m: BufferMessage) -> bytes:
+        data = await self.object_store.get(m.object_key)
+        if len(data) != m.byte_size or hashlib.sha256(data).hexdigest() != m.sha256:
+            raise errors.ValidationFailed(
+                "the batch object does not match its pointer's byte_size/sha256", field="sha256"
+            )
+        return data
+
+    async def _dead_letter(self, message: ReceivedMessage, exc: errors.TraceError) -> BatchResult:
+        reason = f"{exc.code}: {exc.message}"
+        if exc.field and exc.field not in exc.message:
+            reason = f"{exc.code} ({exc.field}): {exc.message}"
+        await self.queue.dead_letter([(message, reason)])
+        self.stats["dead"] += 1
+        log.warning("buffer batch dead-lettered", extra={"queue": self.queue.name, "why": reason})
+        return BatchResult("dead", reason=reason)
+
+    async def _write(
+        self,
+        dataset: DatasetRow,
+        schema: DatasetSchema,
+        parsed: ParsedBatch,
+        keys: list[str],
+        m: BufferMessage,
+    ) -> int:
+        """COPY into a temporary table, insert the rows new to the table, commit."""
+        assert dataset.dataset_version is not None
+        table = sql.Identifier(DATA_SCHEMA, f"dsv_{dataset.dataset_version.replace('-', '')}")
+        staging = sql.Identifier("sink_batch")
+        key = table_name(dataset.dataset_version)
+        names = sql.SQL(", ").join(sql.Identifier(c) for c in schema.names)
+        columns = sql.SQL(", ").join(
+            sql.SQL("{} {}").format(sql.Identifier(c), sql.SQL(PG_TYPES[t]))
+            for c, t in schema.columns
+        )
+        copy_types = [_COPY_TYPES[t] for _, t in schema.columns] + ["text"]
+        try:
+            async with self.data_pool.connection() as conn, conn.transaction():
+                async with conn.cursor() as cur:
+                    if key not in self._tables:
+                        await cur.execute(Q["lock_table_ddl"], {"table": key})
+                        await cur.execute(
+                            sql.SQL(Q["create_table"]).format(
+                                table=table,
+                                columns=columns,
+                                constraint=sql.Identifier(
+                                    f"dsv_{dataset.dataset_version.replace('-', '')}_dedupe"
+                                ),
+                            )
+                        )
+                    await cur.execute(
+                        sql.SQL(Q["create_staging"]).format(staging=staging, columns=columns)
+                    )
+                    copy_sql = sql.SQL(Q["copy_staging"]).format(staging=staging, names=names)
+                    async with cur.copy(copy_sql) as copy:
+                        copy.set_types(copy_types)
+                        for row, k in zip(parsed.rows, keys, strict=True):
+                            await copy.write_row((*row, k))
+                    await cur.execute(
+                        sql.SQL(Q["insert_new_rows"]).format(
+                            table=table, names=names, staging=staging
+                        ),
+                        {"task_id": m.task_id, "batch_key": m.batch_key},
+                    )
+                    inserted = cur.rowcount
+                    await self._fault("before_commit")
+        except psycopg.Error as exc:
+            raise errors.Unavailable(f"data database: {type(exc).__name__}") from exc
+        self._tables.add(key)
+        return inserted
+
+    async def _emit(self, dataset: DatasetRow, m: BufferMessage) -> bool:
+        """The upstream event of a committed batch; ``False`` when it was emitted already."""
+        payload = {
+            "dataset": dataset.name,
+            "dataset_uuid": dataset.dataset_uuid,
+            "dataset_version": dataset.dataset_version,
+            "batch_key": m.batch_key,
+            "row_count": m.row_count,
+            "output": dataset.output_index,
+        }
+        async with transaction(self.state_pool) as cur:
+            rows = await fetch_as(
+                cur,
+                _EventRow,
+                Q["insert_sink_event"],
+                {
+                    "task_id": m.task_id,
+                    "key": event_key(dataset.dataset_uuid, m.batch_key),
+                    "attempt": m.attempt,
+                    "type": EVENT_TYPE,
+                    "payload": Jsonb(payload),
+                },
+            )
+        return bool(rows)
+
+    async def _fault(self, point: str) -> None:
+        if self.fault is not None:
+            await self.fault(point)
+
+
+def event_key(dataset_uuid: str, batch_key: str) -> str:
+    """The key of a batch's upstream event among its producer task's events."""
+    return f"sink/{dataset_uuid}/{batch_key}"
+
+
+def sink_queue(queue_for: Callable[[str], Queue], dataset: DatasetRow) -> Queue:
+    """The buffer queue of ``dataset``."""
+    return queue_for(queue_name(dataset.dataset_uuid))
+
+
+__all__ = [
+    "EVENT_TYPE",
+    "FAULT_POINTS",
+    "PG_TYPES",
+    "BatchResult",
+    "DatasetRow",
+    "QueueStatus",
+    "Sink",
+    "SinkCrash",
+    "event_key",
+    "load_dataset",
+    "queue_status",
+    "sink_queue",
+]

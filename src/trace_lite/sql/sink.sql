@@ -1,0 +1,97 @@
+-- Buffered Postgres datasets: the buffer forwarder (trace_lite.buffer_forwarder) and the sink
+-- (trace_lite.sink). State-database statements first, then data-database ones, which are
+-- psycopg.sql templates: {table}, {columns}, ... are filled with sql.Identifier / fixed SQL.
+
+-- name: buffered_dataset
+-- A dataset of an org by name, with its schema and the version its DAG's active pointer set
+-- names (NULL before the first deploy gave it one).
+SELECT d.dataset_uuid::text AS dataset_uuid, d.org_id::text AS org_id, o.name AS org,
+       d.name, d.storage_kind, d.schema::text AS schema, d.unique_key, d.output_index,
+       p.dataset_version::text AS dataset_version
+FROM datasets d
+JOIN orgs o ON o.org_id = d.org_id
+JOIN dags g ON g.dag_id = d.dag_id
+LEFT JOIN dag_pointers p ON p.dag_id = g.dag_id AND p.generation = g.active_generation
+                        AND p.dataset_uuid = d.dataset_uuid
+WHERE o.name = %(org)s AND d.name = %(name)s;
+
+-- name: buffered_datasets
+-- Every buffered dataset of an org, by name.
+SELECT d.name FROM datasets d JOIN orgs o ON o.org_id = d.org_id
+WHERE o.name = %(org)s AND d.storage_kind = 'buffered_postgres'
+ORDER BY d.name;
+
+-- name: claim_buffer_outbox
+-- Lock due buffer-batch announcements of the given topics with the batch pointer and the
+-- dataset it names in the producer's org (NULL when there is no such dataset); rows other
+-- forwarders hold are skipped.
+SELECT o.id, o.tries, now() AS now, b.task_id::text AS task_id, b.batch_key, b.attempt,
+       b.object_key, b.row_count, b.byte_size, b.sha256, b.dataset,
+       d.dataset_uuid::text AS dataset_uuid, d.storage_kind
+FROM outbox o
+LEFT JOIN buffer_batches b ON b.task_id = (o.payload ->> 'task_id')::uuid
+                          AND b.batch_key = o.payload ->> 'batch_key'
+LEFT JOIN tasks t ON t.task_id = b.task_id
+LEFT JOIN datasets d ON d.org_id = t.org_id AND d.name = b.dataset
+WHERE o.state = 'pending' AND o.available_at <= now() AND o.topic = ANY(%(topics)s::text[])
+ORDER BY o.available_at, o.id
+LIMIT %(n)s
+FOR UPDATE OF o SKIP LOCKED;
+
+-- name: insert_sink_event
+-- The dataset's upstream event for one committed batch, as an event of the producing task; the
+-- key names the dataset and the batch, so a redelivered batch inserts nothing (no row back).
+-- The task_events trigger announces it to the DAG fan-out (outbox 'dag.event', migration 0011).
+INSERT INTO task_events (task_id, event_key, attempt, event_type, payload)
+VALUES (%(task_id)s, %(key)s, %(attempt)s, %(type)s, %(payload)s)
+ON CONFLICT (task_id, event_key) DO NOTHING
+RETURNING event_key;
+
+-- name: queue_status
+-- A queue's depth (neither deleted nor dead), in-flight and dead counts, and the age in seconds
+-- of its oldest live message (the sink's lag), by the database's clock.
+SELECT count(*) FILTER (WHERE NOT dead) AS depth,
+       count(*) FILTER (WHERE NOT dead AND receipt IS NOT NULL AND visible_at > now()) AS in_flight,
+       count(*) FILTER (WHERE dead) AS dead,
+       coalesce(extract(epoch FROM now() - min(sent_at) FILTER (WHERE NOT dead)), 0)::float8
+           AS oldest_age_s
+FROM queue_messages WHERE queue = %(queue)s;
+
+-- name: pending_announcements
+-- Buffer-batch announcements of a topic not forwarded to a dataset queue yet.
+SELECT count(*) AS pending FROM outbox WHERE topic = %(topic)s AND state = 'pending';
+
+-- name: purge_dead
+-- Delete a queue's dead letters; returns how many.
+WITH gone AS (DELETE FROM queue_messages WHERE queue = %(queue)s AND dead RETURNING 1)
+SELECT count(*) AS purged FROM gone;
+
+-- name: create_table
+-- (data database) The dataset version's table: its columns, who wrote each row, and the
+-- dedupe key, unique.
+CREATE TABLE IF NOT EXISTS {table} (
+    {columns},
+    _dedupe_key text NOT NULL,
+    _task_id uuid NOT NULL,
+    _batch_key text NOT NULL,
+    _loaded_at timestamptz NOT NULL DEFAULT now(),
+    CONSTRAINT {constraint} UNIQUE (_dedupe_key)
+);
+
+-- name: lock_table_ddl
+-- (data database) Serialize creating one table among concurrent sinks.
+SELECT pg_advisory_xact_lock(hashtext(%(table)s));
+
+-- name: create_staging
+-- (data database) The batch's staging table, dropped at commit.
+CREATE TEMPORARY TABLE {staging} ({columns}, _dedupe_key text NOT NULL) ON COMMIT DROP;
+
+-- name: copy_staging
+-- (data database) COPY the batch's rows into the staging table.
+COPY {staging} ({names}, _dedupe_key) FROM STDIN;
+
+-- name: insert_new_rows
+-- (data database) Rows whose dedupe key the table does not hold yet; returns how many.
+INSERT INTO {table} ({names}, _dedupe_key, _task_id, _batch_key)
+SELECT {names}, _dedupe_key, %(task_id)s, %(batch_key)s FROM {staging}
+ON CONFLICT (_dedupe_key) DO NOTHING;

@@ -1,0 +1,314 @@
+"""The sink of buffered Postgres datasets on real Postgres (state and data databases):
+buffer-publish -> outbox -> the dataset's queue -> strict parse -> the version's table, each
+dedupe key once -> the upstream event once per committed batch -> delete; malformed batches to
+the DLQ with row and field; redelivery after a crash at each point."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import attrs
+import psycopg
+import pytest
+
+from trace_core import errors, wire
+from trace_core.lifecycle import RetryPolicy
+from trace_core.testing import MemoryObjectStore, MemoryQueue, MemorySigner
+from trace_lite.buffer_forwarder import BufferForwarder, queue_name, topic
+from trace_lite.dags import Dags
+from trace_lite.datasets import Datasets, table_name
+from trace_lite.dispatcher import Dispatcher, open_pool
+from trace_lite.pg_queue import PgQueue
+from trace_lite.sink import EVENT_TYPE, Sink, SinkCrash, load_dataset, queue_status
+from trace_servers.dag_cli import builtin_operators
+
+ORG = "acme"
+
+
+def dag_doc(schema: dict[str, str] | None = None, *, name: str = "alerts") -> dict[str, Any]:
+    return {
+        "name": name,
+        "jobs": {
+            "detect": {
+                "operator": "emit_events",
+                "triggers": [{"type": "manual"}],
+                "outputs": [
+                    {
+                        "storage": "postgres_table",
+                        "update_strategy": "append",
+                        "buffered": True,
+                        "multi_writer": True,
+                        "unique_key": ["tx_hash", "log_index"],
+                        "schema": schema
+                        or {"tx_hash": "bytes", "log_index": "int32", "value": "uint256"},
+                    }
+                ],
+            }
+        },
+        "publish": [{"job": "detect", "output": 0, "dataset": "transfers"}],
+    }
+
+
+def sql(url: str, query: str, params: Any = None) -> list[tuple[Any, ...]]:
+    with psycopg.connect(url, autocommit=True) as conn:
+        cur = conn.execute(query, params)
+        return cur.fetchall() if cur.description else []
+
+
+@attrs.define
+class Env:
+    db_url: str
+    data_url: str
+    dispatcher: Dispatcher
+    dags: Dags
+    store: MemoryObjectStore
+    forwarder: BufferForwarder
+    queues: dict[str, PgQueue]
+    pools: list[Any]
+
+    def queue(self, name: str) -> PgQueue:
+        if name not in self.queues:
+            self.queues[name] = PgQueue(self.pools[0], name, max_receives=5)
+        return self.queues[name]
+
+    async def dataset_queue(self) -> PgQueue:
+        ds = await load_dataset(self.pools[0], ORG, "transfers")
+        return self.queue(queue_name(ds.dataset_uuid))
+
+    async def sink(
+        self, fault: Callable[[str], Awaitable[None]] | None = None, visibility: float = 30.0
+    ) -> Sink:
+        return Sink(
+            state_pool=self.pools[0],
+            data_pool=self.pools[1],
+            object_store=self.store,
+            queue=await self.dataset_queue(),
+            org=ORG,
+            dataset="transfers",
+            visibility_timeout_s=visibility,
+            fault=fault,
+        )
+
+    async def task(self) -> dict[str, Any]:
+        (info,) = await self.dispatcher.create_tasks(
+            [wire.CreateTaskRequest(operator="noop", org=ORG)]
+        )
+        claim = await self.dispatcher.claim(info.task_id)
+        return {
+            "task_id": claim.task_id,
+            "attempt": claim.attempt,
+            "lease_token": claim.lease_token,
+        }
+
+    async def publish(self, fence: dict[str, Any], key: str, rows: list[Any]) -> None:
+        data = b"".join(
+            (r if isinstance(r, bytes) else json.dumps(r).encode()) + b"\n" for r in rows
+        )
+        prefix = (await self.dispatcher.fetch(fence["task_id"])).staging_prefix
+        object_key = f"{prefix}buffer/transfers/{key}.jsonl"
+        info = await self.store.put(object_key, data)
+        batch = wire.BufferBatchIn(key, "transfers", object_key, len(rows), info.size, info.sha256)
+        await self.dispatcher.publish_buffer(wire.BufferPublishRequest(**fence, batch=batch))
+
+    def table(self, version: str) -> list[tuple[Any, ...]]:
+        return sql(
+            self.data_url,
+            f"SELECT encode(tx_hash, 'hex'), log_index, value FROM {table_name(version)} "
+            "ORDER BY 1, 2",
+        )
+
+    async def version(self) -> str:
+        ds = await load_dataset(self.pools[0], ORG, "transfers")
+        assert ds.dataset_version is not None
+        return ds.dataset_version
+
+    def events(self) -> list[tuple[Any, ...]]:
+        return sql(
+            self.db_url,
+            "SELECT event_key, payload->>'row_count' FROM task_events WHERE event_type = %s "
+            "ORDER BY seq",
+            (EVENT_TYPE,),
+        )
+
+    def redeliver_now(self) -> None:
+        """The visibility timeout passes (a crashed sink's messages become visible again)."""
+        sql(self.db_url, "UPDATE queue_messages SET visible_at = now() WHERE NOT dead")
+
+
+@pytest.fixture
+async def env(db_url: str, data_db_url: str) -> AsyncIterator[Env]:
+    state = await open_pool(db_url, min_size=1, max_size=6)
+    data = await open_pool(data_db_url, min_size=1, max_size=4)
+    store = MemoryObjectStore()
+    dispatcher = Dispatcher(
+        state,
+        signer=MemorySigner(),
+        queue=MemoryQueue("tasks"),
+        object_store=store,
+        retry=RetryPolicy(max_attempts=3, base_s=0.0),
+    )
+    ds = Datasets(state, object_store=store)
+    await ds.set_member(None, ORG, "alice", ["admin"])
+    dags = Dags(state, operators=builtin_operators())
+    await dags.deploy(None, ORG, dag_doc())
+    queues: dict[str, PgQueue] = {}
+    fwd = BufferForwarder(state, lambda u: e.queue(queue_name(u)), topics=[topic("transfers")])
+    e = Env(db_url, data_db_url, dispatcher, dags, store, fwd, queues, [state, data])
+    try:
+        yield e
+    finally:
+        for q in queues.values():
+            await q.close()
+        await state.close()
+        await data.close()
+
+
+def row(i: int, value: int = 1) -> dict[str, Any]:
+    return {"tx_hash": f"0x{i:04x}", "log_index": i % 3, "value": str(value)}
+
+
+async def drain(sink: Sink) -> None:
+    while await sink.process_once():
+        pass
+
+
+async def test_publish_forward_sink_stores_rows_and_emits_one_event(env: Env) -> None:
+    fence = await env.task()
+    await env.publish(fence, "b1", [row(1), row(2, 2**200)])
+    assert await env.forwarder.drain() == 1
+    rows = sql(env.db_url, "SELECT topic, state FROM outbox WHERE topic LIKE 'buffer:%'")
+    assert rows == [("buffer:transfers", "published")]
+    sink = await env.sink()
+    await drain(sink)
+    assert env.table(await env.version()) == [("0001", 1, 1), ("0002", 2, 2**200)]
+    assert env.events() == [
+        (f"sink/{(await load_dataset(env.pools[0], ORG, 'transfers')).dataset_uuid}/b1", "2")
+    ]
+    status = await queue_status(env.pools[0], (await env.dataset_queue()).name)
+    assert (status.depth, status.dead) == (0, 0)
+
+
+async def test_the_same_batch_twice_and_overlapping_batches_store_each_key_once(env: Env) -> None:
+    fence = await env.task()
+    await env.publish(fence, "b1", [row(1), row(2)])
+    await env.publish(fence, "b2", [row(2), row(3)])  # overlaps b1 on row 2
+    await env.forwarder.drain()
+    queue = await env.dataset_queue()
+    # the same announcement forwarded twice (at-least-once): the same batch arrives twice
+    first = (await queue.receive(max_messages=1, visibility_timeout=0))[0]
+    await queue.send([first.body])
+    sink = await env.sink()
+    await drain(sink)
+    assert [r[0] for r in env.table(await env.version())] == ["0001", "0002", "0003"]
+    assert len(env.events()) == 2  # one per committed batch, not per delivery
+    assert sink.stats["batches"] == 3 and sink.stats["inserted"] == 3
+
+
+async def test_a_retried_attempt_republishing_the_rows_dedupes(env: Env) -> None:
+    fence = await env.task()
+    await env.publish(fence, "b1", [row(1), row(2)])
+    sql(env.db_url, "UPDATE tasks SET lease_expires_at = now() - interval '1 s'")
+    await env.dispatcher.reap_once()
+    sql(env.db_url, "UPDATE tasks SET available_at = now()")
+    await env.dispatcher.reap_once()
+    claim = await env.dispatcher.claim(fence["task_id"])
+    again = {"task_id": claim.task_id, "attempt": claim.attempt, "lease_token": claim.lease_token}
+    assert again["attempt"] == 2
+    await env.publish(again, "b1-retry", [row(1), row(2), row(4)])
+    # the stale attempt cannot publish: 409, nothing of it reaches the table
+    with pytest.raises(errors.LeaseLost):
+        await env.publish(fence, "stale", [row(9)])
+    await env.forwarder.drain()
+    await drain(await env.sink())
+    assert [r[0] for r in env.table(await env.version())] == ["0001", "0002", "0004"]
+    assert len(env.events()) == 2
+
+
+@pytest.mark.parametrize("point", ["before_commit", "after_commit", "after_event"])
+async def test_redelivery_after_a_crash_at_each_point_stores_once_and_emits_once(
+    env: Env, point: str
+) -> None:
+    fence = await env.task()
+    await env.publish(fence, "b1", [row(1), row(2)])
+    await env.publish(fence, "b2", [row(3)])
+    await env.forwarder.drain()
+
+    async def crash(at: str) -> None:
+        if at == point:
+            raise SinkCrash(at)
+
+    with pytest.raises(SinkCrash):
+        await (await env.sink(crash)).process_once(max_messages=1)
+    version = await env.version()
+    committed = point != "before_commit"
+    exists = sql(env.data_url, "SELECT to_regclass(%s) IS NOT NULL", (table_name(version),))
+    assert exists[0][0] == committed  # the first batch's rollback took the new table with it
+    if committed:
+        assert len(env.table(version)) == 2
+    assert len(env.events()) == (1 if point == "after_event" else 0)
+    env.redeliver_now()
+    sink = await env.sink()
+    await drain(sink)
+    assert [r[0] for r in env.table(version)] == ["0001", "0002", "0003"]
+    assert [e[1] for e in env.events()] == ["2", "1"]  # one event per committed batch
+    status = await queue_status(env.pools[0], (await env.dataset_queue()).name)
+    assert (status.depth, status.dead) == (0, 0)
+
+
+async def test_a_batch_with_a_bad_row_goes_whole_to_the_dlq_and_replays_after_the_fix(
+    env: Env,
+) -> None:
+    fence = await env.task()
+    await env.publish(fence, "good1", [row(1)])
+    await env.publish(fence, "mixed", [row(2), {**row(3), "value": "-5"}, row(4)])
+    await env.publish(fence, "good2", [row(5)])
+    await env.forwarder.drain()
+    sink = await env.sink()
+    await drain(sink)
+    version = await env.version()
+    assert [r[0] for r in env.table(version)] == ["0001", "0005"]
+    queue = await env.dataset_queue()
+    (dead,) = await queue.dead_letters()
+    assert dead.dead_letter_reason is not None
+    assert "row 1 field value" in dead.dead_letter_reason
+    assert "out of range for uint256" in dead.dead_letter_reason
+    assert len(env.events()) == 2
+    # the schema is fixed (value widened to a signed type) and the dead letter replayed
+    await env.dags.deploy(
+        None, ORG, dag_doc({"tx_hash": "bytes", "log_index": "int32", "value": "int64"})
+    )
+    assert await queue.redrive() == 1
+    await drain(sink)
+    assert [r[0] for r in env.table(version)] == ["0001", "0002", "0003", "0004", "0005"]
+    assert await queue.redrive() == 0  # nothing dead any more
+    assert await queue.redrive() == 0
+    assert len(env.events()) == 3
+
+
+async def test_pointer_that_does_not_match_its_object_is_dead_lettered(env: Env) -> None:
+    fence = await env.task()
+    await env.publish(fence, "b1", [row(1)])
+    await env.forwarder.drain()
+    (key,) = [k for k in env.store._objects if k.endswith("b1.jsonl")]
+    await env.store.put(key, b'{"tx_hash": "0x09", "log_index": 0}\n')  # changed after publish
+    await drain(await env.sink())
+    (dead,) = await (await env.dataset_queue()).dead_letters()
+    assert "sha256" in str(dead.dead_letter_reason)
+    assert env.events() == []
+
+
+async def test_announcements_of_an_unknown_dataset_are_not_forwarded(env: Env) -> None:
+    fence = await env.task()
+    prefix = (await env.dispatcher.fetch(fence["task_id"])).staging_prefix
+    info = await env.store.put(f"{prefix}x.jsonl", b"{}\n")
+    batch = wire.BufferBatchIn("b1", "nosuch", f"{prefix}x.jsonl", 1, info.size, info.sha256)
+    await env.dispatcher.publish_buffer(wire.BufferPublishRequest(**fence, batch=batch))
+    fwd = BufferForwarder(env.pools[0], env.queue, topics=[topic("nosuch")])
+    assert await fwd.forward_once() == 0
+    ((state, tries),) = sql(
+        env.db_url, "SELECT state, tries FROM outbox WHERE topic = 'buffer:nosuch'"
+    )
+    assert (state, tries) == ("pending", 1)
+    assert sql(env.db_url, "SELECT count(*) FROM queue_messages")[0][0] == 0
