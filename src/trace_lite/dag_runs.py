@@ -249,6 +249,10 @@ class DagRuns:
         json_limits.check(payload, path="payload")
         run_id = run_id or uuid.uuid4().hex
         org_id = await self.orgs.org_id(org)
+        if caller is not None and (
+            caller.org_id != org_id or (not caller.member and not caller.dags)
+        ):
+            raise errors.NotFound("no such org", field="org")  # before anything of the org
         async with transaction(self.pool) as cur:
             params = {"org_id": org_id, "dag": dag, "job": job}
             row = first(await fetch_as(cur, SourceJobRow, Q["source_job"], params))

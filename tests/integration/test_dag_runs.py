@@ -122,6 +122,13 @@ async def test_trigger_refusals(world: World) -> None:
     bob = await world.dags.user_caller(ORG, "bob")
     with pytest.raises(errors.Forbidden):
         await world.runs.trigger(bob, ORG, "flow", "src")
+    # a caller of another org learns nothing, not even whether the DAG exists
+    await world.ds.set_member(None, "globex", "eve", ["admin"])
+    eve = await world.dags.user_caller("globex", "eve")
+    for dag in ("flow", "nope"):
+        with pytest.raises(errors.NotFound) as info:
+            await world.runs.trigger(eve, ORG, dag, "src")
+        assert info.value.field == "org"
     no_manual = {**FLOW, "jobs": {**FLOW["jobs"]}}
     no_manual["jobs"]["src"] = {
         **FLOW["jobs"]["src"],
