@@ -12,7 +12,7 @@ an allowlist of node types, walked exhaustively:
   caller's granted dataset names or a CTE in scope, joins, subqueries, ``VALUES`` and no FROM;
   every table function (``read_parquet``, ``glob``, ``duckdb_settings``, ``query``, ...),
   ``DESCRIBE``/``SUMMARIZE`` and ``PIVOT`` references are refused;
-* functions: unqualified names, none on the denylist (functions that read settings, the
+* functions: unqualified (or ``main.``) names, none on the denylist (functions that read settings, the
   environment or catalog metadata, or execute serialized SQL).
 
 CTE scope follows DuckDB's: a CTE body sees the CTEs defined before it (and itself only when
@@ -193,7 +193,8 @@ class _Walker:
     def expression(self, obj: dict[str, Any], scope: frozenset[str]) -> None:
         if obj.get("class") == "FUNCTION":
             name = str(obj.get("function_name", "")).lower()
-            if obj.get("schema") or obj.get("catalog"):
+            # DuckDB's parser itself writes ``main.list_value`` for list literals
+            if obj.get("schema") not in ("", "main") or obj.get("catalog"):
                 raise _refuse("qualified function names are not allowed")
             if name in DENIED_FUNCTIONS or name.startswith(DENIED_FUNCTION_PREFIXES):
                 raise _refuse(f"function {name} is not allowed")

@@ -68,12 +68,16 @@ async def run_sandboxed(
     *,
     scratch_root: Path | None = None,
     keep_scratch: bool = False,
+    gate: bool = True,
 ) -> SandboxResult:
     """Run ``sql`` over ``tables`` (dataset name -> the pinned version's Parquet files) in a
     fresh sandbox process. Returns the rows. Raises ``ValidationFailed`` (refused by the gate,
     a syntax error, a failed query, a limit exceeded: time, memory), ``NotFound`` (a name not
     granted: "dataset not found or not readable"), ``PayloadTooLarge`` (over ``max_bytes``),
-    ``Unavailable`` (the sandbox could not run)."""
+    ``Unavailable`` (the sandbox could not run).
+
+    Tests only: ``keep_scratch`` leaves the private directory for inspection; ``gate=False``
+    skips the sandbox's parse-level checks to show the lock-down and OS limits hold alone."""
     scratch = Path(tempfile.mkdtemp(prefix="trace-query-", dir=scratch_root))
     request = {
         "sql": sql,
@@ -84,6 +88,7 @@ async def run_sandboxed(
         "max_rows": limits.max_rows,
         "max_bytes": limits.max_bytes,
         "cpu_s": int(limits.threads * limits.deadline_s) + 1,
+        "gate": gate,
     }
     try:
         proc = await asyncio.create_subprocess_exec(
