@@ -9,6 +9,8 @@ trace task create|get|cancel  admin calls against a running Dispatcher
 trace keys init|rotate|revoke manage the Ed25519 signing keys (current + next; revoke KID)
 trace pg start|stop|url       manage the embedded Postgres cluster
 trace dag validate|diff|schema  DAG files, offline (trace_servers.dag_cli)
+trace sink run|status         buffered datasets' sinks (trace_servers.sink_cli)
+trace dlq ls|show|replay|purge  dead-letter queues of the task queue and dataset queues
 """
 
 from __future__ import annotations
@@ -501,10 +503,11 @@ def build_parser() -> argparse.ArgumentParser:
     rv.add_argument("kid")
     g = sub.add_parser("pg", help="embedded Postgres")
     g.add_argument("pg_cmd", choices=["start", "stop", "url"])
-    from trace_servers import dag_cli, datasets_cli
+    from trace_servers import dag_cli, datasets_cli, sink_cli
 
     datasets_cli.add_parsers(sub)
     dag_cli.add_parsers(sub)
+    sink_cli.add_parsers(sub)
     return p
 
 
@@ -520,7 +523,17 @@ COMMANDS = {
     "users": lambda s, a: _datasets_cli("users", s, a),
     "datasets": lambda s, a: _datasets_cli("datasets", s, a),
     "dag": lambda s, a: _dag_cli(s, a),
+    "sink": lambda s, a: _sink_cli("sink", s, a),
+    "dlq": lambda s, a: _sink_cli("dlq", s, a),
 }
+
+
+def _sink_cli(which: str, settings: LiteSettings, args: argparse.Namespace) -> int:
+    from trace_servers import sink_cli
+
+    if which == "sink":
+        return sink_cli.cmd_sink(settings, args, _urls(settings))
+    return sink_cli.cmd_dlq(settings, args, _urls(settings)[0])
 
 
 def _datasets_cli(which: str, settings: LiteSettings, args: argparse.Namespace) -> int:

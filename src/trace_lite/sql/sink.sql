@@ -61,6 +61,10 @@ FROM queue_messages WHERE queue = %(queue)s;
 -- Buffer-batch announcements of a topic not forwarded to a dataset queue yet.
 SELECT count(*) AS pending FROM outbox WHERE topic = %(topic)s AND state = 'pending';
 
+-- name: dead_counts
+-- Queues with dead letters, and how many.
+SELECT queue, count(*) AS dead FROM queue_messages WHERE dead GROUP BY queue ORDER BY queue;
+
 -- name: purge_dead
 -- Delete a queue's dead letters; returns how many.
 WITH gone AS (DELETE FROM queue_messages WHERE queue = %(queue)s AND dead RETURNING 1)

@@ -1,0 +1,377 @@
+"""``trace sink ...`` and ``trace dlq ...`` commands (mounted by ``trace_servers.cli``).
+
+trace sink run --org ORG [--dataset NAME ...] [--metrics-port P]
+    run the sink of each named buffered dataset (default: every buffered dataset of the org)
+    and the buffer forwarder for them, until SIGTERM/SIGINT; ``/metrics`` on 127.0.0.1:P
+trace sink status --org ORG [--dataset NAME ...]
+    per dataset: queue depth, in flight, dead letters, oldest message age (lag), announcements
+    not forwarded yet (JSON)
+trace dlq ls                                    queues with dead letters, and how many
+trace dlq show|replay|purge [--org ORG --dataset NAME | --queue NAME] [--max N]
+    a queue's dead letters with their reasons / back to the queue / deleted (``purge`` needs
+    ``--yes``); without ``--dataset``/``--queue``: the task queue
+
+All of them talk to the state database directly (an operator's commands, like ``trace
+migrate``); the sink also to the data database and the object store.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import signal
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+import attrs
+from aiohttp import web
+from prometheus_client import CollectorRegistry, Gauge, generate_latest
+from psycopg_pool import AsyncConnectionPool
+
+from trace_core import errors
+from trace_core.ports import ReceivedMessage
+from trace_lite.buffer_forwarder import BufferForwarder, queue_name, topic
+from trace_lite.config import LiteSettings
+from trace_lite.pg import fetch_as, open_pool, transaction
+from trace_lite.pg_queue import PgQueue
+from trace_lite.sink import FAULT_POINTS, Q, Sink, load_dataset, queue_status
+from trace_sdk.aio import run_every
+
+log = logging.getLogger("trace.sink")
+
+
+def add_parsers(sub: Any) -> None:
+    s = sub.add_parser("sink", help="buffered Postgres datasets: run the sink, show its status")
+    ssub = s.add_subparsers(dest="sink_cmd", required=True)
+    for name in ("run", "status"):
+        p = ssub.add_parser(name)
+        p.add_argument("--org", required=True)
+        p.add_argument("--dataset", action="append", default=[], help="repeatable")
+        if name == "run":
+            p.add_argument("--metrics-port", type=int, default=0)
+            p.add_argument("--visibility-s", type=float, default=60.0)
+            # fault injection for the crash tests: SIGKILL this process at that point
+            p.add_argument("--kill-at", choices=FAULT_POINTS, help=argparse.SUPPRESS)
+    d = sub.add_parser("dlq", help="dead-letter queues: list, show, replay, purge")
+    dsub = d.add_subparsers(dest="dlq_cmd", required=True)
+    dsub.add_parser("ls")
+    for name in ("show", "replay", "purge"):
+        p = dsub.add_parser(name)
+        p.add_argument("--org")
+        p.add_argument("--dataset")
+        p.add_argument("--queue", help="a queue by name (default: the task queue)")
+        p.add_argument("--max", type=int, default=100)
+        if name == "purge":
+            p.add_argument("--yes", action="store_true", help="really delete them")
+
+
+# --- sink ------------------------------------------------------------------------------------
+
+
+async def _datasets(pool: AsyncConnectionPool, org: str, names: Sequence[str]) -> list[str]:
+    if names:
+        return list(names)
+    async with transaction(pool) as cur:
+        rows = await fetch_as(cur, _NameRow, Q["buffered_datasets"], {"org": org})
+    return [r.name for r in rows]
+
+
+@attrs.frozen
+class _NameRow:
+    name: str
+
+
+@attrs.frozen
+class _PendingRow:
+    pending: int
+
+
+@attrs.frozen
+class _DeadRow:
+    queue: str
+    dead: int
+
+
+@attrs.frozen
+class _PurgedRow:
+    purged: int
+
+
+async def status(pool: AsyncConnectionPool, org: str, names: Sequence[str]) -> list[dict[str, Any]]:
+    """Per dataset: its queue's backlog and the announcements not forwarded yet."""
+    out = []
+    for name in await _datasets(pool, org, names):
+        ds = await load_dataset(pool, org, name)
+        st = await queue_status(pool, queue_name(ds.dataset_uuid))
+        async with transaction(pool) as cur:
+            (p,) = await fetch_as(
+                cur, _PendingRow, Q["pending_announcements"], {"topic": topic(name)}
+            )
+        out.append(
+            {
+                "dataset": name,
+                "dataset_uuid": ds.dataset_uuid,
+                **attrs.asdict(st),
+                "not_forwarded": p.pending,
+            }
+        )
+    return out
+
+
+class SinkMetrics:
+    """The sink process's Prometheus gauges, refreshed from the database at each scrape."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        labels = ["dataset"]
+        self.depth = Gauge(
+            "trace_sink_queue_depth",
+            "Buffer queue messages not done",
+            labels,
+            registry=self.registry,
+        )
+        self.dead = Gauge(
+            "trace_sink_dead_letters", "Buffer batches in the DLQ", labels, registry=self.registry
+        )
+        self.lag = Gauge(
+            "trace_sink_lag_seconds",
+            "Age of the oldest buffer batch not stored yet",
+            labels,
+            registry=self.registry,
+        )
+        self.pending = Gauge(
+            "trace_sink_not_forwarded",
+            "Buffer announcements not on the dataset queue yet",
+            labels,
+            registry=self.registry,
+        )
+        self.stored = Gauge(
+            "trace_sink_batches",
+            "Batches handled by this process",
+            ["dataset", "outcome"],
+            registry=self.registry,
+        )
+        self.rows = Gauge(
+            "trace_sink_rows_inserted", "Rows this process inserted", labels, registry=self.registry
+        )
+
+    async def refresh(self, pool: AsyncConnectionPool, org: str, sinks: Sequence[Sink]) -> None:
+        for s in await status(pool, org, [x.dataset for x in sinks]):
+            self.depth.labels(s["dataset"]).set(s["depth"])
+            self.dead.labels(s["dataset"]).set(s["dead"])
+            self.lag.labels(s["dataset"]).set(s["oldest_age_s"])
+            self.pending.labels(s["dataset"]).set(s["not_forwarded"])
+        for x in sinks:
+            self.stored.labels(x.dataset, "stored").set(x.stats["batches"])
+            self.stored.labels(x.dataset, "dead").set(x.stats["dead"])
+            self.rows.labels(x.dataset).set(x.stats["inserted"])
+
+
+async def run(
+    settings: LiteSettings,
+    state_url: str,
+    data_url: str,
+    org: str,
+    names: Sequence[str],
+    *,
+    metrics_port: int = 0,
+    visibility_s: float = 60.0,
+    kill_at: str | None = None,
+    stop: asyncio.Event | None = None,
+) -> None:
+    """Run the sinks of ``names`` (every buffered dataset of ``org`` when empty) and their
+    forwarder until ``stop`` is set (SIGTERM/SIGINT when not given)."""
+    from trace_lite.local_store import LocalObjectStore
+
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    state = await open_pool(state_url, min_size=1, max_size=6)
+    data = await open_pool(data_url, min_size=1, max_size=4)
+    store = LocalObjectStore(settings.object_root, settings.dispatcher_url, settings.object_secret)
+    queues: dict[str, PgQueue] = {}
+
+    def queue_for(dataset_uuid: str) -> PgQueue:
+        name = queue_name(dataset_uuid)
+        if name not in queues:
+            queues[name] = PgQueue(state, name)
+        return queues[name]
+
+    async def fault(point: str) -> None:
+        if point == kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    runner: web.AppRunner | None = None
+    try:
+        datasets = await _datasets(state, org, names)
+        sinks = []
+        for name in datasets:
+            ds = await load_dataset(state, org, name)
+            sinks.append(
+                Sink(
+                    state_pool=state,
+                    data_pool=data,
+                    object_store=store,
+                    queue=queue_for(ds.dataset_uuid),
+                    org=org,
+                    dataset=name,
+                    visibility_timeout_s=visibility_s,
+                    fault=fault if kill_at else None,
+                )
+            )
+        forwarder = BufferForwarder(state, queue_for, topics=[topic(n) for n in datasets])
+        if metrics_port:
+            runner = await _serve_metrics(state, org, sinks, metrics_port)
+        print(json.dumps({"sink": "running", "org": org, "datasets": datasets}), flush=True)
+
+        def consumer(sink: Sink) -> Callable[[], Awaitable[int]]:
+            return lambda: sink.process_once(max_messages=10, wait_s=1.0)
+
+        loops = [run_every(stop, 0.2, forwarder.drain, name="buffer forwarder", logger=log)]
+        loops += [
+            run_every(stop, 0.0, consumer(s), name=f"sink {s.dataset}", logger=log) for s in sinks
+        ]
+        await asyncio.gather(*loops)
+    finally:
+        if runner is not None:
+            await runner.cleanup()
+        for q in queues.values():
+            await q.close()
+        await state.close()
+        await data.close()
+
+
+async def _serve_metrics(
+    pool: AsyncConnectionPool, org: str, sinks: Sequence[Sink], port: int
+) -> web.AppRunner:
+    metrics = SinkMetrics()
+
+    async def handler(_request: web.Request) -> web.Response:
+        try:
+            await metrics.refresh(pool, org, sinks)
+        except errors.TraceError:
+            pass  # serve what is known
+        return web.Response(
+            body=generate_latest(metrics.registry),
+            headers={"Content-Type": "text/plain; version=0.0.4"},
+        )
+
+    app = web.Application()
+    app.add_routes([web.get("/metrics", handler)])
+    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    return runner
+
+
+# --- dlq -------------------------------------------------------------------------------------
+
+
+async def _target_queue(
+    settings: LiteSettings, pool: AsyncConnectionPool, args: argparse.Namespace
+) -> str:
+    if args.queue:
+        return str(args.queue)
+    if args.dataset:
+        if not args.org:
+            raise SystemExit("--dataset needs --org")
+        return queue_name((await load_dataset(pool, args.org, args.dataset)).dataset_uuid)
+    return settings.queue_name
+
+
+async def dlq(settings: LiteSettings, state_url: str, args: argparse.Namespace) -> Any:
+    """``trace dlq ls|show|replay|purge``: the answer to print."""
+    pool = await open_pool(state_url, min_size=1, max_size=2)
+    try:
+        if args.dlq_cmd == "ls":
+            async with transaction(pool) as cur:
+                rows = await fetch_as(cur, _DeadRow, Q["dead_counts"], {})
+            return [attrs.asdict(r) for r in rows]
+        name = await _target_queue(settings, pool, args)
+        queue = PgQueue(pool, name)
+        try:
+            if args.dlq_cmd == "show":
+                letters: list[ReceivedMessage] = []
+                while len(letters) < args.max:
+                    got = await queue.dead_letters(max_messages=min(10, args.max - len(letters)))
+                    letters += [
+                        m for m in got if m.message_id not in {x.message_id for x in letters}
+                    ]
+                    if len(got) < 10:
+                        break
+                return {
+                    "queue": name,
+                    "dead_letters": [
+                        {
+                            "id": m.message_id,
+                            "receive_count": m.receive_count,
+                            "reason": m.dead_letter_reason,
+                            "body": m.body.decode("utf-8", "replace")[:2000],
+                        }
+                        for m in letters
+                    ],
+                }
+            if args.dlq_cmd == "replay":
+                return {"queue": name, "replayed": await queue.redrive(max_messages=args.max)}
+            if not args.yes:
+                raise SystemExit("purge deletes the dead letters for good: add --yes")
+            async with transaction(pool) as cur:
+                (r,) = await fetch_as(cur, _PurgedRow, Q["purge_dead"], {"queue": name})
+            return {"queue": name, "purged": r.purged}
+        finally:
+            await queue.close()
+    finally:
+        await pool.close()
+
+
+def cmd_sink(settings: LiteSettings, args: argparse.Namespace, urls: tuple[str, str]) -> int:
+    try:
+        return _cmd_sink(settings, args, urls)
+    except errors.TraceError as exc:
+        raise SystemExit(f"trace sink: {exc.code}: {exc.message}") from None
+
+
+def _cmd_sink(settings: LiteSettings, args: argparse.Namespace, urls: tuple[str, str]) -> int:
+    state_url, data_url = urls
+    if args.sink_cmd == "status":
+
+        async def go() -> list[dict[str, Any]]:
+            pool = await open_pool(state_url, min_size=1, max_size=2)
+            try:
+                return await status(pool, args.org, args.dataset)
+            finally:
+                await pool.close()
+
+        print(json.dumps(asyncio.run(go()), indent=2))
+        return 0
+    from trace_servers import logs
+
+    logs.setup("sink")
+    asyncio.run(
+        run(
+            settings,
+            state_url,
+            data_url,
+            args.org,
+            args.dataset,
+            metrics_port=args.metrics_port,
+            visibility_s=args.visibility_s,
+            kill_at=args.kill_at,
+        )
+    )
+    return 0
+
+
+def cmd_dlq(settings: LiteSettings, args: argparse.Namespace, state_url: str) -> int:
+    try:
+        print(json.dumps(asyncio.run(dlq(settings, state_url, args)), indent=2))
+    except errors.TraceError as exc:
+        raise SystemExit(f"trace dlq: {exc.code}: {exc.message}") from None
+    return 0
+
+
+__all__ = ["SinkMetrics", "add_parsers", "cmd_dlq", "cmd_sink", "dlq", "run", "status"]

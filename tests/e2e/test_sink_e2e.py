@@ -1,0 +1,172 @@
+"""``trace sink run`` as a real process: SIGKILLed at each point of a batch (before the data
+commit, after it, after the upstream event) and restarted, then run to the end: every dedupe
+key stored once, one event per batch, an empty queue; ``/metrics``, ``trace sink status`` and
+``trace dlq`` against the same databases; SIGTERM stops it cleanly."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+import urllib.request
+from typing import Any
+
+import pytest
+from e2e_harness import TraceProcs, free_port
+
+from trace_core import wire
+from trace_core.lifecycle import RetryPolicy
+from trace_core.testing import MemoryQueue, MemorySigner
+from trace_lite.config import LiteSettings
+from trace_lite.dags import Dags
+from trace_lite.datasets import Datasets, table_name
+from trace_lite.dispatcher import Dispatcher, open_pool
+from trace_lite.local_store import LocalObjectStore
+from trace_lite.sink import EVENT_TYPE, load_dataset
+from trace_servers.dag_cli import builtin_operators
+
+ORG = "acme"
+BATCHES = 8
+ROWS = 40  # per batch; batch i covers rows [20 i, 20 i + 40): each overlaps the next
+
+
+def dag() -> dict[str, Any]:
+    return {
+        "name": "alerts",
+        "jobs": {
+            "detect": {
+                "operator": "emit_events",
+                "triggers": [{"type": "manual"}],
+                "outputs": [
+                    {
+                        "storage": "postgres_table",
+                        "update_strategy": "append",
+                        "buffered": True,
+                        "unique_key": ["n"],
+                        "schema": {"n": "int64", "note": "string"},
+                    }
+                ],
+            }
+        },
+        "publish": [{"job": "detect", "output": 0, "dataset": "alerts"}],
+    }
+
+
+async def prepare(procs: TraceProcs, data_url: str) -> str:
+    """Deploy the DAG, publish the batches from one attempt; returns the version's table."""
+    settings = LiteSettings.from_env(procs.env())
+    store = LocalObjectStore(settings.object_root, settings.dispatcher_url, settings.object_secret)
+    pool = await open_pool(procs.db_url, min_size=1, max_size=4)
+    try:
+        await Datasets(pool, object_store=store).set_member(None, ORG, "alice", ["admin"])
+        await Dags(pool, operators=builtin_operators()).deploy(None, ORG, dag())
+        d = Dispatcher(
+            pool,
+            signer=MemorySigner(),
+            queue=MemoryQueue("tasks"),
+            object_store=store,
+            retry=RetryPolicy(),
+        )
+        (info,) = await d.create_tasks([wire.CreateTaskRequest(operator="noop", org=ORG)])
+        c = await d.claim(info.task_id)
+        fence = {"task_id": c.task_id, "attempt": c.attempt, "lease_token": c.lease_token}
+        prefix = (await d.fetch(c.task_id)).staging_prefix
+        for i in range(BATCHES):
+            rows = [{"n": n, "note": f"b{i}"} for n in range(20 * i, 20 * i + ROWS)]
+            data = b"".join(json.dumps(r).encode() + b"\n" for r in rows)
+            key = f"{prefix}buffer/alerts/b{i}.jsonl"
+            put = await store.put(key, data)
+            batch = wire.BufferBatchIn(f"b{i}", "alerts", key, len(rows), put.size, put.sha256)
+            await d.publish_buffer(wire.BufferPublishRequest(**fence, batch=batch))
+        ds = await load_dataset(pool, ORG, "alerts")
+        assert ds.dataset_version is not None
+        return table_name(ds.dataset_version)
+    finally:
+        await pool.close()
+
+
+def cli(procs: TraceProcs, *argv: str) -> Any:
+    out = subprocess.run(
+        [sys.executable, "-m", "trace_servers.cli", *argv],
+        env=procs.env(),
+        capture_output=True,
+        check=True,
+        timeout=60,
+        cwd=procs.home,
+    )
+    return json.loads(out.stdout)
+
+
+def data_sql(url: str, query: str) -> Any:
+    import psycopg
+
+    with psycopg.connect(url, autocommit=True) as conn:
+        return conn.execute(query).fetchall()
+
+
+def test_sink_process_killed_at_each_point_then_finishes_exactly_once(
+    trace_procs: TraceProcs, data_db_url: str
+) -> None:
+    procs = trace_procs
+    plain_env = procs.env
+    procs.env = lambda: {**plain_env(), "TRACE_DATA_DATABASE_URL": data_db_url}  # type: ignore[method-assign]
+    table = asyncio.run(prepare(procs, data_db_url))
+    expected = 20 * (BATCHES - 1) + ROWS
+
+    def stored() -> int:
+        exists = data_sql(data_db_url, f"SELECT to_regclass('{table}') IS NOT NULL")[0][0]
+        return int(data_sql(data_db_url, f"SELECT count(*) FROM {table}")[0][0]) if exists else 0
+
+    def events() -> int:
+        return int(
+            procs.scalar("SELECT count(*) FROM task_events WHERE event_type = %s", (EVENT_TYPE,))
+        )
+
+    base = ["sink", "run", "--org", ORG, "--visibility-s", "1"]
+    for point in ("before_commit", "after_commit", "after_event"):
+        proc = procs._spawn("sink", *base, "--kill-at", point)
+        procs.wait_until(lambda p=proc: not p.alive(), 60, f"sink killed at {point}")  # type: ignore[misc]
+        assert proc.popen.returncode == -9, procs.log_tails()
+    # only the process killed after the event emitted one
+    assert events() == 1
+    port = free_port()
+    proc = procs._spawn("sink", *base, "--metrics-port", str(port))
+    procs.wait_until(lambda: events() == BATCHES, 60, "one event per batch")
+
+    def queue_empty() -> bool:
+        (st,) = cli(procs, "sink", "status", "--org", ORG)
+        return bool(st["depth"] == 0 and st["not_forwarded"] == 0)
+
+    procs.wait_until(queue_empty, 60, "the dataset queue drained")
+    assert stored() == expected
+    distinct = data_sql(data_db_url, f"SELECT count(DISTINCT n), count(*) FROM {table}")[0]
+    assert distinct == (expected, expected)
+    (st,) = cli(procs, "sink", "status", "--org", ORG)
+    assert (st["dataset"], st["depth"], st["dead"]) == ("alerts", 0, 0)
+    body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    assert 'trace_sink_queue_depth{dataset="alerts"} 0.0' in body
+    assert 'trace_sink_dead_letters{dataset="alerts"} 0.0' in body
+    assert cli(procs, "dlq", "ls") == []
+    assert cli(procs, "dlq", "show", "--org", ORG, "--dataset", "alerts")["dead_letters"] == []
+    assert procs.terminate(proc, 30) == 0
+    assert events() == BATCHES  # nothing emitted twice
+
+
+@pytest.mark.parametrize("target", [[], ["--queue", "tasks"]])
+def test_dlq_commands_on_the_task_queue(trace_procs: TraceProcs, target: list[str]) -> None:
+    procs = trace_procs
+    procs.sql(
+        "INSERT INTO queue_messages (queue, body, dead, dead_at, dead_reason) "
+        "VALUES ('tasks', '\\x7b7d', true, now(), 'poison')"
+    )
+    assert cli(procs, "dlq", "ls") == [{"queue": "tasks", "dead": 1}]
+    (letter,) = cli(procs, "dlq", "show", *target)["dead_letters"]
+    assert (letter["reason"], letter["body"]) == ("poison", "{}")
+    with pytest.raises(subprocess.CalledProcessError):
+        cli(procs, "dlq", "purge", *target)  # needs --yes
+    assert cli(procs, "dlq", "replay", *target)["replayed"] == 1
+    assert cli(procs, "dlq", "ls") == []
+    procs.sql("UPDATE queue_messages SET dead = true, dead_at = now()")
+    assert cli(procs, "dlq", "purge", *target, "--yes")["purged"] == 1
+    assert procs.scalar("SELECT count(*) FROM queue_messages") == 0
