@@ -1,0 +1,233 @@
+"""The Query Service on real Postgres, the real LocalObjectStore and real sandbox processes:
+pins across a cutover, the datasets permission matrix through the query path, other orgs."""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import attrs
+import duckdb
+import psycopg
+import pytest
+
+from trace_core import errors, wire
+from trace_core.access import Caller
+from trace_core.lifecycle import RetryPolicy
+from trace_core.query_gate import NOT_READABLE
+from trace_core.testing import MemoryQueue, MemorySigner
+from trace_core.token import issue_claims
+from trace_lite.datasets import Datasets
+from trace_lite.dispatcher import Dispatcher, open_pool
+from trace_lite.local_store import LocalObjectStore
+from trace_lite.query import Limits, QueryService, SandboxResult
+
+ORG, OTHER, DAG = "acme", "globex", "prices"
+SECRET = "GLOBEX-ONLY-ROW"
+
+
+@attrs.define
+class World:
+    d: Dispatcher
+    ds: Datasets
+    store: LocalObjectStore
+    q: QueryService
+    db_url: str
+    tmp: Path
+
+    def sql(self, query: str, params: Any = None) -> list[tuple[Any, ...]]:
+        with psycopg.connect(self.db_url, autocommit=True) as conn:
+            cur = conn.execute(query, params)
+            return cur.fetchall() if cur.description else []
+
+
+def _parquet(tmp: Path, select: str) -> bytes:
+    path = tmp / f"{time.monotonic_ns()}.parquet"
+    duckdb.sql(f"COPY ({select}) TO '{path}' (FORMAT parquet)")
+    data = path.read_bytes()
+    path.unlink()
+    return data
+
+
+async def publish(w: World, org: str, dag: str, tags: dict[str, str]) -> dict[str, str]:
+    """Write a new version of each dataset (5 rows tagged ``tag``) through a task's completion,
+    promote it, and return the versions (not cut over yet)."""
+    versions = {name: await w.ds.open_version(None, org, name) for name in tags}
+    (info,) = await w.d.create_tasks([wire.CreateTaskRequest(operator="stage", org=org)])
+    c = await w.d.claim(info.task_id)
+    payload = await w.d.fetch(info.task_id, c.attempt)
+    outputs = []
+    for name, tag in tags.items():
+        data = _parquet(w.tmp, f"SELECT range AS n, '{tag}' AS tag FROM range(5)")
+        key = f"{payload.staging_prefix}{name}/0_5.parquet"
+        await w.store.put(key, data)
+        outputs.append(
+            {
+                "dataset": name,
+                "object_key": key,
+                "size": len(data),
+                "sha256": hashlib.sha256(data).hexdigest(),
+                "partition": {"start": 0, "end": 5},
+                "version": versions[name],
+            }
+        )
+    fence = {"task_id": c.task_id, "attempt": c.attempt, "lease_token": c.lease_token}
+    await w.d.complete(wire.structure({**fence, "outputs": outputs}, wire.CompleteRequest))
+    while await w.ds.promote_once():
+        pass
+    return versions
+
+
+@pytest.fixture
+async def world(db_url: str, tmp_path: Path) -> AsyncIterator[World]:
+    pool = await open_pool(db_url, min_size=2, max_size=8)
+    store = LocalObjectStore(tmp_path / "objects", "http://127.0.0.1:1", b"s" * 32)
+    d = Dispatcher(
+        pool,
+        signer=MemorySigner(),
+        queue=MemoryQueue("tasks"),
+        object_store=store,
+        retry=RetryPolicy(max_attempts=3, base_s=0.0),
+        rand=lambda: 0.5,
+    )
+    ds = Datasets(pool, object_store=store)
+    q = QueryService(ds, store, limits=Limits(deadline_s=20.0, max_rows=100))
+    w = World(d, ds, store, q, db_url, tmp_path)
+    await ds.ensure_dag(ORG, DAG, deployers=["dave"])
+    await ds.ensure_dag(OTHER, "other")
+    await ds.set_member(None, ORG, "alice", ["admin"])
+    await ds.set_member(None, ORG, "dave", [])
+    await ds.set_member(None, ORG, "ann", ["analyst"])
+    await ds.set_member(None, ORG, "bob", [])
+    await ds.set_member(None, OTHER, "eve", ["admin", "analyst"])
+    for name, roles in (("private", []), ("shared", ["analyst"])):
+        await ds.register(ORG, name, dag=DAG, job="j", read_roles=roles)
+    await ds.cutover(None, ORG, DAG, await publish(w, ORG, DAG, {"private": "v1", "shared": "v1"}))
+    await ds.register(OTHER, "shared", dag="other", job="j", read_roles=["analyst"])
+    await ds.cutover(None, OTHER, "other", await publish(w, OTHER, "other", {"shared": SECRET}))
+    try:
+        yield w
+    finally:
+        await pool.close()
+
+
+async def test_query_reads_the_active_version_and_releases_its_pin(world: World) -> None:
+    alice = await world.ds.user_caller(ORG, "alice")
+    r = await world.q.query(alice, ORG, "SELECT tag, count(*) AS n FROM shared GROUP BY tag")
+    assert (r.columns, r.rows) == (["tag", "n"], [["v1", 5]])
+    assert world.sql("SELECT count(*) FROM dataset_pins")[0][0] == 0
+
+
+async def test_row_cap(world: World) -> None:
+    alice = await world.ds.user_caller(ORG, "alice")
+    r = await world.q.query(alice, ORG, "SELECT * FROM shared ORDER BY n", max_rows=2)
+    assert (r.rows, r.truncated) == ([[0, "v1"], [1, "v1"]], True)
+
+
+class CutoverMidQuery(QueryService):
+    """Cuts both datasets over to fresh versions after the query pinned, before it reads."""
+
+    world: World
+    moved: dict[str, str]
+
+    async def _sandbox(
+        self, sql: str, tables: dict[str, list[str]], limits: Limits
+    ) -> SandboxResult:
+        w = self.world
+        self.moved = await publish(w, ORG, DAG, {"private": "v2", "shared": "v2"})
+        await w.ds.cutover(None, ORG, DAG, self.moved)
+        return await super()._sandbox(sql, tables, limits)
+
+
+async def test_a_query_across_a_cutover_reads_one_pinned_version_only(world: World) -> None:
+    q = CutoverMidQuery(world.ds, world.store)
+    q.world = world
+    alice = await world.ds.user_caller(ORG, "alice")
+    res = await world.ds.resolve(alice, ORG, ["private", "shared"], pin_ttl_s=0)
+    before = {d.dataset: d.dataset_version for d in res.datasets}
+    sql = "SELECT p.tag AS a, s.tag AS b, count(*) AS n FROM private p JOIN shared s USING (n) GROUP BY ALL"
+    r = await q.query(alice, ORG, sql)
+    assert r.rows == [["v1", "v1", 5]]  # never v2, never a mix
+    assert r.versions == before
+    assert set(q.moved.values()).isdisjoint(r.versions.values())
+    # the next query sees the new set, whole
+    r2 = await world.q.query(alice, ORG, sql)
+    assert r2.rows == [["v2", "v2", 5]] and r2.versions == q.moved
+
+
+#: principal -> datasets it may read through the Query Service
+READABLE = {
+    "org_admin": {"private", "shared"},
+    "dag_deployer": {"private", "shared"},
+    "member_with_read_role": {"shared"},
+    "member_without_role": set(),
+    "task_with_grant": {"private", "shared"},
+    "task_with_one_grant": {"shared"},
+    "task_without_grant": set(),
+}
+
+
+async def _caller(w: World, principal: str) -> Caller:
+    users = {
+        "org_admin": "alice",
+        "dag_deployer": "dave",
+        "member_with_read_role": "ann",
+        "member_without_role": "bob",
+    }
+    if principal in users:
+        return await w.ds.user_caller(ORG, users[principal])
+    read = {
+        "task_with_grant": ["private", "shared"],
+        "task_with_one_grant": ["shared"],
+        "task_without_grant": [],
+    }[principal]
+    (task,) = await w.d.create_tasks([wire.CreateTaskRequest(operator="x", org=ORG)])
+    claims = issue_claims(
+        w.d.token_policy,
+        org_id=await w.ds.org_id(ORG),
+        task_id=task.task_id,
+        attempt=1,
+        attempt_timeout_s=60,
+        now_epoch=int(time.time()),
+        jti="j",
+        grants={"datasets": {"read": read}},
+    )
+    verified = await w.d.authorize(await w.d.issuer.encode(claims), claims.task_id, 1)
+    return w.ds.task_caller(verified)
+
+
+@pytest.mark.parametrize("principal", list(READABLE))
+async def test_permission_matrix_through_the_query_path(world: World, principal: str) -> None:
+    caller = await _caller(world, principal)
+    for dataset in ("private", "shared"):
+        sql = f"SELECT count(*) FROM {dataset}"
+        if dataset in READABLE[principal]:
+            assert (await world.q.query(caller, ORG, sql)).rows == [[5]]
+        else:
+            with pytest.raises(errors.NotFound) as info:
+                await world.q.query(caller, ORG, sql)
+            assert (info.value.message, info.value.field) == (NOT_READABLE, "sql")
+    # a join naming one readable and one unreadable dataset is refused whole, naming neither
+    if READABLE[principal] != {"private", "shared"}:
+        with pytest.raises(errors.NotFound, match=f"^{NOT_READABLE}$"):
+            await world.q.query(caller, ORG, "SELECT * FROM shared, private")
+    assert world.sql("SELECT count(*) FROM dataset_pins")[0][0] == 0
+
+
+async def test_another_orgs_data_is_never_reachable(world: World) -> None:
+    eve = await world.ds.user_caller(OTHER, "eve")
+    # her own org's dataset of the same name: her rows only
+    r = await world.q.query(eve, OTHER, "SELECT DISTINCT tag FROM shared")
+    assert r.rows == [[SECRET]]
+    # acme's, through acme: she is no member there
+    with pytest.raises(errors.NotFound):
+        await world.q.query(eve, ORG, "SELECT * FROM shared")
+    # and acme's admin never sees globex's rows through any name
+    alice = await world.ds.user_caller(ORG, "alice")
+    r = await world.q.query(alice, ORG, "SELECT DISTINCT tag FROM shared")
+    assert r.rows == [["v1"]]
+    with pytest.raises(errors.NotFound):
+        await world.q.query(alice, OTHER, "SELECT * FROM shared")
