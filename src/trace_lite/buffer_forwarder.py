@@ -4,7 +4,7 @@
 transaction, an outbox row of topic ``buffer:<dataset name>``. The forwarder claims those rows
 (``FOR UPDATE SKIP LOCKED``: any number of forwarders split them), resolves the dataset in the
 producing task's org, and sends one message per batch to the dataset's queue
-(``queue_name(dataset_uuid)``, ``buffer.<dataset_uuid>``). A row is marked published only once
+(``queue_name(dataset_uuid)``, ``buffer-<dataset_uuid>``). A row is marked published only once
 its message is sent, as ``trace_core.outbox`` decides; a row naming no buffered dataset (never
 deployed, or not ``buffered``) backs off like a failed send and is ``dead`` after
 ``OutboxPolicy.max_tries``. Each ``trace sink`` process runs a forwarder for the datasets it
@@ -43,8 +43,9 @@ BUFFERED = "buffered_postgres"
 
 
 def queue_name(dataset_uuid: str) -> str:
-    """The buffer queue of a dataset: ``buffer.<dataset_uuid>``."""
-    return f"buffer.{dataset_uuid}"
+    """The buffer queue of a dataset: ``buffer-<dataset_uuid>`` (a valid SQS queue name too;
+    its SQS dead-letter queue is ``buffer-<dataset_uuid>-dlq``)."""
+    return f"buffer-{dataset_uuid}"
 
 
 def topic(dataset: str) -> str:

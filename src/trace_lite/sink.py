@@ -229,7 +229,10 @@ class Sink:
             dataset_uuid=dataset.dataset_uuid,
             scope=None,
         )
-        inserted = await self._write(dataset, schema, parsed, keys, batch_msg)
+        try:
+            inserted = await self._write(dataset, schema, parsed, keys, batch_msg)
+        except errors.ValidationFailed as exc:
+            return await self._dead_letter(message, exc)
         await self._fault("after_commit")
         emitted = await self._emit(dataset, batch_msg)
         await self._fault("after_event")
@@ -307,6 +310,12 @@ class Sink:
                     )
                     inserted = cur.rowcount
                     await self._fault("before_commit")
+        except (psycopg.DataError, psycopg.IntegrityError, psycopg.ProgrammingError) as exc:
+            # the table refuses what the schema admitted (its columns were created under an
+            # older schema; altering them is not built): retrying cannot help
+            raise errors.ValidationFailed(
+                f"the table refused the batch: {exc.diag.message_primary}", field="rows"
+            ) from exc
         except psycopg.Error as exc:
             raise errors.Unavailable(f"data database: {type(exc).__name__}") from exc
         self._tables.add(key)

@@ -5,7 +5,9 @@ the DLQ with row and field; redelivery after a crash at each point."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -13,15 +15,17 @@ import attrs
 import psycopg
 import pytest
 
+from trace_aws.sqs_queue import SqsQueue
 from trace_core import errors, wire
 from trace_core.lifecycle import RetryPolicy
+from trace_core.ports import Queue
 from trace_core.testing import MemoryObjectStore, MemoryQueue, MemorySigner
 from trace_lite.buffer_forwarder import BufferForwarder, queue_name, topic
 from trace_lite.dags import Dags
 from trace_lite.datasets import Datasets, table_name
 from trace_lite.dispatcher import Dispatcher, open_pool
 from trace_lite.pg_queue import PgQueue
-from trace_lite.sink import EVENT_TYPE, Sink, SinkCrash, load_dataset, queue_status
+from trace_lite.sink import EVENT_TYPE, Sink, SinkCrash, load_dataset
 from trace_servers.dag_cli import builtin_operators
 
 ORG = "acme"
@@ -65,21 +69,32 @@ class Env:
     dags: Dags
     store: MemoryObjectStore
     forwarder: BufferForwarder
-    queues: dict[str, PgQueue]
+    queues: dict[str, Any]
     pools: list[Any]
+    #: ``None`` for Lite (PgQueue), else the moto server's URL (SqsQueue)
+    sqs_url: str | None = None
+    tag: str = ""
 
-    def queue(self, name: str) -> PgQueue:
+    @property
+    def visibility(self) -> float:
+        return 1.0 if self.sqs_url else 30.0
+
+    def queue(self, name: str) -> Queue:
         if name not in self.queues:
-            self.queues[name] = PgQueue(self.pools[0], name, max_receives=5)
-        return self.queues[name]
+            if self.sqs_url:
+                self.queues[name] = SqsQueue.create(
+                    f"{name[:40]}-{self.tag}", endpoint_url=self.sqs_url, max_receives=5
+                )
+            else:
+                self.queues[name] = PgQueue(self.pools[0], name, max_receives=5)
+        q: Queue = self.queues[name]
+        return q
 
-    async def dataset_queue(self) -> PgQueue:
+    async def dataset_queue(self) -> Any:
         ds = await load_dataset(self.pools[0], ORG, "transfers")
         return self.queue(queue_name(ds.dataset_uuid))
 
-    async def sink(
-        self, fault: Callable[[str], Awaitable[None]] | None = None, visibility: float = 30.0
-    ) -> Sink:
+    async def sink(self, fault: Callable[[str], Awaitable[None]] | None = None) -> Sink:
         return Sink(
             state_pool=self.pools[0],
             data_pool=self.pools[1],
@@ -87,7 +102,7 @@ class Env:
             queue=await self.dataset_queue(),
             org=ORG,
             dataset="transfers",
-            visibility_timeout_s=visibility,
+            visibility_timeout_s=self.visibility,
             fault=fault,
         )
 
@@ -132,13 +147,16 @@ class Env:
             (EVENT_TYPE,),
         )
 
-    def redeliver_now(self) -> None:
+    async def redeliver_now(self) -> None:
         """The visibility timeout passes (a crashed sink's messages become visible again)."""
-        sql(self.db_url, "UPDATE queue_messages SET visible_at = now() WHERE NOT dead")
+        if self.sqs_url:
+            await asyncio.sleep(self.visibility + 0.5)
+        else:
+            sql(self.db_url, "UPDATE queue_messages SET visible_at = now() WHERE NOT dead")
 
 
-@pytest.fixture
-async def env(db_url: str, data_db_url: str) -> AsyncIterator[Env]:
+@pytest.fixture(params=["lite", "aws"])
+async def env(request: pytest.FixtureRequest, db_url: str, data_db_url: str) -> AsyncIterator[Env]:
     state = await open_pool(db_url, min_size=1, max_size=6)
     data = await open_pool(data_db_url, min_size=1, max_size=4)
     store = MemoryObjectStore()
@@ -153,9 +171,12 @@ async def env(db_url: str, data_db_url: str) -> AsyncIterator[Env]:
     await ds.set_member(None, ORG, "alice", ["admin"])
     dags = Dags(state, operators=builtin_operators())
     await dags.deploy(None, ORG, dag_doc())
-    queues: dict[str, PgQueue] = {}
+    queues: dict[str, Any] = {}
     fwd = BufferForwarder(state, lambda u: e.queue(queue_name(u)), topics=[topic("transfers")])
     e = Env(db_url, data_db_url, dispatcher, dags, store, fwd, queues, [state, data])
+    if request.param == "aws":
+        e.sqs_url = request.getfixturevalue("moto_server").url
+        e.tag = uuid.uuid4().hex[:12]
     try:
         yield e
     finally:
@@ -186,8 +207,8 @@ async def test_publish_forward_sink_stores_rows_and_emits_one_event(env: Env) ->
     assert env.events() == [
         (f"sink/{(await load_dataset(env.pools[0], ORG, 'transfers')).dataset_uuid}/b1", "2")
     ]
-    status = await queue_status(env.pools[0], (await env.dataset_queue()).name)
-    assert (status.depth, status.dead) == (0, 0)
+    queue = await env.dataset_queue()
+    assert (await queue.depth(), await queue.dead_letters()) == (0, [])
 
 
 async def test_the_same_batch_twice_and_overlapping_batches_store_each_key_once(env: Env) -> None:
@@ -248,13 +269,13 @@ async def test_redelivery_after_a_crash_at_each_point_stores_once_and_emits_once
     if committed:
         assert len(env.table(version)) == 2
     assert len(env.events()) == (1 if point == "after_event" else 0)
-    env.redeliver_now()
+    await env.redeliver_now()
     sink = await env.sink()
     await drain(sink)
     assert [r[0] for r in env.table(version)] == ["0001", "0002", "0003"]
     assert [e[1] for e in env.events()] == ["2", "1"]  # one event per committed batch
-    status = await queue_status(env.pools[0], (await env.dataset_queue()).name)
-    assert (status.depth, status.dead) == (0, 0)
+    queue = await env.dataset_queue()
+    assert (await queue.depth(), await queue.dead_letters()) == (0, [])
 
 
 async def test_a_batch_with_a_bad_row_goes_whole_to_the_dlq_and_replays_after_the_fix(
@@ -311,4 +332,23 @@ async def test_announcements_of_an_unknown_dataset_are_not_forwarded(env: Env) -
         env.db_url, "SELECT state, tries FROM outbox WHERE topic = 'buffer:nosuch'"
     )
     assert (state, tries) == ("pending", 1)
-    assert sql(env.db_url, "SELECT count(*) FROM queue_messages")[0][0] == 0
+    assert env.queues == {}  # nothing was sent anywhere
+
+
+async def test_a_batch_the_table_refuses_is_dead_lettered_not_retried(env: Env) -> None:
+    """A schema changed after the table was created (a column added): the table refuses the
+    batch, which goes to the DLQ with the reason at once; the table is unchanged."""
+    fence = await env.task()
+    await env.publish(fence, "b1", [row(1)])
+    await env.forwarder.drain()
+    await drain(await env.sink())
+    wider = {"tx_hash": "bytes", "log_index": "int32", "value": "uint256", "memo": "string"}
+    await env.dags.deploy(None, ORG, dag_doc(wider))
+    await env.publish(fence, "b2", [{**row(2), "memo": "x"}])
+    await env.forwarder.drain()
+    sink = await env.sink()
+    await drain(sink)
+    assert sink.stats["dead"] == 1
+    (dead,) = await (await env.dataset_queue()).dead_letters()
+    assert "memo" in str(dead.dead_letter_reason)
+    assert [r[0] for r in env.table(await env.version())] == ["0001"]
