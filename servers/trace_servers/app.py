@@ -23,7 +23,7 @@ from trace_lite.dags import Dags
 from trace_lite.datasets import Datasets
 from trace_lite.dispatcher import Dispatcher
 from trace_lite.users import UserAuthenticator
-from trace_servers import dag_api, logs, task_api, user_api
+from trace_servers import dag_api, logs, query_api, task_api, user_api
 from trace_servers.dag_cli import builtin_operators
 from trace_servers.http import (
     DATASETS_KEY,
@@ -150,6 +150,7 @@ def make_app(
     app.on_response_prepare.append(hide_server_version)
     task_api.setup(app, credential_minter=credential_minter)
     user_api.setup(app, user_auth=user_auth)
+    query_api.setup(app)
     dag_api.setup(
         app,
         dags=Dags(dispatcher.pool, operators=builtin_operators()),

@@ -13,6 +13,7 @@ import attrs
 import duckdb
 import psycopg
 import pytest
+from aiohttp.test_utils import TestClient, TestServer
 
 from trace_core import errors, wire
 from trace_core.access import Caller
@@ -24,6 +25,8 @@ from trace_lite.datasets import Datasets
 from trace_lite.dispatcher import Dispatcher, open_pool
 from trace_lite.local_store import LocalObjectStore
 from trace_lite.query import Limits, QueryService, SandboxResult
+from trace_lite.users import LocalUserIssuer, UserAuthenticator
+from trace_servers.app import make_app
 
 ORG, OTHER, DAG = "acme", "globex", "prices"
 SECRET = "GLOBEX-ONLY-ROW"
@@ -231,3 +234,102 @@ async def test_another_orgs_data_is_never_reachable(world: World) -> None:
     assert r.rows == [["v1"]]
     with pytest.raises(errors.NotFound):
         await world.q.query(alice, OTHER, "SELECT * FROM shared")
+
+
+# --- over HTTP ---------------------------------------------------------------------------------
+
+PLATFORM = "platform-token-for-tests-0123456789"
+
+
+@pytest.fixture
+async def api(world: World) -> AsyncIterator[tuple[TestClient[Any, Any], LocalUserIssuer]]:
+    issuer = LocalUserIssuer.init(world.tmp / "keys")
+    auth = UserAuthenticator({issuer.key.kid: issuer.key})
+    app = make_app(world.d, platform_token=PLATFORM, user_auth=auth)
+    async with TestClient(TestServer(app)) as c:
+        yield c, issuer
+
+
+def _bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+async def test_user_query_over_http(
+    world: World, api: tuple[TestClient[Any, Any], LocalUserIssuer]
+) -> None:
+    c, issuer = api
+    ann, bob = issuer.token("ann"), issuer.token("bob")
+    sql = "SELECT tag, count(*) AS n FROM shared GROUP BY tag"
+    r = await c.post("/v1/query", headers=_bearer(ann), json={"org": ORG, "sql": sql})
+    body = await r.json()
+    assert r.status == 200, body
+    assert body["columns"] == [{"name": "tag", "type": "VARCHAR"}, {"name": "n", "type": "BIGINT"}]
+    assert (body["rows"], body["truncated"]) == ([["v1", 5]], False)
+    assert list(body["versions"]) == ["shared"]
+    # CSV with the row cap
+    r = await c.post(
+        "/v1/query",
+        headers=_bearer(ann),
+        json={
+            "org": ORG,
+            "sql": "SELECT n, tag FROM shared ORDER BY n",
+            "format": "csv",
+            "max_rows": 2,
+        },
+    )
+    assert r.status == 200 and r.content_type == "text/csv"
+    assert await r.text() == "n,tag\n0,v1\n1,v1\n"
+    assert r.headers["X-Trace-Truncated"] == "true"
+    # not readable (no role), unknown, another org's: one 404 naming nothing
+    for who, org, q in (
+        (ann, ORG, "SELECT * FROM private"),
+        (ann, ORG, "SELECT * FROM nope"),
+        (bob, ORG, "SELECT * FROM shared"),
+        (ann, OTHER, "SELECT * FROM shared"),
+    ):
+        r = await c.post("/v1/query", headers=_bearer(who), json={"org": org, "sql": q})
+        assert r.status == 404, await r.text()
+        body = await r.json()
+        assert body["error"] == "not_found"
+        assert "private" not in body["message"] and "nope" not in body["message"]
+    # refused constructs and syntax errors: 422 on field sql
+    for q in ("COPY shared TO '/tmp/x'", "SELECT * FROM read_text('/etc/passwd')", "SELEC 1"):
+        r = await c.post("/v1/query", headers=_bearer(ann), json={"org": ORG, "sql": q})
+        body = await r.json()
+        assert (r.status, body["error"], body["field"]) == (422, "validation_failed", "sql")
+    # bad bodies: 422 naming the field; no token: 401 before the body is read
+    for bad, field in (
+        ({"org": ORG}, "sql"),
+        ({"org": ORG, "sql": "SELECT 1", "format": "xml"}, "format"),
+    ):
+        r = await c.post("/v1/query", headers=_bearer(ann), json=bad)
+        body = await r.json()
+        assert (r.status, body["field"]) == (422, field), body
+    r = await c.post("/v1/query", json={"org": ORG, "sql": "SELECT 1"})
+    assert r.status == 401
+    assert world.sql("SELECT count(*) FROM dataset_pins")[0][0] == 0
+
+
+async def test_task_query_over_http_reads_only_granted_datasets(
+    world: World, api: tuple[TestClient[Any, Any], LocalUserIssuer]
+) -> None:
+    c, issuer = api
+    (info,) = await world.d.create_tasks(
+        [wire.CreateTaskRequest(operator="x", org=ORG, read_datasets=["shared"])]
+    )
+    claim = await world.d.claim(info.task_id)
+    headers = {"X-Trace-Task-Capability": claim.capability_token}
+    r = await c.post(
+        "/v1/task/query", headers=headers, json={"sql": "SELECT count(*) AS n FROM shared"}
+    )
+    assert r.status == 200, await r.text()
+    assert (await r.json())["rows"] == [[5]]
+    r = await c.post("/v1/task/query", headers=headers, json={"sql": "SELECT * FROM private"})
+    assert r.status == 404
+    # a user token is not a capability token
+    r = await c.post(
+        "/v1/task/query",
+        headers={"X-Trace-Task-Capability": issuer.token("alice")},
+        json={"sql": "SELECT 1"},
+    )
+    assert r.status == 401

@@ -34,6 +34,8 @@ REQUEST_SCHEMAS = {
     ("POST", "/v1/orgs/{org}/dags"): {"DagDeployRequest"},
     ("POST", "/v1/orgs/{org}/dags/{dag}/jobs/{job}/trigger"): {"DagTriggerRequest"},
     ("PUT", "/v1/orgs/{org}/members/{subject}"): {"MemberRequest"},
+    ("POST", "/v1/query"): {"QueryRequest"},
+    ("POST", "/v1/task/query"): {"TaskQueryRequest"},
 }
 
 
@@ -166,3 +168,14 @@ def test_error_codes_are_the_domain_codes(spec: dict[str, Any]) -> None:
         if isinstance(cls := getattr(errors, name), type) and issubclass(cls, errors.TraceError)
     }
     assert documented == (codes - {"trace_error"}) | {"http_error", "internal"}
+
+
+@pytest.mark.parametrize("name", ["QueryRequest", "TaskQueryRequest"])
+def test_query_request_schemas_match_query_api(spec: dict[str, Any], name: str) -> None:
+    from trace_servers import query_api
+
+    schema = spec["components"]["schemas"][name]
+    fields = {f.name: f for f in attrs.fields(getattr(query_api, name))}
+    assert set(schema["properties"]) == set(fields)
+    assert set(schema["required"]) == {n for n, f in fields.items() if f.default is attrs.NOTHING}
+    assert schema["additionalProperties"] is False

@@ -30,9 +30,13 @@ import attrs
 import duckdb
 
 from trace_core import errors, query_gate
-from trace_core.access import Caller
-from trace_lite.datasets import Datasets
+from trace_core.access import Caller, TaskCaller
+from trace_core.token import CapabilityClaims
+from trace_lite.datasets import Datasets, TaskOrgRow
+from trace_lite.datasets import Q as DATASETS_SQL
 from trace_lite.local_store import LocalObjectStore
+from trace_lite.orgs import first
+from trace_lite.pg import fetch_as, transaction
 from trace_lite.query.runner import Limits, SandboxResult, run_sandboxed
 
 log = logging.getLogger("trace.query")
@@ -121,6 +125,22 @@ class QueryService:
                     "latency_ms": round((time.perf_counter() - started) * 1000, 1),
                 },
             )
+
+    async def query_for_task(
+        self, claims: CapabilityClaims, sql: str, *, max_rows: int | None = None
+    ) -> QueryResult:
+        """``query`` for a running task: only the datasets its capability token grants, in the
+        org of the task's row (a token whose ``org_id`` claim names another org is refused, as
+        ``Datasets.resolve_for_task``). Raises as ``query``, and ``Unauthenticated``."""
+        async with transaction(self._datasets.pool) as cur:
+            params = {"task_id": claims.task_id}
+            task = first(await fetch_as(cur, TaskOrgRow, DATASETS_SQL["task_org"], params))
+        if task is None:
+            raise errors.NotFound("no such task", field="task_id")
+        if task.org_id != claims.org_id:
+            raise errors.Unauthenticated("capability token: org_id is not the task's org")
+        caller = TaskCaller.from_grants(task.org_id, claims.task_id, claims.grants)
+        return await self.query(caller, task.org_name, sql, max_rows=max_rows)
 
     async def _run(
         self, caller: Caller, org: str, sql: str, names: list[str], max_rows: int | None

@@ -1,0 +1,144 @@
+"""The Query Service over HTTP: SQL over published datasets, interactive mode.
+
+    POST /v1/query        user JWT bearer; body {org, sql, format?, max_rows?}
+    POST /v1/task/query   capability token (X-Trace-Task-Capability); body {sql, format?,
+                          max_rows?}: only the datasets the token grants, in the task's org
+
+A thin adapter over ``trace_lite.query.QueryService``: the credential is verified before the
+body is read (``trace_servers.http``), then the service parses, gates, pins, runs the SQL in a
+sandbox process and releases the pins. ``format`` is ``json`` (default: columns with their
+DuckDB types, rows as arrays, ``truncated``, the pinned ``versions``) or ``csv`` (a header row;
+``X-Trace-Truncated`` and ``X-Trace-Versions`` headers). ``max_rows`` is capped by the
+service's row limit. Errors map in ``trace_servers.http_errors``: 422 ``validation_failed``
+(field ``sql``: syntax error with its position, a refused construct, a failed query, a limit
+exceeded), 404 ``not_found`` ("dataset not found or not readable", naming none), 413 (result
+over the byte limit), 503 when the Query Service is not available in this profile.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from typing import Any
+
+import attrs
+from aiohttp import web
+
+from trace_core import errors
+from trace_core.wire import FieldError
+from trace_lite.local_store import LocalObjectStore
+from trace_lite.query import QueryResult, QueryService
+from trace_servers import user_api
+from trace_servers.http import (
+    DATASETS_KEY,
+    DISPATCHER_KEY,
+    authenticate_task,
+    capability_token,
+    decode_as,
+    receive,
+)
+
+#: The Query Service; None where it cannot run (it reads the Lite object store's files).
+QUERY_KEY: web.AppKey[QueryService | None] = web.AppKey("query_service")
+
+MAX_SQL_CHARS = 100_000
+FORMATS = ("json", "csv")
+
+
+def _sql(_instance: Any, attribute: attrs.Attribute[str], value: str) -> None:
+    if not value.strip() or len(value) > MAX_SQL_CHARS:
+        raise FieldError(attribute.name, f"{attribute.name}: 1 to {MAX_SQL_CHARS} characters")
+
+
+def _format(_instance: Any, attribute: attrs.Attribute[str], value: str) -> None:
+    if value not in FORMATS:
+        raise FieldError(attribute.name, f"{attribute.name}: one of {', '.join(FORMATS)}")
+
+
+def _max_rows(_instance: Any, attribute: attrs.Attribute[int | None], value: int | None) -> None:
+    if value is not None and not 0 <= value <= 1_000_000:
+        raise FieldError(attribute.name, f"{attribute.name}: 0 to 1000000")
+
+
+@attrs.frozen
+class TaskQueryRequest:
+    sql: str = attrs.field(validator=[attrs.validators.instance_of(str), _sql])
+    format: str = attrs.field(default="json", validator=_format)
+    max_rows: int | None = attrs.field(default=None, validator=_max_rows)
+
+
+@attrs.frozen
+class QueryRequest:
+    org: str = attrs.field(validator=attrs.validators.instance_of(str))
+    sql: str = attrs.field(validator=[attrs.validators.instance_of(str), _sql])
+    format: str = attrs.field(default="json", validator=_format)
+    max_rows: int | None = attrs.field(default=None, validator=_max_rows)
+
+
+def _service(request: web.Request) -> QueryService:
+    service = request.app[QUERY_KEY]
+    if service is None:
+        raise errors.Unavailable("the Query Service is not available in this profile")
+    return service
+
+
+def _answer(result: QueryResult, fmt: str) -> web.Response:
+    if fmt == "csv":
+        out = io.StringIO()
+        writer = csv.writer(out, lineterminator="\n")
+        writer.writerow(result.columns)
+        for row in result.rows:
+            writer.writerow([json.dumps(v) if isinstance(v, list | dict) else v for v in row])
+        return web.Response(
+            text=out.getvalue(),
+            content_type="text/csv",
+            headers={
+                "X-Trace-Truncated": "true" if result.truncated else "false",
+                "X-Trace-Versions": json.dumps(result.versions, sort_keys=True),
+            },
+        )
+    return web.json_response(
+        {
+            "columns": [
+                {"name": n, "type": t} for n, t in zip(result.columns, result.types, strict=True)
+            ],
+            "rows": result.rows,
+            "truncated": result.truncated,
+            "versions": result.versions,
+        }
+    )
+
+
+async def query(request: web.Request) -> web.Response:
+    """``POST /v1/query``: a user's SQL in one of their orgs."""
+    identity = user_api._identity(request)
+    raw = await receive(request)
+    body = decode_as(request, raw, QueryRequest)
+    service = _service(request)
+    caller = await request.app[DATASETS_KEY].user_caller(body.org, identity.subject)
+    result = await service.query(caller, body.org, body.sql, max_rows=body.max_rows)
+    return _answer(result, body.format)
+
+
+async def task_query(request: web.Request) -> web.Response:
+    """``POST /v1/task/query``: a running task's SQL over the datasets its token grants."""
+    token = capability_token(request)
+    raw = await receive(request)
+    claims = await authenticate_task(request, token)
+    body = decode_as(request, raw, TaskQueryRequest)
+    result = await _service(request).query_for_task(claims, body.sql, max_rows=body.max_rows)
+    return _answer(result, body.format)
+
+
+def setup(app: web.Application) -> None:
+    """Mount the query routes on ``app`` (``DISPATCHER_KEY`` and ``DATASETS_KEY`` set, the user
+    API set up). The service runs where the object store is the Lite local one."""
+    store = app[DISPATCHER_KEY].object_store
+    datasets = app[DATASETS_KEY]
+    service = QueryService(datasets, store) if isinstance(store, LocalObjectStore) else None
+    app[QUERY_KEY] = service
+    app.add_routes([web.post("/v1/query", query), web.post("/v1/task/query", task_query)])
+
+
+__all__ = ["QUERY_KEY", "QueryRequest", "TaskQueryRequest", "setup"]
