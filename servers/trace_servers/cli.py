@@ -11,6 +11,7 @@ trace pg start|stop|url       manage the embedded Postgres cluster
 trace dag validate|diff|schema  DAG files, offline (trace_servers.dag_cli)
 trace sink run|status         buffered datasets' sinks (trace_servers.sink_cli)
 trace dlq ls|show|replay|purge  dead-letter queues of the task queue and dataset queues
+trace query "SQL" --org ORG   one read-only SELECT over your datasets (trace_servers.query_cli)
 """
 
 from __future__ import annotations
@@ -503,9 +504,10 @@ def build_parser() -> argparse.ArgumentParser:
     rv.add_argument("kid")
     g = sub.add_parser("pg", help="embedded Postgres")
     g.add_argument("pg_cmd", choices=["start", "stop", "url"])
-    from trace_servers import dag_cli, datasets_cli, sink_cli
+    from trace_servers import dag_cli, datasets_cli, query_cli, sink_cli
 
     datasets_cli.add_parsers(sub)
+    query_cli.add_parsers(sub)
     dag_cli.add_parsers(sub)
     sink_cli.add_parsers(sub)
     return p
@@ -523,6 +525,7 @@ COMMANDS = {
     "users": lambda s, a: _datasets_cli("users", s, a),
     "datasets": lambda s, a: _datasets_cli("datasets", s, a),
     "dag": lambda s, a: _dag_cli(s, a),
+    "query": lambda s, a: _query_cli(s, a),
     "sink": lambda s, a: _sink_cli("sink", s, a),
     "dlq": lambda s, a: _sink_cli("dlq", s, a),
 }
@@ -543,6 +546,12 @@ def _datasets_cli(which: str, settings: LiteSettings, args: argparse.Namespace) 
     if which == "users":
         return datasets_cli.cmd_users(settings, args, state_url)
     return datasets_cli.cmd_datasets(settings, args, state_url)
+
+
+def _query_cli(settings: LiteSettings, args: argparse.Namespace) -> int:
+    from trace_servers import query_cli
+
+    return query_cli.cmd_query(settings, args)
 
 
 def _dag_cli(settings: LiteSettings, args: argparse.Namespace) -> int:
