@@ -21,6 +21,7 @@ from trace_core.lifecycle import RetryPolicy
 from trace_core.ports import Queue
 from trace_core.testing import MemoryObjectStore, MemoryQueue, MemorySigner
 from trace_lite.buffer_forwarder import BufferForwarder, queue_name, topic
+from trace_lite.dag_runs import DagRuns
 from trace_lite.dags import Dags
 from trace_lite.datasets import Datasets, table_name
 from trace_lite.dispatcher import Dispatcher, open_pool
@@ -352,3 +353,31 @@ async def test_a_batch_the_table_refuses_is_dead_lettered_not_retried(env: Env) 
     (dead,) = await (await env.dataset_queue()).dead_letters()
     assert "memo" in str(dead.dead_letter_reason)
     assert [r[0] for r in env.table(await env.version())] == ["0001"]
+
+
+async def test_the_upstream_event_fans_out_to_the_consuming_job_once(env: Env) -> None:
+    """A committed batch of a DAG task is announced to the fan-out, which creates one task of
+    the job reading the output; a redelivered batch creates nothing more."""
+    doc = dag_doc()
+    doc["jobs"]["notify"] = {
+        "operator": "emit_events",
+        "inputs": [{"from": {"job": "detect", "output": 0}}],
+    }
+    await env.dags.deploy(None, ORG, doc)
+    runs = DagRuns(env.pools[0])
+    started = await runs.trigger(None, ORG, "alerts", "detect")
+    claim = await env.dispatcher.claim(started["task_id"])
+    fence = {"task_id": claim.task_id, "attempt": claim.attempt, "lease_token": claim.lease_token}
+    await env.publish(fence, "b1", [row(1), row(2)])
+    await env.forwarder.drain()
+    queue = await env.dataset_queue()
+    (message,) = await queue.receive(max_messages=1, visibility_timeout=0)
+    await queue.send([message.body])  # delivered twice
+    await drain(await env.sink())
+    report = await runs.fan_out_once()
+    assert (report.events, report.created) == (1, 1)
+    assert (await runs.fan_out_once()).events == 0
+    ((payload,),) = sql(env.db_url, "SELECT payload FROM tasks WHERE dag_job = 'notify'")
+    event = payload["event"]
+    assert (event["type"], event["payload"]["row_count"]) == (EVENT_TYPE, 2)
+    assert event["producer_task_id"] == started["task_id"]
