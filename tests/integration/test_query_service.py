@@ -3,6 +3,7 @@ pins across a cutover, the datasets permission matrix through the query path, ot
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import time
 from collections.abc import AsyncIterator
@@ -333,3 +334,27 @@ async def test_task_query_over_http_reads_only_granted_datasets(
         json={"sql": "SELECT 1"},
     )
     assert r.status == 401
+
+
+class CountingService(QueryService):
+    running = 0
+    most = 0
+
+    async def _spawn(self, sql: str, tables: dict[str, list[str]], limits: Limits) -> SandboxResult:
+        CountingService.running += 1
+        CountingService.most = max(CountingService.most, CountingService.running)
+        try:
+            return await super()._spawn(sql, tables, limits)
+        finally:
+            CountingService.running -= 1
+
+
+async def test_sandboxes_run_at_most_concurrency_at_once(world: World) -> None:
+    q = CountingService(world.ds, world.store, concurrency=2)
+    alice = await world.ds.user_caller(ORG, "alice")
+    results = await asyncio.gather(
+        *(q.query(alice, ORG, "SELECT count(*) FROM shared") for _ in range(5))
+    )
+    assert [r.rows for r in results] == [[[5]]] * 5
+    assert CountingService.most == 2
+    assert world.sql("SELECT count(*) FROM dataset_pins")[0][0] == 0

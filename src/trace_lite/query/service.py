@@ -19,6 +19,7 @@ rows (never a connection) into the sandbox; see ``docs/architecture/query.md``.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import threading
@@ -86,11 +87,15 @@ class QueryService:
         *,
         limits: Limits = Limits(),
         scratch_root: Path | None = None,
+        concurrency: int = 2,
     ) -> None:
+        """``concurrency``: sandbox processes running at once (each may use ``limits``'
+        memory and threads); further queries wait for a slot, their pins already held."""
         self._datasets = datasets
         self._store = store
         self._limits = limits
         self._scratch_root = scratch_root
+        self._slots = asyncio.Semaphore(concurrency)
 
     @property
     def limits(self) -> Limits:
@@ -177,6 +182,10 @@ class QueryService:
     async def _sandbox(
         self, sql: str, tables: dict[str, list[str]], limits: Limits
     ) -> SandboxResult:
+        async with self._slots:
+            return await self._spawn(sql, tables, limits)
+
+    async def _spawn(self, sql: str, tables: dict[str, list[str]], limits: Limits) -> SandboxResult:
         return await run_sandboxed(sql, tables, limits, scratch_root=self._scratch_root)
 
 
