@@ -169,11 +169,64 @@ async def worker_parts(
     )
 
 
+@attrs.define
+class SinkParts:
+    """What a sink process needs from its profile: the object store, and its dataset queues
+    by name (``queue_for``; on AWS each is created with its DLQ the first time it is asked
+    for: ``SqsQueue.create`` reuses an existing one)."""
+
+    object_store: ObjectStore
+    queue_for: Callable[[str], Queue]
+    closers: list[Closer] = attrs.field(factory=list)
+
+    async def close(self) -> None:
+        for close in reversed(self.closers):
+            await close()
+
+
+async def sink_parts(
+    settings: LiteSettings, pool: Any, env: Mapping[str, str] | None = None
+) -> SinkParts:
+    """A sink process's object store and dataset queues (``trace sink run``)."""
+    e = os.environ if env is None else env
+    queues: dict[str, Queue] = {}
+    store: Any
+    make: Callable[[str], Queue]
+    if profile(e) == "aws":
+        from trace_aws.sqs_queue import SqsQueue
+
+        store = _aws_store(e)
+        make = SqsQueue.create
+    else:
+        from trace_lite.local_store import LocalObjectStore
+        from trace_lite.pg_queue import PgQueue
+
+        store = LocalObjectStore(
+            settings.object_root, settings.dispatcher_url, settings.object_secret
+        )
+        make = lambda name: PgQueue(pool, name)  # noqa: E731
+
+    def queue_for(name: str) -> Queue:
+        if name not in queues:
+            queues[name] = make(name)
+        return queues[name]
+
+    async def close() -> None:
+        for q in queues.values():
+            await q.close()  # type: ignore[attr-defined]
+        if hasattr(store, "close"):
+            await store.close()
+
+    return SinkParts(store, queue_for, closers=[close])
+
+
 __all__ = [
     "PROFILES",
     "DispatcherParts",
+    "SinkParts",
     "WorkerParts",
     "dispatcher_parts",
     "profile",
+    "sink_parts",
     "worker_parts",
 ]

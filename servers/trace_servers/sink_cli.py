@@ -32,7 +32,7 @@ from prometheus_client import CollectorRegistry, Gauge, generate_latest
 from psycopg_pool import AsyncConnectionPool
 
 from trace_core import errors
-from trace_core.ports import ReceivedMessage
+from trace_core.ports import Queue, ReceivedMessage
 from trace_lite.buffer_forwarder import BufferForwarder, queue_name, topic
 from trace_lite.config import LiteSettings
 from trace_lite.pg import fetch_as, open_pool, transaction
@@ -184,7 +184,7 @@ async def run(
 ) -> None:
     """Run the sinks of ``names`` (every buffered dataset of ``org`` when empty) and their
     forwarder until ``stop`` is set (SIGTERM/SIGINT when not given)."""
-    from trace_lite.local_store import LocalObjectStore
+    from trace_servers.profiles import sink_parts
 
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -192,14 +192,10 @@ async def run(
         loop.add_signal_handler(sig, stop.set)
     state = await open_pool(state_url, min_size=1, max_size=6)
     data = await open_pool(data_url, min_size=1, max_size=4)
-    store = LocalObjectStore(settings.object_root, settings.dispatcher_url, settings.object_secret)
-    queues: dict[str, PgQueue] = {}
+    parts = await sink_parts(settings, state)
 
-    def queue_for(dataset_uuid: str) -> PgQueue:
-        name = queue_name(dataset_uuid)
-        if name not in queues:
-            queues[name] = PgQueue(state, name)
-        return queues[name]
+    def queue_for(dataset_uuid: str) -> Queue:
+        return parts.queue_for(queue_name(dataset_uuid))
 
     async def fault(point: str) -> None:
         if point == kill_at:
@@ -215,7 +211,7 @@ async def run(
                 Sink(
                     state_pool=state,
                     data_pool=data,
-                    object_store=store,
+                    object_store=parts.object_store,
                     queue=queue_for(ds.dataset_uuid),
                     org=org,
                     dataset=name,
@@ -239,8 +235,7 @@ async def run(
     finally:
         if runner is not None:
             await runner.cleanup()
-        for q in queues.values():
-            await q.close()
+        await parts.close()
         await state.close()
         await data.close()
 

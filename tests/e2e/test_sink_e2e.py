@@ -10,6 +10,8 @@ import json
 import subprocess
 import sys
 import urllib.request
+import uuid
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -17,6 +19,7 @@ from e2e_harness import TraceProcs, free_port
 
 from trace_core import wire
 from trace_core.lifecycle import RetryPolicy
+from trace_core.ports import ObjectStore
 from trace_core.testing import MemoryQueue, MemorySigner
 from trace_lite.config import LiteSettings
 from trace_lite.dags import Dags
@@ -53,10 +56,13 @@ def dag() -> dict[str, Any]:
     }
 
 
-async def prepare(procs: TraceProcs, data_url: str) -> str:
-    """Deploy the DAG, publish the batches from one attempt; returns the version's table."""
+async def prepare(procs: TraceProcs, data_url: str, store: ObjectStore | None = None) -> str:
+    """Deploy the DAG, publish the batches from one attempt (staged in ``store``, the Lite
+    store of ``procs`` by default); returns the version's table."""
     settings = LiteSettings.from_env(procs.env())
-    store = LocalObjectStore(settings.object_root, settings.dispatcher_url, settings.object_secret)
+    store = store or LocalObjectStore(
+        settings.object_root, settings.dispatcher_url, settings.object_secret
+    )
     pool = await open_pool(procs.db_url, min_size=1, max_size=4)
     try:
         await Datasets(pool, object_store=store).set_member(None, ORG, "alice", ["admin"])
@@ -170,3 +176,49 @@ def test_dlq_commands_on_the_task_queue(trace_procs: TraceProcs, target: list[st
     procs.sql("UPDATE queue_messages SET dead = true, dead_at = now()")
     assert cli(procs, "dlq", "purge", *target, "--yes")["purged"] == 1
     assert procs.scalar("SELECT count(*) FROM queue_messages") == 0
+
+
+def test_sink_process_on_sqs_and_s3(
+    tmp_path: Path, db_url: str, data_db_url: str, moto_server: Any
+) -> None:
+    """``TRACE_PROFILE=aws``: the batches are staged in S3, the dataset queue is SQS (created
+    with its DLQ by the sink process) on the moto server; the process is SIGKILLed after its
+    first data commit, restarted, and every key is stored once with one event per batch."""
+    from trace_aws.s3_store import S3ObjectStore
+
+    bucket = f"sink-{uuid.uuid4().hex[:10]}"
+    S3ObjectStore.create_bucket(bucket, endpoint_url=moto_server.url)
+    aws = {
+        "TRACE_PROFILE": "aws",
+        "TRACE_AWS_ENDPOINT_URL": moto_server.url,
+        "TRACE_S3_BUCKET": bucket,
+    }
+    home = tmp_path / "home"
+    home.mkdir()
+    procs = TraceProcs(home, db_url)
+    plain_env = procs.env
+    procs.env = lambda: {**plain_env(), **aws, "TRACE_DATA_DATABASE_URL": data_db_url}  # type: ignore[method-assign]
+    try:
+        store = S3ObjectStore(bucket, endpoint_url=moto_server.url)
+        table = asyncio.run(prepare(procs, data_db_url, store))
+        base = ["sink", "run", "--org", ORG, "--visibility-s", "1"]
+        proc = procs._spawn("sink", *base, "--kill-at", "after_commit")
+        procs.wait_until(lambda: not proc.alive(), 60, "sink killed after commit")
+        assert proc.popen.returncode == -9, procs.log_tails()
+
+        def events() -> int:
+            q = "SELECT count(*) FROM task_events WHERE event_type = %s"
+            return int(procs.scalar(q, (EVENT_TYPE,)))
+
+        assert events() == 0
+        proc = procs._spawn("sink", *base)
+        procs.wait_until(lambda: events() == BATCHES, 90, "one event per batch")
+        expected = 20 * (BATCHES - 1) + ROWS
+        assert data_sql(data_db_url, f"SELECT count(DISTINCT n), count(*) FROM {table}")[0] == (
+            expected,
+            expected,
+        )
+        assert procs.terminate(proc, 30) == 0
+        assert events() == BATCHES
+    finally:
+        procs.stop_all()
