@@ -381,3 +381,25 @@ async def test_the_upstream_event_fans_out_to_the_consuming_job_once(env: Env) -
     event = payload["event"]
     assert (event["type"], event["payload"]["row_count"]) == (EVENT_TYPE, 2)
     assert event["producer_task_id"] == started["task_id"]
+
+
+async def test_concurrent_sinks_on_one_dataset_store_each_key_once(env: Env) -> None:
+    """Three sinks drain overlapping batches of two producers (multi-writer) at once: the
+    table is created once, each (producer, key) stored once, one event per batch."""
+    fences = [await env.task(), await env.task()]
+    for f in fences:
+        for b in range(6):
+            await env.publish(f, f"b{b}", [row(i) for i in range(b * 5, b * 5 + 10)])
+    await env.forwarder.drain()
+    sinks = [await env.sink() for _ in range(3)]
+    await asyncio.gather(*(drain(s) for s in sinks))
+    version = await env.version()
+    rows = sql(
+        env.data_url,
+        f"SELECT _task_id::text, count(*), count(DISTINCT (tx_hash, log_index)) "
+        f"FROM {table_name(version)} GROUP BY 1 ORDER BY 1",
+    )
+    assert sorted(r[0] for r in rows) == sorted(f["task_id"] for f in fences)
+    assert all(n == distinct == 35 for _, n, distinct in rows)
+    assert len(env.events()) == 12
+    assert sum(s.stats["batches"] for s in sinks) == 12
