@@ -15,6 +15,7 @@ import json
 import re
 import socket
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -170,6 +171,16 @@ class Surface:
                 "pointers.x",
             ),
             ("PUT", f"{base}/members/carol", "user", {"roles": [SLOT]}, "roles[0]"),
+            ("POST", f"{base}/dags?dry_run=true", "user", {"spec": {"x": SLOT}}, "spec.x"),
+            (
+                "POST",
+                f"{base}/dags/chain/jobs/ingest/trigger",
+                "user",
+                {"payload": {"x": SLOT}},
+                "payload.x",
+            ),
+            ("POST", "/v1/query", "user", {"org": ORG, "sql": SLOT}, "sql"),
+            ("POST", "/v1/task/query", "capability", {"sql": SLOT}, "sql"),
         ]
 
     def headers(self, auth: str) -> dict[str, str]:
@@ -493,3 +504,27 @@ def test_hostile_path_segments_never_break_the_edge(surface: Surface) -> None:
             if r.status >= 400 and r.raw:
                 assert not LEAK.search(r.raw.decode(errors="replace")), (path[:100], r)
     assert surface.snapshot() == before
+
+
+def test_every_json_route_is_under_attack_here(surface: Surface) -> None:
+    """The routes above are every route with a JSON body in docs/api/openapi.json (which
+    tests/unit/test_openapi.py pins to make_app): a new JSON route must be added here."""
+    spec = json.loads((Path(__file__).resolve().parents[2] / "docs/api/openapi.json").read_text())
+    documented = {
+        (method.upper(), template)
+        for template, item in spec["paths"].items()
+        for method, op in item.items()
+        if isinstance(op, dict) and "requestBody" in op
+    }
+
+    def template_of(method: str, path: str) -> tuple[str, str] | None:
+        concrete = path.split("?")[0]
+        for m, template in documented:
+            pattern = re.sub(r"\{[^/}]+\}", "[^/]+", template)  # templates hold no regex syntax
+            if m == method and re.fullmatch(pattern, concrete):
+                return m, template
+        return None
+
+    covered = {template_of(method, path) for method, path, *_ in surface.routes}
+    assert None not in covered, "a route here is not in the OpenAPI document"
+    assert covered == documented, sorted(documented - covered)
