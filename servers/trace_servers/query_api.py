@@ -112,7 +112,7 @@ def _answer(result: QueryResult, fmt: str) -> web.Response:
 
 async def query(request: web.Request) -> web.Response:
     """``POST /v1/query``: a user's SQL in one of their orgs."""
-    identity = user_api._identity(request)
+    identity = user_api.authenticate_user(request)
     raw = await receive(request)
     body = decode_as(request, raw, QueryRequest)
     service = _service(request)
@@ -131,12 +131,17 @@ async def task_query(request: web.Request) -> web.Response:
     return _answer(result, body.format)
 
 
-def setup(app: web.Application) -> None:
+def setup(app: web.Application, *, data_url: str | None = None) -> None:
     """Mount the query routes on ``app`` (``DISPATCHER_KEY`` and ``DATASETS_KEY`` set, the user
-    API set up). The service runs where the object store is the Lite local one."""
+    API set up). The service runs where the object store is the Lite local one; ``data_url``
+    (the data database) enables Postgres-table datasets."""
     store = app[DISPATCHER_KEY].object_store
     datasets = app[DATASETS_KEY]
-    service = QueryService(datasets, store) if isinstance(store, LocalObjectStore) else None
+    service = (
+        QueryService(datasets, store, data_url=data_url)
+        if isinstance(store, LocalObjectStore)
+        else None
+    )
     app[QUERY_KEY] = service
     app.add_routes([web.post("/v1/query", query), web.post("/v1/task/query", task_query)])
 

@@ -358,3 +358,49 @@ async def test_sandboxes_run_at_most_concurrency_at_once(world: World) -> None:
     assert [r.rows for r in results] == [[[5]]] * 5
     assert CountingService.most == 2
     assert world.sql("SELECT count(*) FROM dataset_pins")[0][0] == 0
+
+
+async def test_postgres_table_dataset_is_copied_in_never_connected(
+    world: World, data_db_url: str
+) -> None:
+    ds = world.ds
+    await ds.register(
+        ORG, "balances", dag=DAG, job="j", storage_kind="postgres", read_roles=["analyst"]
+    )
+    version = await ds.open_version(None, ORG, "balances")
+    ann = await ds.user_caller(ORG, "ann")
+    scratch = world.tmp / "query-scratch"
+    scratch.mkdir()
+    q = QueryService(ds, world.store, scratch_root=scratch, data_url=data_db_url)
+    await ds.cutover(None, ORG, DAG, {"balances": version})
+    # the Sink has not created the table yet: an empty table
+    assert (await q.query(ann, ORG, "SELECT count(*) FROM balances")).rows == [[0]]
+    table = f"dsv_{version.replace('-', '')}"
+    with psycopg.connect(data_db_url, autocommit=True) as conn:
+        conn.execute(
+            f"CREATE TABLE data.{table} (account text, amount numeric, n bigint, "
+            "seen timestamptz, ok boolean)"
+        )
+        conn.execute(
+            f"INSERT INTO data.{table} VALUES "
+            "('a,\"b\"', 115792089237316195423570985008687907853269984665640564039457584007913129639935, "
+            "1, '2026-01-02 03:04:05+00', true), ('', 0, NULL, NULL, NULL)"
+        )
+    r = await q.query(ann, ORG, "SELECT * FROM balances ORDER BY n NULLS LAST")
+    assert r.types == ["VARCHAR", "VARCHAR", "BIGINT", "TIMESTAMP WITH TIME ZONE", "BOOLEAN"]
+    assert r.rows[0][:3] == [
+        'a,"b"',
+        "115792089237316195423570985008687907853269984665640564039457584007913129639935",
+        1,
+    ]
+    assert r.rows[0][3].startswith("2026-01-02") and r.rows[0][4] is True
+    assert r.rows[1] == ["", "0", None, None, None]  # empty string and NULL stay apart
+    assert r.versions == {"balances": version}
+    assert list(scratch.iterdir()) == []  # the export and the sandbox's directory are gone
+    # without a data database the service refuses, saying why
+    with pytest.raises(errors.ValidationFailed, match="no data database"):
+        await world.q.query(ann, ORG, "SELECT * FROM balances")
+    # and a member without the role gets the same 404 as for any unreadable name
+    bob = await ds.user_caller(ORG, "bob")
+    with pytest.raises(errors.NotFound, match=f"^{NOT_READABLE}$"):
+        await q.query(bob, ORG, "SELECT * FROM balances")

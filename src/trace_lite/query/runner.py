@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import os
 import shutil
 import signal
@@ -23,6 +24,8 @@ from typing import Any
 import attrs
 
 from trace_core import errors
+
+log = logging.getLogger("trace.query")
 
 
 @attrs.frozen
@@ -38,6 +41,25 @@ class Limits:
 
 
 @attrs.frozen
+class CsvTable:
+    """A Postgres-table dataset's pinned rows, exported by the server as headerless CSV, with
+    its columns' DuckDB types (``sandbox.CSV_TYPES``)."""
+
+    path: str
+    columns: list[tuple[str, str]]
+
+
+#: What a sandbox reads for one dataset: its pinned Parquet files, or a CSV export.
+TableSource = list[str] | CsvTable
+
+
+def _source(name: str, source: TableSource) -> dict[str, Any]:
+    if isinstance(source, CsvTable):
+        return {"name": name, "csv": source.path, "columns": [list(c) for c in source.columns]}
+    return {"name": name, "parquet": source}
+
+
+@attrs.frozen
 class SandboxResult:
     columns: list[str]
     types: list[str]
@@ -49,6 +71,7 @@ _ERRORS: dict[str, type[errors.TraceError]] = {
     "validation_failed": errors.ValidationFailed,
     "not_found": errors.NotFound,
     "payload_too_large": errors.PayloadTooLarge,
+    "unavailable": errors.Unavailable,
 }
 
 
@@ -63,14 +86,14 @@ def _environment(scratch: Path) -> dict[str, str]:
 
 async def run_sandboxed(
     sql: str,
-    tables: dict[str, list[str]],
+    tables: dict[str, TableSource],
     limits: Limits,
     *,
     scratch_root: Path | None = None,
     keep_scratch: bool = False,
     gate: bool = True,
 ) -> SandboxResult:
-    """Run ``sql`` over ``tables`` (dataset name -> the pinned version's Parquet files) in a
+    """Run ``sql`` over ``tables`` (dataset name -> the pinned version's data) in a
     fresh sandbox process. Returns the rows. Raises ``ValidationFailed`` (refused by the gate,
     a syntax error, a failed query, a limit exceeded: time, memory), ``NotFound`` (a name not
     granted: "dataset not found or not readable"), ``PayloadTooLarge`` (over ``max_bytes``),
@@ -81,7 +104,7 @@ async def run_sandboxed(
     scratch = Path(tempfile.mkdtemp(prefix="trace-query-", dir=scratch_root))
     request = {
         "sql": sql,
-        "tables": [{"name": n, "parquet": files} for n, files in tables.items()],
+        "tables": [_source(n, t) for n, t in tables.items()],
         "threads": limits.threads,
         "memory_limit": limits.memory_limit,
         "extension_directory": str(scratch / "extensions"),
@@ -104,7 +127,7 @@ async def run_sandboxed(
             start_new_session=True,
         )
         try:
-            out, _err = await asyncio.wait_for(
+            out, err = await asyncio.wait_for(
                 proc.communicate(json.dumps(request).encode()), limits.deadline_s
             )
         except TimeoutError:
@@ -122,16 +145,21 @@ async def run_sandboxed(
     finally:
         if not keep_scratch:
             shutil.rmtree(scratch, ignore_errors=True)
-    return _answer(out, proc.returncode)
+    return _answer(out, err, proc.returncode)
 
 
-def _answer(out: bytes, returncode: int | None) -> SandboxResult:
+def _answer(out: bytes, err: bytes, returncode: int | None) -> SandboxResult:
     try:
         answer = json.loads(out) if out else None
     except ValueError:
         answer = None
     if not isinstance(answer, dict):
-        # killed by a limit (memory, CPU, a write to a file) before it could answer
+        # killed by a limit (memory, CPU, a write to a file) before it could answer; its
+        # stderr may name paths: logged here, never answered
+        log.warning(
+            "query sandbox gave no answer",
+            extra={"exit": returncode, "stderr": err[-500:].decode(errors="replace")},
+        )
         raise errors.ValidationFailed(
             f"the query exceeded a resource limit and was stopped (exit {returncode})",
             field="sql",

@@ -14,7 +14,8 @@ stdin and writes one JSON answer on stdout. The order of the layers:
 3. The gate (``trace_core.query_gate``) on DuckDB's own parse tree, with the exact granted names;
    and DuckDB's statement splitter must see one SELECT.
 4. Trusted code loads the granted datasets' pinned files into in-memory tables named after the
-   datasets (the only files this process opens).
+   datasets (the only files this process opens): Parquet objects, or the CSV export the server
+   made of a Postgres-table dataset's pinned rows (this process never gets a connection).
 5. Lock-down, in this order: ``enable_external_access=false`` (one-way),
    ``disabled_filesystems='LocalFileSystem'``, ``lock_configuration=true``. From here no file,
    URL, extension or setting is reachable from SQL even if the gate missed a construct.
@@ -86,7 +87,7 @@ def run(request: dict[str, Any]) -> dict[str, Any]:
 
     from trace_core import errors, query_gate
 
-    tables: dict[str, list[str]] = {t["name"]: list(t["parquet"]) for t in request["tables"]}
+    tables: dict[str, dict[str, Any]] = {t["name"]: t for t in request["tables"]}
     con = duckdb.connect(
         ":memory:",
         config={
@@ -115,12 +116,11 @@ def run(request: dict[str, Any]) -> dict[str, Any]:
         if len(statements) != 1 or statements[0].type.name != "SELECT":
             raise Refused("validation_failed", "send exactly one SELECT statement")
     for name in sorted(used):
-        files = tables[name]
-        ident = '"' + name.replace('"', '""') + '"'
-        if files:
-            con.execute(f"CREATE TABLE {ident} AS SELECT * FROM read_parquet(?)", [files])
-        else:
-            con.execute(f"CREATE TABLE {ident} (_empty BOOLEAN)")
+        try:
+            _load(con, name, tables[name])
+        except duckdb.Error:
+            # the message names files: it stays in this process
+            raise Refused("unavailable", "a dataset could not be loaded") from None
     con.execute("SET enable_external_access = false")
     con.execute("SET disabled_filesystems = 'LocalFileSystem'")
     con.execute("SET lock_configuration = true")
@@ -140,6 +140,54 @@ def run(request: dict[str, Any]) -> dict[str, Any]:
         "rows": rows,
         "truncated": len(fetched) > max_rows,
     }
+
+
+#: Column types a Postgres-table dataset's export may declare (``trace_lite.query.service``).
+CSV_TYPES = frozenset(
+    {
+        "SMALLINT",
+        "INTEGER",
+        "BIGINT",
+        "FLOAT",
+        "DOUBLE",
+        "BOOLEAN",
+        "VARCHAR",
+        "DATE",
+        "TIMESTAMP",
+        "TIMESTAMPTZ",
+        "UUID",
+    }
+)
+
+
+def _quote(text: str, mark: str) -> str:
+    return mark + text.replace(mark, mark * 2) + mark
+
+
+def _load(con: Any, name: str, source: dict[str, Any]) -> None:
+    """Trusted loading, before the lock-down: a dataset's pinned data into a table named after
+    it (Parquet files, or a Postgres-table export as CSV with declared column types)."""
+    ident = _quote(name, '"')
+    if "csv" in source:
+        columns = [(str(c), str(t)) for c, t in source["columns"]]
+        if not columns:
+            con.execute(f"CREATE TABLE {ident} (_empty BOOLEAN)")
+            return
+        if any(t not in CSV_TYPES for _, t in columns):
+            raise Refused("validation_failed", "unsupported column type")
+        spec = ", ".join(f"{_quote(c, chr(39))}: {_quote(t, chr(39))}" for c, t in columns)
+        con.execute(
+            f"CREATE TABLE {ident} AS SELECT * FROM read_csv(?, header = false, "
+            f"auto_detect = false, delim = ',', quote = '\"', escape = '\"', "
+            f"allow_quoted_nulls = false, columns = {{{spec}}})",
+            [str(source["csv"])],
+        )
+        return
+    files = [str(f) for f in source["parquet"]]
+    if files:
+        con.execute(f"CREATE TABLE {ident} AS SELECT * FROM read_parquet(?)", [files])
+    else:
+        con.execute(f"CREATE TABLE {ident} (_empty BOOLEAN)")
 
 
 def _first_line(message: str) -> str:

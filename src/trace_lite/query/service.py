@@ -13,8 +13,9 @@
    names, loads them into tables named after the datasets, locks DuckDB down and runs the SQL.
 4. The pin is released whatever happened (it expires on its own if the release fails).
 
-Postgres-table datasets are refused for now: the design is that this process exports the pinned
-rows (never a connection) into the sandbox; see ``docs/architecture/query.md``.
+Postgres-table datasets: this process copies the pinned version's table out of the data
+database (one read-only, repeatable-read transaction, ``COPY ... TO STDOUT``) into a private
+CSV file the sandbox loads before its lock-down; the sandbox never gets a connection.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import shutil
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -29,6 +32,8 @@ from typing import Any
 
 import attrs
 import duckdb
+import psycopg
+from psycopg import sql as pgsql
 
 from trace_core import errors, query_gate
 from trace_core.access import Caller, TaskCaller
@@ -38,7 +43,7 @@ from trace_lite.datasets import Q as DATASETS_SQL
 from trace_lite.local_store import LocalObjectStore
 from trace_lite.orgs import first
 from trace_lite.pg import fetch_as, transaction
-from trace_lite.query.runner import Limits, SandboxResult, run_sandboxed
+from trace_lite.query.runner import CsvTable, Limits, SandboxResult, TableSource, run_sandboxed
 
 log = logging.getLogger("trace.query")
 
@@ -88,9 +93,15 @@ class QueryService:
         limits: Limits = Limits(),
         scratch_root: Path | None = None,
         concurrency: int = 2,
+        data_url: str | None = None,
+        max_export_bytes: int = 256 * 1024 * 1024,
     ) -> None:
         """``concurrency``: sandbox processes running at once (each may use ``limits``'
-        memory and threads); further queries wait for a slot, their pins already held."""
+        memory and threads); further queries wait for a slot, their pins already held.
+        ``data_url``: the data database, where Postgres-table datasets live (without it they
+        are refused); at most ``max_export_bytes`` of one is copied into a sandbox."""
+        self._data_url = data_url
+        self._max_export_bytes = max_export_bytes
         self._datasets = datasets
         self._store = store
         self._limits = limits
@@ -160,33 +171,104 @@ class QueryService:
             resolution = await self._datasets.resolve(caller, org, names, pin_ttl_s=ttl)
         except (errors.NotFound, errors.Forbidden):
             raise errors.NotFound(query_gate.NOT_READABLE, field="sql") from None
+        export_dir = Path(tempfile.mkdtemp(prefix="trace-query-export-", dir=self._scratch_root))
         try:
-            tables: dict[str, list[str]] = {}
+            tables: dict[str, TableSource] = {}
             for d in resolution.datasets:
-                if d.storage_kind != "parquet":
-                    raise errors.ValidationFailed(
-                        f"dataset {d.dataset} is stored in Postgres; querying Postgres-table "
-                        "datasets is not built yet",
-                        field="sql",
-                    )
-                tables[d.dataset] = [str(self._store.path_for(o["object_key"])) for o in d.objects]
+                if d.storage_kind == "parquet":
+                    paths = [str(self._store.path_for(o["object_key"])) for o in d.objects]
+                    tables[d.dataset] = paths
+                else:
+                    tables[d.dataset] = await self._export(d.table, export_dir / f"{d.dataset}.csv")
             sandboxed = await self._sandbox(sql, tables, limits)
             versions = {d.dataset: d.dataset_version for d in resolution.datasets}
             return _result(sandboxed, versions)
         finally:
+            shutil.rmtree(export_dir, ignore_errors=True)
             try:
                 await self._datasets.release_pin(None, org, resolution.pin_id)
             except errors.TraceError:
                 log.warning("query pin release failed; it expires", extra={"org": org})
 
+    async def _export(self, table: str | None, dest: Path) -> CsvTable:
+        """Copy a Postgres-table dataset's pinned version out of the data database into
+        ``dest`` (headerless CSV) with its columns' DuckDB types. The sandbox gets the file,
+        never a connection. Raises ``ValidationFailed`` (over ``max_export_bytes``, or no data
+        database configured), ``Unavailable``."""
+        if table is None:  # no active version yet: an empty table
+            return CsvTable(str(dest), [])
+        if self._data_url is None:
+            raise errors.ValidationFailed(
+                "Postgres-table datasets cannot be queried here (no data database)", field="sql"
+            )
+        schema, name = table.split(".", 1)
+        written = 0
+        try:
+            async with await psycopg.AsyncConnection.connect(self._data_url) as conn:
+                await conn.set_read_only(True)
+                await conn.set_isolation_level(psycopg.IsolationLevel.REPEATABLE_READ)
+                async with conn.transaction():
+                    cur = await conn.execute(
+                        "SELECT column_name, data_type FROM information_schema.columns "
+                        "WHERE table_schema = %s AND table_name = %s ORDER BY ordinal_position",
+                        (schema, name),
+                    )
+                    columns = [(str(c), _duckdb_type(str(t))) for c, t in await cur.fetchall()]
+                    if not columns:  # the Sink has not created the version's table yet
+                        return CsvTable(str(dest), [])
+                    query = pgsql.SQL(
+                        "COPY (SELECT {} FROM {}) TO STDOUT WITH (FORMAT csv)"
+                    ).format(
+                        pgsql.SQL(", ").join(pgsql.Identifier(c) for c, _ in columns),
+                        pgsql.Identifier(schema, name),
+                    )
+                    with dest.open("wb") as out:
+                        async with conn.cursor().copy(query) as copy:
+                            async for chunk in copy:
+                                written += len(chunk)
+                                if written > self._max_export_bytes:
+                                    raise errors.ValidationFailed(
+                                        "a Postgres-table dataset is too large for an "
+                                        "interactive query",
+                                        field="sql",
+                                    )
+                                out.write(chunk)
+        except psycopg.Error as exc:
+            raise errors.Unavailable(f"data database: {type(exc).__name__}") from exc
+        return CsvTable(str(dest), columns)
+
     async def _sandbox(
-        self, sql: str, tables: dict[str, list[str]], limits: Limits
+        self, sql: str, tables: dict[str, TableSource], limits: Limits
     ) -> SandboxResult:
         async with self._slots:
             return await self._spawn(sql, tables, limits)
 
-    async def _spawn(self, sql: str, tables: dict[str, list[str]], limits: Limits) -> SandboxResult:
+    async def _spawn(
+        self, sql: str, tables: dict[str, TableSource], limits: Limits
+    ) -> SandboxResult:
         return await run_sandboxed(sql, tables, limits, scratch_root=self._scratch_root)
+
+
+#: Postgres column types with a DuckDB twin; everything else (numeric: uint256 values overflow
+#: DuckDB's decimals; json, bytea, arrays) is read as its text form.
+_PG_TYPES = {
+    "smallint": "SMALLINT",
+    "integer": "INTEGER",
+    "bigint": "BIGINT",
+    "real": "FLOAT",
+    "double precision": "DOUBLE",
+    "boolean": "BOOLEAN",
+    "text": "VARCHAR",
+    "character varying": "VARCHAR",
+    "date": "DATE",
+    "timestamp without time zone": "TIMESTAMP",
+    "timestamp with time zone": "TIMESTAMPTZ",
+    "uuid": "UUID",
+}
+
+
+def _duckdb_type(pg_type: str) -> str:
+    return _PG_TYPES.get(pg_type, "VARCHAR")
 
 
 def _result(s: SandboxResult, versions: dict[str, str | None]) -> QueryResult:
