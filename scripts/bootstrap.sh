@@ -56,3 +56,17 @@ if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$HASH" ] || [ ! -x .venv/bin/tra
     --no-deps --no-build-isolation -e .
   printf '%s\n' "$HASH" >"$STAMP"
 fi
+
+# 4. Local EVM node for chain ingest (anvil from npm, into .trace/node) -------------------------
+# The platform binary is run directly (node_modules/.bin/anvil is a node wrapper).
+NODE_DIR=.trace/node
+ANVIL_VERSION=1.7.1
+if [ -z "${TRACE_SKIP_NODE:-}" ] && command -v npm >/dev/null \
+  && [ "$(cat "$NODE_DIR/.anvil-version" 2>/dev/null)" != "$ANVIL_VERSION" ]; then
+  log "installing anvil $ANVIL_VERSION (npm) into $NODE_DIR"
+  mkdir -p "$NODE_DIR"
+  [ -f "$NODE_DIR/package.json" ] || printf '{"private": true}\n' >"$NODE_DIR/package.json"
+  run_quiet npm install --prefix "$NODE_DIR" --no-audit --no-fund --no-save --silent \
+    "@foundry-rs/anvil@$ANVIL_VERSION"
+  printf '%s\n' "$ANVIL_VERSION" >"$NODE_DIR/.anvil-version"
+fi
