@@ -105,7 +105,8 @@ def run(request: dict[str, Any]) -> dict[str, Any]:
         },
     )
     sql = str(request["sql"])
-    parsed = json.loads(con.execute("SELECT json_serialize_sql(?::VARCHAR)", [sql]).fetchone()[0])  # type: ignore[index]
+    (tree,) = con.execute("SELECT json_serialize_sql(?::VARCHAR)", [sql]).fetchall()[0]
+    parsed = json.loads(tree)
     used = frozenset(tables)
     if request.get("gate", True):
         try:

@@ -68,9 +68,9 @@ def parse(sql: str) -> dict[str, Any]:
                 },
             )
             _parser = con
-        row = _parser.execute("SELECT json_serialize_sql(?::VARCHAR)", [sql]).fetchone()
-    assert row is not None
-    parsed: dict[str, Any] = json.loads(row[0])
+        (row,) = _parser.execute("SELECT json_serialize_sql(?::VARCHAR)", [sql]).fetchall()
+    (tree,) = row
+    parsed: dict[str, Any] = json.loads(tree)
     return parsed
 
 
