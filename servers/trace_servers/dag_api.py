@@ -39,10 +39,10 @@ def _dags(request: web.Request) -> Dags:
 
 
 def _subject(request: web.Request) -> str:
-    """The user API's authentication (``user_api._identity``: the user JWT, then the path
+    """The user API's authentication (``user_api.authenticate_user``: the user JWT, then the path
     parameters' limits), one rule for every ``/v1/orgs`` route. Raises ``Unauthenticated``,
     ``ValidationFailed``."""
-    return user_api._identity(request).subject
+    return user_api.authenticate_user(request).subject
 
 
 async def _caller(request: web.Request) -> UserCaller:

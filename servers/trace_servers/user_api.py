@@ -44,7 +44,7 @@ def _service(request: web.Request) -> Datasets:
     return request.app[DATASETS_KEY]
 
 
-def _identity(request: web.Request) -> UserIdentity:
+def authenticate_user(request: web.Request) -> UserIdentity:
     """Verify the user JWT in ``Authorization``, then check the path parameters against
     ``PATH_LIMITS``. Raises ``Unauthenticated``, ``ValidationFailed`` (naming the parameter)."""
     auth = request.app[USER_AUTH_KEY]
@@ -59,14 +59,14 @@ def _identity(request: web.Request) -> UserIdentity:
 
 async def _caller(request: web.Request) -> UserCaller:
     """Authenticate the user JWT and read the caller's membership in ``{org}``."""
-    identity = _identity(request)
+    identity = authenticate_user(request)
     return await _service(request).user_caller(request.match_info["org"], identity.subject)
 
 
 async def _caller_and_body(request: web.Request, cls: type[T]) -> tuple[UserCaller, T]:
     """``_caller`` and the body as ``cls``: the bytes are received once the token verified,
     before the membership lookup, and decoded after it."""
-    identity = _identity(request)
+    identity = authenticate_user(request)
     raw = await receive(request)
     caller = await _service(request).user_caller(request.match_info["org"], identity.subject)
     return caller, decode_as(request, raw, cls)
@@ -174,4 +174,4 @@ def setup(app: web.Application, *, user_auth: UserAuthenticator | None) -> None:
     )
 
 
-__all__ = ["USER_AUTH_KEY", "setup"]
+__all__ = ["PATH_LIMITS", "USER_AUTH_KEY", "authenticate_user", "setup"]
