@@ -12,6 +12,7 @@ from typing import Any
 
 from trace_sdk._process import PLATFORM_TOKEN_ENV
 from trace_sdk._worker import NonRetryableError, Operator, TaskContext
+from trace_sdk.ingest import OPERATORS as INGEST_OPERATORS
 
 
 async def noop(ctx: TaskContext) -> dict[str, Any] | None:
@@ -109,4 +110,5 @@ BUILTIN: dict[str, Operator] = {
     "fail_always": fail_always,
     "sleep": sleep,
     "demo": demo,
+    **INGEST_OPERATORS,
 }

@@ -1,2 +1,3 @@
-"""Chain ingest for Trace Lite: a local EVM dev node and activity on it (``devnode``), and the
-``cryo_ingest`` operator (``cryo_ingest``). See docs/architecture/ingest.md."""
+"""Chain ingest for Trace Lite: a local EVM dev node and activity on it (``devnode``). The
+``cryo_ingest`` operator lives in the worker SDK (``trace_sdk.ingest``). See
+docs/architecture/ingest.md."""

@@ -1,0 +1,147 @@
+"""Chain ingest operators: ``cryo_ingest`` (blocks, transactions and logs of a block range).
+
+Ranges
+------
+One rule everywhere in Trace: a block range is half-open, ``[start, end)``. A task's payload,
+a partition (``{"start", "end"}``), a range event and an object name (``{start}_{end}``) all
+carry the exclusive ``end``. Cryo's ``blocks=["start:end"]`` is end-exclusive too, but its file
+names end inclusively (``..._{start:08d}_to_{end - 1:08d}.parquet``); those names never leave
+the child process: ``cryo_ingest`` stages each file as ``{start}_{end}.parquet``.
+
+``cryo_ingest``
+---------------
+Payload (a job's ``config`` merged with the trigger's payload, or an upstream range event's
+``payload`` under ``event``)::
+
+    start, end          the range [start, end); end - start <= MAX_RANGE
+    rpc_url             the node's JSON-RPC endpoint (v1: from the payload; slot endpoints and
+                        keys are not wired yet)
+    datasets            {"blocks": name, "transactions": name, "logs": name} (defaults: the
+                        datatype names); a subset extracts only those datatypes
+    extract_timeout_s   kill the child after this long (default: the task's timeout)
+
+The extract runs in a child process (``trace_sdk._cryo_child``): one ``cryo.freeze`` into a
+private temporary directory, checked (``n_errored`` = 0, every chunk completed, one file per
+datatype, every row inside the range, one blocks row per block). Only after the whole child
+succeeded are its files staged (``TaskContext.stage_output``), so a failed extract commits
+nothing; the outputs commit with the completion, which also carries one range event per
+datatype: ``{"key": "range:{datatype}:{start}_{end}", "type": "range", "payload": {"start",
+"end", "partition_key", "datatype", "dataset", "rows"}}``.
+
+Failures: a range past the chain head, or a malformed range, fails the task for good
+(``NonRetryableError``: retrying cannot help the same payload); an unreachable node, a chunk
+error or a child killed at the timeout fail it retryably.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from trace_sdk._worker import NonRetryableError, TaskContext
+
+DATATYPES = ("blocks", "transactions", "logs")
+#: The largest range one task extracts (one Parquet file per datatype).
+MAX_RANGE = 100_000
+
+
+class ExtractError(Exception):
+    """A retryable extract failure (node unreachable, chunk errors, child killed or crashed)."""
+
+
+def block_range(payload: dict[str, Any]) -> tuple[int, int]:
+    """``(start, end)`` from the payload (or its upstream range event), checked half-open."""
+    source = payload
+    if "start" not in payload and isinstance(payload.get("event"), dict):
+        source = payload["event"].get("payload") or {}
+    try:
+        start, end = source["start"], source["end"]
+    except (KeyError, TypeError):
+        raise NonRetryableError("payload needs a block range: start and end") from None
+    if not (isinstance(start, int) and isinstance(end, int)) or isinstance(start, bool):
+        raise NonRetryableError("start and end must be integers")
+    if not 0 <= start < end or end - start > MAX_RANGE:
+        raise NonRetryableError(
+            f"range [{start}, {end}) must have 0 <= start < end and at most {MAX_RANGE} blocks"
+        )
+    return start, end
+
+
+def partition_key(start: int, end: int) -> str:
+    """The partition key (and object stem) of ``[start, end)``."""
+    return f"{start}_{end}"
+
+
+async def cryo_ingest(ctx: TaskContext) -> dict[str, Any] | None:
+    payload = ctx.payload
+    start, end = block_range(payload)
+    rpc = payload.get("rpc_url")
+    if not isinstance(rpc, str) or not rpc.startswith(("http://", "https://")):
+        raise NonRetryableError("payload.rpc_url must be an http(s) URL")
+    datasets = payload.get("datasets") or {d: d for d in DATATYPES}
+    if not isinstance(datasets, dict) or not datasets or not set(datasets) <= set(DATATYPES):
+        raise NonRetryableError(f"payload.datasets maps a subset of {DATATYPES} to dataset names")
+    datatypes = [d for d in DATATYPES if d in datasets]
+    timeout_s = float(payload.get("extract_timeout_s") or ctx.task.timeout_s)
+    with tempfile.TemporaryDirectory(prefix="trace-cryo-") as tmp:
+        request = {
+            "start": start,
+            "end": end,
+            "rpc": rpc,
+            "out": tmp,
+            "datatypes": datatypes,
+            "max_retries": int(payload.get("max_retries", 2)),
+        }
+        argv = [sys.executable, "-m", "trace_sdk._cryo_child", json.dumps(request)]
+        try:
+            code, out = await ctx.run_process(argv, timeout_s=timeout_s)
+        except TimeoutError:
+            raise ExtractError(f"cryo child killed after {timeout_s:g}s") from None
+        answer = _answer(code, out)
+        if not answer.get("ok"):
+            message = str(answer.get("message", "no message"))
+            if answer.get("kind") == "past_head":
+                raise NonRetryableError(message)
+            raise ExtractError(f"{answer.get('kind')}: {message}")
+        key = partition_key(start, end)
+        counts: dict[str, int] = {}
+        for datatype in datatypes:
+            file = answer["files"][datatype]
+            data = await asyncio.to_thread(Path(file["path"]).read_bytes)
+            dataset = str(datasets[datatype])
+            await ctx.stage_output(dataset, f"{key}.parquet", data, {"start": start, "end": end})
+            counts[datatype] = int(file["rows"])
+            ctx.final_events.append(
+                {
+                    "key": f"range:{datatype}:{key}",
+                    "type": "range",
+                    "payload": {
+                        "start": start,
+                        "end": end,
+                        "partition_key": key,
+                        "datatype": datatype,
+                        "dataset": dataset,
+                        "rows": counts[datatype],
+                    },
+                }
+            )
+    return {"start": start, "end": end, "rows": counts, "head": answer.get("head")}
+
+
+def _answer(code: int, out: bytes) -> dict[str, Any]:
+    """The child's JSON line; a crash before it printed one is a retryable failure."""
+    lines = out.decode(errors="replace").strip().splitlines()
+    try:
+        answer = json.loads(lines[-1]) if lines else None
+    except ValueError:
+        answer = None
+    if not isinstance(answer, dict):
+        raise ExtractError(f"cryo child exited {code} without an answer")
+    return answer
+
+
+OPERATORS = {"cryo_ingest": cryo_ingest}

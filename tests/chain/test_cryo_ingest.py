@@ -1,0 +1,226 @@
+"""``cryo_ingest`` end to end: the worker runs it through the in-process Dispatcher on real
+Postgres and the real LocalObjectStore, against a real anvil node; what a reader resolves is
+checked against the node's own answers."""
+
+from __future__ import annotations
+
+import asyncio
+import http.server
+import json
+import threading
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import attrs
+import duckdb
+import pytest
+
+from trace_core import wire
+from trace_core.lifecycle import RetryPolicy
+from trace_core.testing import MemoryQueue, MemorySigner
+from trace_lite.chain.devnode import Chain, DevNode, make_activity
+from trace_lite.datasets import Datasets
+from trace_lite.dispatcher import Dispatcher, open_pool
+from trace_lite.local_store import LocalObjectStore
+from trace_lite.task_surface import InProcessTaskSurface
+from trace_sdk import BUILTIN_OPERATORS, Worker
+
+ORG = "acme"
+DAG = "chain"
+DATATYPES = ("blocks", "transactions", "logs")
+DONE = ("completed", "failed")
+
+
+@attrs.define
+class Env:
+    d: Dispatcher
+    ds: Datasets
+    store: LocalObjectStore
+    root: Path
+
+    async def run(self, payload: dict[str, Any], *, timeout_s: int = 60, attempts: int = 3) -> Any:
+        """Create one cryo_ingest task, run a worker until it ends; returns the task."""
+        (info,) = await self.d.create_tasks(
+            [
+                wire.CreateTaskRequest(
+                    operator="cryo_ingest",
+                    org=ORG,
+                    payload=payload,
+                    timeout_s=timeout_s,
+                    max_attempts=attempts,
+                )
+            ]
+        )
+        assert self.d.queue is not None
+        surface = InProcessTaskSurface(self.d)
+        worker = Worker(
+            surface=surface,
+            queue=self.d.queue,
+            operators=dict(BUILTIN_OPERATORS),
+            store=self.store,
+            wait_s=0.1,
+        )
+        stop = asyncio.Event()
+        background = asyncio.create_task(self.d.run_background(stop, reap_every_s=0.05))
+        running = asyncio.create_task(worker.run(stop))
+        try:
+            async with asyncio.timeout(120):
+                while (task := await self.d.get_task(info.task_id))["state"] not in DONE:  # noqa: ASYNC110
+                    await asyncio.sleep(0.05)
+        finally:
+            stop.set()
+            await asyncio.gather(background, running)
+            await surface.close()
+        return task
+
+    async def live(self, name: str) -> list[tuple[int, int, str]]:
+        """What a reader is handed for ``name`` (after promotion): (start, end, object key)."""
+        while await self.ds.promote_once():
+            pass
+        caller = await self.ds.user_caller(ORG, "dave")
+        (res,) = (await self.ds.resolve(caller, ORG, [name], pin_ttl_s=0)).datasets
+        assert (res.pending, res.corrupt) == (0, 0)
+        return sorted((o["start"], o["end"], o["object_key"]) for o in res.objects)
+
+    def rows(self, object_key: str) -> list[tuple[Any, ...]]:
+        path = self.store.path_for(object_key)
+        return duckdb.sql(
+            "SELECT block_number FROM read_parquet(?) ORDER BY block_number", params=[str(path)]
+        ).fetchall()
+
+
+@pytest.fixture
+async def env(db_url: str, tmp_path: Path) -> AsyncIterator[Env]:
+    pool = await open_pool(db_url, min_size=2, max_size=12)
+    store = LocalObjectStore(tmp_path / "objects", "http://127.0.0.1:1", b"s" * 32)
+    d = Dispatcher(
+        pool,
+        signer=MemorySigner(),
+        queue=MemoryQueue("tasks"),
+        object_store=store,
+        retry=RetryPolicy(max_attempts=3, base_s=0.0),
+        rand=lambda: 0.5,
+    )
+    ds = Datasets(pool, object_store=store)
+    await ds.ensure_dag(ORG, DAG, deployers=["dave"])
+    versions = {}
+    for name in DATATYPES:
+        await ds.register(ORG, name, dag=DAG, job="ingest", update_strategy="append")
+        versions[name] = await ds.open_version(None, ORG, name)
+    await ds.cutover(None, ORG, DAG, versions)
+    try:
+        yield Env(d, ds, store, tmp_path / "objects")
+    finally:
+        await pool.close()
+
+
+def _error(task: dict[str, Any]) -> str:
+    return json.dumps([a["error"] for a in task["attempts"]])
+
+
+async def test_committed_ranges_match_the_node_and_a_rerun_commits_nothing(
+    env: Env, chain: Chain
+) -> None:
+    ranges = [(0, 100), (100, 250)]
+    for start, end in ranges:
+        task = await env.run({"start": start, "end": end, "rpc_url": chain.node.url})
+        assert task["state"] == "completed", _error(task)
+        events = {e["event_key"]: e["payload"] for e in task["events"]}
+        assert events[f"range:logs:{start}_{end}"]["partition_key"] == f"{start}_{end}"
+        assert {(p["start"], p["end"]) for p in events.values()} == {(start, end)}
+    rpc = chain.rpc
+    for name in DATATYPES:
+        live = await env.live(name)
+        # object names carry the half-open range: {start}_{end}.{task}.a{n}.parquet
+        assert [(s, e, k.rsplit("/", 1)[1].split(".")[0]) for s, e, k in live] == [
+            (s, e, f"{s}_{e}") for s, e in ranges
+        ]
+    for (start, end), (_, _, blocks_key), (_, _, txs_key), (_, _, logs_key) in zip(
+        ranges, *[await env.live(n) for n in DATATYPES], strict=True
+    ):
+        assert env.rows(blocks_key) == [(n,) for n in range(start, end)]
+        node_txs = [
+            n
+            for n in range(start, end)
+            for _ in rpc.call("eth_getBlockByNumber", hex(n), False)["transactions"]
+        ]
+        assert env.rows(txs_key) == [(n,) for n in node_txs]
+        node_logs = rpc.call("eth_getLogs", {"fromBlock": hex(start), "toBlock": hex(end - 1)})
+        assert env.rows(logs_key) == sorted((int(x["blockNumber"], 16),) for x in node_logs)
+        assert node_txs and node_logs  # the ranges are not trivially empty
+    before = {n: await env.live(n) for n in DATATYPES}
+    again = await env.run({"start": 0, "end": 100, "rpc_url": chain.node.url})
+    assert again["state"] == "completed", _error(again)
+    assert {n: await env.live(n) for n in DATATYPES} == before
+
+
+async def test_a_range_past_the_head_fails_the_task_for_good(env: Env, chain: Chain) -> None:
+    task = await env.run({"start": 200, "end": chain.head + 2, "rpc_url": chain.node.url})
+    assert task["state"] == "failed" and len(task["attempts"]) == 1
+    assert "past the chain head" in _error(task)
+    for name in DATATYPES:
+        assert await env.live(name) == []
+
+
+async def test_a_malformed_range_fails_the_task_for_good(env: Env, chain: Chain) -> None:
+    task = await env.run({"start": 50, "end": 50, "rpc_url": chain.node.url})
+    assert task["state"] == "failed" and len(task["attempts"]) == 1
+    assert "0 <= start < end" in _error(task)
+
+
+async def test_a_stopped_node_fails_retryably_and_commits_nothing(
+    env: Env, fresh_node: DevNode
+) -> None:
+    make_activity(fresh_node.rpc(), 30)
+    fresh_node.stop()
+    task = await env.run({"start": 0, "end": 20, "rpc_url": fresh_node.url}, attempts=2)
+    assert task["state"] == "failed" and len(task["attempts"]) == 2  # retried, then gave up
+    assert "unreachable" in _error(task)
+    for name in DATATYPES:
+        assert await env.live(name) == []
+
+
+class _Stall(http.server.BaseHTTPRequestHandler):
+    """Answers eth_blockNumber, then never answers anything else (a hung extract)."""
+
+    release = threading.Event()
+
+    def do_POST(self) -> None:
+        body = json.loads(self.rfile.read(int(self.headers["content-length"])))
+        if isinstance(body, dict) and body.get("method") == "eth_blockNumber":
+            data = json.dumps({"jsonrpc": "2.0", "id": body["id"], "result": "0x1000"}).encode()
+            self.send_response(200)
+            self.send_header("content-type", "application/json")
+            self.send_header("content-length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+            return
+        self.release.wait(60)
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture
+def stalling_rpc() -> Iterator[str]:
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Stall)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        _Stall.release.set()
+        server.shutdown()
+        server.server_close()
+
+
+async def test_a_hanging_child_is_killed_at_its_timeout(env: Env, stalling_rpc: str) -> None:
+    task = await env.run(
+        {"start": 0, "end": 10, "rpc_url": stalling_rpc, "extract_timeout_s": 2}, attempts=1
+    )
+    assert task["state"] == "failed"
+    assert "cryo child killed after 2s" in _error(task)
+    for name in DATATYPES:
+        assert await env.live(name) == []
