@@ -1,0 +1,490 @@
+"""The alert delivery store on Postgres: destinations, the shared ``alert_deliveries`` table,
+leases and attempts.
+
+Every move is decided by ``trace_core.delivery`` at the database's ``now()`` and written by
+one statement of ``sql/delivery.sql`` as a compare-and-swap on the fence columns, so any number
+of Delivery Service processes can lease from the one table (``FOR UPDATE SKIP LOCKED``) and a
+sender whose lease lapsed never overwrites the attempt that followed it (``LeaseLost``).
+Every attempt gets a ``delivery_attempts`` row: who sent it, when, how it ended, the status
+code, the latency and the error.
+"""
+
+from __future__ import annotations
+
+import random
+import uuid
+from collections.abc import Callable, Mapping
+from datetime import datetime, timedelta
+from typing import Any, NamedTuple
+
+import attrs
+from psycopg.types.json import Jsonb
+from psycopg_pool import AsyncConnectionPool
+
+from trace_core import delivery as kernel
+from trace_core import errors
+from trace_core.delivery import DeliveryState, DeliveryView, Fence, SendResult
+from trace_lite import sqlfile
+from trace_lite.pg import fetch_named, transaction
+
+Q = sqlfile.load("delivery.sql")
+
+KINDS = ("webhook", "slack", "pagerduty")
+
+
+class DestinationRow(NamedTuple):
+    destination_id: str
+    org_id: str
+    name: str
+    kind: str
+    url: str
+    secret_name: str
+    enabled: bool
+    disabled_reason: str | None
+
+
+class _DueRow(NamedTuple):
+    delivery_id: str
+    state: str
+    attempt: int
+    lease_token: str | None
+    lease_expires_at: datetime | None
+    available_at: datetime
+    delivery_key: str
+    org_id: str
+    destination_id: str
+    route: str
+    alert_key: str
+    event_time: datetime
+    payload: dict[str, Any]
+    kind: str
+    url: str
+    secret_name: str
+    enabled: bool
+    now: datetime
+
+
+class _LockedRow(NamedTuple):
+    delivery_id: str
+    state: str
+    attempt: int
+    lease_token: str | None
+    lease_expires_at: datetime | None
+    available_at: datetime
+    destination_id: str
+    now: datetime
+
+
+class _ExpiredRow(NamedTuple):
+    delivery_id: str
+    state: str
+    attempt: int
+    lease_token: str | None
+    lease_expires_at: datetime | None
+    available_at: datetime
+    now: datetime
+
+
+class DeliveryRow(NamedTuple):
+    """A delivery as ``trace alerts deliveries`` lists it."""
+
+    delivery_id: str
+    state: str
+    attempt: int
+    route: str
+    alert_key: str
+    event_time: datetime
+    available_at: datetime
+    last_error: str | None
+    last_status: int | None
+    suppressed_reason: str | None
+    created_at: datetime
+    sent_at: datetime | None
+    destination: str
+
+
+class AttemptRow(NamedTuple):
+    attempt: int
+    sender: str
+    started_at: datetime
+    finished_at: datetime | None
+    outcome: str
+    status_code: int | None
+    latency_ms: int | None
+    error: str | None
+
+
+class _CountRow(NamedTuple):
+    state: str
+    n: int
+    oldest_s: float
+
+
+def _view(row: _DueRow | _LockedRow | _ExpiredRow) -> DeliveryView:
+    return DeliveryView(
+        delivery_id=row.delivery_id,
+        state=DeliveryState(row.state),
+        attempt=row.attempt,
+        lease_token=row.lease_token,
+        lease_expires_at=row.lease_expires_at,
+        available_at=row.available_at,
+    )
+
+
+@attrs.frozen
+class Leased:
+    """One leased delivery: what the sender needs to send it and report back."""
+
+    fence: Fence
+    delivery_key: str
+    org_id: str
+    destination_id: str
+    kind: str
+    url: str
+    secret_name: str
+    route: str
+    alert_key: str
+    event_time: datetime
+    payload: Mapping[str, Any]
+    lease_expires_at: datetime
+
+
+@attrs.frozen
+class Counts:
+    """Deliveries per state and the age of the oldest due one (metrics)."""
+
+    by_state: Mapping[str, int]
+    oldest_due_s: float
+
+
+class DeliveryStore:
+    """Destinations and deliveries on the Postgres state database."""
+
+    def __init__(
+        self,
+        pool: AsyncConnectionPool,
+        *,
+        schedule: kernel.RetrySchedule | None = None,
+        lease: kernel.LeasePolicy | None = None,
+        rand: Callable[[], float] = random.random,
+    ) -> None:
+        self.pool = pool
+        self.schedule = schedule or kernel.RetrySchedule()
+        self.lease_policy = lease or kernel.LeasePolicy()
+        self._rand = rand
+
+    # --- destinations -------------------------------------------------------------------------
+
+    async def add_destination(
+        self, *, org_id: str, name: str, kind: str, url: str, secret_name: str
+    ) -> DestinationRow:
+        """Store a destination whose URL the caller already checked (``webhook_sender``).
+        Raises ``ValidationFailed`` (bad name or kind), ``Conflict`` (the name is taken)."""
+        if kind not in KINDS:
+            raise errors.ValidationFailed(f"kind must be one of {', '.join(KINDS)}", field="kind")
+        destination_id = str(uuid.uuid4())
+        async with transaction(self.pool) as cur:
+            await cur.execute(
+                Q["insert_destination"],
+                {
+                    "destination_id": destination_id,
+                    "org_id": org_id,
+                    "name": name,
+                    "kind": kind,
+                    "url": url,
+                    "secret_name": secret_name,
+                },
+            )
+        return await self.destination(destination_id)
+
+    async def destination(self, destination_id: str) -> DestinationRow:
+        """Raises ``NotFound``."""
+        async with transaction(self.pool) as cur:
+            rows = await fetch_named(
+                cur, DestinationRow, Q["destination"], {"destination_id": destination_id}
+            )
+        if not rows:
+            raise errors.NotFound("no such destination")
+        return rows[0]
+
+    async def destination_by_name(self, org_id: str, name: str) -> DestinationRow:
+        """Raises ``NotFound``."""
+        async with transaction(self.pool) as cur:
+            rows = await fetch_named(
+                cur, DestinationRow, Q["destination_by_name"], {"org_id": org_id, "name": name}
+            )
+        if not rows:
+            raise errors.NotFound("no such destination")
+        return rows[0]
+
+    async def set_enabled(self, destination_id: str, *, enabled: bool, reason: str | None) -> int:
+        """Enable or disable a destination; disabling also disables its due deliveries
+        (``decide_disable``). Returns how many deliveries were disabled. Raises ``NotFound``."""
+        async with transaction(self.pool) as cur:
+            await cur.execute(
+                Q["set_destination_enabled"],
+                {"destination_id": destination_id, "enabled": enabled, "reason": reason},
+            )
+            if cur.rowcount == 0:
+                raise errors.NotFound("no such destination")
+            if enabled:
+                return 0
+            await cur.execute(
+                Q["disable_due_of_destination"],
+                {"destination_id": destination_id, "reason": f"destination disabled: {reason}"},
+            )
+            return cur.rowcount
+
+    # --- deliveries ---------------------------------------------------------------------------
+
+    async def enqueue(
+        self,
+        *,
+        org_id: str,
+        destination_id: str,
+        alert_key: str,
+        route: str,
+        event_time: datetime,
+        payload: Mapping[str, Any],
+        max_delivery_age: timedelta | None = None,
+    ) -> tuple[str, DeliveryState]:
+        """Record the delivery of one alert event by ``route`` to one destination: ``due``, or
+        ``suppressed`` (with the reason) when older than ``max_delivery_age``. Routing the same
+        event again returns the delivery recorded first. Returns ``(delivery_id, state)``."""
+        key = kernel.delivery_key(alert_key, route, destination_id)
+        async with transaction(self.pool) as cur:
+            await cur.execute(Q["db_now"])
+            row = await cur.fetchone()
+            assert row is not None
+            state, reason = kernel.decide_create(
+                event_time=event_time, now=row[0], max_delivery_age=max_delivery_age
+            )
+            await cur.execute(
+                Q["insert_delivery"],
+                {
+                    "delivery_id": str(uuid.uuid4()),
+                    "org_id": org_id,
+                    "destination_id": destination_id,
+                    "delivery_key": key,
+                    "alert_key": alert_key,
+                    "route": route,
+                    "event_time": event_time,
+                    "payload": Jsonb(dict(payload)),
+                    "state": state.value,
+                    "suppressed_reason": reason,
+                },
+            )
+            await cur.execute(Q["delivery_by_key"], {"delivery_key": key})
+            found = await cur.fetchone()
+        assert found is not None
+        return str(found[0]), DeliveryState(found[1])
+
+    async def lease(self, n: int, *, sender: str) -> list[Leased]:
+        """Lease up to ``n`` due deliveries to ``sender`` (skipping rows other senders hold);
+        due deliveries of a disabled destination become ``disabled`` instead."""
+        leased: list[Leased] = []
+        async with transaction(self.pool) as cur:
+            rows = await fetch_named(cur, _DueRow, Q["lock_due"], {"n": n})
+            for row in rows:
+                decision = kernel.decide_lease(
+                    _view(row),
+                    now=row.now,
+                    lease=self.lease_policy,
+                    new_lease_token=str(uuid.uuid4()),
+                    destination_enabled=row.enabled,
+                )
+                if isinstance(decision, kernel.SettleDecision):
+                    await self._move(cur, _view(row), decision)
+                    continue
+                await cur.execute(
+                    Q["apply_lease"],
+                    {
+                        "delivery_id": row.delivery_id,
+                        "attempt": decision.attempt,
+                        "lease_token": decision.lease_token,
+                        "lease_expires_at": decision.lease_expires_at,
+                    },
+                )
+                if cur.rowcount != 1:  # we hold the row lock: the decision saw this row
+                    raise errors.Conflict("the delivery moved during its lease")
+                await cur.execute(
+                    Q["insert_attempt"],
+                    {
+                        "delivery_id": row.delivery_id,
+                        "attempt": decision.attempt,
+                        "lease_token": decision.lease_token,
+                        "sender": sender,
+                    },
+                )
+                leased.append(
+                    Leased(
+                        fence=Fence(row.delivery_id, decision.attempt, decision.lease_token),
+                        delivery_key=row.delivery_key,
+                        org_id=row.org_id,
+                        destination_id=row.destination_id,
+                        kind=row.kind,
+                        url=row.url,
+                        secret_name=row.secret_name,
+                        route=row.route,
+                        alert_key=row.alert_key,
+                        event_time=row.event_time,
+                        payload=row.payload,
+                        lease_expires_at=decision.lease_expires_at,
+                    )
+                )
+        return leased
+
+    async def record(self, fence: Fence, result: SendResult, *, latency_ms: int) -> DeliveryState:
+        """Apply the result of the attempt ``fence`` names and record the attempt. A ``410``
+        also disables the destination and its due deliveries. Returns the delivery's new state.
+
+        Raises ``LeaseLost`` when the attempt no longer holds the delivery (its lease expired
+        and the reaper moved it, or a newer attempt started): nothing is written, and the
+        reaper's record of the attempt (``expire``) stands.
+        """
+        async with transaction(self.pool) as cur:
+            rows = await fetch_named(
+                cur, _LockedRow, Q["lock_delivery"], {"delivery_id": fence.delivery_id}
+            )
+            if not rows:
+                raise errors.NotFound("no such delivery")
+            row = rows[0]
+            decision = kernel.decide_outcome(
+                _view(row),
+                fence,
+                result,
+                now=row.now,
+                schedule=self.schedule,
+                rand=self._rand(),
+            )
+            await cur.execute(
+                Q["apply_outcome"],
+                {
+                    "delivery_id": fence.delivery_id,
+                    "attempt": fence.attempt,
+                    "lease_token": fence.lease_token,
+                    "state": decision.state.value,
+                    "available_at": decision.available_at,
+                    "error": decision.error,
+                    "status_code": result.status_code,
+                },
+            )
+            if cur.rowcount != 1:
+                raise errors.LeaseLost("the attempt no longer holds the delivery")
+            await self._finish_attempt(cur, fence, result, latency_ms)
+            if decision.disable_destination:
+                reason = f"{result.error or 'disabled'} from the receiver"
+                await cur.execute(
+                    Q["set_destination_enabled"],
+                    {"destination_id": row.destination_id, "enabled": False, "reason": reason},
+                )
+                await cur.execute(
+                    Q["disable_due_of_destination"],
+                    {"destination_id": row.destination_id, "reason": reason},
+                )
+        return decision.state
+
+    async def _finish_attempt(
+        self, cur: Any, fence: Fence, result: SendResult, latency_ms: int | None
+    ) -> None:
+        await cur.execute(
+            Q["finish_attempt"],
+            {
+                "delivery_id": fence.delivery_id,
+                "attempt": fence.attempt,
+                "outcome": result.event.value,
+                "status_code": result.status_code,
+                "latency_ms": latency_ms,
+                "error": result.error,
+            },
+        )
+
+    async def _move(self, cur: Any, view: DeliveryView, decision: kernel.SettleDecision) -> None:
+        await cur.execute(
+            Q["apply_move"],
+            {
+                "delivery_id": view.delivery_id,
+                "attempt": view.attempt,
+                "from_state": view.state.value,
+                "state": decision.state.value,
+                "available_at": decision.available_at,
+                "error": decision.error,
+            },
+        )
+        if cur.rowcount != 1:
+            raise errors.Conflict("the delivery moved meanwhile")
+
+    async def reap(self, n: int = 100) -> int:
+        """Expire in-flight deliveries whose lease lapsed (``decide_expire``): due again on the
+        schedule, or failed with no attempts left; their attempt ends as ``expire``. Returns how
+        many were expired."""
+        async with transaction(self.pool) as cur:
+            rows = await fetch_named(cur, _ExpiredRow, Q["lock_expired"], {"n": n})
+            for row in rows:
+                view = _view(row)
+                decision = kernel.decide_expire(
+                    view, now=row.now, schedule=self.schedule, rand=self._rand()
+                )
+                if decision is None:
+                    continue
+                await self._move(cur, view, decision)
+                if view.lease_token is not None:
+                    fence = Fence(view.delivery_id, view.attempt, view.lease_token)
+                    result = SendResult(kernel.DeliveryEvent.EXPIRE, error=decision.error)
+                    await self._finish_attempt(cur, fence, result, None)
+        return len(rows)
+
+    async def retry(self, delivery_id: str) -> DeliveryState:
+        """An operator's retry of a failed, disabled or suppressed delivery: due now. Raises
+        ``NotFound``, ``Conflict`` (``decide_retry``)."""
+        async with transaction(self.pool) as cur:
+            rows = await fetch_named(
+                cur, _LockedRow, Q["lock_delivery"], {"delivery_id": delivery_id}
+            )
+            if not rows:
+                raise errors.NotFound("no such delivery")
+            view = _view(rows[0])
+            decision = kernel.decide_retry(view, now=rows[0].now)
+            await self._move(cur, view, decision)
+        return decision.state
+
+    async def counts(self) -> Counts:
+        async with transaction(self.pool) as cur:
+            rows = await fetch_named(cur, _CountRow, Q["delivery_counts"], {})
+        by_state = {s.value: 0 for s in DeliveryState}
+        oldest = 0.0
+        for row in rows:
+            by_state[row.state] = row.n
+            if row.state == DeliveryState.DUE.value:
+                oldest = float(row.oldest_s)
+        return Counts(by_state=by_state, oldest_due_s=oldest)
+
+    async def deliveries(
+        self, org_id: str, *, state: str | None = None, limit: int = 100
+    ) -> list[DeliveryRow]:
+        if state is not None and state not in {s.value for s in DeliveryState}:
+            raise errors.ValidationFailed(f"no such delivery state {state!r}", field="state")
+        async with transaction(self.pool) as cur:
+            return await fetch_named(
+                cur,
+                DeliveryRow,
+                Q["list_deliveries"],
+                {"org_id": org_id, "state": state, "limit": limit},
+            )
+
+    async def attempts(self, delivery_id: str) -> list[AttemptRow]:
+        async with transaction(self.pool) as cur:
+            return await fetch_named(
+                cur, AttemptRow, Q["delivery_attempts"], {"delivery_id": delivery_id}
+            )
+
+
+__all__ = [
+    "KINDS",
+    "AttemptRow",
+    "Counts",
+    "DeliveryRow",
+    "DeliveryStore",
+    "DestinationRow",
+    "Leased",
+]
