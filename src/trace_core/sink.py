@@ -186,23 +186,26 @@ def parse_batch(data: bytes, schema: DatasetSchema) -> ParsedBatch:
         else:
             more += 1
 
+    converters = [(col, _CONVERTERS[typ], col in required) for col, typ in schema.columns]
+    known = frozenset(types)
     for i, line in enumerate(lines):
         obj = _load_object(line, i, add)
         if obj is None:
             continue
-        for key in obj:
-            if key not in types:
-                add(Problem(i, key, "not a column of the dataset"))
+        if not known.issuperset(obj):
+            for key in obj:
+                if key not in types:
+                    add(Problem(i, key, "not a column of the dataset"))
         values: list[Any] = []
-        for col, typ in schema.columns:
+        for col, conv, req in converters:
             raw = obj.get(col)
             if raw is None:
-                if col in required:
+                if req:
                     add(Problem(i, col, "required (a unique_key column), missing or null"))
                 values.append(None)
                 continue
             try:
-                values.append(_convert(typ, raw, f"rows[{i}].{col}"))
+                values.append(conv(raw))
             except _BadValue as exc:
                 add(Problem(i, col, str(exc)))
                 values.append(None)
@@ -216,20 +219,30 @@ class _BadValue(Exception):
     pass
 
 
-def _load_object(line: str, i: int, add: Callable[[Problem], None]) -> dict[str, Any] | None:
-    def pairs(items: list[tuple[str, Any]]) -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        for k, v in items:
-            if k in out:
+def _pairs(items: list[tuple[str, Any]]) -> dict[str, Any]:
+    out = dict(items)
+    if len(out) != len(items):
+        seen: set[str] = set()
+        for k, _ in items:
+            if k in seen:
                 raise _BadValue(f"key {k!r} repeated")
-            out[k] = v
-        return out
+            seen.add(k)
+    return out
 
-    def no_constant(name: str) -> Any:
-        raise _BadValue(f"{name} is not JSON")
 
+def _no_constant(name: str) -> Any:
+    raise _BadValue(f"{name} is not JSON")
+
+
+#: One decoder for every line: repeated keys and NaN/Infinity refused.
+_DECODER = json.JSONDecoder(object_pairs_hook=_pairs, parse_constant=_no_constant)
+
+
+def _load_object(line: str, i: int, add: Callable[[Problem], None]) -> dict[str, Any] | None:
     try:
-        obj = json.loads(line, object_pairs_hook=pairs, parse_constant=no_constant)
+        obj, end = _DECODER.raw_decode(line.strip())
+        if end != len(line.strip()):
+            raise ValueError("extra data after the value")
     except _BadValue as exc:
         add(Problem(i, None, str(exc)))
         return None
@@ -315,23 +328,84 @@ def _convert(typ: str, raw: Any, path: str = "value") -> Any:
     raise _BadValue(f"unknown column type {typ!r}")
 
 
+def _slow(typ: str) -> Callable[[Any], Any]:
+    return lambda raw: _convert(typ, raw)
+
+
+def _int_converter(typ: str) -> Callable[[Any], Any]:
+    lo, hi = _INT_RANGES[typ]
+
+    def conv(raw: Any) -> Any:
+        if type(raw) is int:
+            if lo <= raw <= hi:
+                return raw
+        elif type(raw) is str and 0 < len(raw) <= 80 and raw.isascii() and raw.isdigit():
+            n = int(raw)
+            if lo <= n <= hi:
+                return n
+        return _convert(typ, raw)
+
+    return conv
+
+
+def _bytes_converter(raw: Any) -> Any:
+    if type(raw) is str and raw.startswith("0x") and len(raw) <= 2 + 2 * MAX_TEXT_BYTES:
+        try:
+            out = bytes.fromhex(raw[2:])
+        except ValueError:
+            out = None
+        if out is not None and 2 * len(out) == len(raw) - 2:  # fromhex skips spaces
+            return out
+    return _convert("bytes", raw)
+
+
+def _str_converter(raw: Any) -> Any:
+    if type(raw) is str and len(raw) <= MAX_TEXT_BYTES // 4 and "\x00" not in raw:
+        try:
+            raw.encode("utf-8")
+            return raw
+        except UnicodeEncodeError:
+            pass
+    return _convert("string", raw)
+
+
+#: The converter of each column type (fast paths for the common cases, else ``_convert``).
+_CONVERTERS: dict[str, Callable[[Any], Any]] = {
+    **{t: _slow(t) for t in COLUMN_TYPES},
+    **{t: _int_converter(t) for t in _INT_RANGES},
+    "string": _str_converter,
+    "bytes": _bytes_converter,
+}
+
+
+#: Canonical JSON: sorted keys, no spaces, ASCII only (so no raw newline ever appears).
+_ENCODER = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+
+
+def _key_base(producer_task_id: str, dataset_uuid: str, scope: Scope | None) -> Any:
+    """The hash state after ``[producer, dataset, scope]`` and a newline: every key of a batch
+    starts from a copy of it."""
+    head = [producer_task_id.lower(), dataset_uuid.lower(), scope.as_json() if scope else None]
+    return hashlib.sha256(_ENCODER.encode(head).encode("ascii") + b"\n")
+
+
+def _key_from(base: Any, key_values: Sequence[Any]) -> str:
+    h = base.copy()
+    h.update(_ENCODER.encode([_canonical(v) for v in key_values]).encode("ascii"))
+    return str(h.hexdigest())
+
+
 def dedupe_key(
     producer_task_id: str,
     dataset_uuid: str,
     scope: Scope | None,
     key_values: Sequence[Any],
 ) -> str:
-    """The row's dedupe key: hex SHA-256 of a canonical encoding of
-    ``(producer_task_id, dataset_uuid, scope, key_values)``. Equal inputs, equal keys; any
-    difference in any part, a different key."""
-    doc = [
-        producer_task_id.lower(),
-        dataset_uuid.lower(),
-        scope.as_json() if scope is not None else None,
-        [_canonical(v) for v in key_values],
-    ]
-    text = json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
-    return hashlib.sha256(text.encode("ascii")).hexdigest()
+    """The row's dedupe key: hex SHA-256 of the canonical JSON of ``[producer_task_id,
+    dataset_uuid, scope]``, a newline, and the canonical JSON of ``key_values`` (typed: bytes,
+    times and decimals are tagged). Equal inputs, equal keys; any difference in any part, a
+    different key."""
+    return _key_from(_key_base(producer_task_id, dataset_uuid, scope), key_values)
 
 
 def dedupe_keys(
@@ -342,30 +416,27 @@ def dedupe_keys(
     dataset_uuid: str,
     scope: Scope | None,
 ) -> list[str]:
-    """The dedupe key of every row of ``batch``, in order. With no ``unique_key`` the row's
-    index in the batch stands in for it (the same batch again dedupes; nothing else can)."""
+    """The dedupe key of every row of ``batch``, in order (``dedupe_key`` of each). With no
+    ``unique_key`` the row's index in the batch stands in for it (the same batch again
+    dedupes; nothing else can)."""
+    base = _key_base(producer_task_id, dataset_uuid, scope)
     index = [batch.columns.index(c) for c in schema.unique_key]
     if not index:
-        return [
-            dedupe_key(producer_task_id, dataset_uuid, scope, ["#row", i])
-            for i in range(len(batch.rows))
-        ]
-    return [
-        dedupe_key(producer_task_id, dataset_uuid, scope, [row[j] for j in index])
-        for row in batch.rows
-    ]
+        return [_key_from(base, ["#row", i]) for i in range(len(batch.rows))]
+    return [_key_from(base, [row[j] for j in index]) for row in batch.rows]
 
 
 def _canonical(v: Any) -> Any:
+    t = type(v)
+    if t is int or t is str or v is None or t is bool or t is float:
+        return v
     if isinstance(v, bytes):
         return {"b": v.hex()}
     if isinstance(v, datetime | date):
         return {"t": v.isoformat()}
     if isinstance(v, Decimal):
         return {"d": str(v.normalize())}
-    if isinstance(v, bool | int | float | str) or v is None:
-        return v
-    return {"j": json.dumps(v, sort_keys=True, separators=(",", ":"))}
+    return {"j": _ENCODER.encode(v)}
 
 
 def _json_type(v: Any) -> str:

@@ -12,6 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from trace_core import errors
+from trace_core import sink as sink_mod
 from trace_core.sink import (
     MAX_BATCH_BYTES,
     MAX_BATCH_ROWS,
@@ -225,3 +226,37 @@ def test_one_bad_value_rejects_the_whole_batch_naming_it(
     i = bad_at % len(rows)
     rows[i] = {**rows[i], column: "bad"}
     assert problems(lines(*rows)) == [(i, column)]
+
+
+any_value = (
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**300), 2**300)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=12)
+    | st.sampled_from(["0x", "0xab", "0xAB", "0x ab", "0xa", "12", "-12", "²", " 12", "0x0g"])
+    | st.binary(max_size=6).map(lambda b: "0x" + b.hex())
+    | st.integers(0, 2**256).map(str)
+)
+
+
+@given(typ=st.sampled_from(sorted(sink_mod.COLUMN_TYPES)), raw=any_value)
+def test_fast_converters_agree_with_the_reference(typ: str, raw: Any) -> None:
+    """Each column type's fast converter accepts exactly what ``_convert`` accepts, with the
+    same value."""
+
+    def run(f: Any) -> Any:
+        try:
+            return ("ok", f(raw))
+        except sink_mod._BadValue:
+            return ("bad", None)
+
+    assert run(sink_mod._CONVERTERS[typ]) == run(lambda r: sink_mod._convert(typ, r))
+
+
+def test_fast_paths_refuse_what_the_reference_refuses() -> None:
+    for typ, raw in [("bytes", "0x ab"), ("bytes", "0xa"), ("int64", "²"), ("int64", " 12")]:
+        with pytest.raises(sink_mod._BadValue):
+            sink_mod._CONVERTERS[typ](raw)
+    assert sink_mod._CONVERTERS["bytes"]("0xAB") == b"\xab"
+    assert sink_mod._CONVERTERS["int32"]("-12") == -12
