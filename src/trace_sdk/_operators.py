@@ -13,6 +13,7 @@ from typing import Any
 from trace_sdk._process import PLATFORM_TOKEN_ENV
 from trace_sdk._worker import NonRetryableError, Operator, TaskContext
 from trace_sdk.ingest import OPERATORS as INGEST_OPERATORS
+from trace_sdk.ranges import OPERATORS as RANGE_OPERATORS
 
 
 async def noop(ctx: TaskContext) -> dict[str, Any] | None:
@@ -111,4 +112,5 @@ BUILTIN: dict[str, Operator] = {
     "sleep": sleep,
     "demo": demo,
     **INGEST_OPERATORS,
+    **RANGE_OPERATORS,
 }

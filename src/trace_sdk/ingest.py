@@ -17,7 +17,8 @@ Payload (a job's ``config`` merged with the trigger's payload, or an upstream ra
     rpc_url             the node's JSON-RPC endpoint (v1: from the payload; slot endpoints and
                         keys are not wired yet)
     datasets            {"blocks": name, "transactions": name, "logs": name} (defaults: the
-                        datatype names); a subset extracts only those datatypes
+                        datatype names); a subset extracts only those datatypes; the i-th
+                        entry is the job's output i
     extract_timeout_s   kill the child after this long (default: the task's timeout)
 
 The extract runs in a child process (``trace_sdk._cryo_child``): one ``cryo.freeze`` into a
@@ -26,7 +27,8 @@ datatype, every row inside the range, one blocks row per block). Only after the 
 succeeded are its files staged (``TaskContext.stage_output``), so a failed extract commits
 nothing; the outputs commit with the completion, which also carries one range event per
 datatype: ``{"key": "range:{datatype}:{start}_{end}", "type": "range", "payload": {"start",
-"end", "partition_key", "datatype", "dataset", "rows"}}``.
+"end", "partition_key", "datatype", "dataset", "rows", "output"}}`` (``output``: the entry's
+index in ``datasets``, so the DAG fan-out routes it to that output's consumers).
 
 Failures: a range past the chain head, or a malformed range, fails the task for good
 (``NonRetryableError``: retrying cannot help the same payload); an unreachable node, a chunk
@@ -85,7 +87,7 @@ async def cryo_ingest(ctx: TaskContext) -> dict[str, Any] | None:
     datasets = payload.get("datasets") or {d: d for d in DATATYPES}
     if not isinstance(datasets, dict) or not datasets or not set(datasets) <= set(DATATYPES):
         raise NonRetryableError(f"payload.datasets maps a subset of {DATATYPES} to dataset names")
-    datatypes = [d for d in DATATYPES if d in datasets]
+    datatypes = list(datasets)  # output i of the job is the i-th entry
     timeout_s = float(payload.get("extract_timeout_s") or ctx.task.timeout_s)
     with tempfile.TemporaryDirectory(prefix="trace-cryo-") as tmp:
         request = {
@@ -126,6 +128,7 @@ async def cryo_ingest(ctx: TaskContext) -> dict[str, Any] | None:
                         "datatype": datatype,
                         "dataset": dataset,
                         "rows": counts[datatype],
+                        "output": datatypes.index(datatype),
                     },
                 }
             )
