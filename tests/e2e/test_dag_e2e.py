@@ -9,6 +9,7 @@ import asyncio
 import json
 import subprocess
 import sys
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -125,4 +126,53 @@ def test_example_dag_deploys_runs_and_its_dataset_resolves(stack: TraceProcs) ->
             (committed["task_id"],),
         )
         == 1
+    )
+
+
+TICKER = """\
+name: ticker
+jobs:
+  tick:
+    operator: noop
+    triggers:
+      - type: interval
+        every: 1s
+"""
+
+
+def test_interval_schedule_survives_a_killed_dispatcher(stack: TraceProcs) -> None:
+    """A running Dispatcher fires each slot of an interval trigger once, as the run
+    ``ticker:tick:{slot}``; after kill -9 and a restart the slots go on, none fired twice."""
+    t = stack
+    dag_file = t.home / "ticker.yaml"
+    dag_file.write_text(TICKER)
+    done = trace(t, "dora", "dag", "deploy", str(dag_file), "--org", ORG)
+    assert done.returncode == 0, done.stderr
+    t.start_worker(concurrency=2)
+
+    def ticks(at_least: int) -> list[str] | None:
+        keys = [r[0] for r in t.sql("SELECT idempotency_key FROM tasks WHERE dag_job = 'tick'")]
+        return keys if len(keys) >= at_least else None
+
+    before = t.wait_until(lambda: ticks(2), 30, "two interval slots to fire")
+    (dispatcher,) = t.live("dispatcher")
+    t.kill9(dispatcher)
+    t.start_dispatcher()
+    after = t.wait_until(lambda: ticks(len(before) + 2), 30, "slots to fire after the restart")
+    slots = []
+    for key in after:
+        assert key.startswith("ticker:tick:"), key
+        slot = datetime.fromisoformat(key.removeprefix("ticker:tick:"))
+        assert slot.microsecond == 0 and slot.tzinfo is not None
+        slots.append(slot)
+    assert len(set(slots)) == len(slots)  # one task per slot
+    (deployed,) = t.sql("SELECT created_at FROM dag_versions")
+    assert min(slots) >= deployed[0].replace(microsecond=0)
+    t.wait_until(
+        lambda: (
+            t.scalar("SELECT count(*) FROM tasks WHERE dag_job = 'tick' AND state = 'completed'")
+            >= len(before)
+        ),
+        30,
+        "the ticks to run",
     )
