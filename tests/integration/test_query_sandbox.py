@@ -306,6 +306,21 @@ async def test_resource_exhaustion_is_stopped(paths: Paths, sql: str) -> None:
     with pytest.raises(errors.ValidationFailed) as info:
         await run_sandboxed(sql, {}, TIGHT, scratch_root=paths.scratch, keep_scratch=True)
     _assert_nothing_leaked_or_written(paths, info.value.message)
+    assert _processes_in(paths.scratch) == []  # the sandbox is gone, not orphaned
+
+
+def _processes_in(root: Path) -> list[int]:
+    """Processes whose working directory is under ``root`` (each sandbox runs in its own)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                cwd = os.readlink(proc / "cwd")
+            except OSError:
+                continue
+            if cwd.startswith(str(root)):
+                found.append(int(proc.name))
+    return found
 
 
 async def test_huge_result_is_capped_at_max_rows(paths: Paths) -> None:
