@@ -130,11 +130,13 @@ def make_app(
     extra_routes: list[web.RouteDef] | None = None,
     credential_minter: CredentialMinter | None = None,
     user_auth: UserAuthenticator | None = None,
+    data_url: str | None = None,
 ) -> web.Application:
     """The Dispatcher's aiohttp application (no background work: see ``trace_servers.cli``).
 
     ``user_auth`` enables the user API ``/v1/orgs/...``; without it those routes answer 401.
-    ``credential_minter`` (AWS profile) enables ``/v1/task/credentials``. ``extra_routes``: the
+    ``credential_minter`` (AWS profile) enables ``/v1/task/credentials``. ``data_url`` (the data
+    database) lets the Query Service read Postgres-table datasets. ``extra_routes``: the
     profile's own routes (Lite: the local object store's signed URLs). Raises
     ``ValidationFailed`` for a platform credential shorter than 16 characters.
     """
@@ -150,7 +152,7 @@ def make_app(
     app.on_response_prepare.append(hide_server_version)
     task_api.setup(app, credential_minter=credential_minter)
     user_api.setup(app, user_auth=user_auth)
-    query_api.setup(app)
+    query_api.setup(app, data_url=data_url)
     dag_api.setup(
         app,
         dags=Dags(dispatcher.pool, operators=builtin_operators()),

@@ -404,3 +404,26 @@ async def test_postgres_table_dataset_is_copied_in_never_connected(
     bob = await ds.user_caller(ORG, "bob")
     with pytest.raises(errors.NotFound, match=f"^{NOT_READABLE}$"):
         await q.query(bob, ORG, "SELECT * FROM balances")
+
+
+async def test_make_app_hands_the_data_database_to_the_query_service(
+    world: World, data_db_url: str
+) -> None:
+    ds = world.ds
+    await ds.register(ORG, "balances", dag=DAG, job="j", storage_kind="postgres", read_roles=[])
+    version = await ds.open_version(None, ORG, "balances")
+    await ds.cutover(None, ORG, DAG, {"balances": version})
+    with psycopg.connect(data_db_url, autocommit=True) as conn:
+        conn.execute(f"CREATE TABLE data.dsv_{version.replace('-', '')} (n bigint)")
+        conn.execute(f"INSERT INTO data.dsv_{version.replace('-', '')} VALUES (7)")
+    issuer = LocalUserIssuer.init(world.tmp / "keys")
+    auth = UserAuthenticator({issuer.key.kid: issuer.key})
+    app = make_app(world.d, platform_token=PLATFORM, user_auth=auth, data_url=data_db_url)
+    async with TestClient(TestServer(app)) as c:
+        r = await c.post(
+            "/v1/query",
+            headers=_bearer(issuer.token("alice")),
+            json={"org": ORG, "sql": "SELECT n FROM balances"},
+        )
+        assert r.status == 200, await r.text()
+        assert (await r.json())["rows"] == [[7]]
