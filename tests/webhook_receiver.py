@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import struct
 from collections.abc import Mapping
 from typing import Any
 
@@ -38,7 +39,6 @@ class WebhookReceiver:
         self.retry_after = "0"
         self.requests: list[Received] = []
         self.accepted: list[str] = []
-        self.in_progress = 0
         self.max_in_progress: dict[str, int] = {}
         self._active: dict[str, int] = {}
         self._runner: web.AppRunner | None = None
@@ -68,15 +68,20 @@ class WebhookReceiver:
                 await self.gate.wait()
             step: Step = self.script.pop(0) if self.script else 200
             if step == "timeout":
-                await asyncio.sleep(self.hang_s)
+                # the sender gives up long before this answer: it no longer counts as a send
+                # in progress (aiohttp does not cancel the handler when the client leaves)
+                self._active[msg_id] -= 1
+                try:
+                    await asyncio.sleep(self.hang_s)
+                finally:
+                    self._active[msg_id] += 1
                 step = 200
             if step == "reset":
                 assert request.transport is not None
                 sock = request.transport.get_extra_info("socket")
                 if sock is not None:  # RST instead of FIN
-                    sock.setsockopt(
-                        socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00"
-                    )
+                    linger = struct.pack("ii", 1, 0)
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, linger)
                 request.transport.close()
                 return web.Response(status=200)
             assert isinstance(step, int)

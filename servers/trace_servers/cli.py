@@ -10,6 +10,7 @@ trace keys init|rotate|revoke manage the Ed25519 signing keys (current + next; r
 trace pg start|stop|url       manage the embedded Postgres cluster
 trace dag validate|diff|schema  DAG files, offline (trace_servers.dag_cli)
 trace sink run|status         buffered datasets' sinks (trace_servers.sink_cli)
+trace delivery run | alerts   the Delivery Service, alert deliveries (trace_servers.delivery_cli)
 trace dlq ls|show|replay|purge  dead-letter queues of the task queue and dataset queues
 trace query "SQL" --org ORG   one read-only SELECT over your datasets (trace_servers.query_cli)
 """
@@ -504,12 +505,13 @@ def build_parser() -> argparse.ArgumentParser:
     rv.add_argument("kid")
     g = sub.add_parser("pg", help="embedded Postgres")
     g.add_argument("pg_cmd", choices=["start", "stop", "url"])
-    from trace_servers import dag_cli, datasets_cli, query_cli, sink_cli
+    from trace_servers import dag_cli, datasets_cli, delivery_cli, query_cli, sink_cli
 
     datasets_cli.add_parsers(sub)
     query_cli.add_parsers(sub)
     dag_cli.add_parsers(sub)
     sink_cli.add_parsers(sub)
+    delivery_cli.add_parsers(sub)
     return p
 
 
@@ -528,7 +530,17 @@ COMMANDS = {
     "query": lambda s, a: _query_cli(s, a),
     "sink": lambda s, a: _sink_cli("sink", s, a),
     "dlq": lambda s, a: _sink_cli("dlq", s, a),
+    "delivery": lambda s, a: _delivery_cli(s, a),
+    "alerts": lambda s, a: _delivery_cli(s, a),
 }
+
+
+def _delivery_cli(settings: LiteSettings, args: argparse.Namespace) -> int:
+    from trace_servers import delivery_cli
+
+    if args.cmd == "delivery":
+        return delivery_cli.cmd_delivery(settings, args, _urls(settings)[0])
+    return delivery_cli.cmd_alerts(settings, args, _urls(settings)[0])
 
 
 def _sink_cli(which: str, settings: LiteSettings, args: argparse.Namespace) -> int:

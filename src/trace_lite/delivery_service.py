@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Awaitable, Callable
 
 import attrs
 
@@ -24,6 +25,10 @@ from trace_lite.delivery import DeliveryStore, Leased
 from trace_lite.webhook_sender import WebhookSender
 
 log = logging.getLogger("trace.delivery")
+
+#: Where a test can stop the process (``fault``): after the receiver answered, before the
+#: result is recorded -- the crash that leaves a sent webhook with its delivery in flight.
+FAULT_POINTS = ("after_send",)
 
 
 @attrs.define
@@ -45,17 +50,21 @@ class DeliveryService:
         sender_id: str,
         batch: int = 20,
         poll_s: float = 1.0,
+        fault: Callable[[str], Awaitable[None]] | None = None,
     ) -> None:
         self.store = store
         self.sender = sender
         self.sender_id = sender_id
         self.batch = batch
         self.poll_s = poll_s
+        self._fault = fault
 
     async def _deliver(self, leased: Leased, stats: PassStats) -> None:
         started = time.monotonic()
         result = await self.sender.send(leased)
         latency_ms = int((time.monotonic() - started) * 1000)
+        if self._fault is not None:
+            await self._fault("after_send")
         try:
             state = await self.store.record(leased.fence, result, latency_ms=latency_ms)
         except errors.LeaseLost:
@@ -101,4 +110,4 @@ class DeliveryService:
                     pass
 
 
-__all__ = ["DeliveryService", "PassStats"]
+__all__ = ["FAULT_POINTS", "DeliveryService", "PassStats"]

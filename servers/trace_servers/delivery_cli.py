@@ -1,0 +1,253 @@
+"""``trace delivery ...`` and ``trace alerts ...`` commands (mounted by ``trace_servers.cli``).
+
+trace delivery run [--batch N] [--poll-s S] [--metrics-port P] [--allow CIDR ...]
+                   [--retry-schedule S,S,...] [--lease-s S] [--timeout-s S]
+    the Delivery Service: lease due deliveries (SKIP LOCKED: run more processes to send more),
+    send them as signed webhooks, record every attempt, until SIGTERM/SIGINT; ``/metrics`` on
+    127.0.0.1:P (due, in flight, sent, failed, suppressed, disabled, oldest due age)
+trace alerts destination-add --org ORG --name NAME --url URL [--kind webhook|slack|pagerduty]
+    check the URL (SSRF: every address the host resolves to), create the signing secret in the
+    secret store and print it once
+trace alerts deliveries --org ORG [--state STATE] [--limit N]     recent deliveries (JSON)
+trace alerts show DELIVERY_ID                                       its attempts (JSON)
+trace alerts retry DELIVERY_ID        a failed, disabled or suppressed delivery: due now
+trace alerts disable|enable --org ORG --destination NAME [--reason TEXT]
+    disable (its due deliveries become disabled) or enable a destination
+
+``--allow`` admits networks the SSRF guard refuses (tests: the receiver on 127.0.0.1/32); so
+does ``TRACE_DELIVERY_ALLOW`` (comma-separated). Secrets live in the Lite secret store
+(``<home>/secrets/store``, ``trace_lite.secrets``). All commands talk to the state database
+directly, like ``trace migrate``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import signal
+import socket
+from typing import Any
+
+from aiohttp import web
+from prometheus_client import CollectorRegistry, Gauge, generate_latest
+from psycopg_pool import AsyncConnectionPool
+
+from trace_core import errors
+from trace_core.delivery import LeasePolicy, RetrySchedule, schedule_from
+from trace_core.secret_names import org_secret
+from trace_core.ssrf import AllowList
+from trace_lite.config import LiteSettings
+from trace_lite.delivery import KINDS, DeliveryStore
+from trace_lite.delivery_service import FAULT_POINTS, DeliveryService
+from trace_lite.orgs import Orgs
+from trace_lite.pg import open_pool
+from trace_lite.secrets import FileSecretStore
+from trace_lite.webhook_sender import WebhookSender, check_url, new_signing_secret, system_resolve
+
+log = logging.getLogger("trace.delivery")
+
+
+def add_parsers(sub: Any) -> None:
+    d = sub.add_parser("delivery", help="the Delivery Service: send alert deliveries")
+    dsub = d.add_subparsers(dest="delivery_cmd", required=True)
+    r = dsub.add_parser("run")
+    r.add_argument("--batch", type=int, default=20)
+    r.add_argument("--poll-s", type=float, default=1.0)
+    r.add_argument("--metrics-port", type=int, default=0)
+    r.add_argument("--allow", action="append", default=[], help="CIDR; repeatable")
+    r.add_argument("--retry-schedule", help="comma-separated delays in seconds")
+    r.add_argument("--lease-s", type=float, default=60.0)
+    r.add_argument("--timeout-s", type=float, default=15.0)
+    r.add_argument("--id", default="", help="this sender's name in delivery_attempts")
+    # fault injection for the crash tests: SIGKILL this process at that point
+    r.add_argument("--kill-at", choices=FAULT_POINTS, help=argparse.SUPPRESS)
+    a = sub.add_parser("alerts", help="alert destinations and deliveries")
+    asub = a.add_subparsers(dest="alerts_cmd", required=True)
+    add = asub.add_parser("destination-add")
+    add.add_argument("--org", required=True)
+    add.add_argument("--name", required=True)
+    add.add_argument("--url", required=True)
+    add.add_argument("--kind", choices=KINDS, default="webhook")
+    add.add_argument("--allow", action="append", default=[], help="CIDR; repeatable")
+    ls = asub.add_parser("deliveries")
+    ls.add_argument("--org", required=True)
+    ls.add_argument("--state")
+    ls.add_argument("--limit", type=int, default=100)
+    asub.add_parser("show").add_argument("delivery_id")
+    asub.add_parser("retry").add_argument("delivery_id")
+    for name in ("disable", "enable"):
+        p = asub.add_parser(name)
+        p.add_argument("--org", required=True)
+        p.add_argument("--destination", required=True)
+        p.add_argument("--reason", default="disabled by an operator")
+
+
+def secret_store(settings: LiteSettings) -> FileSecretStore:
+    return FileSecretStore(settings.home / "secrets" / "store")
+
+
+def allow_list(cidrs: list[str]) -> AllowList:
+    env = os.environ.get("TRACE_DELIVERY_ALLOW", "")
+    return AllowList.of([*cidrs, *(c for c in env.split(",") if c.strip())])
+
+
+# --- metrics ---------------------------------------------------------------------------------
+
+
+class DeliveryMetrics:
+    """The Delivery Service's gauges, refreshed from the database at each scrape."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.deliveries = Gauge(
+            "trace_delivery_deliveries",
+            "Alert deliveries by state (due, in_flight, sent, failed, suppressed, disabled)",
+            ["state"],
+            registry=self.registry,
+        )
+        self.oldest_due = Gauge(
+            "trace_delivery_oldest_due_seconds",
+            "How long the oldest due delivery has been waiting",
+            registry=self.registry,
+        )
+
+    async def refresh(self, store: DeliveryStore) -> None:
+        counts = await store.counts()
+        for state, n in counts.by_state.items():
+            self.deliveries.labels(state).set(n)
+        self.oldest_due.set(counts.oldest_due_s)
+
+
+async def _serve_metrics(store: DeliveryStore, port: int) -> web.AppRunner:
+    metrics = DeliveryMetrics()
+
+    async def handler(_request: web.Request) -> web.Response:
+        try:
+            await metrics.refresh(store)
+        except errors.TraceError:
+            pass  # serve what is known
+        return web.Response(
+            body=generate_latest(metrics.registry),
+            headers={"Content-Type": "text/plain; version=0.0.4"},
+        )
+
+    app = web.Application()
+    app.add_routes([web.get("/metrics", handler)])
+    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    return runner
+
+
+# --- run -------------------------------------------------------------------------------------
+
+
+async def run(settings: LiteSettings, state_url: str, args: argparse.Namespace) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    schedule = (
+        schedule_from([float(x) for x in args.retry_schedule.split(",")])
+        if args.retry_schedule
+        else RetrySchedule()
+    )
+    pool = await open_pool(state_url, min_size=1, max_size=4)
+    store = DeliveryStore(
+        pool, schedule=schedule, lease=LeasePolicy(lease_s=args.lease_s, timeout_s=args.timeout_s)
+    )
+    sender = WebhookSender(
+        secret_store(settings), allow=allow_list(args.allow), timeout_s=args.timeout_s
+    )
+
+    async def fault(point: str) -> None:
+        if point == args.kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    service = DeliveryService(
+        store,
+        sender,
+        sender_id=args.id or f"{socket.gethostname()}:{os.getpid()}",
+        batch=args.batch,
+        poll_s=args.poll_s,
+        fault=fault if args.kill_at else None,
+    )
+    runner = await _serve_metrics(store, args.metrics_port) if args.metrics_port else None
+    try:
+        print(json.dumps({"delivery": "running", "pid": os.getpid()}), flush=True)
+        await service.run(stop)
+    finally:
+        if runner is not None:
+            await runner.cleanup()
+        await pool.close()
+
+
+# --- alerts ----------------------------------------------------------------------------------
+
+
+async def alerts(
+    settings: LiteSettings, pool: AsyncConnectionPool, args: argparse.Namespace
+) -> Any:
+    """``trace alerts ...``: the answer to print."""
+    store = DeliveryStore(pool)
+    cmd = args.alerts_cmd
+    if cmd == "show":
+        return [
+            {**a._asdict(), "started_at": str(a.started_at), "finished_at": str(a.finished_at)}
+            for a in await store.attempts(args.delivery_id)
+        ]
+    if cmd == "retry":
+        return {"delivery_id": args.delivery_id, "state": await store.retry(args.delivery_id)}
+    org_id = await Orgs(pool).org_id(args.org)
+    if cmd == "destination-add":
+        await check_url(args.url, resolve=system_resolve, allow=allow_list(args.allow))
+        secret_name = org_secret(org_id, f"webhooks.{args.name}")
+        secret = new_signing_secret()
+        await secret_store(settings).put(secret_name, secret.encode())
+        dest = await store.add_destination(
+            org_id=org_id, name=args.name, kind=args.kind, url=args.url, secret_name=secret_name
+        )
+        return {**dest._asdict(), "signing_secret": secret}
+    if cmd == "deliveries":
+        rows = await store.deliveries(org_id, state=args.state, limit=args.limit)
+        return [{k: v if isinstance(v, int | str | None) else str(v)
+                 for k, v in r._asdict().items()} for r in rows]  # fmt: skip
+    dest = await store.destination_by_name(org_id, args.destination)
+    enabled = cmd == "enable"
+    n = await store.set_enabled(
+        dest.destination_id, enabled=enabled, reason=None if enabled else args.reason
+    )
+    return {"destination": args.destination, "enabled": enabled, "deliveries_disabled": n}
+
+
+def cmd_delivery(settings: LiteSettings, args: argparse.Namespace, state_url: str) -> int:
+    from trace_servers import logs
+
+    logs.setup("delivery")
+    try:
+        asyncio.run(run(settings, state_url, args))
+    except errors.TraceError as exc:
+        raise SystemExit(f"trace delivery: {exc.code}: {exc.message}") from None
+    return 0
+
+
+def cmd_alerts(settings: LiteSettings, args: argparse.Namespace, state_url: str) -> int:
+    async def go() -> Any:
+        pool = await open_pool(state_url, min_size=1, max_size=2)
+        try:
+            return await alerts(settings, pool, args)
+        finally:
+            await pool.close()
+
+    try:
+        print(json.dumps(asyncio.run(go()), indent=2, default=str))
+    except errors.TraceError as exc:
+        print(json.dumps(exc.to_dict()))
+        return 1
+    return 0
+
+
+__all__ = ["DeliveryMetrics", "add_parsers", "cmd_alerts", "cmd_delivery", "run"]
