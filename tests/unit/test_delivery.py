@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
@@ -440,3 +441,8 @@ def test_model_one_lease_at_a_time_and_sent_once(steps: list[tuple[str, float]])
         assert (v.state is S.IN_FLIGHT) == (v.lease_expires_at is not None)
     assert sends <= 1
     assert (sends == 1) == (v.state is S.SENT)
+
+
+def test_the_docs_draw_the_table() -> None:
+    doc = Path(__file__).resolve().parents[2] / "docs" / "architecture" / "alerting.md"
+    assert "```mermaid\n" + mermaid_diagram() + "\n```" in doc.read_text()
