@@ -114,6 +114,15 @@ class AttemptRow(NamedTuple):
     error: str | None
 
 
+class _NowRow(NamedTuple):
+    now: datetime
+
+
+class _KeyRow(NamedTuple):
+    delivery_id: str
+    state: str
+
+
 class _CountRow(NamedTuple):
     state: str
     n: int
@@ -253,11 +262,9 @@ class DeliveryStore:
         event again returns the delivery recorded first. Returns ``(delivery_id, state)``."""
         key = kernel.delivery_key(alert_key, route, destination_id)
         async with transaction(self.pool) as cur:
-            await cur.execute(Q["db_now"])
-            row = await cur.fetchone()
-            assert row is not None
+            (clock,) = await fetch_named(cur, _NowRow, Q["db_now"], {})
             state, reason = kernel.decide_create(
-                event_time=event_time, now=row[0], max_delivery_age=max_delivery_age
+                event_time=event_time, now=clock.now, max_delivery_age=max_delivery_age
             )
             await cur.execute(
                 Q["insert_delivery"],
@@ -274,10 +281,8 @@ class DeliveryStore:
                     "suppressed_reason": reason,
                 },
             )
-            await cur.execute(Q["delivery_by_key"], {"delivery_key": key})
-            found = await cur.fetchone()
-        assert found is not None
-        return str(found[0]), DeliveryState(found[1])
+            (found,) = await fetch_named(cur, _KeyRow, Q["delivery_by_key"], {"delivery_key": key})
+        return found.delivery_id, DeliveryState(found.state)
 
     async def lease(self, n: int, *, sender: str) -> list[Leased]:
         """Lease up to ``n`` due deliveries to ``sender`` (skipping rows other senders hold);
