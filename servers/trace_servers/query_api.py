@@ -28,7 +28,7 @@ from aiohttp import web
 from trace_core import errors
 from trace_core.wire import FieldError
 from trace_lite.local_store import LocalObjectStore
-from trace_lite.query import QueryResult, QueryService
+from trace_lite.query import QueryResult, QueryService, SandboxPool
 from trace_servers import user_api
 from trace_servers.http import (
     DATASETS_KEY,
@@ -133,15 +133,21 @@ async def task_query(request: web.Request) -> web.Response:
 
 def setup(app: web.Application, *, data_url: str | None = None) -> None:
     """Mount the query routes on ``app`` (``DISPATCHER_KEY`` and ``DATASETS_KEY`` set, the user
-    API set up). The service runs where the object store is the Lite local one; ``data_url``
-    (the data database) enables Postgres-table datasets."""
+    API set up). The service runs where the object store is the Lite local one, with a pool of
+    two pre-started sandboxes (each used for one query), filled from the first query on (an
+    app that never queries starts none); ``data_url`` (the data database)
+    enables Postgres-table datasets."""
     store = app[DISPATCHER_KEY].object_store
     datasets = app[DATASETS_KEY]
-    service = (
-        QueryService(datasets, store, data_url=data_url)
-        if isinstance(store, LocalObjectStore)
-        else None
-    )
+    service = None
+    if isinstance(store, LocalObjectStore):
+        pool = SandboxPool(2)
+        service = QueryService(datasets, store, data_url=data_url, pool=pool)
+
+        async def close_pool(_app: web.Application) -> None:
+            await pool.close()
+
+        app.on_cleanup.append(close_pool)
     app[QUERY_KEY] = service
     app.add_routes([web.post("/v1/query", query), web.post("/v1/task/query", task_query)])
 

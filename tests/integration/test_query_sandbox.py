@@ -12,6 +12,7 @@ the OS limits refuse them on their own.
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,7 +21,7 @@ import duckdb
 import pytest
 
 from trace_core import errors
-from trace_lite.query import Limits, run_sandboxed
+from trace_lite.query import Limits, SandboxPool, TableSource, run_sandboxed
 
 SECRET = "CANARY-7c1d0e-SECRET"
 FAST = Limits(deadline_s=20.0)
@@ -349,3 +350,31 @@ def test_sandbox_environment_carries_no_credentials() -> None:
     env = _environment(Path("/x"))
     assert sorted(env) == ["HOME", "LC_ALL", "PATH", "TMPDIR"]
     assert not any(k in os.environ and os.environ[k] == v for k, v in env.items() if k == "HOME")
+
+
+async def test_a_pool_gives_each_query_its_own_pre_started_sandbox(paths: Paths) -> None:
+    pool = SandboxPool(2, scratch_root=paths.scratch)
+    pool.fill()
+    try:
+        first = await pool.take()  # a process is given out once: taking it removes it
+        first.kill()
+        await first.proc.wait()
+        shutil.rmtree(first.scratch)  # the taker's to clean up, as run_sandboxed does
+        tables: dict[str, TableSource] = {"blocks": [str(paths.data)]}
+        r = await run_sandboxed("SELECT count(*) FROM blocks", tables, FAST, pool=pool)
+        assert r.rows == [[5]]
+        message = await _attempt_in_pool(paths, pool)
+        _assert_nothing_leaked_or_written(paths, message)
+        assert first.proc.pid not in _processes_in(paths.scratch)
+    finally:
+        await pool.close()
+    assert _processes_in(paths.scratch) == []  # idle sandboxes are killed on close
+    assert list(paths.scratch.iterdir()) == []
+
+
+async def _attempt_in_pool(paths: Paths, pool: SandboxPool) -> str:
+    with pytest.raises(errors.ValidationFailed) as info:
+        await run_sandboxed(
+            f"SELECT * FROM read_text('{paths.secret}')", {}, FAST, pool=pool, gate=False
+        )
+    return info.value.message

@@ -1,6 +1,13 @@
 """SQL over published datasets in a sandboxed DuckDB (``docs/architecture/query.md``)."""
 
-from trace_lite.query.runner import CsvTable, Limits, SandboxResult, TableSource, run_sandboxed
+from trace_lite.query.runner import (
+    CsvTable,
+    Limits,
+    SandboxPool,
+    SandboxResult,
+    TableSource,
+    run_sandboxed,
+)
 from trace_lite.query.service import QueryResult, QueryService, parse
 
 __all__ = [
@@ -8,6 +15,7 @@ __all__ = [
     "Limits",
     "QueryResult",
     "QueryService",
+    "SandboxPool",
     "SandboxResult",
     "TableSource",
     "parse",

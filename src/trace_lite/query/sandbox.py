@@ -5,9 +5,10 @@ explicit minimal environment (no credentials), in a private empty working direct
 own session (the parent kills the whole group at the deadline). It reads one JSON request on
 stdin and writes one JSON answer on stdout. The order of the layers:
 
-1. OS limits first, before DuckDB is imported (``resource.setrlimit``): address space, CPU
-   seconds, no file may grow past 0 bytes (``RLIMIT_FSIZE``: any write to a file kills the
-   process), few open files, no core dumps.
+1. OS limits first, before DuckDB is imported (``resource.setrlimit``): address space, no file
+   may grow past 0 bytes (``RLIMIT_FSIZE``: any write to a file kills the process), few open
+   files, no core dumps; then DuckDB is imported and the process waits for its one request
+   (a pool may start it before a query arrives), whose CPU seconds become its CPU limit.
 2. A fresh in-memory DuckDB with extension autoload/autoinstall off, community and unsigned
    extensions off, an empty extension directory, ``threads`` and ``memory_limit`` set and no
    temp directory (nothing spills; memory is a hard limit).
@@ -46,13 +47,18 @@ def _limit(which: int, value: int) -> None:
     resource.setrlimit(which, (value, value))
 
 
-def apply_limits(cpu_s: int) -> None:
-    """OS limits for this process; they cannot be raised again (soft == hard)."""
+def apply_limits() -> None:
+    """OS limits for this process, set before DuckDB loads; they cannot be raised again
+    (soft == hard)."""
     _limit(resource.RLIMIT_AS, AS_LIMIT_BYTES)
-    _limit(resource.RLIMIT_CPU, cpu_s)
     _limit(resource.RLIMIT_FSIZE, 0)
     _limit(resource.RLIMIT_NOFILE, NOFILE_LIMIT)
     _limit(resource.RLIMIT_CORE, 0)
+
+
+def limit_cpu(cpu_s: int) -> None:
+    """The query's CPU seconds (counted from this process's start), once the request names it."""
+    _limit(resource.RLIMIT_CPU, cpu_s)
 
 
 def _jsonable(value: Any) -> Any:
@@ -196,8 +202,12 @@ def _first_line(message: str) -> str:
 
 
 def main() -> int:
+    apply_limits()
+    # A pre-started sandbox waits on stdin with DuckDB already imported (the slow part).
+    import duckdb  # noqa: F401
+
     request = json.loads(sys.stdin.buffer.read())
-    apply_limits(int(request["cpu_s"]))
+    limit_cpu(int(request["cpu_s"]))
     try:
         answer = run(request)
     except Refused as exc:

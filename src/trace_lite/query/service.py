@@ -43,7 +43,14 @@ from trace_lite.datasets import Q as DATASETS_SQL
 from trace_lite.local_store import LocalObjectStore
 from trace_lite.orgs import first
 from trace_lite.pg import fetch_as, transaction
-from trace_lite.query.runner import CsvTable, Limits, SandboxResult, TableSource, run_sandboxed
+from trace_lite.query.runner import (
+    CsvTable,
+    Limits,
+    SandboxPool,
+    SandboxResult,
+    TableSource,
+    run_sandboxed,
+)
 
 log = logging.getLogger("trace.query")
 
@@ -95,11 +102,14 @@ class QueryService:
         concurrency: int = 2,
         data_url: str | None = None,
         max_export_bytes: int = 256 * 1024 * 1024,
+        pool: SandboxPool | None = None,
     ) -> None:
         """``concurrency``: sandbox processes running at once (each may use ``limits``'
         memory and threads); further queries wait for a slot, their pins already held.
         ``data_url``: the data database, where Postgres-table datasets live (without it they
-        are refused); at most ``max_export_bytes`` of one is copied into a sandbox."""
+        are refused); at most ``max_export_bytes`` of one is copied into a sandbox. ``pool``:
+        pre-started sandboxes (each still used for one query only)."""
+        self._pool = pool
         self._data_url = data_url
         self._max_export_bytes = max_export_bytes
         self._datasets = datasets
@@ -246,7 +256,9 @@ class QueryService:
     async def _spawn(
         self, sql: str, tables: dict[str, TableSource], limits: Limits
     ) -> SandboxResult:
-        return await run_sandboxed(sql, tables, limits, scratch_root=self._scratch_root)
+        return await run_sandboxed(
+            sql, tables, limits, pool=self._pool, scratch_root=self._scratch_root
+        )
 
 
 #: Postgres column types with a DuckDB twin; everything else (numeric: uint256 values overflow
