@@ -29,6 +29,7 @@ import logging
 import os
 import signal
 import socket
+import uuid
 from typing import Any
 
 from aiohttp import web
@@ -204,12 +205,24 @@ async def alerts(
     org_id = await Orgs(pool).org_id(args.org)
     if cmd == "destination-add":
         await check_url(args.url, resolve=system_resolve, allow=allow_list(args.allow))
-        secret_name = org_secret(org_id, f"webhooks.{args.name}")
+        # the secret is named by the new destination's id: it never overwrites another's
+        destination_id = str(uuid.uuid4())
+        secret_name = org_secret(org_id, f"webhooks.{destination_id}")
         secret = new_signing_secret()
-        await secret_store(settings).put(secret_name, secret.encode())
-        dest = await store.add_destination(
-            org_id=org_id, name=args.name, kind=args.kind, url=args.url, secret_name=secret_name
-        )
+        secrets_store = secret_store(settings)
+        await secrets_store.put(secret_name, secret.encode())
+        try:
+            dest = await store.add_destination(
+                org_id=org_id,
+                name=args.name,
+                kind=args.kind,
+                url=args.url,
+                secret_name=secret_name,
+                destination_id=destination_id,
+            )
+        except errors.TraceError:
+            await secrets_store.delete(secret_name)
+            raise
         return {**dest._asdict(), "signing_secret": secret}
     if cmd == "deliveries":
         rows = await store.deliveries(org_id, state=args.state, limit=args.limit)

@@ -185,13 +185,20 @@ class DeliveryStore:
     # --- destinations -------------------------------------------------------------------------
 
     async def add_destination(
-        self, *, org_id: str, name: str, kind: str, url: str, secret_name: str
+        self,
+        *,
+        org_id: str,
+        name: str,
+        kind: str,
+        url: str,
+        secret_name: str,
+        destination_id: str | None = None,
     ) -> DestinationRow:
         """Store a destination whose URL the caller already checked (``webhook_sender``).
         Raises ``ValidationFailed`` (bad name or kind), ``Conflict`` (the name is taken)."""
         if kind not in KINDS:
             raise errors.ValidationFailed(f"kind must be one of {', '.join(KINDS)}", field="kind")
-        destination_id = str(uuid.uuid4())
+        destination_id = destination_id or str(uuid.uuid4())
         async with transaction(self.pool) as cur:
             await cur.execute(
                 Q["insert_destination"],

@@ -93,14 +93,22 @@ class DeliveryService:
         stats.reaped = await self.store.reap()
         leased = await self.store.lease(self.batch, sender=self.sender_id)
         stats.leased = len(leased)
-        await asyncio.gather(*(self._deliver(item, stats) for item in leased))
+        results = await asyncio.gather(
+            *(self._deliver(item, stats) for item in leased), return_exceptions=True
+        )
+        for result in results:
+            if isinstance(result, errors.TraceError):
+                # the send happened or not; the lease will lapse and the reaper retries it
+                log.warning("recording a delivery failed", extra={"error": result.message})
+            elif isinstance(result, BaseException):
+                raise result
         return stats
 
     async def run(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
             try:
                 stats = await self.run_once()
-            except errors.Unavailable as exc:
+            except errors.TraceError as exc:
                 log.warning("delivery pass failed; retrying", extra={"error": exc.message})
                 stats = PassStats()
             if stats.leased == 0:

@@ -210,6 +210,15 @@ def test_operator_commands_disable_retry_and_410(
 ) -> None:
     procs = trace_procs
     receiver, dest = setup_destination(procs, receiver_thread)
+    # a second destination of the same name is refused and leaves the first one's secret alone
+    code, out = cli(
+        procs, "alerts", "destination-add", "--org", ORG, "--name", "ops",
+        "--url", receiver.url, "--allow", "127.0.0.1/32",
+    )  # fmt: skip
+    assert code == 1 and out["error"] == "conflict"
+    assert asyncio.run(FileSecretStore(procs.trace_dir / "secrets" / "store").list(
+        f"trace/org/{dest['org_id']}/"
+    )) == [dest["secret_name"]]  # fmt: skip
     code, out = cli(procs, "alerts", "disable", "--org", ORG, "--destination", "ops")
     assert code == 0 and out["enabled"] is False
     ((first, _),) = enqueue(procs, dest, ["evt-a"])
