@@ -24,8 +24,9 @@ Every task of a DAG job records the DAG, its version and the job (``tasks.dag_id
 A task's payload is its job's ``config`` with, per kind of run: the trigger's payload merged
 over it (manual), ``scheduled_time`` (schedules), or ``event``: ``{producer_task_id, key, type,
 payload, output, input}`` (fan-out). ``where`` filters are not applied to events (they filter
-rows an operator reads). Grants derived from declared inputs and worker-pool slots are not
-built: a DAG task's token grants no dataset reads.
+rows an operator reads). Every task is created with the read grants of its job: its declared
+inputs the deployer of its version may read (``trace_lite.dag_grants``). Worker-pool slots are
+not built.
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ from trace_core import outbox as outbox_sm
 from trace_core.access import UserCaller
 from trace_core.lifecycle import TaskState
 from trace_lite import sqlfile
+from trace_lite.dag_grants import read_grants
 from trace_lite.orgs import Orgs, first
 from trace_lite.pg import fetch_as, transaction
 from trace_lite.task_rows import WakeMode, wake
@@ -181,12 +183,13 @@ def latest_slot(trigger: Mapping[str, Any], now: datetime) -> datetime | None:
 async def create_dag_tasks(
     cur: psycopg.AsyncCursor[Any], tasks: Sequence[NewTask], wake_mode: WakeMode
 ) -> dict[str, str]:
-    """Create ``tasks`` in the caller's transaction and wake the queued ones; a task whose
-    idempotency key its org already has is skipped. Returns ``{task_id: state}`` of those
-    created."""
+    """Create ``tasks`` in the caller's transaction, each with the read grants of its job
+    (``trace_lite.dag_grants``), and wake the queued ones; a task whose idempotency key its org
+    already has is skipped. Returns ``{task_id: state}`` of those created."""
     if not tasks:
         return {}
     state = lifecycle.decide_create(delay_s=0).value
+    grants = await read_grants(cur, ((t.dag_id, t.version, t.job) for t in tasks))
     rows = await fetch_as(
         cur,
         CreatedRow,
@@ -204,6 +207,7 @@ async def create_dag_tasks(
             "dag_ids": [t.dag_id for t in tasks],
             "dag_versions": [t.version for t in tasks],
             "dag_jobs": [t.job for t in tasks],
+            "read_datasets": [Jsonb(list(grants[(t.dag_id, t.version, t.job)])) for t in tasks],
         },
     )
     await wake(cur, [r.task_id for r in rows if r.state == TaskState.QUEUED.value], wake_mode)

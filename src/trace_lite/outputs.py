@@ -7,6 +7,10 @@ safe, what a manifest writes); this module reads the rows that decision needs an
 
 Invariants kept here (``docs/architecture/data_versioning.md``, "The commit protocol"):
 
+* a task of a DAG commits only to datasets its DAG produces (``datasets.dag_id``): a manifest
+  naming another DAG's dataset is refused with ``Forbidden`` and nothing of it is committed.
+  Tasks created through the admin API (``tasks.dag_id`` NULL: platform tooling, not a tenant
+  surface) may commit to any dataset of their org;
 * unsafe keys and keys outside *this* attempt's staging prefix are refused before any storage
   call; every object exists with the size and sha256 the manifest states;
 * an attempt's outputs become partitions only inside its completion's transaction, fenced on
@@ -47,12 +51,15 @@ class PreparedOutputs:
 
     org_id: str
     entries: tuple[commit.ManifestEntry, ...]
+    #: The DAG the task runs for; None for an admin-API task.
+    dag_id: str | None = None
 
 
 @attrs.frozen
 class TaskOrgRow:
     task_id: str
     org_id: str
+    dag_id: str | None
 
 
 @attrs.frozen
@@ -63,6 +70,8 @@ class TargetRow:
     #: The version the entry named (``None``: the active one).
     asked: str | None
     dataset_uuid: str
+    #: The DAG that produces the dataset.
+    producer_dag_id: str
     update_strategy: str
     dataset_version: str
     version_state: str
@@ -108,6 +117,7 @@ async def prepare_outputs(
         task_ids = [r.task_id for r in todo.values()]
         rows = await fetch_as(cur, TaskOrgRow, Q["task_orgs"], {"task_ids": task_ids})
     orgs = {r.task_id: r.org_id for r in rows}
+    dags = {r.task_id: r.dag_id for r in rows}
     sem = asyncio.Semaphore(_HEAD_CONCURRENCY)
 
     async def head(key: str) -> ObjectInfo | None:
@@ -150,7 +160,7 @@ async def prepare_outputs(
                 heads = await asyncio.gather(*(head(e.object_key) for e in entries))
             for n, (e, h) in enumerate(zip(entries, heads, strict=True)):
                 commit.check_entry(e, n, staging_prefix=prefix, head=h)
-            out[i] = PreparedOutputs(org_id, tuple(entries))
+            out[i] = PreparedOutputs(org_id, tuple(entries), dags[r.task_id])
         except errors.TraceError as exc:
             out[i] = exc
     return out
@@ -163,7 +173,8 @@ async def apply_outputs(
     transaction (a savepoint: a refusal leaves the other completions of the batch intact).
 
     Returns the plan applied. Raises ``NotFound`` (unknown dataset in the org, or no active
-    version and none named), ``Conflict`` (purged version, a concurrent commit of the same
+    version and none named), ``Forbidden`` (a DAG task naming a dataset another DAG produces),
+    ``Conflict`` (purged version, a concurrent commit of the same
     partition), ``ValidationFailed`` (see ``trace_core.commit.plan_commit``).
     """
     entries = prepared.entries
@@ -185,6 +196,12 @@ async def apply_outputs(
                     raise errors.NotFound(
                         f"dataset {e.dataset!r} does not exist in this org or has no "
                         + ("such version" if e.version else "active version"),
+                        field=f"outputs[{n}].dataset",
+                    )
+                if prepared.dag_id is not None and row.producer_dag_id != prepared.dag_id:
+                    raise errors.Forbidden(
+                        f"dataset {e.dataset!r} is produced by another DAG: a DAG's tasks "
+                        "commit only to the datasets their DAG produces",
                         field=f"outputs[{n}].dataset",
                     )
                 targets.append(row.target(prepared.org_id))

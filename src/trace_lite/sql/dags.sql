@@ -111,18 +111,21 @@ FROM dags g JOIN dag_jobs j ON j.dag_id = g.dag_id AND j.version = g.active_vers
 WHERE g.org_id = %(org_id)s AND g.name = %(dag)s AND j.job = %(job)s;
 
 -- name: insert_dag_tasks
--- Create tasks of DAG jobs in the state the kernel chose (decide_create); a task whose
--- idempotency key its org already has is skipped (a repeated trigger, schedule slot or event).
+-- Create tasks of DAG jobs in the state the kernel chose (decide_create), with their read grants
+-- (trace_lite.dag_grants; a JSON array of dataset names per task); a task whose idempotency key
+-- its org already has is skipped (a repeated trigger, schedule slot or event).
 INSERT INTO tasks (task_id, org_id, operator, payload, state, max_attempts, timeout_s,
-                   idempotency_key, runtime, dag_id, dag_version, dag_job)
+                   idempotency_key, runtime, dag_id, dag_version, dag_job, read_datasets)
 SELECT c.task_id, c.org_id, c.operator, c.payload, c.state, c.max_attempts, c.timeout_s,
-       c.idempotency_key, c.runtime, c.dag_id, c.dag_version, c.dag_job
+       c.idempotency_key, c.runtime, c.dag_id, c.dag_version, c.dag_job,
+       ARRAY(SELECT jsonb_array_elements_text(c.read_datasets))
 FROM unnest(%(task_ids)s::uuid[], %(org_ids)s::uuid[], %(operators)s::text[],
             %(payloads)s::jsonb[], %(states)s::text[], %(max_attempts)s::int[],
             %(timeouts)s::int[], %(idempotency_keys)s::text[], %(runtimes)s::text[],
-            %(dag_ids)s::uuid[], %(dag_versions)s::bigint[], %(dag_jobs)s::text[])
+            %(dag_ids)s::uuid[], %(dag_versions)s::bigint[], %(dag_jobs)s::text[],
+            %(read_datasets)s::jsonb[])
      AS c(task_id, org_id, operator, payload, state, max_attempts, timeout_s, idempotency_key,
-          runtime, dag_id, dag_version, dag_job)
+          runtime, dag_id, dag_version, dag_job, read_datasets)
 ON CONFLICT (org_id, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
 RETURNING task_id::text AS task_id, state;
 

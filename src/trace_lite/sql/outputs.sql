@@ -3,17 +3,18 @@
 -- apply. Also the write guard's question (trace_lite.write_guard).
 
 -- name: task_orgs
--- The org of each task (to build staging prefixes before the completion transaction).
-SELECT task_id::text AS task_id, org_id::text AS org_id
+-- The org of each task (to build staging prefixes before the completion transaction) and the
+-- DAG it runs for (NULL: an admin-API task), which limits the datasets it may commit to.
+SELECT task_id::text AS task_id, org_id::text AS org_id, dag_id::text AS dag_id
 FROM tasks WHERE task_id = ANY(%(task_ids)s::uuid[]);
 
 -- name: commit_targets
--- Resolve manifest dataset names in an org to their target versions (explicit or active);
--- locks the versions FOR SHARE so a purge cannot run under a commit.
+-- Resolve manifest dataset names in an org to their target versions (explicit or active) and
+-- their producing DAG; locks the versions FOR SHARE so a purge cannot run under a commit.
 WITH c AS (
     SELECT * FROM unnest(%(names)s::text[], %(versions)s::uuid[]) AS c(name, version)
 ), t AS (
-    SELECT c.name, c.version AS asked, d.dataset_uuid, d.update_strategy,
+    SELECT c.name, c.version AS asked, d.dataset_uuid, d.dag_id, d.update_strategy,
            coalesce(c.version, p.dataset_version) AS dataset_version
     FROM c
     JOIN datasets d ON d.org_id = %(org_id)s AND d.name = c.name
@@ -21,7 +22,8 @@ WITH c AS (
     LEFT JOIN dag_pointers p ON p.dag_id = g.dag_id AND p.generation = g.active_generation
                             AND p.dataset_uuid = d.dataset_uuid
 )
-SELECT t.name, t.asked::text AS asked, t.dataset_uuid::text AS dataset_uuid, t.update_strategy,
+SELECT t.name, t.asked::text AS asked, t.dataset_uuid::text AS dataset_uuid,
+       t.dag_id::text AS producer_dag_id, t.update_strategy,
        t.dataset_version::text AS dataset_version, v.state AS version_state
 FROM t JOIN dataset_versions v
   ON v.dataset_version = t.dataset_version AND v.dataset_uuid = t.dataset_uuid
