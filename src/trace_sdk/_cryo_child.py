@@ -1,6 +1,7 @@
 """The child process of ``cryo_ingest``: one ``cryo.freeze`` call, checked, then ``os._exit``.
 
-Run as ``python -m trace_sdk._cryo_child '<json request>'``. It prints one JSON line on stdout:
+Run as ``python .../trace_sdk/_cryo_child.py '<json request>'`` (standard library, duckdb and
+cryo only: it never imports the SDK). It prints one JSON line on stdout:
 ``{"ok": true, "files": {datatype: {"path", "rows"}}, "head": N}`` or ``{"ok": false, "kind":
 "past_head" | "unreachable" | "errored" | "incomplete", "message"}``, and always leaves through
 ``os._exit`` (cryo 0.3.2 crashes at interpreter shutdown in about 1% of runs, after its data is

@@ -21,7 +21,7 @@ Payload (a job's ``config`` merged with the trigger's payload, or an upstream ra
                         entry is the job's output i
     extract_timeout_s   kill the child after this long (default: the task's timeout)
 
-The extract runs in a child process (``trace_sdk._cryo_child``): one ``cryo.freeze`` into a
+The extract runs in a child process (the script ``trace_sdk/_cryo_child.py``): one ``cryo.freeze`` into a
 private temporary directory, checked (``n_errored`` = 0, every chunk completed, one file per
 datatype, every row inside the range, one blocks row per block). Only after the whole child
 succeeded are its files staged (``TaskContext.stage_output``), so a failed extract commits
@@ -41,12 +41,16 @@ import asyncio
 import json
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
 from trace_sdk._worker import NonRetryableError, TaskContext
 
 DATATYPES = ("blocks", "transactions", "logs")
+#: The child runs as a script (not ``-m trace_sdk...``): it needs neither the SDK nor aiohttp,
+#: and importing them would cost each extract a few hundred milliseconds.
+_CHILD = str(Path(__file__).with_name("_cryo_child.py"))
 #: The largest range one task extracts (one Parquet file per datatype).
 MAX_RANGE = 100_000
 
@@ -98,11 +102,13 @@ async def cryo_ingest(ctx: TaskContext) -> dict[str, Any] | None:
             "datatypes": datatypes,
             "max_retries": int(payload.get("max_retries", 2)),
         }
-        argv = [sys.executable, "-m", "trace_sdk._cryo_child", json.dumps(request)]
+        argv = [sys.executable, _CHILD, json.dumps(request)]
+        started = time.monotonic()
         try:
             code, out = await ctx.run_process(argv, timeout_s=timeout_s)
         except TimeoutError:
             raise ExtractError(f"cryo child killed after {timeout_s:g}s") from None
+        extract_s = time.monotonic() - started
         answer = _answer(code, out)
         if not answer.get("ok"):
             message = str(answer.get("message", "no message"))
@@ -132,7 +138,13 @@ async def cryo_ingest(ctx: TaskContext) -> dict[str, Any] | None:
                     },
                 }
             )
-    return {"start": start, "end": end, "rows": counts, "head": answer.get("head")}
+    return {
+        "start": start,
+        "end": end,
+        "rows": counts,
+        "head": answer.get("head"),
+        "extract_s": round(extract_s, 3),
+    }
 
 
 def _answer(code: int, out: bytes) -> dict[str, Any]:
