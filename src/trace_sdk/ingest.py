@@ -83,6 +83,7 @@ def partition_key(start: int, end: int) -> str:
 
 
 async def cryo_ingest(ctx: TaskContext) -> dict[str, Any] | None:
+    """Extracts blocks, transactions and logs of [start, end) with Cryo into Parquet outputs."""
     payload = ctx.payload
     start, end = block_range(payload)
     rpc = payload.get("rpc_url")

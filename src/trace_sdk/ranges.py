@@ -83,6 +83,7 @@ def _announce(ctx: TaskContext, windows: list[ranges.Range]) -> None:
 
 
 async def range_splitter(ctx: TaskContext) -> dict[str, Any] | None:
+    """Cuts its input range at multiples of config.blocks, one range event per piece."""
     start, end, _ = input_range(ctx.payload)
     pieces = ranges.split(start, end, _window(ctx.payload))
     _announce(ctx, pieces)
@@ -93,6 +94,7 @@ def make_range_aggregator(store: StateStore) -> Operator:
     """The ``range_aggregator`` operator over ``store``."""
 
     async def range_aggregator(ctx: TaskContext) -> dict[str, Any] | None:
+        """Announces each config.blocks window once ordered input ranges cover it."""
         start, end, dataset = input_range(ctx.payload)
         window = _window(ctx.payload)
         origin = ctx.payload.get("origin", 0)
