@@ -188,6 +188,13 @@ async def create_dag_tasks(
     already has is skipped. Returns ``{task_id: state}`` of those created."""
     if not tasks:
         return {}
+    dag_ids = sorted({t.dag_id for t in tasks})
+    active = await fetch_as(cur, _DagIdRow, Q["lock_active_versions"], {"dag_ids": dag_ids})
+    live = {(r.dag_id, r.active_version) for r in active}
+    if any((t.dag_id, t.version) not in live for t in tasks):
+        # A rollback or deploy moved the version after the caller read it: create nothing
+        # (a fan-out pass rolls back and plans again; a trigger is answered 409).
+        raise errors.Conflict("the DAG's active version changed; try again", field="dag")
     state = lifecycle.decide_create(delay_s=0).value
     grants = await read_grants(cur, ((t.dag_id, t.version, t.job) for t in tasks))
     rows = await fetch_as(

@@ -16,9 +16,11 @@ returns) and, in one transaction:
    each dataset it registered an empty first version in a new pointer set of the DAG. A deploy
    of the same meaning (same digest) stores nothing.
 
-``dry_run=True`` answers the same diff and writes nothing. What a version changes is only
-recorded: rebuilding affected jobs, cutover and rollback of DAG versions are not built (see
-``docs/specs/dag.md``). Running jobs is ``trace_lite.dag_runs``.
+``dry_run=True`` answers the same diff and writes nothing. Each new version is recorded as an
+activation (``dag_activations``: the version with the pointer set it went live with), which
+``trace_lite.dag_control`` rolls back. What a version changes is only recorded: rebuilding
+affected jobs is not built (see ``docs/specs/dag.md``). Running jobs is
+``trace_lite.dag_runs``.
 """
 
 from __future__ import annotations
@@ -366,6 +368,8 @@ class Dags:
                     f"dataset {pub.dataset!r} is produced by another DAG", field="publish"
                 )
         await self._first_versions(cur, dag_id, created_by)
+        params = {"dag_id": dag_id, "created_by": created_by}
+        await cur.execute(Q["record_deploy"], params)  # what a rollback steps back from
 
     async def _first_versions(
         self, cur: psycopg.AsyncCursor[Any], dag_id: str, created_by: str

@@ -224,3 +224,21 @@ WHERE d.dag_id = %(dag_id)s
                   WHERE p.dag_id = g.dag_id AND p.generation = g.active_generation
                     AND p.dataset_uuid = d.dataset_uuid)
 ORDER BY d.name;
+
+-- name: record_deploy
+-- Record a deploy's activation (the new version with the pointer set now active); a rollback of
+-- it restores the activation before it.
+INSERT INTO dag_activations (dag_id, seq, version, generation, previous_seq, reason, created_by)
+SELECT g.dag_id, coalesce(a.seq, 0) + 1, g.active_version, g.active_generation, a.seq, 'deploy',
+       %(created_by)s
+FROM dags g
+CROSS JOIN LATERAL (SELECT max(seq) AS seq FROM dag_activations WHERE dag_id = g.dag_id) a
+WHERE g.dag_id = %(dag_id)s;
+
+-- name: lock_active_versions
+-- The active versions of the DAGs tasks are about to be created for, locked FOR SHARE so a
+-- rollback (FOR UPDATE) waits for the creating transaction, or the creator sees its result.
+SELECT dag_id::text AS dag_id, active_version FROM dags
+WHERE dag_id = ANY(%(dag_ids)s::uuid[])
+ORDER BY dag_id
+FOR SHARE;
