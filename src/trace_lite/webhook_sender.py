@@ -96,8 +96,8 @@ def parse_url(url: str) -> URL:
 
 async def check_url(url: str, *, resolve: Resolve, allow: AllowList = NOTHING_ALLOWED) -> Target:
     """Resolve the URL's host once and check every address (``trace_core.ssrf``). Raises
-    ``ValidationFailed`` (``field="url"``) for a bad URL, a host that does not resolve, or a
-    refused address."""
+    ``ValidationFailed`` (``field="url"``) for a bad URL or a refused address, ``Unavailable``
+    when the host does not resolve now (DNS may answer later: a send retries)."""
     parsed = parse_url(url)
     host = parsed.raw_host or ""
     port = parsed.port or (443 if parsed.scheme == "https" else 80)
@@ -108,7 +108,9 @@ async def check_url(url: str, *, resolve: Resolve, allow: AllowList = NOTHING_AL
         try:
             addresses = await resolve(host, port)
         except OSError as exc:
-            raise errors.ValidationFailed(f"{host} does not resolve", field="url") from exc
+            raise errors.Unavailable(f"{host} does not resolve") from exc
+        if not addresses:
+            raise errors.Unavailable(f"{host} resolves to no address")
     checked = check_addresses(host, addresses, allow=allow)
     return Target(url=parsed, host=host, port=port, addresses=tuple(checked))
 
@@ -246,6 +248,8 @@ class WebhookSender:
             target = await check_url(leased.url, resolve=self._resolve, allow=self._allow)
         except errors.ValidationFailed as exc:
             return SendResult(DeliveryEvent.REFUSE, error=exc.message)
+        except errors.Unavailable as exc:
+            return SendResult(DeliveryEvent.FAIL, error=exc.message)
         body = render(leased, routing_key=routing_key)
         headers = {
             **sign(secret, webhook_id(leased.delivery_key), self._clock(), body),

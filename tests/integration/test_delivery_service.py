@@ -374,3 +374,26 @@ async def test_a_missing_secret_is_a_retryable_failure(env: Env) -> None:
     attempts = await env.store.attempts(delivery_id)
     assert attempts[0].outcome == "fail" and "secret" in (attempts[0].error or "")
     assert env.receiver.requests == []
+
+
+class FailingResolver:
+    async def __call__(self, host: str, port: int) -> list[Address]:
+        raise OSError("temporary failure in name resolution")
+
+
+async def test_a_name_that_does_not_resolve_now_is_retried_not_refused(env: Env) -> None:
+    with pytest.raises(errors.Unavailable):
+        await check_url("http://hooks.example.test/hook", resolve=FailingResolver())
+    dest = await env.store.add_destination(
+        org_id=env.org_id,
+        name="flaky-dns",
+        kind="webhook",
+        url="http://hooks.example.test/hook",
+        secret_name=env.secret_name,
+    )
+    delivery_id = await env.enqueue(destination_id=dest.destination_id)
+    sender = WebhookSender(env.secrets, resolve=FailingResolver())
+    await env.service(sender).run_once()
+    assert await env.state(delivery_id) is DeliveryState.DUE
+    (attempt,) = await env.store.attempts(delivery_id)
+    assert attempt.outcome == "fail" and "does not resolve" in (attempt.error or "")
