@@ -347,9 +347,12 @@ async def test_huge_result_bytes_are_refused(paths: Paths) -> None:
 def test_sandbox_environment_carries_no_credentials() -> None:
     from trace_lite.query.runner import _environment
 
-    env = _environment(Path("/x"))
-    assert sorted(env) == ["HOME", "LC_ALL", "PATH", "TMPDIR"]
-    assert not any(k in os.environ and os.environ[k] == v for k, v in env.items() if k == "HOME")
+    assert _environment(Path("/x")) == {
+        "PATH": "/usr/bin:/bin",
+        "LC_ALL": "C.UTF-8",
+        "HOME": "/x",
+        "TMPDIR": "/x",
+    }
 
 
 async def test_a_pool_gives_each_query_its_own_pre_started_sandbox(paths: Paths) -> None:
