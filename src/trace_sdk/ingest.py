@@ -19,7 +19,7 @@ Payload (a job's ``config`` merged with the trigger's payload, or an upstream ra
     datasets            {"blocks": name, "transactions": name, "logs": name} (defaults: the
                         datatype names); a subset extracts only those datatypes; the i-th
                         entry is the job's output i
-    extract_timeout_s   kill the child after this long (default: the task's timeout)
+    extract_timeout_s   kill the child after this long (default: 90% of the task's timeout)
 
 The extract runs in a child process (the script ``trace_sdk/_cryo_child.py``): one ``cryo.freeze`` into a
 private temporary directory, checked (``n_errored`` = 0, every chunk completed, one file per
@@ -93,7 +93,8 @@ async def cryo_ingest(ctx: TaskContext) -> dict[str, Any] | None:
     if not isinstance(datasets, dict) or not datasets or not set(datasets) <= set(DATATYPES):
         raise NonRetryableError(f"payload.datasets maps a subset of {DATATYPES} to dataset names")
     datatypes = list(datasets)  # output i of the job is the i-th entry
-    timeout_s = float(payload.get("extract_timeout_s") or ctx.task.timeout_s)
+    # killed a little before the attempt's own timeout, so the task's error says why
+    timeout_s = float(payload.get("extract_timeout_s") or ctx.task.timeout_s * 0.9)
     with tempfile.TemporaryDirectory(prefix="trace-cryo-") as tmp:
         request = {
             "start": start,

@@ -8,6 +8,7 @@ import asyncio
 import http.server
 import json
 import threading
+import urllib.request
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -214,6 +215,64 @@ def stalling_rpc() -> Iterator[str]:
         _Stall.release.set()
         server.shutdown()
         server.server_close()
+
+
+class _Refuse(http.server.BaseHTTPRequestHandler):
+    """Forwards JSON-RPC to ``upstream`` but refuses ``refused`` methods (-32601)."""
+
+    protocol_version = "HTTP/1.1"  # keep-alive, as a node answers (cryo is slow without it)
+
+    upstream = ""
+    refused: frozenset[str] = frozenset()
+    seen: list[str] = []
+
+    def do_POST(self) -> None:
+        raw = self.rfile.read(int(self.headers["content-length"]))
+        body = json.loads(raw)
+        calls = body if isinstance(body, list) else [body]
+        self.seen.extend(c.get("method", "") for c in calls)
+        if any(c.get("method") in self.refused for c in calls):
+            answers = [
+                {"jsonrpc": "2.0", "id": c.get("id"), "error": {"code": -32601, "message": "no"}}
+                for c in calls
+            ]
+            data = json.dumps(answers if isinstance(body, list) else answers[0]).encode()
+        else:
+            req = urllib.request.Request(
+                self.upstream, raw, headers={"content-type": "application/json"}
+            )
+            with urllib.request.urlopen(req, timeout=30) as resp:
+                data = resp.read()
+        self.send_response(200)
+        self.send_header("content-type", "application/json")
+        self.send_header("content-length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+async def test_a_refused_method_fails_retryably_and_commits_nothing(env: Env, chain: Chain) -> None:
+    handler = type(
+        "RefuseLogs",
+        (_Refuse,),
+        {"upstream": chain.node.url, "refused": frozenset({"eth_getLogs"}), "seen": []},
+    )
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        task = await env.run({"start": 0, "end": 50, "rpc_url": url, "max_retries": 0}, attempts=2)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert "eth_getLogs" in handler.seen
+    assert task["state"] == "failed" and len(task["attempts"]) == 2  # retried, then gave up
+    assert "errored" in _error(task)
+    for name in DATATYPES:  # the blocks and transactions that did extract are not committed
+        assert await env.live(name) == []
 
 
 async def test_a_hanging_child_is_killed_at_its_timeout(env: Env, stalling_rpc: str) -> None:
