@@ -134,8 +134,8 @@ def test_sink_process_killed_at_each_point_then_finishes_exactly_once(
         proc = procs._spawn("sink", *base, "--kill-at", point)
         procs.wait_until(lambda p=proc: not p.alive(), 60, f"sink killed at {point}")  # type: ignore[misc]
         assert proc.popen.returncode == -9, procs.log_tails()
-    # only the process killed after the event emitted one
-    assert events() == 1
+        # only the process killed after the event emitted (for the batches its receive stored)
+        assert (events() > 0) == (point == "after_event")
     port = free_port()
     proc = procs._spawn("sink", *base, "--metrics-port", str(port))
     procs.wait_until(lambda: events() == BATCHES, 60, "one event per batch")

@@ -38,12 +38,14 @@ ORDER BY o.available_at, o.id
 LIMIT %(n)s
 FOR UPDATE OF o SKIP LOCKED;
 
--- name: insert_sink_event
--- The dataset's upstream event for one committed batch, as an event of the producing task; the
+-- name: insert_sink_events
+-- The dataset's upstream events for committed batches, as events of the producing tasks; each
 -- key names the dataset and the batch, so a redelivered batch inserts nothing (no row back).
--- The task_events trigger announces it to the DAG fan-out (outbox 'dag.event', migration 0011).
+-- The task_events trigger announces them to the DAG fan-out (outbox 'dag.event', migration 0011).
 INSERT INTO task_events (task_id, event_key, attempt, event_type, payload)
-VALUES (%(task_id)s, %(key)s, %(attempt)s, %(type)s, %(payload)s)
+SELECT e.task_id, e.key, e.attempt, %(type)s, e.payload
+FROM unnest(%(task_ids)s::uuid[], %(keys)s::text[], %(attempts)s::int[], %(payloads)s::jsonb[])
+     AS e (task_id, key, attempt, payload)
 ON CONFLICT (task_id, event_key) DO NOTHING
 RETURNING event_key;
 
@@ -75,7 +77,7 @@ SELECT count(*) AS purged FROM gone;
 -- dedupe key, unique.
 CREATE TABLE IF NOT EXISTS {table} (
     {columns},
-    _dedupe_key text NOT NULL,
+    _dedupe_key bytea NOT NULL,
     _task_id uuid NOT NULL,
     _batch_key text NOT NULL,
     _loaded_at timestamptz NOT NULL DEFAULT now(),
@@ -88,7 +90,7 @@ SELECT pg_advisory_xact_lock(hashtext(%(table)s));
 
 -- name: create_staging
 -- (data database) The batch's staging table, dropped at commit.
-CREATE TEMPORARY TABLE {staging} ({columns}, _dedupe_key text NOT NULL) ON COMMIT DROP;
+CREATE TEMPORARY TABLE {staging} ({columns}, _dedupe_key bytea NOT NULL) ON COMMIT DROP;
 
 -- name: copy_staging
 -- (data database) COPY the batch's rows into the staging table.
