@@ -17,14 +17,27 @@ line}]``).
     GET  /v1/orgs/{org}/dags/{dag}/versions            every version, newest first
     POST /v1/orgs/{org}/dags/{dag}/jobs/{job}/trigger  run a source job (201 new run, 200 the
                                                        run id's existing task)
+    POST /v1/orgs/{org}/dags/{dag}/versions/rollback   restore the previous version and its
+                                                       pointer set; cancel the rolled-back
+                                                       version's work (``trace_lite.dag_control``;
+                                                       ``.../dags/{dag}/rollback`` of the user API
+                                                       moves the pointer set alone)
+    POST /v1/orgs/{org}/dags/{dag}/runs/{run_id}/cancel
+                                                       cancel a run's unfinished tasks
+    POST /v1/orgs/{org}/dags/{dag}/versions/{version}/cancel
+                                                       cancel a version's unfinished tasks
+    GET  /v1/orgs/{org}/dags/{dag}/status              the active version, task counts per job
 """
 
 from __future__ import annotations
+
+import re
 
 from aiohttp import web
 
 from trace_core import errors, wire
 from trace_core.access import UserCaller
+from trace_lite.dag_control import DagControl
 from trace_lite.dag_runs import DagRuns
 from trace_lite.dags import Dags
 from trace_servers import user_api
@@ -32,6 +45,10 @@ from trace_servers.http import decode_as, receive
 
 DAGS_KEY = web.AppKey("dags", Dags)
 DAG_RUNS_KEY = web.AppKey("dag_runs", DagRuns)
+DAG_CONTROL_KEY = web.AppKey("dag_control", DagControl)
+
+#: A run id in a path: a trigger's ``run_id`` (``wire.DagTriggerRequest``) or a schedule slot.
+_RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:+\-]{0,199}$")
 
 
 def _dags(request: web.Request) -> Dags:
@@ -99,11 +116,62 @@ async def trigger(request: web.Request) -> web.Response:
     return web.json_response(out, status=201 if out["created"] else 200)
 
 
-def setup(app: web.Application, *, dags: Dags, runs: DagRuns) -> None:
+def _control(request: web.Request) -> DagControl:
+    return request.app[DAG_CONTROL_KEY]
+
+
+def _version(request: web.Request) -> int:
+    raw = request.match_info["version"]
+    if not raw.isdigit() or not 1 <= int(raw) <= 2**62:
+        raise errors.ValidationFailed("version must be a positive integer", field="version")
+    return int(raw)
+
+
+def _run_id(request: web.Request) -> str:
+    run_id = request.match_info["run_id"]
+    if not _RUN_ID.match(run_id):
+        raise errors.ValidationFailed(f"run_id must match {_RUN_ID.pattern}", field="run_id")
+    return run_id
+
+
+async def rollback(request: web.Request) -> web.Response:
+    caller = await _caller(request)
+    m = request.match_info
+    out = await _control(request).rollback(caller, m["org"], m["dag"])
+    return web.json_response(out.to_dict())
+
+
+async def cancel_run(request: web.Request) -> web.Response:
+    subject = _subject(request)
+    run_id = _run_id(request)
+    m = request.match_info
+    caller = await _dags(request).user_caller(m["org"], subject)
+    return web.json_response(await _control(request).cancel_run(caller, m["org"], m["dag"], run_id))
+
+
+async def cancel_version(request: web.Request) -> web.Response:
+    subject = _subject(request)
+    version = _version(request)
+    m = request.match_info
+    caller = await _dags(request).user_caller(m["org"], subject)
+    out = await _control(request).cancel_version(caller, m["org"], m["dag"], version)
+    return web.json_response(out)
+
+
+async def dag_status(request: web.Request) -> web.Response:
+    caller = await _caller(request)
+    m = request.match_info
+    return web.json_response(await _control(request).status(caller, m["org"], m["dag"]))
+
+
+def setup(
+    app: web.Application, *, dags: Dags, runs: DagRuns, control: DagControl | None = None
+) -> None:
     """Mount the DAG routes on ``app`` (after ``user_api.setup``, which sets the user
-    authenticator)."""
+    authenticator). ``control`` defaults to one over the same pool and orgs as ``dags``."""
     app[DAGS_KEY] = dags
     app[DAG_RUNS_KEY] = runs
+    app[DAG_CONTROL_KEY] = control or DagControl(dags.pool, orgs=dags.orgs)
     base = "/v1/orgs/{org}/dags"
     app.add_routes(
         [
@@ -112,8 +180,12 @@ def setup(app: web.Application, *, dags: Dags, runs: DagRuns) -> None:
             web.get(f"{base}/{{dag}}", show_dag),
             web.get(f"{base}/{{dag}}/versions", dag_versions),
             web.post(f"{base}/{{dag}}/jobs/{{job}}/trigger", trigger),
+            web.post(f"{base}/{{dag}}/versions/rollback", rollback),
+            web.post(f"{base}/{{dag}}/runs/{{run_id}}/cancel", cancel_run),
+            web.post(f"{base}/{{dag}}/versions/{{version}}/cancel", cancel_version),
+            web.get(f"{base}/{{dag}}/status", dag_status),
         ]
     )
 
 
-__all__ = ["DAGS_KEY", "DAG_RUNS_KEY", "setup"]
+__all__ = ["DAGS_KEY", "DAG_CONTROL_KEY", "DAG_RUNS_KEY", "setup"]

@@ -21,6 +21,12 @@ trace dag show NAME --org ORG                 the active version's spec and data
 trace dag versions NAME --org ORG             every version of a DAG
 trace dag trigger ORG DAG JOB [--payload JSON] [--run-id ID]
                                               run a source job of the active version
+trace dag rollback ORG NAME                   restore the previous version and its pointer
+                                              set; cancel the rolled-back version's work
+trace dag cancel ORG NAME (--run RUN_ID | --version N)
+                                              cancel a run's or a version's unfinished tasks
+trace dag status ORG NAME [--json]            the active version and each job's task counts,
+                                              with a progress bar of finished tasks
 """
 
 from __future__ import annotations
@@ -68,6 +74,21 @@ def add_parsers(sub: Any) -> None:
     t.add_argument("job")
     t.add_argument("--payload", default="{}", help="a JSON object merged over the job's config")
     t.add_argument("--run-id", help="the run's durable id: the same id never runs twice")
+    rb = dsub.add_parser(
+        "rollback", help="restore a DAG's previous version and pointer set; cancel its work"
+    )
+    rb.add_argument("org")
+    rb.add_argument("name")
+    cn = dsub.add_parser("cancel", help="cancel a DAG run's or version's unfinished tasks")
+    cn.add_argument("org")
+    cn.add_argument("name")
+    which = cn.add_mutually_exclusive_group(required=True)
+    which.add_argument("--run", help="a run id (a trigger's --run-id, or a schedule slot)")
+    which.add_argument("--version", type=int, help="a version number")
+    st = dsub.add_parser("status", help="a DAG's active version and task counts per job")
+    st.add_argument("org")
+    st.add_argument("name")
+    st.add_argument("--json", action="store_true", help="print the API's answer as JSON")
     for name in ("show", "versions"):
         p = dsub.add_parser(name, help=f"{name} a deployed DAG")
         p.add_argument("name")
@@ -188,6 +209,42 @@ def _get(url: str, path: str) -> int:
     return 0 if status < 400 else 1
 
 
+#: The states a task does not leave (``trace_core.lifecycle.TERMINAL_STATES``) count as done.
+_DONE = ("completed", "failed", "canceled")
+
+
+def progress_bar(done: int, total: int, width: int = 24) -> str:
+    """``[#####-------]  5/12`` (an empty job shows an empty bar)."""
+    filled = width * done // total if total else 0
+    return f"[{'#' * filled}{'-' * (width - filled)}] {done:>{len(str(total))}}/{total}"
+
+
+def render_status(body: dict[str, Any]) -> str:
+    """``trace dag status`` as text: the active pair, one line per job (a bar of its finished
+    tasks and the counts that are not zero), and other versions' unfinished tasks."""
+    lines = [
+        f"{body['dag']}: active version {body['active_version']}, "
+        f"pointer set {body['active_generation']}"
+    ]
+    jobs: dict[str, dict[str, int]] = body["jobs"]
+    width = max((len(j) for j in jobs), default=0)
+    for job, counts in jobs.items():
+        total = sum(counts.values())
+        done = sum(counts.get(s, 0) for s in _DONE)
+        shown = ", ".join(f"{s} {n}" for s, n in counts.items() if n)
+        lines.append(f"  {job:<{width}}  {progress_bar(done, total)}  {shown or 'no tasks'}")
+    for version, counts in body["other_versions"].items():
+        shown = ", ".join(f"{s} {n}" for s, n in counts.items())
+        lines.append(f"  version {version} (not active): {shown}")
+    return "\n".join(lines)
+
+
+def _post(url: str, path: str) -> int:
+    status, body = _remote(url, "POST", path)
+    print(json.dumps(body, indent=2), file=sys.stdout if status < 400 else sys.stderr)
+    return 0 if status < 400 else 1
+
+
 def cmd_dag(args: argparse.Namespace, dispatcher_url: str = "") -> int:
     """Run ``trace dag ...``; ``dispatcher_url`` serves the commands that talk to a server."""
     match args.dag_cmd:
@@ -208,6 +265,22 @@ def cmd_dag(args: argparse.Namespace, dispatcher_url: str = "") -> int:
             path = f"/v1/orgs/{args.org}/dags/{args.dag}/jobs/{args.job}/trigger"
             status, out = _remote(dispatcher_url, "POST", path, body)
             print(json.dumps(out, indent=2), file=sys.stdout if status < 400 else sys.stderr)
+            return 0 if status < 400 else 1
+        case "rollback":
+            return _post(dispatcher_url, f"/v1/orgs/{args.org}/dags/{args.name}/versions/rollback")
+        case "cancel":
+            base = f"/v1/orgs/{args.org}/dags/{args.name}"
+            if args.run is not None:
+                return _post(dispatcher_url, f"{base}/runs/{args.run}/cancel")
+            return _post(dispatcher_url, f"{base}/versions/{args.version}/cancel")
+        case "status":
+            status, body = _remote(
+                dispatcher_url, "GET", f"/v1/orgs/{args.org}/dags/{args.name}/status"
+            )
+            if status >= 400 or args.json:
+                print(json.dumps(body, indent=2), file=sys.stdout if status < 400 else sys.stderr)
+            else:
+                print(render_status(body))
             return 0 if status < 400 else 1
         case "schema":
             print(json.dumps(dag_files.json_schema(), indent=2))

@@ -9,11 +9,13 @@ from __future__ import annotations
 import asyncio
 import copy
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import attrs
 import psycopg
 import pytest
+from aiohttp.test_utils import TestClient, TestServer
 
 from trace_core import errors, wire
 from trace_core.testing import MemoryObjectStore, MemoryQueue, MemorySigner
@@ -23,9 +25,12 @@ from trace_lite.dags import Dags
 from trace_lite.datasets import Datasets
 from trace_lite.dispatcher import Dispatcher, open_pool
 from trace_lite.pg import transaction
+from trace_lite.users import LocalUserIssuer, UserAuthenticator
+from trace_servers.app import make_app
 from trace_servers.dag_cli import builtin_operators
 
 ORG = "acme"
+PLATFORM = "platform-token-for-tests-0123456789"
 OUT = {"storage": "object_store", "update_strategy": "append"}
 
 FLOW: dict[str, Any] = {
@@ -91,6 +96,10 @@ async def world(db_url: str) -> AsyncIterator[World]:
         yield World(d, dags, DagRuns(pool), DagControl(pool), ds, db_url)
     finally:
         await pool.close()
+
+
+def _bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
 
 
 def _fence(c: wire.ClaimResponse) -> dict[str, Any]:
@@ -302,3 +311,60 @@ async def test_cancel_a_run_and_a_version(world: World) -> None:
     status = await world.control.status(None, ORG, "flow")
     assert status["active_version"] == 2 and status["jobs"]["src"]["queued"] == 1
     assert status["other_versions"] == {}
+
+
+async def test_control_routes_over_http(world: World, tmp_path: Path) -> None:
+    issuer = LocalUserIssuer.init(tmp_path / "keys")
+    auth = UserAuthenticator({issuer.key.kid: issuer.key})
+    dora, bob = _bearer(issuer.token("dora")), _bearer(issuer.token("bob"))
+    eve = _bearer(issuer.token("eve"))
+    base = f"/v1/orgs/{ORG}/dags/flow"
+    await world.dags.deploy(None, ORG, edited())
+    run = await world.runs.trigger(None, ORG, "flow", "src", run_id="r1")
+    app = make_app(world.d, platform_token=PLATFORM, user_auth=auth)
+    async with TestClient(TestServer(app)) as c:
+        r = await c.get(f"{base}/status")
+        assert r.status == 401
+        r = await c.get(f"{base}/status", headers=eve)
+        assert r.status == 404 and (await r.json())["field"] == "org"
+        r = await c.get(f"{base}/status", headers=bob)
+        body = await r.json()
+        assert r.status == 200 and body["active_version"] == 2
+        assert body["jobs"]["src"]["queued"] == 1 and body["jobs"]["b"]["queued"] == 0
+        r = await c.post(f"{base}/runs/r1/cancel", headers=bob)
+        assert r.status == 403
+        r = await c.post(f"{base}/runs/-bad/cancel", headers=dora)
+        body = await r.json()
+        assert (r.status, body["error"], body["field"]) == (422, "validation_failed", "run_id")
+        r = await c.post(f"{base}/runs/nope/cancel", headers=dora)
+        assert r.status == 404 and (await r.json())["field"] == "run_id"
+        r = await c.post(f"{base}/versions/x/cancel", headers=dora)
+        assert r.status == 422 and (await r.json())["field"] == "version"
+        r = await c.post(f"{base}/versions/0/cancel", headers=dora)
+        assert r.status == 422 and (await r.json())["field"] == "version"
+        r = await c.post(f"{base}/versions/9/cancel", headers=dora)
+        assert r.status == 404 and (await r.json())["field"] == "version"
+        assert world.sql("SELECT state FROM tasks") == [("queued",)]  # nothing written
+        r = await c.post(f"{base}/versions/rollback", headers=bob)
+        assert r.status == 403
+        assert world.sql("SELECT active_version FROM dags") == [(2,)]
+        r = await c.post(f"{base}/versions/rollback", headers=dora)
+        body = await r.json()
+        assert r.status == 200, body
+        assert body == {
+            "dag": "flow",
+            "from_version": 2,
+            "version": 1,
+            "generation": body["generation"],
+            "canceled": {"queued": 1},
+        }
+        r = await c.post(f"{base}/versions/rollback", headers=dora)
+        body = await r.json()
+        assert (r.status, body["error"]) == (409, "conflict")
+        r = await c.post(f"{base}/runs/r1/cancel", headers=dora)
+        assert r.status == 200 and (await r.json())["canceled"] == {}
+        r = await c.post(f"{base}/versions/1/cancel", headers=dora)
+        assert r.status == 200 and (await r.json())["canceled"] == {}
+        r = await c.post(f"/v1/orgs/{ORG}/dags/nope/versions/rollback", headers=dora)
+        assert r.status == 404 and (await r.json())["field"] == "dag"
+    assert world.sql("SELECT task_id::text, state FROM tasks") == [(run["task_id"], "canceled")]
