@@ -17,8 +17,9 @@ Payload (a job's ``config`` merged with the trigger's payload, or an upstream ra
     rpc_url             the node's JSON-RPC endpoint (v1: from the payload; slot endpoints and
                         keys are not wired yet)
     datasets            {"blocks": name, "transactions": name, "logs": name} (defaults: the
-                        datatype names); a subset extracts only those datatypes; the i-th
-                        entry is the job's output i
+                        datatype names); a subset extracts only those datatypes; the
+                        job's outputs are the named ones in the order blocks, transactions,
+                        logs (the mapping's own order is not kept by the job's stored config)
     extract_timeout_s   kill the child after this long (default: 90% of the task's timeout)
 
 The extract runs in a child process (the script ``trace_sdk/_cryo_child.py``): one ``cryo.freeze`` into a
@@ -27,8 +28,8 @@ datatype, every row inside the range, one blocks row per block). Only after the 
 succeeded are its files staged (``TaskContext.stage_output``), so a failed extract commits
 nothing; the outputs commit with the completion, which also carries one range event per
 datatype: ``{"key": "range:{datatype}:{start}_{end}", "type": "range", "payload": {"start",
-"end", "partition_key", "datatype", "dataset", "rows", "output"}}`` (``output``: the entry's
-index in ``datasets``, so the DAG fan-out routes it to that output's consumers).
+"end", "partition_key", "datatype", "dataset", "rows", "output"}}`` (``output``: the datatype's
+output index, so the DAG fan-out routes it to that output's consumers).
 
 Failures: a range past the chain head, or a malformed range, fails the task for good
 (``NonRetryableError``: retrying cannot help the same payload); an unreachable node, a chunk
@@ -92,7 +93,9 @@ async def cryo_ingest(ctx: TaskContext) -> dict[str, Any] | None:
     datasets = payload.get("datasets") or {d: d for d in DATATYPES}
     if not isinstance(datasets, dict) or not datasets or not set(datasets) <= set(DATATYPES):
         raise NonRetryableError(f"payload.datasets maps a subset of {DATATYPES} to dataset names")
-    datatypes = list(datasets)  # output i of the job is the i-th entry
+    # output i of the job: the i-th of blocks, transactions, logs that ``datasets`` names (not
+    # the mapping's order: a job's config is stored as jsonb, which does not keep key order)
+    datatypes = [d for d in DATATYPES if d in datasets]
     # killed a little before the attempt's own timeout, so the task's error says why
     timeout_s = float(payload.get("extract_timeout_s") or ctx.task.timeout_s * 0.9)
     with tempfile.TemporaryDirectory(prefix="trace-cryo-") as tmp:

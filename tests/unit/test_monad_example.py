@@ -1,6 +1,6 @@
 """``examples/monad/monad.yaml`` validates against the operators a worker offers plus
 ``range_aggregator`` (run by the Lite in-process worker, which has an operator-state store),
-and its ingest outputs line up with ``cryo_ingest``'s ``datasets`` mapping."""
+and its ingest outputs line up with ``cryo_ingest``'s datatypes."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import yaml
 from trace_core.dag import OperatorInfo
 from trace_lite import dag_files
 from trace_sdk import BUILTIN_OPERATORS
+from trace_sdk.ingest import DATATYPES
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "monad" / "monad.yaml"
 
@@ -20,9 +21,10 @@ def test_the_monad_example_validates() -> None:
     assert dag_files.check_file(EXAMPLE, operators=operators, datasets={}) == []
 
 
-def test_output_i_is_the_i_th_dataset_of_cryo_ingest() -> None:
+def test_output_i_is_the_i_th_datatype_of_cryo_ingest() -> None:
     doc = yaml.safe_load(EXAMPLE.read_text())
-    datasets = list(doc["jobs"]["ingest"]["config"]["datasets"].values())
+    named = doc["jobs"]["ingest"]["config"]["datasets"]
+    datasets = [named[d] for d in DATATYPES if d in named]
     published = {p["output"]: p["dataset"] for p in doc["publish"] if p["job"] == "ingest"}
     assert [published[i] for i in range(len(datasets))] == datasets
     # the windows job folds the logs output
