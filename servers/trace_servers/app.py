@@ -152,7 +152,7 @@ def make_app(
     app.on_response_prepare.append(hide_server_version)
     task_api.setup(app, credential_minter=credential_minter)
     user_api.setup(app, user_auth=user_auth)
-    query_api.setup(app, data_url=data_url)
+    query_api.setup(app, data_url=data_url, registry=app[METRICS_KEY].registry)
     dag_api.setup(
         app,
         dags=Dags(dispatcher.pool, operators=builtin_operators()),

@@ -20,15 +20,17 @@ from __future__ import annotations
 import csv
 import io
 import json
+from collections.abc import Callable
 from typing import Any
 
 import attrs
 from aiohttp import web
+from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from trace_core import errors
 from trace_core.wire import FieldError
 from trace_lite.local_store import LocalObjectStore
-from trace_lite.query import QueryResult, QueryService, SandboxPool
+from trace_lite.query import QueryOutcome, QueryResult, QueryService, SandboxPool
 from trace_servers import user_api
 from trace_servers.http import (
     DATASETS_KEY,
@@ -131,18 +133,46 @@ async def task_query(request: web.Request) -> web.Response:
     return _answer(result, body.format)
 
 
-def setup(app: web.Application, *, data_url: str | None = None) -> None:
+def _observer(registry: CollectorRegistry) -> Callable[[QueryOutcome], None]:
+    """Per-query metrics on ``registry`` (``/metrics``): queries by outcome, latency, rows and
+    bytes answered."""
+    queries = Counter("trace_queries", "Queries by outcome", ["outcome"], registry=registry)
+    latency = Histogram(
+        "trace_query_seconds",
+        "Query latency (parse, resolve, pin, sandbox)",
+        registry=registry,
+        buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+    )
+    rows = Counter("trace_query_rows", "Rows answered by queries", registry=registry)
+    size = Counter("trace_query_bytes", "Bytes of query answers", registry=registry)
+
+    def observe(outcome: QueryOutcome) -> None:
+        queries.labels(outcome.outcome).inc()
+        latency.observe(outcome.seconds)
+        rows.inc(outcome.rows)
+        size.inc(outcome.bytes)
+
+    return observe
+
+
+def setup(
+    app: web.Application,
+    *,
+    data_url: str | None = None,
+    registry: CollectorRegistry | None = None,
+) -> None:
     """Mount the query routes on ``app`` (``DISPATCHER_KEY`` and ``DATASETS_KEY`` set, the user
     API set up). The service runs where the object store is the Lite local one, with a pool of
     two pre-started sandboxes (each used for one query), filled from the first query on (an
     app that never queries starts none); ``data_url`` (the data database)
-    enables Postgres-table datasets."""
+    enables Postgres-table datasets; ``registry`` gets the per-query metrics."""
     store = app[DISPATCHER_KEY].object_store
     datasets = app[DATASETS_KEY]
     service = None
     if isinstance(store, LocalObjectStore):
         pool = SandboxPool(2)
-        service = QueryService(datasets, store, data_url=data_url, pool=pool)
+        observe = _observer(registry) if registry is not None else None
+        service = QueryService(datasets, store, data_url=data_url, pool=pool, observe=observe)
 
         async def close_pool(_app: web.Application) -> None:
             await pool.close()

@@ -4,6 +4,7 @@ pins across a cutover, the datasets permission matrix through the query path, ot
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import time
 from collections.abc import AsyncIterator
@@ -25,7 +26,7 @@ from trace_core.token import issue_claims
 from trace_lite.datasets import Datasets
 from trace_lite.dispatcher import Dispatcher, open_pool
 from trace_lite.local_store import LocalObjectStore
-from trace_lite.query import Limits, QueryService, SandboxResult
+from trace_lite.query import Limits, QueryOutcome, QueryService, SandboxResult
 from trace_lite.users import LocalUserIssuer, UserAuthenticator
 from trace_servers.app import make_app
 
@@ -427,3 +428,50 @@ async def test_make_app_hands_the_data_database_to_the_query_service(
         )
         assert r.status == 200, await r.text()
         assert (await r.json())["rows"] == [[7]]
+
+
+async def test_each_query_is_observed_once_with_its_outcome(world: World) -> None:
+    seen: list[QueryOutcome] = []
+    q = QueryService(
+        world.ds,
+        world.store,
+        limits=Limits(deadline_s=3.0, max_rows=100, max_bytes=200_000),
+        observe=seen.append,
+    )
+    alice = await world.ds.user_caller(ORG, "alice")
+    bob = await world.ds.user_caller(ORG, "bob")
+    attempts: list[tuple[Caller, str]] = [
+        (alice, "SELECT n FROM shared"),
+        (alice, "SELECT * FROM read_text('/etc/passwd')"),
+        (bob, "SELECT * FROM shared"),
+        (
+            alice,
+            "WITH RECURSIVE r(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM r) SELECT count(*) FROM r",
+        ),
+        (alice, "SELECT repeat('x', 300000)"),
+    ]
+    for caller, sql in attempts:
+        with contextlib.suppress(errors.TraceError):
+            await q.query(caller, ORG, sql)
+    assert [(o.outcome, o.rows) for o in seen] == [
+        ("ok", 5),
+        ("refused", 0),
+        ("not_readable", 0),
+        ("timed_out", 0),
+        ("too_large", 0),
+    ]
+    assert seen[0].bytes > 0
+
+
+async def test_metrics_count_queries_by_outcome(
+    world: World, api: tuple[TestClient[Any, Any], LocalUserIssuer]
+) -> None:
+    c, issuer = api
+    for sql in ("SELECT 1", "SELECT * FROM private"):
+        await c.post(
+            "/v1/query", headers=_bearer(issuer.token("ann")), json={"org": ORG, "sql": sql}
+        )
+    text = await (await c.get("/metrics")).text()
+    assert 'trace_queries_total{outcome="ok"} 1.0' in text
+    assert 'trace_queries_total{outcome="not_readable"} 1.0' in text
+    assert "trace_query_rows_total 1.0" in text

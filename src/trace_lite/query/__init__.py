@@ -3,16 +3,19 @@
 from trace_lite.query.runner import (
     CsvTable,
     Limits,
+    QueryLimitExceeded,
     SandboxPool,
     SandboxResult,
     TableSource,
     run_sandboxed,
 )
-from trace_lite.query.service import QueryResult, QueryService, parse
+from trace_lite.query.service import QueryOutcome, QueryResult, QueryService, parse
 
 __all__ = [
     "CsvTable",
     "Limits",
+    "QueryLimitExceeded",
+    "QueryOutcome",
     "QueryResult",
     "QueryService",
     "SandboxPool",

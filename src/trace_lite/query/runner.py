@@ -59,12 +59,23 @@ def _source(name: str, source: TableSource) -> dict[str, Any]:
     return {"name": name, "parquet": source}
 
 
+class QueryLimitExceeded(errors.ValidationFailed):
+    """The query was stopped by a limit: ``limit`` is ``time`` (the deadline) or ``resources``
+    (memory, CPU, a write to a file: the process died without answering)."""
+
+    def __init__(self, message: str, *, limit: str) -> None:
+        super().__init__(message, field="sql")
+        self.limit = limit
+
+
 @attrs.frozen
 class SandboxResult:
     columns: list[str]
     types: list[str]
     rows: list[list[Any]]
     truncated: bool
+    #: Size of the sandbox's answer (the serialized rows).
+    bytes: int = 0
 
 
 _ERRORS: dict[str, type[errors.TraceError]] = {
@@ -217,8 +228,8 @@ async def run_sandboxed(
         except TimeoutError:
             sandbox.kill()
             await proc.wait()
-            raise errors.ValidationFailed(
-                "the query exceeded its time limit and was stopped", field="sql"
+            raise QueryLimitExceeded(
+                "the query exceeded its time limit and was stopped", limit="time"
             ) from None
         finally:
             if proc.returncode is None:
@@ -242,9 +253,9 @@ def _answer(out: bytes, err: bytes, returncode: int | None) -> SandboxResult:
             "query sandbox gave no answer",
             extra={"exit": returncode, "stderr": err[-500:].decode(errors="replace")},
         )
-        raise errors.ValidationFailed(
+        raise QueryLimitExceeded(
             f"the query exceeded a resource limit and was stopped (exit {returncode})",
-            field="sql",
+            limit="resources",
         )
     if not answer.get("ok"):
         cls = _ERRORS.get(str(answer.get("error")), errors.ValidationFailed)
@@ -254,4 +265,5 @@ def _answer(out: bytes, err: bytes, returncode: int | None) -> SandboxResult:
         types=list(answer["types"]),
         rows=list(answer["rows"]),
         truncated=bool(answer["truncated"]),
+        bytes=len(out),
     )

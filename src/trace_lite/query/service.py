@@ -27,6 +27,7 @@ import shutil
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +47,7 @@ from trace_lite.pg import fetch_as, transaction
 from trace_lite.query.runner import (
     CsvTable,
     Limits,
+    QueryLimitExceeded,
     SandboxPool,
     SandboxResult,
     TableSource,
@@ -82,6 +84,30 @@ def parse(sql: str) -> dict[str, Any]:
 
 
 @attrs.frozen
+class QueryOutcome:
+    """One query, for the log line and metrics. ``outcome``: ``ok``, ``refused`` (the gate, a
+    syntax error, a failed query), ``not_readable``, ``timed_out``, ``limit_exceeded``
+    (memory, CPU), ``too_large`` (over the byte cap), or another error code."""
+
+    outcome: str
+    rows: int
+    bytes: int
+    seconds: float
+
+
+def _outcome(exc: errors.TraceError) -> str:
+    if isinstance(exc, QueryLimitExceeded):
+        return "timed_out" if exc.limit == "time" else "limit_exceeded"
+    if isinstance(exc, errors.PayloadTooLarge):
+        return "too_large"
+    if isinstance(exc, errors.NotFound):
+        return "not_readable"
+    if isinstance(exc, errors.ValidationFailed):
+        return "refused"
+    return exc.code
+
+
+@attrs.frozen
 class QueryResult:
     columns: list[str]
     types: list[str]
@@ -89,6 +115,7 @@ class QueryResult:
     truncated: bool
     #: dataset name -> the version the query read (pinned once at its start)
     versions: dict[str, str | None]
+    bytes: int = 0
 
 
 class QueryService:
@@ -103,13 +130,16 @@ class QueryService:
         data_url: str | None = None,
         max_export_bytes: int = 256 * 1024 * 1024,
         pool: SandboxPool | None = None,
+        observe: Callable[[QueryOutcome], None] | None = None,
     ) -> None:
         """``concurrency``: sandbox processes running at once (each may use ``limits``'
         memory and threads); further queries wait for a slot, their pins already held.
         ``data_url``: the data database, where Postgres-table datasets live (without it they
         are refused); at most ``max_export_bytes`` of one is copied into a sandbox. ``pool``:
-        pre-started sandboxes (each still used for one query only)."""
+        pre-started sandboxes (each still used for one query only). ``observe`` is called once per
+        query with its ``QueryOutcome`` (metrics)."""
         self._pool = pool
+        self._observe = observe
         self._data_url = data_url
         self._max_export_bytes = max_export_bytes
         self._datasets = datasets
@@ -131,26 +161,29 @@ class QueryService:
         limit exceeded), ``NotFound`` ("dataset not found or not readable"),
         ``PayloadTooLarge``, ``Unavailable``."""
         started = time.perf_counter()
-        outcome = "refused"
-        rows = 0
+        outcome, rows, size = "failed", 0, 0
         try:
             names = sorted(query_gate.admit(parse(sql), None))
             result = await self._run(caller, org, sql, names, max_rows)
-            outcome, rows = "ok", len(result.rows)
+            outcome, rows, size = "ok", len(result.rows), result.bytes
             return result
         except errors.TraceError as exc:
-            outcome = exc.code
+            outcome = _outcome(exc)
             raise
         finally:
+            seen = QueryOutcome(outcome, rows, size, time.perf_counter() - started)
             log.info(
                 "query",
                 extra={
                     "org": org,
-                    "outcome": outcome,
-                    "rows": rows,
-                    "latency_ms": round((time.perf_counter() - started) * 1000, 1),
+                    "outcome": seen.outcome,
+                    "rows": seen.rows,
+                    "bytes": seen.bytes,
+                    "latency_ms": round(seen.seconds * 1000, 1),
                 },
             )
+            if self._observe is not None:
+                self._observe(seen)
 
     async def query_for_task(
         self, claims: CapabilityClaims, sql: str, *, max_rows: int | None = None
@@ -284,4 +317,4 @@ def _duckdb_type(pg_type: str) -> str:
 
 
 def _result(s: SandboxResult, versions: dict[str, str | None]) -> QueryResult:
-    return QueryResult(s.columns, s.types, s.rows, s.truncated, versions)
+    return QueryResult(s.columns, s.types, s.rows, s.truncated, versions, s.bytes)
