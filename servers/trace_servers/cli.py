@@ -89,6 +89,7 @@ async def _run_dispatcher(settings: LiteSettings, state_url: str) -> None:
         extra_routes=parts.extra_routes,
         credential_minter=parts.credential_minter,
         user_auth=UserAuthenticator.from_env(settings.key_dir),
+        data_url=_urls(settings)[1],
     )
     runner = web.AppRunner(app, access_log=None, handle_signals=False)
     await runner.setup()
