@@ -7,7 +7,8 @@ cryo only: it never imports the SDK). It prints one JSON line on stdout:
 ``os._exit`` (cryo 0.3.2 crashes at interpreter shutdown in about 1% of runs, after its data is
 written). It checks what ``freeze`` does not raise: ``n_errored`` must be 0, every chunk
 completed, exactly one file per datatype named for the range, and every row inside the range
-(the blocks file holds exactly one row per block).
+(the blocks file holds exactly one row per block). It dies with its parent (``PR_SET_PDEATHSIG``
+on Linux): a worker killed mid-extract leaves no extract behind.
 """
 
 from __future__ import annotations
@@ -99,7 +100,26 @@ def run(req: dict[str, Any]) -> dict[str, Any]:
     return {"ok": True, "files": files, "head": head}
 
 
+def die_with_parent() -> None:
+    """Ask Linux to SIGKILL this process when its parent (the worker) dies, so a worker killed
+    mid-extract leaves no extract running; then check the parent did not die first."""
+    parent = os.getppid()
+    if sys.platform == "linux":
+        import ctypes
+        import signal
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent:
+        os._exit(3)
+
+
+#: prctl option: the signal this process gets when its parent thread dies.
+_PR_SET_PDEATHSIG = 1
+
+
 def main() -> None:
+    die_with_parent()
     code = 0
     try:
         answer = run(json.loads(sys.argv[1]))

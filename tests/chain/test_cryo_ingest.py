@@ -186,6 +186,7 @@ class _Stall(http.server.BaseHTTPRequestHandler):
     """Answers eth_blockNumber, then never answers anything else (a hung extract)."""
 
     release = threading.Event()
+    hung = False
 
     def do_POST(self) -> None:
         body = json.loads(self.rfile.read(int(self.headers["content-length"])))
@@ -197,6 +198,7 @@ class _Stall(http.server.BaseHTTPRequestHandler):
             self.end_headers()
             self.wfile.write(data)
             return
+        type(self).hung = True
         self.release.wait(60)
 
     def log_message(self, *args: Any) -> None:
@@ -209,6 +211,8 @@ def stalling_rpc() -> Iterator[str]:
     server.daemon_threads = True
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
+    _Stall.hung = False
+    _Stall.release.clear()
     try:
         yield f"http://127.0.0.1:{server.server_address[1]}"
     finally:
@@ -283,3 +287,51 @@ async def test_a_hanging_child_is_killed_at_its_timeout(env: Env, stalling_rpc: 
     assert "cryo child killed after 2s" in _error(task)
     for name in DATATYPES:
         assert await env.live(name) == []
+
+
+def _alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie nobody reaped yet counts as dead)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+PARENT = """
+import json, subprocess, sys, time
+child = subprocess.Popen([sys.executable, sys.argv[1], sys.argv[2]], stdout=subprocess.DEVNULL)
+print(child.pid, flush=True)
+time.sleep(120)
+"""
+
+
+def test_an_extract_dies_with_its_worker(stalling_rpc: str, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+    import time
+
+    import trace_sdk.ingest
+
+    request = json.dumps(
+        {"start": 0, "end": 10, "rpc": stalling_rpc, "out": str(tmp_path), "datatypes": ["logs"]}
+    )
+    parent = subprocess.Popen(
+        [sys.executable, "-c", PARENT, trace_sdk.ingest._CHILD, request],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert parent.stdout is not None
+    child = int(parent.stdout.readline())
+    # the child is stuck inside cryo.freeze (the RPC never answers) once it asked for the head
+    deadline = time.monotonic() + 30
+    while not _Stall.hung and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _Stall.hung and _alive(child)
+    parent.kill()  # kill -9 of the worker mid-extract
+    parent.wait()
+    deadline = time.monotonic() + 30
+    while _alive(child) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _alive(child)
+    assert list(tmp_path.iterdir()) == []  # nothing written
