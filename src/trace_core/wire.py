@@ -119,6 +119,17 @@ class ClaimResponse:
 
 
 @attrs.frozen
+class SlotOut:
+    """The worker-pool slot an attempt leased (a DAG job with ``worker_pool``): its ``env``
+    and the secret NAMES of its ``secret_env`` (in the org's namespace), never their values."""
+
+    pool: str
+    index: int
+    env: dict[str, str] = attrs.field(factory=dict)
+    secret_env: dict[str, str] = attrs.field(factory=dict)
+
+
+@attrs.frozen
 class TaskPayload:
     """What ``/internal/task-fetch`` returns (and each claim of a batch claim carries);
     ``LambdaInvokePayload`` extends it for Lambda invocations."""
@@ -134,6 +145,8 @@ class TaskPayload:
     timeout_s: int
     #: Where this attempt may stage its outputs in the ObjectStore.
     staging_prefix: str
+    #: The worker-pool slot the attempt holds (None: the job uses no pool).
+    slot: SlotOut | None = attrs.field(default=None, kw_only=True)
 
 
 @attrs.frozen
@@ -616,6 +629,7 @@ __all__ = [
     "PartitionIn",
     "ReadRolesRequest",
     "ResolveRequest",
+    "SlotOut",
     "TaskInfo",
     "TaskPayload",
     "TaskResolveRequest",

@@ -57,6 +57,7 @@ from trace_lite.capabilities import TokenIssuer, TokenVerifier
 from trace_lite.outbox_publisher import Launcher, OutboxPublisher
 from trace_lite.outputs import apply_outputs, prepare_outputs
 from trace_lite.pg import pg_array, transaction
+from trace_lite.pool_slots import lease_slots, slot_of
 from trace_lite.reaper import Reaper, ReapReport
 from trace_lite.task_orgs import TaskOrgs
 from trace_lite.task_rows import (
@@ -101,6 +102,8 @@ class ClaimGrant:
     job_id: str | None = None
     #: Datasets the attempt may read (its token's ``grants.datasets.read``).
     read_datasets: tuple[str, ...] = ()
+    #: The worker-pool slot the attempt leased (``trace_lite.pool_slots``).
+    slot: wire.SlotOut | None = None
 
     @property
     def fence(self) -> Fence:
@@ -129,6 +132,7 @@ def _grant_out(g: ClaimGrant, lease: LeasePolicy) -> wire.ClaimGrantOut:
             max_attempts=g.max_attempts,
             timeout_s=g.timeout_s,
             staging_prefix=staging_prefix(g.org_id, g.task_id, g.attempt),
+            slot=g.slot,
         ),
     )
 
@@ -428,6 +432,12 @@ class Dispatcher:
                     "task payload cannot be served; task failed",
                     extra={"task_id": d.task_id, "reason": d.error["message"]},
                 )
+        # a pooled job's attempt starts only holding a free slot of its pool
+        slots, full = await lease_slots(cur, [(d.task_id, d.attempt) for _, d, _ in starts])
+        for task_id, why in sorted(full.items()):  # not claimable right now: keep the wake-up
+            busy = errors.Unavailable(why)
+            refused.append(wire.ClaimRefusal(task_id, busy.code, busy.message))
+        starts = [s for s in starts if s[1].task_id not in full]
         if not starts:
             return [], refused
         await cur.execute(
@@ -456,6 +466,7 @@ class Dispatcher:
                 max_attempts=r.max_attempts,
                 job_id=r.job_id,
                 read_datasets=tuple(r.read_datasets or ()),
+                slot=slots.get(d.task_id),
             )
             for r, d, payload in starts
         ]
@@ -542,6 +553,7 @@ class Dispatcher:
         be served."""
         async with self._tx() as cur:
             row = await _task_row(cur, task_id)
+            slot = await slot_of(cur, task_id, row.attempt if attempt is None else attempt)
         return wire.TaskPayload(
             task_id=row.task_id,
             org_id=row.org_id,
@@ -555,6 +567,7 @@ class Dispatcher:
             staging_prefix=staging_prefix(
                 row.org_id, row.task_id, row.attempt if attempt is None else attempt
             ),
+            slot=slot,
         )
 
     # -- capability tokens ------------------------------------------------------------------

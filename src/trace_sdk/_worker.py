@@ -40,7 +40,8 @@ from typing import Any
 import attrs
 
 from trace_core import errors, wire
-from trace_core.ports import ObjectStore, Queue, ReceivedMessage, TaskSurface
+from trace_core.ports import ObjectStore, Queue, ReceivedMessage, SecretStore, TaskSurface
+from trace_core.secret_names import org_secret
 from trace_sdk._process import child_env
 from trace_sdk.aio import Coalescer
 
@@ -69,6 +70,9 @@ class TaskContext:
     final_events: list[dict[str, Any]] = attrs.field(factory=list)
     #: The output manifest committed with a successful completion (``stage_output``).
     outputs: list[dict[str, Any]] = attrs.field(factory=list)
+    #: The worker-pool slot's ``env`` with its ``secret_env`` resolved, for this attempt only
+    #: (empty when the job uses no pool). Never logged.
+    env: dict[str, str] = attrs.field(factory=dict, repr=False)
 
     @property
     def payload(self) -> dict[str, Any]:
@@ -232,6 +236,8 @@ class Worker:
     batch_completions: bool = True
     #: How soon a wake-up reappears after a transient claim failure (seconds, jittered).
     retry_after_s: float = 1.0
+    #: Resolves a pooled attempt's ``secret_env`` (names in the org's namespace).
+    secrets: SecretStore | None = None
     _acks: Coalescer[str, None] = attrs.field(init=False)
     _completions: Coalescer[wire.TokenedCompletion, None] = attrs.field(init=False)
 
@@ -493,7 +499,27 @@ class Worker:
     async def _call(self, operator: Operator | None, ctx: TaskContext) -> dict[str, Any] | None:
         if operator is None:
             raise NonRetryableError(f"unknown operator {ctx.task.operator!r}")
+        ctx.env = await self._slot_env(ctx.task)
         return await operator(ctx)
+
+    async def _slot_env(self, task: wire.TaskPayload) -> dict[str, str]:
+        """The attempt's slot ``env`` with each ``secret_env`` name resolved through the
+        SecretStore, now, for this attempt only. A failure names the secret, never a value."""
+        slot = task.slot
+        if slot is None:
+            return {}
+        env = dict(slot.env)
+        for var, name in sorted(slot.secret_env.items()):
+            if self.secrets is None:
+                raise RuntimeError(f"this worker has no secret store to resolve {var}")
+            try:
+                value = await self.secrets.get(org_secret(task.org_id, name))
+            except errors.TraceError as exc:
+                raise RuntimeError(
+                    f"secret {name!r} for {var} is unavailable ({exc.code})"
+                ) from None
+            env[var] = value.decode()
+        return env
 
     async def _heartbeat(
         self,
