@@ -69,7 +69,7 @@ def block_range(payload: dict[str, Any]) -> tuple[int, int]:
         start, end = source["start"], source["end"]
     except (KeyError, TypeError):
         raise NonRetryableError("payload needs a block range: start and end") from None
-    if not (isinstance(start, int) and isinstance(end, int)) or isinstance(start, bool):
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in (start, end)):
         raise NonRetryableError("start and end must be integers")
     if not 0 <= start < end or end - start > MAX_RANGE:
         raise NonRetryableError(

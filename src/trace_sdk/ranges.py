@@ -47,14 +47,19 @@ class StateStore(Protocol):
     ) -> int: ...
 
 
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def input_range(payload: dict[str, Any]) -> tuple[int, int, str | None]:
     """``(start, end, input dataset name or None)`` of the task's input range."""
     source = payload
     if "start" not in payload and isinstance(payload.get("event"), dict):
         source = payload["event"].get("payload") or {}
     start, end = source.get("start"), source.get("end")
-    if not isinstance(start, int) or not isinstance(end, int):
+    if not _is_int(start) or not _is_int(end):
         raise NonRetryableError("the input needs an integer block range: start and end")
+    assert isinstance(start, int) and isinstance(end, int)
     try:
         ranges.check_range(start, end)
     except ValueError as exc:

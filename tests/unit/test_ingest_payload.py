@@ -1,0 +1,48 @@
+"""The block range ``cryo_ingest`` and the range operators read from a payload."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from trace_sdk import NonRetryableError
+from trace_sdk.ingest import MAX_RANGE, block_range, partition_key
+from trace_sdk.ranges import input_range
+
+
+def test_the_range_comes_from_the_payload_or_the_upstream_event() -> None:
+    assert block_range({"start": 0, "end": 100}) == (0, 100)
+    event = {"key": "k", "type": "range", "payload": {"start": 5, "end": 9, "dataset": "logs"}}
+    assert block_range({"event": event}) == (5, 9)
+    assert input_range({"event": event}) == (5, 9, "logs")
+    assert input_range({"start": 1, "end": 2}) == (1, 2, None)
+    assert partition_key(0, 100) == "0_100"
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        {},
+        {"start": 0},
+        {"start": 5, "end": 5},
+        {"start": 9, "end": 5},
+        {"start": -1, "end": 5},
+        {"start": "0", "end": 5},
+        {"start": 0, "end": 5.0},
+        {"start": False, "end": 5},
+        {"start": 0, "end": True},
+        {"event": {"payload": None}},
+    ],
+)
+def test_bad_ranges_fail_for_good(payload: dict[str, Any]) -> None:
+    with pytest.raises(NonRetryableError):
+        block_range(payload)
+    with pytest.raises(NonRetryableError):
+        input_range(payload)
+
+
+def test_a_range_over_the_limit_fails_for_good() -> None:
+    assert block_range({"start": 0, "end": MAX_RANGE}) == (0, MAX_RANGE)
+    with pytest.raises(NonRetryableError):
+        block_range({"start": 0, "end": MAX_RANGE + 1})
