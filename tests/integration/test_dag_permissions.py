@@ -202,3 +202,29 @@ async def test_admin_api_tasks_keep_committing_anywhere_in_their_org(world: Worl
     out = wire.structure(await _output(world, fence, "derived"), wire.OutputIn)
     done = await world.d.complete(wire.CompleteRequest(**fence, outputs=[out]))
     assert done.state == "completed"
+
+
+async def test_over_http_a_foreign_commit_and_an_ungranted_read_are_403(world: World) -> None:
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from trace_servers.app import make_app
+
+    platform = "platform-token-for-tests-0123456789"
+    auth = {"Authorization": f"Bearer {platform}"}
+    await _run_source(world)  # leaves src running and creates b and d
+    (d_task,) = world.sql("SELECT task_id::text FROM tasks WHERE dag_job = 'd'")[0]
+    async with TestClient(TestServer(make_app(world.d, platform_token=platform))) as client:
+        r = await client.post("/internal/task-claim", json={"task_id": d_task}, headers=auth)
+        claim = await r.json()
+        cap = {"X-Trace-Task-Capability": claim["capability_token"]}
+        fence = {k: claim[k] for k in ("task_id", "attempt", "lease_token")}
+        r = await client.post("/v1/task/resolve", json={**fence, "datasets": ["raw"]}, headers=cap)
+        refused = await r.json()
+        assert r.status == 403 and refused["error"] == "forbidden" and "raw" in refused["message"]
+        out = await _output(world, fence, "raw")
+        r = await client.post("/v1/task/complete", json={**fence, "outputs": [out]}, headers=cap)
+        body = await r.json()
+        assert r.status == 403
+        assert (body["error"], body["field"]) == ("forbidden", "outputs[0].dataset")
+    assert world.sql("SELECT count(*) FROM dataset_partitions") == [(0,)]
+    assert world.sql("SELECT state FROM tasks WHERE task_id = %s", [d_task]) == [("running",)]
