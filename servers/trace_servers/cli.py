@@ -137,6 +137,7 @@ def cmd_dispatcher(settings: LiteSettings, _args: argparse.Namespace) -> int:
 
 
 async def _run_worker(settings: LiteSettings, state_url: str, concurrency: int) -> None:
+    from trace_lite.secrets import FileSecretStore
     from trace_sdk import BUILTIN_OPERATORS, DispatcherClient, Worker, take_platform_token
     from trace_servers import profiles
 
@@ -152,6 +153,7 @@ async def _run_worker(settings: LiteSettings, state_url: str, concurrency: int) 
         store=store,
         concurrency=concurrency,
         grace_s=min(30.0, settings.lease_s),
+        secrets=FileSecretStore(settings.home / "secrets" / "store"),  # pooled jobs' secret_env
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
