@@ -180,16 +180,20 @@ async def run(
     metrics_port: int = 0,
     visibility_s: float = 60.0,
     kill_at: str | None = None,
+    refresh_s: float = 5.0,
     stop: asyncio.Event | None = None,
 ) -> None:
-    """Run the sinks of ``names`` (every buffered dataset of ``org`` when empty) and their
-    forwarder until ``stop`` is set (SIGTERM/SIGINT when not given)."""
+    """Run the sinks of ``names`` and their forwarder until ``stop`` is set (SIGTERM/SIGINT
+    when not given). With no ``names``: every buffered dataset of ``org``, looked for again
+    every ``refresh_s`` seconds, so datasets deployed later are served too."""
     from trace_servers.profiles import sink_parts
 
+    own_signals = stop is None
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+    if own_signals:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
     state = await open_pool(state_url, min_size=1, max_size=6)
     data = await open_pool(data_url, min_size=1, max_size=4)
     parts = await sink_parts(settings, state)
@@ -202,36 +206,48 @@ async def run(
             os.kill(os.getpid(), signal.SIGKILL)
 
     runner: web.AppRunner | None = None
-    try:
-        datasets = await _datasets(state, org, names)
-        sinks = []
-        for name in datasets:
+    sinks: list[Sink] = []
+    forwarder = BufferForwarder(state, queue_for, topics=[])
+    tasks: list[asyncio.Task[None]] = []
+
+    def consumer(sink: Sink) -> Callable[[], Awaitable[int]]:
+        return lambda: sink.process_once(max_messages=10, wait_s=1.0)
+
+    async def add_new_datasets() -> None:
+        """Start a consumer (and forward the topic) of each dataset not served yet."""
+        served = {x.dataset for x in sinks}
+        for name in await _datasets(state, org, names):
+            if name in served:
+                continue
             ds = await load_dataset(state, org, name)
-            sinks.append(
-                Sink(
-                    state_pool=state,
-                    data_pool=data,
-                    object_store=parts.object_store,
-                    queue=queue_for(ds.dataset_uuid),
-                    org=org,
-                    dataset=name,
-                    visibility_timeout_s=visibility_s,
-                    fault=fault if kill_at else None,
-                )
+            sink = Sink(
+                state_pool=state,
+                data_pool=data,
+                object_store=parts.object_store,
+                queue=queue_for(ds.dataset_uuid),
+                org=org,
+                dataset=name,
+                visibility_timeout_s=visibility_s,
+                fault=fault if kill_at else None,
             )
-        forwarder = BufferForwarder(state, queue_for, topics=[topic(n) for n in datasets])
+            sinks.append(sink)
+            forwarder.topics.append(topic(name))
+            loop_ = run_every(stop, 0.0, consumer(sink), name=f"sink {name}", logger=log)
+            tasks.append(asyncio.create_task(loop_))
+            print(json.dumps({"sink": "serving", "org": org, "dataset": name}), flush=True)
+
+    try:
+        await add_new_datasets()
         if metrics_port:
             runner = await _serve_metrics(state, org, sinks, metrics_port)
-        print(json.dumps({"sink": "running", "org": org, "datasets": datasets}), flush=True)
-
-        def consumer(sink: Sink) -> Callable[[], Awaitable[int]]:
-            return lambda: sink.process_once(max_messages=10, wait_s=1.0)
-
+        print(json.dumps({"sink": "running", "org": org, "datasets": names or "all"}), flush=True)
         loops = [run_every(stop, 0.2, forwarder.drain, name="buffer forwarder", logger=log)]
-        loops += [
-            run_every(stop, 0.0, consumer(s), name=f"sink {s.dataset}", logger=log) for s in sinks
-        ]
+        if not names:  # every buffered dataset of the org, including those deployed later
+            loops.append(
+                run_every(stop, refresh_s, add_new_datasets, name="sink datasets", logger=log)
+            )
         await asyncio.gather(*loops)
+        await asyncio.gather(*tasks)
     finally:
         if runner is not None:
             await runner.cleanup()

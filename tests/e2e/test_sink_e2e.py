@@ -222,3 +222,19 @@ def test_sink_process_on_sqs_and_s3(
         assert events() == BATCHES
     finally:
         procs.stop_all()
+
+
+def test_a_sink_for_the_whole_org_serves_datasets_deployed_after_it_started(
+    trace_procs: TraceProcs, data_db_url: str
+) -> None:
+    procs = trace_procs
+    plain_env = procs.env
+    procs.env = lambda: {**plain_env(), "TRACE_DATA_DATABASE_URL": data_db_url}  # type: ignore[method-assign]
+    proc = procs._spawn("sink", "sink", "run", "--org", ORG)
+    procs.wait_until(lambda: "running" in proc.log_path.read_text(), 60, "the sink started")
+    table = asyncio.run(prepare(procs, data_db_url))
+    q = "SELECT count(*) FROM task_events WHERE event_type = %s"
+    procs.wait_until(lambda: procs.scalar(q, (EVENT_TYPE,)) == BATCHES, 60, "every batch")
+    expected = 20 * (BATCHES - 1) + ROWS
+    assert data_sql(data_db_url, f"SELECT count(*) FROM {table}")[0][0] == expected
+    assert procs.terminate(proc, 30) == 0
