@@ -403,3 +403,37 @@ async def test_concurrent_sinks_on_one_dataset_store_each_key_once(env: Env) -> 
     assert all(n == distinct == 35 for _, n, distinct in rows)
     assert len(env.events()) == 12
     assert sum(s.stats["batches"] for s in sinks) == 12
+
+
+async def test_messages_that_are_not_buffer_batches_are_dead_lettered_with_the_reason(
+    env: Env,
+) -> None:
+    queue = await env.dataset_queue()
+    good = {
+        "task_id": "00000000-0000-4000-8000-000000000000",
+        "attempt": 1,
+        "batch_key": "b",
+        "dataset_uuid": (await load_dataset(env.pools[0], ORG, "transfers")).dataset_uuid,
+        "object_key": "org/x/staging/b.jsonl",
+        "row_count": 1,
+        "byte_size": 1,
+        "sha256": "0" * 64,
+    }
+    bodies = [
+        b"not json",
+        json.dumps({**good, "attempt": "1"}).encode(),
+        json.dumps({k: v for k, v in good.items() if k != "sha256"}).encode(),
+        json.dumps({**good, "dataset_uuid": "00000000-0000-4000-8000-000000000009"}).encode(),
+        json.dumps(good).encode(),  # a pointer to no object
+    ]
+    await queue.send(bodies)
+    sink = await env.sink()
+    await drain(sink)
+    assert sink.stats["dead"] == 5
+    reasons = sorted(str(m.dead_letter_reason) for m in await queue.dead_letters())
+    assert len(reasons) == 5
+    assert any("attempt must be int" in r for r in reasons)
+    assert any("not a buffer message" in r for r in reasons)
+    assert any("this sink serves" in r for r in reasons)
+    assert any(r.startswith("not_found") for r in reasons)
+    assert env.events() == []
