@@ -38,6 +38,7 @@ import os
 import sys
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import attrs
 
@@ -271,7 +272,7 @@ def cmd_dag(args: argparse.Namespace, dispatcher_url: str = "") -> int:
         case "cancel":
             base = f"/v1/orgs/{args.org}/dags/{args.name}"
             if args.run is not None:
-                return _post(dispatcher_url, f"{base}/runs/{args.run}/cancel")
+                return _post(dispatcher_url, f"{base}/runs/{quote(args.run, safe='')}/cancel")
             return _post(dispatcher_url, f"{base}/versions/{args.version}/cancel")
         case "status":
             status, body = _remote(

@@ -338,6 +338,9 @@ async def test_control_routes_over_http(world: World, tmp_path: Path) -> None:
         assert (r.status, body["error"], body["field"]) == (422, "validation_failed", "run_id")
         r = await c.post(f"{base}/runs/nope/cancel", headers=dora)
         assert r.status == 404 and (await r.json())["field"] == "run_id"
+        # a schedule slot's run id (an ISO time with its offset) is a run id
+        r = await c.post(f"{base}/runs/2026-11-30T23%3A45%3A00%2B00%3A00/cancel", headers=dora)
+        assert r.status == 404 and (await r.json())["field"] == "run_id"
         r = await c.post(f"{base}/versions/x/cancel", headers=dora)
         assert r.status == 422 and (await r.json())["field"] == "version"
         r = await c.post(f"{base}/versions/0/cancel", headers=dora)
