@@ -18,6 +18,7 @@ from e2e_harness import TraceProcs
 
 from trace_lite.datasets import Datasets
 from trace_lite.dispatcher import open_pool
+from trace_lite.secrets import FileSecretStore
 from trace_lite.users import LocalUserIssuer
 
 ORG = "acme"
@@ -83,6 +84,11 @@ def test_example_dag_deploys_runs_and_its_dataset_resolves(stack: TraceProcs) ->
     listed = json.loads(trace(t, "bob", "dag", "list", "--org", ORG).stdout)
     assert [(d["name"], d["active_version"]) for d in listed["dags"]] == [("blocks_demo", 1)]
 
+    # the example's pool slots name secrets: the worker resolves them from Lite's SecretStore
+    org_id = t.scalar("SELECT org_id::text FROM orgs WHERE name = %s", (ORG,))
+    secrets = FileSecretStore(t.trace_dir / "secrets" / "store")
+    for n in (1, 2):
+        asyncio.run(secrets.put(f"trace/org/{org_id}/rpc/key-{n}", f"value-{n}".encode()))
     # one worker at a time: every task of `blocks` stages the same range of a replace dataset
     t.start_worker(concurrency=1)
     run = trace(t, "dora", "dag", "trigger", ORG, "blocks_demo", "ranges", "--run-id", "r1")
@@ -101,6 +107,8 @@ def test_example_dag_deploys_runs_and_its_dataset_resolves(stack: TraceProcs) ->
 
     rows = t.wait_until(finished, 60, "the DAG's tasks to complete")
     assert rows.count(("ranges", "completed")) == 1
+    logged = "".join(p.read_text() for p in t.log_dir.glob("*.log"))
+    assert "worker started" in logged and "value-1" not in logged and "value-2" not in logged
     # a second trigger of the same run is the same task: nothing runs again
     rerun = json.loads(
         trace(t, "dora", "dag", "trigger", ORG, "blocks_demo", "ranges", "--run-id", "r1").stdout
