@@ -14,8 +14,10 @@ Payload (a job's ``config`` merged with the trigger's payload, or an upstream ra
 ``payload`` under ``event``)::
 
     start, end          the range [start, end); end - start <= MAX_RANGE
-    rpc_url             the node's JSON-RPC endpoint (v1: from the payload; slot endpoints and
-                        keys are not wired yet)
+    rpc_url             the node's JSON-RPC endpoint; without it, the worker-pool slot's
+                        ``RPC_URL`` (env), where ``{RPC_API_KEY}`` is replaced by the slot's
+                        ``RPC_API_KEY`` (secret_env); a payload URL is stored with the task, so
+                        keys belong in the slot
     datasets            {"blocks": name, "transactions": name, "logs": name} (defaults: the
                         datatype names); a subset extracts only those datatypes; the
                         job's outputs are the named ones in the order blocks, transactions,
@@ -49,6 +51,8 @@ from typing import Any
 from trace_sdk._worker import NonRetryableError, TaskContext
 
 DATATYPES = ("blocks", "transactions", "logs")
+#: The child's environment variable carrying the endpoint.
+RPC_ENV = "TRACE_CRYO_RPC"
 #: The child runs as a script (not ``-m trace_sdk...``): it needs neither the SDK nor aiohttp,
 #: and importing them would cost each extract a few hundred milliseconds.
 _CHILD = str(Path(__file__).with_name("_cryo_child.py"))
@@ -78,6 +82,22 @@ def block_range(payload: dict[str, Any]) -> tuple[int, int]:
     return start, end
 
 
+def rpc_endpoint(payload: dict[str, Any], slot_env: dict[str, str]) -> str:
+    """The node's endpoint: ``payload.rpc_url``, else the worker-pool slot's ``RPC_URL``; a
+    ``{RPC_API_KEY}`` in it is replaced by the slot's ``RPC_API_KEY`` (a ``secret_env``)."""
+    rpc = payload.get("rpc_url") or slot_env.get("RPC_URL")
+    if not isinstance(rpc, str) or not rpc.startswith(("http://", "https://")):
+        raise NonRetryableError(
+            "the endpoint (payload.rpc_url or the slot's RPC_URL) must be http(s)"
+        )
+    if "{RPC_API_KEY}" in rpc:
+        key = slot_env.get("RPC_API_KEY")
+        if not key:
+            raise NonRetryableError("the endpoint names {RPC_API_KEY} but the slot has none")
+        rpc = rpc.replace("{RPC_API_KEY}", key)
+    return rpc
+
+
 def partition_key(start: int, end: int) -> str:
     """The partition key (and object stem) of ``[start, end)``."""
     return f"{start}_{end}"
@@ -87,9 +107,7 @@ async def cryo_ingest(ctx: TaskContext) -> dict[str, Any] | None:
     """Extracts blocks, transactions and logs of [start, end) with Cryo into Parquet outputs."""
     payload = ctx.payload
     start, end = block_range(payload)
-    rpc = payload.get("rpc_url")
-    if not isinstance(rpc, str) or not rpc.startswith(("http://", "https://")):
-        raise NonRetryableError("payload.rpc_url must be an http(s) URL")
+    rpc = rpc_endpoint(payload, ctx.env)
     datasets = payload.get("datasets") or {d: d for d in DATATYPES}
     if not isinstance(datasets, dict) or not datasets or not set(datasets) <= set(DATATYPES):
         raise NonRetryableError(f"payload.datasets maps a subset of {DATATYPES} to dataset names")
@@ -102,7 +120,6 @@ async def cryo_ingest(ctx: TaskContext) -> dict[str, Any] | None:
         request = {
             "start": start,
             "end": end,
-            "rpc": rpc,
             "out": tmp,
             "datatypes": datatypes,
             "max_retries": int(payload.get("max_retries", 2)),
@@ -110,7 +127,8 @@ async def cryo_ingest(ctx: TaskContext) -> dict[str, Any] | None:
         argv = [sys.executable, _CHILD, json.dumps(request)]
         started = time.monotonic()
         try:
-            code, out = await ctx.run_process(argv, timeout_s=timeout_s)
+            # the endpoint (it may hold a key) goes in the child's environment, not its argv
+            code, out = await ctx.run_process(argv, env={RPC_ENV: rpc}, timeout_s=timeout_s)
         except TimeoutError:
             raise ExtractError(f"cryo child killed after {timeout_s:g}s") from None
         extract_s = time.monotonic() - started

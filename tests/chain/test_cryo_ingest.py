@@ -299,8 +299,9 @@ def _alive(pid: int) -> bool:
 
 
 PARENT = """
-import json, subprocess, sys, time
-child = subprocess.Popen([sys.executable, sys.argv[1], sys.argv[2]], stdout=subprocess.DEVNULL)
+import json, os, subprocess, sys, time
+env = {**os.environ, "TRACE_CRYO_RPC": sys.argv[3]}
+child = subprocess.Popen([sys.executable, sys.argv[1], sys.argv[2]], stdout=subprocess.DEVNULL, env=env)
 print(child.pid, flush=True)
 time.sleep(120)
 """
@@ -313,11 +314,9 @@ def test_an_extract_dies_with_its_worker(stalling_rpc: str, tmp_path: Path) -> N
 
     import trace_sdk.ingest
 
-    request = json.dumps(
-        {"start": 0, "end": 10, "rpc": stalling_rpc, "out": str(tmp_path), "datatypes": ["logs"]}
-    )
+    request = json.dumps({"start": 0, "end": 10, "out": str(tmp_path), "datatypes": ["logs"]})
     parent = subprocess.Popen(
-        [sys.executable, "-c", PARENT, trace_sdk.ingest._CHILD, request],
+        [sys.executable, "-c", PARENT, trace_sdk.ingest._CHILD, request, stalling_rpc],
         stdout=subprocess.PIPE,
         text=True,
     )

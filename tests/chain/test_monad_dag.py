@@ -48,7 +48,9 @@ async def test_the_monad_dag_ingests_and_aggregates_windows(
     pool: Any, db_url: str, tmp_path: Path, chain: Chain
 ) -> None:
     doc = yaml.safe_load(EXAMPLE.read_text())
-    doc["jobs"]["ingest"]["config"]["rpc_url"] = chain.node.url
+    # the endpoint comes from the worker-pool slot the attempt holds, not from the payload
+    assert "rpc_url" not in doc["jobs"]["ingest"]["config"]
+    doc["worker_pools"]["rpc"][0]["env"]["RPC_URL"] = chain.node.url
     doc["jobs"]["windows"]["config"]["blocks"] = 100
     operators = {n: OperatorInfo(n) for n in [*BUILTIN_OPERATORS, "range_aggregator"]}
     await Dags(pool, operators=operators).deploy(None, ORG, doc)

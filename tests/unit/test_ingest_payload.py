@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 
 from trace_sdk import NonRetryableError
-from trace_sdk.ingest import MAX_RANGE, block_range, partition_key
+from trace_sdk.ingest import MAX_RANGE, block_range, partition_key, rpc_endpoint
 from trace_sdk.ranges import input_range
 
 
@@ -46,3 +46,14 @@ def test_a_range_over_the_limit_fails_for_good() -> None:
     assert block_range({"start": 0, "end": MAX_RANGE}) == (0, MAX_RANGE)
     with pytest.raises(NonRetryableError):
         block_range({"start": 0, "end": MAX_RANGE + 1})
+
+
+def test_the_endpoint_comes_from_the_payload_or_the_slot() -> None:
+    slot = {"RPC_URL": "https://rpc.example/v1/{RPC_API_KEY}", "RPC_API_KEY": "k-1"}
+    assert rpc_endpoint({"rpc_url": "http://127.0.0.1:8545"}, slot) == "http://127.0.0.1:8545"
+    assert rpc_endpoint({}, slot) == "https://rpc.example/v1/k-1"
+    with pytest.raises(NonRetryableError, match="has none"):
+        rpc_endpoint({}, {"RPC_URL": slot["RPC_URL"]})
+    for bad in ({}, {"RPC_URL": "file:///etc/passwd"}):
+        with pytest.raises(NonRetryableError, match="must be http"):
+            rpc_endpoint({}, bad)
