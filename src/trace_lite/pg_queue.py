@@ -137,7 +137,7 @@ class PgQueue:
         rows = await self._fetch(
             "send", {"queue": self._name, "bodies": checked, "delay": delay_seconds}
         )
-        return [str(row[0]) for row in rows]
+        return [str(message_id) for (message_id,) in rows]
 
     async def receive(
         self,
@@ -235,16 +235,18 @@ class PgQueue:
         """
         if isinstance(max_messages, bool) or max_messages < 1:
             raise ValidationFailed("max_messages must be at least 1", field="max_messages")
-        rows = await self._fetch("redrive", {"queue": self._name, "limit": max_messages})
-        return int(rows[0][0])
+        ((moved, _woken),) = await self._fetch(
+            "redrive", {"queue": self._name, "limit": max_messages}
+        )
+        return int(moved)
 
     async def depth(self) -> int:
         """How many messages are neither deleted nor dead (visible, in flight or delayed).
 
         Raises ``Unavailable``.
         """
-        rows = await self._fetch("depth", {"queue": self._name})
-        return int(rows[0][0])
+        ((depth,),) = await self._fetch("depth", {"queue": self._name})
+        return int(depth)
 
     async def close(self) -> None:
         """Stop the listener and close the owned pool (a caller's pool is left open)."""

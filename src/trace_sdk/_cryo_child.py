@@ -43,7 +43,8 @@ def _count(path: Path) -> tuple[int, int | None, int | None]:
         params=[str(path)],
     ).fetchone()
     assert row is not None
-    return int(row[0]), row[1], row[2]
+    count, lowest, highest = row
+    return int(count), lowest, highest
 
 
 def run(req: dict[str, Any]) -> dict[str, Any]:

@@ -196,18 +196,10 @@ def code_files() -> Iterator[Path]:
         yield from sorted((ROOT / base).rglob("*.py"))
 
 
-# Files that still read rows by position, with the most reads each may keep. The counts may only
-# go down; delete an entry when its file reaches 0; never add one. The Dispatcher and the
-# dataset store read rows by name now (row classes); what remains is the Postgres queue's three
-# single-column results (``send`` ids, ``redrive`` and ``depth`` counts), and DuckDB result rows
-# in code added late in this session (the Query Service's parse of ``json_serialize_sql``, the
-# cryo child's count/min/max): unpack them (``(value,) = row``) or read them by name.
-POSITIONAL_ROWS_PENDING: dict[str, int] = {
-    "src/trace_lite/pg_queue.py": 3,
-    "src/trace_lite/query/sandbox.py": 1,
-    "src/trace_lite/query/service.py": 1,
-    "src/trace_sdk/_cryo_child.py": 3,
-}
+# Files that still read rows by position, with the most reads each may keep. Empty: every
+# module reads rows by name (row classes) or unpacks single-column results (``(value,) = row``).
+# Never add an entry.
+POSITIONAL_ROWS_PENDING: dict[str, int] = {}
 
 
 def test_rows_are_read_by_name() -> None:

@@ -111,7 +111,7 @@ def run(request: dict[str, Any]) -> dict[str, Any]:
         },
     )
     sql = str(request["sql"])
-    (tree,) = con.execute("SELECT json_serialize_sql(?::VARCHAR)", [sql]).fetchall()[0]
+    ((tree,),) = con.execute("SELECT json_serialize_sql(?::VARCHAR)", [sql]).fetchall()
     parsed = json.loads(tree)
     used = frozenset(tables)
     if request.get("gate", True):
