@@ -26,7 +26,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -293,7 +293,7 @@ async def _demo_workload(settings: LiteSettings, state_url: str, args: argparse.
     ) as client:
         started = time.monotonic()
         run_tag = f"demo-{int(time.time())}"
-        tasks = [
+        tasks: list[dict[str, Any]] = [
             {
                 "operator": "demo",
                 "org": "demo",
@@ -322,7 +322,7 @@ async def _demo_workload(settings: LiteSettings, state_url: str, args: argparse.
                     "SELECT state, count(*) FROM tasks WHERE payload->>'run' = %s GROUP BY state",
                     (run_tag,),
                 )
-                counts = dict(await cur.fetchall())
+                counts: dict[str, int] = dict(await cur.fetchall())
                 done = sum(counts.get(s, 0) for s in terminal)
                 elapsed = time.monotonic() - started
                 line = " ".join(f"{k}={v}" for k, v in sorted(counts.items()))
@@ -518,7 +518,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-COMMANDS = {
+COMMANDS: dict[str, Callable[[LiteSettings, argparse.Namespace], int]] = {
     "migrate": cmd_migrate,
     "dispatcher": cmd_dispatcher,
     "worker": cmd_worker,

@@ -103,7 +103,9 @@ class LambdaLauncher:
         the reaper retries it. Raises ``Unavailable`` only if the claim itself failed.
         """
         try:
-            claim = await self.dispatcher.claim(task_id, f"lambda:{self.invoker.function_name}")
+            claim: wire.ClaimResponse = await self.dispatcher.claim(
+                task_id, f"lambda:{self.invoker.function_name}"
+            )
         except (errors.TaskNotClaimable, errors.TaskCanceled, errors.NotFound):
             return None
         try:
