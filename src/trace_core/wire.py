@@ -245,6 +245,41 @@ class EventsResponse:
 
 
 @attrs.frozen
+class RangeIn:
+    """A half-open block range ``[start, end)``."""
+
+    start: int = attrs.field(validator=_between(0, INT64_MAX))
+    end: int = attrs.field(validator=_between(1, INT64_MAX))
+
+    def __attrs_post_init__(self) -> None:
+        if self.end <= self.start:
+            raise FieldError("end", "end must be greater than start")
+
+
+def _one_scope(inst: BufferScopeIn, _attribute: attrs.Attribute[Any], _value: Any) -> None:
+    given = [n for n in ("cursor", "partition_key", "range") if getattr(inst, n) is not None]
+    if len(given) != 1:
+        raise FieldError(
+            given[1] if len(given) > 1 else "cursor",
+            "give exactly one of cursor, partition_key or range",
+        )
+
+
+@attrs.frozen
+class BufferScopeIn:
+    """What a buffer batch covers: exactly one of a cursor, a partition key or a block range.
+    Part of every row's dedupe key (``trace_core.sink.Scope``)."""
+
+    cursor: str | None = attrs.field(
+        default=None, validator=attrs.validators.optional(_length(1, 1024))
+    )
+    partition_key: str | None = attrs.field(
+        default=None, validator=attrs.validators.optional(_length(1, 1024))
+    )
+    range: RangeIn | None = attrs.field(default=None, validator=_one_scope)
+
+
+@attrs.frozen
 class BufferBatchIn:
     key: str = attrs.field(validator=_event_key)
     dataset: str = attrs.field(validator=_name)
@@ -252,6 +287,7 @@ class BufferBatchIn:
     row_count: int = attrs.field(validator=_between(0, INT32_MAX))
     byte_size: int = attrs.field(validator=_between(0, INT64_MAX))
     sha256: str = attrs.field(validator=_hex64)
+    scope: BufferScopeIn | None = None
 
 
 @attrs.frozen
@@ -599,6 +635,7 @@ __all__ = [
     "BufferBatchIn",
     "BufferPublishRequest",
     "BufferPublishResponse",
+    "BufferScopeIn",
     "ClaimBatchRequest",
     "ClaimBatchResponse",
     "ClaimGrantOut",
@@ -627,6 +664,7 @@ __all__ = [
     "MemberRequest",
     "OutputIn",
     "PartitionIn",
+    "RangeIn",
     "ReadRolesRequest",
     "ResolveRequest",
     "SlotOut",

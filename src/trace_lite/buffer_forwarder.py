@@ -21,13 +21,15 @@ import logging
 import random
 from collections.abc import Callable, Sequence
 from datetime import datetime
+from typing import Any
 
 import attrs
 from psycopg_pool import AsyncConnectionPool
 
-from trace_core import errors
+from trace_core import errors, wire
 from trace_core import outbox as outbox_sm
 from trace_core.ports import Queue
+from trace_core.sink import Scope
 from trace_lite import sqlfile
 from trace_lite.pg import fetch_as, transaction
 from trace_lite.task_rows import Q as TQ
@@ -65,6 +67,8 @@ class BufferMessage:
     row_count: int
     byte_size: int
     sha256: str
+    #: The batch's scope in its wire form (``wire.BufferScopeIn``); ``None`` for none.
+    scope: dict[str, Any] | None = None
 
     def encode(self) -> bytes:
         return json.dumps(attrs.asdict(self), sort_keys=True).encode()
@@ -72,19 +76,34 @@ class BufferMessage:
     @classmethod
     def decode(cls, body: bytes) -> BufferMessage:
         """Raises ``ValidationFailed`` for a body that is not a buffer message."""
+        required = [f for f in attrs.fields(cls) if f.name != "scope"]
         try:
             doc = json.loads(body)
-            fields = {f.name: doc[f.name] for f in attrs.fields(cls)}
-        except (ValueError, TypeError, KeyError) as exc:
+            fields: dict[str, Any] = {f.name: doc[f.name] for f in required}
+            scope = doc.get("scope")
+        except (ValueError, TypeError, KeyError, AttributeError) as exc:
             raise errors.ValidationFailed(
                 f"not a buffer message ({type(exc).__name__})", field="body"
             ) from None
-        types = {f.name: f.type for f in attrs.fields(cls)}
+        types = {f.name: f.type for f in required}
         for name, value in fields.items():
             want = int if types[name] in ("int", int) else str
             if not isinstance(value, want) or isinstance(value, bool):
                 raise errors.ValidationFailed(f"{name} must be {want.__name__}", field=name)
-        return cls(**fields)
+        if scope is not None:
+            try:
+                wire.structure(scope, wire.BufferScopeIn)
+            except errors.InvalidRequest as exc:
+                raise errors.ValidationFailed(exc.message, field=f"scope.{exc.field}") from None
+        return cls(**fields, scope=scope)
+
+    def dedupe_scope(self) -> Scope | None:
+        """The scope as ``trace_core.sink`` folds it into dedupe keys."""
+        if self.scope is None:
+            return None
+        s = wire.structure(self.scope, wire.BufferScopeIn)
+        span = (s.range.start, s.range.end) if s.range is not None else None
+        return Scope(cursor=s.cursor, partition_key=s.partition_key, range=span)
 
 
 @attrs.frozen
@@ -99,6 +118,7 @@ class AnnouncementRow:
     row_count: int | None
     byte_size: int | None
     sha256: str | None
+    scope: dict[str, Any] | None
     dataset: str | None
     dataset_uuid: str | None
     storage_kind: str | None
@@ -195,6 +215,7 @@ class BufferForwarder:
                 row_count=int(r.row_count or 0),
                 byte_size=int(r.byte_size or 0),
                 sha256=str(r.sha256),
+                scope=r.scope,
             )
             by_queue.setdefault(r.dataset_uuid, []).append((r, message))
         sent: list[AnnouncementRow] = []

@@ -230,7 +230,7 @@ class Sink:
                 schema,
                 producer_task_id=batch_msg.task_id,
                 dataset_uuid=dataset.dataset_uuid,
-                scope=None,
+                scope=batch_msg.dedupe_scope(),
             )
             try:
                 inserted = await self._write(dataset, schema, parsed, keys, batch_msg)

@@ -195,6 +195,8 @@ class BufferBatchRow(NamedTuple):
     byte_size: int
     sha256: str
     attempt: int
+    #: The batch's scope as published (``None`` for none).
+    scope: dict[str, Any] | None
 
 
 class EventKeyRow(NamedTuple):

@@ -711,6 +711,7 @@ class Dispatcher:
                     "row_count": batch.row_count,
                     "byte_size": batch.byte_size,
                     "sha256": batch.sha256,
+                    "scope": Jsonb(scope) if (scope := _scope_doc(batch.scope)) else None,
                 },
             )
             await cur.execute(
@@ -970,8 +971,19 @@ async def _insert_events(
     return len(inserted)
 
 
+def _scope_doc(scope: wire.BufferScopeIn | None) -> dict[str, Any] | None:
+    """The stored form of a batch scope: ``{"cursor": c}``, ``{"partition_key": k}`` or
+    ``{"range": {"start": s, "end": e}}``."""
+    if scope is None:
+        return None
+    doc: dict[str, Any] = wire.unstructure(scope)
+    return {name: value for name, value in doc.items() if value is not None}
+
+
 def _same_batch(found: BufferBatchRow, batch: wire.BufferBatchIn, attempt: int) -> bool:
     """Whether re-publishing ``batch`` repeats the recorded pointer ``found``."""
+    if found.scope != _scope_doc(batch.scope):
+        return False
     if found.attempt == attempt:
         return (
             found.dataset,

@@ -85,10 +85,17 @@ class TaskContext:
         return await self._surface.events(self._token[0], req)
 
     async def publish_buffer(
-        self, dataset: str, rows: list[dict[str, Any]], *, key: str
+        self,
+        dataset: str,
+        rows: list[dict[str, Any]],
+        *,
+        key: str,
+        scope: dict[str, Any] | None = None,
     ) -> wire.BufferPublishResponse:
         """Write ``rows`` as a JSON-lines object under the attempt's staging prefix and publish
-        a buffer batch pointer to it."""
+        a buffer batch pointer to it. ``scope`` (exactly one of ``{"cursor": str}``,
+        ``{"partition_key": str}``, ``{"range": {"start": int, "end": int}}``) is part of every
+        row's dedupe key. Raises ``ValidationFailed`` for a malformed scope."""
         if self._store is None:
             raise errors.Unavailable("this worker has no object store")
         data = b"".join(json.dumps(r, sort_keys=True).encode() + b"\n" for r in rows)
@@ -102,6 +109,8 @@ class TaskContext:
             "byte_size": len(data),
             "sha256": hashlib.sha256(data).hexdigest(),
         }
+        if scope is not None:
+            batch["scope"] = scope
         req = wire.structure({**_fields(self._fence), "batch": batch}, wire.BufferPublishRequest)
         return await self._surface.buffer_publish(self._token[0], req)
 

@@ -118,14 +118,22 @@ class Env:
             "lease_token": claim.lease_token,
         }
 
-    async def publish(self, fence: dict[str, Any], key: str, rows: list[Any]) -> None:
+    async def publish(
+        self,
+        fence: dict[str, Any],
+        key: str,
+        rows: list[Any],
+        scope: wire.BufferScopeIn | None = None,
+    ) -> None:
         data = b"".join(
             (r if isinstance(r, bytes) else json.dumps(r).encode()) + b"\n" for r in rows
         )
         prefix = (await self.dispatcher.fetch(fence["task_id"])).staging_prefix
         object_key = f"{prefix}buffer/transfers/{key}.jsonl"
         info = await self.store.put(object_key, data)
-        batch = wire.BufferBatchIn(key, "transfers", object_key, len(rows), info.size, info.sha256)
+        batch = wire.BufferBatchIn(
+            key, "transfers", object_key, len(rows), info.size, info.sha256, scope
+        )
         await self.dispatcher.publish_buffer(wire.BufferPublishRequest(**fence, batch=batch))
 
     def table(self, version: str) -> list[tuple[Any, ...]]:
@@ -246,6 +254,60 @@ async def test_a_retried_attempt_republishing_the_rows_dedupes(env: Env) -> None
     await drain(await env.sink())
     assert [r[0] for r in env.table(await env.version())] == ["0001", "0002", "0004"]
     assert len(env.events()) == 2
+
+
+def span(start: int, end: int) -> wire.BufferScopeIn:
+    return wire.BufferScopeIn(range=wire.RangeIn(start, end))
+
+
+async def test_a_batch_scope_is_part_of_the_dedupe_key(env: Env) -> None:
+    fence = await env.task()
+    await env.publish(fence, "r0", [row(1), row(2)], span(0, 10))
+    # the same unique_key values under another range are other rows
+    await env.publish(fence, "r1", [row(1)], span(10, 20))
+    await env.publish(fence, "c", [row(1)], wire.BufferScopeIn(cursor="0xabc"))
+    await env.publish(fence, "p", [row(1)], wire.BufferScopeIn(partition_key="2026-11-30"))
+    # the scope is part of the recorded pointer: reusing a key under another scope is refused
+    with pytest.raises(errors.IdempotencyMismatch):
+        await env.publish(fence, "r0", [row(1), row(2)], span(0, 11))
+    stored = sql(env.db_url, "SELECT batch_key, scope FROM buffer_batches ORDER BY 1")
+    assert stored == [
+        ("c", {"cursor": "0xabc"}),
+        ("p", {"partition_key": "2026-11-30"}),
+        ("r0", {"range": {"start": 0, "end": 10}}),
+        ("r1", {"range": {"start": 10, "end": 20}}),
+    ]
+    # a retried attempt re-publishing the same rows for the same range stores nothing new
+    sql(env.db_url, "UPDATE tasks SET lease_expires_at = now() - interval '1 s'")
+    await env.dispatcher.reap_once()
+    sql(env.db_url, "UPDATE tasks SET available_at = now()")
+    await env.dispatcher.reap_once()
+    claim = await env.dispatcher.claim(fence["task_id"])
+    again = {"task_id": claim.task_id, "attempt": claim.attempt, "lease_token": claim.lease_token}
+    await env.publish(again, "r0-retry", [row(1), row(2), row(4)], span(0, 10))
+    await env.forwarder.drain()
+    sink = await env.sink()
+    await drain(sink)
+    rows = [r[0] for r in env.table(await env.version())]
+    assert rows == ["0001", "0001", "0001", "0001", "0002", "0004"]
+    assert sink.stats["inserted"] == 6 and len(env.events()) == 5
+
+
+async def test_a_message_with_a_malformed_scope_is_dead_lettered(env: Env) -> None:
+    fence = await env.task()
+    await env.publish(fence, "b1", [row(1)], span(0, 10))
+    await env.forwarder.drain()
+    queue = await env.dataset_queue()
+    (msg,) = await queue.receive(max_messages=1, visibility_timeout=0)
+    body = json.loads(msg.body)
+    assert body["scope"] == {"range": {"start": 0, "end": 10}}
+    await queue.delete([msg.receipt])
+    await queue.send([json.dumps({**body, "scope": {"range": {"start": 5, "end": 1}}}).encode()])
+    sink = await env.sink()
+    await drain(sink)
+    (dead,) = await queue.dead_letters()
+    assert "scope.range.end" in str(dead.dead_letter_reason)
+    assert env.events() == []
 
 
 @pytest.mark.parametrize("point", ["before_commit", "after_commit", "after_event"])

@@ -137,6 +137,8 @@ def test_schema_fields_match_the_wire_class(spec: dict[str, Any], cls: type) -> 
     is_request = any(cls.__name__ in names for names in REQUEST_SCHEMAS.values()) or cls in (
         wire.EventIn,
         wire.BufferBatchIn,
+        wire.BufferScopeIn,
+        wire.RangeIn,
         wire.OutputIn,
         wire.PartitionIn,
         wire.TokenedCompletion,

@@ -147,15 +147,15 @@ RETURNING event_key;
 -- name: insert_buffer_batch
 -- Record a buffer batch pointer; a repeated key is skipped.
 INSERT INTO buffer_batches (task_id, batch_key, attempt, dataset, object_key, row_count,
-                            byte_size, sha256)
+                            byte_size, sha256, scope)
 VALUES (%(task_id)s, %(key)s, %(attempt)s, %(dataset)s, %(object_key)s, %(row_count)s,
-        %(byte_size)s, %(sha256)s)
+        %(byte_size)s, %(sha256)s, %(scope)s)
 ON CONFLICT (task_id, batch_key) DO NOTHING
 RETURNING batch_key;
 
 -- name: buffer_batch
 -- An already recorded buffer batch (to tell a replay from a conflicting reuse of its key).
-SELECT dataset, object_key, row_count, byte_size, sha256, attempt
+SELECT dataset, object_key, row_count, byte_size, sha256, attempt, scope
 FROM buffer_batches WHERE task_id = %(task_id)s AND batch_key = %(key)s;
 
 -- name: insert_outbox
