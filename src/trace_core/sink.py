@@ -382,6 +382,15 @@ _CONVERTERS: dict[str, Callable[[Any], Any]] = {
 _ENCODER = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=True)
 
 
+def inline_lines(rows: Sequence[Mapping[str, Any]]) -> bytes:
+    """The JSON-lines form of rows published inline (``BufferBatchIn.rows``): one canonical
+    JSON object per line (sorted keys, ASCII). Its size and SHA-256 stand in for a staged
+    object's."""
+    return b"".join(
+        json.dumps(r, sort_keys=True, separators=(",", ":")).encode() + b"\n" for r in rows
+    )
+
+
 def _key_base(producer_task_id: str, dataset_uuid: str, scope: Scope | None) -> Any:
     """The hash state after ``[producer, dataset, scope]`` and a newline: every key of a batch
     starts from a copy of it."""
@@ -465,5 +474,6 @@ __all__ = [
     "Scope",
     "dedupe_key",
     "dedupe_keys",
+    "inline_lines",
     "parse_batch",
 ]

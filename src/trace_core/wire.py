@@ -279,15 +279,48 @@ class BufferScopeIn:
     range: RangeIn | None = attrs.field(default=None, validator=_one_scope)
 
 
+#: Most bytes of inline rows (as JSON lines): a buffer message must fit one queue message
+#: (256 KiB on SQS) with its pointer fields.
+INLINE_MAX_BYTES = 240 * 1024
+
+
+def _one_source(inst: BufferBatchIn, _attribute: attrs.Attribute[Any], rows: Any) -> None:
+    if rows is None:
+        for name in ("object_key", "row_count", "byte_size", "sha256"):
+            if getattr(inst, name) is None:
+                raise FieldError(name, f"{name} is required for a staged batch (no rows)")
+        return
+    if inst.object_key is not None:
+        raise FieldError("rows", "give either object_key or rows, not both")
+    for name in ("byte_size", "sha256"):
+        if getattr(inst, name) is not None:
+            raise FieldError(name, f"{name} is computed for inline rows; leave it out")
+    if inst.row_count is not None and inst.row_count != len(rows):
+        raise FieldError("row_count", f"row_count is {inst.row_count}, rows holds {len(rows)}")
+
+
 @attrs.frozen
 class BufferBatchIn:
+    """A batch of rows for a buffered dataset: a staged JSON-lines object (``object_key``,
+    ``row_count``, ``byte_size``, ``sha256``) or the rows inline (``rows``)."""
+
     key: str = attrs.field(validator=_event_key)
     dataset: str = attrs.field(validator=_name)
-    object_key: str = attrs.field(validator=_length(1, 1024))
-    row_count: int = attrs.field(validator=_between(0, INT32_MAX))
-    byte_size: int = attrs.field(validator=_between(0, INT64_MAX))
-    sha256: str = attrs.field(validator=_hex64)
+    object_key: str | None = attrs.field(
+        default=None, validator=attrs.validators.optional(_length(1, 1024))
+    )
+    row_count: int | None = attrs.field(
+        default=None, validator=attrs.validators.optional(_between(0, INT32_MAX))
+    )
+    byte_size: int | None = attrs.field(
+        default=None, validator=attrs.validators.optional(_between(0, INT64_MAX))
+    )
+    sha256: str | None = attrs.field(default=None, validator=attrs.validators.optional(_hex64))
     scope: BufferScopeIn | None = None
+    rows: list[dict[str, Any]] | None = attrs.field(
+        default=None,
+        validator=[attrs.validators.optional(_length(0, 1000)), _one_source],
+    )
 
 
 @attrs.frozen

@@ -63,24 +63,29 @@ class BufferMessage:
     attempt: int
     batch_key: str
     dataset_uuid: str
-    object_key: str
+    #: The staged object; ``None`` when the rows travel inline (``rows``).
+    object_key: str | None
     row_count: int
     byte_size: int
     sha256: str
     #: The batch's scope in its wire form (``wire.BufferScopeIn``); ``None`` for none.
     scope: dict[str, Any] | None = None
+    #: Rows published inline; their ``trace_core.sink.inline_lines`` match size and sha256.
+    rows: list[Any] | None = None
 
     def encode(self) -> bytes:
-        return json.dumps(attrs.asdict(self), sort_keys=True).encode()
+        return json.dumps(attrs.asdict(self), sort_keys=True, separators=(",", ":")).encode()
 
     @classmethod
     def decode(cls, body: bytes) -> BufferMessage:
         """Raises ``ValidationFailed`` for a body that is not a buffer message."""
-        required = [f for f in attrs.fields(cls) if f.name != "scope"]
+        required = [f for f in attrs.fields(cls) if f.name not in ("scope", "rows", "object_key")]
         try:
             doc = json.loads(body)
             fields: dict[str, Any] = {f.name: doc[f.name] for f in required}
             scope = doc.get("scope")
+            rows = doc.get("rows")
+            object_key = doc.get("object_key")
         except (ValueError, TypeError, KeyError, AttributeError) as exc:
             raise errors.ValidationFailed(
                 f"not a buffer message ({type(exc).__name__})", field="body"
@@ -95,7 +100,11 @@ class BufferMessage:
                 wire.structure(scope, wire.BufferScopeIn)
             except errors.InvalidRequest as exc:
                 raise errors.ValidationFailed(exc.message, field=f"scope.{exc.field}") from None
-        return cls(**fields, scope=scope)
+        if rows is None and not isinstance(object_key, str):
+            raise errors.ValidationFailed("object_key must be str", field="object_key")
+        if rows is not None and (not isinstance(rows, list) or object_key is not None):
+            raise errors.ValidationFailed("rows must be a list, with no object_key", field="rows")
+        return cls(**fields, object_key=object_key, scope=scope, rows=rows)
 
     def dedupe_scope(self) -> Scope | None:
         """The scope as ``trace_core.sink`` folds it into dedupe keys."""
@@ -119,6 +128,7 @@ class AnnouncementRow:
     byte_size: int | None
     sha256: str | None
     scope: dict[str, Any] | None
+    inline_rows: str | None
     dataset: str | None
     dataset_uuid: str | None
     storage_kind: str | None
@@ -211,11 +221,14 @@ class BufferForwarder:
                 attempt=r.attempt,
                 batch_key=str(r.batch_key),
                 dataset_uuid=r.dataset_uuid,
-                object_key=str(r.object_key),
+                object_key=r.object_key,
                 row_count=int(r.row_count or 0),
                 byte_size=int(r.byte_size or 0),
                 sha256=str(r.sha256),
                 scope=r.scope,
+                rows=None
+                if r.inline_rows is None
+                else [json.loads(line) for line in r.inline_rows.splitlines()],
             )
             by_queue.setdefault(r.dataset_uuid, []).append((r, message))
         sent: list[AnnouncementRow] = []

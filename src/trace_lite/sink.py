@@ -47,7 +47,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from trace_core import errors
 from trace_core.ports import ObjectStore, Queue, ReceivedMessage
-from trace_core.sink import DatasetSchema, ParsedBatch, dedupe_keys, parse_batch
+from trace_core.sink import DatasetSchema, ParsedBatch, dedupe_keys, inline_lines, parse_batch
 from trace_lite import sqlfile
 from trace_lite.buffer_forwarder import BUFFERED, BufferMessage, queue_name
 from trace_lite.datasets import DATA_SCHEMA, table_name
@@ -278,7 +278,12 @@ class Sink:
         return batch_msg, parsed
 
     async def _read(self, m: BufferMessage) -> bytes:
-        data = await self.object_store.get(m.object_key)
+        if m.rows is not None:
+            data = inline_lines(m.rows)
+        elif m.object_key is not None:
+            data = await self.object_store.get(m.object_key)
+        else:
+            raise errors.ValidationFailed("the message names no rows", field="object_key")
         if len(data) != m.byte_size or hashlib.sha256(data).hexdigest() != m.sha256:
             raise errors.ValidationFailed(
                 "the batch object does not match its pointer's byte_size/sha256", field="sha256"

@@ -190,7 +190,8 @@ class BufferBatchRow(NamedTuple):
     """A recorded buffer batch pointer (``buffer_batch``)."""
 
     dataset: str
-    object_key: str
+    #: ``None`` for rows published inline.
+    object_key: str | None
     row_count: int
     byte_size: int
     sha256: str

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import logging
 import random
@@ -46,6 +47,7 @@ from trace_core import outbox as outbox_sm
 from trace_core.lifecycle import Fence, LeasePolicy, Op, Outcome, RetryPolicy, TaskState
 from trace_core.object_keys import is_within, staging_prefix, validate_key
 from trace_core.ports import ObjectStore, Queue, Signer
+from trace_core.sink import inline_lines
 from trace_core.token import (
     CapabilityClaims,
     TokenPolicy,
@@ -677,12 +679,43 @@ class Dispatcher:
         """
         fence = Fence(req.task_id, req.attempt, req.lease_token)
         batch = req.batch
-        validate_key(batch.object_key)
+        inline: str | None = None
+        if batch.rows is not None:
+            for j, r in enumerate(batch.rows):
+                json_limits.check(r, path=f"batch.rows[{j}]")
+            data = inline_lines(batch.rows)
+            inline = data.decode()
+            if len(data) > wire.INLINE_MAX_BYTES:
+                raise errors.ValidationFailed(
+                    f"inline rows take {len(data)} bytes as JSON lines, more than "
+                    f"{wire.INLINE_MAX_BYTES}: stage them as an object",
+                    field="batch.rows",
+                )
+            mine = BufferBatchRow(
+                batch.dataset,
+                None,
+                len(batch.rows),
+                len(data),
+                hashlib.sha256(data).hexdigest(),
+                req.attempt,
+                _scope_doc(batch.scope),
+            )
+        else:
+            validate_key(str(batch.object_key))
+            mine = BufferBatchRow(
+                batch.dataset,
+                batch.object_key,
+                int(batch.row_count or 0),
+                int(batch.byte_size or 0),
+                str(batch.sha256),
+                req.attempt,
+                _scope_doc(batch.scope),
+            )
         async with self._tx() as cur:
             locked = await lock_task(cur, req.task_id)
             lifecycle.check_fence(locked.view, fence, Op.BUFFER_PUBLISH, now=locked.now)
             prefix = staging_prefix(locked.org_id, req.task_id, req.attempt)
-            if not is_within(batch.object_key, prefix):
+            if batch.object_key is not None and not is_within(batch.object_key, prefix):
                 raise errors.UnsafeKey(
                     f"object_key must lie under the attempt's staging prefix {prefix}",
                     field="batch.object_key",
@@ -691,12 +724,12 @@ class Dispatcher:
                 cur, BufferBatchRow, Q["buffer_batch"], {"task_id": req.task_id, "key": batch.key}
             )
             if found:
-                if not _same_batch(found[0], batch, req.attempt):
+                if not _same_batch(found[0], mine):
                     raise errors.IdempotencyMismatch("batch key reused with another pointer")
                 return wire.BufferPublishResponse(accepted=True, duplicate=True)
-            if self.object_store is not None:
+            if self.object_store is not None and batch.object_key is not None:
                 info = await self.object_store.head(batch.object_key)
-                if info.size != batch.byte_size or info.sha256 != batch.sha256:
+                if info.size != mine.byte_size or info.sha256 != mine.sha256:
                     raise errors.ValidationFailed(
                         "the object does not match byte_size/sha256", field="batch.sha256"
                     )
@@ -707,11 +740,12 @@ class Dispatcher:
                     "key": batch.key,
                     "attempt": req.attempt,
                     "dataset": batch.dataset,
-                    "object_key": batch.object_key,
-                    "row_count": batch.row_count,
-                    "byte_size": batch.byte_size,
-                    "sha256": batch.sha256,
-                    "scope": Jsonb(scope) if (scope := _scope_doc(batch.scope)) else None,
+                    "object_key": mine.object_key,
+                    "row_count": mine.row_count,
+                    "byte_size": mine.byte_size,
+                    "sha256": mine.sha256,
+                    "scope": Jsonb(mine.scope) if mine.scope is not None else None,
+                    "rows": inline,
                 },
             )
             await cur.execute(
@@ -980,31 +1014,19 @@ def _scope_doc(scope: wire.BufferScopeIn | None) -> dict[str, Any] | None:
     return {name: value for name, value in doc.items() if value is not None}
 
 
-def _same_batch(found: BufferBatchRow, batch: wire.BufferBatchIn, attempt: int) -> bool:
-    """Whether re-publishing ``batch`` repeats the recorded pointer ``found``."""
-    if found.scope != _scope_doc(batch.scope):
+def _same_batch(found: BufferBatchRow, mine: BufferBatchRow) -> bool:
+    """Whether re-publishing the pointer ``mine`` repeats the recorded pointer ``found``."""
+    if found.scope != mine.scope:
         return False
-    if found.attempt == attempt:
-        return (
-            found.dataset,
-            found.object_key,
-            found.row_count,
-            found.byte_size,
-            found.sha256,
-        ) == (
-            batch.dataset,
-            batch.object_key,
-            batch.row_count,
-            batch.byte_size,
-            batch.sha256,
-        )
+    if found.attempt == mine.attempt:
+        return found[:5] == mine[:5]
     # A retried attempt re-publishing the key stages its object under its own prefix: the same
     # content is a duplicate (the first pointer stands).
     return (found.dataset, found.row_count, found.byte_size, found.sha256) == (
-        batch.dataset,
-        batch.row_count,
-        batch.byte_size,
-        batch.sha256,
+        mine.dataset,
+        mine.row_count,
+        mine.byte_size,
+        mine.sha256,
     )
 
 

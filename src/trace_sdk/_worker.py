@@ -91,26 +91,31 @@ class TaskContext:
         *,
         key: str,
         scope: dict[str, Any] | None = None,
+        inline: bool = False,
     ) -> wire.BufferPublishResponse:
-        """Write ``rows`` as a JSON-lines object under the attempt's staging prefix and publish
-        a buffer batch pointer to it. ``scope`` (exactly one of ``{"cursor": str}``,
-        ``{"partition_key": str}``, ``{"range": {"start": int, "end": int}}``) is part of every
-        row's dedupe key. Raises ``ValidationFailed`` for a malformed scope."""
-        if self._store is None:
-            raise errors.Unavailable("this worker has no object store")
-        data = b"".join(json.dumps(r, sort_keys=True).encode() + b"\n" for r in rows)
-        object_key = f"{self.task.staging_prefix}buffer/{dataset}/{key}.jsonl"
-        await self._store.put(object_key, data)
-        batch = {
-            "key": key,
-            "dataset": dataset,
-            "object_key": object_key,
-            "row_count": len(rows),
-            "byte_size": len(data),
-            "sha256": hashlib.sha256(data).hexdigest(),
-        }
+        """Publish ``rows`` as a buffer batch: by default written as a JSON-lines object under
+        the attempt's staging prefix and published as a pointer; with ``inline=True`` sent in
+        the call itself (up to ``wire.INLINE_MAX_BYTES`` as JSON lines, no object store
+        needed). ``scope`` (exactly one of ``{"cursor": str}``, ``{"partition_key": str}``,
+        ``{"range": {"start": int, "end": int}}``) is part of every row's dedupe key. Raises
+        ``ValidationFailed`` for a malformed batch."""
+        batch: dict[str, Any] = {"key": key, "dataset": dataset}
         if scope is not None:
             batch["scope"] = scope
+        if inline:
+            batch["rows"] = rows
+        else:
+            if self._store is None:
+                raise errors.Unavailable("this worker has no object store")
+            data = b"".join(json.dumps(r, sort_keys=True).encode() + b"\n" for r in rows)
+            object_key = f"{self.task.staging_prefix}buffer/{dataset}/{key}.jsonl"
+            await self._store.put(object_key, data)
+            batch |= {
+                "object_key": object_key,
+                "row_count": len(rows),
+                "byte_size": len(data),
+                "sha256": hashlib.sha256(data).hexdigest(),
+            }
         req = wire.structure({**_fields(self._fence), "batch": batch}, wire.BufferPublishRequest)
         return await self._surface.buffer_publish(self._token[0], req)
 

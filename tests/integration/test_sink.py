@@ -310,6 +310,37 @@ async def test_a_message_with_a_malformed_scope_is_dead_lettered(env: Env) -> No
     assert env.events() == []
 
 
+async def test_inline_batches_are_stored_like_staged_ones(env: Env) -> None:
+    fence = await env.task()
+    big = [row(i, 2**255 + i) for i in range(1000)]  # about 110 KiB in one queue message
+
+    async def inline(key: str, rows: list[Any]) -> wire.BufferPublishResponse:
+        batch = wire.BufferBatchIn(key, "transfers", rows=rows)
+        return await env.dispatcher.publish_buffer(wire.BufferPublishRequest(**fence, batch=batch))
+
+    assert not (await inline("i1", big)).duplicate
+    assert (await inline("i1", big)).duplicate  # the same call again
+    with pytest.raises(errors.IdempotencyMismatch):
+        await inline("i1", big[:10])
+    await env.publish(fence, "staged", [row(1), row(5000)])  # overlaps the inline rows on row 1
+    # more than INLINE_MAX_BYTES as JSON lines: refused, nothing recorded
+    huge = [{"tx_hash": "0x" + "ab" * 2000, "log_index": i, "value": "1"} for i in range(70)]
+    with pytest.raises(errors.ValidationFailed) as info:
+        await inline("i2", huge)
+    assert info.value.field == "batch.rows"
+    stored = sql(env.db_url, "SELECT batch_key, object_key IS NULL FROM buffer_batches ORDER BY 1")
+    assert stored == [("i1", True), ("staged", False)]
+    assert await env.forwarder.drain() == 2
+    sink = await env.sink()
+    await drain(sink)
+    table = env.table(await env.version())
+    assert len(table) == 1001 and table[-1] == ("1388", 5000 % 3, 1)
+    assert table[0] == ("0000", 0, 2**255)
+    assert len(env.events()) == 2
+    queue = await env.dataset_queue()
+    assert (await queue.depth(), await queue.dead_letters()) == (0, [])
+
+
 @pytest.mark.parametrize("point", ["before_commit", "after_commit", "after_event"])
 async def test_redelivery_after_a_crash_at_each_point_stores_once_and_emits_once(
     env: Env, point: str

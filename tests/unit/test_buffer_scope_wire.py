@@ -52,6 +52,33 @@ def test_bad_scopes_are_refused_with_their_field(scope: Any, field: str) -> None
     assert info.value.field == field
 
 
+@pytest.mark.parametrize(
+    ("batch", "field"),
+    [
+        ({"key": "b", "dataset": "d"}, "batch.object_key"),
+        ({**BATCH, "rows": []}, "batch.rows"),
+        ({"key": "b", "dataset": "d", "rows": [{}], "sha256": "0" * 64}, "batch.sha256"),
+        ({"key": "b", "dataset": "d", "rows": [{}], "byte_size": 3}, "batch.byte_size"),
+        ({"key": "b", "dataset": "d", "rows": [{}], "row_count": 2}, "batch.row_count"),
+        ({"key": "b", "dataset": "d", "rows": [1]}, "batch.rows[0]"),
+        ({"key": "b", "dataset": "d", "rows": [{}] * 1001}, "batch.rows"),
+        ({k: v for k, v in BATCH.items() if k != "sha256"}, "batch.sha256"),
+    ],
+)
+def test_a_batch_is_either_staged_or_inline(batch: dict[str, Any], field: str) -> None:
+    with pytest.raises(errors.ValidationFailed) as info:
+        wire.structure({**FENCE, "batch": batch}, wire.BufferPublishRequest)
+    assert info.value.field == field
+
+
+def test_inline_rows_alone_are_a_batch() -> None:
+    req = wire.structure(
+        {**FENCE, "batch": {"key": "b", "dataset": "d", "rows": [{"a": 1}], "row_count": 1}},
+        wire.BufferPublishRequest,
+    )
+    assert req.batch.rows == [{"a": 1}] and req.batch.object_key is None
+
+
 def test_good_scopes_and_none() -> None:
     assert publish(None).batch.scope is None
     assert wire.structure({**FENCE, "batch": BATCH}, wire.BufferPublishRequest).batch.scope is None

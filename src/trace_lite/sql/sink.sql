@@ -26,7 +26,7 @@ ORDER BY d.name;
 -- dataset it names in the producer's org (NULL when there is no such dataset); rows other
 -- forwarders hold are skipped.
 SELECT o.id, o.tries, now() AS now, b.task_id::text AS task_id, b.batch_key, b.attempt,
-       b.object_key, b.row_count, b.byte_size, b.sha256, b.scope, b.dataset,
+       b.object_key, b.row_count, b.byte_size, b.sha256, b.scope, b.inline_rows, b.dataset,
        d.dataset_uuid::text AS dataset_uuid, d.storage_kind
 FROM outbox o
 LEFT JOIN buffer_batches b ON b.task_id = (o.payload ->> 'task_id')::uuid

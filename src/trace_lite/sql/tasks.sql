@@ -147,9 +147,9 @@ RETURNING event_key;
 -- name: insert_buffer_batch
 -- Record a buffer batch pointer; a repeated key is skipped.
 INSERT INTO buffer_batches (task_id, batch_key, attempt, dataset, object_key, row_count,
-                            byte_size, sha256, scope)
+                            byte_size, sha256, scope, inline_rows)
 VALUES (%(task_id)s, %(key)s, %(attempt)s, %(dataset)s, %(object_key)s, %(row_count)s,
-        %(byte_size)s, %(sha256)s, %(scope)s)
+        %(byte_size)s, %(sha256)s, %(scope)s, %(rows)s)
 ON CONFLICT (task_id, batch_key) DO NOTHING
 RETURNING batch_key;
 
