@@ -1019,7 +1019,13 @@ def _same_batch(found: BufferBatchRow, mine: BufferBatchRow) -> bool:
     if found.scope != mine.scope:
         return False
     if found.attempt == mine.attempt:
-        return found[:5] == mine[:5]
+        return (
+            found.dataset,
+            found.object_key,
+            found.row_count,
+            found.byte_size,
+            found.sha256,
+        ) == (mine.dataset, mine.object_key, mine.row_count, mine.byte_size, mine.sha256)
     # A retried attempt re-publishing the key stages its object under its own prefix: the same
     # content is a duplicate (the first pointer stands).
     return (found.dataset, found.row_count, found.byte_size, found.sha256) == (
