@@ -31,8 +31,8 @@ from trace_core import outbox as outbox_sm
 from trace_core.ports import Queue
 from trace_core.sink import Scope
 from trace_lite import sqlfile
+from trace_lite.outbox_publisher import record_sends
 from trace_lite.pg import fetch_as, transaction
-from trace_lite.task_rows import Q as TQ
 
 log = logging.getLogger("trace.buffer_forwarder")
 
@@ -167,41 +167,15 @@ class BufferForwarder:
             if not rows:
                 return 0
             sent, failed = await self._send(rows)
-            if failed:
-                decisions = [
-                    outbox_sm.decide_send_failed(
-                        outbox_sm.OutboxState.PENDING,
-                        r.tries,
-                        now=r.now,
-                        policy=self.policy,
-                        rand=self._rand(),
-                    )
-                    for r, _ in failed
-                ]
-                await cur.execute(
-                    TQ["outbox_failed"],
-                    {
-                        "ids": [r.id for r, _ in failed],
-                        "states": [d.state.value for d in decisions],
-                        "tries": [d.tries for d in decisions],
-                        "available_ats": [d.available_at for d in decisions],
-                        "error": failed[0][1],
-                    },
-                )
-                log.warning(
-                    "buffer announcements not forwarded",
-                    extra={"error": failed[0][1], "rows": len(failed)},
-                )
-            if sent:
-                done = [outbox_sm.decide_sent(outbox_sm.OutboxState.PENDING, r.tries) for r in sent]
-                await cur.execute(
-                    TQ["outbox_published"],
-                    {
-                        "ids": [r.id for r in sent],
-                        "states": [d.state.value for d in done],
-                        "tries": [d.tries for d in done],
-                    },
-                )
+            await record_sends(
+                cur,
+                sent,
+                failed,
+                policy=self.policy,
+                rand=self._rand,
+                what="buffer announcements not forwarded",
+                logger=log,
+            )
             return len(sent)
 
     async def _send(

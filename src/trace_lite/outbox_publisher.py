@@ -20,6 +20,7 @@ import json
 import logging
 import random
 from collections.abc import Callable, Sequence
+from datetime import datetime
 from typing import Any, Protocol
 
 import psycopg
@@ -39,6 +40,60 @@ class Launcher(Protocol):
     """Starts ``runtime: lambda`` tasks (``trace_aws.lambda_invoker.LambdaLauncher``)."""
 
     async def launch(self, task_id: str) -> object: ...
+
+
+class SentRow(Protocol):
+    """What recording a send needs of a claimed outbox row."""
+
+    @property
+    def id(self) -> int: ...
+    @property
+    def tries(self) -> int: ...
+    @property
+    def now(self) -> datetime: ...
+
+
+async def record_sends(
+    cur: psycopg.AsyncCursor[Any],
+    sent: Sequence[SentRow],
+    failed: Sequence[tuple[SentRow, str]],
+    *,
+    policy: outbox_sm.OutboxPolicy,
+    rand: Callable[[], float],
+    what: str,
+    logger: logging.Logger = log,
+) -> None:
+    """Apply the outbox machine's decisions for one claimed batch: failed rows back off (or go
+    dead after ``policy.max_tries``), sent rows are marked published. Every outbox consumer
+    (this publisher, the sink's buffer forwarder) records its sends through here."""
+    if failed:
+        decisions = [
+            outbox_sm.decide_send_failed(
+                outbox_sm.OutboxState.PENDING, r.tries, now=r.now, policy=policy, rand=rand()
+            )
+            for r, _ in failed
+        ]
+        await cur.execute(
+            Q["outbox_failed"],
+            {
+                "ids": [r.id for r, _ in failed],
+                "states": [d.state.value for d in decisions],
+                "tries": [d.tries for d in decisions],
+                "available_ats": [d.available_at for d in decisions],
+                "error": failed[0][1],
+            },
+        )
+        logger.warning(what, extra={"error": failed[0][1], "rows": len(failed)})
+    if sent:
+        published = [outbox_sm.decide_sent(outbox_sm.OutboxState.PENDING, r.tries) for r in sent]
+        await cur.execute(
+            Q["outbox_published"],
+            {
+                "ids": [r.id for r in sent],
+                "states": [d.state.value for d in published],
+                "tries": [d.tries for d in published],
+            },
+        )
 
 
 class OutboxPublisher:
@@ -82,43 +137,9 @@ class OutboxPublisher:
             if not rows:
                 return 0
             sent, failed = await self._send(rows)
-            if failed:
-                now = rows[0].now
-                decisions = [
-                    outbox_sm.decide_send_failed(
-                        outbox_sm.OutboxState.PENDING,
-                        r.tries,
-                        now=now,
-                        policy=self.policy,
-                        rand=self._rand(),
-                    )
-                    for r, _ in failed
-                ]
-                await cur.execute(
-                    Q["outbox_failed"],
-                    {
-                        "ids": [r.id for r, _ in failed],
-                        "states": [d.state.value for d in decisions],
-                        "tries": [d.tries for d in decisions],
-                        "available_ats": [d.available_at for d in decisions],
-                        "error": failed[0][1],
-                    },
-                )
-                log.warning(
-                    "outbox send failed", extra={"error": failed[0][1], "rows": len(failed)}
-                )
-            if sent:
-                published = [
-                    outbox_sm.decide_sent(outbox_sm.OutboxState.PENDING, r.tries) for r in sent
-                ]
-                await cur.execute(
-                    Q["outbox_published"],
-                    {
-                        "ids": [r.id for r in sent],
-                        "states": [d.state.value for d in published],
-                        "tries": [d.tries for d in published],
-                    },
-                )
+            await record_sends(
+                cur, sent, failed, policy=self.policy, rand=self._rand, what="outbox send failed"
+            )
             return len(sent)
 
     async def _send(
