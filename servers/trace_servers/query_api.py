@@ -1,8 +1,10 @@
 """The Query Service over HTTP: SQL over published datasets, interactive mode.
 
     POST /v1/query        user JWT bearer; body {org, sql, format?, max_rows?}
-    POST /v1/task/query   capability token (X-Trace-Task-Capability); body {sql, format?,
-                          max_rows?}: only the datasets the token grants, in the task's org
+    POST /v1/task/query   capability token (X-Trace-Task-Capability); body {task_id, attempt,
+                          lease_token, sql, format?, max_rows?}: fenced like /v1/task/resolve
+                          (the token's own task and attempt, the running attempt's lease);
+                          only the datasets the token grants, in the task's org
 
 A thin adapter over ``trace_lite.query.QueryService``: the credential is verified before the
 body is read (``trace_servers.http``), then the service parses, gates, pins, runs the SQL in a
@@ -27,7 +29,7 @@ import attrs
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
-from trace_core import errors
+from trace_core import errors, wire
 from trace_core.wire import FieldError
 from trace_lite.local_store import LocalObjectStore
 from trace_lite.query import QueryOutcome, QueryResult, QueryService, SandboxPool
@@ -36,6 +38,7 @@ from trace_servers.http import (
     DATASETS_KEY,
     DISPATCHER_KEY,
     authenticate_task,
+    bind_fence,
     capability_token,
     decode_as,
     receive,
@@ -64,7 +67,10 @@ def _max_rows(_instance: Any, attribute: attrs.Attribute[int | None], value: int
 
 
 @attrs.frozen
-class TaskQueryRequest:
+class TaskQueryRequest(wire.FenceFields):
+    """A running attempt's query, fenced like ``/v1/task/resolve``: the body names the token's
+    task and attempt and the attempt's lease token, checked against the task row first."""
+
     sql: str = attrs.field(validator=[attrs.validators.instance_of(str), _sql])
     format: str = attrs.field(default="json", validator=_format)
     max_rows: int | None = attrs.field(default=None, validator=_max_rows)
@@ -129,6 +135,9 @@ async def task_query(request: web.Request) -> web.Response:
     raw = await receive(request)
     claims = await authenticate_task(request, token)
     body = decode_as(request, raw, TaskQueryRequest)
+    bind_fence(claims, body)  # 403: the fence names another task or attempt
+    # 409 unless this is the task's current, running attempt with this lease: nothing is read
+    await request.app[DISPATCHER_KEY].running_attempt(body)
     result = await _service(request).query_for_task(claims, body.sql, max_rows=body.max_rows)
     return _answer(result, body.format)
 

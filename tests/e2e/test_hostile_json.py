@@ -180,7 +180,7 @@ class Surface:
                 "payload.x",
             ),
             ("POST", "/v1/query", "user", {"org": ORG, "sql": SLOT}, "sql"),
-            ("POST", "/v1/task/query", "capability", {"sql": SLOT}, "sql"),
+            ("POST", "/v1/task/query", "capability", {**f, "sql": SLOT}, "sql"),
         ]
 
     def headers(self, auth: str) -> dict[str, str]:

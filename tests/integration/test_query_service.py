@@ -321,20 +321,88 @@ async def test_task_query_over_http_reads_only_granted_datasets(
     )
     claim = await world.d.claim(info.task_id)
     headers = {"X-Trace-Task-Capability": claim.capability_token}
+    fence = {"task_id": claim.task_id, "attempt": claim.attempt, "lease_token": claim.lease_token}
     r = await c.post(
-        "/v1/task/query", headers=headers, json={"sql": "SELECT count(*) AS n FROM shared"}
+        "/v1/task/query",
+        headers=headers,
+        json={**fence, "sql": "SELECT count(*) AS n FROM shared"},
     )
     assert r.status == 200, await r.text()
     assert (await r.json())["rows"] == [[5]]
-    r = await c.post("/v1/task/query", headers=headers, json={"sql": "SELECT * FROM private"})
+    r = await c.post(
+        "/v1/task/query", headers=headers, json={**fence, "sql": "SELECT * FROM private"}
+    )
     assert r.status == 404
     # a user token is not a capability token
     r = await c.post(
         "/v1/task/query",
         headers={"X-Trace-Task-Capability": issuer.token("alice")},
-        json={"sql": "SELECT 1"},
+        json={**fence, "sql": "SELECT 1"},
     )
     assert r.status == 401
+
+
+async def test_task_query_binds_the_attempt_fence_and_reads_nothing_when_stale(
+    world: World,
+    api: tuple[TestClient[Any, Any], LocalUserIssuer],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Like ``/v1/task/resolve``: the body's fence must name the token's task and attempt
+    (403) and be the task's current, running attempt with its lease token (409); a refused
+    call runs no query at all (no ``trace.query`` line, no pin)."""
+    c, _issuer = api
+    (info,) = await world.d.create_tasks(
+        [wire.CreateTaskRequest(operator="x", org=ORG, read_datasets=["shared"])]
+    )
+    (other,) = await world.d.create_tasks(
+        [wire.CreateTaskRequest(operator="x", org=ORG, read_datasets=["shared"])]
+    )
+    first = await world.d.claim(info.task_id)
+    mine = {"X-Trace-Task-Capability": first.capability_token}
+    sql = {"sql": "SELECT count(*) AS n FROM shared"}
+
+    def fence(claim: wire.ClaimResponse, **change: Any) -> dict[str, Any]:
+        f = {"task_id": claim.task_id, "attempt": claim.attempt, "lease_token": claim.lease_token}
+        return {**f, **change, **sql}
+
+    async def refused(headers: dict[str, str], body: dict[str, Any]) -> tuple[int, str]:
+        caplog.clear()
+        with caplog.at_level("INFO", logger="trace.query"):
+            r = await c.post("/v1/task/query", headers=headers, json=body)
+        assert not [x for x in caplog.records if x.getMessage() == "query"]
+        return r.status, (await r.json())["error"]
+
+    # the fence is required (the wire shape of /v1/task/resolve)
+    assert await refused(mine, sql) == (422, "validation_failed")
+    # another task's fence, or another attempt's number, with this token: 403
+    o = await world.d.claim(other.task_id)
+    assert (await refused(mine, fence(o)))[0] == 403
+    assert (await refused(mine, fence(first, attempt=2)))[0] == 403
+    # the right task and attempt but not its lease token: 409
+    wrong_lease = fence(first, lease_token="00000000-0000-4000-8000-000000000000")
+    assert await refused(mine, wrong_lease) == (409, "lease_lost")
+    # the attempt ends (fails, retryable) and a second attempt runs: the first one's token and
+    # fence are stale and read nothing
+    await world.d.complete(
+        wire.CompleteRequest(
+            task_id=first.task_id,
+            attempt=1,
+            lease_token=first.lease_token,
+            outcome="failed",
+            retryable=True,
+        )
+    )
+    await world.d.reap_once()  # the retry falls due at once (backoff 0 s)
+    second = await world.d.claim(info.task_id)
+    assert second.attempt == 2
+    assert (await refused(mine, fence(first)))[0] == 409
+    r = await c.post(
+        "/v1/task/query",
+        headers={"X-Trace-Task-Capability": second.capability_token},
+        json=fence(second),
+    )
+    assert r.status == 200, await r.text()
+    assert world.sql("SELECT count(*) FROM dataset_pins")[0][0] == 0
 
 
 class CountingService(QueryService):
