@@ -246,6 +246,9 @@ class Worker:
         )
     )
     _inflight: set[asyncio.Task[None]] = attrs.field(factory=set)
+    #: Claims in flight (a receive's wake-ups being claimed) and how many tasks they hold.
+    _claiming: set[asyncio.Task[None]] = attrs.field(factory=set)
+    _claiming_n: int = 0
     #: Send completions in batches (``TaskSurface.complete_batch``).
     batch_completions: bool = True
     #: How soon a wake-up reappears after a transient claim failure (seconds, jittered).
@@ -263,12 +266,14 @@ class Worker:
     async def run(self, stop: asyncio.Event) -> None:
         """Work until ``stop`` is set, then drain in-flight tasks (see the module docstring)."""
         while not stop.is_set():
-            free = self.concurrency - len(self._inflight)
+            free = self.concurrency - len(self._inflight) - self._claiming_n
             if free <= 0:
+                stopper = asyncio.ensure_future(stop.wait())
                 await asyncio.wait(
-                    [*self._inflight, asyncio.ensure_future(stop.wait())],
+                    [*self._inflight, *self._claiming, stopper],
                     return_when=asyncio.FIRST_COMPLETED,
                 )
+                stopper.cancel()
                 continue
             try:
                 receive = asyncio.ensure_future(
@@ -295,13 +300,25 @@ class Worker:
                 continue
             if messages:
                 self.stats["received"] += len(messages)
-                try:
-                    await self._claim_and_start(messages)
-                except Exception:  # no message may end the worker: they reappear later
-                    log.exception("handling a receive failed")
+                # Claim in the background so the next receive overlaps this claim's round
+                # trip; the claimed-but-not-started wake-ups count against ``concurrency``.
+                self._claiming_n += len(messages)
+                claim = asyncio.create_task(self._claim_received(messages))
+                self._claiming.add(claim)
+                claim.add_done_callback(self._claiming.discard)
+        if self._claiming:
+            await asyncio.wait(set(self._claiming))
         await self._drain()
         await self._completions.close()
         await self._acks.close()
+
+    async def _claim_received(self, messages: list[ReceivedMessage]) -> None:
+        try:
+            await self._claim_and_start(messages)
+        except Exception:  # no message may end the worker: they reappear later
+            log.exception("handling a receive failed")
+        finally:
+            self._claiming_n -= len(messages)
 
     async def _drain(self) -> None:
         if not self._inflight:

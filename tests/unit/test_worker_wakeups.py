@@ -3,7 +3,9 @@ clock; no HTTP, no subprocess): claim failures, refusals, poison wake-ups."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import uuid
 from typing import Any
 
 from trace_core import errors, wire
@@ -109,3 +111,43 @@ async def test_an_ack_after_shutdown_is_dropped_not_raised() -> None:
     await worker._acks.close()
     worker._delete(message)  # an attempt that ends after the drain must not crash on its ack
     assert await queue.depth() == 1  # the wake-up stays; it reappears and is skipped then
+
+
+async def test_claims_overlap_the_next_receive_and_never_exceed_concurrency() -> None:
+    """A receive's claim runs in the background: the worker receives the next wake-ups while
+    it is in flight (two claims outstanding at once), and wake-ups being claimed count against
+    ``concurrency`` (never more than 12 task ids outstanding)."""
+    outstanding: list[int] = []
+    peak = 0
+    both_in_flight = asyncio.Event()
+
+    async def handler(call: TaskCall) -> wire.ClaimBatchResponse:
+        nonlocal peak
+        outstanding.append(len(call.request.task_ids))
+        peak = max(peak, sum(outstanding))
+        if len(outstanding) >= 2:
+            both_in_flight.set()
+        # Serial claims would never get here with two outstanding: wait_for ends that case.
+        await asyncio.wait_for(both_in_flight.wait(), timeout=10)
+        outstanding.remove(len(call.request.task_ids))
+        return wire.ClaimBatchResponse(
+            claims=[],
+            refused=[wire.ClaimRefusal(t, "not_found", "") for t in call.request.task_ids],
+        )
+
+    queue = MemoryQueue("tasks")
+    await queue.send([json.dumps({"task_id": str(uuid.uuid4())}).encode() for _ in range(40)])
+    worker = Worker(
+        surface=FakeTaskSurface(handler), queue=queue, operators={}, concurrency=12, wait_s=0.05
+    )
+    stop = asyncio.Event()
+    run = asyncio.create_task(worker.run(stop))
+    for _ in range(400):
+        if await queue.depth() == 0:
+            break
+        await asyncio.sleep(0.01)
+    stop.set()
+    await asyncio.wait_for(run, timeout=10)
+    assert both_in_flight.is_set()
+    assert peak <= 12
+    assert worker.stats["skipped"] == 40 and await queue.depth() == 0
