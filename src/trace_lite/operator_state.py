@@ -7,7 +7,7 @@ input dataset named in the task's org (or none). Only the task's running attempt
 write it, and a write is a compare-and-swap on the version read: two attempts racing on one
 state cannot both win (the loser gets ``Conflict`` and its task retries on the new state).
 
-Implements ``trace_sdk.ranges.StateStore``.
+Implements ``trace_sdk.ranges.StateStore`` and ``trace_sdk.follower.FollowerStore``.
 """
 
 from __future__ import annotations
@@ -40,6 +40,10 @@ class _State(NamedTuple):
 
 class _Version(NamedTuple):
     version: int
+
+
+class _WriterState(NamedTuple):
+    state: str
 
 
 class PgOperatorState:
@@ -105,3 +109,13 @@ class PgOperatorState:
         if not rows:
             raise errors.Conflict("the operator state changed since it was read")
         return rows[0].version
+
+    async def writer_state(self, task_id: str, attempt: int, writer_task_id: str) -> str | None:
+        """The lifecycle state of ``writer_task_id`` when it is a task of the same org and job
+        as ``task_id`` (the state's last writer, ``trace_sdk.follower``); None otherwise. Only
+        ``task_id``'s running attempt may ask (``LeaseLost``)."""
+        async with transaction(self.pool) as cur:
+            await self._scope(cur, task_id, attempt, None)
+            params = {"task_id": task_id, "writer_task_id": writer_task_id}
+            rows = await fetch_named(cur, _WriterState, Q["writer_state"], params)
+        return rows[0].state if rows else None

@@ -37,3 +37,14 @@ SET state = %(state)s, version = version + 1, updated_by_task = %(task_id)s,
 WHERE org_id = %(org_id)s AND job_key = %(job_key)s
   AND input_dataset_uuid = %(input_dataset_uuid)s AND version = %(version)s
 RETURNING version;
+
+-- name: writer_state
+-- The lifecycle state of another task of the same org and job (the state's last writer).
+SELECT w.state
+FROM tasks t
+JOIN tasks w ON w.task_id = %(writer_task_id)s AND w.org_id = t.org_id
+ AND coalesce(w.dag_id::text || '/' || w.dag_job, w.job_id::text,
+              'key/' || (w.payload ->> 'state_key'))
+   = coalesce(t.dag_id::text || '/' || t.dag_job, t.job_id::text,
+              'key/' || (t.payload ->> 'state_key'))
+WHERE t.task_id = %(task_id)s;
