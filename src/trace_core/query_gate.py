@@ -12,8 +12,11 @@ an allowlist of node types, walked exhaustively:
   caller's granted dataset names or a CTE in scope, joins, subqueries, ``VALUES`` and no FROM;
   every table function (``read_parquet``, ``glob``, ``duckdb_settings``, ``query``, ...),
   ``DESCRIBE``/``SUMMARIZE`` and ``PIVOT`` references are refused;
-* functions: unqualified (or ``main.``) names, none on the denylist (functions that read settings, the
-  environment or catalog metadata, or execute serialized SQL).
+* functions (scalar, aggregate, window, operators): unqualified (or ``main.``) names on the
+  allowlist of ``trace_core.query_functions`` (what an analyst needs: aggregates, strings,
+  dates and times, math, lists/maps/structs, JSON, regular expressions, hashing and encoding);
+  any other function is refused, naming it. A function a later DuckDB adds is refused until
+  it is listed.
 
 CTE scope follows DuckDB's: a CTE body sees the CTEs defined before it (and itself only when
 recursive), so ``WITH duckdb_settings AS (SELECT * FROM duckdb_settings) ...`` cannot reach the
@@ -33,10 +36,10 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from trace_core import errors
+from trace_core.query_functions import ALLOWED_FUNCTIONS
 
 __all__ = [
-    "DENIED_FUNCTIONS",
-    "DENIED_FUNCTION_PREFIXES",
+    "ALLOWED_FUNCTIONS",
     "NOT_READABLE",
     "admit",
 ]
@@ -47,62 +50,6 @@ _NAME = re.compile(r"[a-z][a-z0-9_]{0,127}")
 _QUERY_NODES = frozenset({"SELECT_NODE", "SET_OPERATION_NODE", "RECURSIVE_CTE_NODE", "CTE_NODE"})
 _REFUSED_REFS = frozenset({"TABLE_FUNCTION", "SHOW_REF", "PIVOT", "COLUMN_DATA", "DELIM_GET"})
 _TABLE_REFS = frozenset({"BASE_TABLE", "JOIN", "SUBQUERY", "EXPRESSION_LIST", "EMPTY"})
-
-#: Scalar functions that read the process's settings, environment or catalog metadata (which
-#: name physical paths), change per-query state, or execute SQL from a string.
-DENIED_FUNCTIONS = frozenset(
-    {
-        "current_setting",
-        "getenv",
-        "getvariable",
-        "current_database",
-        "current_catalog",
-        "current_schema",
-        "current_schemas",
-        "current_query",
-        "json_execute_serialized_sql",
-        "json_deserialize_sql",
-        "json_serialize_sql",
-        "json_serialize_plan",
-        "setseed",
-        "nextval",
-        "currval",
-        "glob",
-        "query",
-        "query_table",
-        "which_secret",
-        "col_description",
-        "obj_description",
-        "shobj_description",
-        "format_pg_type",
-        "txid_current",
-        "version",
-        "enum_range",
-        "enum_range_boundary",
-        "enum_first",
-        "enum_last",
-        "error",
-    }
-)
-DENIED_FUNCTION_PREFIXES = (
-    "duckdb_",
-    "pg_",
-    "sqlite",
-    "pragma_",
-    "has_",
-    "read_",
-    "parquet_",
-    "postgres_",
-    "mysql_",
-    "iceberg_",
-    "delta_",
-    "ducklake_",
-    "http",
-    "s3",
-    "icu_",
-    "json_execute",
-    "sql_",
-)
 
 
 def _refuse(message: str) -> errors.ValidationFailed:
@@ -197,12 +144,12 @@ class _Walker:
                 self.node(value, scope)
 
     def expression(self, obj: dict[str, Any], scope: frozenset[str]) -> None:
-        if obj.get("class") == "FUNCTION":
+        if obj.get("class") in ("FUNCTION", "WINDOW"):
             name = str(obj.get("function_name", "")).lower()
             # DuckDB's parser itself writes ``main.list_value`` for list literals
-            if obj.get("schema") not in ("", "main") or obj.get("catalog"):
+            if obj.get("schema", "") not in ("", "main") or obj.get("catalog"):
                 raise _refuse("qualified function names are not allowed")
-            if name in DENIED_FUNCTIONS or name.startswith(DENIED_FUNCTION_PREFIXES):
-                raise _refuse(f"function {name} is not allowed")
+            if name not in ALLOWED_FUNCTIONS:
+                raise _refuse(f"function {name} is not allowed (not on the Query Service's list)")
         for value in obj.values():
             self.node(value, scope)
