@@ -1,0 +1,123 @@
+/**
+ * The task surface a UDF reaches, as a port (`TaskSurface`) with two implementations: HTTP to
+ * the Dispatcher's `/v1/task/*` routes with the attempt's capability token
+ * (`HttpTaskSurface`), and an in-memory one for the local harness (`harness.ts`).
+ *
+ * The HTTP client holds nothing but the capability token it is given (renewed by heartbeats).
+ * Transient failures (connection refused, reset, 5xx) are retried with capped, jittered
+ * backoff until a deadline; every call is safe to repeat because the Dispatcher fences it by
+ * `(task_id, attempt, lease_token)` and keys (buffer batches, events) or replays it (complete).
+ */
+
+import { TaskApiError } from "./errors.js";
+import type {
+  BufferPublishResponse,
+  CompleteRequest,
+  CompleteResponse,
+  EventIn,
+  Fence,
+  HeartbeatResponse,
+  InlineBatch,
+  QueryResult,
+} from "./types.js";
+
+/** The header that carries the attempt's capability token. */
+export const CAPABILITY_HEADER = "X-Trace-Task-Capability";
+
+/** What the runtime and a handler's context call. Every method throws `TaskApiError`. */
+export interface TaskSurface {
+  heartbeat(fence: Fence): Promise<HeartbeatResponse>;
+  events(fence: Fence, events: EventIn[]): Promise<{ accepted: number; duplicates: number }>;
+  bufferPublish(fence: Fence, batch: InlineBatch): Promise<BufferPublishResponse>;
+  query(sql: string, maxRows?: number): Promise<QueryResult>;
+  complete(req: CompleteRequest): Promise<CompleteResponse>;
+}
+
+export interface HttpTaskSurfaceOptions {
+  /** Give up retrying a transient failure after this long (default 30 s). */
+  deadlineMs?: number;
+  /** Per-request timeout (default 30 s; queries may take that long). */
+  requestTimeoutMs?: number;
+}
+
+/** `TaskSurface` over HTTP. `token` is replaced by each heartbeat's renewed token. */
+export class HttpTaskSurface implements TaskSurface {
+  readonly baseUrl: string;
+  token: string;
+  private readonly deadlineMs: number;
+  private readonly requestTimeoutMs: number;
+
+  constructor(baseUrl: string, capabilityToken: string, options: HttpTaskSurfaceOptions = {}) {
+    this.baseUrl = baseUrl.replace(/\/+$/, "");
+    this.token = capabilityToken;
+    this.deadlineMs = options.deadlineMs ?? 30_000;
+    this.requestTimeoutMs = options.requestTimeoutMs ?? 30_000;
+  }
+
+  async heartbeat(fence: Fence): Promise<HeartbeatResponse> {
+    const answer = (await this.post("/v1/task/heartbeat", fence, 10_000)) as HeartbeatResponse;
+    this.token = answer.capability_token;
+    return answer;
+  }
+
+  async events(fence: Fence, events: EventIn[]): Promise<{ accepted: number; duplicates: number }> {
+    return (await this.post("/v1/task/events", { ...fence, events })) as {
+      accepted: number;
+      duplicates: number;
+    };
+  }
+
+  async bufferPublish(fence: Fence, batch: InlineBatch): Promise<BufferPublishResponse> {
+    return (await this.post("/v1/task/buffer-publish", { ...fence, batch })) as BufferPublishResponse;
+  }
+
+  async query(sql: string, maxRows?: number): Promise<QueryResult> {
+    const body: Record<string, unknown> = { sql, format: "json" };
+    if (maxRows !== undefined) body.max_rows = maxRows;
+    return (await this.post("/v1/task/query", body)) as QueryResult;
+  }
+
+  async complete(req: CompleteRequest): Promise<CompleteResponse> {
+    return (await this.post("/v1/task/complete", req)) as CompleteResponse;
+  }
+
+  /** One call, retried while transient until the deadline. Returns the decoded JSON body. */
+  private async post(path: string, body: unknown, deadlineMs?: number): Promise<unknown> {
+    const deadline = Date.now() + (deadlineMs ?? this.deadlineMs);
+    const payload = JSON.stringify(body);
+    for (let tries = 0; ; tries++) {
+      let failure: TaskApiError;
+      try {
+        const resp = await fetch(this.baseUrl + path, {
+          method: "POST",
+          headers: { "Content-Type": "application/json", [CAPABILITY_HEADER]: this.token },
+          body: payload,
+          signal: AbortSignal.timeout(this.requestTimeoutMs),
+        });
+        const text = await resp.text();
+        let decoded: unknown = null;
+        try {
+          decoded = JSON.parse(text);
+        } catch {
+          decoded = null;
+        }
+        if (resp.status < 400 && decoded !== null) return decoded;
+        failure = errorFromBody(resp.status, decoded);
+      } catch (exc) {
+        failure = new TaskApiError(0, "unreachable", `dispatcher unreachable: ${String(exc)}`);
+      }
+      if (!failure.transient || Date.now() >= deadline) throw failure;
+      const backoff = Math.min(2000, 50 * 2 ** Math.min(tries, 6)) * (0.5 + Math.random());
+      await new Promise((resolve) => setTimeout(resolve, backoff));
+    }
+  }
+}
+
+/** The `TaskApiError` an error body names. */
+export function errorFromBody(status: number, body: unknown): TaskApiError {
+  const obj = typeof body === "object" && body !== null ? (body as Record<string, unknown>) : {};
+  const code = typeof obj.error === "string" ? obj.error : status >= 500 ? "unavailable" : "http_error";
+  const message = typeof obj.message === "string" ? obj.message : `HTTP ${status}`;
+  const field = typeof obj.field === "string" ? obj.field : undefined;
+  return new TaskApiError(status, code, message, field);
+}
