@@ -3,12 +3,23 @@
 Run as ``python .../trace_sdk/_cryo_child.py '<json request>'`` (standard library, duckdb and
 cryo only: it never imports the SDK). It prints one JSON line on stdout:
 ``{"ok": true, "files": {datatype: {"path", "rows"}}, "head": N}`` or ``{"ok": false, "kind":
-"past_head" | "unreachable" | "errored" | "incomplete", "message"}``, and always leaves through
+"past_head" | "unreachable" | "throttled" | "errored" | "incomplete", "message"}``, and always leaves through
 ``os._exit`` (cryo 0.3.2 crashes at interpreter shutdown in about 1% of runs, after its data is
 written). It checks what ``freeze`` does not raise: ``n_errored`` must be 0, every chunk
 completed, exactly one file per datatype named for the range, and every row inside the range
 (the blocks file holds exactly one row per block). It dies with its parent (``PR_SET_PDEATHSIG``
 on Linux): a worker killed mid-extract leaves no extract behind.
+
+RPC budget (``req["budget"]``, the attempt's worker-pool slot's, see ``trace_sdk.ingest``):
+``requests_per_second`` and ``max_concurrent_requests`` go to ``cryo.freeze``, whose client also
+retries a JSON-RPC rate-limit answer (code 429 or -32005) ``max_retries`` times after
+``initial_backoff_ms``. Cryo does not retry an HTTP 429 or 5xx whose body is not JSON-RPC: it
+counts the chunk as errored. So when ``eth_blockNumber`` answers 429 or 5xx (before the extract,
+or asked again after an extract with errors) the child sleeps (``initial_backoff_ms``, doubled
+each time, at most ``MAX_BACKOFF_S``) and runs ``freeze`` again into the same directory, where
+Cryo skips the datatypes already written; after ``throttle_retries`` such rounds it answers
+``throttled``. An extract with errors whose endpoint then answers normally is run once more at
+once (the throttling may have ended in between); errors again answer ``errored``.
 """
 
 from __future__ import annotations
@@ -16,6 +27,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -26,13 +38,34 @@ from typing import Any
 RPC_ENV = "TRACE_CRYO_RPC"
 
 
+#: The longest sleep between two extract rounds of a throttled endpoint.
+MAX_BACKOFF_S = 30.0
+#: JSON-RPC error codes providers use for "rate limited" (Alchemy: 429; Infura: -32005).
+RATE_LIMIT_CODES = frozenset({429, -32005})
+
+
+class Throttled(Exception):
+    """The endpoint answered HTTP 429 or 5xx, or a JSON-RPC rate-limit error."""
+
+
 def _head(rpc: str) -> int:
+    """``eth_blockNumber``. Raises ``Throttled``, or ``URLError``/``OSError``/``ValueError``
+    (unreachable or not a JSON-RPC answer)."""
     body = json.dumps({"jsonrpc": "2.0", "id": 1, "method": "eth_blockNumber", "params": []})
     req = urllib.request.Request(
         rpc, body.encode(), headers={"content-type": "application/json"}, method="POST"
     )
-    with urllib.request.urlopen(req, timeout=10) as resp:
-        return int(json.loads(resp.read())["result"], 16)
+    try:
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            doc = json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        if exc.code == 429 or exc.code >= 500:
+            raise Throttled(f"HTTP {exc.code}") from None
+        raise
+    error = doc.get("error") if isinstance(doc, dict) else None
+    if isinstance(error, dict) and error.get("code") in RATE_LIMIT_CODES:
+        raise Throttled(f"JSON-RPC error {error.get('code')}")
+    return int(doc["result"], 16)
 
 
 def _count(path: Path) -> tuple[int, int | None, int | None]:
@@ -47,42 +80,79 @@ def _count(path: Path) -> tuple[int, int | None, int | None]:
     return int(count), lowest, highest
 
 
+def _freeze(req: dict[str, Any], rpc: str, out: Path) -> dict[str, Any]:
+    import cryo  # type: ignore[import-untyped]
+
+    start, end, budget = int(req["start"]), int(req["end"]), req["budget"]
+    summary: dict[str, Any] = cryo.freeze(
+        list(req["datatypes"]),
+        blocks=[f"{start}:{end}"],  # cryo's block range is end-exclusive, like Trace's
+        rpc=rpc,
+        output_dir=str(out),
+        chunk_size=end - start,
+        network_name="chain",
+        verbose=False,
+        no_report=True,
+        inner_request_size=min(end - start, 100),
+        requests_per_second=budget.get("requests_per_second"),
+        max_concurrent_requests=budget.get("max_concurrent_requests"),
+        max_retries=int(budget["max_retries"]),
+        initial_backoff=int(budget["initial_backoff_ms"]),
+    )
+    return summary
+
+
 def run(req: dict[str, Any]) -> dict[str, Any]:
     start, end, rpc = int(req["start"]), int(req["end"]), os.environ[RPC_ENV]
     out = Path(req["out"])
     datatypes: list[str] = list(req["datatypes"])
-    try:
-        head = _head(rpc)
-    except (urllib.error.URLError, OSError, KeyError, ValueError) as exc:
-        return {"ok": False, "kind": "unreachable", "message": f"eth_blockNumber: {exc}"}
-    if end - 1 > head:
-        return {
-            "ok": False,
-            "kind": "past_head",
-            "message": f"range [{start}, {end}) ends past the chain head {head}",
-        }
-    import cryo  # type: ignore[import-untyped]
-
-    try:
-        summary = cryo.freeze(
-            datatypes,
-            blocks=[f"{start}:{end}"],  # cryo's block range is end-exclusive, like Trace's
-            rpc=rpc,
-            output_dir=str(out),
-            chunk_size=end - start,
-            network_name="chain",
-            verbose=False,
-            no_report=True,
-            inner_request_size=min(end - start, 100),
-            max_retries=int(req.get("max_retries", 2)),
-            initial_backoff=int(req.get("initial_backoff_ms", 200)),
-        )
-    except Exception as exc:  # cryo raises TypeError("failed") when the node is unreachable
-        return {"ok": False, "kind": "unreachable", "message": f"{type(exc).__name__}: {exc}"}
-    if summary.get("n_errored") != 0:
-        return {"ok": False, "kind": "errored", "message": f"cryo: {summary}"}
-    # blocks and transactions are one cryo job: at least one job ran, none was skipped
-    if summary.get("n_completed", 0) < 1 or summary.get("n_skipped") != 0:
+    budget = req["budget"]
+    backoff_s = int(budget["initial_backoff_ms"]) / 1000
+    throttled = completed = 0
+    rerun = False  # an extract with errors whose endpoint then answered normally ran again
+    while True:
+        try:
+            try:
+                head = _head(rpc)
+            except (urllib.error.URLError, OSError, KeyError, ValueError) as exc:
+                return {"ok": False, "kind": "unreachable", "message": f"eth_blockNumber: {exc}"}
+            if end - 1 > head:
+                return {
+                    "ok": False,
+                    "kind": "past_head",
+                    "message": f"range [{start}, {end}) ends past the chain head {head}",
+                }
+            try:
+                summary = _freeze(req, rpc, out)
+            except Exception as exc:  # cryo raises TypeError("failed") when unreachable
+                return {
+                    "ok": False,
+                    "kind": "unreachable",
+                    "message": f"{type(exc).__name__}: {exc}",
+                }
+            completed += int(summary.get("n_completed", 0))
+            if summary.get("n_errored") == 0:
+                break
+            try:
+                _head(rpc)  # was it the endpoint throttling us?
+            except (urllib.error.URLError, OSError, KeyError, ValueError):
+                pass
+            if rerun:
+                return {"ok": False, "kind": "errored", "message": f"cryo: {summary}"}
+            rerun = True
+            continue
+        except Throttled as exc:
+            if throttled >= int(budget["throttle_retries"]):
+                return {
+                    "ok": False,
+                    "kind": "throttled",
+                    "message": f"{exc} after {throttled} backoffs",
+                }
+            throttled += 1
+            time.sleep(backoff_s)
+            backoff_s = min(backoff_s * 2, MAX_BACKOFF_S)
+    # blocks and transactions are one cryo job: at least one job ran
+    if completed < 1:
         return {"ok": False, "kind": "incomplete", "message": f"cryo: {summary}"}
     files: dict[str, dict[str, Any]] = {}
     for datatype in datatypes:
@@ -102,7 +172,7 @@ def run(req: dict[str, Any]) -> dict[str, Any]:
     unexpected = sorted(p.name for p in out.iterdir() if p.is_file())
     if len(unexpected) != len(datatypes):
         return {"ok": False, "kind": "incomplete", "message": f"unexpected files {unexpected}"}
-    return {"ok": True, "files": files, "head": head}
+    return {"ok": True, "files": files, "head": head, "throttled": throttled}
 
 
 def die_with_parent() -> None:

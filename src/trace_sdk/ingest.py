@@ -23,6 +23,28 @@ Payload (a job's ``config`` merged with the trigger's payload, or an upstream ra
                         job's outputs are the named ones in the order blocks, transactions,
                         logs (the mapping's own order is not kept by the job's stored config)
     extract_timeout_s   kill the child after this long (default: 90% of the task's timeout)
+    requests_per_second, max_concurrent_requests, max_retries, initial_backoff_ms,
+    throttle_retries    the RPC budget when the attempt holds no worker-pool slot (below)
+
+RPC budgets
+-----------
+A worker-pool slot is one endpoint and one key (``RPC_URL``, ``RPC_API_KEY``), held by one
+attempt at a time, so its budget is the budget of that attempt's extract. A slot's ``env`` may
+set (positive integers; a slot's value wins over the payload's, the payload's over the
+default):
+
+    RPC_REQUESTS_PER_SECOND       Cryo's request rate limit (default: none)
+    RPC_MAX_CONCURRENT_REQUESTS   Cryo's concurrent requests (default: Cryo's)
+    RPC_MAX_RETRIES               Cryo's retries of one request the endpoint answered with a
+                                  JSON-RPC rate-limit error (default 2)
+    RPC_INITIAL_BACKOFF_MS        Cryo's wait before such a retry, and the child's first wait
+                                  after an HTTP 429/5xx (default 200; doubled each time, at
+                                  most 30 s)
+    RPC_THROTTLE_RETRIES          how many times the child backs off and extracts again after
+                                  HTTP 429/5xx before the attempt fails retryably (default 6)
+
+Each attempt's extract is its own child process with its own limiter and backoff: a slot that
+is throttled slows only the attempt holding it (``_cryo_child``'s docstring has the details).
 
 The extract runs in a child process (the script ``trace_sdk/_cryo_child.py``): one ``cryo.freeze`` into a
 private temporary directory, checked (``n_errored`` = 0, every chunk completed, one file per
@@ -33,9 +55,10 @@ datatype: ``{"key": "range:{datatype}:{start}_{end}", "type": "range", "payload"
 "end", "partition_key", "datatype", "dataset", "rows", "output"}}`` (``output``: the datatype's
 output index, so the DAG fan-out routes it to that output's consumers).
 
-Failures: a range past the chain head, or a malformed range, fails the task for good
+Failures: a range past the chain head, a malformed range or budget, fails the task for good
 (``NonRetryableError``: retrying cannot help the same payload); an unreachable node, a chunk
-error or a child killed at the timeout fail it retryably.
+error, an endpoint still throttling after the budget's backoffs, or a child killed at the
+timeout fail it retryably.
 """
 
 from __future__ import annotations
@@ -98,6 +121,39 @@ def rpc_endpoint(payload: dict[str, Any], slot_env: dict[str, str]) -> str:
     return rpc
 
 
+#: Budget fields, their slot variables and defaults (None: Cryo's own).
+BUDGET: dict[str, tuple[str, int | None]] = {
+    "requests_per_second": ("RPC_REQUESTS_PER_SECOND", None),
+    "max_concurrent_requests": ("RPC_MAX_CONCURRENT_REQUESTS", None),
+    "max_retries": ("RPC_MAX_RETRIES", 2),
+    "initial_backoff_ms": ("RPC_INITIAL_BACKOFF_MS", 200),
+    "throttle_retries": ("RPC_THROTTLE_RETRIES", 6),
+}
+
+
+def rpc_budget(payload: dict[str, Any], slot_env: dict[str, str]) -> dict[str, int | None]:
+    """The extract's RPC budget: each field from the slot's ``env`` variable, else the
+    payload's field, else its default. Raises ``NonRetryableError`` for a value that is not a
+    positive integer (``max_retries`` and ``throttle_retries`` may be 0)."""
+    budget: dict[str, int | None] = {}
+    for field, (var, default) in BUDGET.items():
+        value: object = default
+        where = field
+        if var in slot_env:
+            value, where = slot_env[var], f"the slot's {var}"
+        elif field in payload:
+            value, where = payload[field], f"payload.{field}"
+        if isinstance(value, str) and value.strip().isdigit():
+            value = int(value)
+        lowest = 0 if field in ("max_retries", "throttle_retries") else 1
+        if value is not None and (
+            not isinstance(value, int) or isinstance(value, bool) or value < lowest
+        ):
+            raise NonRetryableError(f"{where} must be an integer >= {lowest}")
+        budget[field] = value
+    return budget
+
+
 def partition_key(start: int, end: int) -> str:
     """The partition key (and object stem) of ``[start, end)``."""
     return f"{start}_{end}"
@@ -108,6 +164,7 @@ async def cryo_ingest(ctx: TaskContext) -> dict[str, Any] | None:
     payload = ctx.payload
     start, end = block_range(payload)
     rpc = rpc_endpoint(payload, ctx.env)
+    budget = rpc_budget(payload, ctx.env)
     datasets = payload.get("datasets") or {d: d for d in DATATYPES}
     if not isinstance(datasets, dict) or not datasets or not set(datasets) <= set(DATATYPES):
         raise NonRetryableError(f"payload.datasets maps a subset of {DATATYPES} to dataset names")
@@ -122,7 +179,7 @@ async def cryo_ingest(ctx: TaskContext) -> dict[str, Any] | None:
             "end": end,
             "out": tmp,
             "datatypes": datatypes,
-            "max_retries": int(payload.get("max_retries", 2)),
+            "budget": budget,
         }
         argv = [sys.executable, _CHILD, json.dumps(request)]
         started = time.monotonic()
@@ -167,6 +224,8 @@ async def cryo_ingest(ctx: TaskContext) -> dict[str, Any] | None:
         "rows": counts,
         "head": answer.get("head"),
         "extract_s": round(extract_s, 3),
+        "throttled": int(answer.get("throttled", 0)),
+        "slot": None if ctx.task.slot is None else ctx.task.slot.index,
     }
 
 

@@ -279,6 +279,58 @@ async def test_a_refused_method_fails_retryably_and_commits_nothing(env: Env, ch
         assert await env.live(name) == []
 
 
+class _Unavailable(_Refuse):
+    """Forwards JSON-RPC to ``upstream``, but answers HTTP 503 (plain text, which Cryo does not
+    retry) to the first ``failures`` block requests."""
+
+    failures = 0
+
+    def do_POST(self) -> None:
+        raw = self.rfile.read(int(self.headers["content-length"]))
+        body = json.loads(raw)
+        self.seen.append(body.get("method", "") if isinstance(body, dict) else "batch")
+        if self.seen[-1] == "eth_getBlockByNumber" and type(self).failures > 0:
+            type(self).failures -= 1
+            self.send_response(503)
+            self.send_header("content-length", "19")
+            self.end_headers()
+            self.wfile.write(b"Service Unavailable")
+            return
+        req = urllib.request.Request(
+            self.upstream, raw, headers={"content-type": "application/json"}
+        )
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            data = resp.read()
+        self.send_response(200)
+        self.send_header("content-type", "application/json")
+        self.send_header("content-length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+
+async def test_a_5xx_mid_extract_is_extracted_again_within_the_attempt(
+    env: Env, chain: Chain
+) -> None:
+    handler = type(
+        "Unavailable", (_Unavailable,), {"upstream": chain.node.url, "failures": 3, "seen": []}
+    )
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        task = await env.run({"start": 0, "end": 50, "rpc_url": url}, attempts=2)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert handler.failures == 0  # the 503s were answered
+    assert task["state"] == "completed" and len(task["attempts"]) == 1, _error(task)
+    for name in DATATYPES:
+        assert [(s, e) for s, e, _ in await env.live(name)] == [(0, 50)]
+    (_, _, blocks_key) = (await env.live("blocks"))[0]
+    assert env.rows(blocks_key) == [(n,) for n in range(50)]
+
+
 async def test_a_hanging_child_is_killed_at_its_timeout(env: Env, stalling_rpc: str) -> None:
     task = await env.run(
         {"start": 0, "end": 10, "rpc_url": stalling_rpc, "extract_timeout_s": 2}, attempts=1
@@ -314,7 +366,10 @@ def test_an_extract_dies_with_its_worker(stalling_rpc: str, tmp_path: Path) -> N
 
     import trace_sdk.ingest
 
-    request = json.dumps({"start": 0, "end": 10, "out": str(tmp_path), "datatypes": ["logs"]})
+    budget = trace_sdk.ingest.rpc_budget({}, {})
+    request = json.dumps(
+        {"start": 0, "end": 10, "out": str(tmp_path), "datatypes": ["logs"], "budget": budget}
+    )
     parent = subprocess.Popen(
         [sys.executable, "-c", PARENT, trace_sdk.ingest._CHILD, request, stalling_rpc],
         stdout=subprocess.PIPE,
