@@ -4,7 +4,9 @@
 ``.trace/node``; ``TRACE_ANVIL`` overrides the path) on a free loopback port with chain id
 10143 (Monad testnet's), waits until ``eth_chainId`` answers, and ``stop()`` ends it by PID.
 ``Rpc`` is a minimal JSON-RPC client over the standard library; ``make_activity`` mines blocks
-with contract deploys, Transfer-like logs, ETH transfers and empty blocks, without a compiler.
+with contract deploys, ERC-20 ``Transfer`` logs, ETH transfers and empty blocks, without a
+compiler; ``make_history`` does the same on an interval-mining node and ``LiveActivity`` keeps
+sending transactions to one from a thread (the demo's live chain).
 """
 
 from __future__ import annotations
@@ -12,9 +14,11 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import random
 import shutil
 import socket
 import subprocess
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -30,11 +34,18 @@ _BUNDLED = _REPO_ROOT / ".trace/node/node_modules/@foundry-rs/anvil-linux-amd64/
 #: keccak256("Transfer(address,address,uint256)")
 TRANSFER_TOPIC = "ddf252ad1be2c89b69c2b068fc378daa952ba7f163c4a11628f55a4df523b3ef"
 
-#: Runtime (45 bytes): copy the calldata to memory, then LOG2(mem[0:calldatasize],
-#: TRANSFER_TOPIC, caller) and stop. Init code (11 bytes) returns the runtime.
-_RUNTIME = "36600060003733" + "7f" + TRANSFER_TOPIC + "36" + "6000" + "a2" + "00"
-LOG2_CONTRACT_INIT = "0x602d80600b6000396000f3" + _RUNTIME
-assert len(bytes.fromhex(_RUNTIME)) == 45
+#: An ERC-20-like token without a compiler. Runtime (50 bytes): calldata is ``to`` (one 32-byte
+#: word) then ``amount`` (one word); it emits ``Transfer(caller, to, amount)`` exactly as an
+#: ERC-20 does (LOG3: topic0 TRANSFER_TOPIC, topic1 from, topic2 to, data the amount) and stops
+#: (no balances). Init code (11 bytes) returns the runtime.
+_RUNTIME = (
+    "602060206000" + "37"  # CALLDATACOPY(mem 0, calldata 32, 32 bytes): the amount
+    "600035"  # CALLDATALOAD(0): to
+    "33"  # CALLER: from
+    "7f" + TRANSFER_TOPIC + "60206000" + "a3" + "00"  # LOG3(mem 0, 32, topic0, from, to); STOP
+)
+LOG_CONTRACT_INIT = "0x603280600b6000396000f3" + _RUNTIME
+assert len(bytes.fromhex(_RUNTIME)) == 0x32
 
 
 class RpcError(Exception):
@@ -184,8 +195,8 @@ class Chain:
 
 
 def deploy_log_contract(rpc: Rpc, sender: str) -> str:
-    """Deploy the LOG2 contract from raw bytecode; returns its address."""
-    tx = rpc.call("eth_sendTransaction", {"from": sender, "data": LOG2_CONTRACT_INIT})
+    """Deploy the token contract from raw bytecode; returns its address."""
+    tx = rpc.call("eth_sendTransaction", {"from": sender, "data": LOG_CONTRACT_INIT})
     address: str = wait_receipt(rpc, tx)["contractAddress"]
     return address
 
@@ -203,7 +214,7 @@ def wait_receipt(rpc: Rpc, tx: str, timeout_s: float = 10.0) -> dict[str, Any]:
 
 def make_activity(rpc: Rpc, blocks: int) -> Activity:
     """Mine about ``blocks`` blocks on an automining node, cycling through: a block with a
-    contract call (one Transfer-like log) and an ETH transfer, a block with one ETH transfer,
+    token call (one ERC-20 Transfer log) and an ETH transfer, a block with one ETH transfer,
     and an empty block. Deploys the contract first (one more block)."""
     accounts: list[str] = rpc.call("eth_accounts")
     sender, receiver = accounts[0], accounts[1]
@@ -246,3 +257,91 @@ def mine_empty(rpc: Rpc, blocks: int) -> None:
         n = min(blocks, 200)
         rpc.call("anvil_mine", hex(n))
         blocks -= n
+
+
+def _token_call(token: str, sender: str, to: str, amount: int) -> dict[str, str]:
+    return {
+        "from": sender,
+        "to": token,
+        "data": "0x" + to[2:].rjust(64, "0") + amount.to_bytes(32, "big").hex(),
+    }
+
+
+def make_history(rpc: Rpc, blocks: int) -> Activity:
+    """Mine about ``blocks`` blocks now on a node that mines on an interval (``block_time_s``),
+    with ``evm_mine`` (a transaction sent just before may land in the interval's block
+    instead: counts are the node's, not these). Cycles as ``make_activity``: a token transfer
+    and an ETH transfer, an ETH transfer, an empty block."""
+    accounts: list[str] = rpc.call("eth_accounts")
+    sender, receiver = accounts[0], accounts[1]
+    tx = rpc.call("eth_sendTransaction", {"from": sender, "data": LOG_CONTRACT_INIT})
+    rpc.call("evm_mine")
+    contract: str = wait_receipt(rpc, tx)["contractAddress"]
+    txs, calls = 1, 0
+    for i in range(blocks):
+        kind = i % 3
+        if kind == 0:
+            rpc.call("eth_sendTransaction", _token_call(contract, sender, receiver, i + 1))
+            rpc.call("eth_sendTransaction", {"from": sender, "to": receiver, "value": hex(i + 1)})
+            txs, calls = txs + 2, calls + 1
+        elif kind == 1:
+            rpc.call("eth_sendTransaction", {"from": receiver, "to": sender, "value": hex(i + 1)})
+            txs += 1
+        rpc.call("evm_mine")
+    return Activity(contract, txs, calls)
+
+
+class LiveActivity:
+    """Sends transactions to a node from a thread until ``stop()``: mostly ERC-20 transfers of
+    a few tokens between the dev accounts, ETH transfers, and now and then a new token
+    deployed. The node mines them on its own interval."""
+
+    def __init__(self, url: str, *, every_s: float = 0.3, seed: int = 7) -> None:
+        self.rpc = Rpc(url, timeout_s=5.0)
+        self.every_s = every_s
+        self.sent = 0
+        self.errors = 0
+        self._random = random.Random(seed)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="live-activity", daemon=True)
+
+    def start(self) -> LiveActivity:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(10)
+
+    def _run(self) -> None:
+        try:
+            accounts: list[str] = self.rpc.call("eth_accounts")[:5]
+            tokens: list[str] = []
+            deploying: list[str] = []  # deployment transactions not mined yet
+        except RpcError:
+            self.errors += 1
+            return
+        step = 0
+        while not self._stop.wait(self.every_s):
+            rnd = self._random
+            sender, to = rnd.sample(accounts, 2)
+            try:
+                for tx in list(deploying):
+                    receipt = self.rpc.call("eth_getTransactionReceipt", tx)
+                    if receipt is not None:
+                        deploying.remove(tx)
+                        tokens.append(receipt["contractAddress"])
+                if step % 40 == 0:
+                    deploy = {"from": sender, "data": LOG_CONTRACT_INIT}
+                    deploying.append(self.rpc.call("eth_sendTransaction", deploy))
+                elif step % 3 == 2 or not tokens:
+                    value = hex(rnd.randrange(1, 10**18))
+                    self.rpc.call("eth_sendTransaction", {"from": sender, "to": to, "value": value})
+                else:
+                    amount = rnd.randrange(1, 10**24)
+                    call = _token_call(rnd.choice(tokens), sender, to, amount)
+                    self.rpc.call("eth_sendTransaction", call)
+                self.sent += 1
+            except RpcError:
+                self.errors += 1  # the node stopped or refused: keep trying until stop()
+            step += 1
