@@ -20,6 +20,9 @@ AWS profile environment (Postgres stays ``TRACE_DATABASE_URL``):
                                     tasks (optional; without it their invoke rows back off
                                     and go dead after 10 tries)
 ==================================  =========================================================
+
+Lite: ``TRACE_UDF_RUNNER_URL`` (optional) is the Lite UDF runner (``trace udf runner``) that
+``runtime: lambda`` tasks are sent to (``trace_lite.udf.UdfLauncher``).
 """
 
 from __future__ import annotations
@@ -140,13 +143,20 @@ async def dispatcher_parts(
         settings.object_root, settings.dispatcher_url, settings.object_secret
     )
     lite_queue = PgQueue(pool, settings.queue_name)
-    return DispatcherParts(
+    lite_parts = DispatcherParts(
         FileSigner.init(settings.key_dir),
         lite_queue,
         lite_store,
         extra_routes=list(object_routes(lite_store, write_guard=StagingWriteGuard(pool))),
         closers=[lite_queue.close],
     )
+    if e.get("TRACE_UDF_RUNNER_URL"):  # runtime: lambda tasks go to the Lite UDF runner
+        from trace_lite.udf import RunnerInvoker, UdfLauncher
+
+        runner = RunnerInvoker(e["TRACE_UDF_RUNNER_URL"])
+        lite_parts.launcher_factory = lambda d: UdfLauncher(d, runner, lite_store)
+        lite_parts.closers.append(runner.close)
+    return lite_parts
 
 
 async def worker_parts(
