@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import random
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime, timedelta
 from typing import Any, NamedTuple
 
@@ -23,6 +23,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from trace_core import delivery as kernel
 from trace_core import errors
+from trace_core.alert_rules import Planned
 from trace_core.delivery import DeliveryState, DeliveryView, Fence, SendResult
 from trace_lite import sqlfile
 from trace_lite.pg import fetch_named, transaction
@@ -120,6 +121,16 @@ class _NowRow(NamedTuple):
 
 class _KeyRow(NamedTuple):
     delivery_id: str
+    state: str
+
+
+class _TaskScope(NamedTuple):
+    org_id: str
+    running: bool
+
+
+class _KeyStateRow(NamedTuple):
+    delivery_key: str
     state: str
 
 
@@ -233,6 +244,63 @@ class DeliveryStore:
             raise errors.NotFound("no such destination")
         return rows[0]
 
+    async def destinations(self, org_id: str) -> list[DestinationRow]:
+        """The live destinations of an org, by name."""
+        async with transaction(self.pool) as cur:
+            return await fetch_named(
+                cur, DestinationRow, Q["list_destinations"], {"org_id": org_id}
+            )
+
+    async def live_destination(self, org_id: str, destination_id: str) -> DestinationRow:
+        """A live destination of ``org_id``. Raises ``NotFound``."""
+        async with transaction(self.pool) as cur:
+            rows = await fetch_named(
+                cur,
+                DestinationRow,
+                Q["live_destination"],
+                {"org_id": org_id, "destination_id": destination_id},
+            )
+        if not rows:
+            raise errors.NotFound("no such destination", field="destination")
+        return rows[0]
+
+    async def update_destination(
+        self,
+        org_id: str,
+        destination_id: str,
+        *,
+        name: str | None = None,
+        url: str | None = None,
+        kind: str | None = None,
+    ) -> DestinationRow:
+        """Change a live destination (``None`` keeps a value; a URL the caller checked).
+        Raises ``NotFound``, ``Conflict`` (the name is taken), ``ValidationFailed``."""
+        if kind is not None and kind not in KINDS:
+            raise errors.ValidationFailed(f"kind must be one of {', '.join(KINDS)}", field="kind")
+        await self.live_destination(org_id, destination_id)
+        async with transaction(self.pool) as cur:
+            await cur.execute(
+                Q["update_destination"],
+                {"destination_id": destination_id, "name": name, "url": url, "kind": kind},
+            )
+            if cur.rowcount != 1:
+                raise errors.NotFound("no such destination", field="destination")
+        return await self.live_destination(org_id, destination_id)
+
+    async def delete_destination(self, org_id: str, destination_id: str) -> int:
+        """Mark a live destination deleted; its due deliveries become disabled (its sent and
+        failed ones keep their history). Returns how many were disabled. Raises ``NotFound``."""
+        await self.live_destination(org_id, destination_id)
+        async with transaction(self.pool) as cur:
+            await cur.execute(Q["delete_destination"], {"destination_id": destination_id})
+            if cur.rowcount != 1:
+                raise errors.NotFound("no such destination", field="destination")
+            await cur.execute(
+                Q["disable_due_of_destination"],
+                {"destination_id": destination_id, "reason": "destination deleted"},
+            )
+            return cur.rowcount
+
     async def set_enabled(self, destination_id: str, *, enabled: bool, reason: str | None) -> int:
         """Enable or disable a destination; disabling also disables its due deliveries
         (``decide_disable``). Returns how many deliveries were disabled. Raises ``NotFound``."""
@@ -290,6 +358,70 @@ class DeliveryStore:
             )
             (found,) = await fetch_named(cur, _KeyRow, Q["delivery_by_key"], {"delivery_key": key})
         return found.delivery_id, DeliveryState(found.state)
+
+    async def record_planned(
+        self, task_id: str, attempt: int, planned: Sequence[Planned]
+    ) -> list[str]:
+        """Record the deliveries an ``alert_route`` attempt planned (``trace_sdk.alerts``), in
+        one transaction: destinations are resolved by name in the task's org, each delivery is
+        ``due`` or ``suppressed`` (``decide_create`` at the database's clock) and stored once
+        under its delivery key. Returns each delivery's state, in order.
+
+        Raises ``LeaseLost`` when ``attempt`` is not the task's running one (nothing is
+        written), ``NotFound`` for an unknown task or a destination the org does not have.
+        """
+        if not planned:
+            return []
+        async with transaction(self.pool) as cur:
+            scopes = await fetch_named(
+                cur, _TaskScope, Q["task_scope"], {"task_id": task_id, "attempt": attempt}
+            )
+            if not scopes:
+                raise errors.NotFound("no such task")
+            if not scopes[0].running:
+                raise errors.LeaseLost("the attempt is not the task's running one")
+            org_id = scopes[0].org_id
+            names = sorted({p.destination for p in planned})
+            found = await fetch_named(
+                cur,
+                DestinationRow,
+                Q["destinations_by_names"],
+                {"org_id": org_id, "names": names},
+            )
+            ids = {d.name: d.destination_id for d in found}
+            missing = [n for n in names if n not in ids]
+            if missing:
+                raise errors.NotFound(
+                    f"no alert destination {missing[0]!r} in the task's org", field="routes"
+                )
+            (clock,) = await fetch_named(cur, _NowRow, Q["db_now"], {})
+            keys: list[str] = []
+            params: list[dict[str, Any]] = []
+            for p in planned:
+                destination_id = ids[p.destination]
+                key = kernel.delivery_key(p.alert_key, p.route, destination_id)
+                state, reason = kernel.decide_create(
+                    event_time=p.event_time, now=clock.now, max_delivery_age=p.max_delivery_age
+                )
+                keys.append(key)
+                params.append(
+                    {
+                        "delivery_id": str(uuid.uuid4()),
+                        "org_id": org_id,
+                        "destination_id": destination_id,
+                        "delivery_key": key,
+                        "alert_key": p.alert_key,
+                        "route": p.route,
+                        "event_time": p.event_time,
+                        "payload": Jsonb(dict(p.payload)),
+                        "state": state.value,
+                        "suppressed_reason": reason,
+                    }
+                )
+            await cur.executemany(Q["insert_delivery"], params)
+            rows = await fetch_named(cur, _KeyStateRow, Q["deliveries_by_keys"], {"keys": keys})
+        states = {r.delivery_key: r.state for r in rows}
+        return [states[k] for k in keys]
 
     async def lease(self, n: int, *, sender: str) -> list[Leased]:
         """Lease up to ``n`` due deliveries to ``sender`` (skipping rows other senders hold);

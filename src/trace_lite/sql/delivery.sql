@@ -14,7 +14,8 @@ FROM alert_destinations WHERE destination_id = %(destination_id)s;
 -- name: destination_by_name
 -- One destination of an org by name.
 SELECT destination_id, org_id, name, kind, url, secret_name, enabled, disabled_reason
-FROM alert_destinations WHERE org_id = %(org_id)s AND name = %(name)s;
+FROM alert_destinations
+WHERE org_id = %(org_id)s AND name = %(name)s AND deleted_at IS NULL;
 
 -- name: set_destination_enabled
 -- Enable or disable a destination, with the reason it was disabled.
@@ -127,3 +128,46 @@ LIMIT %(limit)s;
 -- The attempts of one delivery, in order.
 SELECT attempt, sender, started_at, finished_at, outcome, status_code, latency_ms, error
 FROM delivery_attempts WHERE delivery_id = %(delivery_id)s ORDER BY attempt;
+
+-- name: task_scope
+-- The org of a task and whether the attempt is its running one (locked against its
+-- completion while deliveries are recorded for it).
+SELECT org_id::text AS org_id, (state = 'running' AND attempt = %(attempt)s) AS running
+FROM tasks WHERE task_id = %(task_id)s
+FOR SHARE;
+
+-- name: destinations_by_names
+-- The live destinations of an org with these names.
+SELECT destination_id, org_id, name, kind, url, secret_name, enabled, disabled_reason
+FROM alert_destinations
+WHERE org_id = %(org_id)s AND name = ANY(%(names)s) AND deleted_at IS NULL;
+
+-- name: deliveries_by_keys
+-- The state of deliveries by key.
+SELECT delivery_key, state FROM alert_deliveries WHERE delivery_key = ANY(%(keys)s);
+
+-- name: list_destinations
+-- The live destinations of an org, by name.
+SELECT destination_id, org_id, name, kind, url, secret_name, enabled, disabled_reason
+FROM alert_destinations
+WHERE org_id = %(org_id)s AND deleted_at IS NULL
+ORDER BY name;
+
+-- name: update_destination
+-- Change a live destination's name, URL or kind (NULL keeps the value).
+UPDATE alert_destinations
+SET name = coalesce(%(name)s, name), url = coalesce(%(url)s, url),
+    kind = coalesce(%(kind)s, kind), updated_at = now()
+WHERE destination_id = %(destination_id)s AND deleted_at IS NULL;
+
+-- name: delete_destination
+-- Mark a live destination deleted (and disabled); its rows stay for its deliveries' history.
+UPDATE alert_destinations
+SET deleted_at = now(), enabled = false, disabled_reason = 'deleted', updated_at = now()
+WHERE destination_id = %(destination_id)s AND deleted_at IS NULL;
+
+-- name: live_destination
+-- One live destination of an org by id.
+SELECT destination_id, org_id, name, kind, url, secret_name, enabled, disabled_reason
+FROM alert_destinations
+WHERE destination_id = %(destination_id)s AND org_id = %(org_id)s AND deleted_at IS NULL;
