@@ -182,6 +182,64 @@ async def test_a_stopped_node_fails_retryably_and_commits_nothing(
         assert await env.live(name) == []
 
 
+class _StopNode(http.server.BaseHTTPRequestHandler):
+    """Forwards JSON-RPC to ``node``, and stops the node at its ``stop_at``-th block request:
+    the node dies mid-extract (later requests find nothing listening)."""
+
+    protocol_version = "HTTP/1.1"
+    node: DevNode
+    stop_at = 5
+    blocks_seen = 0
+    stopped_mid_extract = False
+
+    def do_POST(self) -> None:
+        raw = self.rfile.read(int(self.headers["content-length"]))
+        body = json.loads(raw)
+        cls = type(self)
+        if isinstance(body, dict) and body.get("method") == "eth_getBlockByNumber":
+            cls.blocks_seen += 1
+            if cls.blocks_seen == cls.stop_at:
+                cls.node.stop()
+                cls.stopped_mid_extract = True
+        req = urllib.request.Request(
+            cls.node.url, raw, headers={"content-type": "application/json"}
+        )
+        try:
+            with urllib.request.urlopen(req, timeout=30) as resp:
+                data = resp.read()
+        except OSError:
+            self.close_connection = True  # as a dead node: no answer
+            return
+        self.send_response(200)
+        self.send_header("content-type", "application/json")
+        self.send_header("content-length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+async def test_a_node_stopped_mid_extract_fails_retryably_and_commits_nothing(
+    env: Env, fresh_node: DevNode
+) -> None:
+    make_activity(fresh_node.rpc(), 60)
+    handler = type("StopNode", (_StopNode,), {"node": fresh_node})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        task = await env.run({"start": 0, "end": 50, "rpc_url": url, "max_retries": 0}, attempts=2)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert handler.stopped_mid_extract
+    assert task["state"] == "failed" and len(task["attempts"]) == 2, _error(task)
+    for name in DATATYPES:  # whatever the first blocks extracted, nothing is committed
+        assert await env.live(name) == []
+
+
 class _Stall(http.server.BaseHTTPRequestHandler):
     """Answers eth_blockNumber, then never answers anything else (a hung extract)."""
 
