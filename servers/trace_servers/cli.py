@@ -13,6 +13,7 @@ trace sink run|status         buffered datasets' sinks (trace_servers.sink_cli)
 trace delivery run | alerts   the Delivery Service, alert deliveries (trace_servers.delivery_cli)
 trace dlq ls|show|replay|purge  dead-letter queues of the task queue and dataset queues
 trace query "SQL" --org ORG   one read-only SELECT over your datasets (trace_servers.query_cli)
+trace udf init|build|test|deploy|runner  UDF bundles and the Lite runner (trace_servers.udf_cli)
 """
 
 from __future__ import annotations
@@ -515,6 +516,9 @@ def build_parser() -> argparse.ArgumentParser:
     dag_cli.add_parsers(sub)
     sink_cli.add_parsers(sub)
     delivery_cli.add_parsers(sub)
+    from trace_servers import udf_cli
+
+    udf_cli.add_parsers(sub)
     return p
 
 
@@ -535,7 +539,14 @@ COMMANDS: dict[str, Callable[[LiteSettings, argparse.Namespace], int]] = {
     "dlq": lambda s, a: _sink_cli("dlq", s, a),
     "delivery": lambda s, a: _delivery_cli(s, a),
     "alerts": lambda s, a: _delivery_cli(s, a),
+    "udf": lambda s, a: _udf_cli(s, a),
 }
+
+
+def _udf_cli(settings: LiteSettings, args: argparse.Namespace) -> int:
+    from trace_servers import udf_cli
+
+    return udf_cli.cmd_udf(settings, args)
 
 
 def _delivery_cli(settings: LiteSettings, args: argparse.Namespace) -> int:

@@ -5,7 +5,8 @@ Theory of operation
 
 * ``LambdaInvoker`` sends one ``wire.LambdaInvokePayload`` (the ``/internal/task-fetch`` payload
   plus the attempt's capability token, lease token, lease expiry and a presigned bundle URL)
-  with ``InvocationType=Event``. Lambda's own retries are switched off once per function
+  with ``InvocationType=Event``. ``trace_core.udf.invoke_payload`` builds it, for the Lite
+  launcher (``trace_lite.udf``) too. Lambda's own retries are switched off once per function
   (``PutFunctionEventInvokeConfig MaximumRetryAttempts=0``): the Dispatcher owns retries.
 * ``LambdaLauncher.launch(task_id)`` claims the task through the Dispatcher (a normal attempt
   with a lease), builds the payload and invokes. If the invoke fails, nothing is undone: the
@@ -20,7 +21,7 @@ import logging
 from typing import Any
 
 from trace_aws._boto import AwsCalls, client
-from trace_core import errors, wire
+from trace_core import errors, udf, wire
 from trace_core.ports import ObjectStore
 
 log = logging.getLogger("trace.lambda")
@@ -110,29 +111,10 @@ class LambdaLauncher:
             return None
         try:
             task = await self.dispatcher.fetch(task_id, claim.attempt)
-            bundle_key = str(
-                task.payload.get("bundle_key")
-                or f"org/{task.org_id}/bundles/{task.operator}/bundle.zip"
-            )
             bundle_url = await self.store.signed_url(
-                bundle_key, method="GET", expires_in=self.bundle_url_ttl_s
+                udf.bundle_key(task), method="GET", expires_in=self.bundle_url_ttl_s
             )
-            payload = wire.LambdaInvokePayload(
-                task_id=task.task_id,
-                org_id=task.org_id,
-                job_id=task.job_id,
-                operator=task.operator,
-                payload=task.payload,
-                status=task.status,
-                attempt=claim.attempt,
-                max_attempts=task.max_attempts,
-                timeout_s=task.timeout_s,
-                staging_prefix=task.staging_prefix,
-                capability_token=claim.capability_token,
-                lease_token=claim.lease_token,
-                lease_expires_at=claim.lease_expires_at,
-                bundle_url=bundle_url,
-            )
+            payload = udf.invoke_payload(task, claim, bundle_url)
             await self.invoker.invoke(payload)
         except errors.TraceError as exc:
             log.warning(
