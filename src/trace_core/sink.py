@@ -435,6 +435,81 @@ def dedupe_keys(
     return [_key_from(base, [row[j] for j in index]) for row in batch.rows]
 
 
+#: Column type changes an existing buffered dataset takes in place: every value of the old
+#: type is a value of the new one, so stored rows and their dedupe keys keep their meaning.
+WIDENINGS: Final[Mapping[str, frozenset[str]]] = {
+    "int32": frozenset({"int64", "decimal"}),
+    "uint32": frozenset({"int64", "uint64", "uint256", "decimal"}),
+    "int64": frozenset({"decimal"}),
+    "uint64": frozenset({"uint256", "decimal"}),
+    "uint256": frozenset({"decimal"}),
+}
+
+
+@attrs.frozen
+class SchemaEvolution:
+    """What redeploying a buffered dataset under a new schema changes in its table, and what
+    of the change the table cannot take (``problems``: the deploy is refused)."""
+
+    #: New columns ``(column, type)``: added to the table, nullable (old rows hold null).
+    added: tuple[tuple[str, str], ...] = ()
+    #: ``(column, old type, new type)`` with the new type in ``WIDENINGS[old type]``.
+    widened: tuple[tuple[str, str, str], ...] = ()
+    #: Every incompatible change, with its path under ``path`` and what to do instead.
+    problems: tuple[Problem, ...] = ()
+
+
+def schema_evolution(
+    old: DatasetSchema, new: DatasetSchema, *, dataset: str, path: str = ""
+) -> SchemaEvolution:
+    """How a buffered dataset's table evolves from ``old`` to ``new``. Compatible: a new
+    column not in ``unique_key`` (nullable), a column type widened (``WIDENINGS``).
+    Incompatible (a ``Problem`` each, ``field`` = ``{path}.schema.<column>`` or
+    ``{path}.unique_key``): a column removed, a type changed otherwise, a ``unique_key``
+    changed (the stored dedupe keys would mean something else)."""
+    prefix = f"{path}." if path else ""
+    old_types, new_types = dict(old.columns), dict(new.columns)
+    problems: list[Problem] = []
+    widened: list[tuple[str, str, str]] = []
+    for col, was in old.columns:
+        now = new_types.get(col)
+        if now is None:
+            problems.append(
+                Problem(
+                    None,
+                    f"{prefix}schema",
+                    f"column {col!r} of buffered dataset {dataset!r} is removed: its table "
+                    "holds it (keep it declared; rows may leave it null)",
+                )
+            )
+        elif now != was:
+            if now in WIDENINGS.get(was, ()):
+                widened.append((col, was, now))
+            else:
+                allowed = ", ".join(sorted(WIDENINGS.get(was, ()))) or "none"
+                problems.append(
+                    Problem(
+                        None,
+                        f"{prefix}schema.{col}",
+                        f"column {col!r} of buffered dataset {dataset!r} cannot change from "
+                        f"{was} to {now}: stored values may not fit (widenings of {was}: "
+                        f"{allowed}; or publish a new dataset)",
+                    )
+                )
+    if tuple(old.unique_key) != tuple(new.unique_key):
+        problems.append(
+            Problem(
+                None,
+                f"{prefix}unique_key",
+                f"the unique_key of buffered dataset {dataset!r} cannot change from "
+                f"{list(old.unique_key)} to {list(new.unique_key)}: stored rows are deduplicated "
+                "by it (publish a new dataset)",
+            )
+        )
+    added = tuple((c, t) for c, t in new.columns if c not in old_types)
+    return SchemaEvolution(added, tuple(widened), tuple(problems))
+
+
 def _canonical(v: Any) -> Any:
     t = type(v)
     if t is int or t is str or v is None or t is bool or t is float:
@@ -467,13 +542,16 @@ __all__ = [
     "MAX_BATCH_ROWS",
     "MAX_PROBLEMS",
     "MAX_TEXT_BYTES",
+    "WIDENINGS",
     "DatasetSchema",
     "MalformedBatch",
     "ParsedBatch",
     "Problem",
+    "SchemaEvolution",
     "Scope",
     "dedupe_key",
     "dedupe_keys",
     "inline_lines",
     "parse_batch",
+    "schema_evolution",
 ]
