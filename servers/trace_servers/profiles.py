@@ -27,6 +27,7 @@ Lite: ``TRACE_UDF_RUNNER_URL`` (optional) is the Lite UDF runner (``trace udf ru
 
 from __future__ import annotations
 
+import asyncio
 import os
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
@@ -181,13 +182,14 @@ async def worker_parts(
 
 @attrs.define
 class SinkParts:
-    """What a sink process needs from its profile: the object store, and its dataset queues
-    by name (``queue_for``; on AWS each is created with its DLQ the first time it is asked
-    for: ``SqsQueue.create`` reuses an existing one)."""
+    """What a sink process (and ``trace dlq``) needs from its profile: the object store, its
+    dataset queues by name (``queue_for``; on AWS an existing queue, looked up: queues are
+    created at deploy by ``trace_lite.buffer_queues``) and the task queue (``task_queue``)."""
 
     object_store: ObjectStore
     queue_for: Callable[[str], Queue]
     closers: list[Closer] = attrs.field(factory=list)
+    task_queue: Callable[[], Queue] | None = None
 
     async def close(self) -> None:
         for close in reversed(self.closers):
@@ -206,7 +208,8 @@ async def sink_parts(
         from trace_aws.sqs_queue import SqsQueue
 
         store = _aws_store(e)
-        make = SqsQueue.create
+        make = SqsQueue.lookup
+        make_task_queue: Callable[[], Queue] = lambda: _aws_queue(e)  # noqa: E731
     else:
         from trace_lite.local_store import LocalObjectStore
         from trace_lite.pg_queue import PgQueue
@@ -215,11 +218,17 @@ async def sink_parts(
             settings.object_root, settings.dispatcher_url, settings.object_secret
         )
         make = lambda name: PgQueue(pool, name)  # noqa: E731
+        make_task_queue = lambda: make(settings.queue_name)  # noqa: E731
 
     def queue_for(name: str) -> Queue:
         if name not in queues:
             queues[name] = make(name)
         return queues[name]
+
+    def task_queue() -> Queue:
+        if "" not in queues:  # no buffer queue has an empty name
+            queues[""] = make_task_queue()
+        return queues[""]
 
     async def close() -> None:
         for q in queues.values():
@@ -227,7 +236,24 @@ async def sink_parts(
         if hasattr(store, "close"):
             await store.close()
 
-    return SinkParts(store, queue_for, closers=[close])
+    return SinkParts(store, queue_for, closers=[close], task_queue=task_queue)
+
+
+def buffer_queue_creator(env: Mapping[str, str] | None = None) -> Callable[[str], Awaitable[None]]:
+    """How this profile creates a buffer queue and its dead-letter queue at deploy
+    (``trace_lite.buffer_queues``): SQS on AWS (idempotent), nothing on Lite."""
+    e = os.environ if env is None else env
+    if profile(e) == "aws":
+        from trace_aws.sqs_queue import SqsQueue
+
+        async def create(name: str) -> None:
+            queue = await asyncio.to_thread(SqsQueue.create, name)
+            await queue.close()
+
+        return create
+    from trace_lite.buffer_queues import create_nothing
+
+    return create_nothing
 
 
 __all__ = [
@@ -235,6 +261,7 @@ __all__ = [
     "DispatcherParts",
     "SinkParts",
     "WorkerParts",
+    "buffer_queue_creator",
     "dispatcher_parts",
     "profile",
     "sink_parts",

@@ -34,6 +34,7 @@ from psycopg_pool import AsyncConnectionPool
 from trace_core import errors
 from trace_core.ports import Queue, ReceivedMessage
 from trace_lite.buffer_forwarder import BufferForwarder, queue_name, topic
+from trace_lite.buffer_queues import QueueProvisioner, buffer_queue
 from trace_lite.config import LiteSettings
 from trace_lite.pg import fetch_as, open_pool, transaction
 from trace_lite.pg_queue import PgQueue
@@ -100,12 +101,34 @@ class _PurgedRow:
     purged: int
 
 
-async def status(pool: AsyncConnectionPool, org: str, names: Sequence[str]) -> list[dict[str, Any]]:
-    """Per dataset: its queue's backlog and the announcements not forwarded yet."""
+async def queue_backlog(pool: AsyncConnectionPool, queue: Queue) -> dict[str, Any]:
+    """``depth``, ``in_flight``, ``dead`` and ``oldest_age_s`` of a queue: from the queue
+    table for the Postgres queue; from SQS's attributes otherwise, where ``oldest_age_s`` is
+    ``None`` (SQS has it in CloudWatch only). Raises ``NotFound``, ``Unavailable``."""
+    if isinstance(queue, PgQueue):
+        st = await queue_status(pool, queue.name)
+        return {k: v for k, v in attrs.asdict(st).items() if k != "queue"}
+    stats = await queue.stats()  # type: ignore[attr-defined]
+    return {**attrs.asdict(stats), "oldest_age_s": None}
+
+
+async def status(
+    pool: AsyncConnectionPool,
+    org: str,
+    names: Sequence[str],
+    queue_for: Callable[[str], Queue] | None = None,
+) -> list[dict[str, Any]]:
+    """Per dataset: its queue (``queue_for``, the Postgres queue by default), whether it was
+    created on the backend, its backlog and the announcements not forwarded yet."""
     out = []
     for name in await _datasets(pool, org, names):
         ds = await load_dataset(pool, org, name)
-        st = await queue_status(pool, queue_name(ds.dataset_uuid))
+        row = await buffer_queue(pool, ds.dataset_uuid)
+        qname = queue_name(ds.dataset_uuid)
+        backlog: dict[str, Any] = dict.fromkeys(("depth", "in_flight", "dead", "oldest_age_s"))
+        if row is not None and row.provisioned:
+            queue = PgQueue(pool, qname) if queue_for is None else queue_for(qname)
+            backlog = await queue_backlog(pool, queue)
         async with transaction(pool) as cur:
             (p,) = await fetch_as(
                 cur, _PendingRow, Q["pending_announcements"], {"topic": topic(name)}
@@ -114,7 +137,9 @@ async def status(pool: AsyncConnectionPool, org: str, names: Sequence[str]) -> l
             {
                 "dataset": name,
                 "dataset_uuid": ds.dataset_uuid,
-                **attrs.asdict(st),
+                "queue": qname,
+                "queue_created": row is not None and row.provisioned,
+                **backlog,
                 "not_forwarded": p.pending,
             }
         )
@@ -158,12 +183,22 @@ class SinkMetrics:
             "trace_sink_rows_inserted", "Rows this process inserted", labels, registry=self.registry
         )
 
-    async def refresh(self, pool: AsyncConnectionPool, org: str, sinks: Sequence[Sink]) -> None:
-        for s in await status(pool, org, [x.dataset for x in sinks]):
-            self.depth.labels(s["dataset"]).set(s["depth"])
-            self.dead.labels(s["dataset"]).set(s["dead"])
-            self.lag.labels(s["dataset"]).set(s["oldest_age_s"])
-            self.pending.labels(s["dataset"]).set(s["not_forwarded"])
+    async def refresh(
+        self,
+        pool: AsyncConnectionPool,
+        org: str,
+        sinks: Sequence[Sink],
+        queue_for: Callable[[str], Queue] | None = None,
+    ) -> None:
+        for s in await status(pool, org, [x.dataset for x in sinks], queue_for):
+            for gauge, key in (
+                (self.depth, "depth"),
+                (self.dead, "dead"),
+                (self.lag, "oldest_age_s"),
+                (self.pending, "not_forwarded"),
+            ):
+                if s[key] is not None:
+                    gauge.labels(s["dataset"]).set(s[key])
         for x in sinks:
             self.stored.labels(x.dataset, "stored").set(x.stats["batches"])
             self.stored.labels(x.dataset, "dead").set(x.stats["dead"])
@@ -186,7 +221,7 @@ async def run(
     """Run the sinks of ``names`` and their forwarder until ``stop`` is set (SIGTERM/SIGINT
     when not given). With no ``names``: every buffered dataset of ``org``, looked for again
     every ``refresh_s`` seconds, so datasets deployed later are served too."""
-    from trace_servers.profiles import sink_parts
+    from trace_servers.profiles import buffer_queue_creator, sink_parts
 
     own_signals = stop is None
     stop = stop or asyncio.Event()
@@ -197,6 +232,7 @@ async def run(
     state = await open_pool(state_url, min_size=1, max_size=6)
     data = await open_pool(data_url, min_size=1, max_size=4)
     parts = await sink_parts(settings, state)
+    provisioner = QueueProvisioner(state, buffer_queue_creator())
 
     def queue_for(dataset_uuid: str) -> Queue:
         return parts.queue_for(queue_name(dataset_uuid))
@@ -219,12 +255,17 @@ async def run(
         for name in await _datasets(state, org, names):
             if name in served:
                 continue
-            ds = await load_dataset(state, org, name)
+            try:
+                ds = await load_dataset(state, org, name)
+                queue = queue_for(ds.dataset_uuid)
+            except errors.TraceError as exc:  # not deployed, or its queue not created yet
+                log.warning("dataset not served yet", extra={"dataset": name, "why": str(exc)})
+                continue
             sink = Sink(
                 state_pool=state,
                 data_pool=data,
                 object_store=parts.object_store,
-                queue=queue_for(ds.dataset_uuid),
+                queue=queue,
                 org=org,
                 dataset=name,
                 visibility_timeout_s=visibility_s,
@@ -237,15 +278,17 @@ async def run(
             print(json.dumps({"sink": "serving", "org": org, "dataset": name}), flush=True)
 
     try:
+        await provisioner.provision_once()  # queues of deploys no Dispatcher provisioned yet
         await add_new_datasets()
         if metrics_port:
-            runner = await _serve_metrics(state, org, sinks, metrics_port)
+            runner = await _serve_metrics(state, org, sinks, metrics_port, parts.queue_for)
         print(json.dumps({"sink": "running", "org": org, "datasets": names or "all"}), flush=True)
-        loops = [run_every(stop, 0.2, forwarder.drain, name="buffer forwarder", logger=log)]
-        if not names:  # every buffered dataset of the org, including those deployed later
-            loops.append(
-                run_every(stop, refresh_s, add_new_datasets, name="sink datasets", logger=log)
-            )
+        loops = [
+            run_every(stop, 0.2, forwarder.drain, name="buffer forwarder", logger=log),
+            run_every(stop, 1.0, provisioner.provision_once, name="buffer queues", logger=log),
+            # datasets deployed (or whose queues were created) after the start
+            run_every(stop, refresh_s, add_new_datasets, name="sink datasets", logger=log),
+        ]
         await asyncio.gather(*loops)
         await asyncio.gather(*tasks)
     finally:
@@ -256,14 +299,27 @@ async def run(
         await data.close()
 
 
+async def provision_queues(pool: AsyncConnectionPool, stop: asyncio.Event) -> None:
+    """Create the buffer queues deploys recorded (``trace_lite.buffer_queues``) on this
+    profile's backend until ``stop`` is set: the Dispatcher process runs it."""
+    from trace_servers.profiles import buffer_queue_creator
+
+    provisioner = QueueProvisioner(pool, buffer_queue_creator())
+    await run_every(stop, 0.5, provisioner.provision_once, name="buffer queues", logger=log)
+
+
 async def _serve_metrics(
-    pool: AsyncConnectionPool, org: str, sinks: Sequence[Sink], port: int
+    pool: AsyncConnectionPool,
+    org: str,
+    sinks: Sequence[Sink],
+    port: int,
+    queue_for: Callable[[str], Queue],
 ) -> web.AppRunner:
     metrics = SinkMetrics()
 
     async def handler(_request: web.Request) -> web.Response:
         try:
-            await metrics.refresh(pool, org, sinks)
+            await metrics.refresh(pool, org, sinks, queue_for)
         except errors.TraceError:
             pass  # serve what is known
         return web.Response(
@@ -282,60 +338,78 @@ async def _serve_metrics(
 # --- dlq -------------------------------------------------------------------------------------
 
 
-async def _target_queue(
-    settings: LiteSettings, pool: AsyncConnectionPool, args: argparse.Namespace
-) -> str:
+async def _target_queue(pool: AsyncConnectionPool, parts: Any, args: argparse.Namespace) -> Queue:
     if args.queue:
-        return str(args.queue)
+        return parts.queue_for(str(args.queue))  # type: ignore[no-any-return]
     if args.dataset:
         if not args.org:
             raise SystemExit("--dataset needs --org")
-        return queue_name((await load_dataset(pool, args.org, args.dataset)).dataset_uuid)
-    return settings.queue_name
+        ds = await load_dataset(pool, args.org, args.dataset)
+        return parts.queue_for(queue_name(ds.dataset_uuid))  # type: ignore[no-any-return]
+    return parts.task_queue()  # type: ignore[no-any-return]
+
+
+async def _dead_counts(pool: AsyncConnectionPool, parts: Any) -> list[dict[str, Any]]:
+    """Queues with dead letters: one query on the Postgres queue; else every buffer queue
+    created and the task queue, asked one by one."""
+    queues: list[Queue] = [parts.task_queue()]
+    if isinstance(queues[0], PgQueue):
+        async with transaction(pool) as cur:
+            rows = await fetch_as(cur, _DeadRow, Q["dead_counts"], {})
+        return [attrs.asdict(r) for r in rows]
+    async with transaction(pool) as cur:
+        names = await fetch_as(cur, _NameRow, Q["buffer_queue_names"], {})
+    queues += [parts.queue_for(r.name) for r in names]
+    out = []
+    for queue in queues:
+        dead = (await queue_backlog(pool, queue))["dead"]
+        if dead:
+            out.append({"queue": queue.name, "dead": dead})
+    return sorted(out, key=lambda r: str(r["queue"]))
 
 
 async def dlq(settings: LiteSettings, state_url: str, args: argparse.Namespace) -> Any:
-    """``trace dlq ls|show|replay|purge``: the answer to print."""
+    """``trace dlq ls|show|replay|purge`` on the profile's queues (the Postgres queue, or SQS
+    with ``TRACE_PROFILE=aws``): the answer to print."""
+    from trace_servers.profiles import sink_parts
+
     pool = await open_pool(state_url, min_size=1, max_size=2)
+    parts = await sink_parts(settings, pool)
     try:
         if args.dlq_cmd == "ls":
+            return await _dead_counts(pool, parts)
+        queue = await _target_queue(pool, parts, args)
+        if args.dlq_cmd == "show":
+            letters: list[ReceivedMessage] = []
+            while len(letters) < args.max:
+                got = await queue.dead_letters(max_messages=min(10, args.max - len(letters)))
+                fresh = [m for m in got if m.message_id not in {x.message_id for x in letters}]
+                letters += fresh
+                if len(got) < 10 or not fresh:
+                    break
+            return {
+                "queue": queue.name,
+                "dead_letters": [
+                    {
+                        "id": m.message_id,
+                        "receive_count": m.receive_count,
+                        "reason": m.dead_letter_reason,
+                        "body": m.body.decode("utf-8", "replace")[:2000],
+                    }
+                    for m in letters
+                ],
+            }
+        if args.dlq_cmd == "replay":
+            return {"queue": queue.name, "replayed": await queue.redrive(max_messages=args.max)}
+        if not args.yes:
+            raise SystemExit("purge deletes the dead letters for good: add --yes")
+        if isinstance(queue, PgQueue):
             async with transaction(pool) as cur:
-                rows = await fetch_as(cur, _DeadRow, Q["dead_counts"], {})
-            return [attrs.asdict(r) for r in rows]
-        name = await _target_queue(settings, pool, args)
-        queue = PgQueue(pool, name)
-        try:
-            if args.dlq_cmd == "show":
-                letters: list[ReceivedMessage] = []
-                while len(letters) < args.max:
-                    got = await queue.dead_letters(max_messages=min(10, args.max - len(letters)))
-                    letters += [
-                        m for m in got if m.message_id not in {x.message_id for x in letters}
-                    ]
-                    if len(got) < 10:
-                        break
-                return {
-                    "queue": name,
-                    "dead_letters": [
-                        {
-                            "id": m.message_id,
-                            "receive_count": m.receive_count,
-                            "reason": m.dead_letter_reason,
-                            "body": m.body.decode("utf-8", "replace")[:2000],
-                        }
-                        for m in letters
-                    ],
-                }
-            if args.dlq_cmd == "replay":
-                return {"queue": name, "replayed": await queue.redrive(max_messages=args.max)}
-            if not args.yes:
-                raise SystemExit("purge deletes the dead letters for good: add --yes")
-            async with transaction(pool) as cur:
-                (r,) = await fetch_as(cur, _PurgedRow, Q["purge_dead"], {"queue": name})
-            return {"queue": name, "purged": r.purged}
-        finally:
-            await queue.close()
+                (r,) = await fetch_as(cur, _PurgedRow, Q["purge_dead"], {"queue": queue.name})
+            return {"queue": queue.name, "purged": r.purged}
+        return {"queue": queue.name, "purged": await queue.purge_dead_letters()}  # type: ignore[attr-defined]
     finally:
+        await parts.close()
         await pool.close()
 
 
@@ -351,10 +425,14 @@ def _cmd_sink(settings: LiteSettings, args: argparse.Namespace, urls: tuple[str,
     if args.sink_cmd == "status":
 
         async def go() -> list[dict[str, Any]]:
+            from trace_servers.profiles import sink_parts
+
             pool = await open_pool(state_url, min_size=1, max_size=2)
+            parts = await sink_parts(settings, pool)
             try:
-                return await status(pool, args.org, args.dataset)
+                return await status(pool, args.org, args.dataset, parts.queue_for)
             finally:
+                await parts.close()
                 await pool.close()
 
         print(json.dumps(asyncio.run(go()), indent=2))
@@ -385,4 +463,14 @@ def cmd_dlq(settings: LiteSettings, args: argparse.Namespace, state_url: str) ->
     return 0
 
 
-__all__ = ["SinkMetrics", "add_parsers", "cmd_dlq", "cmd_sink", "dlq", "run", "status"]
+__all__ = [
+    "SinkMetrics",
+    "add_parsers",
+    "cmd_dlq",
+    "cmd_sink",
+    "dlq",
+    "provision_queues",
+    "queue_backlog",
+    "run",
+    "status",
+]

@@ -41,6 +41,8 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from attrs import frozen
+
 from trace_aws._boto import AwsCalls, client
 from trace_core import errors
 from trace_core.ports import ReceivedMessage
@@ -151,6 +153,18 @@ def _parse_receipt(receipt: object) -> tuple[int, str, str] | None:
     return int(received_ms), message_id, handle
 
 
+@frozen
+class QueueStats:
+    """A queue's approximate backlog, as SQS counts it."""
+
+    #: Messages not deleted and not dead (visible, in flight or delayed).
+    depth: int
+    #: Received and not yet deleted or visible again.
+    in_flight: int
+    #: Messages in the dead-letter queue.
+    dead: int
+
+
 class SqsQueue:
     """The Queue port on one SQS queue and its dead-letter queue.
 
@@ -229,6 +243,28 @@ class SqsQueue:
         except Exception as exc:
             raise translate(exc, "create queue") from exc
         return cls(url, sqs=sqs, dlq_url=dlq_url)
+
+    @classmethod
+    def lookup(
+        cls,
+        name: str,
+        *,
+        sqs: Any | None = None,
+        endpoint_url: str | None = None,
+        region_name: str | None = None,
+    ) -> SqsQueue:
+        """The existing queue ``name`` (blocking: one ``GetQueueUrl``); never creates it.
+        Raises ``NotFound`` (no such queue), another ``trace_core.errors`` class."""
+        from trace_aws._boto import translate
+
+        sqs = sqs or client(
+            "sqs", endpoint_url=endpoint_url, region_name=region_name, read_timeout=MAX_WAIT_S + 10
+        )
+        try:
+            url = sqs.get_queue_url(QueueName=name)["QueueUrl"]
+        except Exception as exc:
+            raise translate(exc, f"queue {name}") from exc
+        return cls(url, sqs=sqs)
 
     async def _dlq(self) -> str:
         if self._dlq_url is None:
@@ -475,6 +511,44 @@ class SqsQueue:
         )
         return sum(int(v) for v in resp.get("Attributes", {}).values())
 
+    async def stats(self) -> QueueStats:
+        """The queue's and its DLQ's approximate counts (SQS's attributes; SQS does not expose
+        the oldest message's age as an attribute: CloudWatch's ``ApproximateAgeOfOldestMessage``
+        has it). Raises ``NotFound`` (no DLQ), ``Unavailable``."""
+        names = [
+            "ApproximateNumberOfMessages",
+            "ApproximateNumberOfMessagesNotVisible",
+            "ApproximateNumberOfMessagesDelayed",
+        ]
+        live = await self._calls.run(
+            "get queue attributes",
+            self._sqs.get_queue_attributes,
+            QueueUrl=self.queue_url,
+            AttributeNames=names,
+        )
+        dead = await self._calls.run(
+            "get dlq attributes",
+            self._sqs.get_queue_attributes,
+            QueueUrl=await self._dlq(),
+            AttributeNames=names,
+        )
+        a = {k: int(v) for k, v in live.get("Attributes", {}).items()}
+        return QueueStats(
+            depth=sum(a.values()),
+            in_flight=a.get("ApproximateNumberOfMessagesNotVisible", 0),
+            dead=sum(int(v) for v in dead.get("Attributes", {}).values()),
+        )
+
+    async def purge_dead_letters(self) -> int:
+        """Delete every dead letter; returns how many were deleted. Raises ``NotFound`` (no
+        DLQ), ``Unavailable``."""
+        dlq = await self._dlq()
+        purged = 0
+        while batch := await self._receive(dlq, MAX_BATCH, 60, 0):
+            await self._delete(dlq, [m.receipt for m in batch])
+            purged += len(batch)
+        return purged
+
     async def close(self) -> None:
         self._calls.close()
 
@@ -485,4 +559,4 @@ class SqsQueue:
         await self.close()
 
 
-__all__ = ["SqsQueue", "decode_body", "encode_body"]
+__all__ = ["QueueStats", "SqsQueue", "decode_body", "encode_body"]

@@ -54,6 +54,7 @@ from trace_core.dag import (
 from trace_lite import sqlfile
 from trace_lite.orgs import Orgs, first
 from trace_lite.pg import fetch_as, transaction
+from trace_lite.sink_tables import schema_change_problems
 
 Q = sqlfile.load("dags.sql")
 #: The registry's statements (versions, pointer sets), run inside a deploy's transaction.
@@ -258,6 +259,8 @@ class Dags:
             if problems:
                 raise problems_error(problems)
             new = parse(doc)
+            if problems := await schema_change_problems(cur, org_id, new):
+                raise problems_error(problems)  # a buffered table cannot take the change
             if dag is None:
                 await cur.execute(Q["ensure_dag"], {"org_id": org_id, "name": new.name})
                 params = {"org_id": org_id, "name": new.name}

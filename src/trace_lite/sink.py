@@ -9,7 +9,8 @@ many. For each message (a ``BufferMessage``: one batch pointer of one attempt):
    or batch that cannot be used goes to the queue's dead-letter queue **at once**, with the
    reason (row, field, what was wrong); other batches keep flowing;
 2. in one data-database transaction: create the version's table if needed (``data.dsv_<hex>``,
-   ``trace_lite.datasets.table_name``, unique on ``_dedupe_key``), COPY the rows with their
+   ``trace_lite.datasets.table_name``, unique on ``_dedupe_key``) or evolve it to the
+   dataset's current schema (``trace_lite.sink_tables.ensure_table``), COPY the rows with their
    dedupe keys into a temporary table, ``INSERT … ON CONFLICT (_dedupe_key) DO NOTHING``;
    **commit**;
 3. **then** emit the dataset's upstream event in the state database: an event of the producing
@@ -50,8 +51,8 @@ from trace_core.ports import ObjectStore, Queue, ReceivedMessage
 from trace_core.sink import DatasetSchema, ParsedBatch, dedupe_keys, inline_lines, parse_batch
 from trace_lite import sqlfile
 from trace_lite.buffer_forwarder import BUFFERED, BufferMessage, queue_name
-from trace_lite.datasets import DATA_SCHEMA, table_name
 from trace_lite.pg import fetch_as, transaction
+from trace_lite.sink_tables import PG_TYPES, column_defs, ensure_table, table_ident
 
 log = logging.getLogger("trace.sink")
 
@@ -62,22 +63,6 @@ EVENT_TYPE = "rows_committed"
 #: The points ``Sink.fault`` is called at, in order.
 FAULT_POINTS = ("before_commit", "after_commit", "after_event")
 
-#: Postgres column types of the schema's column types.
-PG_TYPES: Mapping[str, str] = {
-    "string": "text",
-    "bytes": "bytea",
-    "bool": "boolean",
-    "int32": "integer",
-    "int64": "bigint",
-    "uint32": "bigint",
-    "uint64": "numeric(20,0)",
-    "uint256": "numeric(78,0)",
-    "float64": "double precision",
-    "decimal": "numeric",
-    "timestamp": "timestamptz",
-    "date": "date",
-    "json": "jsonb",
-}
 #: The types COPY dumps each column's values as (``Copy.set_types``).
 _COPY_TYPES: Mapping[str, str] = {**PG_TYPES, "uint64": "numeric", "uint256": "numeric"}
 
@@ -185,7 +170,8 @@ class Sink:
         self.visibility_timeout_s = visibility_timeout_s
         #: Called at each of ``FAULT_POINTS``; raising there stops the loop (tests).
         self.fault = fault
-        self._tables: set[str] = set()
+        #: The schema each table was last created or evolved to by this sink.
+        self._tables: dict[str, DatasetSchema] = {}
         #: Counters since start (the process's metrics).
         self.stats = {"batches": 0, "rows": 0, "inserted": 0, "dead": 0, "events": 0}
         self.last_batch_at: float | None = None
@@ -309,29 +295,17 @@ class Sink:
     ) -> int:
         """COPY into a temporary table, insert the rows new to the table, commit."""
         assert dataset.dataset_version is not None
-        table = sql.Identifier(DATA_SCHEMA, f"dsv_{dataset.dataset_version.replace('-', '')}")
+        version = dataset.dataset_version
+        table = table_ident(version)
         staging = sql.Identifier("sink_batch")
-        key = table_name(dataset.dataset_version)
         names = sql.SQL(", ").join(sql.Identifier(c) for c in schema.names)
-        columns = sql.SQL(", ").join(
-            sql.SQL("{} {}").format(sql.Identifier(c), sql.SQL(PG_TYPES[t]))
-            for c, t in schema.columns
-        )
+        columns = column_defs(schema)
         copy_types = [_COPY_TYPES[t] for _, t in schema.columns] + ["bytea"]
         try:
             async with self.data_pool.connection() as conn, conn.transaction():
                 async with conn.cursor() as cur:
-                    if key not in self._tables:
-                        await cur.execute(Q["lock_table_ddl"], {"table": key})
-                        await cur.execute(
-                            sql.SQL(Q["create_table"]).format(
-                                table=table,
-                                columns=columns,
-                                constraint=sql.Identifier(
-                                    f"dsv_{dataset.dataset_version.replace('-', '')}_dedupe"
-                                ),
-                            )
-                        )
+                    if self._tables.get(version) != schema:
+                        await ensure_table(cur, version, schema)
                     await cur.execute(
                         sql.SQL(Q["create_staging"]).format(staging=staging, columns=columns)
                     )
@@ -349,14 +323,14 @@ class Sink:
                     inserted = cur.rowcount
                     await self._fault("before_commit")
         except (psycopg.DataError, psycopg.IntegrityError, psycopg.ProgrammingError) as exc:
-            # the table refuses what the schema admitted (its columns were created under an
-            # older schema; altering them is not built): retrying cannot help
+            # the table refuses what the schema admitted (changed outside Trace): retrying
+            # cannot help
             raise errors.ValidationFailed(
                 f"the table refused the batch: {exc.diag.message_primary}", field="rows"
             ) from exc
         except psycopg.Error as exc:
             raise errors.Unavailable(f"data database: {type(exc).__name__}") from exc
-        self._tables.add(key)
+        self._tables[version] = schema
         return inserted
 
     async def _emit(self, dataset: DatasetRow, batches: Sequence[BufferMessage]) -> set[str]:

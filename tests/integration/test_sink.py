@@ -392,7 +392,7 @@ async def test_a_batch_with_a_bad_row_goes_whole_to_the_dlq_and_replays_after_th
     assert len(env.events()) == 2
     # the schema is fixed (value widened to a signed type) and the dead letter replayed
     await env.dags.deploy(
-        None, ORG, dag_doc({"tx_hash": "bytes", "log_index": "int32", "value": "int64"})
+        None, ORG, dag_doc({"tx_hash": "bytes", "log_index": "int32", "value": "decimal"})
     )
     assert await queue.redrive() == 1
     await drain(sink)
@@ -429,23 +429,160 @@ async def test_announcements_of_an_unknown_dataset_are_not_forwarded(env: Env) -
     assert env.queues == {}  # nothing was sent anywhere
 
 
-async def test_a_batch_the_table_refuses_is_dead_lettered_not_retried(env: Env) -> None:
-    """A schema changed after the table was created (a column added): the table refuses the
-    batch, which goes to the DLQ with the reason at once; the table is unchanged."""
+async def test_a_redeploy_adds_nullable_columns_and_widens_types_of_the_table(env: Env) -> None:
+    """The DAG redeploys with a new column and two widened types: the next batch evolves the
+    table (ADD COLUMN, ALTER COLUMN TYPE) in its transaction, old rows keep their values
+    (null in the new column), a batch published under the old schema still lands, and values
+    only the wider types hold are stored."""
     fence = await env.task()
     await env.publish(fence, "b1", [row(1)])
     await env.forwarder.drain()
     await drain(await env.sink())
-    wider = {"tx_hash": "bytes", "log_index": "int32", "value": "uint256", "memo": "string"}
+    version = await env.version()
+    wider = {"tx_hash": "bytes", "log_index": "int64", "value": "decimal", "memo": "string"}
     await env.dags.deploy(None, ORG, dag_doc(wider))
-    await env.publish(fence, "b2", [{**row(2), "memo": "x"}])
+    assert await env.version() == version  # the same table evolves
+    await env.publish(fence, "old-shape", [row(2)])
+    await env.publish(
+        fence, "b2", [{**row(3), "log_index": 2**40, "value": "-1.5", "memo": "wide"}]
+    )
+    await env.forwarder.drain()
+    sink = await env.sink()
+    await drain(sink)
+    assert sink.stats["dead"] == 0
+    columns = sql(
+        env.data_url,
+        "SELECT attname::text, format_type(atttypid, atttypmod) FROM pg_attribute "
+        "WHERE attrelid = to_regclass(%s) AND attnum > 0 AND NOT attisdropped "
+        "AND left(attname, 1) <> '_'",
+        (table_name(version),),
+    )
+    assert dict(columns) == {
+        "tx_hash": "bytea",
+        "log_index": "bigint",
+        "value": "numeric",
+        "memo": "text",
+    }
+    stored = sql(
+        env.data_url,
+        f"SELECT encode(tx_hash, 'hex'), log_index, value::text, memo "
+        f"FROM {table_name(version)} ORDER BY 1",
+    )
+    assert stored == [
+        ("0001", 1, "1", None),
+        ("0002", 2, "1", None),
+        ("0003", 2**40, "-1.5", "wide"),
+    ]
+    assert len(env.events()) == 3
+
+
+async def test_a_table_changed_outside_trace_dead_letters_its_batches_with_the_reason(
+    env: Env,
+) -> None:
+    """A column whose type the table holds cannot be widened to the declared one (altered by
+    hand): the batch goes to the DLQ at once with the column named; nothing is written."""
+    fence = await env.task()
+    await env.publish(fence, "b1", [row(1)])
+    await env.forwarder.drain()
+    await drain(await env.sink())
+    version = await env.version()
+    sql(env.data_url, f"ALTER TABLE {table_name(version)} ALTER COLUMN log_index TYPE text")
+    await env.publish(fence, "b2", [row(2)])
     await env.forwarder.drain()
     sink = await env.sink()
     await drain(sink)
     assert sink.stats["dead"] == 1
     (dead,) = await (await env.dataset_queue()).dead_letters()
-    assert "memo" in str(dead.dead_letter_reason)
-    assert [r[0] for r in env.table(await env.version())] == ["0001"]
+    assert "schema.log_index" in str(dead.dead_letter_reason)
+    assert "is text" in str(dead.dead_letter_reason)
+    assert [r[0] for r in env.table(version)] == ["0001"]
+    assert len(env.events()) == 1
+
+
+def multi_writer_doc() -> dict[str, Any]:
+    """Two jobs write ``transfers`` (multi_writer), ``detect_a`` from its output 1; a job of
+    the same DAG reads ``detect_a``'s output 1."""
+    doc = dag_doc()
+    out = doc["jobs"]["detect"]["outputs"][0]
+    scratch = {"storage": "object_store", "update_strategy": "replace"}
+    doc["jobs"] = {
+        "detect_a": {
+            "operator": "emit_events",
+            "triggers": [{"type": "manual"}],
+            "outputs": [scratch, out],
+        },
+        "detect_b": {"operator": "emit_events", "triggers": [{"type": "manual"}], "outputs": [out]},
+        "after_a": {
+            "operator": "emit_events",
+            "inputs": [{"from": {"job": "detect_a", "output": 1}}],
+        },
+    }
+    doc["publish"] = [
+        {"job": "detect_a", "output": 1, "dataset": "transfers"},
+        {"job": "detect_b", "output": 0, "dataset": "transfers"},
+    ]
+    return doc
+
+
+async def test_every_writer_of_a_multi_writer_dataset_reaches_its_readers_once(env: Env) -> None:
+    """Two jobs publish batches into one multi_writer dataset; a DAG reading it with
+    ``from: {dataset}`` gets one task per committed batch of either writer, a job reading one
+    writer's output gets that writer's events only; redelivered batches and repeated fan-out
+    passes create nothing more."""
+    await env.dags.deploy(None, ORG, multi_writer_doc())
+    reader = {
+        "name": "readers",
+        "jobs": {
+            "read": {"operator": "emit_events", "inputs": [{"from": {"dataset": "transfers"}}]}
+        },
+    }
+    await env.dags.deploy(None, ORG, reader)
+    runs = DagRuns(env.pools[0])
+    writers = {}
+    for job in ("detect_a", "detect_b"):
+        started = await runs.trigger(None, ORG, "alerts", job)
+        claim = await env.dispatcher.claim(started["task_id"])
+        fence = {
+            "task_id": claim.task_id,
+            "attempt": claim.attempt,
+            "lease_token": claim.lease_token,
+        }
+        writers[job] = claim.task_id
+        await env.publish(fence, f"{job}-1", [row(1), row(2)])
+        await env.publish(fence, f"{job}-2", [row(3)])
+    await env.forwarder.drain()
+    queue = await env.dataset_queue()
+    (message,) = await queue.receive(max_messages=1, visibility_timeout=0)
+    await queue.send([message.body])  # one batch delivered twice
+    await drain(await env.sink())
+    assert len(env.events()) == 4
+    report = await runs.fan_out_once()
+    assert report.events == 4
+    assert (await runs.fan_out_once()).events == 0
+    tasks = sql(
+        env.db_url,
+        "SELECT t.dag_job, t.payload->'event'->>'producer_task_id', "
+        "t.payload->'event'->>'key', i.dataset_version::text FROM tasks t "
+        "LEFT JOIN task_inputs i ON i.task_id = t.task_id "
+        "WHERE t.dag_job IN ('read', 'after_a') ORDER BY 1, 3",
+    )
+    uuid_ = (await load_dataset(env.pools[0], ORG, "transfers")).dataset_uuid
+    version = await env.version()
+    reads = [(p, k, v) for job, p, k, v in tasks if job == "read"]
+    assert reads == [
+        (writers[j], f"sink/{uuid_}/{j}-{n}", version)
+        for j in ("detect_a", "detect_b")
+        for n in (1, 2)
+    ]
+    after_a = [(p, k) for job, p, k, _ in tasks if job == "after_a"]
+    assert after_a == [(writers["detect_a"], f"sink/{uuid_}/detect_a-{n}") for n in (1, 2)]
+    outputs = sql(
+        env.db_url,
+        "SELECT t.dag_job, e.payload->>'output' FROM task_events e JOIN tasks t USING (task_id) "
+        "WHERE e.event_type = %s ORDER BY 1",
+        (EVENT_TYPE,),
+    )
+    assert outputs == [("detect_a", "1"), ("detect_a", "1"), ("detect_b", "0"), ("detect_b", "0")]
 
 
 async def test_the_upstream_event_fans_out_to_the_consuming_job_once(env: Env) -> None:

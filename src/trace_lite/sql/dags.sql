@@ -174,8 +174,12 @@ WITH ev AS (
                      AND i.from_job = ev.dag_job AND i.from_output = ev.output
     UNION ALL
     SELECT ev.outbox_id, i.dag_id, i.version, i.job, i.input_index
-    FROM ev JOIN datasets d ON d.dag_id = ev.dag_id AND d.job_name = ev.dag_job
-                           AND d.output_index = ev.output
+    FROM ev JOIN datasets d ON d.org_id = ev.org_id AND (
+             (d.dag_id = ev.dag_id AND d.job_name = ev.dag_job AND d.output_index = ev.output)
+             -- a sink's rows_committed event names its dataset: every writer of a multi_writer
+             -- dataset reaches its readers (trace_lite.sink)
+             OR (starts_with(ev.event_key, 'sink/')
+                 AND d.dataset_uuid::text = ev.payload ->> 'dataset_uuid'))
     JOIN dag_inputs i ON i.from_dataset = d.name
     JOIN dags g ON g.dag_id = i.dag_id AND g.org_id = ev.org_id AND i.version = g.active_version
 )
@@ -187,8 +191,10 @@ SELECT ev.task_id::text AS producer_task_id, ev.event_key, ev.seq AS event_seq, 
 FROM ev
 JOIN consumers k ON k.outbox_id = ev.outbox_id
 JOIN dag_jobs j ON (j.dag_id, j.version, j.job) = (k.dag_id, k.version, k.job)
-LEFT JOIN datasets pd ON pd.dag_id = ev.dag_id AND pd.job_name = ev.dag_job
-                     AND pd.output_index = ev.output
+LEFT JOIN datasets pd ON pd.org_id = ev.org_id AND (
+              (pd.dag_id = ev.dag_id AND pd.job_name = ev.dag_job AND pd.output_index = ev.output)
+              OR (starts_with(ev.event_key, 'sink/')
+                  AND pd.dataset_uuid::text = ev.payload ->> 'dataset_uuid'))
 LEFT JOIN dags pg ON pg.dag_id = ev.dag_id
 LEFT JOIN dag_pointers ptr ON ptr.dag_id = pg.dag_id AND ptr.generation = pg.active_generation
                           AND ptr.dataset_uuid = pd.dataset_uuid

@@ -42,8 +42,20 @@ FOR UPDATE OF o SKIP LOCKED;
 -- The dataset's upstream events for committed batches, as events of the producing tasks; each
 -- key names the dataset and the batch, so a redelivered batch inserts nothing (no row back).
 -- The task_events trigger announces them to the DAG fan-out (outbox 'dag.event', migration 0011).
+-- payload.output is the producer's own output publishing the dataset (its DAG version's publish
+-- entry for its job: several jobs may write a multi_writer dataset, each from its own output),
+-- else the registry's output_index (a producer outside a DAG).
 INSERT INTO task_events (task_id, event_key, attempt, event_type, payload)
-SELECT e.task_id, e.key, e.attempt, %(type)s, e.payload
+SELECT e.task_id, e.key, e.attempt, %(type)s,
+       e.payload || jsonb_build_object('output', coalesce(
+           (SELECT (p ->> 'output')::int
+            FROM tasks t
+            JOIN dag_versions v ON v.dag_id = t.dag_id AND v.version = t.dag_version
+            CROSS JOIN LATERAL jsonb_array_elements(v.spec -> 'publish') AS p
+            WHERE t.task_id = e.task_id AND p ->> 'job' = t.dag_job
+              AND p ->> 'dataset' = e.payload ->> 'dataset'
+            ORDER BY (p ->> 'output')::int LIMIT 1),
+           (e.payload ->> 'output')::int))
 FROM unnest(%(task_ids)s::uuid[], %(keys)s::text[], %(attempts)s::int[], %(payloads)s::jsonb[])
      AS e (task_id, key, attempt, payload)
 ON CONFLICT (task_id, event_key) DO NOTHING
@@ -101,3 +113,55 @@ COPY {staging} ({names}, _dedupe_key) FROM STDIN;
 INSERT INTO {table} ({names}, _dedupe_key, _task_id, _batch_key)
 SELECT {names}, _dedupe_key, %(task_id)s, %(batch_key)s FROM {staging}
 ON CONFLICT (_dedupe_key) DO NOTHING;
+
+-- name: claim_unprovisioned_queues
+-- Lock due buffer queues not created on the backend yet (migration 0019); rows another
+-- provisioning pass holds are skipped.
+SELECT queue, tries FROM buffer_queues
+WHERE provisioned_at IS NULL AND available_at <= now()
+ORDER BY available_at, queue
+LIMIT %(n)s
+FOR UPDATE SKIP LOCKED;
+
+-- name: mark_queue_provisioned
+-- The backend queue (and its DLQ) exists.
+UPDATE buffer_queues SET provisioned_at = now(), last_error = NULL WHERE queue = %(queue)s;
+
+-- name: queue_provision_failed
+-- Creating the backend queue failed: try again after a delay.
+UPDATE buffer_queues
+SET tries = tries + 1, available_at = now() + make_interval(secs => %(delay_s)s),
+    last_error = %(error)s
+WHERE queue = %(queue)s;
+
+-- name: buffer_queue
+-- A dataset's buffer queue row (NULL provisioned_at: not created on the backend yet).
+SELECT queue, provisioned_at IS NOT NULL AS provisioned, last_error
+FROM buffer_queues WHERE dataset_uuid = %(dataset_uuid)s::uuid;
+
+-- name: buffer_queue_names
+-- Every buffer queue created on the backend (trace dlq ls on a backend that cannot list by
+-- itself).
+SELECT queue AS name FROM buffer_queues WHERE provisioned_at IS NOT NULL ORDER BY queue;
+
+-- name: registered_buffered
+-- The registered schema and unique_key of the org's buffered datasets among the given names
+-- (a deploy checks its new schemas against them: trace_lite.sink_tables).
+SELECT name, schema, unique_key FROM datasets
+WHERE org_id = %(org_id)s AND name = ANY(%(names)s::text[])
+  AND storage_kind = 'buffered_postgres';
+
+-- name: table_columns
+-- (data database) The columns of a table and their types, as the catalog spells them.
+SELECT a.attname::text AS name, format_type(a.atttypid, a.atttypmod) AS type
+FROM pg_attribute a
+WHERE a.attrelid = to_regclass(%(table)s) AND a.attnum > 0 AND NOT a.attisdropped
+ORDER BY a.attnum;
+
+-- name: add_column
+-- (data database) A column the dataset's schema gained: nullable, old rows hold null.
+ALTER TABLE {table} ADD COLUMN IF NOT EXISTS {column} {type};
+
+-- name: widen_column
+-- (data database) A column whose declared type widened (trace_core.sink.WIDENINGS).
+ALTER TABLE {table} ALTER COLUMN {column} TYPE {type} USING {column}::{type};
