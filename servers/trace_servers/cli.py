@@ -113,9 +113,14 @@ async def _run_dispatcher(settings: LiteSettings, state_url: str) -> None:
     from trace_lite.dag_runs import DagRuns
 
     dag_runs = asyncio.create_task(DagRuns(pool, wake_mode=dispatcher.wake_mode).run(stop))
+    # buffer queues of deployed buffered datasets (trace_lite.buffer_queues)
+    from trace_servers.sink_cli import provision_queues
+
+    buffer_queues = asyncio.create_task(provision_queues(pool, stop))
     try:
         await dispatcher.run_background(stop)
     finally:
+        await buffer_queues
         await dag_runs
         await sweep
         await runner.cleanup()
