@@ -18,12 +18,14 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from trace_core import errors
+from trace_core.ports import SecretStore
+from trace_lite.alert_destinations import Destinations
 from trace_lite.dag_runs import DagRuns
 from trace_lite.dags import Dags
 from trace_lite.datasets import Datasets
 from trace_lite.dispatcher import Dispatcher
 from trace_lite.users import UserAuthenticator
-from trace_servers import dag_api, logs, query_api, task_api, user_api
+from trace_servers import alerts_api, dag_api, logs, query_api, task_api, user_api
 from trace_servers.dag_cli import builtin_operators
 from trace_servers.http import (
     DATASETS_KEY,
@@ -131,13 +133,15 @@ def make_app(
     credential_minter: CredentialMinter | None = None,
     user_auth: UserAuthenticator | None = None,
     data_url: str | None = None,
+    secret_store: SecretStore | None = None,
 ) -> web.Application:
     """The Dispatcher's aiohttp application (no background work: see ``trace_servers.cli``).
 
     ``user_auth`` enables the user API ``/v1/orgs/...``; without it those routes answer 401.
     ``credential_minter`` (AWS profile) enables ``/v1/task/credentials``. ``data_url`` (the data
-    database) lets the Query Service read Postgres-table datasets. ``extra_routes``: the
-    profile's own routes (Lite: the local object store's signed URLs). Raises
+    database) lets the Query Service read Postgres-table datasets. ``secret_store`` keeps alert
+    destinations' signing secrets (``alerts_api``; without it those routes answer 503).
+    ``extra_routes``: the profile's own routes (Lite: the local object store's signed URLs). Raises
     ``ValidationFailed`` for a platform credential shorter than 16 characters.
     """
     if len(platform_token) < 16:
@@ -157,6 +161,14 @@ def make_app(
         app,
         dags=Dags(dispatcher.pool, operators=builtin_operators()),
         runs=DagRuns(dispatcher.pool, wake_mode=dispatcher.wake_mode),
+    )
+    alerts_api.setup(
+        app,
+        destinations=Destinations(
+            dispatcher.pool,
+            secret_store or alerts_api.NoSecretStore(),
+            allow=alerts_api.allow_from_env(),
+        ),
     )
     app.add_routes(
         [
