@@ -36,6 +36,8 @@ REQUEST_SCHEMAS = {
     ("PUT", "/v1/orgs/{org}/members/{subject}"): {"MemberRequest"},
     ("POST", "/v1/query"): {"QueryRequest"},
     ("POST", "/v1/task/query"): {"TaskQueryRequest"},
+    ("POST", "/v1/orgs/{org}/alert-destinations"): {"DestinationCreate"},
+    ("PATCH", "/v1/orgs/{org}/alert-destinations/{name}"): {"DestinationUpdate"},
 }
 
 
