@@ -82,6 +82,7 @@ async def _run_dispatcher(settings: LiteSettings, state_url: str) -> None:
     if parts.launcher_factory is not None:
         dispatcher.launcher = parts.launcher_factory(dispatcher)
     from trace_lite.datasets import Datasets
+    from trace_lite.secrets import FileSecretStore
     from trace_lite.users import UserAuthenticator
 
     app = make_app(
@@ -91,6 +92,7 @@ async def _run_dispatcher(settings: LiteSettings, state_url: str) -> None:
         credential_minter=parts.credential_minter,
         user_auth=UserAuthenticator.from_env(settings.key_dir),
         data_url=_urls(settings)[1],
+        secret_store=FileSecretStore(settings.home / "secrets" / "store"),
     )
     runner = web.AppRunner(app, access_log=None, handle_signals=False)
     await runner.setup()
