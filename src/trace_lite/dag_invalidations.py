@@ -52,7 +52,7 @@ from trace_core import access, errors
 from trace_core import outbox as outbox_sm
 from trace_core.access import UserCaller
 from trace_lite import sqlfile
-from trace_lite.dag_runs import NewTask, create_dag_tasks
+from trace_lite.dag_tasks import NewTask, create_dag_tasks
 from trace_lite.orgs import Orgs, first
 from trace_lite.outputs import INVALIDATE_TOPIC
 from trace_lite.pg import fetch_as, transaction

@@ -42,18 +42,17 @@ from typing import Any
 import attrs
 import psycopg
 from croniter import croniter  # type: ignore[import-untyped]
-from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 
-from trace_core import access, errors, json_limits, lifecycle
+from trace_core import access, errors, json_limits
 from trace_core import outbox as outbox_sm
 from trace_core.access import UserCaller
-from trace_core.lifecycle import TaskState
+from trace_core.dag import event_matches, where_conditions
 from trace_lite import sqlfile
-from trace_lite.dag_grants import read_grants
+from trace_lite.dag_tasks import NewTask, create_dag_tasks, with_epoch
 from trace_lite.orgs import Orgs, first
 from trace_lite.pg import fetch_as, transaction
-from trace_lite.task_rows import WakeMode, wake
+from trace_lite.task_rows import WakeMode
 from trace_sdk.aio import run_every
 
 log = logging.getLogger("trace.dag_runs")
@@ -74,13 +73,8 @@ class SourceJobRow:
     timeout_s: int
     max_attempts: int
     triggers: str
+    epoch: int | None
     is_source: bool
-
-
-@attrs.frozen
-class CreatedRow:
-    task_id: str
-    state: str
 
 
 @attrs.frozen
@@ -91,8 +85,9 @@ class ClaimedRow:
 
 @attrs.frozen
 class PlanRow:
-    """One (event, consuming job) pair of a fan-out pass."""
+    """One (event, consuming job) pair of a fan-out pass (or of a rebuild's replay)."""
 
+    outbox_id: int | None
     producer_task_id: str
     event_key: str
     event_seq: int
@@ -109,14 +104,52 @@ class PlanRow:
     config: str
     timeout_s: int
     max_attempts: int
+    #: The consuming job's epoch (``dag_tasks.with_epoch``).
+    epoch: int | None
+    #: The consumer is a staged job and the event's task is not: the event waits.
+    held: bool
     dataset_uuid: str | None
     dataset_version: str | None
+    #: The consuming input's ``where`` as the spec stores it (None: no filter).
+    input_where: dict[str, Any] | None
+
+    def passes_where(self) -> bool:
+        """Whether the event passes the consuming input's ``where`` (``trace_core.dag``)."""
+        if not self.input_where:
+            return True
+        return event_matches(where_conditions(self.input_where), json.loads(self.event_payload))
+
+    def new_task(self, *, version: int | None = None, epoch: int | None = None) -> NewTask:
+        """The consuming job's task for this event: its config with ``event`` merged in."""
+        return NewTask(
+            org_id=self.org_id,
+            dag_id=self.dag_id,
+            version=self.version if version is None else version,
+            job=self.job,
+            operator=self.operator,
+            runtime=self.runtime,
+            timeout_s=self.timeout_s,
+            max_attempts=self.max_attempts,
+            payload={
+                **json.loads(self.config),
+                "event": {
+                    "producer_task_id": self.producer_task_id,
+                    "key": self.event_key,
+                    "type": self.event_type,
+                    "payload": json.loads(self.event_payload),
+                    "output": self.output,
+                    "input": self.input_index,
+                },
+            },
+            idempotency_key=self.idempotency_key,
+        )
 
     @property
     def idempotency_key(self) -> str:
-        return (
+        return with_epoch(
             f"event:{self.producer_task_id}:{self.output}:{self.event_key}:"
-            f"{self.dag_id}:{self.job}:{self.input_index}"
+            f"{self.dag_id}:{self.job}:{self.input_index}",
+            self.epoch,
         )
 
 
@@ -134,24 +167,8 @@ class ScheduledRow:
     max_attempts: int
     triggers: str
     deployed_at: datetime
+    epoch: int | None
     now: datetime
-
-
-@attrs.frozen
-class NewTask:
-    """A task of a DAG job to create."""
-
-    org_id: str
-    dag_id: str
-    version: int
-    job: str
-    operator: str
-    runtime: str
-    timeout_s: int
-    max_attempts: int
-    payload: Mapping[str, Any]
-    idempotency_key: str
-    task_id: str = attrs.field(factory=lambda: str(uuid.uuid4()))
 
 
 @attrs.frozen
@@ -160,6 +177,8 @@ class FanOutReport:
     events: int = 0
     #: Tasks created (repeats of an existing idempotency key not counted).
     created: int = 0
+    #: Announcements left waiting for a staging's cutover (a staged consumer).
+    held: int = 0
 
 
 def latest_slot(trigger: Mapping[str, Any], now: datetime) -> datetime | None:
@@ -178,47 +197,6 @@ def latest_slot(trigger: Mapping[str, Any], now: datetime) -> datetime | None:
             epoch = int(now.timestamp())
             return datetime.fromtimestamp(epoch - epoch % every, UTC)
     return None
-
-
-async def create_dag_tasks(
-    cur: psycopg.AsyncCursor[Any], tasks: Sequence[NewTask], wake_mode: WakeMode
-) -> dict[str, str]:
-    """Create ``tasks`` in the caller's transaction, each with the read grants of its job
-    (``trace_lite.dag_grants``), and wake the queued ones; a task whose idempotency key its org
-    already has is skipped. Returns ``{task_id: state}`` of those created."""
-    if not tasks:
-        return {}
-    dag_ids = sorted({t.dag_id for t in tasks})
-    active = await fetch_as(cur, _DagIdRow, Q["lock_active_versions"], {"dag_ids": dag_ids})
-    live = {(r.dag_id, r.active_version) for r in active}
-    if any((t.dag_id, t.version) not in live for t in tasks):
-        # A rollback or deploy moved the version after the caller read it: create nothing
-        # (a fan-out pass rolls back and plans again; a trigger is answered 409).
-        raise errors.Conflict("the DAG's active version changed; try again", field="dag")
-    state = lifecycle.decide_create(delay_s=0).value
-    grants = await read_grants(cur, ((t.dag_id, t.version, t.job) for t in tasks))
-    rows = await fetch_as(
-        cur,
-        CreatedRow,
-        Q["insert_dag_tasks"],
-        {
-            "task_ids": [t.task_id for t in tasks],
-            "org_ids": [t.org_id for t in tasks],
-            "operators": [t.operator for t in tasks],
-            "payloads": [Jsonb(dict(t.payload)) for t in tasks],
-            "states": [state] * len(tasks),
-            "max_attempts": [t.max_attempts for t in tasks],
-            "timeouts": [t.timeout_s for t in tasks],
-            "idempotency_keys": [t.idempotency_key for t in tasks],
-            "runtimes": [t.runtime for t in tasks],
-            "dag_ids": [t.dag_id for t in tasks],
-            "dag_versions": [t.version for t in tasks],
-            "dag_jobs": [t.job for t in tasks],
-            "read_datasets": [Jsonb(list(grants[(t.dag_id, t.version, t.job)])) for t in tasks],
-        },
-    )
-    await wake(cur, [r.task_id for r in rows if r.state == TaskState.QUEUED.value], wake_mode)
-    return {r.task_id: r.state for r in rows}
 
 
 class DagRuns:
@@ -285,7 +263,7 @@ class DagRuns:
                     f"job {job!r} has no manual trigger (add `- type: manual` to its triggers)",
                     field="job",
                 )
-            key = f"{dag}:{job}:{run_id}"
+            key = with_epoch(f"{dag}:{job}:{run_id}", row.epoch)
             task = NewTask(
                 org_id=org_id,
                 dag_id=row.dag_id,
@@ -338,7 +316,7 @@ class DagRuns:
                             timeout_s=r.timeout_s,
                             max_attempts=r.max_attempts,
                             payload={**json.loads(r.config), "scheduled_time": when},
-                            idempotency_key=f"{r.dag}:{r.job}:{when}",
+                            idempotency_key=with_epoch(f"{r.dag}:{r.job}:{when}", r.epoch),
                         )
                     )
             created = await create_dag_tasks(cur, _unique(tasks), self.wake_mode)
@@ -357,56 +335,28 @@ class DagRuns:
                 return FanOutReport()
             ids = [c.id for c in claimed]
             plan = await fetch_as(cur, PlanRow, Q["fan_out_plan"], {"ids": ids})
-            tasks = [
-                NewTask(
-                    org_id=p.org_id,
-                    dag_id=p.dag_id,
-                    version=p.version,
-                    job=p.job,
-                    operator=p.operator,
-                    runtime=p.runtime,
-                    timeout_s=p.timeout_s,
-                    max_attempts=p.max_attempts,
-                    payload={
-                        **json.loads(p.config),
-                        "event": {
-                            "producer_task_id": p.producer_task_id,
-                            "key": p.event_key,
-                            "type": p.event_type,
-                            "payload": json.loads(p.event_payload),
-                            "output": p.output,
-                            "input": p.input_index,
-                        },
-                    },
-                    idempotency_key=p.idempotency_key,
-                )
-                for p in plan
-            ]
-            created = await create_dag_tasks(cur, tasks, self.wake_mode)
-            lineage = [(t, p) for t, p in zip(tasks, plan, strict=True) if t.task_id in created]
-            if lineage:
-                await cur.execute(
-                    Q["insert_task_inputs"],
-                    {
-                        "task_ids": [t.task_id for t, _ in lineage],
-                        "indexes": [p.input_index for _, p in lineage],
-                        "producers": [p.producer_task_id for _, p in lineage],
-                        "keys": [p.event_key for _, p in lineage],
-                        "seqs": [p.event_seq for _, p in lineage],
-                        "dataset_uuids": [p.dataset_uuid for _, p in lineage],
-                        "dataset_versions": [p.dataset_version for _, p in lineage],
-                    },
-                )
-            sent = [outbox_sm.decide_sent(outbox_sm.OutboxState.PENDING, c.tries) for c in claimed]
+            held = [p for p in plan if p.held]
+            wanted = [p for p in plan if not p.held and p.passes_where()]
+            tasks = [p.new_task() for p in wanted]
+            created = await create_dag_tasks(
+                cur, tasks, self.wake_mode, held={(p.dag_id, p.version) for p in held}
+            )
+            lineage = [(t, p) for t, p in zip(tasks, wanted, strict=True) if t.task_id in created]
+            await insert_lineage(cur, [(t.task_id, p) for t, p in lineage])
+            waiting = {p.outbox_id for p in held if p.outbox_id is not None}
+            consumed = [c for c in claimed if c.id not in waiting]
+            if waiting:
+                await cur.execute(Q["hold_events"], {"ids": sorted(waiting)})
+            sent = [outbox_sm.decide_sent(outbox_sm.OutboxState.PENDING, c.tries) for c in consumed]
             await cur.execute(
                 Q["mark_events_consumed"],
                 {
-                    "ids": ids,
+                    "ids": [c.id for c in consumed],
                     "states": [d.state.value for d in sent],
                     "tries": [d.tries for d in sent],
                 },
             )
-        return FanOutReport(events=len(claimed), created=len(created))
+        return FanOutReport(events=len(consumed), created=len(created), held=len(waiting))
 
     async def run(
         self, stop: asyncio.Event, *, fan_out_every_s: float = 0.2, schedule_every_s: float = 1.0
@@ -423,6 +373,32 @@ class DagRuns:
 class _DagIdRow:
     dag_id: str
     active_version: int | None
+
+
+@attrs.frozen
+class CreatedRow:
+    task_id: str
+    state: str
+
+
+async def insert_lineage(
+    cur: psycopg.AsyncCursor[Any], rows: Sequence[tuple[str, PlanRow]]
+) -> None:
+    """Record ``task_inputs`` of tasks created for events: ``(task_id, plan row)``."""
+    if not rows:
+        return
+    await cur.execute(
+        Q["insert_task_inputs"],
+        {
+            "task_ids": [t for t, _ in rows],
+            "indexes": [p.input_index for _, p in rows],
+            "producers": [p.producer_task_id for _, p in rows],
+            "keys": [p.event_key for _, p in rows],
+            "seqs": [p.event_seq for _, p in rows],
+            "dataset_uuids": [p.dataset_uuid for _, p in rows],
+            "dataset_versions": [p.dataset_version for _, p in rows],
+        },
+    )
 
 
 def _unique(tasks: list[NewTask]) -> list[NewTask]:

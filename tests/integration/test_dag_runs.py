@@ -308,3 +308,37 @@ async def test_schedules_fire_each_slot_once(world: World) -> None:
         slot = datetime.fromisoformat(key.removeprefix("ticks:tick:"))
         assert (slot.minute, slot.second, slot.tzinfo) == (0, 0, UTC)
         assert payload == {"c": 1, "scheduled_time": slot.isoformat()}
+
+
+async def test_where_filters_the_events_a_consumer_gets(world: World) -> None:
+    ranged = {**OUT, "schema": {"start": "uint64", "end": "uint64"}}
+    spec: dict[str, Any] = {
+        "name": "filtered",
+        "jobs": {
+            "src": {"operator": "noop", "triggers": [{"type": "manual"}], "outputs": [ranged]},
+            "late": {
+                "operator": "noop",
+                "inputs": [{"from": {"job": "src"}, "where": {"start": {"gte": 10}}}],
+            },
+            "all": {"operator": "noop", "inputs": [{"from": {"job": "src"}}]},
+        },
+    }
+    await world.dags.deploy(None, ORG, spec)
+    out = await world.runs.trigger(None, ORG, "filtered", "src")
+    c = await world.d.claim(out["task_id"])
+    fence = {"task_id": c.task_id, "attempt": c.attempt, "lease_token": c.lease_token}
+    events = [
+        wire.EventIn(key="a", type="range", payload={"start": 0, "end": 10}),
+        wire.EventIn(key="b", type="range", payload={"start": 10, "end": 20}),
+        wire.EventIn(key="c", type="done", payload={"n": 2}),  # carries no start: passes
+    ]
+    await world.d.complete(wire.CompleteRequest(**fence, final_events=events))
+    report = await world.runs.fan_out_once()
+    assert (report.events, report.created) == (3, 5)
+    late = sorted(p["event"]["key"] for _, _, p in world.tasks_of("late"))
+    assert late == ["b", "c"]
+    assert len(world.tasks_of("all")) == 3
+    # every announcement is consumed, the filtered ones with no task
+    assert world.sql(
+        "SELECT count(*) FROM outbox WHERE topic = 'dag.event' AND state = 'pending'"
+    ) == [(0,)]

@@ -27,7 +27,8 @@ Theory of operation:
 
 Modules: ``_records`` (constants, enums, records), ``_reader`` (the structural reader),
 ``_graph`` (consumers, cycles, downstream), ``_validate`` (``validate``, ``parse``), ``_doc``
-(``to_doc``, ``digest``), ``_diff`` (``diff``, ``affected_jobs``), ``_words`` (small helpers).
+(``to_doc``, ``digest``), ``_diff`` (``diff``, ``affected_jobs``), ``_where`` (``where`` on an
+event: ``event_matches``), ``_words`` (small helpers).
 The package is pure: no I/O, no clock, no YAML. Dataset and DAG names follow the registry's
 rule (``trace_core.wire``); secret names follow ``trace_core.secret_names``; cron syntax is
 ``trace_core.cron``.
@@ -84,6 +85,7 @@ from trace_core.dag._records import (
     UpdateStrategy,
 )
 from trace_core.dag._validate import cap_problems, parse, validate
+from trace_core.dag._where import event_matches, where_conditions
 from trace_core.dag._words import duration_s
 
 __all__ = [
@@ -141,8 +143,10 @@ __all__ = [
     "digest",
     "downstream",
     "duration_s",
+    "event_matches",
     "parse",
     "to_doc",
     "topological_order",
     "validate",
+    "where_conditions",
 ]

@@ -102,13 +102,15 @@ SELECT name, job_name AS job, output_index AS output, dataset_uuid::text AS data
 FROM datasets WHERE dag_id = %(dag_id)s ORDER BY name;
 
 -- name: source_job
--- A job of a DAG's active version, with whether it is a source (no inputs), for a trigger.
-SELECT g.dag_id::text AS dag_id, g.active_version AS version, j.operator, j.runtime,
-       j.config::text AS config, j.timeout_s, j.max_attempts, j.triggers::text AS triggers,
+-- A job of a DAG as new tasks are created from it (dag_live_jobs: the active version, or the
+-- staged one for a job a staging rebuilds), with whether it is a source (no inputs), for a
+-- trigger.
+SELECT j.dag_id::text AS dag_id, j.version, j.operator, j.runtime, j.config::text AS config,
+       j.timeout_s, j.max_attempts, j.triggers::text AS triggers, j.epoch,
        NOT EXISTS (SELECT 1 FROM dag_inputs i
                    WHERE (i.dag_id, i.version, i.job) = (j.dag_id, j.version, j.job)) AS is_source
-FROM dags g JOIN dag_jobs j ON j.dag_id = g.dag_id AND j.version = g.active_version
-WHERE g.org_id = %(org_id)s AND g.name = %(dag)s AND j.job = %(job)s;
+FROM dag_live_jobs j
+WHERE j.org_id = %(org_id)s AND j.dag = %(dag)s AND j.job = %(job)s;
 
 -- name: insert_dag_tasks
 -- Create tasks of DAG jobs in the state the kernel chose (decide_create), with their read grants
@@ -152,28 +154,48 @@ LIMIT %(batch)s
 FOR UPDATE SKIP LOCKED;
 
 -- name: fan_out_plan
--- For claimed announcements: each event with every consuming job of an active DAG version (the
+-- For claimed announcements: each event with every consuming live job (dag_live_jobs) -- the
 -- producer's own DAG reading it with from: {job, output}, and DAGs of the org reading the
--- dataset that output publishes with from: {dataset}), the consumer's task settings, and the
--- dataset version the input reads (the producing DAG's active pointer). An event belongs to
--- output payload.output when that is an integer, else output 0.
+-- dataset that output publishes with from: {dataset} -- the consumer's task settings and epoch,
+-- and the dataset version the input reads (the producing DAG's active pointer; a staged
+-- producer's: its staged pointer set). An event belongs to output payload.output when that is
+-- an integer, else output 0. Stagings decide the rest (docs/architecture/dag_deployment.md,
+-- "Rematerialization"):
+-- * an event of a staged task reaches only the staged jobs of its DAG;
+-- * an event of a task of an abandoned staging reaches nothing;
+-- * an event of a task of a version older than a cutover that rebuilt its job reaches nothing
+--   of its own DAG (the rebuild replayed that job's inputs);
+-- * a staged consumer of an event of a task that is not staged is "held": the announcement
+--   waits for the cutover.
 WITH ev AS (
     SELECT o.id AS outbox_id, e.task_id, e.event_key, e.seq, e.event_type, e.payload, t.org_id,
-           t.dag_id, t.dag_job,
+           t.dag_id, t.dag_job, t.dag_version,
            CASE WHEN jsonb_typeof(e.payload -> 'output') = 'number'
-                THEN (e.payload ->> 'output')::int ELSE 0 END AS output
+                THEN (e.payload ->> 'output')::int ELSE 0 END AS output,
+           m.generation AS staged_generation,
+           EXISTS (SELECT 1 FROM dag_rematerializations a
+                   WHERE a.dag_id = t.dag_id AND a.version = t.dag_version
+                     AND a.state = 'abandoned') AS abandoned,
+           EXISTS (SELECT 1 FROM dag_rematerializations c JOIN dags cg ON cg.dag_id = c.dag_id
+                   WHERE c.dag_id = t.dag_id AND c.state = 'cut_over'
+                     AND c.version > t.dag_version AND c.version <= cg.active_version
+                     AND t.dag_job = ANY(c.rebuild)) AS superseded
     FROM outbox o
     JOIN task_events e ON e.task_id = (o.payload ->> 'task_id')::uuid
                       AND e.event_key = o.payload ->> 'event_key'
     JOIN tasks t ON t.task_id = e.task_id
+    LEFT JOIN dag_rematerializations m ON m.dag_id = t.dag_id AND m.version = t.dag_version
+                                      AND m.state = 'building'
     WHERE o.id = ANY(%(ids)s::bigint[])
 ), consumers AS (
-    SELECT ev.outbox_id, i.dag_id, i.version, i.job, i.input_index
-    FROM ev JOIN dags g ON g.dag_id = ev.dag_id
-    JOIN dag_inputs i ON i.dag_id = g.dag_id AND i.version = g.active_version
+    SELECT ev.outbox_id, j.dag_id, j.version, j.job, i.input_index, j.staged, j.epoch
+    FROM ev JOIN dag_live_jobs j ON j.dag_id = ev.dag_id
+    JOIN dag_inputs i ON (i.dag_id, i.version, i.job) = (j.dag_id, j.version, j.job)
                      AND i.from_job = ev.dag_job AND i.from_output = ev.output
+    WHERE NOT ev.abandoned AND NOT ev.superseded
+      AND (ev.staged_generation IS NULL OR j.staged)
     UNION ALL
-    SELECT ev.outbox_id, i.dag_id, i.version, i.job, i.input_index
+    SELECT ev.outbox_id, j.dag_id, j.version, j.job, i.input_index, j.staged, j.epoch
     FROM ev JOIN datasets d ON d.org_id = ev.org_id AND (
              (d.dag_id = ev.dag_id AND d.job_name = ev.dag_job AND d.output_index = ev.output)
              -- a sink's rows_committed event names its dataset: every writer of a multi_writer
@@ -181,22 +203,29 @@ WITH ev AS (
              OR (starts_with(ev.event_key, 'sink/')
                  AND d.dataset_uuid::text = ev.payload ->> 'dataset_uuid'))
     JOIN dag_inputs i ON i.from_dataset = d.name
-    JOIN dags g ON g.dag_id = i.dag_id AND g.org_id = ev.org_id AND i.version = g.active_version
+    JOIN dag_live_jobs j ON (j.dag_id, j.version, j.job) = (i.dag_id, i.version, i.job)
+                        AND j.org_id = ev.org_id
+    WHERE NOT ev.abandoned AND ev.staged_generation IS NULL
 )
-SELECT ev.task_id::text AS producer_task_id, ev.event_key, ev.seq AS event_seq, ev.event_type,
+SELECT ev.outbox_id, ev.task_id::text AS producer_task_id, ev.event_key, ev.seq AS event_seq,
+       ev.event_type,
        ev.payload::text AS event_payload, ev.output, ev.org_id::text AS org_id,
        k.dag_id::text AS dag_id, k.version, k.job, k.input_index, j.operator, j.runtime,
-       j.config::text AS config, j.timeout_s, j.max_attempts,
-       pd.dataset_uuid::text AS dataset_uuid, ptr.dataset_version::text AS dataset_version
+       j.config::text AS config, j.timeout_s, j.max_attempts, k.epoch,
+       k.staged AND ev.staged_generation IS NULL AS held,
+       pd.dataset_uuid::text AS dataset_uuid, ptr.dataset_version::text AS dataset_version,
+       cv.spec #> ARRAY['jobs', k.job, 'inputs', k.input_index::text, 'where'] AS input_where
 FROM ev
 JOIN consumers k ON k.outbox_id = ev.outbox_id
 JOIN dag_jobs j ON (j.dag_id, j.version, j.job) = (k.dag_id, k.version, k.job)
+JOIN dag_versions cv ON (cv.dag_id, cv.version) = (k.dag_id, k.version)
 LEFT JOIN datasets pd ON pd.org_id = ev.org_id AND (
               (pd.dag_id = ev.dag_id AND pd.job_name = ev.dag_job AND pd.output_index = ev.output)
               OR (starts_with(ev.event_key, 'sink/')
                   AND pd.dataset_uuid::text = ev.payload ->> 'dataset_uuid'))
 LEFT JOIN dags pg ON pg.dag_id = ev.dag_id
-LEFT JOIN dag_pointers ptr ON ptr.dag_id = pg.dag_id AND ptr.generation = pg.active_generation
+LEFT JOIN dag_pointers ptr ON ptr.dag_id = pg.dag_id
+                          AND ptr.generation = coalesce(ev.staged_generation, pg.active_generation)
                           AND ptr.dataset_uuid = pd.dataset_uuid
 ORDER BY ev.seq, k.dag_id, k.job, k.input_index;
 
@@ -209,15 +238,12 @@ FROM unnest(%(ids)s::bigint[], %(states)s::text[], %(tries)s::int[]) AS c(id, st
 WHERE o.id = c.id AND o.state = 'pending';
 
 -- name: scheduled_jobs
--- Jobs of active versions with a cron or interval trigger, the time their version was deployed,
--- and the database's now (schedules never read a worker's clock).
-SELECT g.org_id::text AS org_id, g.dag_id::text AS dag_id, g.name AS dag,
-       g.active_version AS version, j.job, j.operator, j.runtime, j.config::text AS config,
-       j.timeout_s, j.max_attempts, j.triggers::text AS triggers, v.created_at AS deployed_at,
-       now() AS now
-FROM dags g
-JOIN dag_versions v ON v.dag_id = g.dag_id AND v.version = g.active_version
-JOIN dag_jobs j ON j.dag_id = g.dag_id AND j.version = g.active_version
+-- Live jobs (dag_live_jobs) with a cron or interval trigger, the time their version was
+-- deployed, and the database's now (schedules never read a worker's clock).
+SELECT j.org_id::text AS org_id, j.dag_id::text AS dag_id, j.dag, j.version, j.job, j.operator,
+       j.runtime, j.config::text AS config, j.timeout_s, j.max_attempts,
+       j.triggers::text AS triggers, j.deployed_at, j.epoch, now() AS now
+FROM dag_live_jobs j
 WHERE j.triggers @> '[{"type": "cron"}]' OR j.triggers @> '[{"type": "interval"}]';
 
 -- name: datasets_without_version
@@ -241,10 +267,20 @@ FROM dags g
 CROSS JOIN LATERAL (SELECT max(seq) AS seq FROM dag_activations WHERE dag_id = g.dag_id) a
 WHERE g.dag_id = %(dag_id)s;
 
--- name: lock_active_versions
--- The active versions of the DAGs tasks are about to be created for, locked FOR SHARE so a
--- rollback (FOR UPDATE) waits for the creating transaction, or the creator sees its result.
-SELECT dag_id::text AS dag_id, active_version FROM dags
-WHERE dag_id = ANY(%(dag_ids)s::uuid[])
-ORDER BY dag_id
-FOR SHARE;
+-- name: lock_live_versions
+-- The active version and the building staging (version, rebuilt jobs) of the DAGs tasks are
+-- about to be created for, the DAG rows locked FOR SHARE so a deploy, cutover or rollback
+-- (FOR UPDATE) waits for the creating transaction, or the creator sees its result.
+SELECT g.dag_id::text AS dag_id, g.active_version, m.version AS staged_version,
+       coalesce(m.rebuild, '{}') AS rebuild
+FROM dags g
+LEFT JOIN dag_rematerializations m ON m.dag_id = g.dag_id AND m.state = 'building'
+WHERE g.dag_id = ANY(%(dag_ids)s::uuid[])
+ORDER BY g.dag_id
+FOR SHARE OF g;
+
+-- name: hold_events
+-- Announcements with a held consumer wait for their staging's cutover (or abandonment), which
+-- makes them due again (dag_remat.sql release_held); the consumers not held were created.
+UPDATE outbox SET available_at = 'infinity'
+WHERE id = ANY(%(ids)s::bigint[]) AND state = 'pending';

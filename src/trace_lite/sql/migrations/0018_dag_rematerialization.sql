@@ -32,3 +32,22 @@ ALTER TABLE dag_activations ADD CONSTRAINT dag_activations_reason_check
 -- Invalidation cascades look up the tasks that read a dataset.
 CREATE INDEX IF NOT EXISTS task_inputs_dataset_idx
     ON task_inputs (dataset_uuid) WHERE dataset_uuid IS NOT NULL;
+
+-- The job definitions new DAG tasks are created from: each job of a DAG's active version, except
+-- the jobs a building staging rebuilds, whose definitions come from the staged version
+-- (``staged``). ``epoch`` is the version of the latest cut-over or building staging that rebuilt
+-- the job (NULL: never rebuilt); task idempotency keys carry it, so the events a rebuild replays
+-- and the same events drained after the cutover make one task.
+CREATE OR REPLACE VIEW dag_live_jobs AS
+SELECT g.dag_id, g.org_id, g.name AS dag, j.version, j.job, j.operator, j.runtime, j.config,
+       j.timeout_s, j.max_attempts, j.triggers, v.created_at AS deployed_at,
+       (m.version IS NOT NULL AND j.version = m.version) AS staged,
+       (SELECT max(e.version) FROM dag_rematerializations e
+        WHERE e.dag_id = g.dag_id AND e.state IN ('cut_over', 'building')
+          AND e.version <= j.version AND j.job = ANY(e.rebuild)) AS epoch
+FROM dags g
+LEFT JOIN dag_rematerializations m ON m.dag_id = g.dag_id AND m.state = 'building'
+JOIN dag_jobs j ON j.dag_id = g.dag_id
+ AND ((j.version = g.active_version AND NOT (j.job = ANY(coalesce(m.rebuild, '{}'))))
+      OR (j.version = m.version AND j.job = ANY(m.rebuild)))
+JOIN dag_versions v ON v.dag_id = j.dag_id AND v.version = j.version;
