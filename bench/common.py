@@ -132,6 +132,17 @@ def proc_memory_kb(pid: int) -> dict[str, int]:
     return out
 
 
+def proc_cpu_s(pid: int) -> float:
+    """User + system CPU seconds a process has used so far (Linux ``/proc/<pid>/stat``); 0.0
+    when it is gone. CPU per job is steadier than jobs/s on a shared machine."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return 0.0
+    fields = stat.rpartition(")")[2].split()  # after "(comm)": state is field 3
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def batches(n: int, size: int) -> list[int]:
     full, rest = divmod(n, size)
     return [size] * full + ([rest] if rest else [])

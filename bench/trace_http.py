@@ -24,7 +24,7 @@ from typing import Any
 
 import psycopg
 
-from bench.common import REPO_ROOT, batches, count, proc_memory_kb, wait_until
+from bench.common import REPO_ROOT, batches, count, proc_cpu_s, proc_memory_kb, wait_until
 from trace_core import wire
 from trace_core.testing.memory_signer import MemorySigner
 from trace_lite.dispatcher import Dispatcher, open_pool
@@ -108,6 +108,11 @@ class Lite:
                 p.kill()
                 p.wait()
 
+    def cpu_s(self) -> tuple[float, float]:
+        """CPU seconds used so far by the Dispatcher and by all workers together."""
+        disp = proc_cpu_s(self.dispatcher.pid) if self.dispatcher else 0.0
+        return disp, sum(proc_cpu_s(p.pid) for p in self.worker_procs)
+
     def dispatcher_memory_kb(self) -> dict[str, int]:
         return proc_memory_kb(self.dispatcher.pid) if self.dispatcher else {}
 
@@ -131,12 +136,16 @@ async def throughput(
             DispatcherClient(lite.base_url, platform_token=lite.token) as client,
         ):
             started = time.monotonic()
+            cpu0 = lite.cpu_s()
             for size in batches(n, create_batch):
                 await client.create_tasks([NOOP] * size)
             finished = await wait_until(lambda: _is_zero(left), limit_s=120, every=0.05)
+            cpu1 = lite.cpu_s()
             mem = lite.dispatcher_memory_kb()
         return {
             "rate": n / (finished - started),
+            "dispatcher_cpu_us_per_job": (cpu1[0] - cpu0[0]) / n * 1e6,
+            "worker_cpu_us_per_job": (cpu1[1] - cpu0[1]) / n * 1e6,
             "rss_kb": mem.get("VmRSS", 0),
             "hwm_kb": mem.get("VmHWM", 0),
         }
