@@ -4,7 +4,7 @@ trace migrate                 apply state and data migrations (safe to run twice
 trace dispatcher              run the Dispatcher (HTTP + reaper + outbox publisher)
 trace worker                  run a worker wrapper with the built-in operators
 trace up                      run Lite: embedded Postgres, a Dispatcher and N workers
-trace demo                    run Lite and a demo workload through the full lifecycle
+trace demo                    run Lite, a local chain and the Monad example DAG (--synthetic: tasks)
 trace task create|get|cancel  admin calls against a running Dispatcher
 trace keys init|rotate|revoke manage the Ed25519 signing keys (current + next; revoke KID)
 trace pg start|stop|url       manage the embedded Postgres cluster
@@ -154,10 +154,18 @@ async def _run_worker(settings: LiteSettings, state_url: str, concurrency: int) 
     parts = await profiles.worker_parts(settings, state_url)
     queue, store = parts.queue, parts.object_store
     client = DispatcherClient(settings.dispatcher_url, platform_token=platform_token)
+    operators = dict(BUILTIN_OPERATORS)
+    lite_pool = None
+    if profiles.profile() == "lite":  # operators over the state database (trace_lite.chain)
+        from trace_lite.chain.operators import lite_operators
+        from trace_lite.pg import open_pool
+
+        lite_pool = await open_pool(state_url, min_size=1, max_size=4)
+        operators |= lite_operators(lite_pool, store)
     worker = Worker(
         surface=client,
         queue=queue,
-        operators=dict(BUILTIN_OPERATORS),
+        operators=operators,
         store=store,
         concurrency=concurrency,
         grace_s=min(30.0, settings.lease_s),
@@ -173,6 +181,8 @@ async def _run_worker(settings: LiteSettings, state_url: str, concurrency: int) 
     finally:
         await client.close()
         await parts.close()
+        if lite_pool is not None:
+            await lite_pool.close()
         log.info("worker stopped", extra={"stats": worker.stats})
 
 
@@ -390,6 +400,17 @@ async def _demo_workload(settings: LiteSettings, state_url: str, args: argparse.
 def cmd_demo(settings: LiteSettings, args: argparse.Namespace) -> int:
     from trace_lite.migrate import migrate
 
+    if not args.synthetic:  # Trace's main job on a live local chain (trace_servers.demo)
+        from trace_servers import demo
+
+        def children(state_url: str, data_url: str) -> LiteProcesses:
+            log_dir = settings.home / "logs"
+            return LiteProcesses(
+                settings, state_url, data_url, args.workers, args.concurrency, log_dir
+            )
+
+        return demo.cmd_chain_demo(settings, args, children)
+
     print(f"Trace Lite demo: state in {settings.home}")
     state_url, data_url = _urls(settings)
     print(f"postgres: {state_url}")
@@ -495,6 +516,13 @@ def build_parser() -> argparse.ArgumentParser:
             )
             s.add_argument("--timeout", type=float, default=600)
             s.add_argument("--keep-postgres", action="store_true")
+            # the chain demo (trace_servers.demo); --synthetic: the task workload above
+            s.add_argument("--synthetic", action="store_true", help="the synthetic task workload")
+            s.add_argument("--duration", type=float, default=60.0, help="seconds; 0: until ^C")
+            s.add_argument("--history", type=int, default=600, help="blocks mined beforehand")
+            s.add_argument("--drain", type=float, default=90.0, help="s to finish last ranges")
+            s.add_argument("--rpc-url", help="use this node, not a new anvil (frozen at the end)")
+            s.add_argument("--summary-json", type=Path, help="also write the summary here")
     t = sub.add_parser("task", help="admin calls")
     tsub = t.add_subparsers(dest="task_cmd", required=True)
     c = tsub.add_parser("create")

@@ -7,8 +7,8 @@ trace dag diff OLD NEW [--json]     what changed between two DAG files, each cha
                                     deploy would rebuild
 trace dag schema                    print the JSON Schema of DAG files (for editors)
 
-Offline, operators are checked against the built-in ones (``trace_sdk.BUILTIN_OPERATORS``);
-dataset names read with ``from: {dataset}`` and the one-producer rule are checked at deploy,
+Offline, operators are checked against the built-in ones (``trace_sdk.BUILTIN_OPERATORS``,
+and ``trace_lite.chain.operators.LITE_OPERATORS`` that a Lite worker adds); dataset names read with ``from: {dataset}`` and the one-producer rule are checked at deploy,
 against the registry.
 
 Against a running Dispatcher (``TRACE_DISPATCHER_URL``), as the user of ``TRACE_USER_TOKEN``:
@@ -98,12 +98,15 @@ def add_parsers(sub: Any) -> None:
 
 def builtin_operators() -> dict[str, OperatorInfo]:
     """The operators a worker runs out of the box, by name."""
+    from trace_lite.chain.operators import LITE_OPERATORS
     from trace_sdk import BUILTIN_OPERATORS
 
-    return {
+    builtin = {
         name: OperatorInfo(name, (op.__doc__ or "").strip().split("\n")[0])
         for name, op in BUILTIN_OPERATORS.items()
     }
+    # and those a Lite worker adds over the state database (trace_lite.chain.operators)
+    return builtin | {name: OperatorInfo(name, doc) for name, doc in LITE_OPERATORS.items()}
 
 
 def _problems(path: Path) -> list[Problem]:
