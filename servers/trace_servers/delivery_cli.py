@@ -5,9 +5,16 @@ trace delivery run [--batch N] [--poll-s S] [--metrics-port P] [--allow CIDR ...
     the Delivery Service: lease due deliveries (SKIP LOCKED: run more processes to send more),
     send them as signed webhooks, record every attempt, until SIGTERM/SIGINT; ``/metrics`` on
     127.0.0.1:P (due, in flight, sent, failed, suppressed, disabled, oldest due age)
+trace alerts ls --org ORG [--dataset alert_events] [--limit N]
+    the newest alert events (the detectors' ``alert_events`` dataset) with their deliveries
+    counted per state
 trace alerts destination-add --org ORG --name NAME --url URL [--kind webhook|slack|pagerduty]
+                             [--routing-key KEY]
     check the URL (SSRF: every address the host resolves to), create the signing secret in the
-    secret store and print it once
+    secret store and print it once (``trace_lite.alert_destinations``, as the HTTP API does)
+trace alerts destination-ls --org ORG          the org's destinations (never a secret)
+trace alerts destination-rm --org ORG --name NAME
+    delete a destination: its due deliveries become disabled, its secrets are removed
 trace alerts deliveries --org ORG [--state STATE] [--limit N]     recent deliveries (JSON)
 trace alerts show DELIVERY_ID                                       its attempts (JSON)
 trace alerts retry DELIVERY_ID        a failed, disabled or suppressed delivery: due now
@@ -29,24 +36,26 @@ import logging
 import os
 import signal
 import socket
-import uuid
 from typing import Any
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Gauge, generate_latest
 from psycopg_pool import AsyncConnectionPool
 
-from trace_core import errors
+from trace_core import errors, wire
+from trace_core.alert_destinations import DestinationCreate
 from trace_core.delivery import LeasePolicy, RetrySchedule, schedule_from
-from trace_core.secret_names import org_secret
 from trace_core.ssrf import AllowList
+from trace_lite.alert_destinations import Destinations
+from trace_lite.alert_inputs import recent_alert_events
 from trace_lite.config import LiteSettings
 from trace_lite.delivery import KINDS, DeliveryStore
 from trace_lite.delivery_service import FAULT_POINTS, DeliveryService
+from trace_lite.embedded_pg import default_database_urls
 from trace_lite.orgs import Orgs
 from trace_lite.pg import open_pool
 from trace_lite.secrets import FileSecretStore
-from trace_lite.webhook_sender import WebhookSender, check_url, new_signing_secret, system_resolve
+from trace_lite.webhook_sender import WebhookSender, new_signing_secret
 
 log = logging.getLogger("trace.delivery")
 
@@ -72,7 +81,16 @@ def add_parsers(sub: Any) -> None:
     add.add_argument("--name", required=True)
     add.add_argument("--url", required=True)
     add.add_argument("--kind", choices=KINDS, default="webhook")
+    add.add_argument("--routing-key", help="PagerDuty integration key (pagerduty only)")
     add.add_argument("--allow", action="append", default=[], help="CIDR; repeatable")
+    asub.add_parser("destination-ls").add_argument("--org", required=True)
+    rm = asub.add_parser("destination-rm")
+    rm.add_argument("--org", required=True)
+    rm.add_argument("--name", required=True)
+    events = asub.add_parser("ls")
+    events.add_argument("--org", required=True)
+    events.add_argument("--dataset", default="alert_events")
+    events.add_argument("--limit", type=int, default=50)
     ls = asub.add_parser("deliveries")
     ls.add_argument("--org", required=True)
     ls.add_argument("--state")
@@ -189,8 +207,42 @@ async def run(settings: LiteSettings, state_url: str, args: argparse.Namespace) 
 # --- alerts ----------------------------------------------------------------------------------
 
 
-async def alerts(
+def data_url(settings: LiteSettings, state_url: str) -> str:
+    """The data database's URL (``trace alerts ls`` reads the alert events there)."""
+    if settings.database_url:
+        return settings.data_database_url or settings.database_url
+    if os.environ.get("TRACE_DATA_DATABASE_URL"):
+        return os.environ["TRACE_DATA_DATABASE_URL"]
+    return default_database_urls(settings.home / "pg")[1]
+
+
+async def destinations(
     settings: LiteSettings, pool: AsyncConnectionPool, args: argparse.Namespace
+) -> Any:
+    """``trace alerts destination-add|ls|rm`` as the platform (``Destinations``)."""
+    allow = allow_list(args.allow) if args.alerts_cmd == "destination-add" else AllowList()
+    service = Destinations(pool, secret_store(settings), allow=allow)
+    if args.alerts_cmd == "destination-ls":
+        return [wire.unstructure(d) for d in await service.list(None, args.org)]
+    if args.alerts_cmd == "destination-rm":
+        disabled = await service.delete(None, args.org, args.name)
+        return {"deleted": args.name, "deliveries_disabled": disabled}
+    secret = new_signing_secret()
+    req = DestinationCreate(
+        name=args.name,
+        url=args.url,
+        kind=args.kind,
+        signing_secret=secret,
+        routing_key=args.routing_key,
+    )
+    dest, _ = await service.create(None, args.org, req)
+    row = await service.store.destination(dest.destination_id)
+    # the only time the secret is shown: the receiver verifies with it
+    return {**row._asdict(), "signing_secret": secret}
+
+
+async def alerts(
+    settings: LiteSettings, pool: AsyncConnectionPool, args: argparse.Namespace, state_url: str
 ) -> Any:
     """``trace alerts ...``: the answer to print."""
     store = DeliveryStore(pool)
@@ -202,28 +254,17 @@ async def alerts(
         ]
     if cmd == "retry":
         return {"delivery_id": args.delivery_id, "state": await store.retry(args.delivery_id)}
-    org_id = await Orgs(pool).org_id(args.org)
-    if cmd == "destination-add":
-        await check_url(args.url, resolve=system_resolve, allow=allow_list(args.allow))
-        # the secret is named by the new destination's id: it never overwrites another's
-        destination_id = str(uuid.uuid4())
-        secret_name = org_secret(org_id, f"webhooks.{destination_id}")
-        secret = new_signing_secret()
-        secrets_store = secret_store(settings)
-        await secrets_store.put(secret_name, secret.encode())
+    if cmd == "ls":
+        data_pool = await open_pool(data_url(settings, state_url), min_size=1, max_size=2)
         try:
-            dest = await store.add_destination(
-                org_id=org_id,
-                name=args.name,
-                kind=args.kind,
-                url=args.url,
-                secret_name=secret_name,
-                destination_id=destination_id,
+            return await recent_alert_events(
+                pool, data_pool, args.org, dataset=args.dataset, limit=args.limit
             )
-        except errors.TraceError:
-            await secrets_store.delete(secret_name)
-            raise
-        return {**dest._asdict(), "signing_secret": secret}
+        finally:
+            await data_pool.close()
+    if cmd in ("destination-add", "destination-ls", "destination-rm"):
+        return await destinations(settings, pool, args)
+    org_id = await Orgs(pool).org_id(args.org)
     if cmd == "deliveries":
         rows = await store.deliveries(org_id, state=args.state, limit=args.limit)
         return [{k: v if isinstance(v, int | str | None) else str(v)
@@ -251,7 +292,7 @@ def cmd_alerts(settings: LiteSettings, args: argparse.Namespace, state_url: str)
     async def go() -> Any:
         pool = await open_pool(state_url, min_size=1, max_size=2)
         try:
-            return await alerts(settings, pool, args)
+            return await alerts(settings, pool, args, state_url)
         finally:
             await pool.close()
 

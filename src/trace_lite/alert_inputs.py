@@ -26,7 +26,7 @@ from trace_core import errors
 from trace_lite import sqlfile
 from trace_lite.datasets import DATA_SCHEMA
 from trace_lite.pg import fetch_named, transaction
-from trace_lite.sink import EVENT_TYPE
+from trace_lite.sink import EVENT_TYPE, load_dataset
 
 Q = sqlfile.load("alert_inputs.sql")
 
@@ -101,4 +101,56 @@ class PgAlertInputs:
         return [{k: _plain(v) for k, v in r.items() if not k.startswith("_")} for r in found]
 
 
-__all__ = ["PgAlertInputs"]
+class _Found(NamedTuple):
+    found: bool
+
+
+class _DeliveryStates(NamedTuple):
+    alert_key: str
+    state: str
+    n: int
+
+
+async def recent_alert_events(
+    state_pool: AsyncConnectionPool,
+    data_pool: AsyncConnectionPool,
+    org: str,
+    *,
+    dataset: str = "alert_events",
+    limit: int = 50,
+) -> list[dict[str, Any]]:
+    """The newest ``limit`` events of ``org``'s alert events dataset (its active version),
+    each with its deliveries counted per state (``trace alerts ls``). Raises ``NotFound``,
+    ``Conflict`` (not a buffered dataset)."""
+    ds = await load_dataset(state_pool, org, dataset)
+    if ds.dataset_version is None:
+        return []
+    table = sql.Identifier(DATA_SCHEMA, f"dsv_{uuid.UUID(ds.dataset_version).hex}")
+    async with transaction(data_pool) as cur:
+        name = f"{DATA_SCHEMA}.dsv_{uuid.UUID(ds.dataset_version).hex}"
+        (exists,) = await fetch_named(cur, _Found, Q["table_exists"], {"name": name})
+        if not exists.found:
+            return []  # no batch stored yet
+        async with cur.connection.cursor(row_factory=dict_row) as rows_cur:
+            query = sql.SQL(Q["recent_events"]).format(table=table)
+            await rows_cur.execute(query, {"limit": limit})
+            events = await rows_cur.fetchall()
+    keys = [str(e["alert_key"]) for e in events]
+    async with transaction(state_pool) as cur:
+        states = await fetch_named(
+            cur, _DeliveryStates, Q["delivery_states"], {"org_id": ds.org_id, "keys": keys}
+        )
+    by_key: dict[str, dict[str, int]] = {}
+    for s in states:
+        by_key.setdefault(s.alert_key, {})[s.state] = s.n
+    return [
+        {
+            **e,
+            "event_time": e["event_time"].isoformat(),
+            "deliveries": by_key.get(e["alert_key"], {}),
+        }
+        for e in events
+    ]
+
+
+__all__ = ["PgAlertInputs", "recent_alert_events"]

@@ -21,3 +21,19 @@ WHERE t.task_id = %(task_id)s;
 SELECT * FROM {table}
 WHERE _task_id = %(task_id)s AND _batch_key = %(batch_key)s
 ORDER BY _dedupe_key;
+
+-- name: recent_events
+-- The newest alert events of a version's table (data DB; trace alerts ls).
+SELECT alert_key, detector, event_time, severity, summary, labels FROM {table}
+ORDER BY event_time DESC, alert_key
+LIMIT %(limit)s;
+
+-- name: delivery_states
+-- Deliveries per alert key and state (trace alerts ls).
+SELECT alert_key, state, count(*)::int AS n FROM alert_deliveries
+WHERE org_id = %(org_id)s AND alert_key = ANY(%(keys)s)
+GROUP BY alert_key, state;
+
+-- name: table_exists
+-- Whether a version's table exists yet (data DB).
+SELECT to_regclass(%(name)s) IS NOT NULL AS found;
