@@ -155,6 +155,8 @@ class Environment:
         self.node = node
         self._session = session
         self._next: asyncio.Queue[Pending] = asyncio.Queue()
+        #: Set by ``kill``: a runtime waiting in ``invocation/next`` is answered at once.
+        self._closed = asyncio.Event()
         self.current: Pending | None = None
         self._init_error: asyncio.Future[bytes] | None = None
         self.proc: asyncio.subprocess.Process | None = None
@@ -183,7 +185,17 @@ class Environment:
         return app
 
     async def _get_next(self, request: web.Request) -> web.Response:
-        pending = await self._next.get()
+        take = asyncio.ensure_future(self._next.get())
+        closed = asyncio.ensure_future(self._closed.wait())
+        try:
+            await asyncio.wait({take, closed}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            closed.cancel()
+            if not take.done():
+                take.cancel()
+        if not take.done() or take.cancelled():
+            return _error(410, "Gone", "this environment is shutting down")
+        pending = take.result()
         self.current = pending
         return web.Response(
             body=pending.event,
@@ -255,7 +267,9 @@ class Environment:
         self.dir.mkdir(parents=True)
         home = self.dir / "home"
         home.mkdir()
-        self._runner = web.AppRunner(self._app(), access_log=None, handle_signals=False)
+        self._runner = web.AppRunner(
+            self._app(), access_log=None, handle_signals=False, shutdown_timeout=2.0
+        )
         await self._runner.setup()
         argv = runtime_argv(self.manifest, self.root, self.python, self.node)
         digest = self.key[1]
@@ -347,6 +361,7 @@ class Environment:
 
     async def kill(self) -> None:
         """SIGKILL the runtime's process group, wait for it, stop serving, remove its files."""
+        self._closed.set()
         if self.proc is not None:
             if self.proc.returncode is None:
                 with contextlib.suppress(ProcessLookupError):
