@@ -238,3 +238,159 @@ def test_a_sink_for_the_whole_org_serves_datasets_deployed_after_it_started(
     expected = 20 * (BATCHES - 1) + ROWS
     assert data_sql(data_db_url, f"SELECT count(*) FROM {table}")[0][0] == expected
     assert procs.terminate(proc, 30) == 0
+
+
+def publish_rows(
+    procs: TraceProcs, store: ObjectStore, batches: dict[str, list[dict[str, Any]]]
+) -> None:
+    """Publish ``batches`` (key -> rows) of dataset ``alerts`` from one attempt of a new task,
+    staged in ``store``."""
+
+    async def go() -> None:
+        pool = await open_pool(procs.db_url, min_size=1, max_size=2)
+        try:
+            d = Dispatcher(
+                pool,
+                signer=MemorySigner(),
+                queue=MemoryQueue("tasks"),
+                object_store=store,
+                retry=RetryPolicy(),
+            )
+            (info,) = await d.create_tasks([wire.CreateTaskRequest(operator="noop", org=ORG)])
+            c = await d.claim(info.task_id)
+            fence = {"task_id": c.task_id, "attempt": c.attempt, "lease_token": c.lease_token}
+            prefix = (await d.fetch(c.task_id)).staging_prefix
+            for key, rows in batches.items():
+                data = b"".join(json.dumps(r).encode() + b"\n" for r in rows)
+                put = await store.put(f"{prefix}buffer/alerts/{key}.jsonl", data)
+                batch = wire.BufferBatchIn(key, "alerts", put.key, len(rows), put.size, put.sha256)
+                await d.publish_buffer(wire.BufferPublishRequest(**fence, batch=batch))
+        finally:
+            await pool.close()
+
+    asyncio.run(go())
+
+
+def deploy(procs: TraceProcs, doc: dict[str, Any]) -> None:
+    async def go() -> None:
+        pool = await open_pool(procs.db_url, min_size=1, max_size=2)
+        try:
+            await Dags(pool, operators=builtin_operators()).deploy(None, ORG, doc)
+        finally:
+            await pool.close()
+
+    asyncio.run(go())
+
+
+def test_on_aws_the_dispatcher_creates_the_queue_at_deploy_and_status_and_dlq_work(
+    tmp_path: Path, db_url: str, data_db_url: str, moto_server: Any
+) -> None:
+    """``TRACE_PROFILE=aws``: the Dispatcher process creates the dataset's SQS queue and DLQ
+    when the DAG is deployed (no sink has run); ``trace sink status`` and ``trace dlq
+    ls|show|replay|purge`` read and move SQS messages (the dataset queue's and the task
+    queue's); a malformed batch dead-lettered by the sink lands once after the schema is
+    widened and it is replayed."""
+    from trace_aws._boto import client
+    from trace_aws.kms_signer import create_signing_key
+    from trace_aws.s3_store import S3ObjectStore
+    from trace_aws.sqs_queue import SqsQueue
+
+    tag = uuid.uuid4().hex[:10]
+    tasks_queue = SqsQueue.create(f"sink-e2e-{tag}", endpoint_url=moto_server.url)
+    bucket = f"sink-{tag}"
+    S3ObjectStore.create_bucket(bucket, endpoint_url=moto_server.url)
+    kms = client("kms", endpoint_url=moto_server.url)
+    aws = {
+        "TRACE_PROFILE": "aws",
+        "TRACE_AWS_ENDPOINT_URL": moto_server.url,
+        "TRACE_SQS_QUEUE_URL": tasks_queue.queue_url,
+        "TRACE_S3_BUCKET": bucket,
+        "TRACE_KMS_CURRENT_KEY": create_signing_key(kms=kms),
+        "TRACE_DATA_DATABASE_URL": data_db_url,
+    }
+    home = tmp_path / "home"
+    home.mkdir()
+    procs = TraceProcs(home, db_url)
+    plain_env = procs.env
+    procs.env = lambda: {**plain_env(), **aws}  # type: ignore[method-assign]
+    sqs = client("sqs", endpoint_url=moto_server.url)
+    try:
+        procs.start_dispatcher()
+        doc = dag()
+        doc["jobs"]["detect"]["outputs"][0]["schema"] = {"n": "int32", "note": "string"}
+        deploy(procs, doc)
+        uuid_ = procs.scalar("SELECT dataset_uuid::text FROM datasets WHERE name = 'alerts'")
+        name = f"buffer-{uuid_}"
+
+        def created() -> bool:
+            try:
+                sqs.get_queue_url(QueueName=name)
+                sqs.get_queue_url(QueueName=f"{name}-dlq")
+            except sqs.exceptions.QueueDoesNotExist:
+                return False
+            return True
+
+        procs.wait_until(created, 30, "the Dispatcher created the queue and its DLQ")
+        (st,) = cli(procs, "sink", "status", "--org", ORG)
+        assert (st["queue"], st["queue_created"], st["depth"], st["dead"]) == (name, True, 0, 0)
+        assert st["oldest_age_s"] is None  # SQS keeps it in CloudWatch only
+        store = S3ObjectStore(bucket, endpoint_url=moto_server.url)
+        good = {f"g{i}": [{"n": 10 * i + j, "note": "ok"} for j in range(10)] for i in range(3)}
+        bad = [{"n": 100, "note": "ok"}, {"n": 2**40, "note": "too big"}, {"n": 101}]
+        publish_rows(procs, store, {**good, "bad": bad})
+
+        def events() -> int:
+            q = "SELECT count(*) FROM task_events WHERE event_type = %s"
+            return int(procs.scalar(q, (EVENT_TYPE,)))
+
+        proc = procs._spawn("sink", "sink", "run", "--org", ORG, "--visibility-s", "2")
+
+        def one_dead() -> bool:
+            (s,) = cli(procs, "sink", "status", "--org", ORG)
+            return bool(s["dead"] == 1 and s["depth"] == 0 and s["not_forwarded"] == 0)
+
+        procs.wait_until(lambda: events() == 3, 60, "the good batches stored")
+        procs.wait_until(one_dead, 60, "the bad batch dead-lettered")
+        assert {"queue": name, "dead": 1} in cli(procs, "dlq", "ls")
+        (letter,) = cli(procs, "dlq", "show", "--org", ORG, "--dataset", "alerts")["dead_letters"]
+        assert "row 1 field n" in letter["reason"] and "out of range for int32" in letter["reason"]
+        # the schema is widened (int32 -> int64, a new column), the dead letter replayed
+        doc["jobs"]["detect"]["outputs"][0]["schema"] = {"n": "int64", "note": "string"}
+        deploy(procs, doc)
+        assert cli(procs, "dlq", "replay", "--org", ORG, "--dataset", "alerts")["replayed"] == 1
+        procs.wait_until(lambda: events() == 4, 60, "the replayed batch stored")
+        table = table_name(
+            procs.scalar(
+                "SELECT p.dataset_version::text FROM dag_pointers p JOIN dags g "
+                "ON g.dag_id = p.dag_id AND p.generation = g.active_generation"
+            )
+        )
+        assert data_sql(data_db_url, f"SELECT count(*), count(DISTINCT n) FROM {table}")[0] == (
+            33,
+            33,
+        )
+        assert data_sql(data_db_url, f"SELECT note FROM {table} WHERE n = {2**40}") == [
+            ("too big",)
+        ]
+        # the task queue's DLQ (the default target) on SQS
+        tq = SqsQueue(tasks_queue.queue_url, endpoint_url=moto_server.url)
+
+        async def poison() -> bytes:
+            await tq.send([b'{"task_id": "x"}'])
+            (m, *_) = await tq.receive(max_messages=1, visibility_timeout=30)
+            await tq.dead_letter([(m, "poison")])
+            await tq.close()
+            return m.body
+
+        body = asyncio.run(poison())
+        assert cli(procs, "dlq", "ls") == [{"queue": tasks_queue.name, "dead": 1}]
+        (letter,) = cli(procs, "dlq", "show")["dead_letters"]
+        assert (letter["reason"], letter["body"]) == ("poison", body.decode())
+        with pytest.raises(subprocess.CalledProcessError):
+            cli(procs, "dlq", "purge")  # needs --yes
+        assert cli(procs, "dlq", "purge", "--yes") == {"queue": tasks_queue.name, "purged": 1}
+        assert cli(procs, "dlq", "ls") == []
+        assert procs.terminate(proc, 30) == 0
+        assert events() == 4
+    finally:
+        procs.stop_all()
