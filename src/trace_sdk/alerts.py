@@ -18,7 +18,8 @@ Alert events travel as data (``docs/architecture/alerting.md``)::
   ``min_severity``, a label selector, ``max_delivery_age``) and asks ``recorder`` to record one
   delivery per (event, route, destination). Recording is keyed by
   ``trace_core.delivery.delivery_key`` and refused to an attempt that is no longer the task's
-  running one, so retries and stale attempts record each delivery once.
+  running one, so retries and stale attempts record each delivery once. ``config.hang_first_s``
+  (crash tests) makes attempt 1 sleep that long after recording, before it completes.
 
 Input rows come from the task's input event (``payload.event``): its ``payload.rows`` when the
 producer put the rows in the event, else ``inputs.rows(...)`` (the rows a ``rows_committed``
@@ -31,6 +32,7 @@ in a Lite worker built with them, not in the standalone ``trace worker``.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
@@ -139,6 +141,9 @@ def make_alert_route(inputs: AlertInputs | None, recorder: DeliveryRecorder) -> 
             raise NonRetryableError(f"{exc.field}: {exc.message}") from None
         planned = plan_deliveries(events, routes)
         states = await ctx_record(recorder, ctx, planned)
+        hang = ctx.payload.get("hang_first_s")
+        if ctx.attempt == 1 and isinstance(hang, int | float) and not isinstance(hang, bool):
+            await asyncio.sleep(float(hang))  # crash tests: kill the worker after recording
         return {
             "events": len(events),
             "deliveries": len(planned),
