@@ -155,13 +155,17 @@ async def _run_worker(settings: LiteSettings, state_url: str, concurrency: int) 
     queue, store = parts.queue, parts.object_store
     client = DispatcherClient(settings.dispatcher_url, platform_token=platform_token)
     operators = dict(BUILTIN_OPERATORS)
-    lite_pool = None
+    lite_pool = data_pool = None
     if profiles.profile() == "lite":  # operators over the state database (trace_lite.chain)
         from trace_lite.chain.operators import lite_operators
         from trace_lite.pg import open_pool
 
         lite_pool = await open_pool(state_url, min_size=1, max_size=4)
         operators |= lite_operators(lite_pool, store)
+        from trace_lite.alert_operators import alert_operators  # and alerting (trace_sdk.alerts)
+
+        data_pool = await open_pool(_urls(settings)[1], min_size=1, max_size=2)
+        operators |= alert_operators(lite_pool, data_pool)
     worker = Worker(
         surface=client,
         queue=queue,
@@ -183,6 +187,8 @@ async def _run_worker(settings: LiteSettings, state_url: str, concurrency: int) 
         await parts.close()
         if lite_pool is not None:
             await lite_pool.close()
+        if data_pool is not None:
+            await data_pool.close()
         log.info("worker stopped", extra={"stats": worker.stats})
 
 
