@@ -98,6 +98,7 @@ def add_parsers(sub: Any) -> None:
 
 def builtin_operators() -> dict[str, OperatorInfo]:
     """The operators a worker runs out of the box, by name."""
+    from trace_lite.alert_operators import ALERT_OPERATORS
     from trace_lite.chain.operators import LITE_OPERATORS
     from trace_sdk import BUILTIN_OPERATORS
 
@@ -106,7 +107,8 @@ def builtin_operators() -> dict[str, OperatorInfo]:
         for name, op in BUILTIN_OPERATORS.items()
     }
     # and those a Lite worker adds over the state database (trace_lite.chain.operators)
-    return builtin | {name: OperatorInfo(name, doc) for name, doc in LITE_OPERATORS.items()}
+    lite = LITE_OPERATORS | ALERT_OPERATORS  # alerting: trace_lite.alert_operators
+    return builtin | {name: OperatorInfo(name, doc) for name, doc in lite.items()}
 
 
 def _problems(path: Path) -> list[Problem]:
