@@ -208,6 +208,10 @@ def _completion(fence: wire.FenceFields, **outcome: Any) -> wire.CompleteRequest
     return wire.structure({**_fields(fence), **fields}, wire.CompleteRequest)
 
 
+#: The most task ids in one claim (``wire.ClaimBatchRequest.task_ids``).
+CLAIM_BATCH = 100
+
+
 class _RetryCompletion(Exception):
     """One completion of a batch failed transiently: submit it again."""
 
@@ -246,8 +250,10 @@ class Worker:
         )
     )
     _inflight: set[asyncio.Task[None]] = attrs.field(factory=set)
-    #: Claims in flight (a receive's wake-ups being claimed) and how many tasks they hold.
-    _claiming: set[asyncio.Task[None]] = attrs.field(factory=set)
+    #: Wake-ups received and not yet claimed (``_to_claim``), the one claimer task that claims
+    #: them in batches, and how many wake-ups are waiting for or inside a claim.
+    _to_claim: list[ReceivedMessage] = attrs.field(factory=list)
+    _claimer: asyncio.Task[None] | None = None
     _claiming_n: int = 0
     #: Send completions in batches (``TaskSurface.complete_batch``).
     batch_completions: bool = True
@@ -269,8 +275,9 @@ class Worker:
             free = self.concurrency - len(self._inflight) - self._claiming_n
             if free <= 0:
                 stopper = asyncio.ensure_future(stop.wait())
+                claimer = [self._claimer] if self._claimer is not None else []
                 await asyncio.wait(
-                    [*self._inflight, *self._claiming, stopper],
+                    [*self._inflight, *claimer, stopper],
                     return_when=asyncio.FIRST_COMPLETED,
                 )
                 stopper.cancel()
@@ -300,25 +307,30 @@ class Worker:
                 continue
             if messages:
                 self.stats["received"] += len(messages)
-                # Claim in the background so the next receive overlaps this claim's round
-                # trip; the claimed-but-not-started wake-ups count against ``concurrency``.
+                # Claims run in the background, one at a time, like a group commit: the
+                # next receives overlap a claim's round trip, and the wake-ups they bring go
+                # together into the next claim. Unclaimed wake-ups count against concurrency.
                 self._claiming_n += len(messages)
-                claim = asyncio.create_task(self._claim_received(messages))
-                self._claiming.add(claim)
-                claim.add_done_callback(self._claiming.discard)
-        if self._claiming:
-            await asyncio.wait(set(self._claiming))
+                self._to_claim.extend(messages)
+                if self._claimer is None or self._claimer.done():
+                    self._claimer = asyncio.create_task(self._claim_pending())
+        if self._claimer is not None:
+            await self._claimer
         await self._drain()
         await self._completions.close()
         await self._acks.close()
 
-    async def _claim_received(self, messages: list[ReceivedMessage]) -> None:
-        try:
-            await self._claim_and_start(messages)
-        except Exception:  # no message may end the worker: they reappear later
-            log.exception("handling a receive failed")
-        finally:
-            self._claiming_n -= len(messages)
+    async def _claim_pending(self) -> None:
+        """Claim the received wake-ups in batches of up to ``CLAIM_BATCH`` until none is left."""
+        while self._to_claim:
+            batch = self._to_claim[:CLAIM_BATCH]
+            del self._to_claim[:CLAIM_BATCH]
+            try:
+                await self._claim_and_start(batch)
+            except Exception:  # no message may end the worker: they reappear later
+                log.exception("handling a receive failed")
+            finally:
+                self._claiming_n -= len(batch)
 
     async def _drain(self) -> None:
         if not self._inflight:
