@@ -7,7 +7,7 @@ from collections.abc import Iterator, Mapping, Sequence
 
 import attrs
 
-from trace_core import errors
+from trace_core import errors, udf
 from trace_core.dag._graph import cycles
 from trace_core.dag._reader import Reader
 from trace_core.dag._records import (
@@ -22,6 +22,7 @@ from trace_core.dag._records import (
     OperatorInfo,
     Problem,
     Publish,
+    Runtime,
 )
 from trace_core.dag._words import close_hint, show
 
@@ -37,7 +38,16 @@ def graph_problems(
     published = {p.dataset for p in dag.publish}
     for job in dag.jobs.values():
         path = f"jobs.{job.name}"
-        if operators is not None and job.operator not in operators:
+        if job.runtime is Runtime.LAMBDA and "bundle" in job.config:  # a UDF bundle
+            try:
+                udf.parse_ref(job.config.get("bundle"), f"{path}.config.bundle")
+            except errors.ValidationFailed as exc:
+                yield Problem(
+                    exc.field or f"{path}.config.bundle",
+                    exc.message,
+                    "config.bundle: {name, digest} as printed by trace udf deploy",
+                )
+        elif operators is not None and job.operator not in operators:
             yield Problem(
                 f"{path}.operator",
                 f"unknown operator {show(job.operator)}",
