@@ -12,7 +12,19 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from trace_core import errors
-from trace_core.alert_rules import Route, TransferThreshold, alert_key, route_event
+from trace_core.alert_rules import (
+    ALERT_EVENTS_SCHEMA,
+    FieldAbove,
+    Route,
+    TransferThreshold,
+    alert_key,
+    event_from_row,
+    event_row,
+    plan_deliveries,
+    route_event,
+    routes_from_config,
+    rule_from_config,
+)
 from trace_core.delivery import DeliveryState
 
 WATCHED = "0x" + "ab" * 20
@@ -141,3 +153,105 @@ def test_routes_gate_staleness_and_severity() -> None:
 def test_threshold_is_exact(amount: int, threshold: int) -> None:
     d = TransferThreshold.from_config("t", {"min_amount": str(threshold)})
     assert len(d.detect([row(str(amount))])) == (1 if amount >= threshold else 0)
+
+
+# --- field_above, rule configs, labels, the alert_events rows, routes from config -----------
+
+
+def test_field_above_is_a_gas_spike_detector_with_block_time() -> None:
+    rule = rule_from_config(
+        "gas", {"rule": "field_above", "field": "gas_used", "min_value": 1_000_000}
+    )
+    assert isinstance(rule, FieldAbove)
+    when = int(BLOCK_TIME.timestamp())
+    blocks = [
+        {"block_number": 7, "gas_used": 21_000, "timestamp": when},
+        {"block_number": 8, "gas_used": 1_000_000, "timestamp": when},
+    ]
+    (event,) = rule.detect(blocks)
+    assert event.event_time == BLOCK_TIME
+    assert event.alert_key == alert_key("gas", [8])
+    assert event.details == {"gas_used": "1000000", "block_number": 8}
+    with pytest.raises(errors.ValidationFailed) as exc:
+        rule.detect([{"block_number": 9, "timestamp": when}])
+    assert exc.value.field == "rows[0].gas_used"
+
+
+@pytest.mark.parametrize(
+    ("config", "field"),
+    [
+        ({"rule": "nope"}, "config.rule"),
+        ({"rule": "field_above", "min_value": 1}, "config.field"),
+        ({"rule": "field_above", "field": "g"}, "config.min_value"),
+        ({"rule": "field_above", "field": "g", "min_value": -1}, "config.min_value"),
+        ({"rule": "field_above", "field": "g", "min_value": 1, "x": 1}, "config.x"),
+        ({"rule": "transfer_threshold", "min_amount": 1, "labels": []}, "config.labels"),
+        ({"rule": "transfer_threshold", "min_amount": 1, "labels": {"A B": "x"}}, "config.labels"),
+        ({"rule": "transfer_threshold", "min_amount": 1, "labels": {"a": 1}}, "config.labels.a"),
+    ],
+)
+def test_rule_config_errors_name_the_field(config: dict[str, Any], field: str) -> None:
+    with pytest.raises(errors.ValidationFailed) as exc:
+        rule_from_config("d", config)
+    assert exc.value.field == field
+
+
+def test_an_event_survives_its_alert_events_row() -> None:
+    (event,) = detector(labels={"team": "ops"}).detect([row(5000, transaction_hash=b"\x01\x02")])
+    assert event.details["transaction_hash"] == "0x0102"  # bytes as hex, in key and payload
+    stored = event_row(event)
+    assert set(stored) == set(ALERT_EVENTS_SCHEMA)
+    back = event_from_row({**stored, "event_time": BLOCK_TIME})  # as read from the table
+    assert back == event
+    assert event_from_row(stored) == event  # as JSON
+    with pytest.raises(errors.ValidationFailed) as exc:
+        event_from_row({**stored, "alert_key": "x"}, "rows[3]")
+    assert exc.value.field == "rows[3].alert_key"
+
+
+def test_routes_from_config_select_by_severity_and_labels() -> None:
+    routes = routes_from_config(
+        [
+            {"name": "pages", "destinations": ["ops", "ops", "slack"], "min_severity": "error",
+             "max_delivery_age": "15m"},
+            {"name": "team", "destinations": ["team"], "labels": {"team": "treasury"}},
+        ]
+    )  # fmt: skip
+    assert routes[0].destinations == ("ops", "slack")
+    assert routes[0].max_delivery_age == timedelta(minutes=15)
+    warn = detector(labels={"team": "treasury"}).detect([row(5000)])
+    err = detector(severity="error", labels={"team": "infra"}).detect([row(6000)])
+    planned = plan_deliveries([*warn, *err], routes)
+    assert [(p.alert_key, p.route, p.destination) for p in planned] == [
+        (warn[0].alert_key, "team", "team"),
+        (err[0].alert_key, "pages", "ops"),
+        (err[0].alert_key, "pages", "slack"),
+    ]
+    assert planned[1].max_delivery_age == timedelta(minutes=15)
+    assert planned[1].payload["summary"] == err[0].summary
+    assert plan_deliveries([*warn, *err], routes) == planned  # deterministic
+
+
+@pytest.mark.parametrize(
+    ("routes", "field"),
+    [
+        ([], "config.routes"),
+        ("x", "config.routes"),
+        ([{"name": "a"}], "config.routes[0].destinations"),
+        ([{"name": "A!", "destinations": ["o"]}], "config.routes[0].name"),
+        ([{"name": "a", "destinations": ["O K"]}], "config.routes[0].destinations[0]"),
+        ([{"name": "a", "destinations": ["o"], "max_delivery_age": "soon"}],
+         "config.routes[0].max_delivery_age"),
+        ([{"name": "a", "destinations": ["o"], "max_delivery_age": 0}],
+         "config.routes[0].max_delivery_age"),
+        ([{"name": "a", "destinations": ["o"], "min_severity": "meh"}],
+         "config.routes[0].min_severity"),
+        ([{"name": "a", "destinations": ["o"], "x": 1}], "config.routes[0].x"),
+        ([{"name": "a", "destinations": ["o"]}, {"name": "a", "destinations": ["p"]}],
+         "config.routes[1].name"),
+    ],
+)  # fmt: skip
+def test_route_config_errors_name_the_field(routes: Any, field: str) -> None:
+    with pytest.raises(errors.ValidationFailed) as exc:
+        routes_from_config(routes)
+    assert exc.value.field == field
