@@ -394,3 +394,116 @@ def test_on_aws_the_dispatcher_creates_the_queue_at_deploy_and_status_and_dlq_wo
         assert events() == 4
     finally:
         procs.stop_all()
+
+
+def test_scoped_and_inline_batches_through_the_sdk_over_http_are_stored_once(
+    trace_procs: TraceProcs, data_db_url: str
+) -> None:
+    """The SDK's ``TaskContext.publish_buffer`` against a real Dispatcher process over HTTP:
+    staged and inline batches under each kind of scope (cursor, partition_key, range) and
+    none; a repeated call, a key reused under another scope, a malformed scope and an oversized
+    inline batch; then a retried attempt republishing a range and the stale attempt refused.
+    A ``trace sink run`` process stores every row once with the documented dedupe keys."""
+    from e2e_harness import PLATFORM_TOKEN
+
+    from trace_core import errors
+    from trace_core.sink import Scope, dedupe_key
+    from trace_sdk import DispatcherClient
+    from trace_sdk._worker import TaskContext
+
+    procs = trace_procs
+    plain_env = procs.env
+    procs.env = lambda: {**plain_env(), "TRACE_DATA_DATABASE_URL": data_db_url}  # type: ignore[method-assign]
+    procs.start_dispatcher()
+    deploy(procs, dag())
+    # Lite: the Dispatcher process's pass records the dataset's queue as created
+    provisioned = "SELECT count(provisioned_at) FROM buffer_queues"
+    procs.wait_until(lambda: procs.scalar(provisioned) == 1, 30, "the queue recorded as created")
+    task_id = procs.create_task("noop", org=ORG)
+    settings = LiteSettings.from_env(procs.env())
+    store = LocalObjectStore(settings.object_root, settings.dispatcher_url, settings.object_secret)
+    rows = [{"n": n, "note": "r"} for n in range(5)]
+    span = {"range": {"start": 0, "end": 100}}
+
+    async def attempt(client: DispatcherClient) -> tuple[TaskContext, str]:
+        claim = await client.claim(task_id, "e2e")
+        task = await client.fetch(task_id, claim.attempt)
+        fence = wire.FenceFields(claim.task_id, claim.attempt, claim.lease_token)
+        ctx = TaskContext(task, claim.attempt, client, store, fence, [claim.capability_token])
+        return ctx, claim.capability_token
+
+    def refuse(token: str, fence: dict[str, Any]) -> None:
+        """Malformed batches over raw HTTP: 422 with the field, nothing recorded."""
+        other = {"cursor": "a", "range": span["range"]}
+        big = [{"n": i, "note": "x" * 4000} for i in range(70)]
+        for batch, field in [
+            ({"rows": rows, "scope": {"range": {"start": 5, "end": 1}}}, "batch.scope.range.end"),
+            ({"rows": rows, "scope": other}, "batch.scope.range"),
+            ({"rows": big}, "batch.rows"),
+        ]:
+            body = {**fence, "batch": {"key": "x", "dataset": "alerts", **batch}}
+            r = procs.request("POST", "/v1/task/buffer-publish", body=body, capability=token)
+            assert (r.status, r.json["error"], r.json["field"]) == (
+                422,
+                "validation_failed",
+                field,
+            ), r
+
+    async def scenario() -> None:
+        client = DispatcherClient(procs.url, platform_token=PLATFORM_TOKEN)
+        try:
+            ctx1, token1 = await attempt(client)
+            await ctx1.publish_buffer("alerts", rows, key="r0", scope=span)  # staged
+            other = {"range": {"start": 100, "end": 200}}
+            await ctx1.publish_buffer("alerts", rows, key="r1", scope=other, inline=True)
+            cursor = {"cursor": "0xab"}
+            await ctx1.publish_buffer("alerts", rows[:2], key="c", scope=cursor, inline=True)
+            part = {"partition_key": "2026-12-01"}
+            await ctx1.publish_buffer("alerts", rows[:1], key="p", scope=part, inline=True)
+            await ctx1.publish_buffer("alerts", rows, key="none", inline=True)
+            again = await ctx1.publish_buffer("alerts", rows, key="r1", scope=other, inline=True)
+            assert again.duplicate
+            with pytest.raises(errors.IdempotencyMismatch):
+                await ctx1.publish_buffer("alerts", rows, key="r1", scope=span, inline=True)
+            fence = {"task_id": task_id, "attempt": 1, "lease_token": ctx1._fence.lease_token}
+            await asyncio.to_thread(refuse, token1, fence)
+            assert procs.scalar("SELECT count(*) FROM buffer_batches") == 5
+            for _ in range(200):  # the first attempt's lease lapses (no heartbeat); reclaim
+                try:
+                    ctx2, _token = await attempt(client)
+                    break
+                except errors.TraceError:
+                    await asyncio.sleep(0.1)
+            else:
+                raise AssertionError("the task was never claimable again")
+            assert ctx2.attempt == 2
+            extra = [*rows, {"n": 5, "note": "new"}]
+            await ctx2.publish_buffer("alerts", extra, key="r0-retry", scope=span, inline=True)
+            with pytest.raises(errors.LeaseLost):  # the stale attempt publishes nothing
+                await ctx1.publish_buffer("alerts", [{"n": 99}], key="stale", inline=True)
+        finally:
+            await client.close()
+
+    asyncio.run(scenario())
+    q = "SELECT count(*) FROM task_events WHERE event_type = %s"
+    proc = procs._spawn("sink", "sink", "run", "--org", ORG)
+    procs.wait_until(lambda: procs.scalar(q, (EVENT_TYPE,)) == 6, 60, "one event per batch")
+    table = table_name(
+        procs.scalar(
+            "SELECT p.dataset_version::text FROM dag_pointers p JOIN dags g "
+            "ON g.dag_id = p.dag_id AND p.generation = g.active_generation"
+        )
+    )
+    per_batch = data_sql(
+        data_db_url, f"SELECT _batch_key, count(*) FROM {table} GROUP BY 1 ORDER BY 1"
+    )
+    assert per_batch == [("c", 2), ("none", 5), ("p", 1), ("r0", 5), ("r0-retry", 1), ("r1", 5)]
+    uuid_ = procs.scalar("SELECT dataset_uuid::text FROM datasets WHERE name = 'alerts'")
+    stored = data_sql(
+        data_db_url, f"SELECT n, encode(_dedupe_key, 'hex') FROM {table} WHERE _batch_key = 'r0'"
+    )
+    assert sorted(stored) == [
+        (n, dedupe_key(task_id, uuid_, Scope(range=(0, 100)), [n])) for n in range(5)
+    ]
+    assert procs.terminate(proc, 30) == 0
+    assert procs.scalar(q, (EVENT_TYPE,)) == 6
