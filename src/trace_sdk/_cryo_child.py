@@ -1,7 +1,11 @@
 """The child process of ``cryo_ingest``: one ``cryo.freeze`` call, checked, then ``os._exit``.
 
-Run as ``python .../trace_sdk/_cryo_child.py '<json request>'`` (standard library, duckdb and
-cryo only: it never imports the SDK). It prints one JSON line on stdout:
+Run as ``python .../trace_sdk/_cryo_child.py`` (standard library, duckdb and cryo only: it never
+imports the SDK), started ahead of need (``trace_sdk._warm_child``): it imports Cryo and DuckDB,
+names itself ``trace-cryo-idle`` (``/proc/PID/comm``), then reads its one request, a JSON line
+on stdin (``start``, ``end``, ``rpc``, ``out``, ``datatypes``, ``budget``), and renames itself
+``trace-cryo-run``; EOF instead of a request (the worker exited) ends it. It prints one JSON
+line on stdout:
 ``{"ok": true, "files": {datatype: {"path", "rows"}}, "head": N}`` or ``{"ok": false, "kind":
 "past_head" | "unreachable" | "throttled" | "errored" | "incomplete", "message"}``, and always leaves through
 ``os._exit`` (cryo 0.3.2 crashes at interpreter shutdown in about 1% of runs, after its data is
@@ -32,11 +36,6 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any
-
-#: The environment variable carrying the endpoint (trace_sdk.ingest.RPC_ENV; not in argv,
-#: which any local user can read).
-RPC_ENV = "TRACE_CRYO_RPC"
-
 
 #: The longest sleep between two extract rounds of a throttled endpoint.
 MAX_BACKOFF_S = 30.0
@@ -103,12 +102,14 @@ def _freeze(req: dict[str, Any], rpc: str, out: Path) -> dict[str, Any]:
 
 
 def run(req: dict[str, Any]) -> dict[str, Any]:
-    start, end, rpc = int(req["start"]), int(req["end"]), os.environ[RPC_ENV]
+    start, end, rpc = int(req["start"]), int(req["end"]), str(req["rpc"])
     out = Path(req["out"])
     datatypes: list[str] = list(req["datatypes"])
     budget = req["budget"]
     backoff_s = int(budget["initial_backoff_ms"]) / 1000
     throttled = completed = 0
+    began = time.monotonic()
+    freeze_s = 0.0
     rerun = False  # an extract with errors whose endpoint then answered normally ran again
     while True:
         try:
@@ -123,7 +124,9 @@ def run(req: dict[str, Any]) -> dict[str, Any]:
                     "message": f"range [{start}, {end}) ends past the chain head {head}",
                 }
             try:
+                started = time.monotonic()
                 summary = _freeze(req, rpc, out)
+                freeze_s += time.monotonic() - started
             except Exception as exc:  # cryo raises TypeError("failed") when unreachable
                 return {
                     "ok": False,
@@ -154,6 +157,7 @@ def run(req: dict[str, Any]) -> dict[str, Any]:
     # blocks and transactions are one cryo job: at least one job ran
     if completed < 1:
         return {"ok": False, "kind": "incomplete", "message": f"cryo: {summary}"}
+    checked = time.monotonic()
     files: dict[str, dict[str, Any]] = {}
     for datatype in datatypes:
         # cryo names files with an INCLUSIVE end: [start, end) is ..._{start}_to_{end - 1}
@@ -172,32 +176,58 @@ def run(req: dict[str, Any]) -> dict[str, Any]:
     unexpected = sorted(p.name for p in out.iterdir() if p.is_file())
     if len(unexpected) != len(datatypes):
         return {"ok": False, "kind": "incomplete", "message": f"unexpected files {unexpected}"}
-    return {"ok": True, "files": files, "head": head, "throttled": throttled}
+    done = time.monotonic()
+    seconds = {"run": done - began, "freeze": freeze_s, "check": done - checked}
+    return {
+        "ok": True,
+        "files": files,
+        "head": head,
+        "throttled": throttled,
+        "seconds": {k: round(v, 3) for k, v in seconds.items()},
+    }
 
 
 def die_with_parent() -> None:
     """Ask Linux to SIGKILL this process when its parent (the worker) dies, so a worker killed
     mid-extract leaves no extract running; then check the parent did not die first."""
     parent = os.getppid()
-    if sys.platform == "linux":
-        import ctypes
+    if _LIBC is not None:
         import signal
 
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     if os.getppid() != parent:
         os._exit(3)
 
 
-#: prctl option: the signal this process gets when its parent thread dies.
+def name_self(name: bytes) -> None:
+    """Set this process's name (``/proc/PID/comm``, at most 15 bytes) on Linux."""
+    if _LIBC is not None:
+        _LIBC.prctl(_PR_SET_NAME, name[:15], 0, 0, 0)
+
+
+#: prctl options: the signal this process gets when its parent thread dies; its name.
 _PR_SET_PDEATHSIG = 1
+_PR_SET_NAME = 15
+_LIBC: Any = None
+if sys.platform == "linux":
+    import ctypes
+
+    _LIBC = ctypes.CDLL(None, use_errno=True)
 
 
 def main() -> None:
     die_with_parent()
+    name_self(b"trace-cryo-idle")
+    import cryo  # noqa: F401  (warm: the request pays no import)
+    import duckdb  # noqa: F401
+
+    line = sys.stdin.buffer.readline()
+    if not line.strip():
+        os._exit(0)  # the worker closed our stdin: never used
+    name_self(b"trace-cryo-run")
     code = 0
     try:
-        answer = run(json.loads(sys.argv[1]))
+        answer = run(json.loads(line))
     except Exception as exc:
         answer, code = (
             {"ok": False, "kind": "errored", "message": f"{type(exc).__name__}: {exc}"},

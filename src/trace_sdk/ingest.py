@@ -46,8 +46,9 @@ default):
 Each attempt's extract is its own child process with its own limiter and backoff: a slot that
 is throttled slows only the attempt holding it (``_cryo_child``'s docstring has the details).
 
-The extract runs in a child process (the script ``trace_sdk/_cryo_child.py``): one ``cryo.freeze`` into a
-private temporary directory, checked (``n_errored`` = 0, every chunk completed, one file per
+The extract runs in a child process (the script ``trace_sdk/_cryo_child.py``, started warm
+and used once: ``trace_sdk._warm_child``; killed at ``extract_timeout_s`` or when the attempt is
+cancelled): one ``cryo.freeze`` into a private temporary directory, checked (``n_errored`` = 0, every chunk completed, one file per
 datatype, every row inside the range, one blocks row per block). Only after the whole child
 succeeded are its files staged (``TaskContext.stage_output``), so a failed extract commits
 nothing; the outputs commit with the completion, which also carries one range event per
@@ -71,14 +72,14 @@ import time
 from pathlib import Path
 from typing import Any
 
+from trace_sdk._warm_child import WarmChildren
 from trace_sdk._worker import NonRetryableError, TaskContext
 
 DATATYPES = ("blocks", "transactions", "logs")
-#: The child's environment variable carrying the endpoint.
-RPC_ENV = "TRACE_CRYO_RPC"
-#: The child runs as a script (not ``-m trace_sdk...``): it needs neither the SDK nor aiohttp,
-#: and importing them would cost each extract a few hundred milliseconds.
+#: The child runs as a script (not ``-m trace_sdk...``): it needs neither the SDK nor aiohttp.
 _CHILD = str(Path(__file__).with_name("_cryo_child.py"))
+#: Extract children, warm: each has imported Cryo and DuckDB before its request arrives.
+_EXTRACTS = WarmChildren([sys.executable, _CHILD])
 #: The largest range one task extracts (one Parquet file per datatype).
 MAX_RANGE = 100_000
 
@@ -174,18 +175,20 @@ async def cryo_ingest(ctx: TaskContext) -> dict[str, Any] | None:
     # killed a little before the attempt's own timeout, so the task's error says why
     timeout_s = float(payload.get("extract_timeout_s") or ctx.task.timeout_s * 0.9)
     with tempfile.TemporaryDirectory(prefix="trace-cryo-") as tmp:
+        # the endpoint (it may hold a key) travels on the child's stdin: not in its argv or
+        # environment, which other local users can read
         request = {
             "start": start,
             "end": end,
+            "rpc": rpc,
             "out": tmp,
             "datatypes": datatypes,
             "budget": budget,
         }
-        argv = [sys.executable, _CHILD, json.dumps(request)]
         started = time.monotonic()
         try:
-            # the endpoint (it may hold a key) goes in the child's environment, not its argv
-            code, out = await ctx.run_process(argv, env={RPC_ENV: rpc}, timeout_s=timeout_s)
+            line = json.dumps(request).encode() + b"\n"
+            code, out = await _EXTRACTS.run(line, timeout_s=timeout_s)
         except TimeoutError:
             raise ExtractError(f"cryo child killed after {timeout_s:g}s") from None
         extract_s = time.monotonic() - started
@@ -196,6 +199,7 @@ async def cryo_ingest(ctx: TaskContext) -> dict[str, Any] | None:
                 raise NonRetryableError(message)
             raise ExtractError(f"{answer.get('kind')}: {message}")
         key = partition_key(start, end)
+        staging = time.monotonic()
         counts: dict[str, int] = {}
         for datatype in datatypes:
             file = answer["files"][datatype]
@@ -224,6 +228,9 @@ async def cryo_ingest(ctx: TaskContext) -> dict[str, Any] | None:
         "rows": counts,
         "head": answer.get("head"),
         "extract_s": round(extract_s, 3),
+        # inside the child: the whole run, Cryo's freeze, and the file checks
+        "child_s": answer.get("seconds"),
+        "stage_s": round(time.monotonic() - staging, 3),
         "throttled": int(answer.get("throttled", 0)),
         "slot": None if ctx.task.slot is None else ctx.task.slot.index,
     }

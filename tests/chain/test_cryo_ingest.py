@@ -409,9 +409,10 @@ def _alive(pid: int) -> bool:
 
 
 PARENT = """
-import json, os, subprocess, sys, time
-env = {**os.environ, "TRACE_CRYO_RPC": sys.argv[3]}
-child = subprocess.Popen([sys.executable, sys.argv[1], sys.argv[2]], stdout=subprocess.DEVNULL, env=env)
+import subprocess, sys, time
+child = subprocess.Popen([sys.executable, sys.argv[1]], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL)
+child.stdin.write(sys.argv[2].encode() + b"\\n")
+child.stdin.flush()
 print(child.pid, flush=True)
 time.sleep(120)
 """
@@ -426,10 +427,17 @@ def test_an_extract_dies_with_its_worker(stalling_rpc: str, tmp_path: Path) -> N
 
     budget = trace_sdk.ingest.rpc_budget({}, {})
     request = json.dumps(
-        {"start": 0, "end": 10, "out": str(tmp_path), "datatypes": ["logs"], "budget": budget}
+        {
+            "start": 0,
+            "end": 10,
+            "rpc": stalling_rpc,
+            "out": str(tmp_path),
+            "datatypes": ["logs"],
+            "budget": budget,
+        }
     )
     parent = subprocess.Popen(
-        [sys.executable, "-c", PARENT, trace_sdk.ingest._CHILD, request, stalling_rpc],
+        [sys.executable, "-c", PARENT, trace_sdk.ingest._CHILD, request],
         stdout=subprocess.PIPE,
         text=True,
     )

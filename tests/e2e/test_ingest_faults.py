@@ -2,8 +2,8 @@
 workers (``trace_servers.cli``), a real anvil node behind a loopback proxy that holds the
 extract's block requests, so the worker is killed while its Cryo child is mid-extract.
 
-Only the worker's PID is killed (not its process group): the child must die on its own, with
-its parent (``PR_SET_PDEATHSIG``). Then the attempt's lease expires, a new worker's attempt
+Only the worker's PID is killed (not its process group): the extract child, and the warm one
+waiting for the next extract, must die on their own with their parent (``PR_SET_PDEATHSIG``). Then the attempt's lease expires, a new worker's attempt
 commits the range once, and no partition of the killed attempt exists."""
 
 from __future__ import annotations
@@ -124,8 +124,9 @@ def _alive(pid: int) -> bool:
     return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
-def _cryo_children(parent: int) -> list[int]:
-    """PIDs of running extract children (``_cryo_child.py``) whose parent is ``parent``."""
+def _cryo_children(parent: int, *, running: bool) -> list[int]:
+    """PIDs of live extract children (``_cryo_child.py``) of ``parent``: those running an
+    extract (named ``trace-cryo-run``), or all of them (a warm one waits, ``trace-cryo-idle``)."""
     found = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
@@ -133,7 +134,13 @@ def _cryo_children(parent: int) -> list[int]:
         with contextlib.suppress(OSError):
             ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
             cmdline = (entry / "cmdline").read_bytes()
-            if ppid == parent and b"_cryo_child.py" in cmdline and _alive(int(entry.name)):
+            comm = (entry / "comm").read_text().strip()
+            if (
+                ppid == parent
+                and b"_cryo_child.py" in cmdline
+                and (comm == "trace-cryo-run" or not running)
+                and _alive(int(entry.name))
+            ):
                 found.append(int(entry.name))
     return found
 
@@ -153,10 +160,18 @@ def test_a_worker_killed_mid_extract_leaves_no_child_and_the_retry_commits_once(
     )
     # attempt 1's child asked for the head, then its block requests are held: mid-extract
     t.wait_until(holding_proxy.held.is_set, 60, "the extract to ask for blocks")
-    (child,) = t.wait_until(lambda: _cryo_children(worker.pid), 10, "the extract child")
-    os.kill(worker.pid, signal.SIGKILL)  # the worker only: the child must follow on its own
+    (child,) = t.wait_until(
+        lambda: _cryo_children(worker.pid, running=True), 10, "the extract child"
+    )
+    children = _cryo_children(worker.pid, running=False)  # and the warm one for the next
+    assert child in children
+    os.kill(worker.pid, signal.SIGKILL)  # the worker only: the children must follow on their own
     worker.popen.wait(10)
-    t.wait_until(lambda: not _alive(child), 30, f"extract child {child} to die with its worker")
+    t.wait_until(
+        lambda: not any(_alive(pid) for pid in children),
+        30,
+        f"extract children {children} to die with their worker",
+    )
     assert t.sql("SELECT count(*) FROM dataset_partitions") == [(0,)]
 
     holding_proxy.open.set()
@@ -187,4 +202,5 @@ def test_a_worker_killed_mid_extract_leaves_no_child_and_the_retry_commits_once(
     ).fetchall()
     assert rows == [(n,) for n in range(50)]
     # no extract left running under either worker
-    assert _cryo_children(worker.pid) == [] and _cryo_children(second.pid) == []
+    assert _cryo_children(second.pid, running=True) == []
+    assert not any(_alive(pid) for pid in children)
