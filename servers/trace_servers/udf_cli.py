@@ -89,7 +89,7 @@ def build(directory: Path) -> tuple[udf.Manifest, bytes]:
         rel = path.relative_to(directory)
         if not path.is_file() or any(p.startswith(".") or p == "__pycache__" for p in rel.parts):
             continue
-        if rel.as_posix() == udf.MANIFEST_NAME or rel.parts[0] in ("tests", "trace_udf"):
+        if rel.as_posix() == udf.MANIFEST_NAME or rel.parts[0] in ("dist", "tests", "trace_udf"):
             continue
         if manifest.language is udf.Language.PYTHON and path.suffix not in (".py", ".json"):
             continue
@@ -132,7 +132,14 @@ def cmd_build(args: argparse.Namespace) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_bytes(data)
     print(
-        json.dumps({"name": manifest.name, "digest": digest, "path": str(out), "bytes": len(data)})
+        json.dumps(
+            {
+                "name": manifest.name,
+                "digest": digest,
+                "path": str(out.resolve()),
+                "bytes": len(data),
+            }
+        )
     )
     return 0
 
