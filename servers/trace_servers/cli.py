@@ -165,7 +165,7 @@ async def _run_worker(settings: LiteSettings, state_url: str, concurrency: int) 
         from trace_lite.alert_operators import alert_operators  # and alerting (trace_sdk.alerts)
 
         data_pool = await open_pool(_urls(settings)[1], min_size=1, max_size=2)
-        operators |= alert_operators(lite_pool, data_pool)
+        operators |= alert_operators(lite_pool, data_pool, store)
     worker = Worker(
         surface=client,
         queue=queue,

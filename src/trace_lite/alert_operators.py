@@ -2,7 +2,8 @@
 
 ``alert_operators(state_pool, data_pool)`` is what a Lite worker adds to ``BUILTIN_OPERATORS``
 for alerting: ``alert_detector`` and ``alert_route``, reading input rows with
-``trace_lite.alert_inputs.PgAlertInputs`` (the data tables of buffered datasets) and recording
+``trace_lite.alert_inputs.PgAlertInputs`` (the data tables of buffered datasets) or
+``trace_lite.chain.operators.PgPartitionReader`` (Parquet partitions of range events), and recording
 deliveries with ``trace_lite.delivery.DeliveryStore.record_planned``, because the task API has
 no route for either yet. Both check that the calling attempt is its task's running one, as the
 task API would.
@@ -12,7 +13,9 @@ from __future__ import annotations
 
 from psycopg_pool import AsyncConnectionPool
 
+from trace_core.ports import ObjectStore
 from trace_lite.alert_inputs import PgAlertInputs
+from trace_lite.chain.operators import PgPartitionReader
 from trace_lite.delivery import DeliveryStore
 from trace_sdk import Operator
 from trace_sdk.alerts import make_alert_detector, make_alert_route
@@ -25,12 +28,13 @@ ALERT_OPERATORS = {
 
 
 def alert_operators(
-    state_pool: AsyncConnectionPool, data_pool: AsyncConnectionPool
+    state_pool: AsyncConnectionPool, data_pool: AsyncConnectionPool, store: ObjectStore
 ) -> dict[str, Operator]:
-    """``alert_detector`` and ``alert_route`` over the state and data databases."""
+    """``alert_detector`` and ``alert_route`` over the state and data databases (and the
+    object store, for Parquet partitions: ``PgPartitionReader``)."""
     inputs = PgAlertInputs(state_pool, data_pool)
     return {
-        "alert_detector": make_alert_detector(inputs),
+        "alert_detector": make_alert_detector(inputs, PgPartitionReader(state_pool, store)),
         "alert_route": make_alert_route(inputs, DeliveryStore(state_pool)),
     }
 

@@ -22,8 +22,11 @@ Alert events travel as data (``docs/architecture/alerting.md``)::
   (crash tests) makes attempt 1 sleep that long after recording, before it completes.
 
 Input rows come from the task's input event (``payload.event``): its ``payload.rows`` when the
-producer put the rows in the event, else ``inputs.rows(...)`` (the rows a ``rows_committed``
-event announces, read by the platform). A manual run may pass ``payload.rows``.
+producer put the rows in the event; for a ``range`` event over a Parquet dataset (``{start,
+end, dataset}``, e.g. ``cryo_ingest``'s blocks), the rows of that partition read through a
+``trace_sdk.transforms.PartitionReader``; else ``inputs.rows(...)`` (the rows a
+``rows_committed`` event announces, read by the platform). A manual run may pass
+``payload.rows``.
 
 Both need platform ports (like ``range_aggregator``): Lite implements them on Postgres
 (``trace_lite.alert_inputs.PgAlertInputs``, ``trace_lite.delivery.DeliveryStore``), so they run
@@ -33,8 +36,11 @@ in a Lite worker built with them, not in the standalone ``trace worker``.
 from __future__ import annotations
 
 import asyncio
+import io
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
+
+import pyarrow.parquet as pq
 
 from trace_core import errors
 from trace_core.alert_rules import (
@@ -46,6 +52,8 @@ from trace_core.alert_rules import (
     rule_from_config,
 )
 from trace_sdk._worker import NonRetryableError, Operator, TaskContext
+from trace_sdk.ranges import input_range
+from trace_sdk.transforms import PartitionReader
 
 #: Rows per published batch (the inline limit is 1,000 rows and 240 KiB).
 BATCH_ROWS = 200
@@ -72,7 +80,15 @@ class DeliveryRecorder(Protocol):
     ) -> list[str]: ...
 
 
-async def input_rows(ctx: TaskContext, inputs: AlertInputs | None) -> list[dict[str, Any]]:
+def parquet_rows(data: bytes) -> list[dict[str, Any]]:
+    """The rows of a Parquet object, as dicts."""
+    rows: list[dict[str, Any]] = pq.read_table(io.BytesIO(data)).to_pylist()
+    return rows
+
+
+async def input_rows(
+    ctx: TaskContext, inputs: AlertInputs | None, partitions: PartitionReader | None = None
+) -> list[dict[str, Any]]:
     """The task's input rows (module docstring)."""
     payload = ctx.payload
     event = payload.get("event")
@@ -80,6 +96,12 @@ async def input_rows(ctx: TaskContext, inputs: AlertInputs | None) -> list[dict[
         inner = event.get("payload")
         if isinstance(inner, Mapping) and isinstance(inner.get("rows"), list):
             return [dict(r) for r in inner["rows"] if isinstance(r, Mapping)]
+        if event.get("type") == "range" and partitions is not None:
+            start, end, dataset = input_range(payload)
+            if dataset is None:
+                raise NonRetryableError("the input range event names no dataset")
+            data = await partitions.read(ctx.task.task_id, ctx.attempt, dataset, start, end)
+            return await asyncio.to_thread(parquet_rows, data)
         if inputs is None:
             raise NonRetryableError("this worker cannot read the rows of an input event")
         try:
@@ -97,8 +119,11 @@ async def input_rows(ctx: TaskContext, inputs: AlertInputs | None) -> list[dict[
 _NOT_RULE = frozenset({"event", "rows", "name", "dataset", "run_id", "scheduled_time"})
 
 
-def make_alert_detector(inputs: AlertInputs | None) -> Operator:
-    """The ``alert_detector`` operator reading input rows through ``inputs``."""
+def make_alert_detector(
+    inputs: AlertInputs | None, partitions: PartitionReader | None = None
+) -> Operator:
+    """The ``alert_detector`` operator reading input rows through ``inputs`` (batches of
+    buffered datasets) and ``partitions`` (Parquet partitions a ``range`` event announces)."""
 
     async def alert_detector(ctx: TaskContext) -> dict[str, Any] | None:
         """Runs config.rule over the input rows; publishes alert events to config.dataset."""
@@ -110,7 +135,7 @@ def make_alert_detector(inputs: AlertInputs | None) -> Operator:
             rule = rule_from_config(name, config)
         except errors.ValidationFailed as exc:
             raise NonRetryableError(f"{exc.field}: {exc.message}") from None
-        rows = await input_rows(ctx, inputs)
+        rows = await input_rows(ctx, inputs, partitions)
         try:
             events = rule.detect(rows)
         except errors.ValidationFailed as exc:
@@ -174,4 +199,5 @@ __all__ = [
     "input_rows",
     "make_alert_detector",
     "make_alert_route",
+    "parquet_rows",
 ]
