@@ -15,9 +15,10 @@ from trace_core.alert_rules import (
     routes_from_config,
     rule_from_config,
 )
-from trace_core.dag import OperatorInfo
+from trace_core.dag import OperatorInfo, validate
 from trace_lite import dag_files
 from trace_lite.alert_operators import ALERT_OPERATORS, alert_operators
+from trace_lite.chain.operators import LITE_OPERATORS
 from trace_sdk import BUILTIN_OPERATORS
 
 EXAMPLES = sorted((Path(__file__).resolve().parents[2] / "examples" / "alerts").glob("*.yaml"))
@@ -45,3 +46,16 @@ def test_the_example_validates_and_its_configs_parse(path: Path) -> None:
         assert out["buffered"] and out["multi_writer"]
     for job in routes:
         assert routes_from_config(job["config"]["routes"])
+
+
+def test_the_monad_alerting_jobs_validate_merged_into_the_monad_example() -> None:
+    root = Path(__file__).resolve().parents[2] / "examples"
+    doc = yaml.safe_load((root / "monad" / "monad.yaml").read_text())
+    extra = yaml.safe_load((root / "alerts" / "monad" / "gas_spikes.yaml").read_text())
+    doc["jobs"] |= extra["jobs"]
+    doc["publish"] += [p for p in extra["publish"] if p not in doc["publish"]]
+    names = [*BUILTIN_OPERATORS, *LITE_OPERATORS, *ALERT_OPERATORS]
+    problems = validate(doc, operators={n: OperatorInfo(n) for n in names}, datasets={})
+    assert problems == []
+    detector = extra["jobs"]["gas_spikes"]
+    assert detector["outputs"][0]["schema"] == dict(ALERT_EVENTS_SCHEMA)

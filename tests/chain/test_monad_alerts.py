@@ -1,0 +1,219 @@
+"""The Monad example with its alerting jobs (``examples/alerts/monad/gas_spikes.yaml`` merged
+into ``examples/monad/monad.yaml``) on real Postgres against a real anvil node with a planted
+gas spike: ``cryo_ingest`` -> ``gas_spikes`` (``alert_detector``, ``field_above`` over the
+blocks partition, read as Parquet) -> ``alert_events`` (the sink) -> ``alert_route`` -> the
+Delivery Service -> a local receiver verifying Standard Webhooks signatures. The spike is one
+alert event, one delivery and exactly one accepted webhook, its event time the block's."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import psycopg.sql
+import pytest
+import yaml
+
+from trace_core.dag import OperatorInfo
+from trace_core.lifecycle import RetryPolicy
+from trace_core.secret_names import org_secret
+from trace_core.ssrf import AllowList
+from trace_core.testing import MemoryQueue, MemorySecretStore, MemorySigner
+from trace_lite.alert_operators import alert_operators
+from trace_lite.buffer_forwarder import BufferForwarder, queue_name, topic
+from trace_lite.chain.devnode import DevNode, make_activity, mine_empty, wait_receipt
+from trace_lite.chain.operators import lite_operators
+from trace_lite.dag_runs import DagRuns
+from trace_lite.dags import Dags
+from trace_lite.dataset_gc import DatasetGC
+from trace_lite.datasets import Datasets
+from trace_lite.delivery import DeliveryStore
+from trace_lite.delivery_service import DeliveryService
+from trace_lite.dispatcher import Dispatcher, open_pool
+from trace_lite.local_store import LocalObjectStore
+from trace_lite.pg_queue import PgQueue
+from trace_lite.sink import Sink, load_dataset
+from trace_lite.task_surface import InProcessTaskSurface
+from trace_lite.webhook_sender import WebhookSender
+from trace_sdk import BUILTIN_OPERATORS, Worker
+from webhook_receiver import WebhookReceiver
+
+ORG = "acme"
+ROOT = Path(__file__).resolve().parents[2]
+MONAD = ROOT / "examples" / "monad" / "monad.yaml"
+ALERTS = ROOT / "examples" / "alerts" / "monad" / "gas_spikes.yaml"
+END = 100
+SPIKE_TXS = 40  # 40 ETH transfers in one block: 840,000 gas, over the 500,000 threshold
+SECRET = "whsec_" + base64.b64encode(b"chain-alerts-signing-key-32byte!").decode()
+
+
+def _sql(url: str, query: str, params: Any = None) -> list[tuple[Any, ...]]:
+    with psycopg.connect(url, autocommit=True) as conn:
+        return conn.execute(query, params).fetchall()
+
+
+def with_alerts(url: str) -> dict[str, Any]:
+    """The Monad example with the alerting jobs, every pool slot pointed at ``url``."""
+    doc: dict[str, Any] = yaml.safe_load(MONAD.read_text())
+    extra = yaml.safe_load(ALERTS.read_text())
+    doc["jobs"] |= extra["jobs"]
+    doc["publish"] += [p for p in extra["publish"] if p not in doc["publish"]]
+    for slots in doc["worker_pools"].values():
+        for slot in slots:
+            slot["env"]["RPC_URL"] = url
+    doc["jobs"]["follow"]["config"]["start"] = END
+    return doc
+
+
+def plant_spike(node: DevNode) -> int:
+    """Mine one block holding ``SPIKE_TXS`` ETH transfers; returns its number."""
+    rpc = node.rpc()
+    sender, receiver = rpc.call("eth_accounts")[:2]
+    rpc.call("evm_setAutomine", False)
+    sent = [
+        rpc.call("eth_sendTransaction", {"from": sender, "to": receiver, "value": hex(i + 1)})
+        for i in range(SPIKE_TXS)
+    ]
+    rpc.call("evm_mine")
+    rpc.call("evm_setAutomine", True)
+    return int(wait_receipt(rpc, sent[-1])["blockNumber"], 16)
+
+
+@pytest.fixture
+async def pools(db_url: str, data_db_url: str) -> AsyncIterator[tuple[Any, Any]]:
+    state = await open_pool(db_url, min_size=2, max_size=12)
+    data = await open_pool(data_db_url, min_size=1, max_size=4)
+    try:
+        yield state, data
+    finally:
+        await data.close()
+        await state.close()
+
+
+async def test_a_planted_gas_spike_is_one_alert_one_delivery_one_webhook(
+    pools: tuple[Any, Any], db_url: str, tmp_path: Path, fresh_node: DevNode
+) -> None:
+    state, data = pools
+    rpc = fresh_node.rpc()
+    make_activity(rpc, 30)
+    spike = plant_spike(fresh_node)
+    mine_empty(rpc, END + 5 - rpc.block_number())
+    gas = {
+        b: int(rpc.call("eth_getBlockByNumber", hex(b), False)["gasUsed"], 16) for b in range(END)
+    }
+    assert [b for b, g in gas.items() if g >= 500_000] == [spike]  # the one spike
+    spike_time = datetime.fromtimestamp(
+        int(rpc.call("eth_getBlockByNumber", hex(spike), False)["timestamp"], 16), UTC
+    )
+
+    store = LocalObjectStore(tmp_path / "objects", "http://127.0.0.1:1", b"s" * 32)
+    lite = lite_operators(state, store)
+    alerting = alert_operators(state, data, store)
+    operators = {n: OperatorInfo(n) for n in [*BUILTIN_OPERATORS, *lite, *alerting]}
+    await Datasets(state, object_store=store).set_member(None, ORG, "alice", ["admin"])
+    await Dags(state, operators=operators).deploy(None, ORG, with_alerts(fresh_node.url))
+    receiver = await WebhookReceiver(SECRET).start()
+    secrets = MemorySecretStore()
+    deliveries = DeliveryStore(state)
+    org_id = _sql(db_url, "SELECT org_id::text FROM orgs WHERE name = %s", (ORG,))[0][0]
+    secret_name = org_secret(org_id, "webhooks.ops")
+    await secrets.put(secret_name, SECRET.encode())
+    await deliveries.add_destination(
+        org_id=org_id, name="ops", kind="webhook", url=receiver.url, secret_name=secret_name
+    )
+    queue = MemoryQueue("tasks")
+    d = Dispatcher(
+        state,
+        signer=MemorySigner(),
+        queue=queue,
+        object_store=store,
+        retry=RetryPolicy(max_attempts=3, base_s=0.0),
+        rand=lambda: 0.5,
+    )
+    runs = DagRuns(state)
+    surface = InProcessTaskSurface(d)
+    worker = Worker(
+        surface=surface,
+        queue=queue,
+        operators={**BUILTIN_OPERATORS, **lite, **alerting},
+        store=store,
+        wait_s=0.05,
+    )
+    events_ds = await load_dataset(state, ORG, "alert_events")
+    events_queue = PgQueue(state, queue_name(events_ds.dataset_uuid), max_receives=5)
+    forwarder = BufferForwarder(state, lambda _: events_queue, topics=[topic("alert_events")])
+    sink = Sink(
+        state_pool=state,
+        data_pool=data,
+        object_store=store,
+        queue=events_queue,
+        org=ORG,
+        dataset="alert_events",
+    )
+    sender = WebhookSender(secrets, allow=AllowList.of(["127.0.0.1/32"]), timeout_s=5)
+    service = DeliveryService(deliveries, sender, sender_id="chain-test", batch=5, poll_s=0.05)
+    stop = asyncio.Event()
+    background = [
+        asyncio.create_task(d.run_background(stop, reap_every_s=0.05)),
+        asyncio.create_task(worker.run(stop)),
+        asyncio.create_task(DatasetGC(state, store).run_background(stop, every_s=0.1)),
+        asyncio.create_task(service.run(stop)),
+    ]
+
+    def settled() -> bool:
+        failed = _sql(db_url, "SELECT dag_job, error::text FROM tasks WHERE state = 'failed'")
+        assert not failed, failed
+        routed = _sql(
+            db_url, "SELECT count(*) FROM tasks WHERE dag_job = 'alert_route' "
+            "AND state = 'completed'",
+        )[0][0]  # fmt: skip
+        sent = _sql(db_url, "SELECT count(*) FROM alert_deliveries WHERE state = 'sent'")[0][0]
+        return bool(routed >= 1 and sent >= 1 and receiver.accepted)
+
+    try:
+        await runs.trigger(None, ORG, "monad", "backfill", payload={"start": 0, "end": END})
+        async with asyncio.timeout(120):
+            while not settled():
+                await runs.fan_out_once()
+                await forwarder.drain()
+                await sink.process_once(max_messages=10)
+                await asyncio.sleep(0.05)
+        # and nothing more arrives once the pipeline is quiet
+        for _ in range(10):
+            await runs.fan_out_once()
+            await forwarder.drain()
+            await sink.process_once(max_messages=10)
+            await asyncio.sleep(0.05)
+    finally:
+        stop.set()
+        await asyncio.gather(*background)
+        await surface.close()
+        await events_queue.close()
+        await receiver.stop()
+
+    # one alert event: the spike's block, at the block's time
+    ds = await load_dataset(state, ORG, "alert_events")
+    assert ds.dataset_version is not None
+    async with data.connection() as conn:
+        cur = await conn.execute(
+            psycopg.sql.SQL("SELECT alert_key, event_time, details FROM {}").format(
+                psycopg.sql.Identifier("data", f"dsv_{ds.dataset_version.replace('-', '')}")
+            )
+        )
+        ((key, event_time, details),) = await cur.fetchall()
+    assert details["block_number"] == spike and int(details["gas_used"]) == gas[spike]
+    assert event_time == spike_time
+    # one delivery, sent; exactly one accepted webhook, validly signed, every request one id
+    ((state_, alert),) = _sql(db_url, "SELECT state, alert_key FROM alert_deliveries")
+    assert (state_, alert) == ("sent", key)
+    assert len(receiver.accepted) == 1
+    assert all(r.valid and r.webhook_id == receiver.accepted[0] for r in receiver.requests)
+    body = json.loads(receiver.requests[0].body)
+    assert body["alert"]["details"]["block_number"] == spike
+    assert body["alert"]["labels"] == {"chain": "monad"}
