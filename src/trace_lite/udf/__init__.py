@@ -6,6 +6,7 @@
   capability token only.
 - ``UdfLauncher`` + ``RunnerInvoker``: the Dispatcher side (``TRACE_UDF_RUNNER_URL``).
 - ``bundles``: deterministic packing, fetching, digest check, safe unpacking.
+- ``lambda_function.handler``: the same runner as the platform's Lambda function (AWS).
 """
 
 from trace_lite.udf.bundles import BadBundle, BundleCache, BundleUnavailable, pack, python_bundle
