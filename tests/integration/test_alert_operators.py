@@ -31,6 +31,7 @@ from trace_core.lifecycle import RetryPolicy
 from trace_core.testing import MemoryQueue, MemorySigner
 from trace_lite.alert_inputs import PgAlertInputs
 from trace_lite.buffer_forwarder import BufferForwarder, queue_name, topic
+from trace_lite.dag_control import DagControl
 from trace_lite.dag_runs import DagRuns
 from trace_lite.dags import Dags
 from trace_lite.datasets import Datasets
@@ -376,3 +377,24 @@ async def test_routing_to_a_destination_the_org_lacks_fails_and_records_nothing(
     # and an event that is not a rows_committed event is refused by the input reader
     with pytest.raises(errors.ValidationFailed):
         await stack.inputs.rows(claim.task_id, claim.attempt, {"type": "range", "payload": {}})
+
+
+async def test_a_rollback_during_pending_deliveries_cancels_none_of_them(stack: Stack) -> None:
+    now = datetime.now(UTC)
+    rows = [transfer(i, 2_000_000 + i, when=now) for i in range(1, 4)]
+    await stack.runs.trigger(None, ORG, "watch", "transfers", payload={"rows": rows})
+    await stack.settle(lambda: finished(stack.db_url, "route"))
+    before = sql(stack.db_url, "SELECT delivery_id::text, state FROM alert_deliveries ORDER BY 1")
+    assert len(before) == 6 and {s for _, s in before} == {"due"}
+    # a new version, then a rollback to the first: the DAG's work is canceled, not deliveries
+    names = [*BUILTIN_OPERATORS, "publish_rows", "alert_detector", "alert_route"]
+    dags = Dags(stack.state, operators={n: OperatorInfo(n) for n in names})
+    await dags.deploy(None, ORG, dag_doc(max_age="2h"))
+    rolled = await DagControl(stack.state).rollback(None, ORG, "watch")
+    assert (rolled.from_version, rolled.version) == (2, 1)
+    assert (
+        sql(stack.db_url, "SELECT delivery_id::text, state FROM alert_deliveries ORDER BY 1")
+        == before
+    )
+    leased = await stack.deliveries.lease(10, sender="after-rollback")
+    assert sorted(lease.fence.delivery_id for lease in leased) == [d for d, _ in before]
