@@ -5,9 +5,15 @@ runtime over the Lambda Runtime API and completes the attempt with its capabilit
 from __future__ import annotations
 
 import json
+import shutil
+import subprocess
+from pathlib import Path
 from typing import Any
 
+import pytest
+
 from conftest import UdfProcs, py_bundle
+from trace_servers import udf_cli
 
 HELLO = """
     import os
@@ -108,3 +114,32 @@ def test_a_bundle_whose_bytes_are_not_its_digest_never_runs(udf_procs: UdfProcs)
     assert (attempt, outcome, error["code"]) == (1, "failed", "udf_bad_bundle")
     assert bundle["digest"] in error["message"]
     assert udf_procs.runner_health()["cold_starts"] == 0
+
+
+NODE_SDK = Path(__file__).resolve().parents[2] / "sdks" / "node"
+
+
+@pytest.mark.skipif(
+    shutil.which("node") is None or not (NODE_SDK / "node_modules" / "esbuild").exists(),
+    reason="needs node and the Node SDK's build dependencies",
+)
+def test_a_node_bundle_runs_through_the_same_runner(udf_procs: UdfProcs, tmp_path: Path) -> None:
+    """The runner starts a Node bundle (``node <root>/runtime.mjs``) built by the Node SDK over
+    the same Runtime API: one DAG may mix languages."""
+    out = tmp_path / "squares"
+    built = subprocess.run(
+        ["node", str(NODE_SDK / "build.mjs"), str(NODE_SDK / "examples" / "squares"), str(out)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert built.returncode == 0, built.stderr
+    _, data = udf_cli.build(out)
+    udf_procs.start_runner()
+    bundle = udf_procs.put_bundle(data)
+    task_id = _task(udf_procs, bundle, n=2)
+    assert udf_procs.wait_terminal([task_id], 60) == {"completed": 1}
+    result = udf_procs.scalar("SELECT result FROM tasks WHERE task_id = %s", (task_id,))
+    assert result == {"emitted": 2, "base": 0, "attempt": 1}
+    batches = udf_procs.sql("SELECT batch_key, dataset, row_count FROM buffer_batches")
+    assert batches == [("squares.0.0", "squares", 2)]
