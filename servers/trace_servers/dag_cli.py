@@ -187,8 +187,16 @@ def _deploy(args: argparse.Namespace, url: str, *, dry_run: bool) -> int:
         print(json.dumps(body, indent=2))
         return 0
     _print_changes(body["changes"], body["rebuild"])
+    if body.get("abandoned"):
+        print(f"abandoned the rebuild of version {body['abandoned']['version']}")
     if dry_run:
         print(f"active version: {body['version']} (dry run: nothing deployed)")
+    elif body.get("staged_version") is not None:
+        print(
+            f"staged {body['dag']} version {body['staged_version']}: rebuilding "
+            f"{', '.join(body['rebuild'])} ({body['rebuild_tasks']} task(s) replayed); version "
+            f"{body['version']} stays active until the cutover (trace dag status)"
+        )
     elif body["created"]:
         print(f"deployed {body['dag']} version {body['version']} ({body['digest'][:12]})")
     else:
@@ -239,9 +247,27 @@ def render_status(body: dict[str, Any]) -> str:
         done = sum(counts.get(s, 0) for s in _DONE)
         shown = ", ".join(f"{s} {n}" for s, n in counts.items() if n)
         lines.append(f"  {job:<{width}}  {progress_bar(done, total)}  {shown or 'no tasks'}")
+    rebuilding = body.get("rebuilding")
     for version, counts in body["other_versions"].items():
+        if rebuilding and version == str(rebuilding["version"]):
+            continue  # shown below, job by job
         shown = ", ".join(f"{s} {n}" for s, n in counts.items())
         lines.append(f"  version {version} (not active): {shown}")
+    if rebuilding:
+        held = rebuilding["waiting_events"]
+        lines.append(
+            f"rebuilding version {rebuilding['version']} (pointer set "
+            f"{rebuilding['generation']}): cuts over when every rebuilt job is done; "
+            f"{held} event(s) waiting"
+            + ("; BLOCKED: a rebuild task failed or was canceled" if rebuilding["blocked"] else "")
+        )
+        staged: dict[str, dict[str, int]] = rebuilding["jobs"]
+        width = max((len(j) for j in staged), default=0)
+        for job, counts in staged.items():
+            total = sum(counts.values())
+            done = counts.get("completed", 0)
+            shown = ", ".join(f"{s} {n}" for s, n in counts.items() if n)
+            lines.append(f"  {job:<{width}}  {progress_bar(done, total)}  {shown or 'no tasks'}")
     return "\n".join(lines)
 
 

@@ -35,7 +35,7 @@ from psycopg_pool import AsyncConnectionPool
 from trace_core import access, errors
 from trace_core.access import UserCaller
 from trace_core.lifecycle import TERMINAL_STATES, TRANSITIONS, TaskEvent, TaskState
-from trace_lite import sqlfile
+from trace_lite import dag_remat, sqlfile
 from trace_lite.orgs import Orgs, first
 from trace_lite.pg import fetch_as, transaction
 
@@ -132,6 +132,9 @@ class RolledBack:
     generation: int | None
     #: Canceled tasks of ``from_version`` by the state they were in.
     canceled: dict[str, int]
+    #: ``from_version`` was a staged version being rebuilt, abandoned (the active pair did not
+    #: move; ``trace_lite.dag_remat``).
+    abandoned: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return attrs.asdict(self)
@@ -176,6 +179,17 @@ class DagControl:
         created_by = caller.subject if caller is not None else PLATFORM
         async with transaction(self.pool) as cur:
             dag = await self._lock(cur, caller, org_id, name)
+            abandoned = await dag_remat.abandon(cur, dag.dag_id)
+            if abandoned is not None and dag.active_version is not None:
+                # the deploy being rebuilt is what is rolled back: the active pair stays
+                return RolledBack(
+                    dag=name,
+                    from_version=abandoned["version"],
+                    version=dag.active_version,
+                    generation=dag.active_generation,
+                    canceled=abandoned["canceled"],
+                    abandoned=True,
+                )
             params: dict[str, Any] = {"dag_id": dag.dag_id}
             current = first(await fetch_as(cur, ActivationRow, Q["current_activation"], params))
             if current is None or current.previous_seq is None or dag.active_version is None:
@@ -278,6 +292,7 @@ class DagControl:
                 raise errors.NotFound("no such DAG", field="dag")
             jobs: dict[str, dict[str, int]] = {}
             others: dict[str, dict[str, int]] = {}
+            staging = await dag_remat.status(cur, dag.dag_id)
             if dag.active_version is not None:
                 params = {"dag_id": dag.dag_id, "version": dag.active_version}
                 for r in await fetch_as(cur, CountRow, Q["job_counts"], params):
@@ -293,6 +308,7 @@ class DagControl:
             "active_generation": dag.active_generation,
             "jobs": jobs,
             "other_versions": others,
+            "rebuilding": staging,
         }
 
 

@@ -12,7 +12,7 @@ The grant is computed when the task is created (``create_dag_tasks``: triggers, 
 fan-out), from the deployer's membership at that moment, and stored in ``read_datasets``; every
 token of the task (claim, heartbeat) is minted from that row. A role revoked later applies to
 tasks created after the revocation. Versions deployed by the platform (``created_by`` =
-``trace_lite.dags.PLATFORM``) read as an org admin does.
+``PLATFORM``) read as an org admin does.
 """
 
 from __future__ import annotations
@@ -26,10 +26,12 @@ import psycopg
 from trace_core import access
 from trace_core.access import DatasetAcl, UserCaller
 from trace_lite import sqlfile
-from trace_lite.dags import PLATFORM
 from trace_lite.pg import fetch_as
 
 Q = sqlfile.load("dag_grants.sql")
+
+#: The ``created_by`` of versions deployed (and activations made) by the platform itself.
+PLATFORM = "platform"
 
 #: A DAG job of one version: ``(dag_id, version, job)``.
 JobKey = tuple[str, int, str]
@@ -91,4 +93,4 @@ async def read_grants(
     return {k: tuple(sorted(v)) for k, v in out.items()}
 
 
-__all__ = ["JobKey", "read_grants"]
+__all__ = ["PLATFORM", "JobKey", "read_grants"]

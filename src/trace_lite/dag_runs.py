@@ -35,21 +35,21 @@ import asyncio
 import json
 import logging
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
 import attrs
-import psycopg
 from croniter import croniter  # type: ignore[import-untyped]
 from psycopg_pool import AsyncConnectionPool
 
 from trace_core import access, errors, json_limits
 from trace_core import outbox as outbox_sm
 from trace_core.access import UserCaller
-from trace_core.dag import event_matches, where_conditions
 from trace_lite import sqlfile
-from trace_lite.dag_tasks import NewTask, create_dag_tasks, with_epoch
+from trace_lite.dag_invalidations import Invalidations
+from trace_lite.dag_remat import DagRemat
+from trace_lite.dag_tasks import NewTask, PlanRow, create_dag_tasks, insert_lineage, with_epoch
 from trace_lite.orgs import Orgs, first
 from trace_lite.pg import fetch_as, transaction
 from trace_lite.task_rows import WakeMode
@@ -81,76 +81,6 @@ class SourceJobRow:
 class ClaimedRow:
     id: int
     tries: int
-
-
-@attrs.frozen
-class PlanRow:
-    """One (event, consuming job) pair of a fan-out pass (or of a rebuild's replay)."""
-
-    outbox_id: int | None
-    producer_task_id: str
-    event_key: str
-    event_seq: int
-    event_type: str
-    event_payload: str
-    output: int
-    org_id: str
-    dag_id: str
-    version: int
-    job: str
-    input_index: int
-    operator: str
-    runtime: str
-    config: str
-    timeout_s: int
-    max_attempts: int
-    #: The consuming job's epoch (``dag_tasks.with_epoch``).
-    epoch: int | None
-    #: The consumer is a staged job and the event's task is not: the event waits.
-    held: bool
-    dataset_uuid: str | None
-    dataset_version: str | None
-    #: The consuming input's ``where`` as the spec stores it (None: no filter).
-    input_where: dict[str, Any] | None
-
-    def passes_where(self) -> bool:
-        """Whether the event passes the consuming input's ``where`` (``trace_core.dag``)."""
-        if not self.input_where:
-            return True
-        return event_matches(where_conditions(self.input_where), json.loads(self.event_payload))
-
-    def new_task(self, *, version: int | None = None, epoch: int | None = None) -> NewTask:
-        """The consuming job's task for this event: its config with ``event`` merged in."""
-        return NewTask(
-            org_id=self.org_id,
-            dag_id=self.dag_id,
-            version=self.version if version is None else version,
-            job=self.job,
-            operator=self.operator,
-            runtime=self.runtime,
-            timeout_s=self.timeout_s,
-            max_attempts=self.max_attempts,
-            payload={
-                **json.loads(self.config),
-                "event": {
-                    "producer_task_id": self.producer_task_id,
-                    "key": self.event_key,
-                    "type": self.event_type,
-                    "payload": json.loads(self.event_payload),
-                    "output": self.output,
-                    "input": self.input_index,
-                },
-            },
-            idempotency_key=self.idempotency_key,
-        )
-
-    @property
-    def idempotency_key(self) -> str:
-        return with_epoch(
-            f"event:{self.producer_task_id}:{self.output}:{self.event_key}:"
-            f"{self.dag_id}:{self.job}:{self.input_index}",
-            self.epoch,
-        )
 
 
 @attrs.frozen
@@ -361,11 +291,16 @@ class DagRuns:
     async def run(
         self, stop: asyncio.Event, *, fan_out_every_s: float = 0.2, schedule_every_s: float = 1.0
     ) -> None:
-        """The fan-out and schedule passes until ``stop`` is set (``run_every``: failures are
-        logged and retried with backoff)."""
+        """The DAG passes until ``stop`` is set (``run_every``: failures are logged and retried
+        with backoff): fan-out, schedules, cutovers of complete rebuilds
+        (``trace_lite.dag_remat``) and invalidation cascades (``trace_lite.dag_invalidations``)."""
+        remat = DagRemat(self.pool)
+        invalidations = Invalidations(self.pool, wake_mode=self.wake_mode, orgs=self.orgs)
         await asyncio.gather(
             run_every(stop, fan_out_every_s, self.fan_out_once, name="dag fan-out", logger=log),
             run_every(stop, schedule_every_s, self.schedule_once, name="dag schedules", logger=log),
+            remat.run(stop, every_s=schedule_every_s),
+            invalidations.run(stop, every_s=schedule_every_s),
         )
 
 
@@ -373,32 +308,13 @@ class DagRuns:
 class _DagIdRow:
     dag_id: str
     active_version: int | None
+    active_generation: int | None
 
 
 @attrs.frozen
 class CreatedRow:
     task_id: str
     state: str
-
-
-async def insert_lineage(
-    cur: psycopg.AsyncCursor[Any], rows: Sequence[tuple[str, PlanRow]]
-) -> None:
-    """Record ``task_inputs`` of tasks created for events: ``(task_id, plan row)``."""
-    if not rows:
-        return
-    await cur.execute(
-        Q["insert_task_inputs"],
-        {
-            "task_ids": [t for t, _ in rows],
-            "indexes": [p.input_index for _, p in rows],
-            "producers": [p.producer_task_id for _, p in rows],
-            "keys": [p.event_key for _, p in rows],
-            "seqs": [p.event_seq for _, p in rows],
-            "dataset_uuids": [p.dataset_uuid for _, p in rows],
-            "dataset_versions": [p.dataset_version for _, p in rows],
-        },
-    )
 
 
 def _unique(tasks: list[NewTask]) -> list[NewTask]:

@@ -19,6 +19,7 @@ make one task, while the job's tasks from before the rebuild never stand in for 
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
@@ -28,6 +29,7 @@ import psycopg
 from psycopg.types.json import Jsonb
 
 from trace_core import errors, lifecycle
+from trace_core.dag import event_matches, where_conditions
 from trace_core.lifecycle import TaskState
 from trace_lite import sqlfile
 from trace_lite.dag_grants import read_grants
@@ -79,6 +81,76 @@ class LiveRow:
             return job in self.rebuild
         return version == self.active_version and (
             self.staged_version is None or job not in self.rebuild
+        )
+
+
+@attrs.frozen
+class PlanRow:
+    """One (event, consuming job) pair of a fan-out pass (or of a rebuild's replay)."""
+
+    outbox_id: int | None
+    producer_task_id: str
+    event_key: str
+    event_seq: int
+    event_type: str
+    event_payload: str
+    output: int
+    org_id: str
+    dag_id: str
+    version: int
+    job: str
+    input_index: int
+    operator: str
+    runtime: str
+    config: str
+    timeout_s: int
+    max_attempts: int
+    #: The consuming job's epoch (``dag_tasks.with_epoch``).
+    epoch: int | None
+    #: The consumer is a staged job and the event's task is not: the event waits.
+    held: bool
+    dataset_uuid: str | None
+    dataset_version: str | None
+    #: The consuming input's ``where`` as the spec stores it (None: no filter).
+    input_where: dict[str, Any] | None
+
+    def passes_where(self) -> bool:
+        """Whether the event passes the consuming input's ``where`` (``trace_core.dag``)."""
+        if not self.input_where:
+            return True
+        return event_matches(where_conditions(self.input_where), json.loads(self.event_payload))
+
+    def new_task(self, *, version: int | None = None, epoch: int | None = None) -> NewTask:
+        """The consuming job's task for this event: its config with ``event`` merged in."""
+        return NewTask(
+            org_id=self.org_id,
+            dag_id=self.dag_id,
+            version=self.version if version is None else version,
+            job=self.job,
+            operator=self.operator,
+            runtime=self.runtime,
+            timeout_s=self.timeout_s,
+            max_attempts=self.max_attempts,
+            payload={
+                **json.loads(self.config),
+                "event": {
+                    "producer_task_id": self.producer_task_id,
+                    "key": self.event_key,
+                    "type": self.event_type,
+                    "payload": json.loads(self.event_payload),
+                    "output": self.output,
+                    "input": self.input_index,
+                },
+            },
+            idempotency_key=self.idempotency_key,
+        )
+
+    @property
+    def idempotency_key(self) -> str:
+        return with_epoch(
+            f"event:{self.producer_task_id}:{self.output}:{self.event_key}:"
+            f"{self.dag_id}:{self.job}:{self.input_index}",
+            self.epoch,
         )
 
 
@@ -140,4 +212,32 @@ async def create_dag_tasks(
     return {r.task_id: r.state for r in rows}
 
 
-__all__ = ["LiveRow", "NewTask", "create_dag_tasks", "lock_live", "with_epoch"]
+async def insert_lineage(
+    cur: psycopg.AsyncCursor[Any], rows: Sequence[tuple[str, PlanRow]]
+) -> None:
+    """Record ``task_inputs`` of tasks created for events: ``(task_id, plan row)``."""
+    if not rows:
+        return
+    await cur.execute(
+        Q["insert_task_inputs"],
+        {
+            "task_ids": [t for t, _ in rows],
+            "indexes": [p.input_index for _, p in rows],
+            "producers": [p.producer_task_id for _, p in rows],
+            "keys": [p.event_key for _, p in rows],
+            "seqs": [p.event_seq for _, p in rows],
+            "dataset_uuids": [p.dataset_uuid for _, p in rows],
+            "dataset_versions": [p.dataset_version for _, p in rows],
+        },
+    )
+
+
+__all__ = [
+    "LiveRow",
+    "NewTask",
+    "PlanRow",
+    "create_dag_tasks",
+    "insert_lineage",
+    "lock_live",
+    "with_epoch",
+]

@@ -43,7 +43,6 @@ from trace_core.dag import (
     DatasetRef,
     JobRef,
     OperatorInfo,
-    Storage,
     affected_jobs,
     diff,
     digest,
@@ -51,23 +50,24 @@ from trace_core.dag import (
     to_doc,
     validate,
 )
-from trace_lite import sqlfile
+from trace_lite import dag_remat, sqlfile
+from trace_lite.dag_grants import PLATFORM
+from trace_lite.dag_registry import register_published
 from trace_lite.orgs import Orgs, first
 from trace_lite.pg import fetch_as, transaction
 from trace_lite.sink_tables import schema_change_problems
+from trace_lite.task_rows import WakeMode
 
 Q = sqlfile.load("dags.sql")
 #: The registry's statements (versions, pointer sets), run inside a deploy's transaction.
 DQ = sqlfile.load("datasets.sql")
-
-#: The ``created_by`` of versions deployed by the platform itself (``caller=None``).
-PLATFORM = "platform"
 
 
 @attrs.frozen
 class DagRow:
     dag_id: str
     active_version: int | None
+    active_generation: int | None
 
 
 @attrs.frozen
@@ -95,11 +95,6 @@ class VersionRow:
 @attrs.frozen
 class NextRow:
     version: int
-
-
-@attrs.frozen
-class UuidRow:
-    dataset_uuid: str
 
 
 @attrs.frozen
@@ -157,19 +152,19 @@ class Deployed:
     digest: str
     #: ``trace_core.dag.Change`` as plain dicts, ``kind`` a string.
     changes: list[dict[str, Any]]
-    #: The jobs a materialization-affecting change marks for a rebuild (recorded, not run).
+    #: The jobs a materialization-affecting change rebuilds (``trace_lite.dag_remat``).
     rebuild: list[str]
     dry_run: bool = False
+    #: The version being rebuilt beside the active one (None: nothing staged; the new
+    #: version, if any, went live at once).
+    staged_version: int | None = None
+    #: Tasks the staging's replay created.
+    rebuild_tasks: int = 0
+    #: A building staging this deploy abandoned: ``{version, canceled: {state: n}}``.
+    abandoned: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return attrs.asdict(self)
-
-
-def _storage_kind(storage: Storage, buffered: bool) -> str:
-    """The registry's ``storage_kind`` of an output."""
-    if storage is Storage.OBJECT_STORE:
-        return "parquet"
-    return "buffered_postgres" if buffered else "postgres"
 
 
 def _iso(ts: datetime | None) -> str | None:
@@ -197,11 +192,14 @@ class Dags:
         *,
         operators: Mapping[str, OperatorInfo],
         orgs: Orgs | None = None,
+        wake_mode: WakeMode = "queue",
     ) -> None:
         self.pool = pool
         #: The operators a deploy accepts, by name.
         self.operators = dict(operators)
         self.orgs = orgs or Orgs(pool)
+        #: How the tasks a staging's replay creates are woken (the Dispatcher's mode).
+        self.wake_mode: WakeMode = wake_mode
 
     async def user_caller(self, org: str, subject: str) -> UserCaller:
         """The user's membership in ``org`` (``Orgs.user_caller``). Raises ``NotFound``."""
@@ -286,23 +284,54 @@ class Dags:
             )
             if dry_run:
                 raise _DryRun(result)  # rolls back the DAG row a first dry run inserted
+            staging = await dag_remat.building(cur, dag.dag_id)
+            if staging is not None:
+                params = {"dag_id": dag.dag_id, "version": staging.version}
+                (staged,) = await fetch_as(cur, VersionRow, Q["version_spec"], params)
+                if staged.digest == new_digest:  # the file being rebuilt, again: keep building
+                    return attrs.evolve(result, staged_version=staging.version)
+            abandoned = await dag_remat.abandon(cur, dag.dag_id)
+            result = attrs.evolve(result, abandoned=abandoned)
             if new_digest == old_digest:
                 return result
             (nxt,) = await fetch_as(cur, NextRow, Q["next_version"], {"dag_id": dag.dag_id})
-            await self._store(cur, org_id, dag.dag_id, nxt.version, new, new_digest, caller)
+            created_by = caller.subject if caller is not None else PLATFORM
+            await self._store(cur, dag.dag_id, nxt.version, new, new_digest, created_by)
+            if caller is not None:
+                await cur.execute(Q["add_deployer"], {"dag_id": dag.dag_id, "subject": created_by})
+            if old is not None and dag.active_version is not None and rebuild:
+                done = await dag_remat.stage(
+                    cur,
+                    org_id=org_id,
+                    dag_id=dag.dag_id,
+                    dag=new,
+                    version=nxt.version,
+                    from_version=dag.active_version,
+                    active_generation=dag.active_generation,
+                    rebuild=sorted(rebuild),
+                    created_by=created_by,
+                    wake_mode=self.wake_mode,
+                )
+                return attrs.evolve(
+                    result, created=True, staged_version=nxt.version, rebuild_tasks=done.tasks
+                )
+            await cur.execute(Q["activate_version"], {"dag_id": dag.dag_id, "version": nxt.version})
+            await register_published(cur, org_id, dag.dag_id, new)
+            await self._first_versions(cur, dag.dag_id, created_by)
+            params = {"dag_id": dag.dag_id, "created_by": created_by}
+            await cur.execute(Q["record_deploy"], params)  # what a rollback steps back from
         return attrs.evolve(result, version=nxt.version, created=True)
 
     async def _store(
         self,
         cur: psycopg.AsyncCursor[Any],
-        org_id: str,
         dag_id: str,
         version: int,
         dag: Dag,
         dag_digest: str,
-        caller: UserCaller | None,
+        created_by: str,
     ) -> None:
-        created_by = caller.subject if caller is not None else PLATFORM
+        """Store version ``version`` of the DAG: its spec, jobs and input edges."""
         await cur.execute(
             Q["insert_version"],
             {
@@ -344,35 +373,6 @@ class Dags:
                 ],
             },
         )
-        await cur.execute(Q["activate_version"], {"dag_id": dag_id, "version": version})
-        if caller is not None:
-            await cur.execute(Q["add_deployer"], {"dag_id": dag_id, "subject": caller.subject})
-        for pub in dag.publish:
-            out = dag.jobs[pub.job].outputs[pub.output]
-            rows = await fetch_as(
-                cur,
-                UuidRow,
-                Q["upsert_published"],
-                {
-                    "org_id": org_id,
-                    "name": pub.dataset,
-                    "dag_id": dag_id,
-                    "job": pub.job,
-                    "output": pub.output,
-                    "storage_kind": _storage_kind(out.storage, out.buffered),
-                    "schema": Jsonb(dict(out.schema)),
-                    "update_strategy": out.update_strategy.value,
-                    "unique_key": list(out.unique_key),
-                    "multi_writer": out.multi_writer,
-                },
-            )
-            if not rows:
-                raise errors.Conflict(
-                    f"dataset {pub.dataset!r} is produced by another DAG", field="publish"
-                )
-        await self._first_versions(cur, dag_id, created_by)
-        params = {"dag_id": dag_id, "created_by": created_by}
-        await cur.execute(Q["record_deploy"], params)  # what a rollback steps back from
 
     async def _first_versions(
         self, cur: psycopg.AsyncCursor[Any], dag_id: str, created_by: str

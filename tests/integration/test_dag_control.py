@@ -48,9 +48,10 @@ FLOW: dict[str, Any] = {
 
 
 def edited() -> dict[str, Any]:
-    """FLOW with a materialization-affecting edit of ``b`` (its config)."""
+    """FLOW with an execution-only edit of ``b`` (its timeout): a new version, live at once
+    (a materialization-affecting edit is staged first: ``test_dag_remat.py``)."""
     doc = copy.deepcopy(FLOW)
-    doc["jobs"]["b"]["config"] = {"k": 2}
+    doc["jobs"]["b"]["timeout"] = 30
     return doc
 
 
@@ -360,6 +361,7 @@ async def test_control_routes_over_http(world: World, tmp_path: Path) -> None:
             "version": 1,
             "generation": body["generation"],
             "canceled": {"queued": 1},
+            "abandoned": False,
         }
         r = await c.post(f"{base}/versions/rollback", headers=dora)
         body = await r.json()

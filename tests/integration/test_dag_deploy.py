@@ -17,6 +17,7 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from trace_core import errors
 from trace_core.testing import MemoryObjectStore, MemoryQueue, MemorySigner
+from trace_lite.dag_remat import DagRemat
 from trace_lite.dags import Dags
 from trace_lite.datasets import Datasets
 from trace_lite.dispatcher import Dispatcher, open_pool
@@ -115,7 +116,10 @@ async def test_diff_against_the_active_version(dags: Dags, db_url: str) -> None:
     assert preview.rebuild == ["blocks", "ranges"]
     assert sql(db_url, "SELECT count(*) FROM dag_versions") == [(1,)]  # a dry run writes nothing
     v2 = await dags.deploy(None, ORG, edited)
-    assert (v2.version, v2.previous_version, v2.created) == (2, 1, True)
+    # a materialization-affecting edit is staged (rebuilt beside v1; nothing ran: no tasks to
+    # replay) and goes live at the cutover (test_dag_remat.py)
+    assert (v2.version, v2.staged_version, v2.previous_version, v2.created) == (1, 2, 1, True)
+    assert [c.version for c in await DagRemat(dags.pool).cutover_once()] == [2]
     timeout_only = copy.deepcopy(edited)
     timeout_only["jobs"]["blocks"]["timeout"] = 90
     v3 = await dags.deploy(None, ORG, timeout_only)

@@ -10,12 +10,12 @@ ON CONFLICT (org_id, name) DO NOTHING;
 
 -- name: lock_dag
 -- A DAG of an org with its active version, locked for a deploy (deploys of one DAG serialize).
-SELECT dag_id::text AS dag_id, active_version FROM dags
+SELECT dag_id::text AS dag_id, active_version, active_generation FROM dags
 WHERE org_id = %(org_id)s AND name = %(name)s FOR UPDATE;
 
 -- name: dag
--- A DAG of an org with its active version (no lock).
-SELECT dag_id::text AS dag_id, active_version FROM dags
+-- A DAG of an org with its active version and pointer set (no lock).
+SELECT dag_id::text AS dag_id, active_version, active_generation FROM dags
 WHERE org_id = %(org_id)s AND name = %(name)s;
 
 -- name: deployers
@@ -84,6 +84,23 @@ SET job_name = EXCLUDED.job_name, output_index = EXCLUDED.output_index,
     multi_writer = EXCLUDED.multi_writer
 WHERE datasets.dag_id = EXCLUDED.dag_id
 RETURNING dataset_uuid::text AS dataset_uuid;
+
+-- name: insert_published
+-- Register a published output as a dataset of this DAG if the name is new; a name this DAG
+-- already has is left as it is (a staging: the live version keeps its metadata until the
+-- cutover) and answers its row; a name another DAG produces answers no row.
+WITH ins AS (
+    INSERT INTO datasets (dataset_uuid, org_id, name, dag_id, job_name, output_index,
+                          storage_kind, schema, update_strategy, unique_key, multi_writer)
+    VALUES (gen_random_uuid(), %(org_id)s, %(name)s, %(dag_id)s, %(job)s, %(output)s,
+            %(storage_kind)s, %(schema)s, %(update_strategy)s, %(unique_key)s, %(multi_writer)s)
+    ON CONFLICT (org_id, name) DO NOTHING
+    RETURNING dataset_uuid
+)
+SELECT dataset_uuid::text AS dataset_uuid FROM ins
+UNION ALL
+SELECT dataset_uuid::text FROM datasets
+WHERE org_id = %(org_id)s AND name = %(name)s AND dag_id = %(dag_id)s;
 
 -- name: list_dags
 -- The DAGs of an org with their active version.
