@@ -53,6 +53,9 @@ class PreparedOutputs:
     entries: tuple[commit.ManifestEntry, ...]
     #: The DAG the task runs for; None for an admin-API task.
     dag_id: str | None = None
+    #: The staged pointer set the task commits through (a rebuild, ``trace_lite.dag_remat``);
+    #: None: the DAG's active one.
+    staged_generation: int | None = None
 
 
 @attrs.frozen
@@ -60,6 +63,7 @@ class TaskOrgRow:
     task_id: str
     org_id: str
     dag_id: str | None
+    staged_generation: int | None
 
 
 @attrs.frozen
@@ -118,6 +122,7 @@ async def prepare_outputs(
         rows = await fetch_as(cur, TaskOrgRow, Q["task_orgs"], {"task_ids": task_ids})
     orgs = {r.task_id: r.org_id for r in rows}
     dags = {r.task_id: r.dag_id for r in rows}
+    staged = {r.task_id: r.staged_generation for r in rows}
     sem = asyncio.Semaphore(_HEAD_CONCURRENCY)
 
     async def head(key: str) -> ObjectInfo | None:
@@ -160,7 +165,7 @@ async def prepare_outputs(
                 heads = await asyncio.gather(*(head(e.object_key) for e in entries))
             for n, (e, h) in enumerate(zip(entries, heads, strict=True)):
                 commit.check_entry(e, n, staging_prefix=prefix, head=h)
-            out[i] = PreparedOutputs(org_id, tuple(entries), dags[r.task_id])
+            out[i] = PreparedOutputs(org_id, tuple(entries), dags[r.task_id], staged[r.task_id])
         except errors.TraceError as exc:
             out[i] = exc
     return out
@@ -184,6 +189,8 @@ async def apply_outputs(
                 "org_id": prepared.org_id,
                 "names": [e.dataset for e in entries],
                 "versions": [e.version for e in entries],
+                "dag_id": prepared.dag_id,
+                "staged_generation": prepared.staged_generation,
             }
             found = {
                 (t.name, t.asked): t

@@ -4,13 +4,20 @@
 
 -- name: task_orgs
 -- The org of each task (to build staging prefixes before the completion transaction) and the
--- DAG it runs for (NULL: an admin-API task), which limits the datasets it may commit to.
-SELECT task_id::text AS task_id, org_id::text AS org_id, dag_id::text AS dag_id
-FROM tasks WHERE task_id = ANY(%(task_ids)s::uuid[]);
+-- DAG it runs for (NULL: an admin-API task), which limits the datasets it may commit to, and
+-- the staged pointer set it commits through when its version is a building staging
+-- (trace_lite.dag_remat).
+SELECT t.task_id::text AS task_id, t.org_id::text AS org_id, t.dag_id::text AS dag_id,
+       m.generation AS staged_generation
+FROM tasks t
+LEFT JOIN dag_rematerializations m ON m.dag_id = t.dag_id AND m.version = t.dag_version
+                                  AND m.state = 'building'
+WHERE t.task_id = ANY(%(task_ids)s::uuid[]);
 
 -- name: commit_targets
--- Resolve manifest dataset names in an org to their target versions (explicit or active) and
--- their producing DAG; locks the versions FOR SHARE so a purge cannot run under a commit.
+-- Resolve manifest dataset names in an org to their target versions (explicit, or the pointer
+-- of the DAG's active set -- its staged set for a staged task of that DAG) and their producing
+-- DAG; locks the versions FOR SHARE so a purge cannot run under a commit.
 WITH c AS (
     SELECT * FROM unnest(%(names)s::text[], %(versions)s::uuid[]) AS c(name, version)
 ), t AS (
@@ -19,8 +26,11 @@ WITH c AS (
     FROM c
     JOIN datasets d ON d.org_id = %(org_id)s AND d.name = c.name
     JOIN dags g ON g.dag_id = d.dag_id
-    LEFT JOIN dag_pointers p ON p.dag_id = g.dag_id AND p.generation = g.active_generation
-                            AND p.dataset_uuid = d.dataset_uuid
+    LEFT JOIN dag_pointers p
+           ON p.dag_id = g.dag_id AND p.dataset_uuid = d.dataset_uuid
+          AND p.generation = CASE WHEN g.dag_id = %(dag_id)s::uuid
+                                  THEN coalesce(%(staged_generation)s::bigint, g.active_generation)
+                                  ELSE g.active_generation END
 )
 SELECT t.name, t.asked::text AS asked, t.dataset_uuid::text AS dataset_uuid,
        t.dag_id::text AS producer_dag_id, t.update_strategy,
