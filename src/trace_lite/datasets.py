@@ -212,6 +212,10 @@ class ParentRow:
 class TaskOrgRow:
     org_id: str
     org_name: str
+    #: The task's DAG and the staged pointer set it reads that DAG's datasets through (a
+    #: rebuild, ``trace_lite.dag_remat``); None: the active sets.
+    staged_dag_id: str | None = None
+    staged_generation: int | None = None
 
 
 @attrs.frozen
@@ -560,7 +564,10 @@ class Datasets:
         if task.org_id != claims.org_id:
             raise errors.Unauthenticated("capability token: org_id is not the task's org")
         caller = TaskCaller.from_grants(task.org_id, claims.task_id, claims.grants)
-        return await self.resolve(caller, task.org_name, names, pin_ttl_s=pin_ttl_s)
+        staged = None
+        if task.staged_dag_id is not None and task.staged_generation is not None:
+            staged = (task.staged_dag_id, task.staged_generation)
+        return await self.resolve(caller, task.org_name, names, pin_ttl_s=pin_ttl_s, staged=staged)
 
     async def resolve(
         self,
@@ -570,8 +577,10 @@ class Datasets:
         *,
         pin_ttl_s: float = DEFAULT_PIN_TTL_S,
         include_objects: bool = True,
+        staged: tuple[str, int] | None = None,
     ) -> Resolution:
-        """Check read permission and pin each name to its active version, once.
+        """Check read permission and pin each name to its active version, once (``staged``:
+        ``(dag_id, generation)``, the datasets of that DAG through that staged pointer set).
 
         Every pointer is read in one statement (a whole pointer set, never a mix) and a pin
         lease row is written for each version (unless ``pin_ttl_s`` is 0) so it cannot be
@@ -588,7 +597,7 @@ class Datasets:
             pin_id = str(uuid.uuid4())
             try:
                 rows, parts = await self._resolve_once(
-                    caller, org_id, names, pin_id, pin_ttl_s, include_objects
+                    caller, org_id, names, pin_id, pin_ttl_s, include_objects, staged
                 )
             except _PurgedUnderUs:
                 continue
@@ -622,9 +631,12 @@ class Datasets:
         pin_id: str,
         pin_ttl_s: float,
         include_objects: bool,
+        staged: tuple[str, int] | None = None,
     ) -> tuple[dict[str, ResolveRow], list[PartitionRow]]:
         async with transaction(self.pool) as cur:
             params = {
+                "staged_dag": staged[0] if staged else None,
+                "staged_generation": staged[1] if staged else None,
                 "org_id": org_id,
                 "names": list(names),
                 "pin_id": pin_id,

@@ -129,9 +129,13 @@ WHERE dag_id = %(dag_id)s AND active_generation IS NOT DISTINCT FROM %(expected)
 RETURNING active_generation AS generation;
 
 -- name: task_org
--- The org of a task, from its row (a task resolves in that org, whatever its token says).
-SELECT t.org_id::text AS org_id, o.name AS org_name
+-- The org of a task, from its row (a task resolves in that org, whatever its token says), and
+-- the staged pointer set of its DAG it reads through when its version is a building staging.
+SELECT t.org_id::text AS org_id, o.name AS org_name, m.dag_id::text AS staged_dag_id,
+       m.generation AS staged_generation
 FROM tasks t JOIN orgs o ON o.org_id = t.org_id
+LEFT JOIN dag_rematerializations m ON m.dag_id = t.dag_id AND m.version = t.dag_version
+                                  AND m.state = 'building'
 WHERE t.task_id = %(task_id)s;
 
 -- name: resolve
@@ -142,8 +146,11 @@ WITH r AS (
     SELECT d.name, d.dataset_uuid, d.dag_id, d.read_roles, d.storage_kind, p.dataset_version
     FROM datasets d
     JOIN dags g ON g.dag_id = d.dag_id
-    LEFT JOIN dag_pointers p ON p.dag_id = g.dag_id AND p.generation = g.active_generation
-                            AND p.dataset_uuid = d.dataset_uuid
+    LEFT JOIN dag_pointers p
+           ON p.dag_id = g.dag_id AND p.dataset_uuid = d.dataset_uuid
+          AND p.generation = CASE WHEN g.dag_id = %(staged_dag)s::uuid
+                                  THEN %(staged_generation)s::bigint
+                                  ELSE g.active_generation END
     WHERE d.org_id = %(org_id)s AND d.name = ANY(%(names)s::text[])
 ), pin AS (
     INSERT INTO dataset_pins (pin_id, dataset_version, subject, expires_at)
