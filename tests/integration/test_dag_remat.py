@@ -311,3 +311,30 @@ def test_rerun_payload_keeps_what_a_run_added() -> None:
         "n": 5,
         "scheduled_time": "t",
     }
+
+
+async def test_staged_tasks_read_and_write_the_staged_versions(world: World) -> None:
+    await built(world)
+    before = await world.versions()
+    await world.dags.deploy(None, ORG, edited(mid={"config": {"rule": 2}}))
+    await run_all(world, "mid", 2, "mid_ds")
+    staged_mid = world.sql(
+        "SELECT p.dataset_version::text FROM dag_rematerializations m "
+        "JOIN dag_pointers p ON p.dag_id = m.dag_id AND p.generation = m.generation "
+        "JOIN datasets d ON d.dataset_uuid = p.dataset_uuid WHERE d.name = 'mid_ds'"
+    )[0][0]
+    # a staged down task reads mid_ds through the staged pointer set: the rebuilt rows
+    (task_id,) = world.tasks("down", 2, "queued")[:1]
+    c = await world.d.claim(task_id)
+    claims = await world.d.authorize(c.capability_token, c.task_id, c.attempt)
+    res = await world.ds.resolve_for_task(claims, ["mid_ds"], pin_ttl_s=0)
+    assert res.datasets[0].dataset_version == staged_mid != before["mid_ds"]
+    # what mid's rebuild committed is in the staged version only
+    assert world.sql(
+        "SELECT count(*) FROM dataset_partitions WHERE dataset_version = %s", [staged_mid]
+    ) == [(2,)]
+    assert world.sql(
+        "SELECT count(*) FROM dataset_partitions WHERE dataset_version = %s AND task_id IN "
+        "(SELECT task_id FROM tasks WHERE dag_version = 2)",
+        [before["mid_ds"]],
+    ) == [(0,)]
