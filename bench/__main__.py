@@ -115,6 +115,8 @@ class Bench:
             if isinstance(out, dict):
                 m.extra.update({k: v for k, v in out.items() if k != "rate"})
             print(f"  {r:,.0f}/s", end="", flush=True)
+            if isinstance(out, dict) and "claimer_cpu_us_per_job" in out:
+                print(f" (cpu/job {out['claimer_cpu_us_per_job']:,.0f} us)", end="", flush=True)
             if isinstance(out, dict) and "dispatcher_cpu_us_per_job" in out:
                 print(
                     f" (cpu/job: dispatcher {out['dispatcher_cpu_us_per_job']:,.0f} us,"

@@ -20,7 +20,7 @@ from typing import Any
 
 import psycopg
 
-from bench.common import batches, count, proc_memory_kb, wait_until
+from bench.common import batches, count, proc_cpu_s, proc_memory_kb, wait_until
 from trace_core import wire
 from trace_core.testing.memory_signer import MemorySigner
 from trace_lite.dispatcher import Dispatcher, open_pool
@@ -175,11 +175,17 @@ async def throughput(
             await _create(producer, n, 5000)
         async with ClaimerProcesses(url, processes, claimers, claim_batch) as procs:
             started = time.monotonic()
+            cpu0 = sum(proc_cpu_s(p) for p in procs.pids)
             if not prefill:
                 await _create(producer, n, create_batch)
             finished = await wait_until(lambda: _zero(remaining), limit_s=limit_s)
+            cpu1 = sum(proc_cpu_s(p) for p in procs.pids)
             rss = max((proc_memory_kb(p).get("VmHWM", 0) for p in procs.pids), default=0)
-        return {"rate": n / (finished - started), "claimer_rss_kb": rss}
+        return {
+            "rate": n / (finished - started),
+            "claimer_rss_kb": rss,
+            "claimer_cpu_us_per_job": (cpu1 - cpu0) / n * 1e6,
+        }
     finally:
         await remaining.conn.close()  # type: ignore[attr-defined]
         await producer.pool.close()
