@@ -26,18 +26,36 @@ completions are separate transactions), so the state records what it announces:
 The write is a compare-and-swap on the state's version: of two followers racing, one wins and
 the other fails retryably (``Conflict``) and then sees the winner as ``last_task``.
 
+Reorgs
+------
+The state also keeps the hash of every announced block of the last ``reorg_window`` blocks
+below the cursor (fetched when the block is announced). Each run asks the node for those
+blocks' hashes again (one batched request); when some changed, the chain reorganised from the
+lowest changed block ``f``: the chunks from ``f``'s chunk up to the cursor are announced again
+as ``reorg:{start}_{end}`` events (payload ``reorg: true``), so ``cryo_ingest`` extracts them
+again and its ``replace`` outputs rewrite exactly those ranges (the commit's invalidation and the
+new range events rerun what was built from them). These re-announcements are part of
+``last_ranges``' guarantee (kept as ``last_reorged``). A change at the lowest remembered block
+(other than ``start``) may reach below the window: the window is extracted again, the task's
+result names the block (``reorg_may_reach_below``) and a warning is logged; blocks below it
+are not checked (a backfill over them replaces them). Limits: a reorg that happens between the follower fetching a block's hash
+and ``cryo_ingest`` extracting it is not seen; a reorg is seen at most one run (one trigger
+interval) after it happened; nothing is checked below the window.
+
 Config (the job's ``config``; the trigger adds ``scheduled_time``)::
 
     chunk           blocks per range (default 100); ranges are [k*chunk, (k+1)*chunk)
     confirmations   blocks behind the head never announced (default 2)
     start           the first block (default 0; a multiple of chunk)
     max_ranges      ranges announced per run at most (default 50; the rest on later runs)
+    reorg_window    blocks below the cursor whose hashes are checked each run (default 64)
     rpc_url         the node's endpoint; without it the worker-pool slot's RPC_URL
 """
 
 from __future__ import annotations
 
 import json
+import logging
 from typing import Any, Protocol
 
 import aiohttp
@@ -47,6 +65,8 @@ from trace_core import errors
 from trace_sdk._worker import NonRetryableError, Operator, TaskContext
 from trace_sdk.ingest import rpc_endpoint
 from trace_sdk.ranges import StateStore
+
+log = logging.getLogger("trace.follower")
 
 #: Task states in which a task's completion can no longer commit.
 _UNANNOUNCED = frozenset({"failed", "canceled"})
@@ -61,19 +81,27 @@ class FollowerStore(StateStore, Protocol):
         ...
 
 
+Ranges = tuple[tuple[int, int], ...]
+
+
 @attrs.frozen
 class FollowerState:
-    """The durable cursor and what the last writer announced with it."""
+    """The durable cursor, what the last writer announced with it, and the hashes of the
+    announced blocks inside the reorg window."""
 
     cursor: int
     last_task: str | None = None
-    last_ranges: tuple[tuple[int, int], ...] = ()
+    last_ranges: Ranges = ()
+    last_reorged: Ranges = ()
+    hashes: tuple[tuple[int, str], ...] = ()
 
     def to_doc(self) -> dict[str, Any]:
         return {
             "cursor": self.cursor,
             "last_task": self.last_task,
             "last_ranges": [list(r) for r in self.last_ranges],
+            "last_reorged": [list(r) for r in self.last_reorged],
+            "hashes": {str(b): h for b, h in self.hashes},
         }
 
     @classmethod
@@ -82,7 +110,27 @@ class FollowerState:
             int(doc["cursor"]),
             doc.get("last_task"),
             tuple((int(s), int(e)) for s, e in doc.get("last_ranges", ())),
+            tuple((int(s), int(e)) for s, e in doc.get("last_reorged", ())),
+            tuple(sorted((int(b), str(h)) for b, h in doc.get("hashes", {}).items())),
         )
+
+
+def reorged_ranges(
+    remembered: tuple[tuple[int, str], ...],
+    now: dict[int, str | None],
+    *,
+    cursor: int,
+    chunk: int,
+) -> tuple[Ranges, bool]:
+    """The chunks to extract again -- from the chunk of the lowest remembered block whose hash
+    changed (``now``: the node's answer; None for a block it no longer has) up to ``cursor``
+    -- and whether the fork may lie below the window (the lowest remembered block changed)."""
+    changed = [b for b, h in remembered if now.get(b) != h]
+    if not changed:
+        return (), False
+    fork = changed[0]
+    first = fork // chunk * chunk
+    return tuple((s, s + chunk) for s in range(first, cursor, chunk)), fork == remembered[0][0]
 
 
 def plan(
@@ -106,32 +154,56 @@ def _int(payload: dict[str, Any], name: str, default: int, low: int) -> int:
     return value
 
 
-async def chain_head(rpc_url: str, timeout_s: float = 10.0) -> int:
-    """``eth_blockNumber`` of the node at ``rpc_url``. Raises ``errors.Unavailable``."""
-    body = {"jsonrpc": "2.0", "id": 1, "method": "eth_blockNumber", "params": []}
+async def _rpc(rpc_url: str, body: Any, timeout_s: float = 10.0) -> Any:
+    """One JSON-RPC request (or batch) to the node. Raises ``errors.Unavailable``."""
     try:
         async with (
             aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout_s)) as session,
             session.post(rpc_url, json=body) as resp,
         ):
-            answer = json.loads(await resp.read())
+            return json.loads(await resp.read())
     except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
-        raise errors.Unavailable(f"eth_blockNumber: node unreachable: {exc}") from None
+        raise errors.Unavailable(f"node unreachable: {exc}") from None
+
+
+async def chain_head(rpc_url: str) -> int:
+    """``eth_blockNumber`` of the node at ``rpc_url``. Raises ``errors.Unavailable``."""
+    body = {"jsonrpc": "2.0", "id": 1, "method": "eth_blockNumber", "params": []}
+    answer = await _rpc(rpc_url, body)
     if not isinstance(answer, dict) or "result" not in answer:
         raise errors.Unavailable(f"eth_blockNumber: no result: {str(answer)[:200]}")
     return int(answer["result"], 16)
 
 
-def _announce(ctx: TaskContext, ranges: tuple[tuple[int, int], ...]) -> None:
-    for start, end in ranges:
-        key = f"{start}_{end}"
-        ctx.final_events.append(
-            {
-                "key": f"range:{key}",
-                "type": "range",
-                "payload": {"start": start, "end": end, "partition_key": key},
-            }
-        )
+async def block_hashes(rpc_url: str, numbers: list[int]) -> dict[int, str | None]:
+    """The hash of each block in ``numbers`` (None for a block the node does not have), in
+    one batched request. Raises ``errors.Unavailable``."""
+    if not numbers:
+        return {}
+    body = [
+        {"jsonrpc": "2.0", "id": b, "method": "eth_getBlockByNumber", "params": [hex(b), False]}
+        for b in numbers
+    ]
+    answer = await _rpc(rpc_url, body)
+    if not isinstance(answer, list) or len(answer) != len(numbers):
+        raise errors.Unavailable(f"eth_getBlockByNumber batch: {str(answer)[:200]}")
+    out: dict[int, str | None] = {}
+    for item in answer:
+        if not isinstance(item, dict) or "result" not in item:
+            raise errors.Unavailable(f"eth_getBlockByNumber: {str(item)[:200]}")
+        block = item["result"]
+        out[int(item["id"])] = block["hash"] if isinstance(block, dict) else None
+    return out
+
+
+def _announce(ctx: TaskContext, ranges: Ranges, reorged: Ranges = ()) -> None:
+    for kind, announced in (("reorg", reorged), ("range", ranges)):
+        for start, end in announced:
+            key = f"{start}_{end}"
+            payload: dict[str, Any] = {"start": start, "end": end, "partition_key": key}
+            if kind == "reorg":
+                payload["reorg"] = True
+            ctx.final_events.append({"key": f"{kind}:{key}", "type": "range", "payload": payload})
 
 
 def make_head_follower(store: FollowerStore) -> Operator:
@@ -144,6 +216,7 @@ def make_head_follower(store: FollowerStore) -> Operator:
         confirmations = _int(payload, "confirmations", 2, 0)
         origin = _int(payload, "start", 0, 0)
         max_ranges = _int(payload, "max_ranges", 50, 1)
+        window = _int(payload, "reorg_window", 64, 1)
         if origin % chunk:
             raise NonRetryableError("config.start must be a multiple of config.chunk")
         rpc = rpc_endpoint(payload, ctx.env)
@@ -151,29 +224,61 @@ def make_head_follower(store: FollowerStore) -> Operator:
         doc, version = await store.load(task_id, attempt)
         state = FollowerState.from_doc(doc) if doc else FollowerState(origin)
         if state.last_task == task_id:  # this task moved the cursor, then lost its completion
-            _announce(ctx, state.last_ranges)
+            _announce(ctx, state.last_ranges, state.last_reorged)
             return {"cursor": state.cursor, "ranges": len(state.last_ranges), "repeated": True}
-        carried: tuple[tuple[int, int], ...] = ()
+        carried: Ranges = ()
+        carried_reorged: Ranges = ()
         if state.last_task is not None:
             writer = await store.writer_state(task_id, attempt, state.last_task)
             if writer in _UNANNOUNCED:
-                carried = state.last_ranges
+                carried, carried_reorged = state.last_ranges, state.last_reorged
             elif writer != "completed":
                 return {"cursor": state.cursor, "ranges": 0, "waiting_for": state.last_task}
         head = await chain_head(rpc)
+        now = await block_hashes(rpc, [b for b, _ in state.hashes])
+        reorged, beyond = reorged_ranges(state.hashes, now, cursor=state.cursor, chunk=chunk)
+        beyond = beyond and state.hashes[0][0] != origin
+        if beyond:
+            log.warning(
+                "reorg at the lowest remembered block: blocks below it may be stale",
+                extra={"block": state.hashes[0][0], "task_id": task_id},
+            )
         fresh = plan(
             state.cursor, head, chunk=chunk, confirmations=confirmations, max_ranges=max_ranges
         )
         ranges = carried + tuple(fresh)
-        if not ranges:
+        reorged_all = tuple(dict.fromkeys(carried_reorged + reorged))
+        if not ranges and not reorged_all:
             return {"cursor": state.cursor, "head": head, "ranges": 0}
         cursor = fresh[-1][1] if fresh else state.cursor
-        new = FollowerState(cursor, task_id, ranges)
+        # remember the hashes of the window below the new cursor: unchanged ones as they
+        # were, the re-announced and the new blocks as the node answers now
+        low = max(origin, cursor - window)
+        kept = {b: h for b, h in state.hashes if b >= low and now.get(b) == h}
+        fetch = [b for b in range(low, cursor) if b not in kept]
+        fetched = await block_hashes(rpc, fetch)
+        hashes = {**kept, **{b: h for b, h in fetched.items() if h is not None}}
+        new = FollowerState(cursor, task_id, ranges, reorged_all, tuple(sorted(hashes.items())))
         await store.save(task_id, attempt, new.to_doc(), version)  # Conflict: retry
-        _announce(ctx, ranges)
-        return {"cursor": cursor, "head": head, "ranges": len(ranges), "carried": len(carried)}
+        _announce(ctx, ranges, reorged_all)
+        return {
+            "cursor": cursor,
+            "head": head,
+            "ranges": len(ranges),
+            "carried": len(carried),
+            "reorged": len(reorged_all),
+            "reorg_may_reach_below": state.hashes[0][0] if beyond else None,
+        }
 
     return chain_follower
 
 
-__all__ = ["FollowerState", "FollowerStore", "chain_head", "make_head_follower", "plan"]
+__all__ = [
+    "FollowerState",
+    "FollowerStore",
+    "block_hashes",
+    "chain_head",
+    "make_head_follower",
+    "plan",
+    "reorged_ranges",
+]
