@@ -202,6 +202,10 @@ class _Run:
     history_end: int
     procs: LiteChildren
     activity: LiveActivity
+    #: Blocks between the node's head and the follower's cursor at each progress sample while
+    #: following (the cursor is the next block to announce; a chunk and the confirmations are
+    #: part of it by design).
+    lags: list[int] = attrs.field(factory=list)
     stop: asyncio.Event = attrs.field(factory=asyncio.Event)
     abort: asyncio.Event = attrs.field(factory=asyncio.Event)
 
@@ -342,6 +346,8 @@ class _Run:
                     f"{p.failed} failed, {p.retried} retried; tx sent {self.activity.sent}"
                 )
                 bars.update(backfill, completed=p.backfill_done)
+                if finished is None and p.cursor is not None:
+                    self.lags.append(head - cursor)
                 bars.update(
                     head_bar,
                     total=max(1, head),
@@ -422,6 +428,7 @@ class _Run:
             },
             "follower_cursor": progress.cursor,
             "backfill_end": self.history_end,
+            "head_lag_blocks": _percentiles(self.lags),
         }
 
     def _print(self, summary: dict[str, Any]) -> None:
@@ -443,6 +450,10 @@ class _Run:
             "ok" if stats == {k: node[k] for k in stats} else "DIFFERS",
         )
         c.print(table)
+        c.print(
+            "head lag while following (blocks behind the node, per progress sample): "
+            + ", ".join(f"{k} {v}" for k, v in summary["head_lag_blocks"].items())
+        )
         c.print(
             "dataset versions: "
             + ", ".join(f"{k} {str(v)[:8]}" for k, v in sorted(summary["versions"].items()))
@@ -474,6 +485,17 @@ class _Run:
             '`.venv/bin/trace query "SELECT count(*) FROM monad_transfers" --org demo` '
             "(`--duration 0` runs until Ctrl-C)."
         )
+
+
+def _percentiles(values: list[int]) -> dict[str, int | None]:
+    """p50 and p95 (nearest rank) of ``values``; None when there are none."""
+    ordered = sorted(values)
+    if not ordered:
+        return {"p50": None, "p95": None}
+    return {
+        f"p{round(q * 100)}": ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+        for q in (0.5, 0.95)
+    }
 
 
 def _node_counts(rpc: Rpc, end: int) -> dict[str, int]:
