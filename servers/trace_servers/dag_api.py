@@ -26,7 +26,11 @@ line}]``).
                                                        cancel a run's unfinished tasks
     POST /v1/orgs/{org}/dags/{dag}/versions/{version}/cancel
                                                        cancel a version's unfinished tasks
-    GET  /v1/orgs/{org}/dags/{dag}/status              the active version, task counts per job
+    GET  /v1/orgs/{org}/dags/{dag}/status              the active version, task counts per job,
+                                                       the rebuild of a staged version
+    POST /v1/orgs/{org}/datasets/{dataset}/invalidate  rerun the DAG tasks that read a replaced
+                                                       range or partition key of the dataset
+                                                       (``trace_lite.dag_invalidations``)
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ from aiohttp import web
 from trace_core import errors, wire
 from trace_core.access import UserCaller
 from trace_lite.dag_control import DagControl
+from trace_lite.dag_invalidations import Invalidations
 from trace_lite.dag_runs import DagRuns
 from trace_lite.dags import Dags
 from trace_servers import user_api
@@ -46,6 +51,7 @@ from trace_servers.http import decode_as, receive
 DAGS_KEY = web.AppKey("dags", Dags)
 DAG_RUNS_KEY = web.AppKey("dag_runs", DagRuns)
 DAG_CONTROL_KEY = web.AppKey("dag_control", DagControl)
+INVALIDATIONS_KEY = web.AppKey("dag_invalidations", Invalidations)
 
 #: A run id in a path: a trigger's ``run_id`` (``wire.DagTriggerRequest``) or a schedule slot.
 _RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:+\-]{0,199}$")
@@ -164,6 +170,24 @@ async def dag_status(request: web.Request) -> web.Response:
     return web.json_response(await _control(request).status(caller, m["org"], m["dag"]))
 
 
+async def invalidate(request: web.Request) -> web.Response:
+    subject = _subject(request)
+    raw = await receive(request)
+    m = request.match_info
+    caller = await _dags(request).user_caller(m["org"], subject)
+    req = decode_as(request, raw, wire.DagInvalidateRequest)
+    out = await request.app[INVALIDATIONS_KEY].invalidate(
+        caller,
+        m["org"],
+        m["dataset"],
+        start=req.start,
+        end=req.end,
+        key=req.key,
+        version=req.version,
+    )
+    return web.json_response(out.to_dict())
+
+
 def setup(
     app: web.Application, *, dags: Dags, runs: DagRuns, control: DagControl | None = None
 ) -> None:
@@ -172,6 +196,7 @@ def setup(
     app[DAGS_KEY] = dags
     app[DAG_RUNS_KEY] = runs
     app[DAG_CONTROL_KEY] = control or DagControl(dags.pool, orgs=dags.orgs)
+    app[INVALIDATIONS_KEY] = Invalidations(dags.pool, wake_mode=runs.wake_mode, orgs=dags.orgs)
     base = "/v1/orgs/{org}/dags"
     app.add_routes(
         [
@@ -184,8 +209,15 @@ def setup(
             web.post(f"{base}/{{dag}}/runs/{{run_id}}/cancel", cancel_run),
             web.post(f"{base}/{{dag}}/versions/{{version}}/cancel", cancel_version),
             web.get(f"{base}/{{dag}}/status", dag_status),
+            web.post("/v1/orgs/{org}/datasets/{dataset}/invalidate", invalidate),
         ]
     )
 
 
-__all__ = ["DAGS_KEY", "DAG_CONTROL_KEY", "DAG_RUNS_KEY", "setup"]
+__all__ = [
+    "DAGS_KEY",
+    "DAG_CONTROL_KEY",
+    "DAG_RUNS_KEY",
+    "INVALIDATIONS_KEY",
+    "setup",
+]

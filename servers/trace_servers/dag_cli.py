@@ -26,7 +26,11 @@ trace dag rollback ORG NAME                   restore the previous version and i
 trace dag cancel ORG NAME (--run RUN_ID | --version N)
                                               cancel a run's or a version's unfinished tasks
 trace dag status ORG NAME [--json]            the active version and each job's task counts,
-                                              with a progress bar of finished tasks
+                                              with a progress bar of finished tasks, and the
+                                              rebuild of a staged version
+trace dag invalidate ORG DATASET (--range START:END | --key KEY) [--version UUID]
+                                              rerun the DAG tasks that read a replaced range
+                                              or partition of the dataset, transitively
 """
 
 from __future__ import annotations
@@ -90,6 +94,15 @@ def add_parsers(sub: Any) -> None:
     st.add_argument("org")
     st.add_argument("name")
     st.add_argument("--json", action="store_true", help="print the API's answer as JSON")
+    iv = dsub.add_parser(
+        "invalidate", help="rerun the DAG tasks that read a replaced range of a dataset"
+    )
+    iv.add_argument("org")
+    iv.add_argument("dataset")
+    scope = iv.add_mutually_exclusive_group(required=True)
+    scope.add_argument("--range", help="the replaced block range START:END (half-open)")
+    scope.add_argument("--key", help="the replaced partition key")
+    iv.add_argument("--version", help="the dataset version (default: the active one)")
     for name in ("show", "versions"):
         p = dsub.add_parser(name, help=f"{name} a deployed DAG")
         p.add_argument("name")
@@ -313,6 +326,17 @@ def cmd_dag(args: argparse.Namespace, dispatcher_url: str = "") -> int:
                 print(json.dumps(body, indent=2), file=sys.stdout if status < 400 else sys.stderr)
             else:
                 print(render_status(body))
+            return 0 if status < 400 else 1
+        case "invalidate":
+            body: dict[str, Any] = {"key": args.key, "version": args.version}
+            if args.range is not None:
+                start, sep, end = args.range.partition(":")
+                if not sep or not start.isdigit() or not end.isdigit():
+                    raise SystemExit("--range takes START:END, e.g. 100:200")
+                body |= {"start": int(start), "end": int(end)}
+            path = f"/v1/orgs/{args.org}/datasets/{args.dataset}/invalidate"
+            status, out = _remote(dispatcher_url, "POST", path, body)
+            print(json.dumps(out, indent=2), file=sys.stdout if status < 400 else sys.stderr)
             return 0 if status < 400 else 1
         case "schema":
             print(json.dumps(dag_files.json_schema(), indent=2))

@@ -547,6 +547,22 @@ class DagTriggerRequest:
 
 
 @attrs.frozen
+class DagInvalidateRequest:
+    """Rerun the DAG tasks that read a replaced block range ``[start, end)`` or partition
+    ``key`` of a dataset (``trace_lite.dag_invalidations``)."""
+
+    start: int | None = attrs.field(
+        default=None, validator=attrs.validators.optional(_between(0, INT64_MAX))
+    )
+    end: int | None = attrs.field(
+        default=None, validator=attrs.validators.optional(_between(1, INT64_MAX))
+    )
+    key: str | None = attrs.field(default=None, validator=attrs.validators.optional(_event_key))
+    #: The dataset version (default: the producing DAG's active one).
+    version: str | None = attrs.field(default=None, validator=attrs.validators.optional(_uuid_str))
+
+
+@attrs.frozen
 class MemberRequest:
     """A member's roles in the org (replaces the list)."""
 
@@ -686,6 +702,7 @@ __all__ = [
     "CredentialsResponse",
     "CutoverRequest",
     "DagDeployRequest",
+    "DagInvalidateRequest",
     "DagTriggerRequest",
     "EventIn",
     "EventsRequest",

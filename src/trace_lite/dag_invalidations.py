@@ -77,9 +77,9 @@ class Scope:
     def __attrs_post_init__(self) -> None:
         ranged = self.start is not None or self.end is not None
         if ranged == (self.key is not None):
-            raise errors.ValidationFailed("give a range (start and end) or a key", field="scope")
+            raise errors.ValidationFailed("give a range (start and end) or a key", field="start")
         if ranged and (self.start is None or self.end is None or not 0 <= self.start < self.end):
-            raise errors.ValidationFailed("the range needs 0 <= start < end", field="scope")
+            raise errors.ValidationFailed("the range needs 0 <= start < end", field="start")
 
     def text(self) -> str:
         return f"[{self.start}, {self.end})" if self.key is None else f"key {self.key!r}"

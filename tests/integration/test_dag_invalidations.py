@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import attrs
 import psycopg
 import pytest
+from aiohttp.test_utils import TestClient, TestServer
 
 from trace_core import errors, wire
 from trace_core.testing import MemoryObjectStore, MemoryQueue, MemorySigner
@@ -20,6 +22,8 @@ from trace_lite.dag_runs import DagRuns
 from trace_lite.dags import Dags
 from trace_lite.datasets import Datasets
 from trace_lite.dispatcher import Dispatcher, open_pool
+from trace_lite.users import LocalUserIssuer, UserAuthenticator
+from trace_servers.app import make_app
 from trace_servers.dag_cli import builtin_operators
 
 ORG = "acme"
@@ -193,3 +197,40 @@ async def test_refusals(world: World) -> None:
     alice = await world.dags.user_caller(ORG, "alice")
     report = await world.inv.invalidate(alice, ORG, "raw", start=0, end=10)
     assert report.reruns == ()
+
+
+async def test_the_invalidate_route(world: World, tmp_path: Path) -> None:
+    await _source(world, commits=[(0, 10)], announces=[(0, 10)])
+    await _source(world, commits=[(0, 10)])
+    issuer = LocalUserIssuer.init(tmp_path / "keys")
+    auth = UserAuthenticator({issuer.key.kid: issuer.key})
+    alice, bob = ({"Authorization": f"Bearer {issuer.token(s)}"} for s in ("alice", "bob"))
+    path = f"/v1/orgs/{ORG}/datasets/raw/invalidate"
+    app = make_app(world.d, platform_token="platform-token-for-tests-0123456789", user_auth=auth)
+    async with TestClient(TestServer(app)) as c:
+        r = await c.post(path, json={"start": 0, "end": 10})
+        assert r.status == 401
+        r = await c.post(path, json={"start": 0, "end": 10}, headers=bob)
+        assert r.status == 403
+        for bad, field in [
+            ({"start": 10, "end": 5}, "start"),
+            ({"start": 0}, "start"),
+            ({"start": 0, "end": 2**63}, "end"),
+            ({"start": True, "end": 5}, "start"),
+            ({"key": "k", "version": "nope"}, "version"),
+            ({"start": 0, "end": 10, "extra": 1}, None),
+        ]:
+            r = await c.post(path, json=bad, headers=alice)
+            body = await r.json()
+            assert r.status == 422, (bad, body)
+            assert field is None or body["field"] == field, (bad, body)
+        assert len(world.tasks_of("b")) == 1  # nothing written
+        r = await c.post(
+            f"/v1/orgs/{ORG}/datasets/nope/invalidate", json={"key": "k"}, headers=alice
+        )
+        assert r.status == 404 and (await r.json())["field"] == "dataset"
+        r = await c.post(path, json={"start": 0, "end": 10}, headers=alice)
+        body = await r.json()
+        assert r.status == 200, body
+        assert [x["job"] for x in body["reruns"]] == ["b"] and body["dependents"] == 1
+    assert len(world.tasks_of("b")) == 2
