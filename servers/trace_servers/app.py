@@ -159,7 +159,7 @@ def make_app(
     query_api.setup(app, data_url=data_url, registry=app[METRICS_KEY].registry)
     dag_api.setup(
         app,
-        dags=Dags(dispatcher.pool, operators=builtin_operators()),
+        dags=Dags(dispatcher.pool, operators=builtin_operators(), wake_mode=dispatcher.wake_mode),
         runs=DagRuns(dispatcher.pool, wake_mode=dispatcher.wake_mode),
     )
     alerts_api.setup(
