@@ -33,6 +33,7 @@ REQUEST_SCHEMAS = {
     ("POST", "/v1/orgs/{org}/dags/{dag}/cutover"): {"CutoverRequest"},
     ("POST", "/v1/orgs/{org}/dags"): {"DagDeployRequest"},
     ("POST", "/v1/orgs/{org}/dags/{dag}/jobs/{job}/trigger"): {"DagTriggerRequest"},
+    ("POST", "/v1/orgs/{org}/datasets/{dataset}/invalidate"): {"DagInvalidateRequest"},
     ("PUT", "/v1/orgs/{org}/members/{subject}"): {"MemberRequest"},
     ("POST", "/v1/query"): {"QueryRequest"},
     ("POST", "/v1/task/query"): {"TaskQueryRequest"},
