@@ -18,6 +18,7 @@ or oversized bodies; rows are asserted directly with psycopg.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import http.client
 import json
@@ -32,6 +33,10 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
+
+from trace_lite.datasets import Datasets
+from trace_lite.dispatcher import open_pool
+from trace_lite.users import LocalUserIssuer
 
 PLATFORM_TOKEN = "e2e-platform-token-0123456789abcdef"
 
@@ -392,3 +397,46 @@ class TraceProcs:
             f"{len(task_ids)} tasks to finish (now {self.task_states(task_ids)})",
             0.25,
         )
+
+
+# -- users and the ``trace`` CLI (DAG tests) ---------------------------------------------------
+
+#: What ``trace users token`` tokens carry; the Dispatcher checks them when this is in its env.
+USER_TOKEN_POLICY = {"TRACE_USER_JWT_ISSUER": "trace-lite", "TRACE_USER_JWT_AUDIENCE": "trace-api"}
+
+
+def set_members(db_url: str, org: str, roles: dict[str, list[str]]) -> None:
+    """Make each subject of ``roles`` a member of ``org`` with those roles (the org is created)."""
+
+    async def go() -> None:
+        pool = await open_pool(db_url, min_size=1, max_size=2)
+        try:
+            for subject, its_roles in roles.items():
+                await Datasets(pool).set_member(None, org, subject, its_roles)
+        finally:
+            await pool.close()
+
+    asyncio.run(go())
+
+
+def start_user_stack(
+    t: TraceProcs, monkeypatch: Any, org: str, roles: dict[str, list[str]]
+) -> None:
+    """Members ``roles`` in ``org``, then a Dispatcher that checks user tokens (``trace_cli``)."""
+    set_members(t.db_url, org, roles)
+    base_env = t.env
+    monkeypatch.setattr(t, "env", lambda: {**base_env(), **USER_TOKEN_POLICY})
+    t.start_dispatcher()
+
+
+def trace_cli(t: TraceProcs, subject: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """``trace ARGS`` as a user would run it, with ``subject``'s user token."""
+    env = {**t.env(), "TRACE_USER_TOKEN": LocalUserIssuer.init(t.key_dir).token(subject)}
+    return subprocess.run(
+        [sys.executable, "-m", "trace_servers.cli", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=t.home,
+    )

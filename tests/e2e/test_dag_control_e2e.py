@@ -5,57 +5,24 @@ work, and a second rollback is refused with nothing changed."""
 
 from __future__ import annotations
 
-import asyncio
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from e2e_harness import TraceProcs
-
-from trace_lite.datasets import Datasets
-from trace_lite.dispatcher import open_pool
-from trace_lite.users import LocalUserIssuer
+from e2e_harness import TraceProcs, start_user_stack, trace_cli
 
 ORG = "acme"
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "dags" / "blocks.yaml"
 
 
-def _members(db_url: str) -> None:
-    async def go() -> None:
-        pool = await open_pool(db_url, min_size=1, max_size=2)
-        try:
-            ds = Datasets(pool)
-            await ds.set_member(None, ORG, "dora", ["dag_deployer"])
-            await ds.set_member(None, ORG, "bob", [])
-        finally:
-            await pool.close()
-
-    asyncio.run(go())
-
-
 @pytest.fixture
 def stack(trace_procs: TraceProcs, monkeypatch: pytest.MonkeyPatch) -> TraceProcs:
-    _members(trace_procs.db_url)
-    base_env = trace_procs.env
-    policy = {"TRACE_USER_JWT_ISSUER": "trace-lite", "TRACE_USER_JWT_AUDIENCE": "trace-api"}
-    monkeypatch.setattr(trace_procs, "env", lambda: {**base_env(), **policy})
-    trace_procs.start_dispatcher()
+    """A Dispatcher checking user tokens; dora deploys DAGs of the org, bob is a member."""
+    start_user_stack(trace_procs, monkeypatch, ORG, {"dora": ["dag_deployer"], "bob": []})
     return trace_procs
 
 
-def trace(t: TraceProcs, subject: str, *args: str) -> subprocess.CompletedProcess[str]:
-    """``trace ARGS`` as a user would run it, with ``subject``'s user token."""
-    env = {**t.env(), "TRACE_USER_TOKEN": LocalUserIssuer.init(t.key_dir).token(subject)}
-    return subprocess.run(
-        [sys.executable, "-m", "trace_servers.cli", *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=t.home,
-    )
+trace = trace_cli
 
 
 def test_status_cancel_and_rollback_from_the_cli(stack: TraceProcs) -> None:
@@ -64,7 +31,8 @@ def test_status_cancel_and_rollback_from_the_cli(stack: TraceProcs) -> None:
     text = EXAMPLE.read_text().replace("      - type: interval\n        every: 5m\n", "")
     v1, v2 = t.home / "v1.yaml", t.home / "v2.yaml"
     v1.write_text(text)
-    v2.write_text(text.replace("config: {n: 3}", "config: {n: 4}"))
+    # an execution-only edit: version 2 goes live at once (a config edit would be rebuilt first)
+    v2.write_text(text.replace("timeout: 30s", "timeout: 20s"))
     for f in (v1, v2):
         done = trace(t, "dora", "dag", "deploy", str(f), "--org", ORG)
         assert done.returncode == 0, done.stderr

@@ -7,58 +7,27 @@ from __future__ import annotations
 
 import asyncio
 import json
-import subprocess
-import sys
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
-from e2e_harness import TraceProcs
+from e2e_harness import TraceProcs, start_user_stack, trace_cli
 
-from trace_lite.datasets import Datasets
-from trace_lite.dispatcher import open_pool
 from trace_lite.secrets import FileSecretStore
-from trace_lite.users import LocalUserIssuer
 
 ORG = "acme"
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "dags" / "blocks.yaml"
 
 
-def _members(db_url: str) -> None:
-    async def go() -> None:
-        pool = await open_pool(db_url, min_size=1, max_size=2)
-        try:
-            ds = Datasets(pool)
-            await ds.set_member(None, ORG, "dora", ["dag_deployer"])
-            await ds.set_member(None, ORG, "bob", [])
-        finally:
-            await pool.close()
-
-    asyncio.run(go())
-
-
 @pytest.fixture
 def stack(trace_procs: TraceProcs, monkeypatch: pytest.MonkeyPatch) -> TraceProcs:
-    _members(trace_procs.db_url)
-    base_env = trace_procs.env
-    policy = {"TRACE_USER_JWT_ISSUER": "trace-lite", "TRACE_USER_JWT_AUDIENCE": "trace-api"}
-    monkeypatch.setattr(trace_procs, "env", lambda: {**base_env(), **policy})
-    trace_procs.start_dispatcher()
+    """A Dispatcher checking user tokens; dora deploys DAGs of the org, bob is a member."""
+    start_user_stack(trace_procs, monkeypatch, ORG, {"dora": ["dag_deployer"], "bob": []})
     return trace_procs
 
 
-def trace(t: TraceProcs, subject: str, *args: str) -> subprocess.CompletedProcess[str]:
-    """``trace ARGS`` as a user would run it, with ``subject``'s user token."""
-    env = {**t.env(), "TRACE_USER_TOKEN": LocalUserIssuer.init(t.key_dir).token(subject)}
-    return subprocess.run(
-        [sys.executable, "-m", "trace_servers.cli", *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=t.home,
-    )
+trace = trace_cli
 
 
 def test_example_dag_deploys_runs_and_its_dataset_resolves(stack: TraceProcs) -> None:
