@@ -37,6 +37,7 @@ REQUEST_SCHEMAS = {
     ("PUT", "/v1/orgs/{org}/members/{subject}"): {"MemberRequest"},
     ("POST", "/v1/query"): {"QueryRequest"},
     ("POST", "/v1/task/query"): {"TaskQueryRequest"},
+    ("POST", "/v1/query/exports"): {"ExportRequest"},
     ("POST", "/v1/orgs/{org}/alert-destinations"): {"DestinationCreate"},
     ("PATCH", "/v1/orgs/{org}/alert-destinations/{name}"): {"DestinationUpdate"},
 }
@@ -175,7 +176,7 @@ def test_error_codes_are_the_domain_codes(spec: dict[str, Any]) -> None:
     assert documented == (codes - {"trace_error"}) | {"http_error", "internal"}
 
 
-@pytest.mark.parametrize("name", ["QueryRequest", "TaskQueryRequest"])
+@pytest.mark.parametrize("name", ["QueryRequest", "TaskQueryRequest", "ExportRequest"])
 def test_query_request_schemas_match_query_api(spec: dict[str, Any], name: str) -> None:
     from trace_servers import query_api
 

@@ -18,6 +18,7 @@ import shutil
 import signal
 import sys
 import tempfile
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -198,6 +199,7 @@ async def run_sandboxed(
     scratch_root: Path | None = None,
     keep_scratch: bool = False,
     gate: bool = True,
+    s3: dict[str, Any] | None = None,
 ) -> SandboxResult:
     """Run ``sql`` over ``tables`` (dataset name -> the pinned version's data) in a sandbox
     process of its own (from ``pool``, or started now). Returns the rows. Raises
@@ -205,11 +207,13 @@ async def run_sandboxed(
     time, memory), ``NotFound`` (a name not granted: "dataset not found or not readable"),
     ``PayloadTooLarge`` (over ``max_bytes``), ``Unavailable`` (the sandbox could not run).
 
+    ``s3``: how the sandbox reads pinned ``s3://`` objects (``trace_lite.query.s3``).
+
     Tests only: ``keep_scratch`` leaves the private directory for inspection; ``gate=False``
     skips the sandbox's parse-level checks to show the lock-down and OS limits hold alone."""
     sandbox = await pool.take() if pool is not None else await _start(scratch_root)
     proc = sandbox.proc
-    request = {
+    request: dict[str, Any] = {
         "sql": sql,
         "tables": [_source(n, t) for n, t in tables.items()],
         "threads": limits.threads,
@@ -220,6 +224,8 @@ async def run_sandboxed(
         "cpu_s": int(limits.threads * limits.deadline_s) + 1,
         "gate": gate,
     }
+    if s3 is not None:
+        request["s3"] = s3
     try:
         try:
             out, err = await asyncio.wait_for(
@@ -267,3 +273,128 @@ def _answer(out: bytes, err: bytes, returncode: int | None) -> SandboxResult:
         truncated=bool(answer["truncated"]),
         bytes=len(out),
     )
+
+
+class SandboxStream:
+    """A query's rows as an Arrow stream from a sandbox process (``open_stream``).
+
+    ``columns``, ``types`` and ``schema`` (the Arrow IPC schema message) are known once it is
+    open; ``batches()`` yields each Arrow IPC record batch message as it arrives, then sets
+    ``rows`` and ``truncated``. The Arrow IPC stream format is ``schema``, the batches, then
+    ``sandbox.ARROW_EOS``."""
+
+    def __init__(self, sandbox: _Sandbox) -> None:
+        self._sandbox = sandbox
+        self.columns: list[str] = []
+        self.types: list[str] = []
+        self.schema = b""
+        self.rows = 0
+        self.truncated = False
+        self.bytes = 0
+        self.timed_out = False
+
+    async def _frame(self) -> tuple[bytes, bytes]:
+        stdout = self._sandbox.proc.stdout
+        assert stdout is not None
+        try:
+            head = await stdout.readexactly(5)
+            return head[:1], await stdout.readexactly(int.from_bytes(head[1:], "big"))
+        except asyncio.IncompleteReadError:
+            raise self._died() from None
+
+    def _died(self) -> errors.TraceError:
+        if self.timed_out:
+            return QueryLimitExceeded(
+                "the query exceeded its time limit and was stopped", limit="time"
+            )
+        return QueryLimitExceeded(
+            "the query exceeded a resource limit and was stopped", limit="resources"
+        )
+
+    async def batches(self) -> AsyncIterator[bytes]:
+        """Each record batch message. Raises ``QueryLimitExceeded`` (stopped by the deadline
+        or a resource limit), ``PayloadTooLarge``, ``ValidationFailed`` (the query failed
+        midway)."""
+        while True:
+            kind, payload = await self._frame()
+            if kind == b"B":
+                self.bytes += len(payload)
+                yield payload
+            elif kind == b"E":
+                end = json.loads(payload)
+                self.rows, self.truncated = int(end["rows"]), bool(end["truncated"])
+                return
+            else:
+                raise _refusal(payload)
+
+
+def _refusal(payload: bytes) -> errors.TraceError:
+    answer = json.loads(payload)
+    cls = _ERRORS.get(str(answer.get("error")), errors.ValidationFailed)
+    return cls(str(answer.get("message", "query failed")), field="sql")
+
+
+@contextlib.asynccontextmanager
+async def open_stream(
+    sql: str,
+    tables: dict[str, TableSource],
+    limits: Limits,
+    *,
+    pool: SandboxPool | None = None,
+    scratch_root: Path | None = None,
+    s3: dict[str, Any] | None = None,
+) -> AsyncIterator[SandboxStream]:
+    """Run ``sql`` in a sandbox process answering an Arrow stream (``SandboxStream``), at most
+    ``limits.max_rows`` rows and ``limits.max_bytes`` of batches; the process is killed at the
+    wall-clock deadline (counted from here, across the consumer's reading) and when the
+    context exits. Raises, on entering, as ``run_sandboxed``."""
+    sandbox = await pool.take() if pool is not None else await _start(scratch_root)
+    proc = sandbox.proc
+    assert proc.stdin is not None and proc.stderr is not None
+    request: dict[str, Any] = {
+        "mode": "arrow",
+        "sql": sql,
+        "tables": [_source(n, t) for n, t in tables.items()],
+        "threads": limits.threads,
+        "memory_limit": limits.memory_limit,
+        "extension_directory": str(sandbox.scratch / "extensions"),
+        "max_rows": limits.max_rows,
+        "max_bytes": limits.max_bytes,
+        "cpu_s": int(limits.threads * limits.deadline_s) + 1,
+    }
+    if s3 is not None:
+        request["s3"] = s3
+    stream = SandboxStream(sandbox)
+
+    def deadline() -> None:
+        stream.timed_out = True
+        sandbox.kill()
+
+    timer = asyncio.get_running_loop().call_later(limits.deadline_s, deadline)
+    stderr = asyncio.create_task(proc.stderr.read())  # drained: a full pipe would block it
+    try:
+        proc.stdin.write(json.dumps(request).encode())
+        await proc.stdin.drain()
+        proc.stdin.close()
+        kind, payload = await stream._frame()
+        if kind != b"H":
+            raise _refusal(payload)
+        header = json.loads(payload)
+        stream.columns, stream.types = list(header["columns"]), list(header["types"])
+        kind, stream.schema = await stream._frame()
+        if kind != b"S":
+            raise _refusal(stream.schema)
+        yield stream
+    except (BrokenPipeError, ConnectionResetError):
+        raise stream._died() from None
+    finally:
+        timer.cancel()
+        sandbox.kill()
+        await proc.wait()
+        err = await stderr
+        if proc.returncode not in (0, -signal.SIGKILL) and err:
+            # may name paths: logged here, never answered
+            log.warning(
+                "query sandbox stderr", extra={"stderr": err[-500:].decode(errors="replace")}
+            )
+        shutil.rmtree(sandbox.scratch, ignore_errors=True)

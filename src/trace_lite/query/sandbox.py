@@ -26,15 +26,12 @@ stdin and writes one JSON answer on stdout. The order of the layers:
 
 from __future__ import annotations
 
-import base64
-import datetime
-import decimal
 import json
-import math
 import resource
 import sys
-import uuid
 from typing import Any
+
+from trace_lite.query.values import jsonable
 
 AS_LIMIT_BYTES = 3 * 1024**3
 NOFILE_LIMIT = 256
@@ -61,24 +58,6 @@ def limit_cpu(cpu_s: int) -> None:
     _limit(resource.RLIMIT_CPU, cpu_s)
 
 
-def _jsonable(value: Any) -> Any:
-    if value is None or isinstance(value, bool | int | str):
-        return value
-    if isinstance(value, float):
-        return value if math.isfinite(value) else str(value)
-    if isinstance(value, decimal.Decimal | uuid.UUID | datetime.timedelta):
-        return str(value)
-    if isinstance(value, datetime.date | datetime.time):
-        return value.isoformat()
-    if isinstance(value, bytes | bytearray | memoryview):
-        return base64.b64encode(bytes(value)).decode()
-    if isinstance(value, list | tuple):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    return str(value)
-
-
 class Refused(Exception):
     """An answer that is not rows: ``code`` is a ``trace_core.errors`` code."""
 
@@ -88,7 +67,9 @@ class Refused(Exception):
         self.message = message
 
 
-def run(request: dict[str, Any]) -> dict[str, Any]:
+def prepare(request: dict[str, Any]) -> Any:
+    """Layers 2-5: a fresh DuckDB, the gate, the trusted loading, the lock-down. Returns the
+    locked connection, ready for the user SQL. Raises ``Refused``."""
     import duckdb
 
     from trace_core import errors, query_gate
@@ -110,6 +91,8 @@ def run(request: dict[str, Any]) -> dict[str, Any]:
             "allow_persistent_secrets": False,
         },
     )
+    # DuckDB draws a progress bar on stdout for a slow query, and stdout is the answer
+    con.execute("SET enable_progress_bar = false")
     sql = str(request["sql"])
     ((tree,),) = con.execute("SELECT json_serialize_sql(?::VARCHAR)", [sql]).fetchall()
     parsed = json.loads(tree)
@@ -122,24 +105,38 @@ def run(request: dict[str, Any]) -> dict[str, Any]:
         statements = con.extract_statements(sql)
         if len(statements) != 1 or statements[0].type.name != "SELECT":
             raise Refused("validation_failed", "send exactly one SELECT statement")
+    s3 = request.get("s3")  # sent only when a pinned object is in S3
+    if s3:
+        _open_s3(con, s3)
     for name in sorted(used):
         try:
             _load(con, name, tables[name])
         except duckdb.Error:
             # the message names files: it stays in this process
             raise Refused("unavailable", "a dataset could not be loaded") from None
+    if s3:
+        # the credential leaves the database before any user SQL runs
+        con.execute("DROP SECRET IF EXISTS trace_read")
     con.execute("SET enable_external_access = false")
     con.execute("SET disabled_filesystems = 'LocalFileSystem'")
     con.execute("SET lock_configuration = true")
+    return con
+
+
+def run(request: dict[str, Any]) -> dict[str, Any]:
+    """One JSON answer: at most ``max_rows`` rows and whether more existed."""
+    import duckdb
+
+    con = prepare(request)
     max_rows = int(request["max_rows"])
     try:
-        cur = con.execute(sql)
+        cur = con.execute(str(request["sql"]))
         columns = [d[0] for d in cur.description or []]
         types = [str(d[1]) for d in cur.description or []]
         fetched = cur.fetchmany(max_rows + 1)
     except duckdb.Error as exc:
         raise Refused("query_failed", _first_line(str(exc))) from None
-    rows = [[_jsonable(v) for v in row] for row in fetched[:max_rows]]
+    rows = [[jsonable(v) for v in row] for row in fetched[:max_rows]]
     return {
         "ok": True,
         "columns": columns,
@@ -147,6 +144,111 @@ def run(request: dict[str, Any]) -> dict[str, Any]:
         "rows": rows,
         "truncated": len(fetched) > max_rows,
     }
+
+
+#: Rows per Arrow record batch of a stream.
+BATCH_ROWS = 8192
+
+
+class Frames:
+    """The stream answer's framing on stdout: one kind byte, a 4-byte big-endian length, the
+    payload. ``H`` header (JSON: columns, types), ``S`` the Arrow schema message, ``B`` one
+    Arrow record batch message, ``E`` the end (JSON: rows, truncated), ``X`` a refusal or a
+    failure (JSON: error, message), possibly after batches."""
+
+    def __init__(self, out: Any) -> None:
+        self._out = out
+
+    def send(self, kind: bytes, payload: bytes) -> None:
+        self._out.write(kind + len(payload).to_bytes(4, "big") + payload)
+        self._out.flush()
+
+    def send_json(self, kind: bytes, value: dict[str, Any]) -> None:
+        self.send(kind, json.dumps(value, separators=(",", ":"), allow_nan=False).encode())
+
+
+def stream(request: dict[str, Any], frames: Frames) -> None:
+    """The user SQL's rows as Arrow record batches: at most ``max_rows`` rows (the end frame
+    says whether more existed) and ``max_bytes`` of batches. A failure before the first frame
+    raises ``Refused``; after it, it is sent as an ``X`` frame."""
+    import duckdb
+    import pyarrow as pa
+
+    con = prepare(request)
+    max_rows, max_bytes = int(request["max_rows"]), int(request["max_bytes"])
+    try:
+        cur = con.execute(str(request["sql"]))
+        reader = cur.fetch_record_batch(BATCH_ROWS)
+        columns = [d[0] for d in cur.description or []]
+        types = [str(d[1]) for d in cur.description or []]
+        batch = _next_batch(reader)
+    except (duckdb.Error, pa.ArrowException, OSError) as exc:  # DuckDB errors via Arrow
+        raise Refused("query_failed", _first_line(str(exc))) from None
+    # dictionary-encoded columns (ENUM) as their values: every batch stands alone
+    schema = pa.schema(
+        f.with_type(f.type.value_type) if pa.types.is_dictionary(f.type) else f
+        for f in reader.schema
+    )
+    frames.send_json(b"H", {"columns": columns, "types": types})
+    frames.send(b"S", schema.serialize().to_pybytes())
+    rows = size = 0
+    truncated = False
+    try:
+        while batch is not None:
+            if batch.num_rows:
+                if rows == max_rows:
+                    truncated = True
+                    break
+                part = batch.slice(0, max_rows - rows)
+                if part.schema != schema:
+                    part = part.cast(schema)
+                data = part.serialize().to_pybytes()
+                size += len(data)
+                if size > max_bytes:
+                    frames.send_json(
+                        b"X", {"error": "payload_too_large", "message": "the result is too large"}
+                    )
+                    return
+                frames.send(b"B", data)
+                rows += part.num_rows
+                if part.num_rows < batch.num_rows:
+                    truncated = True
+                    break
+            batch = _next_batch(reader)
+    except (duckdb.Error, pa.ArrowException, OSError) as exc:
+        frames.send_json(b"X", {"error": "query_failed", "message": _first_line(str(exc))})
+        return
+    frames.send_json(b"E", {"rows": rows, "truncated": truncated})
+
+
+def _next_batch(reader: Any) -> Any:
+    try:
+        return reader.read_next_batch()
+    except StopIteration:
+        return None
+
+
+def _open_s3(con: Any, s3: dict[str, Any]) -> None:
+    """Trusted set-up for S3 objects, before the lock-down: DuckDB's signed httpfs loaded by
+    path (the ``duckdb-ext-httpfs`` wheel; never downloaded) and a temporary secret scoped to
+    the pinned prefixes, dropped again once the tables are loaded."""
+    con.execute(f"LOAD {_quote(str(s3['httpfs']), chr(39))}")
+    options = {
+        "KEY_ID": s3["key_id"],
+        "SECRET": s3["secret"],
+        "REGION": s3["region"],
+        "URL_STYLE": s3.get("url_style", "vhost"),
+        "USE_SSL": "true" if s3.get("use_ssl", True) else "false",
+    }
+    if s3.get("session_token"):
+        options["SESSION_TOKEN"] = s3["session_token"]
+    if s3.get("endpoint"):
+        options["ENDPOINT"] = s3["endpoint"]
+    spec = ", ".join(
+        f"{k} {v if k == 'USE_SSL' else _quote(str(v), chr(39))}" for k, v in options.items()
+    )
+    scope = ", ".join(_quote(str(p), chr(39)) for p in s3["scope"])
+    con.execute(f"CREATE TEMPORARY SECRET trace_read (TYPE S3, {spec}, SCOPE [{scope}])")
 
 
 #: Column types a Postgres-table dataset's export may declare (``trace_lite.query.service``).
@@ -208,6 +310,15 @@ def main() -> int:
 
     request = json.loads(sys.stdin.buffer.read())
     limit_cpu(int(request["cpu_s"]))
+    if request.get("mode") == "arrow":
+        frames = Frames(sys.stdout.buffer)
+        try:
+            stream(request, frames)
+        except Refused as exc:
+            frames.send_json(b"X", {"error": exc.code, "message": exc.message})
+        except MemoryError:
+            frames.send_json(b"X", {"error": "query_failed", "message": "out of memory"})
+        return 0
     try:
         answer = run(request)
     except Refused as exc:

@@ -21,13 +21,14 @@ CSV file the sandbox loads before its lock-down; the sandbox never gets a connec
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import shutil
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -50,7 +51,9 @@ from trace_lite.query.runner import (
     QueryLimitExceeded,
     SandboxPool,
     SandboxResult,
+    SandboxStream,
     TableSource,
+    open_stream,
     run_sandboxed,
 )
 
@@ -118,6 +121,41 @@ class QueryResult:
     bytes: int = 0
 
 
+#: Limits of a streamed answer (Arrow IPC, NDJSON) and of a batch export's default.
+STREAM_LIMITS = Limits(deadline_s=300.0, max_rows=1_000_000, max_bytes=1024**3)
+
+
+@attrs.define
+class QueryStream:
+    """An open streamed query (``QueryService.open_stream``): its columns, the versions it
+    pinned, and its rows as Arrow IPC messages (``schema``, then ``batches()``, then
+    ``sandbox.ARROW_EOS``); ``rows`` and ``truncated`` are set once the batches are read."""
+
+    columns: list[str]
+    types: list[str]
+    #: dataset name -> the version the query reads (pinned once at its start)
+    versions: dict[str, str | None]
+    schema: bytes
+    _sandbox: SandboxStream
+
+    def batches(self) -> AsyncIterator[bytes]:
+        """Each Arrow record batch message. Raises ``QueryLimitExceeded`` (deadline or a
+        resource limit), ``PayloadTooLarge``, ``ValidationFailed`` (the query failed midway)."""
+        return self._sandbox.batches()
+
+    @property
+    def rows(self) -> int:
+        return self._sandbox.rows
+
+    @property
+    def truncated(self) -> bool:
+        return self._sandbox.truncated
+
+    @property
+    def bytes(self) -> int:
+        return self._sandbox.bytes
+
+
 class QueryService:
     def __init__(
         self,
@@ -131,13 +169,16 @@ class QueryService:
         max_export_bytes: int = 256 * 1024 * 1024,
         pool: SandboxPool | None = None,
         observe: Callable[[QueryOutcome], None] | None = None,
+        stream_limits: Limits = STREAM_LIMITS,
     ) -> None:
         """``concurrency``: sandbox processes running at once (each may use ``limits``'
         memory and threads); further queries wait for a slot, their pins already held.
         ``data_url``: the data database, where Postgres-table datasets live (without it they
         are refused); at most ``max_export_bytes`` of one is copied into a sandbox. ``pool``:
         pre-started sandboxes (each still used for one query only). ``observe`` is called once per
-        query with its ``QueryOutcome`` (metrics)."""
+        query with its ``QueryOutcome`` (metrics). ``stream_limits``: the ceiling of a streamed
+        answer (``open_stream``: 1,000,000 rows, 1 GiB of Arrow batches, 300 s)."""
+        self._stream_limits = stream_limits
         self._pool = pool
         self._observe = observe
         self._data_url = data_url
@@ -152,6 +193,10 @@ class QueryService:
     def limits(self) -> Limits:
         return self._limits
 
+    @property
+    def stream_limits(self) -> Limits:
+        return self._stream_limits
+
     async def query(
         self, caller: Caller, org: str, sql: str, *, max_rows: int | None = None
     ) -> QueryResult:
@@ -164,33 +209,77 @@ class QueryService:
         outcome, rows, size = "failed", 0, 0
         try:
             names = sorted(query_gate.admit(parse(sql), None))
-            result = await self._run(caller, org, sql, names, max_rows)
+            limits = self._capped(self._limits, max_rows)
+            async with self._pinned(caller, org, names, limits) as (tables, versions):
+                sandboxed = await self._sandbox(sql, tables, limits)
+            result = _result(sandboxed, versions)
             outcome, rows, size = "ok", len(result.rows), result.bytes
             return result
         except errors.TraceError as exc:
             outcome = _outcome(exc)
             raise
         finally:
-            seen = QueryOutcome(outcome, rows, size, time.perf_counter() - started)
-            log.info(
-                "query",
-                extra={
-                    "org": org,
-                    "outcome": seen.outcome,
-                    "rows": seen.rows,
-                    "bytes": seen.bytes,
-                    "latency_ms": round(seen.seconds * 1000, 1),
-                },
-            )
-            if self._observe is not None:
-                self._observe(seen)
+            self._seen(org, outcome, rows, size, started)
 
-    async def query_for_task(
-        self, claims: CapabilityClaims, sql: str, *, max_rows: int | None = None
-    ) -> QueryResult:
-        """``query`` for a running task: only the datasets its capability token grants, in the
-        org of the task's row (a token whose ``org_id`` claim names another org is refused, as
-        ``Datasets.resolve_for_task``). Raises as ``query``, and ``Unauthenticated``."""
+    def _seen(self, org: str, outcome: str, rows: int, size: int, started: float) -> None:
+        seen = QueryOutcome(outcome, rows, size, time.perf_counter() - started)
+        log.info(
+            "query",
+            extra={
+                "org": org,
+                "outcome": seen.outcome,
+                "rows": seen.rows,
+                "bytes": seen.bytes,
+                "latency_ms": round(seen.seconds * 1000, 1),
+            },
+        )
+        if self._observe is not None:
+            self._observe(seen)
+
+    @contextlib.asynccontextmanager
+    async def open_stream(
+        self,
+        caller: Caller,
+        org: str,
+        sql: str,
+        *,
+        max_rows: int | None = None,
+        limits: Limits | None = None,
+    ) -> AsyncIterator[QueryStream]:
+        """``query``, answered as an Arrow stream (``QueryStream``) for large results: at most
+        ``max_rows`` rows (capped by ``limits``, default the service's ``stream_limits``), the
+        pins held and one sandbox slot taken until the context exits, the sandbox killed at
+        the deadline. Raises on entering as ``query``; while reading as
+        ``QueryStream.batches``."""
+        started = time.perf_counter()
+        outcome = "failed"
+        stream: QueryStream | None = None
+        try:
+            names = sorted(query_gate.admit(parse(sql), None))
+            capped = self._capped(limits or self._stream_limits, max_rows)
+            async with (
+                self._pinned(caller, org, names, capped) as (tables, versions),
+                self._slots,
+                open_stream(
+                    sql, tables, capped, pool=self._pool, scratch_root=self._scratch_root
+                ) as sandboxed,
+            ):
+                stream = QueryStream(
+                    sandboxed.columns, sandboxed.types, versions, sandboxed.schema, sandboxed
+                )
+                yield stream
+                outcome = "ok"
+        except errors.TraceError as exc:
+            outcome = _outcome(exc)
+            raise
+        finally:
+            rows, size = (stream.rows, stream.bytes) if stream is not None else (0, 0)
+            self._seen(org, outcome, rows, size, started)
+
+    async def task_scope(self, claims: CapabilityClaims) -> tuple[Caller, str]:
+        """The caller a running task queries as (only the datasets its token grants) and its
+        org's name, from the task's row (a token whose ``org_id`` claim names another org is
+        refused, as ``Datasets.resolve_for_task``). Raises ``NotFound``, ``Unauthenticated``."""
         async with transaction(self._datasets.pool) as cur:
             params = {"task_id": claims.task_id}
             task = first(await fetch_as(cur, TaskOrgRow, DATASETS_SQL["task_org"], params))
@@ -198,17 +287,31 @@ class QueryService:
             raise errors.NotFound("no such task", field="task_id")
         if task.org_id != claims.org_id:
             raise errors.Unauthenticated("capability token: org_id is not the task's org")
-        caller = TaskCaller.from_grants(task.org_id, claims.task_id, claims.grants)
-        return await self.query(caller, task.org_name, sql, max_rows=max_rows)
+        return TaskCaller.from_grants(task.org_id, claims.task_id, claims.grants), task.org_name
 
-    async def _run(
-        self, caller: Caller, org: str, sql: str, names: list[str], max_rows: int | None
+    async def query_for_task(
+        self, claims: CapabilityClaims, sql: str, *, max_rows: int | None = None
     ) -> QueryResult:
-        limit = self._limits.max_rows if max_rows is None else min(max_rows, self._limits.max_rows)
-        limits = attrs.evolve(self._limits, max_rows=max(limit, 0))
+        """``query`` for a running task: only the datasets its capability token grants, in the
+        org of the task's row (``task_scope``). Raises as ``query``, and ``Unauthenticated``."""
+        caller, org = await self.task_scope(claims)
+        return await self.query(caller, org, sql, max_rows=max_rows)
+
+    @staticmethod
+    def _capped(limits: Limits, max_rows: int | None) -> Limits:
+        limit = limits.max_rows if max_rows is None else min(max_rows, limits.max_rows)
+        return attrs.evolve(limits, max_rows=max(limit, 0))
+
+    @contextlib.asynccontextmanager
+    async def _pinned(
+        self, caller: Caller, org: str, names: list[str], limits: Limits
+    ) -> AsyncIterator[tuple[dict[str, TableSource], dict[str, str | None]]]:
+        """Resolve and pin ``names`` for ``caller`` once; yields what the sandbox reads for
+        each (its pinned Parquet objects, or a CSV copy of a Postgres table) and the versions;
+        releases the pin on exit. Raises ``NotFound`` (not readable, naming none)."""
         if not names:
-            sandboxed = await self._sandbox(sql, {}, limits)
-            return _result(sandboxed, {})
+            yield {}, {}
+            return
         ttl = limits.deadline_s + 60
         try:
             resolution = await self._datasets.resolve(caller, org, names, pin_ttl_s=ttl)
@@ -223,9 +326,7 @@ class QueryService:
                     tables[d.dataset] = paths
                 else:
                     tables[d.dataset] = await self._export(d.table, export_dir / f"{d.dataset}.csv")
-            sandboxed = await self._sandbox(sql, tables, limits)
-            versions = {d.dataset: d.dataset_version for d in resolution.datasets}
-            return _result(sandboxed, versions)
+            yield tables, {d.dataset: d.dataset_version for d in resolution.datasets}
         finally:
             shutil.rmtree(export_dir, ignore_errors=True)
             try:
