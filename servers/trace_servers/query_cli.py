@@ -1,6 +1,12 @@
-"""``trace query "SQL" --org ORG [--format table|csv|json] [--max-rows N]`` (mounted by
-``trace_servers.cli``): ``POST /v1/query`` with ``TRACE_USER_TOKEN``, printed as an aligned
-table (default), CSV or the JSON answer."""
+"""``trace query`` (mounted by ``trace_servers.cli``), with ``TRACE_USER_TOKEN``:
+
+trace query "SQL" [--org ORG] [--format table|csv|json] [--max-rows N]
+    POST /v1/query, printed as an aligned table (default), CSV or the JSON answer
+trace query export "SQL" [--org ORG] [--format parquet|csv] [--max-rows N] [--wait]
+    POST /v1/query/exports: a batch export; prints its status (with --wait, once it ended)
+trace query status EXPORT_ID [--wait]     GET /v1/query/exports/{id} (the signed URL)
+trace query cancel EXPORT_ID              DELETE /v1/query/exports/{id}
+"""
 
 from __future__ import annotations
 
@@ -21,11 +27,22 @@ NULL = "NULL"
 
 
 def add_parsers(sub: Any) -> None:
-    q = sub.add_parser("query", help="run one read-only SQL SELECT over your org's datasets")
-    q.add_argument("sql")
+    q = sub.add_parser(
+        "query",
+        help="run one read-only SQL SELECT over your org's datasets (or: export SQL, "
+        "status ID, cancel ID for batch exports)",
+    )
+    q.add_argument("sql", help='the SQL, or "export", "status", "cancel"')
+    q.add_argument("arg", nargs="?", help="export: the SQL; status, cancel: the export id")
     q.add_argument("--org", default="default")
-    q.add_argument("--format", choices=["table", "csv", "json"], default="table")
+    q.add_argument(
+        "--format",
+        choices=["table", "csv", "json", "parquet"],
+        default=None,
+        help="query: table (default), csv, json; export: parquet (default), csv",
+    )
     q.add_argument("--max-rows", type=int, default=None)
+    q.add_argument("--wait", action="store_true", help="export, status: wait until it ended")
 
 
 def _cell(value: Any) -> str:
@@ -95,7 +112,9 @@ def render(answer: dict[str, Any], fmt: str) -> str:
     return f"{text}\n{tail}"
 
 
-async def _post(settings: LiteSettings, body: dict[str, Any]) -> Any:
+async def _call(
+    settings: LiteSettings, method: str, path: str, body: dict[str, Any] | None = None
+) -> Any:
     from trace_sdk import DispatcherClient
 
     token = os.environ.get("TRACE_USER_TOKEN")
@@ -103,18 +122,68 @@ async def _post(settings: LiteSettings, body: dict[str, Any]) -> Any:
         raise SystemExit("set TRACE_USER_TOKEN (e.g. $(trace users token --sub you))")
     async with DispatcherClient(settings.dispatcher_url, deadline_s=60) as client:
         client.session.headers["Authorization"] = f"Bearer {token}"
-        return await client.request("POST", "/v1/query", json_body=body)
+        return await client.request(method, path, json_body=body)
+
+
+async def _export_call(settings: LiteSettings, args: argparse.Namespace) -> Any:
+    """The export action's answer; with ``--wait``, polled until the export has ended."""
+    if args.sql == "export":
+        body: dict[str, Any] = {"org": args.org, "sql": args.arg, "format": args.format}
+        if args.max_rows is not None:
+            body["max_rows"] = args.max_rows
+        status = await _call(settings, "POST", "/v1/query/exports", body)
+    elif args.sql == "status":
+        status = await _call(settings, "GET", f"/v1/query/exports/{args.arg}")
+    else:
+        return await _call(settings, "DELETE", f"/v1/query/exports/{args.arg}")
+    while args.wait and status["state"] == "running":
+        await asyncio.sleep(0.5)
+        status = await _call(settings, "GET", f"/v1/query/exports/{status['export_id']}")
+    return status
+
+
+EXPORT_ACTIONS = ("export", "status", "cancel")
 
 
 def cmd_query(settings: LiteSettings, args: argparse.Namespace) -> int:
+    if args.sql in EXPORT_ACTIONS:
+        return _cmd_export(settings, args)
+    if args.arg is not None:
+        print("error: one SQL string (quote it)", file=sys.stderr)
+        return 2
+    fmt = args.format or "table"
+    if fmt == "parquet":
+        print("error: --format parquet is for `trace query export`", file=sys.stderr)
+        return 2
     body: dict[str, Any] = {"org": args.org, "sql": args.sql}
     if args.max_rows is not None:
         body["max_rows"] = args.max_rows
     try:
-        answer = asyncio.run(_post(settings, body))
+        answer = asyncio.run(_call(settings, "POST", "/v1/query", body))
     except errors.TraceError as exc:
-        where = f" ({exc.field})" if exc.field else ""
-        print(f"error: {exc.code}{where}: {exc.message}", file=sys.stderr)
-        return 1
-    print(render(answer, args.format))
+        return _error(exc)
+    print(render(answer, fmt))
     return 0
+
+
+def _cmd_export(settings: LiteSettings, args: argparse.Namespace) -> int:
+    if args.arg is None:
+        what = "the SQL" if args.sql == "export" else "the export id"
+        print(f"error: trace query {args.sql} needs {what}", file=sys.stderr)
+        return 2
+    args.format = args.format or "parquet"
+    if args.sql == "export" and args.format not in ("parquet", "csv"):
+        print("error: an export is --format parquet or csv", file=sys.stderr)
+        return 2
+    try:
+        status = asyncio.run(_export_call(settings, args))
+    except errors.TraceError as exc:
+        return _error(exc)
+    print(json.dumps(status, indent=2))
+    return 1 if status["state"] == "failed" else 0
+
+
+def _error(exc: errors.TraceError) -> int:
+    where = f" ({exc.field})" if exc.field else ""
+    print(f"error: {exc.code}{where}: {exc.message}", file=sys.stderr)
+    return 1

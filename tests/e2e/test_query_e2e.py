@@ -81,3 +81,36 @@ def test_trace_query_prints_a_table_and_refusals(procs: TraceProcs) -> None:
     assert r.returncode == 1 and "validation_failed (sql)" in r.stderr
     assert "root:" not in r.stdout + r.stderr
     assert procs.scalar("SELECT count(*) FROM dataset_pins") == 0
+
+
+def test_trace_query_export_status_and_cancel(procs: TraceProcs) -> None:
+    """A batch export through the real server: ``--wait`` prints the finished status, whose
+    signed URL serves the Parquet result; a slow export is canceled; an ended one answers 409."""
+    import io
+    import json
+    import urllib.request
+
+    import pyarrow.parquet as pq
+
+    sql = "SELECT unnest(range(2500)) AS i, 'x' AS tag"
+    r = _trace_query(procs, "ann", "export", sql, "--wait")
+    assert r.returncode == 0, r.stderr + procs.log_tails()
+    status = json.loads(r.stdout)
+    assert (status["state"], status["rows"], status["format"]) == ("succeeded", 2500, "parquet")
+    with urllib.request.urlopen(status["url"], timeout=30) as response:
+        table = pq.read_table(io.BytesIO(response.read()))
+    assert table.num_rows == 2500 and table.column_names == ["i", "tag"]
+    r = _trace_query(procs, "ann", "status", status["export_id"])
+    assert json.loads(r.stdout)["state"] == "succeeded"
+    r = _trace_query(procs, "ann", "cancel", status["export_id"])
+    assert r.returncode == 1 and "conflict" in r.stderr
+    slow = "SELECT count(*) FROM (SELECT unnest(range(5000)) a), (SELECT unnest(range(5000000)) b)"
+    r = _trace_query(procs, "ann", "export", slow)
+    running = json.loads(r.stdout)
+    assert running["state"] == "running"
+    r = _trace_query(procs, "ann", "cancel", running["export_id"])
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["state"] == "canceled"
+    # bob sees none of ann's exports
+    r = _trace_query(procs, "bob", "status", status["export_id"])
+    assert r.returncode == 1 and "not_found" in r.stderr
