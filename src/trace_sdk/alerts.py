@@ -165,7 +165,7 @@ def make_alert_route(inputs: AlertInputs | None, recorder: DeliveryRecorder) -> 
         except errors.ValidationFailed as exc:
             raise NonRetryableError(f"{exc.field}: {exc.message}") from None
         planned = plan_deliveries(events, routes)
-        states = await ctx_record(recorder, ctx, planned)
+        states = await _record(recorder, ctx, planned)
         hang = ctx.payload.get("hang_first_s")
         if ctx.attempt == 1 and isinstance(hang, int | float) and not isinstance(hang, bool):
             await asyncio.sleep(float(hang))  # crash tests: kill the worker after recording
@@ -179,7 +179,7 @@ def make_alert_route(inputs: AlertInputs | None, recorder: DeliveryRecorder) -> 
     return alert_route
 
 
-async def ctx_record(
+async def _record(
     recorder: DeliveryRecorder, ctx: TaskContext, planned: Sequence[Planned]
 ) -> list[str]:
     """``recorder.record_planned`` for the context's attempt (nothing to record: no call)."""
@@ -188,12 +188,8 @@ async def ctx_record(
     return await recorder.record_planned(ctx.task.task_id, ctx.attempt, planned)
 
 
-#: The names the operators are deployed under.
-OPERATOR_NAMES = ("alert_detector", "alert_route")
-
 __all__ = [
     "BATCH_ROWS",
-    "OPERATOR_NAMES",
     "AlertInputs",
     "DeliveryRecorder",
     "input_rows",
