@@ -4,24 +4,28 @@ Theory of operation. One ``Sink`` consumes one dataset's buffer queue
 (``trace_lite.buffer_forwarder.queue_name``); several may run for one dataset, in one process or
 many. For each message (a ``BufferMessage``: one batch pointer of one attempt):
 
-1. read the batch object, check its size and sha256 against the pointer, and parse it strictly
-   against the dataset's declared schema (``trace_core.sink.parse_batch``). A pointer, object
-   or batch that cannot be used goes to the queue's dead-letter queue **at once**, with the
-   reason (row, field, what was wrong); other batches keep flowing;
-2. in one data-database transaction: create the version's table if needed (``data.dsv_<hex>``,
-   ``trace_lite.datasets.table_name``, unique on ``_dedupe_key``) or evolve it to the
-   dataset's current schema (``trace_lite.sink_tables.ensure_table``), COPY the rows with their
-   dedupe keys into a temporary table, ``INSERT … ON CONFLICT (_dedupe_key) DO NOTHING``;
-   **commit**;
+1. find the batch's **target**, by its producer task: the version of the dataset in the
+   active pointer set of the dataset's DAG, or, for a task of a building staging of that DAG
+   (a rebuild, ``trace_lite.dag_remat``), in the staged pointer set, with the schema the staged
+   spec declares; read the batch object, check its size and sha256 against the pointer, and
+   parse it strictly against the target's schema (``trace_core.sink.parse_batch``). A pointer,
+   object or batch that cannot be used goes to the queue's dead-letter queue **at once**, with
+   the reason (row, field, what was wrong); other batches keep flowing;
+2. in one data-database transaction per target version: create the version's table if needed
+   (``data.dsv_<hex>``, ``trace_lite.datasets.table_name``, unique on ``_dedupe_key``) or
+   evolve it to the schema (``trace_lite.sink_tables.ensure_table``); per batch, under a
+   savepoint, COPY the rows with their dedupe keys into a temporary table and ``INSERT … ON
+   CONFLICT (_dedupe_key) DO NOTHING`` (a batch the table refuses is rolled back alone and
+   dead-lettered); **commit**;
 3. **then** emit the dataset's upstream event in the state database: an event of the producing
    task (``rows_committed``, key ``sink/<dataset_uuid>/<batch_key>``), which the ``task_events``
    trigger announces to the DAG fan-out through the outbox. The key makes it idempotent: a
    redelivered batch inserts no row and emits nothing;
 4. **then** delete the message.
 
-The batches of one receive (up to 10) each commit their own data transaction; their events are
-then emitted in one state transaction and the messages deleted together (fewer commits, the
-same order for every batch).
+The batches of one receive (up to 10) commit together per target version (one commit instead
+of ten); their events are then emitted in one state transaction and the messages deleted
+together, so every batch still goes data commit → event → delete.
 
 A crash anywhere before 4 redelivers the message after its visibility timeout; replaying steps
 2-3 stores no row twice (the unique dedupe key) and emits no second event (the event key), so
@@ -122,6 +126,23 @@ class _EventRow:
     event_key: str
 
 
+@attrs.frozen
+class _TargetRow:
+    task_id: str
+    dataset_version: str | None
+    staged_schema: dict[str, str] | None
+    staged_unique_key: list[str] | None
+
+
+@attrs.frozen
+class _Target:
+    """Where a producer's batches go: a dataset version and the schema they are parsed
+    against."""
+
+    dataset_version: str | None
+    schema: DatasetSchema
+
+
 class SinkCrash(Exception):
     """Raised by an injected fault: the loop stops as a killed process would."""
 
@@ -195,46 +216,64 @@ class Sink:
         return result
 
     async def handle_many(self, messages: Sequence[ReceivedMessage]) -> list[BatchResult]:
-        """Store the batches of ``messages`` (module docstring, steps 1-4): each batch is
-        parsed and committed in its own data transaction; then the events of all the committed
-        ones are emitted in one state transaction; then they are deleted together. Raises
-        ``Unavailable``."""
+        """Store the batches of ``messages`` (module docstring, steps 1-4). Each batch goes to
+        its producer's target (``_targets``: the active version, or the staged one for a task
+        of a building staging) and is parsed against that target's schema; the good ones are
+        written in one data transaction per target version, each batch under its own
+        savepoint (a batch the table refuses is rolled back alone and dead-lettered), and
+        committed together; then the events of the committed ones are emitted in one state
+        transaction; then they are deleted together. Raises ``Unavailable``."""
         dataset = await load_dataset(self.state_pool, self.org, self.dataset)
-        schema = DatasetSchema.of(json.loads(dataset.schema), dataset.unique_key)
-        results: list[BatchResult] = []
-        stored: list[tuple[ReceivedMessage, BufferMessage]] = []
-        for message in messages:
+        registry = DatasetSchema.of(json.loads(dataset.schema), dataset.unique_key)
+        results: list[BatchResult | None] = [None] * len(messages)
+        decoded: list[tuple[int, BufferMessage]] = []
+        for i, message in enumerate(messages):
             try:
-                batch_msg, parsed = await self._parse(message, dataset, schema)
+                decoded.append((i, self._decode(message, dataset)))
+            except errors.ValidationFailed as exc:
+                results[i] = await self._dead_letter(message, exc)
+        targets = await self._targets(dataset, registry, {m.task_id for _, m in decoded})
+        groups: dict[_Target, list[tuple[int, BufferMessage, ParsedBatch, list[str]]]] = {}
+        for i, batch_msg in decoded:
+            target = targets.get(batch_msg.task_id, _Target(dataset.dataset_version, registry))
+            try:
+                parsed = await self._parse(batch_msg, target.schema)
             except (errors.ValidationFailed, errors.NotFound, errors.Conflict) as exc:
-                results.append(await self._dead_letter(message, exc))
+                results[i] = await self._dead_letter(messages[i], exc)
                 continue
-            if dataset.dataset_version is None:
+            if target.dataset_version is None:
                 raise errors.Unavailable(f"dataset {dataset.name!r} has no active version yet")
             keys = dedupe_keys(
                 parsed,
-                schema,
+                target.schema,
                 producer_task_id=batch_msg.task_id,
                 dataset_uuid=dataset.dataset_uuid,
                 scope=batch_msg.dedupe_scope(),
             )
-            try:
-                inserted = await self._write(dataset, schema, parsed, keys, batch_msg)
-            except errors.ValidationFailed as exc:
-                results.append(await self._dead_letter(message, exc))
-                continue
-            await self._fault("after_commit")
-            stored.append((message, batch_msg))
-            results.append(
-                BatchResult("stored", len(parsed.rows), inserted, batch_key=batch_msg.batch_key)
+            groups.setdefault(target, []).append((i, batch_msg, parsed, keys))
+        stored: list[tuple[ReceivedMessage, BufferMessage, str]] = []
+        for target, ready in groups.items():
+            assert target.dataset_version is not None
+            written = await self._write(
+                target.dataset_version, target.schema, [(p, k, m) for _, m, p, k in ready]
             )
-            self.stats["rows"] += len(parsed.rows)
-            self.stats["inserted"] += inserted
+            for (i, batch_msg, parsed, _), outcome in zip(ready, written, strict=True):
+                if isinstance(outcome, errors.ValidationFailed):
+                    results[i] = await self._dead_letter(messages[i], outcome)
+                    continue
+                stored.append((messages[i], batch_msg, target.dataset_version))
+                results[i] = BatchResult(
+                    "stored", len(parsed.rows), outcome, batch_key=batch_msg.batch_key
+                )
+                self.stats["rows"] += len(parsed.rows)
+                self.stats["inserted"] += outcome
+        done = [r for r in results if r is not None]
         if not stored:
-            return results
-        emitted = await self._emit(dataset, [m for _, m in stored])
+            return done
+        await self._fault("after_commit")
+        emitted = await self._emit(dataset, [(m, v) for _, m, v in stored])
         await self._fault("after_event")
-        await self.queue.delete([message.receipt for message, _ in stored])
+        await self.queue.delete([message.receipt for message, _, _ in stored])
         self.stats["batches"] += len(stored)
         self.stats["events"] += len(emitted)
         self.last_batch_at = time.time()
@@ -242,12 +281,32 @@ class Sink:
             attrs.evolve(r, emitted=event_key(dataset.dataset_uuid, r.batch_key) in emitted)
             if r.outcome == "stored" and r.batch_key is not None
             else r
-            for r in results
+            for r in done
         ]
 
-    async def _parse(
-        self, message: ReceivedMessage, dataset: DatasetRow, schema: DatasetSchema
-    ) -> tuple[BufferMessage, ParsedBatch]:
+    async def _targets(
+        self, dataset: DatasetRow, registry: DatasetSchema, task_ids: set[str]
+    ) -> dict[str, _Target]:
+        """Per producer task: the version its batches go to and the schema they are parsed
+        against (``batch_targets``: a staged producer's staged version and spec)."""
+        if not task_ids:
+            return {}
+        async with transaction(self.state_pool) as cur:
+            rows = await fetch_as(
+                cur,
+                _TargetRow,
+                Q["batch_targets"],
+                {"dataset_uuid": dataset.dataset_uuid, "task_ids": sorted(task_ids)},
+            )
+        out = {}
+        for r in rows:
+            schema = registry
+            if r.staged_schema is not None:
+                schema = DatasetSchema.of(r.staged_schema, r.staged_unique_key or ())
+            out[r.task_id] = _Target(r.dataset_version, schema)
+        return out
+
+    def _decode(self, message: ReceivedMessage, dataset: DatasetRow) -> BufferMessage:
         batch_msg = BufferMessage.decode(message.body)
         if batch_msg.dataset_uuid != dataset.dataset_uuid:
             raise errors.ValidationFailed(
@@ -255,13 +314,16 @@ class Sink:
                 f"{dataset.dataset_uuid}",
                 field="dataset_uuid",
             )
+        return batch_msg
+
+    async def _parse(self, batch_msg: BufferMessage, schema: DatasetSchema) -> ParsedBatch:
         parsed = parse_batch(await self._read(batch_msg), schema)
         if len(parsed.rows) != batch_msg.row_count:
             raise errors.ValidationFailed(
                 f"the batch holds {len(parsed.rows)} rows, its pointer says {batch_msg.row_count}",
                 field="row_count",
             )
-        return batch_msg, parsed
+        return parsed
 
     async def _read(self, m: BufferMessage) -> bytes:
         if m.rows is not None:
@@ -287,77 +349,92 @@ class Sink:
 
     async def _write(
         self,
-        dataset: DatasetRow,
+        version: str,
         schema: DatasetSchema,
-        parsed: ParsedBatch,
-        keys: list[str],
-        m: BufferMessage,
-    ) -> int:
-        """COPY into a temporary table, insert the rows new to the table, commit."""
-        assert dataset.dataset_version is not None
-        version = dataset.dataset_version
+        batches: Sequence[tuple[ParsedBatch, list[str], BufferMessage]],
+    ) -> list[int | errors.ValidationFailed]:
+        """In one data transaction: evolve the table if needed, then per batch (under a
+        savepoint) COPY into a temporary table and insert the rows new to the table; commit.
+        Returns per batch the rows inserted, or why the table refused it (that batch alone
+        is rolled back; a table that cannot take the schema refuses every batch)."""
+        if not batches:
+            return []
         table = table_ident(version)
         staging = sql.Identifier("sink_batch")
         names = sql.SQL(", ").join(sql.Identifier(c) for c in schema.names)
         columns = column_defs(schema)
         copy_types = [_COPY_TYPES[t] for _, t in schema.columns] + ["bytea"]
+        create_staging = sql.SQL(Q["create_staging"]).format(staging=staging, columns=columns)
+        truncate = sql.SQL(Q["truncate_staging"]).format(staging=staging)
+        copy_sql = sql.SQL(Q["copy_staging"]).format(staging=staging, names=names)
+        insert = sql.SQL(Q["insert_new_rows"]).format(table=table, names=names, staging=staging)
+        outcomes: list[int | errors.ValidationFailed] = []
         try:
             async with self.data_pool.connection() as conn, conn.transaction():
                 async with conn.cursor() as cur:
                     if self._tables.get(version) != schema:
-                        await ensure_table(cur, version, schema)
-                    await cur.execute(
-                        sql.SQL(Q["create_staging"]).format(staging=staging, columns=columns)
-                    )
-                    copy_sql = sql.SQL(Q["copy_staging"]).format(staging=staging, names=names)
-                    async with cur.copy(copy_sql) as copy:
-                        copy.set_types(copy_types)
-                        for row, k in zip(parsed.rows, keys, strict=True):
-                            await copy.write_row((*row, bytes.fromhex(k)))
-                    await cur.execute(
-                        sql.SQL(Q["insert_new_rows"]).format(
-                            table=table, names=names, staging=staging
-                        ),
-                        {"task_id": m.task_id, "batch_key": m.batch_key},
-                    )
-                    inserted = cur.rowcount
+                        await ensure_table(cur, version, schema)  # raising rolls back
+                    for parsed, keys, m in batches:
+                        try:
+                            async with conn.transaction():  # a savepoint per batch
+                                await cur.execute(create_staging)
+                                await cur.execute(truncate)
+                                async with cur.copy(copy_sql) as copy:
+                                    copy.set_types(copy_types)
+                                    for row, k in zip(parsed.rows, keys, strict=True):
+                                        await copy.write_row((*row, bytes.fromhex(k)))
+                                params = {"task_id": m.task_id, "batch_key": m.batch_key}
+                                await cur.execute(insert, params)
+                                outcomes.append(cur.rowcount)
+                        except (
+                            psycopg.DataError,
+                            psycopg.IntegrityError,
+                            psycopg.ProgrammingError,
+                        ) as exc:
+                            # the table refuses what the schema admitted (changed outside
+                            # Trace): retrying cannot help
+                            outcomes.append(
+                                errors.ValidationFailed(
+                                    f"the table refused the batch: {exc.diag.message_primary}",
+                                    field="rows",
+                                )
+                            )
                     await self._fault("before_commit")
-        except (psycopg.DataError, psycopg.IntegrityError, psycopg.ProgrammingError) as exc:
-            # the table refuses what the schema admitted (changed outside Trace): retrying
-            # cannot help
-            raise errors.ValidationFailed(
-                f"the table refused the batch: {exc.diag.message_primary}", field="rows"
-            ) from exc
+        except errors.ValidationFailed as exc:  # the table cannot take the schema
+            return [exc] * len(batches)
         except psycopg.Error as exc:
             raise errors.Unavailable(f"data database: {type(exc).__name__}") from exc
         self._tables[version] = schema
-        return inserted
+        return outcomes
 
-    async def _emit(self, dataset: DatasetRow, batches: Sequence[BufferMessage]) -> set[str]:
-        """The upstream events of committed batches, in one transaction; returns the keys of
-        those emitted now (a batch whose event exists already is skipped)."""
+    async def _emit(
+        self, dataset: DatasetRow, batches: Sequence[tuple[BufferMessage, str]]
+    ) -> set[str]:
+        """The upstream events of committed batches (each with the version it went to), in one
+        transaction; returns the keys of those emitted now (a batch whose event exists already
+        is skipped)."""
         async with transaction(self.state_pool) as cur:
             rows = await fetch_as(
                 cur,
                 _EventRow,
                 Q["insert_sink_events"],
                 {
-                    "task_ids": [m.task_id for m in batches],
-                    "keys": [event_key(dataset.dataset_uuid, m.batch_key) for m in batches],
-                    "attempts": [m.attempt for m in batches],
+                    "task_ids": [m.task_id for m, _ in batches],
+                    "keys": [event_key(dataset.dataset_uuid, m.batch_key) for m, _ in batches],
+                    "attempts": [m.attempt for m, _ in batches],
                     "type": EVENT_TYPE,
                     "payloads": [
                         Jsonb(
                             {
                                 "dataset": dataset.name,
                                 "dataset_uuid": dataset.dataset_uuid,
-                                "dataset_version": dataset.dataset_version,
+                                "dataset_version": version,
                                 "batch_key": m.batch_key,
                                 "row_count": m.row_count,
                                 "output": dataset.output_index,
                             }
                         )
-                        for m in batches
+                        for m, version in batches
                     ],
                 },
             )

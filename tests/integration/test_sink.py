@@ -19,14 +19,17 @@ from trace_aws.sqs_queue import SqsQueue
 from trace_core import errors, wire
 from trace_core.lifecycle import RetryPolicy
 from trace_core.ports import Queue
+from trace_core.sink import DatasetSchema
 from trace_core.testing import MemoryObjectStore, MemoryQueue, MemorySigner
 from trace_lite.buffer_forwarder import BufferForwarder, queue_name, topic
+from trace_lite.dag_remat import DagRemat
 from trace_lite.dag_runs import DagRuns
 from trace_lite.dags import Dags
 from trace_lite.datasets import Datasets, table_name
 from trace_lite.dispatcher import Dispatcher, open_pool
 from trace_lite.pg_queue import PgQueue
 from trace_lite.sink import EVENT_TYPE, Sink, SinkCrash, load_dataset
+from trace_lite.sink_tables import ensure_table
 from trace_servers.dag_cli import builtin_operators
 
 ORG = "acme"
@@ -124,15 +127,16 @@ class Env:
         key: str,
         rows: list[Any],
         scope: wire.BufferScopeIn | None = None,
+        dataset: str = "transfers",
     ) -> None:
         data = b"".join(
             (r if isinstance(r, bytes) else json.dumps(r).encode()) + b"\n" for r in rows
         )
         prefix = (await self.dispatcher.fetch(fence["task_id"])).staging_prefix
-        object_key = f"{prefix}buffer/transfers/{key}.jsonl"
+        object_key = f"{prefix}buffer/{dataset}/{key}.jsonl"
         info = await self.store.put(object_key, data)
         batch = wire.BufferBatchIn(
-            key, "transfers", object_key, len(rows), info.size, info.sha256, scope
+            key, dataset, object_key, len(rows), info.size, info.sha256, scope
         )
         await self.dispatcher.publish_buffer(wire.BufferPublishRequest(**fence, batch=batch))
 
@@ -390,15 +394,19 @@ async def test_a_batch_with_a_bad_row_goes_whole_to_the_dlq_and_replays_after_th
     assert "row 1 field value" in dead.dead_letter_reason
     assert "out of range for uint256" in dead.dead_letter_reason
     assert len(env.events()) == 2
-    # the schema is fixed (value widened to a signed type) and the dead letter replayed
+    # the schema is fixed (value widened to a signed type, a rebuild cut over: a new version)
+    # and the dead letter replayed: its rows land once, in the version now active
     await env.dags.deploy(
         None, ORG, dag_doc({"tx_hash": "bytes", "log_index": "int32", "value": "decimal"})
     )
+    assert len(await DagRemat(env.pools[0]).cutover_once()) == 1
+    fixed = await env.version()
+    assert fixed != version
     assert await queue.redrive() == 1
     await drain(sink)
-    assert [r[0] for r in env.table(version)] == ["0001", "0002", "0003", "0004", "0005"]
+    assert [r[0] for r in env.table(fixed)] == ["0002", "0003", "0004"]
+    assert [r[0] for r in env.table(version)] == ["0001", "0005"]
     assert await queue.redrive() == 0  # nothing dead any more
-    assert await queue.redrive() == 0
     assert len(env.events()) == 3
 
 
@@ -429,35 +437,55 @@ async def test_announcements_of_an_unknown_dataset_are_not_forwarded(env: Env) -
     assert env.queues == {}  # nothing was sent anywhere
 
 
-async def test_a_redeploy_adds_nullable_columns_and_widens_types_of_the_table(env: Env) -> None:
-    """The DAG redeploys with a new column and two widened types: the next batch evolves the
-    table (ADD COLUMN, ALTER COLUMN TYPE) in its transaction, old rows keep their values
-    (null in the new column), a batch published under the old schema still lands, and values
-    only the wider types hold are stored."""
-    fence = await env.task()
-    await env.publish(fence, "b1", [row(1)])
-    await env.forwarder.drain()
-    await drain(await env.sink())
-    version = await env.version()
-    wider = {"tx_hash": "bytes", "log_index": "int64", "value": "decimal", "memo": "string"}
-    await env.dags.deploy(None, ORG, dag_doc(wider))
-    assert await env.version() == version  # the same table evolves
-    await env.publish(fence, "old-shape", [row(2)])
-    await env.publish(
-        fence, "b2", [{**row(3), "log_index": 2**40, "value": "-1.5", "memo": "wide"}]
+def columns(url: str, table: str) -> dict[str, str]:
+    rows = sql(
+        url,
+        "SELECT attname::text, format_type(atttypid, atttypmod) FROM pg_attribute "
+        "WHERE attrelid = to_regclass(%s) AND attnum > 0 AND NOT attisdropped "
+        "AND left(attname, 1) <> '_'",
+        (table,),
     )
+    return dict(rows)
+
+
+async def test_a_widening_redeploy_rebuilds_into_a_staged_version_with_the_new_schema(
+    env: Env,
+) -> None:
+    """The DAG redeploys with a new column and two widened types: the deploy stages a rebuild
+    (trace_lite.dag_remat). While it builds, batches of the active version's task go to the
+    active table under the old schema, batches of the staged task to the staged version's
+    table under the staged schema; after the cutover every batch goes to the new version."""
+    runs = DagRuns(env.pools[0])
+    started = await runs.trigger(None, ORG, "alerts", "detect")
+    claim = await env.dispatcher.claim(started["task_id"])
+    live = {"task_id": claim.task_id, "attempt": claim.attempt, "lease_token": claim.lease_token}
+    await env.publish(live, "a1", [row(1)])
+    old_version = await env.version()
+    wider = {"tx_hash": "bytes", "log_index": "int64", "value": "decimal", "memo": "string"}
+    deployed = await env.dags.deploy(None, ORG, dag_doc(wider))
+    assert deployed.staged_version == 2
+    ((staged_id,),) = sql(env.db_url, "SELECT task_id::text FROM tasks WHERE dag_version = 2")
+    claim = await env.dispatcher.claim(staged_id)
+    staged = {"task_id": claim.task_id, "attempt": claim.attempt, "lease_token": claim.lease_token}
+    await env.publish(staged, "s1", [{**row(2), "log_index": 2**40, "value": "-1.5", "memo": "m"}])
+    await env.publish(live, "a2", [row(3)])
     await env.forwarder.drain()
     sink = await env.sink()
     await drain(sink)
     assert sink.stats["dead"] == 0
-    columns = sql(
-        env.data_url,
-        "SELECT attname::text, format_type(atttypid, atttypmod) FROM pg_attribute "
-        "WHERE attrelid = to_regclass(%s) AND attnum > 0 AND NOT attisdropped "
-        "AND left(attname, 1) <> '_'",
-        (table_name(version),),
+    assert await env.version() == old_version  # the active pointer has not moved
+    ((staged_version,),) = sql(
+        env.db_url,
+        "SELECT payload->>'dataset_version' FROM task_events WHERE event_key LIKE '%/s1'",
     )
-    assert dict(columns) == {
+    assert staged_version != old_version
+    assert [r[0] for r in env.table(old_version)] == ["0001", "0003"]
+    assert columns(env.data_url, table_name(old_version)) == {
+        "tx_hash": "bytea",
+        "log_index": "integer",
+        "value": "numeric(78,0)",
+    }
+    assert columns(env.data_url, table_name(staged_version)) == {
         "tx_hash": "bytea",
         "log_index": "bigint",
         "value": "numeric",
@@ -466,14 +494,52 @@ async def test_a_redeploy_adds_nullable_columns_and_widens_types_of_the_table(en
     stored = sql(
         env.data_url,
         f"SELECT encode(tx_hash, 'hex'), log_index, value::text, memo "
-        f"FROM {table_name(version)} ORDER BY 1",
+        f"FROM {table_name(staged_version)}",
     )
-    assert stored == [
-        ("0001", 1, "1", None),
-        ("0002", 2, "1", None),
-        ("0003", 2**40, "-1.5", "wide"),
+    assert stored == [("0002", 2**40, "-1.5", "m")]
+    await env.dispatcher.complete(wire.CompleteRequest(**staged))
+    await runs.fan_out_once()  # the staged task's events, then the cutover
+    assert len(await DagRemat(env.pools[0]).cutover_once()) == 1
+    assert await env.version() == staged_version
+    fence = await env.task()  # a producer outside the DAG: the active version, new schema
+    await env.publish(fence, "after", [{**row(4), "memo": "late"}])
+    await env.forwarder.drain()
+    await drain(sink)
+    assert sorted(r[0] for r in env.table(staged_version)) == ["0002", "0004"]
+    assert len(env.events()) == 4
+
+
+async def test_ensure_table_adds_nullable_columns_and_widens_types_in_place(env: Env) -> None:
+    """The table of a version evolves in place to a wider schema (ADD COLUMN, ALTER COLUMN
+    TYPE), old rows keep their values; a type it cannot widen to is refused, nothing altered."""
+    version = await env.version()
+    narrow = DatasetSchema.of({"k": "string", "n": "int32", "v": "uint64"}, ["k"])
+    wide = DatasetSchema.of({"k": "string", "n": "int64", "v": "uint256", "memo": "json"}, ["k"])
+    pool = env.pools[1]
+    async with pool.connection() as conn, conn.transaction(), conn.cursor() as cur:
+        assert await ensure_table(cur, version, narrow) == (0, 0)
+        await cur.execute(
+            f"INSERT INTO {table_name(version)} (k, n, v, _dedupe_key, _task_id, _batch_key) "
+            "VALUES ('a', 7, 18446744073709551615, '\\x00', gen_random_uuid(), 'b')"
+        )
+    async with pool.connection() as conn, conn.transaction(), conn.cursor() as cur:
+        assert await ensure_table(cur, version, wide) == (1, 2)
+        assert await ensure_table(cur, version, wide) == (0, 0)
+    assert columns(env.data_url, table_name(version)) == {
+        "k": "text",
+        "n": "bigint",
+        "v": "numeric(78,0)",
+        "memo": "jsonb",
+    }
+    assert sql(env.data_url, f"SELECT k, n, v::text, memo FROM {table_name(version)}") == [
+        ("a", 7, "18446744073709551615", None)
     ]
-    assert len(env.events()) == 3
+    text = DatasetSchema.of({"k": "string", "n": "string", "v": "uint256"}, ["k"])
+    with pytest.raises(errors.ValidationFailed) as exc:
+        async with pool.connection() as conn, conn.transaction(), conn.cursor() as cur:
+            await ensure_table(cur, version, text)
+    assert exc.value.field == "schema.n" and "is bigint" in exc.value.message
+    assert columns(env.data_url, table_name(version))["n"] == "bigint"
 
 
 async def test_a_table_changed_outside_trace_dead_letters_its_batches_with_the_reason(
@@ -500,26 +566,23 @@ async def test_a_table_changed_outside_trace_dead_letters_its_batches_with_the_r
 
 
 def multi_writer_doc() -> dict[str, Any]:
-    """Two jobs write ``transfers`` (multi_writer), ``detect_a`` from its output 1; a job of
-    the same DAG reads ``detect_a``'s output 1."""
-    doc = dag_doc()
+    """DAG ``writers``: two jobs write ``mw`` (multi_writer), ``detect_a`` from its output 1; a
+    job of the same DAG reads ``detect_a``'s output 1."""
+    doc = dag_doc(name="writers")
     out = doc["jobs"]["detect"]["outputs"][0]
     scratch = {"storage": "object_store", "update_strategy": "replace"}
+    manual = [{"type": "manual"}]
     doc["jobs"] = {
-        "detect_a": {
-            "operator": "emit_events",
-            "triggers": [{"type": "manual"}],
-            "outputs": [scratch, out],
-        },
-        "detect_b": {"operator": "emit_events", "triggers": [{"type": "manual"}], "outputs": [out]},
+        "detect_a": {"operator": "emit_events", "triggers": manual, "outputs": [scratch, out]},
+        "detect_b": {"operator": "emit_events", "triggers": manual, "outputs": [out]},
         "after_a": {
             "operator": "emit_events",
             "inputs": [{"from": {"job": "detect_a", "output": 1}}],
         },
     }
     doc["publish"] = [
-        {"job": "detect_a", "output": 1, "dataset": "transfers"},
-        {"job": "detect_b", "output": 0, "dataset": "transfers"},
+        {"job": "detect_a", "output": 1, "dataset": "mw"},
+        {"job": "detect_b", "output": 0, "dataset": "mw"},
     ]
     return doc
 
@@ -532,15 +595,13 @@ async def test_every_writer_of_a_multi_writer_dataset_reaches_its_readers_once(e
     await env.dags.deploy(None, ORG, multi_writer_doc())
     reader = {
         "name": "readers",
-        "jobs": {
-            "read": {"operator": "emit_events", "inputs": [{"from": {"dataset": "transfers"}}]}
-        },
+        "jobs": {"read": {"operator": "emit_events", "inputs": [{"from": {"dataset": "mw"}}]}},
     }
     await env.dags.deploy(None, ORG, reader)
     runs = DagRuns(env.pools[0])
     writers = {}
     for job in ("detect_a", "detect_b"):
-        started = await runs.trigger(None, ORG, "alerts", job)
+        started = await runs.trigger(None, ORG, "writers", job)
         claim = await env.dispatcher.claim(started["task_id"])
         fence = {
             "task_id": claim.task_id,
@@ -548,13 +609,25 @@ async def test_every_writer_of_a_multi_writer_dataset_reaches_its_readers_once(e
             "lease_token": claim.lease_token,
         }
         writers[job] = claim.task_id
-        await env.publish(fence, f"{job}-1", [row(1), row(2)])
-        await env.publish(fence, f"{job}-2", [row(3)])
-    await env.forwarder.drain()
-    queue = await env.dataset_queue()
+        await env.publish(fence, f"{job}-1", [row(1), row(2)], dataset="mw")
+        await env.publish(fence, f"{job}-2", [row(3)], dataset="mw")
+    ds = await load_dataset(env.pools[0], ORG, "mw")
+    await BufferForwarder(
+        env.pools[0], lambda u: env.queue(queue_name(u)), topics=[topic("mw")]
+    ).drain()
+    queue = env.queue(queue_name(ds.dataset_uuid))
     (message,) = await queue.receive(max_messages=1, visibility_timeout=0)
     await queue.send([message.body])  # one batch delivered twice
-    await drain(await env.sink())
+    sink = Sink(
+        state_pool=env.pools[0],
+        data_pool=env.pools[1],
+        object_store=env.store,
+        queue=queue,
+        org=ORG,
+        dataset="mw",
+        visibility_timeout_s=env.visibility,
+    )
+    await drain(sink)
     assert len(env.events()) == 4
     report = await runs.fan_out_once()
     assert report.events == 4
@@ -566,8 +639,7 @@ async def test_every_writer_of_a_multi_writer_dataset_reaches_its_readers_once(e
         "LEFT JOIN task_inputs i ON i.task_id = t.task_id "
         "WHERE t.dag_job IN ('read', 'after_a') ORDER BY 1, 3",
     )
-    uuid_ = (await load_dataset(env.pools[0], ORG, "transfers")).dataset_uuid
-    version = await env.version()
+    uuid_, version = ds.dataset_uuid, ds.dataset_version
     reads = [(p, k, v) for job, p, k, v in tasks if job == "read"]
     assert reads == [
         (writers[j], f"sink/{uuid_}/{j}-{n}", version)
@@ -594,6 +666,7 @@ async def test_the_upstream_event_fans_out_to_the_consuming_job_once(env: Env) -
         "inputs": [{"from": {"job": "detect", "output": 0}}],
     }
     await env.dags.deploy(None, ORG, doc)
+    await DagRemat(env.pools[0]).cutover_once()  # the new job's (empty) rebuild
     runs = DagRuns(env.pools[0])
     started = await runs.trigger(None, ORG, "alerts", "detect")
     claim = await env.dispatcher.claim(started["task_id"])

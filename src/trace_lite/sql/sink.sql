@@ -101,8 +101,14 @@ CREATE TABLE IF NOT EXISTS {table} (
 SELECT pg_advisory_xact_lock(hashtext(%(table)s));
 
 -- name: create_staging
--- (data database) The batch's staging table, dropped at commit.
-CREATE TEMPORARY TABLE {staging} ({columns}, _dedupe_key bytea NOT NULL) ON COMMIT DROP;
+-- (data database) The batches' staging table, dropped at commit (one per transaction: each
+-- batch truncates it first).
+CREATE TEMPORARY TABLE IF NOT EXISTS {staging} ({columns}, _dedupe_key bytea NOT NULL)
+    ON COMMIT DROP;
+
+-- name: truncate_staging
+-- (data database) Empty the staging table for the next batch of the transaction.
+TRUNCATE {staging};
 
 -- name: copy_staging
 -- (data database) COPY the batch's rows into the staging table.
@@ -165,3 +171,30 @@ ALTER TABLE {table} ADD COLUMN IF NOT EXISTS {column} {type};
 -- name: widen_column
 -- (data database) A column whose declared type widened (trace_core.sink.WIDENINGS).
 ALTER TABLE {table} ALTER COLUMN {column} TYPE {type} USING {column}::{type};
+
+-- name: batch_targets
+-- Where the batches of the given producer tasks go: the dataset's version in the pointer set of
+-- the producer's DAG version -- the staged set while that version is a building staging of the
+-- dataset's DAG (trace_lite.dag_remat), else the active set -- and, for a staged producer, the
+-- output schema and unique_key its staged spec declares for the dataset (NULL: the registry's).
+SELECT t.task_id::text AS task_id,
+       coalesce(sp.dataset_version, ap.dataset_version)::text AS dataset_version,
+       o.out -> 'schema' AS staged_schema, o.out -> 'unique_key' AS staged_unique_key
+FROM tasks t
+JOIN datasets d ON d.dataset_uuid = %(dataset_uuid)s::uuid
+JOIN dags g ON g.dag_id = d.dag_id
+LEFT JOIN dag_rematerializations m ON m.dag_id = d.dag_id AND t.dag_id = d.dag_id
+                                   AND m.version = t.dag_version AND m.state = 'building'
+LEFT JOIN dag_pointers sp ON sp.dag_id = m.dag_id AND sp.generation = m.generation
+                         AND sp.dataset_uuid = d.dataset_uuid
+LEFT JOIN dag_pointers ap ON ap.dag_id = g.dag_id AND ap.generation = g.active_generation
+                         AND ap.dataset_uuid = d.dataset_uuid
+LEFT JOIN LATERAL (
+    SELECT v.spec -> 'jobs' -> (pub ->> 'job') -> 'outputs' -> ((pub ->> 'output')::int) AS out
+    FROM dag_versions v
+    CROSS JOIN LATERAL jsonb_array_elements(v.spec -> 'publish') AS pub
+    WHERE v.dag_id = m.dag_id AND v.version = m.version AND pub ->> 'dataset' = d.name
+    ORDER BY (pub ->> 'job') = t.dag_job DESC
+    LIMIT 1
+) o ON true
+WHERE t.task_id = ANY(%(task_ids)s::uuid[]);
