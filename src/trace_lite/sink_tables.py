@@ -2,23 +2,23 @@
 
 A dataset version's table (``data.dsv_<version hex>`` in the data database,
 ``trace_lite.datasets.table_name``) is created by the first batch a sink stores into it and
-evolves with the dataset's declared schema as its DAG is redeployed:
+always takes the schema its batches are parsed against:
 
 * **at deploy** (``schema_change_problems``, called by ``trace_lite.dags`` in the deploy's
   transaction, before anything is written): a new schema of a registered buffered dataset is
   checked against the registry's with ``trace_core.sink.schema_evolution``. A column added
-  (nullable) or a type widened (``trace_core.sink.WIDENINGS``) is accepted; a column removed,
-  a type changed otherwise or a ``unique_key`` changed refuses the whole deploy with a
+  (nullable) or a type widened (``trace_core.sink.WIDENINGS``) is accepted (the deploy then
+  rebuilds the dataset into a staged version, ``trace_lite.dag_remat``); a column removed, a
+  type changed otherwise or a ``unique_key`` changed refuses the whole deploy with a
   ``Problem`` naming the output's path (``jobs.<job>.outputs[<i>].schema.<column>``);
-* **at the next batch** (``ensure_table``, in the sink's data transaction, under an advisory
-  lock per table so concurrent sinks serialize): the table is created if missing, then each
-  declared column missing from it is added (``ADD COLUMN``, nullable) and each column whose
-  Postgres type is a widening of the table's is altered (``ALTER COLUMN ... TYPE``). A column
-  whose type differs otherwise (changed outside Trace) raises ``ValidationFailed`` and the sink
+* **at a batch** (``ensure_table``, in the sink's data transaction, under an advisory lock per
+  table so concurrent sinks serialize): the table is created if missing, then each declared
+  column missing from it is added (``ADD COLUMN``, nullable) and each column whose Postgres
+  type is a widening of the table's is altered (``ALTER COLUMN ... TYPE``). A column whose
+  type differs otherwise (changed outside Trace) raises ``ValidationFailed`` and the sink
   dead-letters the batch with that reason; nothing is written.
 
-Old rows keep their values (null in an added column). Batches published under the old schema
-parse under the new one (it only accepts more).
+Old rows keep their values (null in an added column).
 """
 
 from __future__ import annotations
