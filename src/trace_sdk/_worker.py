@@ -123,11 +123,12 @@ class TaskContext:
         self, argv: Sequence[str], *, env: Mapping[str, str] | None = None, timeout_s: float = 60.0
     ) -> tuple[int, bytes]:
         """Run ``argv`` to completion with a minimal environment (``trace_sdk.child_env``: no
-        platform credential, no worker settings; ``env`` adds variables) and stdin closed.
-        Returns ``(exit code, stdout)``; raises ``TimeoutError`` (the process is killed)."""
+        platform credential, no worker settings) plus this attempt's pool-slot ``env`` and then
+        ``env``, with stdin closed. Returns ``(exit code, stdout)``; raises ``TimeoutError``
+        (the process is killed)."""
         proc = await asyncio.create_subprocess_exec(
             *argv,
-            env=child_env(env),
+            env=child_env({**self.env, **(env or {})}),
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE,
         )
