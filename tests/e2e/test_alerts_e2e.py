@@ -174,3 +174,9 @@ def test_a_dag_alert_is_received_once_across_kill_9_of_the_worker_and_the_sender
         key: {"sent": 1},
         old_key: {"suppressed": 1},
     }
+    # the destination commands: listed without secrets, then deleted (gone from the API)
+    (listed,) = cli(t, "alerts", "destination-ls", "--org", ORG)
+    assert listed["name"] == "ops" and "whsec_" not in json.dumps(listed)
+    removed = cli(t, "alerts", "destination-rm", "--org", ORG, "--name", "ops")
+    assert removed == {"deleted": "ops", "deliveries_disabled": 0}
+    assert t.request("GET", f"{base}/ops", headers=auth).status == 404
