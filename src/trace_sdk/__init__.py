@@ -17,16 +17,10 @@ servers.
 """
 
 from trace_sdk._client import CAPABILITY_HEADER, DispatcherClient, error_from_body
+from trace_sdk._context import LeaseLostError, NonRetryableError, Operator, TaskContext
 from trace_sdk._operators import BUILTIN as BUILTIN_OPERATORS
 from trace_sdk._process import child_env, take_platform_token
-from trace_sdk._worker import (
-    LeaseLostError,
-    NonRetryableError,
-    Operator,
-    TaskContext,
-    Worker,
-    parse_wakeup,
-)
+from trace_sdk._worker import Worker, parse_wakeup
 
 __all__ = [
     "BUILTIN_OPERATORS",
