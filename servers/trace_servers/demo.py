@@ -29,7 +29,7 @@ import signal
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -70,6 +70,8 @@ USER = "demo"
 DAG = "monad"
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "monad" / "monad.yaml"
 DEMO_DBS = ("trace_demo", "trace_demo_data")
+#: The example's Parquet datasets (the summary reads their promoted partitions).
+PARQUET_DATASETS = ("monad_blocks", "monad_transactions", "monad_logs", "monad_transfers")
 #: Backfill ranges (the example's ``backfill.config.blocks``) and follower chunks.
 BACKFILL_BLOCKS = 100
 CHUNK = 20
@@ -165,7 +167,8 @@ def cmd_chain_demo(settings: LiteSettings, args: argparse.Namespace, children: M
             node = DevNode.start(block_time_s=0.4, log_path=log_dir / "anvil.log")
             url = node.url
         rpc = Rpc(url)
-        console.print(f"chain: {url} (chain id {int(rpc.call('eth_chainId'), 16)})")
+        started = f", anvil pid {node.proc.pid}" if node is not None else ""
+        console.print(f"chain: {url} (chain id {int(rpc.call('eth_chainId'), 16)}{started})")
         if args.history > 0:
             made = make_history(rpc, args.history)
             console.print(
@@ -272,6 +275,13 @@ class _Run:
                 and stored == p.blocks_done
             )
 
+        async def readable() -> bool:
+            """Every committed partition is promoted (readers and queries see promoted ones)."""
+            org_id = await datasets.org_id(ORG)
+            admin = UserCaller(USER, org_id, frozenset({"admin"}))
+            res = await datasets.resolve(admin, ORG, list(PARQUET_DATASETS), pin_ttl_s=0)
+            return all(d.pending == 0 for d in res.datasets)
+
         self.stop.clear()
         done = await self._show(
             pool,
@@ -279,6 +289,7 @@ class _Run:
             backfill_total,
             until=lambda: self.abort.is_set() or time.monotonic() > drain_until,
             finished=drained,
+            readable=readable,
         )
         summary = await self._summary(pool, datasets, store, complete=done)
         self._print(summary)
@@ -318,9 +329,10 @@ class _Run:
         *,
         until: Callable[[], bool],
         finished: Callable[[DagProgress, int], bool] | None = None,
+        readable: Callable[[], Awaitable[bool]] | None = None,
     ) -> bool:
-        """Show progress until ``until()`` or ``finished(progress, stored rows)``; returns
-        whether ``finished`` held."""
+        """Show progress until ``until()`` or ``finished(progress, stored rows)`` and
+        ``readable()``; returns whether they held."""
         org_id = await datasets.org_id(ORG)
         columns = (
             TextColumn("{task.description:<9}"),
@@ -361,7 +373,8 @@ class _Run:
                         f"backfill {p.backfill_done}/{backfill_total}; cursor {cursor}, head {head}; {line}"
                     )
                 if finished is not None and finished(p, stored):
-                    return True
+                    if readable is None or await readable():
+                        return True
                 if until():
                     return False
                 await asyncio.sleep(0.5)
@@ -403,13 +416,13 @@ class _Run:
         node = await asyncio.to_thread(_node_counts, self.rpc, end)
         ours = {k: int(counts[k]) for k in ("blocks", "transactions", "logs", "transfers")}
         stats = {k: int(counts[f"stats_{k}"]) for k in ("blocks", "transactions", "logs")}
+        progress = await dag_progress(pool, ORG, DAG)
         matches = (
             complete
             and ours == node
             and stats == {k: node[k] for k in stats}
-            and ours["blocks"] == end
+            and ours["blocks"] == end == (progress.cursor or self.history_end)
         )
-        progress = await dag_progress(pool, ORG, DAG)
         return {
             "org": ORG,
             "dag": DAG,

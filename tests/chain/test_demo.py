@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -40,6 +43,21 @@ def live_node(fresh_node: DevNode) -> Iterator[DevNode]:
         node.stop()
 
 
+def demo_env(db_url: str, data_db_url: str, tmp_path: Path) -> dict[str, str]:
+    """The demo's environment: the test's databases, a free Dispatcher port."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TRACE_")}
+    env.update(
+        TRACE_HOME=str(tmp_path / "home"),
+        TRACE_DATABASE_URL=db_url,
+        TRACE_DATA_DATABASE_URL=data_db_url,
+        TRACE_DISPATCHER_URL=f"http://127.0.0.1:{_free_port()}",
+        TRACE_PLATFORM_TOKEN="demo-test-token-" + "x" * 32,
+        TRACE_RETRY_BASE_S="0.2",
+        PYTHONPATH=os.pathsep.join([str(REPO / "src"), str(REPO / "servers")]),
+    )
+    return env
+
+
 def node_counts(rpc: Rpc, end: int) -> dict[str, int]:
     txs = sum(
         len(rpc.call("eth_getBlockByNumber", hex(b), False)["transactions"]) for b in range(end)
@@ -55,16 +73,7 @@ def test_the_demo_ingests_a_live_chain_and_its_summary_matches_the_node(
     live_node: DevNode, db_url: str, data_db_url: str, tmp_path: Path
 ) -> None:
     out = tmp_path / "summary.json"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TRACE_")}
-    env.update(
-        TRACE_HOME=str(tmp_path / "home"),
-        TRACE_DATABASE_URL=db_url,
-        TRACE_DATA_DATABASE_URL=data_db_url,
-        TRACE_DISPATCHER_URL=f"http://127.0.0.1:{_free_port()}",
-        TRACE_PLATFORM_TOKEN="demo-test-token-" + "x" * 32,
-        TRACE_RETRY_BASE_S="0.2",
-        PYTHONPATH=os.pathsep.join([str(REPO / "src"), str(REPO / "servers")]),
-    )
+    env = demo_env(db_url, data_db_url, tmp_path)
     argv = [
         sys.executable, "-m", "trace_servers.cli", "demo", "--rpc-url", live_node.url,
         "--history", "250", "--duration", "12", "--drain", "120", "--workers", "1",
@@ -100,3 +109,41 @@ def test_the_demo_ingests_a_live_chain_and_its_summary_matches_the_node(
         "monad_transfers",
         "monad_block_stats",
     }
+
+
+def test_ctrl_c_ends_the_demo_with_a_summary_and_every_child_stopped(
+    db_url: str, data_db_url: str, tmp_path: Path, fresh_node: DevNode
+) -> None:
+    fresh_node.stop()  # only to skip without anvil: the demo starts its own node
+    env = demo_env(db_url, data_db_url, tmp_path)
+    argv = [
+        sys.executable, "-m", "trace_servers.cli", "demo", "--duration", "0",
+        "--history", "150", "--workers", "1",
+    ]  # fmt: skip
+    proc = subprocess.Popen(
+        argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(proc.stdout or ()), daemon=True)
+    reader.start()
+    try:
+        deadline = time.monotonic() + 120
+        # a progress line with the backfill done: the demo is following the head
+        while not any(line.startswith("backfill 1/1") for line in lines):
+            assert proc.poll() is None and time.monotonic() < deadline, "".join(lines)[-3000:]
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=200)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    reader.join(10)
+    text = "".join(lines)
+    assert proc.returncode == 0, text[-3000:]
+    assert "demo OK" in text and "stopped" in text
+    pids = [int(p) for p in re.findall(r"\((?:pid|chain id \d+, anvil pid) (\d+)\)", text)]
+    assert len(pids) >= 4  # anvil, the dispatcher, the worker, the sink
+    for pid in pids:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
