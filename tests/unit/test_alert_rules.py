@@ -14,6 +14,8 @@ from hypothesis import strategies as st
 from trace_core import errors
 from trace_core.alert_rules import (
     ALERT_EVENTS_SCHEMA,
+    SEVERITIES,
+    AlertEvent,
     FieldAbove,
     Route,
     TransferThreshold,
@@ -255,3 +257,43 @@ def test_route_config_errors_name_the_field(routes: Any, field: str) -> None:
     with pytest.raises(errors.ValidationFailed) as exc:
         routes_from_config(routes)
     assert exc.value.field == field
+
+
+_names = st.sampled_from(["ops", "audit", "pager", "team"])
+_labels = st.dictionaries(st.sampled_from(["team", "chain"]), st.sampled_from(["a", "b"]))
+
+
+@given(
+    st.lists(st.tuples(st.integers(0, 50), st.sampled_from(SEVERITIES), _labels), max_size=8),
+    st.lists(
+        st.tuples(st.lists(_names, min_size=1, max_size=3), st.sampled_from(SEVERITIES), _labels),
+        min_size=1,
+        max_size=4,
+    ),
+)
+def test_plan_deliveries_is_exactly_the_matching_pairs_once(
+    raw_events: list[tuple[int, str, dict[str, str]]],
+    raw_routes: list[tuple[list[str], str, dict[str, str]]],
+) -> None:
+    events = [
+        AlertEvent(alert_key("d", [i]), BLOCK_TIME, "s", sev, {}, labels=lb)
+        for i, sev, lb in raw_events
+    ]
+    routes = routes_from_config(
+        [
+            {"name": f"r{j}", "destinations": dests, "min_severity": sev, "labels": lb}
+            for j, (dests, sev, lb) in enumerate(raw_routes)
+        ]
+    )
+    planned = plan_deliveries(events, routes)
+    got = [(p.alert_key, p.route, p.destination) for p in planned]
+    want = [
+        (e.alert_key, r.name, d)
+        for e in events
+        for r in routes
+        if SEVERITIES.index(e.severity) >= SEVERITIES.index(r.min_severity)
+        and all(e.labels.get(k) == v for k, v in r.labels.items())
+        for d in dict.fromkeys(r.destinations)
+    ]
+    assert got == want
+    assert plan_deliveries(events, routes) == planned  # deterministic
