@@ -7,10 +7,14 @@ exactly while that attempt is running (``pool_slot_leases``, migration 0015): co
 failure, timeout, cancel and lease expiry (the reaper) end the attempt and free its slot in
 the same transaction, so a crashed worker's slot comes back when the reaper expires its lease
 and none leaks. Effective concurrency of a job is ``min(max_concurrency, slots)``: a claim that
-finds no free slot, or the job at its ``max_concurrency``, is refused with ``unavailable`` (not
-claimable right now): the task stays queued and the worker keeps its wake-up, which reappears
-after a short backoff (``Worker.retry_after_s``); the re-wake pass (``rewake_after_s``) covers a
-lost one. Claims of one pool serialize on a transaction-scoped advisory lock.
+finds no free slot, or the job at its ``max_concurrency``, is refused as ``task_not_claimable``
+(not claimable right now): the task stays queued and the worker drops its wake-up. The freed
+slot wakes it: when an attempt holding a lease ends, a trigger (migration 0018) writes a
+wake-up for the oldest queued task of each job of that DAG using the pool, in the transaction
+that ended the attempt, so a waiting task is claimed as soon as a slot frees (a wake-up kept
+and retried would reach the queue's ``max_receives`` while the pool is busy and be
+dead-lettered). The re-wake pass (``rewake_after_s``) covers a lost one. Claims of one pool
+serialize on a transaction-scoped advisory lock.
 
 The claim answer (and ``fetch`` of the attempt) carries the slot's ``env`` and the NAMES of its
 secrets (``wire.SlotOut``); the worker resolves them through the SecretStore for that attempt

@@ -436,8 +436,8 @@ class Dispatcher:
                 )
         # a pooled job's attempt starts only holding a free slot of its pool
         slots, full = await lease_slots(cur, [(d.task_id, d.attempt) for _, d, _ in starts])
-        for task_id, why in sorted(full.items()):  # not claimable right now: keep the wake-up
-            busy = errors.Unavailable(why)
+        for task_id, why in sorted(full.items()):  # a freed slot wakes it (migration 0018)
+            busy = errors.TaskNotClaimable(f"{why}; a freed slot wakes the task")
             refused.append(wire.ClaimRefusal(task_id, busy.code, busy.message))
         starts = [s for s in starts if s[1].task_id not in full]
         if not starts:

@@ -115,7 +115,9 @@ async def test_concurrent_claims_never_exceed_the_slots(world: World) -> None:
     batch = await _claim_all(world, ids)
     assert sorted(g.task.slot.index for g in batch.claims if g.task.slot) == [0, 1]
     assert world.running_slots() == [0, 1]
-    assert len(batch.refused) == 6 and {r.error for r in batch.refused} == {"unavailable"}
+    # refused as not claimable: the wake-up is dropped, a freed slot wakes a waiting task
+    assert len(batch.refused) == 6
+    assert {r.error for r in batch.refused} == {"task_not_claimable"}
     # again, with nothing ended: nothing more starts, the others stay queued
     rest = [t for t in ids if t not in {g.claim.task_id for g in batch.claims}]
     again = await _claim_all(world, rest)
@@ -139,7 +141,7 @@ async def test_slot_payload_and_every_ending_releases(world: World) -> None:
     fetched = await world.d.fetch(by_slot[1].claim.task_id, by_slot[1].claim.attempt)
     assert fetched.slot == by_slot[1].task.slot
     waiting = [t for t in ids if t not in {g.claim.task_id for g in batch.claims}]
-    with pytest.raises(errors.Unavailable):
+    with pytest.raises(errors.TaskNotClaimable):
         await world.d.claim(waiting[0])
     assert (await world.d.get_task(waiting[0]))["state"] == "queued"
 
@@ -149,8 +151,13 @@ async def test_slot_payload_and_every_ending_releases(world: World) -> None:
         waiting.remove(got.claims[0].claim.task_id)
         return got.claims[0]
 
-    # completion frees the slot
+    # completion frees the slot, and the freed slot wakes the oldest waiting task at once
+    wakes = world.sql("SELECT count(*) FROM outbox WHERE topic = 'wake'")[0][0]
     await world.d.complete(wire.CompleteRequest(**_fence(by_slot[0])))
+    assert world.sql(
+        "SELECT payload ->> 'task_id' FROM outbox WHERE topic = 'wake' ORDER BY id OFFSET %s",
+        [wakes],
+    ) == [(waiting[0],)]
     g = await next_claim()
     assert g.task.slot is not None and g.task.slot.index == 0
     # a retryable failure frees it (the task goes back to queued)

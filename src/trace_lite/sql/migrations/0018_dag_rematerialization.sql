@@ -51,3 +51,42 @@ JOIN dag_jobs j ON j.dag_id = g.dag_id
  AND ((j.version = g.active_version AND NOT (j.job = ANY(coalesce(m.rebuild, '{}'))))
       OR (j.version = m.version AND j.job = ANY(m.rebuild)))
 JOIN dag_versions v ON v.dag_id = j.dag_id AND v.version = j.version;
+
+-- A freed worker-pool slot wakes the tasks waiting for one (trace_lite.pool_slots): when an
+-- attempt holding a slot lease ends (completion, failure, timeout, acknowledged cancel, lease
+-- expiry), the oldest queued task of each job of that DAG using the pool gets a wake-up in the
+-- same transaction. A claim that finds no free slot is refused as not claimable (its wake-up is
+-- dropped): this is what wakes it again. Extra wake-ups are harmless (claimed or refused once).
+CREATE OR REPLACE FUNCTION trace_wake_pool_waiters() RETURNS trigger
+LANGUAGE plpgsql AS $$
+DECLARE
+    woken int;
+BEGIN
+    WITH freed AS (
+        SELECT DISTINCT l.dag_id, l.pool
+        FROM ended_new n
+        JOIN ended_old o ON o.task_id = n.task_id AND o.attempt = n.attempt
+        JOIN pool_slot_leases l ON l.task_id = n.task_id AND l.attempt = n.attempt
+        WHERE o.outcome = 'running' AND n.outcome <> 'running'
+    ), waiting AS (
+        SELECT DISTINCT ON (t.dag_id, t.dag_job) t.task_id
+        FROM freed f
+        JOIN tasks t ON t.dag_id = f.dag_id AND t.state = 'queued'
+        JOIN dag_versions v ON v.dag_id = t.dag_id AND v.version = t.dag_version
+        WHERE v.spec -> 'jobs' -> t.dag_job ->> 'worker_pool' = f.pool
+        ORDER BY t.dag_id, t.dag_job, t.created_at, t.task_id
+    ), ins AS (
+        INSERT INTO outbox (topic, payload)
+        SELECT 'wake', jsonb_build_object('task_id', w.task_id::text) FROM waiting w
+        RETURNING 1
+    )
+    SELECT count(*) INTO woken FROM ins;
+    IF woken > 0 THEN
+        PERFORM pg_notify('trace_outbox', '');
+    END IF;
+    RETURN NULL;
+END $$;
+DROP TRIGGER IF EXISTS task_attempts_wake_pool_waiters ON task_attempts;
+CREATE TRIGGER task_attempts_wake_pool_waiters AFTER UPDATE ON task_attempts
+    REFERENCING OLD TABLE AS ended_old NEW TABLE AS ended_new
+    FOR EACH STATEMENT EXECUTE FUNCTION trace_wake_pool_waiters();
