@@ -1,29 +1,35 @@
-"""The child process of ``cryo_ingest``: one ``cryo.freeze`` call, checked, then ``os._exit``.
+"""The child process of ``cryo_ingest``: one extract with ``cryo.freeze``, checked, then
+``os._exit``.
 
 Run as ``python .../trace_sdk/_cryo_child.py`` (standard library, duckdb and cryo only: it never
 imports the SDK), started ahead of need (``trace_sdk._warm_child``): it imports Cryo and DuckDB,
 names itself ``trace-cryo-idle`` (``/proc/PID/comm``), then reads its one request, a JSON line
 on stdin (``start``, ``end``, ``rpc``, ``out``, ``datatypes``, ``budget``), and renames itself
 ``trace-cryo-run``; EOF instead of a request (the worker exited) ends it. It prints one JSON
-line on stdout:
-``{"ok": true, "files": {datatype: {"path", "rows"}}, "head": N}`` or ``{"ok": false, "kind":
-"past_head" | "unreachable" | "throttled" | "errored" | "incomplete", "message"}``, and always leaves through
-``os._exit`` (cryo 0.3.2 crashes at interpreter shutdown in about 1% of runs, after its data is
-written). It checks what ``freeze`` does not raise: ``n_errored`` must be 0, every chunk
-completed, exactly one file per datatype named for the range, and every row inside the range
-(the blocks file holds exactly one row per block). It dies with its parent (``PR_SET_PDEATHSIG``
-on Linux): a worker killed mid-extract leaves no extract behind.
+line on stdout: ``{"ok": true, "files": {datatype: {"path", "rows"}}, "throttled": N,
+"seconds": {...}}`` or ``{"ok": false, "kind": "past_head" | "unreachable" | "throttled" |
+"errored" | "incomplete", "message"}``, and always leaves through ``os._exit`` (cryo 0.3.2
+crashes at interpreter shutdown in about 1% of runs, after its data is written). It checks what
+``freeze`` does not raise: ``n_errored`` must be 0, at least one job completed, exactly one file
+per datatype named for the range, and every row inside the range (the blocks file holds exactly
+one row per block). It dies with its parent (``PR_SET_PDEATHSIG`` on Linux): a worker killed
+mid-extract leaves no extract behind.
 
 RPC budget (``req["budget"]``, the attempt's worker-pool slot's, see ``trace_sdk.ingest``):
 ``requests_per_second`` and ``max_concurrent_requests`` go to ``cryo.freeze``, whose client also
 retries a JSON-RPC rate-limit answer (code 429 or -32005) ``max_retries`` times after
 ``initial_backoff_ms``. Cryo does not retry an HTTP 429 or 5xx whose body is not JSON-RPC: it
-counts the chunk as errored. So when ``eth_blockNumber`` answers 429 or 5xx (before the extract,
-or asked again after an extract with errors) the child sleeps (``initial_backoff_ms``, doubled
-each time, at most ``MAX_BACKOFF_S``) and runs ``freeze`` again into the same directory, where
-Cryo skips the datatypes already written; after ``throttle_retries`` such rounds it answers
-``throttled``. An extract with errors whose endpoint then answers normally is run once more at
-once (the throttling may have ended in between); errors again answer ``errored``.
+counts the chunk as errored.
+
+The child runs ``freeze`` at once (no request before it). When the extract fails, it asks
+``eth_blockNumber`` why: an answer of HTTP 429 or 5xx (or a JSON-RPC rate-limit error) means
+throttled: the child sleeps (``initial_backoff_ms``, doubled each time, at most
+``MAX_BACKOFF_S``), asks ``eth_blockNumber`` again (one request a round while the throttle
+lasts), and once it answers runs ``freeze`` again into the same directory, where Cryo skips the
+datatypes already written; after ``throttle_retries`` rounds it answers ``throttled``. No answer
+means ``unreachable``; a head below the range's end means ``past_head`` (Cryo fails a chunk that
+ends past the head); a normal answer means the extract runs once more at once (the throttling
+may have ended in between), and a second failure answers ``errored``.
 """
 
 from __future__ import annotations
@@ -110,9 +116,25 @@ def run(req: dict[str, Any]) -> dict[str, Any]:
     throttled = completed = 0
     began = time.monotonic()
     freeze_s = 0.0
-    rerun = False  # an extract with errors whose endpoint then answered normally ran again
+    rerun = False  # a failed extract whose endpoint then answered normally ran again
     while True:
         try:
+            if throttled:  # waiting out a throttle: one small request a round, not an extract
+                _head(rpc)
+            started = time.monotonic()
+            summary: dict[str, Any] | None
+            failure: str | None
+            try:
+                summary = _freeze(req, rpc, out)
+            except Exception as exc:  # cryo raises TypeError("failed") when unreachable
+                summary, failure = None, f"{type(exc).__name__}: {exc}"
+            else:
+                completed += int(summary.get("n_completed", 0))
+                failure = None if summary.get("n_errored") == 0 else f"cryo: {summary}"
+            freeze_s += time.monotonic() - started
+            if failure is None:
+                break
+            # why did it fail? throttled (raises), unreachable, past the head, or else
             try:
                 head = _head(rpc)
             except (urllib.error.URLError, OSError, KeyError, ValueError) as exc:
@@ -123,27 +145,10 @@ def run(req: dict[str, Any]) -> dict[str, Any]:
                     "kind": "past_head",
                     "message": f"range [{start}, {end}) ends past the chain head {head}",
                 }
-            try:
-                started = time.monotonic()
-                summary = _freeze(req, rpc, out)
-                freeze_s += time.monotonic() - started
-            except Exception as exc:  # cryo raises TypeError("failed") when unreachable
-                return {
-                    "ok": False,
-                    "kind": "unreachable",
-                    "message": f"{type(exc).__name__}: {exc}",
-                }
-            completed += int(summary.get("n_completed", 0))
-            if summary.get("n_errored") == 0:
-                break
-            try:
-                _head(rpc)  # was it the endpoint throttling us?
-            except (urllib.error.URLError, OSError, KeyError, ValueError):
-                pass
             if rerun:
-                return {"ok": False, "kind": "errored", "message": f"cryo: {summary}"}
+                kind = "errored" if summary is not None else "unreachable"
+                return {"ok": False, "kind": kind, "message": failure}
             rerun = True
-            continue
         except Throttled as exc:
             if throttled >= int(budget["throttle_retries"]):
                 return {
@@ -156,7 +161,7 @@ def run(req: dict[str, Any]) -> dict[str, Any]:
             backoff_s = min(backoff_s * 2, MAX_BACKOFF_S)
     # blocks and transactions are one cryo job: at least one job ran
     if completed < 1:
-        return {"ok": False, "kind": "incomplete", "message": f"cryo: {summary}"}
+        return {"ok": False, "kind": "incomplete", "message": "cryo completed no job"}
     checked = time.monotonic()
     files: dict[str, dict[str, Any]] = {}
     for datatype in datatypes:
@@ -181,7 +186,6 @@ def run(req: dict[str, Any]) -> dict[str, Any]:
     return {
         "ok": True,
         "files": files,
-        "head": head,
         "throttled": throttled,
         "seconds": {k: round(v, 3) for k, v in seconds.items()},
     }

@@ -226,7 +226,6 @@ async def cryo_ingest(ctx: TaskContext) -> dict[str, Any] | None:
         "start": start,
         "end": end,
         "rows": counts,
-        "head": answer.get("head"),
         "extract_s": round(extract_s, 3),
         # inside the child: the whole run, Cryo's freeze, and the file checks
         "child_s": answer.get("seconds"),

@@ -455,3 +455,45 @@ def test_an_extract_dies_with_its_worker(stalling_rpc: str, tmp_path: Path) -> N
         time.sleep(0.05)
     assert not _alive(child)
     assert list(tmp_path.iterdir()) == []  # nothing written
+
+
+ECHO = """
+import os, sys, time
+line = sys.stdin.readline()
+if line.strip() == "sleep":
+    time.sleep(60)
+print(os.getpid(), line.strip(), flush=True)
+"""
+
+
+async def test_warm_children_serve_one_request_each_and_stay_warm_to_the_high_water_mark() -> None:
+    import sys
+
+    from trace_sdk._warm_child import WarmChildren
+
+    warm = WarmChildren([sys.executable, "-c", ECHO], max_idle=3)
+    try:
+
+        async def run_all(n: int) -> list[int]:
+            answers = await asyncio.gather(
+                *(warm.run(f"r{i}\n".encode(), timeout_s=30) for i in range(n))
+            )
+            assert [out.split()[1] for _, out in answers] == [f"r{i}".encode() for i in range(n)]
+            return [int(out.split()[0]) for _, out in answers]
+
+        first = await run_all(3)
+        ready = warm.idle()
+        assert len(set(first)) == 3 and len(ready) == 3  # three at once: three kept warm
+        assert not set(ready) & set(first)
+        second = await run_all(3)
+        assert set(second) == set(ready)  # served by the warm ones, each once
+        assert len(warm.idle()) == 3 and not set(warm.idle()) & set(second)
+        sleeper = warm.idle()[0]  # the oldest idle child serves next
+        with pytest.raises(TimeoutError):
+            await warm.run(b"sleep\n", timeout_s=0.5)
+        assert not _alive(sleeper)  # killed at the timeout
+        assert not any(_alive(p) for p in first + second)  # each exited after its one request
+    finally:
+        idle = warm.idle()
+        warm.close()
+        assert not any(_alive(p) for p in idle)
