@@ -181,6 +181,9 @@ def cmd_chain_demo(settings: LiteSettings, args: argparse.Namespace, children: M
         activity = LiveActivity(url).start()
         run = _Run(settings, args, console, state_url, data_url, rpc, history_end, procs, activity)
         return asyncio.run(run.main())
+    except KeyboardInterrupt:  # before the run took over Ctrl-C: nothing to summarise yet
+        console.print("interrupted while starting")
+        return 130
     finally:
         console.print("stopping: activity, workers, dispatcher, sink, node ...")
         if activity is not None:
@@ -189,7 +192,7 @@ def cmd_chain_demo(settings: LiteSettings, args: argparse.Namespace, children: M
             procs.stop()
         if node is not None:
             node.stop()
-        if embedded and not getattr(args, "keep_postgres", False):
+        if embedded and not args.keep_postgres:
             EmbeddedPostgres(settings.home / "pg").stop()
         console.print("stopped")
 
