@@ -170,6 +170,15 @@ class Leased:
 
 
 @attrs.frozen
+class Outcome:
+    """What one attempt's send came to, for ``record_many``."""
+
+    fence: Fence
+    result: SendResult
+    latency_ms: int | None
+
+
+@attrs.frozen
 class Counts:
     """Deliveries per state and the age of the oldest due one (metrics)."""
 
@@ -487,45 +496,64 @@ class DeliveryStore:
         reaper's record of the attempt (``expire``) stands.
         """
         async with transaction(self.pool) as cur:
-            rows = await fetch_named(
-                cur, _LockedRow, Q["lock_delivery"], {"delivery_id": fence.delivery_id}
-            )
-            if not rows:
-                raise errors.NotFound("no such delivery")
-            row = rows[0]
-            decision = kernel.decide_outcome(
-                _view(row),
-                fence,
-                result,
-                now=row.now,
-                schedule=self.schedule,
-                rand=self._rand(),
+            return await self._record(cur, Outcome(fence, result, latency_ms))
+
+    async def record_many(self, outcomes: Sequence[Outcome]) -> list[DeliveryState | None]:
+        """``record`` for each of ``outcomes`` in one transaction (one commit for a Delivery
+        Service pass), rows locked in delivery-id order. Returns each one's new state, or
+        ``None`` where ``record`` would raise ``LeaseLost`` or ``NotFound``: nothing is written
+        for that one, the others are recorded."""
+        states: dict[int, DeliveryState | None] = {}
+        order = sorted(range(len(outcomes)), key=lambda i: outcomes[i].fence.delivery_id)
+        async with transaction(self.pool) as cur:
+            for i in order:
+                try:
+                    states[i] = await self._record(cur, outcomes[i])
+                except (errors.LeaseLost, errors.NotFound):
+                    states[i] = None  # checked before any write of this outcome
+        return [states[i] for i in range(len(outcomes))]
+
+    async def _record(self, cur: Any, outcome: Outcome) -> DeliveryState:
+        fence, result = outcome.fence, outcome.result
+        rows = await fetch_named(
+            cur, _LockedRow, Q["lock_delivery"], {"delivery_id": fence.delivery_id}
+        )
+        if not rows:
+            raise errors.NotFound("no such delivery")
+        row = rows[0]
+        decision = kernel.decide_outcome(
+            _view(row),
+            fence,
+            result,
+            now=row.now,
+            schedule=self.schedule,
+            rand=self._rand(),
+        )
+        await cur.execute(
+            Q["apply_outcome"],
+            {
+                "delivery_id": fence.delivery_id,
+                "attempt": fence.attempt,
+                "lease_token": fence.lease_token,
+                "state": decision.state.value,
+                "available_at": decision.available_at,
+                "error": decision.error,
+                "status_code": result.status_code,
+            },
+        )
+        if cur.rowcount != 1:
+            raise errors.LeaseLost("the attempt no longer holds the delivery")
+        await self._finish_attempt(cur, fence, result, outcome.latency_ms)
+        if decision.disable_destination:
+            reason = f"{result.error or 'disabled'} from the receiver"
+            await cur.execute(
+                Q["set_destination_enabled"],
+                {"destination_id": row.destination_id, "enabled": False, "reason": reason},
             )
             await cur.execute(
-                Q["apply_outcome"],
-                {
-                    "delivery_id": fence.delivery_id,
-                    "attempt": fence.attempt,
-                    "lease_token": fence.lease_token,
-                    "state": decision.state.value,
-                    "available_at": decision.available_at,
-                    "error": decision.error,
-                    "status_code": result.status_code,
-                },
+                Q["disable_due_of_destination"],
+                {"destination_id": row.destination_id, "reason": reason},
             )
-            if cur.rowcount != 1:
-                raise errors.LeaseLost("the attempt no longer holds the delivery")
-            await self._finish_attempt(cur, fence, result, latency_ms)
-            if decision.disable_destination:
-                reason = f"{result.error or 'disabled'} from the receiver"
-                await cur.execute(
-                    Q["set_destination_enabled"],
-                    {"destination_id": row.destination_id, "enabled": False, "reason": reason},
-                )
-                await cur.execute(
-                    Q["disable_due_of_destination"],
-                    {"destination_id": row.destination_id, "reason": reason},
-                )
         return decision.state
 
     async def _finish_attempt(
@@ -631,4 +659,5 @@ __all__ = [
     "DeliveryStore",
     "DestinationRow",
     "Leased",
+    "Outcome",
 ]

@@ -2,9 +2,12 @@
 
 One pass (``run_once``) expires in-flight deliveries whose lease lapsed, leases up to
 ``batch`` due deliveries (``SKIP LOCKED``: run more processes to send more), sends them
-concurrently and records each result under its fence. A result that comes back after the
-lease lapsed is dropped by the store (``LeaseLost``): the next attempt carries the same
-``webhook-id``, so a receiver that dedupes sees one alert.
+concurrently and records every result under its fence in one transaction
+(``DeliveryStore.record_many``: one commit per pass; each send is bounded by the HTTP timeout,
+well inside the lease). A result that comes back after the lease lapsed is dropped by the
+store: the next attempt carries the same ``webhook-id``, so a receiver that dedupes sees one
+alert. If the recording transaction fails, the leases lapse and the reaper makes the
+deliveries due again.
 
 ``run`` repeats passes until ``stop`` is set, sleeping ``poll_s`` after a pass that found
 nothing to do.
@@ -21,7 +24,7 @@ import attrs
 
 from trace_core import errors
 from trace_core.delivery import DeliveryState
-from trace_lite.delivery import DeliveryStore, Leased
+from trace_lite.delivery import DeliveryStore, Leased, Outcome
 from trace_lite.webhook_sender import WebhookSender
 
 log = logging.getLogger("trace.delivery")
@@ -59,49 +62,50 @@ class DeliveryService:
         self.poll_s = poll_s
         self._fault = fault
 
-    async def _deliver(self, leased: Leased, stats: PassStats) -> None:
+    async def _send(self, leased: Leased) -> Outcome:
         started = time.monotonic()
         result = await self.sender.send(leased)
         latency_ms = int((time.monotonic() - started) * 1000)
         if self._fault is not None:
             await self._fault("after_send")
-        try:
-            state = await self.store.record(leased.fence, result, latency_ms=latency_ms)
-        except errors.LeaseLost:
-            stats.lost += 1
-            log.warning(
-                "delivery result after the lease lapsed; dropped",
-                extra={"delivery_id": leased.fence.delivery_id, "attempt": leased.fence.attempt},
-            )
-            return
-        if state is DeliveryState.SENT:
-            stats.sent += 1
-        log.info(
-            "delivery attempt",
-            extra={
-                "delivery_id": leased.fence.delivery_id,
-                "attempt": leased.fence.attempt,
-                "outcome": result.event.value,
-                "status_code": result.status_code,
-                "state": state.value,
-                "error": result.error,
-            },
-        )
+        return Outcome(leased.fence, result, latency_ms)
 
     async def run_once(self) -> PassStats:
         stats = PassStats()
         stats.reaped = await self.store.reap()
         leased = await self.store.lease(self.batch, sender=self.sender_id)
         stats.leased = len(leased)
-        results = await asyncio.gather(
-            *(self._deliver(item, stats) for item in leased), return_exceptions=True
-        )
-        for result in results:
-            if isinstance(result, errors.TraceError):
-                # the send happened or not; the lease will lapse and the reaper retries it
-                log.warning("recording a delivery failed", extra={"error": result.message})
-            elif isinstance(result, BaseException):
-                raise result
+        if not leased:
+            return stats
+        outcomes = await asyncio.gather(*(self._send(item) for item in leased))
+        try:
+            states = await self.store.record_many(outcomes)
+        except errors.TraceError as exc:
+            # the sends happened or not; the leases will lapse and the reaper retries them
+            log.warning("recording a pass's deliveries failed", extra={"error": exc.message})
+            return stats
+        for outcome, state in zip(outcomes, states, strict=True):
+            fence, result = outcome.fence, outcome.result
+            if state is None:
+                stats.lost += 1
+                log.warning(
+                    "delivery result after the lease lapsed; dropped",
+                    extra={"delivery_id": fence.delivery_id, "attempt": fence.attempt},
+                )
+                continue
+            if state is DeliveryState.SENT:
+                stats.sent += 1
+            log.info(
+                "delivery attempt",
+                extra={
+                    "delivery_id": fence.delivery_id,
+                    "attempt": fence.attempt,
+                    "outcome": result.event.value,
+                    "status_code": result.status_code,
+                    "state": state.value,
+                    "error": result.error,
+                },
+            )
         return stats
 
     async def run(self, stop: asyncio.Event) -> None:
