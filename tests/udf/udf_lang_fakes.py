@@ -4,10 +4,11 @@ Dispatcher task surface, both on loopback, both recording what they were sent.
 ``RuntimeApi`` serves ``/2018-06-01/runtime/*`` exactly as Lambda documents it: ``next`` waits
 for an event the test queues and answers it with ``Lambda-Runtime-Aws-Request-Id`` and
 ``Lambda-Runtime-Deadline-Ms``; ``response``, ``error`` and ``init/error`` record their bodies.
-``TaskApi`` serves ``/v1/task/{heartbeat,events,buffer-publish,query,complete}``: it accepts only
-the capability token it issued (renewed at each heartbeat), deduplicates buffer batches by key,
-and can be told to refuse or fail calls. The build helpers compile the SDKs once per source
-digest into ``.trace/``.
+``TaskApi`` serves ``/v1/task/*``: it accepts only the capability token it issued (renewed at each
+heartbeat), deduplicates buffer batches by key, answers queries from a table the test sets, and
+can be told to refuse or fail calls; it records every call (a runtime must never complete an
+attempt: the runner does). The build helpers compile the SDKs once per source digest into
+``.trace/udf-sdks``.
 """
 
 from __future__ import annotations
@@ -67,7 +68,7 @@ class RuntimeApi:
 
     async def answer(self, request_id: str) -> Invocation:
         """The runtime's answer to one queued event (bounded by the test's own timeout)."""
-        async with asyncio.timeout(60):
+        async with asyncio.timeout(30):
             return await self.answers[request_id]
 
     async def _next(self, request: web.Request) -> web.Response:
@@ -126,7 +127,7 @@ class TaskApi:
     batches: dict[str, dict[str, Any]] = field(default_factory=dict)
     #: route name -> list of (status, body) answered before the real answer, one per call
     faults: dict[str, list[tuple[int, dict[str, Any]]]] = field(default_factory=dict)
-    #: SQL -> the answer of /v1/task/query; "heartbeats" is answered with the count so far
+    #: SQL -> the answer of /v1/task/query (404 for any other SQL, as for an ungranted dataset)
     answers: dict[str, dict[str, Any]] = field(default_factory=dict)
     url: str = ""
 
@@ -155,24 +156,12 @@ class TaskApi:
             return web.json_response(
                 {"lease_expires_at": expires.isoformat(), "capability_token": self.token}
             )
-        if name == "events":
-            return web.json_response({"accepted": len(body["events"]), "duplicates": 0})
         if name == "buffer-publish":
             key = body["batch"]["key"]
             duplicate = key in self.batches
             self.batches.setdefault(key, body["batch"])
             return web.json_response({"accepted": True, "duplicate": duplicate})
         if name == "query":
-            if body["sql"] == "heartbeats":
-                count = len(self.routes("heartbeat"))
-                return web.json_response(
-                    {
-                        "columns": [{"name": "n", "type": "BIGINT"}],
-                        "rows": [[count]],
-                        "truncated": False,
-                        "versions": {},
-                    }
-                )
             answer = self.answers.get(body["sql"])
             if answer is None:
                 return web.json_response(
@@ -180,17 +169,6 @@ class TaskApi:
                     status=404,
                 )
             return web.json_response(answer)
-        if name == "complete":
-            outcome = body["outcome"]
-            state = {"succeeded": "completed", "canceled": "canceled"}.get(outcome, "failed")
-            return web.json_response(
-                {
-                    "task_id": body["task_id"],
-                    "attempt": body["attempt"],
-                    "state": state,
-                    "replay": False,
-                }
-            )
         return web.json_response({"error": "http_error"}, status=404)
 
     def app(self) -> web.Application:
@@ -224,7 +202,7 @@ class TaskApi:
 @asynccontextmanager
 async def serve(app: web.Application) -> AsyncIterator[str]:
     """Run ``app`` on a free loopback port; yields ``host:port``."""
-    runner = web.AppRunner(app, access_log=None)
+    runner = web.AppRunner(app, access_log=None, handler_cancellation=True, shutdown_timeout=2)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
@@ -248,16 +226,18 @@ class Running:
     stderr: bytes = b""
 
 
-def minimal_env(
-    api: str, dispatcher: str, extra: Mapping[str, str] | None = None
-) -> dict[str, str]:
-    """The environment a runner gives a bootstrap: no platform credential, nothing inherited."""
+def minimal_env(api: str, task_api: str, extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The environment the Lite runner gives a runtime (``docs/architecture/udf.md``): nothing
+    inherited, no platform credential."""
     env = {
-        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
-        "HOME": "/tmp",
-        "LC_ALL": "C.UTF-8",
         "AWS_LAMBDA_RUNTIME_API": api,
-        "TRACE_DISPATCHER_URL": f"http://{dispatcher}",
+        "TRACE_TASK_API_URL": f"http://{task_api}",
+        "_HANDLER": "handler.handler",
+        "PATH": "/usr/local/bin:/usr/bin:/bin",
+        "LANG": "C.UTF-8",
+        "TZ": "UTC",
+        "HOME": "/tmp",
+        "TMPDIR": "/tmp",
     }
     env.update(extra or {})
     return env
@@ -318,11 +298,19 @@ def build_node_sdk() -> Path:
     return dist
 
 
-def build_node_bundle(src: Path, out: Path) -> Path:
-    """``node sdks/node/build.mjs SRC OUT``; returns OUT."""
-    subprocess.run(
-        ["node", str(NODE_SDK / "build.mjs"), str(src), str(out)], check=True, capture_output=True
-    )
+def build_node_bundle(src: Path, out: Path, *, name: str | None = None) -> Path:
+    """``node sdks/node/build.mjs SRC OUT [--name NAME]``; returns OUT."""
+    cmd = ["node", str(NODE_SDK / "build.mjs"), str(src), str(out)]
+    subprocess.run([*cmd, "--name", name] if name else cmd, check=True, capture_output=True)
+    return out
+
+
+def build_rust_bundle(out: Path, *, name: str, example: str = "bootstrap") -> Path:
+    """A Rust bundle directory: the example's executable as ``bootstrap`` and its manifest."""
+    out.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(build_rust(example), out / "bootstrap")
+    manifest = {"format": 1, "name": name, "language": "rust", "handler": example}
+    (out / "trace-udf.json").write_text(json.dumps(manifest))
     return out
 
 

@@ -9,6 +9,7 @@ import { existsSync } from "node:fs";
 import { dirname, join } from "node:path";
 import { fileURLToPath, pathToFileURL } from "node:url";
 
+import { RuntimeErrorTypes } from "./errors.js";
 import { initError, serve, type Handler } from "./runtime.js";
 
 /** Resolve and import the handler; throws an Error whose name is the init error type. */
@@ -17,15 +18,15 @@ export async function loadHandler(spec: string, root: string): Promise<Handler> 
   const file = dot > 0 ? spec.slice(0, dot) : spec;
   const name = dot > 0 ? spec.slice(dot + 1) : "handler";
   const path = [".mjs", ".js", ".cjs"].map((ext) => join(root, file + ext)).find((p) => existsSync(p));
-  if (!path) throw named("Runtime.HandlerNotFound", `no module ${file}.mjs or ${file}.js in ${root}`);
+  if (!path) throw named(RuntimeErrorTypes.handlerNotFound, `no module ${file}.mjs or ${file}.js in ${root}`);
   let mod: Record<string, unknown>;
   try {
     mod = (await import(pathToFileURL(path).href)) as Record<string, unknown>;
   } catch (exc) {
-    throw named("Runtime.ImportModuleError", `${file}: ${exc instanceof Error ? `${exc.name}: ${exc.message}` : String(exc)}`);
+    throw named(RuntimeErrorTypes.importModuleError, `${file}: ${exc instanceof Error ? `${exc.name}: ${exc.message}` : String(exc)}`);
   }
   const fn = mod[name] ?? (mod.default as Record<string, unknown> | undefined)?.[name];
-  if (typeof fn !== "function") throw named("Runtime.HandlerNotFound", `${file} exports no function ${name}`);
+  if (typeof fn !== "function") throw named(RuntimeErrorTypes.handlerNotFound, `${file} exports no function ${name}`);
   return fn as Handler;
 }
 

@@ -1,25 +1,17 @@
 /**
  * The task surface a UDF reaches, as a port (`TaskSurface`) with two implementations: HTTP to
- * the Dispatcher's `/v1/task/*` routes with the attempt's capability token
- * (`HttpTaskSurface`), and an in-memory one for the local harness (`harness.ts`).
+ * `/v1/task/*` with the attempt's capability token (`HttpTaskSurface`; the base URL is
+ * `TRACE_TASK_API_URL`: the Dispatcher, or the Lite runner's relay), and an in-memory one for
+ * the local harness (`harness.ts`).
  *
- * The HTTP client holds nothing but the capability token it is given (renewed by heartbeats).
- * Transient failures (connection refused, reset, 5xx) are retried with capped, jittered
- * backoff until a deadline; every call is safe to repeat because the Dispatcher fences it by
- * `(task_id, attempt, lease_token)` and keys (buffer batches, events) or replays it (complete).
+ * The HTTP client holds nothing but the capability token it is given (replaced by each
+ * heartbeat's renewed token). Transient failures (unreachable, 5xx) are retried with capped,
+ * jittered backoff until a deadline; every call is safe to repeat because the Dispatcher fences
+ * it by `(task_id, attempt, lease_token)` and deduplicates buffer batches by key.
  */
 
 import { TaskApiError } from "./errors.js";
-import type {
-  BufferPublishResponse,
-  CompleteRequest,
-  CompleteResponse,
-  EventIn,
-  Fence,
-  HeartbeatResponse,
-  InlineBatch,
-  QueryResult,
-} from "./types.js";
+import type { BufferPublishResponse, Fence, HeartbeatResponse, InlineBatch, QueryResult } from "./types.js";
 
 /** The header that carries the attempt's capability token. */
 export const CAPABILITY_HEADER = "X-Trace-Task-Capability";
@@ -27,16 +19,14 @@ export const CAPABILITY_HEADER = "X-Trace-Task-Capability";
 /** What the runtime and a handler's context call. Every method throws `TaskApiError`. */
 export interface TaskSurface {
   heartbeat(fence: Fence): Promise<HeartbeatResponse>;
-  events(fence: Fence, events: EventIn[]): Promise<{ accepted: number; duplicates: number }>;
   bufferPublish(fence: Fence, batch: InlineBatch): Promise<BufferPublishResponse>;
-  query(sql: string, maxRows?: number): Promise<QueryResult>;
-  complete(req: CompleteRequest): Promise<CompleteResponse>;
+  query(fence: Fence, sql: string, maxRows?: number): Promise<QueryResult>;
 }
 
 export interface HttpTaskSurfaceOptions {
   /** Give up retrying a transient failure after this long (default 30 s). */
   deadlineMs?: number;
-  /** Per-request timeout (default 30 s; queries may take that long). */
+  /** Per-request timeout (default 60 s; a query may take 30 s). */
   requestTimeoutMs?: number;
 }
 
@@ -51,7 +41,7 @@ export class HttpTaskSurface implements TaskSurface {
     this.baseUrl = baseUrl.replace(/\/+$/, "");
     this.token = capabilityToken;
     this.deadlineMs = options.deadlineMs ?? 30_000;
-    this.requestTimeoutMs = options.requestTimeoutMs ?? 30_000;
+    this.requestTimeoutMs = options.requestTimeoutMs ?? 60_000;
   }
 
   async heartbeat(fence: Fence): Promise<HeartbeatResponse> {
@@ -60,25 +50,14 @@ export class HttpTaskSurface implements TaskSurface {
     return answer;
   }
 
-  async events(fence: Fence, events: EventIn[]): Promise<{ accepted: number; duplicates: number }> {
-    return (await this.post("/v1/task/events", { ...fence, events })) as {
-      accepted: number;
-      duplicates: number;
-    };
-  }
-
   async bufferPublish(fence: Fence, batch: InlineBatch): Promise<BufferPublishResponse> {
     return (await this.post("/v1/task/buffer-publish", { ...fence, batch })) as BufferPublishResponse;
   }
 
-  async query(sql: string, maxRows?: number): Promise<QueryResult> {
-    const body: Record<string, unknown> = { sql, format: "json" };
+  async query(fence: Fence, sql: string, maxRows?: number): Promise<QueryResult> {
+    const body: Record<string, unknown> = { ...fence, sql, format: "json" };
     if (maxRows !== undefined) body.max_rows = maxRows;
     return (await this.post("/v1/task/query", body)) as QueryResult;
-  }
-
-  async complete(req: CompleteRequest): Promise<CompleteResponse> {
-    return (await this.post("/v1/task/complete", req)) as CompleteResponse;
   }
 
   /** One call, retried while transient until the deadline. Returns the decoded JSON body. */
@@ -104,7 +83,7 @@ export class HttpTaskSurface implements TaskSurface {
         if (resp.status < 400 && decoded !== null) return decoded;
         failure = errorFromBody(resp.status, decoded);
       } catch (exc) {
-        failure = new TaskApiError(0, "unreachable", `dispatcher unreachable: ${String(exc)}`);
+        failure = new TaskApiError(0, "unreachable", `task API unreachable: ${String(exc)}`);
       }
       if (!failure.transient || Date.now() >= deadline) throw failure;
       const backoff = Math.min(2000, 50 * 2 ** Math.min(tries, 6)) * (0.5 + Math.random());

@@ -1,6 +1,9 @@
 /**
  * The SDK's errors. A handler throws `NonRetryableError` to fail its task for good; any other
- * exception fails the attempt and the task is retried per its policy.
+ * exception fails the attempt and the task is retried per its policy. The runtime reports a
+ * failure to the runner as `errorType` = the error's `name` (`TypeError`, `NonRetryableError`,
+ * ...) or one of `RuntimeErrorTypes`; the runner completes the attempt with `error.code`
+ * `udf_error` and the message `errorType: errorMessage`.
  */
 
 /** Thrown by a handler: the task fails without a retry. */
@@ -20,7 +23,7 @@ export class TaskApiError extends Error {
     /** The body's `field` path, when the error names one. */
     readonly field?: string,
   ) {
-    super(`${code}: ${message}`);
+    super(`${code}: ${message}${field ? ` (${field})` : ""}`);
   }
 
   /** True for an answer worth retrying (unreachable, 5xx). */
@@ -29,19 +32,16 @@ export class TaskApiError extends Error {
   }
 }
 
-/**
- * Why an invocation failed, as the runtime reports it to the runner (`errorType` of the
- * Runtime API's `/error` body) and to the Dispatcher (`error.code` of the completion).
- */
-export const ErrorTypes = {
-  /** The handler threw (or rejected). */
-  handler: { errorType: "Handler.Error", code: "handler_error" },
-  /** The handler returned something that is not a JSON object, null or undefined. */
-  invalidResult: { errorType: "Runtime.InvalidResult", code: "invalid_result" },
+/** The `errorType`s the runtime itself reports (besides a handler's own error names). */
+export const RuntimeErrorTypes = {
   /** The event is not an invoke event. */
-  invalidEvent: { errorType: "Runtime.InvalidEvent", code: "invalid_event" },
-  /** The Dispatcher refused or could not take a call the runtime had to make. */
-  dispatcher: { errorType: "Runtime.DispatcherError", code: "dispatcher_error" },
-  /** The attempt's lease was lost or its task canceled while the handler ran. */
-  leaseLost: { errorType: "Runtime.LeaseLost", code: "lease_lost" },
+  invalidEvent: "Runtime.InvalidEvent",
+  /** The handler returned something other than a JSON object, null or undefined. */
+  invalidResult: "Runtime.InvalidResult",
+  /** Publishing the emitted rows failed (the Dispatcher refused or could not be reached). */
+  publishFailed: "Runtime.PublishFailed",
+  /** `_HANDLER` names no module or no exported function. */
+  handlerNotFound: "Runtime.HandlerNotFound",
+  /** The handler's module threw while loading. */
+  importModuleError: "Runtime.ImportModuleError",
 } as const;

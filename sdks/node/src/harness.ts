@@ -1,11 +1,11 @@
 /**
  * The local harness: run a handler against an input without a platform. The task surface is
- * in memory: it records heartbeats, published batches, events and the completion, and answers
- * `ctx.query` from the tables you give (`sql` → rows) or a function of your own.
+ * in memory: it records heartbeats, published batches and queries, and answers
+ * `ctx.query` from the answers you give (SQL text → rows) or a function of your own.
  *
  *     import { runLocal } from "@trace/udf/harness";
- *     const out = await runLocal(handler, { payload: { n: 3 } }, { tables: { blocks: [...] } });
- *     out.rows.blocks  // the rows the handler emitted, as they would be published
+ *     const out = await runLocal(handler, { payload: { n: 3 } }, { query: { "SELECT ...": [...] } });
+ *     out.rows.squares  // the rows the handler emitted, as they would be published
  */
 
 import { randomUUID } from "node:crypto";
@@ -14,7 +14,6 @@ import type { TaskSurface } from "./client.js";
 import { TaskApiError } from "./errors.js";
 import { invoke, type Handler, type Outcome } from "./runtime.js";
 import type {
-  CompleteRequest,
   EventIn,
   Fence,
   InlineBatch,
@@ -32,12 +31,12 @@ export interface LocalOptions {
 
 /** What a local run produced. */
 export interface LocalRun {
+  /** The response (`{result, final_events}`) or the error body the runtime would post. */
   outcome: Outcome;
-  /** The completion the runtime sent (succeeded, failed or canceled). */
-  completion: CompleteRequest | null;
-  /** Published rows by dataset, in order. */
+  /** Published rows by dataset, in order (none when the handler failed). */
   rows: Record<string, JsonObject[]>;
   batches: InlineBatch[];
+  /** The events the completion would commit. */
   events: EventIn[];
   queries: string[];
   heartbeats: number;
@@ -45,9 +44,7 @@ export interface LocalRun {
 
 /** The in-memory `TaskSurface` the harness runs against. */
 export class LocalTaskSurface implements TaskSurface {
-  completion: CompleteRequest | null = null;
   readonly batches: InlineBatch[] = [];
-  readonly sentEvents: EventIn[] = [];
   readonly queries: string[] = [];
   heartbeats = 0;
 
@@ -58,18 +55,13 @@ export class LocalTaskSurface implements TaskSurface {
     return { lease_expires_at: new Date(Date.now() + 60_000).toISOString(), capability_token: "local" };
   }
 
-  async events(_fence: Fence, events: EventIn[]): Promise<{ accepted: number; duplicates: number }> {
-    this.sentEvents.push(...events);
-    return { accepted: events.length, duplicates: 0 };
-  }
-
   async bufferPublish(_fence: Fence, batch: InlineBatch): Promise<{ accepted: boolean; duplicate: boolean }> {
     if (this.batches.some((b) => b.key === batch.key)) return { accepted: true, duplicate: true };
     this.batches.push(batch);
     return { accepted: true, duplicate: false };
   }
 
-  async query(sql: string, _maxRows?: number): Promise<QueryResult> {
+  async query(_fence: Fence, sql: string, _maxRows?: number): Promise<QueryResult> {
     this.queries.push(sql);
     const source = this.options.query;
     const answer = typeof source === "function" ? source(sql) : source?.[sql];
@@ -82,12 +74,6 @@ export class LocalTaskSurface implements TaskSurface {
       truncated: false,
       versions: {},
     };
-  }
-
-  async complete(req: CompleteRequest): Promise<{ task_id: string; attempt: number; state: string; replay: boolean }> {
-    this.completion = req;
-    const state = req.outcome === "succeeded" ? "completed" : req.outcome === "canceled" ? "canceled" : "failed";
-    return { task_id: req.task_id, attempt: req.attempt, state, replay: false };
   }
 }
 
@@ -126,10 +112,9 @@ export async function runLocal(
   for (const batch of surface.batches) (rows[batch.dataset] ??= []).push(...batch.rows);
   return {
     outcome,
-    completion: surface.completion,
     rows,
     batches: surface.batches,
-    events: surface.completion?.final_events ?? [],
+    events: outcome.ok ? outcome.response.final_events : [],
     queries: surface.queries,
     heartbeats: surface.heartbeats,
   };

@@ -3,7 +3,7 @@
  * `trace-udf-local HANDLER_FILE [INPUT_JSON] [--answers ANSWERS_JSON] [--export NAME]`: run a
  * built handler module (`.mjs`/`.js`) once against an input (an invoke event's fields, at
  * least `payload`; `-` reads stdin) with the in-memory task surface, and print what it did as
- * JSON (`outcome`, `completion`, `rows`, `events`, `queries`). `ANSWERS_JSON` maps SQL text to
+ * JSON (`outcome`, `rows`, `events`, `queries`). `ANSWERS_JSON` maps SQL text to
  * the rows `ctx.query` answers. Exit status 0 when the handler succeeded, 1 otherwise.
  */
 

@@ -1,164 +1,100 @@
 /**
- * The runtime: runs one invocation of a handler (`invoke`) and serves the AWS Lambda Runtime
- * API in a loop (`serve`), so the same bundle runs on Lambda (custom runtime) and under Trace
- * Lite's runner, which implements that API.
+ * The Node runtime: runs one invocation of a handler (`invoke`) and serves the AWS Lambda
+ * Runtime API in a loop (`serve`) — under Trace Lite's runner, which implements that API, or on
+ * Lambda. The contract is `docs/architecture/udf.md` (ADR 0028), the same as the Python and
+ * Rust runtimes':
  *
- * One invocation, in order (each step the only way forward):
- *   1. the event must be an invoke event (else `Runtime.InvalidEvent`, nothing sent anywhere);
- *   2. a canceled task is acknowledged (`outcome: canceled`) without running the handler;
- *   3. the handler runs with a `UdfContext`; meanwhile the runtime heartbeats every quarter of
- *      the lease, and aborts `ctx.signal` if a heartbeat is refused (lease lost, canceled);
- *   4. a throw, a rejection or an uncaught exception fails the attempt (`Handler.Error`,
- *      retried unless it is a `NonRetryableError`); a result that is not a JSON object, null
- *      or undefined fails it too (`Runtime.InvalidResult`, retried). Nothing emitted is
- *      published on failure;
- *   5. on success the emitted rows are published (`rows:<dataset>:<n>` keys, so a retry that
- *      emits the same rows lands them once), then the attempt is completed with the result and
- *      the emitted events in one call.
- * The runtime, not the runner, completes the attempt, with the capability token in the event:
- * on Lambda nothing else could. The runner learns the outcome from `/response` or `/error`
- * (whose body says `completed`) and completes only what the runtime could not.
+ *   1. `GET /2018-06-01/runtime/invocation/next`: the event is the invoke payload;
+ *   2. the handler runs with a `UdfContext`: `handler(ctx)`;
+ *   3. on success the collected rows are published (`/v1/task/buffer-publish`), then
+ *      `POST .../invocation/{id}/response` with exactly `{"result", "final_events"}` — the
+ *      runner completes the attempt with it;
+ *   4. on failure `POST .../invocation/{id}/error` with `errorType` (the error's `name`, so
+ *      `NonRetryableError` fails the task for good) and `errorMessage`; nothing is published.
+ *      A result that is not a JSON object, null or undefined is `Runtime.InvalidResult`; an
+ *      event that is not an invoke event is `Runtime.InvalidEvent`; a throw from a timer or an
+ *      unhandled rejection while the handler runs fails that invocation, and the loop goes on.
+ *
+ * The runtime holds nothing but the event's capability token and never completes the attempt
+ * itself: the runner does, with the same token.
  */
 
 import { HttpTaskSurface, type TaskSurface } from "./client.js";
-import { batches, isPlainObject, UdfContext } from "./context.js";
-import { ErrorTypes, TaskApiError } from "./errors.js";
-import type { InvokeEvent, JsonObject } from "./types.js";
+import { isPlainObject, UdfContext } from "./context.js";
+import { RuntimeErrorTypes } from "./errors.js";
+import type { InvokeEvent, JsonObject, UdfResponse } from "./types.js";
 
-/** A UDF: the event and its context in, a JSON object (or nothing) out. */
+/** A UDF: its context in, a JSON object (or nothing) out. */
 export type Handler = (
-  event: InvokeEvent,
   ctx: UdfContext,
 ) => Promise<JsonObject | null | undefined | void> | JsonObject | null | undefined | void;
 
-/** What one invocation ended with: a `/response` body, or an `/error` body. */
-export type Outcome =
-  | { ok: true; response: JsonObject }
-  | { ok: false; error: RuntimeErrorBody };
-
-/** The Runtime API's error body (`errorMessage`, `errorType`, `stackTrace`) plus `completed`. */
+/** The Runtime API's error body. */
 export interface RuntimeErrorBody {
   errorType: string;
   errorMessage: string;
   stackTrace: string[];
-  /** True when the runtime already reported the failure to the Dispatcher. */
-  completed: boolean;
-  [extra: string]: unknown;
 }
 
-export interface InvokeOptions {
-  /** Epoch ms when the runner ends the invocation (`Lambda-Runtime-Deadline-Ms`). */
-  deadlineMs?: number;
-  /** Heartbeat period; default a quarter of the lease left, between 1 s and 15 s. */
-  heartbeatMs?: number;
-}
+/** What one invocation ended with: a `/response` body, or an `/error` body. */
+export type Outcome = { ok: true; response: UdfResponse } | { ok: false; error: RuntimeErrorBody };
 
-/** Run `handler` for one event against `surface` (see the module comment). Never throws. */
+/** Run `handler` for one event (see the module comment). Never throws. */
 export async function invoke(
   event: unknown,
   handler: Handler,
   surface: TaskSurface | ((event: InvokeEvent) => TaskSurface),
-  options: InvokeOptions = {},
+  options: { deadlineMs?: number } = {},
 ): Promise<Outcome> {
   const problem = eventProblem(event);
-  if (problem) return failure(ErrorTypes.invalidEvent.errorType, problem, false);
+  if (problem) return failure(RuntimeErrorTypes.invalidEvent, problem);
   const ev = event as InvokeEvent;
-  const tasks = typeof surface === "function" ? surface(ev) : surface;
-  const fence = { task_id: ev.task_id, attempt: ev.attempt, lease_token: ev.lease_token };
-
-  if (ev.status === "canceled") {
-    const done = await tasks.complete({
-      ...fence,
-      outcome: "canceled",
-      retryable: false,
-      result: null,
-      error: null,
-      final_events: [],
-    });
-    return { ok: true, response: { ...done, canceled: true } };
-  }
-
-  const ctx = new UdfContext(ev, tasks, options.deadlineMs);
-  const beat = setInterval(() => {
-    tasks.heartbeat(fence).catch((exc: unknown) => {
-      if (exc instanceof TaskApiError && !exc.transient) ctx.cancel(exc.message);
-    });
-  }, options.heartbeatMs ?? heartbeatPeriod(ev.lease_expires_at));
-
+  const ctx = new UdfContext(ev, typeof surface === "function" ? surface(ev) : surface, options.deadlineMs);
   let result: unknown;
   try {
-    result = await runGuarded(() => handler(ev, ctx));
+    result = await runGuarded(() => handler(ctx));
   } catch (exc) {
-    clearInterval(beat);
     const err = exc instanceof Error ? exc : new Error(String(exc));
-    const retryable = err.name !== "NonRetryableError";
-    const message = `${err.name}: ${err.message}`;
-    const completed = await failAttempt(tasks, fence, ErrorTypes.handler.code, message, retryable, err.name);
-    return failure(ErrorTypes.handler.errorType, message, completed, err.stack);
-  }
-  clearInterval(beat);
-
-  if (ctx.signal.aborted) {
-    return failure(ErrorTypes.leaseLost.errorType, String(ctx.signal.reason), false);
+    return failure(err.name || "Error", err.message, err.stack);
   }
   const shape = resultProblem(result);
-  if (shape) {
-    const completed = await failAttempt(tasks, fence, ErrorTypes.invalidResult.code, shape, true);
-    return failure(ErrorTypes.invalidResult.errorType, shape, completed);
-  }
-
-  const published: Record<string, number> = {};
+  if (shape) return failure(RuntimeErrorTypes.invalidResult, shape);
   try {
-    for (const [dataset, rows] of ctx.rows) {
-      for (const [n, batch] of batches(rows).entries()) {
-        await tasks.bufferPublish(fence, { key: `rows:${dataset}:${n}`, dataset, rows: batch });
-      }
-      published[dataset] = rows.length;
-    }
-    const done = await tasks.complete({
-      ...fence,
-      outcome: "succeeded",
-      retryable: true,
-      result: (result ?? null) as JsonObject | null,
-      error: null,
-      final_events: ctx.events,
-    });
-    return { ok: true, response: { ...done, rows: published, events: ctx.events.length } };
+    await ctx.publishRows();
   } catch (exc) {
-    return await dispatcherFailure(tasks, fence, exc);
+    const err = exc instanceof Error ? exc : new Error(String(exc));
+    return failure(RuntimeErrorTypes.publishFailed, err.message, err.stack);
   }
+  return { ok: true, response: { result: (result ?? null) as JsonObject | null, final_events: ctx.finalEvents } };
 }
 
 /** Serve the Lambda Runtime API at `api` (host:port) until it goes away. */
 export async function serve(
   handler: Handler,
-  options: { api?: string; dispatcherUrl?: string; once?: boolean } = {},
+  options: { api?: string; taskApiUrl?: string; once?: boolean } = {},
 ): Promise<void> {
   const api = options.api ?? process.env.AWS_LAMBDA_RUNTIME_API;
   if (!api) throw new Error("AWS_LAMBDA_RUNTIME_API is not set");
+  const taskApiUrl = options.taskApiUrl ?? process.env.TRACE_TASK_API_URL ?? "";
   const base = `http://${api}/2018-06-01/runtime`;
   for (;;) {
     const next = await fetch(`${base}/invocation/next`);
     const requestId = next.headers.get("lambda-runtime-aws-request-id") ?? "";
     const deadline = Number(next.headers.get("lambda-runtime-deadline-ms") ?? "") || undefined;
     const text = await next.text();
-    let event: unknown;
     let outcome: Outcome;
+    let event: unknown;
     try {
       event = JSON.parse(text);
     } catch {
       event = undefined;
     }
-    const dispatcherUrl =
-      (isPlainObject(event) && typeof event.dispatcher_url === "string" ? event.dispatcher_url : undefined) ??
-      options.dispatcherUrl ??
-      process.env.TRACE_DISPATCHER_URL;
     if (event === undefined) {
-      outcome = failure(ErrorTypes.invalidEvent.errorType, "the event is not JSON", false);
-    } else if (!dispatcherUrl) {
-      outcome = failure(ErrorTypes.invalidEvent.errorType, "no dispatcher URL (TRACE_DISPATCHER_URL)", false);
+      outcome = failure(RuntimeErrorTypes.invalidEvent, "the event is not JSON");
+    } else if (!taskApiUrl) {
+      outcome = failure(RuntimeErrorTypes.invalidEvent, "TRACE_TASK_API_URL is not set");
     } else {
-      outcome = await invoke(event, handler, (ev) => new HttpTaskSurface(dispatcherUrl, ev.capability_token), {
+      outcome = await invoke(event, handler, (ev) => new HttpTaskSurface(taskApiUrl, ev.capability_token), {
         deadlineMs: deadline,
       });
     }
@@ -174,11 +110,12 @@ export async function serve(
   }
 }
 
-/** Report an initialisation failure (`/runtime/init/error`), e.g. a handler module that fails to load. */
+/** Report an initialisation failure (`/runtime/init/error`), e.g. a handler that fails to load. */
 export async function initError(errorType: string, message: string, api?: string): Promise<void> {
   const host = api ?? process.env.AWS_LAMBDA_RUNTIME_API;
   if (!host) return;
-  await post(`http://${host}/2018-06-01/runtime/init/error`, failure(errorType, message, false).error, {
+  const body = (failure(errorType, message) as { ok: false; error: RuntimeErrorBody }).error;
+  await post(`http://${host}/2018-06-01/runtime/init/error`, body, {
     "Lambda-Runtime-Function-Error-Type": errorType,
   });
 }
@@ -187,12 +124,13 @@ export async function initError(errorType: string, message: string, api?: string
 export function eventProblem(event: unknown): string | null {
   if (!isPlainObject(event)) return "the event is not a JSON object";
   const e = event as Record<string, unknown>;
-  for (const field of ["task_id", "lease_token", "capability_token", "status"]) {
+  for (const field of ["task_id", "lease_token", "capability_token"]) {
     if (typeof e[field] !== "string" || e[field] === "") return `event.${field} must be a non-empty string`;
   }
   if (!Number.isInteger(e.attempt) || (e.attempt as number) < 1) return "event.attempt must be an integer >= 1";
-  if (typeof e.timeout_s !== "number") return "event.timeout_s must be a number";
-  if (e.payload !== undefined && !isPlainObject(e.payload)) return "event.payload must be a JSON object";
+  if (e.payload !== undefined && e.payload !== null && !isPlainObject(e.payload)) {
+    return "event.payload must be a JSON object";
+  }
   return null;
 }
 
@@ -200,8 +138,8 @@ export function eventProblem(event: unknown): string | null {
 export function resultProblem(result: unknown): string | null {
   if (result === undefined || result === null) return null;
   if (!isPlainObject(result)) {
-    const kind = Array.isArray(result) ? "an array" : typeof result;
-    return `the handler returned ${kind}; expected a JSON object, null or nothing`;
+    const kind = Array.isArray(result) ? "an array" : typeof result === "object" ? "a non-plain object" : `a ${typeof result}`;
+    return `the handler returned ${kind}; a handler returns a JSON object, null or nothing`;
   }
   try {
     JSON.stringify(result);
@@ -209,11 +147,6 @@ export function resultProblem(result: unknown): string | null {
     return `the handler's result is not JSON: ${String(exc)}`;
   }
   return null;
-}
-
-function heartbeatPeriod(leaseExpiresAt: string): number {
-  const left = Date.parse(leaseExpiresAt) - Date.now();
-  return Number.isFinite(left) ? Math.min(15_000, Math.max(1_000, left / 4)) : 15_000;
 }
 
 /** `fn()`, also rejected by an uncaught exception or unhandled rejection while it runs. */
@@ -232,53 +165,10 @@ async function runGuarded<T>(fn: () => T | Promise<T>): Promise<T> {
   }
 }
 
-/** Complete the attempt as failed; true when the Dispatcher took it. */
-async function failAttempt(
-  tasks: TaskSurface,
-  fence: { task_id: string; attempt: number; lease_token: string },
-  code: string,
-  message: string,
-  retryable: boolean,
-  type?: string,
-): Promise<boolean> {
-  try {
-    await tasks.complete({
-      ...fence,
-      outcome: "failed",
-      retryable,
-      result: null,
-      error: { code, message: message.slice(0, 2000), ...(type ? { type } : {}) },
-      final_events: [],
-    });
-    return true;
-  } catch {
-    return false;
-  }
-}
-
-async function dispatcherFailure(
-  tasks: TaskSurface,
-  fence: { task_id: string; attempt: number; lease_token: string },
-  exc: unknown,
-): Promise<Outcome> {
-  if (exc instanceof TaskApiError && (exc.code === "lease_lost" || exc.code === "task_canceled")) {
-    return failure(ErrorTypes.leaseLost.errorType, exc.message, false);
-  }
-  if (exc instanceof TaskApiError && exc.status === 422) {
-    // The Dispatcher refused what the handler produced (a row, an event, the result).
-    const message = `the Dispatcher refused the handler's output: ${exc.message}${exc.field ? ` (${exc.field})` : ""}`;
-    const completed = await failAttempt(tasks, fence, ErrorTypes.invalidResult.code, message, true);
-    return failure(ErrorTypes.invalidResult.errorType, message, completed);
-  }
-  const message = exc instanceof Error ? exc.message : String(exc);
-  const completed = await failAttempt(tasks, fence, ErrorTypes.dispatcher.code, message, true);
-  return failure(ErrorTypes.dispatcher.errorType, message, completed);
-}
-
-function failure(errorType: string, errorMessage: string, completed: boolean, stack?: string): Outcome & { ok: false } {
+function failure(errorType: string, errorMessage: string, stack?: string): Outcome {
   return {
     ok: false,
-    error: { errorType, errorMessage, stackTrace: stack ? stack.split("\n").slice(1, 20) : [], completed },
+    error: { errorType, errorMessage: errorMessage.slice(0, 2000), stackTrace: stack ? stack.split("\n").slice(1, 20) : [] },
   };
 }
 

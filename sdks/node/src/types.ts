@@ -39,8 +39,6 @@ export interface InvokeEvent {
   lease_token: string;
   lease_expires_at: string;
   bundle_url: string;
-  /** Where the Dispatcher's task surface is, when the runner says so in the event. */
-  dispatcher_url?: string;
   [extra: string]: unknown;
 }
 
@@ -50,7 +48,7 @@ export type Scope =
   | { partition_key: string }
   | { range: { start: number; end: number } };
 
-/** One event in `/v1/task/events` and `final_events`. */
+/** One event of `final_events` (committed with the completion). */
 export interface EventIn {
   key: string;
   type: string;
@@ -74,19 +72,10 @@ export interface BufferPublishResponse {
   duplicate: boolean;
 }
 
-export interface CompleteRequest extends Fence {
-  outcome: "succeeded" | "failed" | "canceled";
-  retryable: boolean;
+/** The body a runtime posts to `/invocation/{id}/response`: the runner completes with it. */
+export interface UdfResponse {
   result: JsonObject | null;
-  error: JsonObject | null;
   final_events: EventIn[];
-}
-
-export interface CompleteResponse {
-  task_id: string;
-  attempt: number;
-  state: string;
-  replay: boolean;
 }
 
 /** The answer of `POST /v1/task/query` (format json). */

@@ -1,0 +1,76 @@
+//! A UDF whose behaviour `payload.mode` chooses, for the runtime conformance tests shared with
+//! the Node SDK (tests/udf): ok, two_calls, big, error, non_retryable, crash (a panic), array,
+//! string, garbage, heartbeat, query.
+
+use std::io::Write;
+
+use trace_udf::{non_retryable, serve, Context, HandlerResult, Value};
+
+fn squares(from: i64, count: i64) -> Vec<Value> {
+    (from..from + count).map(|i| Value::object([("i", Value::from(i)), ("sq", Value::from(i * i))])).collect()
+}
+
+fn handler(ctx: &mut Context) -> HandlerResult {
+    let mode = ctx.payload().get("mode").and_then(Value::as_str).unwrap_or("ok").to_string();
+    let n = ctx.payload().get("n").and_then(Value::as_i64).unwrap_or(0);
+    match mode.as_str() {
+        "ok" => {
+            ctx.emit_rows("squares", squares(0, n))?;
+            ctx.emit_event("udf.done", Value::object([("n", Value::from(n))]), "done")?;
+            Ok(Value::object([("n", Value::from(n)), ("granted", Value::from(ctx.datasets().len()))]))
+        }
+        "two_calls" => {
+            ctx.emit_rows("squares", squares(0, 1))?;
+            ctx.emit_rows("squares", squares(1, 1))?;
+            ctx.emit_rows_with("squares", squares(2, 1), Some("mine"), None)?;
+            Ok(Value::object([("n", Value::from(3))]))
+        }
+        "big" => {
+            ctx.emit_rows("squares", squares(0, n))?;
+            Ok(Value::object([("n", Value::from(n))]))
+        }
+        "error" => {
+            ctx.emit_rows("squares", squares(0, 1))?;
+            Err("boom at row 3".into())
+        }
+        "non_retryable" => Err(non_retryable("input is malformed")),
+        "crash" => {
+            ctx.emit_rows("squares", squares(0, 1))?;
+            let rows: Vec<i64> = Vec::new();
+            let _ = rows[7];
+            panic!("index out of bounds at row 7")
+        }
+        "array" => {
+            ctx.emit_rows("squares", squares(0, 1))?;
+            Ok(Value::Array(vec![Value::from(1), Value::from(2), Value::from(3)]))
+        }
+        "string" => Ok(Value::from("not an object")),
+        "garbage" => {
+            let mut out = std::io::stdout();
+            out.write_all(&[0xff, 0xfe, 0x00, 0x1b, b'[', b'2', b'J', b'\n'])?;
+            out.write_all(b"{not json at all\n")?;
+            out.flush()?;
+            eprintln!("\u{0}\u{7} garbage on stderr");
+            Ok(Value::object([("fine", Value::from(true))]))
+        }
+        "heartbeat" => {
+            ctx.heartbeat()?;
+            ctx.emit_rows("squares", squares(0, 1))?;
+            Ok(Value::object([("beat", Value::from(true))]))
+        }
+        "query" => {
+            let rows = ctx.query("SELECT n FROM blocks", Some(10))?;
+            let read = rows.len();
+            ctx.emit_rows("copies", rows)?;
+            Ok(Value::object([("read", Value::from(read))]))
+        }
+        other => Err(format!("unknown mode {other}").into()),
+    }
+}
+
+fn main() {
+    if let Err(e) = serve(handler) {
+        eprintln!("conformance: {e}");
+        std::process::exit(1);
+    }
+}
