@@ -20,7 +20,7 @@ from trace_core.delivery import DeliveryState, LeasePolicy, RetrySchedule, SendR
 from trace_core.secret_names import org_secret
 from trace_core.ssrf import Address, AllowList
 from trace_core.testing.memory_secrets import MemorySecretStore
-from trace_lite.delivery import DeliveryStore
+from trace_lite.delivery import DeliveryStore, Outcome
 from trace_lite.delivery_service import DeliveryService
 from trace_lite.dispatcher import open_pool
 from trace_lite.webhook_sender import WebhookSender, check_url, new_signing_secret
@@ -216,6 +216,29 @@ async def test_a_lapsed_lease_makes_the_delivery_due_again_and_fences_the_late_s
         (2, "succeed", "s2"),
     ]
     assert len(env.receiver.accepted) == 1
+
+
+async def test_a_pass_records_its_outcomes_together_and_skips_only_a_lost_one(
+    env: Env,
+) -> None:
+    store = DeliveryStore(env.pool, schedule=FAST, lease=LeasePolicy(lease_s=0.2))
+    ids = [await env.enqueue(f"evt-{i}") for i in range(3)]
+    leased = {x.fence.delivery_id: x for x in await store.lease(5, sender="s1")}
+    # the middle one's lease lapses and another sender holds it now
+    async with env.pool.connection() as conn:
+        await conn.execute(
+            "UPDATE alert_deliveries SET lease_expires_at = now() - interval '1 s' "
+            "WHERE delivery_id = %s",
+            (ids[1],),
+        )
+    assert await store.reap() == 1
+    (again,) = await store.lease(5, sender="s2")
+    assert again.fence.delivery_id == ids[1]
+    ok = SendResult(E.SUCCEED, 200)
+    states = await env.store.record_many([Outcome(leased[i].fence, ok, 1) for i in ids])
+    assert states == [DeliveryState.SENT, None, DeliveryState.SENT]
+    assert await env.state(ids[1]) is DeliveryState.IN_FLIGHT  # s2's attempt untouched
+    assert [a.outcome for a in await env.store.attempts(ids[1])] == ["expire", "in_flight"]
 
 
 async def test_two_senders_never_lease_one_delivery_at_once(env: Env) -> None:
