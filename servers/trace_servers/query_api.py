@@ -46,6 +46,7 @@ from trace_lite.query import (
     jsonable,
 )
 from trace_lite.query.exports import ExportStatus, QueryExports
+from trace_lite.query.s3 import S3Access
 from trace_sdk.aio import run_every
 from trace_servers import user_api
 from trace_servers.http import (
@@ -333,6 +334,15 @@ def _observer(registry: CollectorRegistry) -> Callable[[QueryOutcome], None]:
     return observe
 
 
+def _s3_access(store: object) -> S3Access | None:
+    """The S3 access of the AWS profile's object store (None for any other store)."""
+    try:
+        from trace_aws.s3_store import S3ObjectStore  # the aws extra
+    except ImportError:
+        return None
+    return S3Access.of_store(store) if isinstance(store, S3ObjectStore) else None
+
+
 def setup(
     app: web.Application,
     *,
@@ -340,17 +350,22 @@ def setup(
     registry: CollectorRegistry | None = None,
 ) -> None:
     """Mount the query routes on ``app`` (``DISPATCHER_KEY`` and ``DATASETS_KEY`` set, the user
-    API set up). The service runs where the object store is the Lite local one, with a pool of
+    API set up). The service runs where the object store is the Lite local one or S3 (the AWS
+    profile: the sandbox reads the pinned objects with DuckDB's httpfs), with a pool of
     two pre-started sandboxes (each used for one query), filled from the first query on (an
     app that never queries starts none); ``data_url`` (the data database)
     enables Postgres-table datasets; ``registry`` gets the per-query metrics."""
     store = app[DISPATCHER_KEY].object_store
     datasets = app[DATASETS_KEY]
     service = exports = None
-    if isinstance(store, LocalObjectStore):
+    s3 = _s3_access(store)
+    if store is not None and (isinstance(store, LocalObjectStore) or s3 is not None):
         pool = SandboxPool(2)
         observe = _observer(registry) if registry is not None else None
-        service = QueryService(datasets, store, data_url=data_url, pool=pool, observe=observe)
+        local = store if isinstance(store, LocalObjectStore) else None
+        service = QueryService(
+            datasets, local, data_url=data_url, pool=pool, observe=observe, s3=s3
+        )
         exports = QueryExports(service, datasets, store)
         stop = asyncio.Event()
         purging: list[asyncio.Task[None]] = []

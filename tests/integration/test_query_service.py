@@ -139,12 +139,12 @@ class CutoverMidQuery(QueryService):
     moved: dict[str, str]
 
     async def _sandbox(
-        self, sql: str, tables: dict[str, list[str]], limits: Limits
+        self, sql: str, tables: Any, limits: Limits, s3: Any = None
     ) -> SandboxResult:
         w = self.world
         self.moved = await publish(w, ORG, DAG, {"private": "v2", "shared": "v2"})
         await w.ds.cutover(None, ORG, DAG, self.moved)
-        return await super()._sandbox(sql, tables, limits)
+        return await super()._sandbox(sql, tables, limits, s3)
 
 
 async def test_a_query_across_a_cutover_reads_one_pinned_version_only(world: World) -> None:
@@ -409,11 +409,11 @@ class CountingService(QueryService):
     running = 0
     most = 0
 
-    async def _spawn(self, sql: str, tables: dict[str, list[str]], limits: Limits) -> SandboxResult:
+    async def _spawn(self, sql: str, tables: Any, limits: Limits, s3: Any = None) -> SandboxResult:
         CountingService.running += 1
         CountingService.most = max(CountingService.most, CountingService.running)
         try:
-            return await super()._spawn(sql, tables, limits)
+            return await super()._spawn(sql, tables, limits, s3)
         finally:
             CountingService.running -= 1
 

@@ -30,7 +30,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import attrs
 import duckdb
@@ -56,6 +56,7 @@ from trace_lite.query.runner import (
     open_stream,
     run_sandboxed,
 )
+from trace_lite.query.s3 import S3Access
 
 log = logging.getLogger("trace.query")
 
@@ -121,6 +122,13 @@ class QueryResult:
     bytes: int = 0
 
 
+class _Pinned(NamedTuple):
+    tables: dict[str, TableSource]
+    versions: dict[str, str | None]
+    #: the sandbox's S3 access to the pinned objects (``S3Access.options``), or None
+    s3: dict[str, Any] | None
+
+
 #: Limits of a streamed answer (Arrow IPC, NDJSON) and of a batch export's default.
 STREAM_LIMITS = Limits(deadline_s=300.0, max_rows=1_000_000, max_bytes=1024**3)
 
@@ -160,7 +168,7 @@ class QueryService:
     def __init__(
         self,
         datasets: Datasets,
-        store: LocalObjectStore,
+        store: LocalObjectStore | None,
         *,
         limits: Limits = Limits(),
         scratch_root: Path | None = None,
@@ -170,6 +178,7 @@ class QueryService:
         pool: SandboxPool | None = None,
         observe: Callable[[QueryOutcome], None] | None = None,
         stream_limits: Limits = STREAM_LIMITS,
+        s3: S3Access | None = None,
     ) -> None:
         """``concurrency``: sandbox processes running at once (each may use ``limits``'
         memory and threads); further queries wait for a slot, their pins already held.
@@ -177,8 +186,11 @@ class QueryService:
         are refused); at most ``max_export_bytes`` of one is copied into a sandbox. ``pool``:
         pre-started sandboxes (each still used for one query only). ``observe`` is called once per
         query with its ``QueryOutcome`` (metrics). ``stream_limits``: the ceiling of a streamed
-        answer (``open_stream``: 1,000,000 rows, 1 GiB of Arrow batches, 300 s)."""
+        answer (``open_stream``: 1,000,000 rows, 1 GiB of Arrow batches, 300 s). ``s3``: the
+        pinned Parquet objects are in this bucket (the AWS profile; ``store`` may be None):
+        the sandbox reads them through DuckDB's httpfs (``trace_lite.query.s3``)."""
         self._stream_limits = stream_limits
+        self._s3 = s3
         self._pool = pool
         self._observe = observe
         self._data_url = data_url
@@ -210,8 +222,8 @@ class QueryService:
         try:
             names = sorted(query_gate.admit(parse(sql), None))
             limits = self._capped(self._limits, max_rows)
-            async with self._pinned(caller, org, names, limits) as (tables, versions):
-                sandboxed = await self._sandbox(sql, tables, limits)
+            async with self._pinned(caller, org, names, limits) as (tables, versions, s3):
+                sandboxed = await self._sandbox(sql, tables, limits, s3)
             result = _result(sandboxed, versions)
             outcome, rows, size = "ok", len(result.rows), result.bytes
             return result
@@ -258,10 +270,10 @@ class QueryService:
             names = sorted(query_gate.admit(parse(sql), None))
             capped = self._capped(limits or self._stream_limits, max_rows)
             async with (
-                self._pinned(caller, org, names, capped) as (tables, versions),
+                self._pinned(caller, org, names, capped) as (tables, versions, s3),
                 self._slots,
                 open_stream(
-                    sql, tables, capped, pool=self._pool, scratch_root=self._scratch_root
+                    sql, tables, capped, pool=self._pool, scratch_root=self._scratch_root, s3=s3
                 ) as sandboxed,
             ):
                 stream = QueryStream(
@@ -305,12 +317,13 @@ class QueryService:
     @contextlib.asynccontextmanager
     async def _pinned(
         self, caller: Caller, org: str, names: list[str], limits: Limits
-    ) -> AsyncIterator[tuple[dict[str, TableSource], dict[str, str | None]]]:
+    ) -> AsyncIterator[_Pinned]:
         """Resolve and pin ``names`` for ``caller`` once; yields what the sandbox reads for
-        each (its pinned Parquet objects, or a CSV copy of a Postgres table) and the versions;
-        releases the pin on exit. Raises ``NotFound`` (not readable, naming none)."""
+        each (its pinned Parquet objects, or a CSV copy of a Postgres table), the versions, and
+        the S3 access to them (AWS); releases the pin on exit. Raises ``NotFound`` (not
+        readable, naming none)."""
         if not names:
-            yield {}, {}
+            yield _Pinned({}, {}, None)
             return
         ttl = limits.deadline_s + 60
         try:
@@ -320,19 +333,30 @@ class QueryService:
         export_dir = Path(tempfile.mkdtemp(prefix="trace-query-export-", dir=self._scratch_root))
         try:
             tables: dict[str, TableSource] = {}
+            keys: list[str] = []
             for d in resolution.datasets:
                 if d.storage_kind == "parquet":
-                    paths = [str(self._store.path_for(o["object_key"])) for o in d.objects]
-                    tables[d.dataset] = paths
+                    keys += [o["object_key"] for o in d.objects]
+                    tables[d.dataset] = [self._locate(o["object_key"]) for o in d.objects]
                 else:
                     tables[d.dataset] = await self._export(d.table, export_dir / f"{d.dataset}.csv")
-            yield tables, {d.dataset: d.dataset_version for d in resolution.datasets}
+            s3 = self._s3.options(keys) if self._s3 is not None and keys else None
+            versions = {d.dataset: d.dataset_version for d in resolution.datasets}
+            yield _Pinned(tables, versions, s3)
         finally:
             shutil.rmtree(export_dir, ignore_errors=True)
             try:
                 await self._datasets.release_pin(None, org, resolution.pin_id)
             except errors.TraceError:
                 log.warning("query pin release failed; it expires", extra={"org": org})
+
+    def _locate(self, key: str) -> str:
+        """Where the sandbox reads a pinned object: its ``s3://`` URL or its local path."""
+        if self._s3 is not None:
+            return self._s3.url(key)
+        if self._store is None:
+            raise errors.Unavailable("the Query Service has no object store")
+        return str(self._store.path_for(key))
 
     async def _export(self, table: str | None, dest: Path) -> CsvTable:
         """Copy a Postgres-table dataset's pinned version out of the data database into
@@ -382,16 +406,24 @@ class QueryService:
         return CsvTable(str(dest), columns)
 
     async def _sandbox(
-        self, sql: str, tables: dict[str, TableSource], limits: Limits
+        self,
+        sql: str,
+        tables: dict[str, TableSource],
+        limits: Limits,
+        s3: dict[str, Any] | None = None,
     ) -> SandboxResult:
         async with self._slots:
-            return await self._spawn(sql, tables, limits)
+            return await self._spawn(sql, tables, limits, s3)
 
     async def _spawn(
-        self, sql: str, tables: dict[str, TableSource], limits: Limits
+        self,
+        sql: str,
+        tables: dict[str, TableSource],
+        limits: Limits,
+        s3: dict[str, Any] | None = None,
     ) -> SandboxResult:
         return await run_sandboxed(
-            sql, tables, limits, pool=self._pool, scratch_root=self._scratch_root
+            sql, tables, limits, pool=self._pool, scratch_root=self._scratch_root, s3=s3
         )
 
 
