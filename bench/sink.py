@@ -1,18 +1,26 @@
-"""Sink benchmark: rows per second through the sink of a buffered Postgres dataset.
+"""Sink benchmark: rows per second through the sink of a buffered Postgres dataset, with the
+sink in its own process(es), next to a raw COPY + INSERT loop.
 
-    .venv/bin/python -m bench.sink [--rows 1000000] [--batch 1000]
+    .venv/bin/python -m bench.sink [--rows 1000000] [--batch 1000] [--runs 3]
 
-Publishes ``--rows`` rows as JSON-lines buffer batches of ``--batch`` rows (setup, not timed),
-forwards the announcements to the dataset's queue (timed apart), then times the sink draining
-the queue -- receive, strict parse, COPY into a temporary table, ``INSERT … ON CONFLICT DO
-NOTHING``, commit, upstream event, delete -- with 1 sink and with 2 sinks (two ``Sink``
-objects with their own connections, concurrent in this one process), each on its own dataset
-with the same rows. Next to it, on the same Postgres in the same run, the raw baseline: a loop
-over the same JSON-lines batches that parses them and does the same COPY + ``INSERT … ON
-CONFLICT`` per batch into a table of the same shape, one transaction per batch.
+Each run gets fresh state and data databases and, in this order, times:
 
-It also prints where the sink's time goes: parsing + dedupe keys alone (pure CPU, no I/O).
-Target (issue #10): one sink at >= 50% of raw.
+* **raw**: a loop in this process over the same JSON-lines batches that parses them and does
+  COPY into a temporary table + ``INSERT … ON CONFLICT DO NOTHING`` per batch, one transaction
+  per batch, into a table of the same shape (the baseline);
+* **sink x1 / x2 processes**: one or two ``trace sink run --dataset D`` processes are started
+  and left idle until they serve the dataset; then the writer (this process, another OS
+  process than the sinks) publishes every batch through the Dispatcher library (stage the
+  object, ``publish_buffer``: pointer + outbox row), and the clock stops when the last batch's
+  ``rows_committed`` event exists. So the time covers publishing, forwarding to the dataset's
+  queue (by the sink processes), receive, strict parse, COPY + ``INSERT … ON CONFLICT``, commit,
+  event and delete, with writers and sinks running at once.
+
+It prints, per scenario, the median over ``--runs`` of seconds and rows/s and the median of the
+per-run ratios to raw, the writer's publishing time, and where a sink's time goes: parsing +
+dedupe keys alone (pure CPU) and the CPU the sink processes used against the wall time (the
+rest is waiting: on Postgres commits, on the queue, on a core). Target (issue #10): one sink
+at >= 50% of raw.
 """
 
 from __future__ import annotations
@@ -20,6 +28,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
+import resource
+import signal
+import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -27,22 +41,23 @@ from typing import Any
 
 from psycopg import sql
 
-from bench.common import BenchPostgres
+from bench.common import REPO_ROOT, BenchPostgres
 from trace_core import wire
 from trace_core.lifecycle import RetryPolicy
 from trace_core.sink import DatasetSchema, dedupe_keys, parse_batch
 from trace_core.testing import MemoryQueue, MemorySigner
-from trace_lite.buffer_forwarder import BufferForwarder, queue_name, topic
+from trace_lite.config import LiteSettings
 from trace_lite.dags import Dags
 from trace_lite.datasets import Datasets
 from trace_lite.dispatcher import Dispatcher, open_pool
 from trace_lite.local_store import LocalObjectStore
 from trace_lite.migrate import migrate
-from trace_lite.pg_queue import PgQueue
-from trace_lite.sink import Sink, load_dataset
+from trace_lite.sink import load_dataset
 from trace_servers.dag_cli import builtin_operators
 
 ORG = "bench"
+#: CPU seconds (user + sys) the sink processes of each scenario used per run, start to stop.
+SINK_CPU: dict[int, list[float]] = {}
 SCHEMA = {"n": "int64", "tx_hash": "bytes", "value": "uint256", "note": "string"}
 
 
@@ -95,39 +110,81 @@ async def publish(d: Dispatcher, store: LocalObjectStore, dataset: str, data: li
         await d.publish_buffer(wire.BufferPublishRequest(**fence, batch=batch))
 
 
-async def run_sinks(
-    state_url: str, data_url: str, store: LocalObjectStore, dataset: str, n: int
-) -> float:
-    """Drain the dataset's queue with ``n`` concurrent sinks; returns seconds."""
-    pools = [
-        (await open_pool(state_url, min_size=1, max_size=3), await open_pool(data_url, min_size=1))
-        for _ in range(n)
-    ]
+def sink_env(home: Path, state_url: str, data_url: str) -> dict[str, str]:
+    """The environment of a ``trace sink run`` child on the bench's databases."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TRACE_")}
+    env |= {
+        "TRACE_HOME": str(home),
+        "TRACE_DATABASE_URL": state_url,
+        "TRACE_DATA_DATABASE_URL": data_url,
+        "TRACE_PLATFORM_TOKEN": "bench-platform-token-0123456789",
+        "PYTHONPATH": os.pathsep.join([str(REPO_ROOT / "src"), str(REPO_ROOT / "servers")]),
+    }
+    return env
+
+
+def start_sinks(env: dict[str, str], dataset: str, n: int) -> list[subprocess.Popen[bytes]]:
+    """``n`` ``trace sink run --dataset`` processes, returned once each serves the dataset
+    (its queue created, its consumer started); their logs go to ``$TRACE_HOME/sink-*.log``."""
+    argv = [sys.executable, "-m", "trace_servers.cli", "sink", "run", "--org", ORG]
+    argv += ["--dataset", dataset]
+    procs = []
+    for i in range(n):
+        with open(Path(env["TRACE_HOME"]) / f"sink-{dataset}-{i}.log", "ab") as log:
+            procs.append(subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=log))
+    for proc in procs:
+        assert proc.stdout is not None
+        while b'"running"' not in (line := proc.stdout.readline()):
+            if not line:
+                stop_sinks(procs)
+                raise RuntimeError(f"a sink process exited: see {env['TRACE_HOME']}")
+    return procs
+
+
+def stop_sinks(procs: list[subprocess.Popen[bytes]]) -> None:
+    for proc in procs:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+    for proc in procs:
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+async def run_sink_processes(
+    env: dict[str, str],
+    d: Dispatcher,
+    store: LocalObjectStore,
+    dataset: str,
+    data: list[bytes],
+    n: int,
+) -> tuple[float, float]:
+    """Start ``n`` sink processes for ``dataset``, then publish ``data`` from this process;
+    returns (seconds until the last batch's event, seconds the writer took to publish)."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    procs = start_sinks(env, dataset, n)
     try:
-        ds = await load_dataset(pools[0][0], ORG, dataset)
-        sinks = [
-            Sink(
-                state_pool=s,
-                data_pool=dd,
-                object_store=store,
-                queue=PgQueue(s, queue_name(ds.dataset_uuid)),
-                org=ORG,
-                dataset=dataset,
-            )
-            for s, dd in pools
-        ]
-
-        async def drain(sink: Sink) -> None:
-            while await sink.process_once(max_messages=10):
-                pass
-
+        ds = await load_dataset(d.pool, ORG, dataset)
         t0 = time.perf_counter()
-        await asyncio.gather(*(drain(s) for s in sinks))
-        return time.perf_counter() - t0
+        await publish(d, store, dataset, data)
+        published = time.perf_counter() - t0
+        prefix = f"sink/{ds.dataset_uuid}/%"
+        while True:
+            async with d.pool.connection() as conn:
+                cur = await conn.execute(
+                    "SELECT count(*) FROM task_events WHERE event_key LIKE %s", (prefix,)
+                )
+                row = await cur.fetchone()
+            if row is not None and row[0] >= len(data):
+                return time.perf_counter() - t0, published
+            await asyncio.sleep(0.02)
     finally:
-        for s, dd in pools:
-            await s.close()
-            await dd.close()
+        stop_sinks(procs)
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+        SINK_CPU.setdefault(n, []).append(cpu)
 
 
 async def run_raw(data_url: str, data: list[bytes]) -> float:
@@ -169,7 +226,7 @@ async def run_raw(data_url: str, data: list[bytes]) -> float:
 
 def parse_only(data: list[bytes]) -> float:
     schema = DatasetSchema.of(SCHEMA, ["n"])
-    t0 = time.perf_counter()
+    t0 = time.process_time()  # CPU time: other processes' load does not count
     for body in data:
         parsed = parse_batch(body, schema)
         dedupe_keys(
@@ -179,55 +236,80 @@ def parse_only(data: list[bytes]) -> float:
             dataset_uuid="00000000-0000-4000-8000-000000000001",
             scope=None,
         )
-    return time.perf_counter() - t0
+    return time.process_time() - t0
 
 
-async def main_async(rows: int, size: int) -> None:
+async def one_run(pg: BenchPostgres, data: list[bytes], home: Path) -> dict[str, float]:
+    """One run on fresh databases: raw, sink x1 and sink x2 (processes); seconds each."""
+    _, state_url = pg.fresh(trace_schema=False)
+    _, data_url = pg.fresh(trace_schema=False)
+    migrate(state_url, data_url)
+    out = {"raw": await run_raw(data_url, data)}
+    env = sink_env(home, state_url, data_url)
+    settings = LiteSettings.from_env(env)
+    store = LocalObjectStore(settings.object_root, "http://127.0.0.1:1", b"k" * 32)
+    pool = await open_pool(state_url, min_size=1, max_size=4)
+    try:
+        await Datasets(pool, object_store=store).set_member(None, ORG, "b", ["admin"])
+        dags = Dags(pool, operators=builtin_operators())
+        d = Dispatcher(
+            pool,
+            signer=MemorySigner(),
+            queue=MemoryQueue("q"),
+            object_store=store,
+            retry=RetryPolicy(),
+        )
+        for n in (1, 2):
+            name = f"sink_x{n}"
+            await dags.deploy(None, ORG, dag(name))
+            total, published = await run_sink_processes(env, d, store, name, data, n)
+            out[name], out[f"publish_x{n}"] = total, published
+    finally:
+        await pool.close()
+    return out
+
+
+async def main_async(rows: int, size: int, runs: int) -> None:
     pg = BenchPostgres().start()
     try:
-        _, state_url = pg.fresh(trace_schema=False)
-        _, data_url = pg.fresh(trace_schema=False)
-        migrate(state_url, data_url)
         data = batches(rows, size)
+        results = []
         with tempfile.TemporaryDirectory() as tmp:
-            store = LocalObjectStore(Path(tmp), "http://127.0.0.1:1", b"k" * 32)
-            pool = await open_pool(state_url, min_size=1, max_size=4)
-            try:
-                await Datasets(pool, object_store=store).set_member(None, ORG, "b", ["admin"])
-                dags = Dags(pool, operators=builtin_operators())
-                d = Dispatcher(
-                    pool,
-                    signer=MemorySigner(),
-                    queue=MemoryQueue("q"),
-                    object_store=store,
-                    retry=RetryPolicy(),
+            for i in range(runs):
+                results.append(await one_run(pg, data, Path(tmp) / f"run{i}"))
+                print(
+                    f"run {i + 1}/{runs}: "
+                    + ", ".join(f"{k} {v:.2f} s" for k, v in results[-1].items()),
+                    flush=True,
                 )
-                forward_s = 0.0
-                for name in ("one_sink", "two_sinks"):
-                    await dags.deploy(None, ORG, dag(name))
-                    await publish(d, store, name, data)
-                    fwd = BufferForwarder(
-                        pool, lambda u: PgQueue(pool, queue_name(u)), topics=[topic(name)]
-                    )
-                    t0 = time.perf_counter()
-                    await fwd.drain()
-                    forward_s += time.perf_counter() - t0
-            finally:
-                await pool.close()
-            one = await run_sinks(state_url, data_url, store, "one_sink", 1)
-            two = await run_sinks(state_url, data_url, store, "two_sinks", 2)
-        raw = await run_raw(data_url, data)
         cpu = parse_only(data)
-        print(f"sink benchmark: {rows:,} rows in batches of {size:,} ({len(data)} batches)")
-        print(f"{'scenario':<34}{'seconds':>10}{'rows/s':>12}{'vs raw':>9}")
-        for label, secs in (
-            ("raw COPY + INSERT ON CONFLICT", raw),
-            ("sink x1", one),
-            ("sink x2 (one process)", two),
+        med = {k: statistics.median(r[k] for r in results) for k in results[0]}
+        print(
+            f"sink benchmark: {rows:,} rows in batches of {size:,} ({len(data)} batches), medians of {runs} runs"
+        )
+        print(f"{'scenario':<40}{'seconds':>9}{'rows/s':>11}{'vs raw':>8}")
+        for label, key in (
+            ("raw COPY + INSERT ON CONFLICT (1 loop)", "raw"),
+            ("sink x1 process (+ writer process)", "sink_x1"),
+            ("sink x2 processes (+ writer process)", "sink_x2"),
         ):
-            print(f"{label:<34}{secs:>10.2f}{rows / secs:>12,.0f}{raw / secs:>8.0%}")
-        print(f"forwarding {2 * len(data)} announcements: {forward_s:.2f} s (not in the above)")
-        print(f"where sink x1's time goes: parse + dedupe keys (CPU) {cpu:.2f} s = {cpu / one:.0%}")
+            ratio = statistics.median(r["raw"] / r[key] for r in results)
+            print(f"{label:<40}{med[key]:>9.2f}{rows / med[key]:>11,.0f}{ratio:>8.0%}")
+        print(
+            f"the writer published every batch in {med['publish_x1']:.2f} s (x1) / "
+            f"{med['publish_x2']:.2f} s (x2), while the sinks ran"
+        )
+        print(
+            f"where a sink's time goes: parse + dedupe keys (CPU) {cpu:.2f} s = {cpu / med['sink_x1']:.0%} of sink x1"
+        )
+        for n in (1, 2):
+            used = statistics.median(SINK_CPU[n])
+            print(
+                f"sink x{n}: its processes used {used:.2f} s of CPU (user + sys, start to stop, "
+                f"incl. start-up) in {med[f'sink_x{n}']:.2f} s of wall time"
+            )
+        load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+        print(f"machine: {os.cpu_count()} cores, load average {load}")
         print(f"server: {pg.server_settings()}")
     finally:
         pg.stop()
@@ -237,8 +319,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--rows", type=int, default=1_000_000)
     p.add_argument("--batch", type=int, default=1000)
+    p.add_argument("--runs", type=int, default=3)
     args = p.parse_args()
-    asyncio.run(main_async(args.rows, args.batch))
+    asyncio.run(main_async(args.rows, args.batch, args.runs))
 
 
 if __name__ == "__main__":
