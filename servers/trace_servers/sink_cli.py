@@ -218,9 +218,10 @@ async def run(
     refresh_s: float = 5.0,
     stop: asyncio.Event | None = None,
 ) -> None:
-    """Run the sinks of ``names`` and their forwarder until ``stop`` is set (SIGTERM/SIGINT
-    when not given). With no ``names``: every buffered dataset of ``org``, looked for again
-    every ``refresh_s`` seconds, so datasets deployed later are served too."""
+    """Run the sinks of ``names``, their forwarder and the queue provisioning pass until
+    ``stop`` is set (SIGTERM/SIGINT when not given). With no ``names``: every buffered dataset
+    of ``org``. Datasets are looked for again every ``refresh_s`` seconds, so one deployed
+    later, or whose queue was not created yet, is served once it can be."""
     from trace_servers.profiles import buffer_queue_creator, sink_parts
 
     own_signals = stop is None
