@@ -371,6 +371,9 @@ class Dags:
                 "from_datasets": [
                     s.dataset if isinstance(s, DatasetRef) else None for _, _, s in edges
                 ],
+                "wheres": [
+                    Jsonb(job_docs[job]["inputs"][i].get("where", {})) for job, i, _ in edges
+                ],
             },
         )
 

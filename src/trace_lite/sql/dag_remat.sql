@@ -56,16 +56,18 @@ VALUES (%(dag_id)s, %(version)s, %(from_version)s, %(generation)s, %(rebuild)s, 
 -- tasks, of tasks of a building staging, and of tasks older than a cutover that rebuilt their
 -- job (that cutover's replay stands for them). Shaped like fan_out_plan's rows (dags.sql).
 WITH r AS (
-    SELECT i.dag_id, i.version, i.job, i.input_index, i.from_job, i.from_output, i.from_dataset
+    SELECT i.dag_id, i.version, i.job, i.input_index, i.from_job, i.from_output, i.from_dataset,
+           i.where_filter
     FROM dag_inputs i
     WHERE i.dag_id = %(dag_id)s AND i.version = %(version)s AND i.job = ANY(%(rebuild)s::text[])
       AND (i.from_dataset IS NOT NULL OR NOT (i.from_job = ANY(%(rebuild)s::text[])))
 ), src AS (
-    SELECT r.dag_id, r.version, r.job, r.input_index,
+    SELECT r.dag_id, r.version, r.job, r.input_index, r.where_filter,
            r.dag_id AS p_dag, r.from_job AS p_job, r.from_output AS p_output
     FROM r WHERE r.from_job IS NOT NULL
     UNION ALL
-    SELECT r.dag_id, r.version, r.job, r.input_index, d.dag_id, d.job_name, d.output_index
+    SELECT r.dag_id, r.version, r.job, r.input_index, r.where_filter, d.dag_id, d.job_name,
+           d.output_index
     FROM r JOIN dags g ON g.dag_id = r.dag_id
     JOIN datasets d ON d.org_id = g.org_id AND d.name = r.from_dataset
 )
@@ -75,14 +77,13 @@ SELECT NULL::bigint AS outbox_id, e.task_id::text AS producer_task_id, e.event_k
        src.input_index, j.operator, j.runtime, j.config::text AS config, j.timeout_s,
        j.max_attempts, %(version)s::bigint AS epoch, false AS held,
        pd.dataset_uuid::text AS dataset_uuid, ptr.dataset_version::text AS dataset_version,
-       v.spec #> ARRAY['jobs', src.job, 'inputs', src.input_index::text, 'where'] AS input_where
+       src.where_filter AS input_where
 FROM src
 JOIN tasks t ON t.dag_id = src.p_dag AND t.dag_job = src.p_job
 JOIN task_events e ON e.task_id = t.task_id
                   AND (CASE WHEN jsonb_typeof(e.payload -> 'output') = 'number'
                             THEN (e.payload ->> 'output')::int ELSE 0 END) = src.p_output
 JOIN dag_jobs j ON (j.dag_id, j.version, j.job) = (src.dag_id, src.version, src.job)
-JOIN dag_versions v ON (v.dag_id, v.version) = (src.dag_id, src.version)
 LEFT JOIN datasets pd ON pd.dag_id = src.p_dag AND pd.job_name = src.p_job
                      AND pd.output_index = src.p_output
 LEFT JOIN dags pg ON pg.dag_id = src.p_dag

@@ -60,11 +60,13 @@ FROM unnest(%(jobs)s::text[], %(operators)s::text[], %(runtimes)s::text[],
 
 -- name: insert_inputs
 -- The input edges of a new version.
-INSERT INTO dag_inputs (dag_id, version, job, input_index, from_job, from_output, from_dataset)
-SELECT %(dag_id)s, %(version)s, i.job, i.input_index, i.from_job, i.from_output, i.from_dataset
+INSERT INTO dag_inputs (dag_id, version, job, input_index, from_job, from_output, from_dataset,
+                        where_filter)
+SELECT %(dag_id)s, %(version)s, i.job, i.input_index, i.from_job, i.from_output, i.from_dataset,
+       i.where_filter
 FROM unnest(%(jobs)s::text[], %(indexes)s::int[], %(from_jobs)s::text[],
-            %(from_outputs)s::int[], %(from_datasets)s::text[])
-     AS i(job, input_index, from_job, from_output, from_dataset);
+            %(from_outputs)s::int[], %(from_datasets)s::text[], %(wheres)s::jsonb[])
+     AS i(job, input_index, from_job, from_output, from_dataset, where_filter);
 
 -- name: activate_version
 -- Make a version the DAG's active one.
@@ -204,15 +206,30 @@ WITH ev AS (
     LEFT JOIN dag_rematerializations m ON m.dag_id = t.dag_id AND m.version = t.dag_version
                                       AND m.state = 'building'
     WHERE o.id = ANY(%(ids)s::bigint[])
-), consumers AS (
-    SELECT ev.outbox_id, j.dag_id, j.version, j.job, i.input_index, j.staged, j.epoch
-    FROM ev JOIN dag_live_jobs j ON j.dag_id = ev.dag_id
-    JOIN dag_inputs i ON (i.dag_id, i.version, i.job) = (j.dag_id, j.version, j.job)
-                     AND i.from_job = ev.dag_job AND i.from_output = ev.output
-    WHERE NOT ev.abandoned AND NOT ev.superseded
-      AND (ev.staged_generation IS NULL OR j.staged)
+), live AS MATERIALIZED (
+    -- the versions new tasks of the events' DAGs are created in (dag_live_jobs, inlined so
+    -- every join below is by key): the active one but for the jobs a building staging
+    -- rebuilds, and the staged one for those jobs
+    SELECT g.dag_id, g.active_version AS version, false AS staged,
+           coalesce(m.rebuild, '{}') AS rebuild
+    FROM dags g
+    LEFT JOIN dag_rematerializations m ON m.dag_id = g.dag_id AND m.state = 'building'
+    WHERE g.dag_id IN (SELECT dag_id FROM ev) AND g.active_version IS NOT NULL
     UNION ALL
-    SELECT ev.outbox_id, j.dag_id, j.version, j.job, i.input_index, j.staged, j.epoch
+    SELECT m.dag_id, m.version, true, m.rebuild FROM dag_rematerializations m
+    WHERE m.dag_id IN (SELECT dag_id FROM ev) AND m.state = 'building'
+), consumers AS (
+    SELECT ev.outbox_id, i.dag_id, i.version, i.job, i.input_index, live.staged,
+           i.where_filter
+    FROM ev JOIN live ON live.dag_id = ev.dag_id
+    JOIN dag_inputs i ON (i.dag_id, i.version, i.from_job, i.from_output)
+                       = (live.dag_id, live.version, ev.dag_job, ev.output)
+    WHERE NOT ev.abandoned AND NOT ev.superseded
+      AND (i.job = ANY(live.rebuild)) = live.staged
+      AND (ev.staged_generation IS NULL OR live.staged)
+    UNION ALL
+    SELECT ev.outbox_id, i.dag_id, i.version, i.job, i.input_index,
+           i.version IS NOT DISTINCT FROM rm.version, i.where_filter
     FROM ev JOIN datasets d ON d.org_id = ev.org_id AND (
              (d.dag_id = ev.dag_id AND d.job_name = ev.dag_job AND d.output_index = ev.output)
              -- a sink's rows_committed event names its dataset: every writer of a multi_writer
@@ -220,18 +237,25 @@ WITH ev AS (
              OR (starts_with(ev.event_key, 'sink/')
                  AND d.dataset_uuid::text = ev.payload ->> 'dataset_uuid'))
     JOIN dag_inputs i ON i.from_dataset = d.name
-    JOIN dag_live_jobs j ON (j.dag_id, j.version, j.job) = (i.dag_id, i.version, i.job)
-                        AND j.org_id = ev.org_id
+    JOIN dags rg ON rg.dag_id = i.dag_id AND rg.org_id = ev.org_id
+    LEFT JOIN dag_rematerializations rm ON rm.dag_id = rg.dag_id AND rm.state = 'building'
     WHERE NOT ev.abandoned AND ev.staged_generation IS NULL
+      AND ((i.version = rg.active_version AND NOT (i.job = ANY(coalesce(rm.rebuild, '{}'))))
+           OR (i.version = rm.version AND i.job = ANY(rm.rebuild)))
 )
 SELECT ev.outbox_id, ev.task_id::text AS producer_task_id, ev.event_key, ev.seq AS event_seq,
        ev.event_type,
        ev.payload::text AS event_payload, ev.output, ev.org_id::text AS org_id,
        k.dag_id::text AS dag_id, k.version, k.job, k.input_index, j.operator, j.runtime,
-       j.config::text AS config, j.timeout_s, j.max_attempts, k.epoch,
+       j.config::text AS config, j.timeout_s, j.max_attempts,
+       (SELECT max(e.version) FROM dag_rematerializations e
+        WHERE e.dag_id = k.dag_id AND e.state IN ('cut_over', 'building')
+          AND e.version <= k.version AND k.job = ANY(e.rebuild)) AS epoch,
        k.staged AND ev.staged_generation IS NULL AS held,
        pd.dataset_uuid::text AS dataset_uuid, ptr.dataset_version::text AS dataset_version,
-       cv.spec #> ARRAY['jobs', k.job, 'inputs', k.input_index::text, 'where'] AS input_where
+       CASE WHEN k.where_filter IS NOT NULL THEN k.where_filter
+            ELSE cv.spec #> ARRAY['jobs', k.job, 'inputs', k.input_index::text, 'where']
+       END AS input_where
 FROM ev
 JOIN consumers k ON k.outbox_id = ev.outbox_id
 JOIN dag_jobs j ON (j.dag_id, j.version, j.job) = (k.dag_id, k.version, k.job)

@@ -40,17 +40,24 @@ CREATE INDEX IF NOT EXISTS task_inputs_dataset_idx
 -- and the same events drained after the cutover make one task.
 CREATE OR REPLACE VIEW dag_live_jobs AS
 SELECT g.dag_id, g.org_id, g.name AS dag, j.version, j.job, j.operator, j.runtime, j.config,
-       j.timeout_s, j.max_attempts, j.triggers, v.created_at AS deployed_at,
-       (m.version IS NOT NULL AND j.version = m.version) AS staged,
+       j.timeout_s, j.max_attempts, j.triggers, v.created_at AS deployed_at, false AS staged,
        (SELECT max(e.version) FROM dag_rematerializations e
         WHERE e.dag_id = g.dag_id AND e.state IN ('cut_over', 'building')
           AND e.version <= j.version AND j.job = ANY(e.rebuild)) AS epoch
 FROM dags g
-LEFT JOIN dag_rematerializations m ON m.dag_id = g.dag_id AND m.state = 'building'
-JOIN dag_jobs j ON j.dag_id = g.dag_id
- AND ((j.version = g.active_version AND NOT (j.job = ANY(coalesce(m.rebuild, '{}'))))
-      OR (j.version = m.version AND j.job = ANY(m.rebuild)))
-JOIN dag_versions v ON v.dag_id = j.dag_id AND v.version = j.version;
+JOIN dag_jobs j ON j.dag_id = g.dag_id AND j.version = g.active_version
+JOIN dag_versions v ON v.dag_id = j.dag_id AND v.version = j.version
+WHERE NOT EXISTS (SELECT 1 FROM dag_rematerializations m
+                  WHERE m.dag_id = g.dag_id AND m.state = 'building'
+                    AND j.job = ANY(m.rebuild))
+UNION ALL
+SELECT g.dag_id, g.org_id, g.name, j.version, j.job, j.operator, j.runtime, j.config,
+       j.timeout_s, j.max_attempts, j.triggers, v.created_at, true, m.version
+FROM dag_rematerializations m
+JOIN dags g ON g.dag_id = m.dag_id
+JOIN dag_jobs j ON j.dag_id = m.dag_id AND j.version = m.version AND j.job = ANY(m.rebuild)
+JOIN dag_versions v ON v.dag_id = j.dag_id AND v.version = j.version
+WHERE m.state = 'building';
 
 -- A freed worker-pool slot wakes the tasks waiting for one (trace_lite.pool_slots): when an
 -- attempt holding a slot lease ends (completion, failure, timeout, acknowledged cancel, lease
@@ -90,3 +97,8 @@ DROP TRIGGER IF EXISTS task_attempts_wake_pool_waiters ON task_attempts;
 CREATE TRIGGER task_attempts_wake_pool_waiters AFTER UPDATE ON task_attempts
     REFERENCING OLD TABLE AS ended_old NEW TABLE AS ended_new
     FOR EACH STATEMENT EXECUTE FUNCTION trace_wake_pool_waiters();
+
+-- An input's where filter as the spec stores it ('{}': none), read by the fan-out for every
+-- event without reading the version's whole spec; NULL for versions deployed before this
+-- migration (the fan-out falls back to the spec).
+ALTER TABLE dag_inputs ADD COLUMN IF NOT EXISTS where_filter jsonb;
