@@ -436,6 +436,7 @@ class DeliveryStore:
         """Lease up to ``n`` due deliveries to ``sender`` (skipping rows other senders hold);
         due deliveries of a disabled destination become ``disabled`` instead."""
         leased: list[Leased] = []
+        starts: list[dict[str, Any]] = []
         async with transaction(self.pool) as cur:
             rows = await fetch_named(cur, _DueRow, Q["lock_due"], {"n": n})
             for row in rows:
@@ -449,25 +450,14 @@ class DeliveryStore:
                 if isinstance(decision, kernel.SettleDecision):
                     await self._move(cur, _view(row), decision)
                     continue
-                await cur.execute(
-                    Q["apply_lease"],
+                starts.append(
                     {
                         "delivery_id": row.delivery_id,
                         "attempt": decision.attempt,
                         "lease_token": decision.lease_token,
                         "lease_expires_at": decision.lease_expires_at,
-                    },
-                )
-                if cur.rowcount != 1:  # we hold the row lock: the decision saw this row
-                    raise errors.Conflict("the delivery moved during its lease")
-                await cur.execute(
-                    Q["insert_attempt"],
-                    {
-                        "delivery_id": row.delivery_id,
-                        "attempt": decision.attempt,
-                        "lease_token": decision.lease_token,
                         "sender": sender,
-                    },
+                    }
                 )
                 leased.append(
                     Leased(
@@ -485,6 +475,11 @@ class DeliveryStore:
                         lease_expires_at=decision.lease_expires_at,
                     )
                 )
+            if starts:  # the attempts start together (one round trip each statement)
+                await cur.executemany(Q["apply_lease"], starts)
+                if cur.rowcount != len(starts):  # we hold the row locks: decisions saw them
+                    raise errors.Conflict("a delivery moved during its lease")
+                await cur.executemany(Q["insert_attempt"], starts)
         return leased
 
     async def record(self, fence: Fence, result: SendResult, *, latency_ms: int) -> DeliveryState:
