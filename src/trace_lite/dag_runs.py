@@ -23,10 +23,13 @@ Every task of a DAG job records the DAG, its version and the job (``tasks.dag_id
 
 A task's payload is its job's ``config`` with, per kind of run: the trigger's payload merged
 over it (manual), ``scheduled_time`` (schedules), or ``event``: ``{producer_task_id, key, type,
-payload, output, input}`` (fan-out). ``where`` filters are not applied to events (they filter
-rows an operator reads). Every task is created with the read grants of its job: its declared
-inputs the deployer of its version may read (``trace_lite.dag_grants``). Worker-pool slots are
-not built.
+payload, output, input}`` (fan-out). The consuming input's ``where`` is applied to the event's
+payload (``trace_core.dag.event_matches``): an event that fails it makes no task for that job.
+Tasks are created by ``trace_lite.dag_tasks.create_dag_tasks`` in the version that is live for
+their job (a job a staging rebuilds runs in the staged version; an event for it from a task that
+is not staged waits for the cutover, ``trace_lite.dag_remat``), with the read grants of the job.
+``run`` also runs the cutover pass (``trace_lite.dag_remat``) and the invalidation pass
+(``trace_lite.dag_invalidations``).
 """
 
 from __future__ import annotations

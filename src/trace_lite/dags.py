@@ -10,16 +10,17 @@ returns) and, in one transaction:
 2. checks the caller may deploy (``trace_core.access.check_deploy``), under the DAG row's lock,
    so deploys of one DAG serialize;
 3. diffs it against the active version (``trace_core.dag.diff`` / ``affected_jobs``);
-4. when its ``digest`` differs from the active version's: stores version N+1 (``dag_versions``,
-   never updated), its jobs (``dag_jobs``) and input edges (``dag_inputs``), makes it active,
-   registers each ``publish`` entry as a dataset produced by this DAG and job output, and gives
-   each dataset it registered an empty first version in a new pointer set of the DAG. A deploy
-   of the same meaning (same digest) stores nothing.
+4. abandons a building staging (``trace_lite.dag_remat``) unless the file is the staged one;
+5. when its ``digest`` differs from the active version's: stores version N+1 (``dag_versions``,
+   never updated), its jobs (``dag_jobs``) and input edges (``dag_inputs``), and then either
+   makes it active at once -- registering each ``publish`` entry as a dataset produced by this
+   DAG and job output, giving each dataset it registered an empty first version in a new
+   pointer set, and recording the activation (``dag_activations``, which
+   ``trace_lite.dag_control`` rolls back) -- or, when the diff rebuilds jobs, **stages** it
+   (``trace_lite.dag_remat.stage``: a staged pointer set and the rebuild's tasks; the cutover
+   makes it active later). A deploy of the same meaning (same digest) stores nothing.
 
-``dry_run=True`` answers the same diff and writes nothing. Each new version is recorded as an
-activation (``dag_activations``: the version with the pointer set it went live with), which
-``trace_lite.dag_control`` rolls back. What a version changes is only recorded: rebuilding
-affected jobs is not built (see ``docs/specs/dag.md``). Running jobs is
+``dry_run=True`` answers the same diff and writes nothing. Running jobs is
 ``trace_lite.dag_runs``.
 """
 
