@@ -4,7 +4,7 @@ A row is claimed (``FOR UPDATE SKIP LOCKED``, so any number of publishers split 
 if its topic has a consumer in this process (``consumed_topics``): ``wake`` rows go to the task
 queue, ``invoke`` rows to the Lambda launcher. Rows of other topics stay pending for their own
 consumer (``buffer:<dataset>``: the buffer forwarder of ``trace sink``; ``dataset.invalidate``:
-none built yet), so nothing announced is marked published without having been taken. What happens to a claimed row is the kernel's decision
+the DAG invalidation pass, ``trace_lite.dag_invalidations``), so nothing announced is marked published without having been taken. What happens to a claimed row is the kernel's decision
 (``trace_core.outbox``): published once taken, backed off and finally dead after
 ``OutboxPolicy.max_tries`` failed sends.
 
