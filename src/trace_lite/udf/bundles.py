@@ -160,7 +160,13 @@ class BundleCache:
                     raise BundleUnavailable(f"bundle URL answered {resp.status}")
                 if (resp.content_length or 0) > MAX_BUNDLE_BYTES:
                     raise BadBundle(f"bundle over {MAX_BUNDLE_BYTES} bytes")
-                data = await resp.content.read(MAX_BUNDLE_BYTES + 1)
+                # read(n) answers what has arrived (up to n), not n: read to the end
+                chunks: list[bytes] = []
+                async for chunk in resp.content.iter_chunked(1 << 20):
+                    chunks.append(chunk)
+                    if sum(map(len, chunks)) > MAX_BUNDLE_BYTES:
+                        break
+                data = b"".join(chunks)
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise BundleUnavailable(f"bundle fetch failed: {type(exc).__name__}") from None
         if len(data) > MAX_BUNDLE_BYTES:
