@@ -1,6 +1,7 @@
 //! An example UDF, the `bootstrap` of a Rust bundle: counts a granted dataset through the
 //! Query Service (when `payload.input` names one), emits `payload.n` rows to the buffered
-//! dataset `payload.output` (default `squares`) and returns a summary.
+//! dataset `payload.output` (default `squares`), an event when `payload.done_event` names its
+//! key, and returns a summary.
 //!
 //! Build: `cargo build --offline --release --example bootstrap`; the bundle is this
 //! executable, named `bootstrap`, beside a `trace-udf.json` (see README.md).
@@ -30,7 +31,11 @@ fn handler(ctx: &mut Context) -> HandlerResult {
         })
         .collect();
     ctx.emit_rows(output, rows)?;
-    ctx.emit_event("squares.done", Value::object([("rows", Value::from(n))]), "done")?;
+    // An event fans out to the DAG's consuming jobs like the sink's rows_committed does: emit
+    // one only when asked (`payload.done_event`: its key).
+    if let Some(key) = payload.get("done_event").and_then(Value::as_str) {
+        ctx.emit_event("squares.done", Value::object([("rows", Value::from(n))]), key)?;
+    }
     Ok(Value::object([
         ("emitted", Value::from(n)),
         ("base", Value::from(base)),

@@ -1,6 +1,9 @@
 //! A UDF whose behaviour `payload.mode` chooses, for the runtime conformance tests shared with
 //! the Node SDK (tests/udf): ok, two_calls, big, error, non_retryable, crash (a panic), array,
-//! string, garbage, heartbeat, query.
+//! string, garbage, heartbeat, query; and `reader` for the end-to-end DAG test: sums
+//! `payload.input`'s `i` and `sq` per row into `payload.output`, and on attempt 1 answers a
+//! result nested too deep for the Dispatcher after its rows were published (so that attempt
+//! fails and the retry re-publishes the same keys).
 
 use std::io::Write;
 
@@ -63,6 +66,28 @@ fn handler(ctx: &mut Context) -> HandlerResult {
             let read = rows.len();
             ctx.emit_rows("copies", rows)?;
             Ok(Value::object([("read", Value::from(read))]))
+        }
+        "reader" => {
+            let input = ctx.payload().get("input").and_then(Value::as_str).unwrap_or("squares").to_string();
+            let output = ctx.payload().get("output").and_then(Value::as_str).unwrap_or("sums").to_string();
+            let rows = ctx.query(&format!("SELECT i, sq FROM {input} ORDER BY i"), None)?;
+            let sums = rows
+                .iter()
+                .map(|r| {
+                    let i = r.get("i").and_then(Value::as_i64).unwrap_or(0);
+                    let sq = r.get("sq").and_then(Value::as_i64).unwrap_or(0);
+                    Value::object([("i", Value::from(i)), ("total", Value::from(i + sq))])
+                })
+                .collect();
+            ctx.emit_rows(&output, sums)?;
+            if ctx.event().attempt == 1 {
+                let mut deep = Value::Null;
+                for _ in 0..80 {
+                    deep = Value::object([("d", deep)]);
+                }
+                return Ok(deep);
+            }
+            Ok(Value::object([("read", Value::from(rows.len())), ("granted", Value::from(ctx.datasets()))]))
         }
         other => Err(format!("unknown mode {other}").into()),
     }

@@ -249,6 +249,11 @@ impl From<Vec<Value>> for Value {
         Value::Array(items)
     }
 }
+impl From<Vec<String>> for Value {
+    fn from(items: Vec<String>) -> Value {
+        Value::Array(items.into_iter().map(Value::String).collect())
+    }
+}
 impl<T: Into<Value>> From<Option<T>> for Value {
     fn from(v: Option<T>) -> Value {
         v.map_or(Value::Null, Into::into)
