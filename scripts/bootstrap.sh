@@ -70,3 +70,15 @@ if [ -z "${TRACE_SKIP_NODE:-}" ] && command -v npm >/dev/null \
     "@foundry-rs/anvil@$ANVIL_VERSION"
   printf '%s\n' "$ANVIL_VERSION" >"$NODE_DIR/.anvil-version"
 fi
+
+# 5. Build tools of the Node UDF SDK (typescript, esbuild from npm; pinned by its package-lock) --
+# `npm ci` into sdks/node/node_modules, again only when the lock changed.
+NODE_SDK=sdks/node
+if [ -z "${TRACE_SKIP_NODE:-}" ] && command -v npm >/dev/null; then
+  NODE_LOCK_HASH="$(sha256sum "$NODE_SDK/package-lock.json" | cut -d' ' -f1)"
+  if [ "$(cat "$NODE_SDK/node_modules/.trace-lock-hash" 2>/dev/null)" != "$NODE_LOCK_HASH" ]; then
+    log "installing the Node UDF SDK's build tools (npm ci) into $NODE_SDK/node_modules"
+    run_quiet npm ci --prefix "$NODE_SDK" --no-audit --no-fund --silent
+    printf '%s\n' "$NODE_LOCK_HASH" >"$NODE_SDK/node_modules/.trace-lock-hash"
+  fi
+fi
