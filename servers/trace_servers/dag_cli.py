@@ -328,14 +328,14 @@ def cmd_dag(args: argparse.Namespace, dispatcher_url: str = "") -> int:
                 print(render_status(body))
             return 0 if status < 400 else 1
         case "invalidate":
-            body: dict[str, Any] = {"key": args.key, "version": args.version}
+            scope: dict[str, Any] = {"key": args.key, "version": args.version}
             if args.range is not None:
                 start, sep, end = args.range.partition(":")
                 if not sep or not start.isdigit() or not end.isdigit():
                     raise SystemExit("--range takes START:END, e.g. 100:200")
-                body |= {"start": int(start), "end": int(end)}
+                scope |= {"start": int(start), "end": int(end)}
             path = f"/v1/orgs/{args.org}/datasets/{args.dataset}/invalidate"
-            status, out = _remote(dispatcher_url, "POST", path, body)
+            status, out = _remote(dispatcher_url, "POST", path, scope)
             print(json.dumps(out, indent=2), file=sys.stdout if status < 400 else sys.stderr)
             return 0 if status < 400 else 1
         case "schema":
