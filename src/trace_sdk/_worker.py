@@ -155,7 +155,8 @@ class Worker:
             free = self.concurrency - len(self._inflight) - self._claiming_n
             if free <= 0:
                 stopper = asyncio.ensure_future(stop.wait())
-                claimer = [self._claimer] if self._claimer is not None else []
+                # a finished claim would end the wait at once: the loop would spin
+                claimer = [c for c in (self._claimer,) if c is not None and not c.done()]
                 await asyncio.wait(
                     [*self._inflight, *claimer, stopper],
                     return_when=asyncio.FIRST_COMPLETED,

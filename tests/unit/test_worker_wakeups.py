@@ -150,3 +150,32 @@ async def test_wakeups_received_during_a_claim_go_together_into_the_next_claim()
     # stops the receives at 40 wake-ups waiting); the last 5 once the claims freed room.
     assert sizes == [10, 30, 5]
     assert worker.stats["skipped"] == 45 and await queue.depth() == 0
+
+
+async def test_a_full_worker_waits_for_an_attempt_without_spinning(monkeypatch: Any) -> None:
+    """At its concurrency, with its last claim finished, the worker's loop sleeps until an
+    attempt ends (it once spun on the finished claim, a CPU core per worker)."""
+    worker = Worker(
+        surface=FakeTaskSurface(down), queue=MemoryQueue("tasks"), operators={}, concurrency=1
+    )
+    attempt: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    worker._inflight.add(attempt)  # type: ignore[arg-type]
+    worker._claimer = asyncio.create_task(asyncio.sleep(0))  # a claim that has finished
+    await worker._claimer
+    calls = 0
+    real_wait = asyncio.wait
+
+    async def counting_wait(*args: Any, **kwargs: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        return await real_wait(*args, **kwargs)
+
+    monkeypatch.setattr(asyncio, "wait", counting_wait)
+    stop = asyncio.Event()
+    running = asyncio.create_task(worker.run(stop))
+    for _ in range(50):
+        await asyncio.sleep(0)
+    stop.set()
+    attempt.set_result(None)
+    await running
+    assert calls <= 3  # one wait for the attempt, the stop and the drain; not one per loop
