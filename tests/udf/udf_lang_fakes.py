@@ -14,14 +14,15 @@ attempt: the runner does). The build helpers compile the SDKs once per source di
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import hashlib
 import json
 import os
 import shutil
 import subprocess
 import uuid
-from collections.abc import AsyncIterator, Mapping
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Iterator, Mapping
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -281,8 +282,22 @@ def source_digest(root: Path, patterns: tuple[str, ...]) -> str:
     return digest.hexdigest()
 
 
+@contextmanager
+def _build_lock(name: str) -> Iterator[None]:
+    """One build at a time across test sessions sharing this checkout."""
+    CACHE.mkdir(parents=True, exist_ok=True)
+    with open(CACHE / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
 def build_node_sdk() -> Path:
     """Compile the Node SDK (``tsc``) unless its sources are unchanged; returns ``dist/``."""
+    with _build_lock("node-sdk"):
+        return _build_node_sdk()
+
+
+def _build_node_sdk() -> Path:
     stamp = CACHE / "node-sdk.digest"
     digest = source_digest(NODE_SDK, ("src/*.ts", "tsconfig.json", "package-lock.json"))
     dist = NODE_SDK / "dist"
@@ -318,6 +333,11 @@ def build_rust(example: str = "bootstrap") -> Path:
     """``cargo build --offline --release --examples`` of the Rust crate into
     ``.trace/udf-sdks/cargo-target`` unless its sources are unchanged; returns the example's
     executable."""
+    with _build_lock("rust-sdk"):
+        return _build_rust(example)
+
+
+def _build_rust(example: str) -> Path:
     target = CACHE / "cargo-target"
     exe = target / "release" / "examples" / example
     stamp = CACHE / "rust-sdk.digest"
