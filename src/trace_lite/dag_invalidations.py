@@ -46,6 +46,7 @@ from typing import Any
 
 import attrs
 import psycopg
+from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 
 from trace_core import access, errors
@@ -264,13 +265,20 @@ class Invalidations:
             await cur.execute(
                 DQ["insert_task_inputs"],
                 {
-                    "task_ids": [t.task_id for t, _ in lineage],
-                    "indexes": [r.input_index for _, r in lineage],
-                    "producers": [r.producer_task_id for _, r in lineage],
-                    "keys": [r.event_key for _, r in lineage],
-                    "seqs": [r.event_seq for _, r in lineage],
-                    "dataset_uuids": [dataset_uuid] * len(lineage),
-                    "dataset_versions": [dataset_version] * len(lineage),
+                    "rows": Jsonb(
+                        [
+                            {
+                                "task_id": t.task_id,
+                                "input_index": r.input_index,
+                                "producer_task_id": r.producer_task_id,
+                                "event_key": r.event_key,
+                                "event_seq": r.event_seq,
+                                "dataset_uuid": dataset_uuid,
+                                "dataset_version": dataset_version,
+                            }
+                            for t, r in lineage
+                        ]
+                    )
                 },
             )
         reruns = tuple(

@@ -54,7 +54,7 @@ from trace_lite.dag_invalidations import Invalidations
 from trace_lite.dag_remat import DagRemat
 from trace_lite.dag_tasks import NewTask, PlanRow, create_dag_tasks, insert_lineage, with_epoch
 from trace_lite.orgs import Orgs, first
-from trace_lite.pg import fetch_as, transaction
+from trace_lite.pg import fetch_as, pg_array, transaction
 from trace_lite.task_rows import WakeMode
 from trace_sdk.aio import run_every
 
@@ -267,7 +267,7 @@ class DagRuns:
             if not claimed:
                 return FanOutReport()
             ids = [c.id for c in claimed]
-            plan = await fetch_as(cur, PlanRow, Q["fan_out_plan"], {"ids": ids})
+            plan = await fetch_as(cur, PlanRow, Q["fan_out_plan"], {"ids": pg_array(ids)})
             held = [p for p in plan if p.held]
             wanted = [p for p in plan if not p.held and p.passes_where()]
             tasks = [p.new_task() for p in wanted]
@@ -279,14 +279,14 @@ class DagRuns:
             waiting = {p.outbox_id for p in held if p.outbox_id is not None}
             consumed = [c for c in claimed if c.id not in waiting]
             if waiting:
-                await cur.execute(Q["hold_events"], {"ids": sorted(waiting)})
+                await cur.execute(Q["hold_events"], {"ids": pg_array(sorted(waiting))})
             sent = [outbox_sm.decide_sent(outbox_sm.OutboxState.PENDING, c.tries) for c in consumed]
             await cur.execute(
                 Q["mark_events_consumed"],
                 {
-                    "ids": [c.id for c in consumed],
-                    "states": [d.state.value for d in sent],
-                    "tries": [d.tries for d in sent],
+                    "ids": pg_array([c.id for c in consumed]),
+                    "states": pg_array([d.state.value for d in sent]),
+                    "tries": pg_array([d.tries for d in sent]),
                 },
             )
         return FanOutReport(events=len(consumed), created=len(created), held=len(waiting))

@@ -188,26 +188,25 @@ async def create_dag_tasks(
         return {}
     state = lifecycle.decide_create(delay_s=0).value
     grants = await read_grants(cur, ((t.dag_id, t.version, t.job) for t in tasks))
-    rows = await fetch_as(
-        cur,
-        CreatedRow,
-        Q["insert_dag_tasks"],
+    batch = [
         {
-            "task_ids": [t.task_id for t in tasks],
-            "org_ids": [t.org_id for t in tasks],
-            "operators": [t.operator for t in tasks],
-            "payloads": [Jsonb(dict(t.payload)) for t in tasks],
-            "states": [state] * len(tasks),
-            "max_attempts": [t.max_attempts for t in tasks],
-            "timeouts": [t.timeout_s for t in tasks],
-            "idempotency_keys": [t.idempotency_key for t in tasks],
-            "runtimes": [t.runtime for t in tasks],
-            "dag_ids": [t.dag_id for t in tasks],
-            "dag_versions": [t.version for t in tasks],
-            "dag_jobs": [t.job for t in tasks],
-            "read_datasets": [Jsonb(list(grants[(t.dag_id, t.version, t.job)])) for t in tasks],
-        },
-    )
+            "task_id": t.task_id,
+            "org_id": t.org_id,
+            "operator": t.operator,
+            "payload": dict(t.payload),
+            "state": state,
+            "max_attempts": t.max_attempts,
+            "timeout_s": t.timeout_s,
+            "idempotency_key": t.idempotency_key,
+            "runtime": t.runtime,
+            "dag_id": t.dag_id,
+            "dag_version": t.version,
+            "dag_job": t.job,
+            "read_datasets": list(grants[(t.dag_id, t.version, t.job)]),
+        }
+        for t in tasks
+    ]
+    rows = await fetch_as(cur, CreatedRow, Q["insert_dag_tasks"], {"rows": Jsonb(batch)})
     await wake(cur, [r.task_id for r in rows if r.state == TaskState.QUEUED.value], wake_mode)
     return {r.task_id: r.state for r in rows}
 
@@ -218,18 +217,19 @@ async def insert_lineage(
     """Record ``task_inputs`` of tasks created for events: ``(task_id, plan row)``."""
     if not rows:
         return
-    await cur.execute(
-        Q["insert_task_inputs"],
+    batch = [
         {
-            "task_ids": [t for t, _ in rows],
-            "indexes": [p.input_index for _, p in rows],
-            "producers": [p.producer_task_id for _, p in rows],
-            "keys": [p.event_key for _, p in rows],
-            "seqs": [p.event_seq for _, p in rows],
-            "dataset_uuids": [p.dataset_uuid for _, p in rows],
-            "dataset_versions": [p.dataset_version for _, p in rows],
-        },
-    )
+            "task_id": task_id,
+            "input_index": p.input_index,
+            "producer_task_id": p.producer_task_id,
+            "event_key": p.event_key,
+            "event_seq": p.event_seq,
+            "dataset_uuid": p.dataset_uuid,
+            "dataset_version": p.dataset_version,
+        }
+        for task_id, p in rows
+    ]
+    await cur.execute(Q["insert_task_inputs"], {"rows": Jsonb(batch)})
 
 
 __all__ = [

@@ -134,19 +134,17 @@ WHERE j.org_id = %(org_id)s AND j.dag = %(dag)s AND j.job = %(job)s;
 -- name: insert_dag_tasks
 -- Create tasks of DAG jobs in the state the kernel chose (decide_create), with their read grants
 -- (trace_lite.dag_grants; a JSON array of dataset names per task); a task whose idempotency key
--- its org already has is skipped (a repeated trigger, schedule slot or event).
+-- its org already has is skipped (a repeated trigger, schedule slot or event). The batch is one
+-- JSON array of rows (one parameter: no per-element array quoting).
 INSERT INTO tasks (task_id, org_id, operator, payload, state, max_attempts, timeout_s,
                    idempotency_key, runtime, dag_id, dag_version, dag_job, read_datasets)
 SELECT c.task_id, c.org_id, c.operator, c.payload, c.state, c.max_attempts, c.timeout_s,
        c.idempotency_key, c.runtime, c.dag_id, c.dag_version, c.dag_job,
        ARRAY(SELECT jsonb_array_elements_text(c.read_datasets))
-FROM unnest(%(task_ids)s::uuid[], %(org_ids)s::uuid[], %(operators)s::text[],
-            %(payloads)s::jsonb[], %(states)s::text[], %(max_attempts)s::int[],
-            %(timeouts)s::int[], %(idempotency_keys)s::text[], %(runtimes)s::text[],
-            %(dag_ids)s::uuid[], %(dag_versions)s::bigint[], %(dag_jobs)s::text[],
-            %(read_datasets)s::jsonb[])
-     AS c(task_id, org_id, operator, payload, state, max_attempts, timeout_s, idempotency_key,
-          runtime, dag_id, dag_version, dag_job, read_datasets)
+FROM jsonb_to_recordset(%(rows)s::jsonb)
+     AS c(task_id uuid, org_id uuid, operator text, payload jsonb, state text, max_attempts int,
+          timeout_s int, idempotency_key text, runtime text, dag_id uuid, dag_version bigint,
+          dag_job text, read_datasets jsonb)
 ON CONFLICT (org_id, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
 RETURNING task_id::text AS task_id, state;
 
@@ -156,12 +154,13 @@ SELECT task_id::text AS task_id, state FROM tasks
 WHERE org_id = %(org_id)s AND idempotency_key = %(idempotency_key)s;
 
 -- name: insert_task_inputs
--- Lineage of tasks created for events: the event and the dataset version the input reads.
+-- Lineage of tasks created for events: the event and the dataset version the input reads (one
+-- JSON array of rows).
 INSERT INTO task_inputs (task_id, input_index, producer_task_id, event_key, event_seq,
                          dataset_uuid, dataset_version)
-SELECT * FROM unnest(%(task_ids)s::uuid[], %(indexes)s::int[], %(producers)s::uuid[],
-                     %(keys)s::text[], %(seqs)s::bigint[], %(dataset_uuids)s::uuid[],
-                     %(dataset_versions)s::uuid[])
+SELECT * FROM jsonb_to_recordset(%(rows)s::jsonb)
+     AS c(task_id uuid, input_index int, producer_task_id uuid, event_key text, event_seq bigint,
+          dataset_uuid uuid, dataset_version uuid)
 ON CONFLICT DO NOTHING;
 
 -- name: claim_dag_events
