@@ -11,7 +11,14 @@ from pathlib import Path
 
 import pytest
 from udf_lang_conformance import RuntimeConformance
-from udf_lang_fakes import NODE_SDK, bootstrap, build_node_bundle, build_node_sdk, write_files
+from udf_lang_fakes import (
+    NODE_SDK,
+    TaskApi,
+    bootstrap,
+    build_node_bundle,
+    build_node_sdk,
+    write_files,
+)
 
 pytestmark = pytest.mark.skipif(shutil.which("node") is None, reason="node is not installed")
 
@@ -60,3 +67,28 @@ async def test_a_handler_that_cannot_be_loaded_is_an_init_error(
     ((header, body),) = running.api.init_errors
     assert header == body["errorType"] == error_type
     assert message in body["errorMessage"]
+
+
+async def test_the_example_handler_reads_emits_and_refuses_bad_input(tmp_path: Path) -> None:
+    build_node_sdk()
+    bundle = build_node_bundle(NODE_SDK / "examples" / "squares", tmp_path / "squares")
+    tasks = TaskApi()
+    tasks.answers["SELECT count(*) AS total FROM blocks"] = {
+        "columns": [{"name": "total", "type": "BIGINT"}],
+        "rows": [[7]],
+        "truncated": False,
+        "versions": {},
+    }
+    async with bootstrap(node_cmd(bundle), tasks=tasks) as running:
+        ok = await running.api.answer(
+            running.api.queue(tasks.event({"n": 2, "input": "blocks", "output": "sq"}))
+        )
+        bad = await running.api.answer(running.api.queue(tasks.event({"n": -1})))
+    assert ok.body == {
+        "result": {"emitted": 2, "base": 7, "attempt": 1},
+        "final_events": [{"key": "done", "type": "squares.done", "payload": {"rows": 2}}],
+    }
+    (publish,) = tasks.routes("buffer-publish")
+    assert publish["batch"]["key"] == "sq.0.0"
+    assert publish["batch"]["rows"] == [{"i": 0, "sq": 0, "base": 7}, {"i": 1, "sq": 1, "base": 7}]
+    assert bad.body["errorType"] == "NonRetryableError"
