@@ -177,8 +177,11 @@ async def test_the_monad_dag_backfills_and_its_datasets_match_the_node(
         await asyncio.gather(background, running, promoting)
         await surface.close()
 
-    # the backfill's ranges ran through both slots of the rpc pool (ranges = tasks)
+    # the backfill's ranges ran through both slots of the rpc pool (ranges = tasks), one
+    # range per slot at a time (the 3 tasks were woken at once)
     assert stack.done("ingest") == ranges
+    slots = _sql(stack.db_url, "SELECT slot FROM pool_slot_leases WHERE pool = 'rpc' ORDER BY 1")
+    assert [s for (s,) in slots] == [0, 1]
     windows = _sql(
         stack.db_url,
         "SELECT e.event_key FROM task_events e JOIN tasks t USING (task_id) "
