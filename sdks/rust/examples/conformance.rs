@@ -93,7 +93,26 @@ fn handler(ctx: &mut Context) -> HandlerResult {
     }
 }
 
+/// `conformance --direct N`: run the `ok` handler N times in this process through the local
+/// harness and print the seconds each took as JSON (the floor of `bench/udf_langs.py`).
+fn direct(n: usize) {
+    let payload = Value::object([("mode", Value::from("ok")), ("n", Value::from(10))]);
+    let mut took = Vec::with_capacity(n);
+    for _ in 0..n {
+        let t0 = std::time::Instant::now();
+        let run = trace_udf::local::run(&handler, payload.clone(), trace_udf::local::Options::default());
+        took.push(Value::from(t0.elapsed().as_secs_f64()));
+        assert!(run.succeeded());
+    }
+    println!("{}", Value::Array(took));
+}
+
 fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some("--direct") {
+        direct(args.get(2).and_then(|n| n.parse().ok()).unwrap_or(100));
+        return;
+    }
     if let Err(e) = serve(handler) {
         eprintln!("conformance: {e}");
         std::process::exit(1);
