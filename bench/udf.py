@@ -11,7 +11,10 @@ runtime's, not the Dispatcher's. It measures, for one small handler (reads its p
 * **cold**: the first invocation of a bundle (a new digest each time): fetch, digest check,
   unpack, start the runtime process, Runtime API round trips, publish, complete;
 * **warm**: later invocations of the same bundle in a warm runtime;
-* **throughput**: ``--n`` invocations through ``--concurrency`` warm runtimes, tasks/s.
+* **throughput**: ``--n`` invocations through ``--concurrency`` warm runtimes, tasks/s;
+* **node** (when ``node`` and the Node SDK's build dependencies are present): cold and warm
+  invocations of the Node SDK's example bundle (``sdks/node/examples/squares``) through the
+  same runner.
 
 Prints medians and p95 in milliseconds. Not a timed test: numbers depend on the machine.
 """
@@ -138,6 +141,7 @@ async def main(n: int, concurrency: int, isolation: str, cold: int) -> None:
             isolation=isolation,  # type: ignore[arg-type]
             bundle_url_prefix=url + "/o/",
             python=python,
+            node=shutil.which("node"),
             concurrency=concurrency,
             max_idle=concurrency,
         )
@@ -199,11 +203,52 @@ async def main(n: int, concurrency: int, isolation: str, cold: int) -> None:
             f"  throughput, {concurrency} warm runtimes  {n / elapsed:8.1f} tasks/s "
             f"({runner.stats['cold_starts']} cold starts in all)"
         )
+        await node_rows(runner, url, stub, n, cold)
         print(json.dumps({"stats": runner.stats}))
     finally:
         await runner.close()
         await site_runner.cleanup()
         shutil.rmtree(work, ignore_errors=True)
+
+
+NODE_SDK = Path(__file__).resolve().parents[1] / "sdks" / "node"
+
+
+async def node_rows(runner: Runner, url: str, stub: StubTaskApi, n: int, cold: int) -> None:
+    """Cold and warm invocations of a Node bundle, if the Node SDK can build one here."""
+    if shutil.which("node") is None or not (NODE_SDK / "node_modules" / "esbuild").exists():
+        print("  node: skipped (no node or no Node SDK build dependencies)")
+        return
+    from trace_servers.udf_cli import build
+
+    colds, warms = [], []
+    ref: dict[str, str] = {}
+    for i in range(cold + 1):
+        out = Path(tempfile.mkdtemp(prefix="trace-udf-bench-node-"))
+        proc = await asyncio.create_subprocess_exec(
+            "node",
+            str(NODE_SDK / "build.mjs"),
+            str(NODE_SDK / "examples" / "squares"),
+            str(out),
+            "--name",
+            f"squares-{i}",
+            stdout=asyncio.subprocess.DEVNULL,
+        )
+        assert await proc.wait() == 0
+        _, data = build(out)
+        shutil.rmtree(out, ignore_errors=True)
+        ref = {"name": f"squares-{i}", "digest": udf.digest_of(data)}
+        stub.bundles[ref["digest"]] = data
+        t0 = time.perf_counter()
+        outcome = await runner.run(payload(url, ref, 3))
+        assert outcome == "succeeded", runner.failures
+        colds.append(time.perf_counter() - t0)
+    for _ in range(n):
+        t0 = time.perf_counter()
+        assert await runner.run(payload(url, ref, 3)) == "succeeded"
+        warms.append(time.perf_counter() - t0)
+    print(f"  node cold (first of a bundle) {ms(colds)}")
+    print(f"  node warm runtime          {ms(warms)}")
 
 
 if __name__ == "__main__":
