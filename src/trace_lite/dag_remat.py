@@ -112,11 +112,6 @@ class _UuidRow:
 
 
 @attrs.frozen
-class _NewVersionRow:
-    dataset_version: str
-
-
-@attrs.frozen
 class _GenerationRow:
     generation: int
 
@@ -239,10 +234,9 @@ async def stage(
     uuids = [
         r.dataset_uuid for r in await fetch_as(cur, _UuidRow, Q["datasets_to_version"], params)
     ]
-    versions = []
-    for u in uuids:
-        (v,) = await fetch_as(cur, _NewVersionRow, DQ["insert_version"], {"dataset_uuid": u})
-        versions.append(v.dataset_version)
+    opened = await fetch_as(cur, _PointerRow, Q["insert_versions"], {"uuids": uuids})
+    new = {p.dataset_uuid: p.dataset_version for p in opened}
+    versions = [new[u] for u in uuids]
     (gen,) = await fetch_as(
         cur,
         _GenerationRow,

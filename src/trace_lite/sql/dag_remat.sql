@@ -22,6 +22,12 @@ WHERE d.dag_id = %(dag_id)s
                         AND x.dataset_uuid = d.dataset_uuid))
 ORDER BY d.name;
 
+-- name: insert_versions
+-- Open a new (empty) version of each dataset (the registry's insert_version, batched).
+INSERT INTO dataset_versions (dataset_version, dataset_uuid)
+SELECT gen_random_uuid(), u FROM unnest(%(uuids)s::uuid[]) AS u
+RETURNING dataset_uuid::text AS dataset_uuid, dataset_version::text AS dataset_version;
+
 -- name: insert_staged_pointer_set
 -- A staged pointer set: a new generation = the active set overlaid with the new versions; the
 -- active generation does not move (readers keep the old versions until the cutover).

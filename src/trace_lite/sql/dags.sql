@@ -73,36 +73,50 @@ FROM unnest(%(jobs)s::text[], %(indexes)s::int[], %(from_jobs)s::text[],
 UPDATE dags SET active_version = %(version)s WHERE dag_id = %(dag_id)s;
 
 -- name: upsert_published
--- Register a published output as a dataset of this DAG (or move an existing one of this DAG to
--- its new job/output); a name another DAG produces is left alone (no row returned).
+-- Register a version's published outputs (one JSON array of rows, names unique) as datasets of
+-- this DAG, or move existing ones of this DAG to their new job/output; a name another DAG
+-- produces is left alone (no row returned for it).
+WITH c AS (
+    SELECT * FROM jsonb_to_recordset(%(rows)s::jsonb)
+        AS c(name text, job text, output int, storage_kind text, schema jsonb,
+             update_strategy text, unique_key jsonb, multi_writer boolean)
+)
 INSERT INTO datasets (dataset_uuid, org_id, name, dag_id, job_name, output_index, storage_kind,
                       schema, update_strategy, unique_key, multi_writer)
-VALUES (gen_random_uuid(), %(org_id)s, %(name)s, %(dag_id)s, %(job)s, %(output)s,
-        %(storage_kind)s, %(schema)s, %(update_strategy)s, %(unique_key)s, %(multi_writer)s)
+SELECT gen_random_uuid(), %(org_id)s, c.name, %(dag_id)s, c.job, c.output, c.storage_kind,
+       c.schema, c.update_strategy, ARRAY(SELECT jsonb_array_elements_text(c.unique_key)),
+       c.multi_writer
+FROM c
 ON CONFLICT (org_id, name) DO UPDATE
 SET job_name = EXCLUDED.job_name, output_index = EXCLUDED.output_index,
     storage_kind = EXCLUDED.storage_kind, schema = EXCLUDED.schema,
     update_strategy = EXCLUDED.update_strategy, unique_key = EXCLUDED.unique_key,
     multi_writer = EXCLUDED.multi_writer
 WHERE datasets.dag_id = EXCLUDED.dag_id
-RETURNING dataset_uuid::text AS dataset_uuid;
+RETURNING name;
 
 -- name: insert_published
--- Register a published output as a dataset of this DAG if the name is new; a name this DAG
--- already has is left as it is (a staging: the live version keeps its metadata until the
--- cutover) and answers its row; a name another DAG produces answers no row.
-WITH ins AS (
+-- Register a version's published outputs whose names are new (a staging: the live version keeps
+-- its metadata until the cutover); answers every name this DAG now has (the new ones and those
+-- it already had), so a name another DAG produces answers no row.
+WITH c AS (
+    SELECT * FROM jsonb_to_recordset(%(rows)s::jsonb)
+        AS c(name text, job text, output int, storage_kind text, schema jsonb,
+             update_strategy text, unique_key jsonb, multi_writer boolean)
+), ins AS (
     INSERT INTO datasets (dataset_uuid, org_id, name, dag_id, job_name, output_index,
                           storage_kind, schema, update_strategy, unique_key, multi_writer)
-    VALUES (gen_random_uuid(), %(org_id)s, %(name)s, %(dag_id)s, %(job)s, %(output)s,
-            %(storage_kind)s, %(schema)s, %(update_strategy)s, %(unique_key)s, %(multi_writer)s)
+    SELECT gen_random_uuid(), %(org_id)s, c.name, %(dag_id)s, c.job, c.output, c.storage_kind,
+           c.schema, c.update_strategy, ARRAY(SELECT jsonb_array_elements_text(c.unique_key)),
+           c.multi_writer
+    FROM c
     ON CONFLICT (org_id, name) DO NOTHING
-    RETURNING dataset_uuid
+    RETURNING name
 )
-SELECT dataset_uuid::text AS dataset_uuid FROM ins
+SELECT name FROM ins
 UNION ALL
-SELECT dataset_uuid::text FROM datasets
-WHERE org_id = %(org_id)s AND name = %(name)s AND dag_id = %(dag_id)s;
+SELECT d.name FROM datasets d JOIN c ON c.name = d.name
+WHERE d.org_id = %(org_id)s AND d.dag_id = %(dag_id)s;
 
 -- name: list_dags
 -- The DAGs of an org with their active version.
