@@ -100,3 +100,12 @@ def test_schema_prints_the_shipped_json_schema() -> None:
     done = trace("schema")
     assert done.returncode == 0
     assert json.loads(done.stdout)["title"] == "Trace DAG file"
+
+
+def test_invalidate_needs_one_scope_and_a_well_formed_range() -> None:
+    done = trace("invalidate", "acme", "raw")
+    assert done.returncode == 2 and "one of the arguments --range --key is required" in done.stderr
+    done = trace("invalidate", "acme", "raw", "--range", "10:5x")
+    assert done.returncode == 1 and "--range takes START:END" in done.stderr
+    done = trace("invalidate", "acme", "raw", "--range", "0:10", "--key", "k")
+    assert done.returncode == 2 and "not allowed with argument" in done.stderr
