@@ -34,13 +34,15 @@ blocks' hashes again (one batched request); when some changed, the chain reorgan
 lowest changed block ``f``: the chunks from ``f``'s chunk up to the cursor are announced again
 as ``reorg:{start}_{end}`` events (payload ``reorg: true``), so ``cryo_ingest`` extracts them
 again and its ``replace`` outputs rewrite exactly those ranges (the commit's invalidation and the
-new range events rerun what was built from them). These re-announcements are part of
-``last_ranges``' guarantee (kept as ``last_reorged``). A change at the lowest remembered block
-(other than ``start``) may reach below the window: the window is extracted again, the task's
-result names the block (``reorg_may_reach_below``) and a warning is logged; blocks below it
-are not checked (a backfill over them replaces them). Limits: a reorg that happens between the follower fetching a block's hash
-and ``cryo_ingest`` extracting it is not seen; a reorg is seen at most one run (one trigger
-interval) after it happened; nothing is checked below the window.
+new range events rerun what was built from them). While the new fork is still shorter than
+the cursor plus ``confirmations``, the run waits (announces nothing) until it is long enough.
+These re-announcements are part of ``last_ranges``' guarantee (kept as ``last_reorged``). A
+change at the lowest remembered block (other than ``start``) may reach below the window: the
+window is extracted again, the task's result names the block (``reorg_may_reach_below``) and a
+warning is logged; blocks below it are not checked (a backfill over them replaces them).
+Limits: a reorg that happens between the follower fetching a block's hash and ``cryo_ingest``
+extracting it is not seen; a reorg is seen at most one run (one trigger interval) after it
+happened; nothing is checked below the window.
 
 Config (the job's ``config``; the trigger adds ``scheduled_time``)::
 
@@ -243,6 +245,10 @@ def make_head_follower(store: FollowerStore) -> Operator:
                 "reorg at the lowest remembered block: blocks below it may be stale",
                 extra={"block": state.hashes[0][0], "task_id": task_id},
             )
+        if reorged and reorged[-1][1] > head - confirmations:
+            # the new fork is not yet as long as what was announced: re-extracting now would
+            # ask for blocks past its head; the changed hashes are seen again next run
+            return {"cursor": state.cursor, "head": head, "ranges": 0, "reorg_waits": True}
         fresh = plan(
             state.cursor, head, chunk=chunk, confirmations=confirmations, max_ranges=max_ranges
         )

@@ -115,10 +115,15 @@ async def test_a_forced_reorg_replaces_exactly_the_affected_range(
         return int(n[0][0])
 
     async def follow(run_id: str, ingest: int, transfers: int) -> list[str]:
-        """One follower run; wait until ``ingest`` and ``transfers`` tasks completed."""
+        """One follower run; wait until it and ``ingest`` and ``transfers`` tasks completed."""
         started = await runs.trigger(None, ORG, "monad", "follow", run_id=run_id)
+        follower = started["task_id"]
         async with asyncio.timeout(90):
-            while not (done("ingest") == ingest and done("transfers") == transfers):  # noqa: ASYNC110
+            while not (  # noqa: ASYNC110
+                (await d.get_task(follower))["state"] == "completed"
+                and done("ingest") == ingest
+                and done("transfers") == transfers
+            ):
                 await asyncio.sleep(0.05)
         return [
             key
@@ -132,7 +137,9 @@ async def test_a_forced_reorg_replaces_exactly_the_affected_range(
     try:
         assert await follow("one", 3, 3) == ["range:0_20", "range:20_40", "range:40_60"]
         rpc.call("evm_revert", snapshot)
+        # fork B, still shorter than what was announced: the follower waits for it to grow
         rpc.call("evm_mine")  # fork B differs from A from block 47 on, in shape too
+        assert await follow("waits", 3, 3) == []
         make_activity(rpc, 40)
         assert rpc.block_number() >= 82
         # exactly the range holding the fork again, and the next new one
