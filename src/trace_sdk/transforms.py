@@ -34,8 +34,8 @@ import io
 from collections import Counter
 from typing import Any, Protocol
 
-import pyarrow as pa  # type: ignore[import-untyped,unused-ignore]
-import pyarrow.parquet as pq  # type: ignore[import-untyped,unused-ignore]
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from trace_sdk._worker import NonRetryableError, Operator, TaskContext
 from trace_sdk.ranges import input_range
