@@ -3,33 +3,39 @@
 Run by ``trace_lite.query.runner`` as ``python -I -m trace_lite.query.sandbox`` with an
 explicit minimal environment (no credentials), in a private empty working directory, in its
 own session (the parent kills the whole group at the deadline). It reads one JSON request on
-stdin and writes one JSON answer on stdout. The order of the layers:
+stdin and answers on stdout: one JSON document, or (``mode: arrow``) frames carrying Arrow
+record batches (``Frames``). The order of the layers:
 
 1. OS limits first, before DuckDB is imported (``resource.setrlimit``): address space, no file
    may grow past 0 bytes (``RLIMIT_FSIZE``: any write to a file kills the process), few open
-   files, no core dumps; then DuckDB is imported and the process waits for its one request
-   (a pool may start it before a query arrives), whose CPU seconds become its CPU limit.
+   files, no core dumps; then DuckDB and pyarrow are imported and DuckDB warmed up in a
+   throwaway database while the process waits for its one request (a pool starts it before a
+   query arrives); the request's CPU seconds become its CPU limit.
 2. A fresh in-memory DuckDB with extension autoload/autoinstall off, community and unsigned
-   extensions off, an empty extension directory, ``threads`` and ``memory_limit`` set and no
-   temp directory (nothing spills; memory is a hard limit).
+   extensions off, an empty extension directory, ``threads`` and ``memory_limit`` set, no
+   temp directory (nothing spills; memory is a hard limit) and no progress bar (it would draw
+   on stdout, the answer).
 3. The gate (``trace_core.query_gate``) on DuckDB's own parse tree, with the exact granted names;
    and DuckDB's statement splitter must see one SELECT.
-4. Trusted code loads the granted datasets' pinned files into in-memory tables named after the
-   datasets (the only files this process opens): Parquet objects, or the CSV export the server
-   made of a Postgres-table dataset's pinned rows (this process never gets a connection).
+4. Trusted code loads the granted datasets' pinned data into in-memory tables named after the
+   datasets: local Parquet files; ``s3://`` objects through DuckDB's httpfs loaded by path with a
+   temporary secret scoped to the pinned prefixes, dropped once loaded
+   (``trace_lite.query.s3``); or the CSV export the server made of a Postgres-table dataset's
+   pinned rows (this process never gets a connection).
 5. Lock-down, in this order: ``enable_external_access=false`` (one-way),
    ``disabled_filesystems='LocalFileSystem'``, ``lock_configuration=true``. From here no file,
    URL, extension or setting is reachable from SQL even if the gate missed a construct.
-6. The user SQL runs; at most ``max_rows`` rows are fetched (``truncated`` says more existed)
-   and the answer must fit ``max_bytes``.
+6. The user SQL runs; at most ``max_rows`` rows are answered (``truncated`` says more existed)
+   and the answer must fit ``max_bytes``. The process then exits at once (``os._exit``).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import resource
 import sys
-from typing import Any
+from typing import Any, NoReturn
 
 from trace_lite.query.values import jsonable
 
@@ -305,8 +311,16 @@ def _first_line(message: str) -> str:
 
 def main() -> int:
     apply_limits()
-    # A pre-started sandbox waits on stdin with DuckDB already imported (the slow part).
-    import duckdb  # noqa: F401
+    # A pre-started sandbox waits on stdin with everything imported and DuckDB warmed up in a
+    # throwaway database (the slow part of starting); the query still gets a fresh one.
+    import duckdb
+    import pyarrow  # noqa: F401
+
+    from trace_core import query_gate  # noqa: F401
+
+    warm = duckdb.connect(":memory:", config={"threads": 1})
+    warm.execute("SELECT json_serialize_sql('SELECT 1')").fetchall()
+    warm.close()
 
     request = json.loads(sys.stdin.buffer.read())
     limit_cpu(int(request["cpu_s"]))
@@ -318,7 +332,7 @@ def main() -> int:
             frames.send_json(b"X", {"error": exc.code, "message": exc.message})
         except MemoryError:
             frames.send_json(b"X", {"error": "query_failed", "message": "out of memory"})
-        return 0
+        _exit()
     try:
         answer = run(request)
     except Refused as exc:
@@ -331,9 +345,16 @@ def main() -> int:
             {"ok": False, "error": "payload_too_large", "message": "the result is too large"}
         ).encode()
     sys.stdout.buffer.write(data)
+    _exit()
+
+
+def _exit() -> NoReturn:
+    """End at once once the answer is out: the parent waits for this process to exit, and the
+    interpreter's and DuckDB's orderly teardown took longer than most queries (nothing else
+    needs flushing: the process writes no file)."""
     sys.stdout.buffer.flush()
-    return 0
+    os._exit(0)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()
