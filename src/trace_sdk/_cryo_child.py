@@ -73,16 +73,22 @@ def _head(rpc: str) -> int:
     return int(doc["result"], 16)
 
 
-def _count(path: Path) -> tuple[int, int | None, int | None]:
+def _counts(paths: list[Path]) -> dict[str, tuple[int, int | None, int | None]]:
+    """Rows and lowest/highest block number of each file, by path, in one DuckDB query (a
+    file with no rows is ``(0, None, None)``)."""
     import duckdb
 
-    row = duckdb.sql(
-        "SELECT count(*), min(block_number), max(block_number) FROM read_parquet(?)",
-        params=[str(path)],
-    ).fetchone()
-    assert row is not None
-    count, lowest, highest = row
-    return int(count), lowest, highest
+    found = duckdb.sql(
+        "SELECT filename, count(*), min(block_number), max(block_number) "
+        "FROM read_parquet(?, filename = true, union_by_name = true) GROUP BY filename",
+        params=[[str(p) for p in paths]],
+    ).fetchall()
+    counts: dict[str, tuple[int, int | None, int | None]] = dict.fromkeys(
+        (str(p) for p in paths), (0, None, None)
+    )
+    for filename, count, lowest, highest in found:
+        counts[str(filename)] = (int(count), lowest, highest)
+    return counts
 
 
 def _freeze(req: dict[str, Any], rpc: str, out: Path) -> dict[str, Any]:
@@ -164,12 +170,14 @@ def run(req: dict[str, Any]) -> dict[str, Any]:
         return {"ok": False, "kind": "incomplete", "message": "cryo completed no job"}
     checked = time.monotonic()
     files: dict[str, dict[str, Any]] = {}
-    for datatype in datatypes:
-        # cryo names files with an INCLUSIVE end: [start, end) is ..._{start}_to_{end - 1}
-        path = out / f"chain__{datatype}__{start:08d}_to_{end - 1:08d}.parquet"
+    # cryo names files with an INCLUSIVE end: [start, end) is ..._{start}_to_{end - 1}
+    paths = {d: out / f"chain__{d}__{start:08d}_to_{end - 1:08d}.parquet" for d in datatypes}
+    for path in paths.values():
         if not path.is_file():
             return {"ok": False, "kind": "incomplete", "message": f"missing {path.name}"}
-        rows, low, high = _count(path)
+    counts = _counts(list(paths.values()))
+    for datatype, path in paths.items():
+        rows, low, high = counts[str(path)]
         outside = rows and (low is None or high is None or low < start or high >= end)
         if outside or (datatype == "blocks" and (rows, low, high) != (end - start, start, end - 1)):
             return {
