@@ -44,4 +44,6 @@ export const RuntimeErrorTypes = {
   handlerNotFound: "Runtime.HandlerNotFound",
   /** The handler's module threw while loading. */
   importModuleError: "Runtime.ImportModuleError",
+  /** An allocation failed (a `RangeError` such as "Array buffer allocation failed"). */
+  outOfMemory: "RangeError.OutOfMemory",
 } as const;

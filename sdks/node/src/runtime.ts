@@ -55,7 +55,7 @@ export async function invoke(
     result = await runGuarded(() => handler(ctx));
   } catch (exc) {
     const err = exc instanceof Error ? exc : new Error(String(exc));
-    return failure(err.name || "Error", err.message, err.stack);
+    return failure(errorTypeOf(err), err.message, err.stack);
   }
   const shape = resultProblem(result);
   if (shape) return failure(RuntimeErrorTypes.invalidResult, shape);
@@ -147,6 +147,16 @@ export function resultProblem(result: unknown): string | null {
     return `the handler's result is not JSON: ${String(exc)}`;
   }
   return null;
+}
+
+/** The `errorType` of a handler's error: its `name`, except that a failed allocation (V8's
+ * `RangeError: Array buffer allocation failed`) is `RangeError.OutOfMemory`, which the runner
+ * reports as out of memory. */
+export function errorTypeOf(err: Error): string {
+  if (err.name === "RangeError" && /allocation failed|out of memory/i.test(err.message)) {
+    return RuntimeErrorTypes.outOfMemory;
+  }
+  return err.name || "Error";
 }
 
 /** `fn()`, also rejected by an uncaught exception or unhandled rejection while it runs. */

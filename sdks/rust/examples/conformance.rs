@@ -1,6 +1,7 @@
 //! A UDF whose behaviour `payload.mode` chooses, for the runtime conformance tests shared with
 //! the Node SDK (tests/udf): ok, two_calls, big, error, non_retryable, crash (a panic), array,
-//! string, garbage, heartbeat, query; and `reader` for the end-to-end DAG test: sums
+//! string, garbage, heartbeat, query; `exit` (the process exits mid-invocation), `hang` and
+//! `memory` (reserves 1 GiB) for the runner's failure tests; and `reader` for the end-to-end DAG test: sums
 //! `payload.input`'s `i` and `sq` per row into `payload.output`, and on attempt 1 answers a
 //! result nested too deep for the Dispatcher after its rows were published (so that attempt
 //! fails and the retry re-publishes the same keys).
@@ -88,6 +89,23 @@ fn handler(ctx: &mut Context) -> HandlerResult {
                 return Ok(deep);
             }
             Ok(Value::object([("read", Value::from(rows.len())), ("granted", Value::from(ctx.datasets()))]))
+        }
+        "exit" => {
+            ctx.emit_rows("squares", squares(0, 1))?;
+            std::process::exit(3)
+        }
+        "hang" => {
+            ctx.emit_rows("squares", squares(0, 1))?;
+            loop {
+                std::thread::sleep(std::time::Duration::from_secs(1));
+            }
+        }
+        "memory" => {
+            ctx.emit_rows("squares", squares(0, 1))?;
+            let mut hog: Vec<u8> = Vec::new();
+            hog.try_reserve_exact(1 << 30)?;
+            hog.resize(1 << 30, 1);
+            Ok(Value::object([("n", Value::from(hog.len()))]))
         }
         other => Err(format!("unknown mode {other}").into()),
     }

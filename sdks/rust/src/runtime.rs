@@ -9,7 +9,8 @@
 //!      `POST .../invocation/{id}/response` with exactly `{"result", "final_events"}`: the
 //!      runner completes the attempt with it;
 //!   4. otherwise `POST .../invocation/{id}/error` with an `errorType`: `HandlerError` (an
-//!      `Err`), `NonRetryableError` (fails the task for good), `Panic` (the handler panicked;
+//!      `Err`), `NonRetryableError` (fails the task for good), `Runtime.OutOfMemory` (an `Err`
+//!      holding a `TryReserveError`: a fallible allocation failed), `Panic` (the handler panicked;
 //!      the loop goes on), `Runtime.InvalidResult` (a result that is not a JSON object or
 //!      null), `Runtime.InvalidEvent`, `Runtime.PublishFailed`; nothing is published.
 //!
@@ -95,6 +96,8 @@ where
         Ok(Err(err)) => {
             let kind = if err.downcast_ref::<NonRetryable>().is_some() {
                 "NonRetryableError"
+            } else if err.downcast_ref::<std::collections::TryReserveError>().is_some() {
+                "Runtime.OutOfMemory"
             } else {
                 "HandlerError"
             };

@@ -1,7 +1,8 @@
 /**
  * A UDF whose behaviour `payload.mode` chooses, for the runtime conformance tests shared with
  * the Rust SDK (tests/udf): ok, two_calls, big, error, non_retryable, crash, array, string,
- * garbage, heartbeat, query.
+ * garbage, heartbeat, query; and for the runner's failure tests: exit (the process exits
+ * mid-invocation), hang, memory (allocates 1 GiB).
  */
 import { NonRetryableError, type Handler, type JsonObject } from "@trace/udf";
 
@@ -52,6 +53,17 @@ export const handler: Handler = async (ctx) => {
       const rows = await ctx.query("SELECT n FROM blocks", { maxRows: 10 });
       ctx.emitRows("copies", rows);
       return { read: rows.length };
+    }
+    case "exit":
+      ctx.emitRows("squares", squares(0, 1));
+      process.exit(3);
+    case "hang":
+      ctx.emitRows("squares", squares(0, 1));
+      return await new Promise<never>(() => setInterval(() => undefined, 1000));
+    case "memory": {
+      ctx.emitRows("squares", squares(0, 1));
+      const hog = Buffer.alloc(2 ** 30);
+      return { n: hog.length };
     }
     default:
       throw new Error(`unknown mode ${mode}`);
