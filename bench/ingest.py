@@ -1,19 +1,23 @@
 """Ingest benchmark: blocks per second through ``cryo_ingest`` against bare ``cryo.freeze``.
 
-    .venv/bin/python -m bench.ingest [--blocks 3000] [--chunk 500] [--concurrency 1]
+    .venv/bin/python -m bench.ingest [--blocks 8000] [--chunk 2000] [--runs 5] [--slots 1,2,4]
 
 Starts a local anvil node (``scripts/bootstrap.sh`` installs it), makes activity (contract
 calls with logs, transfers, empty blocks) and pads the chain with empty blocks up to
-``--blocks``. Then, on the same node and range, in the same run:
+``--blocks``. Then, on the same node and range, ``--runs`` times, the scenarios interleaved:
 
 * bare: one ``cryo.freeze`` of blocks, transactions and logs over ``[0, blocks)`` with
   ``chunk_size = --chunk``, in a child process (as the operator runs it; the child's start is
-  counted);
-* Trace: ``blocks / chunk`` ``cryo_ingest`` tasks through the in-process Dispatcher on a fresh
-  Postgres database and a worker running ``--concurrency`` at a time: claim, extract (a child
-  per task), stage into the LocalObjectStore, commit with the completion.
+  counted); Cryo extracts its chunks concurrently in that one process;
+* cryo_ingest: ``blocks / chunk`` ``cryo_ingest`` tasks created at once through the in-process
+  Dispatcher on a fresh Postgres database, a worker running all of them at a time: claim,
+  extract (a child per task), stage into the LocalObjectStore, commit with the completion;
+* backfill over N slots (``--slots``): the same ranges as manual runs of a DAG job whose worker
+  pool has N slots (each slot the node's endpoint): at most N extracts at a time, each holding
+  a slot lease taken in its claim.
 
-Prints both rates and their ratio (issue #11's target: Trace >= 80% of bare). Not a test.
+Prints the medians of each scenario's seconds and blocks/s, and each scenario's median ratio to
+the bare run of the same round (issue #11's target: cryo_ingest >= 80% of bare). Not a test.
 """
 
 from __future__ import annotations
@@ -21,17 +25,24 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import resource
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 from bench.common import BenchPostgres
 from trace_core import wire
+from trace_core.dag import OperatorInfo
 from trace_core.lifecycle import RetryPolicy
 from trace_core.testing import MemoryQueue, MemorySigner
-from trace_lite.chain.devnode import DevNode, make_activity, mine_empty
+from trace_lite.chain.devnode import DevNode, Rpc, make_activity, mine_empty
+from trace_lite.dag_runs import DagRuns
+from trace_lite.dags import Dags
 from trace_lite.datasets import Datasets
 from trace_lite.dispatcher import Dispatcher, open_pool
 from trace_lite.local_store import LocalObjectStore
@@ -39,6 +50,10 @@ from trace_lite.task_surface import InProcessTaskSurface
 from trace_sdk import BUILTIN_OPERATORS, Worker
 
 ORG = "bench"
+#: Parts of an extract, summed over tasks: the child process (start to answer), its start
+#: (process, imports, answer: the child's time outside ``run``), Cryo's freeze, the child's
+#: checks of the files, and staging them (read, digest, write).
+PARTS = ("extract", "child start", "freeze", "checks", "stage")
 DATATYPES = ("blocks", "transactions", "logs")
 
 BARE = """
@@ -52,32 +67,63 @@ os._exit(0 if s["n_errored"] == 0 else 1)
 """
 
 
-def bare(rpc: str, blocks: int, chunk: int) -> float:
+def cpu_s() -> float:
+    """CPU seconds used so far by this process and its reaped children (user + system)."""
+    me, kids = (
+        resource.getrusage(resource.RUSAGE_SELF),
+        resource.getrusage(resource.RUSAGE_CHILDREN),
+    )
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def bare(rpc: str, blocks: int, chunk: int) -> tuple[float, float]:
+    """Seconds and CPU seconds of one bare freeze child."""
     with tempfile.TemporaryDirectory() as out:
         req = json.dumps({"rpc": rpc, "blocks": blocks, "chunk": chunk, "out": out})
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), cpu_s()
         subprocess.run([sys.executable, "-c", BARE, req], check=True, capture_output=True)
-        return time.perf_counter() - t0
+        return time.perf_counter() - t0, cpu_s() - c0
 
 
-async def through_trace(rpc: str, blocks: int, chunk: int, concurrency: int) -> tuple[float, float]:
-    """Seconds from creating the tasks to the last completion, and the tasks' summed extract
-    time (their child processes)."""
-    pg = BenchPostgres().start()
-    try:
-        _, url = pg.fresh(trace_schema=True)
-        with tempfile.TemporaryDirectory() as tmp:
-            store = LocalObjectStore(Path(tmp), "http://127.0.0.1:1", b"k" * 32)
-            pool = await open_pool(url, min_size=1, max_size=8)
-            try:
-                queue = MemoryQueue("tasks")
-                d = Dispatcher(
-                    pool,
-                    signer=MemorySigner(),
-                    queue=queue,
-                    object_store=store,
-                    retry=RetryPolicy(max_attempts=3, base_s=0.0),
-                )
+def _dag(rpc: str, slots: int) -> dict[str, Any]:
+    return {
+        "name": "backfill",
+        "worker_pools": {"rpc": [{"env": {"RPC_URL": rpc}} for _ in range(slots)]},
+        "jobs": {
+            "ingest": {
+                "operator": "cryo_ingest",
+                "worker_pool": "rpc",
+                "timeout": "5m",
+                "triggers": [{"type": "manual"}],
+                "outputs": [{"storage": "object_store", "update_strategy": "append"}] * 3,
+            }
+        },
+        "publish": [{"job": "ingest", "output": n, "dataset": d} for n, d in enumerate(DATATYPES)],
+    }
+
+
+async def through_trace(
+    pg: BenchPostgres, rpc: str, blocks: int, chunk: int, slots: int | None
+) -> tuple[float, dict[str, float]]:
+    """Seconds from creating the tasks to the last completion, and the tasks' summed parts
+    (``PARTS``). ``slots``: run the ranges as a DAG job on a pool of that many slots; None:
+    plain tasks, all at once."""
+    _, url = pg.fresh(trace_schema=True)
+    ranges = [(s, min(s + chunk, blocks)) for s in range(0, blocks, chunk)]
+    with tempfile.TemporaryDirectory() as tmp:
+        store = LocalObjectStore(Path(tmp), "http://127.0.0.1:1", b"k" * 32)
+        pool = await open_pool(url, min_size=1, max_size=8)
+        try:
+            queue = MemoryQueue("tasks")
+            d = Dispatcher(
+                pool,
+                signer=MemorySigner(),
+                queue=queue,
+                object_store=store,
+                retry=RetryPolicy(max_attempts=3, base_s=0.0),
+            )
+            create: Callable[[], Awaitable[list[str]]]
+            if slots is None:
                 ds = Datasets(pool, object_store=store)
                 await ds.ensure_dag(ORG, "chain", deployers=["admin"])
                 versions = {}
@@ -87,77 +133,148 @@ async def through_trace(rpc: str, blocks: int, chunk: int, concurrency: int) -> 
                     )
                     versions[name] = await ds.open_version(None, ORG, name)
                 await ds.cutover(None, ORG, "chain", versions)
-                surface = InProcessTaskSurface(d)
-                worker = Worker(
-                    surface=surface,
-                    queue=queue,
-                    operators=dict(BUILTIN_OPERATORS),
-                    store=store,
-                    wait_s=0.05,
-                    concurrency=concurrency,
-                )
-                stop = asyncio.Event()
-                background = asyncio.create_task(d.run_background(stop, reap_every_s=1.0))
-                running = asyncio.create_task(worker.run(stop))
-                t0 = time.perf_counter()
-                infos = await d.create_tasks(
-                    [
-                        wire.CreateTaskRequest(
-                            operator="cryo_ingest",
-                            org=ORG,
-                            payload={"start": s, "end": min(s + chunk, blocks), "rpc_url": rpc},
-                            timeout_s=300,
-                        )
-                        for s in range(0, blocks, chunk)
+
+                async def create() -> list[str]:
+                    infos = await d.create_tasks(
+                        [
+                            wire.CreateTaskRequest(
+                                operator="cryo_ingest",
+                                org=ORG,
+                                payload={"start": s, "end": e, "rpc_url": rpc},
+                                timeout_s=300,
+                            )
+                            for s, e in ranges
+                        ]
+                    )
+                    return [i.task_id for i in infos]
+            else:
+                operators = {n: OperatorInfo(n) for n in BUILTIN_OPERATORS}
+                await Dags(pool, operators=operators).deploy(None, ORG, _dag(rpc, slots))
+                runs = DagRuns(pool)
+
+                async def create() -> list[str]:
+                    return [
+                        (await runs.trigger(None, ORG, "backfill", "ingest", payload=p))["task_id"]
+                        for p in ({"start": s, "end": e} for s, e in ranges)
                     ]
-                )
-                pending = {i.task_id for i in infos}
-                extract_s = 0.0
-                while pending:
-                    for task_id in list(pending):
-                        task = await d.get_task(task_id)
-                        if task["state"] == "failed":
-                            raise SystemExit(f"task {task_id} failed: {task['attempts']}")
-                        if task["state"] == "completed":
-                            pending.discard(task_id)
-                            extract_s += task["result"]["extract_s"]
-                    await asyncio.sleep(0.02)
-                elapsed = time.perf_counter() - t0
-                stop.set()
-                await asyncio.gather(background, running)
-                await surface.close()
-                return elapsed, extract_s
-            finally:
-                await pool.close()
-    finally:
-        pg.stop()
+
+            surface = InProcessTaskSurface(d)
+            worker = Worker(
+                surface=surface,
+                queue=queue,
+                operators=dict(BUILTIN_OPERATORS),
+                store=store,
+                wait_s=0.05,
+                concurrency=slots or len(ranges),
+                retry_after_s=0.05,
+            )
+            stop = asyncio.Event()
+            background = asyncio.create_task(d.run_background(stop, reap_every_s=1.0))
+            running = asyncio.create_task(worker.run(stop))
+            t0, c0 = time.perf_counter(), cpu_s()
+            ids = await create()
+            parts = dict.fromkeys(PARTS, 0.0)
+            # one query per poll, 20 times a second: the bench's own load stays small
+            while True:
+                async with pool.connection() as conn:
+                    cur = await conn.execute(
+                        "SELECT count(*) FILTER (WHERE state = 'completed'), "
+                        "count(*) FILTER (WHERE state = 'failed') FROM tasks "
+                        "WHERE task_id = ANY(%s::uuid[])",
+                        (ids,),
+                    )
+                    counts = await cur.fetchone()
+                assert counts is not None
+                completed, failed = counts
+                if failed:
+                    raise SystemExit(f"a task failed: {ids}")
+                if completed == len(ids):
+                    break
+                await asyncio.sleep(0.05)
+            elapsed = time.perf_counter() - t0
+            # the worker, the Dispatcher and this loop (one process), and the extract children
+            # reaped so far (each is reaped when its extract ends)
+            parts["cpu"] = cpu_s() - c0
+            for task_id in ids:
+                result = (await d.get_task(task_id))["result"]
+                child = result["child_s"]
+                parts["extract"] += result["extract_s"]
+                parts["child start"] += result["extract_s"] - child["run"]
+                parts["freeze"] += child["freeze"]
+                parts["checks"] += child["check"]
+                parts["stage"] += result["stage_s"]
+            stop.set()
+            await asyncio.gather(background, running)
+            await surface.close()
+            return elapsed, parts
+        finally:
+            await pool.close()
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--blocks", type=int, default=3000)
-    parser.add_argument("--chunk", type=int, default=500)
-    parser.add_argument("--concurrency", type=int, default=1)
+    parser.add_argument("--blocks", type=int, default=8000)
+    parser.add_argument("--chunk", type=int, default=2000)
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--slots", default="1,2,4", help="pool sizes of the backfill runs")
     args = parser.parse_args()
+    slot_counts = [int(n) for n in args.slots.split(",") if n]
+    scenarios: list[tuple[str, int | None]] = [("cryo_ingest (all ranges at once)", None)]
+    scenarios += [(f"backfill, {n} slot{'s' * (n > 1)}", n) for n in slot_counts]
+    seconds: dict[str, list[float]] = {"bare cryo.freeze (one child)": []}
+    ratios: dict[str, list[float]] = {}
+    parts: dict[str, list[dict[str, float]]] = {}
+    cpu: dict[str, list[float]] = {"bare cryo.freeze (one child)": []}
     node = DevNode.start()
+    pg = BenchPostgres().start()
     try:
-        rpc = node.rpc()
+        rpc = Rpc(node.url, timeout_s=300)  # mining thousands of blocks on a loaded machine
         make_activity(rpc, min(300, args.blocks))
         mine_empty(rpc, args.blocks + 10 - rpc.block_number())
-        bare_s = bare(node.url, args.blocks, args.chunk)
-        trace_s, extract_s = asyncio.run(
-            through_trace(node.url, args.blocks, args.chunk, args.concurrency)
-        )
+        for n in range(args.runs):
+            bare_s, bare_cpu = bare(node.url, args.blocks, args.chunk)
+            seconds["bare cryo.freeze (one child)"].append(bare_s)
+            cpu["bare cryo.freeze (one child)"].append(bare_cpu)
+            for label, slots in scenarios:
+                secs, summed = asyncio.run(
+                    through_trace(pg, node.url, args.blocks, args.chunk, slots)
+                )
+                seconds.setdefault(label, []).append(secs)
+                ratios.setdefault(label, []).append(bare_s / secs)
+                parts.setdefault(label, []).append(summed)
+                cpu.setdefault(label, []).append(summed["cpu"])
+            print(
+                f"run {n + 1}/{args.runs}: bare {bare_s:.2f}s, "
+                + ", ".join(f"{label} {seconds[label][-1]:.2f}s" for label, _ in scenarios),
+                file=sys.stderr,
+                flush=True,
+            )
     finally:
+        pg.stop()
         node.stop()
+    ranges = -(-args.blocks // args.chunk)
     print(
-        f"ingest benchmark: blocks, transactions and logs of [0, {args.blocks}) "
-        f"in ranges of {args.chunk}, worker concurrency {args.concurrency}"
+        f"ingest benchmark: blocks, transactions and logs of [0, {args.blocks}) in {ranges} "
+        f"ranges of {args.chunk}; medians of {args.runs} interleaved runs"
     )
-    print(f"{'scenario':<34}{'seconds':>10}{'blocks/s':>12}{'vs bare':>9}")
-    for label, secs in (("bare cryo.freeze (one child)", bare_s), ("cryo_ingest", trace_s)):
-        print(f"{label:<34}{secs:>10.2f}{args.blocks / secs:>12,.0f}{bare_s / secs:>8.0%}")
-    print(f"cryo_ingest's extract children (summed over tasks): {extract_s:.2f} s")
+    print(f"{'scenario':<36}{'seconds':>9}{'blocks/s':>10}{'vs bare':>9}{'CPU s':>8}{'vs bare':>9}")
+    bare_cpu = statistics.median(cpu["bare cryo.freeze (one child)"])
+    for label, secs in seconds.items():
+        median = statistics.median(secs)
+        ratio = statistics.median(ratios[label]) if label in ratios else 1.0
+        used = statistics.median(cpu[label])
+        print(
+            f"{label:<36}{median:>9.2f}{args.blocks / median:>10,.0f}{ratio:>9.0%}"
+            f"{used:>8.2f}{bare_cpu / used:>9.0%}"
+        )
+    print("vs bare: median over runs of (bare seconds / scenario seconds) in the same run;")
+    print("CPU s: this process and its extract children (not the node, not Postgres), median;")
+    print("its vs bare: bare CPU / scenario CPU (medians)")
+    print("\nparts of the tasks' time, summed over tasks (medians, seconds):")
+    print(f"{'scenario':<36}" + "".join(f"{p:>13}" for p in PARTS))
+    for label, rows in parts.items():
+        medians = [statistics.median(r[p] for r in rows) for p in PARTS]
+        print(f"{label:<36}" + "".join(f"{m:>13.2f}" for m in medians))
 
 
 if __name__ == "__main__":
