@@ -259,8 +259,8 @@ def main() -> None:
     )
     print(f"{'scenario':<36}{'seconds':>9}{'blocks/s':>10}{'vs bare':>9}{'CPU s':>8}{'vs bare':>9}")
     bare_cpu = statistics.median(cpu["bare cryo.freeze (one child)"])
-    for label, secs in seconds.items():
-        median = statistics.median(secs)
+    for label, runs_s in seconds.items():
+        median = statistics.median(runs_s)
         ratio = statistics.median(ratios[label]) if label in ratios else 1.0
         used = statistics.median(cpu[label])
         print(
