@@ -216,3 +216,34 @@ def test_the_pid_namespace_is_why_a_detached_grandchild_dies(udf_procs: UdfProcs
     finally:
         for pid in survivors:
             os.kill(pid, 9)
+
+
+def test_a_canceled_task_stops_its_runtime_and_acknowledges(udf_procs: UdfProcs) -> None:
+    """The runner's heartbeat learns of the cancel: the runtime is killed (nothing left) and
+    the attempt is completed ``canceled``."""
+    udf_procs.start_runner()
+    source = """
+        import time
+        def handler(ctx):
+            ctx.emit_rows("out", [{"a": 1}])
+            time.sleep(600)
+    """
+    bundle = udf_procs.put_bundle(py_bundle("slow", source))
+    task_id = udf_procs.create_task(
+        "udf", {"bundle": bundle}, runtime="lambda", max_attempts=3, timeout_s=120
+    )
+    udf_procs.wait_until(lambda: udf_procs.udf_pids(), 60, "the runtime to start")
+    r = udf_procs.request("POST", f"/internal/admin/tasks/{task_id}/cancel", platform=True)
+    assert r.status == 200, r
+    udf_procs.wait_until(
+        lambda: (
+            udf_procs.sql("SELECT outcome FROM task_attempts WHERE task_id = %s", (task_id,))
+            == [("canceled",)]
+        ),
+        60,
+        "the attempt to be acknowledged canceled",
+    )
+    assert udf_procs.scalar("SELECT state FROM tasks WHERE task_id = %s", (task_id,)) == "canceled"
+    udf_procs.wait_until(lambda: not udf_procs.udf_pids(), 10, "UDF processes to be gone")
+    assert udf_procs.counts()["buffer_batches"] == 0
+    assert udf_procs.runner_health()["canceled"] == 1
