@@ -11,6 +11,7 @@
  */
 
 import { TaskApiError } from "./errors.js";
+import { httpRequest } from "./http.js";
 import type { BufferPublishResponse, Fence, HeartbeatResponse, InlineBatch, QueryResult } from "./types.js";
 
 /** The header that carries the attempt's capability token. */
@@ -67,16 +68,16 @@ export class HttpTaskSurface implements TaskSurface {
     for (let tries = 0; ; tries++) {
       let failure: TaskApiError;
       try {
-        const resp = await fetch(this.baseUrl + path, {
-          method: "POST",
-          headers: { "Content-Type": "application/json", [CAPABILITY_HEADER]: this.token },
-          body: payload,
-          signal: AbortSignal.timeout(this.requestTimeoutMs),
-        });
-        const text = await resp.text();
+        const resp = await httpRequest(
+          "POST",
+          this.baseUrl + path,
+          payload,
+          { "Content-Type": "application/json", [CAPABILITY_HEADER]: this.token },
+          this.requestTimeoutMs,
+        );
         let decoded: unknown = null;
         try {
-          decoded = JSON.parse(text);
+          decoded = JSON.parse(resp.body);
         } catch {
           decoded = null;
         }

@@ -22,6 +22,7 @@
 import { HttpTaskSurface, type TaskSurface } from "./client.js";
 import { isPlainObject, UdfContext } from "./context.js";
 import { RuntimeErrorTypes } from "./errors.js";
+import { httpRequest } from "./http.js";
 import type { InvokeEvent, JsonObject, UdfResponse } from "./types.js";
 
 /** A UDF: its context in, a JSON object (or nothing) out. */
@@ -78,10 +79,10 @@ export async function serve(
   const taskApiUrl = options.taskApiUrl ?? process.env.TRACE_TASK_API_URL ?? "";
   const base = `http://${api}/2018-06-01/runtime`;
   for (;;) {
-    const next = await fetch(`${base}/invocation/next`);
-    const requestId = next.headers.get("lambda-runtime-aws-request-id") ?? "";
-    const deadline = Number(next.headers.get("lambda-runtime-deadline-ms") ?? "") || undefined;
-    const text = await next.text();
+    const next = await httpRequest("GET", `${base}/invocation/next`);
+    const requestId = header(next.headers["lambda-runtime-aws-request-id"]);
+    const deadline = Number(header(next.headers["lambda-runtime-deadline-ms"])) || undefined;
+    const text = next.body;
     let outcome: Outcome;
     let event: unknown;
     try {
@@ -183,10 +184,9 @@ function failure(errorType: string, errorMessage: string, stack?: string): Outco
 }
 
 async function post(url: string, body: unknown, headers: Record<string, string> = {}): Promise<void> {
-  const resp = await fetch(url, {
-    method: "POST",
-    headers: { "Content-Type": "application/json", ...headers },
-    body: JSON.stringify(body),
-  });
-  await resp.arrayBuffer();
+  await httpRequest("POST", url, JSON.stringify(body), { "Content-Type": "application/json", ...headers }, 30_000);
+}
+
+function header(value: string | string[] | undefined): string {
+  return (Array.isArray(value) ? value[0] : value) ?? "";
 }
