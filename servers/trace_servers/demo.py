@@ -41,6 +41,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 from rich.table import Table
 
+from trace_core import errors
 from trace_core.access import UserCaller
 from trace_core.dag import OperatorInfo
 from trace_lite.chain.devnode import (
@@ -48,6 +49,7 @@ from trace_lite.chain.devnode import (
     DevNode,
     LiveActivity,
     Rpc,
+    RpcError,
     anvil_path,
     make_history,
 )
@@ -282,7 +284,10 @@ class _Run:
             """Every committed partition is promoted (readers and queries see promoted ones)."""
             org_id = await datasets.org_id(ORG)
             admin = UserCaller(USER, org_id, frozenset({"admin"}))
-            res = await datasets.resolve(admin, ORG, list(PARQUET_DATASETS), pin_ttl_s=0)
+            try:
+                res = await datasets.resolve(admin, ORG, list(PARQUET_DATASETS), pin_ttl_s=0)
+            except errors.Unavailable:
+                return False  # asked again at the next sample
             return all(d.pending == 0 for d in res.datasets)
 
         self.stop.clear()
@@ -351,9 +356,17 @@ class _Run:
             totals = bars.add_task("ingested", total=None, info="")
             while True:
                 self.procs.check()  # a child that exited is restarted
-                p = await dag_progress(pool, ORG, DAG)
-                stored = await self._stored_stats(datasets, org_id)
-                head = await asyncio.to_thread(self.rpc.block_number)
+                try:
+                    p = await dag_progress(pool, ORG, DAG)
+                    stored = await self._stored_stats(datasets, org_id)
+                    head = await asyncio.to_thread(self.rpc.block_number)
+                except (errors.Unavailable, psycopg.OperationalError, RpcError) as exc:
+                    # a database restart or a busy node: skip this sample, not the demo
+                    self.console.print(f"progress unavailable for a moment: {exc}")
+                    if until():
+                        return False
+                    await asyncio.sleep(1.0)
+                    continue
                 cursor = p.cursor if p.cursor is not None else self.history_end
                 line = (
                     f"{p.blocks_done} blocks in {p.ranges_done}/{p.ranges} ranges, "
