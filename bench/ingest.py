@@ -201,7 +201,7 @@ async def through_trace(
                 parts["extract"] += result["extract_s"]
                 parts["child start"] += result["extract_s"] - child["run"]
                 parts["freeze"] += child["freeze"]
-                parts["checks"] += child["check"]
+                parts["checks"] += child["check"] + result["check_s"]
                 parts["stage"] += result["stage_s"]
             stop.set()
             await asyncio.gather(background, running)

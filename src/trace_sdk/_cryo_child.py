@@ -1,18 +1,18 @@
 """The child process of ``cryo_ingest``: one extract with ``cryo.freeze``, checked, then
 ``os._exit``.
 
-Run as ``python .../trace_sdk/_cryo_child.py`` (standard library, duckdb and cryo only: it never
-imports the SDK), started ahead of need (``trace_sdk._warm_child``): it imports Cryo and DuckDB,
+Run as ``python .../trace_sdk/_cryo_child.py`` (standard library and cryo only: it never imports
+the SDK), started ahead of need (``trace_sdk._warm_child``): it imports Cryo,
 names itself ``trace-cryo-idle`` (``/proc/PID/comm``), then reads its one request, a JSON line
 on stdin (``start``, ``end``, ``rpc``, ``out``, ``datatypes``, ``budget``), and renames itself
 ``trace-cryo-run``; EOF instead of a request (the worker exited) ends it. It prints one JSON
-line on stdout: ``{"ok": true, "files": {datatype: {"path", "rows"}}, "throttled": N,
+line on stdout: ``{"ok": true, "files": {datatype: {"path"}}, "throttled": N,
 "seconds": {...}}`` or ``{"ok": false, "kind": "past_head" | "unreachable" | "throttled" |
 "errored" | "incomplete", "message"}``, and always leaves through ``os._exit`` (cryo 0.3.2
 crashes at interpreter shutdown in about 1% of runs, after its data is written). It checks what
-``freeze`` does not raise: ``n_errored`` must be 0, at least one job completed, exactly one file
-per datatype named for the range, and every row inside the range (the blocks file holds exactly
-one row per block). It dies with its parent (``PR_SET_PDEATHSIG`` on Linux): a worker killed
+``freeze`` does not raise: ``n_errored`` must be 0, at least one job completed, and exactly one
+file per datatype named for the range (the operator then checks the rows of each file:
+``trace_sdk.ingest.check_rows``). It dies with its parent (``PR_SET_PDEATHSIG`` on Linux): a worker killed
 mid-extract leaves no extract behind.
 
 RPC budget (``req["budget"]``, the attempt's worker-pool slot's, see ``trace_sdk.ingest``):
@@ -71,24 +71,6 @@ def _head(rpc: str) -> int:
     if isinstance(error, dict) and error.get("code") in RATE_LIMIT_CODES:
         raise Throttled(f"JSON-RPC error {error.get('code')}")
     return int(doc["result"], 16)
-
-
-def _counts(paths: list[Path]) -> dict[str, tuple[int, int | None, int | None]]:
-    """Rows and lowest/highest block number of each file, by path, in one DuckDB query (a
-    file with no rows is ``(0, None, None)``)."""
-    import duckdb
-
-    found = duckdb.sql(
-        "SELECT filename, count(*), min(block_number), max(block_number) "
-        "FROM read_parquet(?, filename = true, union_by_name = true) GROUP BY filename",
-        params=[[str(p) for p in paths]],
-    ).fetchall()
-    counts: dict[str, tuple[int, int | None, int | None]] = dict.fromkeys(
-        (str(p) for p in paths), (0, None, None)
-    )
-    for filename, count, lowest, highest in found:
-        counts[str(filename)] = (int(count), lowest, highest)
-    return counts
 
 
 def _freeze(req: dict[str, Any], rpc: str, out: Path) -> dict[str, Any]:
@@ -169,23 +151,11 @@ def run(req: dict[str, Any]) -> dict[str, Any]:
     if completed < 1:
         return {"ok": False, "kind": "incomplete", "message": "cryo completed no job"}
     checked = time.monotonic()
-    files: dict[str, dict[str, Any]] = {}
     # cryo names files with an INCLUSIVE end: [start, end) is ..._{start}_to_{end - 1}
     paths = {d: out / f"chain__{d}__{start:08d}_to_{end - 1:08d}.parquet" for d in datatypes}
     for path in paths.values():
         if not path.is_file():
             return {"ok": False, "kind": "incomplete", "message": f"missing {path.name}"}
-    counts = _counts(list(paths.values()))
-    for datatype, path in paths.items():
-        rows, low, high = counts[str(path)]
-        outside = rows and (low is None or high is None or low < start or high >= end)
-        if outside or (datatype == "blocks" and (rows, low, high) != (end - start, start, end - 1)):
-            return {
-                "ok": False,
-                "kind": "incomplete",
-                "message": f"{path.name}: {rows} rows, blocks {low}..{high}",
-            }
-        files[datatype] = {"path": str(path), "rows": rows}
     unexpected = sorted(p.name for p in out.iterdir() if p.is_file())
     if len(unexpected) != len(datatypes):
         return {"ok": False, "kind": "incomplete", "message": f"unexpected files {unexpected}"}
@@ -193,7 +163,7 @@ def run(req: dict[str, Any]) -> dict[str, Any]:
     seconds = {"run": done - began, "freeze": freeze_s, "check": done - checked}
     return {
         "ok": True,
-        "files": files,
+        "files": {d: {"path": str(path)} for d, path in paths.items()},
         "throttled": throttled,
         "seconds": {k: round(v, 3) for k, v in seconds.items()},
     }
@@ -231,7 +201,6 @@ def main() -> None:
     die_with_parent()
     name_self(b"trace-cryo-idle")
     import cryo  # noqa: F401  (warm: the request pays no import)
-    import duckdb  # noqa: F401
 
     line = sys.stdin.buffer.readline()
     if not line.strip():

@@ -497,3 +497,29 @@ async def test_warm_children_serve_one_request_each_and_stay_warm_to_the_high_wa
         idle = warm.idle()
         warm.close()
         assert not any(_alive(p) for p in idle)
+
+
+def test_check_rows_refuses_a_missing_block_and_a_row_outside_the_range(tmp_path: Path) -> None:
+    from trace_sdk.ingest import ExtractError, check_rows
+
+    def parquet(name: str, blocks: list[int]) -> Path:
+        path = tmp_path / f"{name}.parquet"
+        values = ", ".join(f"({n}::UINTEGER)" for n in blocks) or "(NULL::UINTEGER)"
+        where = "" if blocks else " WHERE false"
+        duckdb.sql(
+            f"COPY (SELECT * FROM (VALUES {values}) t(block_number){where}) "
+            f"TO '{path}' (FORMAT parquet)"
+        )
+        return path
+
+    blocks, logs = parquet("blocks", list(range(10))), parquet("logs", [3, 3, 9])
+    empty = parquet("transactions", [])
+    assert check_rows(0, 10, {"blocks": blocks, "transactions": empty, "logs": logs}) == {
+        "blocks": 10,
+        "transactions": 0,
+        "logs": 3,
+    }
+    with pytest.raises(ExtractError, match=r"blocks\.parquet: 10 rows, blocks 0\.\.9"):
+        check_rows(0, 11, {"blocks": blocks})  # block 10 is missing
+    with pytest.raises(ExtractError, match=r"logs\.parquet: 3 rows, blocks 3\.\.9"):
+        check_rows(0, 9, {"logs": logs})  # a log of block 9 is outside [0, 9)
