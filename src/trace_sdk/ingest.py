@@ -79,7 +79,7 @@ from trace_sdk._worker import NonRetryableError, TaskContext
 DATATYPES = ("blocks", "transactions", "logs")
 #: The child runs as a script (not ``-m trace_sdk...``): it needs neither the SDK nor aiohttp.
 _CHILD = str(Path(__file__).with_name("_cryo_child.py"))
-#: Extract children, warm: each has imported Cryo and DuckDB before its request arrives.
+#: Extract children, warm: each has imported Cryo before its request arrives.
 _EXTRACTS = WarmChildren([sys.executable, _CHILD])
 #: The largest range one task extracts (one Parquet file per datatype).
 MAX_RANGE = 100_000
