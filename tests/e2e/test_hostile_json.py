@@ -181,6 +181,7 @@ class Surface:
             ),
             ("POST", "/v1/query", "user", {"org": ORG, "sql": SLOT}, "sql"),
             ("POST", "/v1/task/query", "capability", {**f, "sql": SLOT}, "sql"),
+            ("POST", "/v1/query/exports", "user", {"org": ORG, "sql": SLOT}, "sql"),
         ]
 
     def headers(self, auth: str) -> dict[str, str]:
