@@ -166,10 +166,9 @@ async def test_a_forced_reorg_replaces_exactly_the_affected_range(
 
     extracted = _sql(
         db_url,
-        "SELECT t.result ->> 'start', count(*) FROM tasks t WHERE t.dag_job = 'ingest' "
-        "GROUP BY 1 ORDER BY 1::int",
+        "SELECT t.result ->> 'start', count(*) FROM tasks t WHERE t.dag_job = 'ingest' GROUP BY 1",
     )
-    assert [(int(s), n) for s, n in extracted] == [(0, 1), (20, 1), (40, 2), (60, 1)]
+    assert sorted((int(s), n) for s, n in extracted) == [(0, 1), (20, 1), (40, 2), (60, 1)]
 
     org_id = _sql(db_url, "SELECT org_id::text FROM orgs WHERE name = %s", (ORG,))[0][0]
     admin = UserCaller("alice", org_id, frozenset({"admin"}))
