@@ -46,6 +46,8 @@ CHECKED_TABLES = (
     "dag_pointers",
     "dataset_partitions",
     "dataset_pins",
+    "alert_destinations",
+    "dag_rematerializations",
 )
 
 #: What would betray a backend or a Python exception in a response body (a backend's words,
@@ -182,6 +184,15 @@ class Surface:
             ("POST", "/v1/query", "user", {"org": ORG, "sql": SLOT}, "sql"),
             ("POST", "/v1/task/query", "capability", {**f, "sql": SLOT}, "sql"),
             ("POST", "/v1/query/exports", "user", {"org": ORG, "sql": SLOT}, "sql"),
+            (
+                "POST",
+                f"{base}/alert-destinations",
+                "user",
+                {"name": "ops", "kind": "webhook", "url": SLOT},
+                "url",
+            ),
+            ("PATCH", f"{base}/alert-destinations/ops", "user", {"url": SLOT}, "url"),
+            ("POST", f"{base}/datasets/blocks/invalidate", "user", {"key": SLOT}, "key"),
         ]
 
     def headers(self, auth: str) -> dict[str, str]:
