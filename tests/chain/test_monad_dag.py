@@ -22,6 +22,7 @@ from trace_core.access import UserCaller
 from trace_core.dag import OperatorInfo
 from trace_core.lifecycle import RetryPolicy
 from trace_core.testing import MemoryQueue, MemorySigner
+from trace_lite.alert_operators import alert_operators
 from trace_lite.buffer_forwarder import BufferForwarder, queue_name, topic
 from trace_lite.chain.devnode import TRANSFER_TOPIC, Chain
 from trace_lite.chain.operators import lite_operators
@@ -103,7 +104,7 @@ async def test_the_monad_dag_backfills_and_its_datasets_match_the_node(
 ) -> None:
     assert chain.head >= END
     pool, store = stack.state, stack.store
-    lite = lite_operators(pool, store)
+    lite = lite_operators(pool, store) | alert_operators(pool, stack.data, store)
     operators = {n: OperatorInfo(n) for n in [*BUILTIN_OPERATORS, *lite]}
     await Datasets(pool, object_store=store).set_member(None, ORG, "alice", ["admin"])
     await Dags(pool, operators=operators).deploy(None, ORG, example(chain.node.url))

@@ -21,6 +21,7 @@ from trace_core.access import UserCaller
 from trace_core.dag import OperatorInfo
 from trace_core.lifecycle import RetryPolicy
 from trace_core.testing import MemoryQueue, MemorySigner
+from trace_lite.alert_operators import alert_operators
 from trace_lite.chain.devnode import TRANSFER_TOPIC, DevNode, make_activity
 from trace_lite.chain.operators import lite_operators
 from trace_lite.dag_runs import DagRuns
@@ -77,7 +78,8 @@ async def test_a_forced_reorg_replaces_exactly_the_affected_range(
     doc["jobs"]["follow"]["config"].update(start=0, chunk=20, confirmations=2)
     doc["jobs"]["windows"]["config"]["blocks"] = 100
     store = LocalObjectStore(tmp_path / "objects", "http://127.0.0.1:1", b"s" * 32)
-    lite = lite_operators(pool, store)
+    # with the example's gas_spikes detector (it reads Parquet partitions: no data pool needed)
+    lite = lite_operators(pool, store) | alert_operators(pool, pool, store)
     await Datasets(pool, object_store=store).set_member(None, ORG, "alice", ["admin"])
     operators = {n: OperatorInfo(n) for n in [*BUILTIN_OPERATORS, *lite]}
     await Dags(pool, operators=operators).deploy(None, ORG, doc)

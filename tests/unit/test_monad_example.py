@@ -10,6 +10,7 @@ import yaml
 
 from trace_core.dag import OperatorInfo
 from trace_lite import dag_files
+from trace_lite.alert_operators import ALERT_OPERATORS
 from trace_lite.chain.operators import LITE_OPERATORS, lite_operators
 from trace_sdk import BUILTIN_OPERATORS
 from trace_sdk.ingest import DATATYPES
@@ -18,7 +19,9 @@ EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "monad" / "monad.ya
 
 
 def test_the_monad_example_validates() -> None:
-    operators = {n: OperatorInfo(n) for n in [*BUILTIN_OPERATORS, *LITE_OPERATORS]}
+    operators = {
+        n: OperatorInfo(n) for n in [*BUILTIN_OPERATORS, *LITE_OPERATORS, *ALERT_OPERATORS]
+    }
     assert dag_files.check_file(EXAMPLE, operators=operators, datasets={}) == []
 
 
