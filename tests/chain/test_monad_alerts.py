@@ -1,5 +1,5 @@
-"""The Monad example with its alerting jobs (``examples/alerts/monad/gas_spikes.yaml`` merged
-into ``examples/monad/monad.yaml``) on real Postgres against a real anvil node with a planted
+"""The Monad example (``examples/monad/monad.yaml``, with its ``gas_spikes`` detector) and the
+route of ``examples/alerts/monad/route.yaml`` on real Postgres against a real anvil node with a planted
 gas spike: ``cryo_ingest`` -> ``gas_spikes`` (``alert_detector``, ``field_above`` over the
 blocks partition, read as Parquet) -> ``alert_events`` (the sink) -> ``alert_route`` -> the
 Delivery Service -> a local receiver verifying Standard Webhooks signatures. The spike is one
@@ -47,7 +47,7 @@ from webhook_receiver import WebhookReceiver
 ORG = "acme"
 ROOT = Path(__file__).resolve().parents[2]
 MONAD = ROOT / "examples" / "monad" / "monad.yaml"
-ALERTS = ROOT / "examples" / "alerts" / "monad" / "gas_spikes.yaml"
+ROUTE = ROOT / "examples" / "alerts" / "monad" / "route.yaml"
 END = 100
 SPIKE_TXS = 40  # 40 ETH transfers in one block: 840,000 gas, over the 500,000 threshold
 SECRET = "whsec_" + base64.b64encode(b"chain-alerts-signing-key-32byte!").decode()
@@ -59,11 +59,9 @@ def _sql(url: str, query: str, params: Any = None) -> list[tuple[Any, ...]]:
 
 
 def with_alerts(url: str) -> dict[str, Any]:
-    """The Monad example with the alerting jobs, every pool slot pointed at ``url``."""
+    """The Monad example with the route job, every pool slot pointed at ``url``."""
     doc: dict[str, Any] = yaml.safe_load(MONAD.read_text())
-    extra = yaml.safe_load(ALERTS.read_text())
-    doc["jobs"] |= extra["jobs"]
-    doc["publish"] += [p for p in extra["publish"] if p not in doc["publish"]]
+    doc["jobs"] |= yaml.safe_load(ROUTE.read_text())["jobs"]
     for slots in doc["worker_pools"].values():
         for slot in slots:
             slot["env"]["RPC_URL"] = url

@@ -48,14 +48,18 @@ def test_the_example_validates_and_its_configs_parse(path: Path) -> None:
         assert routes_from_config(job["config"]["routes"])
 
 
-def test_the_monad_alerting_jobs_validate_merged_into_the_monad_example() -> None:
+def test_the_monad_detector_and_route_validate_together() -> None:
     root = Path(__file__).resolve().parents[2] / "examples"
     doc = yaml.safe_load((root / "monad" / "monad.yaml").read_text())
-    extra = yaml.safe_load((root / "alerts" / "monad" / "gas_spikes.yaml").read_text())
-    doc["jobs"] |= extra["jobs"]
-    doc["publish"] += [p for p in extra["publish"] if p not in doc["publish"]]
+    doc["jobs"] |= yaml.safe_load((root / "alerts" / "monad" / "route.yaml").read_text())["jobs"]
     names = [*BUILTIN_OPERATORS, *LITE_OPERATORS, *ALERT_OPERATORS]
     problems = validate(doc, operators={n: OperatorInfo(n) for n in names}, datasets={})
     assert problems == []
-    detector = extra["jobs"]["gas_spikes"]
-    assert detector["outputs"][0]["schema"] == dict(ALERT_EVENTS_SCHEMA)
+    detector = doc["jobs"]["gas_spikes"]
+    config = {k: v for k, v in detector["config"].items() if k != "name"}
+    rule_from_config(detector["config"]["name"], config)
+    (out,) = detector["outputs"]
+    assert out["schema"] == dict(ALERT_EVENTS_SCHEMA)
+    assert tuple(out["unique_key"]) == ALERT_EVENTS_UNIQUE_KEY
+    assert {"job": "gas_spikes", "output": 0, "dataset": "alert_events"} in doc["publish"]
+    assert routes_from_config(doc["jobs"]["alert_route"]["config"]["routes"])
