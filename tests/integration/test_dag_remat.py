@@ -239,26 +239,39 @@ async def test_readers_see_the_old_set_or_the_new_one_never_a_mix(world: World) 
     await world.dags.deploy(None, ORG, edited(mid={"config": {"rule": 2}}))
     await run_all(world, "mid", 2, "mid_ds")
     await run_all(world, "down", 2, "down_ds")
-    seen: list[dict[str, str | None]] = []
+    seen: list[list[dict[str, str | None]]] = [[], [], []]
     stop = asyncio.Event()
 
-    async def reader() -> None:
-        while not stop.is_set():
-            seen.append(await world.versions())
+    progress = asyncio.Condition()
 
-    readers = [asyncio.create_task(reader()) for _ in range(3)]
-    await asyncio.sleep(0.05)
+    async def reader(mine: list[dict[str, str | None]]) -> None:
+        while not stop.is_set():
+            mine.append(await world.versions())
+            async with progress:
+                progress.notify_all()
+
+    async def each_reads(more: int) -> None:
+        """Until every reader completed ``more`` more resolves."""
+        goal = [len(mine) + more for mine in seen]
+        async with progress:
+            await progress.wait_for(
+                lambda: all(len(mine) >= g for mine, g in zip(seen, goal, strict=True))
+            )
+
+    readers = [asyncio.create_task(reader(mine)) for mine in seen]
+    await each_reads(1)
     assert len(await world.remat.cutover_once()) == 1
     after = await world.versions()
-    await asyncio.sleep(0.05)
+    await each_reads(2)  # the second of these started after the cutover committed
     stop.set()
     await asyncio.gather(*readers)
     assert after != before and after["raw"] == before["raw"]
-    assert {tuple(sorted(s.items())) for s in seen} <= {
-        tuple(sorted(before.items())),
-        tuple(sorted(after.items())),
-    }
-    assert seen[0] == before and seen[-1] == after
+    for mine in seen:
+        # each reader saw the old set, then the new one: never a mix, never back
+        assert mine[0] == before and mine[-1] == after
+        switched = mine.index(after)
+        assert all(v == before for v in mine[:switched])
+        assert all(v == after for v in mine[switched:])
 
 
 async def test_an_execution_only_edit_goes_live_at_once(world: World) -> None:
