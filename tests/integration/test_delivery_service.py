@@ -232,6 +232,10 @@ async def test_a_pass_records_its_outcomes_together_and_skips_only_a_lost_one(
             (ids[1],),
         )
     assert await store.reap() == 1
+    async with env.pool.connection() as conn:  # due now, not after the schedule's jitter
+        await conn.execute(
+            "UPDATE alert_deliveries SET available_at = now() WHERE delivery_id = %s", (ids[1],)
+        )
     (again,) = await store.lease(5, sender="s2")
     assert again.fence.delivery_id == ids[1]
     ok = SendResult(E.SUCCEED, 200)
