@@ -351,3 +351,41 @@ async def test_staged_tasks_read_and_write_the_staged_versions(world: World) -> 
         "(SELECT task_id FROM tasks WHERE dag_version = 2)",
         [before["mid_ds"]],
     ) == [(0,)]
+
+
+async def test_a_dataset_two_rebuilt_jobs_publish_gets_one_staged_version(world: World) -> None:
+    """A multi_writer dataset published by two jobs: a deploy rebuilding both stages one new
+    version of it in the staged pointer set (the publish list names it twice)."""
+    out = {
+        "storage": "postgres_table",
+        "update_strategy": "append",
+        "buffered": True,
+        "multi_writer": True,
+        "unique_key": ["k"],
+        "schema": {"k": "string"},
+    }
+    manual = [{"type": "manual"}]
+    spec: dict[str, Any] = {
+        "name": "writers",
+        "jobs": {
+            "a": {"operator": "noop", "config": {"n": 1}, "triggers": manual, "outputs": [out]},
+            "b": {"operator": "noop", "config": {"n": 1}, "triggers": manual, "outputs": [out]},
+        },
+        "publish": [
+            {"job": "a", "output": 0, "dataset": "mw"},
+            {"job": "b", "output": 0, "dataset": "mw"},
+        ],
+    }
+    first = await world.dags.deploy(None, ORG, spec)
+    assert first.created
+    changed = copy.deepcopy(spec)
+    for job in ("a", "b"):
+        changed["jobs"][job]["config"] = {"n": 2}
+    dep = await world.dags.deploy(None, ORG, changed)
+    assert dep.staged_version == 2 and dep.rebuild == ["a", "b"]
+    staged = world.sql(
+        "SELECT d.name, count(*) FROM dag_rematerializations m "
+        "JOIN dag_pointers p ON p.dag_id = m.dag_id AND p.generation = m.generation "
+        "JOIN datasets d ON d.dataset_uuid = p.dataset_uuid GROUP BY d.name"
+    )
+    assert staged == [("mw", 1)]

@@ -11,12 +11,13 @@ WHERE dag_id = %(dag_id)s AND state = 'building';
 -- name: datasets_to_version
 -- The datasets of a DAG that a staging gives a new version: those published by a rebuilt job
 -- (by the staged spec's publish list, name -> job), and those the active pointer set does not
--- point at yet (registered by this deploy).
+-- point at yet (registered by this deploy). One row per dataset, also for a multi_writer
+-- dataset that several rebuilt jobs publish.
 SELECT d.dataset_uuid::text AS dataset_uuid
 FROM datasets d JOIN dags g ON g.dag_id = d.dag_id
-LEFT JOIN unnest(%(names)s::text[], %(jobs)s::text[]) AS p(name, job) ON p.name = d.name
 WHERE d.dag_id = %(dag_id)s
-  AND (p.job = ANY(%(rebuild)s::text[])
+  AND (EXISTS (SELECT 1 FROM unnest(%(names)s::text[], %(jobs)s::text[]) AS p(name, job)
+               WHERE p.name = d.name AND p.job = ANY(%(rebuild)s::text[]))
        OR NOT EXISTS (SELECT 1 FROM dag_pointers x
                       WHERE x.dag_id = g.dag_id AND x.generation = g.active_generation
                         AND x.dataset_uuid = d.dataset_uuid))
