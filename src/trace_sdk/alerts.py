@@ -21,6 +21,11 @@ Alert events travel as data (``docs/architecture/alerting.md``)::
   running one, so retries and stale attempts record each delivery once. ``config.hang_first_s``
   (crash tests) makes attempt 1 sleep that long after recording, before it completes.
 
+``config.block_times`` (a Parquet blocks dataset, e.g. ``monad_blocks``) gives each input row
+of a range event a ``block_timestamp``: its block's ``timestamp`` in the same range (decoded
+transfers carry block numbers, not times); the job declares that dataset as an input too (its
+read grant) and skips that input's own events. Binary Parquet values are read as ``0x`` hex.
+
 Input rows come from the task's input event (``payload.event``): its ``payload.rows`` when the
 producer put the rows in the event; for a ``range`` event over a Parquet dataset (``{start,
 end, dataset}``, e.g. ``cryo_ingest``'s blocks), the rows of that partition read through a
@@ -81,9 +86,28 @@ class DeliveryRecorder(Protocol):
 
 
 def parquet_rows(data: bytes) -> list[dict[str, Any]]:
-    """The rows of a Parquet object, as dicts."""
+    """The rows of a Parquet object, as dicts, binary values as ``0x`` hex (addresses and
+    hashes as the rules read them)."""
     rows: list[dict[str, Any]] = pq.read_table(io.BytesIO(data)).to_pylist()
-    return rows
+    return [
+        {k: "0x" + v.hex() if isinstance(v, bytes) else v for k, v in row.items()} for row in rows
+    ]
+
+
+async def with_block_times(
+    ctx: TaskContext, partitions: PartitionReader, rows: list[dict[str, Any]], blocks: str
+) -> list[dict[str, Any]]:
+    """``rows`` (of the task's input range) each with ``block_timestamp``: the ``timestamp``
+    of its ``block_number`` in the same range's partition of the blocks dataset ``blocks``."""
+    start, end, _ = input_range(ctx.payload)
+    data = await partitions.read(ctx.task.task_id, ctx.attempt, blocks, start, end)
+    times = {b["block_number"]: b["timestamp"] for b in await asyncio.to_thread(parquet_rows, data)}
+    try:
+        return [{**r, "block_timestamp": times[r["block_number"]]} for r in rows]
+    except KeyError as exc:
+        raise NonRetryableError(
+            f"block {exc.args[0]} is not in {blocks} [{start}, {end})"
+        ) from None
 
 
 async def input_rows(
@@ -116,7 +140,16 @@ async def input_rows(
 
 #: Payload fields that are not the rule's config (the DAG merges config, trigger payload and
 #: the input event into one payload).
-_NOT_RULE = frozenset({"event", "rows", "name", "dataset", "run_id", "scheduled_time"})
+_NOT_RULE = frozenset(
+    {"event", "rows", "name", "dataset", "block_times", "run_id", "scheduled_time"}
+)
+
+
+def _event_dataset(payload: Mapping[str, Any]) -> object:
+    """The dataset the input event names, if any."""
+    event = payload.get("event")
+    inner = event.get("payload") if isinstance(event, Mapping) else None
+    return inner.get("dataset") if isinstance(inner, Mapping) else None
 
 
 def make_alert_detector(
@@ -135,7 +168,14 @@ def make_alert_detector(
             rule = rule_from_config(name, config)
         except errors.ValidationFailed as exc:
             raise NonRetryableError(f"{exc.field}: {exc.message}") from None
+        blocks = payload.get("block_times")
+        if isinstance(blocks, str) and _event_dataset(payload) == blocks:
+            return {"skipped": f"the {blocks} event: its rows are read with the range's rows"}
         rows = await input_rows(ctx, inputs, partitions)
+        if isinstance(blocks, str) and rows:
+            if partitions is None:
+                raise NonRetryableError("this worker cannot read block times")
+            rows = await with_block_times(ctx, partitions, rows, blocks)
         try:
             events = rule.detect(rows)
         except errors.ValidationFailed as exc:
@@ -196,4 +236,5 @@ __all__ = [
     "make_alert_detector",
     "make_alert_route",
     "parquet_rows",
+    "with_block_times",
 ]

@@ -1,9 +1,12 @@
-"""The Monad example (``examples/monad/monad.yaml``, with its ``gas_spikes`` detector) and the
-route of ``examples/alerts/monad/route.yaml`` on real Postgres against a real anvil node with a planted
-gas spike: ``cryo_ingest`` -> ``gas_spikes`` (``alert_detector``, ``field_above`` over the
-blocks partition, read as Parquet) -> ``alert_events`` (the sink) -> ``alert_route`` -> the
-Delivery Service -> a local receiver verifying Standard Webhooks signatures. The spike is one
-alert event, one delivery and exactly one accepted webhook, its event time the block's."""
+"""The Monad example (``examples/monad/monad.yaml``, with its ``gas_spikes`` and
+``large_transfers`` detectors) and the route of ``examples/alerts/monad/route.yaml`` on real
+Postgres against a real anvil node with a planted gas spike and a planted large ERC-20
+transfer: ``cryo_ingest`` -> ``gas_spikes`` (``alert_detector``, ``field_above`` over the
+blocks partition, read as Parquet) and ``transfers`` -> ``large_transfers`` (``alert_detector``,
+``transfer_threshold`` over the decoded transfers, timed by the blocks) -> ``alert_events`` (the
+sink) -> ``alert_route`` -> the Delivery Service -> a local receiver verifying Standard
+Webhooks signatures. Each plant is one alert event, one delivery and exactly one accepted
+webhook, its event time its block's; the activity's small transfers raise nothing."""
 
 from __future__ import annotations
 
@@ -50,6 +53,7 @@ MONAD = ROOT / "examples" / "monad" / "monad.yaml"
 ROUTE = ROOT / "examples" / "alerts" / "monad" / "route.yaml"
 END = 100
 SPIKE_TXS = 40  # 40 ETH transfers in one block: 840,000 gas, over the 500,000 threshold
+LARGE = 5 * 10**21  # token base units: over large_transfers' 10^21
 SECRET = "whsec_" + base64.b64encode(b"chain-alerts-signing-key-32byte!").decode()
 
 
@@ -83,6 +87,17 @@ def plant_spike(node: DevNode) -> int:
     return int(wait_receipt(rpc, sent[-1])["blockNumber"], 16)
 
 
+def plant_large_transfer(node: DevNode, token: str) -> tuple[int, str]:
+    """Send one ``LARGE`` transfer of ``token`` (the activity's contract: one Transfer log per
+    call); returns its block number and transaction hash."""
+    rpc = node.rpc()
+    sender, receiver = rpc.call("eth_accounts")[:2]
+    amount = LARGE.to_bytes(32, "big").hex()
+    data = "0x" + receiver[2:].rjust(64, "0") + amount
+    tx: str = rpc.call("eth_sendTransaction", {"from": sender, "to": token, "data": data})
+    return int(wait_receipt(rpc, tx)["blockNumber"], 16), tx
+
+
 @pytest.fixture
 async def pools(db_url: str, data_db_url: str) -> AsyncIterator[tuple[Any, Any]]:
     state = await open_pool(db_url, min_size=2, max_size=12)
@@ -94,21 +109,23 @@ async def pools(db_url: str, data_db_url: str) -> AsyncIterator[tuple[Any, Any]]
         await state.close()
 
 
-async def test_a_planted_gas_spike_is_one_alert_one_delivery_one_webhook(
+async def test_a_planted_spike_and_large_transfer_are_one_alert_delivery_webhook_each(
     pools: tuple[Any, Any], db_url: str, tmp_path: Path, fresh_node: DevNode
 ) -> None:
     state, data = pools
     rpc = fresh_node.rpc()
-    make_activity(rpc, 30)
+    activity = make_activity(rpc, 30)
     spike = plant_spike(fresh_node)
+    large_block, large_tx = plant_large_transfer(fresh_node, activity.contract)
     mine_empty(rpc, END + 5 - rpc.block_number())
     gas = {
         b: int(rpc.call("eth_getBlockByNumber", hex(b), False)["gasUsed"], 16) for b in range(END)
     }
     assert [b for b, g in gas.items() if g >= 500_000] == [spike]  # the one spike
-    spike_time = datetime.fromtimestamp(
-        int(rpc.call("eth_getBlockByNumber", hex(spike), False)["timestamp"], 16), UTC
-    )
+
+    def block_time(block: int) -> datetime:
+        header = rpc.call("eth_getBlockByNumber", hex(block), False)
+        return datetime.fromtimestamp(int(header["timestamp"], 16), UTC)
 
     store = LocalObjectStore(tmp_path / "objects", "http://127.0.0.1:1", b"s" * 32)
     lite = lite_operators(state, store)
@@ -172,7 +189,7 @@ async def test_a_planted_gas_spike_is_one_alert_one_delivery_one_webhook(
             "AND state = 'completed'",
         )[0][0]  # fmt: skip
         sent = _sql(db_url, "SELECT count(*) FROM alert_deliveries WHERE state = 'sent'")[0][0]
-        return bool(routed >= 1 and sent >= 1 and receiver.accepted)
+        return bool(routed >= 1 and sent >= 2 and len(receiver.accepted) >= 2)
 
     try:
         await runs.trigger(None, ORG, "monad", "backfill", payload={"start": 0, "end": END})
@@ -195,23 +212,34 @@ async def test_a_planted_gas_spike_is_one_alert_one_delivery_one_webhook(
         await events_queue.close()
         await receiver.stop()
 
-    # one alert event: the spike's block, at the block's time
+    # one alert event per plant, at its block's time
     ds = await load_dataset(state, ORG, "alert_events")
     assert ds.dataset_version is not None
     async with data.connection() as conn:
         cur = await conn.execute(
-            psycopg.sql.SQL("SELECT alert_key, event_time, details FROM {}").format(
+            psycopg.sql.SQL("SELECT detector, alert_key, event_time, details FROM {}").format(
                 psycopg.sql.Identifier("data", f"dsv_{ds.dataset_version.replace('-', '')}")
             )
         )
-        ((key, event_time, details),) = await cur.fetchall()
-    assert details["block_number"] == spike and int(details["gas_used"]) == gas[spike]
-    assert event_time == spike_time
-    # one delivery, sent; exactly one accepted webhook, validly signed, every request one id
-    ((state_, alert),) = _sql(db_url, "SELECT state, alert_key FROM alert_deliveries")
-    assert (state_, alert) == ("sent", key)
-    assert len(receiver.accepted) == 1
-    assert all(r.valid and r.webhook_id == receiver.accepted[0] for r in receiver.requests)
-    body = json.loads(receiver.requests[0].body)
-    assert body["alert"]["details"]["block_number"] == spike
-    assert body["alert"]["labels"] == {"chain": "monad"}
+        events = {row[0]: row[1:] for row in await cur.fetchall()}
+    assert sorted(events) == ["gas_spikes", "large_transfers"]
+    spike_key, spike_time, spike_details = events["gas_spikes"]
+    assert spike_details["block_number"] == spike
+    assert int(spike_details["gas_used"]) == gas[spike]
+    assert spike_time == block_time(spike)
+    large_key, large_time, large_details = events["large_transfers"]
+    assert large_details["amount"] == str(LARGE)
+    assert large_details["transaction_hash"] == large_tx
+    assert large_time == block_time(large_block)
+    # one delivery each, sent; exactly one accepted webhook each, validly signed
+    sent = _sql(db_url, "SELECT alert_key, state FROM alert_deliveries ORDER BY alert_key")
+    assert sent == sorted([(spike_key, "sent"), (large_key, "sent")])
+    assert len(receiver.accepted) == 2
+    assert all(r.valid and r.webhook_id in receiver.accepted for r in receiver.requests)
+    bodies = {
+        json.loads(r.body)["alert"]["detector"]: json.loads(r.body)["alert"]
+        for r in receiver.requests
+    }
+    assert bodies["gas_spikes"]["details"]["block_number"] == spike
+    assert bodies["large_transfers"]["details"]["amount"] == str(LARGE)
+    assert all(b["labels"] == {"chain": "monad"} for b in bodies.values())
