@@ -4,8 +4,9 @@
    (``trace_demo`` / ``trace_demo_data``), dropped and created again at each run so a new chain
    never meets the last one's data; with it set, those databases as they are.
 2. A chain: anvil on loopback (chain id 10143, a block every 0.4 s) with ``--history`` blocks
-   of activity mined at once (token transfers, ETH transfers, empty blocks); or the node at
-   ``--rpc-url``. A thread keeps sending transactions (``devnode.LiveActivity``).
+   of activity mined at once (token transfers, ETH transfers, empty blocks) and one large token
+   transfer (``LARGE_TRANSFER``: the example's ``large_transfers`` detector raises an alert
+   event for it); or the node at ``--rpc-url``. A thread keeps sending transactions (``devnode.LiveActivity``).
 3. Trace Lite: a Dispatcher and workers as supervised children (``trace up``'s), then
    ``examples/monad/monad.yaml`` deployed with its pool slots pointed at the node and its
    follower starting where the history ends, the ``trace sink`` for its buffered dataset, and
@@ -15,6 +16,8 @@
    it) until the last ranges are ingested, decoded and stored.
 5. A summary read through the Query Service (SQL over the published datasets, pinned), set
    against the node's own answers for the same blocks; the exit code says whether they match.
+   It counts the ``alert_events`` the detectors raised (the drain also waits for the planted
+   transfer's) and, when the org routes them to a destination, its deliveries by state.
    Every child (workers, Dispatcher, sink, anvil) is stopped by PID.
 """
 
@@ -52,6 +55,7 @@ from trace_lite.chain.devnode import (
     RpcError,
     anvil_path,
     make_history,
+    wait_receipt,
 )
 from trace_lite.chain.operators import LITE_OPERATORS
 from trace_lite.chain.progress import DagProgress, dag_progress
@@ -120,6 +124,19 @@ def example(rpc_url: str, follow_from: int) -> dict[str, Any]:
     return doc
 
 
+#: The planted token transfer's amount: over the example's ``large_transfers`` threshold (10^24).
+LARGE_TRANSFER = 5 * 10**24
+
+
+def plant_large_transfer(rpc: Rpc, token: str) -> int:
+    """Mine one ``LARGE_TRANSFER`` of ``token`` (one Transfer log); returns its block number."""
+    sender, receiver = rpc.call("eth_accounts")[:2]
+    data = "0x" + receiver[2:].rjust(64, "0") + LARGE_TRANSFER.to_bytes(32, "big").hex()
+    tx = rpc.call("eth_sendTransaction", {"from": sender, "to": token, "data": data})
+    rpc.call("evm_mine")
+    return int(wait_receipt(rpc, tx)["blockNumber"], 16)
+
+
 def _missing_tools(rpc_url: str | None) -> str | None:
     if rpc_url is None:
         try:
@@ -173,8 +190,10 @@ def cmd_chain_demo(settings: LiteSettings, args: argparse.Namespace, children: M
         console.print(f"chain: {url} (chain id {int(rpc.call('eth_chainId'), 16)}{started})")
         if args.history > 0:
             made = make_history(rpc, args.history)
+            large = plant_large_transfer(rpc, made.contract)
             console.print(
-                f"history: {made.txs} transactions, {made.contract_calls} token transfers"
+                f"history: {made.txs} transactions, {made.contract_calls} token transfers, "
+                f"one large transfer ({LARGE_TRANSFER} base units) in block {large}"
             )
         history_end = rpc.block_number() // BACKFILL_BLOCKS * BACKFILL_BLOCKS
         procs = children(state_url, data_url)
@@ -288,7 +307,7 @@ class _Run:
                 res = await datasets.resolve(admin, ORG, list(PARQUET_DATASETS), pin_ttl_s=0)
             except errors.Unavailable:
                 return False  # asked again at the next sample
-            return all(d.pending == 0 for d in res.datasets)
+            return bool(all(d.pending == 0 for d in res.datasets))
 
         self.stop.clear()
         done = await self._show(
@@ -299,6 +318,12 @@ class _Run:
             finished=drained,
             readable=readable,
         )
+        if self.args.history > 0:  # the planted large transfer's alert event, through the sink
+            service, caller = await self._querier(datasets, store)
+            while not (await self._alert_events(service, caller) or self.abort.is_set()):
+                if time.monotonic() > drain_until:
+                    break
+                await asyncio.sleep(0.5)
         summary = await self._summary(pool, datasets, store, complete=done)
         self._print(summary)
         if self.args.summary_json:
@@ -401,13 +426,39 @@ class _Run:
         result = await service.query(caller, ORG, text, max_rows=100)
         return [dict(zip(result.columns, row, strict=True)) for row in result.rows], result.versions
 
+    async def _querier(
+        self, datasets: Datasets, store: LocalObjectStore
+    ) -> tuple[QueryService, UserCaller]:
+        org_id = await datasets.org_id(ORG)
+        caller = UserCaller(USER, org_id, frozenset({"admin"}))
+        return QueryService(datasets, store, data_url=self.data_url), caller
+
+    async def _alert_events(self, service: QueryService, caller: UserCaller) -> int:
+        """The rows of ``alert_events`` (0 while the sink has stored none: no readable table)."""
+        try:
+            (row,), _ = await self._query(
+                service, caller, "SELECT count(*) AS events FROM alert_events"
+            )
+        except errors.TraceError:
+            return 0
+        return int(row["events"])
+
+    async def _deliveries(self, pool: Any) -> dict[str, int]:
+        """The org's alert deliveries by state (none unless a route sends to a destination)."""
+        async with pool.connection() as conn:
+            cur = await conn.execute(
+                "SELECT d.state, count(*) FROM alert_deliveries d JOIN orgs o USING (org_id) "
+                "WHERE o.name = %s GROUP BY d.state ORDER BY d.state",
+                (ORG,),
+            )
+            return {str(state): int(n) for state, n in await cur.fetchall()}
+
     async def _summary(
         self, pool: Any, datasets: Datasets, store: LocalObjectStore, *, complete: bool
     ) -> dict[str, Any]:
-        """The datasets through the Query Service, and the node's answers for the same blocks."""
-        org_id = await datasets.org_id(ORG)
-        caller = UserCaller(USER, org_id, frozenset({"admin"}))
-        service = QueryService(datasets, store, data_url=self.data_url)
+        """The datasets through the Query Service, and the node's answers for the same blocks;
+        the alert events raised and their deliveries."""
+        service, caller = await self._querier(datasets, store)
         (counts,), versions = await self._query(
             service,
             caller,
@@ -450,6 +501,10 @@ class _Run:
             "complete": complete,
             "versions": versions,
             "sample_transfers": samples,
+            "alerts": {
+                "events": await self._alert_events(service, caller),
+                "deliveries": await self._deliveries(pool),
+            },
             "tasks": {
                 "total": progress.tasks,
                 "failed": progress.failed,
@@ -497,6 +552,15 @@ class _Run:
                 c.print(
                     f"  block {t['block_number']}: token {t['token'][:12]}.. {t['from_address'][:12]}.. -> {t['to_address'][:12]}.. value {t['value']}"
                 )
+        alerts = summary["alerts"]
+        c.print(
+            f"alerts: {alerts['events']} alert events (large transfers, gas spikes)"
+            + (
+                "; deliveries " + ", ".join(f"{k} {v}" for k, v in alerts["deliveries"].items())
+                if alerts["deliveries"]
+                else "; no destination routes them (examples/alerts/monad/route.yaml adds one)"
+            )
+        )
         if not summary["complete"]:
             c.print(
                 "[yellow]the last ranges did not finish within --drain; counts cover what did[/]"

@@ -53,7 +53,7 @@ MONAD = ROOT / "examples" / "monad" / "monad.yaml"
 ROUTE = ROOT / "examples" / "alerts" / "monad" / "route.yaml"
 END = 100
 SPIKE_TXS = 40  # 40 ETH transfers in one block: 840,000 gas, over the 500,000 threshold
-LARGE = 5 * 10**21  # token base units: over large_transfers' 10^21
+LARGE = 5 * 10**24  # token base units: over large_transfers' 10^24
 SECRET = "whsec_" + base64.b64encode(b"chain-alerts-signing-key-32byte!").decode()
 
 
