@@ -6,15 +6,17 @@ blocks partition, read as Parquet) and ``transfers`` -> ``large_transfers`` (``a
 ``transfer_threshold`` over the decoded transfers, timed by the blocks) -> ``alert_events`` (the
 sink) -> ``alert_route`` -> the Delivery Service -> a local receiver verifying Standard
 Webhooks signatures. Each plant is one alert event, one delivery and exactly one accepted
-webhook, its event time its block's; the activity's small transfers raise nothing."""
+webhook, its event time its block's; the activity's small transfers raise nothing. A backfill
+over the same plants in blocks 3 days old records both deliveries ``suppressed`` (the route's
+``max_delivery_age`` is 1 h), with the reason, and sends nothing."""
 
 from __future__ import annotations
 
 import asyncio
 import base64
 import json
-from collections.abc import AsyncIterator
-from datetime import UTC, datetime
+from collections.abc import AsyncIterator, Callable
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -109,30 +111,24 @@ async def pools(db_url: str, data_db_url: str) -> AsyncIterator[tuple[Any, Any]]
         await state.close()
 
 
-async def test_a_planted_spike_and_large_transfer_are_one_alert_delivery_webhook_each(
-    pools: tuple[Any, Any], db_url: str, tmp_path: Path, fresh_node: DevNode
-) -> None:
+async def run_backfill(
+    pools: tuple[Any, Any],
+    db_url: str,
+    tmp_path: Path,
+    node_url: str,
+    done: Callable[[WebhookReceiver], bool],
+) -> WebhookReceiver:
+    """Deploy the example with the route against ``node_url``, give the org an ``ops``
+    webhook destination (a local receiver), backfill ``[0, END)`` and run the Dispatcher, a
+    worker, the alert_events sink and the Delivery Service until ``done(receiver)`` and a few
+    quiet rounds more; returns the (stopped) receiver."""
     state, data = pools
-    rpc = fresh_node.rpc()
-    activity = make_activity(rpc, 30)
-    spike = plant_spike(fresh_node)
-    large_block, large_tx = plant_large_transfer(fresh_node, activity.contract)
-    mine_empty(rpc, END + 5 - rpc.block_number())
-    gas = {
-        b: int(rpc.call("eth_getBlockByNumber", hex(b), False)["gasUsed"], 16) for b in range(END)
-    }
-    assert [b for b, g in gas.items() if g >= 500_000] == [spike]  # the one spike
-
-    def block_time(block: int) -> datetime:
-        header = rpc.call("eth_getBlockByNumber", hex(block), False)
-        return datetime.fromtimestamp(int(header["timestamp"], 16), UTC)
-
     store = LocalObjectStore(tmp_path / "objects", "http://127.0.0.1:1", b"s" * 32)
     lite = lite_operators(state, store)
     alerting = alert_operators(state, data, store)
     operators = {n: OperatorInfo(n) for n in [*BUILTIN_OPERATORS, *lite, *alerting]}
     await Datasets(state, object_store=store).set_member(None, ORG, "alice", ["admin"])
-    await Dags(state, operators=operators).deploy(None, ORG, with_alerts(fresh_node.url))
+    await Dags(state, operators=operators).deploy(None, ORG, with_alerts(node_url))
     receiver = await WebhookReceiver(SECRET).start()
     secrets = MemorySecretStore()
     deliveries = DeliveryStore(state)
@@ -184,12 +180,7 @@ async def test_a_planted_spike_and_large_transfer_are_one_alert_delivery_webhook
     def settled() -> bool:
         failed = _sql(db_url, "SELECT dag_job, error::text FROM tasks WHERE state = 'failed'")
         assert not failed, failed
-        routed = _sql(
-            db_url, "SELECT count(*) FROM tasks WHERE dag_job = 'alert_route' "
-            "AND state = 'completed'",
-        )[0][0]  # fmt: skip
-        sent = _sql(db_url, "SELECT count(*) FROM alert_deliveries WHERE state = 'sent'")[0][0]
-        return bool(routed >= 1 and sent >= 2 and len(receiver.accepted) >= 2)
+        return done(receiver)
 
     try:
         await runs.trigger(None, ORG, "monad", "backfill", payload={"start": 0, "end": END})
@@ -211,6 +202,36 @@ async def test_a_planted_spike_and_large_transfer_are_one_alert_delivery_webhook
         await surface.close()
         await events_queue.close()
         await receiver.stop()
+    return receiver
+
+
+async def test_a_planted_spike_and_large_transfer_are_one_alert_delivery_webhook_each(
+    pools: tuple[Any, Any], db_url: str, tmp_path: Path, fresh_node: DevNode
+) -> None:
+    state, data = pools
+    rpc = fresh_node.rpc()
+    activity = make_activity(rpc, 30)
+    spike = plant_spike(fresh_node)
+    large_block, large_tx = plant_large_transfer(fresh_node, activity.contract)
+    mine_empty(rpc, END + 5 - rpc.block_number())
+    gas = {
+        b: int(rpc.call("eth_getBlockByNumber", hex(b), False)["gasUsed"], 16) for b in range(END)
+    }
+    assert [b for b, g in gas.items() if g >= 500_000] == [spike]  # the one spike
+
+    def block_time(block: int) -> datetime:
+        header = rpc.call("eth_getBlockByNumber", hex(block), False)
+        return datetime.fromtimestamp(int(header["timestamp"], 16), UTC)
+
+    def settled(receiver: WebhookReceiver) -> bool:
+        routed = _sql(
+            db_url, "SELECT count(*) FROM tasks WHERE dag_job = 'alert_route' "
+            "AND state = 'completed'",
+        )[0][0]  # fmt: skip
+        sent = _sql(db_url, "SELECT count(*) FROM alert_deliveries WHERE state = 'sent'")[0][0]
+        return bool(routed >= 1 and sent >= 2 and len(receiver.accepted) >= 2)
+
+    receiver = await run_backfill(pools, db_url, tmp_path, fresh_node.url, settled)
 
     # one alert event per plant, at its block's time
     ds = await load_dataset(state, ORG, "alert_events")
@@ -243,3 +264,29 @@ async def test_a_planted_spike_and_large_transfer_are_one_alert_delivery_webhook
     assert bodies["gas_spikes"]["details"]["block_number"] == spike
     assert bodies["large_transfers"]["details"]["amount"] == str(LARGE)
     assert all(b["labels"] == {"chain": "monad"} for b in bodies.values())
+
+
+async def test_a_backfill_of_old_blocks_records_suppressed_deliveries_and_sends_nothing(
+    pools: tuple[Any, Any], db_url: str, tmp_path: Path, fresh_node: DevNode
+) -> None:
+    rpc = fresh_node.rpc()
+    old = datetime.now(UTC) - timedelta(days=3)
+    rpc.call("anvil_setTime", int(old.timestamp()))  # every block after genesis is 3 days old
+    activity = make_activity(rpc, 30)
+    spike = plant_spike(fresh_node)
+    plant_large_transfer(fresh_node, activity.contract)
+    mine_empty(rpc, END + 5 - rpc.block_number())
+    header = rpc.call("eth_getBlockByNumber", hex(spike), False)
+    assert datetime.fromtimestamp(int(header["timestamp"], 16), UTC) < old + timedelta(hours=1)
+
+    def recorded(_: WebhookReceiver) -> bool:
+        return bool(_sql(db_url, "SELECT count(*) FROM alert_deliveries")[0][0] >= 2)
+
+    receiver = await run_backfill(pools, db_url, tmp_path, fresh_node.url, recorded)
+    rows = _sql(db_url, "SELECT state, suppressed_reason, attempt FROM alert_deliveries")
+    assert len(rows) == 2  # the spike's and the large transfer's
+    assert all(state == "suppressed" for state, _, _ in rows)
+    assert all("max_delivery_age is 3600 s" in (reason or "") for _, reason, _ in rows)
+    assert all(attempt == 0 for _, _, attempt in rows)
+    assert _sql(db_url, "SELECT count(*) FROM delivery_attempts") == [(0,)]
+    assert receiver.requests == []  # nothing sent
