@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -381,3 +383,58 @@ async def _attempt_in_pool(paths: Paths, pool: SandboxPool) -> str:
             f"SELECT * FROM read_text('{paths.secret}')", {}, FAST, pool=pool, gate=False
         )
     return info.value.message
+
+
+async def test_the_pool_hands_each_query_a_process_that_never_served_one(paths: Paths) -> None:
+    pool = SandboxPool(2, scratch_root=paths.scratch)
+    tables: dict[str, TableSource] = {"blocks": [str(paths.data)]}
+    served: list[int] = []
+    try:
+        for _ in range(4):
+            await pool.ready()
+            waiting = pool.idle_pids()
+            assert len(waiting) == 2 and not set(waiting) & set(served)
+            r = await run_sandboxed("SELECT count(*) FROM blocks", tables, FAST, pool=pool)
+            assert r.rows == [[5]]
+            served.append(waiting[0])  # the longest-waiting one is given out
+            assert waiting[0] not in pool.idle_pids()
+            assert waiting[0] not in _processes_in(paths.scratch)  # gone once it answered
+        assert len(set(served)) == 4
+    finally:
+        await pool.close()
+    assert _processes_in(paths.scratch) == []
+
+
+async def test_a_killed_pool_process_is_replaced_not_handed_out(paths: Paths) -> None:
+    pool = SandboxPool(2, scratch_root=paths.scratch)
+    tables: dict[str, TableSource] = {"blocks": [str(paths.data)]}
+    try:
+        await pool.ready()
+        dead = pool.idle_pids()[0]
+        os.kill(dead, signal.SIGKILL)
+        _wait_until_dead(dead)  # without yielding: asyncio has not noticed the death yet
+        taken = await pool.take()
+        assert taken.proc.pid != dead
+        taken.kill()
+        await taken.proc.wait()
+        shutil.rmtree(taken.scratch)
+        r = await run_sandboxed("SELECT count(*) FROM blocks", tables, FAST, pool=pool)
+        assert r.rows == [[5]]
+        await pool.ready()
+        assert dead not in pool.idle_pids() and len(pool.idle_pids()) == 2
+    finally:
+        await pool.close()
+    assert _processes_in(paths.scratch) == []
+    assert list(paths.scratch.iterdir()) == []
+
+
+def _wait_until_dead(pid: int) -> None:
+    stat = Path(f"/proc/{pid}/stat")
+    while True:
+        try:
+            state = stat.read_text().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            return  # reaped
+        if state == "Z":
+            return
+        time.sleep(0.01)

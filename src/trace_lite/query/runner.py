@@ -103,6 +103,17 @@ class _Sandbox:
     proc: asyncio.subprocess.Process
     scratch: Path
 
+    def alive(self) -> bool:
+        """Whether the process is still running. Looks without reaping it (``WNOWAIT``): asyncio's
+        child watcher may not have seen a death yet (``returncode`` still None)."""
+        if self.proc.returncode is not None:
+            return False
+        try:
+            exited = os.waitid(os.P_PID, self.proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+        except ChildProcessError:  # already reaped by the watcher
+            return False
+        return exited is None
+
     def kill(self) -> None:
         if self.proc.returncode is None:
             with contextlib.suppress(ProcessLookupError):
@@ -130,12 +141,18 @@ async def _start(scratch_root: Path | None) -> _Sandbox:
     return _Sandbox(proc, scratch)
 
 
+#: Pre-started sandboxes a server keeps unless told otherwise (``query_api.setup(pool_size=)``).
+DEFAULT_POOL_SIZE = 2
+
+
 class SandboxPool:
     """Pre-started sandbox processes (DuckDB imported, OS limits set), each used for exactly
     one query and then gone; taking one starts a replacement in the background. Without a
     pool every query starts its own process (about 0.5-1 s on 2 cores)."""
 
-    def __init__(self, size: int = 2, *, scratch_root: Path | None = None) -> None:
+    def __init__(self, size: int = DEFAULT_POOL_SIZE, *, scratch_root: Path | None = None) -> None:
+        if size < 1:
+            raise ValueError("a sandbox pool holds at least one process")
         self._size = size
         self._scratch_root = scratch_root
         self._idle: list[_Sandbox] = []
@@ -146,10 +163,25 @@ class SandboxPool:
     def closed(self) -> bool:
         return self._closed
 
+    @property
+    def size(self) -> int:
+        return self._size
+
+    def idle_pids(self) -> list[int]:
+        """The process ids of the sandboxes waiting to be given out (tests, diagnostics)."""
+        return [sandbox.proc.pid for sandbox in self._idle]
+
     def fill(self) -> None:
         """Start sandboxes up to the pool's size, in the background."""
         if not self._closed and (self._filling is None or self._filling.done()):
             self._filling = asyncio.create_task(self._fill())
+
+    async def ready(self) -> None:
+        """Wait until the pool is full (started sandboxes, not necessarily done importing)."""
+        while not self._closed and len(self._idle) < self._size:
+            self.fill()
+            assert self._filling is not None
+            await asyncio.shield(self._filling)
 
     async def _fill(self) -> None:
         while not self._closed and len(self._idle) < self._size:
@@ -165,7 +197,7 @@ class SandboxPool:
         sandbox = None
         while self._idle:
             candidate = self._idle.pop(0)
-            if candidate.proc.returncode is None:
+            if candidate.alive():
                 sandbox = candidate
                 break
             _discard(candidate)
