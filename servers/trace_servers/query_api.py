@@ -46,6 +46,7 @@ from trace_lite.query import (
     jsonable,
 )
 from trace_lite.query.exports import ExportStatus, QueryExports
+from trace_lite.query.runner import DEFAULT_POOL_SIZE
 from trace_lite.query.s3 import S3Access
 from trace_sdk.aio import run_every
 from trace_servers import user_api
@@ -348,11 +349,12 @@ def setup(
     *,
     data_url: str | None = None,
     registry: CollectorRegistry | None = None,
+    pool_size: int = DEFAULT_POOL_SIZE,
 ) -> None:
     """Mount the query routes on ``app`` (``DISPATCHER_KEY`` and ``DATASETS_KEY`` set, the user
     API set up). The service runs where the object store is the Lite local one or S3 (the AWS
     profile: the sandbox reads the pinned objects with DuckDB's httpfs), with a pool of
-    two pre-started sandboxes (each used for one query), filled from the first query on (an
+    ``pool_size`` pre-started sandboxes (each used for one query), filled from the first query on (an
     app that never queries starts none); ``data_url`` (the data database)
     enables Postgres-table datasets; ``registry`` gets the per-query metrics."""
     store = app[DISPATCHER_KEY].object_store
@@ -360,7 +362,7 @@ def setup(
     service = exports = None
     s3 = _s3_access(store)
     if store is not None and (isinstance(store, LocalObjectStore) or s3 is not None):
-        pool = SandboxPool(2)
+        pool = SandboxPool(pool_size)
         observe = _observer(registry) if registry is not None else None
         local = store if isinstance(store, LocalObjectStore) else None
         service = QueryService(
