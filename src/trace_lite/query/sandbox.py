@@ -8,7 +8,7 @@ record batches (``Frames``). The order of the layers:
 
 1. OS limits first, before DuckDB is imported (``resource.setrlimit``): address space, no file
    may grow past 0 bytes (``RLIMIT_FSIZE``: any write to a file kills the process), few open
-   files, no core dumps; then DuckDB and pyarrow are imported and DuckDB warmed up in a
+   files, no core dumps; then DuckDB is imported (pyarrow only for a stream) and warmed up in a
    throwaway database while the process waits for its one request (a pool starts it before a
    query arrives); the request's CPU seconds become its CPU limit.
 2. A fresh in-memory DuckDB with extension autoload/autoinstall off, community and unsigned
@@ -311,10 +311,10 @@ def _first_line(message: str) -> str:
 
 def main() -> int:
     apply_limits()
-    # A pre-started sandbox waits on stdin with everything imported and DuckDB warmed up in a
+    # A pre-started sandbox waits on stdin with DuckDB imported and warmed up in a
     # throwaway database (the slow part of starting); the query still gets a fresh one.
+    # (pyarrow, ~40 ms of CPU, only for an Arrow stream: imported once the request asks for one)
     import duckdb
-    import pyarrow  # noqa: F401
 
     from trace_core import query_gate  # noqa: F401
 
