@@ -294,6 +294,9 @@ class _Run:
         def drained(p: DagProgress, stored: int) -> bool:
             return (
                 (p.cursor or 0) >= last
+                # the follower's last ranges are ingested, not merely announced (an announced
+                # range has no task until its event fans out: in_flight cannot see it)
+                and p.blocks_done >= last
                 and p.in_flight == 0
                 and p.ranges_done == p.ranges == p.decoded_ranges
                 and stored == p.blocks_done
