@@ -5,33 +5,27 @@ Theory of operation
 
 * ``LambdaInvoker`` sends one ``wire.LambdaInvokePayload`` (the ``/internal/task-fetch`` payload
   plus the attempt's capability token, lease token, lease expiry and a presigned bundle URL)
-  with ``InvocationType=Event``. ``trace_core.udf.invoke_payload`` builds it, for the Lite
-  launcher (``trace_lite.udf``) too. Lambda's own retries are switched off once per function
+  with ``InvocationType=Event``. Lambda's own retries are switched off once per function
   (``PutFunctionEventInvokeConfig MaximumRetryAttempts=0``): the Dispatcher owns retries.
-* ``LambdaLauncher.launch(task_id)`` claims the task through the Dispatcher (a normal attempt
-  with a lease), builds the payload and invokes. If the invoke fails, nothing is undone: the
-  attempt simply never heartbeats, its lease expires, and the reaper retries the task with
-  backoff exactly as for a worker that died -- one retry mechanism for every runtime.
+* The launcher is the one both profiles use (``trace_lite.invoke_launcher.InvokeLauncher``,
+  named ``LambdaLauncher`` here): it claims the task through the Dispatcher (a normal attempt
+  with a lease), builds the payload with ``trace_core.udf.invoke_payload`` and invokes. If the
+  invoke fails, nothing is undone: the attempt simply never heartbeats, its lease expires, and
+  the reaper retries the task with backoff exactly as for a worker that died -- one retry
+  mechanism for every runtime.
 """
 
 from __future__ import annotations
 
-import json
-import logging
 from typing import Any
 
 from trace_aws._boto import AwsCalls, client
-from trace_core import errors, udf, wire
-from trace_core.ports import ObjectStore
-
-log = logging.getLogger("trace.lambda")
-
-#: Lambda's asynchronous invocation payload limit.
-MAX_EVENT_PAYLOAD = 256 * 1024
+from trace_core import errors, wire
+from trace_lite.invoke_launcher import MAX_EVENT_PAYLOAD, InvokeLauncher, event_body
 
 
 class LambdaInvoker:
-    """Invokes one function asynchronously with task payloads."""
+    """Invokes one function asynchronously with task payloads; an ``Invoker``."""
 
     def __init__(
         self,
@@ -49,6 +43,11 @@ class LambdaInvoker:
         self._calls = AwsCalls(max_workers=8, name="trace-lambda")
         self._retries_off = False
 
+    @property
+    def worker_id(self) -> str:
+        """The attempts this invoker starts are leased to ``lambda:<function name>``."""
+        return f"lambda:{self.function_name}"
+
     async def disable_retries(self) -> None:
         """``MaximumRetryAttempts=0`` on the function. Raises ``Unavailable``, ``NotFound``."""
         await self._calls.run(
@@ -64,9 +63,7 @@ class LambdaInvoker:
         (including any non-202 answer), ``NotFound``, ``Forbidden``."""
         if not self._retries_off:
             await self.disable_retries()
-        body = json.dumps(wire.unstructure(payload), separators=(",", ":")).encode()
-        if len(body) > MAX_EVENT_PAYLOAD:
-            raise errors.PayloadTooLarge("Lambda event payloads are limited to 256 KiB")
+        body = event_body(payload)
         resp = await self._calls.run(
             "lambda invoke",
             self._lambda.invoke,
@@ -81,47 +78,8 @@ class LambdaInvoker:
         self._calls.close()
 
 
-class LambdaLauncher:
-    """Claims a task's attempt through the Dispatcher and hands it to Lambda."""
-
-    def __init__(
-        self,
-        dispatcher: Any,
-        invoker: LambdaInvoker,
-        store: ObjectStore,
-        *,
-        bundle_url_ttl_s: int = 900,
-    ) -> None:
-        self.dispatcher = dispatcher
-        self.invoker = invoker
-        self.store = store
-        self.bundle_url_ttl_s = bundle_url_ttl_s
-
-    async def launch(self, task_id: str) -> wire.ClaimResponse | None:
-        """Claim and invoke. Returns the claim, or None when the task was not claimable.
-
-        An invoke failure is logged, not raised: the attempt stays leased and times out, and
-        the reaper retries it. Raises ``Unavailable`` only if the claim itself failed.
-        """
-        try:
-            claim: wire.ClaimResponse = await self.dispatcher.claim(
-                task_id, f"lambda:{self.invoker.function_name}"
-            )
-        except (errors.TaskNotClaimable, errors.TaskCanceled, errors.NotFound):
-            return None
-        try:
-            task = await self.dispatcher.fetch(task_id, claim.attempt)
-            bundle_url = await self.store.signed_url(
-                udf.bundle_key(task), method="GET", expires_in=self.bundle_url_ttl_s
-            )
-            payload = udf.invoke_payload(task, claim, bundle_url)
-            await self.invoker.invoke(payload)
-        except errors.TraceError as exc:
-            log.warning(
-                "lambda invoke failed; the attempt will time out and be retried",
-                extra={"task_id": task_id, "attempt": claim.attempt, "error": str(exc)},
-            )
-        return claim
+#: The launcher of the AWS profile: ``InvokeLauncher(dispatcher, LambdaInvoker(...), store)``.
+LambdaLauncher = InvokeLauncher
 
 
 __all__ = ["MAX_EVENT_PAYLOAD", "LambdaInvoker", "LambdaLauncher"]
