@@ -16,7 +16,8 @@ many. For each message (a ``BufferMessage``: one batch pointer of one attempt):
    evolve it to the schema (``trace_lite.sink_tables.ensure_table``); per batch, under a
    savepoint, COPY the rows with their dedupe keys into a temporary table and ``INSERT … ON
    CONFLICT (_dedupe_key) DO NOTHING`` (a batch the table refuses is rolled back alone and
-   dead-lettered); **commit**;
+   dead-lettered); **commit**. For a ``replace`` dataset each batch first claims its scope
+   (below);
 3. **then** emit the dataset's upstream event in the state database: an event of the producing
    task (``rows_committed``, key ``sink/<dataset_uuid>/<batch_key>``), which the ``task_events``
    trigger announces to the DAG fan-out through the outbox. The key makes it idempotent: a
@@ -32,6 +33,18 @@ A crash anywhere before 4 redelivers the message after its visibility timeout; r
 each dedupe key is stored once and each committed batch has one event. A batch the registry
 cannot place yet (no active version) stays on the queue and is retried.
 
+Replace datasets: a batch's scope (its block range, partition key or cursor; no scope is one
+scope too) is a partition whose rows are those of its **newest producer**: the producer task
+created last (on a tie, the greater task id). The version's ``_scopes`` table records each
+scope's owner; a batch claims its scope (an upsert that keeps the row locked until commit, so
+sinks of one scope serialize): when its producer is (or becomes) the owner, the scope's rows of
+other producers are deleted and its rows inserted; when a newer producer owns it, nothing is
+inserted (a slow or redelivered older batch cannot bring back replaced rows). The batch is
+committed either way (event, delete). A producer that reads its inputs when it runs (the
+Monad example's ``block_stats``) is created by the commit of the data it reads, so the newest
+producer of a scope reads the data committed last, and the scope ends holding rows built from
+it.
+
 Faults can be injected between the steps (``Sink.fault``): tests stop the loop at
 ``before_commit``, ``after_commit`` and ``after_event``.
 """
@@ -42,7 +55,10 @@ import hashlib
 import json
 import logging
 import time
+import uuid
 from collections.abc import Awaitable, Callable, Mapping, Sequence
+from datetime import datetime
+from typing import Any
 
 import attrs
 import psycopg
@@ -56,7 +72,14 @@ from trace_core.sink import DatasetSchema, ParsedBatch, dedupe_keys, inline_line
 from trace_lite import sqlfile
 from trace_lite.buffer_forwarder import BUFFERED, BufferMessage, queue_name
 from trace_lite.pg import fetch_as, transaction
-from trace_lite.sink_tables import PG_TYPES, column_defs, ensure_table, table_ident
+from trace_lite.sink_tables import (
+    PG_TYPES,
+    column_defs,
+    ensure_scopes,
+    ensure_table,
+    scopes_ident,
+    table_ident,
+)
 
 log = logging.getLogger("trace.sink")
 
@@ -84,6 +107,8 @@ class DatasetRow:
     unique_key: list[str]
     output_index: int
     dataset_version: str | None
+    #: ``append`` or ``replace`` (a scope's rows are its newest producer's: module docstring).
+    update_strategy: str = "append"
 
 
 @attrs.frozen
@@ -129,18 +154,34 @@ class _EventRow:
 @attrs.frozen
 class _TargetRow:
     task_id: str
+    task_created: datetime
     dataset_version: str | None
     staged_schema: dict[str, str] | None
     staged_unique_key: list[str] | None
+    staged_update_strategy: str | None
 
 
 @attrs.frozen
 class _Target:
-    """Where a producer's batches go: a dataset version and the schema they are parsed
-    against."""
+    """Where a producer's batches go: a dataset version, the schema they are parsed against,
+    and whether a scope's rows are replaced by a newer producer's."""
 
     dataset_version: str | None
     schema: DatasetSchema
+    replace: bool = False
+
+
+@attrs.frozen
+class _Batch:
+    """A parsed batch on its way into a table."""
+
+    parsed: ParsedBatch
+    keys: list[str]
+    message: BufferMessage
+    #: The batch's scope as stored with its rows (canonical JSON; ``null`` for none).
+    scope: str
+    #: When its producer task was created (the order of a replace dataset's producers).
+    task_created: datetime | None
 
 
 class SinkCrash(Exception):
@@ -192,9 +233,16 @@ class Sink:
         #: Called at each of ``FAULT_POINTS``; raising there stops the loop (tests).
         self.fault = fault
         #: The schema each table was last created or evolved to by this sink.
-        self._tables: dict[str, DatasetSchema] = {}
+        self._tables: dict[str, tuple[DatasetSchema, bool]] = {}
         #: Counters since start (the process's metrics).
-        self.stats = {"batches": 0, "rows": 0, "inserted": 0, "dead": 0, "events": 0}
+        self.stats = {
+            "batches": 0,
+            "rows": 0,
+            "inserted": 0,
+            "replaced": 0,
+            "dead": 0,
+            "events": 0,
+        }
         self.last_batch_at: float | None = None
 
     async def process_once(self, *, max_messages: int = 10, wait_s: float = 0.0) -> int:
@@ -225,6 +273,7 @@ class Sink:
         transaction; then they are deleted together. Raises ``Unavailable``."""
         dataset = await load_dataset(self.state_pool, self.org, self.dataset)
         registry = DatasetSchema.of(json.loads(dataset.schema), dataset.unique_key)
+        replace = dataset.update_strategy == "replace"
         results: list[BatchResult | None] = [None] * len(messages)
         decoded: list[tuple[int, BufferMessage]] = []
         for i, message in enumerate(messages):
@@ -232,10 +281,13 @@ class Sink:
                 decoded.append((i, self._decode(message, dataset)))
             except errors.ValidationFailed as exc:
                 results[i] = await self._dead_letter(message, exc)
-        targets = await self._targets(dataset, registry, {m.task_id for _, m in decoded})
-        groups: dict[_Target, list[tuple[int, BufferMessage, ParsedBatch, list[str]]]] = {}
+        targets, created = await self._targets(
+            dataset, registry, replace, {m.task_id for _, m in decoded}
+        )
+        groups: dict[_Target, list[tuple[int, _Batch]]] = {}
         for i, batch_msg in decoded:
-            target = targets.get(batch_msg.task_id, _Target(dataset.dataset_version, registry))
+            fallback = _Target(dataset.dataset_version, registry, replace)
+            target = targets.get(batch_msg.task_id, fallback)
             try:
                 parsed = await self._parse(batch_msg, target.schema)
             except (errors.ValidationFailed, errors.NotFound, errors.Conflict) as exc:
@@ -243,21 +295,23 @@ class Sink:
                 continue
             if target.dataset_version is None:
                 raise errors.Unavailable(f"dataset {dataset.name!r} has no active version yet")
+            scope = batch_msg.dedupe_scope()
             keys = dedupe_keys(
                 parsed,
                 target.schema,
                 producer_task_id=batch_msg.task_id,
                 dataset_uuid=dataset.dataset_uuid,
-                scope=batch_msg.dedupe_scope(),
+                scope=scope,
             )
-            groups.setdefault(target, []).append((i, batch_msg, parsed, keys))
+            scope_json = json.dumps(scope.as_json() if scope else None, separators=(",", ":"))
+            batch = _Batch(parsed, keys, batch_msg, scope_json, created.get(batch_msg.task_id))
+            groups.setdefault(target, []).append((i, batch))
         stored: list[tuple[ReceivedMessage, BufferMessage, str]] = []
         for target, ready in groups.items():
             assert target.dataset_version is not None
-            written = await self._write(
-                target.dataset_version, target.schema, [(p, k, m) for _, m, p, k in ready]
-            )
-            for (i, batch_msg, parsed, _), outcome in zip(ready, written, strict=True):
+            written = await self._write(target, [b for _, b in ready])
+            for (i, b), outcome in zip(ready, written, strict=True):
+                batch_msg, parsed = b.message, b.parsed
                 if isinstance(outcome, errors.ValidationFailed):
                     results[i] = await self._dead_letter(messages[i], outcome)
                     continue
@@ -285,12 +339,13 @@ class Sink:
         ]
 
     async def _targets(
-        self, dataset: DatasetRow, registry: DatasetSchema, task_ids: set[str]
-    ) -> dict[str, _Target]:
-        """Per producer task: the version its batches go to and the schema they are parsed
-        against (``batch_targets``: a staged producer's staged version and spec)."""
+        self, dataset: DatasetRow, registry: DatasetSchema, replace: bool, task_ids: set[str]
+    ) -> tuple[dict[str, _Target], dict[str, datetime]]:
+        """Per producer task: the version its batches go to, the schema they are parsed
+        against and the update strategy (``batch_targets``: a staged producer's staged version
+        and spec); and when each was created."""
         if not task_ids:
-            return {}
+            return {}, {}
         async with transaction(self.state_pool) as cur:
             rows = await fetch_as(
                 cur,
@@ -300,11 +355,13 @@ class Sink:
             )
         out = {}
         for r in rows:
-            schema = registry
+            schema, mode = registry, replace
             if r.staged_schema is not None:
                 schema = DatasetSchema.of(r.staged_schema, r.staged_unique_key or ())
-            out[r.task_id] = _Target(r.dataset_version, schema)
-        return out
+            if r.staged_update_strategy is not None:
+                mode = r.staged_update_strategy == "replace"
+            out[r.task_id] = _Target(r.dataset_version, schema, mode)
+        return out, {r.task_id: r.task_created for r in rows}
 
     def _decode(self, message: ReceivedMessage, dataset: DatasetRow) -> BufferMessage:
         batch_msg = BufferMessage.decode(message.body)
@@ -348,17 +405,19 @@ class Sink:
         return BatchResult("dead", reason=reason)
 
     async def _write(
-        self,
-        version: str,
-        schema: DatasetSchema,
-        batches: Sequence[tuple[ParsedBatch, list[str], BufferMessage]],
+        self, target: _Target, batches: Sequence[_Batch]
     ) -> list[int | errors.ValidationFailed]:
         """In one data transaction: evolve the table if needed, then per batch (under a
-        savepoint) COPY into a temporary table and insert the rows new to the table; commit.
-        Returns per batch the rows inserted, or why the table refused it (that batch alone
-        is rolled back; a table that cannot take the schema refuses every batch)."""
+        savepoint) COPY into a temporary table and insert the rows new to the table -- for a
+        replace target, first claim the batch's scope (``_claim``): a batch whose scope a
+        newer producer owns inserts nothing, else the scope's rows of older producers are
+        deleted; commit. Returns per batch the rows inserted, or why the table refused it
+        (that batch alone is rolled back; a table that cannot take the schema refuses every
+        batch)."""
         if not batches:
             return []
+        version, schema = target.dataset_version, target.schema
+        assert version is not None
         table = table_ident(version)
         staging = sql.Identifier("sink_batch")
         names = sql.SQL(", ").join(sql.Identifier(c) for c in schema.names)
@@ -368,24 +427,37 @@ class Sink:
         truncate = sql.SQL(Q["truncate_staging"]).format(staging=staging)
         copy_sql = sql.SQL(Q["copy_staging"]).format(staging=staging, names=names)
         insert = sql.SQL(Q["insert_new_rows"]).format(table=table, names=names, staging=staging)
-        outcomes: list[int | errors.ValidationFailed] = []
+        outcomes: list[int | errors.ValidationFailed | None] = [None] * len(batches)
+        # scopes in one order in every sink, so two sinks' claims cannot deadlock
+        order = sorted(range(len(batches)), key=lambda j: batches[j].scope)
         try:
             async with self.data_pool.connection() as conn, conn.transaction():
                 async with conn.cursor() as cur:
-                    if self._tables.get(version) != schema:
+                    if self._tables.get(version) != (schema, target.replace):
                         await ensure_table(cur, version, schema)  # raising rolls back
-                    for parsed, keys, m in batches:
+                        if target.replace:
+                            await ensure_scopes(cur, version)
+                    for j in order:
+                        b = batches[j]
+                        parsed, keys, m = b.parsed, b.keys, b.message
                         try:
                             async with conn.transaction():  # a savepoint per batch
+                                if target.replace and not await self._claim(cur, version, b):
+                                    outcomes[j] = 0  # a newer producer owns the scope
+                                    continue
                                 await cur.execute(create_staging)
                                 await cur.execute(truncate)
                                 async with cur.copy(copy_sql) as copy:
                                     copy.set_types(copy_types)
                                     for row, k in zip(parsed.rows, keys, strict=True):
                                         await copy.write_row((*row, bytes.fromhex(k)))
-                                params = {"task_id": m.task_id, "batch_key": m.batch_key}
+                                params = {
+                                    "task_id": m.task_id,
+                                    "batch_key": m.batch_key,
+                                    "scope": b.scope,
+                                }
                                 await cur.execute(insert, params)
-                                outcomes.append(cur.rowcount)
+                                outcomes[j] = cur.rowcount
                         except (
                             psycopg.DataError,
                             psycopg.IntegrityError,
@@ -393,19 +465,40 @@ class Sink:
                         ) as exc:
                             # the table refuses what the schema admitted (changed outside
                             # Trace): retrying cannot help
-                            outcomes.append(
-                                errors.ValidationFailed(
-                                    f"the table refused the batch: {exc.diag.message_primary}",
-                                    field="rows",
-                                )
+                            outcomes[j] = errors.ValidationFailed(
+                                f"the table refused the batch: {exc.diag.message_primary}",
+                                field="rows",
                             )
                     await self._fault("before_commit")
         except errors.ValidationFailed as exc:  # the table cannot take the schema
             return [exc] * len(batches)
         except psycopg.Error as exc:
             raise errors.Unavailable(f"data database: {type(exc).__name__}") from exc
-        self._tables[version] = schema
-        return outcomes
+        self._tables[version] = (schema, target.replace)
+        return [o if o is not None else 0 for o in outcomes]
+
+    async def _claim(self, cur: psycopg.AsyncCursor[Any], version: str, batch: _Batch) -> bool:
+        """Make the batch's producer its scope's owner unless a newer producer (created
+        later; on a tie, the greater task id) owns it, holding the scope's row lock until
+        commit; when it is the owner, delete the scope's rows of other producers. Returns
+        whether the batch's rows belong in the table."""
+        if batch.task_created is None:  # its task is gone: nothing can order it
+            raise errors.Unavailable(f"producer {batch.message.task_id} not found")
+        scopes = scopes_ident(version)
+        params = {
+            "scope": batch.scope,
+            "task_id": batch.message.task_id,
+            "task_created": batch.task_created,
+        }
+        await cur.execute(sql.SQL(Q["claim_scope"]).format(scopes=scopes), params)
+        await cur.execute(sql.SQL(Q["scope_owner"]).format(scopes=scopes), params)
+        owner = await cur.fetchone()
+        if owner is None or uuid.UUID(str(owner[0])) != uuid.UUID(batch.message.task_id):
+            return False
+        delete = sql.SQL(Q["delete_replaced_rows"]).format(table=table_ident(version))
+        await cur.execute(delete, params)
+        self.stats["replaced"] += cur.rowcount
+        return True
 
     async def _emit(
         self, dataset: DatasetRow, batches: Sequence[tuple[BufferMessage, str]]

@@ -150,6 +150,8 @@ async def ensure_table(
         cur, _ColumnRow, Q["table_columns"], {"table": table_name(dataset_version)}
     )
     have = {r.name: r.type for r in rows}
+    if "_scope" not in have:  # created before rows recorded their scope
+        await cur.execute(sql.SQL(Q["add_scope_column"]).format(table=table))
     added = widened = 0
     for col, typ in schema.columns:
         want = _CATALOG.get(PG_TYPES[typ], PG_TYPES[typ])
@@ -177,11 +179,28 @@ async def ensure_table(
     return added, widened
 
 
+def scopes_ident(dataset_version: str) -> sql.Identifier:
+    """A replace version's scope owners (``data.dsv_<hex>_scopes``)."""
+    return sql.Identifier(DATA_SCHEMA, f"dsv_{dataset_version.replace('-', '')}_scopes")
+
+
+async def ensure_scopes(cur: psycopg.AsyncCursor[Any], dataset_version: str) -> None:
+    """Create a replace version's scope owners table and the index on its rows' ``_scope``
+    if missing, in the caller's transaction (after ``ensure_table``, under its lock)."""
+    hexed = dataset_version.replace("-", "")
+    table, scopes = table_ident(dataset_version), scopes_ident(dataset_version)
+    await cur.execute(sql.SQL(Q["create_scopes"]).format(scopes=scopes))
+    index = sql.Identifier(f"dsv_{hexed}_scope")
+    await cur.execute(sql.SQL(Q["index_scopes"]).format(index=index, table=table))
+
+
 __all__ = [
     "PG_TYPES",
     "PG_WIDENINGS",
     "column_defs",
+    "ensure_scopes",
     "ensure_table",
     "schema_change_problems",
+    "scopes_ident",
     "table_ident",
 ]

@@ -7,7 +7,7 @@
 -- names (NULL before the first deploy gave it one).
 SELECT d.dataset_uuid::text AS dataset_uuid, d.org_id::text AS org_id, o.name AS org,
        d.name, d.storage_kind, d.schema::text AS schema, d.unique_key, d.output_index,
-       p.dataset_version::text AS dataset_version
+       p.dataset_version::text AS dataset_version, d.update_strategy
 FROM datasets d
 JOIN orgs o ON o.org_id = d.org_id
 JOIN dags g ON g.dag_id = d.dag_id
@@ -85,16 +85,54 @@ WITH gone AS (DELETE FROM queue_messages WHERE queue = %(queue)s AND dead RETURN
 SELECT count(*) AS purged FROM gone;
 
 -- name: create_table
--- (data database) The dataset version's table: its columns, who wrote each row, and the
--- dedupe key, unique.
+-- (data database) The dataset version's table: its columns, who wrote each row (and under
+-- which scope: the batch's canonical JSON, 'null' for none), and the dedupe key, unique.
 CREATE TABLE IF NOT EXISTS {table} (
     {columns},
     _dedupe_key bytea NOT NULL,
     _task_id uuid NOT NULL,
     _batch_key text NOT NULL,
     _loaded_at timestamptz NOT NULL DEFAULT now(),
+    _scope text,
     CONSTRAINT {constraint} UNIQUE (_dedupe_key)
 );
+
+-- name: add_scope_column
+-- (data database) A table created before rows recorded their scope: old rows hold null.
+ALTER TABLE {table} ADD COLUMN IF NOT EXISTS _scope text;
+
+-- name: create_scopes
+-- (data database) A replace dataset version's scopes: each scope's newest producer (by the
+-- producer task's creation, then its id), whose rows are the scope's rows.
+CREATE TABLE IF NOT EXISTS {scopes} (
+    scope        text PRIMARY KEY,
+    task_id      uuid NOT NULL,
+    task_created timestamptz NOT NULL,
+    replaced_at  timestamptz NOT NULL DEFAULT now()
+);
+
+-- name: index_scopes
+-- (data database) The index that finds a replace dataset version's rows of one scope.
+CREATE INDEX IF NOT EXISTS {index} ON {table} (_scope);
+
+-- name: claim_scope
+-- (data database) The batch's producer becomes the scope's owner unless a newer producer owns
+-- it; the scope's row stays locked until commit (ON CONFLICT DO UPDATE locks it even when the
+-- WHERE is false), so concurrent sinks of one scope serialize here.
+INSERT INTO {scopes} AS s (scope, task_id, task_created)
+VALUES (%(scope)s, %(task_id)s, %(task_created)s)
+ON CONFLICT (scope) DO UPDATE
+SET task_id = excluded.task_id, task_created = excluded.task_created, replaced_at = now()
+WHERE (s.task_created, s.task_id) < (excluded.task_created, excluded.task_id);
+
+-- name: scope_owner
+-- (data database) The producer whose rows a scope holds.
+SELECT task_id::text AS task_id FROM {scopes} WHERE scope = %(scope)s;
+
+-- name: delete_replaced_rows
+-- (data database) The rows of a scope written by producers other than its owner; returns how
+-- many.
+DELETE FROM {table} WHERE _scope = %(scope)s AND _task_id <> %(task_id)s;
 
 -- name: lock_table_ddl
 -- (data database) Serialize creating one table among concurrent sinks.
@@ -116,8 +154,8 @@ COPY {staging} ({names}, _dedupe_key) FROM STDIN;
 
 -- name: insert_new_rows
 -- (data database) Rows whose dedupe key the table does not hold yet; returns how many.
-INSERT INTO {table} ({names}, _dedupe_key, _task_id, _batch_key)
-SELECT {names}, _dedupe_key, %(task_id)s, %(batch_key)s FROM {staging}
+INSERT INTO {table} ({names}, _dedupe_key, _task_id, _batch_key, _scope)
+SELECT {names}, _dedupe_key, %(task_id)s, %(batch_key)s, %(scope)s FROM {staging}
 ON CONFLICT (_dedupe_key) DO NOTHING;
 
 -- name: claim_unprovisioned_queues
@@ -176,10 +214,12 @@ ALTER TABLE {table} ALTER COLUMN {column} TYPE {type} USING {column}::{type};
 -- Where the batches of the given producer tasks go: the dataset's version in the pointer set of
 -- the producer's DAG version -- the staged set while that version is a building staging of the
 -- dataset's DAG (trace_lite.dag_remat), else the active set -- and, for a staged producer, the
--- output schema and unique_key its staged spec declares for the dataset (NULL: the registry's).
-SELECT t.task_id::text AS task_id,
+-- output schema, unique_key and update_strategy its staged spec declares for the dataset (NULL:
+-- the registry's); and when each producer task was created (a replace dataset's scope order).
+SELECT t.task_id::text AS task_id, t.created_at AS task_created,
        coalesce(sp.dataset_version, ap.dataset_version)::text AS dataset_version,
-       o.out -> 'schema' AS staged_schema, o.out -> 'unique_key' AS staged_unique_key
+       o.out -> 'schema' AS staged_schema, o.out -> 'unique_key' AS staged_unique_key,
+       o.out ->> 'update_strategy' AS staged_update_strategy
 FROM tasks t
 JOIN datasets d ON d.dataset_uuid = %(dataset_uuid)s::uuid
 JOIN dags g ON g.dag_id = d.dag_id
