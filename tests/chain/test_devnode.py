@@ -30,3 +30,19 @@ def test_a_stopped_node_is_gone(fresh_node: DevNode) -> None:
     assert fresh_node.proc.returncode is not None
     with pytest.raises(RpcError, match="unreachable"):
         rpc.call("eth_blockNumber")
+
+
+def test_a_node_persists_no_state_to_disk_and_stop_removes_its_directory(
+    fresh_node: DevNode,
+) -> None:
+    # Without --prune-history anvil writes historical states to its cache path once it holds more
+    # than a few hundred blocks, and nothing ever removes them (long runs filled the disk).
+    cache_dir = fresh_node.cache_dir
+    assert cache_dir is not None and cache_dir.is_dir()
+    rpc = fresh_node.rpc()
+    for _ in range(3):
+        rpc.call("anvil_mine", hex(200))
+    assert rpc.block_number() == 600
+    assert list(cache_dir.rglob("*")) == []
+    fresh_node.stop()
+    assert not cache_dir.exists()

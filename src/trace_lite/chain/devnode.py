@@ -18,6 +18,7 @@ import random
 import shutil
 import socket
 import subprocess
+import tempfile
 import threading
 import time
 import urllib.error
@@ -112,6 +113,7 @@ class DevNode:
 
     proc: subprocess.Popen[bytes]
     port: int
+    cache_dir: Path | None = None
 
     @property
     def url(self) -> str:
@@ -129,7 +131,14 @@ class DevNode:
         ready_timeout_s: float = 30.0,
         log_path: Path | None = None,
     ) -> DevNode:
+        # --prune-history: keep the last 1,024 states in memory and persist none. Without it anvil
+        # writes historical states to disk (by default under ~/.foundry/anvil/tmp) and never
+        # removes them: long test and bench runs left tens of gigabytes there. Trace reads blocks,
+        # transactions, receipts and logs, never historical state. The cache path is the node's
+        # own directory all the same, removed by stop().
+        cache_dir = Path(tempfile.mkdtemp(prefix="trace-anvil-"))
         argv = [anvil_path(), "--host", "127.0.0.1", "--chain-id", str(chain_id), "--silent"]
+        argv += ["--prune-history", "1024", "--cache-path", str(cache_dir)]
         if block_time_s is not None:
             argv += ["--block-time", str(block_time_s)]
         for _ in range(5):  # the chosen port may be taken before anvil binds it
@@ -148,8 +157,10 @@ class DevNode:
                     out.close()  # type: ignore[union-attr]
             node = cls(proc, port)
             if node._wait_ready(ready_timeout_s):
+                node.cache_dir = cache_dir
                 return node
             node.stop()
+        shutil.rmtree(cache_dir, ignore_errors=True)
         raise RuntimeError("anvil did not become ready")
 
     def _wait_ready(self, timeout_s: float) -> bool:
@@ -173,6 +184,8 @@ class DevNode:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+        if self.cache_dir is not None:
+            shutil.rmtree(self.cache_dir, ignore_errors=True)
 
 
 @attrs.define
