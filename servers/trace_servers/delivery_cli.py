@@ -3,7 +3,9 @@
 trace delivery run [--batch N] [--poll-s S] [--metrics-port P] [--allow CIDR ...]
                    [--retry-schedule S,S,...] [--lease-s S] [--timeout-s S]
     the Delivery Service: lease due deliveries (SKIP LOCKED: run more processes to send more),
-    send them as signed webhooks, record every attempt, until SIGTERM/SIGINT; ``/metrics`` on
+    send them as signed webhooks, record every attempt, until SIGTERM/SIGINT; woken by
+    ``NOTIFY trace_delivery`` when deliveries become due, polling every ``--poll-s`` as the
+    fallback (``trace_lite.delivery_wakeups``); ``/metrics`` on
     127.0.0.1:P (due, in flight, sent, failed, suppressed, disabled, oldest due age)
 trace alerts ls --org ORG [--dataset alert_events] [--limit N]
     the newest alert events (the detectors' ``alert_events`` dataset) with their deliveries
@@ -51,6 +53,7 @@ from trace_lite.alert_inputs import recent_alert_events
 from trace_lite.config import LiteSettings
 from trace_lite.delivery import KINDS, DeliveryStore
 from trace_lite.delivery_service import FAULT_POINTS, DeliveryService
+from trace_lite.delivery_wakeups import DeliveryWakeups
 from trace_lite.embedded_pg import default_database_urls
 from trace_lite.orgs import Orgs
 from trace_lite.pg import open_pool
@@ -193,6 +196,7 @@ async def run(settings: LiteSettings, state_url: str, args: argparse.Namespace) 
         batch=args.batch,
         poll_s=args.poll_s,
         fault=fault if args.kill_at else None,
+        wakeups=await DeliveryWakeups(state_url).start(),
     )
     runner = await _serve_metrics(store, args.metrics_port) if args.metrics_port else None
     try:
@@ -201,6 +205,8 @@ async def run(settings: LiteSettings, state_url: str, args: argparse.Namespace) 
     finally:
         if runner is not None:
             await runner.cleanup()
+        if service.wakeups is not None:
+            await service.wakeups.close()
         await pool.close()
 
 

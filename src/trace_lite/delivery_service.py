@@ -9,8 +9,10 @@ store: the next attempt carries the same ``webhook-id``, so a receiver that dedu
 alert. If the recording transaction fails, the leases lapse and the reaper makes the
 deliveries due again.
 
-``run`` repeats passes until ``stop`` is set, sleeping ``poll_s`` after a pass that found
-nothing to do.
+``run`` repeats passes until ``stop`` is set. After a pass that found nothing to do it waits
+for a wake-up (``DeliveryWakeups``: ``NOTIFY trace_delivery`` when deliveries become due, sent
+at the commit that made them due) or ``poll_s``, whichever comes first; without wake-ups it
+sleeps ``poll_s``.
 """
 
 from __future__ import annotations
@@ -25,7 +27,9 @@ import attrs
 from trace_core import errors
 from trace_core.delivery import DeliveryState
 from trace_lite.delivery import DeliveryStore, Leased, Outcome
+from trace_lite.delivery_wakeups import DeliveryWakeups
 from trace_lite.webhook_sender import WebhookSender
+from trace_sdk.aio import sleep_or_stop
 
 log = logging.getLogger("trace.delivery")
 
@@ -54,6 +58,7 @@ class DeliveryService:
         batch: int = 20,
         poll_s: float = 1.0,
         fault: Callable[[str], Awaitable[None]] | None = None,
+        wakeups: DeliveryWakeups | None = None,
     ) -> None:
         self.store = store
         self.sender = sender
@@ -61,6 +66,7 @@ class DeliveryService:
         self.batch = batch
         self.poll_s = poll_s
         self._fault = fault
+        self.wakeups = wakeups
 
     async def _send(self, leased: Leased) -> Outcome:
         started = time.monotonic()
@@ -110,16 +116,27 @@ class DeliveryService:
 
     async def run(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
+            if self.wakeups is not None:
+                self.wakeups.clear()  # before the pass: what becomes due during it wakes the wait
             try:
                 stats = await self.run_once()
             except errors.TraceError as exc:
                 log.warning("delivery pass failed; retrying", extra={"error": exc.message})
-                stats = PassStats()
+                await sleep_or_stop(stop, self.poll_s)  # not at a wake-up: the database failed
+                continue
             if stats.leased == 0:
-                try:
-                    await asyncio.wait_for(stop.wait(), self.poll_s)
-                except TimeoutError:
-                    pass
+                await self._idle(stop)
+
+    async def _idle(self, stop: asyncio.Event) -> None:
+        """Until ``stop`` is set, a wake-up arrives or ``poll_s`` passes."""
+        waits: list[asyncio.Future[bool]] = [asyncio.ensure_future(stop.wait())]
+        if self.wakeups is not None:
+            waits.append(asyncio.ensure_future(self.wakeups.wait(self.poll_s)))
+        try:
+            await asyncio.wait(waits, timeout=self.poll_s, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for w in waits:
+                w.cancel()
 
 
 __all__ = ["FAULT_POINTS", "DeliveryService", "PassStats"]

@@ -22,6 +22,7 @@ from trace_core.ssrf import Address, AllowList
 from trace_core.testing.memory_secrets import MemorySecretStore
 from trace_lite.delivery import DeliveryStore, Outcome
 from trace_lite.delivery_service import DeliveryService
+from trace_lite.delivery_wakeups import CHANNEL, DeliveryWakeups
 from trace_lite.dispatcher import open_pool
 from trace_lite.webhook_sender import WebhookSender, check_url, new_signing_secret
 from webhook_receiver import WebhookReceiver
@@ -424,3 +425,74 @@ async def test_a_name_that_does_not_resolve_now_is_retried_not_refused(env: Env)
     assert await env.state(delivery_id) is DeliveryState.DUE
     (attempt,) = await env.store.attempts(delivery_id)
     assert attempt.outcome == "fail" and "does not resolve" in (attempt.error or "")
+
+
+class _Idle:
+    """Wraps a service's ``run_once``: ``went_idle`` is set after each pass that leased
+    nothing (the service is about to wait)."""
+
+    def __init__(self, service: DeliveryService) -> None:
+        self.went_idle = asyncio.Event()
+        self._run_once = service.run_once
+        service.run_once = self._pass  # type: ignore[method-assign]
+
+    async def _pass(self) -> Any:
+        stats = await self._run_once()
+        if stats.leased == 0:
+            self.went_idle.set()
+        return stats
+
+
+async def _wait_for(probe: Any, what: str, limit_s: float = 30.0) -> None:
+    """Poll ``probe`` until true (bounded: a missing wake-up shows as this failing)."""
+    for _ in range(int(limit_s / 0.02)):
+        if await probe():
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"not {what} within {limit_s} s")
+
+
+async def _listeners(env: Env) -> list[int]:
+    async with env.pool.connection() as conn:
+        cur = await conn.execute(
+            "SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND query = %s",
+            (f"LISTEN {CHANNEL}",),
+        )
+        return [r[0] for r in await cur.fetchall()]
+
+
+async def test_an_idle_service_is_woken_when_a_delivery_becomes_due(env: Env, db_url: str) -> None:
+    """The poll is an hour: only the wake-up (migration 0029's NOTIFY at the commit that made
+    the delivery due) can make the idle service send a delivery routed after it went idle --
+    also after its listening connection was killed and it reconnected."""
+    wakeups = await DeliveryWakeups(db_url).start()
+    sender = WebhookSender(env.secrets, allow=LOOPBACK, timeout_s=5)
+    service = DeliveryService(
+        env.store, sender, sender_id="s1", batch=10, poll_s=3600, wakeups=wakeups
+    )
+    idle = _Idle(service)
+    stop = asyncio.Event()
+    running = asyncio.create_task(service.run(stop))
+    try:
+        for i, kill_listener in enumerate((False, True)):
+            if kill_listener:
+                # the reconnected listener wakes the service: one more pass, then idle again
+                idle.went_idle.clear()
+                (old,) = await _listeners(env)
+                async with env.pool.connection() as conn:
+                    await conn.execute("SELECT pg_terminate_backend(%s)", (old,))
+
+                async def listens_again(old: int = old) -> bool:
+                    return len(pids := await _listeners(env)) == 1 and pids[0] != old
+
+                await _wait_for(listens_again, "the listener reconnected")
+            async with asyncio.timeout(30):
+                await idle.went_idle.wait()
+            delivery_id = await env.enqueue(f"evt-{i}")
+            await _wait_for(lambda d=delivery_id: _is(env, d, DeliveryState.SENT), "sent")
+        assert len(env.receiver.accepted) == 2
+        assert wakeups.notifications >= 2
+    finally:
+        stop.set()
+        await running
+        await wakeups.close()
