@@ -7,23 +7,12 @@ re-publishes the same batch keys and every row lands once."""
 
 from __future__ import annotations
 
-import asyncio
 import json
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 from typing import Any
 
-import psycopg
-
-from conftest import UdfProcs
-from trace_lite.dag_runs import DagRuns
-from trace_lite.dags import Dags
-from trace_lite.datasets import table_name
-from trace_lite.dispatcher import open_pool
-from trace_lite.sink import load_dataset
-from trace_servers.dag_cli import builtin_operators
+from conftest import UdfProcs, buffered_output
 
 NUMBERS = """
     from trace_udf import Context
@@ -54,31 +43,7 @@ def _bundle_dir(root: Path, name: str, source: str) -> Path:
     return d
 
 
-def _cli(procs: UdfProcs, *argv: str) -> Any:
-    out = subprocess.run(
-        [sys.executable, "-m", "trace_servers.cli", *argv],
-        env=procs.env(),
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=procs.home,
-    )
-    assert out.returncode == 0, out.stderr
-    return json.loads(out.stdout)
-
-
 def _dag(numbers: dict[str, str], doubler: dict[str, str]) -> dict[str, Any]:
-    def buffered(schema: dict[str, str]) -> list[dict[str, Any]]:
-        return [
-            {
-                "storage": "postgres_table",
-                "update_strategy": "append",
-                "buffered": True,
-                "unique_key": ["n"],
-                "schema": schema,
-            }
-        ]
-
     return {
         "name": "udf_e2e",
         "jobs": {
@@ -87,7 +52,7 @@ def _dag(numbers: dict[str, str], doubler: dict[str, str]) -> dict[str, Any]:
                 "runtime": "lambda",
                 "config": {"bundle": numbers, "n": 10},
                 "triggers": [{"type": "manual"}],
-                "outputs": buffered({"n": "int64"}),
+                "outputs": buffered_output({"n": "int64"}, ["n"]),
             },
             "doubled": {
                 "operator": "udf",
@@ -95,7 +60,7 @@ def _dag(numbers: dict[str, str], doubler: dict[str, str]) -> dict[str, Any]:
                 "config": {"bundle": doubler},
                 "inputs": [{"from": {"job": "numbers", "output": 0}}],
                 "max_attempts": 3,
-                "outputs": buffered({"n": "int64", "doubled": "int64"}),
+                "outputs": buffered_output({"n": "int64", "doubled": "int64"}, ["n"]),
             },
         },
         "publish": [
@@ -106,69 +71,29 @@ def _dag(numbers: dict[str, str], doubler: dict[str, str]) -> dict[str, Any]:
 
 
 def test_a_dag_of_python_udfs_reads_a_granted_dataset_and_lands_rows_once(
-    udf_procs: UdfProcs, data_db_url: str, tmp_path: Path
+    udf_dag_procs: UdfProcs, tmp_path: Path
 ) -> None:
-    procs = udf_procs
-    base_env = procs.env
-    procs.env = lambda: {**base_env(), "TRACE_DATA_DATABASE_URL": data_db_url}  # type: ignore[method-assign]
-    procs.stop_all()  # restart the Dispatcher with the data database
-    procs.procs.clear()
-    procs.start_dispatcher()
-    procs.start_runner()
-    sink = procs._spawn("sink", "sink", "run", "--org", "default")
-    procs.wait_until(lambda: "running" in sink.log_path.read_text(), 60, "the sink started")
-
+    procs = udf_dag_procs
     src = tmp_path / "udfs"
     src.mkdir()
-    numbers = _cli(procs, "udf", "deploy", str(_bundle_dir(src, "numbers", NUMBERS)))
-    doubler = _cli(procs, "udf", "deploy", str(_bundle_dir(src, "doubler", DOUBLER)))
-    assert numbers["job"]["config"]["bundle"]["digest"] == numbers["digest"]
-    refs = [{"name": b["name"], "digest": b["digest"]} for b in (numbers, doubler)]
+    numbers = procs.deploy_bundle(_bundle_dir(src, "numbers", NUMBERS))
+    doubler = procs.deploy_bundle(_bundle_dir(src, "doubler", DOUBLER))
+    procs.deploy_and_trigger(_dag(numbers, doubler), "numbers")
 
-    async def deploy_and_trigger() -> None:
-        pool = await open_pool(procs.db_url, min_size=1, max_size=2)
-        try:
-            await Dags(pool, operators=builtin_operators()).deploy(None, "default", _dag(*refs))
-            await DagRuns(pool).trigger(None, "default", "udf_e2e", "numbers")
-        finally:
-            await pool.close()
-
-    asyncio.run(deploy_and_trigger())
-
-    def doubled_task() -> list[tuple[Any, ...]]:
-        return procs.sql(
-            "SELECT task_id::text, state FROM tasks WHERE dag_job = 'doubled' AND state = 'completed'"
-        )
-
-    [(task_id, _)] = procs.wait_until(doubled_task, 120, "the doubled task to complete")
-    attempts = procs.sql(
-        "SELECT attempt, outcome, error->>'code' FROM task_attempts WHERE task_id = %s "
-        "ORDER BY attempt",
-        (task_id,),
+    [task_id] = procs.wait_until(
+        lambda: procs.completed_tasks("doubled"), 120, "the doubled task to complete"
     )
-    assert attempts == [(1, "failed", "udf_invalid_response"), (2, "succeeded", None)]
+    assert procs.attempts(task_id) == [
+        (1, "failed", "udf_invalid_response"),
+        (2, "succeeded", None),
+    ]
     result = procs.scalar("SELECT result FROM tasks WHERE task_id = %s", (task_id,))
     assert result == {"read": 10, "granted": ["numbers"]}
     # attempt 1 published the batch; attempt 2's publish of the same key was a no-op
-    batches = procs.sql(
-        "SELECT batch_key, attempt, row_count FROM buffer_batches WHERE task_id = %s", (task_id,)
-    )
-    assert batches == [("doubled.0.0", 1, 10)]
-
-    async def table() -> str:
-        pool = await open_pool(procs.db_url, min_size=1, max_size=2)
-        try:
-            ds = await load_dataset(pool, "default", "doubled")
-            assert ds.dataset_version is not None
-            return table_name(ds.dataset_version)
-        finally:
-            await pool.close()
-
-    name = asyncio.run(table())
+    assert procs.buffer_batches(task_id) == [("doubled.0.0", 1, 10)]
 
     def stored() -> list[tuple[Any, ...]]:
-        with psycopg.connect(data_db_url, autocommit=True) as conn:
-            return conn.execute(f"SELECT n, doubled FROM {name} ORDER BY n").fetchall()
+        return procs.stored_rows("doubled", ["n", "doubled"])
 
     procs.wait_until(lambda: len(stored()) == 10, 60, "the doubled rows in the data table")
     assert stored() == [(n, 2 * n) for n in range(10)]
