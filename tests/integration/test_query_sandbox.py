@@ -4,7 +4,8 @@ AND writes nothing.
 Each case runs in a real sandbox process over a real Parquet file. ``SECRET`` sits in a file
 next to the data and in the parent's environment; no answer or error may contain it, the
 data's path, or the scratch directory's path; the canary paths the attempts try to write must
-not exist afterwards and the sandbox's private directory stays empty. Cases marked ``lockdown``
+not exist afterwards and the sandbox's private directory holds nothing but its unchanged copy of
+the granted data. Cases marked ``lockdown``
 are run a second time with the parse-level gate switched off, to show the DuckDB lock-down and
 the OS limits refuse them on their own.
 """
@@ -215,8 +216,13 @@ def _assert_nothing_leaked_or_written(p: Paths, text: str) -> None:
         "scratch",
         "secret.csv",
     ]
-    for d in p.scratch.iterdir():  # each sandbox's private directory stays empty
-        assert list(d.iterdir()) == [], list(d.iterdir())
+    granted = p.data.read_bytes()
+    for d in p.scratch.iterdir():
+        # each sandbox's private directory holds nothing but its copy of the granted data,
+        # unchanged (its views read the copy; a write the lock-down missed would show here)
+        assert [x.name for x in d.iterdir()] in ([], ["data"]), list(d.iterdir())
+        for copy in (d / "data").glob("*"):
+            assert copy.name == "0_0.parquet" and copy.read_bytes() == granted
 
 
 async def _attempt(p: Paths, case: Case, *, gate: bool) -> str:

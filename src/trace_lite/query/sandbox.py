@@ -64,6 +64,10 @@ def limit_cpu(cpu_s: int) -> None:
     _limit(resource.RLIMIT_CPU, cpu_s)
 
 
+#: The answer when DuckDB's lock-down refuses an access (its own message names the path).
+NO_ACCESS = "files, URLs, extensions and settings are not reachable from a query"
+
+
 class Refused(Exception):
     """An answer that is not rows: ``code`` is a ``trace_core.errors`` code."""
 
@@ -73,32 +77,44 @@ class Refused(Exception):
         self.message = message
 
 
-def prepare(request: dict[str, Any]) -> Any:
-    """Layers 2-5: a fresh DuckDB, the gate, the trusted loading, the lock-down. Returns the
-    locked connection, ready for the user SQL. Raises ``Refused``."""
+def connect() -> Any:
+    """Layer 2, made before the request arrives (a pool's sandbox waits with it): a fresh
+    in-memory DuckDB for this process's one query, extensions and spilling off, the extension
+    and secret directories an empty folder in this process's private working directory."""
     import duckdb
 
-    from trace_core import errors, query_gate
-
-    tables: dict[str, dict[str, Any]] = {t["name"]: t for t in request["tables"]}
+    private = "extensions"  # relative: an error naming it names no physical path
     con = duckdb.connect(
         ":memory:",
         config={
-            "threads": int(request["threads"]),
-            "memory_limit": str(request["memory_limit"]),
+            "threads": 1,
             "max_temp_directory_size": "0B",
             "temp_directory": "",
             "autoinstall_known_extensions": False,
             "autoload_known_extensions": False,
             "allow_community_extensions": False,
             "allow_unsigned_extensions": False,
-            "extension_directory": str(request["extension_directory"]),
-            "secret_directory": str(request["extension_directory"]),
+            "extension_directory": private,
+            "secret_directory": private,
             "allow_persistent_secrets": False,
         },
     )
     # DuckDB draws a progress bar on stdout for a slow query, and stdout is the answer
     con.execute("SET enable_progress_bar = false")
+    return con
+
+
+def prepare(con: Any, request: dict[str, Any]) -> Any:
+    """Layers 2-5 on ``con`` (``connect``): the request's threads and memory, the gate, the
+    trusted loading, the lock-down. Returns the locked connection, ready for the user SQL.
+    Raises ``Refused``."""
+    import duckdb
+
+    from trace_core import errors, query_gate
+
+    tables: dict[str, dict[str, Any]] = {t["name"]: t for t in request["tables"]}
+    con.execute(f"SET threads = {int(request['threads'])}")
+    con.execute(f"SET memory_limit = {_quote(str(request['memory_limit']), chr(39))}")
     sql = str(request["sql"])
     ((tree,),) = con.execute("SELECT json_serialize_sql(?::VARCHAR)", [sql]).fetchall()
     parsed = json.loads(tree)
@@ -114,32 +130,41 @@ def prepare(request: dict[str, Any]) -> Any:
     s3 = request.get("s3")  # sent only when a pinned object is in S3
     if s3:
         _open_s3(con, s3)
+    local: list[str] = []
     for name in sorted(used):
         try:
-            _load(con, name, tables[name])
+            local += _load(con, name, tables[name])
         except duckdb.Error:
             # the message names files: it stays in this process
             raise Refused("unavailable", "a dataset could not be loaded") from None
     if s3:
         # the credential leaves the database before any user SQL runs
         con.execute("DROP SECRET IF EXISTS trace_read")
+    # the views' files (this process's private copies, by relative name) stay readable; no
+    # other file, URL or setting is reachable from here on
+    con.execute(f"SET allowed_paths = [{', '.join(_quote(f, chr(39)) for f in local)}]")
     con.execute("SET enable_external_access = false")
-    con.execute("SET disabled_filesystems = 'LocalFileSystem'")
+    if not local:
+        con.execute("SET disabled_filesystems = 'LocalFileSystem'")
     con.execute("SET lock_configuration = true")
     return con
 
 
-def run(request: dict[str, Any]) -> dict[str, Any]:
+def run(con: Any, request: dict[str, Any]) -> dict[str, Any]:
     """One JSON answer: at most ``max_rows`` rows and whether more existed."""
     import duckdb
 
-    con = prepare(request)
+    con = prepare(con, request)
     max_rows = int(request["max_rows"])
     try:
         cur = con.execute(str(request["sql"]))
         columns = [d[0] for d in cur.description or []]
         types = [str(d[1]) for d in cur.description or []]
         fetched = cur.fetchmany(max_rows + 1)
+    except duckdb.PermissionException:
+        # the lock-down refused a file, URL, extension or setting (the gate lets none through);
+        # DuckDB's message would repeat the path
+        raise Refused("query_failed", NO_ACCESS) from None
     except duckdb.Error as exc:
         raise Refused("query_failed", _first_line(str(exc))) from None
     rows = [[jsonable(v) for v in row] for row in fetched[:max_rows]]
@@ -173,14 +198,14 @@ class Frames:
         self.send(kind, json.dumps(value, separators=(",", ":"), allow_nan=False).encode())
 
 
-def stream(request: dict[str, Any], frames: Frames) -> None:
+def stream(con: Any, request: dict[str, Any], frames: Frames) -> None:
     """The user SQL's rows as Arrow record batches: at most ``max_rows`` rows (the end frame
     says whether more existed) and ``max_bytes`` of batches. A failure before the first frame
     raises ``Refused``; after it, it is sent as an ``X`` frame."""
     import duckdb
     import pyarrow as pa
 
-    con = prepare(request)
+    con = prepare(con, request)
     max_rows, max_bytes = int(request["max_rows"]), int(request["max_bytes"])
     try:
         cur = con.execute(str(request["sql"]))
@@ -188,6 +213,8 @@ def stream(request: dict[str, Any], frames: Frames) -> None:
         columns = [d[0] for d in cur.description or []]
         types = [str(d[1]) for d in cur.description or []]
         batch = _next_batch(reader)
+    except duckdb.PermissionException:
+        raise Refused("query_failed", NO_ACCESS) from None
     except (duckdb.Error, pa.ArrowException, OSError) as exc:  # DuckDB errors via Arrow
         raise Refused("query_failed", _first_line(str(exc))) from None
     # dictionary-encoded columns (ENUM) as their values: every batch stands alone
@@ -279,62 +306,59 @@ def _quote(text: str, mark: str) -> str:
     return mark + text.replace(mark, mark * 2) + mark
 
 
-def _load(con: Any, name: str, source: dict[str, Any]) -> None:
-    """Trusted loading, before the lock-down: a dataset's pinned data into a table named after
-    it (Parquet files, or a Postgres-table export as CSV with declared column types)."""
+def _load(con: Any, name: str, source: dict[str, Any]) -> list[str]:
+    """Trusted loading, before the lock-down: a dataset named after it. Local data (this
+    process's private copies, by names relative to its working directory) becomes a view over
+    the files, read where they lie; ``s3://`` objects are copied into an in-memory table (a
+    view would need the secret at query time). Returns the local files the views read."""
     ident = _quote(name, '"')
     if "csv" in source:
         columns = [(str(c), str(t)) for c, t in source["columns"]]
         if not columns:
             con.execute(f"CREATE TABLE {ident} (_empty BOOLEAN)")
-            return
+            return []
         if any(t not in CSV_TYPES for _, t in columns):
             raise Refused("validation_failed", "unsupported column type")
+        path = str(source["csv"])
         spec = ", ".join(f"{_quote(c, chr(39))}: {_quote(t, chr(39))}" for c, t in columns)
         con.execute(
-            f"CREATE TABLE {ident} AS SELECT * FROM read_csv(?, header = false, "
-            f"auto_detect = false, delim = ',', quote = '\"', escape = '\"', "
-            f"allow_quoted_nulls = false, columns = {{{spec}}})",
-            [str(source["csv"])],
+            f"CREATE VIEW {ident} AS SELECT * FROM read_csv({_quote(path, chr(39))}, "
+            f"header = false, auto_detect = false, delim = ',', quote = '\"', escape = '\"', "
+            f"allow_quoted_nulls = false, columns = {{{spec}}})"
         )
-        return
+        return [path]
     files = [str(f) for f in source["parquet"]]
-    if files:
-        con.execute(f"CREATE TABLE {ident} AS SELECT * FROM read_parquet(?)", [files])
-    else:
+    if not files:
         con.execute(f"CREATE TABLE {ident} (_empty BOOLEAN)")
+        return []
+    if any(f.startswith("s3://") for f in files):
+        con.execute(f"CREATE TABLE {ident} AS SELECT * FROM read_parquet(?)", [files])
+        return []
+    listed = ", ".join(_quote(f, chr(39)) for f in files)
+    con.execute(f"CREATE VIEW {ident} AS SELECT * FROM read_parquet([{listed}])")
+    return files
 
 
 def _first_line(message: str) -> str:
     return message.splitlines()[0][:500] if message else "query failed"
 
 
-def main() -> int:
-    apply_limits()
-    # A pre-started sandbox waits on stdin with DuckDB imported and warmed up in a
-    # throwaway database (the slow part of starting); the query still gets a fresh one.
-    # (pyarrow, ~40 ms of CPU, only for an Arrow stream: imported once the request asks for one)
-    import duckdb
-
-    from trace_core import query_gate  # noqa: F401
-
-    warm = duckdb.connect(":memory:", config={"threads": 1})
-    warm.execute("SELECT json_serialize_sql('SELECT 1')").fetchall()
-    warm.close()
-
+def serve(con: Any) -> NoReturn:
+    """Read this process's one request on stdin, answer it on stdout over ``con``
+    (``connect``), and end the process."""
     request = json.loads(sys.stdin.buffer.read())
     limit_cpu(int(request["cpu_s"]))
     if request.get("mode") == "arrow":
         frames = Frames(sys.stdout.buffer)
         try:
-            stream(request, frames)
+            stream(con, request, frames)
         except Refused as exc:
             frames.send_json(b"X", {"error": exc.code, "message": exc.message})
         except MemoryError:
             frames.send_json(b"X", {"error": "query_failed", "message": "out of memory"})
         _exit()
     try:
-        answer = run(request)
+        answer = run(con, request)
     except Refused as exc:
         answer = {"ok": False, "error": exc.code, "message": exc.message}
     except MemoryError:
@@ -346,6 +370,16 @@ def main() -> int:
         ).encode()
     sys.stdout.buffer.write(data)
     _exit()
+
+
+def main() -> NoReturn:
+    apply_limits()
+    # A pre-started sandbox waits on stdin with DuckDB imported and its query's fresh database
+    # open (the slow part of starting). pyarrow (~40 ms of CPU) is imported only for an Arrow
+    # stream, once the request asks for one.
+    from trace_core import query_gate  # noqa: F401
+
+    serve(connect())
 
 
 def _exit() -> NoReturn:
