@@ -1,47 +1,20 @@
 """A forced reorg on a real anvil node (``evm_snapshot``, a fork mined, ``evm_revert``, a
 different fork mined) under ``examples/monad/monad.yaml`` on real Postgres: the follower sees
-the changed hashes, announces exactly the affected range again, ``cryo_ingest`` replaces it
-and ``erc20_transfers`` reruns on it once; the published logs and transfers then equal the
-node's new chain, and the ranges below the fork are not extracted again."""
+the changed hashes, announces exactly the affected range again, ``cryo_ingest`` replaces it,
+``erc20_transfers`` and ``block_stats`` rerun on it once; the published logs, transfers and
+block stats then equal the node's new chain, and the ranges below the fork are not extracted
+again."""
 
 from __future__ import annotations
 
 import asyncio
-import io
-from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
 
-import psycopg
-import pyarrow.parquet as pq
-import pytest
-import yaml
+from _chain_pipeline import Pipeline, monad_example, run_pipeline, sql
 
-from trace_core.access import UserCaller
-from trace_core.dag import OperatorInfo
-from trace_core.lifecycle import RetryPolicy
-from trace_core.testing import MemoryQueue, MemorySigner
-from trace_lite.alert_operators import alert_operators
-from trace_lite.chain.devnode import TRANSFER_TOPIC, DevNode, make_activity
-from trace_lite.chain.operators import lite_operators
-from trace_lite.dag_runs import DagRuns
-from trace_lite.dags import Dags
-from trace_lite.dataset_gc import DatasetGC
-from trace_lite.datasets import Datasets
-from trace_lite.dispatcher import Dispatcher, open_pool
-from trace_lite.local_store import LocalObjectStore
+from trace_lite.chain.devnode import TRANSFER_TOPIC, DevNode, Rpc, make_activity
 from trace_lite.outputs import INVALIDATE_TOPIC
-from trace_lite.task_surface import InProcessTaskSurface
-from trace_sdk import BUILTIN_OPERATORS, Worker
 from trace_sdk.follower import reorged_ranges
-
-ORG = "acme"
-EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "monad" / "monad.yaml"
-
-
-def _sql(url: str, query: str, params: Any = None) -> list[tuple[Any, ...]]:
-    with psycopg.connect(url, autocommit=True) as conn:
-        return conn.execute(query, params).fetchall()
 
 
 def test_reorged_ranges_start_at_the_chunk_of_the_lowest_changed_block() -> None:
@@ -54,153 +27,106 @@ def test_reorged_ranges_start_at_the_chunk_of_the_lowest_changed_block() -> None
     assert reorged_ranges(remembered, deep, cursor=80, chunk=20) == (((40, 60), (60, 80)), True)
 
 
-@pytest.fixture
-async def pool(db_url: str) -> AsyncIterator[Any]:
-    pool = await open_pool(db_url, min_size=2, max_size=12)
-    try:
-        yield pool
-    finally:
-        await pool.close()
+def node_stats(rpc: Rpc, end: int) -> list[tuple[int, int, int, int]]:
+    """``(block, tx count, gas used, log count)`` of blocks ``[0, end)`` as the node says."""
+    logs = rpc.call("eth_getLogs", {"fromBlock": "0x0", "toBlock": hex(end - 1)})
+    out = []
+    for b in range(end):
+        block = rpc.call("eth_getBlockByNumber", hex(b), False)
+        n_logs = sum(1 for log in logs if int(log["blockNumber"], 16) == b)
+        out.append((b, len(block["transactions"]), int(block["gasUsed"], 16), n_logs))
+    return out
+
+
+async def assert_datasets_match_the_node(p: Pipeline, rpc: Rpc, end: int) -> None:
+    """Every published dataset of ``[0, end)`` -- logs, transfers (Parquet, 20-block ranges)
+    and block stats (buffered Postgres) -- equals the node's chain now."""
+    node_logs = rpc.call("eth_getLogs", {"fromBlock": "0x0", "toBlock": hex(end - 1)})
+    want_logs = sorted(
+        (int(x["blockNumber"], 16), int(x["logIndex"], 16), x["transactionHash"]) for x in node_logs
+    )
+    want_transfers = sorted(
+        (int(x["blockNumber"], 16), int(x["logIndex"], 16), x["transactionHash"])
+        for x in node_logs
+        if x["topics"][0] == "0x" + TRANSFER_TOPIC and len(x["topics"]) == 3
+    )
+    ranges = [(s, s + 20) for s in range(0, end, 20)]
+    for dataset, want in (("monad_logs", want_logs), ("monad_transfers", want_transfers)):
+        assert sorted((o["start"], o["end"]) for o in await p.objects(dataset)) == ranges
+        got = sorted(
+            (r["block_number"], r["log_index"], "0x" + r["transaction_hash"].hex())
+            for r in await p.parquet_rows(dataset)
+        )
+        assert got == want, dataset
+    stats = await p.table_rows(
+        "monad_block_stats", "block_number, tx_count, gas_used, log_count", "block_number"
+    )
+    assert [tuple(int(x) for x in row) for row in stats] == node_stats(rpc, end)
+
+
+async def follow(p: Pipeline, run_id: str, *, ingest: int) -> list[str]:
+    """One follower run; waits until it, ``ingest`` ingest tasks and as many transfers and
+    block stats tasks completed and the sink stored every stats batch; returns the run's event
+    keys."""
+    follower = await p.trigger("follow", run_id)
+    async with asyncio.timeout(90):
+        while not (  # noqa: ASYNC110
+            await p.state_of(follower) == "completed"
+            and p.done("ingest") == ingest
+            and p.done("transfers") == ingest
+            and p.done("block_stats") == 2 * ingest  # its transactions and logs events
+            and p.buffers_idle()
+        ):
+            await asyncio.sleep(0.05)
+    return p.event_keys(follower)
 
 
 async def test_a_forced_reorg_replaces_exactly_the_affected_range(
-    pool: Any, db_url: str, tmp_path: Path, fresh_node: DevNode
+    db_url: str, data_db_url: str, tmp_path: Path, fresh_node: DevNode
 ) -> None:
     rpc = fresh_node.rpc()
     make_activity(rpc, 45)  # blocks 0..46
     snapshot = rpc.call("evm_snapshot")
     make_activity(rpc, 30)  # fork A: 47..
-    doc: dict[str, Any] = yaml.safe_load(EXAMPLE.read_text())
-    for slots in doc["worker_pools"].values():
-        for slot in slots:
-            slot["env"]["RPC_URL"] = fresh_node.url
-    doc["jobs"]["follow"]["triggers"] = [{"type": "manual"}]  # runs when the test says
+    doc = monad_example(fresh_node.url)
     doc["jobs"]["follow"]["config"].update(start=0, chunk=20, confirmations=2)
-    doc["jobs"]["windows"]["config"]["blocks"] = 100
-    store = LocalObjectStore(tmp_path / "objects", "http://127.0.0.1:1", b"s" * 32)
-    # with the example's gas_spikes detector (it reads Parquet partitions: no data pool needed)
-    lite = lite_operators(pool, store) | alert_operators(pool, pool, store)
-    await Datasets(pool, object_store=store).set_member(None, ORG, "alice", ["admin"])
-    operators = {n: OperatorInfo(n) for n in [*BUILTIN_OPERATORS, *lite]}
-    await Dags(pool, operators=operators).deploy(None, ORG, doc)
-    queue = MemoryQueue("tasks")
-    d = Dispatcher(
-        pool,
-        signer=MemorySigner(),
-        queue=queue,
-        object_store=store,
-        retry=RetryPolicy(max_attempts=3, base_s=0.0),
-        rand=lambda: 0.5,
-    )
-    runs = DagRuns(pool)
-    surface = InProcessTaskSurface(d)
-    worker = Worker(
-        surface=surface, queue=queue, operators={**BUILTIN_OPERATORS, **lite}, store=store
-    )
-    stop = asyncio.Event()
-    background = [
-        asyncio.create_task(d.run_background(stop, reap_every_s=0.05)),
-        asyncio.create_task(worker.run(stop)),
-        asyncio.create_task(DatasetGC(pool, store).run_background(stop, every_s=0.1)),
-        # fan-out, schedules and invalidation cascades (replace commits announce them)
-        asyncio.create_task(runs.run(stop, fan_out_every_s=0.05, schedule_every_s=0.1)),
-    ]
-
-    def done(job: str) -> int:
-        failed = _sql(db_url, "SELECT dag_job, error::text FROM tasks WHERE state = 'failed'")
-        assert not failed, failed
-        n = _sql(
-            db_url,
-            "SELECT count(*) FROM tasks WHERE dag_job = %s AND state = 'completed'",
-            (job,),
-        )
-        return int(n[0][0])
-
-    async def follow(run_id: str, ingest: int, transfers: int) -> list[str]:
-        """One follower run; wait until it and ``ingest`` and ``transfers`` tasks completed."""
-        started = await runs.trigger(None, ORG, "monad", "follow", run_id=run_id)
-        follower = started["task_id"]
-        async with asyncio.timeout(90):
-            while not (  # noqa: ASYNC110
-                (await d.get_task(follower))["state"] == "completed"
-                and done("ingest") == ingest
-                and done("transfers") == transfers
-            ):
-                await asyncio.sleep(0.05)
-        return [
-            key
-            for (key,) in _sql(
-                db_url,
-                "SELECT event_key FROM task_events WHERE task_id = %s ORDER BY seq",
-                (started["task_id"],),
-            )
+    async with run_pipeline(db_url, data_db_url, tmp_path, doc) as p:
+        assert await follow(p, "one", ingest=3) == [
+            "range:0_20",
+            "range:20_40",
+            "range:40_60",
         ]
-
-    try:
-        assert await follow("one", 3, 3) == ["range:0_20", "range:20_40", "range:40_60"]
+        fork_a = node_stats(rpc, 60)
         rpc.call("evm_revert", snapshot)
         # fork B, still shorter than what was announced: the follower waits for it to grow
         rpc.call("evm_mine")  # fork B differs from A from block 47 on, in shape too
-        assert await follow("waits", 3, 3) == []
+        assert await follow(p, "waits", ingest=3) == []
         make_activity(rpc, 40)
         assert rpc.block_number() >= 82
+        assert node_stats(rpc, 60) != fork_a  # the stats of 47..59 changed
         # exactly the range holding the fork again, and the next new one
-        assert await follow("two", 5, 5) == ["reorg:40_60", "range:60_80"]
+        assert await follow(p, "two", ingest=5) == ["reorg:40_60", "range:60_80"]
         # the replace commit announced an invalidation; once the cascade consumed it, it has
         # created nothing: the re-extract's own range events already reran the transforms
-        async with asyncio.timeout(30):
-            while _sql(  # noqa: ASYNC110
-                db_url,
-                "SELECT count(*) FROM outbox WHERE topic = %s AND state = 'pending'",
-                (INVALIDATE_TOPIC,),
-            )[0][0]:
-                await asyncio.sleep(0.05)
-        invalidations = _sql(
+        await p.until(
+            lambda: (
+                not sql(
+                    db_url,
+                    "SELECT count(*) FROM outbox WHERE topic = %s AND state = 'pending'",
+                    (INVALIDATE_TOPIC,),
+                )[0][0]
+            )
+        )
+        invalidations = sql(
             db_url, "SELECT count(*) FROM outbox WHERE topic = %s", (INVALIDATE_TOPIC,)
         )
         assert invalidations[0][0] >= 1
         await asyncio.sleep(0.2)
-        assert done("transfers") == 5 and done("ingest") == 5
-    finally:
-        stop.set()
-        await asyncio.gather(*background)
-        await surface.close()
+        assert p.done("transfers") == 5 and p.done("ingest") == 5
+        await assert_datasets_match_the_node(p, rpc, 80)
 
-    extracted = _sql(
+    extracted = sql(
         db_url,
         "SELECT t.result ->> 'start', count(*) FROM tasks t WHERE t.dag_job = 'ingest' GROUP BY 1",
     )
     assert sorted((int(s), n) for s, n in extracted) == [(0, 1), (20, 1), (40, 2), (60, 1)]
-
-    org_id = _sql(db_url, "SELECT org_id::text FROM orgs WHERE name = %s", (ORG,))[0][0]
-    admin = UserCaller("alice", org_id, frozenset({"admin"}))
-    res = await Datasets(pool, object_store=store).resolve(
-        admin, ORG, ["monad_logs", "monad_transfers"], pin_ttl_s=0
-    )
-    node_logs = rpc.call("eth_getLogs", {"fromBlock": "0x0", "toBlock": hex(79)})
-    want_logs = sorted(
-        (int(x["blockNumber"], 16), int(x["logIndex"], 16), x["transactionHash"]) for x in node_logs
-    )
-    want_transfers = sorted(
-        (int(x["blockNumber"], 16), int(x["logIndex"], 16))
-        for x in node_logs
-        if x["topics"][0] == "0x" + TRANSFER_TOPIC and len(x["topics"]) == 3
-    )
-    for resolved in res.datasets:
-        assert sorted((o["start"], o["end"]) for o in resolved.objects) == [
-            (0, 20),
-            (20, 40),
-            (40, 60),
-            (60, 80),
-        ]
-        rows = []
-        for obj in resolved.objects:
-            rows += pq.read_table(io.BytesIO(await store.get(obj["object_key"]))).to_pylist()
-        if resolved.dataset == "monad_logs":
-            got = sorted(
-                (r["block_number"], r["log_index"], "0x" + r["transaction_hash"].hex())
-                for r in rows
-            )
-            assert got == want_logs
-        else:
-            assert sorted((r["block_number"], r["log_index"]) for r in rows) == want_transfers
