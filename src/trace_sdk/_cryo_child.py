@@ -4,16 +4,19 @@
 Run as ``python .../trace_sdk/_cryo_child.py`` (standard library and cryo only: it never imports
 the SDK), started ahead of need (``trace_sdk._warm_child``): it imports Cryo,
 names itself ``trace-cryo-idle`` (``/proc/PID/comm``), then reads its one request, a JSON line
-on stdin (``start``, ``end``, ``rpc``, ``out``, ``datatypes``, ``budget``), and renames itself
-``trace-cryo-run``; EOF instead of a request (the worker exited) ends it. It prints one JSON
-line on stdout: ``{"ok": true, "files": {datatype: {"path"}}, "throttled": N,
+on stdin (``start``, ``end``, ``chunk``, ``rpc``, ``out``, ``datatypes``, ``budget``), and
+renames itself ``trace-cryo-run``; EOF instead of a request (the worker exited) ends it. One
+``freeze`` extracts ``[start, end)`` in Cryo chunks of ``chunk`` blocks (default: the whole
+range), which Cryo extracts concurrently inside this one process; the chunks are ``pieces``:
+``[start, start + chunk)``, ... , the last cut at ``end``. It prints one JSON line on stdout:
+``{"ok": true, "pieces": [{"start", "end", "files": {datatype: path}}], "throttled": N,
 "seconds": {...}}`` or ``{"ok": false, "kind": "past_head" | "unreachable" | "throttled" |
 "errored" | "incomplete", "message"}``, and always leaves through ``os._exit`` (cryo 0.3.2
 crashes at interpreter shutdown in about 1% of runs, after its data is written). It checks what
 ``freeze`` does not raise: ``n_errored`` must be 0, at least one job completed, and exactly one
-file per datatype named for the range (the operator then checks the rows of each file:
-``trace_sdk.ingest.check_rows``). It dies with its parent (``PR_SET_PDEATHSIG`` on Linux): a worker killed
-mid-extract leaves no extract behind.
+file per piece and datatype, named for the piece, and no other file (the operator then checks
+the rows of each file: ``trace_sdk.ingest.check_rows``). It dies with its parent
+(``PR_SET_PDEATHSIG`` on Linux): a worker killed mid-extract leaves no extract behind.
 
 RPC budget (``req["budget"]``, the attempt's worker-pool slot's, see ``trace_sdk.ingest``):
 ``requests_per_second`` and ``max_concurrent_requests`` go to ``cryo.freeze``, whose client also
@@ -77,22 +80,34 @@ def _freeze(req: dict[str, Any], rpc: str, out: Path) -> dict[str, Any]:
     import cryo  # type: ignore[import-untyped]
 
     start, end, budget = int(req["start"]), int(req["end"]), req["budget"]
+    chunk = _chunk(req)
     summary: dict[str, Any] = cryo.freeze(
         list(req["datatypes"]),
         blocks=[f"{start}:{end}"],  # cryo's block range is end-exclusive, like Trace's
         rpc=rpc,
         output_dir=str(out),
-        chunk_size=end - start,
+        chunk_size=chunk,  # cryo extracts the chunks concurrently, one file each
         network_name="chain",
         verbose=False,
         no_report=True,
-        inner_request_size=min(end - start, 100),
+        inner_request_size=min(chunk, 100),
         requests_per_second=budget.get("requests_per_second"),
         max_concurrent_requests=budget.get("max_concurrent_requests"),
         max_retries=int(budget["max_retries"]),
         initial_backoff=int(budget["initial_backoff_ms"]),
     )
     return summary
+
+
+def _chunk(req: dict[str, Any]) -> int:
+    """Blocks per Cryo chunk: ``req["chunk"]``, else the whole range (one chunk)."""
+    return int(req.get("chunk") or int(req["end"]) - int(req["start"]))
+
+
+def pieces(start: int, end: int, chunk: int) -> list[tuple[int, int]]:
+    """Cryo's chunks of ``[start, end)``: ``chunk`` blocks each from ``start``, the last one
+    cut at ``end`` (``trace_sdk.ingest.pieces`` is the same rule)."""
+    return [(s, min(s + chunk, end)) for s in range(start, end, chunk)]
 
 
 def run(req: dict[str, Any]) -> dict[str, Any]:
@@ -151,19 +166,22 @@ def run(req: dict[str, Any]) -> dict[str, Any]:
     if completed < 1:
         return {"ok": False, "kind": "incomplete", "message": "cryo completed no job"}
     checked = time.monotonic()
-    # cryo names files with an INCLUSIVE end: [start, end) is ..._{start}_to_{end - 1}
-    paths = {d: out / f"chain__{d}__{start:08d}_to_{end - 1:08d}.parquet" for d in datatypes}
-    for path in paths.values():
-        if not path.is_file():
-            return {"ok": False, "kind": "incomplete", "message": f"missing {path.name}"}
+    found: list[dict[str, Any]] = []
+    for s, e in pieces(start, end, _chunk(req)):
+        # cryo names files with an INCLUSIVE end: [s, e) is ..._{s}_to_{e - 1}
+        paths = {d: out / f"chain__{d}__{s:08d}_to_{e - 1:08d}.parquet" for d in datatypes}
+        for path in paths.values():
+            if not path.is_file():
+                return {"ok": False, "kind": "incomplete", "message": f"missing {path.name}"}
+        found.append({"start": s, "end": e, "files": {d: str(p) for d, p in paths.items()}})
     unexpected = sorted(p.name for p in out.iterdir() if p.is_file())
-    if len(unexpected) != len(datatypes):
+    if len(unexpected) != len(datatypes) * len(found):
         return {"ok": False, "kind": "incomplete", "message": f"unexpected files {unexpected}"}
     done = time.monotonic()
     seconds = {"run": done - began, "freeze": freeze_s, "check": done - checked}
     return {
         "ok": True,
-        "files": {d: {"path": str(path)} for d, path in paths.items()},
+        "pieces": found,
         "throttled": throttled,
         "seconds": {k: round(v, 3) for k, v in seconds.items()},
     }

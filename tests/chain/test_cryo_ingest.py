@@ -156,6 +156,59 @@ async def test_committed_ranges_match_the_node_and_a_rerun_commits_nothing(
     assert {n: await env.live(n) for n in DATATYPES} == before
 
 
+async def test_a_task_of_several_chunks_commits_one_partition_per_chunk(
+    env: Env, chain: Chain
+) -> None:
+    task = await env.run({"start": 0, "end": 250, "chunk": 100, "rpc_url": chain.node.url})
+    assert task["state"] == "completed", _error(task)
+    chunks = [(0, 100), (100, 200), (200, 250)]
+    assert task["result"]["pieces"] == 3
+    events = {e["event_key"]: e["payload"] for e in task["events"]}
+    assert set(events) == {f"range:{d}:{s}_{e}" for d in DATATYPES for s, e in chunks}
+    for (start, end), name in [(c, d) for c in chunks for d in DATATYPES]:
+        event = events[f"range:{name}:{start}_{end}"]
+        assert (event["start"], event["end"], event["partition_key"]) == (
+            start,
+            end,
+            f"{start}_{end}",
+        )
+    rpc = chain.rpc
+    for name in DATATYPES:
+        live = await env.live(name)
+        assert [(s, e, k.rsplit("/", 1)[1].split(".")[0]) for s, e, k in live] == [
+            (s, e, f"{s}_{e}") for s, e in chunks
+        ]
+        for start, end, key in live:
+            rows = env.rows(key)
+            assert all(start <= n < end for (n,) in rows)
+            assert events[f"range:{name}:{start}_{end}"]["rows"] == len(rows)
+            if name == "blocks":
+                assert rows == [(n,) for n in range(start, end)]
+            if name == "logs":
+                node_logs = rpc.call(
+                    "eth_getLogs", {"fromBlock": hex(start), "toBlock": hex(end - 1)}
+                )
+                assert len(rows) == len(node_logs)
+    # the same range again (one chunk per partition already there): nothing new
+    before = {n: await env.live(n) for n in DATATYPES}
+    again = await env.run({"start": 0, "end": 250, "chunk": 100, "rpc_url": chain.node.url})
+    assert again["state"] == "completed", _error(again)
+    assert {n: await env.live(n) for n in DATATYPES} == before
+
+
+async def test_a_task_whose_last_chunk_fails_commits_none_of_its_chunks(
+    env: Env, chain: Chain
+) -> None:
+    # the first chunks exist and Cryo writes them; the last one ends past the head
+    task = await env.run(
+        {"start": 100, "end": chain.head + 2, "chunk": 50, "rpc_url": chain.node.url}
+    )
+    assert task["state"] == "failed" and len(task["attempts"]) == 1
+    assert "past the chain head" in _error(task)
+    for name in DATATYPES:
+        assert await env.live(name) == []
+
+
 async def test_a_range_past_the_head_fails_the_task_for_good(env: Env, chain: Chain) -> None:
     task = await env.run({"start": 200, "end": chain.head + 2, "rpc_url": chain.node.url})
     assert task["state"] == "failed" and len(task["attempts"]) == 1
@@ -523,3 +576,27 @@ def test_check_rows_refuses_a_missing_block_and_a_row_outside_the_range(tmp_path
         check_rows(0, 11, {"blocks": blocks})  # block 10 is missing
     with pytest.raises(ExtractError, match=r"logs\.parquet: 3 rows, blocks 3\.\.9"):
         check_rows(0, 9, {"logs": logs})  # a log of block 9 is outside [0, 9)
+
+
+def test_check_pieces_refuses_a_row_of_another_chunk(tmp_path: Path) -> None:
+    from trace_sdk.ingest import ExtractError, Piece, check_pieces
+
+    def parquet(name: str, blocks: list[int]) -> Path:
+        path = tmp_path / f"{name}.parquet"
+        values = ", ".join(f"({n}::UINTEGER)" for n in blocks)
+        duckdb.sql(
+            f"COPY (SELECT * FROM (VALUES {values}) t(block_number)) TO '{path}' (FORMAT parquet)"
+        )
+        return path
+
+    first = Piece(0, 5, {"blocks": parquet("b0", [0, 1, 2, 3, 4]), "logs": parquet("l0", [1])})
+    second = Piece(5, 10, {"blocks": parquet("b1", [5, 6, 7, 8, 9]), "logs": parquet("l1", [7])})
+    assert check_pieces([first, second]) == [{"blocks": 5, "logs": 1}, {"blocks": 5, "logs": 1}]
+    # a log of block 4 in the second chunk's file: inside the task's range, not its chunk's
+    stray = Piece(5, 10, {"blocks": second.paths["blocks"], "logs": parquet("l2", [4, 7])})
+    with pytest.raises(ExtractError, match=r"l2\.parquet: 2 rows, blocks 4\.\.7"):
+        check_pieces([first, stray])
+    # a blocks file with a duplicate in place of a missing block
+    dup = Piece(5, 10, {"blocks": parquet("b2", [5, 6, 6, 8, 9])})
+    with pytest.raises(ExtractError, match=r"b2\.parquet"):
+        check_pieces([dup])

@@ -7,7 +7,16 @@ from typing import Any
 import pytest
 
 from trace_sdk import NonRetryableError
-from trace_sdk.ingest import MAX_RANGE, block_range, partition_key, rpc_endpoint
+from trace_sdk import _cryo_child
+from trace_sdk.ingest import (
+    MAX_PIECES,
+    MAX_RANGE,
+    block_range,
+    chunk_size,
+    partition_key,
+    pieces,
+    rpc_endpoint,
+)
 from trace_sdk.ranges import input_range
 
 
@@ -57,3 +66,27 @@ def test_the_endpoint_comes_from_the_payload_or_the_slot() -> None:
     for bad in ({}, {"RPC_URL": "file:///etc/passwd"}):
         with pytest.raises(NonRetryableError, match="must be http"):
             rpc_endpoint({}, bad)
+
+
+def test_a_task_is_cut_into_chunks_from_its_start_the_last_cut_at_its_end() -> None:
+    assert chunk_size({}, 0, 250) == 250  # no chunk: the whole range, one partition
+    assert chunk_size({"chunk": 100}, 0, 250) == 100
+    assert chunk_size({"chunk": 400}, 0, 250) == 250
+    assert pieces(0, 250, 100) == [(0, 100), (100, 200), (200, 250)]
+    assert pieces(50, 320, 100) == [(50, 150), (150, 250), (250, 320)]  # as Cryo cuts them
+    assert pieces(0, 100, 100) == [(0, 100)]
+    # the child (which cannot import the SDK) names the files by the same rule
+    for start, end, chunk in [(0, 250, 100), (50, 320, 100), (7, 8, 1), (0, 8000, 2000)]:
+        assert _cryo_child.pieces(start, end, chunk) == pieces(start, end, chunk)
+
+
+@pytest.mark.parametrize("chunk", [0, -5, "100", 1.5, True])
+def test_a_bad_chunk_fails_for_good(chunk: object) -> None:
+    with pytest.raises(NonRetryableError, match="chunk"):
+        chunk_size({"chunk": chunk}, 0, 10)
+
+
+def test_more_chunks_than_the_limit_fail_for_good() -> None:
+    assert chunk_size({"chunk": 1}, 0, MAX_PIECES) == 1
+    with pytest.raises(NonRetryableError, match=f"more than {MAX_PIECES} chunks"):
+        chunk_size({"chunk": 1}, 0, MAX_PIECES + 1)
