@@ -9,12 +9,17 @@ calls with logs, transfers, empty blocks) and pads the chain with empty blocks u
 * bare: one ``cryo.freeze`` of blocks, transactions and logs over ``[0, blocks)`` with
   ``chunk_size = --chunk``, in a child process (as the operator runs it; the child's start is
   counted); Cryo extracts its chunks concurrently in that one process;
-* cryo_ingest: ``blocks / chunk`` ``cryo_ingest`` tasks created at once through the in-process
-  Dispatcher on a fresh Postgres database, a worker running all of them at a time: claim,
-  extract (a child per task), stage into the LocalObjectStore, commit with the completion;
-* backfill over N slots (``--slots``): the same ranges as manual runs of a DAG job whose worker
-  pool has N slots (each slot the node's endpoint): at most N extracts at a time, each holding
-  a slot lease taken in its claim.
+* cryo_ingest, one task: one ``cryo_ingest`` task over ``[0, blocks)`` with ``chunk = --chunk``
+  through the in-process Dispatcher on a fresh Postgres database: claim, extract (one child,
+  one ``freeze`` of all the chunks), row checks, stage one partition per chunk into the
+  LocalObjectStore, commit with the completion;
+* cryo_ingest, a task per chunk: ``blocks / chunk`` single-chunk tasks created at once, a worker
+  running all of them at a time (a child per task);
+* backfill over N slots (``--slots``): manual runs of a DAG job whose worker pool has N slots
+  (each slot the node's endpoint), the range planned per slot: N tasks of ``blocks / N``
+  blocks (whole chunks), each extracting its chunks in one ``freeze``; and, for N below the
+  number of chunks, the same pool with a task per chunk (at most N at a time, each holding a
+  slot lease taken in its claim).
 
 Prints the medians of each scenario's seconds and blocks/s, and each scenario's median ratio to
 the bare run of the same round (issue #11's target: cryo_ingest >= 80% of bare). Not a test.
@@ -25,6 +30,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import resource
 import statistics
 import subprocess
@@ -103,13 +109,18 @@ def _dag(rpc: str, slots: int) -> dict[str, Any]:
 
 
 async def through_trace(
-    pg: BenchPostgres, rpc: str, blocks: int, chunk: int, slots: int | None
+    pg: BenchPostgres,
+    rpc: str,
+    tasks: list[tuple[int, int]],
+    chunk: int | None,
+    slots: int | None,
 ) -> tuple[float, dict[str, float]]:
-    """Seconds from creating the tasks to the last completion, and the tasks' summed parts
-    (``PARTS``). ``slots``: run the ranges as a DAG job on a pool of that many slots; None:
-    plain tasks, all at once."""
+    """Seconds from creating the tasks (``[start, end)`` each, in chunks of ``chunk`` blocks;
+    None: one chunk each) to the last completion, and the tasks' summed parts (``PARTS``).
+    ``slots``: run them as a DAG job on a pool of that many slots; None: plain tasks, all at
+    once."""
     _, url = pg.fresh(trace_schema=True)
-    ranges = [(s, min(s + chunk, blocks)) for s in range(0, blocks, chunk)]
+    extra = {} if chunk is None else {"chunk": chunk}
     with tempfile.TemporaryDirectory() as tmp:
         store = LocalObjectStore(Path(tmp), "http://127.0.0.1:1", b"k" * 32)
         pool = await open_pool(url, min_size=1, max_size=8)
@@ -140,10 +151,10 @@ async def through_trace(
                             wire.CreateTaskRequest(
                                 operator="cryo_ingest",
                                 org=ORG,
-                                payload={"start": s, "end": e, "rpc_url": rpc},
+                                payload={"start": s, "end": e, "rpc_url": rpc, **extra},
                                 timeout_s=300,
                             )
-                            for s, e in ranges
+                            for s, e in tasks
                         ]
                     )
                     return [i.task_id for i in infos]
@@ -155,7 +166,7 @@ async def through_trace(
                 async def create() -> list[str]:
                     return [
                         (await runs.trigger(None, ORG, "backfill", "ingest", payload=p))["task_id"]
-                        for p in ({"start": s, "end": e} for s, e in ranges)
+                        for p in ({"start": s, "end": e, **extra} for s, e in tasks)
                     ]
 
             surface = InProcessTaskSurface(d)
@@ -165,7 +176,7 @@ async def through_trace(
                 operators=dict(BUILTIN_OPERATORS),
                 store=store,
                 wait_s=0.05,
-                concurrency=slots or len(ranges),
+                concurrency=slots or len(tasks),
                 retry_after_s=0.05,
             )
             stop = asyncio.Event()
@@ -211,6 +222,13 @@ async def through_trace(
             await pool.close()
 
 
+def per_slot(blocks: int, chunk: int, slots: int) -> list[tuple[int, int]]:
+    """``[0, blocks)`` planned over ``slots``: one range of whole chunks per slot."""
+    chunks = -(-blocks // chunk)
+    size = -(-chunks // slots) * chunk
+    return [(s, min(s + size, blocks)) for s in range(0, blocks, size)]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--blocks", type=int, default=8000)
@@ -219,8 +237,21 @@ def main() -> None:
     parser.add_argument("--slots", default="1,2,4", help="pool sizes of the backfill runs")
     args = parser.parse_args()
     slot_counts = [int(n) for n in args.slots.split(",") if n]
-    scenarios: list[tuple[str, int | None]] = [("cryo_ingest (all ranges at once)", None)]
-    scenarios += [(f"backfill, {n} slot{'s' * (n > 1)}", n) for n in slot_counts]
+    per_chunk = per_slot(args.blocks, args.chunk, args.blocks)
+    n = len(per_chunk)
+    # (label, ranges, chunk, slots)
+    scenarios: list[tuple[str, list[tuple[int, int]], int | None, int | None]] = [
+        (f"cryo_ingest, 1 task of {n} chunks", [(0, args.blocks)], args.chunk, None),
+        (f"cryo_ingest, {n} tasks of 1 chunk", per_chunk, None, None),
+    ]
+    for pool in slot_counts:
+        plan = per_slot(args.blocks, args.chunk, pool)
+        label = f"backfill, {pool} slot{'s' * (pool > 1)}, {len(plan)} task{'s' * (len(plan) > 1)}"
+        scenarios.append((label, plan, args.chunk, pool))
+        if len(plan) < n:
+            scenarios.append(
+                (f"backfill, {pool} slot{'s' * (pool > 1)}, {n} tasks", per_chunk, None, pool)
+            )
     seconds: dict[str, list[float]] = {"bare cryo.freeze (one child)": []}
     ratios: dict[str, list[float]] = {}
     parts: dict[str, list[dict[str, float]]] = {}
@@ -231,31 +262,29 @@ def main() -> None:
         rpc = Rpc(node.url, timeout_s=300)  # mining thousands of blocks on a loaded machine
         make_activity(rpc, min(300, args.blocks))
         mine_empty(rpc, args.blocks + 10 - rpc.block_number())
-        for n in range(args.runs):
+        for run in range(args.runs):
             bare_s, bare_cpu = bare(node.url, args.blocks, args.chunk)
             seconds["bare cryo.freeze (one child)"].append(bare_s)
             cpu["bare cryo.freeze (one child)"].append(bare_cpu)
-            for label, slots in scenarios:
-                secs, summed = asyncio.run(
-                    through_trace(pg, node.url, args.blocks, args.chunk, slots)
-                )
+            for label, tasks, chunk, slots in scenarios:
+                secs, summed = asyncio.run(through_trace(pg, node.url, tasks, chunk, slots))
                 seconds.setdefault(label, []).append(secs)
                 ratios.setdefault(label, []).append(bare_s / secs)
                 parts.setdefault(label, []).append(summed)
                 cpu.setdefault(label, []).append(summed["cpu"])
             print(
-                f"run {n + 1}/{args.runs}: bare {bare_s:.2f}s, "
-                + ", ".join(f"{label} {seconds[label][-1]:.2f}s" for label, _ in scenarios),
+                f"run {run + 1}/{args.runs}: bare {bare_s:.2f}s, "
+                + ", ".join(f"{label} {seconds[label][-1]:.2f}s" for label, *_ in scenarios),
                 file=sys.stderr,
                 flush=True,
             )
     finally:
         pg.stop()
         node.stop()
-    ranges = -(-args.blocks // args.chunk)
     print(
-        f"ingest benchmark: blocks, transactions and logs of [0, {args.blocks}) in {ranges} "
-        f"ranges of {args.chunk}; medians of {args.runs} interleaved runs"
+        f"ingest benchmark: blocks, transactions and logs of [0, {args.blocks}) in {n} "
+        f"chunks of {args.chunk}; medians of {args.runs} interleaved runs; load average "
+        + " ".join(f"{x:.1f}" for x in os.getloadavg())
     )
     print(f"{'scenario':<36}{'seconds':>9}{'blocks/s':>10}{'vs bare':>9}{'CPU s':>8}{'vs bare':>9}")
     bare_cpu = statistics.median(cpu["bare cryo.freeze (one child)"])
