@@ -57,8 +57,7 @@ import aiohttp
 import psycopg
 import yaml
 
-import trace_lite
-import trace_servers
+from bench import cli_procs
 from bench.alerts import Receiver
 from bench.common import REPO_ROOT, BenchPostgres
 from trace_lite.datasets import Datasets
@@ -72,7 +71,6 @@ USER = "bench-admin"
 EXAMPLE = REPO_ROOT / "examples" / "alerts" / "watch.yaml"
 WATCHED = "0x" + "ab" * 20
 SECRET = "whsec_" + "YmVuY2gtYWxlcnRzLXNpZ25pbmcta2V5LTMyLWJ5dGVzIQ=="
-PLATFORM_TOKEN = "bench-platform-token-0123456789"
 #: This bench's own cluster: it needs ``track_commit_timestamp`` (a restart to change), so it
 #: does not share (and restart) the other benches' server.
 PG_DIR = REPO_ROOT / ".trace" / "bench-pg-alerts"
@@ -110,13 +108,6 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def source_path() -> str:
-    """Where this process imports Trace from (a worktree's, given ``PYTHONPATH``): the child
-    processes import the same code."""
-    roots = [Path(m.__file__ or "").parent.parent for m in (trace_lite, trace_servers)]
-    return os.pathsep.join(dict.fromkeys(str(r) for r in roots))
-
-
 class Procs:
     """The Trace processes of one run (own sessions, logs in ``home/logs``), stopped by PID."""
 
@@ -126,15 +117,9 @@ class Procs:
         self.url = f"http://127.0.0.1:{self.port}"
         self.procs: list[subprocess.Popen[bytes]] = []
         (home / "logs").mkdir(parents=True, exist_ok=True)
-        env = {k: v for k, v in os.environ.items() if not k.startswith("TRACE_")}
-        self.env = env | {
-            "TRACE_HOME": str(home),
-            "TRACE_DATABASE_URL": state_url,
-            "TRACE_DATA_DATABASE_URL": data_url,
+        self.env = cli_procs.cli_env(home, state_url, data_url) | {
             "TRACE_DISPATCHER_URL": self.url,
-            "TRACE_PLATFORM_TOKEN": PLATFORM_TOKEN,
             "TRACE_DELIVERY_ALLOW": "127.0.0.1/32",
-            "PYTHONPATH": source_path(),
             "PYTHONUNBUFFERED": "1",
         }
 

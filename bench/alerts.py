@@ -32,10 +32,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import signal
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 import uuid
@@ -46,7 +44,8 @@ from typing import Any
 from aiohttp import web
 from psycopg.types.json import Jsonb
 
-from bench.common import REPO_ROOT, BenchPostgres
+from bench import cli_procs
+from bench.common import BenchPostgres
 from trace_core import wire
 from trace_core.alert_rules import AlertEvent, Planned, Route, alert_key, plan_deliveries
 from trace_core.delivery import delivery_key
@@ -194,38 +193,8 @@ class Receiver:
 
 def start_senders(home: Path, url: str, n: int) -> list[subprocess.Popen[bytes]]:
     """``n`` ``trace delivery run`` processes, returned once each is running."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TRACE_")}
-    env |= {
-        "TRACE_HOME": str(home),
-        "TRACE_DATABASE_URL": url,
-        "TRACE_PLATFORM_TOKEN": "bench-platform-token-0123456789",
-        "PYTHONPATH": os.pathsep.join([str(REPO_ROOT / "src"), str(REPO_ROOT / "servers")]),
-    }
-    argv = [sys.executable, "-m", "trace_servers.cli", "delivery", "run", "--allow",
-            "127.0.0.1/32", "--poll-s", "0.05", "--batch", "50"]  # fmt: skip
-    procs = []
-    for i in range(n):
-        with open(home / f"delivery-{i}.log", "ab") as log:
-            procs.append(subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=log))
-    for proc in procs:
-        assert proc.stdout is not None
-        while b'"running"' not in (line := proc.stdout.readline()):
-            if not line:
-                stop_senders(procs)
-                raise RuntimeError(f"a delivery process exited: see {home}")
-    return procs
-
-
-def stop_senders(procs: list[subprocess.Popen[bytes]]) -> None:
-    for proc in procs:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-    for proc in procs:
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    argv = ["delivery", "run", "--allow", "127.0.0.1/32", "--poll-s", "0.05", "--batch", "50"]
+    return cli_procs.start_running(cli_procs.cli_env(home, url), argv, n, "delivery")
 
 
 async def run_send(url: str, evs: list[AlertEvent], batch: int, senders: int) -> dict[str, float]:
@@ -255,7 +224,7 @@ async def run_send(url: str, evs: list[AlertEvent], batch: int, senders: int) ->
                 )
                 created = {f"msg_{k[:32]}": float(t) for k, t in await cur.fetchall()}
         finally:
-            stop_senders(procs)
+            cli_procs.stop(procs)
             await pool.close()
             await receiver.stop()
     latencies = sorted(at - created[i] for i, at in receiver.seen.items() if i in created)

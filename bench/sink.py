@@ -30,10 +30,8 @@ import asyncio
 import json
 import os
 import resource
-import signal
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -41,7 +39,8 @@ from typing import Any
 
 from psycopg import sql
 
-from bench.common import REPO_ROOT, BenchPostgres
+from bench import cli_procs
+from bench.common import BenchPostgres
 from trace_core import wire
 from trace_core.lifecycle import RetryPolicy
 from trace_core.sink import DatasetSchema, dedupe_keys, parse_batch
@@ -110,47 +109,11 @@ async def publish(d: Dispatcher, store: LocalObjectStore, dataset: str, data: li
         await d.publish_buffer(wire.BufferPublishRequest(**fence, batch=batch))
 
 
-def sink_env(home: Path, state_url: str, data_url: str) -> dict[str, str]:
-    """The environment of a ``trace sink run`` child on the bench's databases."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TRACE_")}
-    env |= {
-        "TRACE_HOME": str(home),
-        "TRACE_DATABASE_URL": state_url,
-        "TRACE_DATA_DATABASE_URL": data_url,
-        "TRACE_PLATFORM_TOKEN": "bench-platform-token-0123456789",
-        "PYTHONPATH": os.pathsep.join([str(REPO_ROOT / "src"), str(REPO_ROOT / "servers")]),
-    }
-    return env
-
-
 def start_sinks(env: dict[str, str], dataset: str, n: int) -> list[subprocess.Popen[bytes]]:
     """``n`` ``trace sink run --dataset`` processes, returned once each serves the dataset
     (its queue created, its consumer started); their logs go to ``$TRACE_HOME/sink-*.log``."""
-    argv = [sys.executable, "-m", "trace_servers.cli", "sink", "run", "--org", ORG]
-    argv += ["--dataset", dataset]
-    procs = []
-    for i in range(n):
-        with open(Path(env["TRACE_HOME"]) / f"sink-{dataset}-{i}.log", "ab") as log:
-            procs.append(subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=log))
-    for proc in procs:
-        assert proc.stdout is not None
-        while b'"running"' not in (line := proc.stdout.readline()):
-            if not line:
-                stop_sinks(procs)
-                raise RuntimeError(f"a sink process exited: see {env['TRACE_HOME']}")
-    return procs
-
-
-def stop_sinks(procs: list[subprocess.Popen[bytes]]) -> None:
-    for proc in procs:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-    for proc in procs:
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    argv = ["sink", "run", "--org", ORG, "--dataset", dataset]
+    return cli_procs.start_running(env, argv, n, f"sink-{dataset}")
 
 
 async def run_sink_processes(
@@ -181,7 +144,7 @@ async def run_sink_processes(
                 return time.perf_counter() - t0, published
             await asyncio.sleep(0.02)
     finally:
-        stop_sinks(procs)
+        cli_procs.stop(procs)
         after = resource.getrusage(resource.RUSAGE_CHILDREN)
         cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
         SINK_CPU.setdefault(n, []).append(cpu)
@@ -245,7 +208,7 @@ async def one_run(pg: BenchPostgres, data: list[bytes], home: Path) -> dict[str,
     _, data_url = pg.fresh(trace_schema=False)
     migrate(state_url, data_url)
     out = {"raw": await run_raw(data_url, data)}
-    env = sink_env(home, state_url, data_url)
+    env = cli_procs.cli_env(home, state_url, data_url)
     settings = LiteSettings.from_env(env)
     store = LocalObjectStore(settings.object_root, "http://127.0.0.1:1", b"k" * 32)
     pool = await open_pool(state_url, min_size=1, max_size=4)
