@@ -85,6 +85,7 @@ import attrs
 
 from trace_sdk._warm_child import WarmChildren
 from trace_sdk._worker import NonRetryableError, TaskContext
+from trace_sdk.block_hashes import blocks_file_digest
 
 DATATYPES = ("blocks", "transactions", "logs")
 #: The child runs as a script (not ``-m trace_sdk...``): it needs neither the SDK nor aiohttp.
@@ -284,6 +285,11 @@ async def _stage(
         data = await asyncio.to_thread(piece.paths[datatype].read_bytes)
         dataset = str(datasets[datatype])
         await ctx.stage_output(dataset, f"{key}.parquet", data, partition)
+        # the blocks' hashes, which the head follower checks against the node (reorgs)
+        digest = {}
+        if datatype == "blocks":
+            path = piece.paths[datatype]
+            digest["hashes_sha256"] = await asyncio.to_thread(blocks_file_digest, path)
         ctx.final_events.append(
             {
                 "key": f"range:{datatype}:{key}",
@@ -295,6 +301,7 @@ async def _stage(
                     "dataset": dataset,
                     "rows": rows[datatype],
                     "output": datatypes.index(datatype),
+                    **digest,
                 },
             }
         )
