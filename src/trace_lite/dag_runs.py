@@ -19,7 +19,13 @@ Every task of a DAG job records the DAG, its version and the job (``tasks.dag_id
   the event, the dataset version read), wakes them, and marks the announcements published,
   all in one transaction: an announcement is never marked consumed without its tasks. The key
   ``event:{producer_task}:{output}:{event_key}:{dag_id}:{job}:{input}`` makes a repeated or
-  concurrent pass create nothing twice.
+  concurrent pass create nothing twice. The work is set-based: ``fan_out_inputs`` (dags.sql)
+  locks the DAG rows involved ``FOR SHARE`` and answers each consuming input once, Python
+  decides per input what the kernel decides (read grants, ``where`` on the events that reach
+  it), and one statement (``fan_out``) plans every (event, consumer) pair and writes tasks,
+  lineage, wake-ups and the announcements' new state. A pass that raced a deploy of a
+  consuming DAG, or a concurrent creator of one of its keys, rolls back (``Conflict``) and the
+  next pass plans again.
 
 A task's payload is its job's ``config`` with, per kind of run: the trigger's payload merged
 over it (manual), ``scheduled_time`` (schedules), or ``event``: ``{producer_task_id, key, type,
@@ -38,27 +44,36 @@ import asyncio
 import json
 import logging
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, NamedTuple, TypeVar
 
 import attrs
+import psycopg
 from croniter import croniter  # type: ignore[import-untyped]
+from psycopg.rows import class_row
+from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 
-from trace_core import access, errors, json_limits
+from trace_core import access, errors, json_limits, lifecycle
 from trace_core import outbox as outbox_sm
 from trace_core.access import UserCaller
+from trace_core.dag import event_matches, where_conditions
+from trace_core.lifecycle import TaskState
 from trace_lite import sqlfile
+from trace_lite.dag_grants import read_grants
 from trace_lite.dag_invalidations import Invalidations
 from trace_lite.dag_remat import DagRemat
-from trace_lite.dag_tasks import NewTask, PlanRow, create_dag_tasks, insert_lineage, with_epoch
+from trace_lite.dag_tasks import NewTask, create_dag_tasks, with_epoch
 from trace_lite.orgs import Orgs, first
-from trace_lite.pg import fetch_as, pg_array, transaction
-from trace_lite.task_rows import WakeMode
+from trace_lite.pg import fetch_as, fetch_named, transaction
+from trace_lite.task_rows import INVOKE_TOPIC, WAKE_TOPIC, WakeMode
+from trace_lite.task_rows import Q as TASK_Q
 from trace_sdk.aio import run_every
 
 log = logging.getLogger("trace.dag_runs")
+
+R = TypeVar("R")
 
 Q = sqlfile.load("dags.sql")
 
@@ -80,10 +95,11 @@ class SourceJobRow:
     is_source: bool
 
 
-@attrs.frozen
-class ClaimedRow:
+class ClaimedRow(NamedTuple):
     id: int
     tries: int
+    task_id: str
+    event_key: str
 
 
 @attrs.frozen
@@ -102,6 +118,60 @@ class ScheduledRow:
     deployed_at: datetime
     epoch: int | None
     now: datetime
+
+
+@attrs.frozen
+class ConsumerInputRow:
+    """An input of a live DAG version that the events of a fan-out pass reach
+    (``fan_out_inputs``), with its ``where`` and, when it has one, the events to decide on."""
+
+    dag_id: str
+    version: int
+    job: str
+    input_index: int
+    #: The input's ``where`` as the spec stores it (JSON text; None: no filter).
+    input_where: str | None
+    #: ``[[outbox id, event payload], ...]`` as JSON text, for an input with a ``where``.
+    where_events: str | None
+
+    def grant(self, read_datasets: Sequence[str]) -> dict[str, Any]:
+        """This input with the read grants of its job, as ``fan_out`` takes it."""
+        return {
+            "dag_id": self.dag_id,
+            "version": self.version,
+            "job": self.job,
+            "input_index": self.input_index,
+            "read_datasets": list(read_datasets),
+        }
+
+    def rejected(self) -> list[dict[str, Any]]:
+        """The events this input's ``where`` refuses (``trace_core.dag.event_matches``)."""
+        where = json.loads(self.input_where) if self.input_where else None
+        if not where or not self.where_events:
+            return []
+        conditions = where_conditions(where)
+        return [
+            {
+                "outbox_id": outbox_id,
+                "dag_id": self.dag_id,
+                "version": self.version,
+                "job": self.job,
+                "input_index": self.input_index,
+            }
+            for outbox_id, payload in json.loads(self.where_events)
+            if not event_matches(conditions, payload)
+        ]
+
+
+@attrs.frozen
+class FanOutRow:
+    created: int
+    #: Tasks the pass meant to create (``created`` is fewer when a concurrent creator won).
+    fresh: int
+    consumed: int
+    held: int
+    #: Consumers ``fan_out_inputs`` did not answer (a DAG deployed meanwhile).
+    unplanned: int
 
 
 @attrs.frozen
@@ -259,37 +329,57 @@ class DagRuns:
 
     async def fan_out_once(self, batch: int = 500) -> FanOutReport:
         """Consume up to ``batch`` announced events of DAG tasks in one transaction (see the
-        module docstring). Returns what was consumed and created."""
+        module docstring). Returns what was consumed and created. Raises ``Conflict`` (the pass
+        raced a deploy or a creator: nothing is consumed; the next pass plans again),
+        ``Unavailable``."""
         async with transaction(self.pool) as cur:
-            claimed = await fetch_as(
+            # The pass's statements take JSON batches, whose sizes the planner never knows:
+            # one generic plan per connection serves them as well as a new plan per pass.
+            await cur.execute(Q["generic_plans"])
+            claimed = await fetch_named(
                 cur, ClaimedRow, Q["claim_dag_events"], {"topic": EVENT_TOPIC, "batch": batch}
             )
             if not claimed:
                 return FanOutReport()
-            ids = [c.id for c in claimed]
-            plan = await fetch_as(cur, PlanRow, Q["fan_out_plan"], {"ids": pg_array(ids)})
-            held = [p for p in plan if p.held]
-            wanted = [p for p in plan if not p.held and p.passes_where()]
-            tasks = [p.new_task() for p in wanted]
-            created = await create_dag_tasks(
-                cur, tasks, self.wake_mode, held={(p.dag_id, p.version) for p in held}
+            events = [{"id": c.id, "task_id": c.task_id, "event_key": c.event_key} for c in claimed]
+            inputs = await _prepared(
+                cur, ConsumerInputRow, Q["fan_out_inputs"], {"events": Jsonb(events)}
             )
-            lineage = [(t, p) for t, p in zip(tasks, wanted, strict=True) if t.task_id in created]
-            await insert_lineage(cur, [(t.task_id, p) for t, p in lineage])
-            waiting = {p.outbox_id for p in held if p.outbox_id is not None}
-            consumed = [c for c in claimed if c.id not in waiting]
-            if waiting:
-                await cur.execute(Q["hold_events"], {"ids": pg_array(sorted(waiting))})
-            sent = [outbox_sm.decide_sent(outbox_sm.OutboxState.PENDING, c.tries) for c in consumed]
-            await cur.execute(
-                Q["mark_events_consumed"],
+            grants = await read_grants(cur, ((i.dag_id, i.version, i.job) for i in inputs))
+            # the kernel's decision per number of tries (announcements are nearly all at 0)
+            sent = {
+                t: outbox_sm.decide_sent(outbox_sm.OutboxState.PENDING, t)
+                for t in {c.tries for c in claimed}
+            }
+            for e, c in zip(events, claimed, strict=True):
+                e["state"] = sent[c.tries].state.value
+                e["tries"] = sent[c.tries].tries
+            state = lifecycle.decide_create(delay_s=0)
+            (out,) = await _prepared(
+                cur,
+                FanOutRow,
+                Q["fan_out"],
                 {
-                    "ids": pg_array([c.id for c in consumed]),
-                    "states": pg_array([d.state.value for d in sent]),
-                    "tries": pg_array([d.tries for d in sent]),
+                    "events": Jsonb(events),
+                    "inputs": Jsonb(
+                        [i.grant(grants[(i.dag_id, i.version, i.job)]) for i in inputs]
+                    ),
+                    "rejected": Jsonb([r for i in inputs for r in i.rejected()]),
+                    "state": state.value,
+                    "wake": self.wake_mode == "queue" and state is TaskState.QUEUED,
+                    "wake_topic": WAKE_TOPIC,
+                    "invoke_topic": INVOKE_TOPIC,
                 },
             )
-        return FanOutReport(events=len(consumed), created=len(created), held=len(waiting))
+            if out.unplanned or out.created != out.fresh:
+                # a DAG reading these events was deployed after fan_out_inputs read, or a
+                # concurrent transaction created one of the tasks: plan again
+                raise errors.Conflict("the fan-out pass raced a deploy or a creator; try again")
+            if out.created and state is TaskState.QUEUED:
+                await cur.execute(
+                    TASK_Q["notify_outbox" if self.wake_mode == "queue" else "notify_tasks"]
+                )
+        return FanOutReport(events=out.consumed, created=out.created, held=out.held)
 
     async def run(
         self, stop: asyncio.Event, *, fan_out_every_s: float = 0.2, schedule_every_s: float = 1.0
@@ -318,6 +408,15 @@ class _DagIdRow:
 class CreatedRow:
     task_id: str
     state: str
+
+
+async def _prepared(
+    cur: psycopg.AsyncCursor[Any], cls: type[R], query: str, params: Mapping[str, Any]
+) -> list[R]:
+    """``fetch_as`` with the statement prepared at once (planned once per connection)."""
+    async with cur.connection.cursor(row_factory=class_row(cls)) as named:
+        await named.execute(query, params, prepare=True)
+        return await named.fetchall()
 
 
 def _unique(tasks: list[NewTask]) -> list[NewTask]:

@@ -177,33 +177,119 @@ SELECT * FROM jsonb_to_recordset(%(rows)s::jsonb)
           dataset_uuid uuid, dataset_version uuid)
 ON CONFLICT DO NOTHING;
 
+-- name: generic_plans
+-- For the rest of a fan-out pass's transaction: prepared statements use their generic plan.
+SET LOCAL plan_cache_mode = force_generic_plan;
+
 -- name: claim_dag_events
 -- Lock announced events of DAG tasks for one fan-out pass; concurrent passes skip each other's.
-SELECT id, tries FROM outbox
+-- Answers each with the event it announces (producing task, event key).
+SELECT id, tries, payload ->> 'task_id' AS task_id, payload ->> 'event_key' AS event_key
+FROM outbox
 WHERE topic = %(topic)s AND state = 'pending' AND available_at <= now()
 ORDER BY available_at, id
 LIMIT %(batch)s
 FOR UPDATE SKIP LOCKED;
 
--- name: fan_out_plan
--- For claimed announcements: each event with every consuming live job (dag_live_jobs) -- the
+-- name: fan_out_inputs
+-- For claimed announcements: every input of a live version (the active one, a building
+-- staging's) that reads what the events' tasks produced -- from: {job, output} of the producer's
+-- DAG, from: {dataset} of a dataset that output publishes (or a sink event names) in the org --
+-- with its `where` (as the spec stores it) and, for an input with one, the events that reach it
+-- ([[outbox id, payload], ...]). A superset of the pass's consumers: it carries what Python
+-- decides per consuming input (read grants, `where`); fan_out applies the decisions and refuses
+-- a consumer this did not answer. Locks the producers' and readers' DAG rows FOR SHARE (in
+-- dag_id order): a deploy, cutover or rollback of them waits for the pass, and the pass's next
+-- statement sees any that committed before.
+WITH ev AS (
+    SELECT c.id AS outbox_id, e.payload, t.org_id, t.dag_id, t.dag_job,
+           CASE WHEN jsonb_typeof(e.payload -> 'output') = 'number'
+                THEN (e.payload ->> 'output')::int ELSE 0 END AS output,
+           CASE WHEN starts_with(e.event_key, 'sink/')
+                THEN e.payload ->> 'dataset_uuid' ELSE '' END AS sink_dataset
+    FROM jsonb_to_recordset(%(events)s::jsonb) AS c(id bigint, task_id uuid, event_key text)
+    JOIN task_events e ON (e.task_id, e.event_key) = (c.task_id, c.event_key)
+    JOIN tasks t ON t.task_id = e.task_id
+), src AS (
+    SELECT DISTINCT org_id, dag_id, dag_job, output, sink_dataset FROM ev
+), readers AS (
+    SELECT s.*, i.dag_id AS reader_dag_id, i.version, i.job, i.input_index, i.where_filter
+    FROM src s JOIN dag_inputs i ON (i.dag_id, i.from_job, i.from_output)
+                                  = (s.dag_id, s.dag_job, s.output)
+    UNION
+    SELECT s.*, i.dag_id, i.version, i.job, i.input_index, i.where_filter
+    FROM src s JOIN datasets d ON d.org_id = s.org_id AND (
+             (d.dag_id = s.dag_id AND d.job_name = s.dag_job AND d.output_index = s.output)
+             OR (s.sink_dataset <> '' AND d.dataset_uuid::text = s.sink_dataset))
+    JOIN dag_inputs i ON i.from_dataset = d.name
+    JOIN dags rg ON rg.dag_id = i.dag_id AND rg.org_id = s.org_id
+), live AS MATERIALIZED (
+    SELECT r.org_id, r.dag_id, r.dag_job, r.output, r.sink_dataset, r.reader_dag_id, r.version,
+           r.job, r.input_index,
+           CASE WHEN r.where_filter IS NOT NULL THEN r.where_filter
+                ELSE (SELECT v.spec #> ARRAY['jobs', r.job, 'inputs', r.input_index::text,
+                                             'where']
+                      FROM dag_versions v
+                      WHERE (v.dag_id, v.version) = (r.reader_dag_id, r.version))
+           END AS input_where
+    FROM readers r
+    JOIN dags g ON g.dag_id = r.reader_dag_id
+    LEFT JOIN dag_rematerializations m ON m.dag_id = g.dag_id AND m.state = 'building'
+    WHERE r.version = g.active_version OR r.version = m.version
+), locked AS (
+    SELECT g.dag_id FROM dags g
+    WHERE g.dag_id IN (SELECT dag_id FROM src UNION SELECT reader_dag_id FROM live)
+    ORDER BY g.dag_id
+    FOR SHARE
+)
+SELECT r.reader_dag_id::text AS dag_id, r.version, r.job, r.input_index,
+       r.input_where::text AS input_where,
+       json_agg(json_build_array(ev.outbox_id, ev.payload))
+           FILTER (WHERE r.input_where IS NOT NULL)::text AS where_events
+FROM live r
+JOIN ev ON (ev.org_id, ev.dag_id, ev.dag_job, ev.output, ev.sink_dataset)
+         = (r.org_id, r.dag_id, r.dag_job, r.output, r.sink_dataset)
+WHERE (SELECT count(*) FROM locked) >= 0  -- a one-time filter: the locks are always taken
+GROUP BY r.reader_dag_id, r.version, r.job, r.input_index, r.input_where::text
+ORDER BY 1, 2, 3, 4;
+
+-- name: fan_out
+-- One fan-out pass over claimed announcements, after fan_out_inputs locked their DAGs: plan each
+-- event with every consuming live job (dag_live_jobs, inlined so every join is by key) -- the
 -- producer's own DAG reading it with from: {job, output}, and DAGs of the org reading the
--- dataset that output publishes with from: {dataset} -- the consumer's task settings and epoch,
--- and the dataset version the input reads (the producing DAG's active pointer; a staged
--- producer's: its staged pointer set). An event belongs to output payload.output when that is
--- an integer, else output 0. Stagings decide the rest (docs/architecture/dag_deployment.md,
--- "Rematerialization"):
+-- dataset that output publishes with from: {dataset} -- and, in this one statement, create the
+-- tasks (idempotent by key: a repeated or concurrent pass creates nothing twice), their lineage
+-- (task_inputs: the event and the dataset version read: the producing DAG's active pointer, a
+-- staged producer's staged pointer set), their wake-ups (when %(wake)s: an outbox row per queued
+-- task, 'invoke' for runtime: lambda), and mark the announcements consumed as the kernel decided
+-- (%(events)s: [{id, task_id, event_key, state, tries}] of the claimed announcements). %(inputs)s carries each consuming input's read grants and
+-- %(rejected)s the (event, input) pairs its `where` refused (decided in Python by the kernel).
+-- An event belongs to output payload.output when that is an integer, else output 0. Stagings
+-- decide the rest (docs/architecture/dag_deployment.md, "Rematerialization"):
 -- * an event of a staged task reaches only the staged jobs of its DAG;
 -- * an event of a task of an abandoned staging reaches nothing;
 -- * an event of a task of a version older than a cutover that rebuilt its job reaches nothing
 --   of its own DAG (the rebuild replayed that job's inputs);
 -- * a staged consumer of an event of a task that is not staged is "held": the announcement
---   waits for the cutover.
-WITH ev AS (
-    SELECT o.id AS outbox_id, e.task_id, e.event_key, e.seq, e.event_type, e.payload, t.org_id,
-           t.dag_id, t.dag_job, t.dag_version,
+--   waits for the cutover (available_at = infinity; dag_remat.sql release_held) and is not
+--   consumed, while its other consumers' tasks are created.
+-- Answers the counts; the caller rolls the pass back when `unplanned` (consumers %(inputs)s does
+-- not carry: a DAG deployed since fan_out_inputs read) or when fewer tasks were created than
+-- were fresh (a concurrent creator of one of the keys won; lineage was then not written).
+WITH claimed AS (
+    SELECT * FROM jsonb_to_recordset(%(events)s::jsonb)
+        AS c(id bigint, task_id uuid, event_key text, state text, tries int)
+), ev AS (
+    SELECT c.id AS outbox_id, e.task_id, e.event_key, e.seq, e.event_type, e.payload,
            CASE WHEN jsonb_typeof(e.payload -> 'output') = 'number'
                 THEN (e.payload ->> 'output')::int ELSE 0 END AS output,
+           CASE WHEN starts_with(e.event_key, 'sink/')
+                THEN e.payload ->> 'dataset_uuid' ELSE '' END AS sink_dataset
+    FROM claimed c
+    JOIN task_events e ON (e.task_id, e.event_key) = (c.task_id, c.event_key)
+), src AS MATERIALIZED (
+    -- each producing (task, output, sink dataset) once, with what stagings decide for it
+    SELECT s.task_id, s.output, s.sink_dataset, t.org_id, t.dag_id, t.dag_job, t.dag_version,
            m.generation AS staged_generation,
            EXISTS (SELECT 1 FROM dag_rematerializations a
                    WHERE a.dag_id = t.dag_id AND a.version = t.dag_version
@@ -212,84 +298,142 @@ WITH ev AS (
                    WHERE c.dag_id = t.dag_id AND c.state = 'cut_over'
                      AND c.version > t.dag_version AND c.version <= cg.active_version
                      AND t.dag_job = ANY(c.rebuild)) AS superseded
-    FROM outbox o
-    JOIN task_events e ON e.task_id = (o.payload ->> 'task_id')::uuid
-                      AND e.event_key = o.payload ->> 'event_key'
-    JOIN tasks t ON t.task_id = e.task_id
+    FROM (SELECT DISTINCT task_id, output, sink_dataset FROM ev) s
+    JOIN tasks t ON t.task_id = s.task_id
     LEFT JOIN dag_rematerializations m ON m.dag_id = t.dag_id AND m.version = t.dag_version
                                       AND m.state = 'building'
-    WHERE o.id = ANY(%(ids)s::bigint[])
 ), live AS MATERIALIZED (
-    -- the versions new tasks of the events' DAGs are created in (dag_live_jobs, inlined so
-    -- every join below is by key): the active one but for the jobs a building staging
-    -- rebuilds, and the staged one for those jobs
+    -- the versions new tasks of the producers' DAGs are created in: the active one but for the
+    -- jobs a building staging rebuilds, and the staged one for those jobs
     SELECT g.dag_id, g.active_version AS version, false AS staged,
            coalesce(m.rebuild, '{}') AS rebuild
     FROM dags g
     LEFT JOIN dag_rematerializations m ON m.dag_id = g.dag_id AND m.state = 'building'
-    WHERE g.dag_id IN (SELECT dag_id FROM ev) AND g.active_version IS NOT NULL
+    WHERE g.dag_id IN (SELECT dag_id FROM src) AND g.active_version IS NOT NULL
     UNION ALL
     SELECT m.dag_id, m.version, true, m.rebuild FROM dag_rematerializations m
-    WHERE m.dag_id IN (SELECT dag_id FROM ev) AND m.state = 'building'
+    WHERE m.dag_id IN (SELECT dag_id FROM src) AND m.state = 'building'
 ), consumers AS (
-    SELECT ev.outbox_id, i.dag_id, i.version, i.job, i.input_index, live.staged,
-           i.where_filter
-    FROM ev JOIN live ON live.dag_id = ev.dag_id
+    SELECT s.task_id, s.output, s.sink_dataset, i.dag_id, i.version, i.job, i.input_index,
+           live.staged
+    FROM src s JOIN live ON live.dag_id = s.dag_id
     JOIN dag_inputs i ON (i.dag_id, i.version, i.from_job, i.from_output)
-                       = (live.dag_id, live.version, ev.dag_job, ev.output)
-    WHERE NOT ev.abandoned AND NOT ev.superseded
+                       = (live.dag_id, live.version, s.dag_job, s.output)
+    WHERE NOT s.abandoned AND NOT s.superseded
       AND (i.job = ANY(live.rebuild)) = live.staged
-      AND (ev.staged_generation IS NULL OR live.staged)
+      AND (s.staged_generation IS NULL OR live.staged)
     UNION ALL
-    SELECT ev.outbox_id, i.dag_id, i.version, i.job, i.input_index,
-           i.version IS NOT DISTINCT FROM rm.version, i.where_filter
-    FROM ev JOIN datasets d ON d.org_id = ev.org_id AND (
-             (d.dag_id = ev.dag_id AND d.job_name = ev.dag_job AND d.output_index = ev.output)
+    SELECT s.task_id, s.output, s.sink_dataset, i.dag_id, i.version, i.job, i.input_index,
+           i.version IS NOT DISTINCT FROM rm.version
+    FROM src s JOIN datasets d ON d.org_id = s.org_id AND (
+             (d.dag_id = s.dag_id AND d.job_name = s.dag_job AND d.output_index = s.output)
              -- a sink's rows_committed event names its dataset: every writer of a multi_writer
              -- dataset reaches its readers (trace_lite.sink)
-             OR (starts_with(ev.event_key, 'sink/')
-                 AND d.dataset_uuid::text = ev.payload ->> 'dataset_uuid'))
+             OR (s.sink_dataset <> '' AND d.dataset_uuid::text = s.sink_dataset))
     JOIN dag_inputs i ON i.from_dataset = d.name
-    JOIN dags rg ON rg.dag_id = i.dag_id AND rg.org_id = ev.org_id
+    JOIN dags rg ON rg.dag_id = i.dag_id AND rg.org_id = s.org_id
     LEFT JOIN dag_rematerializations rm ON rm.dag_id = rg.dag_id AND rm.state = 'building'
-    WHERE NOT ev.abandoned AND ev.staged_generation IS NULL
+    WHERE NOT s.abandoned AND s.staged_generation IS NULL
       AND ((i.version = rg.active_version AND NOT (i.job = ANY(coalesce(rm.rebuild, '{}'))))
            OR (i.version = rm.version AND i.job = ANY(rm.rebuild)))
+), grants AS (
+    SELECT * FROM jsonb_to_recordset(%(inputs)s::jsonb)
+        AS q(dag_id uuid, version bigint, job text, input_index int, read_datasets text[])
+), readers AS MATERIALIZED (
+    -- each consumer once per producing (task, output): its job's task settings and epoch
+    -- (dag_tasks.with_epoch), whether it is held, the dataset version it reads, its grants
+    SELECT DISTINCT ON (k.task_id, k.output, k.sink_dataset, k.dag_id, k.version, k.job,
+                        k.input_index)
+           k.*, s.org_id, j.operator, j.runtime, j.config, j.timeout_s, j.max_attempts,
+           (SELECT max(e.version) FROM dag_rematerializations e
+            WHERE e.dag_id = k.dag_id AND e.state IN ('cut_over', 'building')
+              AND e.version <= k.version AND k.job = ANY(e.rebuild)) AS epoch,
+           k.staged AND s.staged_generation IS NULL AS held,
+           pd.dataset_uuid, ptr.dataset_version, q.read_datasets,
+           q.dag_id IS NOT NULL AS planned
+    FROM consumers k
+    JOIN src s ON (s.task_id, s.output, s.sink_dataset) = (k.task_id, k.output, k.sink_dataset)
+    JOIN dag_jobs j ON (j.dag_id, j.version, j.job) = (k.dag_id, k.version, k.job)
+    LEFT JOIN datasets pd ON pd.org_id = s.org_id AND (
+                  (pd.dag_id = s.dag_id AND pd.job_name = s.dag_job
+                   AND pd.output_index = s.output)
+                  OR (s.sink_dataset <> '' AND pd.dataset_uuid::text = s.sink_dataset))
+    LEFT JOIN dags pg ON pg.dag_id = s.dag_id
+    LEFT JOIN dag_pointers ptr ON ptr.dag_id = pg.dag_id
+                              AND ptr.generation = coalesce(s.staged_generation,
+                                                            pg.active_generation)
+                              AND ptr.dataset_uuid = pd.dataset_uuid
+    LEFT JOIN grants q ON (q.dag_id, q.version, q.job, q.input_index)
+                        = (k.dag_id, k.version, k.job, k.input_index)
+), rejected AS (
+    SELECT * FROM jsonb_to_recordset(%(rejected)s::jsonb)
+        AS x(outbox_id bigint, dag_id uuid, version bigint, job text, input_index int)
+), plan AS MATERIALIZED (
+    -- one row per (event, consuming input), with the task's idempotency key
+    SELECT gen_random_uuid() AS new_task_id, ev.outbox_id, ev.event_key, ev.seq,
+           ev.event_type, ev.payload, r.*,
+           'event:' || r.task_id::text || ':' || r.output || ':' || ev.event_key || ':'
+               || r.dag_id::text || ':' || r.job || ':' || r.input_index
+               || coalesce('@' || r.epoch, '') AS idempotency_key
+    FROM ev
+    JOIN readers r ON (r.task_id, r.output, r.sink_dataset)
+                    = (ev.task_id, ev.output, ev.sink_dataset)
+    WHERE r.held OR NOT EXISTS (
+        SELECT 1 FROM rejected x
+        WHERE (x.outbox_id, x.dag_id, x.version, x.job, x.input_index)
+            = (ev.outbox_id, r.dag_id, r.version, r.job, r.input_index))
+), fresh AS MATERIALIZED (
+    -- the tasks to create: planned, not held, and whose key the org does not have yet
+    SELECT p.* FROM plan p
+    WHERE p.planned AND NOT p.held
+      AND NOT EXISTS (SELECT 1 FROM tasks t
+                      WHERE t.org_id = p.org_id AND t.idempotency_key = p.idempotency_key)
+), ins AS (
+    INSERT INTO tasks (task_id, org_id, operator, payload, state, max_attempts, timeout_s,
+                       idempotency_key, runtime, dag_id, dag_version, dag_job, read_datasets)
+    SELECT f.new_task_id, f.org_id, f.operator,
+           f.config || jsonb_build_object('event', jsonb_build_object(
+               'producer_task_id', f.task_id::text, 'key', f.event_key, 'type', f.event_type,
+               'payload', f.payload, 'output', f.output, 'input', f.input_index)),
+           %(state)s, f.max_attempts, f.timeout_s, f.idempotency_key, f.runtime, f.dag_id,
+           f.version, f.job, f.read_datasets
+    FROM fresh f
+    ORDER BY f.seq, f.dag_id, f.job, f.input_index
+    -- a concurrent creator of the same key (committed after this statement began) wins
+    ON CONFLICT (org_id, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
+    RETURNING task_id, runtime
+), lineage AS (
+    -- written only when every fresh task was created (no lost race): the caller rolls back
+    -- otherwise, so lineage never needs matching back to the created rows
+    INSERT INTO task_inputs (task_id, input_index, producer_task_id, event_key, event_seq,
+                             dataset_uuid, dataset_version)
+    SELECT f.new_task_id, f.input_index, f.task_id, f.event_key, f.seq, f.dataset_uuid,
+           f.dataset_version
+    FROM fresh f
+    WHERE (SELECT count(*) FROM ins) = (SELECT count(*) FROM fresh)
+), wakes AS (
+    INSERT INTO outbox (topic, payload, available_at)
+    SELECT CASE WHEN n.runtime = 'lambda' THEN %(invoke_topic)s ELSE %(wake_topic)s END,
+           jsonb_build_object('task_id', n.task_id::text), now()
+    FROM ins n
+    WHERE %(wake)s
+), held AS (
+    SELECT DISTINCT outbox_id FROM plan WHERE held
+), hold AS (
+    UPDATE outbox SET available_at = 'infinity'
+    WHERE id IN (SELECT outbox_id FROM held) AND state = 'pending'
+    RETURNING id
+), consumed AS (
+    UPDATE outbox o
+    SET state = c.state, tries = c.tries, published_at = now()
+    FROM claimed c
+    WHERE o.id = c.id AND o.state = 'pending'
+      AND c.id NOT IN (SELECT outbox_id FROM held)
+    RETURNING o.id
 )
-SELECT ev.outbox_id, ev.task_id::text AS producer_task_id, ev.event_key, ev.seq AS event_seq,
-       ev.event_type,
-       ev.payload::text AS event_payload, ev.output, ev.org_id::text AS org_id,
-       k.dag_id::text AS dag_id, k.version, k.job, k.input_index, j.operator, j.runtime,
-       j.config::text AS config, j.timeout_s, j.max_attempts,
-       (SELECT max(e.version) FROM dag_rematerializations e
-        WHERE e.dag_id = k.dag_id AND e.state IN ('cut_over', 'building')
-          AND e.version <= k.version AND k.job = ANY(e.rebuild)) AS epoch,
-       k.staged AND ev.staged_generation IS NULL AS held,
-       pd.dataset_uuid::text AS dataset_uuid, ptr.dataset_version::text AS dataset_version,
-       CASE WHEN k.where_filter IS NOT NULL THEN k.where_filter
-            ELSE cv.spec #> ARRAY['jobs', k.job, 'inputs', k.input_index::text, 'where']
-       END AS input_where
-FROM ev
-JOIN consumers k ON k.outbox_id = ev.outbox_id
-JOIN dag_jobs j ON (j.dag_id, j.version, j.job) = (k.dag_id, k.version, k.job)
-JOIN dag_versions cv ON (cv.dag_id, cv.version) = (k.dag_id, k.version)
-LEFT JOIN datasets pd ON pd.org_id = ev.org_id AND (
-              (pd.dag_id = ev.dag_id AND pd.job_name = ev.dag_job AND pd.output_index = ev.output)
-              OR (starts_with(ev.event_key, 'sink/')
-                  AND pd.dataset_uuid::text = ev.payload ->> 'dataset_uuid'))
-LEFT JOIN dags pg ON pg.dag_id = ev.dag_id
-LEFT JOIN dag_pointers ptr ON ptr.dag_id = pg.dag_id
-                          AND ptr.generation = coalesce(ev.staged_generation, pg.active_generation)
-                          AND ptr.dataset_uuid = pd.dataset_uuid
-ORDER BY ev.seq, k.dag_id, k.job, k.input_index;
-
--- name: mark_events_consumed
--- Record consumed announcements as the kernel decided (decide_sent: published, tries + 1), in
--- the transaction that created their tasks.
-UPDATE outbox o
-SET state = c.state, tries = c.tries, published_at = now()
-FROM unnest(%(ids)s::bigint[], %(states)s::text[], %(tries)s::int[]) AS c(id, state, tries)
-WHERE o.id = c.id AND o.state = 'pending';
+SELECT (SELECT count(*) FROM ins) AS created, (SELECT count(*) FROM fresh) AS fresh,
+       (SELECT count(*) FROM consumed) AS consumed, (SELECT count(*) FROM hold) AS held,
+       (SELECT count(*) FROM plan WHERE NOT planned) AS unplanned;
 
 -- name: scheduled_jobs
 -- Live jobs (dag_live_jobs) with a cron or interval trigger, the time their version was
@@ -332,9 +476,3 @@ LEFT JOIN dag_rematerializations m ON m.dag_id = g.dag_id AND m.state = 'buildin
 WHERE g.dag_id = ANY(%(dag_ids)s::uuid[])
 ORDER BY g.dag_id
 FOR SHARE OF g;
-
--- name: hold_events
--- Announcements with a held consumer wait for their staging's cutover (or abandonment), which
--- makes them due again (dag_remat.sql release_held); the consumers not held were created.
-UPDATE outbox SET available_at = 'infinity'
-WHERE id = ANY(%(ids)s::bigint[]) AND state = 'pending';
