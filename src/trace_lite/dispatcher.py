@@ -1,7 +1,10 @@
 """The Dispatcher's public face: the names callers import, from the modules that hold them.
 
-* ``trace_lite.tasks`` -- ``Dispatcher`` (task operations: create, claim, fetch, fenced
-  mutations, completion with group-commit isolation, capability-token checks);
+* ``trace_lite.tasks`` -- ``Dispatcher``, the one face of the task operations, composed of
+  ``trace_lite.task_admin`` (create, cancel, inspect), ``trace_lite.task_claims`` (the claim
+  path, the payload fetch), ``trace_lite.attempt_writes`` (heartbeats, events, buffer publish),
+  ``trace_lite.task_completions`` (group commit) and ``trace_lite.attempt_tokens`` (capability
+  tokens minted and checked);
 * ``trace_lite.reaper`` -- the time-driven half (lease expiry, attempt timeouts, backoff, lost
   wake-ups);
 * ``trace_lite.outbox_publisher`` -- hands outbox rows to their consumers;

@@ -6,22 +6,24 @@ reordering or renaming a ``SELECT`` column cannot shift a value into the wrong f
 costs one tuple. ``uuid`` columns (the ``task_heads`` view, migration 0010, keeps ids as
 ``uuid`` so filters use the primary key) are read as their canonical text.
 
-Also here: the two writes every task module shares (``wake`` and ``lock_task``) and how a JSON
-value stored in a task is read back (``stored_json``): parsed and held to the JSON limits, so a
+Also here: what several task modules share -- locking a task (``lock_task``), reading one
+(``task_row``), announcing queued tasks (``wake``), recording an attempt's events
+(``insert_events``) -- and how a JSON value stored in a task is read back (``stored_json``): parsed and held to the JSON limits, so a
 value written around the API (nested 900 levels, ...) is reported, never served.
 """
 
 from __future__ import annotations
 
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any, Literal, NamedTuple, TypeVar
 
 import psycopg
+from psycopg.types.json import Jsonb
 
-from trace_core import errors, json_limits
-from trace_core.lifecycle import AttemptOutcome, TaskState, TaskView
+from trace_core import errors, json_limits, wire
+from trace_core.lifecycle import AttemptOutcome, Fence, TaskState, TaskView
 from trace_lite import sqlfile
 from trace_lite.pg import fetch_named
 
@@ -239,6 +241,39 @@ async def lock_task(cur: psycopg.AsyncCursor[Any], task_id: str) -> LockedTask:
     return rows[0]
 
 
+async def task_row(cur: psycopg.AsyncCursor[Any], task_id: str) -> TaskRow:
+    """The task (``get_task``), unlocked. Raises ``NotFound``."""
+    rows = await fetch(cur, TaskRow, Q["get_task"], {"task_id": task_id})
+    if not rows:
+        raise errors.NotFound("no such task", field="task_id")
+    return rows[0]
+
+
+async def insert_events(
+    cur: psycopg.AsyncCursor[Any], fence: Fence, events: Sequence[wire.EventIn]
+) -> int:
+    """Record events of ``fence``'s attempt; returns how many keys were new to the task.
+    Raises ``ValidationFailed`` for a key twice in ``events``."""
+    if not events:
+        return 0
+    keys = [e.key for e in events]
+    if len(set(keys)) != len(keys):
+        raise errors.ValidationFailed("event keys must be unique in one call", field="events")
+    inserted = await fetch(
+        cur,
+        EventKeyRow,
+        Q["insert_events"],
+        {
+            "task_id": fence.task_id,
+            "attempt": fence.attempt,
+            "keys": keys,
+            "types": [e.type for e in events],
+            "payloads": [Jsonb(e.payload) for e in events],
+        },
+    )
+    return len(inserted)
+
+
 async def wake(cur: psycopg.AsyncCursor[Any], task_ids: list[str], mode: WakeMode) -> None:
     """Announce queued tasks in the caller's transaction: outbox wake-ups (``invoke`` rows for
     ``runtime: lambda`` tasks) and ``NOTIFY trace_outbox`` in ``"queue"`` mode, ``NOTIFY
@@ -304,9 +339,11 @@ __all__ = [
     "TaskRow",
     "WakeMode",
     "fetch",
+    "insert_events",
     "inspectable",
     "jsonable",
     "lock_task",
     "stored_json",
+    "task_row",
     "wake",
 ]

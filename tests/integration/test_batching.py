@@ -11,7 +11,7 @@ import attrs
 import psycopg
 import pytest
 
-import trace_lite.tasks
+import trace_lite.task_completions
 from trace_core import errors, wire
 from trace_core.testing import MemoryQueue, MemorySigner
 from trace_lite.batching import CompletionBatcher
@@ -193,7 +193,7 @@ async def test_a_bad_value_that_reaches_sql_fails_only_its_own_completion(
 ) -> None:
     """If a value the edge check misses fails the shared transaction, each completion is retried
     alone: only the bad one is refused, and as a bad value (never ``unavailable``)."""
-    monkeypatch.setattr(trace_lite.tasks, "_check_completion", lambda req: None)
+    monkeypatch.setattr(trace_lite.task_completions, "_check_completion", lambda req: None)
     good = await _running(dispatcher, 3, "org-a")
     (nul,) = await _running(dispatcher, 1, "org-b")
     (nan,) = await _running(dispatcher, 1, "org-b")
