@@ -40,9 +40,23 @@ These re-announcements are part of ``last_ranges``' guarantee (kept as ``last_re
 change at the lowest remembered block (other than ``start``) may reach below the window: the
 window is extracted again, the task's result names the block (``reorg_may_reach_below``) and a
 warning is logged; blocks below it are not checked (a backfill over them replaces them).
-Limits: a reorg that happens between the follower fetching a block's hash and ``cryo_ingest``
-extracting it is not seen; a reorg is seen at most one run (one trigger interval) after it
-happened; nothing is checked below the window.
+
+What was committed is checked too (``config.verify``: the blocks dataset, published by the
+follower's own DAG). Comparing the node only with its own earlier reads, the follower misses an
+extract that saw another chain than both of them: a fork that was the node's head only while
+the extract ran (the race between this run's hash read and the extract), an ingest slot whose
+node is on another fork, or an older extract of a range committing after a newer one. So each
+run also reads, for the live blocks partitions inside the window, the digest of their block
+hashes that ``cryo_ingest`` recorded in the blocks range event (``trace_sdk.block_hashes``)
+and compares it with the digest of the node's hashes of the same blocks; a range that differs
+is announced again as ``reorg:{start}_{end}`` (its task result counts them as ``stale``). A
+range announced again is remembered with the partition it replaces (``stale`` in the state),
+and not announced again while that partition is still live (its re-extract has not committed
+yet). A partition committed without a digest (before digests were recorded) is not checked.
+Limits: a reorg is seen at most one run (one trigger interval) after it happened; nothing is
+checked below the window, so a range committed after it left the window is not checked; the
+digest covers the blocks file (transactions and logs are fetched by other requests of the same
+extract and are not tied to these hashes).
 
 Config (the job's ``config``; the trigger adds ``scheduled_time``)::
 
@@ -51,6 +65,8 @@ Config (the job's ``config``; the trigger adds ``scheduled_time``)::
     start           the first block (default 0; a multiple of chunk)
     max_ranges      ranges announced per run at most (default 50; the rest on later runs)
     reorg_window    blocks below the cursor whose hashes are checked each run (default 64)
+    verify          the blocks dataset (published by this DAG) whose committed ranges inside
+                    the window are checked against the node (default: none)
     rpc_url         the node's endpoint; without it the worker-pool slot's RPC_URL
 """
 
@@ -65,6 +81,7 @@ import attrs
 
 from trace_core import errors
 from trace_sdk._worker import NonRetryableError, Operator, TaskContext
+from trace_sdk.block_hashes import hex_hashes_digest
 from trace_sdk.ingest import rpc_endpoint
 from trace_sdk.ranges import StateStore
 
@@ -87,6 +104,29 @@ Ranges = tuple[tuple[int, int], ...]
 
 
 @attrs.frozen
+class CommittedRange:
+    """A live partition of the blocks dataset and the digest of its block hashes
+    (``trace_sdk.block_hashes``) that the extract which committed it recorded (None: none)."""
+
+    start: int
+    end: int
+    partition_id: int
+    hashes_sha256: str | None
+
+
+class CommittedBlocks(Protocol):
+    """What the follower's own DAG committed of a blocks dataset."""
+
+    async def committed(
+        self, task_id: str, attempt: int, dataset: str, low: int, high: int
+    ) -> list[CommittedRange]:
+        """The live partitions of ``dataset`` -- published by the DAG of ``task_id``, in its
+        active version -- that lie inside ``[low, high)``, by start. Only ``task_id``'s running
+        attempt may ask (``LeaseLost``)."""
+        ...
+
+
+@attrs.frozen
 class FollowerState:
     """The durable cursor, what the last writer announced with it, and the hashes of the
     announced blocks inside the reorg window."""
@@ -96,6 +136,9 @@ class FollowerState:
     last_ranges: Ranges = ()
     last_reorged: Ranges = ()
     hashes: tuple[tuple[int, str], ...] = ()
+    #: Ranges announced again, each with the live blocks partition it replaces (-1: none was
+    #: committed): while that partition is still live its re-extract has not committed.
+    stale: tuple[tuple[int, int, int], ...] = ()
 
     def to_doc(self) -> dict[str, Any]:
         return {
@@ -104,6 +147,7 @@ class FollowerState:
             "last_ranges": [list(r) for r in self.last_ranges],
             "last_reorged": [list(r) for r in self.last_reorged],
             "hashes": {str(b): h for b, h in self.hashes},
+            "stale": [list(r) for r in self.stale],
         }
 
     @classmethod
@@ -114,6 +158,7 @@ class FollowerState:
             tuple((int(s), int(e)) for s, e in doc.get("last_ranges", ())),
             tuple((int(s), int(e)) for s, e in doc.get("last_reorged", ())),
             tuple(sorted((int(b), str(h)) for b, h in doc.get("hashes", {}).items())),
+            tuple((int(s), int(e), int(p)) for s, e, p in doc.get("stale", ())),
         )
 
 
@@ -208,8 +253,33 @@ def _announce(ctx: TaskContext, ranges: Ranges, reorged: Ranges = ()) -> None:
             ctx.final_events.append({"key": f"{kind}:{key}", "type": "range", "payload": payload})
 
 
-def make_head_follower(store: FollowerStore) -> Operator:
-    """The ``chain_follower`` operator over ``store`` (see the module docstring)."""
+def stale_ranges(
+    committed: list[CommittedRange],
+    now: dict[int, str | None],
+    awaiting: dict[tuple[int, int], int],
+) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+    """Of the ``committed`` ranges, those whose recorded digest differs from the digest of the
+    node's hashes ``now`` (a block the node lacks differs too), and those that match. A range
+    whose digest is unknown, or whose live partition is the one ``awaiting`` names (announced
+    again, its re-extract not committed yet), is neither."""
+    stale: list[tuple[int, int]] = []
+    good: list[tuple[int, int]] = []
+    for c in committed:
+        span = (c.start, c.end)
+        if c.hashes_sha256 is None or awaiting.get(span) == c.partition_id:
+            continue
+        node = [now.get(b) for b in range(c.start, c.end)]
+        hashes = [h for h in node if h is not None]
+        if len(hashes) == len(node) and hex_hashes_digest(hashes) == c.hashes_sha256:
+            good.append(span)
+        else:
+            stale.append(span)
+    return stale, good
+
+
+def make_head_follower(store: FollowerStore, committed: CommittedBlocks | None = None) -> Operator:
+    """The ``chain_follower`` operator over ``store``; with ``committed`` it also checks what
+    was committed (``config.verify``; see the module docstring)."""
 
     async def chain_follower(ctx: TaskContext) -> dict[str, Any] | None:
         """Announces the chain's new confirmed chunks since the durable cursor."""
@@ -221,6 +291,11 @@ def make_head_follower(store: FollowerStore) -> Operator:
         window = _int(payload, "reorg_window", 64, 1)
         if origin % chunk:
             raise NonRetryableError("config.start must be a multiple of config.chunk")
+        verify = payload.get("verify")
+        if verify is not None and (not isinstance(verify, str) or not verify):
+            raise NonRetryableError("config.verify must name the blocks dataset")
+        if verify is not None and committed is None:
+            raise NonRetryableError("config.verify: this worker cannot read committed ranges")
         rpc = rpc_endpoint(payload, ctx.env)
         task_id, attempt = ctx.task.task_id, ctx.attempt
         doc, version = await store.load(task_id, attempt)
@@ -245,6 +320,26 @@ def make_head_follower(store: FollowerStore) -> Operator:
                 "reorg at the lowest remembered block: blocks below it may be stale",
                 extra={"block": state.hashes[0][0], "task_id": task_id},
             )
+        # what was committed, checked against the node: an extract may have seen another
+        # chain than both of this follower's reads (module docstring)
+        awaiting = {(s, e): p for s, e, p in state.stale}
+        live: dict[tuple[int, int], int] = {}
+        stale: list[tuple[int, int]] = []
+        check_low = max(origin, state.cursor - window)
+        if verify is not None and committed is not None and state.cursor > check_low:
+            found = await committed.committed(task_id, attempt, verify, check_low, state.cursor)
+            live = {(c.start, c.end): c.partition_id for c in found}
+            missing = [b for c in found for b in range(c.start, c.end) if b not in now]
+            now = {**now, **await block_hashes(rpc, missing)}
+            stale, good = stale_ranges(found, now, awaiting)
+            for span in good:
+                awaiting.pop(span, None)
+            if stale:
+                log.warning(
+                    "committed blocks differ from the node's: extracting them again",
+                    extra={"ranges": stale, "task_id": task_id},
+                )
+            reorged = tuple(sorted(set(reorged) | set(stale)))
         if reorged and reorged[-1][1] > head - confirmations:
             # the new fork is not yet as long as what was announced: re-extracting now would
             # ask for blocks past its head; the changed hashes are seen again next run
@@ -264,7 +359,13 @@ def make_head_follower(store: FollowerStore) -> Operator:
         fetch = [b for b in range(low, cursor) if b not in kept]
         fetched = await block_hashes(rpc, fetch)
         hashes = {**kept, **{b: h for b, h in fetched.items() if h is not None}}
-        new = FollowerState(cursor, task_id, ranges, reorged_all, tuple(sorted(hashes.items())))
+        # each range announced again waits for its re-extract: the partition it replaces
+        for span in reorged:
+            awaiting[span] = live.get(span, -1)
+        waiting = tuple(sorted((s, e, p) for (s, e), p in awaiting.items() if e > low))
+        new = FollowerState(
+            cursor, task_id, ranges, reorged_all, tuple(sorted(hashes.items())), waiting
+        )
         await store.save(task_id, attempt, new.to_doc(), version)  # Conflict: retry
         _announce(ctx, ranges, reorged_all)
         return {
@@ -273,6 +374,7 @@ def make_head_follower(store: FollowerStore) -> Operator:
             "ranges": len(ranges),
             "carried": len(carried),
             "reorged": len(reorged_all),
+            "stale": len(stale),
             "reorg_may_reach_below": state.hashes[0][0] if beyond else None,
         }
 
@@ -280,6 +382,8 @@ def make_head_follower(store: FollowerStore) -> Operator:
 
 
 __all__ = [
+    "CommittedBlocks",
+    "CommittedRange",
     "FollowerState",
     "FollowerStore",
     "block_hashes",
@@ -287,4 +391,5 @@ __all__ = [
     "make_head_follower",
     "plan",
     "reorged_ranges",
+    "stale_ranges",
 ]

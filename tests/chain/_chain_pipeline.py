@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import io
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -143,7 +143,7 @@ class Pipeline:
         """The table of a buffered dataset's active version."""
         ds = await load_dataset(self.state, ORG, dataset)
         assert ds.dataset_version is not None
-        return table_name(ds.dataset_version)
+        return str(table_name(ds.dataset_version))
 
     async def table_rows(self, dataset: str, columns: str, order: str) -> list[tuple[Any, ...]]:
         """``columns`` of a buffered dataset's rows (none before its table exists)."""
@@ -162,7 +162,7 @@ async def run_pipeline(
     doc: dict[str, Any],
     *,
     sinks: Sequence[str] = ("monad_block_stats",),
-    background: Sequence[Callable[[asyncio.Event, Pipeline], Awaitable[None]]] = (),
+    background: Sequence[Callable[[asyncio.Event, Pipeline], Coroutine[Any, Any, None]]] = (),
 ) -> AsyncIterator[Pipeline]:
     """Deploy ``doc`` in org ``ORG`` (alice an admin) and run it (module docstring); each of
     ``background`` runs alongside until the block ends."""

@@ -8,13 +8,21 @@ again."""
 from __future__ import annotations
 
 import asyncio
+import http.server
+import threading
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
+import attrs
 from _chain_pipeline import Pipeline, monad_example, run_pipeline, sql
 
 from trace_lite.chain.devnode import TRANSFER_TOPIC, DevNode, Rpc, make_activity
 from trace_lite.outputs import INVALIDATE_TOPIC
-from trace_sdk.follower import reorged_ranges
+from trace_sdk.block_hashes import hex_hashes_digest
+from trace_sdk.follower import CommittedRange, reorged_ranges, stale_ranges
 
 
 def test_reorged_ranges_start_at_the_chunk_of_the_lowest_changed_block() -> None:
@@ -25,6 +33,20 @@ def test_reorged_ranges_start_at_the_chunk_of_the_lowest_changed_block() -> None
     assert reorged_ranges(remembered, forked, cursor=60, chunk=20) == (((40, 60),), False)
     deep = {**same, 40: "x"}  # the lowest remembered block: the fork may be below the window
     assert reorged_ranges(remembered, deep, cursor=80, chunk=20) == (((40, 60), (60, 80)), True)
+
+
+def test_stale_ranges_compare_committed_digests_with_the_node_and_skip_awaited_ones() -> None:
+    node: dict[int, str | None] = {b: "0x" + f"{b:064x}" for b in range(0, 60)}
+    digest = hex_hashes_digest(f"{b:064x}" for b in range(20, 40))
+    good = CommittedRange(20, 40, 7, digest)
+    other = CommittedRange(40, 60, 8, digest)  # another range's digest: stale
+    unknown = CommittedRange(0, 20, 6, None)  # committed before digests were recorded
+    assert stale_ranges([unknown, good, other], node, {}) == ([(40, 60)], [(20, 40)])
+    # its re-extract has not committed yet (the same partition is live): not announced again
+    assert stale_ranges([other], node, {(40, 60): 8}) == ([], [])
+    assert stale_ranges([other], node, {(40, 60): -1}) == ([(40, 60)], [])
+    # a block the node does not have (a shorter fork) differs too
+    assert stale_ranges([good], {**node, 33: None}, {}) == ([(20, 40)], [])
 
 
 def node_stats(rpc: Rpc, end: int) -> list[tuple[int, int, int, int]]:
@@ -64,21 +86,27 @@ async def assert_datasets_match_the_node(p: Pipeline, rpc: Rpc, end: int) -> Non
     assert [tuple(int(x) for x in row) for row in stats] == node_stats(rpc, end)
 
 
-async def follow(p: Pipeline, run_id: str, *, ingest: int) -> list[str]:
-    """One follower run; waits until it, ``ingest`` ingest tasks and as many transfers and
-    block stats tasks completed and the sink stored every stats batch; returns the run's event
-    keys."""
+async def follow(p: Pipeline, run_id: str) -> list[str]:
+    """One follower run; waits until it completed and the ranges it announced were ingested,
+    decoded and their block stats stored (``n`` announced: as many more ingest and transfers
+    tasks, twice as many block stats tasks, the sink idle); returns the run's event keys."""
+    before = p.done("ingest")
     follower = await p.trigger("follow", run_id)
     async with asyncio.timeout(90):
-        while not (  # noqa: ASYNC110
-            await p.state_of(follower) == "completed"
-            and p.done("ingest") == ingest
-            and p.done("transfers") == ingest
-            and p.done("block_stats") == 2 * ingest  # its transactions and logs events
-            and p.buffers_idle()
-        ):
+        while await p.state_of(follower) != "completed":  # noqa: ASYNC110
             await asyncio.sleep(0.05)
-    return p.event_keys(follower)
+    events = p.event_keys(follower)
+    n = before + len(events)
+    await p.until(
+        lambda: (
+            p.done("ingest") == n
+            and p.done("transfers") == n
+            and p.done("block_stats") == 2 * n  # its transactions and logs events
+            and p.buffers_idle()
+        ),
+        timeout_s=90,
+    )
+    return events
 
 
 async def test_a_forced_reorg_replaces_exactly_the_affected_range(
@@ -91,7 +119,7 @@ async def test_a_forced_reorg_replaces_exactly_the_affected_range(
     doc = monad_example(fresh_node.url)
     doc["jobs"]["follow"]["config"].update(start=0, chunk=20, confirmations=2)
     async with run_pipeline(db_url, data_db_url, tmp_path, doc) as p:
-        assert await follow(p, "one", ingest=3) == [
+        assert await follow(p, "one") == [
             "range:0_20",
             "range:20_40",
             "range:40_60",
@@ -100,12 +128,12 @@ async def test_a_forced_reorg_replaces_exactly_the_affected_range(
         rpc.call("evm_revert", snapshot)
         # fork B, still shorter than what was announced: the follower waits for it to grow
         rpc.call("evm_mine")  # fork B differs from A from block 47 on, in shape too
-        assert await follow(p, "waits", ingest=3) == []
+        assert await follow(p, "waits") == []
         make_activity(rpc, 40)
         assert rpc.block_number() >= 82
         assert node_stats(rpc, 60) != fork_a  # the stats of 47..59 changed
         # exactly the range holding the fork again, and the next new one
-        assert await follow(p, "two", ingest=5) == ["reorg:40_60", "range:60_80"]
+        assert await follow(p, "two") == ["reorg:40_60", "range:60_80"]
         # the replace commit announced an invalidation; once the cascade consumed it, it has
         # created nothing: the re-extract's own range events already reran the transforms
         await p.until(
@@ -125,6 +153,94 @@ async def test_a_forced_reorg_replaces_exactly_the_affected_range(
         assert p.done("transfers") == 5 and p.done("ingest") == 5
         await assert_datasets_match_the_node(p, rpc, 80)
 
+    extracted = sql(
+        db_url,
+        "SELECT t.result ->> 'start', count(*) FROM tasks t WHERE t.dag_job = 'ingest' GROUP BY 1",
+    )
+    assert sorted((int(s), n) for s, n in extracted) == [(0, 1), (20, 1), (40, 2), (60, 1)]
+
+
+@attrs.define
+class Switch:
+    """A JSON-RPC proxy on loopback that forwards every request to ``upstream``, which a test
+    changes: the ingest slots' endpoint serving another fork for a while."""
+
+    upstream: str
+    url: str = ""
+
+
+@contextmanager
+def switch_proxy(upstream: str) -> Iterator[Switch]:
+    state = Switch(upstream)
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_POST(self) -> None:
+            raw = self.rfile.read(int(self.headers["content-length"]))
+            req = urllib.request.Request(
+                state.upstream, raw, headers={"content-type": "application/json"}
+            )
+            with urllib.request.urlopen(req, timeout=30) as resp:
+                data = resp.read()
+            self.send_response(200)
+            self.send_header("content-type", "application/json")
+            self.send_header("content-length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    state.url = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        yield state
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+async def test_an_extract_that_saw_another_fork_is_found_and_extracted_again(
+    db_url: str, data_db_url: str, tmp_path: Path, fresh_node: DevNode
+) -> None:
+    """The race: the follower reads fork A's hashes, the extract then sees fork B, and the
+    node shows A again at the follower's next run -- a short-lived fork, or an ingest slot's
+    node on another fork. Comparing the node with its own earlier reads the follower sees no
+    change; comparing it with what was committed (the blocks event's digest) it does."""
+    rpc = fresh_node.rpc()
+    make_activity(rpc, 45)  # blocks 0..46, the history both forks share
+    make_activity(rpc, 30)  # fork A (the node's chain throughout): 47..77
+    other = DevNode.start(fork_url=fresh_node.url, fork_block=46)
+    try:
+        make_activity(other.rpc(), 30)  # fork B: 47..77 of its own
+        assert (
+            other.rpc().call("eth_getBlockByNumber", hex(46), False)["hash"]
+            == rpc.call("eth_getBlockByNumber", hex(46), False)["hash"]
+        )
+        with switch_proxy(other.url) as switch:
+            doc = monad_example(fresh_node.url, rpc_urls={"rpc": switch.url})
+            doc["jobs"]["follow"]["config"].update(start=0, chunk=20, confirmations=2)
+            async with run_pipeline(db_url, data_db_url, tmp_path, doc) as p:
+                # the follower reads A; between its read and the extract the chain the
+                # extract sees is B
+                assert await follow(p, "one") == [
+                    "range:0_20",
+                    "range:20_40",
+                    "range:40_60",
+                ]
+                switch.upstream = fresh_node.url  # ... and A again from now on
+                make_activity(rpc, 10)
+                assert rpc.block_number() >= 82
+                # 40_60 was committed from B: extracted again; 0_20 and 20_40 (the shared
+                # history) check out and are not
+                assert await follow(p, "two") == ["reorg:40_60", "range:60_80"]
+                assert await follow(p, "three") == []  # all of it checks out now
+                await assert_datasets_match_the_node(p, rpc, 80)
+    finally:
+        other.stop()
     extracted = sql(
         db_url,
         "SELECT t.result ->> 'start', count(*) FROM tasks t WHERE t.dag_job = 'ingest' GROUP BY 1",

@@ -130,7 +130,12 @@ class DevNode:
         block_time_s: float | None = None,
         ready_timeout_s: float = 30.0,
         log_path: Path | None = None,
+        fork_url: str | None = None,
+        fork_block: int | None = None,
     ) -> DevNode:
+        """Start anvil; with ``fork_url`` it forks that node at ``fork_block`` (anvil's fork
+        mode: the blocks up to it are the other node's, with their hashes; the blocks it mines
+        after are its own, another fork of the same history)."""
         # --prune-history: keep the last 1,024 states in memory and persist none. Without it anvil
         # writes historical states to disk (by default under ~/.foundry/anvil/tmp) and never
         # removes them: long test and bench runs left tens of gigabytes there. Trace reads blocks,
@@ -141,6 +146,10 @@ class DevNode:
         argv += ["--prune-history", "1024", "--cache-path", str(cache_dir)]
         if block_time_s is not None:
             argv += ["--block-time", str(block_time_s)]
+        if fork_url is not None:
+            argv += ["--fork-url", fork_url]
+            if fork_block is not None:
+                argv += ["--fork-block-number", str(fork_block)]
         for _ in range(5):  # the chosen port may be taken before anvil binds it
             port = _free_port()
             out = open(log_path, "ab") if log_path else subprocess.DEVNULL

@@ -3,7 +3,8 @@
 ``lite_operators(pool, store)`` is what a Lite worker adds to ``BUILTIN_OPERATORS``: the
 operators whose durable state or reads go through the state database directly, because the
 task API has no route for them yet -- ``range_aggregator`` and ``chain_follower`` (operator
-state, ``trace_lite.operator_state``) and ``erc20_transfers`` / ``block_stats``
+state, ``trace_lite.operator_state``; the follower also reads what its DAG committed of the
+blocks dataset, ``PgCommittedBlocks``) and ``erc20_transfers`` / ``block_stats``
 (``trace_sdk.transforms``, reading committed partitions with ``PgPartitionReader``). Each
 checks that the calling attempt is its task's running one, as the task API would.
 """
@@ -24,7 +25,7 @@ from trace_lite.datasets import Datasets
 from trace_lite.operator_state import PgOperatorState
 from trace_lite.pg import fetch_named, transaction
 from trace_sdk._worker import Operator
-from trace_sdk.follower import make_head_follower
+from trace_sdk.follower import CommittedRange, make_head_follower
 from trace_sdk.ranges import make_range_aggregator
 from trace_sdk.transforms import make_transforms
 
@@ -89,14 +90,45 @@ class PgPartitionReader:
             await asyncio.sleep(0.2)
 
 
+class _CommittedRow(NamedTuple):
+    partition_id: int
+    start: int
+    end: int
+    hashes_sha256: str | None
+
+
+class PgCommittedBlocks:
+    """``trace_sdk.follower.CommittedBlocks`` on Lite: the live partitions of a dataset that the
+    follower's own DAG publishes (its active version), with the block-hash digest recorded in
+    the blocks range event of the task that committed each. What a DAG committed is its
+    own metadata: no dataset is read (the follower declares no inputs)."""
+
+    def __init__(self, pool: AsyncConnectionPool) -> None:
+        self.pool = pool
+
+    async def committed(
+        self, task_id: str, attempt: int, dataset: str, low: int, high: int
+    ) -> list[CommittedRange]:
+        async with transaction(self.pool) as cur:
+            params = {"task_id": task_id, "attempt": attempt}
+            tasks = await fetch_named(cur, _ReaderTask, Q["reader_task"], params)
+            if not tasks:
+                raise errors.NotFound("no such task", field="task_id")
+            if not tasks[0].running:
+                raise errors.LeaseLost("the attempt is not the task's running one")
+            params = {"task_id": task_id, "dataset": dataset, "low": low, "high": high}
+            rows = await fetch_named(cur, _CommittedRow, Q["committed_blocks"], params)
+        return [CommittedRange(r.start, r.end, r.partition_id, r.hashes_sha256) for r in rows]
+
+
 def lite_operators(pool: AsyncConnectionPool, store: ObjectStore) -> dict[str, Operator]:
     """The operators a Lite worker runs over the state database (see the module docstring)."""
     state = PgOperatorState(pool)
     return {
         "range_aggregator": make_range_aggregator(state),
-        "chain_follower": make_head_follower(state),
+        "chain_follower": make_head_follower(state, PgCommittedBlocks(pool)),
         **make_transforms(PgPartitionReader(pool, store)),
     }
 
 
-__all__ = ["LITE_OPERATORS", "PgPartitionReader", "lite_operators"]
+__all__ = ["LITE_OPERATORS", "PgCommittedBlocks", "PgPartitionReader", "lite_operators"]

@@ -43,3 +43,21 @@ FROM operator_state s
 JOIN dags g ON s.job_key = g.dag_id::text || '/' || %(job)s AND s.org_id = g.org_id
 JOIN orgs o ON o.org_id = g.org_id
 WHERE o.name = %(org)s AND g.name = %(dag)s;
+
+-- name: committed_blocks
+-- The live partitions inside [low, high) of dataset `dataset` in the active version of the
+-- task's own DAG, each with the digest of its block hashes that the extract which committed
+-- it recorded in its blocks range event (NULL: none recorded).
+SELECT p.partition_id, p.range_start AS start, p.range_end AS "end",
+       e.payload ->> 'hashes_sha256' AS hashes_sha256
+FROM tasks me
+JOIN datasets d ON d.org_id = me.org_id AND d.dag_id = me.dag_id AND d.name = %(dataset)s
+JOIN dags g ON g.dag_id = d.dag_id
+JOIN dag_pointers ptr ON ptr.dag_id = g.dag_id AND ptr.generation = g.active_generation
+                     AND ptr.dataset_uuid = d.dataset_uuid
+JOIN dataset_partitions p ON p.dataset_version = ptr.dataset_version
+LEFT JOIN task_events e ON e.task_id = p.task_id
+                       AND e.event_key = 'range:blocks:' || p.range_start || '_' || p.range_end
+WHERE me.task_id = %(task_id)s
+  AND p.superseded_at IS NULL AND p.range_start >= %(low)s AND p.range_end <= %(high)s
+ORDER BY p.range_start;
