@@ -18,7 +18,10 @@ always takes the schema its batches are parsed against:
   type differs otherwise (changed outside Trace) raises ``ValidationFailed`` and the sink
   dead-letters the batch with that reason; nothing is written.
 
-Old rows keep their values (null in an added column).
+Old rows keep their values (null in an added column). Every table also has ``_scope`` (each
+row's batch scope; added to older tables at their next batch), and a ``replace`` version its
+scope owners (``ensure_scopes``: ``data.dsv_<hex>_scopes`` and an index on ``_scope``;
+``trace_lite.sink``, "Replace datasets").
 """
 
 from __future__ import annotations

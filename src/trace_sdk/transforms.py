@@ -21,7 +21,9 @@ inputs). Decoding uses pyarrow only.
   the range (``block_number``, ``tx_count``, ``gas_used`` (the sum of the transactions'),
   ``log_count``; zeros for an empty block) as inline buffer batches scoped to the range, for
   the Sink to write into ``config.dataset`` (a buffered Postgres dataset with
-  ``unique_key: [block_number]``, so a retried range writes each row once).
+  ``unique_key: [block_number]``, so a retried range writes each row once; in the example it
+  is ``replace``, so the range's rows are those of its newest ``block_stats`` task: a rerun
+  after a reorg replaces them).
 
 Config: ``dataset`` (the output's dataset name); for ``block_stats`` also ``transactions`` and
 ``logs`` (the input dataset names to read).
