@@ -186,6 +186,15 @@ def assemble(signed: bytes, signature: bytes) -> str:
     return f"{signed.decode('ascii')}.{b64url_encode(signature)}"
 
 
+def token_digest(signed: bytes, signature: bytes) -> bytes:
+    """SHA-256 over a signing input, ``.`` and its signature: the identity of a token by what
+    is verified (``SplitJws.digest``), known to its signer without parsing it back."""
+    h = hashlib.sha256(signed)
+    h.update(b".")
+    h.update(signature)
+    return h.digest()
+
+
 # --------------------------------------------------------------------------------------------
 # Verification
 
@@ -208,10 +217,7 @@ class ParsedJws:
     @property
     def digest(self) -> bytes:
         """``SplitJws.digest`` of this token: what is verified, not how it was spelled."""
-        h = hashlib.sha256(self.signing_input)
-        h.update(b".")
-        h.update(self.signature)
-        return h.digest()
+        return token_digest(self.signing_input, self.signature)
 
     @property
     def kid(self) -> str:
@@ -256,10 +262,7 @@ class SplitJws:
     def digest(self) -> bytes:
         """SHA-256 over what the signature covers and the signature: the identity of what is
         verified. Canonical decoding makes it one-to-one with the token text."""
-        h = hashlib.sha256(self.signing_input)
-        h.update(b".")
-        h.update(self.signature)
-        return h.digest()
+        return token_digest(self.signing_input, self.signature)
 
 
 def split(token: str, *, label: str = "capability token") -> SplitJws:
@@ -366,6 +369,7 @@ __all__ = [
     "sign_jws",
     "signing_input",
     "split",
+    "token_digest",
     "unverified_kid",
     "verify_jws",
     "verify_signature",

@@ -3,10 +3,10 @@ attempt-scoped call.
 
 ``AttemptTokens`` is the Dispatcher's token half. It mints a token for ``(task, attempt)`` with
 the kernel's claims (``trace_core.token.issue_claims``) and the process's ``TokenIssuer``, and
-hands the verifier what it just signed (so verifying it skips the signature). Checking a token
-is two steps: ``TokenVerifier.verify`` (signature, key set, time) and ``check_claims`` against
-the task row -- nothing a token says is taken on trust, even though only a key holder can sign
-one.
+hands the verifier what it just signed, digest and kid included (so verifying it skips the
+signature, and remembering it parses nothing). Checking a token is two steps:
+``TokenVerifier.verify`` (signature, key set, time) and ``check_claims`` against the task row --
+nothing a token says is taken on trust, even though only a key holder can sign one.
 
 The clock is read here (``clock_epoch``, default ``time.time``): the kernel is handed ``now``.
 """
@@ -68,10 +68,10 @@ class AttemptTokens:
             jti=uuid.uuid4().hex,
             grants={"datasets": {"read": list(read_datasets)}} if read_datasets else None,
         )
-        token = await self.issuer.encode(claims)
-        self.verifier.remember(token, claims)
+        signed = await self.issuer.sign(claims)
+        self.verifier.remember_signed(signed, claims)
         self.orgs.remember(task_id, org_id)
-        return token
+        return signed.token
 
     async def authorize(self, token: str | None, task_id: str, attempt: int) -> CapabilityClaims:
         """Verify a capability token, bind it to ``(task_id, attempt)`` and check its claims

@@ -20,7 +20,8 @@ Theory of operation
   interval, so it cannot hammer the signer (KMS). If the signer cannot be read, the last key
   set is used for at most ``max_stale_s`` (30 s); after that every token is refused.
 * **Remembering.** Verified tokens, and tokens this process minted, are remembered by
-  ``ParsedJws.digest`` -- what was verified, never the token text. A remembered token is
+  ``ParsedJws.digest`` -- what was verified, never the token text. The issuer knows the digest
+  and kid of what it signed (``SignedToken``), so remembering a minted token parses nothing. A remembered token is
   accepted only while its kid is still in the current key set, and still goes through the
   time checks on every call.
 """
@@ -31,6 +32,8 @@ import asyncio
 from collections import OrderedDict
 from collections.abc import Mapping
 
+import attrs
+
 from trace_core.errors import SignerError, Unauthenticated
 from trace_core.jws import (
     assemble,
@@ -38,6 +41,7 @@ from trace_core.jws import (
     parse,
     signing_input,
     split,
+    token_digest,
     verify_signature,
 )
 from trace_core.ports import PublicKey, Signer
@@ -49,6 +53,18 @@ _MAX_KEY_CHANGES = 3
 KEY_REFRESH_S = 1.0
 #: How long the last key set stays usable while the signer cannot be read.
 KEY_MAX_STALE_S = 30.0
+
+
+@attrs.frozen
+class SignedToken:
+    """A token this process signed, with what the verifier remembers it by."""
+
+    #: The compact JWS.
+    token: str
+    #: The key it was signed with.
+    kid: str
+    #: ``jws.token_digest`` of what was signed: the token's ``ParsedJws.digest``.
+    digest: bytes
 
 
 async def encode_token(
@@ -63,13 +79,13 @@ async def encode_token(
     probe signature discovers it (one extra ``sign`` call -- use ``TokenIssuer`` to avoid it).
     Returns the token. Raises ``SignerError`` if the signer fails or keeps changing keys.
     """
-    token, _ = await _encode(claims, signer, key_hint)
-    return token
+    signed, _ = await _encode(claims, signer, key_hint)
+    return signed.token
 
 
 async def _encode(
     claims: CapabilityClaims, signer: Signer, key_hint: tuple[str, str] | None
-) -> tuple[str, tuple[str, str]]:
+) -> tuple[SignedToken, tuple[str, str]]:
     if key_hint is None:
         kid, alg, _ = await signer.sign(b"trace-jws-key-probe")
         key_hint = (kid, alg)
@@ -79,7 +95,8 @@ async def _encode(
         signed = signing_input(header_for(kid, alg, claims.typ), payload)
         signed_kid, signed_alg, signature = await signer.sign(signed)
         if (signed_kid, signed_alg) == key_hint:
-            return assemble(signed, signature), key_hint
+            token = assemble(signed, signature)
+            return SignedToken(token, signed_kid, token_digest(signed, signature)), key_hint
         key_hint = (signed_kid, signed_alg)  # the signer rotated: re-sign with its new key
     raise SignerError("the signer changed keys on every attempt")
 
@@ -96,8 +113,13 @@ class TokenIssuer:
 
     async def encode(self, claims: CapabilityClaims) -> str:
         """Encode and sign ``claims``. Returns the token. Raises ``SignerError``."""
-        token, self._hint = await _encode(claims, self._signer, self._hint)
-        return token
+        return (await self.sign(claims)).token
+
+    async def sign(self, claims: CapabilityClaims) -> SignedToken:
+        """Encode and sign ``claims``. Returns the token with its kid and digest (for
+        ``TokenVerifier.remember_signed``). Raises ``SignerError``."""
+        signed, self._hint = await _encode(claims, self._signer, self._hint)
+        return signed
 
 
 class TokenVerifier:
@@ -132,9 +154,16 @@ class TokenVerifier:
             self._verified.popitem(last=False)
 
     def remember(self, token: str, claims: CapabilityClaims) -> None:
-        """Record a token this process just signed, so verifying it skips the signature."""
+        """Record a token signed with one of the signer's keys, so verifying it skips the
+        signature (the token is parsed for its digest and kid; ``remember_signed`` is not).
+        Raises ``Unauthenticated`` for a malformed token."""
         parsed = parse(token)
         self._store(parsed.digest, parsed.kid, claims)
+
+    def remember_signed(self, signed: SignedToken, claims: CapabilityClaims) -> None:
+        """Record a token this process just signed (``TokenIssuer.sign``), so verifying it
+        skips the signature."""
+        self._store(signed.digest, signed.kid, claims)
 
     @property
     def keys(self) -> Mapping[str, PublicKey]:
@@ -202,4 +231,11 @@ class TokenVerifier:
         return claims
 
 
-__all__ = ["KEY_MAX_STALE_S", "KEY_REFRESH_S", "TokenIssuer", "TokenVerifier", "encode_token"]
+__all__ = [
+    "KEY_MAX_STALE_S",
+    "KEY_REFRESH_S",
+    "SignedToken",
+    "TokenIssuer",
+    "TokenVerifier",
+    "encode_token",
+]
