@@ -21,7 +21,7 @@ import signal
 import socket
 import sys
 import tempfile
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -537,7 +537,11 @@ class SandboxPool:
             return self._forks
 
     async def take(self) -> _Sandbox:
-        """A started sandbox, never one that was given out before. Raises ``Unavailable``."""
+        """A started sandbox, never one that was given out before. Raises ``Unavailable``.
+
+        Its replacement starts at once only if no other sandbox is waiting; otherwise when the
+        query ends (``run_sandboxed`` and ``open_stream`` call ``fill``), so that it does not
+        compete with the query for CPU."""
         sandbox = None
         while self._idle:
             candidate = self._idle.pop(0)
@@ -547,7 +551,8 @@ class SandboxPool:
             _discard(candidate)
         if sandbox is None and not self._closed:
             sandbox = await self._new()
-        self.fill()
+        if not self._idle:
+            self.fill()
         return sandbox if sandbox is not None else await _start(self._scratch_root)
 
     async def close(self) -> None:
@@ -581,6 +586,7 @@ async def run_sandboxed(
     keep_scratch: bool = False,
     gate: bool = True,
     s3: dict[str, Any] | None = None,
+    on_staged: Callable[[], None] | None = None,
 ) -> SandboxResult:
     """Run ``sql`` over ``tables`` (dataset name -> the pinned version's data) in a sandbox
     process of its own (from ``pool``, or started now). Returns the rows. Raises
@@ -589,6 +595,8 @@ async def run_sandboxed(
     ``PayloadTooLarge`` (over ``max_bytes``), ``Unavailable`` (the sandbox could not run).
 
     ``s3``: how the sandbox reads pinned ``s3://`` objects (``trace_lite.query.s3``).
+    ``on_staged`` is called once the sandbox's private copies of the local data are made (the
+    caller may release what protected the originals).
 
     Tests only: ``keep_scratch`` leaves the private directory for inspection; ``gate=False``
     skips the sandbox's parse-level checks to show the lock-down and OS limits hold alone."""
@@ -608,6 +616,8 @@ async def run_sandboxed(
             }
             if s3 is not None:
                 request["s3"] = s3
+            if on_staged is not None:
+                on_staged()
             out, err = await asyncio.wait_for(
                 proc.communicate(json.dumps(request).encode()), limits.deadline_s
             )
@@ -624,6 +634,8 @@ async def run_sandboxed(
     finally:
         if not keep_scratch:
             shutil.rmtree(sandbox.scratch, ignore_errors=True)
+        if pool is not None:
+            pool.fill()
     return _answer(out, err, proc.returncode)
 
 
@@ -783,3 +795,5 @@ async def open_stream(
                 "query sandbox stderr", extra={"stderr": err[-500:].decode(errors="replace")}
             )
         shutil.rmtree(sandbox.scratch, ignore_errors=True)
+        if pool is not None:
+            pool.fill()

@@ -40,6 +40,9 @@ from typing import Any, NoReturn
 from trace_lite.query.values import jsonable
 
 AS_LIMIT_BYTES = 3 * 1024**3
+#: DuckDB threads of the database a sandbox opens before its request (``runner.Limits``'
+#: default; a request asking for another number sets it).
+DEFAULT_THREADS = 2
 NOFILE_LIMIT = 256
 
 
@@ -87,7 +90,7 @@ def connect() -> Any:
     con = duckdb.connect(
         ":memory:",
         config={
-            "threads": 1,
+            "threads": DEFAULT_THREADS,
             "max_temp_directory_size": "0B",
             "temp_directory": "",
             "autoinstall_known_extensions": False,
@@ -113,7 +116,8 @@ def prepare(con: Any, request: dict[str, Any]) -> Any:
     from trace_core import errors, query_gate
 
     tables: dict[str, dict[str, Any]] = {t["name"]: t for t in request["tables"]}
-    con.execute(f"SET threads = {int(request['threads'])}")
+    if int(request["threads"]) != DEFAULT_THREADS:
+        con.execute(f"SET threads = {int(request['threads'])}")
     con.execute(f"SET memory_limit = {_quote(str(request['memory_limit']), chr(39))}")
     sql = str(request["sql"])
     ((tree,),) = con.execute("SELECT json_serialize_sql(?::VARCHAR)", [sql]).fetchall()
