@@ -15,43 +15,24 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-import psycopg
-import psycopg.sql
-import pytest
 import yaml
+from _chain_pipeline import ORG, Pipeline, monad_example, run_pipeline, sql
 
-from trace_core.dag import OperatorInfo
-from trace_core.lifecycle import RetryPolicy
 from trace_core.secret_names import org_secret
 from trace_core.ssrf import AllowList
-from trace_core.testing import MemoryQueue, MemorySecretStore, MemorySigner
-from trace_lite.alert_operators import alert_operators
-from trace_lite.buffer_forwarder import BufferForwarder, queue_name, topic
+from trace_core.testing import MemorySecretStore
 from trace_lite.chain.devnode import DevNode, make_activity, mine_empty, wait_receipt
-from trace_lite.chain.operators import lite_operators
-from trace_lite.dag_runs import DagRuns
-from trace_lite.dags import Dags
-from trace_lite.dataset_gc import DatasetGC
-from trace_lite.datasets import Datasets
 from trace_lite.delivery import DeliveryStore
 from trace_lite.delivery_service import DeliveryService
-from trace_lite.dispatcher import Dispatcher, open_pool
-from trace_lite.local_store import LocalObjectStore
-from trace_lite.pg_queue import PgQueue
-from trace_lite.sink import Sink, load_dataset
-from trace_lite.task_surface import InProcessTaskSurface
 from trace_lite.webhook_sender import WebhookSender
-from trace_sdk import BUILTIN_OPERATORS, Worker
 from webhook_receiver import WebhookReceiver
 
-ORG = "acme"
 ROOT = Path(__file__).resolve().parents[2]
-MONAD = ROOT / "examples" / "monad" / "monad.yaml"
 ROUTE = ROOT / "examples" / "alerts" / "monad" / "route.yaml"
 END = 100
 SPIKE_TXS = 40  # 40 ETH transfers in one block: 840,000 gas, over the 500,000 threshold
@@ -59,18 +40,10 @@ LARGE = 5 * 10**24  # token base units: over large_transfers' 10^24
 SECRET = "whsec_" + base64.b64encode(b"chain-alerts-signing-key-32byte!").decode()
 
 
-def _sql(url: str, query: str, params: Any = None) -> list[tuple[Any, ...]]:
-    with psycopg.connect(url, autocommit=True) as conn:
-        return conn.execute(query, params).fetchall()
-
-
 def with_alerts(url: str) -> dict[str, Any]:
     """The Monad example with the route job, every pool slot pointed at ``url``."""
-    doc: dict[str, Any] = yaml.safe_load(MONAD.read_text())
+    doc = monad_example(url)
     doc["jobs"] |= yaml.safe_load(ROUTE.read_text())["jobs"]
-    for slots in doc["worker_pools"].values():
-        for slot in slots:
-            slot["env"]["RPC_URL"] = url
     doc["jobs"]["follow"]["config"]["start"] = END
     return doc
 
@@ -100,115 +73,57 @@ def plant_large_transfer(node: DevNode, token: str) -> tuple[int, str]:
     return int(wait_receipt(rpc, tx)["blockNumber"], 16), tx
 
 
-@pytest.fixture
-async def pools(db_url: str, data_db_url: str) -> AsyncIterator[tuple[Any, Any]]:
-    state = await open_pool(db_url, min_size=2, max_size=12)
-    data = await open_pool(data_db_url, min_size=1, max_size=4)
-    try:
-        yield state, data
-    finally:
-        await data.close()
-        await state.close()
-
-
 async def run_backfill(
-    pools: tuple[Any, Any],
     db_url: str,
+    data_url: str,
     tmp_path: Path,
     node_url: str,
     done: Callable[[WebhookReceiver], bool],
-) -> WebhookReceiver:
-    """Deploy the example with the route against ``node_url``, give the org an ``ops``
-    webhook destination (a local receiver), backfill ``[0, END)`` and run the Dispatcher, a
-    worker, the alert_events sink and the Delivery Service until ``done(receiver)`` and a few
-    quiet rounds more; returns the (stopped) receiver."""
-    state, data = pools
-    store = LocalObjectStore(tmp_path / "objects", "http://127.0.0.1:1", b"s" * 32)
-    lite = lite_operators(state, store)
-    alerting = alert_operators(state, data, store)
-    operators = {n: OperatorInfo(n) for n in [*BUILTIN_OPERATORS, *lite, *alerting]}
-    await Datasets(state, object_store=store).set_member(None, ORG, "alice", ["admin"])
-    await Dags(state, operators=operators).deploy(None, ORG, with_alerts(node_url))
+) -> tuple[WebhookReceiver, str]:
+    """Deploy the example with the route against ``node_url`` (``_chain_pipeline``), give the
+    org an ``ops`` webhook destination (a local receiver), backfill ``[0, END)`` and run the
+    pipeline with the alert_events sink and the Delivery Service until ``done(receiver)`` and a
+    few quiet rounds more; returns the (stopped) receiver and the alert_events table."""
     receiver = await WebhookReceiver(SECRET).start()
     secrets = MemorySecretStore()
-    deliveries = DeliveryStore(state)
-    org_id = _sql(db_url, "SELECT org_id::text FROM orgs WHERE name = %s", (ORG,))[0][0]
-    secret_name = org_secret(org_id, "webhooks.ops")
-    await secrets.put(secret_name, SECRET.encode())
-    await deliveries.add_destination(
-        org_id=org_id, name="ops", kind="webhook", url=receiver.url, secret_name=secret_name
-    )
-    queue = MemoryQueue("tasks")
-    d = Dispatcher(
-        state,
-        signer=MemorySigner(),
-        queue=queue,
-        object_store=store,
-        retry=RetryPolicy(max_attempts=3, base_s=0.0),
-        rand=lambda: 0.5,
-    )
-    runs = DagRuns(state)
-    surface = InProcessTaskSurface(d)
-    worker = Worker(
-        surface=surface,
-        queue=queue,
-        operators={**BUILTIN_OPERATORS, **lite, **alerting},
-        store=store,
-        wait_s=0.05,
-    )
-    events_ds = await load_dataset(state, ORG, "alert_events")
-    events_queue = PgQueue(state, queue_name(events_ds.dataset_uuid), max_receives=5)
-    forwarder = BufferForwarder(state, lambda _: events_queue, topics=[topic("alert_events")])
-    sink = Sink(
-        state_pool=state,
-        data_pool=data,
-        object_store=store,
-        queue=events_queue,
-        org=ORG,
-        dataset="alert_events",
-    )
     sender = WebhookSender(secrets, allow=AllowList.of(["127.0.0.1/32"]), timeout_s=5)
-    service = DeliveryService(deliveries, sender, sender_id="chain-test", batch=5, poll_s=0.05)
-    stop = asyncio.Event()
-    background = [
-        asyncio.create_task(d.run_background(stop, reap_every_s=0.05)),
-        asyncio.create_task(worker.run(stop)),
-        asyncio.create_task(DatasetGC(state, store).run_background(stop, every_s=0.1)),
-        asyncio.create_task(service.run(stop)),
-    ]
 
-    def settled() -> bool:
-        failed = _sql(db_url, "SELECT dag_job, error::text FROM tasks WHERE state = 'failed'")
-        assert not failed, failed
-        return done(receiver)
+    async def deliver(stop: asyncio.Event, p: Pipeline) -> None:
+        store = DeliveryStore(p.state)
+        service = DeliveryService(store, sender, sender_id="chain-test", batch=5, poll_s=0.05)
+        await service.run(stop)
 
+    doc = with_alerts(node_url)
     try:
-        await runs.trigger(None, ORG, "monad", "backfill", payload={"start": 0, "end": END})
-        async with asyncio.timeout(120):
-            while not settled():
-                await runs.fan_out_once()
-                await forwarder.drain()
-                await sink.process_once(max_messages=10)
-                await asyncio.sleep(0.05)
-        # and nothing more arrives once the pipeline is quiet
-        for _ in range(10):
-            await runs.fan_out_once()
-            await forwarder.drain()
-            await sink.process_once(max_messages=10)
-            await asyncio.sleep(0.05)
+        async with run_pipeline(
+            db_url, data_url, tmp_path, doc, sinks=("alert_events",), background=[deliver]
+        ) as p:
+            org_id = sql(db_url, "SELECT org_id::text FROM orgs WHERE name = %s", (ORG,))[0][0]
+            secret_name = org_secret(org_id, "webhooks.ops")
+            await secrets.put(secret_name, SECRET.encode())
+            await DeliveryStore(p.state).add_destination(
+                org_id=org_id, name="ops", kind="webhook", url=receiver.url, secret_name=secret_name
+            )
+            await p.trigger("backfill", start=0, end=END)
+
+            def settled() -> bool:
+                failed = sql(
+                    db_url, "SELECT dag_job, error::text FROM tasks WHERE state = 'failed'"
+                )
+                assert not failed, failed
+                return done(receiver)
+
+            await p.until(settled)
+            await asyncio.sleep(0.5)  # and nothing more arrives once the pipeline is quiet
+            table = await p.table("alert_events")
     finally:
-        stop.set()
-        await asyncio.gather(*background)
-        await surface.close()
-        await events_queue.close()
         await receiver.stop()
-    return receiver
+    return receiver, table
 
 
 async def test_a_planted_spike_and_large_transfer_are_one_alert_delivery_webhook_each(
-    pools: tuple[Any, Any], db_url: str, tmp_path: Path, fresh_node: DevNode
+    db_url: str, data_db_url: str, tmp_path: Path, fresh_node: DevNode
 ) -> None:
-    state, data = pools
     rpc = fresh_node.rpc()
     activity = make_activity(rpc, 30)
     spike = plant_spike(fresh_node)
@@ -224,25 +139,18 @@ async def test_a_planted_spike_and_large_transfer_are_one_alert_delivery_webhook
         return datetime.fromtimestamp(int(header["timestamp"], 16), UTC)
 
     def settled(receiver: WebhookReceiver) -> bool:
-        routed = _sql(
+        routed = sql(
             db_url, "SELECT count(*) FROM tasks WHERE dag_job = 'alert_route' "
             "AND state = 'completed'",
         )[0][0]  # fmt: skip
-        sent = _sql(db_url, "SELECT count(*) FROM alert_deliveries WHERE state = 'sent'")[0][0]
+        sent = sql(db_url, "SELECT count(*) FROM alert_deliveries WHERE state = 'sent'")[0][0]
         return bool(routed >= 1 and sent >= 2 and len(receiver.accepted) >= 2)
 
-    receiver = await run_backfill(pools, db_url, tmp_path, fresh_node.url, settled)
+    receiver, table = await run_backfill(db_url, data_db_url, tmp_path, fresh_node.url, settled)
 
     # one alert event per plant, at its block's time
-    ds = await load_dataset(state, ORG, "alert_events")
-    assert ds.dataset_version is not None
-    async with data.connection() as conn:
-        cur = await conn.execute(
-            psycopg.sql.SQL("SELECT detector, alert_key, event_time, details FROM {}").format(
-                psycopg.sql.Identifier("data", f"dsv_{ds.dataset_version.replace('-', '')}")
-            )
-        )
-        events = {row[0]: row[1:] for row in await cur.fetchall()}
+    rows = sql(data_db_url, f"SELECT detector, alert_key, event_time, details FROM {table}")
+    events = {row[0]: row[1:] for row in rows}
     assert sorted(events) == ["gas_spikes", "large_transfers"]
     spike_key, spike_time, spike_details = events["gas_spikes"]
     assert spike_details["block_number"] == spike
@@ -253,7 +161,7 @@ async def test_a_planted_spike_and_large_transfer_are_one_alert_delivery_webhook
     assert large_details["transaction_hash"] == large_tx
     assert large_time == block_time(large_block)
     # one delivery each, sent; exactly one accepted webhook each, validly signed
-    sent = _sql(db_url, "SELECT alert_key, state FROM alert_deliveries ORDER BY alert_key")
+    sent = sql(db_url, "SELECT alert_key, state FROM alert_deliveries ORDER BY alert_key")
     assert sent == sorted([(spike_key, "sent"), (large_key, "sent")])
     assert len(receiver.accepted) == 2
     assert all(r.valid and r.webhook_id in receiver.accepted for r in receiver.requests)
@@ -267,7 +175,7 @@ async def test_a_planted_spike_and_large_transfer_are_one_alert_delivery_webhook
 
 
 async def test_a_backfill_of_old_blocks_records_suppressed_deliveries_and_sends_nothing(
-    pools: tuple[Any, Any], db_url: str, tmp_path: Path, fresh_node: DevNode
+    db_url: str, data_db_url: str, tmp_path: Path, fresh_node: DevNode
 ) -> None:
     rpc = fresh_node.rpc()
     old = datetime.now(UTC) - timedelta(days=3)
@@ -280,13 +188,13 @@ async def test_a_backfill_of_old_blocks_records_suppressed_deliveries_and_sends_
     assert datetime.fromtimestamp(int(header["timestamp"], 16), UTC) < old + timedelta(hours=1)
 
     def recorded(_: WebhookReceiver) -> bool:
-        return bool(_sql(db_url, "SELECT count(*) FROM alert_deliveries")[0][0] >= 2)
+        return bool(sql(db_url, "SELECT count(*) FROM alert_deliveries")[0][0] >= 2)
 
-    receiver = await run_backfill(pools, db_url, tmp_path, fresh_node.url, recorded)
-    rows = _sql(db_url, "SELECT state, suppressed_reason, attempt FROM alert_deliveries")
+    receiver, _ = await run_backfill(db_url, data_db_url, tmp_path, fresh_node.url, recorded)
+    rows = sql(db_url, "SELECT state, suppressed_reason, attempt FROM alert_deliveries")
     assert len(rows) == 2  # the spike's and the large transfer's
     assert all(state == "suppressed" for state, _, _ in rows)
     assert all("max_delivery_age is 3600 s" in (reason or "") for _, reason, _ in rows)
     assert all(attempt == 0 for _, _, attempt in rows)
-    assert _sql(db_url, "SELECT count(*) FROM delivery_attempts") == [(0,)]
+    assert sql(db_url, "SELECT count(*) FROM delivery_attempts") == [(0,)]
     assert receiver.requests == []  # nothing sent
