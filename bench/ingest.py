@@ -4,7 +4,8 @@
 
 Starts a local anvil node (``scripts/bootstrap.sh`` installs it), makes activity (contract
 calls with logs, transfers, empty blocks) and pads the chain with empty blocks up to
-``--blocks``. Then, on the same node and range, ``--runs`` times, the scenarios interleaved:
+``--blocks``. Then, on the same node and range, ``--runs`` rounds of the scenarios
+interleaved (each round starts one scenario later, so none always follows the same one):
 
 * bare: one ``cryo.freeze`` of blocks, transactions and logs over ``[0, blocks)`` with
   ``chunk_size = --chunk``, in a child process (as the operator runs it; the child's start is
@@ -56,10 +57,12 @@ from trace_lite.task_surface import InProcessTaskSurface
 from trace_sdk import BUILTIN_OPERATORS, Worker
 
 ORG = "bench"
-#: Parts of an extract, summed over tasks: the child process (start to answer), its start
-#: (process, imports, answer: the child's time outside ``run``), Cryo's freeze, the child's
-#: checks of the files, and staging them (read, digest, write).
-PARTS = ("extract", "child start", "freeze", "checks", "stage")
+#: Parts of the tasks' time, summed over tasks: from the task's creation to its attempt's
+#: start (queue, claim), from the attempt's start to the task's end (the whole operator and the
+#: completion's commit), the extract child (start to answer), its start (process, imports,
+#: answer: the child's time outside ``run``), Cryo's freeze, the checks of the files (child and
+#: worker), and staging them (read, digest, write).
+PARTS = ("to claim", "to commit", "extract", "child start", "freeze", "checks", "stage")
 DATATYPES = ("blocks", "transactions", "logs")
 
 BARE = """
@@ -182,6 +185,10 @@ async def through_trace(
             stop = asyncio.Event()
             background = asyncio.create_task(d.run_background(stop, reap_every_s=1.0))
             running = asyncio.create_task(worker.run(stop))
+            # a running deployment's Dispatcher already LISTENs for its outbox and its worker
+            # is receiving: let both start before the clock does (a task created before the
+            # LISTEN waits for the publisher's next poll, about half a second)
+            await asyncio.sleep(1.0)
             t0, c0 = time.perf_counter(), cpu_s()
             ids = await create()
             parts = dict.fromkeys(PARTS, 0.0)
@@ -206,6 +213,17 @@ async def through_trace(
             # the worker, the Dispatcher and this loop (one process), and the extract children
             # reaped so far (each is reaped when its extract ends)
             parts["cpu"] = cpu_s() - c0
+            async with pool.connection() as conn:
+                cur = await conn.execute(
+                    "SELECT sum(extract(epoch FROM a.started_at - t.created_at)), "
+                    "sum(extract(epoch FROM t.finished_at - a.started_at)) FROM tasks t "
+                    "JOIN task_attempts a ON a.task_id = t.task_id AND a.attempt = t.attempt "
+                    "WHERE t.task_id = ANY(%s::uuid[])",
+                    (ids,),
+                )
+                spans = await cur.fetchone()
+            assert spans is not None
+            parts["to claim"], parts["to commit"] = float(spans[0]), float(spans[1])
             for task_id in ids:
                 result = (await d.get_task(task_id))["result"]
                 child = result["child_s"]
@@ -263,15 +281,26 @@ def main() -> None:
         make_activity(rpc, min(300, args.blocks))
         mine_empty(rpc, args.blocks + 10 - rpc.block_number())
         for run in range(args.runs):
-            bare_s, bare_cpu = bare(node.url, args.blocks, args.chunk)
-            seconds["bare cryo.freeze (one child)"].append(bare_s)
-            cpu["bare cryo.freeze (one child)"].append(bare_cpu)
-            for label, tasks, chunk, slots in scenarios:
+            # each round starts one scenario later (the bare run included), so no scenario
+            # always runs right after the same one
+            order: list[int | None] = [None, *range(len(scenarios))]
+            shift = run % len(order)
+            order = order[shift:] + order[:shift]
+            done: dict[str, float] = {}
+            for index in order:
+                if index is None:
+                    bare_s, bare_cpu = bare(node.url, args.blocks, args.chunk)
+                    seconds["bare cryo.freeze (one child)"].append(bare_s)
+                    cpu["bare cryo.freeze (one child)"].append(bare_cpu)
+                    continue
+                label, tasks, chunk, slots = scenarios[index]
                 secs, summed = asyncio.run(through_trace(pg, node.url, tasks, chunk, slots))
+                done[label] = secs
                 seconds.setdefault(label, []).append(secs)
-                ratios.setdefault(label, []).append(bare_s / secs)
                 parts.setdefault(label, []).append(summed)
                 cpu.setdefault(label, []).append(summed["cpu"])
+            for label, secs in done.items():
+                ratios.setdefault(label, []).append(bare_s / secs)
             print(
                 f"run {run + 1}/{args.runs}: bare {bare_s:.2f}s, "
                 + ", ".join(f"{label} {seconds[label][-1]:.2f}s" for label, *_ in scenarios),
@@ -300,10 +329,10 @@ def main() -> None:
     print("CPU s: this process and its extract children (not the node, not Postgres), median;")
     print("its vs bare: bare CPU / scenario CPU (medians)")
     print("\nparts of the tasks' time, summed over tasks (medians, seconds):")
-    print(f"{'scenario':<36}" + "".join(f"{p:>13}" for p in PARTS))
+    print(f"{'scenario':<36}" + "".join(f"{p:>12}" for p in PARTS))
     for label, rows in parts.items():
         medians = [statistics.median(r[p] for r in rows) for p in PARTS]
-        print(f"{label:<36}" + "".join(f"{m:>13.2f}" for m in medians))
+        print(f"{label:<36}" + "".join(f"{m:>12.2f}" for m in medians))
 
 
 if __name__ == "__main__":
