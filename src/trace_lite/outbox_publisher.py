@@ -2,7 +2,7 @@
 
 A row is claimed (``FOR UPDATE SKIP LOCKED``, so any number of publishers split the work) only
 if its topic has a consumer in this process (``consumed_topics``): ``wake`` rows go to the task
-queue, ``invoke`` rows to the Lambda launcher. Rows of other topics stay pending for their own
+queue (one message per task the row names: ``woken``), ``invoke`` rows to the Lambda launcher. Rows of other topics stay pending for their own
 consumer (``buffer:<dataset>``: the buffer forwarder of ``trace sink``; ``dataset.invalidate``:
 the DAG invalidation pass, ``trace_lite.dag_invalidations``), so nothing announced is marked published without having been taken. What happens to a claimed row is the kernel's decision
 (``trace_core.outbox``): published once taken, backed off and finally dead after
@@ -153,7 +153,7 @@ class OutboxPublisher:
         if wakes and self.queue is not None:
             try:
                 await self.queue.send(
-                    [json.dumps({"task_id": r.payload["task_id"]}).encode() for r in wakes]
+                    [json.dumps({"task_id": t}).encode() for r in wakes for t in woken(r.payload)]
                 )
                 sent += wakes
             except errors.TraceError as exc:
@@ -186,6 +186,13 @@ class OutboxPublisher:
             await run_every(stop, 0.0, drain_then_wait, name="outbox publisher", logger=log)
         finally:
             await listener.close()
+
+
+def woken(payload: dict[str, Any]) -> list[str]:
+    """The tasks a ``wake`` row wakes: ``{"task_id"}``, or ``{"task_ids": [...]}`` (one row per
+    DAG fan-out pass, ``trace_lite.dag_runs``); each gets its own queue message."""
+    ids = payload.get("task_ids")
+    return [str(t) for t in ids] if isinstance(ids, list) else [payload["task_id"]]
 
 
 class _Listener:

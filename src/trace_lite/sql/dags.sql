@@ -260,10 +260,11 @@ ORDER BY 1, 2, 3, 4;
 -- dataset that output publishes with from: {dataset} -- and, in this one statement, create the
 -- tasks (idempotent by key: a repeated or concurrent pass creates nothing twice), their lineage
 -- (task_inputs: the event and the dataset version read: the producing DAG's active pointer, a
--- staged producer's staged pointer set), their wake-ups (when %(wake)s: an outbox row per queued
--- task, 'invoke' for runtime: lambda), and mark the announcements consumed as the kernel decided
--- (%(events)s: [{id, task_id, event_key, state, tries}] of the claimed announcements). %(inputs)s carries each consuming input's read grants and
--- %(rejected)s the (event, input) pairs its `where` refused (decided in Python by the kernel).
+-- staged producer's staged pointer set), their wake-ups (when %(wake)s: one 'wake' outbox row
+-- naming every queued worker task of the pass, an 'invoke' row per runtime: lambda task), and
+-- mark the announcements consumed as the kernel decided (%(events)s: [{id, task_id, event_key,
+-- state, tries}] of the claimed announcements). %(inputs)s carries each consuming input's read
+-- grants and %(rejected)s the (event, input) pairs its `where` refused (both decided in Python).
 -- An event belongs to output payload.output when that is an integer, else output 0. Stagings
 -- decide the rest (docs/architecture/dag_deployment.md, "Rematerialization"):
 -- * an event of a staged task reaches only the staged jobs of its DAG;
@@ -412,11 +413,17 @@ WITH claimed AS (
     FROM fresh f
     WHERE (SELECT count(*) FROM ins) = (SELECT count(*) FROM fresh)
 ), wakes AS (
+    -- one wake-up row for the pass's worker tasks (the outbox publisher sends one queue
+    -- message per task id it names), an invoke row per runtime: lambda task
     INSERT INTO outbox (topic, payload, available_at)
-    SELECT CASE WHEN n.runtime = 'lambda' THEN %(invoke_topic)s ELSE %(wake_topic)s END,
-           jsonb_build_object('task_id', n.task_id::text), now()
+    SELECT %(wake_topic)s, jsonb_build_object('task_ids', jsonb_agg(n.task_id::text)), now()
     FROM ins n
-    WHERE %(wake)s
+    WHERE %(wake)s AND n.runtime <> 'lambda'
+    HAVING count(*) > 0
+    UNION ALL
+    SELECT %(invoke_topic)s, jsonb_build_object('task_id', n.task_id::text), now()
+    FROM ins n
+    WHERE %(wake)s AND n.runtime = 'lambda'
 ), held AS (
     SELECT DISTINCT outbox_id FROM plan WHERE held
 ), hold AS (
