@@ -59,6 +59,16 @@ def _cases() -> list[Case]:
         c("glob", "SELECT * FROM glob('{tmp}/*')"),
         c("parquet_metadata", "SELECT * FROM parquet_metadata('{data}')", True),
         c("parquet_schema", "SELECT * FROM parquet_schema('{data}')", True),
+        # the sandbox's private copy of the granted data, which its view reads by relative name
+        c("read_staged_copy", "SELECT * FROM read_parquet('data/0_0.parquet')"),
+        c(
+            "staged_path_traversal",
+            "SELECT * FROM read_text('data/0_0.parquet/../../../../secret.csv')",
+            True,
+        ),
+        c("staged_dir_glob", "SELECT * FROM read_parquet('data/*.parquet')"),
+        c("overwrite_staged_copy", "COPY (SELECT 1) TO 'data/0_0.parquet' (USE_TMP_FILE false)"),
+        c("allowed_paths_setting", "SELECT current_setting('allowed_paths')"),
         c("sniff_csv", "SELECT * FROM sniff_csv('{secret}')", True),
         c(
             "union_other",
@@ -444,3 +454,81 @@ def _wait_until_dead(pid: int) -> None:
         if state == "Z":
             return
         time.sleep(0.01)
+
+
+async def test_the_lockdown_never_lets_a_write_reach_the_stores_files(paths: Paths) -> None:
+    """With the gate off: the views' files are allowed paths DuckDB could write, so they are the
+    sandbox's private copies; overwriting them is stopped by the file-size limit and never
+    reaches the store's files; no other file (a new one beside them, the store's own path) is
+    reachable."""
+    tables: dict[str, TableSource] = {"blocks": [str(paths.data)], "logs": [str(paths.other)]}
+    before = (paths.data.read_bytes(), paths.other.read_bytes())
+    for sql in (
+        "COPY (SELECT 1) TO 'data/0_0.parquet' (USE_TMP_FILE false)",
+        "COPY (SELECT 1) TO 'data/1_0.parquet' (FORMAT csv, USE_TMP_FILE false)",
+        "COPY (SELECT 1) TO 'data/new.parquet'",
+        f"COPY (SELECT 1) TO '{paths.data}' (USE_TMP_FILE false)",
+        f"SELECT * FROM blocks, read_parquet('{paths.data}')",
+    ):
+        with pytest.raises(errors.ValidationFailed) as info:
+            await run_sandboxed(sql, tables, FAST, scratch_root=paths.scratch, gate=False)
+        assert SECRET not in info.value.message and str(paths.tmp) not in info.value.message
+    assert (paths.data.read_bytes(), paths.other.read_bytes()) == before
+    assert not paths.written.exists()
+    assert list(paths.scratch.iterdir()) == []
+
+
+def _fds(pid: int) -> list[str]:
+    return sorted(os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd"))
+
+
+def _environ(pid: int) -> dict[str, str]:
+    raw = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    return dict(item.decode().split("=", 1) for item in raw if item)
+
+
+async def test_a_forked_sandbox_holds_only_its_pipes_and_no_credentials(paths: Paths) -> None:
+    """The fork server's control socket is not inherited: a pooled sandbox holds its three
+    pipes (and whatever DuckDB opened), no socket; its environment, and the fork server's, is
+    the minimal one (the canary in this process's environment is in neither)."""
+    pool = SandboxPool(2, scratch_root=paths.scratch)
+    try:
+        await pool.ready()
+        forks = pool.fork_server_pid
+        assert forks is not None
+        assert any(link.startswith("socket:") for link in _fds(forks))  # it has one; they don't
+        for pid in pool.idle_pids():
+            links = _fds(pid)
+            assert not [link for link in links if link.startswith("socket:")], links
+            assert [os.readlink(f"/proc/{pid}/fd/{fd}")[:5] for fd in (0, 1, 2)] == ["pipe:"] * 3
+            assert os.getsid(pid) == pid != os.getsid(forks)  # its own session: killed alone
+        for pid in [forks, *pool.idle_pids()]:
+            env = _environ(pid)
+            assert set(env) == {"PATH", "LC_ALL", "HOME", "TMPDIR"}, env
+            assert SECRET not in repr(env)
+        tables: dict[str, TableSource] = {"blocks": [str(paths.data)]}
+        r = await run_sandboxed("SELECT count(*) FROM blocks", tables, FAST, pool=pool)
+        assert r.rows == [[5]]
+    finally:
+        await pool.close()
+    assert _processes_in(paths.scratch) == []  # the fork server and its sandboxes are gone
+    assert list(paths.scratch.iterdir()) == []
+
+
+async def test_a_dead_fork_server_is_replaced_and_its_sandboxes_still_serve(paths: Paths) -> None:
+    pool = SandboxPool(2, scratch_root=paths.scratch)
+    tables: dict[str, TableSource] = {"blocks": [str(paths.data)]}
+    try:
+        await pool.ready()
+        dead = pool.fork_server_pid
+        assert dead is not None
+        os.kill(dead, signal.SIGKILL)
+        _wait_until_dead(dead)
+        for _ in range(4):  # the two it forked (orphans now), then sandboxes of a new one
+            r = await run_sandboxed("SELECT count(*) FROM blocks", tables, FAST, pool=pool)
+            assert r.rows == [[5]]
+        await pool.ready()
+        assert pool.fork_server_pid not in (None, dead)
+    finally:
+        await pool.close()
+    assert _processes_in(paths.scratch) == []

@@ -13,7 +13,8 @@ Then it waits on its standard input, a ``SOCK_SEQPACKET`` socket only the server
   among them), moves into its private directory and runs ``sandbox.serve``: exactly what
   ``python -I -m trace_lite.query.sandbox`` does after its imports. The fork server answers
   ``F`` + the child's pid, with a pidfd attached (``os.pidfd_open``: the server signals and
-  watches that process, never a reused pid).
+  watches that process, never a reused pid), once the child has closed every inherited
+  descriptor (a pipe's write end it closes with the rest tells the fork server so).
 * when a child ends, the fork server reaps it and sends ``X`` + pid + exit code
   (``os.waitstatus_to_exitcode``: ``-9`` for SIGKILL).
 
@@ -101,12 +102,17 @@ def serve(control: socket.socket, children: set[int]) -> None:
             for fd in received:
                 os.close(fd)
             continue
+        ready_r, ready_w = os.pipe()
         pid = os.fork()
         if pid == 0:
             _child(control, received, os.fsdecode(data))
         children.add(pid)
-        for fd in received:
+        for fd in (*received, ready_w):
             os.close(fd)
+        # EOF once the child closed every descriptor but its pipes (``ready_w`` among them):
+        # the server is answered only when the sandbox holds nothing of this process
+        os.read(ready_r, 1)
+        os.close(ready_r)
         pidfd = os.pidfd_open(pid)
         try:
             control.sendmsg(

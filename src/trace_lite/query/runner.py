@@ -5,6 +5,11 @@
 built from scratch (``PATH``, ``LC_ALL``, ``HOME``/``TMPDIR`` pointing into a fresh ``0700``
 directory that is removed afterwards), in a new session, and kills the whole process group at
 the deadline. Nothing of the parent's environment (database URLs, keys, tokens) reaches it.
+
+``SandboxPool`` keeps sandboxes waiting for their one query; they are forked by a
+``ForkServer`` (``trace_lite.query.forkserver``, started the same way) instead of started, and
+signalled through their pidfd. Before a sandbox gets its request, the pinned local files are
+copied into its private directory (``_stage``), where its views read them by relative name.
 """
 
 from __future__ import annotations

@@ -1,30 +1,33 @@
 """The sandbox process: one query, in a fresh DuckDB, after the lock-down, under OS limits.
 
-Run by ``trace_lite.query.runner`` as ``python -I -m trace_lite.query.sandbox`` with an
-explicit minimal environment (no credentials), in a private empty working directory, in its
-own session (the parent kills the whole group at the deadline). It reads one JSON request on
+Run by ``trace_lite.query.runner`` as ``python -I -m trace_lite.query.sandbox``, or forked by the
+fork server (``trace_lite.query.forkserver``), which then runs ``serve`` as this module's
+``main`` would; either way with an explicit minimal environment (no credentials), in a private
+working directory, in its own session (killed at the deadline). It reads one JSON request on
 stdin and answers on stdout: one JSON document, or (``mode: arrow``) frames carrying Arrow
 record batches (``Frames``). The order of the layers:
 
 1. OS limits first, before DuckDB is imported (``resource.setrlimit``): address space, no file
-   may grow past 0 bytes (``RLIMIT_FSIZE``: any write to a file kills the process), few open
-   files, no core dumps; then DuckDB is imported (pyarrow only for a stream) and warmed up in a
-   throwaway database while the process waits for its one request (a pool starts it before a
-   query arrives); the request's CPU seconds become its CPU limit.
+   may grow past 0 bytes (``RLIMIT_FSIZE``), few open files, no core dumps; then DuckDB is
+   imported (pyarrow only for a stream) and the query's database opened (``connect``) while the
+   process waits for its one request (a pool makes it before a query arrives); the request's
+   CPU seconds become its CPU limit.
 2. A fresh in-memory DuckDB with extension autoload/autoinstall off, community and unsigned
    extensions off, an empty extension directory, ``threads`` and ``memory_limit`` set, no
    temp directory (nothing spills; memory is a hard limit) and no progress bar (it would draw
    on stdout, the answer).
 3. The gate (``trace_core.query_gate``) on DuckDB's own parse tree, with the exact granted names;
    and DuckDB's statement splitter must see one SELECT.
-4. Trusted code loads the granted datasets' pinned data into in-memory tables named after the
-   datasets: local Parquet files; ``s3://`` objects through DuckDB's httpfs loaded by path with a
-   temporary secret scoped to the pinned prefixes, dropped once loaded
-   (``trace_lite.query.s3``); or the CSV export the server made of a Postgres-table dataset's
-   pinned rows (this process never gets a connection).
-5. Lock-down, in this order: ``enable_external_access=false`` (one-way),
-   ``disabled_filesystems='LocalFileSystem'``, ``lock_configuration=true``. From here no file,
-   URL, extension or setting is reachable from SQL even if the gate missed a construct.
+4. Trusted code names the granted datasets: views over this process's private copies of the
+   pinned local data (Parquet, or the CSV export the server made of a Postgres-table dataset's
+   pinned rows), by names relative to its working directory; ``s3://`` objects are loaded into
+   in-memory tables through DuckDB's httpfs loaded by path, with a temporary secret scoped to
+   the pinned prefixes, dropped once loaded (``trace_lite.query.s3``). This process never gets
+   a database connection.
+5. Lock-down, in this order: ``allowed_paths`` = the views' files, ``enable_external_access=false``
+   (one-way), ``disabled_filesystems='LocalFileSystem'`` when no local file is read,
+   ``lock_configuration=true``. From here no other file, URL, extension or setting is reachable
+   from SQL even if the gate missed a construct.
 6. The user SQL runs; at most ``max_rows`` rows are answered (``truncated`` says more existed)
    and the answer must fit ``max_bytes``. The process then exits at once (``os._exit``).
 """
