@@ -22,6 +22,9 @@ from typing import Any
 
 import psycopg
 
+from trace_lite import sqlfile
+
+Q = sqlfile.load("delivery.sql")
 log = logging.getLogger("trace.delivery")
 
 #: The channel migration 0029's trigger notifies.
@@ -79,7 +82,7 @@ class DeliveryWakeups:
         while True:
             try:
                 self._conn = await psycopg.AsyncConnection.connect(self._conninfo, autocommit=True)
-                await self._conn.execute(f"LISTEN {CHANNEL}")
+                await self._conn.execute(Q["listen_deliveries"])
                 self.listening.set()
                 delay = _RECONNECT_MIN_S
                 self._woken.set()  # notifications may have been lost while not listening

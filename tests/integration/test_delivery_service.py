@@ -455,8 +455,8 @@ async def _wait_for(probe: Any, what: str, limit_s: float = 30.0) -> None:
 async def _listeners(env: Env) -> list[int]:
     async with env.pool.connection() as conn:
         cur = await conn.execute(
-            "SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND query = %s",
-            (f"LISTEN {CHANNEL}",),
+            "SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND query LIKE %s",
+            (f"%LISTEN {CHANNEL}%",),
         )
         return [r[0] for r in await cur.fetchall()]
 
