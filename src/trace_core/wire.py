@@ -4,108 +4,46 @@ Request records are strict: unknown fields, wrong JSON types (no ``"1"`` for an 
 ``true`` for an int) and out-of-range values are refused with a ``ValidationFailed`` naming the
 field path (``events[0].key``). State machines never see JSON; servers and clients use
 ``structure`` / ``unstructure`` here.
+
+The records are declared here; their field checks live in ``trace_core._wire_fields`` and the
+converter (``structure``, ``unstructure``, ``canonical_digest``, re-exported here) in
+``trace_core._wire_convert``.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-import re
 import uuid
-from collections.abc import Mapping
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal
 
 import attrs
-import cattrs
-import cattrs.v
-from cattrs.cols import list_structure_factory
-from cattrs.gen import make_dict_structure_fn
 
-from trace_core import errors
+from trace_core._wire_convert import canonical_digest, converter, structure, unstructure
+from trace_core._wire_fields import (
+    DATASET_RE,
+    INT32_MAX,
+    INT64_MAX,
+    FieldError,
+    between,
+    dataset_name,
+    dataset_names,
+    event_key,
+    hex64,
+    length,
+    lower_name,
+    uuid_str,
+)
 
-T = TypeVar("T")
-
-#: Upper bounds of integer fields, from their column types: nothing valid reaches SQL as
-#: "integer out of range".
-INT32_MAX = 2**31 - 1
-INT64_MAX = 2**63 - 1
-
-_KEY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:\-/]{0,199}$")
-_NAME_RE = re.compile(r"^[a-z][a-z0-9_.\-]{0,127}$")
-
-
-class FieldError(ValueError):
-    """A validator failure that knows its field."""
-
-    def __init__(self, field: str, message: str) -> None:
-        self.field = field
-        super().__init__(message)
-
-
-def _uuid_str(_inst: object, attribute: attrs.Attribute[Any], value: str) -> None:
-    try:
-        uuid.UUID(value)
-    except (ValueError, AttributeError, TypeError):
-        raise FieldError(attribute.name, f"{attribute.name} must be a UUID") from None
-
-
-def _event_key(_inst: object, attribute: attrs.Attribute[Any], value: str) -> None:
-    if not _KEY_RE.match(value):
-        raise FieldError(attribute.name, f"{attribute.name} must match {_KEY_RE.pattern}")
-
-
-def _name(_inst: object, attribute: attrs.Attribute[Any], value: str) -> None:
-    if not _NAME_RE.match(value):
-        raise FieldError(attribute.name, f"{attribute.name} must match {_NAME_RE.pattern}")
-
-
-_DATASET_RE = re.compile(r"^[a-z][a-z0-9_]{0,127}$")
-
-
-def _dataset_name(_inst: object, attribute: attrs.Attribute[Any], value: str) -> None:
-    if not _DATASET_RE.match(value):
-        raise FieldError(attribute.name, f"{attribute.name} must match {_DATASET_RE.pattern}")
-
-
-def _names(_inst: object, attribute: attrs.Attribute[Any], value: list[str]) -> None:
-    for i, item in enumerate(value):
-        if not _DATASET_RE.match(item):
-            raise FieldError(
-                f"{attribute.name}[{i}]", f"{attribute.name}[{i}] must match {_DATASET_RE.pattern}"
-            )
-
-
-def _hex64(_inst: object, attribute: attrs.Attribute[Any], value: str) -> None:
-    if not re.fullmatch(r"[0-9a-f]{64}", value):
-        raise FieldError(attribute.name, f"{attribute.name} must be 64 lowercase hex digits")
-
-
-def _between(lo: float, hi: float) -> Any:
-    def check(_inst: object, attribute: attrs.Attribute[Any], value: float) -> None:
-        if not lo <= value <= hi:
-            raise FieldError(attribute.name, f"{attribute.name} must be between {lo} and {hi}")
-
-    return check
-
-
-def _length(lo: int, hi: int) -> Any:
-    def check(_inst: object, attribute: attrs.Attribute[Any], value: Any) -> None:
-        if not lo <= len(value) <= hi:
-            raise FieldError(
-                attribute.name, f"{attribute.name} must have {lo} to {hi} items (has {len(value)})"
-            )
-
-    return check
-
+#: The registry's rule for dataset and DAG names (read by ``trace_core.dag``).
+_DATASET_RE = DATASET_RE
 
 # --- /internal ------------------------------------------------------------------------------
 
 
 @attrs.frozen
 class ClaimRequest:
-    task_id: str = attrs.field(validator=_uuid_str)
+    task_id: str = attrs.field(validator=uuid_str)
     #: Who claims: shows in the attempt history and logs.
-    worker_id: str = attrs.field(default="worker", validator=_length(1, 200))
+    worker_id: str = attrs.field(default="worker", validator=length(1, 200))
 
 
 @attrs.frozen
@@ -178,8 +116,8 @@ def _uuid_list(_inst: object, attribute: attrs.Attribute[Any], value: list[str])
 class ClaimBatchRequest:
     """Claim several woken tasks in one transaction (the worker wrapper's batch path)."""
 
-    task_ids: list[str] = attrs.field(validator=[_length(1, 100), _uuid_list])
-    worker_id: str = attrs.field(default="worker", validator=_length(1, 200))
+    task_ids: list[str] = attrs.field(validator=[length(1, 100), _uuid_list])
+    worker_id: str = attrs.field(default="worker", validator=length(1, 200))
 
 
 @attrs.frozen
@@ -209,16 +147,16 @@ class ClaimBatchResponse:
 
 @attrs.frozen
 class FenceFields:
-    task_id: str = attrs.field(validator=_uuid_str)
-    attempt: int = attrs.field(validator=_between(1, INT32_MAX))
-    lease_token: str = attrs.field(validator=_uuid_str)
+    task_id: str = attrs.field(validator=uuid_str)
+    attempt: int = attrs.field(validator=between(1, INT32_MAX))
+    lease_token: str = attrs.field(validator=uuid_str)
 
 
 @attrs.frozen
 class EventIn:
     #: Producer-chosen idempotency key, unique per task: re-emitting a key is a no-op.
-    key: str = attrs.field(validator=_event_key)
-    type: str = attrs.field(validator=_name)
+    key: str = attrs.field(validator=event_key)
+    type: str = attrs.field(validator=lower_name)
     payload: dict[str, Any] = attrs.field(factory=dict)
 
 
@@ -235,7 +173,7 @@ class HeartbeatResponse:
 
 @attrs.frozen
 class EventsRequest(FenceFields):
-    events: list[EventIn] = attrs.field(factory=list, validator=_length(0, 1000))
+    events: list[EventIn] = attrs.field(factory=list, validator=length(0, 1000))
 
 
 @attrs.frozen
@@ -248,8 +186,8 @@ class EventsResponse:
 class RangeIn:
     """A half-open block range ``[start, end)``."""
 
-    start: int = attrs.field(validator=_between(0, INT64_MAX))
-    end: int = attrs.field(validator=_between(1, INT64_MAX))
+    start: int = attrs.field(validator=between(0, INT64_MAX))
+    end: int = attrs.field(validator=between(1, INT64_MAX))
 
     def __attrs_post_init__(self) -> None:
         if self.end <= self.start:
@@ -271,10 +209,10 @@ class BufferScopeIn:
     Part of every row's dedupe key (``trace_core.sink.Scope``)."""
 
     cursor: str | None = attrs.field(
-        default=None, validator=attrs.validators.optional(_length(1, 1024))
+        default=None, validator=attrs.validators.optional(length(1, 1024))
     )
     partition_key: str | None = attrs.field(
-        default=None, validator=attrs.validators.optional(_length(1, 1024))
+        default=None, validator=attrs.validators.optional(length(1, 1024))
     )
     range: RangeIn | None = attrs.field(default=None, validator=_one_scope)
 
@@ -304,22 +242,22 @@ class BufferBatchIn:
     """A batch of rows for a buffered dataset: a staged JSON-lines object (``object_key``,
     ``row_count``, ``byte_size``, ``sha256``) or the rows inline (``rows``)."""
 
-    key: str = attrs.field(validator=_event_key)
-    dataset: str = attrs.field(validator=_name)
+    key: str = attrs.field(validator=event_key)
+    dataset: str = attrs.field(validator=lower_name)
     object_key: str | None = attrs.field(
-        default=None, validator=attrs.validators.optional(_length(1, 1024))
+        default=None, validator=attrs.validators.optional(length(1, 1024))
     )
     row_count: int | None = attrs.field(
-        default=None, validator=attrs.validators.optional(_between(0, INT32_MAX))
+        default=None, validator=attrs.validators.optional(between(0, INT32_MAX))
     )
     byte_size: int | None = attrs.field(
-        default=None, validator=attrs.validators.optional(_between(0, INT64_MAX))
+        default=None, validator=attrs.validators.optional(between(0, INT64_MAX))
     )
-    sha256: str | None = attrs.field(default=None, validator=attrs.validators.optional(_hex64))
+    sha256: str | None = attrs.field(default=None, validator=attrs.validators.optional(hex64))
     scope: BufferScopeIn | None = None
     rows: list[dict[str, Any]] | None = attrs.field(
         default=None,
-        validator=[attrs.validators.optional(_length(0, 1000)), _one_source],
+        validator=[attrs.validators.optional(length(0, 1000)), _one_source],
     )
 
 
@@ -339,26 +277,26 @@ class PartitionIn:
     """A block range ``[start, end)`` or a partition ``key`` (exactly one of the two)."""
 
     start: int | None = attrs.field(
-        default=None, validator=attrs.validators.optional(_between(0, INT64_MAX))
+        default=None, validator=attrs.validators.optional(between(0, INT64_MAX))
     )
     end: int | None = attrs.field(
-        default=None, validator=attrs.validators.optional(_between(1, INT64_MAX))
+        default=None, validator=attrs.validators.optional(between(1, INT64_MAX))
     )
-    key: str | None = attrs.field(default=None, validator=attrs.validators.optional(_event_key))
+    key: str | None = attrs.field(default=None, validator=attrs.validators.optional(event_key))
 
 
 @attrs.frozen
 class OutputIn:
     """One staged object of the output manifest (``trace_core.commit``)."""
 
-    dataset: str = attrs.field(validator=_dataset_name)
+    dataset: str = attrs.field(validator=dataset_name)
     #: Where the attempt staged the object: inside its staging prefix.
-    object_key: str = attrs.field(validator=_length(1, 1024))
-    size: int = attrs.field(validator=_between(0, INT64_MAX))
-    sha256: str = attrs.field(validator=_hex64)
+    object_key: str = attrs.field(validator=length(1, 1024))
+    size: int = attrs.field(validator=between(0, INT64_MAX))
+    sha256: str = attrs.field(validator=hex64)
     partition: PartitionIn
     #: Target dataset version (UUID); default: the dataset's active version.
-    version: str | None = attrs.field(default=None, validator=attrs.validators.optional(_uuid_str))
+    version: str | None = attrs.field(default=None, validator=attrs.validators.optional(uuid_str))
 
 
 @attrs.frozen
@@ -367,16 +305,16 @@ class CompleteRequest(FenceFields):
     retryable: bool = True
     result: dict[str, Any] | None = None
     error: dict[str, Any] | None = None
-    final_events: list[EventIn] = attrs.field(factory=list, validator=_length(0, 1000))
+    final_events: list[EventIn] = attrs.field(factory=list, validator=length(0, 1000))
     #: The output manifest, committed atomically with a successful completion.
-    outputs: list[OutputIn] = attrs.field(factory=list, validator=_length(0, 10_000))
+    outputs: list[OutputIn] = attrs.field(factory=list, validator=length(0, 10_000))
 
 
 @attrs.frozen
 class TokenedCompletion:
     """One completion in a batch, with the capability token of its attempt."""
 
-    capability_token: str = attrs.field(validator=_length(1, 8192))
+    capability_token: str = attrs.field(validator=length(1, 8192))
     completion: CompleteRequest
 
 
@@ -385,7 +323,7 @@ class CompleteBatchRequest:
     """Completions a platform worker wrapper sends together (``/internal/task-complete-batch``):
     each is authorised by its own attempt's token and fenced like ``/v1/task/complete``."""
 
-    completions: list[TokenedCompletion] = attrs.field(validator=_length(1, 500))
+    completions: list[TokenedCompletion] = attrs.field(validator=length(1, 500))
 
 
 @attrs.frozen
@@ -409,8 +347,8 @@ class CompleteBatchResponse:
 class TaskResolveRequest(FenceFields):
     """Resolve datasets for the attempt: only those its capability token grants."""
 
-    datasets: list[str] = attrs.field(validator=[_length(1, 100), _names])
-    pin_ttl_s: float = attrs.field(default=300.0, validator=_between(0.0, 86_400.0))
+    datasets: list[str] = attrs.field(validator=[length(1, 100), dataset_names])
+    pin_ttl_s: float = attrs.field(default=300.0, validator=between(0.0, 86_400.0))
 
 
 @attrs.frozen
@@ -425,7 +363,7 @@ class CompleteResponse:
 class CredentialsRequest(FenceFields):
     #: Narrow the reads to these prefixes (each inside the attempt's grant); default: all.
     read_prefixes: list[str] | None = attrs.field(
-        default=None, validator=attrs.validators.optional(_length(0, 100))
+        default=None, validator=attrs.validators.optional(length(0, 100))
     )
 
 
@@ -451,25 +389,25 @@ class CredentialsResponse:
 
 @attrs.frozen
 class CreateTaskRequest:
-    operator: str = attrs.field(validator=_name)
-    org: str = attrs.field(default="default", validator=_name)
+    operator: str = attrs.field(validator=lower_name)
+    org: str = attrs.field(default="default", validator=lower_name)
     payload: dict[str, Any] = attrs.field(factory=dict)
-    max_attempts: int = attrs.field(default=5, validator=_between(1, 100))
-    timeout_s: int = attrs.field(default=60, validator=_between(1, 900))
-    delay_s: float = attrs.field(default=0.0, validator=_between(0.0, 86_400.0))
+    max_attempts: int = attrs.field(default=5, validator=between(1, 100))
+    timeout_s: int = attrs.field(default=60, validator=between(1, 900))
+    delay_s: float = attrs.field(default=0.0, validator=between(0.0, 86_400.0))
     idempotency_key: str | None = attrs.field(
-        default=None, validator=attrs.validators.optional(_event_key)
+        default=None, validator=attrs.validators.optional(event_key)
     )
     #: Where the task runs: a platform worker (woken through the queue) or Lambda (invoked by
     #: the Dispatcher with the full payload).
     runtime: Literal["worker", "lambda"] = "worker"
     #: Datasets (names in the task's org) the task may read: its capability token grants them.
-    read_datasets: list[str] = attrs.field(factory=list, validator=[_length(0, 100), _names])
+    read_datasets: list[str] = attrs.field(factory=list, validator=[length(0, 100), dataset_names])
 
 
 @attrs.frozen
 class CreateTasksRequest:
-    tasks: list[CreateTaskRequest] = attrs.field(validator=_length(1, 10_000))
+    tasks: list[CreateTaskRequest] = attrs.field(validator=length(1, 10_000))
 
 
 @attrs.frozen
@@ -498,8 +436,8 @@ def _version_pointers(
     _inst: object, attribute: attrs.Attribute[Any], value: dict[str, str]
 ) -> None:
     for name, version in value.items():
-        if not _DATASET_RE.match(name):
-            raise FieldError(attribute.name, f"dataset names must match {_DATASET_RE.pattern}")
+        if not DATASET_RE.match(name):
+            raise FieldError(attribute.name, f"dataset names must match {DATASET_RE.pattern}")
         try:
             uuid.UUID(version)
         except (ValueError, AttributeError, TypeError):
@@ -510,22 +448,22 @@ def _version_pointers(
 class ResolveRequest:
     """Pin dataset names of the org to their active versions."""
 
-    datasets: list[str] = attrs.field(validator=[_length(1, 1000), _non_empty_strings])
-    pin_ttl_s: float = attrs.field(default=300.0, validator=_between(0.0, 86_400.0))
+    datasets: list[str] = attrs.field(validator=[length(1, 1000), _non_empty_strings])
+    pin_ttl_s: float = attrs.field(default=300.0, validator=between(0.0, 86_400.0))
 
 
 @attrs.frozen
 class ReadRolesRequest:
     """The org roles that may read a dataset (replaces the list)."""
 
-    read_roles: list[str] = attrs.field(validator=[_length(0, 1000), _non_empty_strings])
+    read_roles: list[str] = attrs.field(validator=[length(0, 1000), _non_empty_strings])
 
 
 @attrs.frozen
 class CutoverRequest:
     """Point a DAG's datasets at new versions in one generation."""
 
-    pointers: dict[str, str] = attrs.field(validator=[_length(1, 1000), _version_pointers])
+    pointers: dict[str, str] = attrs.field(validator=[length(1, 1000), _version_pointers])
 
 
 @attrs.frozen
@@ -543,7 +481,7 @@ class DagTriggerRequest:
     #: Merged over the job's ``config`` into the task's payload.
     payload: dict[str, Any] = attrs.field(factory=dict)
     #: The run's durable id: triggering the same run again answers its existing task.
-    run_id: str | None = attrs.field(default=None, validator=attrs.validators.optional(_event_key))
+    run_id: str | None = attrs.field(default=None, validator=attrs.validators.optional(event_key))
 
 
 @attrs.frozen
@@ -552,132 +490,21 @@ class DagInvalidateRequest:
     ``key`` of a dataset (``trace_lite.dag_invalidations``)."""
 
     start: int | None = attrs.field(
-        default=None, validator=attrs.validators.optional(_between(0, INT64_MAX))
+        default=None, validator=attrs.validators.optional(between(0, INT64_MAX))
     )
     end: int | None = attrs.field(
-        default=None, validator=attrs.validators.optional(_between(1, INT64_MAX))
+        default=None, validator=attrs.validators.optional(between(1, INT64_MAX))
     )
-    key: str | None = attrs.field(default=None, validator=attrs.validators.optional(_event_key))
+    key: str | None = attrs.field(default=None, validator=attrs.validators.optional(event_key))
     #: The dataset version (default: the producing DAG's active one).
-    version: str | None = attrs.field(default=None, validator=attrs.validators.optional(_uuid_str))
+    version: str | None = attrs.field(default=None, validator=attrs.validators.optional(uuid_str))
 
 
 @attrs.frozen
 class MemberRequest:
     """A member's roles in the org (replaces the list)."""
 
-    roles: list[str] = attrs.field(validator=[_length(0, 1000), _non_empty_strings])
-
-
-# --- the converter ---------------------------------------------------------------------------
-
-
-def _strict(tp: type[Any]) -> Any:
-    def hook(value: Any, _t: Any) -> Any:
-        if tp is float and isinstance(value, int) and not isinstance(value, bool):
-            return float(value)
-        if type(value) is not tp:
-            raise TypeError(f"expected {tp.__name__}, got {type(value).__name__}")
-        return value
-
-    return hook
-
-
-def _strict_dict(value: Any, _t: Any) -> dict[str, Any]:
-    if not isinstance(value, dict):
-        raise TypeError(f"expected object, got {type(value).__name__}")
-    return value
-
-
-def _strict_list_factory(t: Any, conv: cattrs.Converter) -> Any:
-    inner = list_structure_factory(t, conv)
-
-    def hook(value: Any, tp: Any) -> Any:
-        if not isinstance(value, list):
-            raise TypeError(f"expected array, got {type(value).__name__}")
-        return inner(value, tp)
-
-    return hook
-
-
-converter = cattrs.Converter(forbid_extra_keys=True, detailed_validation=True)
-for _tp in (int, str, bool, float):
-    converter.register_structure_hook(_tp, _strict(_tp))
-converter.register_structure_hook_func(
-    lambda t: t is dict or getattr(t, "__origin__", None) is dict, _strict_dict
-)
-converter.register_structure_hook_factory(
-    lambda t: getattr(t, "__origin__", None) is list, _strict_list_factory
-)
-converter.register_structure_hook_factory(
-    attrs.has,
-    lambda cl: make_dict_structure_fn(cl, converter, _cattrs_forbid_extra_keys=True),
-)
-
-
-_FIELD_MARK = "\x00field="
-
-
-def _format(exc: BaseException, tp: type | None) -> str:
-    if isinstance(exc, FieldError):
-        return f"{exc}{_FIELD_MARK}{exc.field}"
-    if isinstance(exc, ValueError) and attrs_name_re.match(str(exc)):
-        # attrs' own validators start with "'name' must ..."
-        name = attrs_name_re.match(str(exc)).group(1)  # type: ignore[union-attr]
-        return f"{exc}{_FIELD_MARK}{name}"
-    if isinstance(exc, cattrs.ForbiddenExtraKeysError):
-        name = sorted(exc.extra_fields)[0][:64]
-        return f"unknown field {name!r}{_FIELD_MARK}{name}"
-    if isinstance(exc, KeyError | ValueError | TypeError):
-        return cattrs.v.format_exception(exc, tp)
-    return "invalid value"  # never echo an unexpected exception's text
-
-
-attrs_name_re = re.compile(r"^'([a-z_]+)'")
-
-
-def _split(message: str) -> tuple[str, str]:
-    text, _, where = message.rpartition(" @ ")
-    path = where.removeprefix("$").removeprefix(".")
-    if _FIELD_MARK in text:
-        text, _, name = text.partition(_FIELD_MARK)
-        path = f"{path}.{name}" if path else name
-    return text, path or "$"
-
-
-def structure(data: Any, cls: type[T]) -> T:
-    """Build ``cls`` from decoded JSON, strictly.
-
-    Raises ``MalformedBody`` when ``data`` is not a JSON object, ``ValidationFailed`` with the
-    field path of the first problem otherwise (``events[0].key``).
-    """
-    if not isinstance(data, Mapping):
-        raise errors.MalformedBody("the body must be a JSON object", field="$")
-    try:
-        return converter.structure(data, cls)
-    except cattrs.BaseValidationError as exc:
-        problems = [_split(m) for m in cattrs.transform_error(exc, format_exception=_format)]
-        text, path = problems[0] if problems else (str(exc), "$")
-        raise errors.ValidationFailed(
-            text,
-            field=path,
-            details={"problems": [{"field": p, "message": t} for t, p in problems[:20]]},
-        ) from None
-    except FieldError as exc:  # validators outside detailed validation
-        raise errors.ValidationFailed(str(exc), field=exc.field) from None
-    except (ValueError, TypeError):
-        raise errors.ValidationFailed("the body does not match the expected shape") from None
-
-
-def unstructure(obj: Any) -> Any:
-    """The JSON-ready form of a wire record."""
-    return converter.unstructure(obj)
-
-
-def canonical_digest(obj: Any) -> str:
-    """Hex SHA-256 of the canonical JSON of ``obj`` (sorted keys, no spaces)."""
-    raw = json.dumps(unstructure(obj), sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(raw.encode()).hexdigest()
+    roles: list[str] = attrs.field(validator=[length(0, 1000), _non_empty_strings])
 
 
 __all__ = [
