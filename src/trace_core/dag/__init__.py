@@ -25,10 +25,11 @@ Theory of operation:
   the docs): materialization-affecting changes rebuild the job and its transitive downstream
   (``affected_jobs``); execution-only and metadata changes rebuild nothing.
 
-Modules: ``_records`` (constants, enums, records), ``_reader`` (the structural reader),
-``_graph`` (consumers, cycles, downstream), ``_validate`` (``validate``, ``parse``), ``_doc``
-(``to_doc``, ``digest``), ``_diff`` (``diff``, ``affected_jobs``), ``_where`` (``where`` on an
-event: ``event_matches``), ``_words`` (small helpers).
+Modules: ``_records`` (constants, enums, records), ``_reader`` (the structural reader) over
+``_values`` (plain values read, problems collected), ``_graph`` (consumers, cycles,
+downstream), ``_validate`` (``validate``, ``parse``), ``_doc`` (``to_doc``, ``digest``),
+``_diff`` (``diff``, ``affected_jobs``), ``_where`` (``where`` on an event:
+``event_matches``), ``_words`` (small helpers).
 The package is pure: no I/O, no clock, no YAML. Dataset and DAG names follow the registry's
 rule (``trace_core.wire``); secret names follow ``trace_core.secret_names``; cron syntax is
 ``trace_core.cron``.
