@@ -44,15 +44,12 @@ from typing import Any
 from aiohttp import web
 from psycopg.types.json import Jsonb
 
-from bench import cli_procs
+from bench import cli_procs, library
 from bench.common import BenchPostgres
-from trace_core import wire
 from trace_core.alert_rules import AlertEvent, Planned, Route, alert_key, plan_deliveries
 from trace_core.delivery import delivery_key
-from trace_core.lifecycle import RetryPolicy
-from trace_core.testing import MemoryObjectStore, MemoryQueue, MemorySigner
 from trace_lite.delivery import DeliveryStore
-from trace_lite.dispatcher import Dispatcher, open_pool
+from trace_lite.dispatcher import open_pool
 from trace_lite.orgs import Orgs
 from trace_lite.secrets import FileSecretStore
 from trace_lite.webhook_sender import new_signing_secret
@@ -103,15 +100,7 @@ async def setup(
             secret_name=secret_name,
         )
         ids[name] = row.destination_id
-    d = Dispatcher(
-        pool,
-        signer=MemorySigner(),
-        queue=MemoryQueue("q"),
-        object_store=MemoryObjectStore(),
-        retry=RetryPolicy(),
-    )
-    (info,) = await d.create_tasks([wire.CreateTaskRequest(operator="alert_route", org=ORG)])
-    claim = await d.claim(info.task_id)
+    claim = await library.running_task(library.dispatcher(pool), "alert_route", ORG)
     return pool, store, claim.task_id, claim.attempt, ids, org_id
 
 

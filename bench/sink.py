@@ -39,12 +39,10 @@ from typing import Any
 
 from psycopg import sql
 
-from bench import cli_procs
+from bench import cli_procs, library
 from bench.common import BenchPostgres
 from trace_core import wire
-from trace_core.lifecycle import RetryPolicy
 from trace_core.sink import DatasetSchema, dedupe_keys, parse_batch
-from trace_core.testing import MemoryQueue, MemorySigner
 from trace_lite.config import LiteSettings
 from trace_lite.dags import Dags
 from trace_lite.datasets import Datasets
@@ -97,8 +95,7 @@ def batches(rows: int, size: int) -> list[bytes]:
 
 
 async def publish(d: Dispatcher, store: LocalObjectStore, dataset: str, data: list[bytes]) -> None:
-    (info,) = await d.create_tasks([wire.CreateTaskRequest(operator="noop", org=ORG)])
-    c = await d.claim(info.task_id)
+    c = await library.running_task(d, "noop", ORG)
     fence = {"task_id": c.task_id, "attempt": c.attempt, "lease_token": c.lease_token}
     prefix = (await d.fetch(c.task_id)).staging_prefix
     for i, body in enumerate(data):
@@ -215,13 +212,7 @@ async def one_run(pg: BenchPostgres, data: list[bytes], home: Path) -> dict[str,
     try:
         await Datasets(pool, object_store=store).set_member(None, ORG, "b", ["admin"])
         dags = Dags(pool, operators=builtin_operators())
-        d = Dispatcher(
-            pool,
-            signer=MemorySigner(),
-            queue=MemoryQueue("q"),
-            object_store=store,
-            retry=RetryPolicy(),
-        )
+        d = library.dispatcher(pool, store)
         for n in (1, 2):
             name = f"sink_x{n}"
             await dags.deploy(None, ORG, dag(name))
