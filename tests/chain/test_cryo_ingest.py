@@ -18,9 +18,12 @@ import duckdb
 import pytest
 
 from trace_core import wire
+from trace_core.dag import OperatorInfo
 from trace_core.lifecycle import RetryPolicy
 from trace_core.testing import MemoryQueue, MemorySigner
 from trace_lite.chain.devnode import Chain, DevNode, make_activity
+from trace_lite.dag_runs import DagRuns
+from trace_lite.dags import Dags
 from trace_lite.datasets import Datasets
 from trace_lite.dispatcher import Dispatcher, open_pool
 from trace_lite.local_store import LocalObjectStore
@@ -194,6 +197,68 @@ async def test_a_task_of_several_chunks_commits_one_partition_per_chunk(
     again = await env.run({"start": 0, "end": 250, "chunk": 100, "rpc_url": chain.node.url})
     assert again["state"] == "completed", _error(again)
     assert {n: await env.live(n) for n in DATATYPES} == before
+
+
+async def test_a_dag_job_config_chunk_cuts_each_triggered_range(
+    db_url: str, tmp_path: Path, chain: Chain
+) -> None:
+    """``chunk`` in a job's config applies to every range the job is handed (merged with the
+    trigger's payload), through a one-slot pool as a backfill runs it."""
+    pool = await open_pool(db_url, min_size=2, max_size=8)
+    store = LocalObjectStore(tmp_path / "objects", "http://127.0.0.1:1", b"s" * 32)
+    queue = MemoryQueue("tasks")
+    d = Dispatcher(pool, signer=MemorySigner(), queue=queue, object_store=store, rand=lambda: 0.5)
+    dag = {
+        "name": "backfill",
+        "worker_pools": {"rpc": [{"env": {"RPC_URL": chain.node.url}}]},
+        "jobs": {
+            "ingest": {
+                "operator": "cryo_ingest",
+                "config": {"chunk": 50, "datasets": {"logs": "c_logs"}},
+                "worker_pool": "rpc",
+                "timeout": "2m",
+                "triggers": [{"type": "manual"}],
+                "outputs": [{"storage": "object_store", "update_strategy": "append"}],
+            }
+        },
+        "publish": [{"job": "ingest", "output": 0, "dataset": "c_logs"}],
+    }
+    surface = InProcessTaskSurface(d)
+    worker = Worker(
+        surface=surface, queue=queue, operators=dict(BUILTIN_OPERATORS), store=store, wait_s=0.1
+    )
+    stop = asyncio.Event()
+    try:
+        operators = {n: OperatorInfo(n) for n in BUILTIN_OPERATORS}
+        await Dags(pool, operators=operators).deploy(None, ORG, dag)
+        background = asyncio.create_task(d.run_background(stop, reap_every_s=0.05))
+        running = asyncio.create_task(worker.run(stop))
+        run = await DagRuns(pool).trigger(
+            None, ORG, "backfill", "ingest", payload={"start": 100, "end": 220}
+        )
+        async with asyncio.timeout(120):
+            while (task := await d.get_task(run["task_id"]))["state"] not in DONE:  # noqa: ASYNC110
+                await asyncio.sleep(0.05)
+        stop.set()
+        await asyncio.gather(background, running)
+        assert task["state"] == "completed", _error(task)
+        assert sorted(e["event_key"] for e in task["events"]) == [
+            "range:logs:100_150",
+            "range:logs:150_200",
+            "range:logs:200_220",
+        ]
+        # one partition per chunk, all committed by the task's one attempt
+        async with pool.connection() as conn:
+            cur = await conn.execute(
+                "SELECT range_start, range_end, attempt FROM dataset_partitions "
+                "WHERE task_id = %s ORDER BY range_start",
+                (run["task_id"],),
+            )
+            assert await cur.fetchall() == [(100, 150, 1), (150, 200, 1), (200, 220, 1)]
+    finally:
+        stop.set()
+        await surface.close()
+        await pool.close()
 
 
 async def test_a_task_whose_last_chunk_fails_commits_none_of_its_chunks(
