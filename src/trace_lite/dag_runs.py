@@ -66,7 +66,7 @@ from trace_lite.dag_invalidations import Invalidations
 from trace_lite.dag_remat import DagRemat
 from trace_lite.dag_tasks import NewTask, create_dag_tasks, with_epoch
 from trace_lite.orgs import Orgs, first
-from trace_lite.pg import fetch_as, fetch_named, transaction
+from trace_lite.pg import fetch_as, fetch_named, pg_array, transaction
 from trace_lite.task_rows import INVOKE_TOPIC, WAKE_TOPIC, WakeMode
 from trace_lite.task_rows import Q as TASK_Q
 from trace_sdk.aio import run_every
@@ -100,6 +100,15 @@ class ClaimedRow(NamedTuple):
     tries: int
     task_id: str
     event_key: str
+    output: int
+    sink_dataset: str
+    #: The event's payload (JSON text), parsed only for a consuming input's ``where``.
+    payload: str
+
+    @property
+    def src(self) -> tuple[str, int, str]:
+        """What the event was produced on: its task, output and sink dataset."""
+        return (self.task_id, self.output, self.sink_dataset)
 
 
 @attrs.frozen
@@ -123,7 +132,7 @@ class ScheduledRow:
 @attrs.frozen
 class ConsumerInputRow:
     """An input of a live DAG version that the events of a fan-out pass reach
-    (``fan_out_inputs``), with its ``where`` and, when it has one, the events to decide on."""
+    (``fan_out_inputs``), with its ``where`` and, when it has one, the producers that reach it."""
 
     dag_id: str
     version: int
@@ -131,8 +140,8 @@ class ConsumerInputRow:
     input_index: int
     #: The input's ``where`` as the spec stores it (JSON text; None: no filter).
     input_where: str | None
-    #: ``[[outbox id, event payload], ...]`` as JSON text, for an input with a ``where``.
-    where_events: str | None
+    #: ``[[task_id, output, sink dataset], ...]`` as JSON text, for an input with a ``where``.
+    where_srcs: str | None
 
     def grant(self, read_datasets: Sequence[str]) -> dict[str, Any]:
         """This input with the read grants of its job, as ``fan_out`` takes it."""
@@ -144,22 +153,24 @@ class ConsumerInputRow:
             "read_datasets": list(read_datasets),
         }
 
-    def rejected(self) -> list[dict[str, Any]]:
-        """The events this input's ``where`` refuses (``trace_core.dag.event_matches``)."""
+    def rejected(self, by_src: Mapping[tuple[str, int, str], list[ClaimedRow]]) -> list[Any]:
+        """The claimed events (``by_src``: by producing task, output and sink dataset) that
+        reach this input and fail its ``where`` (``trace_core.dag.event_matches``)."""
         where = json.loads(self.input_where) if self.input_where else None
-        if not where or not self.where_events:
+        if not where or not self.where_srcs:
             return []
         conditions = where_conditions(where)
         return [
             {
-                "outbox_id": outbox_id,
+                "outbox_id": e.id,
                 "dag_id": self.dag_id,
                 "version": self.version,
                 "job": self.job,
                 "input_index": self.input_index,
             }
-            for outbox_id, payload in json.loads(self.where_events)
-            if not event_matches(conditions, payload)
+            for task_id, output, sink in json.loads(self.where_srcs)
+            for e in by_src.get((task_id, output, sink), ())
+            if not event_matches(conditions, json.loads(e.payload))
         ]
 
 
@@ -333,38 +344,43 @@ class DagRuns:
         raced a deploy or a creator: nothing is consumed; the next pass plans again),
         ``Unavailable``."""
         async with transaction(self.pool) as cur:
-            # The pass's statements take JSON batches, whose sizes the planner never knows:
-            # one generic plan per connection serves them as well as a new plan per pass.
-            await cur.execute(Q["generic_plans"])
             claimed = await fetch_named(
                 cur, ClaimedRow, Q["claim_dag_events"], {"topic": EVENT_TOPIC, "batch": batch}
             )
             if not claimed:
                 return FanOutReport()
-            events = [{"id": c.id, "task_id": c.task_id, "event_key": c.event_key} for c in claimed]
-            inputs = await _prepared(
-                cur, ConsumerInputRow, Q["fan_out_inputs"], {"events": Jsonb(events)}
+            by_src: dict[tuple[str, int, str], list[ClaimedRow]] = {}
+            for c in claimed:
+                by_src.setdefault(c.src, []).append(c)
+            srcs = [{"task_id": t, "output": o, "sink_dataset": k} for t, o, k in by_src]
+            inputs = await _fetch_prepared(
+                cur, ConsumerInputRow, Q["fan_out_inputs"], {"srcs": Jsonb(srcs)}
             )
             grants = await read_grants(cur, ((i.dag_id, i.version, i.job) for i in inputs))
             # the kernel's decision per number of tries (announcements are nearly all at 0)
-            sent = {
-                t: outbox_sm.decide_sent(outbox_sm.OutboxState.PENDING, t)
-                for t in {c.tries for c in claimed}
-            }
-            for e, c in zip(events, claimed, strict=True):
-                e["state"] = sent[c.tries].state.value
-                e["tries"] = sent[c.tries].tries
+            sent = [
+                {"from_tries": t, "state": d.state.value, "tries": d.tries}
+                for t in sorted({c.tries for c in claimed})
+                if (d := outbox_sm.decide_sent(outbox_sm.OutboxState.PENDING, t))
+            ]
             state = lifecycle.decide_create(delay_s=0)
-            (out,) = await _prepared(
+            (out,) = await _fetch_prepared(
                 cur,
                 FanOutRow,
                 Q["fan_out"],
                 {
-                    "events": Jsonb(events),
+                    "events": Jsonb(
+                        [
+                            {"id": c.id, "task_id": c.task_id, "event_key": c.event_key}
+                            for c in claimed
+                        ]
+                    ),
+                    "ids": pg_array([c.id for c in claimed]),
+                    "sent": Jsonb(sent),
                     "inputs": Jsonb(
                         [i.grant(grants[(i.dag_id, i.version, i.job)]) for i in inputs]
                     ),
-                    "rejected": Jsonb([r for i in inputs for r in i.rejected()]),
+                    "rejected": Jsonb([r for i in inputs for r in i.rejected(by_src)]),
                     "state": state.value,
                     "wake": self.wake_mode == "queue" and state is TaskState.QUEUED,
                     "wake_topic": WAKE_TOPIC,
@@ -410,10 +426,11 @@ class CreatedRow:
     state: str
 
 
-async def _prepared(
+async def _fetch_prepared(
     cur: psycopg.AsyncCursor[Any], cls: type[R], query: str, params: Mapping[str, Any]
 ) -> list[R]:
-    """``fetch_as`` with the statement prepared at once (planned once per connection)."""
+    """``fetch_as`` with ``query`` prepared on the connection at its first use (the fan-out's
+    statements are large: planned a few times per connection, not once per pass)."""
     async with cur.connection.cursor(row_factory=class_row(cls)) as named:
         await named.execute(query, params, prepare=True)
         return await named.fetchall()

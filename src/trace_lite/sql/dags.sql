@@ -177,46 +177,46 @@ SELECT * FROM jsonb_to_recordset(%(rows)s::jsonb)
           dataset_uuid uuid, dataset_version uuid)
 ON CONFLICT DO NOTHING;
 
--- name: generic_plans
--- For the rest of a fan-out pass's transaction: prepared statements use their generic plan.
-SET LOCAL plan_cache_mode = force_generic_plan;
-
 -- name: claim_dag_events
 -- Lock announced events of DAG tasks for one fan-out pass; concurrent passes skip each other's.
--- Answers each with the event it announces (producing task, event key).
-SELECT id, tries, payload ->> 'task_id' AS task_id, payload ->> 'event_key' AS event_key
-FROM outbox
-WHERE topic = %(topic)s AND state = 'pending' AND available_at <= now()
-ORDER BY available_at, id
-LIMIT %(batch)s
-FOR UPDATE SKIP LOCKED;
+-- Answers each with the event it announces: the producing task and event key, the output it
+-- belongs to (payload.output when that is an integer, else 0), the dataset a sink event names
+-- ('' for other events), and its payload (for `where`).
+SELECT o.id, o.tries, o.payload ->> 'task_id' AS task_id, o.payload ->> 'event_key' AS event_key,
+       CASE WHEN jsonb_typeof(e.payload -> 'output') = 'number'
+            THEN (e.payload ->> 'output')::int ELSE 0 END AS output,
+       CASE WHEN starts_with(e.event_key, 'sink/')
+            THEN coalesce(e.payload ->> 'dataset_uuid', '') ELSE '' END AS sink_dataset,
+       coalesce(e.payload, '{}')::text AS payload
+FROM (SELECT id, tries, payload FROM outbox
+      WHERE topic = %(topic)s AND state = 'pending' AND available_at <= now()
+      ORDER BY available_at, id
+      LIMIT %(batch)s
+      FOR UPDATE SKIP LOCKED) o
+LEFT JOIN task_events e ON e.task_id = (o.payload ->> 'task_id')::uuid
+                       AND e.event_key = o.payload ->> 'event_key'
+ORDER BY o.id;
 
 -- name: fan_out_inputs
--- For claimed announcements: every input of a live version (the active one, a building
--- staging's) that reads what the events' tasks produced -- from: {job, output} of the producer's
--- DAG, from: {dataset} of a dataset that output publishes (or a sink event names) in the org --
--- with its `where` (as the spec stores it) and, for an input with one, the events that reach it
--- ([[outbox id, payload], ...]). A superset of the pass's consumers: it carries what Python
--- decides per consuming input (read grants, `where`); fan_out applies the decisions and refuses
--- a consumer this did not answer. Locks the producers' and readers' DAG rows FOR SHARE (in
--- dag_id order): a deploy, cutover or rollback of them waits for the pass, and the pass's next
--- statement sees any that committed before.
-WITH ev AS (
-    SELECT c.id AS outbox_id, e.payload, t.org_id, t.dag_id, t.dag_job,
-           CASE WHEN jsonb_typeof(e.payload -> 'output') = 'number'
-                THEN (e.payload ->> 'output')::int ELSE 0 END AS output,
-           CASE WHEN starts_with(e.event_key, 'sink/')
-                THEN e.payload ->> 'dataset_uuid' ELSE '' END AS sink_dataset
-    FROM jsonb_to_recordset(%(events)s::jsonb) AS c(id bigint, task_id uuid, event_key text)
-    JOIN task_events e ON (e.task_id, e.event_key) = (c.task_id, c.event_key)
-    JOIN tasks t ON t.task_id = e.task_id
-), src AS (
-    SELECT DISTINCT org_id, dag_id, dag_job, output, sink_dataset FROM ev
+-- For the producers of claimed announcements (%(srcs)s: each producing task, output and sink
+-- dataset once, as claim_dag_events answers them): every input of a live version (the active
+-- one, a building staging's) that reads what they produced -- from: {job, output} of the
+-- producer's DAG, from: {dataset} of a dataset that output publishes (or a sink event names) in
+-- the org -- with its `where` (as the spec stores it) and, for an input with one, the producers
+-- that reach it ([[task_id, output, sink_dataset], ...]). A superset of the pass's consumers: it
+-- carries what Python decides per consuming input (read grants, `where`); fan_out applies the
+-- decisions and refuses a consumer this did not answer. Locks the producers' and readers' DAG
+-- rows FOR SHARE (in dag_id order): a deploy, cutover or rollback of them waits for the pass,
+-- and the pass's next statement sees any that committed before.
+WITH src AS (
+    SELECT s.task_id, s.output, s.sink_dataset, t.org_id, t.dag_id, t.dag_job
+    FROM jsonb_to_recordset(%(srcs)s::jsonb) AS s(task_id uuid, output int, sink_dataset text)
+    JOIN tasks t ON t.task_id = s.task_id
 ), readers AS (
     SELECT s.*, i.dag_id AS reader_dag_id, i.version, i.job, i.input_index, i.where_filter
     FROM src s JOIN dag_inputs i ON (i.dag_id, i.from_job, i.from_output)
                                   = (s.dag_id, s.dag_job, s.output)
-    UNION
+    UNION ALL
     SELECT s.*, i.dag_id, i.version, i.job, i.input_index, i.where_filter
     FROM src s JOIN datasets d ON d.org_id = s.org_id AND (
              (d.dag_id = s.dag_id AND d.job_name = s.dag_job AND d.output_index = s.output)
@@ -224,8 +224,8 @@ WITH ev AS (
     JOIN dag_inputs i ON i.from_dataset = d.name
     JOIN dags rg ON rg.dag_id = i.dag_id AND rg.org_id = s.org_id
 ), live AS MATERIALIZED (
-    SELECT r.org_id, r.dag_id, r.dag_job, r.output, r.sink_dataset, r.reader_dag_id, r.version,
-           r.job, r.input_index,
+    SELECT r.task_id, r.output, r.sink_dataset, r.reader_dag_id, r.version, r.job,
+           r.input_index,
            CASE WHEN r.where_filter IS NOT NULL THEN r.where_filter
                 ELSE (SELECT v.spec #> ARRAY['jobs', r.job, 'inputs', r.input_index::text,
                                              'where']
@@ -244,11 +244,9 @@ WITH ev AS (
 )
 SELECT r.reader_dag_id::text AS dag_id, r.version, r.job, r.input_index,
        r.input_where::text AS input_where,
-       json_agg(json_build_array(ev.outbox_id, ev.payload))
-           FILTER (WHERE r.input_where IS NOT NULL)::text AS where_events
+       json_agg(DISTINCT jsonb_build_array(r.task_id, r.output, r.sink_dataset))
+           FILTER (WHERE r.input_where IS NOT NULL)::text AS where_srcs
 FROM live r
-JOIN ev ON (ev.org_id, ev.dag_id, ev.dag_job, ev.output, ev.sink_dataset)
-         = (r.org_id, r.dag_id, r.dag_job, r.output, r.sink_dataset)
 WHERE (SELECT count(*) FROM locked) >= 0  -- a one-time filter: the locks are always taken
 GROUP BY r.reader_dag_id, r.version, r.job, r.input_index, r.input_where::text
 ORDER BY 1, 2, 3, 4;
@@ -262,8 +260,8 @@ ORDER BY 1, 2, 3, 4;
 -- (task_inputs: the event and the dataset version read: the producing DAG's active pointer, a
 -- staged producer's staged pointer set), their wake-ups (when %(wake)s: one 'wake' outbox row
 -- naming every queued worker task of the pass, an 'invoke' row per runtime: lambda task), and
--- mark the announcements consumed as the kernel decided (%(events)s: [{id, task_id, event_key,
--- state, tries}] of the claimed announcements). %(inputs)s carries each consuming input's read
+-- mark the announcements consumed as the kernel decided (%(sent)s: [{from_tries, state, tries}])
+-- -- %(events)s: [{id, task_id, event_key}] and %(ids)s: the claimed announcements. %(inputs)s carries each consuming input's read
 -- grants and %(rejected)s the (event, input) pairs its `where` refused (both decided in Python).
 -- An event belongs to output payload.output when that is an integer, else output 0. Stagings
 -- decide the rest (docs/architecture/dag_deployment.md, "Rematerialization"):
@@ -279,13 +277,13 @@ ORDER BY 1, 2, 3, 4;
 -- were fresh (a concurrent creator of one of the keys won; lineage was then not written).
 WITH claimed AS (
     SELECT * FROM jsonb_to_recordset(%(events)s::jsonb)
-        AS c(id bigint, task_id uuid, event_key text, state text, tries int)
+        AS c(id bigint, task_id uuid, event_key text)
 ), ev AS (
     SELECT c.id AS outbox_id, e.task_id, e.event_key, e.seq, e.event_type, e.payload,
            CASE WHEN jsonb_typeof(e.payload -> 'output') = 'number'
                 THEN (e.payload ->> 'output')::int ELSE 0 END AS output,
            CASE WHEN starts_with(e.event_key, 'sink/')
-                THEN e.payload ->> 'dataset_uuid' ELSE '' END AS sink_dataset
+                THEN coalesce(e.payload ->> 'dataset_uuid', '') ELSE '' END AS sink_dataset
     FROM claimed c
     JOIN task_events e ON (e.task_id, e.event_key) = (c.task_id, c.event_key)
 ), src AS MATERIALIZED (
@@ -370,25 +368,28 @@ WITH claimed AS (
     SELECT * FROM jsonb_to_recordset(%(rejected)s::jsonb)
         AS x(outbox_id bigint, dag_id uuid, version bigint, job text, input_index int)
 ), plan AS MATERIALIZED (
-    -- one row per (event, consuming input), with the task's idempotency key
-    SELECT gen_random_uuid() AS new_task_id, ev.outbox_id, ev.event_key, ev.seq,
-           ev.event_type, ev.payload, r.*,
-           'event:' || r.task_id::text || ':' || r.output || ':' || ev.event_key || ':'
-               || r.dag_id::text || ':' || r.job || ':' || r.input_index
-               || coalesce('@' || r.epoch, '') AS idempotency_key
-    FROM ev
-    JOIN readers r ON (r.task_id, r.output, r.sink_dataset)
-                    = (ev.task_id, ev.output, ev.sink_dataset)
-    WHERE r.held OR NOT EXISTS (
-        SELECT 1 FROM rejected x
-        WHERE (x.outbox_id, x.dag_id, x.version, x.job, x.input_index)
-            = (ev.outbox_id, r.dag_id, r.version, r.job, r.input_index))
-), fresh AS MATERIALIZED (
-    -- the tasks to create: planned, not held, and whose key the org does not have yet
-    SELECT p.* FROM plan p
-    WHERE p.planned AND NOT p.held
-      AND NOT EXISTS (SELECT 1 FROM tasks t
-                      WHERE t.org_id = p.org_id AND t.idempotency_key = p.idempotency_key)
+    -- one row per (event, consuming input), with the task's idempotency key and whether it is
+    -- to be created (fresh): planned, not held, and a key the org does not have yet
+    SELECT q.*,
+           CASE WHEN q.planned AND NOT q.held
+                THEN NOT EXISTS (SELECT 1 FROM tasks t
+                                 WHERE t.org_id = q.org_id
+                                   AND t.idempotency_key = q.idempotency_key)
+                ELSE false END AS fresh
+    FROM (
+        SELECT gen_random_uuid() AS new_task_id, ev.outbox_id, ev.event_key, ev.seq,
+               ev.event_type, ev.payload, r.*,
+               'event:' || r.task_id::text || ':' || r.output || ':' || ev.event_key || ':'
+                   || r.dag_id::text || ':' || r.job || ':' || r.input_index
+                   || coalesce('@' || r.epoch, '') AS idempotency_key
+        FROM ev
+        JOIN readers r ON (r.task_id, r.output, r.sink_dataset)
+                        = (ev.task_id, ev.output, ev.sink_dataset)
+        WHERE r.held OR NOT EXISTS (
+            SELECT 1 FROM rejected x
+            WHERE (x.outbox_id, x.dag_id, x.version, x.job, x.input_index)
+                = (ev.outbox_id, r.dag_id, r.version, r.job, r.input_index))
+    ) q
 ), ins AS (
     INSERT INTO tasks (task_id, org_id, operator, payload, state, max_attempts, timeout_s,
                        idempotency_key, runtime, dag_id, dag_version, dag_job, read_datasets)
@@ -398,7 +399,8 @@ WITH claimed AS (
                'payload', f.payload, 'output', f.output, 'input', f.input_index)),
            %(state)s, f.max_attempts, f.timeout_s, f.idempotency_key, f.runtime, f.dag_id,
            f.version, f.job, f.read_datasets
-    FROM fresh f
+    FROM plan f
+    WHERE f.fresh
     ORDER BY f.seq, f.dag_id, f.job, f.input_index
     -- a concurrent creator of the same key (committed after this statement began) wins
     ON CONFLICT (org_id, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
@@ -410,8 +412,8 @@ WITH claimed AS (
                              dataset_uuid, dataset_version)
     SELECT f.new_task_id, f.input_index, f.task_id, f.event_key, f.seq, f.dataset_uuid,
            f.dataset_version
-    FROM fresh f
-    WHERE (SELECT count(*) FROM ins) = (SELECT count(*) FROM fresh)
+    FROM plan f
+    WHERE f.fresh AND (SELECT count(*) FROM ins) = (SELECT count(*) FROM plan WHERE fresh)
 ), wakes AS (
     -- one wake-up row for the pass's worker tasks (the outbox publisher sends one queue
     -- message per task id it names), an invoke row per runtime: lambda task
@@ -428,17 +430,18 @@ WITH claimed AS (
     SELECT DISTINCT outbox_id FROM plan WHERE held
 ), hold AS (
     UPDATE outbox SET available_at = 'infinity'
-    WHERE id IN (SELECT outbox_id FROM held) AND state = 'pending'
+    WHERE id IN (SELECT outbox_id FROM held)
     RETURNING id
 ), consumed AS (
+    -- the claimed rows are still pending: the pass has held their row locks since the claim
     UPDATE outbox o
-    SET state = c.state, tries = c.tries, published_at = now()
-    FROM claimed c
-    WHERE o.id = c.id AND o.state = 'pending'
-      AND c.id NOT IN (SELECT outbox_id FROM held)
+    SET state = d.state, tries = d.tries, published_at = now()
+    FROM jsonb_to_recordset(%(sent)s::jsonb) AS d(from_tries int, state text, tries int)
+    WHERE o.id = ANY(%(ids)s::bigint[]) AND o.tries = d.from_tries
+      AND o.id NOT IN (SELECT outbox_id FROM held)
     RETURNING o.id
 )
-SELECT (SELECT count(*) FROM ins) AS created, (SELECT count(*) FROM fresh) AS fresh,
+SELECT (SELECT count(*) FROM ins) AS created, (SELECT count(*) FROM plan WHERE fresh) AS fresh,
        (SELECT count(*) FROM consumed) AS consumed, (SELECT count(*) FROM hold) AS held,
        (SELECT count(*) FROM plan WHERE NOT planned) AS unplanned;
 
