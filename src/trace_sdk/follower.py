@@ -53,8 +53,11 @@ is announced again as ``reorg:{start}_{end}`` (its task result counts them as ``
 range announced again is remembered with the partition it replaces (``stale`` in the state),
 and not announced again while that partition is still live (its re-extract has not committed
 yet). A partition committed without a digest (before digests were recorded) is not checked.
-Limits: a reorg is seen at most one run (one trigger interval) after it happened; nothing is
-checked below the window, so a range committed after it left the window is not checked; the
+An announced range is also remembered until its commit was checked once (``unchecked``, at
+most ``MAX_UNCHECKED``, the oldest dropped with a warning), so a range whose ingest lagged
+until it fell below the window is still checked when it commits.
+Limits: a reorg is seen at most one run (one trigger interval) after it happened; below the
+window a range is checked once, when it has committed (a later change there is not seen); the
 digest covers the blocks file (transactions and logs are fetched by other requests of the same
 extract and are not tied to these hashes).
 
@@ -86,6 +89,9 @@ from trace_sdk.ingest import rpc_endpoint
 from trace_sdk.ranges import StateStore
 
 log = logging.getLogger("trace.follower")
+
+#: Announced ranges below the window whose commit the follower still waits to check, at most.
+MAX_UNCHECKED = 1000
 
 #: Task states in which a task's completion can no longer commit.
 _UNANNOUNCED = frozenset({"failed", "canceled"})
@@ -139,6 +145,9 @@ class FollowerState:
     #: Ranges announced again, each with the live blocks partition it replaces (-1: none was
     #: committed): while that partition is still live its re-extract has not committed.
     stale: tuple[tuple[int, int, int], ...] = ()
+    #: Announced ranges whose committed blocks were not checked yet (kept below the window
+    #: until they are, at most ``MAX_UNCHECKED``).
+    unchecked: Ranges = ()
 
     def to_doc(self) -> dict[str, Any]:
         return {
@@ -148,6 +157,7 @@ class FollowerState:
             "last_reorged": [list(r) for r in self.last_reorged],
             "hashes": {str(b): h for b, h in self.hashes},
             "stale": [list(r) for r in self.stale],
+            "unchecked": [list(r) for r in self.unchecked],
         }
 
     @classmethod
@@ -159,6 +169,7 @@ class FollowerState:
             tuple((int(s), int(e)) for s, e in doc.get("last_reorged", ())),
             tuple(sorted((int(b), str(h)) for b, h in doc.get("hashes", {}).items())),
             tuple((int(s), int(e), int(p)) for s, e, p in doc.get("stale", ())),
+            tuple((int(s), int(e)) for s, e in doc.get("unchecked", ())),
         )
 
 
@@ -323,17 +334,26 @@ def make_head_follower(store: FollowerStore, committed: CommittedBlocks | None =
         # what was committed, checked against the node: an extract may have seen another
         # chain than both of this follower's reads (module docstring)
         awaiting = {(s, e): p for s, e, p in state.stale}
+        unchecked = set(state.unchecked)
         live: dict[tuple[int, int], int] = {}
         stale: list[tuple[int, int]] = []
         check_low = max(origin, state.cursor - window)
-        if verify is not None and committed is not None and state.cursor > check_low:
-            found = await committed.committed(task_id, attempt, verify, check_low, state.cursor)
+        if verify is not None and committed is not None and state.cursor > origin:
+            # the window's committed ranges, and those below it not checked yet
+            low_q = min([check_low, *(s for s, _ in unchecked)])
+            found = [
+                c
+                for c in await committed.committed(task_id, attempt, verify, low_q, state.cursor)
+                if c.start >= check_low or (c.start, c.end) in unchecked
+            ]
             live = {(c.start, c.end): c.partition_id for c in found}
             missing = [b for c in found for b in range(c.start, c.end) if b not in now]
             now = {**now, **await block_hashes(rpc, missing)}
             stale, good = stale_ranges(found, now, awaiting)
             for span in good:
                 awaiting.pop(span, None)
+            unchecked -= {(c.start, c.end) for c in found if c.hashes_sha256 is None}
+            unchecked -= set(good)
             if stale:
                 log.warning(
                     "committed blocks differ from the node's: extracting them again",
@@ -349,7 +369,7 @@ def make_head_follower(store: FollowerStore, committed: CommittedBlocks | None =
         )
         ranges = carried + tuple(fresh)
         reorged_all = tuple(dict.fromkeys(carried_reorged + reorged))
-        if not ranges and not reorged_all:
+        if not ranges and not reorged_all and unchecked == set(state.unchecked):
             return {"cursor": state.cursor, "head": head, "ranges": 0}
         cursor = fresh[-1][1] if fresh else state.cursor
         # remember the hashes of the window below the new cursor: unchanged ones as they
@@ -362,9 +382,26 @@ def make_head_follower(store: FollowerStore, committed: CommittedBlocks | None =
         # each range announced again waits for its re-extract: the partition it replaces
         for span in reorged:
             awaiting[span] = live.get(span, -1)
-        waiting = tuple(sorted((s, e, p) for (s, e), p in awaiting.items() if e > low))
+        if verify is not None:
+            unchecked |= set(ranges) | set(reorged_all)
+        dropped = sorted(unchecked)[:-MAX_UNCHECKED]
+        if dropped:
+            log.warning(
+                "too many announced ranges not committed yet: some will not be checked",
+                extra={"first": dropped[0], "last": dropped[-1], "task_id": task_id},
+            )
+            unchecked -= set(dropped)
+        waiting = tuple(
+            sorted((s, e, p) for (s, e), p in awaiting.items() if e > low or (s, e) in unchecked)
+        )
         new = FollowerState(
-            cursor, task_id, ranges, reorged_all, tuple(sorted(hashes.items())), waiting
+            cursor,
+            task_id,
+            ranges,
+            reorged_all,
+            tuple(sorted(hashes.items())),
+            waiting,
+            tuple(sorted(unchecked)),
         )
         await store.save(task_id, attempt, new.to_doc(), version)  # Conflict: retry
         _announce(ctx, ranges, reorged_all)

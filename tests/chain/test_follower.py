@@ -18,7 +18,14 @@ from trace_lite.dispatcher import Dispatcher, open_pool
 from trace_lite.operator_state import PgOperatorState
 from trace_lite.task_surface import InProcessTaskSurface
 from trace_sdk import Worker
-from trace_sdk.follower import FollowerStore, make_head_follower, plan
+from trace_sdk.block_hashes import hex_hashes_digest
+from trace_sdk.follower import (
+    CommittedBlocks,
+    CommittedRange,
+    FollowerStore,
+    make_head_follower,
+    plan,
+)
 
 DONE = ("completed", "failed")
 
@@ -52,10 +59,16 @@ class Env:
     node: DevNode
 
     async def follow(
-        self, store: FollowerStore | None = None, attempts: int = 3, key: str = "f"
+        self,
+        store: FollowerStore | None = None,
+        attempts: int = 3,
+        key: str = "f",
+        committed: CommittedBlocks | None = None,
+        **config: Any,
     ) -> dict[str, Any]:
         """One follower task (a fresh worker each time: a restart), run to its end."""
         payload = {"chunk": 20, "confirmations": 2, "rpc_url": self.node.url, "state_key": key}
+        payload |= config
         (info,) = await self.d.create_tasks(
             [
                 wire.CreateTaskRequest(
@@ -65,7 +78,7 @@ class Env:
         )
         assert self.d.queue is not None
         surface = InProcessTaskSurface(self.d)
-        operators = {"chain_follower": make_head_follower(store or self.state)}
+        operators = {"chain_follower": make_head_follower(store or self.state, committed)}
         worker = Worker(
             surface=surface, queue=self.d.queue, operators=operators, store=None, wait_s=0.1
         )
@@ -160,3 +173,48 @@ async def test_a_crash_between_the_cursor_write_and_the_completion_loses_and_rep
     assert announced(carried) == chunks(60, 120)
     everything = announced(retried) + announced(lost) + announced(carried)
     assert sorted(everything) == sorted(chunks(0, 120))  # every range exactly once
+
+
+@attrs.define
+class Committed:
+    """What the test says the DAG committed: ``(start, end)`` -> (partition id, digest)."""
+
+    ranges: dict[tuple[int, int], tuple[int, str | None]] = attrs.field(factory=dict)
+
+    async def committed(
+        self, task_id: str, attempt: int, dataset: str, low: int, high: int
+    ) -> list[CommittedRange]:
+        return [
+            CommittedRange(s, e, p, d)
+            for (s, e), (p, d) in sorted(self.ranges.items())
+            if s >= low and e <= high
+        ]
+
+
+async def test_a_range_committed_after_it_left_the_window_is_still_checked(env: Env) -> None:
+    rpc = env.node.rpc()
+    mine_empty(rpc, 102)  # head 102: 0..99 announced, cursor 100
+    store = Committed()
+    config = {"verify": "blocks", "reorg_window": 20}
+    first = await env.follow(committed=store, **config)
+    assert announced(first) == chunks(0, 100)
+
+    def digest(start: int, end: int) -> str:
+        return hex_hashes_digest(
+            rpc.call("eth_getBlockByNumber", hex(b), False)["hash"] for b in range(start, end)
+        )
+
+    # the ingest lagged: 0_20 and 20_40 commit only now, far below the 20-block window, 0_20
+    # from another fork
+    store.ranges[(0, 20)] = (1, digest(20, 40))
+    store.ranges[(20, 40)] = (2, digest(20, 40))
+    mine_empty(rpc, 20)  # head 122
+    second = await env.follow(committed=store, **config)
+    assert announced(second) == ["reorg:0_20", "range:100_120"]
+    assert second["result"]["stale"] == 1
+    # its re-extract has not committed yet (the same partition is live): not announced again
+    assert announced(await env.follow(committed=store, **config)) == []
+    store.ranges[(0, 20)] = (3, digest(0, 20))  # the re-extract committed the node's blocks
+    assert announced(await env.follow(committed=store, **config)) == []
+    store.ranges[(40, 60)] = (4, digest(60, 80))  # a later commit is checked all the same
+    assert announced(await env.follow(committed=store, **config)) == ["reorg:40_60"]
