@@ -253,6 +253,13 @@ def main() -> None:
     parser.add_argument("--chunk", type=int, default=2000)
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--slots", default="1,2,4", help="pool sizes of the backfill runs")
+    parser.add_argument(
+        "--only",
+        default="",
+        help="comma-separated label parts: run only the scenarios whose label holds one "
+        "(e.g. '4 tasks' for the single-chunk ones, which code without tasks of several "
+        "chunks also runs)",
+    )
     args = parser.parse_args()
     slot_counts = [int(n) for n in args.slots.split(",") if n]
     per_chunk = per_slot(args.blocks, args.chunk, args.blocks)
@@ -270,6 +277,9 @@ def main() -> None:
             scenarios.append(
                 (f"backfill, {pool} slot{'s' * (pool > 1)}, {n} tasks", per_chunk, None, pool)
             )
+    if args.only:
+        wanted = [w.strip() for w in args.only.split(",") if w.strip()]
+        scenarios = [sc for sc in scenarios if any(w in sc[0] for w in wanted)]
     seconds: dict[str, list[float]] = {"bare cryo.freeze (one child)": []}
     ratios: dict[str, list[float]] = {}
     parts: dict[str, list[dict[str, float]]] = {}
