@@ -3,8 +3,10 @@ receiver (aiohttp on 127.0.0.1, allow-listed with ``--allow``): a Delivery Servi
 right after a send (before it recorded the answer), then two services running together through
 receiver failures (5xx, a timeout, 429 + Retry-After, a connection reset): every delivery
 accepted exactly once with a valid signature, every retry of a delivery carried its one
-``webhook-id``, no delivery ever sent by two senders at once; ``/metrics``; the operator
-commands; SSRF refused at creation by the CLI."""
+``webhook-id``, no delivery ever sent by two senders at once; a Delivery Service SIGKILLed
+*mid-send* (its request held by the receiver): after the lease lapsed the delivery is sent again
+under the same id and accepted once, both attempts recorded; ``/metrics`` (every state, the
+oldest due delivery); the operator commands; SSRF refused at creation by the CLI."""
 
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ import sys
 import threading
 import urllib.request
 from collections.abc import Coroutine
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
 import pytest
@@ -199,6 +201,89 @@ def test_effectively_once_across_kill_9_and_receiver_failures(
     assert f'trace_delivery_deliveries{{state="sent"}} {float(N)}' in text
     assert 'trace_delivery_deliveries{state="due"} 0.0' in text
     assert "trace_delivery_oldest_due_seconds 0.0" in text
+
+
+def metrics(port: int) -> dict[str, float]:
+    """The Delivery Service's ``/metrics``: each sample's value by its name and labels."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
+        text = resp.read().decode()
+    samples = (line.rsplit(" ", 1) for line in text.splitlines() if not line.startswith("#"))
+    return {name: float(value) for name, value in samples}
+
+
+def test_a_sender_killed_mid_send_sends_again_under_the_same_id(
+    trace_procs: TraceProcs, receiver_thread: ThreadedReceiver
+) -> None:
+    procs = trace_procs
+    receiver, dest = setup_destination(procs, receiver_thread)
+
+    async def hold() -> None:  # the receiver holds every request until the gate opens
+        receiver.gate = asyncio.Event()
+
+    async def release() -> None:
+        assert receiver.gate is not None
+        receiver.gate.set()
+
+    receiver_thread.call(hold())
+    ((delivery_id, key),) = enqueue(procs, dest, ["evt-held"])
+    # 1. the sender's request is in flight at the receiver (a long timeout: it never gives up
+    # by itself) when it is SIGKILLed
+    port = free_port()
+    args = run_args("--id", "killed", "--timeout-s", "60", "--metrics-port", str(port))
+    killed = procs._spawn("delivery", *args)
+    procs.wait_until(lambda: len(receiver.requests) == 1, 60, "the request held at the receiver")
+    held = metrics(port)
+    assert held['trace_delivery_deliveries{state="in_flight"}'] == 1.0
+    assert held['trace_delivery_deliveries{state="due"}'] == 0.0
+    assert held['trace_delivery_deliveries{state="sent"}'] == 0.0
+    procs.kill9(killed)
+    assert states(procs)[delivery_id] == "in_flight"  # nothing recorded the outcome
+    receiver_thread.call(release())
+    # 2. a new sender: the lapsed lease makes the delivery due again, and it is sent again
+    # under the same webhook-id; the receiver accepts that id once
+    port = free_port()
+    procs._spawn("delivery", *run_args("--id", "again", "--metrics-port", str(port)))
+    procs.wait_until(lambda: states(procs)[delivery_id] == "sent", 60, "sent after the crash")
+    expected = webhook_id(_key(dest, key))
+    assert receiver.accepted == [expected]
+    assert [r.webhook_id for r in receiver.requests] == [expected, expected]
+    assert all(r.valid for r in receiver.requests)
+    code, attempts = cli(procs, "alerts", "show", delivery_id)
+    assert code == 0
+    assert [(a["attempt"], a["sender"], a["outcome"]) for a in attempts] == [
+        (1, "killed", "expire"),
+        (2, "again", "succeed"),
+    ]
+    assert attempts[1]["status_code"] == 200
+    # 3. the other states on /metrics: a stale event is suppressed, a receiver that always
+    # fails makes the delivery failed after the last attempt
+    db(procs, _enqueue_stale(dest))
+    receiver.script = [500] * 10
+    ((doomed, _),) = enqueue(procs, dest, ["evt-doomed"])
+    procs.wait_until(lambda: states(procs)[doomed] == "failed", 60, "failed after 10 attempts")
+    after = metrics(port)
+    assert {
+        state: after[f'trace_delivery_deliveries{{state="{state}"}}']
+        for state in ("due", "in_flight", "sent", "failed", "suppressed", "disabled")
+    } == {"due": 0.0, "in_flight": 0.0, "sent": 1.0, "failed": 1.0, "suppressed": 1.0,
+          "disabled": 0.0}  # fmt: skip
+    assert after["trace_delivery_oldest_due_seconds"] == 0.0
+
+
+def _enqueue_stale(dest: Any) -> Any:
+    async def go(pool: Any) -> None:
+        _, state = await DeliveryStore(pool).enqueue(
+            org_id=dest["org_id"],
+            destination_id=dest["destination_id"],
+            alert_key="evt-old",
+            route="large-transfers",
+            event_time=datetime.now(UTC) - timedelta(days=2),
+            payload={"summary": "old"},
+            max_delivery_age=timedelta(hours=1),
+        )
+        assert state.value == "suppressed"
+
+    return go
 
 
 def _key(dest: Any, alert_key: str) -> str:
