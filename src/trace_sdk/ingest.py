@@ -241,7 +241,7 @@ async def cryo_ingest(ctx: TaskContext) -> dict[str, Any] | None:
             for p in answer["pieces"]
         ]
         if [(p.start, p.end) for p in found] != pieces(start, end, chunk):
-            raise ExtractError(f"the child answered other chunks than {pieces(start, end, chunk)}")
+            raise ExtractError(f"the child's chunks are not [{start}, {end}) cut every {chunk}")
         counts = await asyncio.to_thread(check_pieces, found)
         staging = time.monotonic()
         # every chunk passed: only now is anything staged
