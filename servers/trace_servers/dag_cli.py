@@ -306,6 +306,9 @@ def cmd_dag(args: argparse.Namespace, dispatcher_url: str = "") -> int:
                 payload = json.loads(args.payload)
             except ValueError as exc:
                 raise SystemExit(f"--payload is not JSON: {exc}") from exc
+            if not isinstance(payload, dict):
+                kind = "null" if payload is None else type(payload).__name__
+                raise SystemExit(f'--payload must be a JSON object such as {{"n": 4}}, not {kind}')
             body = {"payload": payload, "run_id": args.run_id}
             path = f"/v1/orgs/{args.org}/dags/{args.dag}/jobs/{args.job}/trigger"
             status, out = _remote(dispatcher_url, "POST", path, body)
