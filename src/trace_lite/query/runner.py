@@ -33,6 +33,7 @@ from typing import Any
 import attrs
 
 from trace_core import errors
+from trace_lite.query import nowrite
 from trace_lite.query.forkserver import REPLY
 
 log = logging.getLogger("trace.query")
@@ -67,12 +68,26 @@ TableSource = list[str] | CsvTable
 DATA_DIR = "data"
 
 
+def _place(source: str, dest: Path) -> None:
+    """``dest`` as a hard link to ``source`` where the sandbox cannot write any file (its
+    no-write filter) and both are on one file system; a copy otherwise."""
+    if nowrite.AVAILABLE:
+        try:
+            os.link(source, dest)
+            return
+        except OSError:
+            pass
+    shutil.copyfile(source, dest)
+
+
 def _stage(scratch: Path, tables: dict[str, TableSource]) -> list[dict[str, Any]]:
-    """What the sandbox reads for each dataset. Local files are copied into the sandbox's
-    private directory and named relative to it: its views read them there (no physical path
-    reaches DuckDB, and nothing the sandbox does can change the store's objects: a file DuckDB
-    may read it may also overwrite). A CSV export is private already and hard-linked when it
-    can be. ``s3://`` URLs pass as they are (the sandbox copies them into tables)."""
+    """What the sandbox reads for each dataset. Local files get a name in the sandbox's private
+    directory, relative to it, where its views read them: no physical path reaches DuckDB. The
+    name is a hard link when the sandbox's no-write filter (``nowrite``) guarantees it cannot
+    change the file (DuckDB may write a file it may read), a copy otherwise; either way the
+    sandbox no longer needs the pin (a purge removes the store's name, not the file). A CSV
+    export is private already. ``s3://`` URLs pass as they are (the sandbox copies them into
+    tables)."""
     staged: list[dict[str, Any]] = []
     data = scratch / DATA_DIR
     for i, (name, source) in enumerate(tables.items()):
@@ -94,7 +109,7 @@ def _stage(scratch: Path, tables: dict[str, TableSource]) -> list[dict[str, Any]
                 continue
             files.append(f"{DATA_DIR}/{i}_{j}.parquet")
             data.mkdir(mode=0o700, exist_ok=True)
-            shutil.copyfile(path, scratch / files[-1])
+            _place(path, scratch / files[-1])
         staged.append({"name": name, "parquet": files})
     return staged
 

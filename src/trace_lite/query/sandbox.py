@@ -11,7 +11,10 @@ record batches (``Frames``). The order of the layers:
    may grow past 0 bytes (``RLIMIT_FSIZE``), few open files, no core dumps; then DuckDB is
    imported (pyarrow only for a stream) and the query's database opened (``connect``) while the
    process waits for its one request (a pool makes it before a query arrives); the request's
-   CPU seconds become its CPU limit.
+   CPU seconds become its CPU limit. Before the request is read, on x86_64 Linux, a seccomp
+   filter (``trace_lite.query.nowrite``) leaves the process unable to open any file for writing
+   or to create, rename or remove one (it holds on DuckDB's threads too); without it no query
+   runs.
 2. A fresh in-memory DuckDB with extension autoload/autoinstall off, community and unsigned
    extensions off, an empty extension directory, ``threads`` and ``memory_limit`` set, no
    temp directory (nothing spills; memory is a hard limit) and no progress bar (it would draw
@@ -40,6 +43,7 @@ import resource
 import sys
 from typing import Any, NoReturn
 
+from trace_lite.query import nowrite
 from trace_lite.query.values import jsonable
 
 AS_LIMIT_BYTES = 3 * 1024**3
@@ -352,8 +356,20 @@ def _first_line(message: str) -> str:
 
 def serve(con: Any) -> NoReturn:
     """Read this process's one request on stdin, answer it on stdout over ``con``
-    (``connect``), and end the process."""
+    (``connect``), and end the process. Before the request is read, the no-write filter
+    (``nowrite``) is installed where the machine has it; if it cannot be, no query runs (the
+    server may have linked the store's files into this process's directory)."""
+    locked = True
+    if nowrite.AVAILABLE:
+        try:
+            nowrite.install()
+        except nowrite.FilterError:
+            locked = False
     request = json.loads(sys.stdin.buffer.read())
+    if not locked:
+        _answer_refusal(
+            request, Refused("unavailable", "the query sandbox could not be locked down")
+        )
     limit_cpu(int(request["cpu_s"]))
     if request.get("mode") == "arrow":
         frames = Frames(sys.stdout.buffer)
@@ -376,6 +392,15 @@ def serve(con: Any) -> NoReturn:
             {"ok": False, "error": "payload_too_large", "message": "the result is too large"}
         ).encode()
     sys.stdout.buffer.write(data)
+    _exit()
+
+
+def _answer_refusal(request: dict[str, Any], exc: Refused) -> NoReturn:
+    answer = {"ok": False, "error": exc.code, "message": exc.message}
+    if request.get("mode") == "arrow":
+        Frames(sys.stdout.buffer).send_json(b"X", {"error": exc.code, "message": exc.message})
+    else:
+        sys.stdout.buffer.write(json.dumps(answer).encode())
     _exit()
 
 
