@@ -12,7 +12,8 @@ Invariants kept here (``docs/architecture/data_versioning.md``):
 * a cutover or rollback is one transaction that moves ``dags.active_generation``; a resolve
   reads every active pointer it needs in one statement, so it sees a whole set, never a mix;
 * a reader is handed promoted partitions only (verified bytes at their canonical key);
-* a version that is active or pinned (an unexpired ``dataset_pins`` row) is never purged; a pin
+* a version that is active, staged (in a building rematerialization's pointer set) or pinned
+  (an unexpired ``dataset_pins`` row) is never purged; a pin
   is released only by its holder or an admin of its org, through that org.
 """
 
@@ -261,6 +262,7 @@ class PinRow:
 class PurgeLockRow:
     state: str
     active: bool
+    staged: bool
     pinned: bool
 
 
@@ -684,9 +686,9 @@ class Datasets:
     # -- purge ------------------------------------------------------------------------------------
 
     async def purge(self, caller: Caller | None, org: str, name: str, version: str) -> PurgeReport:
-        """Purge a version (org admins): refuse an active or pinned one, mark it purged, then
+        """Purge a version (org admins): refuse an active, staged or pinned one, mark it purged, then
         delete its objects and partitions. Re-running finishes an interrupted purge.
-        Returns what was freed. Raises ``Conflict`` (active or pinned), ``NotFound``,
+        Returns what was freed. Raises ``Conflict`` (active, staged or pinned), ``NotFound``,
         ``Forbidden``, ``Unavailable``."""
         org_id = await self.org_id(org)
         try:
@@ -703,6 +705,8 @@ class Datasets:
                 raise errors.NotFound("no such version", field="version")
             if v.active:
                 raise errors.Conflict("the version is active in its DAG's pointer set")
+            if v.staged:
+                raise errors.Conflict("the version is in the pointer set of a building staging")
             if v.pinned:
                 raise errors.Conflict("the version is pinned by a reader")
             await cur.execute(Q["mark_purged"], {"version": version})

@@ -16,7 +16,7 @@ import attrs
 import psycopg
 import pytest
 
-from trace_core import wire
+from trace_core import errors, wire
 from trace_core.testing import MemoryObjectStore, MemoryQueue, MemorySigner
 from trace_lite.dag_control import DagControl
 from trace_lite.dag_remat import DagRemat, rerun_payload
@@ -389,3 +389,26 @@ async def test_a_dataset_two_rebuilt_jobs_publish_gets_one_staged_version(world:
         "JOIN datasets d ON d.dataset_uuid = p.dataset_uuid GROUP BY d.name"
     )
     assert staged == [("mw", 1)]
+
+
+async def test_a_staged_version_is_not_purged_while_its_staging_builds(world: World) -> None:
+    await built(world)
+    await world.dags.deploy(None, ORG, edited(mid={"config": {"rule": 2}}))
+    ((staged,),) = world.sql(
+        "SELECT p.dataset_version::text FROM dag_rematerializations m "
+        "JOIN dag_pointers p ON p.dag_id = m.dag_id AND p.generation = m.generation "
+        "JOIN datasets d ON d.dataset_uuid = p.dataset_uuid WHERE d.name = 'mid_ds'"
+    )
+    assert staged != (await world.versions())["mid_ds"]  # not the live one
+    admin = await world.ds.user_caller(ORG, "ada")
+    with pytest.raises(errors.Conflict, match="staging"):
+        await world.ds.purge(admin, ORG, "mid_ds", staged)
+    assert world.sql("SELECT state FROM dataset_versions WHERE dataset_version = %s", [staged]) != [
+        ("purged",)
+    ]
+    # abandoned by a rollback, the staged version is no longer in any set: it may be purged
+    await world.control.rollback(None, ORG, "flow")
+    await world.ds.purge(admin, ORG, "mid_ds", staged)
+    assert world.sql("SELECT state FROM dataset_versions WHERE dataset_version = %s", [staged]) == [
+        ("purged",)
+    ]

@@ -190,12 +190,18 @@ FOR UPDATE OF n;
 DELETE FROM dataset_pins WHERE pin_id = %(pin_id)s;
 
 -- name: lock_version_for_purge
--- Lock a version of a dataset and say whether it is active or pinned.
+-- Lock a version of a dataset and say whether it is active, staged (in the pointer set of a
+-- building rematerialization, dag_remat.sql) or pinned.
 SELECT v.state,
        EXISTS (SELECT 1 FROM datasets d JOIN dags g ON g.dag_id = d.dag_id
                JOIN dag_pointers p ON p.dag_id = g.dag_id AND p.generation = g.active_generation
                WHERE d.dataset_uuid = v.dataset_uuid AND p.dataset_version = v.dataset_version)
            AS active,
+       EXISTS (SELECT 1 FROM datasets d
+               JOIN dag_rematerializations m ON m.dag_id = d.dag_id AND m.state = 'building'
+               JOIN dag_pointers p ON p.dag_id = m.dag_id AND p.generation = m.generation
+               WHERE d.dataset_uuid = v.dataset_uuid AND p.dataset_version = v.dataset_version)
+           AS staged,
        EXISTS (SELECT 1 FROM dataset_pins n
                WHERE n.dataset_version = v.dataset_version AND n.expires_at > now()) AS pinned
 FROM dataset_versions v
