@@ -13,7 +13,9 @@
   (diff, a version live at once) -- p50 and p95 over ``--deploys`` deploys.
 
 Each run gets a fresh database; the table shows medians of ``--runs`` runs and ratios (raw
-time / Trace time: 1.0 means as fast as the bare insert). No target is asserted here (targets:
+time / Trace time: 1.0 means as fast as the bare insert), and the CPU per task of each side
+(Postgres's backends read from ``/proc``, plus this process's for Trace): on a loaded machine
+the rates move with the neighbours' load, the CPU much less. No target is asserted here (targets:
 fan-out >= 0.5 of raw; deploy diff + cutover p50 < 200 ms, ``docs/performance.md``).
 """
 
@@ -21,9 +23,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import math
+import os
 import statistics
 import time
 from typing import Any
+
+import psycopg
 
 from bench.common import BenchPostgres
 from trace_core import wire
@@ -103,8 +109,29 @@ async def _source_events(d: Dispatcher, runs: DagRuns, dag: str, n: int) -> str:
     return str(out["task_id"])
 
 
-async def _fan_out(url: str, events: int, consumers: int) -> tuple[int, float, float]:
-    """``(tasks, trace_s, raw_s)`` for ``events`` events to ``consumers`` jobs."""
+def _backend_cpu_s(url: str) -> float | None:
+    """CPU seconds (user + system) the database's other backends have used so far: read from
+    ``/proc`` (Linux, the server on this machine); None when it cannot be read."""
+    try:
+        with psycopg.connect(url, autocommit=True) as conn:
+            rows = conn.execute(
+                "SELECT pid FROM pg_stat_activity "
+                "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+            ).fetchall()
+        ticks = 0
+        for (pid,) in rows:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            ticks += int(fields[11]) + int(fields[12])
+        return ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, psycopg.Error):
+        return None
+
+
+async def _fan_out(url: str, events: int, consumers: int) -> tuple[int, float, float, float, float]:
+    """``(tasks, trace_s, raw_s, trace_cpu_s, raw_cpu_s)`` for ``events`` events to
+    ``consumers`` jobs; the CPU figures are Postgres's plus (for Trace) this process's, NaN
+    when the server's processes cannot be read."""
     pool = await open_pool(url, min_size=2, max_size=8)
     try:
         d = Dispatcher(
@@ -115,16 +142,21 @@ async def _fan_out(url: str, events: int, consumers: int) -> tuple[int, float, f
         await dags.deploy(None, ORG, fan_dag(name, consumers))
         src = await _source_events(d, runs, name, events)
         created = 0
+        cpu0, py0 = _backend_cpu_s(url), time.process_time()
         t0 = time.perf_counter()
         while (report := await runs.fan_out_once()).events:
             created += report.created
         trace_s = time.perf_counter() - t0
+        py1, cpu1 = time.process_time(), _backend_cpu_s(url)
         async with pool.connection() as conn, conn.transaction():
             t0 = time.perf_counter()
             cur = await conn.execute(RAW_INSERT, (src,))
             raw_s = time.perf_counter() - t0
             assert cur.rowcount == created, (cur.rowcount, created)
-        return created, trace_s, raw_s
+        cpu2 = _backend_cpu_s(url)
+        if cpu0 is None or cpu1 is None or cpu2 is None:
+            return created, trace_s, raw_s, math.nan, math.nan
+        return created, trace_s, raw_s, cpu1 - cpu0 + py1 - py0, cpu2 - cpu1
     finally:
         await pool.close()
 
@@ -161,8 +193,13 @@ def _p(values: list[float], q: float) -> float:
 async def main_async(args: argparse.Namespace) -> None:
     pg = BenchPostgres().start()
     try:
-        print("fan-out: tasks created per second (median of runs; raw = one INSERT ... SELECT)")
-        print(f"{'case':<28} {'tasks':>7} {'trace/s':>10} {'raw/s':>11} {'ratio':>7}")
+        print("fan-out: tasks created per second (median of runs; raw = one INSERT ... SELECT);")
+        print("CPU per task, µs: Postgres + this process for Trace, Postgres for raw (steadier")
+        print("than the rates on a loaded machine; ratio = raw CPU / Trace CPU)")
+        print(
+            f"{'case':<28} {'tasks':>7} {'trace/s':>10} {'raw/s':>11} {'ratio':>7}"
+            f" {'cpu µs':>8} {'raw µs':>8} {'ratio':>7}"
+        )
         for events, consumers in ((1, args.consumers), (args.events, 1)):
             rows = []
             for _ in range(args.runs):
@@ -170,12 +207,15 @@ async def main_async(args: argparse.Namespace) -> None:
                 rows.append(await _fan_out(url, events, consumers))
                 pg.drop(db)
             tasks = rows[0][0]
-            trace_rate = statistics.median(n / t for n, t, _ in rows)
-            raw_rate = statistics.median(n / r for n, _, r in rows)
+            trace_rate = statistics.median(n / t for n, t, *_ in rows)
+            raw_rate = statistics.median(n / r for n, _, r, *_ in rows)
+            trace_cpu = statistics.median(c for *_, c, _ in rows) / tasks * 1e6
+            raw_cpu = statistics.median(c for *_, c in rows) / tasks * 1e6
             label = f"{events} event(s) x {consumers} job(s)"
             print(
                 f"{label:<28} {tasks:>7} {trace_rate:>10,.0f} {raw_rate:>11,.0f} "
-                f"{trace_rate / raw_rate:>7.2f}"
+                f"{trace_rate / raw_rate:>7.2f} {trace_cpu:>8.1f} {raw_cpu:>8.1f} "
+                f"{raw_cpu / trace_cpu:>7.2f}"
             )
         print(f"\ndeploy of a {args.jobs}-job DAG, ms (p50 / p95 over {args.deploys} deploys;")
         print("median of runs): a materialization edit staged, its cutover, an execution edit")
