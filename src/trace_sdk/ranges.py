@@ -13,11 +13,14 @@ Each window is announced with the completion as an event: key ``window:{start}_{
 * ``range_aggregator`` (``make_range_aggregator(store)``: it needs durable state, kept by the
   platform per (org, job, input dataset) behind ``StateStore``; Lite:
   ``trace_lite.operator_state.PgOperatorState``): folds ordered inputs and announces each window
-  once all of it is covered. v1 assumes ordered inputs; otherwise (``trace_core.ranges``):
-  a range already covered is acknowledged with no event (the retry of the last input re-announces
-  its windows); a range after a gap fails the task retryably ("waiting for ..."), so it waits
-  through its retries for the missing ranges and fails visibly when they never come; a partial
-  overlap fails the task for good.
+  once all of it is covered. v1 assumes ordered inputs; otherwise (``trace_core.ranges``): a
+  range already covered comes again when its data was committed again (a reorged range
+  re-extracted with ``replace``, or a retried task): the windows already announced that hold
+  part of it are announced again (the same keys, so their downstream tasks rerun and replace
+  their partitions), once per committing task (the event's ``producer_task_id``); a range
+  after a gap fails the task retryably ("waiting for ..."), so it waits through its retries
+  for the missing ranges and fails visibly when they never come; a partial overlap fails the
+  task for good.
 """
 
 from __future__ import annotations
@@ -99,7 +102,8 @@ def make_range_aggregator(store: StateStore) -> Operator:
     """The ``range_aggregator`` operator over ``store``."""
 
     async def range_aggregator(ctx: TaskContext) -> dict[str, Any] | None:
-        """Announces each config.blocks window once ordered input ranges cover it."""
+        """Announces each config.blocks window once ordered input ranges cover it, and again
+        when a range inside it is committed again."""
         start, end, dataset = input_range(ctx.payload)
         window = _window(ctx.payload)
         origin = ctx.payload.get("origin", 0)
@@ -108,8 +112,11 @@ def make_range_aggregator(store: StateStore) -> Operator:
         task_id, attempt = ctx.task.task_id, ctx.attempt
         doc, version = await store.load(task_id, attempt, dataset)
         state = ranges.AggregatorState.from_doc(doc) if doc else ranges.AggregatorState(origin)
+        event = ctx.payload.get("event")
+        producer = event.get("producer_task_id") if isinstance(event, dict) else None
+        source = (producer, task_id) if isinstance(producer, str) else None
         try:
-            new, windows = ranges.aggregate(state, start, end, window)
+            new, windows = ranges.aggregate(state, start, end, window, origin=origin, source=source)
         except ranges.Gap as exc:
             raise RuntimeError(str(exc)) from None  # retryable: wait for the missing ranges
         except ranges.Overlap as exc:

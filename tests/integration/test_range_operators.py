@@ -51,9 +51,17 @@ class Env:
             await surface.close()
         return task
 
-    async def aggregate(self, start: int, end: int, attempts: int = 3) -> Any:
-        """One aggregator task for the range event [start, end) of dataset 'blocks'."""
-        event = {"key": f"r{start}", "type": "range", "payload": {"start": start, "end": end}}
+    async def aggregate(
+        self, start: int, end: int, attempts: int = 3, producer: str | None = None
+    ) -> Any:
+        """One aggregator task for the range event [start, end) (of task ``producer``)."""
+        event: dict[str, Any] = {
+            "key": f"r{start}",
+            "type": "range",
+            "payload": {"start": start, "end": end},
+        }
+        if producer:
+            event["producer_task_id"] = producer
         return await self.run(
             "range_aggregator",
             {"blocks": 100, "state_key": "agg", "event": event},
@@ -99,9 +107,9 @@ async def test_the_aggregator_folds_ordered_ranges_durably(env: Env) -> None:
     assert windows(await env.aggregate(0, 60)) == []
     assert windows(await env.aggregate(60, 130)) == ["window:0_100"]
     assert windows(await env.aggregate(130, 320)) == ["window:100_200", "window:200_300"]
-    # an older range again: acknowledged, nothing announced
+    # an older range again (its data committed again): the announced window holding it again
     replay = await env.aggregate(0, 60)
-    assert replay["state"] == "completed" and windows(replay) == []
+    assert replay["state"] == "completed" and windows(replay) == ["window:0_100"]
     # a gap: the task fails retryably (it waits through its retries), the state does not move
     gap = await env.aggregate(400, 500, attempts=2)
     assert gap["state"] == "failed" and len(gap["attempts"]) == 2
@@ -117,6 +125,22 @@ async def test_the_aggregator_folds_ordered_ranges_durably(env: Env) -> None:
         {"blocks": 100, "state_key": "other", "start": 0, "end": 100},
     )
     assert windows(other) == ["window:0_100"]
+
+
+async def test_a_range_committed_again_reannounces_its_window_once_per_commit(env: Env) -> None:
+    """A reorged range re-extracted (``replace``) reaches the aggregator as a range below its
+    prefix: the window built from it is announced again, once per committing task."""
+    for at in range(0, 300, 50):
+        await env.aggregate(at, at + 50, producer=f"ingest-{at}")
+    first = await env.aggregate(100, 150, producer="reextract-1")
+    assert windows(first) == ["window:100_200"]
+    # another chunk of the same re-extract in the same window: nothing more
+    assert windows(await env.aggregate(150, 200, producer="reextract-1")) == []
+    # a second re-extract of it: the window again; a re-extract in another window: that one
+    assert windows(await env.aggregate(150, 200, producer="reextract-2")) == ["window:100_200"]
+    assert windows(await env.aggregate(250, 300, producer="reextract-3")) == ["window:200_300"]
+    # fresh input still follows the ordering rules
+    assert windows(await env.aggregate(300, 400, producer="ingest-300")) == ["window:300_400"]
 
 
 async def test_state_writes_are_fenced_and_compare_and_swap(env: Env) -> None:
