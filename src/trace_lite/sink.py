@@ -155,6 +155,7 @@ class _EventRow:
 class _TargetRow:
     task_id: str
     task_created: datetime
+    may_write: bool
     dataset_version: str | None
     staged_schema: dict[str, str] | None
     staged_unique_key: list[str] | None
@@ -288,6 +289,13 @@ class Sink:
         for i, batch_msg in decoded:
             fallback = _Target(dataset.dataset_version, registry, replace)
             target = targets.get(batch_msg.task_id, fallback)
+            if target is None:
+                refused = errors.Forbidden(
+                    f"task {batch_msg.task_id} is not of the DAG producing {dataset.name!r}",
+                    field="task_id",
+                )
+                results[i] = await self._dead_letter(messages[i], refused)
+                continue
             try:
                 parsed = await self._parse(batch_msg, target.schema)
             except (errors.ValidationFailed, errors.NotFound, errors.Conflict) as exc:
@@ -340,10 +348,11 @@ class Sink:
 
     async def _targets(
         self, dataset: DatasetRow, registry: DatasetSchema, replace: bool, task_ids: set[str]
-    ) -> tuple[dict[str, _Target], dict[str, datetime]]:
+    ) -> tuple[dict[str, _Target | None], dict[str, datetime]]:
         """Per producer task: the version its batches go to, the schema they are parsed
         against and the update strategy (``batch_targets``: a staged producer's staged version
-        and spec); and when each was created."""
+        and spec), None for a task of another DAG (it may not write the dataset); and when
+        each was created."""
         if not task_ids:
             return {}, {}
         async with transaction(self.state_pool) as cur:
@@ -353,8 +362,11 @@ class Sink:
                 Q["batch_targets"],
                 {"dataset_uuid": dataset.dataset_uuid, "task_ids": sorted(task_ids)},
             )
-        out = {}
+        out: dict[str, _Target | None] = {}
         for r in rows:
+            if not r.may_write:
+                out[r.task_id] = None
+                continue
             schema, mode = registry, replace
             if r.staged_schema is not None:
                 schema = DatasetSchema.of(r.staged_schema, r.staged_unique_key or ())

@@ -22,7 +22,7 @@ import pytest
 import yaml
 from test_delivery_e2e import ThreadedReceiver
 
-from conftest import UdfProcs
+from conftest import UdfProcs, buffered_output, py_bundle
 from trace_core.alert_rules import alert_key
 from trace_core.delivery import delivery_key, webhook_id
 from trace_lite.dag_runs import DagRuns
@@ -135,3 +135,58 @@ def test_a_udf_detector_writes_alert_events_that_are_routed_and_delivered_once(
     assert body["alert"]["details"] == {"from_address": SENDER, "transfers": 3}
     events = procs.cli("alerts", "ls", "--org", "default")
     assert {e["alert_key"]: e["deliveries"] for e in events} == {key: {"sent": 1}}
+
+
+#: A UDF of another DAG writing alert_events (and its own dataset).
+ROGUE = """
+    from trace_udf import Context
+    from trace_udf.alerts import alert_event
+
+    def handler(ctx: Context) -> None:
+        row = alert_event("rogue", ["x"], event_time="2026-12-01T00:00:00Z", summary="rogue",
+                          severity="critical")
+        ctx.emit_rows("alert_events", [row], key="rogue")
+        ctx.emit_rows("rogue_out", [{"n": 1}], key="mine")
+"""
+
+
+def test_a_udf_of_another_dag_cannot_write_alert_events(
+    udf_dag_procs: UdfProcs, tmp_path: Path
+) -> None:
+    procs = udf_dag_procs
+    procs.org_id()
+    src = tmp_path / "transfer_bursts"
+    shutil.copytree(EXAMPLE, src, ignore=shutil.ignore_patterns("dist", "__pycache__"))
+    dag = yaml.safe_load((EXAMPLE / "dag.yaml").read_text())
+    dag["jobs"]["detect"]["config"]["bundle"] = procs.deploy_bundle(src)
+    del dag["jobs"]["route"]
+    now = datetime.now(UTC)
+    rows = [transfer(i, SENDER, now) for i in range(3)]
+    deploy_and_trigger(procs, dag, {"rows": rows})  # alert_events is this DAG's
+    mine = [(alert_key("transfer_bursts", [SENDER, rows[0]["transaction_hash"], 0]),)]
+    procs.wait_until(
+        lambda: procs.stored_rows("alert_events", ["alert_key"]) == mine, 90, "its event"
+    )
+    rogue = procs.put_bundle(py_bundle("rogue", ROGUE))
+    other = {
+        "name": "rogue",
+        "jobs": {
+            "detect": {
+                "operator": "udf", "runtime": "lambda", "config": {"bundle": rogue},
+                "triggers": [{"type": "manual"}],
+                "outputs": buffered_output({"n": "int64"}, ["n"]),
+            }
+        },
+        "publish": [{"job": "detect", "output": 0, "dataset": "rogue_out"}],
+    }  # fmt: skip
+    deploy_and_trigger(procs, other, {})
+
+    def dead() -> list[Any]:
+        shown = procs.cli("dlq", "show", "--org", "default", "--dataset", "alert_events")
+        return list(shown["dead_letters"])
+
+    # its own dataset is written; its alert_events batch is dead-lettered, never stored
+    procs.wait_until(lambda: procs.stored_rows("rogue_out", ["n"]) == [(1,)], 90, "rogue_out")
+    [letter] = procs.wait_until(dead, 90, "the alert_events batch dead-lettered")
+    assert "is not of the DAG producing 'alert_events'" in letter["reason"]
+    assert procs.stored_rows("alert_events", ["alert_key"]) == mine
