@@ -209,9 +209,10 @@ ORDER BY o.id;
 -- rows FOR SHARE (in dag_id order): a deploy, cutover or rollback of them waits for the pass,
 -- and the pass's next statement sees any that committed before.
 WITH src AS (
+    -- (LATERAL ... LIMIT 1: a lookup by key however the batch's size is estimated)
     SELECT s.task_id, s.output, s.sink_dataset, t.org_id, t.dag_id, t.dag_job
     FROM jsonb_to_recordset(%(srcs)s::jsonb) AS s(task_id uuid, output int, sink_dataset text)
-    JOIN tasks t ON t.task_id = s.task_id
+    JOIN LATERAL (SELECT * FROM tasks t WHERE t.task_id = s.task_id LIMIT 1) t ON true
 ), readers AS (
     SELECT s.*, i.dag_id AS reader_dag_id, i.version, i.job, i.input_index, i.where_filter
     FROM src s JOIN dag_inputs i ON (i.dag_id, i.from_job, i.from_output)
@@ -285,7 +286,9 @@ WITH claimed AS (
            CASE WHEN starts_with(e.event_key, 'sink/')
                 THEN coalesce(e.payload ->> 'dataset_uuid', '') ELSE '' END AS sink_dataset
     FROM claimed c
-    JOIN task_events e ON (e.task_id, e.event_key) = (c.task_id, c.event_key)
+    -- (LATERAL ... LIMIT 1: a lookup by key however the batch's size is estimated)
+    JOIN LATERAL (SELECT * FROM task_events e
+                  WHERE (e.task_id, e.event_key) = (c.task_id, c.event_key) LIMIT 1) e ON true
 ), src AS MATERIALIZED (
     -- each producing (task, output, sink dataset) once, with what stagings decide for it
     SELECT s.task_id, s.output, s.sink_dataset, t.org_id, t.dag_id, t.dag_job, t.dag_version,
@@ -298,7 +301,7 @@ WITH claimed AS (
                      AND c.version > t.dag_version AND c.version <= cg.active_version
                      AND t.dag_job = ANY(c.rebuild)) AS superseded
     FROM (SELECT DISTINCT task_id, output, sink_dataset FROM ev) s
-    JOIN tasks t ON t.task_id = s.task_id
+    JOIN LATERAL (SELECT * FROM tasks t WHERE t.task_id = s.task_id LIMIT 1) t ON true
     LEFT JOIN dag_rematerializations m ON m.dag_id = t.dag_id AND m.version = t.dag_version
                                       AND m.state = 'building'
 ), live AS MATERIALIZED (
