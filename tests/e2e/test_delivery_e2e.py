@@ -236,6 +236,13 @@ def test_a_sender_killed_mid_send_sends_again_under_the_same_id(
     assert held['trace_delivery_deliveries{state="in_flight"}'] == 1.0
     assert held['trace_delivery_deliveries{state="due"}'] == 0.0
     assert held['trace_delivery_deliveries{state="sent"}'] == 0.0
+    assert held["trace_delivery_oldest_due_seconds"] == 0.0
+    # a delivery routed meanwhile waits: the sender is inside its pass (due, aging)
+    ((waiting, waiting_key),) = enqueue(procs, dest, ["evt-waiting"])
+    procs.wait_until(
+        lambda: metrics(port)["trace_delivery_oldest_due_seconds"] > 0, 30, "an aging due row"
+    )
+    assert metrics(port)['trace_delivery_deliveries{state="due"}'] == 1.0
     procs.kill9(killed)
     assert states(procs)[delivery_id] == "in_flight"  # nothing recorded the outcome
     receiver_thread.call(release())
@@ -243,11 +250,13 @@ def test_a_sender_killed_mid_send_sends_again_under_the_same_id(
     # under the same webhook-id; the receiver accepts that id once
     port = free_port()
     procs._spawn("delivery", *run_args("--id", "again", "--metrics-port", str(port)))
-    procs.wait_until(lambda: states(procs)[delivery_id] == "sent", 60, "sent after the crash")
+    procs.wait_until(
+        lambda: states(procs)[delivery_id] == states(procs)[waiting] == "sent", 60, "both sent"
+    )
     expected = webhook_id(_key(dest, key))
-    assert receiver.accepted == [expected]
-    assert [r.webhook_id for r in receiver.requests] == [expected, expected]
-    assert all(r.valid for r in receiver.requests)
+    assert sorted(receiver.accepted) == sorted([expected, webhook_id(_key(dest, waiting_key))])
+    assert [r.webhook_id for r in receiver.requests].count(expected) == 2
+    assert len(receiver.requests) == 3 and all(r.valid for r in receiver.requests)
     code, attempts = cli(procs, "alerts", "show", delivery_id)
     assert code == 0
     assert [(a["attempt"], a["sender"], a["outcome"]) for a in attempts] == [
@@ -265,7 +274,7 @@ def test_a_sender_killed_mid_send_sends_again_under_the_same_id(
     assert {
         state: after[f'trace_delivery_deliveries{{state="{state}"}}']
         for state in ("due", "in_flight", "sent", "failed", "suppressed", "disabled")
-    } == {"due": 0.0, "in_flight": 0.0, "sent": 1.0, "failed": 1.0, "suppressed": 1.0,
+    } == {"due": 0.0, "in_flight": 0.0, "sent": 2.0, "failed": 1.0, "suppressed": 1.0,
           "disabled": 0.0}  # fmt: skip
     assert after["trace_delivery_oldest_due_seconds"] == 0.0
 
