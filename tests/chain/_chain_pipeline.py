@@ -6,7 +6,7 @@ chain pipeline tests share.
 the Dispatcher, one worker with the Lite chain and alert operators, the dataset GC (promotion),
 the DAG passes (fan-out, schedules, invalidation cascades) and a sink per buffered dataset
 asked for (forwarder and sink in a loop), until the ``async with`` block ends; failed tasks
-fail the test at every wait."""
+fail the test at every wait. A test adds its own operators with ``operators``."""
 
 from __future__ import annotations
 
@@ -38,7 +38,7 @@ from trace_lite.local_store import LocalObjectStore
 from trace_lite.pg_queue import PgQueue
 from trace_lite.sink import Sink, load_dataset
 from trace_lite.task_surface import InProcessTaskSurface
-from trace_sdk import BUILTIN_OPERATORS, Worker
+from trace_sdk import BUILTIN_OPERATORS, Operator, Worker
 
 ORG = "acme"
 ROOT = Path(__file__).resolve().parents[2]
@@ -163,14 +163,15 @@ async def run_pipeline(
     *,
     sinks: Sequence[str] = ("monad_block_stats",),
     background: Sequence[Callable[[asyncio.Event, Pipeline], Coroutine[Any, Any, None]]] = (),
+    operators: Callable[[Pipeline], dict[str, Operator]] | None = None,
 ) -> AsyncIterator[Pipeline]:
     """Deploy ``doc`` in org ``ORG`` (alice an admin) and run it (module docstring); each of
-    ``background`` runs alongside until the block ends."""
+    ``background`` runs alongside until the block ends; ``operators(pipeline)``: more operators
+    the DAG may name and the worker runs."""
     state = await open_pool(db_url, min_size=2, max_size=12)
     data = await open_pool(data_url, min_size=1, max_size=4)
     store = LocalObjectStore(tmp_path / "objects", "http://127.0.0.1:1", b"s" * 32)
     lite = lite_operators(state, store) | alert_operators(state, data, store)
-    operators = {n: OperatorInfo(n) for n in [*BUILTIN_OPERATORS, *lite]}
     queue = MemoryQueue("tasks")
     dispatcher = Dispatcher(
         state,
@@ -186,9 +187,11 @@ async def run_pipeline(
     tasks: list[asyncio.Task[None]] = []
     try:
         await Datasets(state, object_store=store).set_member(None, ORG, "alice", ["admin"])
-        await Dags(state, operators=operators).deploy(None, ORG, doc)
         runs = DagRuns(state)
         pipeline = Pipeline(db_url, data_url, state, data, store, dispatcher, runs)
+        lite |= operators(pipeline) if operators else {}
+        infos = {n: OperatorInfo(n) for n in [*BUILTIN_OPERATORS, *lite]}
+        await Dags(state, operators=infos).deploy(None, ORG, doc)
         worker = Worker(
             surface=surface,
             queue=queue,

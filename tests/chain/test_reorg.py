@@ -1,14 +1,18 @@
 """A forced reorg on a real anvil node (``evm_snapshot``, a fork mined, ``evm_revert``, a
 different fork mined) under ``examples/monad/monad.yaml`` on real Postgres: the follower sees
-the changed hashes, announces exactly the affected range again, ``cryo_ingest`` replaces it,
-``erc20_transfers`` and ``block_stats`` rerun on it once; the published logs, transfers and
-block stats then equal the node's new chain, and the ranges below the fork are not extracted
-again."""
+the changed hashes, announces exactly the affected ranges again, ``cryo_ingest`` replaces them,
+``erc20_transfers`` and ``block_stats`` rerun on them once, and ``windows``
+(``range_aggregator``) announces the already announced window holding a reorged range again, so
+its downstream job reruns on the new data; the published logs, transfers and block stats and
+the window's aggregate then equal the node's new chain, and the ranges below the fork are not
+extracted again."""
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import http.server
+import io
 import threading
 import urllib.request
 from collections.abc import Iterator
@@ -17,12 +21,17 @@ from pathlib import Path
 from typing import Any
 
 import attrs
-from _chain_pipeline import Pipeline, monad_example, run_pipeline, sql
+import pyarrow.parquet as pq
+from _chain_pipeline import ORG, Pipeline, monad_example, run_pipeline, sql
 
+from trace_core.access import UserCaller
 from trace_lite.chain.devnode import TRANSFER_TOPIC, DevNode, Rpc, make_activity
+from trace_lite.datasets import Datasets
 from trace_lite.outputs import INVALIDATE_TOPIC
+from trace_sdk import Operator, TaskContext
 from trace_sdk.block_hashes import hex_hashes_digest
 from trace_sdk.follower import CommittedRange, reorged_ranges, stale_ranges
+from trace_sdk.ranges import input_range
 
 
 def test_reorged_ranges_start_at_the_chunk_of_the_lowest_changed_block() -> None:
@@ -109,31 +118,99 @@ async def follow(p: Pipeline, run_id: str) -> list[str]:
     return events
 
 
+def logs_digest(logs: list[tuple[int, int, str]]) -> dict[str, Any]:
+    """A window's aggregate: how many logs, and a digest of their (block, index, tx hash)."""
+    text = "\n".join(f"{b}:{i}:{h}" for b, i, h in sorted(logs))
+    return {"logs": len(logs), "sha256": hashlib.sha256(text.encode()).hexdigest()}
+
+
+def node_window(rpc: Rpc, start: int, end: int) -> dict[str, Any]:
+    logs = rpc.call("eth_getLogs", {"fromBlock": hex(start), "toBlock": hex(end - 1)})
+    return logs_digest(
+        [(int(x["blockNumber"], 16), int(x["logIndex"], 16), x["transactionHash"]) for x in logs]
+    )
+
+
+def window_logs(p: Pipeline) -> dict[str, Operator]:
+    """``window_logs``: a window's downstream job, the aggregate of the committed logs of the
+    window's ranges (``logs_digest``) as its result. It waits for every committed partition of
+    ``monad_logs`` to be promoted, so it reads what was committed before its window event."""
+
+    async def window_logs(ctx: TaskContext) -> dict[str, Any] | None:
+        start, end, _ = input_range(ctx.payload)
+        org_id = sql(p.db_url, "SELECT org_id::text FROM orgs WHERE name = %s", (ORG,))[0][0]
+        admin = UserCaller("alice", org_id, frozenset({"admin"}))
+        async with asyncio.timeout(30):
+            while True:
+                res = await Datasets(p.state, object_store=p.store).resolve(
+                    admin, ORG, ["monad_logs"], pin_ttl_s=0
+                )
+                if not res.datasets[0].pending:
+                    break
+                await asyncio.sleep(0.05)
+        logs = []
+        for obj in res.datasets[0].objects:
+            if start <= obj["start"] and obj["end"] <= end:
+                table = pq.read_table(io.BytesIO(await p.store.get(obj["object_key"])))
+                logs += [
+                    (r["block_number"], r["log_index"], "0x" + r["transaction_hash"].hex())
+                    for r in table.to_pylist()
+                ]
+        return {"start": start, "end": end, **logs_digest(logs)}
+
+    return {"window_logs": window_logs}
+
+
+def window_results(db_url: str) -> list[tuple[str, dict[str, Any]]]:
+    """``(window, result)`` of each completed ``window_logs`` task, in creation order."""
+    rows = sql(
+        db_url,
+        "SELECT (result ->> 'start') || '_' || (result ->> 'end'), result FROM tasks "
+        "WHERE dag_job = 'window_logs' AND state = 'completed' ORDER BY created_at, task_id",
+    )
+    return [(w, {"logs": r["logs"], "sha256": r["sha256"]}) for w, r in rows]
+
+
 async def test_a_forced_reorg_replaces_exactly_the_affected_range(
     db_url: str, data_db_url: str, tmp_path: Path, fresh_node: DevNode
 ) -> None:
     rpc = fresh_node.rpc()
     make_activity(rpc, 45)  # blocks 0..46
     snapshot = rpc.call("evm_snapshot")
-    make_activity(rpc, 30)  # fork A: 47..
+    make_activity(rpc, 40)  # fork A: 47..
+    assert 82 <= rpc.block_number() < 102
     doc = monad_example(fresh_node.url)
     doc["jobs"]["follow"]["config"].update(start=0, chunk=20, confirmations=2)
-    async with run_pipeline(db_url, data_db_url, tmp_path, doc) as p:
+    # windows of 60 blocks: 0_60 is announced with 40_60, below the last range taken (60_80),
+    # and 40_60 is the range the reorg changes; window_logs aggregates each window's logs
+    doc["jobs"]["windows"]["config"]["blocks"] = 60
+    doc["jobs"]["windows"]["outputs"] = [
+        {"storage": "object_store", "update_strategy": "append", "schema": {"start": "uint64"}}
+    ]
+    doc["jobs"]["window_logs"] = {
+        "operator": "window_logs",
+        "max_attempts": 3,
+        "inputs": [{"from": {"job": "windows", "output": 0}}],
+    }
+    async with run_pipeline(db_url, data_db_url, tmp_path, doc, operators=window_logs) as p:
         assert await follow(p, "one") == [
             "range:0_20",
             "range:20_40",
             "range:40_60",
+            "range:60_80",
         ]
-        fork_a = node_stats(rpc, 60)
+        await p.until(lambda: p.done("windows") == 4 and p.done("window_logs") == 1)
+        assert window_results(db_url) == [("0_60", node_window(rpc, 0, 60))]
+        fork_a = node_stats(rpc, 80)
         rpc.call("evm_revert", snapshot)
         # fork B, still shorter than what was announced: the follower waits for it to grow
         rpc.call("evm_mine")  # fork B differs from A from block 47 on, in shape too
         assert await follow(p, "waits") == []
         make_activity(rpc, 40)
-        assert rpc.block_number() >= 82
-        assert node_stats(rpc, 60) != fork_a  # the stats of 47..59 changed
-        # exactly the range holding the fork again, and the next new one
-        assert await follow(p, "two") == ["reorg:40_60", "range:60_80"]
+        assert 82 <= rpc.block_number() < 102
+        assert node_stats(rpc, 80) != fork_a  # the stats of 47..79 changed
+        # exactly the ranges from the one holding the fork up to the cursor again
+        assert await follow(p, "two") == ["reorg:40_60", "reorg:60_80"]
         # the replace commit announced an invalidation; once the cascade consumed it, it has
         # created nothing: the re-extract's own range events already reran the transforms
         await p.until(
@@ -149,15 +226,28 @@ async def test_a_forced_reorg_replaces_exactly_the_affected_range(
             db_url, "SELECT count(*) FROM outbox WHERE topic = %s", (INVALIDATE_TOPIC,)
         )
         assert invalidations[0][0] >= 1
+        # windows: 0_60 (built from 40_60) announced again, once; 60_80 is in the open window
+        await p.until(lambda: p.done("windows") == 6 and p.done("window_logs") == 2)
         await asyncio.sleep(0.2)
-        assert p.done("transfers") == 5 and p.done("ingest") == 5
+        assert p.done("transfers") == 6 and p.done("ingest") == 6
+        assert p.done("window_logs") == 2
+        announced = sql(
+            db_url,
+            "SELECT e.event_key FROM task_events e JOIN tasks t USING (task_id) "
+            "WHERE t.dag_job = 'windows' ORDER BY t.created_at, e.seq",
+        )
+        assert [k for (k,) in announced] == ["window:0_60", "window:0_60"]
+        # the window's aggregate was rebuilt from the new chain's data
+        (first, before), (again, after) = window_results(db_url)
+        assert first == again == "0_60" and before != after
+        assert after == node_window(rpc, 0, 60)
         await assert_datasets_match_the_node(p, rpc, 80)
 
     extracted = sql(
         db_url,
         "SELECT t.result ->> 'start', count(*) FROM tasks t WHERE t.dag_job = 'ingest' GROUP BY 1",
     )
-    assert sorted((int(s), n) for s, n in extracted) == [(0, 1), (20, 1), (40, 2), (60, 1)]
+    assert sorted((int(s), n) for s, n in extracted) == [(0, 1), (20, 1), (40, 2), (60, 2)]
 
 
 @attrs.define
