@@ -535,6 +535,7 @@ __all__ = [
     "EventsRequest",
     "EventsResponse",
     "FenceFields",
+    "FieldError",
     "HeartbeatRequest",
     "HeartbeatResponse",
     "LambdaInvokePayload",
