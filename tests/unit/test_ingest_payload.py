@@ -6,8 +6,7 @@ from typing import Any
 
 import pytest
 
-from trace_sdk import NonRetryableError
-from trace_sdk import _cryo_child
+from trace_sdk import NonRetryableError, _cryo_child
 from trace_sdk.ingest import (
     MAX_PIECES,
     MAX_RANGE,
