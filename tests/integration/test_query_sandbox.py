@@ -421,9 +421,21 @@ async def test_the_pool_hands_each_query_a_process_that_never_served_one(paths: 
     assert _processes_in(paths.scratch) == []
 
 
+def _pidfds() -> int:
+    """pidfds this process holds (one per forked sandbox it has not let go of)."""
+    held = 0
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            held += "pidfd" in os.readlink(f"/proc/self/fd/{fd}")
+        except FileNotFoundError:  # the descriptor that listed the folder
+            pass
+    return held
+
+
 async def test_a_killed_pool_process_is_replaced_not_handed_out(paths: Paths) -> None:
     pool = SandboxPool(2, scratch_root=paths.scratch)
     tables: dict[str, TableSource] = {"blocks": [str(paths.data)]}
+    held = _pidfds()
     try:
         await pool.ready()
         dead = pool.idle_pids()[0]
@@ -438,8 +450,10 @@ async def test_a_killed_pool_process_is_replaced_not_handed_out(paths: Paths) ->
         assert r.rows == [[5]]
         await pool.ready()
         assert dead not in pool.idle_pids() and len(pool.idle_pids()) == 2
+        assert _pidfds() == held + 2  # the dead one's was let go of when it was discarded
     finally:
         await pool.close()
+    assert _pidfds() == held
     assert _processes_in(paths.scratch) == []
     assert list(paths.scratch.iterdir()) == []
 

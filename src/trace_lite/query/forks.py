@@ -64,17 +64,22 @@ class ForkedProcess:
             with contextlib.suppress(ProcessLookupError):
                 signal.pidfd_send_signal(self._pidfd, signal.SIGKILL)
 
+    def close(self) -> None:
+        """Let go of a process that will not be waited for (killed first): its pidfd and its
+        stdin. Its exit is still reaped and reported by the fork server."""
+        if self._pidfd >= 0:
+            os.close(self._pidfd)
+            self._pidfd = -1
+        if not self.stdin.is_closing():
+            self.stdin.close()
+
     async def wait(self) -> int:
         code = await asyncio.shield(self._exited)
         if code == -1:  # the fork server ended before reporting: make sure, then wait for it
             self.kill()
             await self._pidfd_readable()
         self.returncode = code
-        if self._pidfd >= 0:
-            os.close(self._pidfd)
-            self._pidfd = -1
-        if not self.stdin.is_closing():
-            self.stdin.close()
+        self.close()
         return code
 
     async def _pidfd_readable(self) -> None:

@@ -340,6 +340,8 @@ class SandboxPool:
 
 def _discard(sandbox: _Sandbox) -> None:
     sandbox.kill()
+    if isinstance(sandbox.proc, ForkedProcess):
+        sandbox.proc.close()  # no descriptor stays behind if nobody waits for it
     shutil.rmtree(sandbox.scratch, ignore_errors=True)
 
 
