@@ -508,6 +508,8 @@ class MemberRequest:
 
 
 __all__ = [
+    "INT32_MAX",
+    "INT64_MAX",
     "BufferBatchIn",
     "BufferPublishRequest",
     "BufferPublishResponse",
