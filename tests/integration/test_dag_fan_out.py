@@ -1,9 +1,12 @@
 """The set-based DAG fan-out on real Postgres: one wake-up row per pass still wakes every task
-it created (one queue message each), and a pass that races the deploy of a consuming DAG rolls
-back whole (nothing consumed, nothing created) and the next pass creates every consumer's task."""
+it created (one queue message each); a pass that races the deploy of a consuming DAG, or loses
+one of its keys to a concurrent creator, rolls back whole (nothing consumed, nothing created)
+and the next pass creates what is still missing."""
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -132,3 +135,60 @@ async def test_a_pass_that_races_a_consumer_deploy_rolls_back(
         "SELECT dag_job, read_datasets FROM tasks WHERE dag_job IN ('a', 'b', 'd') ORDER BY 1"
     ) == [("a", ["raw"]), ("b", ["raw"]), ("d", ["raw"])]
     assert world.sql("SELECT count(*) FROM task_inputs") == [(3,)]
+
+
+async def test_a_pass_that_loses_a_key_to_a_concurrent_creator_rolls_back(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    producer = await _run_source(world, ["r-0"])
+    ((dag_id,),) = world.sql("SELECT dag_id::text FROM dags WHERE name = 'flow'")
+    key = f"event:{producer}:0:r-0:{dag_id}:a:0"
+    other = psycopg.connect(world.db_url)  # a transaction that creates a's task first
+    grants = dag_runs.read_grants
+    committer: list[threading.Thread] = []
+
+    def commit_once_the_pass_waits() -> None:
+        # the pass's insert waits on the other transaction's uncommitted key, then finds it
+        # taken when it commits
+        with psycopg.connect(world.db_url, autocommit=True) as watch:
+            for _ in range(3000):  # the pass's lock_timeout (5 s) ends a wait long before
+                row = watch.execute(
+                    "SELECT count(*) FROM pg_stat_activity "
+                    "WHERE wait_event_type = 'Lock' AND datname = current_database()"
+                ).fetchone()
+                if row and row[0]:
+                    break
+                time.sleep(0.01)
+        other.commit()
+
+    async def race_then_grant(cur: Any, jobs: Any) -> Any:
+        if not committer:
+            other.execute(
+                "INSERT INTO tasks (task_id, org_id, operator, payload, state, max_attempts, "
+                "timeout_s, idempotency_key, runtime, dag_id, dag_version, dag_job) "
+                "SELECT gen_random_uuid(), org_id, operator, '{}', 'queued', 1, 60, %s, "
+                "runtime, dag_id, dag_version, 'a' FROM tasks WHERE task_id = %s",
+                [key, producer],
+            )
+            committer.append(threading.Thread(target=commit_once_the_pass_waits))
+            committer[0].start()
+        return await grants(cur, jobs)
+
+    monkeypatch.setattr(dag_runs, "read_grants", race_then_grant)
+    try:
+        with pytest.raises(errors.Conflict):
+            await world.runs.fan_out_once()
+    finally:
+        committer[0].join()
+        other.close()
+    # nothing of the pass stayed: b's task, lineage, the announcement's consumption
+    assert world.sql("SELECT state FROM outbox WHERE topic = 'dag.event'") == [("pending",)]
+    assert world.sql("SELECT dag_job FROM tasks WHERE dag_job IN ('a', 'b')") == [("a",)]
+    assert world.sql("SELECT count(*) FROM task_inputs") == [(0,)]
+    # the next pass creates the rest: b's task; a's key is taken
+    report = await world.runs.fan_out_once()
+    assert (report.events, report.created) == (1, 1)
+    assert world.sql("SELECT dag_job FROM tasks WHERE dag_job IN ('a', 'b') ORDER BY 1") == [
+        ("a",),
+        ("b",),
+    ]
