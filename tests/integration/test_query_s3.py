@@ -24,7 +24,16 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from test_query_sandbox import CASES, LOCKDOWN, SECRET, Case
-from test_query_service import DAG, ORG, OTHER, CutoverMidQuery, World, publish
+from test_query_service import (
+    DAG,
+    ORG,
+    OTHER,
+    READABLE,
+    CutoverMidQuery,
+    World,
+    _caller,
+    publish,
+)
 
 from trace_core import errors
 from trace_core.lifecycle import RetryPolicy
@@ -217,10 +226,12 @@ async def s3world(db_url: str, tmp_path: Path, moto_server: Any) -> AsyncIterato
     ds = Datasets(pool, object_store=store)
     q = QueryService(ds, None, limits=Limits(deadline_s=30.0), s3=S3Access.of_store(store))
     w = World(d, ds, store, q, db_url, tmp_path)  # type: ignore[arg-type]
-    await ds.ensure_dag(ORG, DAG)
+    await ds.ensure_dag(ORG, DAG, deployers=["dave"])
     await ds.ensure_dag(OTHER, "other")
     await ds.set_member(None, ORG, "ann", ["analyst"])
     await ds.set_member(None, ORG, "alice", ["admin"])
+    await ds.set_member(None, ORG, "dave", [])
+    await ds.set_member(None, ORG, "bob", [])
     await ds.register(ORG, "shared", dag=DAG, job="j", read_roles=["analyst"])
     await ds.register(ORG, "private", dag=DAG, job="j", read_roles=[])
     await ds.cutover(None, ORG, DAG, await publish(w, ORG, DAG, {"shared": "v1", "private": "p"}))
@@ -251,6 +262,35 @@ async def test_service_over_s3_pins_one_version_across_a_cutover(s3world: World)
     assert set(q.moved.values()).isdisjoint(r.versions.values())
     r = await w.q.query(ann, ORG, "SELECT DISTINCT tag FROM shared")
     assert r.rows == [["v2"]]
+    assert SECRET not in str(r.rows)
+
+
+@pytest.mark.parametrize("principal", list(READABLE))
+async def test_permission_matrix_through_the_query_path_over_s3(
+    s3world: World, principal: str
+) -> None:
+    """The datasets permission matrix (users and task callers) through the Query Service with
+    the datasets' Parquet on S3, as test_query_service runs it over local files."""
+    w = s3world
+    caller = await _caller(w, principal)
+    for dataset in ("private", "shared"):
+        sql = f"SELECT count(*) FROM {dataset}"
+        if dataset in READABLE[principal]:
+            assert (await w.q.query(caller, ORG, sql)).rows == [[5]]
+        else:
+            with pytest.raises(errors.NotFound) as info:
+                await w.q.query(caller, ORG, sql)
+            assert (info.value.message, info.value.field) == (
+                "dataset not found or not readable",
+                "sql",
+            )
+    if READABLE[principal] != {"private", "shared"}:
+        with pytest.raises(errors.NotFound, match=r"^dataset not found or not readable$"):
+            await w.q.query(caller, ORG, "SELECT * FROM shared, private")
+    # another org's same-named dataset never answers, whatever the caller may read here
+    r = await w.q.query(
+        await w.ds.user_caller(ORG, "alice"), ORG, "SELECT DISTINCT tag FROM shared"
+    )
     assert SECRET not in str(r.rows)
 
 
