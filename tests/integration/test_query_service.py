@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import logging
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -498,7 +499,10 @@ async def test_make_app_hands_the_data_database_to_the_query_service(
         assert (await r.json())["rows"] == [[7]]
 
 
-async def test_each_query_is_observed_once_with_its_outcome(world: World) -> None:
+async def test_each_query_is_observed_once_with_its_outcome(
+    world: World, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="trace.query")
     seen: list[QueryOutcome] = []
     # A generous deadline for the queries that must not time out (a loaded machine starts a
     # sandbox slowly), a short one for the query that must.
@@ -535,6 +539,14 @@ async def test_each_query_is_observed_once_with_its_outcome(world: World) -> Non
         ("too_large", 0),
     ]
     assert seen[0].bytes > 0
+    # one log line per query with its outcome, rows, bytes and latency (never the SQL text)
+    lines = [r for r in caplog.records if r.name == "trace.query" and r.getMessage() == "query"]
+    assert [(r.org, r.outcome, r.rows) for r in lines] == [  # type: ignore[attr-defined]
+        (ORG, o.outcome, o.rows) for o in seen
+    ]
+    assert [r.bytes for r in lines] == [o.bytes for o in seen]  # type: ignore[attr-defined]
+    assert all(r.latency_ms >= 0 for r in lines)  # type: ignore[attr-defined]
+    assert not any("passwd" in str(r.__dict__) for r in lines)
 
 
 async def test_metrics_count_queries_by_outcome(
