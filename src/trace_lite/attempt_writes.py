@@ -11,7 +11,7 @@ a buffer batch key re-published with the same pointer answers ``duplicate``.
 from __future__ import annotations
 
 import hashlib
-from typing import Any
+from typing import Any, NamedTuple
 
 from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
@@ -118,7 +118,7 @@ class AttemptWrites:
         The object must lie under the attempt's staging prefix and match its declared size and
         checksum. A repeated key with the same pointer is a no-op. Raises ``UnsafeKey``,
         ``ValidationFailed``, ``NotFound``, ``LeaseLost``, ``TaskCanceled``,
-        ``IdempotencyMismatch``.
+        ``IdempotencyMismatch``, ``Forbidden`` (a dataset another DAG produces).
         """
         fence = Fence(req.task_id, req.attempt, req.lease_token)
         batch = req.batch
@@ -157,6 +157,14 @@ class AttemptWrites:
         async with transaction(self.pool) as cur:
             locked = await lock_task(cur, req.task_id)
             lifecycle.check_fence(locked.view, fence, Op.BUFFER_PUBLISH, now=locked.now)
+            params = {"task_id": req.task_id, "dataset": batch.dataset}
+            allowed = await fetch(cur, _WriteAllowed, Q["buffer_write_allowed"], params)
+            if allowed and not allowed[0].allowed:
+                raise errors.Forbidden(
+                    f"dataset {batch.dataset!r} is produced by another DAG: a DAG's tasks "
+                    "write only the datasets their DAG produces",
+                    field="batch.dataset",
+                )
             prefix = staging_prefix(locked.org_id, req.task_id, req.attempt)
             if batch.object_key is not None and not is_within(batch.object_key, prefix):
                 raise errors.UnsafeKey(
@@ -205,6 +213,12 @@ class AttemptWrites:
                 },
             )
         return wire.BufferPublishResponse(accepted=True, duplicate=False)
+
+
+class _WriteAllowed(NamedTuple):
+    """``buffer_write_allowed``: may the task write the dataset named."""
+
+    allowed: bool
 
 
 def _scope_doc(scope: wire.BufferScopeIn | None) -> dict[str, Any] | None:

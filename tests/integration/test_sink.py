@@ -740,3 +740,34 @@ async def test_messages_that_are_not_buffer_batches_are_dead_lettered_with_the_r
     assert any("this sink serves" in r for r in reasons)
     assert any(r.startswith("not_found") for r in reasons)
     assert env.events() == []
+
+
+async def test_a_task_of_another_dag_is_refused_at_publish(env: Env) -> None:
+    """``transfers`` is DAG ``alerts``'s: a task of DAG ``rogue`` publishing a batch into it is
+    refused at once (403 Forbidden, field ``batch.dataset``), nothing recorded or announced; a
+    task of ``alerts`` publishes as before."""
+    await env.dags.deploy(None, ORG, dag_doc())
+    rogue = {
+        "name": "rogue",
+        "jobs": {"detect": {"operator": "emit_events", "triggers": [{"type": "manual"}]}},
+    }
+    await env.dags.deploy(None, ORG, rogue)
+    runs = DagRuns(env.pools[0])
+    fences = {}
+    for dag in ("rogue", "alerts"):
+        started = await runs.trigger(None, ORG, dag, "detect")
+        claim = await env.dispatcher.claim(started["task_id"])
+        fences[dag] = {
+            "task_id": claim.task_id,
+            "attempt": claim.attempt,
+            "lease_token": claim.lease_token,
+        }
+    before = sql(env.db_url, "SELECT count(*) FROM outbox")
+    with pytest.raises(errors.Forbidden) as info:
+        await env.publish(fences["rogue"], "rogue-1", [row(1)])
+    assert info.value.field == "batch.dataset"
+    assert "produced by another DAG" in info.value.message
+    assert sql(env.db_url, "SELECT count(*) FROM buffer_batches") == [(0,)]
+    assert sql(env.db_url, "SELECT count(*) FROM outbox") == before
+    await env.publish(fences["alerts"], "alerts-1", [row(2)])
+    assert sql(env.db_url, "SELECT count(*) FROM buffer_batches") == [(1,)]

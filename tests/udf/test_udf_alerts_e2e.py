@@ -181,12 +181,19 @@ def test_a_udf_of_another_dag_cannot_write_alert_events(
     }  # fmt: skip
     deploy_and_trigger(procs, other, {})
 
-    def dead() -> list[Any]:
-        shown = procs.cli("dlq", "show", "--org", "default", "--dataset", "alert_events")
-        return list(shown["dead_letters"])
+    def failed() -> list[Any]:
+        return procs.sql(
+            "SELECT t.task_id::text, t.state, t.error::text FROM tasks t "
+            "WHERE t.dag_job = 'detect' AND t.state = 'failed'"
+        )
 
-    # its own dataset is written; its alert_events batch is dead-lettered, never stored
-    procs.wait_until(lambda: procs.stored_rows("rogue_out", ["n"]) == [(1,)], 90, "rogue_out")
-    [letter] = procs.wait_until(dead, 90, "the alert_events batch dead-lettered")
-    assert "is not of the DAG producing 'alert_events'" in letter["reason"]
+    # its alert_events batch is refused at publish (403: the dataset is another DAG's), so
+    # its attempts fail and nothing of it is recorded, forwarded, dead-lettered or stored
+    [(task_id, _, message)] = procs.wait_until(failed, 90, "the rogue task failed")
+    assert "produced by another DAG" in str(message)
+    assert procs.buffer_batches(task_id) == []
+    attempts = procs.attempts(task_id)
+    assert attempts and all(outcome == "failed" for _, outcome, _ in attempts)
+    shown = procs.cli("dlq", "show", "--org", "default", "--dataset", "alert_events")
+    assert list(shown["dead_letters"]) == []
     assert procs.stored_rows("alert_events", ["alert_key"]) == mine

@@ -158,6 +158,15 @@ RETURNING batch_key;
 SELECT dataset, object_key, row_count, byte_size, sha256, attempt, scope
 FROM buffer_batches WHERE task_id = %(task_id)s AND batch_key = %(key)s;
 
+-- name: buffer_write_allowed
+-- May this task publish a buffer batch into the dataset named? A task of a DAG writes only the
+-- datasets its DAG produces (the sink applies the same rule: sql/sink.sql batch_targets); a task
+-- of no DAG, or a name the org has not registered (never forwarded), is not refused here.
+SELECT (t.dag_id IS NULL OR d.dag_id IS NULL OR d.dag_id = t.dag_id) AS allowed
+FROM tasks t
+LEFT JOIN datasets d ON d.org_id = t.org_id AND d.name = %(dataset)s
+WHERE t.task_id = %(task_id)s;
+
 -- name: insert_outbox
 -- One outbox row, in the caller's transaction.
 INSERT INTO outbox (topic, payload) VALUES (%(topic)s, %(payload)s);
