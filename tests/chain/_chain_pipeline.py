@@ -22,6 +22,7 @@ import psycopg
 import pyarrow.parquet as pq
 import yaml
 
+from pg_sql import sql
 from trace_core.access import UserCaller
 from trace_core.dag import OperatorInfo
 from trace_core.lifecycle import RetryPolicy
@@ -43,11 +44,6 @@ from trace_sdk import BUILTIN_OPERATORS, Operator, Worker
 ORG = "acme"
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "examples" / "monad" / "monad.yaml"
-
-
-def sql(url: str, query: str, params: Any = None) -> list[tuple[Any, ...]]:
-    with psycopg.connect(url, autocommit=True) as conn:
-        return conn.execute(query, params).fetchall()
 
 
 def monad_example(url: str, *, rpc_urls: dict[str, str] | None = None) -> dict[str, Any]:

@@ -11,9 +11,9 @@ import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
-import psycopg
 import pytest
 
+from pg_sql import sql
 from trace_core import errors, wire
 from trace_core.lifecycle import RetryPolicy
 from trace_core.testing import MemoryObjectStore, MemoryQueue, MemorySigner
@@ -41,14 +41,8 @@ def _flow(max_attempts: int) -> dict[str, Any]:
     }
 
 
-def _sql(db_url: str, query: str, params: Any = None) -> list[tuple[Any, ...]]:
-    with psycopg.connect(db_url, autocommit=True) as conn:
-        cur = conn.execute(query, params)
-        return cur.fetchall() if cur.description else []
-
-
 def _held_slots(db_url: str) -> list[int]:
-    rows = _sql(
+    rows = sql(
         db_url,
         "SELECT l.slot FROM pool_slot_leases l JOIN task_attempts a "
         "ON (a.task_id, a.attempt) = (l.task_id, l.attempt) AND a.outcome = 'running' "
@@ -90,7 +84,7 @@ async def test_a_timed_out_attempt_frees_its_slot(
     assert sorted(g.task.slot.index for g in grants if g.task.slot) == [0, 1]
     (waiting,) = [t for t in ids if t not in {g.claim.task_id for g in grants}]
     assert (await d.claim_many([waiting])).claims == []  # the pool is full
-    wakes = _sql(db_url, "SELECT count(*) FROM outbox WHERE topic = 'wake'")[0][0]
+    wakes = sql(db_url, "SELECT count(*) FROM outbox WHERE topic = 'wake'")[0][0]
 
     # the workers stay alive and heartbeat; only the time budget runs out
     beating = list(grants)
@@ -111,7 +105,7 @@ async def test_a_timed_out_attempt_frees_its_slot(
             await asyncio.sleep(0.1)
     assert all(g.task.timeout_s == 1 for g in grants)
 
-    rows = _sql(
+    rows = sql(
         db_url,
         "SELECT a.outcome, t.state, t.error ->> 'code', t.error ->> 'message' "
         "FROM task_attempts a JOIN tasks t USING (task_id) "
@@ -124,7 +118,7 @@ async def test_a_timed_out_attempt_frees_its_slot(
         assert "ran past the task's timeout_s (1 s)" in message  # the timeout, not the lease
     assert _held_slots(db_url) == []  # both slots came back
     # the reaper's transaction woke the task waiting for the pool
-    woken = _sql(
+    woken = sql(
         db_url,
         "SELECT payload ->> 'task_id' FROM outbox WHERE topic = 'wake' ORDER BY id OFFSET %s",
         [wakes],

@@ -12,9 +12,9 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import attrs
-import psycopg
 import pytest
 
+from pg_sql import sql
 from trace_core import wire
 from trace_core.lifecycle import RetryPolicy
 from trace_core.testing import MemoryObjectStore, MemoryQueue, MemorySigner
@@ -46,12 +46,6 @@ DOC = {
     },
     "publish": [{"job": "stats", "output": 0, "dataset": "block_stats"}],
 }
-
-
-def sql(url: str, query: str, params: Any = None) -> list[tuple[Any, ...]]:
-    with psycopg.connect(url, autocommit=True) as conn:
-        cur = conn.execute(query, params)
-        return cur.fetchall() if cur.description else []
 
 
 @attrs.define
