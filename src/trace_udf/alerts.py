@@ -18,7 +18,7 @@ A UDF detector emits each would-have-alerted fact as one row of the buffered, mu
 the detector's name and the row's key values, length-prefixed): deterministic, so a retried
 attempt writes the same keys and the dataset (unique on ``alert_key``) stores each event once.
 ``event_time`` is the row's own time (a block timestamp), never the clock. The job declares the
-output as in ``examples/udf/python/whale_alerts/dag.yaml`` (``multi_writer: true``, unique on
+output as in ``examples/udf/python/transfer_bursts/dag.yaml`` (``multi_writer: true``, unique on
 ``alert_key``, the seven columns of ``ALERT_EVENTS_COLUMNS``).
 
 Standard library only (vendored into every Python bundle).
