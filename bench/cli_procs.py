@@ -63,14 +63,14 @@ def start_running(
     return procs
 
 
-def stop(procs: list[subprocess.Popen[bytes]]) -> None:
-    """SIGTERM each (by PID), then wait; SIGKILL one that outlives 30 s."""
+def stop(procs: list[subprocess.Popen[bytes]], timeout_s: float = 30) -> None:
+    """SIGTERM each (by PID), then wait; SIGKILL one that outlives ``timeout_s``."""
     for proc in procs:
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
     for proc in procs:
         try:
-            proc.wait(30)
+            proc.wait(timeout_s)
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()

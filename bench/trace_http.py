@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import os
 import secrets
-import signal
 import socket
 import subprocess
 import sys
@@ -24,6 +23,7 @@ from typing import Any
 
 import psycopg
 
+from bench import cli_procs
 from bench.common import REPO_ROOT, batches, count, proc_cpu_s, proc_memory_kb, wait_until
 from trace_core import wire
 from trace_core.testing.memory_signer import MemorySigner
@@ -98,15 +98,7 @@ class Lite:
 
     def stop(self) -> None:
         procs = [*self.worker_procs, *([self.dispatcher] if self.dispatcher else [])]
-        for p in procs:
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        for p in procs:
-            try:
-                p.wait(15)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
+        cli_procs.stop(procs, timeout_s=15)
 
     def cpu_s(self) -> tuple[float, float]:
         """CPU seconds used so far by the Dispatcher and by all workers together."""
