@@ -13,9 +13,9 @@ the OS limits refuse them on their own.
 from __future__ import annotations
 
 import os
+import select
 import shutil
 import signal
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -459,15 +459,18 @@ async def test_a_killed_pool_process_is_replaced_not_handed_out(paths: Paths) ->
 
 
 def _wait_until_dead(pid: int) -> None:
-    stat = Path(f"/proc/{pid}/stat")
-    while True:
-        try:
-            state = stat.read_text().rsplit(")", 1)[1].split()[0]
-        except (OSError, IndexError):
-            return  # reaped
-        if state == "Z":
-            return
-        time.sleep(0.01)
+    """Block until the kernel reports the process ended, as the pool sees it: its pidfd turns
+    readable once the whole thread group has exited. (A ``Z`` in ``/proc/{pid}/stat`` is not
+    enough: the group leader shows it while DuckDB's other threads are still exiting.)"""
+    try:
+        pidfd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return  # already reaped
+    try:
+        ready, _, _ = select.select([pidfd], [], [], 30)
+        assert ready, f"process {pid} did not end within 30 s of SIGKILL"
+    finally:
+        os.close(pidfd)
 
 
 async def test_the_lockdown_never_lets_a_write_reach_the_stores_files(paths: Paths) -> None:
