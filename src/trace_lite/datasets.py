@@ -1,20 +1,18 @@
-"""Datasets on Postgres: registry, versions, DAG pointer sets, resolve with readers' pins, purge.
+"""Datasets on Postgres: registry, versions, DAG pointer sets, purge; resolve composed in.
 
 The kernel decides: ``trace_core.access`` says who may read, overwrite, purge and release a pin.
 This module reads the rows those decisions need and applies them, each operation in one
 transaction. The output commit is ``trace_lite.outputs``; promotion and the staging sweep are
-``trace_lite.dataset_gc``; orgs and members are ``trace_lite.orgs`` (``Datasets`` composes both,
-so one object serves the user API).
+``trace_lite.dataset_gc``; orgs and members are ``trace_lite.orgs``; resolve with readers' pins
+is ``trace_lite.dataset_resolve`` (``Datasets`` composes all three, so one object serves the
+user API); the queries' rows are ``trace_lite.dataset_rows``.
 
 Invariants kept here (``docs/architecture/data_versioning.md``):
 
 * physical names use ``dataset_uuid`` / ``dataset_version`` only; ``current`` is a pointer;
-* a cutover or rollback is one transaction that moves ``dags.active_generation``; a resolve
-  reads every active pointer it needs in one statement, so it sees a whole set, never a mix;
-* a reader is handed promoted partitions only (verified bytes at their canonical key);
+* a cutover or rollback is one transaction that moves ``dags.active_generation``;
 * a version that is active, staged (in a building rematerialization's pointer set) or pinned
-  (an unexpired ``dataset_pins`` row) is never purged; a pin
-  is released only by its holder or an admin of its org, through that org.
+  (an unexpired ``dataset_pins`` row) is never purged.
 """
 
 from __future__ import annotations
@@ -32,12 +30,36 @@ from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 
 from trace_core import access, commit, errors, wire
-from trace_core.access import Action, Caller, DatasetAcl, PinAcl, TaskCaller, UserCaller
-from trace_core.commit import PartitionState, VersionState
+from trace_core.access import Action, Caller, DatasetAcl, TaskCaller, UserCaller
+from trace_core.commit import VersionState
 from trace_core.ports import ObjectStore
 from trace_core.token import CapabilityClaims
 from trace_lite import sqlfile
 from trace_lite.dataset_gc import DEFAULT_STAGING_GRACE_S, DatasetGC, SweepReport
+from trace_lite.dataset_resolve import (
+    DATA_SCHEMA,
+    DEFAULT_PIN_TTL_S,
+    DatasetResolver,
+    Resolution,
+    ResolvedDataset,
+    table_name,
+)
+from trace_lite.dataset_rows import (
+    CutoverRow,
+    DagIdRow,
+    DagLockRow,
+    DatasetRow,
+    GenerationRow,
+    ListedRow,
+    NewVersionRow,
+    ParentRow,
+    PointerSetRow,
+    PurgedPartitionRow,
+    PurgeLockRow,
+    ReadRolesRow,
+    UuidRow,
+    VersionRow,
+)
 from trace_lite.orgs import Orgs, first
 from trace_lite.outputs import INVALIDATE_TOPIC, PreparedOutputs, apply_outputs, prepare_outputs
 from trace_lite.pg import fetch_as, transaction
@@ -47,16 +69,6 @@ log = logging.getLogger("trace.datasets")
 Q = sqlfile.load("datasets.sql")
 
 STORAGE_KINDS = ("parquet", "postgres", "buffered_postgres")
-#: Default pin lease of a resolve (a reader's query must finish, or renew, within it).
-DEFAULT_PIN_TTL_S = 300.0
-#: The schema of dataset tables in the data database (created by data migration 0001).
-DATA_SCHEMA = "data"
-
-
-def table_name(dataset_version: str) -> str:
-    """The Postgres data table of a version of a ``postgres`` dataset (UUID-named), qualified
-    with ``DATA_SCHEMA``: ``data.dsv_{hex}``."""
-    return f"{DATA_SCHEMA}.dsv_{uuid.UUID(dataset_version).hex}"
 
 
 def _iso(ts: datetime | None) -> str | None:
@@ -67,218 +79,18 @@ def _iso(ts: datetime | None) -> str | None:
 
 
 @attrs.frozen
-class ResolvedDataset:
-    """One dataset pinned to a version, and what to read."""
-
-    dataset: str
-    dataset_uuid: str
-    #: ``None`` when the producing DAG has no active version of it yet.
-    dataset_version: str | None
-    storage_kind: str
-    #: Canonical keys of the live, promoted partitions (``parquet``), with their scope: bytes
-    #: verified against the commit, which the producer can no longer change.
-    objects: list[dict[str, Any]] = attrs.field(factory=list)
-    #: The Postgres table (``postgres`` / ``buffered_postgres``).
-    table: str | None = None
-    #: Live partitions committed but not promoted yet (not in ``objects``; a later resolve
-    #: sees them once promotion has verified them).
-    pending: int = 0
-    #: Live partitions whose staged bytes did not match their commit (never readable).
-    corrupt: int = 0
-
-
-@attrs.frozen
-class Resolution:
-    #: The pin lease; release it when the read ends (it expires on its own otherwise).
-    pin_id: str
-    datasets: list[ResolvedDataset]
-
-
-@attrs.frozen
 class PurgeReport:
     dataset_version: str
     deleted_objects: int
     freed_bytes: int
 
 
-# --- rows ------------------------------------------------------------------------------------
-
-
-@attrs.frozen
-class DatasetRow:
-    """One dataset with its ACL fields and producer metadata (``dataset_by_name``)."""
-
-    dataset_uuid: str
-    name: str
-    dag_id: str
-    read_roles: list[str]
-    storage_kind: str
-    update_strategy: str
-    unique_key: list[str]
-    job_name: str
-    output_index: int
-    schema: Any
-    #: The producing DAG's name.
-    dag: str
-
-    def acl(self, org_id: str) -> DatasetAcl:
-        return DatasetAcl(org_id, self.name, self.dag_id, frozenset(self.read_roles))
-
-
-@attrs.frozen
-class ListedRow:
-    dataset_uuid: str
-    name: str
-    dag_id: str
-    read_roles: list[str]
-    storage_kind: str
-    update_strategy: str
-    dag: str
-    active_version: str | None
-
-    def acl(self, org_id: str) -> DatasetAcl:
-        return DatasetAcl(org_id, self.name, self.dag_id, frozenset(self.read_roles))
-
-
-@attrs.frozen
-class VersionRow:
-    dataset_version: str
-    state: str
-    created_at: datetime
-    purged_at: datetime | None
-    live_partitions: int
-    active: bool
-    pins: int
-
-
-@attrs.frozen
-class PointerSetRow:
-    generation: int
-    parent_generation: int | None
-    created_by: str
-    created_at: datetime
-    active: bool
-    pointers: dict[str, str]
-
-
-@attrs.frozen
-class DagLockRow:
-    dag_id: str
-    active_generation: int | None
-
-
-@attrs.frozen
-class DagIdRow:
-    dag_id: str
-
-
-@attrs.frozen
-class UuidRow:
-    dataset_uuid: str
-
-
-@attrs.frozen
-class NewVersionRow:
-    dataset_version: str
-
-
-@attrs.frozen
-class ReadRolesRow:
-    read_roles: list[str]
-
-
-@attrs.frozen
-class CutoverRow:
-    """A named dataset of a cutover, with the state of the version it names."""
-
-    name: str
-    dataset_uuid: str
-    #: ``None`` when the version is not one of this dataset's.
-    dataset_version: str | None
-    state: str | None
-
-
-@attrs.frozen
-class GenerationRow:
-    generation: int
-
-
-@attrs.frozen
-class ParentRow:
-    parent_generation: int | None
-    names_purged: bool
-
-
-@attrs.frozen
-class TaskOrgRow:
-    org_id: str
-    org_name: str
-    #: The task's DAG and the staged pointer set it reads that DAG's datasets through (a
-    #: rebuild, ``trace_lite.dag_remat``); None: the active sets.
-    staged_dag_id: str | None = None
-    staged_generation: int | None = None
-
-
-@attrs.frozen
-class ResolveRow:
-    name: str
-    dataset_uuid: str
-    dag_id: str
-    read_roles: list[str]
-    storage_kind: str
-    dataset_version: str | None
-    version_state: str | None
-
-    def acl(self, org_id: str) -> DatasetAcl:
-        return DatasetAcl(org_id, self.name, self.dag_id, frozenset(self.read_roles))
-
-
-@attrs.frozen
-class PartitionRow:
-    """A live partition of a version, as resolve sees it (``version_objects``)."""
-
-    dataset_version: str
-    state: str
-    object_key: str
-    start: int | None
-    end: int | None
-    key: str | None
-    size: int
-
-    def for_reader(self) -> dict[str, Any]:
-        scope: dict[str, Any] = (
-            {"key": self.key} if self.key is not None else {"start": self.start, "end": self.end}
-        )
-        return {"object_key": self.object_key, "size": self.size, **scope}
-
-
-@attrs.frozen
-class PinRow:
-    holder: str
-    org_id: str
-
-
-@attrs.frozen
-class PurgeLockRow:
-    state: str
-    active: bool
-    staged: bool
-    pinned: bool
-
-
-@attrs.frozen
-class PurgedPartitionRow:
-    partition_id: int
-    object_key: str
-    staged_key: str
-
-
 # --- the service -----------------------------------------------------------------------------
 
 
 class Datasets:
-    """Registry, versions, pointer sets, resolve/pin and purge; org membership (``orgs``) and
-    storage upkeep (``gc``) composed in.
+    """Registry, versions, pointer sets and purge; org membership (``orgs``), storage upkeep
+    (``gc``) and resolve/pin (``resolver``) composed in.
 
     ``caller=None`` on a mutating call means the platform itself (DAG deploy, tests); every
     user or task call passes a ``trace_core.access`` caller and is checked.
@@ -291,6 +103,7 @@ class Datasets:
         self.object_store = object_store
         self.orgs = Orgs(pool)
         self.gc = DatasetGC(pool, object_store)
+        self.resolver = DatasetResolver(pool, self.orgs)
         # org membership, for the user API and the platform
         self.org_id = self.orgs.org_id
         self.user_caller = self.orgs.user_caller
@@ -303,6 +116,10 @@ class Datasets:
         self.clean_staging = self.gc.clean_staging
         self.partition_counts = self.gc.partition_counts
         self.run_background = self.gc.run_background
+        # readers: resolve with pins
+        self.resolve = self.resolver.resolve
+        self.resolve_for_task = self.resolver.resolve_for_task
+        self.release_pin = self.resolver.release_pin
 
     @staticmethod
     def task_caller(claims: CapabilityClaims) -> TaskCaller:
@@ -546,143 +363,6 @@ class Datasets:
                 raise errors.Conflict("the pointer set changed concurrently")
         return parent.parent_generation
 
-    # -- readers --------------------------------------------------------------------------------
-
-    async def resolve_for_task(
-        self,
-        claims: CapabilityClaims,
-        names: Sequence[str],
-        *,
-        pin_ttl_s: float = DEFAULT_PIN_TTL_S,
-    ) -> Resolution:
-        """Resolve for a task: only the datasets its capability token grants, in the org of the
-        task's row (never the token's ``org_id`` claim alone: a token whose claim names another
-        org is refused). Raises as ``resolve``, and ``Unauthenticated`` for that mismatch."""
-        async with transaction(self.pool) as cur:
-            params = {"task_id": claims.task_id}
-            task = first(await fetch_as(cur, TaskOrgRow, Q["task_org"], params))
-        if task is None:
-            raise errors.NotFound("no such task", field="task_id")
-        if task.org_id != claims.org_id:
-            raise errors.Unauthenticated("capability token: org_id is not the task's org")
-        caller = TaskCaller.from_grants(task.org_id, claims.task_id, claims.grants)
-        staged = None
-        if task.staged_dag_id is not None and task.staged_generation is not None:
-            staged = (task.staged_dag_id, task.staged_generation)
-        return await self.resolve(caller, task.org_name, names, pin_ttl_s=pin_ttl_s, staged=staged)
-
-    async def resolve(
-        self,
-        caller: Caller,
-        org: str,
-        names: Sequence[str],
-        *,
-        pin_ttl_s: float = DEFAULT_PIN_TTL_S,
-        include_objects: bool = True,
-        staged: tuple[str, int] | None = None,
-    ) -> Resolution:
-        """Check read permission and pin each name to its active version, once (``staged``:
-        ``(dag_id, generation)``, the datasets of that DAG through that staged pointer set).
-
-        Every pointer is read in one statement (a whole pointer set, never a mix) and a pin
-        lease row is written for each version (unless ``pin_ttl_s`` is 0) so it cannot be
-        purged while the reader reads. Readers are handed promoted partitions only. Returns the
-        pins and what to read. Raises ``NotFound`` (unknown name or org, or a caller of another
-        org), ``Forbidden``.
-        """
-        if not names:
-            raise errors.ValidationFailed("name at least one dataset", field="names")
-        org_id = await self.org_id(org)
-        if caller.org_id != org_id:
-            raise errors.NotFound("no such dataset", field="names")
-        for _ in range(3):
-            pin_id = str(uuid.uuid4())
-            try:
-                rows, parts = await self._resolve_once(
-                    caller, org_id, names, pin_id, pin_ttl_s, include_objects, staged
-                )
-            except _PurgedUnderUs:
-                continue
-            break
-        else:  # pragma: no cover - three purges racing three resolves
-            raise errors.Unavailable("versions were purged while resolving; retry")
-        out = []
-        for name in dict.fromkeys(names):
-            r = rows[name]
-            version = r.dataset_version
-            mine = [p for p in parts if version and p.dataset_version == version]
-            out.append(
-                ResolvedDataset(
-                    dataset=name,
-                    dataset_uuid=r.dataset_uuid,
-                    dataset_version=version,
-                    storage_kind=r.storage_kind,
-                    objects=[p.for_reader() for p in mine if p.state == PartitionState.PROMOTED],
-                    table=table_name(version) if version and r.storage_kind != "parquet" else None,
-                    pending=sum(p.state == PartitionState.COMMITTED for p in mine),
-                    corrupt=sum(p.state == PartitionState.CORRUPT for p in mine),
-                )
-            )
-        return Resolution(pin_id=pin_id, datasets=out)
-
-    async def _resolve_once(
-        self,
-        caller: Caller,
-        org_id: str,
-        names: Sequence[str],
-        pin_id: str,
-        pin_ttl_s: float,
-        include_objects: bool,
-        staged: tuple[str, int] | None = None,
-    ) -> tuple[dict[str, ResolveRow], list[PartitionRow]]:
-        async with transaction(self.pool) as cur:
-            params = {
-                "staged_dag": staged[0] if staged else None,
-                "staged_generation": staged[1] if staged else None,
-                "org_id": org_id,
-                "names": list(names),
-                "pin_id": pin_id,
-                "subject": access.pin_holder(caller),
-                "ttl_s": pin_ttl_s,
-            }
-            rows = {r.name: r for r in await fetch_as(cur, ResolveRow, Q["resolve"], params)}
-            for n, name in enumerate(names):
-                row = rows.get(name)
-                if row is None:
-                    raise errors.NotFound(f"no such dataset {name!r}", field=f"names[{n}]")
-                access.check(caller, row.acl(org_id), Action.READ)
-            if any(r.version_state == VersionState.PURGED for r in rows.values()):
-                raise _PurgedUnderUs()
-            parquet = [
-                r.dataset_version
-                for r in rows.values()
-                if r.dataset_version and r.storage_kind == "parquet"
-            ]
-            parts: list[PartitionRow] = []
-            if include_objects and parquet:
-                params = {"versions": parquet}
-                parts = await fetch_as(cur, PartitionRow, Q["version_objects"], params)
-        return rows, parts
-
-    async def release_pin(self, caller: Caller | None, org: str, pin_id: str) -> None:
-        """Release a reader's pin early: its holder or an admin of its org, through that org.
-
-        Returns None. Raises ``NotFound`` (no such pin in ``org``, or a caller outside it),
-        ``Forbidden`` (a member who neither holds the pin nor is an admin); nothing is
-        deleted on a refusal."""
-        org_id = await self.org_id(org)
-        async with transaction(self.pool) as cur:
-            rows = await fetch_as(cur, PinRow, Q["lock_pin"], {"pin_id": pin_id})
-            pins = {PinAcl(org_id=r.org_id, holder=r.holder) for r in rows}
-            if len(pins) != 1:
-                raise errors.NotFound("no such pin", field="pin_id")
-            (pin,) = pins
-            if pin.org_id != org_id:
-                raise errors.NotFound("no such pin", field="pin_id")
-            if caller is not None:
-                access.check_release(caller, pin)
-            await cur.execute(Q["release_pin"], {"pin_id": pin_id})
-
     # -- purge ------------------------------------------------------------------------------------
 
     async def purge(self, caller: Caller | None, org: str, name: str, version: str) -> PurgeReport:
@@ -734,10 +414,6 @@ class Datasets:
             extra={"dataset": name, "dataset_version": version, "deleted_objects": deleted},
         )
         return PurgeReport(version, deleted, freed)
-
-
-class _PurgedUnderUs(errors.Retryable):
-    """A version was purged between the pointer read and the pin; resolve again."""
 
 
 __all__ = [

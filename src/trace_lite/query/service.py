@@ -41,7 +41,8 @@ from psycopg import sql as pgsql
 from trace_core import errors, query_gate
 from trace_core.access import Caller, TaskCaller
 from trace_core.token import CapabilityClaims
-from trace_lite.datasets import Datasets, TaskOrgRow
+from trace_lite.dataset_rows import TaskOrgRow
+from trace_lite.datasets import Datasets
 from trace_lite.datasets import Q as DATASETS_SQL
 from trace_lite.local_store import LocalObjectStore
 from trace_lite.orgs import first
