@@ -24,14 +24,14 @@ import json
 import logging
 import os
 import signal
-import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from trace_lite.config import LiteSettings
+from trace_servers.lite_processes import LiteProcesses
 
 log = logging.getLogger("trace.cli")
 
@@ -204,78 +204,6 @@ def cmd_worker(settings: LiteSettings, args: argparse.Namespace) -> int:
 # --- up / demo -------------------------------------------------------------------------------
 
 
-class LiteProcesses:
-    """A Dispatcher and workers as supervised child processes (``trace_servers.supervisor``):
-    one that exits is restarted with backoff, not left dead."""
-
-    def __init__(
-        self,
-        settings: LiteSettings,
-        state_url: str,
-        data_url: str,
-        workers: int,
-        concurrency: int,
-        log_dir: Path,
-    ) -> None:
-        from trace_servers.supervisor import Supervisor
-
-        self.settings = settings
-        self.env = {
-            **os.environ,
-            **settings.env(),
-            "TRACE_DATABASE_URL": state_url,
-            "TRACE_DATA_DATABASE_URL": data_url,
-        }
-        self.workers = workers
-        self.concurrency = concurrency
-        self.log_dir = log_dir
-        self.supervisor = Supervisor(self._spawn)
-
-    @property
-    def procs(self) -> list[subprocess.Popen[bytes]]:
-        return self.supervisor.procs
-
-    def _spawn(self, name: str, argv: Sequence[str]) -> subprocess.Popen[bytes]:
-        self.log_dir.mkdir(parents=True, exist_ok=True)
-        with open(self.log_dir / f"{name}.log", "ab") as out:
-            return subprocess.Popen(
-                [sys.executable, "-m", "trace_servers.cli", *argv],
-                env=self.env,
-                stdout=out,
-                stderr=out,
-                start_new_session=True,
-            )
-
-    def start(self) -> None:
-        self.supervisor.start("dispatcher", ["dispatcher"])
-        for i in range(self.workers):
-            self.supervisor.start(f"worker-{i}", ["worker", "--concurrency", str(self.concurrency)])
-
-    def check(self) -> None:
-        """Restart children that exited (see ``Supervisor.check``)."""
-        self.supervisor.check()
-
-    def stop(self, timeout: float = 40.0) -> None:
-        self.supervisor.stop(timeout)
-
-
-async def _wait_ready(url: str, limit_s: float = 30.0) -> None:
-    import aiohttp
-
-    deadline = time.monotonic() + limit_s
-    async with aiohttp.ClientSession() as session:
-        while True:
-            try:
-                async with session.get(url + "/readyz") as resp:
-                    if resp.status == 200:
-                        return
-            except aiohttp.ClientError:
-                pass
-            if time.monotonic() > deadline:
-                raise SystemExit(f"dispatcher at {url} did not become ready")
-            await asyncio.sleep(0.1)
-
-
 def cmd_up(settings: LiteSettings, args: argparse.Namespace) -> int:
     from trace_lite.migrate import migrate
 
@@ -306,103 +234,6 @@ def cmd_up(settings: LiteSettings, args: argparse.Namespace) -> int:
     return 0
 
 
-async def _demo_workload(settings: LiteSettings, state_url: str, args: argparse.Namespace) -> int:
-    import psycopg
-
-    from trace_sdk import DispatcherClient
-
-    await _wait_ready(settings.dispatcher_url)
-    async with DispatcherClient(
-        settings.dispatcher_url, platform_token=settings.platform_token
-    ) as client:
-        started = time.monotonic()
-        run_tag = f"demo-{int(time.time())}"
-        tasks: list[dict[str, Any]] = [
-            {
-                "operator": "demo",
-                "org": "demo",
-                "payload": {
-                    "events": 2,
-                    "rows": 5,
-                    "fail_first": i % args.fail_every == 0,
-                    "run": run_tag,
-                },
-            }
-            for i in range(args.tasks)
-        ]
-        ids: list[str] = []
-        for i in range(0, len(tasks), 1000):
-            ids += [t["task_id"] for t in await client.create_tasks(tasks[i : i + 1000])]
-        print(
-            f"created {len(ids)} tasks ({sum(1 for t in tasks if t['payload']['fail_first'])} "
-            f"fail their first attempt on purpose)"
-        )
-        terminal = ("completed", "failed", "canceled")
-        tty = sys.stdout.isatty()
-        last_print = 0.0
-        async with await psycopg.AsyncConnection.connect(state_url, autocommit=True) as conn:
-            while True:
-                cur = await conn.execute(
-                    "SELECT state, count(*) FROM tasks WHERE payload->>'run' = %s GROUP BY state",
-                    (run_tag,),
-                )
-                counts: dict[str, int] = dict(await cur.fetchall())
-                done = sum(counts.get(s, 0) for s in terminal)
-                elapsed = time.monotonic() - started
-                line = " ".join(f"{k}={v}" for k, v in sorted(counts.items()))
-                text = f"[{elapsed:6.1f}s] {done}/{len(ids)} done  {line}"
-                if tty:
-                    print(f"\r{text}    ", end="", flush=True)
-                elif time.monotonic() - last_print >= 2.0 or done >= len(ids):
-                    print(text, flush=True)
-                    last_print = time.monotonic()
-                if done >= len(ids):
-                    break
-                if elapsed > args.timeout:
-                    print("\ndemo timed out")
-                    return 1
-                await asyncio.sleep(0.5)
-            if tty:
-                print()
-            cur = await conn.execute(
-                """
-                SELECT count(*) FILTER (WHERE state = 'completed'),
-                       count(*) FILTER (WHERE state = 'failed'),
-                       count(*) FILTER (WHERE attempt > 1),
-                       percentile_cont(0.5) WITHIN GROUP (ORDER BY extract(epoch FROM finished_at - created_at)),
-                       percentile_cont(0.95) WITHIN GROUP (ORDER BY extract(epoch FROM finished_at - created_at)),
-                       (SELECT count(*) FROM task_events e JOIN tasks t2 USING (task_id)
-                        WHERE t2.payload->>'run' = %(run)s),
-                       (SELECT count(*) FROM buffer_batches b JOIN tasks t3 USING (task_id)
-                        WHERE t3.payload->>'run' = %(run)s)
-                FROM tasks WHERE payload->>'run' = %(run)s
-                """,
-                {"run": run_tag},
-            )
-            row = await cur.fetchone()
-            assert row is not None
-            completed, failed, retried, p50, p95, n_events, n_batches = row
-        wall = time.monotonic() - started
-        summary = {
-            "tasks": len(ids),
-            "completed": completed,
-            "failed": failed,
-            "retried": retried,
-            "events": n_events,
-            "buffer_batches": n_batches,
-            "lifecycle_latency_p50_ms": round(float(p50) * 1000, 1),
-            "lifecycle_latency_p95_ms": round(float(p95) * 1000, 1),
-            "wall_s": round(wall, 2),
-            "tasks_per_s": round(len(ids) / wall, 1),
-        }
-        print("summary:")
-        for k, v in summary.items():
-            print(f"  {k:28s} {v}")
-        ok = completed == len(ids) and failed == 0 and retried >= 1
-        print("demo OK" if ok else "demo FAILED")
-        return 0 if ok else 1
-
-
 def cmd_demo(settings: LiteSettings, args: argparse.Namespace) -> int:
     from trace_lite.migrate import migrate
 
@@ -417,6 +248,8 @@ def cmd_demo(settings: LiteSettings, args: argparse.Namespace) -> int:
 
         return demo.cmd_chain_demo(settings, args, children)
 
+    from trace_servers import synthetic_demo
+
     print(f"Trace Lite demo: state in {settings.home}")
     state_url, data_url = _urls(settings)
     print(f"postgres: {state_url}")
@@ -426,7 +259,7 @@ def cmd_demo(settings: LiteSettings, args: argparse.Namespace) -> int:
     )
     procs.start()
     try:
-        code = asyncio.run(_demo_workload(settings, state_url, args))
+        code = asyncio.run(synthetic_demo.run_workload(settings, state_url, args))
     finally:
         print("stopping dispatcher and workers ...")
         procs.stop()
@@ -634,6 +467,21 @@ def main(argv: list[str] | None = None) -> int:
     settings = LiteSettings.from_env()
     return COMMANDS[args.cmd](settings, args)
 
+
+__all__ = [
+    "COMMANDS",
+    "LiteProcesses",
+    "build_parser",
+    "cmd_demo",
+    "cmd_dispatcher",
+    "cmd_keys",
+    "cmd_migrate",
+    "cmd_pg",
+    "cmd_task",
+    "cmd_up",
+    "cmd_worker",
+    "main",
+]
 
 if __name__ == "__main__":
     sys.exit(main())
