@@ -42,13 +42,11 @@ import yaml
 from psycopg import sql
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
-from rich.table import Table
 
 from trace_core import errors
 from trace_core.access import UserCaller
 from trace_core.dag import OperatorInfo
 from trace_lite.chain.devnode import (
-    TRANSFER_TOPIC,
     DevNode,
     LiveActivity,
     Rpc,
@@ -67,8 +65,8 @@ from trace_lite.embedded_pg import EmbeddedPostgres
 from trace_lite.local_store import LocalObjectStore
 from trace_lite.migrate import migrate
 from trace_lite.pg import open_pool
-from trace_lite.query.service import QueryService
 from trace_servers.dag_cli import builtin_operators
+from trace_servers.demo_summary import DemoQueries, print_summary, summarise
 from trace_servers.supervisor import Supervisor
 
 ORG = "demo"
@@ -85,7 +83,7 @@ CONFIRMATIONS = 2
 
 
 class LiteChildren(Protocol):
-    """``trace up``'s supervised Dispatcher and workers (``cli.LiteProcesses``)."""
+    """``trace up``'s supervised Dispatcher and workers (``lite_processes.LiteProcesses``)."""
 
     supervisor: Supervisor
 
@@ -322,16 +320,27 @@ class _Run:
             readable=readable,
         )
         if self.args.history > 0:  # the planted large transfer's alert event, through the sink
-            service, caller = await self._querier(datasets, store)
-            while not (await self._alert_events(service, caller) or self.abort.is_set()):
+            queries = await self._queries(datasets, store)
+            while not (await queries.alert_events() or self.abort.is_set()):
                 if time.monotonic() > drain_until:
                     break
                 await asyncio.sleep(0.5)
-        summary = await self._summary(pool, datasets, store, complete=done)
-        self._print(summary)
+        summary = await summarise(
+            pool,
+            await self._queries(datasets, store),
+            self.rpc,
+            dag=DAG,
+            history_end=self.history_end,
+            lags=self.lags,
+            complete=done,
+        )
+        print_summary(self.console, summary)
         if self.args.summary_json:
             self.args.summary_json.write_text(json.dumps(summary, indent=2, default=str))
         return 0 if summary["matches_node"] else 1
+
+    async def _queries(self, datasets: Datasets, store: LocalObjectStore) -> DemoQueries:
+        return await DemoQueries.open(datasets, store, data_url=self.data_url, org=ORG, user=USER)
 
     async def _stored_stats(self, datasets: Datasets, org_id: str) -> int:
         admin = UserCaller(USER, org_id, frozenset({"admin"}))
@@ -422,193 +431,6 @@ class _Run:
                 if until():
                     return False
                 await asyncio.sleep(0.5)
-
-    async def _query(
-        self, service: QueryService, caller: UserCaller, text: str
-    ) -> tuple[list[dict[str, Any]], dict[str, str | None]]:
-        result = await service.query(caller, ORG, text, max_rows=100)
-        return [dict(zip(result.columns, row, strict=True)) for row in result.rows], result.versions
-
-    async def _querier(
-        self, datasets: Datasets, store: LocalObjectStore
-    ) -> tuple[QueryService, UserCaller]:
-        org_id = await datasets.org_id(ORG)
-        caller = UserCaller(USER, org_id, frozenset({"admin"}))
-        return QueryService(datasets, store, data_url=self.data_url), caller
-
-    async def _alert_events(self, service: QueryService, caller: UserCaller) -> int:
-        """The rows of ``alert_events`` (0 while the sink has stored none: no readable table)."""
-        try:
-            (row,), _ = await self._query(
-                service, caller, "SELECT count(*) AS events FROM alert_events"
-            )
-        except errors.TraceError:
-            return 0
-        return int(row["events"])
-
-    async def _deliveries(self, pool: Any) -> dict[str, int]:
-        """The org's alert deliveries by state (none unless a route sends to a destination)."""
-        async with pool.connection() as conn:
-            cur = await conn.execute(
-                "SELECT d.state, count(*) FROM alert_deliveries d JOIN orgs o USING (org_id) "
-                "WHERE o.name = %s GROUP BY d.state ORDER BY d.state",
-                (ORG,),
-            )
-            return {str(state): int(n) for state, n in await cur.fetchall()}
-
-    async def _summary(
-        self, pool: Any, datasets: Datasets, store: LocalObjectStore, *, complete: bool
-    ) -> dict[str, Any]:
-        """The datasets through the Query Service, and the node's answers for the same blocks;
-        the alert events raised and their deliveries."""
-        service, caller = await self._querier(datasets, store)
-        (counts,), versions = await self._query(
-            service,
-            caller,
-            "SELECT (SELECT count(*) FROM monad_blocks) AS blocks, "
-            "(SELECT coalesce(max(block_number) + 1, 0) FROM monad_blocks) AS block_end, "
-            "(SELECT count(*) FROM monad_transactions) AS transactions, "
-            "(SELECT count(*) FROM monad_logs) AS logs, "
-            "(SELECT count(*) FROM monad_transfers) AS transfers, "
-            "(SELECT count(*) FROM monad_block_stats) AS stats_blocks, "
-            "(SELECT coalesce(sum(tx_count), 0) FROM monad_block_stats) AS stats_transactions, "
-            "(SELECT coalesce(sum(log_count), 0) FROM monad_block_stats) AS stats_logs",
-        )
-        samples, _ = await self._query(
-            service,
-            caller,
-            "SELECT block_number, '0x' || lower(hex(token)) AS token, "
-            "'0x' || lower(hex(from_address)) AS from_address, "
-            "'0x' || lower(hex(to_address)) AS to_address, value_string AS value "
-            "FROM monad_transfers ORDER BY block_number DESC, log_index DESC LIMIT 5",
-        )
-        end = int(counts["block_end"])
-        node = await asyncio.to_thread(_node_counts, self.rpc, end)
-        ours = {k: int(counts[k]) for k in ("blocks", "transactions", "logs", "transfers")}
-        stats = {k: int(counts[f"stats_{k}"]) for k in ("blocks", "transactions", "logs")}
-        progress = await dag_progress(pool, ORG, DAG)
-        matches = (
-            complete
-            and ours == node
-            and stats == {k: node[k] for k in stats}
-            and ours["blocks"] == end == (progress.cursor or self.history_end)
-        )
-        return {
-            "org": ORG,
-            "dag": DAG,
-            "blocks_covered": [0, end],
-            "datasets": ours,
-            "block_stats": stats,
-            "node": node,
-            "matches_node": matches,
-            "complete": complete,
-            "versions": versions,
-            "sample_transfers": samples,
-            "alerts": {
-                "events": await self._alert_events(service, caller),
-                "deliveries": await self._deliveries(pool),
-            },
-            "tasks": {
-                "total": progress.tasks,
-                "failed": progress.failed,
-                "retried": progress.retried,
-            },
-            "follower_cursor": progress.cursor,
-            "backfill_end": self.history_end,
-            "head_lag_blocks": _percentiles(self.lags),
-        }
-
-    def _print(self, summary: dict[str, Any]) -> None:
-        c = self.console
-        ours, node = summary["datasets"], summary["node"]
-        table = Table(
-            title=f"Ingested blocks [0, {summary['blocks_covered'][1]}) (Query Service vs node)"
-        )
-        for col in ("", "datasets", "node", ""):
-            table.add_column(col)
-        for key in ("blocks", "transactions", "logs", "transfers"):
-            ok = "ok" if ours[key] == node[key] else "DIFFERS"
-            table.add_row(key, str(ours[key]), str(node[key]), ok)
-        stats = summary["block_stats"]
-        table.add_row(
-            "block stats",
-            f"{stats['blocks']} blocks, {stats['transactions']} txs, {stats['logs']} logs",
-            "",
-            "ok" if stats == {k: node[k] for k in stats} else "DIFFERS",
-        )
-        c.print(table)
-        c.print(
-            "head lag while following (blocks behind the node, per progress sample): "
-            + ", ".join(f"{k} {v}" for k, v in summary["head_lag_blocks"].items())
-        )
-        c.print(
-            "dataset versions: "
-            + ", ".join(f"{k} {str(v)[:8]}" for k, v in sorted(summary["versions"].items()))
-        )
-        tasks = summary["tasks"]
-        c.print(
-            f"tasks: {tasks['total']} ({tasks['retried']} retried, {tasks['failed']} failed); follower cursor {summary['follower_cursor']}"
-        )
-        if summary["sample_transfers"]:
-            c.print("latest decoded transfers:")
-            for t in summary["sample_transfers"]:
-                c.print(
-                    f"  block {t['block_number']}: token {t['token'][:12]}.. {t['from_address'][:12]}.. -> {t['to_address'][:12]}.. value {t['value']}"
-                )
-        alerts = summary["alerts"]
-        c.print(
-            f"alerts: {alerts['events']} alert events (large transfers, gas spikes)"
-            + (
-                "; deliveries " + ", ".join(f"{k} {v}" for k, v in alerts["deliveries"].items())
-                if alerts["deliveries"]
-                else "; no destination routes them (examples/alerts/monad/route.yaml adds one)"
-            )
-        )
-        if not summary["complete"]:
-            c.print(
-                "[yellow]the last ranges did not finish within --drain; counts cover what did[/]"
-            )
-        c.print(
-            "[bold green]demo OK: every count matches the node[/]"
-            if summary["matches_node"]
-            else "[bold red]demo FAILED: counts differ from the node[/]"
-        )
-        c.print(
-            "next: `./scripts/demo --duration 300` follows longer; `./scripts/demo --synthetic` runs the "
-            "task-lifecycle workload; the DAG is examples/monad/monad.yaml (docs/architecture/ingest.md). "
-            "While a demo runs, in another shell: `export TRACE_USER_TOKEN=$(.venv/bin/trace users token --sub demo)`, "
-            "then `.venv/bin/trace dag status demo monad` and "
-            '`.venv/bin/trace query "SELECT count(*) FROM monad_transfers" --org demo` '
-            "(`--duration 0` runs until Ctrl-C)."
-        )
-
-
-def _percentiles(values: list[int]) -> dict[str, int | None]:
-    """p50 and p95 (nearest rank) of ``values``; None when there are none."""
-    ordered = sorted(values)
-    if not ordered:
-        return {"p50": None, "p95": None}
-    return {
-        f"p{round(q * 100)}": ordered[min(len(ordered) - 1, int(q * len(ordered)))]
-        for q in (0.5, 0.95)
-    }
-
-
-def _node_counts(rpc: Rpc, end: int) -> dict[str, int]:
-    """The node's blocks, transactions, logs and ERC-20 Transfer logs of ``[0, end)``."""
-    if end == 0:
-        return {"blocks": 0, "transactions": 0, "logs": 0, "transfers": 0}
-    txs = sum(
-        len(rpc.call("eth_getBlockByNumber", hex(b), False)["transactions"]) for b in range(end)
-    )
-    logs = rpc.call("eth_getLogs", {"fromBlock": "0x0", "toBlock": hex(end - 1)})
-    transfer = "0x" + TRANSFER_TOPIC
-    transfers = sum(
-        1
-        for log in logs
-        if len(log["topics"]) == 3 and log["topics"][0] == transfer and len(log["data"]) == 66
-    )
-    return {"blocks": end, "transactions": txs, "logs": len(logs), "transfers": transfers}
 
 
 __all__ = ["cmd_chain_demo", "demo_databases", "example"]
