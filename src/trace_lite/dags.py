@@ -14,7 +14,8 @@ returns) and, in one transaction:
 5. when its ``digest`` differs from the active version's: stores version N+1 (``dag_versions``,
    never updated), its jobs (``dag_jobs``) and input edges (``dag_inputs``), and then either
    makes it active at once -- registering each ``publish`` entry as a dataset produced by this
-   DAG and job output, giving each dataset it registered an empty first version in a new
+   DAG and job output (or, for a ``multi_writer`` dataset another DAG owns, as a writer of it:
+   ``trace_lite.dag_registry``), giving each dataset it registered an empty first version in a new
    pointer set, and recording the activation (``dag_activations``, which
    ``trace_lite.dag_control`` rolls back) -- or, when the diff rebuilds jobs, **stages** it
    (``trace_lite.dag_remat.stage``: a staged pointer set and the rebuild's tasks; the cutover
@@ -40,7 +41,6 @@ from trace_core import access, errors
 from trace_core.access import UserCaller
 from trace_core.dag import (
     Dag,
-    DatasetFacts,
     DatasetRef,
     JobRef,
     OperatorInfo,
@@ -53,7 +53,7 @@ from trace_core.dag import (
 )
 from trace_lite import dag_remat, sqlfile
 from trace_lite.dag_grants import PLATFORM
-from trace_lite.dag_registry import register_published
+from trace_lite.dag_registry import register_published, registry_facts
 from trace_lite.orgs import Orgs, first
 from trace_lite.pg import fetch_as, transaction
 from trace_lite.sink_tables import schema_change_problems
@@ -74,14 +74,6 @@ class DagRow:
 @attrs.frozen
 class SubjectRow:
     subject: str
-
-
-@attrs.frozen
-class FactRow:
-    name: str
-    producer_dag: str
-    multi_writer: bool
-    schema: dict[str, Any]
 
 
 @attrs.frozen
@@ -206,13 +198,6 @@ class Dags:
         """The user's membership in ``org`` (``Orgs.user_caller``). Raises ``NotFound``."""
         return await self.orgs.user_caller(org, subject)
 
-    async def _facts(self, cur: psycopg.AsyncCursor[Any], org_id: str) -> dict[str, DatasetFacts]:
-        rows = await fetch_as(cur, FactRow, Q["registry_facts"], {"org_id": org_id})
-        return {
-            r.name: DatasetFacts(r.name, r.producer_dag, r.multi_writer, r.schema or None)
-            for r in rows
-        }
-
     async def _spec(self, cur: psycopg.AsyncCursor[Any], dag_id: str, version: int) -> Dag:
         params = {"dag_id": dag_id, "version": version}
         (row,) = await fetch_as(cur, VersionRow, Q["version_spec"], params)
@@ -253,7 +238,7 @@ class Dags:
                     deployers = await fetch_as(cur, SubjectRow, Q["deployers"], params)
                 access.check_deploy(caller, org_id, frozenset(r.subject for r in deployers))
             problems = validate(
-                doc, operators=self.operators, datasets=await self._facts(cur, org_id)
+                doc, operators=self.operators, datasets=await registry_facts(cur, org_id)
             )
             if problems:
                 raise problems_error(problems)

@@ -85,7 +85,7 @@ from trace_core.dag._records import (
     TriggerType,
     UpdateStrategy,
 )
-from trace_core.dag._validate import cap_problems, parse, validate
+from trace_core.dag._validate import cap_problems, parse, registry_problem, validate
 from trace_core.dag._where import event_matches, where_conditions
 from trace_core.dag._words import duration_s
 
@@ -146,6 +146,7 @@ __all__ = [
     "duration_s",
     "event_matches",
     "parse",
+    "registry_problem",
     "to_doc",
     "topological_order",
     "validate",

@@ -159,6 +159,10 @@ class DatasetFacts:
     multi_writer: bool = False
     #: Column name -> type, when declared; ``where`` on a ``from: {dataset}`` input checks it.
     schema: Mapping[str, str] | None = None
+    #: Its ``unique_key`` (None: unknown, not checked).
+    unique_key: tuple[str, ...] | None = None
+    #: The other DAGs registered as writers of a multi_writer dataset (ADR 0037).
+    writer_dags: frozenset[str] = frozenset()
 
 
 @attrs.frozen

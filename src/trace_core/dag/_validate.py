@@ -20,6 +20,7 @@ from trace_core.dag._records import (
     DatasetFacts,
     JobRef,
     OperatorInfo,
+    Output,
     Problem,
     Publish,
     Runtime,
@@ -165,18 +166,76 @@ def graph_problems(
         else:
             seen[p.dataset] = p
         facts = datasets.get(p.dataset) if datasets is not None else None
-        if (
-            facts is not None
-            and facts.producer_dag is not None
-            and facts.producer_dag != dag.name
-            and not (facts.multi_writer and out.multi_writer)
-        ):
-            yield Problem(
-                f"{ppath}.dataset",
-                f"dataset {show(p.dataset)} is produced by DAG {show(facts.producer_dag)}: "
-                "a dataset has one producing DAG",
-                "publish under another name, or read it with from: {dataset: ...}",
+        if (problem := registry_problem(dag.name, i, p, out, facts)) is not None:
+            yield problem
+
+
+def registry_problem(
+    dag_name: str, index: int, pub: Publish, out: Output, facts: DatasetFacts | None
+) -> Problem | None:
+    """Whether DAG ``dag_name`` may publish output ``out`` as ``publish[index]`` (``pub``), given
+    what the registry knows of the dataset (``facts``; None: a new name); None when it may.
+
+    A dataset has one owning DAG (the first to register it). Another DAG may also write it only
+    when the dataset and its output are both buffered ``multi_writer`` outputs with the same
+    schema and unique_key (it is registered as a writer, ADR 0037); while other DAGs write it, the
+    owner keeps it ``multi_writer`` and keeps its schema and unique_key. Deploy checks this twice:
+    in ``validate`` with the registry, and under the registry rows' locks
+    (``trace_lite.dag_registry``)."""
+    if facts is None or facts.producer_dag is None:
+        return None
+    name = show(pub.dataset)
+    opath = f"jobs.{pub.job}.outputs[{pub.output}]"
+    if facts.producer_dag != dag_name:
+        owner = show(facts.producer_dag)
+        if not (facts.multi_writer and out.multi_writer):
+            return Problem(
+                f"publish[{index}].dataset",
+                f"dataset {name} is produced by DAG {owner}: a dataset has one producing DAG"
+                + ("" if facts.multi_writer else " (it is not multi_writer there)"),
+                f"declare {opath} multi_writer: true (buffered append), as DAG {owner} does"
+                if facts.multi_writer
+                else "publish under another name, or read it with from: {dataset: ...}",
             )
+        mismatch = _shape_mismatch(out, facts)
+        if mismatch is None:
+            return None
+        return Problem(
+            f"{opath}.{mismatch}",
+            f"dataset {name} is written by DAG {owner} with another {mismatch}: every writer "
+            "of a multi_writer dataset declares the same schema and unique_key",
+            f"copy the {mismatch} of the output DAG {owner} publishes",
+        )
+    others = sorted(facts.writer_dags - {dag_name})
+    if not others:
+        return None
+    writers = ", ".join(show(w) for w in others)
+    hint = "remove it from their publish lists first"
+    if not out.multi_writer:
+        return Problem(
+            f"{opath}.multi_writer",
+            f"dataset {name} is also written by DAG(s) {writers}: it stays multi_writer while "
+            "they write it",
+            hint,
+        )
+    if (mismatch := _shape_mismatch(out, facts)) is not None:
+        return Problem(
+            f"{opath}.{mismatch}",
+            f"dataset {name} is also written by DAG(s) {writers}: its {mismatch} cannot change "
+            "while they write it",
+            hint,
+        )
+    return None
+
+
+def _shape_mismatch(out: Output, facts: DatasetFacts) -> str | None:
+    """``"schema"`` or ``"unique_key"`` when ``out`` declares another one than the registry's
+    (an unknown one is not compared); None when they match."""
+    if facts.schema is not None and dict(out.schema) != dict(facts.schema):
+        return "schema"
+    if facts.unique_key is not None and tuple(out.unique_key) != tuple(facts.unique_key):
+        return "unique_key"
+    return None
 
 
 def where_problems(
