@@ -8,13 +8,16 @@ task per committed batch of each writer."""
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import json
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import attrs
 import pytest
+from aiohttp.test_utils import TestClient, TestServer
 
 from pg_sql import sql
 from trace_core import dag, errors, wire
@@ -30,6 +33,8 @@ from trace_lite.dispatcher import Dispatcher, open_pool
 from trace_lite.pg import transaction
 from trace_lite.pg_queue import PgQueue
 from trace_lite.sink import EVENT_TYPE, Sink, load_dataset
+from trace_lite.users import LocalUserIssuer, UserAuthenticator
+from trace_servers.app import make_app
 from trace_servers.dag_cli import builtin_operators
 
 ORG = "acme"
@@ -288,6 +293,50 @@ async def test_the_owner_keeps_the_dataset_multi_writer_and_its_shape_while_othe
     assert sql(env.db_url, "SELECT schema ? 'note' FROM datasets WHERE name = %s", (DATASET,)) == [
         (True,)
     ]
+
+
+async def test_concurrent_deploys_of_the_owner_and_two_writers_register_each_once(
+    env: Env,
+) -> None:
+    """The owner's redeploy and two new writers' first deploys at once: each lands (the
+    registry rows' locks serialize them), the owner stays the owner, both writers are rows."""
+    await env.dags.deploy(None, ORG, detector("whales"))
+    again = {**detector("whales"), "description": "edited"}
+    done = await asyncio.gather(
+        env.dags.deploy(None, ORG, again),
+        env.dags.deploy(None, ORG, detector("bursts")),
+        env.dags.deploy(None, ORG, detector("apes")),
+    )
+    assert [d.created for d in done] == [True, True, True]
+    assert env.owner() == [("whales", True)]
+    assert env.writers() == [("apes", "detect", 0), ("bursts", "detect", 0)]
+
+
+async def test_deploy_over_http_answers_422_with_the_path_then_201(
+    env: Env, tmp_path: Path
+) -> None:
+    """``POST /v1/orgs/{org}/dags``: a writer whose schema differs is 422 with the output's path
+    (nothing written); the same output as the owner's is deployed (201)."""
+    await Datasets(env.pools[0], object_store=env.store).set_member(
+        None, ORG, "dora", ["dag_deployer"]
+    )
+    issuer = LocalUserIssuer.init(tmp_path / "keys")
+    auth = UserAuthenticator({issuer.key.kid: issuer.key})
+    dora = {"Authorization": f"Bearer {issuer.token('dora')}"}
+    base = f"/v1/orgs/{ORG}/dags"
+    app = make_app(env.dispatcher, platform_token="platform-0123456789abcdef", user_auth=auth)
+    async with TestClient(TestServer(app)) as c:
+        r = await c.post(base, json={"spec": detector("whales")}, headers=dora)
+        assert r.status == 201
+        bad = detector("bursts", schema={**SCHEMA, "value": "string"})
+        r = await c.post(base, json={"spec": bad}, headers=dora)
+        body = await r.json()
+        assert (r.status, body["error"]) == (422, "validation_failed")
+        assert body["field"] == "jobs.detect.outputs[0].schema"
+        assert sql(env.db_url, "SELECT count(*) FROM dags WHERE name = 'bursts'") == [(0,)]
+        r = await c.post(base, json={"spec": detector("bursts")}, headers=dora)
+        assert r.status == 201
+    assert env.writers() == [("bursts", "detect", 0)]
 
 
 # --- publishing, the sink, readers -----------------------------------------------------------
