@@ -7,8 +7,11 @@ from typing import Any
 import psycopg
 
 
-def sql(url: str, query: str, params: Any = None) -> list[tuple[Any, ...]]:
-    """Run ``query`` in its own autocommit connection; its rows ([] for a statement without)."""
-    with psycopg.connect(url, autocommit=True) as conn:
+def sql(
+    url: str, query: str, params: Any = None, *, connect_timeout: int | None = None
+) -> list[tuple[Any, ...]]:
+    """Run ``query`` in its own autocommit connection; its rows ([] for a statement without).
+    ``connect_timeout``: seconds to wait for the connection (``None``: libpq's default)."""
+    with psycopg.connect(url, autocommit=True, connect_timeout=connect_timeout) as conn:
         cur = conn.execute(query, params)
         return cur.fetchall() if cur.description else []

@@ -17,9 +17,9 @@ from pathlib import Path
 from typing import Any
 
 import attrs
-import psycopg
 import pytest
 
+from pg_sql import sql
 from trace_core.dag import OperatorInfo
 from trace_core.lifecycle import RetryPolicy
 from trace_core.secret_names import org_secret
@@ -121,11 +121,6 @@ async def pool(db_url: str) -> AsyncIterator[Any]:
         await pool.close()
 
 
-def _sql(db_url: str, query: str, params: Any = None) -> list[tuple[Any, ...]]:
-    with psycopg.connect(db_url, autocommit=True) as conn:
-        return conn.execute(query, params).fetchall()
-
-
 def _dag(url: str) -> dict[str, Any]:
     """Two slots of one pool: the same endpoint with each slot's key in the path (a secret).
     Slot 0 backs off from 200 ms for up to 8 rounds; slot 1 is limited to 10 requests/s."""
@@ -186,7 +181,7 @@ async def test_each_slot_uses_its_own_key_and_budget_and_a_throttled_slot_holds_
 ) -> None:
     operators = {n: OperatorInfo(n) for n in BUILTIN_OPERATORS}
     await Dags(pool, operators=operators).deploy(None, ORG, _dag(proxy.url))
-    (org_id,) = _sql(db_url, "SELECT org_id::text FROM orgs WHERE name = %s", (ORG,))[0]
+    (org_id,) = sql(db_url, "SELECT org_id::text FROM orgs WHERE name = %s", (ORG,))[0]
     secrets = MemorySecretStore()
     for name, key in zip(("rpc/key-a", "rpc/key-b"), KEYS, strict=True):
         await secrets.put(org_secret(org_id, name), key.encode())
@@ -269,7 +264,7 @@ async def test_each_slot_uses_its_own_key_and_budget_and_a_throttled_slot_holds_
         assert gap >= 0.2 * 2**n * 0.95, gaps
     # both ranges committed, once each
     for name in ("b_blocks", "b_logs"):
-        rows = _sql(
+        rows = sql(
             db_url,
             "SELECT p.range_start, p.range_end FROM dataset_partitions p "
             "JOIN dataset_versions v USING (dataset_version) "

@@ -34,6 +34,7 @@ from typing import Any
 
 import psycopg
 
+from pg_sql import sql
 from trace_lite.datasets import Datasets
 from trace_lite.dispatcher import open_pool
 from trace_lite.users import LocalUserIssuer
@@ -363,9 +364,7 @@ class TraceProcs:
     # -- SQL ---------------------------------------------------------------------------------
 
     def sql(self, query: str, params: Any = None) -> list[tuple[Any, ...]]:
-        with psycopg.connect(self.db_url, autocommit=True, connect_timeout=5) as conn:
-            cur = conn.execute(query, params)
-            return cur.fetchall() if cur.description else []
+        return sql(self.db_url, query, params, connect_timeout=5)
 
     def scalar(self, query: str, params: Any = None) -> Any:
         return self.sql(query, params)[0][0]

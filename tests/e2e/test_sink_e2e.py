@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 from e2e_harness import TraceProcs, free_port
 
+from pg_sql import sql as data_sql
 from trace_core import wire
 from trace_core.lifecycle import RetryPolicy
 from trace_core.ports import ObjectStore
@@ -102,13 +103,6 @@ def cli(procs: TraceProcs, *argv: str) -> Any:
         cwd=procs.home,
     )
     return json.loads(out.stdout)
-
-
-def data_sql(url: str, query: str) -> Any:
-    import psycopg
-
-    with psycopg.connect(url, autocommit=True) as conn:
-        return conn.execute(query).fetchall()
 
 
 def test_sink_process_killed_at_each_point_then_finishes_exactly_once(

@@ -18,6 +18,7 @@ import psycopg
 import psycopg.sql
 import pytest
 
+from pg_sql import sql
 from trace_core import errors, wire
 from trace_core.alert_rules import (
     ALERT_EVENTS_SCHEMA,
@@ -146,12 +147,6 @@ def fail_first_attempt_after(op: Operator) -> Operator:
         return out
 
     return wrapped
-
-
-def sql(url: str, query: str, params: Any = None) -> list[tuple[Any, ...]]:
-    with psycopg.connect(url, autocommit=True) as conn:
-        cur = conn.execute(query, params)
-        return cur.fetchall() if cur.description else []
 
 
 @attrs.define

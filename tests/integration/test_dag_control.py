@@ -13,10 +13,10 @@ from pathlib import Path
 from typing import Any
 
 import attrs
-import psycopg
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
+from pg_sql import sql
 from trace_core import errors, wire
 from trace_core.testing import MemoryObjectStore, MemoryQueue, MemorySigner
 from trace_lite.dag_control import DagControl
@@ -65,9 +65,7 @@ class World:
     db_url: str
 
     def sql(self, query: str, params: Any = None) -> list[tuple[Any, ...]]:
-        with psycopg.connect(self.db_url, autocommit=True) as conn:
-            cur = conn.execute(query, params)
-            return cur.fetchall() if cur.description else []
+        return sql(self.db_url, query, params)
 
     async def pointers(self) -> tuple[str | None, ...]:
         admin = await self.ds.user_caller(ORG, "ada")

@@ -9,9 +9,9 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import attrs
-import psycopg
 import pytest
 
+from pg_sql import sql
 from trace_core import errors, wire
 from trace_core.testing import MemoryObjectStore, MemoryQueue, MemorySigner
 from trace_lite.dag_runs import DagRuns
@@ -57,9 +57,7 @@ class World:
     db_url: str
 
     def sql(self, query: str, params: Any = None) -> list[tuple[Any, ...]]:
-        with psycopg.connect(self.db_url, autocommit=True) as conn:
-            cur = conn.execute(query, params)
-            return cur.fetchall() if cur.description else []
+        return sql(self.db_url, query, params)
 
     def grants(self, job: str) -> list[list[str]]:
         rows = self.sql(

@@ -13,9 +13,9 @@ from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import attrs
-import psycopg
 import pytest
 
+from pg_sql import sql
 from trace_core import errors, wire
 from trace_core.testing import MemoryObjectStore, MemoryQueue, MemorySigner
 from trace_lite.dag_control import DagControl
@@ -78,9 +78,7 @@ class World:
     db_url: str
 
     def sql(self, query: str, params: Any = None) -> list[tuple[Any, ...]]:
-        with psycopg.connect(self.db_url, autocommit=True) as conn:
-            cur = conn.execute(query, params)
-            return cur.fetchall() if cur.description else []
+        return sql(self.db_url, query, params)
 
     def tasks(self, job: str, version: int | None = None, state: str | None = None) -> list[str]:
         rows = self.sql(

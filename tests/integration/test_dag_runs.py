@@ -11,9 +11,9 @@ from datetime import UTC, datetime
 from typing import Any
 
 import attrs
-import psycopg
 import pytest
 
+from pg_sql import sql
 from trace_core import errors, wire
 from trace_core.testing import MemoryObjectStore, MemoryQueue, MemorySigner
 from trace_lite.dag_runs import DagRuns, latest_slot
@@ -51,9 +51,7 @@ class World:
     queue: MemoryQueue
 
     def sql(self, query: str, params: Any = None) -> list[tuple[Any, ...]]:
-        with psycopg.connect(self.db_url, autocommit=True) as conn:
-            cur = conn.execute(query, params)
-            return cur.fetchall() if cur.description else []
+        return sql(self.db_url, query, params)
 
     def tasks_of(self, job: str) -> list[tuple[Any, ...]]:
         return self.sql(

@@ -15,6 +15,7 @@ import attrs
 import psycopg
 import pytest
 
+from pg_sql import sql
 from trace_core import errors, wire
 from trace_core.lifecycle import RetryPolicy
 from trace_core.testing import MemoryQueue, MemorySigner
@@ -35,9 +36,7 @@ class Env:
     versions: dict[str, str]
 
     def sql(self, query: str, params: Any = None) -> list[tuple[Any, ...]]:
-        with psycopg.connect(self.db_url, autocommit=True) as conn:
-            cur = conn.execute(query, params)
-            return cur.fetchall() if cur.description else []
+        return sql(self.db_url, query, params)
 
 
 @pytest.fixture

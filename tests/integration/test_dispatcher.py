@@ -8,9 +8,9 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import attrs
-import psycopg
 import pytest
 
+from pg_sql import sql
 from trace_core import errors, wire
 from trace_core.lifecycle import RetryPolicy
 from trace_core.testing.memory_queue import MemoryQueue
@@ -37,12 +37,6 @@ async def dispatcher(db_url: str) -> AsyncIterator[Dispatcher]:
         await pool.close()
 
 
-def _sql(db_url: str, query: str, params: Any = None) -> list[tuple[Any, ...]]:
-    with psycopg.connect(db_url, autocommit=True) as conn:
-        cur = conn.execute(query, params)
-        return cur.fetchall() if cur.description else []
-
-
 async def _create(d: Dispatcher, **kw: Any) -> str:
     (info,) = await d.create_tasks([wire.CreateTaskRequest(operator="noop", **kw)])
     return info.task_id
@@ -53,7 +47,7 @@ def _fence(c: wire.ClaimResponse) -> dict[str, Any]:
 
 
 def _expire(db_url: str, task_id: str) -> None:
-    _sql(
+    sql(
         db_url,
         "UPDATE tasks SET lease_expires_at = now() - interval '1 second' WHERE task_id = %s",
         (task_id,),
@@ -89,7 +83,7 @@ async def test_happy_path_writes_one_completion_with_events(
     assert [e["event_key"] for e in task["events"]] == ["a", "b", "done"]
     assert [a["outcome"] for a in task["attempts"]] == ["succeeded"]
     # the wake-up went through the outbox
-    assert _sql(db_url, "SELECT count(*) FROM outbox WHERE topic = 'wake'")[0][0] == 1
+    assert sql(db_url, "SELECT count(*) FROM outbox WHERE topic = 'wake'")[0][0] == 1
 
 
 async def test_complete_twice_same_body_is_replay_different_body_is_409(
@@ -138,8 +132,8 @@ async def test_stale_attempt_is_fenced_out_everywhere(dispatcher: Dispatcher, db
     ):
         with pytest.raises(errors.LeaseLost):
             await call
-    assert _sql(db_url, "SELECT count(*) FROM task_events")[0][0] == 0
-    assert _sql(db_url, "SELECT count(*) FROM buffer_batches")[0][0] == 0
+    assert sql(db_url, "SELECT count(*) FROM task_events")[0][0] == 0
+    assert sql(db_url, "SELECT count(*) FROM buffer_batches")[0][0] == 0
     task = await dispatcher.get_task(task_id)
     assert task["state"] == "running" and task["attempt"] == 2
     assert [a["outcome"] for a in task["attempts"]] == ["timed_out", "running"]
@@ -222,7 +216,7 @@ async def test_events_are_deduplicated_by_key_across_attempts(
         wire.EventsRequest(**f2, events=[wire.EventIn("k1", "t"), wire.EventIn("k2", "t")])
     )
     assert (r.accepted, r.duplicates) == (1, 1)
-    assert _sql(db_url, "SELECT count(*) FROM task_events")[0][0] == 2
+    assert sql(db_url, "SELECT count(*) FROM task_events")[0][0] == 2
 
 
 async def test_buffer_publish_checks_prefix_and_object(dispatcher: Dispatcher) -> None:
@@ -268,7 +262,7 @@ async def test_outbox_publishes_wakes_to_the_queue(dispatcher: Dispatcher, db_ur
     while msgs := await dispatcher.queue.receive(max_messages=10):
         got += [json.loads(m.body)["task_id"] for m in msgs]
     assert sorted(got) == sorted(ids)
-    assert _sql(db_url, "SELECT count(*) FROM outbox WHERE state = 'pending'")[0][0] == 0
+    assert sql(db_url, "SELECT count(*) FROM outbox WHERE state = 'pending'")[0][0] == 0
 
 
 async def test_outbox_send_failure_backs_off(dispatcher: Dispatcher, db_url: str) -> None:
@@ -277,7 +271,7 @@ async def test_outbox_send_failure_backs_off(dispatcher: Dispatcher, db_url: str
     assert isinstance(queue, MemoryQueue)
     queue.fail_next("send", errors.Unavailable("queue down"))
     assert await dispatcher.publish_outbox_once() == 0
-    ((state, tries, later),) = _sql(db_url, "SELECT state, tries, available_at > now() FROM outbox")
+    ((state, tries, later),) = sql(db_url, "SELECT state, tries, available_at > now() FROM outbox")
     assert (state, tries) == ("pending", 1) and later
 
 
@@ -294,7 +288,7 @@ async def test_outbox_marks_published_only_what_a_consumer_took(
     info = await store.put(key, b"{}\n")
     batch = wire.BufferBatchIn("b1", "rows", key, 1, info.size, info.sha256)
     await dispatcher.publish_buffer(wire.BufferPublishRequest(**f, batch=batch))
-    _sql(
+    sql(
         db_url,
         "INSERT INTO outbox (topic, payload) VALUES ('dataset.invalidate', '{}'), ('invoke', %s)",
         (json.dumps({"task_id": task_id}),),
@@ -302,7 +296,7 @@ async def test_outbox_marks_published_only_what_a_consumer_took(
     assert dispatcher.consumed_topics() == ["wake"]
     assert await dispatcher.publish_outbox_once() == 1  # the wake-up only
     assert await dispatcher.publish_outbox_once() == 0
-    rows = _sql(db_url, "SELECT topic, state, tries FROM outbox ORDER BY id")
+    rows = sql(db_url, "SELECT topic, state, tries FROM outbox ORDER BY id")
     assert rows == [
         ("wake", "published", 1),
         ("buffer:rows", "pending", 0),
@@ -329,7 +323,7 @@ async def test_delayed_task_is_pending_until_due(dispatcher: Dispatcher, db_url:
     task_id = await _create(dispatcher, delay_s=30)
     with pytest.raises(errors.TaskNotClaimable):
         await dispatcher.claim(task_id)
-    _sql(db_url, "UPDATE tasks SET available_at = now() WHERE task_id = %s", (task_id,))
+    sql(db_url, "UPDATE tasks SET available_at = now() WHERE task_id = %s", (task_id,))
     assert (await dispatcher.reap_once()).due == 1
     assert (await dispatcher.claim(task_id)).attempt == 1
 
@@ -407,7 +401,7 @@ async def test_reaper_rewakes_a_queued_task_whose_wakeup_was_lost(
     (msg,) = await dispatcher.queue.receive(max_messages=10)
     await dispatcher.queue.delete([msg.receipt])  # the wake-up is gone, the task still queued
     assert (await dispatcher.reap_once()).rewoken == 0  # not stale yet
-    _sql(
+    sql(
         db_url,
         "UPDATE tasks SET updated_at = now() - interval '1 hour' WHERE task_id = %s",
         (task_id,),
@@ -421,13 +415,13 @@ async def test_reaper_rewakes_a_queued_task_whose_wakeup_was_lost(
 
 def _age_attempt(db_url: str, task_id: str, seconds: int) -> None:
     """As if ``seconds`` passed since the current attempt started and last heartbeat."""
-    _sql(
+    sql(
         db_url,
         "UPDATE task_attempts a SET started_at = a.started_at - make_interval(secs => %s) "
         "FROM tasks t WHERE a.task_id = t.task_id AND a.attempt = t.attempt AND t.task_id = %s",
         (seconds, task_id),
     )
-    _sql(
+    sql(
         db_url,
         "UPDATE tasks SET lease_expires_at = lease_expires_at - make_interval(secs => %s) "
         "WHERE task_id = %s",

@@ -10,9 +10,9 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import attrs
-import psycopg
 import pytest
 
+from pg_sql import sql
 from trace_core import errors, wire
 from trace_core.lifecycle import RetryPolicy
 from trace_core.testing import MemoryObjectStore, MemoryQueue, MemorySigner
@@ -55,9 +55,7 @@ class World:
     db_url: str
 
     def sql(self, query: str, params: Any = None) -> list[tuple[Any, ...]]:
-        with psycopg.connect(self.db_url, autocommit=True) as conn:
-            cur = conn.execute(query, params)
-            return cur.fetchall() if cur.description else []
+        return sql(self.db_url, query, params)
 
     async def trigger(self, n: int) -> list[str]:
         return [

@@ -18,6 +18,7 @@ import psycopg
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
+from pg_sql import sql as pg_sql
 from trace_core import errors, wire
 from trace_core.access import Caller
 from trace_core.lifecycle import RetryPolicy
@@ -45,9 +46,7 @@ class World:
     tmp: Path
 
     def sql(self, query: str, params: Any = None) -> list[tuple[Any, ...]]:
-        with psycopg.connect(self.db_url, autocommit=True) as conn:
-            cur = conn.execute(query, params)
-            return cur.fetchall() if cur.description else []
+        return pg_sql(self.db_url, query, params)
 
 
 def _parquet(tmp: Path, select: str) -> bytes:

@@ -12,9 +12,9 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import attrs
-import psycopg
 import pytest
 
+from pg_sql import sql
 from trace_aws.sqs_queue import SqsQueue
 from trace_core import errors, wire
 from trace_core.lifecycle import RetryPolicy
@@ -57,12 +57,6 @@ def dag_doc(schema: dict[str, str] | None = None, *, name: str = "alerts") -> di
         },
         "publish": [{"job": "detect", "output": 0, "dataset": "transfers"}],
     }
-
-
-def sql(url: str, query: str, params: Any = None) -> list[tuple[Any, ...]]:
-    with psycopg.connect(url, autocommit=True) as conn:
-        cur = conn.execute(query, params)
-        return cur.fetchall() if cur.description else []
 
 
 @attrs.define

@@ -10,9 +10,9 @@ import copy
 from collections.abc import AsyncIterator
 from typing import Any
 
-import psycopg
 import pytest
 
+from pg_sql import sql
 from trace_aws._boto import client
 from trace_aws.sqs_queue import SqsQueue
 from trace_core import errors
@@ -56,12 +56,6 @@ def dag_doc(schema: dict[str, str] | None = None, unique_key: list[str] | None =
             {"job": "detect", "output": 1, "dataset": "plain"},
         ],
     }
-
-
-def sql(url: str, query: str, params: Any = None) -> list[tuple[Any, ...]]:
-    with psycopg.connect(url, autocommit=True) as conn:
-        cur = conn.execute(query, params)
-        return cur.fetchall() if cur.description else []
 
 
 @pytest.fixture
