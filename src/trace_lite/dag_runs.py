@@ -95,14 +95,27 @@ class SourceJobRow:
     is_source: bool
 
 
-class ClaimedRow(NamedTuple):
+class AnnouncementRow(NamedTuple):
+    """A claimed announcement: the events one statement of a task recorded (migration 0032)."""
+
     id: int
     tries: int
+    task_id: str
+    #: How many events it announces.
+    events: int
+    #: What its events were produced on, each once: ``[[output, sink dataset], ...]`` (JSON).
+    srcs: str
+
+
+class EventRow(NamedTuple):
+    """An event of a claimed announcement, read only for the consuming inputs with a ``where``."""
+
+    id: int
     task_id: str
     event_key: str
     output: int
     sink_dataset: str
-    #: The event's payload (JSON text), parsed only for a consuming input's ``where``.
+    #: The event's payload (JSON text).
     payload: str
 
     @property
@@ -153,16 +166,22 @@ class ConsumerInputRow:
             "read_datasets": list(read_datasets),
         }
 
-    def rejected(self, by_src: Mapping[tuple[str, int, str], list[ClaimedRow]]) -> list[Any]:
+    @property
+    def filtered(self) -> bool:
+        """Whether the input has a ``where`` and events of the pass reach it."""
+        return bool(self.where_srcs and self.input_where and json.loads(self.input_where))
+
+    def rejected(self, by_src: Mapping[tuple[str, int, str], list[EventRow]]) -> list[Any]:
         """The claimed events (``by_src``: by producing task, output and sink dataset) that
         reach this input and fail its ``where`` (``trace_core.dag.event_matches``)."""
-        where = json.loads(self.input_where) if self.input_where else None
-        if not where or not self.where_srcs:
+        if not self.filtered:
             return []
-        conditions = where_conditions(where)
+        assert self.input_where is not None and self.where_srcs is not None
+        conditions = where_conditions(json.loads(self.input_where))
         return [
             {
                 "outbox_id": e.id,
+                "event_key": e.event_key,
                 "dag_id": self.dag_id,
                 "version": self.version,
                 "job": self.job,
@@ -338,24 +357,45 @@ class DagRuns:
 
     # -- fan-out --------------------------------------------------------------------------------
 
-    async def fan_out_once(self, batch: int = 500) -> FanOutReport:
+    async def fan_out_once(self, batch: int = 2000) -> FanOutReport:
         """Consume up to ``batch`` announced events of DAG tasks in one transaction (see the
         module docstring). Returns what was consumed and created. Raises ``Conflict`` (the pass
         raced a deploy or a creator: nothing is consumed; the next pass plans again),
         ``Unavailable``."""
         async with transaction(self.pool) as cur:
             claimed = await fetch_named(
-                cur, ClaimedRow, Q["claim_dag_events"], {"topic": EVENT_TOPIC, "batch": batch}
+                cur,
+                AnnouncementRow,
+                Q["claim_dag_events"],
+                {"topic": EVENT_TOPIC, "batch": batch},
             )
             if not claimed:
                 return FanOutReport()
-            by_src: dict[tuple[str, int, str], list[ClaimedRow]] = {}
-            for c in claimed:
-                by_src.setdefault(c.src, []).append(c)
-            srcs = [{"task_id": t, "output": o, "sink_dataset": k} for t, o, k in by_src]
+            ids = pg_array([c.id for c in claimed])
+            srcs = {
+                (c.task_id, output, sink): None
+                for c in claimed
+                for output, sink in json.loads(c.srcs)
+            }
             inputs = await _fetch_prepared(
-                cur, ConsumerInputRow, Q["fan_out_inputs"], {"srcs": Jsonb(srcs)}
+                cur,
+                ConsumerInputRow,
+                Q["fan_out_inputs"],
+                {
+                    "srcs": Jsonb(
+                        [{"task_id": t, "output": o, "sink_dataset": k} for t, o, k in srcs]
+                    )
+                },
             )
+            rejected: list[Any] = []
+            if any(i.filtered for i in inputs):
+                # the events' payloads, read only when a consuming input has a `where`
+                by_src: dict[tuple[str, int, str], list[EventRow]] = {}
+                for e in await fetch_named(
+                    cur, EventRow, Q["claimed_event_payloads"], {"ids": ids}
+                ):
+                    by_src.setdefault(e.src, []).append(e)
+                rejected = [r for i in inputs for r in i.rejected(by_src)]
             grants = await read_grants(cur, ((i.dag_id, i.version, i.job) for i in inputs))
             # the kernel's decision per number of tries (announcements are nearly all at 0)
             sent = [
@@ -369,18 +409,12 @@ class DagRuns:
                 FanOutRow,
                 Q["fan_out"],
                 {
-                    "events": Jsonb(
-                        [
-                            {"id": c.id, "task_id": c.task_id, "event_key": c.event_key}
-                            for c in claimed
-                        ]
-                    ),
-                    "ids": pg_array([c.id for c in claimed]),
+                    "ids": ids,
                     "sent": Jsonb(sent),
                     "inputs": Jsonb(
                         [i.grant(grants[(i.dag_id, i.version, i.job)]) for i in inputs]
                     ),
-                    "rejected": Jsonb([r for i in inputs for r in i.rejected(by_src)]),
+                    "rejected": Jsonb(rejected),
                     "state": state.value,
                     "wake": self.wake_mode == "queue" and state is TaskState.QUEUED,
                     "wake_topic": WAKE_TOPIC,

@@ -191,3 +191,110 @@ async def test_a_pass_that_loses_a_key_to_a_concurrent_creator_rolls_back(
         ("a",),
         ("b",),
     ]
+
+
+async def _emit_statements(w: World, sizes: list[int]) -> str:
+    """Run ``src`` emitting one call (one statement) of events per size, then complete."""
+    out = await w.runs.trigger(None, ORG, "flow", "src")
+    c = await w.d.claim(out["task_id"])
+    fence = {"task_id": c.task_id, "attempt": c.attempt, "lease_token": c.lease_token}
+    n = 0
+    for size in sizes:
+        keys = [f"r-{n + i}" for i in range(size)]
+        n += size
+        await w.d.emit_events(
+            wire.EventsRequest(**fence, events=[wire.EventIn(key=k, type="range") for k in keys])
+        )
+    await w.d.complete(wire.CompleteRequest(**fence))
+    return str(out["task_id"])
+
+
+async def test_one_announcement_names_the_events_of_one_statement(world: World) -> None:
+    producer = await _emit_statements(world, [4, 1])
+    # one outbox row per emitting statement, naming its events in order and, once, the output
+    # (and sink dataset: none here) they were produced on
+    rows = world.sql("SELECT payload FROM outbox WHERE topic = 'dag.event' ORDER BY id")
+    assert [r[0] for r in rows] == [
+        {"task_id": producer, "event_keys": ["r-0", "r-1", "r-2", "r-3"], "srcs": [[0, ""]]},
+        {"task_id": producer, "event_keys": ["r-4"], "srcs": [[0, ""]]},
+    ]
+    report = await world.runs.fan_out_once()
+    assert (report.events, report.created) == (5, 10)
+    keys = world.sql(
+        "SELECT dag_job, payload -> 'event' ->> 'key' FROM tasks "
+        "WHERE dag_job IN ('a', 'b') ORDER BY 1, 2"
+    )
+    assert keys == [(job, f"r-{i}") for job in ("a", "b") for i in range(5)]
+    assert world.sql("SELECT count(*) FROM task_inputs") == [(10,)]
+    assert world.sql("SELECT state FROM outbox WHERE topic = 'dag.event'") == [
+        ("published",),
+        ("published",),
+    ]
+
+
+async def test_a_pass_takes_announcements_while_their_events_fit_its_batch(world: World) -> None:
+    await _emit_statements(world, [2, 3, 4])
+    # 2 + 3 fit a batch of 5; the third announcement (4 more) waits for the next pass
+    first = await world.runs.fan_out_once(batch=5)
+    assert (first.events, first.created) == (5, 10)
+    assert world.sql(
+        "SELECT jsonb_array_length(payload -> 'event_keys') FROM outbox "
+        "WHERE topic = 'dag.event' AND state = 'pending'"
+    ) == [(4,)]
+    # an announcement larger than the batch is still taken whole (a pass takes at least one)
+    second = await world.runs.fan_out_once(batch=2)
+    assert (second.events, second.created) == (4, 8)
+    assert (await world.runs.fan_out_once(batch=2)).events == 0
+    assert world.sql(
+        "SELECT count(DISTINCT payload -> 'event') FROM tasks WHERE dag_job = 'a'"
+    ) == [(9,)]
+
+
+async def test_an_announcement_of_one_event_from_before_migration_0032_is_consumed(
+    world: World,
+) -> None:
+    producer = await _run_source(world, ["r-0"])
+    world.sql(  # the shape the per-event trigger wrote: {task_id, event_key}
+        "UPDATE outbox SET payload = jsonb_build_object('task_id', payload ->> 'task_id', "
+        "'event_key', payload -> 'event_keys' ->> 0) WHERE topic = 'dag.event'"
+    )
+    assert world.sql("SELECT payload FROM outbox WHERE topic = 'dag.event'") == [
+        ({"task_id": producer, "event_key": "r-0"},)
+    ]
+    report = await world.runs.fan_out_once()
+    assert (report.events, report.created) == (1, 2)
+    assert world.sql("SELECT producer_task_id::text, event_key FROM task_inputs ORDER BY 1") == [
+        (producer, "r-0"),
+        (producer, "r-0"),
+    ]
+
+
+async def test_an_announcement_names_each_output_its_events_were_produced_on(
+    world: World,
+) -> None:
+    spec: dict[str, Any] = {
+        "name": "two",
+        "jobs": {
+            "src": {"operator": "noop", "triggers": [{"type": "manual"}], "outputs": [OUT, OUT]},
+            "first": {"operator": "noop", "inputs": [{"from": {"job": "src"}}]},
+            "second": {"operator": "noop", "inputs": [{"from": {"job": "src", "output": 1}}]},
+        },
+    }
+    await world.dags.deploy(None, ORG, spec)
+    out = await world.runs.trigger(None, ORG, "two", "src")
+    c = await world.d.claim(out["task_id"])
+    fence = {"task_id": c.task_id, "attempt": c.attempt, "lease_token": c.lease_token}
+    events = [
+        wire.EventIn(key="e0", type="range"),
+        wire.EventIn(key="e1", type="range", payload={"output": 1}),
+        wire.EventIn(key="e2", type="range", payload={"output": 1}),
+    ]
+    await world.d.complete(wire.CompleteRequest(**fence, final_events=events))
+    ((srcs,),) = world.sql("SELECT payload -> 'srcs' FROM outbox WHERE topic = 'dag.event'")
+    assert sorted(srcs) == [[0, ""], [1, ""]]
+    report = await world.runs.fan_out_once()
+    assert (report.events, report.created) == (3, 3)
+    assert world.sql(
+        "SELECT dag_job, payload -> 'event' ->> 'key' FROM tasks "
+        "WHERE dag_job IN ('first', 'second') ORDER BY 1, 2"
+    ) == [("first", "e0"), ("second", "e1"), ("second", "e2")]

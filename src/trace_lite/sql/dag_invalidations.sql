@@ -37,8 +37,7 @@ WHERE dataset_version = %(version)s AND superseded_at IS NULL
 SELECT EXISTS (
     SELECT 1 FROM task_events e
     WHERE e.task_id = ANY(%(task_ids)s::uuid[])
-      AND (CASE WHEN jsonb_typeof(e.payload -> 'output') = 'number'
-                THEN (e.payload ->> 'output')::int ELSE 0 END) = %(output)s
+      AND trace_event_output(e.payload) = %(output)s
       AND ((%(key)s::text IS NOT NULL AND e.payload ->> 'partition_key' = %(key)s)
            OR (%(start)s::bigint IS NOT NULL
                AND jsonb_typeof(e.payload -> 'start') = 'number'
@@ -71,8 +70,7 @@ WITH dep AS (
 )
 SELECT dep.task_id::text AS rerun_of, dep.producer_task_id::text AS producer_task_id,
        dep.event_key, dep.event_seq, e.event_type, e.payload::text AS event_payload,
-       CASE WHEN jsonb_typeof(e.payload -> 'output') = 'number'
-            THEN (e.payload ->> 'output')::int ELSE 0 END AS output,
+       trace_event_output(e.payload) AS output,
        dep.org_id::text AS org_id, dep.dag_id::text AS dag_id, g.name AS dag,
        g.active_version AS version, dep.dag_job AS job, dep.input_index,
        j.operator, j.runtime, j.config::text AS config, j.timeout_s, j.max_attempts,

@@ -88,8 +88,7 @@ SELECT NULL::bigint AS outbox_id, e.task_id::text AS producer_task_id, e.event_k
 FROM src
 JOIN tasks t ON t.dag_id = src.p_dag AND t.dag_job = src.p_job
 JOIN task_events e ON e.task_id = t.task_id
-                  AND (CASE WHEN jsonb_typeof(e.payload -> 'output') = 'number'
-                            THEN (e.payload ->> 'output')::int ELSE 0 END) = src.p_output
+                  AND trace_event_output(e.payload) = src.p_output
 JOIN dag_jobs j ON (j.dag_id, j.version, j.job) = (src.dag_id, src.version, src.job)
 LEFT JOIN datasets pd ON pd.dag_id = src.p_dag AND pd.job_name = src.p_job
                      AND pd.output_index = src.p_output
@@ -210,7 +209,9 @@ GROUP BY j.job, t.state
 ORDER BY j.job, t.state;
 
 -- name: waiting_events
--- Announced events of a DAG's tasks held for a staging.
-SELECT count(*) AS n FROM outbox o JOIN tasks t ON t.task_id = (o.payload ->> 'task_id')::uuid
+-- Announced events of a DAG's tasks held for a staging (an announcement names the events of one
+-- statement, migration 0032; one from before it names one).
+SELECT coalesce(sum(coalesce(jsonb_array_length(o.payload -> 'event_keys'), 1)), 0) AS n
+FROM outbox o JOIN tasks t ON t.task_id = (o.payload ->> 'task_id')::uuid
 WHERE o.topic = 'dag.event' AND o.state = 'pending' AND o.available_at = 'infinity'
   AND t.dag_id = %(dag_id)s;

@@ -178,24 +178,57 @@ SELECT * FROM jsonb_to_recordset(%(rows)s::jsonb)
 ON CONFLICT DO NOTHING;
 
 -- name: claim_dag_events
--- Lock announced events of DAG tasks for one fan-out pass; concurrent passes skip each other's.
--- Answers each with the event it announces: the producing task and event key, the output it
--- belongs to (payload.output when that is an integer, else 0), the dataset a sink event names
--- ('' for other events), and its payload (for `where`).
-SELECT o.id, o.tries, o.payload ->> 'task_id' AS task_id, o.payload ->> 'event_key' AS event_key,
-       CASE WHEN jsonb_typeof(e.payload -> 'output') = 'number'
-            THEN (e.payload ->> 'output')::int ELSE 0 END AS output,
-       CASE WHEN starts_with(e.event_key, 'sink/')
-            THEN coalesce(e.payload ->> 'dataset_uuid', '') ELSE '' END AS sink_dataset,
+-- Lock announcements of DAG tasks' events for one fan-out pass; concurrent passes skip each
+-- other's. An announcement names a task and the keys of the events one statement recorded for
+-- it (migration 0032; a row from before it names one event_key). The pass takes the due
+-- announcements in order while their events fit %(batch)s (always at least one) and answers
+-- each with its task, its number of events, and what its events were produced on, each once:
+-- [[output, sink dataset], ...] (trace_event_output, trace_event_sink_dataset), as the
+-- announcement names them (read from its events for a row written before migration 0032).
+WITH due AS (
+    SELECT id, n, sum(n) OVER (ORDER BY available_at, id) AS upto
+    FROM (SELECT id, available_at,
+                 coalesce(jsonb_array_length(payload -> 'event_keys'), 1) AS n
+          FROM outbox
+          WHERE topic = %(topic)s AND state = 'pending' AND available_at <= now()
+          ORDER BY available_at, id
+          LIMIT %(batch)s) d
+), o AS MATERIALIZED (
+    -- (MATERIALIZED: the task and keys read once per announcement, not once per event: a large
+    -- payload is stored compressed)
+    SELECT id, tries, available_at, (payload ->> 'task_id')::uuid AS task_id,
+           coalesce(payload -> 'event_keys', jsonb_build_array(payload -> 'event_key')) AS keys,
+           payload -> 'srcs' AS srcs
+    FROM outbox
+    WHERE id IN (SELECT id FROM due WHERE upto - n < %(batch)s)
+      AND topic = %(topic)s AND state = 'pending' AND available_at <= now()
+    FOR UPDATE SKIP LOCKED
+)
+SELECT o.id, o.tries, o.task_id::text AS task_id, jsonb_array_length(o.keys) AS events,
+       coalesce(o.srcs, (
+           SELECT jsonb_agg(DISTINCT jsonb_build_array(
+                      trace_event_output(e.payload),
+                      trace_event_sink_dataset(k.event_key, e.payload)))
+           FROM jsonb_array_elements_text(o.keys) AS k(event_key)
+           LEFT JOIN task_events e ON e.task_id = o.task_id AND e.event_key = k.event_key
+       ))::text AS srcs
+FROM o
+ORDER BY o.available_at, o.id;
+
+-- name: claimed_event_payloads
+-- The events of claimed announcements (%(ids)s) with their payloads (JSON text), for the
+-- consuming inputs that have a `where`: each with its announcement, task, key, output and sink
+-- dataset (as claim_dag_events derives them).
+SELECT o.id, o.task_uuid::text AS task_id, k.event_key,
+       trace_event_output(e.payload) AS output,
+       trace_event_sink_dataset(e.event_key, e.payload) AS sink_dataset,
        coalesce(e.payload, '{}')::text AS payload
-FROM (SELECT id, tries, payload FROM outbox
-      WHERE topic = %(topic)s AND state = 'pending' AND available_at <= now()
-      ORDER BY available_at, id
-      LIMIT %(batch)s
-      FOR UPDATE SKIP LOCKED) o
-LEFT JOIN task_events e ON e.task_id = (o.payload ->> 'task_id')::uuid
-                       AND e.event_key = o.payload ->> 'event_key'
-ORDER BY o.id;
+FROM (SELECT id, (payload ->> 'task_id')::uuid AS task_uuid,
+             coalesce(payload -> 'event_keys', jsonb_build_array(payload -> 'event_key')) AS keys
+      FROM outbox WHERE id = ANY(%(ids)s::bigint[])
+      OFFSET 0) o  -- (not flattened: the payload read once per announcement)
+CROSS JOIN LATERAL jsonb_array_elements_text(o.keys) AS k(event_key)
+LEFT JOIN task_events e ON e.task_id = o.task_uuid AND e.event_key = k.event_key;
 
 -- name: fan_out_inputs
 -- For the producers of claimed announcements (%(srcs)s: each producing task, output and sink
@@ -262,8 +295,8 @@ ORDER BY 1, 2, 3, 4;
 -- staged producer's staged pointer set), their wake-ups (when %(wake)s: one 'wake' outbox row
 -- naming every queued worker task of the pass, an 'invoke' row per runtime: lambda task), and
 -- mark the announcements consumed as the kernel decided (%(sent)s: [{from_tries, state, tries}])
--- -- %(events)s: [{id, task_id, event_key}] and %(ids)s: the claimed announcements. %(inputs)s carries each consuming input's read
--- grants and %(rejected)s the (event, input) pairs its `where` refused (both decided in Python).
+-- -- %(ids)s: the claimed announcements, whose events the pass reads. %(inputs)s carries each consuming input's read grants
+-- and %(rejected)s the (event, input) pairs its `where` refused (both decided in Python).
 -- An event belongs to output payload.output when that is an integer, else output 0. Stagings
 -- decide the rest (docs/architecture/dag_deployment.md, "Rematerialization"):
 -- * an event of a staged task reaches only the staged jobs of its DAG;
@@ -272,19 +305,25 @@ ORDER BY 1, 2, 3, 4;
 --   of its own DAG (the rebuild replayed that job's inputs);
 -- * a staged consumer of an event of a task that is not staged is "held": the announcement
 --   waits for the cutover (available_at = infinity; dag_remat.sql release_held) and is not
---   consumed, while its other consumers' tasks are created.
--- Answers the counts; the caller rolls the pass back when `unplanned` (consumers %(inputs)s does
+--   consumed, while its other consumers' tasks are created (an announcement's events share
+--   their task, so a consumer held for one is held for all of them).
+-- Answers the counts (consumed and held: events); the caller rolls the pass back when `unplanned` (consumers %(inputs)s does
 -- not carry: a DAG deployed since fan_out_inputs read) or when fewer tasks were created than
 -- were fresh (a concurrent creator of one of the keys won; lineage was then not written).
-WITH claimed AS (
-    SELECT * FROM jsonb_to_recordset(%(events)s::jsonb)
-        AS c(id bigint, task_id uuid, event_key text)
+WITH announced AS MATERIALIZED (
+    -- (MATERIALIZED: the task and keys read once per announcement, not once per event: a large
+    -- payload is stored compressed)
+    SELECT id, (payload ->> 'task_id')::uuid AS task_id,
+           coalesce(payload -> 'event_keys', jsonb_build_array(payload -> 'event_key')) AS keys
+    FROM outbox WHERE id = ANY(%(ids)s::bigint[])
+), claimed AS MATERIALIZED (
+    -- each event of the claimed announcements
+    SELECT o.id, o.task_id, k.event_key
+    FROM announced o CROSS JOIN LATERAL jsonb_array_elements_text(o.keys) AS k(event_key)
 ), ev AS (
     SELECT c.id AS outbox_id, e.task_id, e.event_key, e.seq, e.event_type, e.payload,
-           CASE WHEN jsonb_typeof(e.payload -> 'output') = 'number'
-                THEN (e.payload ->> 'output')::int ELSE 0 END AS output,
-           CASE WHEN starts_with(e.event_key, 'sink/')
-                THEN coalesce(e.payload ->> 'dataset_uuid', '') ELSE '' END AS sink_dataset
+           trace_event_output(e.payload) AS output,
+           trace_event_sink_dataset(e.event_key, e.payload) AS sink_dataset
     FROM claimed c
     -- (LATERAL ... LIMIT 1: a lookup by key however the batch's size is estimated)
     JOIN LATERAL (SELECT * FROM task_events e
@@ -369,7 +408,8 @@ WITH claimed AS (
                         = (k.dag_id, k.version, k.job, k.input_index)
 ), rejected AS (
     SELECT * FROM jsonb_to_recordset(%(rejected)s::jsonb)
-        AS x(outbox_id bigint, dag_id uuid, version bigint, job text, input_index int)
+        AS x(outbox_id bigint, event_key text, dag_id uuid, version bigint, job text,
+             input_index int)
 ), plan AS MATERIALIZED (
     -- one row per (event, consuming input), with the task's idempotency key and whether it is
     -- to be created (fresh): planned, not held, and a key the org does not have yet
@@ -390,8 +430,8 @@ WITH claimed AS (
                         = (ev.task_id, ev.output, ev.sink_dataset)
         WHERE r.held OR NOT EXISTS (
             SELECT 1 FROM rejected x
-            WHERE (x.outbox_id, x.dag_id, x.version, x.job, x.input_index)
-                = (ev.outbox_id, r.dag_id, r.version, r.job, r.input_index))
+            WHERE (x.outbox_id, x.event_key, x.dag_id, x.version, x.job, x.input_index)
+                = (ev.outbox_id, ev.event_key, r.dag_id, r.version, r.job, r.input_index))
     ) q
 ), ins AS (
     INSERT INTO tasks (task_id, org_id, operator, payload, state, max_attempts, timeout_s,
@@ -445,7 +485,8 @@ WITH claimed AS (
     RETURNING o.id
 )
 SELECT (SELECT count(*) FROM ins) AS created, (SELECT count(*) FROM plan WHERE fresh) AS fresh,
-       (SELECT count(*) FROM consumed) AS consumed, (SELECT count(*) FROM hold) AS held,
+       (SELECT count(*) FROM claimed WHERE id IN (SELECT id FROM consumed)) AS consumed,
+       (SELECT count(*) FROM claimed WHERE id IN (SELECT id FROM hold)) AS held,
        (SELECT count(*) FROM plan WHERE NOT planned) AS unplanned;
 
 -- name: scheduled_jobs
