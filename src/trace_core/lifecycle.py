@@ -478,17 +478,9 @@ def apply(task: TaskView, decision: Decision) -> TaskView:
             )
         case HeartbeatDecision():
             return attrs.evolve(task, lease_expires_at=decision.lease_expires_at)
-        case CompleteDecision():
-            if decision.replay:
-                return task
-            return attrs.evolve(
-                task,
-                state=decision.state,
-                available_at=decision.available_at,
-                lease_expires_at=decision.lease_expires_at,
-                attempt_outcome=decision.attempt_outcome,
-            )
-        case ExpireDecision():
+        case CompleteDecision(replay=True):
+            return task
+        case CompleteDecision() | ExpireDecision():
             return attrs.evolve(
                 task,
                 state=decision.state,
