@@ -83,6 +83,19 @@ class DatasetResolver:
         self.pool = pool
         self.orgs = orgs
 
+    async def task_reader(self, claims: CapabilityClaims) -> tuple[TaskCaller, TaskOrgRow]:
+        """A running task's reader identity (only the datasets its capability token grants) and
+        its row's org, read from the task's row: a token whose ``org_id`` claim names another
+        org is refused. Raises ``NotFound`` (no such task), ``Unauthenticated``."""
+        async with transaction(self.pool) as cur:
+            params = {"task_id": claims.task_id}
+            task = first(await fetch_as(cur, TaskOrgRow, Q["task_org"], params))
+        if task is None:
+            raise errors.NotFound("no such task", field="task_id")
+        if task.org_id != claims.org_id:
+            raise errors.Unauthenticated("capability token: org_id is not the task's org")
+        return TaskCaller.from_grants(task.org_id, claims.task_id, claims.grants), task
+
     async def resolve_for_task(
         self,
         claims: CapabilityClaims,
@@ -93,14 +106,7 @@ class DatasetResolver:
         """Resolve for a task: only the datasets its capability token grants, in the org of the
         task's row (never the token's ``org_id`` claim alone: a token whose claim names another
         org is refused). Raises as ``resolve``, and ``Unauthenticated`` for that mismatch."""
-        async with transaction(self.pool) as cur:
-            params = {"task_id": claims.task_id}
-            task = first(await fetch_as(cur, TaskOrgRow, Q["task_org"], params))
-        if task is None:
-            raise errors.NotFound("no such task", field="task_id")
-        if task.org_id != claims.org_id:
-            raise errors.Unauthenticated("capability token: org_id is not the task's org")
-        caller = TaskCaller.from_grants(task.org_id, claims.task_id, claims.grants)
+        caller, task = await self.task_reader(claims)
         staged = None
         if task.staged_dag_id is not None and task.staged_generation is not None:
             staged = (task.staged_dag_id, task.staged_generation)

@@ -39,14 +39,10 @@ import psycopg
 from psycopg import sql as pgsql
 
 from trace_core import errors, query_gate
-from trace_core.access import Caller, TaskCaller
+from trace_core.access import Caller
 from trace_core.token import CapabilityClaims
-from trace_lite.dataset_rows import TaskOrgRow
 from trace_lite.datasets import Datasets
-from trace_lite.datasets import Q as DATASETS_SQL
 from trace_lite.local_store import LocalObjectStore
-from trace_lite.orgs import first
-from trace_lite.pg import fetch_as, transaction
 from trace_lite.query.runner import (
     CsvTable,
     Limits,
@@ -308,15 +304,10 @@ class QueryService:
     async def task_scope(self, claims: CapabilityClaims) -> tuple[Caller, str]:
         """The caller a running task queries as (only the datasets its token grants) and its
         org's name, from the task's row (a token whose ``org_id`` claim names another org is
-        refused, as ``Datasets.resolve_for_task``). Raises ``NotFound``, ``Unauthenticated``."""
-        async with transaction(self._datasets.pool) as cur:
-            params = {"task_id": claims.task_id}
-            task = first(await fetch_as(cur, TaskOrgRow, DATASETS_SQL["task_org"], params))
-        if task is None:
-            raise errors.NotFound("no such task", field="task_id")
-        if task.org_id != claims.org_id:
-            raise errors.Unauthenticated("capability token: org_id is not the task's org")
-        return TaskCaller.from_grants(task.org_id, claims.task_id, claims.grants), task.org_name
+        refused: ``DatasetResolver.task_reader``, as ``Datasets.resolve_for_task``). Raises
+        ``NotFound``, ``Unauthenticated``."""
+        caller, task = await self._datasets.resolver.task_reader(claims)
+        return caller, task.org_name
 
     async def query_for_task(
         self, claims: CapabilityClaims, sql: str, *, max_rows: int | None = None
