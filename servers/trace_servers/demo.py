@@ -25,13 +25,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import importlib.util
 import json
 import signal
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, Protocol
@@ -67,6 +64,7 @@ from trace_lite.migrate import migrate
 from trace_lite.pg import open_pool
 from trace_servers.dag_cli import builtin_operators
 from trace_servers.demo_summary import DemoQueries, print_summary, summarise
+from trace_servers.lite_processes import wait_ready
 from trace_servers.supervisor import Supervisor
 
 ORG = "demo"
@@ -146,17 +144,6 @@ def _missing_tools(rpc_url: str | None) -> str | None:
     return None
 
 
-def _wait_ready(url: str, limit_s: float = 60.0) -> None:
-    deadline = time.monotonic() + limit_s
-    while time.monotonic() < deadline:
-        with contextlib.suppress(urllib.error.URLError, OSError):
-            with urllib.request.urlopen(url + "/readyz", timeout=2) as resp:
-                if resp.status == 200:
-                    return
-        time.sleep(0.1)
-    raise SystemExit(f"the dispatcher at {url} did not become ready")
-
-
 def cmd_chain_demo(settings: LiteSettings, args: argparse.Namespace, children: MakeChildren) -> int:
     """Run the demo (module docstring). Returns 0 when every count matches the node."""
     console = Console(highlight=False)
@@ -196,7 +183,7 @@ def cmd_chain_demo(settings: LiteSettings, args: argparse.Namespace, children: M
         history_end = rpc.block_number() // BACKFILL_BLOCKS * BACKFILL_BLOCKS
         procs = children(state_url, data_url)
         procs.start()
-        _wait_ready(settings.dispatcher_url)
+        wait_ready(settings.dispatcher_url)
         activity = LiveActivity(url).start()
         run = _Run(settings, args, console, state_url, data_url, rpc, history_end, procs, activity)
         return asyncio.run(run.main())

@@ -2,14 +2,18 @@
 
 Each child is ``python -m trace_servers.cli dispatcher|worker`` in its own session, its output
 appended to ``<log_dir>/<name>.log``; ``trace_servers.supervisor`` restarts one that exits,
-with backoff.
+with backoff. ``wait_ready`` waits until the Dispatcher answers.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
+import time
+import urllib.error
+import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -70,4 +74,17 @@ class LiteProcesses:
         self.supervisor.stop(timeout)
 
 
-__all__ = ["LiteProcesses"]
+def wait_ready(url: str, limit_s: float = 60.0) -> None:
+    """Return once the Dispatcher at ``url`` answers ``/readyz`` with 200; exit the CLI
+    (``SystemExit``) when it did not within ``limit_s`` seconds."""
+    deadline = time.monotonic() + limit_s
+    while time.monotonic() < deadline:
+        with contextlib.suppress(urllib.error.URLError, OSError):
+            with urllib.request.urlopen(url + "/readyz", timeout=2) as resp:
+                if resp.status == 200:
+                    return
+        time.sleep(0.1)
+    raise SystemExit(f"the dispatcher at {url} did not become ready")
+
+
+__all__ = ["LiteProcesses", "wait_ready"]

@@ -15,34 +15,17 @@ import sys
 import time
 from typing import Any
 
-import aiohttp
 import psycopg
 
 from trace_lite.config import LiteSettings
 from trace_sdk import DispatcherClient
-
-
-async def wait_ready(url: str, limit_s: float = 30.0) -> None:
-    """Return once the Dispatcher at ``url`` answers ``/readyz`` with 200; exit the CLI
-    (``SystemExit``) after ``limit_s`` seconds."""
-    deadline = time.monotonic() + limit_s
-    async with aiohttp.ClientSession() as session:
-        while True:
-            try:
-                async with session.get(url + "/readyz") as resp:
-                    if resp.status == 200:
-                        return
-            except aiohttp.ClientError:
-                pass
-            if time.monotonic() > deadline:
-                raise SystemExit(f"dispatcher at {url} did not become ready")
-            await asyncio.sleep(0.1)
+from trace_servers.lite_processes import wait_ready
 
 
 async def run_workload(settings: LiteSettings, state_url: str, args: argparse.Namespace) -> int:
     """Run the workload (module docstring) and print its summary; returns the exit code (0
     when the demo passed, 1 when it failed or timed out)."""
-    await wait_ready(settings.dispatcher_url)
+    await asyncio.to_thread(wait_ready, settings.dispatcher_url, 30.0)
     async with DispatcherClient(
         settings.dispatcher_url, platform_token=settings.platform_token
     ) as client:
@@ -134,4 +117,4 @@ async def run_workload(settings: LiteSettings, state_url: str, args: argparse.Na
         return 0 if ok else 1
 
 
-__all__ = ["run_workload", "wait_ready"]
+__all__ = ["run_workload"]
