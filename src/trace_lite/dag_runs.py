@@ -11,10 +11,12 @@ Every task of a DAG job records the DAG, its version and the job (``tasks.dag_id
   interval trigger of the active versions, as ``{dag}:{job}:{scheduled_time}``; a slot before the
   version was deployed is not fired, and a slot missed while no Dispatcher ran is skipped (only
   the latest slot fires). Times are the database's ``now()``, cron in UTC (croniter);
-* a fan-out pass (``DagRuns.fan_out_once``) consumes the events of DAG tasks: each event recorded
-  by a task of a DAG is announced in ``outbox`` (topic ``dag.event``, written by a trigger on
-  ``task_events`` in the event's own transaction, migration 0011). A pass locks announcements
-  (``FOR UPDATE SKIP LOCKED``), creates one task per consuming job of each event -- 1 event, 1
+* a fan-out pass (``DagRuns.fan_out_once``) consumes the events of DAG tasks: the events one
+  statement records for a task of a DAG are announced in ``outbox`` by one row (topic
+  ``dag.event``: the task, the events' keys and the outputs they were produced on, written by a
+  trigger on ``task_events`` in the events' own transaction, migration 0032, ADR 0038). A pass
+  locks announcements while their events fit its batch (``FOR UPDATE SKIP LOCKED``), creates one
+  task per consuming job of each event -- 1 event, 1
   task per consumer, never coalesced -- with its lineage (``task_inputs``: the producing task,
   the event, the dataset version read), wakes them, and marks the announcements published,
   all in one transaction: an announcement is never marked consumed without its tasks. The key

@@ -382,7 +382,13 @@ WITH announced AS MATERIALIZED (
         AS q(dag_id uuid, version bigint, job text, input_index int, read_datasets text[])
 ), readers AS MATERIALIZED (
     -- each consumer once per producing (task, output): its job's task settings and epoch
-    -- (dag_tasks.with_epoch), whether it is held, the dataset version it reads, its grants
+    -- (dag_tasks.with_epoch), whether it is held, the dataset version it reads, its grants,
+    -- and its tasks' idempotency key but for the event's key (built once, not per event)
+    SELECT r.*,
+           'event:' || r.task_id::text || ':' || r.output || ':' AS key_prefix,
+           ':' || r.dag_id::text || ':' || r.job || ':' || r.input_index
+               || coalesce('@' || r.epoch, '') AS key_suffix
+    FROM (
     SELECT DISTINCT ON (k.task_id, k.output, k.sink_dataset, k.dag_id, k.version, k.job,
                         k.input_index)
            k.*, s.org_id, j.operator, j.runtime, j.config, j.timeout_s, j.max_attempts,
@@ -406,6 +412,7 @@ WITH announced AS MATERIALIZED (
                               AND ptr.dataset_uuid = pd.dataset_uuid
     LEFT JOIN grants q ON (q.dag_id, q.version, q.job, q.input_index)
                         = (k.dag_id, k.version, k.job, k.input_index)
+    ) r
 ), rejected AS (
     SELECT * FROM jsonb_to_recordset(%(rejected)s::jsonb)
         AS x(outbox_id bigint, event_key text, dag_id uuid, version bigint, job text,
@@ -422,9 +429,7 @@ WITH announced AS MATERIALIZED (
     FROM (
         SELECT gen_random_uuid() AS new_task_id, ev.outbox_id, ev.event_key, ev.seq,
                ev.event_type, ev.payload, r.*,
-               'event:' || r.task_id::text || ':' || r.output || ':' || ev.event_key || ':'
-                   || r.dag_id::text || ':' || r.job || ':' || r.input_index
-                   || coalesce('@' || r.epoch, '') AS idempotency_key
+               r.key_prefix || ev.event_key || r.key_suffix AS idempotency_key
         FROM ev
         JOIN readers r ON (r.task_id, r.output, r.sink_dataset)
                         = (ev.task_id, ev.output, ev.sink_dataset)

@@ -10,7 +10,10 @@
 -- * lineage rows (task_inputs) no longer carry a foreign key to tasks: they are written only
 --   by the statement or transaction that creates their task (the fan-out, a rebuild's replay,
 --   an invalidation's reruns), tasks are never deleted, and the per-row constraint trigger
---   cost as much as the lineage row itself.
+--   cost as much as the lineage row itself;
+-- * outbox payloads are stored uncompressed (STORAGE EXTERNAL): they are read once or twice and
+--   purged, and a fan-out pass's wake-up row (thousands of task ids) cost more to compress than
+--   to write.
 -- Safe to run twice.
 
 -- The output an event belongs to: payload.output when that is an integer, else 0.
@@ -45,3 +48,5 @@ BEGIN
 END $$;
 
 ALTER TABLE task_inputs DROP CONSTRAINT IF EXISTS task_inputs_task_id_fkey;
+
+ALTER TABLE outbox ALTER COLUMN payload SET STORAGE EXTERNAL;
