@@ -424,6 +424,15 @@ async def test_a_reader_of_the_dataset_gets_a_task_per_committed_batch_of_each_w
         for name in ("whales", "bursts")
         for n in (1, 2)
     )
+    # lineage: every reader task read the version the owner's active pointer set names, the
+    # writer's batches too (bursts has no pointer to the dataset)
+    version = (await load_dataset(env.pools[0], ORG, DATASET)).dataset_version
+    lineage = sql(
+        env.db_url,
+        "SELECT i.dataset_uuid::text, i.dataset_version::text FROM task_inputs i "
+        "JOIN tasks t USING (task_id) WHERE t.dag_job = 'route'",
+    )
+    assert lineage == [(str(uuid_), version)] * 4
 
 
 async def test_a_writer_dags_rebuild_stages_nothing_of_the_shared_dataset(env: Env) -> None:

@@ -27,12 +27,6 @@ SELECT subject FROM dag_members WHERE dag_id = %(dag_id)s AND relation = 'deploy
 INSERT INTO dag_members (dag_id, subject, relation) VALUES (%(dag_id)s, %(subject)s, 'deployer')
 ON CONFLICT DO NOTHING;
 
--- name: registry_facts
--- What validation needs of every dataset of an org: its producing DAG, multi-writer, schema.
-SELECT d.name, g.name AS producer_dag, d.multi_writer, d.schema
-FROM datasets d JOIN dags g ON g.dag_id = d.dag_id
-WHERE d.org_id = %(org_id)s;
-
 -- name: version_spec
 -- One version of a DAG: its digest and spec (as text: parsed by trace_core.dag.parse).
 SELECT version, digest, spec::text AS spec, created_by, created_at
@@ -71,52 +65,6 @@ FROM unnest(%(jobs)s::text[], %(indexes)s::int[], %(from_jobs)s::text[],
 -- name: activate_version
 -- Make a version the DAG's active one.
 UPDATE dags SET active_version = %(version)s WHERE dag_id = %(dag_id)s;
-
--- name: upsert_published
--- Register a version's published outputs (one JSON array of rows, names unique) as datasets of
--- this DAG, or move existing ones of this DAG to their new job/output; a name another DAG
--- produces is left alone (no row returned for it).
-WITH c AS (
-    SELECT * FROM jsonb_to_recordset(%(rows)s::jsonb)
-        AS c(name text, job text, output int, storage_kind text, schema jsonb,
-             update_strategy text, unique_key jsonb, multi_writer boolean)
-)
-INSERT INTO datasets (dataset_uuid, org_id, name, dag_id, job_name, output_index, storage_kind,
-                      schema, update_strategy, unique_key, multi_writer)
-SELECT gen_random_uuid(), %(org_id)s, c.name, %(dag_id)s, c.job, c.output, c.storage_kind,
-       c.schema, c.update_strategy, ARRAY(SELECT jsonb_array_elements_text(c.unique_key)),
-       c.multi_writer
-FROM c
-ON CONFLICT (org_id, name) DO UPDATE
-SET job_name = EXCLUDED.job_name, output_index = EXCLUDED.output_index,
-    storage_kind = EXCLUDED.storage_kind, schema = EXCLUDED.schema,
-    update_strategy = EXCLUDED.update_strategy, unique_key = EXCLUDED.unique_key,
-    multi_writer = EXCLUDED.multi_writer
-WHERE datasets.dag_id = EXCLUDED.dag_id
-RETURNING name;
-
--- name: insert_published
--- Register a version's published outputs whose names are new (a staging: the live version keeps
--- its metadata until the cutover); answers every name this DAG now has (the new ones and those
--- it already had), so a name another DAG produces answers no row.
-WITH c AS (
-    SELECT * FROM jsonb_to_recordset(%(rows)s::jsonb)
-        AS c(name text, job text, output int, storage_kind text, schema jsonb,
-             update_strategy text, unique_key jsonb, multi_writer boolean)
-), ins AS (
-    INSERT INTO datasets (dataset_uuid, org_id, name, dag_id, job_name, output_index,
-                          storage_kind, schema, update_strategy, unique_key, multi_writer)
-    SELECT gen_random_uuid(), %(org_id)s, c.name, %(dag_id)s, c.job, c.output, c.storage_kind,
-           c.schema, c.update_strategy, ARRAY(SELECT jsonb_array_elements_text(c.unique_key)),
-           c.multi_writer
-    FROM c
-    ON CONFLICT (org_id, name) DO NOTHING
-    RETURNING name
-)
-SELECT name FROM ins
-UNION ALL
-SELECT d.name FROM datasets d JOIN c ON c.name = d.name
-WHERE d.org_id = %(org_id)s AND d.dag_id = %(dag_id)s;
 
 -- name: list_dags
 -- The DAGs of an org with their active version.
@@ -405,10 +353,14 @@ WITH announced AS MATERIALIZED (
                   (pd.dag_id = s.dag_id AND pd.job_name = s.dag_job
                    AND pd.output_index = s.output)
                   OR (s.sink_dataset <> '' AND pd.dataset_uuid::text = s.sink_dataset))
-    LEFT JOIN dags pg ON pg.dag_id = s.dag_id
+    -- the version read: in the pointer set of the dataset's DAG -- the producer's (its staged
+    -- set for a staged producer), or the owner's active set for a writer DAG's batch of a
+    -- multi_writer dataset (ADR 0037)
+    LEFT JOIN dags pg ON pg.dag_id = pd.dag_id
     LEFT JOIN dag_pointers ptr ON ptr.dag_id = pg.dag_id
-                              AND ptr.generation = coalesce(s.staged_generation,
-                                                            pg.active_generation)
+                              AND ptr.generation = CASE WHEN pd.dag_id = s.dag_id
+                                  THEN coalesce(s.staged_generation, pg.active_generation)
+                                  ELSE pg.active_generation END
                               AND ptr.dataset_uuid = pd.dataset_uuid
     LEFT JOIN grants q ON (q.dag_id, q.version, q.job, q.input_index)
                         = (k.dag_id, k.version, k.job, k.input_index)
