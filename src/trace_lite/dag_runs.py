@@ -69,6 +69,7 @@ from trace_lite.dag_remat import DagRemat
 from trace_lite.dag_tasks import NewTask, create_dag_tasks, with_epoch
 from trace_lite.orgs import Orgs, first
 from trace_lite.pg import fetch_as, fetch_named, pg_array, transaction
+from trace_lite.pg_wakeups import PgWakeups
 from trace_lite.task_rows import INVOKE_TOPIC, WAKE_TOPIC, WakeMode
 from trace_lite.task_rows import Q as TASK_Q
 from trace_sdk.aio import run_every
@@ -81,6 +82,8 @@ Q = sqlfile.load("dags.sql")
 
 #: The outbox topic announcing events of DAG tasks to the fan-out.
 EVENT_TOPIC = "dag.event"
+#: The channel migration 0032's trigger notifies when it announces events.
+EVENTS_CHANNEL = "trace_dag_events"
 
 
 @attrs.frozen
@@ -433,20 +436,70 @@ class DagRuns:
                 )
         return FanOutReport(events=out.consumed, created=out.created, held=out.held)
 
+    async def fan_out_until_idle(self, batch: int = 2000) -> FanOutReport:
+        """Fan-out passes (``fan_out_once``) while they find announcements: a backlog drains
+        pass after pass, not one pass per poll. Returns the passes' totals."""
+        events = created = held = 0
+        while True:
+            report = await self.fan_out_once(batch)
+            events, created, held = (
+                events + report.events,
+                created + report.created,
+                held + report.held,
+            )
+            if not (report.events or report.held):
+                return FanOutReport(events=events, created=created, held=held)
+
     async def run(
         self, stop: asyncio.Event, *, fan_out_every_s: float = 0.2, schedule_every_s: float = 1.0
     ) -> None:
         """The DAG passes until ``stop`` is set (``run_every``: failures are logged and retried
         with backoff): fan-out, schedules, cutovers of complete rebuilds
-        (``trace_lite.dag_remat``) and invalidation cascades (``trace_lite.dag_invalidations``)."""
+        (``trace_lite.dag_remat``) and invalidation cascades (``trace_lite.dag_invalidations``).
+
+        The fan-out drains what is announced (``fan_out_until_idle``), then waits for
+        ``NOTIFY trace_dag_events`` (migration 0032: sent at the commit of every statement that
+        announces events) or ``fan_out_every_s``, whichever comes first."""
         remat = DagRemat(self.pool)
         invalidations = Invalidations(self.pool, wake_mode=self.wake_mode, orgs=self.orgs)
-        await asyncio.gather(
-            run_every(stop, fan_out_every_s, self.fan_out_once, name="dag fan-out", logger=log),
-            run_every(stop, schedule_every_s, self.schedule_once, name="dag schedules", logger=log),
-            remat.run(stop, every_s=schedule_every_s),
-            invalidations.run(stop, every_s=schedule_every_s),
-        )
+        conninfo = self.pool.conninfo
+        wakeups = PgWakeups(conninfo, EVENTS_CHANNEL) if isinstance(conninfo, str) else None
+        if wakeups is not None:
+            await wakeups.start()
+
+        async def fan_out() -> None:
+            if wakeups is not None:
+                wakeups.clear()  # before the passes: events announced meanwhile wake the wait
+            await self.fan_out_until_idle()
+            if wakeups is not None:  # until a wake-up, the poll interval or the stop
+                waits = [
+                    asyncio.ensure_future(wakeups.wait(fan_out_every_s)),
+                    asyncio.ensure_future(stop.wait()),
+                ]
+                try:
+                    await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    for w in waits:
+                        w.cancel()
+
+        try:
+            await asyncio.gather(
+                run_every(
+                    stop,
+                    0.0 if wakeups is not None else fan_out_every_s,
+                    fan_out,
+                    name="dag fan-out",
+                    logger=log,
+                ),
+                run_every(
+                    stop, schedule_every_s, self.schedule_once, name="dag schedules", logger=log
+                ),
+                remat.run(stop, every_s=schedule_every_s),
+                invalidations.run(stop, every_s=schedule_every_s),
+            )
+        finally:
+            if wakeups is not None:
+                await wakeups.close()
 
 
 @attrs.frozen
@@ -481,6 +534,7 @@ def _unique(tasks: list[NewTask]) -> list[NewTask]:
 
 
 __all__ = [
+    "EVENTS_CHANNEL",
     "EVENT_TOPIC",
     "DagRuns",
     "FanOutReport",

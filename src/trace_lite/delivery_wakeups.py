@@ -7,105 +7,23 @@ next notification or its poll interval, whichever comes first: a delivery routed
 pass ran is not missed (the notification set the flag the wait looks at), and an idle service
 leases a new delivery within a round trip instead of up to a whole poll interval later.
 
-Notifications are hints: the poll stays the fallback (later ``available_at``, a listener
-down). The listener reconnects after a failure, backing off, and then wakes its waiter, since
-notifications may have been lost while it was away; a quiet connection is probed every
-``probe_s`` seconds so a dead one is noticed.
+Notifications are hints: the poll stays the fallback. The listener is
+``trace_lite.pg_wakeups.PgWakeups`` (reconnects, probes a quiet connection).
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import logging
-from typing import Any
-
-import psycopg
-
-from trace_lite import sqlfile
-
-Q = sqlfile.load("delivery.sql")
-log = logging.getLogger("trace.delivery")
+from trace_lite.pg_wakeups import PgWakeups
 
 #: The channel migration 0029's trigger notifies.
 CHANNEL = "trace_delivery"
-_RECONNECT_MIN_S = 0.1
-_RECONNECT_MAX_S = 5.0
 
 
-class DeliveryWakeups:
+class DeliveryWakeups(PgWakeups):
     """A ``LISTEN trace_delivery`` connection whose notifications set one flag."""
 
     def __init__(self, conninfo: str, *, probe_s: float = 30.0) -> None:
-        self._conninfo = conninfo
-        self._probe_s = probe_s
-        self._woken = asyncio.Event()
-        #: set while the connection listens (tests wait for it before notifying)
-        self.listening = asyncio.Event()
-        #: notifications received so far
-        self.notifications = 0
-        self._task: asyncio.Task[None] | None = None
-        self._conn: psycopg.AsyncConnection[Any] | None = None
-
-    async def start(self, ready_timeout_s: float = 5.0) -> DeliveryWakeups:
-        """Start listening; wait up to ``ready_timeout_s`` until the connection listens (if it
-        cannot, the service still runs on its poll and the listener keeps trying)."""
-        if self._task is None:
-            self._task = asyncio.create_task(self._listen(), name="trace-delivery-wakeups")
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self.listening.wait(), ready_timeout_s)
-        return self
-
-    def clear(self) -> None:
-        """Forget the notifications received so far (call before looking for due work)."""
-        self._woken.clear()
-
-    async def wait(self, timeout_s: float) -> bool:
-        """Until a notification arrives (or arrived since ``clear``) or ``timeout_s`` passes;
-        True when woken."""
-        try:
-            await asyncio.wait_for(self._woken.wait(), timeout_s)
-        except TimeoutError:
-            return False
-        return True
-
-    async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
-        await self._close_conn()
-
-    async def _listen(self) -> None:
-        delay = _RECONNECT_MIN_S
-        while True:
-            try:
-                self._conn = await psycopg.AsyncConnection.connect(self._conninfo, autocommit=True)
-                await self._conn.execute(Q["listen_deliveries"])
-                self.listening.set()
-                delay = _RECONNECT_MIN_S
-                self._woken.set()  # notifications may have been lost while not listening
-                while True:
-                    async for _ in self._conn.notifies(timeout=self._probe_s):
-                        self.notifications += 1
-                        self._woken.set()
-                    await self._conn.execute("SELECT 1")  # a quiet connection may be dead
-            except psycopg.Error as exc:
-                self.listening.clear()
-                log.info(
-                    "delivery wake-ups: listener lost; reconnecting", extra={"error": str(exc)}
-                )
-            finally:
-                await self._close_conn()
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, _RECONNECT_MAX_S)
-
-    async def _close_conn(self) -> None:
-        conn, self._conn = self._conn, None
-        if conn is not None:
-            with contextlib.suppress(psycopg.Error):
-                await conn.close()
+        super().__init__(conninfo, CHANNEL, probe_s=probe_s)
 
 
 __all__ = ["CHANNEL", "DeliveryWakeups"]

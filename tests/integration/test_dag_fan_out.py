@@ -5,6 +5,7 @@ and the next pass creates what is still missing."""
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -298,3 +299,41 @@ async def test_an_announcement_names_each_output_its_events_were_produced_on(
         "SELECT dag_job, payload -> 'event' ->> 'key' FROM tasks "
         "WHERE dag_job IN ('first', 'second') ORDER BY 1, 2"
     ) == [("first", "e0"), ("second", "e1"), ("second", "e2")]
+
+
+async def test_fan_out_until_idle_drains_a_backlog_pass_after_pass(world: World) -> None:
+    await _emit_statements(world, [2, 2, 2])
+    report = await world.runs.fan_out_until_idle(batch=2)  # three passes of one announcement
+    assert (report.events, report.created, report.held) == (6, 12, 0)
+    assert world.sql(
+        "SELECT count(*) FROM outbox WHERE topic = 'dag.event' AND state = 'pending'"
+    ) == [(0,)]
+    assert (await world.runs.fan_out_until_idle(batch=2)).events == 0
+
+
+async def test_the_fan_out_loop_wakes_on_the_announcements_notify(world: World) -> None:
+    """With a poll far longer than the test waits, events still fan out at once: the
+    announcing trigger's NOTIFY trace_dag_events wakes the loop's wait."""
+    stop = asyncio.Event()
+    loop = asyncio.create_task(world.runs.run(stop, fan_out_every_s=600, schedule_every_s=600))
+    try:
+        for _ in range(500):  # the loop's listener is up before anything is announced
+            if world.sql(
+                "SELECT count(*) FROM pg_stat_activity WHERE query ILIKE %s",
+                (f'%LISTEN "{dag_runs.EVENTS_CHANNEL}"%',),
+            ) == [(1,)]:
+                break
+            await asyncio.sleep(0.02)
+        else:
+            raise AssertionError("the fan-out loop never listened")
+        await asyncio.sleep(0.2)  # the loop's first pass found nothing and waits
+        await _run_source(world, ["r-0", "r-1"])
+        for _ in range(500):  # at most 10 s, far below the 600 s poll
+            if world.sql("SELECT count(*) FROM tasks WHERE dag_job IN ('a', 'b')") == [(4,)]:
+                break
+            await asyncio.sleep(0.02)
+        else:
+            raise AssertionError("the announcement's NOTIFY did not wake the fan-out loop")
+    finally:
+        stop.set()
+        await asyncio.wait_for(loop, 30)

@@ -456,7 +456,7 @@ async def _listeners(env: Env) -> list[int]:
     async with env.pool.connection() as conn:
         cur = await conn.execute(
             "SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND query LIKE %s",
-            (f"%LISTEN {CHANNEL}%",),
+            (f'%LISTEN "{CHANNEL}"%',),
         )
         return [r[0] for r in await cur.fetchall()]
 

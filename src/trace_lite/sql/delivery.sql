@@ -171,8 +171,3 @@ WHERE destination_id = %(destination_id)s AND deleted_at IS NULL;
 SELECT destination_id, org_id, name, kind, url, secret_name, enabled, disabled_reason
 FROM alert_destinations
 WHERE destination_id = %(destination_id)s AND org_id = %(org_id)s AND deleted_at IS NULL;
-
--- name: listen_deliveries
--- Subscribe a Delivery Service's wake-up connection (migration 0029 notifies at the commit of a
--- statement that leaves deliveries due now).
-LISTEN trace_delivery;

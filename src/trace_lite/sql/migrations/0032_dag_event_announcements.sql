@@ -7,6 +7,8 @@
 --   ({task_id, event_key}) are still read (dags.sql claim_dag_events);
 --   The announcement also names what its events were produced on, each once ("srcs":
 --   [[output, sink dataset], ...]), so a pass finds their consumers without reading the events;
+--   The trigger sends NOTIFY trace_dag_events (delivered at the commit) so an idle fan-out
+--   loop plans the events at once instead of at its next poll (trace_lite.dag_runs);
 -- * lineage rows (task_inputs) no longer carry a foreign key to tasks: they are written only
 --   by the statement or transaction that creates their task (the fan-out, a rebuild's replay,
 --   an invalidation's reruns), tasks are never deleted, and the per-row constraint trigger
@@ -32,6 +34,8 @@ $$;
 
 CREATE OR REPLACE FUNCTION trace_announce_dag_events() RETURNS trigger
 LANGUAGE plpgsql AS $$
+DECLARE
+    announced int;
 BEGIN
     INSERT INTO outbox (topic, payload)
     SELECT 'dag.event',
@@ -44,6 +48,10 @@ BEGIN
     FROM new_events e JOIN tasks t ON t.task_id = e.task_id
     WHERE t.dag_id IS NOT NULL
     GROUP BY e.task_id;
+    GET DIAGNOSTICS announced = ROW_COUNT;
+    IF announced > 0 THEN
+        PERFORM pg_notify('trace_dag_events', '');  -- wakes an idle fan-out (at the commit)
+    END IF;
     RETURN NULL;
 END $$;
 
