@@ -25,6 +25,7 @@ may trigger it (``check_trigger``). Status is for members of the org and holders
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from typing import Any, Final
 
@@ -34,12 +35,25 @@ from psycopg_pool import AsyncConnectionPool
 
 from trace_core import access, errors
 from trace_core.access import UserCaller
+from trace_core.dag import parse
 from trace_core.lifecycle import TERMINAL_STATES, TRANSITIONS, TaskEvent, TaskState
 from trace_lite import dag_remat, sqlfile
+from trace_lite.dag_registry import register_published
 from trace_lite.orgs import Orgs, first
 from trace_lite.pg import fetch_as, transaction
 
 Q = sqlfile.load("dag_control.sql")
+VQ = sqlfile.load("dags.sql")
+
+
+@attrs.frozen
+class _SpecRow:
+    version: int
+    digest: str
+    spec: str
+    created_by: str
+    created_at: Any
+
 
 #: The states a cancel moves to ``canceled``, as the kernel's transition table says.
 CANCELABLE: Final = tuple(
@@ -173,7 +187,8 @@ class DagControl:
 
         ``caller=None`` is the platform. Raises ``NotFound`` (org, DAG), ``Forbidden`` (not a
         deployer), ``Conflict`` (nothing to roll back to; the previous pointer set names a
-        purged dataset version), ``Unavailable``.
+        purged dataset version; the restored version publishes a dataset the registry no longer
+        lets it publish, e.g. another DAG now produces it), ``Unavailable``.
         """
         org_id = await self.orgs.org_id(org)
         created_by = caller.subject if caller is not None else PLATFORM
@@ -209,6 +224,11 @@ class DagControl:
             }
             if not await fetch_as(cur, VersionRow, Q["restore"], params):
                 raise errors.Conflict("the DAG changed concurrently")  # pragma: no cover
+            # the registry as the restored version publishes: its datasets' job/output and
+            # schema, and its writer rows of other DAGs' multi_writer datasets (ADR 0037)
+            params = {"dag_id": dag.dag_id, "version": target.version}
+            (spec,) = await fetch_as(cur, _SpecRow, VQ["version_spec"], params)
+            await register_published(cur, org_id, dag.dag_id, parse(json.loads(spec.spec)))
             params = {
                 "dag_id": dag.dag_id,
                 "version": target.version,

@@ -24,6 +24,7 @@ from trace_core import dag, errors, wire
 from trace_core.lifecycle import RetryPolicy
 from trace_core.testing import MemoryObjectStore, MemoryQueue, MemorySigner
 from trace_lite.buffer_forwarder import BufferForwarder, queue_name, topic
+from trace_lite.dag_control import DagControl
 from trace_lite.dag_registry import register_published, registry_facts
 from trace_lite.dag_remat import DagRemat
 from trace_lite.dag_runs import DagRuns
@@ -464,3 +465,40 @@ async def test_a_writer_dags_rebuild_stages_nothing_of_the_shared_dataset(env: E
     active = (await load_dataset(env.pools[0], ORG, DATASET)).dataset_version
     assert active is not None
     assert sql(env.data_url, f"SELECT alert_key FROM {table_name(active)}") == [("s-1",)]
+
+
+async def test_a_writers_rollback_restores_its_writer_row_and_its_writes(env: Env) -> None:
+    """``bursts`` v2 stops publishing ``alert_events`` (its writer row goes); rolling back to
+    v1 restores the row in the same transaction, so the restored version's tasks may write the
+    dataset again (without it: 403 at publish)."""
+    await env.dags.deploy(None, ORG, detector("whales"))
+    await env.dags.deploy(None, ORG, detector("bursts"))
+    await env.dags.deploy(None, ORG, without_publish(detector("bursts")))
+    assert env.writers() == []
+    with pytest.raises(errors.Forbidden):
+        await env.publish(await env.fence("bursts"), "b0", [alert("b-0")])
+    control = DagControl(env.pools[0])
+    rolled = await control.rollback(None, ORG, "bursts")
+    assert (rolled.from_version, rolled.version) == (2, 1)
+    assert env.writers() == [("bursts", "detect", 0)]
+    await env.publish(await env.fence("bursts"), "b1", [alert("b-1")])
+    assert sql(env.db_url, "SELECT batch_key FROM buffer_batches") == [("b1",)]
+
+
+async def test_a_rollback_the_registry_refuses_changes_nothing(env: Env) -> None:
+    """``bursts`` v1 wrote ``alert_events``; after v2 stopped, ``whales`` (the owner) dropped
+    ``multi_writer``: restoring v1 would make bursts a writer of a single-writer dataset, so
+    the rollback answers Conflict and leaves v2 active."""
+    await env.dags.deploy(None, ORG, detector("whales"))
+    await env.dags.deploy(None, ORG, detector("bursts"))
+    await env.dags.deploy(None, ORG, without_publish(detector("bursts")))
+    staged = await env.dags.deploy(None, ORG, detector("whales", multi_writer=False))
+    assert staged.staged_version == 2  # a materialization edit: live at its cutover
+    (cut,) = await DagRemat(env.pools[0]).cutover_once()  # nothing to rebuild: ready
+    assert cut.version == 2 and env.owner() == [("whales", False)]
+    control = DagControl(env.pools[0])
+    with pytest.raises(errors.Conflict) as info:
+        await control.rollback(None, ORG, "bursts")
+    assert info.value.field is not None and info.value.field.startswith("publish[0]")
+    assert sql(env.db_url, "SELECT active_version FROM dags WHERE name = 'bursts'") == [(2,)]
+    assert env.writers() == []
