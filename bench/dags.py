@@ -3,8 +3,8 @@
     .venv/bin/python -m bench.dags [--runs 3] [--events 10000] [--consumers 999]
 
 * fan-out of one event to ``--consumers`` consuming jobs, and of ``--events`` events to one
-  consuming job: tasks created per second by ``DagRuns.fan_out_once`` (passes of up to 2,000
-  events, as the Dispatcher runs them: plan, ``where``, idempotent insert with read grants,
+  consuming job: tasks created per second by ``DagRuns.fan_out_until_idle`` (passes of up to
+  2,000 events until none is left, as the Dispatcher runs them: plan, ``where``, idempotent insert with read grants,
   lineage, wake-ups, announcements consumed, each pass committed), next to a raw baseline in
   the same run on the same Postgres: one ``INSERT ... SELECT`` of the same tasks (same columns
   and payload size), committed, with nothing else;
@@ -141,11 +141,9 @@ async def _fan_out(url: str, events: int, consumers: int) -> tuple[int, float, f
         name = f"fan_{events}_{consumers}"
         await dags.deploy(None, ORG, fan_dag(name, consumers))
         src = await _source_events(d, runs, name, events)
-        created = 0
         cpu0, py0 = _backend_cpu_s(url), time.process_time()
         t0 = time.perf_counter()
-        while (report := await runs.fan_out_once()).events:
-            created += report.created
+        created = (await runs.fan_out_until_idle()).created
         trace_s = time.perf_counter() - t0
         py1, cpu1 = time.process_time(), _backend_cpu_s(url)
         t0 = time.perf_counter()

@@ -46,6 +46,7 @@ import asyncio
 import json
 import logging
 import uuid
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any, NamedTuple, TypeVar
@@ -82,6 +83,8 @@ Q = sqlfile.load("dags.sql")
 
 #: The outbox topic announcing events of DAG tasks to the fan-out.
 EVENT_TOPIC = "dag.event"
+#: A fan-out pass's budget: events, and tasks (estimated) -- ``DagRuns.fan_out_once``.
+DEFAULT_BATCH = 5000
 #: The channel migration 0032's trigger notifies when it announces events.
 EVENTS_CHANNEL = "trace_dag_events"
 
@@ -158,7 +161,9 @@ class ConsumerInputRow:
     input_index: int
     #: The input's ``where`` as the spec stores it (JSON text; None: no filter).
     input_where: str | None
-    #: ``[[task_id, output, sink dataset], ...]`` as JSON text, for an input with a ``where``.
+    #: The producers that reach it: ``[[task_id, output, sink dataset], ...]`` (JSON text).
+    srcs: str
+    #: The same, for an input with a ``where`` (else None).
     where_srcs: str | None
 
     def grant(self, read_datasets: Sequence[str]) -> dict[str, Any]:
@@ -362,24 +367,24 @@ class DagRuns:
 
     # -- fan-out --------------------------------------------------------------------------------
 
-    async def fan_out_once(self, batch: int = 2000) -> FanOutReport:
-        """Consume up to ``batch`` announced events of DAG tasks in one transaction (see the
-        module docstring). Returns what was consumed and created. Raises ``Conflict`` (the pass
-        raced a deploy or a creator: nothing is consumed; the next pass plans again),
-        ``Unavailable``."""
+    async def fan_out_once(self, batch: int = DEFAULT_BATCH) -> FanOutReport:
+        """Consume announced events of DAG tasks in one transaction (see the module docstring):
+        the announcements due first, while their events fit ``batch`` and the tasks they make
+        (estimated: events x consuming inputs of what they were produced on) fit it too, at
+        least one. Returns what was consumed and created. Raises ``Conflict`` (the pass raced a
+        deploy or a creator: nothing is consumed; the next pass plans again), ``Unavailable``."""
         async with transaction(self.pool) as cur:
-            claimed = await fetch_named(
+            locked = await fetch_named(
                 cur,
                 AnnouncementRow,
                 Q["claim_dag_events"],
                 {"topic": EVENT_TOPIC, "batch": batch},
             )
-            if not claimed:
+            if not locked:
                 return FanOutReport()
-            ids = pg_array([c.id for c in claimed])
             srcs = {
                 (c.task_id, output, sink): None
-                for c in claimed
+                for c in locked
                 for output, sink in json.loads(c.srcs)
             }
             inputs = await _fetch_prepared(
@@ -392,6 +397,10 @@ class DagRuns:
                     )
                 },
             )
+            # the announcements this pass plans: the locked ones not planned stay pending, for
+            # the next pass (their locks go at the commit)
+            claimed = _within(locked, inputs, batch)
+            ids = pg_array([c.id for c in claimed])
             rejected: list[Any] = []
             if any(i.filtered for i in inputs):
                 # the events' payloads, read only when a consuming input has a `where`
@@ -427,8 +436,8 @@ class DagRuns:
                 },
             )
             if out.unplanned or out.created != out.fresh:
-                # a DAG reading these events was deployed after fan_out_inputs read, or a
-                # concurrent transaction created one of the tasks: plan again
+                # a DAG reading these events was deployed after fan_out_inputs read: plan
+                # again (a concurrent creator of one of the tasks fails the statement itself)
                 raise errors.Conflict("the fan-out pass raced a deploy or a creator; try again")
             if out.created and state is TaskState.QUEUED:
                 await cur.execute(
@@ -436,7 +445,7 @@ class DagRuns:
                 )
         return FanOutReport(events=out.consumed, created=out.created, held=out.held)
 
-    async def fan_out_until_idle(self, batch: int = 2000) -> FanOutReport:
+    async def fan_out_until_idle(self, batch: int = DEFAULT_BATCH) -> FanOutReport:
         """Fan-out passes (``fan_out_once``) while they find announcements: a backlog drains
         pass after pass, not one pass per poll. Returns the passes' totals."""
         events = created = held = 0
@@ -523,6 +532,26 @@ async def _fetch_prepared(
     async with cur.connection.cursor(row_factory=class_row(cls)) as named:
         await named.execute(query, params, prepare=True)
         return await named.fetchall()
+
+
+def _within(
+    locked: Sequence[AnnouncementRow], inputs: Sequence[ConsumerInputRow], tasks: int
+) -> list[AnnouncementRow]:
+    """The first announcements of ``locked`` whose estimated tasks (each event times the
+    consuming inputs of what the announcement's events were produced on) fit ``tasks``; at
+    least one."""
+    reach: Counter[tuple[str, int, str]] = Counter()
+    for i in inputs:
+        reach.update((t, o, k) for t, o, k in json.loads(i.srcs))
+    taken: list[AnnouncementRow] = []
+    total = 0
+    for c in locked:
+        n = c.events * sum(reach[(c.task_id, o, k)] for o, k in json.loads(c.srcs))
+        if taken and total + n > tasks:
+            break
+        taken.append(c)
+        total += n
+    return taken
 
 
 def _unique(tasks: list[NewTask]) -> list[NewTask]:

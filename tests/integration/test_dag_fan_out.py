@@ -233,10 +233,10 @@ async def test_one_announcement_names_the_events_of_one_statement(world: World) 
     ]
 
 
-async def test_a_pass_takes_announcements_while_their_events_fit_its_batch(world: World) -> None:
-    await _emit_statements(world, [2, 3, 4])
-    # 2 + 3 fit a batch of 5; the third announcement (4 more) waits for the next pass
-    first = await world.runs.fan_out_once(batch=5)
+async def test_a_pass_takes_announcements_while_their_tasks_fit_its_batch(world: World) -> None:
+    await _emit_statements(world, [2, 3, 4])  # each event makes 2 tasks (a and b)
+    # 4 + 6 tasks fit a batch of 10; the third announcement (8 more) waits for the next pass
+    first = await world.runs.fan_out_once(batch=10)
     assert (first.events, first.created) == (5, 10)
     assert world.sql(
         "SELECT jsonb_array_length(payload -> 'event_keys') FROM outbox "
@@ -249,6 +249,25 @@ async def test_a_pass_takes_announcements_while_their_events_fit_its_batch(world
     assert world.sql(
         "SELECT count(DISTINCT payload -> 'event') FROM tasks WHERE dag_job = 'a'"
     ) == [(9,)]
+
+
+async def test_a_pass_takes_announcements_while_their_events_fit_its_batch(world: World) -> None:
+    spec: dict[str, Any] = {  # events nobody consumes: only the events count
+        "name": "lonely",
+        "jobs": {"src": {"operator": "noop", "triggers": [{"type": "manual"}], "outputs": [OUT]}},
+    }
+    await world.dags.deploy(None, ORG, spec)
+    out = await world.runs.trigger(None, ORG, "lonely", "src")
+    c = await world.d.claim(out["task_id"])
+    fence = {"task_id": c.task_id, "attempt": c.attempt, "lease_token": c.lease_token}
+    for lo in (0, 3):
+        events = [wire.EventIn(key=f"e{lo + i}", type="range") for i in range(3)]
+        await world.d.emit_events(wire.EventsRequest(**fence, events=events))
+    first = await world.runs.fan_out_once(batch=3)
+    assert (first.events, first.created) == (3, 0)
+    second = await world.runs.fan_out_once(batch=3)
+    assert (second.events, second.created) == (3, 0)
+    assert (await world.runs.fan_out_once(batch=3)).events == 0
 
 
 async def test_an_announcement_of_one_event_from_before_migration_0032_is_consumed(
@@ -303,7 +322,7 @@ async def test_an_announcement_names_each_output_its_events_were_produced_on(
 
 async def test_fan_out_until_idle_drains_a_backlog_pass_after_pass(world: World) -> None:
     await _emit_statements(world, [2, 2, 2])
-    report = await world.runs.fan_out_until_idle(batch=2)  # three passes of one announcement
+    report = await world.runs.fan_out_until_idle(batch=4)  # three passes of one announcement
     assert (report.events, report.created, report.held) == (6, 12, 0)
     assert world.sql(
         "SELECT count(*) FROM outbox WHERE topic = 'dag.event' AND state = 'pending'"

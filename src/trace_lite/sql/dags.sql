@@ -183,8 +183,9 @@ LEFT JOIN task_events e ON e.task_id = o.task_uuid AND e.event_key = k.event_key
 -- dataset once, as claim_dag_events answers them): every input of a live version (the active
 -- one, a building staging's) that reads what they produced -- from: {job, output} of the
 -- producer's DAG, from: {dataset} of a dataset that output publishes (or a sink event names) in
--- the org -- with its `where` (as the spec stores it) and, for an input with one, the producers
--- that reach it ([[task_id, output, sink_dataset], ...]). A superset of the pass's consumers: it
+-- the org -- with the producers that reach it ([[task_id, output, sink_dataset], ...]: the
+-- pass estimates the tasks of each announcement from them), its `where` (as the spec stores
+-- it) and, for an input with one, the producers that reach it again (where_srcs). A superset of the pass's consumers: it
 -- carries what Python decides per consuming input (read grants, `where`); fan_out applies the
 -- decisions and refuses a consumer this did not answer. Locks the producers' and readers' DAG
 -- rows FOR SHARE (in dag_id order): a deploy, cutover or rollback of them waits for the pass,
@@ -226,6 +227,7 @@ WITH src AS (
 )
 SELECT r.reader_dag_id::text AS dag_id, r.version, r.job, r.input_index,
        r.input_where::text AS input_where,
+       json_agg(DISTINCT jsonb_build_array(r.task_id, r.output, r.sink_dataset))::text AS srcs,
        json_agg(DISTINCT jsonb_build_array(r.task_id, r.output, r.sink_dataset))
            FILTER (WHERE r.input_where IS NOT NULL)::text AS where_srcs
 FROM live r
@@ -255,9 +257,9 @@ ORDER BY 1, 2, 3, 4;
 --   waits for the cutover (available_at = infinity; dag_remat.sql release_held) and is not
 --   consumed, while its other consumers' tasks are created (an announcement's events share
 --   their task, so a consumer held for one is held for all of them).
--- Answers the counts (consumed and held: events); the caller rolls the pass back when `unplanned` (consumers %(inputs)s does
--- not carry: a DAG deployed since fan_out_inputs read) or when fewer tasks were created than
--- were fresh (a concurrent creator of one of the keys won; lineage was then not written).
+-- Answers the counts (consumed and held: events); the caller rolls the pass back when `unplanned`
+-- (consumers %(inputs)s does not carry: a DAG deployed since fan_out_inputs read); a concurrent
+-- creator of one of the keys fails the statement (unique violation: Conflict).
 WITH announced AS MATERIALIZED (
     -- (MATERIALIZED: the task and keys read once per announcement, not once per event: a large
     -- payload is stored compressed)
@@ -402,18 +404,19 @@ WITH announced AS MATERIALIZED (
     FROM plan f
     WHERE f.fresh
     ORDER BY f.seq, f.dag_id, f.job, f.input_index
-    -- a concurrent creator of the same key (committed after this statement began) wins
-    ON CONFLICT (org_id, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
+    -- a plain insert, not ON CONFLICT (a speculative insertion costs more per row): a
+    -- concurrent creator of one of the keys (committed after the statement's snapshot) makes
+    -- it fail with a unique violation, and the caller rolls the pass back (Conflict), as it
+    -- would for any lost race; the next pass finds the key taken (not fresh)
     RETURNING task_id, runtime
 ), lineage AS (
-    -- written only when every fresh task was created (no lost race): the caller rolls back
-    -- otherwise, so lineage never needs matching back to the created rows
+    -- every fresh task is created or the statement fails: lineage needs no matching back
     INSERT INTO task_inputs (task_id, input_index, producer_task_id, event_key, event_seq,
                              dataset_uuid, dataset_version)
     SELECT f.new_task_id, f.input_index, f.task_id, f.event_key, f.seq, f.dataset_uuid,
            f.dataset_version
     FROM plan f
-    WHERE f.fresh AND (SELECT count(*) FROM ins) = (SELECT count(*) FROM plan WHERE fresh)
+    WHERE f.fresh
 ), wakes AS (
     -- one wake-up row for the pass's worker tasks (the outbox publisher sends one queue
     -- message per task id it names), an invoke row per runtime: lambda task
