@@ -25,7 +25,6 @@ may trigger it (``check_trigger``). Status is for members of the org and holders
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from typing import Any, Final
 
@@ -35,24 +34,13 @@ from psycopg_pool import AsyncConnectionPool
 
 from trace_core import access, errors
 from trace_core.access import UserCaller
-from trace_core.dag import parse
 from trace_core.lifecycle import TERMINAL_STATES, TRANSITIONS, TaskEvent, TaskState
 from trace_lite import dag_remat, sqlfile
-from trace_lite.dag_registry import register_published
+from trace_lite.dag_registry import register_version
 from trace_lite.orgs import Orgs, first
 from trace_lite.pg import fetch_as, transaction
 
 Q = sqlfile.load("dag_control.sql")
-VQ = sqlfile.load("dags.sql")
-
-
-@attrs.frozen
-class _SpecRow:
-    version: int
-    digest: str
-    spec: str
-    created_by: str
-    created_at: Any
 
 
 #: The states a cancel moves to ``canceled``, as the kernel's transition table says.
@@ -226,9 +214,7 @@ class DagControl:
                 raise errors.Conflict("the DAG changed concurrently")  # pragma: no cover
             # the registry as the restored version publishes: its datasets' job/output and
             # schema, and its writer rows of other DAGs' multi_writer datasets (ADR 0037)
-            params = {"dag_id": dag.dag_id, "version": target.version}
-            (spec,) = await fetch_as(cur, _SpecRow, VQ["version_spec"], params)
-            await register_published(cur, org_id, dag.dag_id, parse(json.loads(spec.spec)))
+            await register_version(cur, org_id, dag.dag_id, target.version)
             params = {
                 "dag_id": dag.dag_id,
                 "version": target.version,

@@ -1,7 +1,7 @@
 """A DAG version's ``publish`` list in the dataset registry. Used by a deploy that goes live at
-once (``trace_lite.dags``) and by a staging and its cutover (``trace_lite.dag_remat``: a staging
+once (``trace_lite.dags``), by a staging and its cutover (``trace_lite.dag_remat``: a staging
 registers only new names, so the live version's datasets keep their producer metadata until the
-cutover).
+cutover) and by a rollback (``trace_lite.dag_control``: the restored version's list).
 
 Each entry is a dataset the DAG **owns** (``datasets.dag_id``: the first DAG that registered the
 name; its pointer set holds the dataset's versions), or, for a buffered ``multi_writer`` dataset
@@ -13,7 +13,9 @@ under the registry rows' locks, so a deploy racing another one refuses with ``Co
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
+from datetime import datetime
 from typing import Any
 
 import attrs
@@ -21,16 +23,26 @@ import psycopg
 from psycopg.types.json import Jsonb
 
 from trace_core import errors
-from trace_core.dag import Dag, DatasetFacts, Storage, registry_problem
+from trace_core.dag import Dag, DatasetFacts, Storage, parse, registry_problem
 from trace_lite import sqlfile
 from trace_lite.pg import fetch_as
 
 Q = sqlfile.load("dag_registry.sql")
+VQ = sqlfile.load("dags.sql")
 
 
 @attrs.frozen
 class _NameRow:
     name: str
+
+
+@attrs.frozen
+class _SpecRow:
+    version: int
+    digest: str
+    spec: str
+    created_by: str
+    created_at: datetime
 
 
 @attrs.frozen
@@ -127,8 +139,18 @@ async def register_published(
     await cur.execute(Q["sync_writers"], params)
 
 
+async def register_version(
+    cur: psycopg.AsyncCursor[Any], org_id: str, dag_id: str, version: int
+) -> None:
+    """``register_published`` for the spec of version ``version`` of DAG ``dag_id`` (a cutover
+    making it live, a rollback restoring it)."""
+    params = {"dag_id": dag_id, "version": version}
+    (row,) = await fetch_as(cur, _SpecRow, VQ["version_spec"], params)
+    await register_published(cur, org_id, dag_id, parse(json.loads(row.spec)))
+
+
 def _owns(reg: _FactRow, dag: Dag) -> bool:
     return reg.producer_dag == dag.name
 
 
-__all__ = ["register_published", "registry_facts", "storage_kind"]
+__all__ = ["register_published", "register_version", "registry_facts", "storage_kind"]

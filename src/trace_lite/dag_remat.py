@@ -53,11 +53,11 @@ import psycopg
 from psycopg_pool import AsyncConnectionPool
 
 from trace_core import errors
-from trace_core.dag import Dag, parse
+from trace_core.dag import Dag
 from trace_core.lifecycle import TRANSITIONS, TaskEvent, TaskState
 from trace_lite import sqlfile
 from trace_lite.dag_grants import PLATFORM
-from trace_lite.dag_registry import register_published
+from trace_lite.dag_registry import register_published, register_version
 from trace_lite.dag_tasks import NewTask, PlanRow, create_dag_tasks, insert_lineage, with_epoch
 from trace_lite.pg import fetch_as, transaction
 from trace_lite.task_rows import WakeMode
@@ -166,15 +166,6 @@ class _WasRow:
 @attrs.frozen
 class _VersionRow:
     active_version: int
-
-
-@attrs.frozen
-class _SpecRow:
-    version: int
-    digest: str
-    spec: str
-    created_by: str
-    created_at: Any
 
 
 @attrs.frozen
@@ -386,10 +377,7 @@ async def _cut_over(cur: psycopg.AsyncCursor[Any], dag_id: str) -> CutOver | Non
     if not rows:
         return None  # ended or not ready any more, seen under the lock
     r = rows[0]
-    (spec_row,) = await fetch_as(
-        cur, _SpecRow, VQ["version_spec"], {"dag_id": dag_id, "version": r.version}
-    )
-    await register_published(cur, dag.org_id, dag_id, parse(json.loads(spec_row.spec)))
+    await register_version(cur, dag.org_id, dag_id, r.version)
     params = {"dag_id": dag_id, "generation": r.generation}
     (parent,) = await fetch_as(cur, _ParentRow, Q["parent_generation"], params)
     generation = r.generation
