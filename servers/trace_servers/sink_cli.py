@@ -285,7 +285,7 @@ async def run(
             runner = await _serve_metrics(state, org, sinks, metrics_port, parts.queue_for)
         print(json.dumps({"sink": "running", "org": org, "datasets": names or "all"}), flush=True)
         loops = [
-            run_every(stop, 0.2, forwarder.drain, name="buffer forwarder", logger=log),
+            forwarder.run(stop, every_s=0.2),
             run_every(stop, 1.0, provisioner.provision_once, name="buffer queues", logger=log),
             # datasets deployed (or whose queues were created) after the start
             run_every(stop, refresh_s, add_new_datasets, name="sink datasets", logger=log),

@@ -200,7 +200,7 @@ class AttemptWrites:
                 },
             )
             await cur.execute(
-                Q["insert_outbox"],
+                Q["insert_buffer_announcement"],
                 {
                     "topic": f"buffer:{batch.dataset}",
                     "payload": Jsonb(

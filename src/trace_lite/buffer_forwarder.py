@@ -16,6 +16,7 @@ and the commit sends the batch again, which the sink's dedupe keys absorb.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import random
@@ -33,6 +34,7 @@ from trace_core.sink import Scope
 from trace_lite import sqlfile
 from trace_lite.outbox_publisher import record_sends
 from trace_lite.pg import fetch_as, transaction
+from trace_lite.pg_wakeups import run_woken
 
 log = logging.getLogger("trace.buffer_forwarder")
 
@@ -40,6 +42,8 @@ Q = sqlfile.load("sink.sql")
 
 #: The outbox topic prefix of buffer-batch announcements (``buffer:<dataset name>``).
 TOPIC_PREFIX = "buffer:"
+#: The channel a buffer publish notifies at its commit (tasks.sql insert_buffer_announcement).
+CHANNEL = "trace_buffer"
 #: The registry's storage kind of buffered Postgres datasets.
 BUFFERED = "buffered_postgres"
 
@@ -221,5 +225,26 @@ class BufferForwarder:
             total += n
         return total
 
+    async def run(self, stop: asyncio.Event, *, every_s: float = 0.2) -> None:
+        """Forward until ``stop`` is set: drain, then wait for ``NOTIFY trace_buffer`` (sent at
+        the commit of every buffer publish) or ``every_s``, whichever comes first."""
+        await run_woken(
+            stop,
+            self.pool.conninfo,
+            CHANNEL,
+            every_s,
+            self.drain,
+            name="buffer forwarder",
+            logger=log,
+        )
 
-__all__ = ["BUFFERED", "TOPIC_PREFIX", "BufferForwarder", "BufferMessage", "queue_name", "topic"]
+
+__all__ = [
+    "BUFFERED",
+    "CHANNEL",
+    "TOPIC_PREFIX",
+    "BufferForwarder",
+    "BufferMessage",
+    "queue_name",
+    "topic",
+]

@@ -70,7 +70,7 @@ from trace_lite.dag_remat import DagRemat
 from trace_lite.dag_tasks import NewTask, create_dag_tasks, with_epoch
 from trace_lite.orgs import Orgs, first
 from trace_lite.pg import fetch_as, fetch_named, pg_array, transaction
-from trace_lite.pg_wakeups import PgWakeups
+from trace_lite.pg_wakeups import run_woken
 from trace_lite.task_rows import INVOKE_TOPIC, WAKE_TOPIC, WakeMode
 from trace_lite.task_rows import Q as TASK_Q
 from trace_sdk.aio import run_every
@@ -471,44 +471,20 @@ class DagRuns:
         announces events) or ``fan_out_every_s``, whichever comes first."""
         remat = DagRemat(self.pool)
         invalidations = Invalidations(self.pool, wake_mode=self.wake_mode, orgs=self.orgs)
-        conninfo = self.pool.conninfo
-        wakeups = PgWakeups(conninfo, EVENTS_CHANNEL) if isinstance(conninfo, str) else None
-        if wakeups is not None:
-            await wakeups.start()
-
-        async def fan_out() -> None:
-            if wakeups is not None:
-                wakeups.clear()  # before the passes: events announced meanwhile wake the wait
-            await self.fan_out_until_idle()
-            if wakeups is not None:  # until a wake-up, the poll interval or the stop
-                waits = [
-                    asyncio.ensure_future(wakeups.wait(fan_out_every_s)),
-                    asyncio.ensure_future(stop.wait()),
-                ]
-                try:
-                    await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
-                finally:
-                    for w in waits:
-                        w.cancel()
-
-        try:
-            await asyncio.gather(
-                run_every(
-                    stop,
-                    0.0 if wakeups is not None else fan_out_every_s,
-                    fan_out,
-                    name="dag fan-out",
-                    logger=log,
-                ),
-                run_every(
-                    stop, schedule_every_s, self.schedule_once, name="dag schedules", logger=log
-                ),
-                remat.run(stop, every_s=schedule_every_s),
-                invalidations.run(stop, every_s=schedule_every_s),
-            )
-        finally:
-            if wakeups is not None:
-                await wakeups.close()
+        await asyncio.gather(
+            run_woken(
+                stop,
+                self.pool.conninfo,
+                EVENTS_CHANNEL,
+                fan_out_every_s,
+                self.fan_out_until_idle,
+                name="dag fan-out",
+                logger=log,
+            ),
+            run_every(stop, schedule_every_s, self.schedule_once, name="dag schedules", logger=log),
+            remat.run(stop, every_s=schedule_every_s),
+            invalidations.run(stop, every_s=schedule_every_s),
+        )
 
 
 @attrs.frozen

@@ -18,10 +18,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Awaitable, Callable
 from typing import Any, Self
 
 import psycopg
 from psycopg import sql
+
+from trace_sdk.aio import run_every
 
 log = logging.getLogger("trace.wakeups")
 
@@ -106,4 +109,42 @@ class PgWakeups:
                 await conn.close()
 
 
-__all__ = ["PgWakeups"]
+async def run_woken(
+    stop: asyncio.Event,
+    conninfo: object,
+    channel: str,
+    every_s: float,
+    drain: Callable[[], Awaitable[object]],
+    *,
+    name: str,
+    logger: logging.Logger,
+) -> None:
+    """Run ``drain`` (a pass over everything due) until ``stop`` is set: after each pass, wait
+    for ``NOTIFY <channel>``, ``every_s`` or the stop, whichever comes first (``run_every``:
+    failures are logged and retried with backoff). Without a connection string to listen on
+    (``conninfo`` not a ``str``), a plain poll every ``every_s``."""
+    if not isinstance(conninfo, str):
+        await run_every(stop, every_s, drain, name=name, logger=logger)
+        return
+    wakeups = await PgWakeups(conninfo, channel).start()
+
+    async def drain_then_wait() -> None:
+        wakeups.clear()  # before the pass: what is announced during it wakes the wait
+        await drain()
+        waits = [
+            asyncio.ensure_future(wakeups.wait(every_s)),
+            asyncio.ensure_future(stop.wait()),
+        ]
+        try:
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for w in waits:
+                w.cancel()
+
+    try:
+        await run_every(stop, 0.0, drain_then_wait, name=name, logger=logger)
+    finally:
+        await wakeups.close()
+
+
+__all__ = ["PgWakeups", "run_woken"]

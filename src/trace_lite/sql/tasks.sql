@@ -174,6 +174,15 @@ WHERE t.task_id = %(task_id)s;
 -- One outbox row, in the caller's transaction.
 INSERT INTO outbox (topic, payload) VALUES (%(topic)s, %(payload)s);
 
+-- name: insert_buffer_announcement
+-- A buffer batch's outbox row (topic buffer:<dataset>), in the publishing transaction, and
+-- NOTIFY trace_buffer (delivered at the commit) so an idle buffer forwarder forwards it at once
+-- instead of at its next poll (trace_lite.buffer_forwarder).
+WITH announced AS (
+    INSERT INTO outbox (topic, payload) VALUES (%(topic)s, %(payload)s) RETURNING id
+)
+SELECT pg_notify('trace_buffer', '') FROM announced;
+
 -- name: apply_completions
 -- Finish attempts: CAS each task on its fence and write the whole next row the kernel decided.
 WITH c AS (
