@@ -389,6 +389,16 @@ class Worker:
                     "retryable": False,
                     "error": {"code": "operator_error", "message": str(failure)[:1000]},
                 }
+            elif isinstance(failure, errors.InvalidRequest | errors.Forbidden):
+                # the Dispatcher refused what the attempt sent (a 403 or 4xx validation: a
+                # publish into a dataset its DAG may not write, an event over the limits);
+                # another attempt would send the same and be refused the same
+                where = f" ({failure.field})" if failure.field else ""
+                outcome = {
+                    "outcome": "failed",
+                    "retryable": False,
+                    "error": {"code": failure.code, "message": f"{failure}{where}"[:1000]},
+                }
             else:
                 outcome = {
                     "outcome": "failed",

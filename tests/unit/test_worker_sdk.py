@@ -92,22 +92,39 @@ async def bad_result(ctx: TaskContext) -> Any:
     return ["not", "an", "object"]
 
 
+async def refused(ctx: TaskContext) -> Any:
+    # what a publish into a dataset the task's DAG may not write answers (403)
+    raise errors.Forbidden("the task's DAG does not write dataset 'x'", field="batch.dataset")
+
+
+async def flaky(ctx: TaskContext) -> Any:
+    raise errors.Unavailable("database unavailable")
+
+
 @pytest.mark.parametrize("batch", [True, False])
 async def test_the_worker_runs_operators_through_the_fake_surface(batch: bool) -> None:
-    a, b, c, d = _ids(4)
+    a, b, c, d, e, f = _ids(6)
     fake = FakeDispatcher(
         {
             a: ("greet", {"name": "a"}),
             b: ("fail_for_good", {}),
             c: ("no_such_operator", {}),
             d: ("bad_result", {}),
+            e: ("refused", {}),
+            f: ("flaky", {}),
         }
     )
     queue = MemoryQueue("tasks")
     worker = Worker(
         surface=FakeTaskSurface(fake),
         queue=queue,
-        operators={"greet": greet, "fail_for_good": fail_for_good, "bad_result": bad_result},
+        operators={
+            "greet": greet,
+            "fail_for_good": fail_for_good,
+            "bad_result": bad_result,
+            "refused": refused,
+            "flaky": flaky,
+        },
         batch_completions=batch,
         wait_s=0.05,
     )
@@ -118,12 +135,21 @@ async def test_the_worker_runs_operators_through_the_fake_surface(batch: bool) -
     assert (ok.outcome, ok.result) == ("succeeded", {"greeting": "hello a"})
     assert [e.key for e in ok.final_events] == ["done"]
     assert [e.key for [e] in (r.events for r in fake.events)] == ["hello"]
-    assert {t for t in fake.tokens if t} == {f"tok-{a}", f"tok-{b}", f"tok-{c}", f"tok-{d}"}
-    for task_id, code in ((b, "operator_error"), (c, "operator_error"), (d, "invalid_outcome")):
+    assert {t for t in fake.tokens if t} == {f"tok-{t}" for t in (a, b, c, d, e, f)}
+    for task_id, code in (
+        (b, "operator_error"),
+        (c, "operator_error"),
+        (d, "invalid_outcome"),
+        (e, "forbidden"),  # a refusal is not retried: another attempt would be refused too
+    ):
         failed = fake.completed[task_id]
         assert (failed.outcome, failed.retryable) == ("failed", False), failed
         assert failed.error is not None and failed.error["code"] == code
-    assert worker.stats["succeeded"] == 1 and worker.stats["failed"] == 3
+    assert fake.completed[e].error is not None
+    assert "(batch.dataset)" in fake.completed[e].error["message"]
+    again = fake.completed[f]  # a transient error is retried
+    assert (again.outcome, again.retryable) == ("failed", True)
+    assert worker.stats["succeeded"] == 1 and worker.stats["failed"] == 5
     assert await queue.depth() == 0  # every wake-up acknowledged after its completion
 
 
