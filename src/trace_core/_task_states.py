@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from typing import Final
 
 from trace_core import errors
+from trace_core._diagram import state_diagram
 
 
 class TaskState(enum.StrEnum):
@@ -106,15 +107,9 @@ def target_state(state: TaskState, event: TaskEvent, *, attempts_left: bool) -> 
 
 def mermaid_diagram() -> str:
     """The state diagram in Mermaid syntax, drawn from ``TRANSITIONS``."""
-    lines = ["stateDiagram-v2", "    [*] --> queued", "    [*] --> pending"]
-    for (state, event), target in TRANSITIONS.items():
-        if isinstance(target, tuple):
-            lines.append(f"    {state.value} --> {target[0].value}: {event.value} (attempts left)")
-            lines.append(f"    {state.value} --> {target[1].value}: {event.value} (none left)")
-        else:
-            lines.append(f"    {state.value} --> {target.value}: {event.value}")
-    lines += ["    completed --> [*]", "    canceled --> [*]", "    failed --> [*]"]
-    return "\n".join(lines)
+    return state_diagram(
+        TRANSITIONS, initial=["queued", "pending"], final=["completed", "canceled", "failed"]
+    )
 
 
 __all__ = [

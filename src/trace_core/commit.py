@@ -49,6 +49,7 @@ from typing import Final
 import attrs
 
 from trace_core import errors
+from trace_core._diagram import state_diagram
 from trace_core.object_keys import is_within, validate_key
 from trace_core.ports import ObjectInfo
 
@@ -377,11 +378,7 @@ def plan_commit(
 
 def mermaid_diagram() -> str:
     """The partition state diagram in Mermaid syntax, drawn from ``TRANSITIONS``."""
-    lines = ["stateDiagram-v2", "    [*] --> committed: commit"]
-    for (state, event), target in TRANSITIONS.items():
-        lines.append(f"    {state.value} --> {target.value}: {event.value}")
-    lines += ["    promoted --> [*]", "    corrupt --> [*]"]
-    return "\n".join(lines)
+    return state_diagram(TRANSITIONS, initial=["committed: commit"], final=["promoted", "corrupt"])
 
 
 __all__ = [

@@ -51,6 +51,7 @@ from typing import Final, assert_never
 import attrs
 
 from trace_core import errors
+from trace_core._diagram import state_diagram
 
 
 class DeliveryState(enum.StrEnum):
@@ -484,15 +485,7 @@ def schedule_from(values: Sequence[float]) -> RetrySchedule:
 
 def mermaid_diagram() -> str:
     """The state diagram in Mermaid syntax, drawn from ``TRANSITIONS``."""
-    lines = ["stateDiagram-v2", "    [*] --> due", "    [*] --> suppressed"]
-    for (state, event), target in TRANSITIONS.items():
-        if isinstance(target, tuple):
-            lines.append(f"    {state.value} --> {target[0].value}: {event.value} (attempts left)")
-            lines.append(f"    {state.value} --> {target[1].value}: {event.value} (none left)")
-        else:
-            lines.append(f"    {state.value} --> {target.value}: {event.value}")
-    lines.append("    sent --> [*]")
-    return "\n".join(lines)
+    return state_diagram(TRANSITIONS, initial=["due", "suppressed"], final=["sent"])
 
 
 __all__ = [
