@@ -32,6 +32,7 @@ from typing import Any
 
 from trace_lite.config import LiteSettings
 from trace_servers.lite_processes import LiteProcesses
+from trace_servers.signals import STOP_SIGNALS, stop_event
 
 log = logging.getLogger("trace.cli")
 
@@ -100,10 +101,7 @@ async def _run_dispatcher(settings: LiteSettings, state_url: str) -> None:
         runner, settings.dispatcher_host, settings.dispatcher_port, reuse_address=True
     )
     await site.start()
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+    stop = stop_event()
     log.info("dispatcher listening", extra={"url": settings.dispatcher_url})
     # dataset promotion + staging sweep (grace: TRACE_STAGING_GRACE_S, default 1 h)
     sweep = asyncio.create_task(
@@ -175,10 +173,7 @@ async def _run_worker(settings: LiteSettings, state_url: str, concurrency: int) 
         grace_s=min(30.0, settings.lease_s),
         secrets=FileSecretStore(settings.home / "secrets" / "store"),  # pooled jobs' secret_env
     )
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+    stop = stop_event()
     log.info("worker started", extra={"worker_id": worker.worker_id})
     try:
         await worker.run(stop)
@@ -223,8 +218,8 @@ def cmd_up(settings: LiteSettings, args: argparse.Namespace) -> int:
         nonlocal stop
         stop = True
 
-    signal.signal(signal.SIGTERM, _stop)
-    signal.signal(signal.SIGINT, _stop)
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, _stop)
     try:
         while not stop:
             procs.check()  # a crashed worker or Dispatcher is restarted, not the end of Lite

@@ -59,6 +59,7 @@ from trace_lite.orgs import Orgs
 from trace_lite.pg import open_pool
 from trace_lite.secrets import FileSecretStore
 from trace_lite.webhook_sender import WebhookSender, new_signing_secret
+from trace_servers.signals import stop_event
 
 log = logging.getLogger("trace.delivery")
 
@@ -168,10 +169,7 @@ async def _serve_metrics(store: DeliveryStore, port: int) -> web.AppRunner:
 
 
 async def run(settings: LiteSettings, state_url: str, args: argparse.Namespace) -> None:
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+    stop = stop_event()
     schedule = (
         schedule_from([float(x) for x in args.retry_schedule.split(",")])
         if args.retry_schedule

@@ -27,7 +27,6 @@ import argparse
 import asyncio
 import importlib.util
 import json
-import signal
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -65,6 +64,7 @@ from trace_lite.pg import open_pool
 from trace_servers.dag_cli import builtin_operators
 from trace_servers.demo_summary import DemoQueries, print_summary, summarise
 from trace_servers.lite_processes import wait_ready
+from trace_servers.signals import on_stop_signals
 from trace_servers.supervisor import Supervisor
 
 ORG = "demo"
@@ -227,9 +227,7 @@ class _Run:
         self.stop.set()
 
     async def main(self) -> int:
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, self._interrupt)
+        on_stop_signals(self._interrupt)
         pool = await open_pool(self.state_url, min_size=1, max_size=4)
         try:
             return await self._main(pool)

@@ -40,6 +40,7 @@ from trace_lite.pg import fetch_as, open_pool, transaction
 from trace_lite.pg_queue import PgQueue
 from trace_lite.sink import FAULT_POINTS, Q, Sink, load_dataset, queue_status
 from trace_sdk.aio import run_every
+from trace_servers.signals import stop_event
 
 log = logging.getLogger("trace.sink")
 
@@ -224,12 +225,8 @@ async def run(
     later, or whose queue was not created yet, is served once it can be."""
     from trace_servers.profiles import buffer_queue_creator, sink_parts
 
-    own_signals = stop is None
-    stop = stop or asyncio.Event()
-    loop = asyncio.get_running_loop()
-    if own_signals:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
+    if stop is None:
+        stop = stop_event()
     state = await open_pool(state_url, min_size=1, max_size=6)
     data = await open_pool(data_url, min_size=1, max_size=4)
     parts = await sink_parts(settings, state)

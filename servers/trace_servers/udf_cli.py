@@ -21,7 +21,6 @@ import json
 import logging
 import os
 import shutil
-import signal
 import sys
 import tempfile
 from pathlib import Path
@@ -29,6 +28,7 @@ from typing import Any
 
 from trace_core import errors, udf
 from trace_lite.config import LiteSettings
+from trace_servers.signals import stop_event
 
 log = logging.getLogger("trace.udf")
 
@@ -257,10 +257,7 @@ async def _serve(settings: LiteSettings, args: argparse.Namespace) -> None:
     await site_runner.setup()
     host, _, port = args.listen.rpartition(":")
     await web.TCPSite(site_runner, host or "127.0.0.1", int(port)).start()
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+    stop = stop_event()
     log.info("udf runner listening", extra={"listen": args.listen, "isolation": isolation})
     try:
         await stop.wait()
