@@ -28,9 +28,10 @@ database's clock (``trace_lite.delivery.DeliveryStore``).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -90,6 +91,49 @@ def _time(value: object, field: str) -> datetime:
         else:
             return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
     raise errors.ValidationFailed(f"not a time: {value!r}", field=field)
+
+
+def _only_known(doc: Mapping[str, Any], known: Iterable[str], field: str) -> None:
+    """Raises ``ValidationFailed`` naming the first key of ``doc`` not in ``known``."""
+    known = frozenset(known)
+    for key in doc:
+        if key not in known:
+            raise errors.ValidationFailed(f"unknown field {key!r}", field=f"{field}.{key}")
+
+
+def _severity(value: object, field: str) -> str:
+    """``value`` if it is one of ``SEVERITIES``. Raises ``ValidationFailed`` naming ``field``
+    (the message names its last part: ``severity``, ``min_severity``)."""
+    if value not in SEVERITIES:
+        name = field.rpartition(".")[2]
+        raise errors.ValidationFailed(f"{name} is one of {', '.join(SEVERITIES)}", field=field)
+    return str(value)
+
+
+def _field_name(value: object, field: str) -> str:
+    """``value`` if it names a row field. Raises ``ValidationFailed`` naming ``field``."""
+    if not isinstance(value, str) or not value:
+        raise errors.ValidationFailed("a field name", field=field)
+    return value
+
+
+def _key_fields(config: Mapping[str, Any], default: Sequence[str]) -> tuple[str, ...]:
+    """``config.key_fields`` (the fields of a row's alert key), or ``default``."""
+    key_fields = config.get("key_fields", list(default))
+    if not isinstance(key_fields, list) or not key_fields:
+        raise errors.ValidationFailed("a non-empty list", field="config.key_fields")
+    return tuple(str(k) for k in key_fields)
+
+
+@contextlib.contextmanager
+def _missing_fields(field: str) -> Iterator[None]:
+    """Turn a ``KeyError`` of a row lookup into ``ValidationFailed`` naming ``field.<key>``."""
+    try:
+        yield
+    except KeyError as exc:
+        raise errors.ValidationFailed(
+            f"missing field {exc.args[0]!r}", field=f"{field}.{exc.args[0]}"
+        ) from None
 
 
 def _plain(value: object) -> object:
@@ -159,29 +203,19 @@ class TransferThreshold:
         known = {"min_amount", "addresses", "severity", "amount_field", "from_field",
                  "to_field", "time_field", "key_fields", "labels"}  # fmt: skip
         labels = labels_from(config.get("labels", {}), "config.labels")
-        for key in config:
-            if key not in known:
-                raise errors.ValidationFailed(f"unknown field {key!r}", field=f"config.{key}")
+        _only_known(config, known, "config")
         if "min_amount" not in config:
             raise errors.ValidationFailed("min_amount is required", field="config.min_amount")
         addresses = config.get("addresses", [])
         if not isinstance(addresses, list):
             raise errors.ValidationFailed("a list of addresses", field="config.addresses")
-        severity = config.get("severity", "warning")
-        if severity not in SEVERITIES:
-            raise errors.ValidationFailed(
-                f"severity is one of {', '.join(SEVERITIES)}", field="config.severity"
-            )
-        key_fields = config.get("key_fields", ["transaction_hash", "log_index"])
-        if not isinstance(key_fields, list) or not key_fields:
-            raise errors.ValidationFailed("a non-empty list", field="config.key_fields")
+        severity = _severity(config.get("severity", "warning"), "config.severity")
+        key_fields = _key_fields(config, ["transaction_hash", "log_index"])
         fields: dict[str, str] = {}
         for f in ("amount_field", "from_field", "to_field", "time_field"):
             value = config.get(f)
             if value is not None:
-                if not isinstance(value, str) or not value:
-                    raise errors.ValidationFailed("a field name", field=f"config.{f}")
-                fields[f] = value
+                fields[f] = _field_name(value, f"config.{f}")
         return cls(
             name=name,
             labels=labels,
@@ -190,7 +224,7 @@ class TransferThreshold:
                 _address(a, f"config.addresses[{i}]") for i, a in enumerate(addresses)
             ),
             severity=severity,
-            key_fields=tuple(str(k) for k in key_fields),
+            key_fields=key_fields,
             **fields,
         )
 
@@ -200,16 +234,12 @@ class TransferThreshold:
         events = []
         for i, row in enumerate(rows):
             where = f"rows[{i}]"
-            try:
+            with _missing_fields(where):
                 amount = _amount(row[self.amount_field], f"{where}.{self.amount_field}")
                 sender = _address(row[self.from_field], f"{where}.{self.from_field}")
                 receiver = _address(row[self.to_field], f"{where}.{self.to_field}")
                 when = _time(row[self.time_field], f"{where}.{self.time_field}")
                 key_values = [_plain(row[k]) for k in self.key_fields]
-            except KeyError as exc:
-                raise errors.ValidationFailed(
-                    f"missing field {exc.args[0]!r}", field=f"{where}.{exc.args[0]}"
-                ) from None
             if amount < self.min_amount:
                 continue
             if self.addresses and not {sender, receiver} & self.addresses:
@@ -250,33 +280,21 @@ class FieldAbove:
     def from_config(cls, name: str, config: Mapping[str, Any]) -> FieldAbove:
         """From a DAG job's config. Raises ``ValidationFailed`` naming the field."""
         known = {"field", "min_value", "severity", "time_field", "key_fields", "labels"}
-        for key in config:
-            if key not in known:
-                raise errors.ValidationFailed(f"unknown field {key!r}", field=f"config.{key}")
+        _only_known(config, known, "config")
         for required in ("field", "min_value"):
             if required not in config:
                 raise errors.ValidationFailed(f"{required} is required", field=f"config.{required}")
-        field = config["field"]
-        if not isinstance(field, str) or not field:
-            raise errors.ValidationFailed("a field name", field="config.field")
-        severity = config.get("severity", "warning")
-        if severity not in SEVERITIES:
-            raise errors.ValidationFailed(
-                f"severity is one of {', '.join(SEVERITIES)}", field="config.severity"
-            )
-        time_field = config.get("time_field", "timestamp")
-        if not isinstance(time_field, str) or not time_field:
-            raise errors.ValidationFailed("a field name", field="config.time_field")
-        key_fields = config.get("key_fields", ["block_number"])
-        if not isinstance(key_fields, list) or not key_fields:
-            raise errors.ValidationFailed("a non-empty list", field="config.key_fields")
+        field = _field_name(config["field"], "config.field")
+        severity = _severity(config.get("severity", "warning"), "config.severity")
+        time_field = _field_name(config.get("time_field", "timestamp"), "config.time_field")
+        key_fields = _key_fields(config, ["block_number"])
         return cls(
             name=name,
             field=field,
             min_value=_amount(config["min_value"], "config.min_value"),
             severity=severity,
             time_field=time_field,
-            key_fields=tuple(str(k) for k in key_fields),
+            key_fields=key_fields,
             labels=labels_from(config.get("labels", {}), "config.labels"),
         )
 
@@ -286,14 +304,10 @@ class FieldAbove:
         events = []
         for i, row in enumerate(rows):
             where = f"rows[{i}]"
-            try:
+            with _missing_fields(where):
                 value = _amount(row[self.field], f"{where}.{self.field}")
                 when = _time(row[self.time_field], f"{where}.{self.time_field}")
                 key_values = [_plain(row[k]) for k in self.key_fields]
-            except KeyError as exc:
-                raise errors.ValidationFailed(
-                    f"missing field {exc.args[0]!r}", field=f"{where}.{exc.args[0]}"
-                ) from None
             if value < self.min_value:
                 continue
             keys = {k: v for k, v in zip(self.key_fields, key_values, strict=True)}
@@ -360,21 +374,14 @@ def event_row(event: AlertEvent) -> dict[str, Any]:
 def event_from_row(row: Mapping[str, Any], field: str = "row") -> AlertEvent:
     """An ``alert_events`` row (as JSON or as read from its table) back as an event. Raises
     ``ValidationFailed`` naming the field."""
-    try:
+    with _missing_fields(field):
         key, severity = row["alert_key"], row["severity"]
         details = row.get("details") or {}
         labels = labels_from(row.get("labels") or {}, f"{field}.labels")
         when = _time(row["event_time"], f"{field}.event_time")
-    except KeyError as exc:
-        raise errors.ValidationFailed(
-            f"missing field {exc.args[0]!r}", field=f"{field}.{exc.args[0]}"
-        ) from None
     if not isinstance(key, str) or not re.fullmatch(r"[0-9a-f]{64}", key):
         raise errors.ValidationFailed("alert_key is 64 hex digits", field=f"{field}.alert_key")
-    if severity not in SEVERITIES:
-        raise errors.ValidationFailed(
-            f"severity is one of {', '.join(SEVERITIES)}", field=f"{field}.severity"
-        )
+    severity = _severity(severity, f"{field}.severity")
     if not isinstance(details, Mapping):
         raise errors.ValidationFailed("details is a mapping", field=f"{field}.details")
     return AlertEvent(
@@ -413,9 +420,7 @@ class Route:
         if not isinstance(doc, Mapping):
             raise errors.ValidationFailed("a route is a mapping", field=field)
         known = {"name", "destinations", "min_severity", "max_delivery_age", "labels"}
-        for key in doc:
-            if key not in known:
-                raise errors.ValidationFailed(f"unknown field {key!r}", field=f"{field}.{key}")
+        _only_known(doc, known, field)
         name = doc.get("name")
         if not isinstance(name, str) or not _ROUTE_RE.match(name):
             raise errors.ValidationFailed(
@@ -431,11 +436,7 @@ class Route:
                 raise errors.ValidationFailed(
                     "a destination name", field=f"{field}.destinations[{i}]"
                 )
-        severity = doc.get("min_severity", "info")
-        if severity not in SEVERITIES:
-            raise errors.ValidationFailed(
-                f"min_severity is one of {', '.join(SEVERITIES)}", field=f"{field}.min_severity"
-            )
+        severity = _severity(doc.get("min_severity", "info"), f"{field}.min_severity")
         age = doc.get("max_delivery_age")
         return cls(
             name=name,
