@@ -41,7 +41,7 @@ import socket
 from typing import Any
 
 from aiohttp import web
-from prometheus_client import CollectorRegistry, Gauge, generate_latest
+from prometheus_client import CollectorRegistry, Gauge
 from psycopg_pool import AsyncConnectionPool
 
 from trace_core import errors, wire
@@ -59,6 +59,7 @@ from trace_lite.orgs import Orgs
 from trace_lite.pg import open_pool
 from trace_lite.secrets import FileSecretStore
 from trace_lite.webhook_sender import WebhookSender, new_signing_secret
+from trace_servers.metrics_http import serve_metrics
 from trace_servers.signals import stop_event
 
 log = logging.getLogger("trace.delivery")
@@ -146,23 +147,7 @@ class DeliveryMetrics:
 
 async def _serve_metrics(store: DeliveryStore, port: int) -> web.AppRunner:
     metrics = DeliveryMetrics()
-
-    async def handler(_request: web.Request) -> web.Response:
-        try:
-            await metrics.refresh(store)
-        except errors.TraceError:
-            pass  # serve what is known
-        return web.Response(
-            body=generate_latest(metrics.registry),
-            headers={"Content-Type": "text/plain; version=0.0.4"},
-        )
-
-    app = web.Application()
-    app.add_routes([web.get("/metrics", handler)])
-    runner = web.AppRunner(app, access_log=None, handle_signals=False)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    return runner
+    return await serve_metrics(metrics.registry, lambda: metrics.refresh(store), port)
 
 
 # --- run -------------------------------------------------------------------------------------

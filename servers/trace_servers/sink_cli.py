@@ -28,7 +28,7 @@ from typing import Any
 
 import attrs
 from aiohttp import web
-from prometheus_client import CollectorRegistry, Gauge, generate_latest
+from prometheus_client import CollectorRegistry, Gauge
 from psycopg_pool import AsyncConnectionPool
 
 from trace_core import errors
@@ -40,6 +40,7 @@ from trace_lite.pg import fetch_as, open_pool, transaction
 from trace_lite.pg_queue import PgQueue
 from trace_lite.sink import FAULT_POINTS, Q, Sink, load_dataset, queue_status
 from trace_sdk.aio import run_every
+from trace_servers.metrics_http import serve_metrics
 from trace_servers.signals import stop_event
 
 log = logging.getLogger("trace.sink")
@@ -314,23 +315,9 @@ async def _serve_metrics(
     queue_for: Callable[[str], Queue],
 ) -> web.AppRunner:
     metrics = SinkMetrics()
-
-    async def handler(_request: web.Request) -> web.Response:
-        try:
-            await metrics.refresh(pool, org, sinks, queue_for)
-        except errors.TraceError:
-            pass  # serve what is known
-        return web.Response(
-            body=generate_latest(metrics.registry),
-            headers={"Content-Type": "text/plain; version=0.0.4"},
-        )
-
-    app = web.Application()
-    app.add_routes([web.get("/metrics", handler)])
-    runner = web.AppRunner(app, access_log=None, handle_signals=False)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    return runner
+    return await serve_metrics(
+        metrics.registry, lambda: metrics.refresh(pool, org, sinks, queue_for), port
+    )
 
 
 # --- dlq -------------------------------------------------------------------------------------
