@@ -165,6 +165,14 @@ def check(caller: Caller, dataset: DatasetAcl, action: Action) -> None:
         raise errors.Forbidden(f"not allowed to {action.value} dataset {dataset.name!r}")
 
 
+def _manages_dags(caller: UserCaller, org_id: str) -> bool:
+    """Whether ``caller`` deploys and triggers every DAG of ``org_id``: an org admin or a
+    ``dag_deployer`` member. Raises ``NotFound`` for a caller of another org or an outsider."""
+    if caller.org_id != org_id or _outsider(caller):
+        raise errors.NotFound("no such org", field="org")
+    return caller.member and (caller.is_admin or DAG_DEPLOYER_ROLE in caller.roles)
+
+
 def check_deploy(caller: UserCaller, org_id: str, deployers: frozenset[str]) -> None:
     """Whether ``caller`` may deploy a version of a DAG of ``org_id`` whose deployers
     (``dag_members`` relation ``deployer``) are ``deployers`` (empty for a new DAG): org admins,
@@ -173,11 +181,7 @@ def check_deploy(caller: UserCaller, org_id: str, deployers: frozenset[str]) -> 
     Returns None. Raises ``NotFound`` for a caller of another org or an outsider,
     ``Forbidden`` otherwise.
     """
-    if caller.org_id != org_id or _outsider(caller):
-        raise errors.NotFound("no such org", field="org")
-    if caller.member and (caller.is_admin or DAG_DEPLOYER_ROLE in caller.roles):
-        return
-    if caller.subject in deployers:
+    if _manages_dags(caller, org_id) or caller.subject in deployers:
         return
     raise errors.Forbidden("only org admins, dag_deployer members and the DAG's deployers deploy")
 
@@ -189,11 +193,7 @@ def check_trigger(caller: UserCaller, org_id: str, dag_id: str) -> None:
     Returns None. Raises ``NotFound`` for a caller of another org or an outsider,
     ``Forbidden`` otherwise.
     """
-    if caller.org_id != org_id or _outsider(caller):
-        raise errors.NotFound("no such org", field="org")
-    if caller.member and (caller.is_admin or DAG_DEPLOYER_ROLE in caller.roles):
-        return
-    if dag_id in caller.dags:
+    if _manages_dags(caller, org_id) or dag_id in caller.dags:
         return
     raise errors.Forbidden("only the DAG's deployers and triggerers (or org admins) trigger it")
 

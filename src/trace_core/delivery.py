@@ -289,13 +289,7 @@ def decide_lease(
             f"delivery is {view.state.value}, not due", details={"state": view.state.value}
         )
     if not destination_enabled:
-        state = target_state(view.state, DeliveryEvent.DISABLE, attempts_left=False)
-        return SettleDecision(
-            event=DeliveryEvent.DISABLE,
-            state=state,
-            available_at=view.available_at,
-            error="the destination is disabled",
-        )
+        return _disabled(view)
     target_state(view.state, DeliveryEvent.LEASE, attempts_left=True)
     return LeaseDecision(
         attempt=view.attempt + 1,
@@ -444,6 +438,11 @@ def decide_disable(view: DeliveryView) -> SettleDecision | None:
     other state (in-flight attempts finish; settled deliveries stay as they are)."""
     if view.state is not DeliveryState.DUE:
         return None
+    return _disabled(view)
+
+
+def _disabled(view: DeliveryView) -> SettleDecision:
+    """A due delivery of a disabled destination settles as ``disabled`` (no attempt)."""
     state = target_state(view.state, DeliveryEvent.DISABLE, attempts_left=False)
     return SettleDecision(
         event=DeliveryEvent.DISABLE,
