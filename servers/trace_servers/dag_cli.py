@@ -38,7 +38,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -49,6 +48,7 @@ import attrs
 from trace_core import errors
 from trace_core.dag import Dag, OperatorInfo, Problem, affected_jobs, diff
 from trace_lite import dag_files
+from trace_servers.user_calls import user_token
 
 
 def add_parsers(sub: Any) -> None:
@@ -153,10 +153,7 @@ async def _call(url: str, method: str, path: str, body: Any = None) -> tuple[int
     """One user-API call with ``TRACE_USER_TOKEN``: ``(status, decoded JSON body)``."""
     import aiohttp
 
-    token = os.environ.get("TRACE_USER_TOKEN")
-    if not token:
-        raise SystemExit("set TRACE_USER_TOKEN (e.g. $(trace users token --sub you))")
-    headers = {"Authorization": f"Bearer {token}"}
+    headers = {"Authorization": f"Bearer {user_token()}"}
     timeout = aiohttp.ClientTimeout(total=30)
     async with (
         aiohttp.ClientSession(timeout=timeout) as session,

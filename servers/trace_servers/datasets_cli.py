@@ -11,11 +11,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import sys
 from typing import Any
 
 from trace_lite.config import LiteSettings
+from trace_servers.user_calls import call_user_api
 
 
 def add_parsers(sub: Any) -> None:
@@ -46,14 +46,7 @@ def add_parsers(sub: Any) -> None:
 
 
 async def _api(settings: LiteSettings, method: str, path: str, body: Any = None) -> Any:
-    from trace_sdk import DispatcherClient
-
-    token = os.environ.get("TRACE_USER_TOKEN")
-    if not token:
-        raise SystemExit("set TRACE_USER_TOKEN (e.g. $(trace users token --sub you))")
-    async with DispatcherClient(settings.dispatcher_url, deadline_s=10) as client:
-        client.session.headers["Authorization"] = f"Bearer {token}"
-        return await client.request(method, path, json_body=body)
+    return await call_user_api(settings, method, path, body, deadline_s=10)
 
 
 async def _clean(settings: LiteSettings, state_url: str, grace_s: float) -> dict[str, Any]:

@@ -15,13 +15,13 @@ import asyncio
 import csv
 import io
 import json
-import os
 import sys
 from collections.abc import Sequence
 from typing import Any
 
 from trace_core import errors
 from trace_lite.config import LiteSettings
+from trace_servers.user_calls import call_user_api
 
 NULL = "NULL"
 
@@ -115,14 +115,7 @@ def render(answer: dict[str, Any], fmt: str) -> str:
 async def _call(
     settings: LiteSettings, method: str, path: str, body: dict[str, Any] | None = None
 ) -> Any:
-    from trace_sdk import DispatcherClient
-
-    token = os.environ.get("TRACE_USER_TOKEN")
-    if not token:
-        raise SystemExit("set TRACE_USER_TOKEN (e.g. $(trace users token --sub you))")
-    async with DispatcherClient(settings.dispatcher_url, deadline_s=60) as client:
-        client.session.headers["Authorization"] = f"Bearer {token}"
-        return await client.request(method, path, json_body=body)
+    return await call_user_api(settings, method, path, body, deadline_s=60)
 
 
 async def _export_call(settings: LiteSettings, args: argparse.Namespace) -> Any:
