@@ -43,6 +43,7 @@ from trace_core.errors import SignerError
 from trace_core.jws import public_key_for, sign_jws, verify_jws
 from trace_core.ports import PublicKey
 from trace_core.token import MIN_PUBLISH_S, KeyEntry, KeyRing, KeyState, TokenPolicy
+from trace_lite.durable_files import fsync_dir, write_private
 
 ALGORITHM = "EdDSA"
 _Fingerprint = tuple[tuple[str, int, int], ...]
@@ -55,25 +56,13 @@ def _write_key(path: Path, key: ed25519.Ed25519PrivateKey, mtime: float) -> None
         serialization.NoEncryption(),
     )
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(pem)
-            f.flush()
-            os.fsync(f.fileno())
+        write_private(tmp, pem)
         os.utime(tmp, (mtime, mtime))
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_dir(path.parent)
 
 
 def _read_key(path: Path) -> ed25519.Ed25519PrivateKey:
@@ -291,7 +280,7 @@ class FileSigner:
         _write_key(retired_dir / f"{old.kid}.pem", loaded.private[old.kid], now)
         os.replace(self.key_dir / "next.pem", self.key_dir / "current.pem")
         os.utime(self.key_dir / "current.pem", (now, now))
-        _fsync_dir(self.key_dir)
+        fsync_dir(self.key_dir)
         _write_key(self.key_dir / "next.pem", new_key, now)
         # Private keys past their grace have no reason to stay on disk.
         live = {e.kid for e in ring.entries}
@@ -321,7 +310,7 @@ class FileSigner:
                     _write_key(self.key_dir / "next.pem", new_key, now)
                 self._write_revoked(ring.revoked)
                 (self.key_dir / "retired" / f"{kid}.pem").unlink(missing_ok=True)
-                _fsync_dir(self.key_dir)
+                fsync_dir(self.key_dir)
                 self._loaded = None
                 return ring.current.kid
         except OSError as exc:
@@ -331,11 +320,7 @@ class FileSigner:
         path = self._revoked_path
         tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "w", encoding="ascii") as f:
-                f.write("".join(f"{kid}\n" for kid in sorted(kids)))
-                f.flush()
-                os.fsync(f.fileno())
+            write_private(tmp, "".join(f"{kid}\n" for kid in sorted(kids)).encode("ascii"))
             os.replace(tmp, path)
         finally:
             tmp.unlink(missing_ok=True)

@@ -54,6 +54,7 @@ from trace_core.errors import (
 )
 from trace_core.object_keys import validate_key, validate_prefix
 from trace_core.ports import ObjectInfo
+from trace_lite.durable_files import fsync_dir
 
 #: Default largest object accepted over a signed PUT URL: 256 MiB.
 DEFAULT_MAX_UPLOAD_BYTES = 256 * 1024 * 1024
@@ -126,11 +127,7 @@ class LocalObjectStore:
                 raise Conflict(
                     "an object and a prefix of the same name cannot coexist here", field="key"
                 ) from exc
-            dir_fd = os.open(path.parent, os.O_RDONLY)
-            try:
-                os.fsync(dir_fd)
-            finally:
-                os.close(dir_fd)
+            fsync_dir(path.parent)
         finally:
             tmp.unlink(missing_ok=True)
         sha = hashlib.sha256(data).hexdigest()

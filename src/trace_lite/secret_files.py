@@ -21,6 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from trace_core import errors
+from trace_lite.durable_files import fsync_dir, write_private
 
 
 def read_or_create(path: Path, generate: Callable[[], bytes]) -> bytes:
@@ -47,21 +48,13 @@ def read_or_create(path: Path, generate: Callable[[], bytes]) -> bytes:
 def _create(path: Path, content: bytes) -> None:
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(8)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(content)
-            f.flush()
-            os.fsync(f.fileno())
+        write_private(tmp, content)
         with contextlib.suppress(FileExistsError):  # another process won: use its secret
             os.link(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    fsync_dir(path.parent)
 
 
 __all__ = ["read_or_create"]
