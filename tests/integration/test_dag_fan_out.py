@@ -338,8 +338,9 @@ async def test_the_fan_out_loop_wakes_on_the_announcements_notify(world: World) 
     try:
         for _ in range(500):  # the loop's listener is up before anything is announced
             if world.sql(
-                "SELECT count(*) FROM pg_stat_activity WHERE query ILIKE %s",
-                (f'%LISTEN "{dag_runs.EVENTS_CHANNEL}"%',),
+                "SELECT count(*) FROM pg_stat_activity "
+                "WHERE datname = current_database() AND query = %s",
+                (f'LISTEN "{dag_runs.EVENTS_CHANNEL}"',),
             ) == [(1,)]:
                 break
             await asyncio.sleep(0.02)
