@@ -36,7 +36,6 @@ import asyncio
 import json
 import logging
 import os
-import signal
 import socket
 from typing import Any
 
@@ -60,7 +59,7 @@ from trace_lite.pg import open_pool
 from trace_lite.secrets import FileSecretStore
 from trace_lite.webhook_sender import WebhookSender, new_signing_secret
 from trace_servers.metrics_http import serve_metrics
-from trace_servers.signals import stop_event
+from trace_servers.signals import kill_hook, stop_event
 
 log = logging.getLogger("trace.delivery")
 
@@ -168,17 +167,13 @@ async def run(settings: LiteSettings, state_url: str, args: argparse.Namespace) 
         secret_store(settings), allow=allow_list(args.allow), timeout_s=args.timeout_s
     )
 
-    async def fault(point: str) -> None:
-        if point == args.kill_at:
-            os.kill(os.getpid(), signal.SIGKILL)
-
     service = DeliveryService(
         store,
         sender,
         sender_id=args.id or f"{socket.gethostname()}:{os.getpid()}",
         batch=args.batch,
         poll_s=args.poll_s,
-        fault=fault if args.kill_at else None,
+        fault=kill_hook(args.kill_at),
         wakeups=await DeliveryWakeups(state_url).start(),
     )
     runner = await _serve_metrics(store, args.metrics_port) if args.metrics_port else None

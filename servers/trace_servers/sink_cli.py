@@ -21,8 +21,6 @@ import argparse
 import asyncio
 import json
 import logging
-import os
-import signal
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
@@ -41,7 +39,7 @@ from trace_lite.pg_queue import PgQueue
 from trace_lite.sink import FAULT_POINTS, Q, Sink, load_dataset, queue_status
 from trace_sdk.aio import run_every
 from trace_servers.metrics_http import serve_metrics
-from trace_servers.signals import stop_event
+from trace_servers.signals import kill_hook, stop_event
 
 log = logging.getLogger("trace.sink")
 
@@ -236,10 +234,6 @@ async def run(
     def queue_for(dataset_uuid: str) -> Queue:
         return parts.queue_for(queue_name(dataset_uuid))
 
-    async def fault(point: str) -> None:
-        if point == kill_at:
-            os.kill(os.getpid(), signal.SIGKILL)
-
     runner: web.AppRunner | None = None
     sinks: list[Sink] = []
     forwarder = BufferForwarder(state, queue_for, topics=[])
@@ -268,7 +262,7 @@ async def run(
                 org=org,
                 dataset=name,
                 visibility_timeout_s=visibility_s,
-                fault=fault if kill_at else None,
+                fault=kill_hook(kill_at),
             )
             sinks.append(sink)
             forwarder.topics.append(topic(name))
