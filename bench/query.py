@@ -2,6 +2,7 @@
 in the same run, and queries per second.
 
     .venv/bin/python -m bench.query [--rows 1000000] [--runs 15] [--qps-queries 60]
+        [--only tiny,aggregate,pg_aggregate]
 
 A private PostgreSQL cluster in a temporary directory (``TRACE_BENCH_DATABASE_URL`` to use a
 server of your own instead): a state and a data database, a LocalObjectStore, three published
@@ -123,7 +124,9 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-async def main_async(rows: int, runs: int, qps_queries: int, pace_s: float = 1.5) -> None:
+async def main_async(
+    rows: int, runs: int, qps_queries: int, pace_s: float = 1.5, only: tuple[str, ...] = ()
+) -> None:
     with tempfile.TemporaryDirectory(prefix="trace-bench-query-") as tmp_dir:
         tmp = Path(tmp_dir)
         pg = BenchPostgres()
@@ -134,7 +137,7 @@ async def main_async(rows: int, runs: int, qps_queries: int, pace_s: float = 1.5
             _name, url = pg.fresh(trace_schema=True)
             _name, data_url = pg.fresh(trace_schema=False)
             migrate(url, data_url)
-            await _run(tmp, url, data_url, rows, runs, qps_queries, pace_s)
+            await _run(tmp, url, data_url, rows, runs, qps_queries, pace_s, only or tuple(QUERIES))
         finally:
             pg.stop()
 
@@ -169,6 +172,24 @@ def _bare_postgres(data_url: str, table: str, dest: Path, sql: str) -> Any:
         con.close()
 
 
+def _engine(bare: duckdb.DuckDBPyConnection, pg_csv: Path, runs: int, service_s: float) -> None:
+    """``pg_aggregate`` over the rows already in a DuckDB table: the engine alone, no fetch."""
+    bare.execute(
+        f"CREATE TABLE pgevents AS SELECT * FROM read_csv('{pg_csv}', header = false, "
+        "auto_detect = false, columns = {'k': 'BIGINT', 'v': 'BIGINT'})"
+    )
+    engine = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        bare.execute(QUERIES["pg_aggregate"]).fetchall()
+        engine.append(time.perf_counter() - t)
+    e50 = statistics.median(engine)
+    print(
+        f"pg_aggregate (engine: bare DuckDB over the rows already in a table) p50 "
+        f"{e50 * 1000:.1f} ms; service / engine {service_s / e50:.1f}x"
+    )
+
+
 async def _run(
     tmp: Path,
     url: str,
@@ -177,6 +198,7 @@ async def _run(
     runs: int,
     qps_queries: int,
     pace_s: float,
+    only: tuple[str, ...],
 ) -> None:
     pool = await open_pool(url, min_size=2, max_size=8)
     store = LocalObjectStore(tmp / "objects", "http://127.0.0.1:1", b"s" * 32)
@@ -251,6 +273,8 @@ async def _run(
             )
             medians: dict[str, tuple[float, float]] = {}
             for name, sql in QUERIES.items():
+                if name not in only:
+                    continue
                 s_times: list[float] = []
                 b_times: list[float] = []
                 for _ in range(runs):
@@ -267,20 +291,10 @@ async def _run(
                     f"{b50 * 1000:>8.1f}ms {_pct(b_times, 0.95) * 1000:>7.1f}ms "
                     f"{s50 / b50:>9.1f}x"
                 )
-            bare.execute(
-                f"CREATE TABLE pgevents AS SELECT * FROM read_csv('{pg_csv}', header = false, "
-                "auto_detect = false, columns = {'k': 'BIGINT', 'v': 'BIGINT'})"
-            )
-            engine = []
-            for _ in range(runs):
-                t = time.perf_counter()
-                bare.execute(QUERIES["pg_aggregate"]).fetchall()
-                engine.append(time.perf_counter() - t)
-            e50 = statistics.median(engine)
-            print(
-                f"pg_aggregate (engine: bare DuckDB over the rows already in a table) p50 "
-                f"{e50 * 1000:.1f} ms; service / engine {medians['pg_aggregate'][0] / e50:.1f}x"
-            )
+            if "pg_aggregate" in only:
+                _engine(bare, pg_csv, runs, medians["pg_aggregate"][0])
+            if "tiny" not in only:
+                return
             s50, b50 = medians["tiny"]
             print(f"per-query overhead p50 (tiny, service - bare): {(s50 - b50) * 1000:.1f} ms")
             paced: list[float] = []
@@ -318,8 +332,16 @@ def main() -> None:
     p.add_argument("--rows", type=int, default=1_000_000)
     p.add_argument("--runs", type=int, default=15)
     p.add_argument("--qps-queries", type=int, default=60)
+    p.add_argument(
+        "--only",
+        default=",".join(QUERIES),
+        help="comma-separated queries to time (default: all); e.g. tiny,aggregate",
+    )
     args = p.parse_args()
-    asyncio.run(main_async(args.rows, args.runs, args.qps_queries))
+    only = tuple(args.only.split(","))
+    if unknown := set(only) - set(QUERIES):
+        p.error(f"unknown queries: {sorted(unknown)}")
+    asyncio.run(main_async(args.rows, args.runs, args.qps_queries, only=only))
 
 
 if __name__ == "__main__":
