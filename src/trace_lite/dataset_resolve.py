@@ -29,7 +29,7 @@ from trace_core.access import Action, Caller, PinAcl, TaskCaller
 from trace_core.commit import PartitionState, VersionState
 from trace_core.token import CapabilityClaims
 from trace_lite import sqlfile
-from trace_lite.dataset_rows import PinRow, ResolveRow, TaskOrgRow
+from trace_lite.dataset_rows import PartitionRow, PinRow, ResolveRow, TaskOrgRow
 from trace_lite.orgs import Orgs, first
 from trace_lite.pg import fetch_as, transaction
 
@@ -139,7 +139,7 @@ class DatasetResolver:
         for _ in range(3):
             pin_id = str(uuid.uuid4())
             try:
-                rows = await self._resolve_once(
+                rows, parts = await self._resolve_once(
                     caller, org_id, names, pin_id, pin_ttl_s, include_objects, staged
                 )
             except _PurgedUnderUs:
@@ -151,7 +151,7 @@ class DatasetResolver:
         for name in dict.fromkeys(names):
             r = rows[name]
             version = r.dataset_version
-            mine = r.live_partitions() if version else []
+            mine = [p for p in parts if version and p.dataset_version == version]
             out.append(
                 ResolvedDataset(
                     dataset=name,
@@ -175,11 +175,8 @@ class DatasetResolver:
         pin_ttl_s: float,
         include_objects: bool,
         staged: tuple[str, int] | None = None,
-    ) -> dict[str, ResolveRow]:
-        # one statement reads, pins and lists the partitions; pipelined, BEGIN travels with it
-        # and COMMIT (or ROLLBACK, on a refusal: no pin is left) follows the checks: two
-        # round trips in all
-        async with transaction(self.pool, pipeline=True) as cur:
+    ) -> tuple[dict[str, ResolveRow], list[PartitionRow]]:
+        async with transaction(self.pool) as cur:
             params = {
                 "staged_dag": staged[0] if staged else None,
                 "staged_generation": staged[1] if staged else None,
@@ -188,7 +185,6 @@ class DatasetResolver:
                 "pin_id": pin_id,
                 "subject": access.pin_holder(caller),
                 "ttl_s": pin_ttl_s,
-                "include_objects": include_objects,
             }
             rows = {r.name: r for r in await fetch_as(cur, ResolveRow, Q["resolve"], params)}
             for n, name in enumerate(names):
@@ -198,7 +194,16 @@ class DatasetResolver:
                 access.check(caller, row.acl(org_id), Action.READ)
             if any(r.version_state == VersionState.PURGED for r in rows.values()):
                 raise _PurgedUnderUs()
-        return rows
+            parquet = [
+                r.dataset_version
+                for r in rows.values()
+                if r.dataset_version and r.storage_kind == "parquet"
+            ]
+            parts: list[PartitionRow] = []
+            if include_objects and parquet:
+                params = {"versions": parquet}
+                parts = await fetch_as(cur, PartitionRow, Q["version_objects"], params)
+        return rows, parts
 
     async def release_pin(self, caller: Caller | None, org: str, pin_id: str) -> None:
         """Release a reader's pin early: its holder or an admin of its org, through that org.
@@ -207,8 +212,7 @@ class DatasetResolver:
         ``Forbidden`` (a member who neither holds the pin nor is an admin); nothing is
         deleted on a refusal."""
         org_id = await self.orgs.org_id(org)
-        # pipelined: BEGIN travels with the lock, the DELETE with COMMIT (two round trips)
-        async with transaction(self.pool, pipeline=True) as cur:
+        async with transaction(self.pool) as cur:
             rows = await fetch_as(cur, PinRow, Q["lock_pin"], {"pin_id": pin_id})
             pins = {PinAcl(org_id=r.org_id, holder=r.holder) for r in rows}
             if len(pins) != 1:

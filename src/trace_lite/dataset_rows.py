@@ -139,21 +139,16 @@ class ResolveRow:
     storage_kind: str
     dataset_version: str | None
     version_state: str | None
-    #: The version's live partitions (``PartitionRow`` fields as JSON objects), read in the
-    #: resolve's snapshot; empty unless asked for and the dataset is ``parquet``.
-    partitions: list[dict[str, Any]]
 
     def acl(self, org_id: str) -> DatasetAcl:
         return DatasetAcl(org_id, self.name, self.dag_id, frozenset(self.read_roles))
 
-    def live_partitions(self) -> list[PartitionRow]:
-        return [PartitionRow(**p) for p in self.partitions]
-
 
 @attrs.frozen
 class PartitionRow:
-    """A live partition of a version, as resolve sees it (``resolve``'s ``partitions``)."""
+    """A live partition of a version, as resolve sees it (``version_objects``)."""
 
+    dataset_version: str
     state: str
     object_key: str
     start: int | None

@@ -23,7 +23,7 @@ from psycopg_pool import AsyncConnectionPool
 from trace_core import errors
 from trace_core.access import UserCaller
 from trace_lite import sqlfile
-from trace_lite.pg import autocommit, fetch_as, transaction
+from trace_lite.pg import fetch_as, transaction
 
 Q = sqlfile.load("orgs.sql")
 _R = TypeVar("_R")
@@ -89,7 +89,7 @@ class Orgs:
         Raises ``NotFound`` ("no such org") for an unknown org *and* for an org the subject
         neither belongs to nor holds a DAG grant in: a non-member cannot tell the two apart."""
         org_id = await self.org_id(org)
-        async with autocommit(self.pool) as cur:  # one read: one round trip, no BEGIN/COMMIT
+        async with transaction(self.pool) as cur:
             (m,) = await fetch_as(
                 cur, MembershipRow, Q["member"], {"org_id": org_id, "subject": subject}
             )

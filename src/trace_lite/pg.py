@@ -4,8 +4,7 @@
 rows by name into a row class (``fetch_named`` into a ``typing.NamedTuple``, for hot paths);
 ``pg_array`` binds a big batch as one array literal.
 
-``transaction(pool)`` (and ``autocommit(pool)``, for statements that are each their own
-transaction) is the one boundary where psycopg errors become domain errors: a
+``transaction(pool)`` is the one boundary where psycopg errors become domain errors: a
 transient failure (connection lost, statement or lock timeout, serialization failure, deadlock,
 pool exhausted) is ``Unavailable``; a unique violation is ``Conflict``; a data or check
 violation, or a value over one of the database's limits (SQLSTATE class 54, e.g. JSON nested
@@ -24,7 +23,6 @@ from datetime import datetime
 from typing import Any, Literal, TypeVar
 
 import psycopg
-from psycopg.pq import TransactionStatus
 from psycopg.rows import BaseRowFactory, RowMaker, class_row, tuple_row
 from psycopg.types.string import TextLoader
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
@@ -41,62 +39,12 @@ _LIMIT_CLASS = "54"
 
 
 @contextlib.asynccontextmanager
-async def transaction(
-    pool: AsyncConnectionPool, *, pipeline: bool = False
-) -> AsyncIterator[psycopg.AsyncCursor[Any]]:
-    """One transaction; driver errors become domain errors at this boundary.
-
-    ``pipeline``: in libpq's pipeline mode, statements are sent without waiting and the
-    server is awaited only where a result is read: ``BEGIN`` travels with the first statement
-    and ``COMMIT`` (or ``ROLLBACK``) with the statements after the last read. A transaction
-    that reads once and then writes costs two round trips instead of one per statement plus
-    two; results must be read (``fetchall``) before they are used."""
-    async with _mapped_errors(), pool.connection() as conn:
-        if pipeline and conn.autocommit:
-            async with _pipelined(conn) as cur:
-                yield cur
-            return
-        async with conn.transaction(), conn.cursor(row_factory=tuple_row) as cur:
-            yield cur
-
-
-@contextlib.asynccontextmanager
-async def _pipelined(conn: psycopg.AsyncConnection[Any]) -> AsyncIterator[psycopg.AsyncCursor[Any]]:
-    # BEGIN and COMMIT are queued by hand: psycopg's own transaction block syncs with the
-    # server as it opens and as it closes, which pipelining is here to avoid
+async def transaction(pool: AsyncConnectionPool) -> AsyncIterator[psycopg.AsyncCursor[Any]]:
+    """One transaction; driver errors become domain errors at this boundary."""
     try:
-        async with conn.pipeline(), conn.cursor(row_factory=tuple_row) as cur:
-            await cur.execute("BEGIN")
-            try:
-                yield cur
-            except BaseException:
-                with contextlib.suppress(psycopg.Error):
-                    await cur.execute("ROLLBACK")
-                raise
-            await cur.execute("COMMIT")
-    finally:
-        # a statement failed (the pipeline skipped what followed it) or the connection broke
-        if conn.info.transaction_status in (TransactionStatus.INTRANS, TransactionStatus.INERROR):
-            await conn.rollback()
-
-
-@contextlib.asynccontextmanager
-async def autocommit(pool: AsyncConnectionPool) -> AsyncIterator[psycopg.AsyncCursor[Any]]:
-    """A cursor whose statements are each a transaction of their own (no ``BEGIN``/``COMMIT``
-    around them, on ``open_pool``'s autocommit connections): one read costs one round trip
-    instead of three. Driver errors are mapped as in ``transaction``."""
-    async with _mapped_errors(), pool.connection() as conn:
-        async with contextlib.AsyncExitStack() as stack:
-            if not conn.autocommit:  # a pool of other settings: one transaction, as before
-                await stack.enter_async_context(conn.transaction())
+        async with pool.connection() as conn, conn.transaction():
             async with conn.cursor(row_factory=tuple_row) as cur:
                 yield cur
-
-
-@contextlib.asynccontextmanager
-async def _mapped_errors() -> AsyncIterator[None]:
-    try:
-        yield
     except errors.TraceError:
         raise
     except psycopg.Error as exc:
@@ -235,7 +183,6 @@ async def open_pool(
 
 
 __all__ = [
-    "autocommit",
     "connection_kwargs",
     "fetch_as",
     "fetch_named",

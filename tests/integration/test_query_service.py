@@ -7,9 +7,8 @@ import asyncio
 import contextlib
 import hashlib
 import logging
-import re
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +17,6 @@ import duckdb
 import psycopg
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
-from psycopg import pq
 
 from pg_sql import sql as pg_sql
 from trace_core import errors, wire
@@ -562,60 +560,3 @@ async def test_metrics_count_queries_by_outcome(
     assert 'trace_queries_total{outcome="ok"} 1.0' in text
     assert 'trace_queries_total{outcome="not_readable"} 1.0' in text
     assert "trace_query_rows_total 1.0" in text
-
-
-@contextlib.contextmanager
-def _libpq_trace(conn: psycopg.AsyncConnection[Any], path: Path) -> Iterator[list[str]]:
-    """Trace ``conn``'s protocol messages; on exit, fill the yielded list with its round trips:
-    each run of messages the client sent before it waited for the server, as the first word of
-    each statement in it (``BEGIN WITH`` is the BEGIN and a statement sent together)."""
-    trips: list[str] = []
-    with path.open("w") as out:
-        conn.pgconn.trace(out.fileno())
-        conn.pgconn.set_trace_flags(pq.Trace.SUPPRESS_TIMESTAMPS)
-        try:
-            yield trips
-        finally:
-            conn.pgconn.untrace()  # flushes the trace
-    # one message per line "F|B <tab> length <tab> type <tab> fields", SQL text may span lines
-    messages = re.split(r"\n(?=[FB]\t\d+\t)", path.read_text())
-    sent: list[str] = []
-    for message in messages:
-        if message.startswith("B\t") and sent:
-            trips.append(" ".join(sent))
-            sent = []
-        elif statement := re.match(
-            r'F\t\d+\t(?:Parse\t "[^"]*"|Query\t) "(.*)"[\d ]*$', message, re.S
-        ):
-            sql = [line for line in statement[1].splitlines() if not line.startswith("--")]
-            sent.append(sql[0].split()[0])
-
-
-async def test_a_query_pins_in_one_transaction_of_two_round_trips(
-    world: World, tmp_path: Path
-) -> None:
-    """A user's query as ``POST /v1/query`` runs it: the membership read is one statement
-    outside any transaction; resolve (read the pointers, pin, list the partitions) is one
-    statement sent with its BEGIN, the permission check runs on its answer, then COMMIT: two
-    round trips, one transaction. The release is two more (the lock sent with its BEGIN, the
-    DELETE with COMMIT). A refusal ends in ROLLBACK in the second trip and leaves no pin."""
-    pool = await open_pool(world.db_url, min_size=1, max_size=1)  # one connection to trace
-    try:
-        ds = Datasets(pool, object_store=world.store)
-        q = QueryService(ds, world.store, limits=Limits(deadline_s=20.0, max_rows=100))
-        await ds.org_id(ORG)  # cached from now on (an org is never renamed)
-        async with pool.connection() as conn:
-            pass
-        sql = "SELECT count(*) FROM private, shared"
-        with _libpq_trace(conn, tmp_path / "ok.trace") as ok:
-            alice = await ds.user_caller(ORG, "alice")
-            assert (await q.query(alice, ORG, sql)).rows == [[25]]
-        with _libpq_trace(conn, tmp_path / "refused.trace") as refused:
-            bob = await ds.user_caller(ORG, "bob")
-            with pytest.raises(errors.NotFound):
-                await q.query(bob, ORG, sql)
-    finally:
-        await pool.close()
-    assert ok == ["SELECT", "BEGIN WITH", "COMMIT", "BEGIN SELECT", "DELETE COMMIT"], ok
-    assert refused == ["SELECT", "BEGIN WITH", "ROLLBACK"], refused
-    assert world.sql("SELECT count(*) FROM dataset_pins")[0][0] == 0

@@ -141,9 +141,7 @@ WHERE t.task_id = %(task_id)s;
 -- name: resolve
 -- Pin each named dataset to its active version: read the active pointer sets and write pin
 -- rows in ONE statement (one snapshot: a whole set, never a mix), then lock the pinned versions
--- FOR SHARE so a concurrent purge either waits for this pin or is seen (state = purged). With
--- include_objects, each Parquet dataset's live partitions come along, read in the same snapshot
--- (readers are handed the promoted ones only: verified bytes at their canonical key).
+-- FOR SHARE so a concurrent purge either waits for this pin or is seen (state = purged).
 WITH r AS (
     SELECT d.name, d.dataset_uuid, d.dag_id, d.read_roles, d.storage_kind, p.dataset_version
     FROM datasets d
@@ -166,16 +164,17 @@ WITH r AS (
     FOR SHARE
 )
 SELECT r.name, r.dataset_uuid::text AS dataset_uuid, r.dag_id::text AS dag_id, r.read_roles,
-       r.storage_kind, r.dataset_version::text AS dataset_version, lock.state AS version_state,
-       CASE WHEN %(include_objects)s AND r.storage_kind = 'parquet' THEN
-           (SELECT coalesce(jsonb_agg(jsonb_build_object(
-                       'state', p.state, 'object_key', p.object_key, 'start', p.range_start,
-                       'end', p.range_end, 'key', p.partition_key, 'size', p.size)
-                   ORDER BY p.range_start NULLS LAST, p.partition_key), '[]'::jsonb)
-            FROM dataset_partitions p
-            WHERE p.dataset_version = r.dataset_version AND p.superseded_at IS NULL)
-       ELSE '[]'::jsonb END AS partitions
+       r.storage_kind, r.dataset_version::text AS dataset_version, lock.state AS version_state
 FROM r LEFT JOIN lock ON lock.dataset_version = r.dataset_version;
+
+-- name: version_objects
+-- The live partitions of versions with their state; readers are handed the promoted ones only
+-- (their canonical key: verified bytes the producer can no longer change).
+SELECT dataset_version::text AS dataset_version, state, object_key, range_start AS start,
+       range_end AS "end", partition_key AS key, size
+FROM dataset_partitions
+WHERE dataset_version = ANY(%(versions)s::uuid[]) AND superseded_at IS NULL
+ORDER BY dataset_version, range_start NULLS LAST, partition_key;
 
 -- name: lock_pin
 -- A pin's holder and org, one row per pinned version (one pin lies in one org), locked.
