@@ -37,7 +37,9 @@ class _NameRow:
 
 
 @attrs.frozen
-class _SpecRow:
+class VersionRow:
+    """A stored DAG version (``dags.sql`` ``version_spec``): its spec as text."""
+
     version: int
     digest: str
     spec: str
@@ -145,7 +147,7 @@ async def register_version(
     """``register_published`` for the spec of version ``version`` of DAG ``dag_id`` (a cutover
     making it live, a rollback restoring it)."""
     params = {"dag_id": dag_id, "version": version}
-    (row,) = await fetch_as(cur, _SpecRow, VQ["version_spec"], params)
+    (row,) = await fetch_as(cur, VersionRow, VQ["version_spec"], params)
     await register_published(cur, org_id, dag_id, parse(json.loads(row.spec)))
 
 
@@ -153,4 +155,10 @@ def _owns(reg: _FactRow, dag: Dag) -> bool:
     return reg.producer_dag == dag.name
 
 
-__all__ = ["register_published", "register_version", "registry_facts", "storage_kind"]
+__all__ = [
+    "VersionRow",
+    "register_published",
+    "register_version",
+    "registry_facts",
+    "storage_kind",
+]

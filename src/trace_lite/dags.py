@@ -53,7 +53,7 @@ from trace_core.dag import (
 )
 from trace_lite import dag_remat, sqlfile
 from trace_lite.dag_grants import PLATFORM
-from trace_lite.dag_registry import register_published, registry_facts
+from trace_lite.dag_registry import VersionRow, register_published, registry_facts
 from trace_lite.orgs import Orgs, first
 from trace_lite.pg import fetch_as, transaction
 from trace_lite.sink_tables import schema_change_problems
@@ -74,15 +74,6 @@ class DagRow:
 @attrs.frozen
 class SubjectRow:
     subject: str
-
-
-@attrs.frozen
-class VersionRow:
-    version: int
-    digest: str
-    spec: str
-    created_by: str
-    created_at: datetime
 
 
 @attrs.frozen
