@@ -163,8 +163,6 @@ class ConsumerInputRow:
     input_where: str | None
     #: The producers that reach it: ``[[task_id, output, sink dataset], ...]`` (JSON text).
     srcs: str
-    #: The same, for an input with a ``where`` (else None).
-    where_srcs: str | None
 
     def grant(self, read_datasets: Sequence[str]) -> dict[str, Any]:
         """This input with the read grants of its job, as ``fan_out`` takes it."""
@@ -178,15 +176,15 @@ class ConsumerInputRow:
 
     @property
     def filtered(self) -> bool:
-        """Whether the input has a ``where`` and events of the pass reach it."""
-        return bool(self.where_srcs and self.input_where and json.loads(self.input_where))
+        """Whether the input has a ``where`` (``{}``: none)."""
+        return bool(self.input_where and json.loads(self.input_where))
 
     def rejected(self, by_src: Mapping[tuple[str, int, str], list[EventRow]]) -> list[Any]:
         """The claimed events (``by_src``: by producing task, output and sink dataset) that
         reach this input and fail its ``where`` (``trace_core.dag.event_matches``)."""
         if not self.filtered:
             return []
-        assert self.input_where is not None and self.where_srcs is not None
+        assert self.input_where is not None
         conditions = where_conditions(json.loads(self.input_where))
         return [
             {
@@ -197,7 +195,7 @@ class ConsumerInputRow:
                 "job": self.job,
                 "input_index": self.input_index,
             }
-            for task_id, output, sink in json.loads(self.where_srcs)
+            for task_id, output, sink in json.loads(self.srcs)
             for e in by_src.get((task_id, output, sink), ())
             if not event_matches(conditions, json.loads(e.payload))
         ]
@@ -206,8 +204,6 @@ class ConsumerInputRow:
 @attrs.frozen
 class FanOutRow:
     created: int
-    #: Tasks the pass meant to create (``created`` is fewer when a concurrent creator won).
-    fresh: int
     consumed: int
     held: int
     #: Consumers ``fan_out_inputs`` did not answer (a DAG deployed meanwhile).
@@ -382,11 +378,8 @@ class DagRuns:
             )
             if not locked:
                 return FanOutReport()
-            srcs = {
-                (c.task_id, output, sink): None
-                for c in locked
-                for output, sink in json.loads(c.srcs)
-            }
+            produced = [(c, [(c.task_id, o, k) for o, k in json.loads(c.srcs)]) for c in locked]
+            srcs = {src: None for _, on in produced for src in on}
             inputs = await _fetch_prepared(
                 cur,
                 ConsumerInputRow,
@@ -399,7 +392,7 @@ class DagRuns:
             )
             # the announcements this pass plans: the locked ones not planned stay pending, for
             # the next pass (their locks go at the commit)
-            claimed = _within(locked, inputs, batch)
+            claimed = _within(produced, inputs, batch)
             ids = pg_array([c.id for c in claimed])
             rejected: list[Any] = []
             if any(i.filtered for i in inputs):
@@ -435,7 +428,7 @@ class DagRuns:
                     "invoke_topic": INVOKE_TOPIC,
                 },
             )
-            if out.unplanned or out.created != out.fresh:
+            if out.unplanned:
                 # a DAG reading these events was deployed after fan_out_inputs read: plan
                 # again (a concurrent creator of one of the tasks fails the statement itself)
                 raise errors.Conflict("the fan-out pass raced a deploy or a creator; try again")
@@ -511,18 +504,20 @@ async def _fetch_prepared(
 
 
 def _within(
-    locked: Sequence[AnnouncementRow], inputs: Sequence[ConsumerInputRow], tasks: int
+    produced: Sequence[tuple[AnnouncementRow, list[tuple[str, int, str]]]],
+    inputs: Sequence[ConsumerInputRow],
+    tasks: int,
 ) -> list[AnnouncementRow]:
-    """The first announcements of ``locked`` whose estimated tasks (each event times the
-    consuming inputs of what the announcement's events were produced on) fit ``tasks``; at
-    least one."""
+    """The first locked announcements (``produced``: each with what its events were produced
+    on) whose estimated tasks (each event times the consuming inputs of what it was produced
+    on) fit ``tasks``; at least one."""
     reach: Counter[tuple[str, int, str]] = Counter()
     for i in inputs:
         reach.update((t, o, k) for t, o, k in json.loads(i.srcs))
     taken: list[AnnouncementRow] = []
     total = 0
-    for c in locked:
-        n = c.events * sum(reach[(c.task_id, o, k)] for o, k in json.loads(c.srcs))
+    for c, on in produced:
+        n = c.events * sum(reach[src] for src in on)
         if taken and total + n > tasks:
             break
         taken.append(c)

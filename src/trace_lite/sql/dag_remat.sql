@@ -211,7 +211,7 @@ ORDER BY j.job, t.state;
 -- name: waiting_events
 -- Announced events of a DAG's tasks held for a staging (an announcement names the events of one
 -- statement, migration 0032; one from before it names one).
-SELECT coalesce(sum(coalesce(jsonb_array_length(o.payload -> 'event_keys'), 1)), 0) AS n
+SELECT coalesce(sum(jsonb_array_length(trace_announced_keys(o.payload))), 0) AS n
 FROM outbox o JOIN tasks t ON t.task_id = (o.payload ->> 'task_id')::uuid
 WHERE o.topic = 'dag.event' AND o.state = 'pending' AND o.available_at = 'infinity'
   AND t.dag_id = %(dag_id)s;

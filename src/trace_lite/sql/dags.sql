@@ -136,7 +136,7 @@ ON CONFLICT DO NOTHING;
 WITH due AS (
     SELECT id, n, sum(n) OVER (ORDER BY available_at, id) AS upto
     FROM (SELECT id, available_at,
-                 coalesce(jsonb_array_length(payload -> 'event_keys'), 1) AS n
+                 jsonb_array_length(trace_announced_keys(payload)) AS n
           FROM outbox
           WHERE topic = %(topic)s AND state = 'pending' AND available_at <= now()
           ORDER BY available_at, id
@@ -145,7 +145,7 @@ WITH due AS (
     -- (MATERIALIZED: the task and keys read once per announcement, not once per event: a large
     -- payload is stored compressed)
     SELECT id, tries, available_at, (payload ->> 'task_id')::uuid AS task_id,
-           coalesce(payload -> 'event_keys', jsonb_build_array(payload -> 'event_key')) AS keys,
+           trace_announced_keys(payload) AS keys,
            payload -> 'srcs' AS srcs
     FROM outbox
     WHERE id IN (SELECT id FROM due WHERE upto - n < %(batch)s)
@@ -172,7 +172,7 @@ SELECT o.id, o.task_uuid::text AS task_id, k.event_key,
        trace_event_sink_dataset(e.event_key, e.payload) AS sink_dataset,
        coalesce(e.payload, '{}')::text AS payload
 FROM (SELECT id, (payload ->> 'task_id')::uuid AS task_uuid,
-             coalesce(payload -> 'event_keys', jsonb_build_array(payload -> 'event_key')) AS keys
+             trace_announced_keys(payload) AS keys
       FROM outbox WHERE id = ANY(%(ids)s::bigint[])
       OFFSET 0) o  -- (not flattened: the payload read once per announcement)
 CROSS JOIN LATERAL jsonb_array_elements_text(o.keys) AS k(event_key)
@@ -184,8 +184,8 @@ LEFT JOIN task_events e ON e.task_id = o.task_uuid AND e.event_key = k.event_key
 -- one, a building staging's) that reads what they produced -- from: {job, output} of the
 -- producer's DAG, from: {dataset} of a dataset that output publishes (or a sink event names) in
 -- the org -- with the producers that reach it ([[task_id, output, sink_dataset], ...]: the
--- pass estimates the tasks of each announcement from them), its `where` (as the spec stores
--- it) and, for an input with one, the producers that reach it again (where_srcs). A superset of the pass's consumers: it
+-- pass estimates the tasks of each announcement from them and applies a `where` to their
+-- events) and its `where` (as the spec stores it). A superset of the pass's consumers: it
 -- carries what Python decides per consuming input (read grants, `where`); fan_out applies the
 -- decisions and refuses a consumer this did not answer. Locks the producers' and readers' DAG
 -- rows FOR SHARE (in dag_id order): a deploy, cutover or rollback of them waits for the pass,
@@ -227,9 +227,7 @@ WITH src AS (
 )
 SELECT r.reader_dag_id::text AS dag_id, r.version, r.job, r.input_index,
        r.input_where::text AS input_where,
-       json_agg(DISTINCT jsonb_build_array(r.task_id, r.output, r.sink_dataset))::text AS srcs,
-       json_agg(DISTINCT jsonb_build_array(r.task_id, r.output, r.sink_dataset))
-           FILTER (WHERE r.input_where IS NOT NULL)::text AS where_srcs
+       json_agg(DISTINCT jsonb_build_array(r.task_id, r.output, r.sink_dataset))::text AS srcs
 FROM live r
 WHERE (SELECT count(*) FROM locked) >= 0  -- a one-time filter: the locks are always taken
 GROUP BY r.reader_dag_id, r.version, r.job, r.input_index, r.input_where::text
@@ -264,7 +262,7 @@ WITH announced AS MATERIALIZED (
     -- (MATERIALIZED: the task and keys read once per announcement, not once per event: a large
     -- payload is stored compressed)
     SELECT id, (payload ->> 'task_id')::uuid AS task_id,
-           coalesce(payload -> 'event_keys', jsonb_build_array(payload -> 'event_key')) AS keys
+           trace_announced_keys(payload) AS keys
     FROM outbox WHERE id = ANY(%(ids)s::bigint[])
 ), claimed AS MATERIALIZED (
     -- each event of the claimed announcements
@@ -444,7 +442,7 @@ WITH announced AS MATERIALIZED (
       AND o.id NOT IN (SELECT outbox_id FROM held)
     RETURNING o.id
 )
-SELECT (SELECT count(*) FROM ins) AS created, (SELECT count(*) FROM plan WHERE fresh) AS fresh,
+SELECT (SELECT count(*) FROM ins) AS created,
        (SELECT count(*) FROM claimed WHERE id IN (SELECT id FROM consumed)) AS consumed,
        (SELECT count(*) FROM claimed WHERE id IN (SELECT id FROM hold)) AS held,
        (SELECT count(*) FROM plan WHERE NOT planned) AS unplanned;

@@ -217,12 +217,10 @@ ALTER TABLE {table} ALTER COLUMN {column} TYPE {type} USING {column}::{type};
 -- output schema, unique_key and update_strategy its staged spec declares for the dataset (NULL:
 -- the registry's); and when each producer task was created (a replace dataset's scope order).
 -- may_write: a task of a DAG writes only the datasets its DAG owns or is a registered writer of
--- (dataset_writers, ADR 0037: a writer DAG's batches land in the owner's active pointer set; a
--- writer DAG's staging stages nothing of the dataset).
+-- (trace_dag_may_write, migration 0033; ADR 0037: a writer DAG's batches land in the owner's
+-- active pointer set; a writer DAG's staging stages nothing of the dataset).
 SELECT t.task_id::text AS task_id, t.created_at AS task_created,
-       (t.dag_id IS NULL OR t.dag_id = d.dag_id
-        OR EXISTS (SELECT 1 FROM dataset_writers w
-                   WHERE (w.dataset_uuid, w.dag_id) = (d.dataset_uuid, t.dag_id))) AS may_write,
+       trace_dag_may_write(t.dag_id, d.dag_id, d.dataset_uuid) AS may_write,
        coalesce(sp.dataset_version, ap.dataset_version)::text AS dataset_version,
        o.out -> 'schema' AS staged_schema, o.out -> 'unique_key' AS staged_unique_key,
        o.out ->> 'update_strategy' AS staged_update_strategy

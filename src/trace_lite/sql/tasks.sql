@@ -160,12 +160,10 @@ FROM buffer_batches WHERE task_id = %(task_id)s AND batch_key = %(key)s;
 
 -- name: buffer_write_allowed
 -- May this task publish a buffer batch into the dataset named? A task of a DAG writes only the
--- datasets its DAG owns or is a registered writer of (dataset_writers: a multi_writer dataset
--- another DAG owns; ADR 0037). The sink applies the same rule (sql/sink.sql batch_targets); a
--- task of no DAG, or a name the org has not registered (never forwarded), is not refused here.
-SELECT (t.dag_id IS NULL OR d.dag_id IS NULL OR d.dag_id = t.dag_id
-        OR EXISTS (SELECT 1 FROM dataset_writers w
-                   WHERE (w.dataset_uuid, w.dag_id) = (d.dataset_uuid, t.dag_id))) AS allowed
+-- datasets its DAG owns or is a registered writer of (trace_dag_may_write, migration 0033; ADR
+-- 0037); the sink asks the same rule (sql/sink.sql batch_targets). A name the org has not
+-- registered (never forwarded) is not refused here.
+SELECT (d.dag_id IS NULL OR trace_dag_may_write(t.dag_id, d.dag_id, d.dataset_uuid)) AS allowed
 FROM tasks t
 LEFT JOIN datasets d ON d.org_id = t.org_id AND d.name = %(dataset)s
 WHERE t.task_id = %(task_id)s;
