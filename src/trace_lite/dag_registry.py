@@ -128,9 +128,13 @@ async def register_published(
         if n in registered and not _owns(registered[n], dag)
     ]
     if owned:
-        params = {"org_id": org_id, "dag_id": dag_id, "rows": Jsonb(owned)}
-        query = Q["insert_owned" if new_only else "upsert_owned"]
-        done = {r.name for r in await fetch_as(cur, _NameRow, query, params)}
+        params = {
+            "org_id": org_id,
+            "dag_id": dag_id,
+            "rows": Jsonb(owned),
+            "refresh": not new_only,
+        }
+        done = {r.name for r in await fetch_as(cur, _NameRow, Q["register_owned"], params)}
         for row in owned:
             if row["name"] not in done:  # another DAG registered it since the lock was taken
                 raise errors.Conflict(

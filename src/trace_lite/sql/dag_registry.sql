@@ -24,50 +24,33 @@ WHERE d.org_id = %(org_id)s AND d.name = ANY(%(names)s::text[])
 ORDER BY d.name
 FOR NO KEY UPDATE;
 
--- name: upsert_owned
+-- name: register_owned
 -- Register a version's published outputs (one JSON array of rows, names unique) as datasets this
--- DAG owns, or move existing ones it owns to their new job/output; a name another DAG owns is
--- left alone (no row returned for it).
+-- DAG owns: new names are inserted; with %(refresh)s (a version going live) the names it owns
+-- move to their new job/output, schema and strategy, without (a staging: the live version keeps
+-- its metadata until the cutover) they are left as they are. Answers every name of the rows
+-- this DAG now owns, so a name another DAG owns (or took meanwhile) answers no row.
 WITH c AS (
     SELECT * FROM jsonb_to_recordset(%(rows)s::jsonb)
         AS c(name text, job text, output int, storage_kind text, schema jsonb,
              update_strategy text, unique_key jsonb, multi_writer boolean)
-)
-INSERT INTO datasets (dataset_uuid, org_id, name, dag_id, job_name, output_index, storage_kind,
-                      schema, update_strategy, unique_key, multi_writer)
-SELECT gen_random_uuid(), %(org_id)s, c.name, %(dag_id)s, c.job, c.output, c.storage_kind,
-       c.schema, c.update_strategy, ARRAY(SELECT jsonb_array_elements_text(c.unique_key)),
-       c.multi_writer
-FROM c
-ON CONFLICT (org_id, name) DO UPDATE
-SET job_name = EXCLUDED.job_name, output_index = EXCLUDED.output_index,
-    storage_kind = EXCLUDED.storage_kind, schema = EXCLUDED.schema,
-    update_strategy = EXCLUDED.update_strategy, unique_key = EXCLUDED.unique_key,
-    multi_writer = EXCLUDED.multi_writer
-WHERE datasets.dag_id = EXCLUDED.dag_id
-RETURNING name;
-
--- name: insert_owned
--- Register a version's published outputs whose names are new as datasets this DAG owns (a
--- staging: the live version keeps its metadata until the cutover); answers every name this DAG
--- now owns of the rows (the new ones and those it already had), so a name another DAG took
--- meanwhile answers no row.
-WITH c AS (
-    SELECT * FROM jsonb_to_recordset(%(rows)s::jsonb)
-        AS c(name text, job text, output int, storage_kind text, schema jsonb,
-             update_strategy text, unique_key jsonb, multi_writer boolean)
-), ins AS (
+), written AS (
     INSERT INTO datasets (dataset_uuid, org_id, name, dag_id, job_name, output_index,
                           storage_kind, schema, update_strategy, unique_key, multi_writer)
     SELECT gen_random_uuid(), %(org_id)s, c.name, %(dag_id)s, c.job, c.output, c.storage_kind,
            c.schema, c.update_strategy, ARRAY(SELECT jsonb_array_elements_text(c.unique_key)),
            c.multi_writer
     FROM c
-    ON CONFLICT (org_id, name) DO NOTHING
+    ON CONFLICT (org_id, name) DO UPDATE
+    SET job_name = EXCLUDED.job_name, output_index = EXCLUDED.output_index,
+        storage_kind = EXCLUDED.storage_kind, schema = EXCLUDED.schema,
+        update_strategy = EXCLUDED.update_strategy, unique_key = EXCLUDED.unique_key,
+        multi_writer = EXCLUDED.multi_writer
+    WHERE datasets.dag_id = EXCLUDED.dag_id AND %(refresh)s
     RETURNING name
 )
-SELECT name FROM ins
-UNION ALL
+SELECT name FROM written
+UNION
 SELECT d.name FROM datasets d JOIN c ON c.name = d.name
 WHERE d.org_id = %(org_id)s AND d.dag_id = %(dag_id)s;
 
