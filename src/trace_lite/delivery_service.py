@@ -129,14 +129,10 @@ class DeliveryService:
 
     async def _idle(self, stop: asyncio.Event) -> None:
         """Until ``stop`` is set, a wake-up arrives or ``poll_s`` passes."""
-        waits: list[asyncio.Future[bool]] = [asyncio.ensure_future(stop.wait())]
-        if self.wakeups is not None:
-            waits.append(asyncio.ensure_future(self.wakeups.wait(self.poll_s)))
-        try:
-            await asyncio.wait(waits, timeout=self.poll_s, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for w in waits:
-                w.cancel()
+        if self.wakeups is None:
+            await sleep_or_stop(stop, self.poll_s)
+        else:
+            await self.wakeups.wait_or_stop(stop, self.poll_s)
 
 
 __all__ = ["FAULT_POINTS", "DeliveryService", "PassStats"]

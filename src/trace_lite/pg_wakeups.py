@@ -69,6 +69,15 @@ class PgWakeups:
             return False
         return True
 
+    async def wait_or_stop(self, stop: asyncio.Event, timeout_s: float) -> None:
+        """``wait``, ending early too when ``stop`` is set."""
+        waits = [asyncio.ensure_future(self.wait(timeout_s)), asyncio.ensure_future(stop.wait())]
+        try:
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for w in waits:
+                w.cancel()
+
     async def close(self) -> None:
         if self._task is not None:
             self._task.cancel()
@@ -131,15 +140,7 @@ async def run_woken(
     async def drain_then_wait() -> None:
         wakeups.clear()  # before the pass: what is announced during it wakes the wait
         await drain()
-        waits = [
-            asyncio.ensure_future(wakeups.wait(every_s)),
-            asyncio.ensure_future(stop.wait()),
-        ]
-        try:
-            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for w in waits:
-                w.cancel()
+        await wakeups.wait_or_stop(stop, every_s)
 
     try:
         await run_every(stop, 0.0, drain_then_wait, name=name, logger=logger)
