@@ -26,6 +26,7 @@ from trace_lite.dispatcher import Dispatcher, open_pool
 from trace_lite.outbox_publisher import OutboxPublisher
 from trace_sdk import parse_wakeup
 from trace_servers.dag_cli import builtin_operators
+from waiting import wait_until
 
 ORG = "acme"
 OUT = {"storage": "object_store", "update_strategy": "append"}
@@ -333,27 +334,24 @@ async def test_fan_out_until_idle_drains_a_backlog_pass_after_pass(world: World)
 async def test_the_fan_out_loop_wakes_on_the_announcements_notify(world: World) -> None:
     """With a poll far longer than the test waits, events still fan out at once: the
     announcing trigger's NOTIFY trace_dag_events wakes the loop's wait."""
+
+    def listening() -> bool:
+        return world.sql(
+            "SELECT count(*) FROM pg_stat_activity "
+            "WHERE datname = current_database() AND query = %s",
+            (f'LISTEN "{dag_runs.EVENTS_CHANNEL}"',),
+        ) == [(1,)]
+
     stop = asyncio.Event()
     loop = asyncio.create_task(world.runs.run(stop, fan_out_every_s=600, schedule_every_s=600))
     try:
-        for _ in range(500):  # the loop's listener is up before anything is announced
-            if world.sql(
-                "SELECT count(*) FROM pg_stat_activity "
-                "WHERE datname = current_database() AND query = %s",
-                (f'LISTEN "{dag_runs.EVENTS_CHANNEL}"',),
-            ) == [(1,)]:
-                break
-            await asyncio.sleep(0.02)
-        else:
-            raise AssertionError("the fan-out loop never listened")
+        await wait_until(listening, "the fan-out loop listening")  # before anything is announced
         await asyncio.sleep(0.2)  # the loop's first pass found nothing and waits
         await _run_source(world, ["r-0", "r-1"])
-        for _ in range(500):  # at most 10 s, far below the 600 s poll
-            if world.sql("SELECT count(*) FROM tasks WHERE dag_job IN ('a', 'b')") == [(4,)]:
-                break
-            await asyncio.sleep(0.02)
-        else:
-            raise AssertionError("the announcement's NOTIFY did not wake the fan-out loop")
+        await wait_until(  # at most 10 s, far below the 600 s poll
+            lambda: world.sql("SELECT count(*) FROM tasks WHERE dag_job IN ('a', 'b')") == [(4,)],
+            "the fan-out loop woken by the announcement's NOTIFY",
+        )
     finally:
         stop.set()
         await asyncio.wait_for(loop, 30)

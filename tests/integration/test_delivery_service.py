@@ -25,6 +25,7 @@ from trace_lite.delivery_service import DeliveryService
 from trace_lite.delivery_wakeups import CHANNEL, DeliveryWakeups
 from trace_lite.dispatcher import open_pool
 from trace_lite.webhook_sender import WebhookSender, check_url, new_signing_secret
+from waiting import wait_until
 from webhook_receiver import WebhookReceiver
 
 LOOPBACK = AllowList.of(["127.0.0.1/32"])
@@ -443,15 +444,6 @@ class _Idle:
         return stats
 
 
-async def _wait_for(probe: Any, what: str, limit_s: float = 30.0) -> None:
-    """Poll ``probe`` until true (bounded: a missing wake-up shows as this failing)."""
-    for _ in range(int(limit_s / 0.02)):
-        if await probe():
-            return
-        await asyncio.sleep(0.02)
-    raise AssertionError(f"not {what} within {limit_s} s")
-
-
 async def _listeners(env: Env) -> list[int]:
     async with env.pool.connection() as conn:
         cur = await conn.execute(
@@ -485,11 +477,11 @@ async def test_an_idle_service_is_woken_when_a_delivery_becomes_due(env: Env, db
                 async def listens_again(old: int = old) -> bool:
                     return len(pids := await _listeners(env)) == 1 and pids[0] != old
 
-                await _wait_for(listens_again, "the listener reconnected")
+                await wait_until(listens_again, "the listener reconnected", 30.0)
             async with asyncio.timeout(30):
                 await idle.went_idle.wait()
             delivery_id = await env.enqueue(f"evt-{i}")
-            await _wait_for(lambda d=delivery_id: _is(env, d, DeliveryState.SENT), "sent")
+            await wait_until(lambda d=delivery_id: _is(env, d, DeliveryState.SENT), "sent", 30.0)
         assert len(env.receiver.accepted) == 2
         assert wakeups.notifications >= 2
     finally:
