@@ -162,7 +162,7 @@ class AttemptWrites:
             if allowed and not allowed[0].allowed:
                 raise errors.Forbidden(
                     f"dataset {batch.dataset!r} is produced by another DAG: a DAG's tasks "
-                    "write only the datasets their DAG produces",
+                    "write only the datasets their DAG produces or is a registered writer of",
                     field="batch.dataset",
                 )
             prefix = staging_prefix(locked.org_id, req.task_id, req.attempt)

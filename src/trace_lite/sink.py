@@ -291,7 +291,8 @@ class Sink:
             target = targets.get(batch_msg.task_id, fallback)
             if target is None:
                 refused = errors.Forbidden(
-                    f"task {batch_msg.task_id} is not of the DAG producing {dataset.name!r}",
+                    f"task {batch_msg.task_id} is not of the DAG producing {dataset.name!r} "
+                    "nor of a registered writer of it",
                     field="task_id",
                 )
                 results[i] = await self._dead_letter(messages[i], refused)
