@@ -30,26 +30,11 @@ SELECT gen_random_uuid(), u FROM unnest(%(uuids)s::uuid[]) AS u
 RETURNING dataset_uuid::text AS dataset_uuid, dataset_version::text AS dataset_version;
 
 -- name: insert_staged_pointer_set
--- A staged pointer set: a new generation = the active set overlaid with the new versions; the
--- active generation does not move (readers keep the old versions until the cutover).
-WITH s AS (
-    INSERT INTO dag_pointer_sets (dag_id, generation, parent_generation, created_by)
-    SELECT %(dag_id)s, coalesce(max(generation), 0) + 1, %(parent)s, %(created_by)s
-    FROM dag_pointer_sets WHERE dag_id = %(dag_id)s
-    RETURNING generation
-), ptr AS (
-    INSERT INTO dag_pointers (dag_id, generation, dataset_uuid, dataset_version)
-    SELECT %(dag_id)s, s.generation, x.dataset_uuid, x.dataset_version
-    FROM s, (
-        SELECT c.dataset_uuid, c.dataset_version
-        FROM unnest(%(dataset_uuids)s::uuid[], %(versions)s::uuid[]) AS c(dataset_uuid, dataset_version)
-        UNION ALL
-        SELECT p.dataset_uuid, p.dataset_version FROM dag_pointers p
-        WHERE p.dag_id = %(dag_id)s AND p.generation = %(parent)s
-          AND p.dataset_uuid <> ALL(%(dataset_uuids)s::uuid[])
-    ) x
-)
-SELECT generation FROM s;
+-- A staged pointer set: a new generation = the active set overlaid with the new versions
+-- (trace_insert_pointer_set, migration 0033); the active generation does not move (readers keep
+-- the old versions until the cutover).
+SELECT trace_insert_pointer_set(%(dag_id)s::uuid, %(parent)s::bigint, %(created_by)s::text,
+                                %(dataset_uuids)s::uuid[], %(versions)s::uuid[]) AS generation;
 
 -- name: insert_staging
 -- Record a building staging.

@@ -90,24 +90,13 @@ LEFT JOIN dataset_versions v ON v.dataset_version = c.version AND v.dataset_uuid
 WHERE d.dag_id = %(dag_id)s;
 
 -- name: insert_pointer_set
--- Cut over: a new generation = the active set overlaid with the new pointers; then activate it
--- (CAS on the active generation). One statement, one transaction.
+-- Cut over: a new generation = the active set overlaid with the new pointers
+-- (trace_insert_pointer_set, migration 0033); then activate it (CAS on the active generation).
+-- One statement, one transaction: no row when the CAS failed (the caller rolls back).
 WITH s AS (
-    INSERT INTO dag_pointer_sets (dag_id, generation, parent_generation, created_by)
-    SELECT %(dag_id)s, coalesce(max(generation), 0) + 1, %(expected)s, %(created_by)s
-    FROM dag_pointer_sets WHERE dag_id = %(dag_id)s
-    RETURNING generation
-), ptr AS (
-    INSERT INTO dag_pointers (dag_id, generation, dataset_uuid, dataset_version)
-    SELECT %(dag_id)s, s.generation, x.dataset_uuid, x.dataset_version
-    FROM s, (
-        SELECT c.dataset_uuid, c.dataset_version
-        FROM unnest(%(dataset_uuids)s::uuid[], %(versions)s::uuid[]) AS c(dataset_uuid, dataset_version)
-        UNION ALL
-        SELECT p.dataset_uuid, p.dataset_version FROM dag_pointers p
-        WHERE p.dag_id = %(dag_id)s AND p.generation = %(expected)s
-          AND p.dataset_uuid <> ALL(%(dataset_uuids)s::uuid[])
-    ) x
+    SELECT trace_insert_pointer_set(%(dag_id)s::uuid, %(expected)s::bigint,
+                                    %(created_by)s::text, %(dataset_uuids)s::uuid[],
+                                    %(versions)s::uuid[]) AS generation
 )
 UPDATE dags SET active_generation = s.generation
 FROM s
